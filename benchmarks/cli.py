@@ -1,0 +1,22 @@
+"""Run one of DvD's benchmarks: `dvd bench NAME [options]`; `dvd bench NAME --help` lists its options."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> module with `main(argv: list[str]) -> int`.
+BENCHMARKS: dict[str, str] = {
+    "memory": "benchmarks.memory",
+    "transport": "benchmarks.transport",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHMARKS[args.name])
+    return int(module.main(list(args.options)) or 0)

@@ -1,0 +1,5 @@
+import sys
+
+from dvd.cli import main
+
+sys.exit(main())

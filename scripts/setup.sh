@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up DvD in ./.venv: the CPU torch wheel first (any other torch request pulls a multi-GB CUDA
+# build), then the project with its test and RDMA extras. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip 2>/dev/null
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "torch==2.13.0"
+fi
+python -m pip install -q -e ".[dev${DVD_EXTRAS:+,$DVD_EXTRAS}]"
