@@ -9,30 +9,36 @@ import sys
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("dvd.generate_cmd", "run vision half -> BF16 features -> language half in one process"),
+    "generate": ("pipeline.generate_cmd", "run vision half -> BF16 features -> language half in one process"),
     "make-checkpoint": ("dvd.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
     "bench": ("benchmarks.cli", "run a benchmark and print its figures"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def top_level_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dvd",
         description="DvD: disaggregated serving of InternVL3.5 (vision server -> BF16 features -> language server).",
+        epilog="Run `dvd COMMAND --help` for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return int(args._module.run(args) or 0)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        top_level_parser().parse_args(argv)  # prints help or a usage error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"dvd {name}", description=(module.__doc__ or help_text).strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(rest)) or 0)
 
 
 if __name__ == "__main__":

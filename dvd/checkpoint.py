@@ -1,0 +1,193 @@
+"""Read InternVL checkpoints in both formats without `trust_remote_code`.
+
+Two formats (see ../shared/reference/checkpoint-formats.md):
+- HF: `InternVLForConditionalGeneration` (keys `vision_tower.*`, `multi_modal_projector.*`,
+  `language_model.model.*`, `lm_head.weight`; newer saves prefix them with `model.`).
+- GitHub: `InternVLChatModel` (`vision_model.*`, `mlp1.*`, `language_model.*`, and for Flash models
+  `mlp2.*`, `pooling_before_gating.*`, `gating.*`).
+
+`open_checkpoint` reads only config files. Tensors are read lazily, one at a time, from
+safetensors (single file or sharded index) by `TensorSource`, so each half pulls only its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dvd.errors import CheckpointError
+
+HF_ARCHITECTURE = "InternVLForConditionalGeneration"
+GITHUB_ARCHITECTURE = "InternVLChatModel"
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_START_TOKEN = "<img>"
+IMAGE_END_TOKEN = "</img>"
+
+CheckpointFormat = Literal["hf", "github"]
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """ViR settings of an InternVL3.5-Flash checkpoint (the Visual Resolution Router)."""
+
+    relative_threshold: float
+    absolute_threshold: float
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint's config files say, normalised to one shape for both formats."""
+
+    path: Path
+    format: CheckpointFormat
+    vision_config: dict[str, Any]  # kwargs of transformers' InternVLVisionConfig
+    text_config: dict[str, Any]  # a transformers text config dict (has `model_type`)
+    downsample_ratio: float
+    vision_feature_layer: int
+    ps_version: str
+    projector_hidden_act: str
+    image_size: int
+    patch_size: int
+    template: str | None  # GitHub conversation template name (e.g. "internvl2_5")
+    system_message: str | None
+    flash: FlashConfig | None
+    raw_config: dict[str, Any] = field(repr=False)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        side = self.image_size // self.patch_size
+        return int(side * side * self.downsample_ratio * self.downsample_ratio)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.vision_config["hidden_size"])
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text_config["hidden_size"])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _side(value: Any) -> int:
+    """`image_size`/`patch_size` may be an int or a [h, w] pair; DvD needs square tiles."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"non-square size {value} is not supported")
+        return int(value[0])
+    return int(value)
+
+
+def _github_vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Map InternVisionConfig (GitHub) fields onto transformers' InternVLVisionConfig."""
+    image_size, patch_size = _side(cfg.get("image_size", 448)), _side(cfg.get("patch_size", 14))
+    return {
+        "hidden_size": cfg["hidden_size"],
+        "num_hidden_layers": cfg["num_hidden_layers"],
+        "num_attention_heads": cfg["num_attention_heads"],
+        "intermediate_size": cfg["intermediate_size"],
+        "hidden_act": cfg.get("hidden_act", "gelu"),
+        "attention_bias": bool(cfg.get("qkv_bias", True)),
+        "use_qk_norm": bool(cfg.get("qk_normalization", False)),
+        "norm_type": cfg.get("norm_type", "layer_norm"),
+        "layer_norm_eps": cfg.get("layer_norm_eps", 1e-6),
+        "image_size": [image_size, image_size],
+        "patch_size": [patch_size, patch_size],
+        "num_channels": cfg.get("num_channels", 3),
+    }
+
+
+def open_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Read a checkpoint directory's config and tell its format; no tensor is read."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    config_path = root / "config.json"
+    raw = _read_json(config_path)
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else raw.get("model_type", "<none>")
+    if arch == HF_ARCHITECTURE or raw.get("model_type") == "internvl":
+        return _open_hf(root, raw)
+    if arch == GITHUB_ARCHITECTURE or raw.get("model_type") == "internvl_chat":
+        return _open_github(root, raw)
+    raise CheckpointError(
+        f"{config_path}: unsupported architecture {arch!r}; DvD serves {HF_ARCHITECTURE} and {GITHUB_ARCHITECTURE}"
+    )
+
+
+def _require(raw: dict[str, Any], key: str, where: Path) -> Any:
+    if key not in raw:
+        raise CheckpointError(f"{where}: missing required field {key!r}")
+    return raw[key]
+
+
+def _flash(raw: dict[str, Any]) -> FlashConfig | None:
+    if not (raw.get("flash_mode") or "flash_relative_threshold" in raw):
+        return None
+    return FlashConfig(
+        relative_threshold=float(raw.get("flash_relative_threshold", 0.0)),
+        absolute_threshold=float(raw.get("flash_absolute_threshold", 0.0)),
+    )
+
+
+def _open_hf(root: Path, raw: dict[str, Any]) -> CheckpointInfo:
+    where = root / "config.json"
+    vision = dict(_require(raw, "vision_config", where))
+    text = dict(_require(raw, "text_config", where))
+    if "model_type" not in text:
+        raise CheckpointError(f"{where}: text_config has no model_type")
+    layer = raw.get("vision_feature_layer", -1)
+    if not isinstance(layer, int):
+        raise CheckpointError(f"{where}: vision_feature_layer {layer!r}: only a single layer is supported")
+    return CheckpointInfo(
+        path=root,
+        format="hf",
+        vision_config=vision,
+        text_config=text,
+        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+        vision_feature_layer=layer,
+        ps_version="v2",
+        projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
+        image_size=_side(vision.get("image_size", 448)),
+        patch_size=_side(vision.get("patch_size", 14)),
+        template=None,
+        system_message=raw.get("system_message"),
+        flash=_flash(raw),
+        raw_config=raw,
+    )
+
+
+def _open_github(root: Path, raw: dict[str, Any]) -> CheckpointInfo:
+    where = root / "config.json"
+    vision_raw = _require(raw, "vision_config", where)
+    text = dict(_require(raw, "llm_config", where))
+    if "model_type" not in text:
+        archs = text.get("architectures") or []
+        raise CheckpointError(f"{where}: llm_config has no model_type (architectures {archs})")
+    vision = _github_vision_config(vision_raw)
+    image_size = int(raw.get("force_image_size") or _side(vision_raw.get("image_size", 448)))
+    return CheckpointInfo(
+        path=root,
+        format="github",
+        vision_config=vision,
+        text_config=text,
+        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+        vision_feature_layer=int(raw.get("select_layer", -1)),
+        ps_version=raw.get("ps_version", "v2"),
+        projector_hidden_act="gelu",
+        image_size=image_size,
+        patch_size=_side(vision_raw.get("patch_size", 14)),
+        template=raw.get("template"),
+        system_message=raw.get("system_message"),
+        flash=_flash(raw),
+        raw_config=raw,
+    )

@@ -1,0 +1,273 @@
+"""Write a random-weight InternVL checkpoint: weights, config, tokenizer with a real chat template,
+generation and image-processor configs, in the HF or the original GitHub format.
+
+Presets: `tiny` (seconds to build; initializer_range 0.5 so greedy output does not collapse into one
+repeated token) and `internvl3_5-1b-shaped` (InternViT-300M + Qwen3-0.6B dimensions, 448 px tiles,
+256 tokens a tile). The same `--seed` gives the same weights in both formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dvd.tokenizer_builder import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+        "text": dict(
+            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, max_position_embeddings=8192, tie_word_embeddings=False,
+        ),
+        "vocab_size": None,  # the tokenizer's own size
+        "initializer_range": 0.5,
+        "dtype": torch.float32,
+    },
+    "internvl3_5-1b-shaped": {
+        "vision": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        "text": dict(
+            hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+            intermediate_size=3072, max_position_embeddings=40960, tie_word_embeddings=True,
+        ),
+        "vocab_size": 151936,
+        "initializer_range": 0.02,
+        "dtype": torch.bfloat16,
+    },
+}
+FLASH_THRESHOLDS = {"flash_relative_threshold": 0.5, "flash_absolute_threshold": 0.0}
+
+
+def hf_config(preset: dict[str, Any], vocab_size: int, image_token_id: int) -> dict[str, Any]:
+    init = preset["initializer_range"]
+    vision = dict(
+        preset["vision"], image_size=[448, 448], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
+        norm_type="layer_norm", layer_norm_eps=1e-6, hidden_act="gelu", initializer_range=init,
+        model_type="internvl_vision",
+    )
+    text = dict(
+        preset["text"], model_type="qwen3", vocab_size=vocab_size, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=init, architectures=["Qwen3ForCausalLM"],
+    )
+    return {
+        "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
+        "vision_config": vision, "text_config": text, "image_token_id": image_token_id, "image_seq_length": 256,
+        "downsample_ratio": 0.5, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default", "tie_word_embeddings": text["tie_word_embeddings"],
+    }
+
+
+def github_config(hf: dict[str, Any]) -> dict[str, Any]:
+    v = hf["vision_config"]
+    vision = {
+        "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+        "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
+        "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
+        "image_size": 448, "patch_size": 14, "qkv_bias": True, "qk_normalization": False,
+        "norm_type": "layer_norm", "layer_norm_eps": v["layer_norm_eps"], "hidden_act": "gelu",
+        "num_channels": 3, "drop_path_rate": 0.0, "use_flash_attn": False,
+        "initializer_range": v["initializer_range"],
+    }
+    return {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "vision_config": vision,
+        "llm_config": hf["text_config"], "downsample_ratio": 0.5, "template": "internvl2_5",
+        "ps_version": "v2", "select_layer": -1, "force_image_size": 448, "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12, "use_thumbnail": True, "dynamic_image_size": True,
+        "use_backbone_lora": 0, "use_llm_lora": 0,
+    }
+
+
+def hf_state_dict(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under HF on-disk names, from transformers' own initialisation."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(InternVLConfig(**config))
+    # layer scale starts at 0.1 in transformers; random ones keep every ViT layer visible in the output
+    # Projector rows at unit scale: with the preset's wide init they would be ~40x the text
+    # embeddings and drown every text token, making greedy output one repeated token.
+    for name, param in model.named_parameters():
+        if name.endswith(("lambda_1", "lambda_2")):
+            torch.nn.init.normal_(param, std=config["vision_config"]["initializer_range"])
+        elif name.endswith("norm.weight") and "language_model" in name:
+            torch.nn.init.normal_(param, mean=1.0, std=config["text_config"]["initializer_range"])
+        elif "multi_modal_projector.linear" in name and name.endswith("weight"):
+            torch.nn.init.normal_(param, std=param.shape[1] ** -0.5)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.language_model."):
+            name = "language_model.model." + name[len("model.language_model.") :]
+        elif name.startswith("model."):
+            name = name[len("model.") :]
+        if name == "lm_head.weight" and config["tie_word_embeddings"]:
+            continue
+        state[name] = tensor.contiguous()
+    return state
+
+
+def flash_state_dict(vision_width: int, text_width: int, init: float, seed: int) -> dict[str, torch.Tensor]:
+    """ViR modules (GitHub names) with the shapes of the released InternVL3.5-Flash code."""
+    c, d = vision_width, text_width
+    shapes: dict[str, tuple[int, ...]] = {
+        "mlp2.0.weight": (16 * c,), "mlp2.0.bias": (16 * c,),
+        "mlp2.1.weight": (2 * d, 16 * c), "mlp2.1.bias": (2 * d,),
+        "mlp2.4.weight": (2 * d, 2 * d), "mlp2.4.bias": (2 * d,),
+        "mlp2.7.weight": (d, 2 * d), "mlp2.7.bias": (d,),
+        "pooling_before_gating.query_token": (1, c),
+    }
+    for i in range(1, 5):
+        p = f"pooling_before_gating.attn{i}"
+        shapes |= {f"{p}.in_proj_weight": (3 * c, c), f"{p}.in_proj_bias": (3 * c,),
+                   f"{p}.out_proj.weight": (c, c), f"{p}.out_proj.bias": (c,)}
+        shapes |= {f"pooling_before_gating.norm{i}.weight": (c,), f"pooling_before_gating.norm{i}.bias": (c,)}
+        b = f"gating.block{i}"
+        shapes |= {f"{b}.0.weight": (4 * c, c), f"{b}.0.bias": (4 * c,), f"{b}.3.weight": (c, 4 * c),
+                   f"{b}.3.bias": (c,), f"{b}.5.weight": (c,), f"{b}.5.bias": (c,)}
+    shapes |= {"gating.gate.0.weight": (c,), "gating.gate.0.bias": (c,), "gating.gate.1.weight": (2, c),
+               "gating.gate.1.bias": (2,)}
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {}
+    for name, shape in shapes.items():
+        is_norm_weight = len(shape) == 1 and name.endswith("weight")
+        noise = torch.randn(shape, generator=gen) * (0.02 if len(shape) == 1 else init)
+        state[name] = noise + 1.0 if is_norm_weight else noise
+    return state
+
+
+_HF_TO_GITHUB_VIT = [
+    (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
+    (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
+    (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.lambda_1$", r"encoder.layers.\1.ls1"),
+    (r"^encoder\.layer\.(\d+)\.lambda_2$", r"encoder.layers.\1.ls2"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+]
+_HF_TO_GITHUB_MLP1 = {"layer_norm": "0", "linear_1": "1", "linear_2": "3"}
+
+
+def to_github_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names -> GitHub (`InternVLChatModel`) names, fusing q, k, v into one qkv tensor per layer."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.startswith("vision_tower."):
+            rest = name[len("vision_tower.") :]
+            qkv = re.match(r"^encoder\.layer\.(\d+)\.attention\.q_proj\.(weight|bias)$", rest)
+            if qkv:
+                layer, kind = qkv.groups()
+                parts = [state[f"vision_tower.encoder.layer.{layer}.attention.{p}_proj.{kind}"] for p in "qkv"]
+                out[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat(parts)
+                continue
+            if re.match(r"^encoder\.layer\.\d+\.attention\.[kv]_proj\.", rest):
+                continue
+            for pattern, replacement in _HF_TO_GITHUB_VIT:
+                rest, count = re.subn(pattern, replacement, rest)
+                if count:
+                    break
+            out["vision_model." + rest] = tensor
+        elif name.startswith("multi_modal_projector."):
+            module, _, param = name[len("multi_modal_projector.") :].partition(".")
+            out[f"mlp1.{_HF_TO_GITHUB_MLP1[module]}.{param}"] = tensor
+        elif name == "lm_head.weight":
+            out["language_model.lm_head.weight"] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, shard_bytes: int) -> None:
+    """safetensors, split into shards with an index once the total passes `shard_bytes`."""
+    from safetensors.torch import save_file
+
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, file)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_checkpoint(
+    out: Path, preset: str = "tiny", fmt: str = "hf", flash: bool = False, seed: int = 0,
+    shard_bytes: int = 2 << 30,
+) -> Path:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if fmt not in ("hf", "github"):
+        raise ValueError(f"unknown format {fmt!r}; choose hf or github")
+    spec = PRESETS[preset]
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    vocab_size = spec["vocab_size"] or len(tokenizer)
+    config = hf_config(spec, vocab_size, image_token_id)
+    state = hf_state_dict(config, seed)
+    extra = {}
+    if flash:
+        init = spec["initializer_range"]
+        state |= flash_state_dict(config["vision_config"]["hidden_size"], config["text_config"]["hidden_size"],
+                                  init, seed)
+        extra = {"flash_mode": True, **FLASH_THRESHOLDS}
+    if fmt == "github":
+        state, config = to_github_names(state), github_config(config)
+    (out / "config.json").write_text(json.dumps(config | extra, indent=2, ensure_ascii=False))
+    write_weights(state, out, spec["dtype"], shard_bytes)
+    tokenizer.save_pretrained(str(out))
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    generation = {"eos_token_id": stop_ids, "pad_token_id": stop_ids[1], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    processor = {
+        "image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 448, "width": 448},
+        "crop_to_patches": True, "min_patches": 1, "max_patches": 12, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "do_convert_rgb": True, "resample": 3,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="directory to write (created if absent)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model dimensions (default tiny)")
+    parser.add_argument("--format", dest="fmt", default="hf", choices=["hf", "github"],
+                        help="hf: InternVLForConditionalGeneration; github: InternVLChatModel (default hf)")
+    parser.add_argument("--flash", action="store_true", help="add the ViR modules of InternVL3.5-Flash")
+    parser.add_argument("--seed", type=int, default=0, help="weights are a function of the seed (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    make_checkpoint(args.out, args.preset, args.fmt, args.flash, args.seed)
+    print(f"wrote {args.preset} checkpoint ({args.fmt} format{', flash' if args.flash else ''}, seed {args.seed}) "
+          f"to {args.out} in {time.perf_counter() - start:.1f}s; its weights are random")
+    return 0

@@ -1,0 +1,199 @@
+"""Prompts: render the checkpoint's own chat template, then cut it into text segments around image slots.
+
+Each image is one *slot*. The slot is expanded to `<img>` + N x `<IMG_CONTEXT>` + `</img>` only when
+N is known (tiles x tokens per tile, or ViR's 64-token tiles), so the gateway never needs pixels.
+
+Templates: GitHub-format checkpoints name an InternVL conversation template in config.json
+(`template`, e.g. `internvl2_5`), which the released `chat()` uses; every other checkpoint uses the
+tokenizer's Jinja chat template. `<image>` in text marks where an image goes; with images and no
+placeholder, they are put before the last user turn as the model card does (`<image>\\n`, or
+`Image-1: <image>\\n` ... for several).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dvd.checkpoint import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN, CheckpointInfo
+from dvd.errors import CheckpointError, PromptError
+from dvd.tokenizer_builder import INTERNVL_SYSTEM_MESSAGE
+
+IMAGE_PLACEHOLDER = "<image>"
+# Markers a rendered template may use for an image: DvD's `<image>`, and transformers' InternVL
+# templates, which emit `<IMG_CONTEXT>` once per image part.
+_SLOT_MARKER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(IMAGE_CONTEXT_TOKEN))
+_RESERVED = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
+
+# The model card's system prompt for thinking mode (InternVL3.5 "R1_SYSTEM_PROMPT").
+THINKING_SYSTEM_PROMPT = """
+You are an AI assistant that rigorously follows this response protocol:
+
+1. First, conduct a detailed analysis of the question. Consider different angles, potential solutions, and reason through the problem step-by-step. Enclose this entire thinking process within <think> and </think> tags.
+
+2. After the thinking section, provide a clear, concise, and direct answer to the user's query. Separate the answer from the thinking section using a clear visual delimiter, such as a horizontal rule.
+
+Ensure that your reasoning is thorough, directly addresses the user's query, and is logically structured.
+""".strip()  # noqa: E501
+
+# InternVL conversation templates (internvl_chat/internvl/conversation.py) DvD can render.
+CONVERSATION_TEMPLATES: dict[str, dict[str, str]] = {
+    "internvl2_5": {
+        "system": "<|im_start|>system\n{system_message}",
+        "system_message": INTERNVL_SYSTEM_MESSAGE,
+        "user": "<|im_start|>user\n",
+        "assistant": "<|im_start|>assistant\n",
+        "sep": "<|im_end|>\n",
+        "stop": "<|im_end|>",
+    },
+}
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenized prompt: `len(segments) == num_images + 1` text pieces with an image slot between each."""
+
+    segments: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.segments) - 1
+
+    @property
+    def num_text_tokens(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    def expand(self, tokens_per_image: Sequence[int], start_id: int, context_id: int, end_id: int) -> list[int]:
+        """Token ids with slot i expanded to `<img>` + tokens_per_image[i] x `<IMG_CONTEXT>` + `</img>`."""
+        if len(tokens_per_image) != self.num_images:
+            raise PromptError(f"prompt has {self.num_images} image slots but {len(tokens_per_image)} images' sizes")
+        ids = list(self.segments[0])
+        for n, segment in zip(tokens_per_image, self.segments[1:], strict=True):
+            ids += [start_id, *([context_id] * n), end_id, *segment]
+        return ids
+
+
+def _count_placeholders(content: Any) -> int:
+    if isinstance(content, str):
+        return content.count(IMAGE_PLACEHOLDER)
+    return sum(1 for part in content if part.get("type") == "image")
+
+
+def _validate(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise PromptError("messages is empty")
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise PromptError(f"messages[{i}].role is {role!r}; expected system, user or assistant")
+        parts = [content] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise PromptError(f"messages[{i}].content must be a string or a list of parts")
+        for j, part in enumerate(parts):
+            text = part if isinstance(part, str) else part.get("text", "") if isinstance(part, dict) else None
+            if text is None or (isinstance(part, dict) and part.get("type") not in ("text", "image")):
+                raise PromptError(f"messages[{i}].content[{j}] must be a text or image part")
+            for token in _RESERVED:
+                if token in text:
+                    raise PromptError(f"messages[{i}] contains the reserved token {token}; use <image> for images")
+    if messages[-1]["role"] != "user":
+        raise PromptError("the last message must be from the user")
+
+
+def _with_default_placeholders(messages: Sequence[Message], num_images: int) -> list[Message]:
+    """Check placeholder count; with images and none given, put them before the last user turn."""
+    messages = [dict(m) for m in messages]
+    found = sum(_count_placeholders(m["content"]) for m in messages)
+    if found == 0 and num_images:
+        if num_images == 1:
+            prefix = IMAGE_PLACEHOLDER + "\n"
+        else:
+            prefix = "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1))
+        last = messages[-1]
+        content = last["content"]
+        last["content"] = prefix + content if isinstance(content, str) else [{"type": "text", "text": prefix}, *content]
+    elif found != num_images:
+        raise PromptError(f"prompt has {found} image placeholders but {num_images} images were given")
+    return messages
+
+
+def _flatten(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p["text"] for p in content)
+
+
+class ChatFormat:
+    """A checkpoint's tokenizer, chat template and stop tokens; turns chats into `PromptTokens`."""
+
+    def __init__(self, info: CheckpointInfo, tokenizer: Any | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.info = info
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(info.path))
+        self.conversation = None
+        if info.format == "github" and info.template:
+            if info.template not in CONVERSATION_TEMPLATES:
+                raise CheckpointError(
+                    f"{info.path / 'config.json'}: conversation template {info.template!r} is not supported; "
+                    f"supported: {sorted(CONVERSATION_TEMPLATES)}"
+                )
+            self.conversation = CONVERSATION_TEMPLATES[info.template]
+        elif not self.tokenizer.chat_template:
+            raise CheckpointError(f"{info.path}: the tokenizer has no chat template and config.json names none")
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in _RESERVED if t not in vocab]
+        if missing:
+            raise CheckpointError(f"{info.path}: tokenizer lacks the image tokens {missing}")
+        self.image_start_id, self.image_end_id, self.image_context_id = (vocab[t] for t in _RESERVED)
+        self.stop_token_ids = self._stop_token_ids(vocab)
+
+    def _stop_token_ids(self, vocab: dict[str, int]) -> tuple[int, ...]:
+        ids: list[int] = []
+        path = Path(self.info.path) / "generation_config.json"
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        if self.conversation is not None:
+            ids.append(vocab[self.conversation["stop"]])
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+    def render(self, messages: Sequence[Message], thinking: bool = False) -> str:
+        """The prompt text, with one slot marker per image, ending with the assistant's turn opening."""
+        system = self.info.system_message
+        if thinking:
+            system = THINKING_SYSTEM_PROMPT
+        if messages and messages[0]["role"] == "system":
+            system, messages = _flatten(messages[0]["content"]), messages[1:]
+        if self.conversation is None:
+            chat = ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        conv = self.conversation
+        text = conv["system"].format(system_message=system if system is not None else conv["system_message"])
+        text += conv["sep"]
+        for message in messages:
+            text += conv[message["role"]] + _flatten(message["content"]) + conv["sep"]
+        return text + conv["assistant"]
+
+    def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False) -> PromptTokens:
+        _validate(messages)
+        text = self.render(_with_default_placeholders(messages, num_images), thinking)
+        pieces = _SLOT_MARKER.split(text)
+        if len(pieces) - 1 != num_images:
+            raise PromptError(f"the rendered prompt has {len(pieces) - 1} image slots but {num_images} images")
+        encode = self.tokenizer.encode
+        return PromptTokens(tuple(tuple(encode(p, add_special_tokens=False)) for p in pieces))
+
+    def expand(self, prompt: PromptTokens, tokens_per_image: Sequence[int]) -> list[int]:
+        return prompt.expand(tokens_per_image, self.image_start_id, self.image_context_id, self.image_end_id)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=False)

@@ -1,0 +1,87 @@
+"""Build a real byte-level BPE tokenizer with InternVL's special tokens and chat template, offline.
+
+Random-weight checkpoints still need a tokenizer that behaves like the released one: ChatML
+turns, `<img>`/`<IMG_CONTEXT>`/`</img>` as single special tokens, a Jinja chat template. The BPE
+merges are learned from a small built-in text, so building one takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+# The default system message of InternVL's `internvl2_5` conversation template.
+INTERNVL_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+]
+ADDED_TOKENS = ["<think>", "</think>"]
+
+# ChatML with InternVL's default system message. A string content is used as is (its `<image>`
+# placeholders are expanded by DvD); an image content part renders as `<image>\n`.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '" + INTERNVL_SYSTEM_MESSAGE + "' -%}{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+_CORPUS = """
+Describe the image in detail. What is shown in this picture? The photograph shows a cat sitting on
+a wooden table next to a window, with sunlight falling across a red cup and an open book.
+Please answer the question briefly. How many people are in the image? There are three people
+walking along the beach at sunset; the sky is orange and purple, and the sea is calm.
+Write a short poem about the image. The mountains rise above the clouds, green valleys below,
+a river winds through fields of wheat and small villages with white houses and blue roofs.
+Read the text in the chart and summarise the trend. Sales grew from 12 to 48 million between
+2019 and 2024, with the largest increase in the third quarter of 2022.
+First, think step by step, then give the final answer. The answer is 42 because 6 times 7 is 42.
+你好，请描述这张图片。图片中有一只猫和一本书。Image-1: Image-2: Frame1: Frame2:
+""".strip()
+
+
+def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of about `vocab_size` entries (specials included)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS) - len(ADDED_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_tokens(ADDED_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

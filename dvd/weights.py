@@ -1,0 +1,220 @@
+"""Lazy safetensors reading and the key mapping that gives each model half only its own tensors.
+
+Both halves load the same way: build the module on the meta device, ask `vision_tensors` or
+`language_tensors` for a name -> `TensorRef` map in the module's own names, check every shape
+before any byte is read, then materialise tensors one at a time with `load_state_dict(assign=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers.initialization import no_init_weights
+
+from dvd.checkpoint import CheckpointInfo
+from dvd.errors import CheckpointError
+
+FLASH_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
+
+
+class TensorSource:
+    """The tensors of one checkpoint directory (`model.safetensors` or a sharded index), opened lazily."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._file_of: dict[str, Path] = {}
+        index = root / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no weight_map")
+            self._file_of = {key: root / name for key, name in weight_map.items()}
+        else:
+            files = sorted(root.glob("*.safetensors"))
+            if not files:
+                found = ", ".join(sorted(p.name for p in root.iterdir())) or "nothing"
+                raise CheckpointError(f"{root}: no *.safetensors weights (found {found}); only safetensors load")
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    self._file_of.update(dict.fromkeys(handle.keys(), file))
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of[key]
+
+    def _handle(self, key: str):  # safetensors does not export its handle type
+        file = self._file_of[key]
+        if file not in self._handles:
+            if not file.exists():
+                raise CheckpointError(f"{file}: listed in the index for {key!r} but missing")
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handle(key).get_tensor(key)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one module tensor comes from: a key, or rows of a key (GitHub's fused qkv)."""
+
+    source: TensorSource
+    key: str
+    rows: tuple[int, int] | None = None  # [start, stop) of dim 0
+
+    def shape(self) -> tuple[int, ...]:
+        shape = self.source.shape(self.key)
+        if self.rows is None:
+            return shape
+        return (self.rows[1] - self.rows[0], *shape[1:])
+
+    def read(self) -> torch.Tensor:
+        tensor = self.source.get(self.key)
+        if self.rows is not None:
+            tensor = tensor[self.rows[0] : self.rows[1]].clone()
+        return tensor
+
+
+_GITHUB_VIT_RENAMES: list[tuple[str, str]] = [
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
+    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
+    (r"^encoder\.layers\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.projection_layer."),
+    (r"^encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"encoder.layer.\1.attention.\2."),
+    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
+    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
+    (r"^encoder\.layers\.(\d+)\.ls1$", r"encoder.layer.\1.lambda_1"),
+    (r"^encoder\.layers\.(\d+)\.ls2$", r"encoder.layer.\1.lambda_2"),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
+]
+_GITHUB_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_GITHUB_MLP1 = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+
+
+def _github_vit_refs(source: TensorSource, key: str, rest: str) -> dict[str, TensorRef]:
+    match = _GITHUB_QKV.match(rest)
+    if match:
+        layer, kind = match.groups()
+        rows = source.shape(key)[0]
+        if rows % 3:
+            raise CheckpointError(f"{source.file_of(key)}: {key} has {rows} rows, not a multiple of 3 (q, k, v)")
+        third = rows // 3
+        return {
+            f"vision_tower.encoder.layer.{layer}.attention.{name}_proj.{kind}": TensorRef(
+                source, key, (i * third, (i + 1) * third)
+            )
+            for i, name in enumerate(("q", "k", "v"))
+        }
+    for pattern, replacement in _GITHUB_VIT_RENAMES:
+        renamed, count = re.subn(pattern, replacement, rest)
+        if count:
+            return {f"vision_tower.{renamed}": TensorRef(source, key)}
+    raise CheckpointError(f"{source.file_of(key)}: unrecognised vision key {key!r}")
+
+
+def _strip_model_prefix(key: str) -> str:
+    """transformers' in-memory names (`model.vision_tower.*`, `model.language_model.*`) -> on-disk names."""
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key[len("model.language_model.") :]
+    if key.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+        return key[len("model.") :]
+    return key
+
+
+def vision_tensors(info: CheckpointInfo, source: TensorSource, with_flash: bool) -> dict[str, TensorRef]:
+    """The vision half's tensors in `VisionHalf` names: `vision_tower.*`, `projector.*`, and ViR modules."""
+    refs: dict[str, TensorRef] = {}
+    for key in source:
+        name = _strip_model_prefix(key)
+        if with_flash and name.startswith(FLASH_PREFIXES):
+            refs[name] = TensorRef(source, key)
+        elif info.format == "hf":
+            if name.startswith("vision_tower."):
+                refs[name] = TensorRef(source, key)
+            elif name.startswith("multi_modal_projector."):
+                refs["projector." + name[len("multi_modal_projector.") :]] = TensorRef(source, key)
+        elif name.startswith("vision_model."):
+            refs.update(_github_vit_refs(source, key, name[len("vision_model.") :]))
+        elif name.startswith("mlp1."):
+            index, _, param = name[len("mlp1.") :].partition(".")
+            if index not in _GITHUB_MLP1:
+                raise CheckpointError(f"{source.file_of(key)}: unrecognised projector key {key!r}")
+            refs[f"projector.{_GITHUB_MLP1[index]}.{param}"] = TensorRef(source, key)
+    return refs
+
+
+def language_tensors(source: TensorSource) -> dict[str, TensorRef]:
+    """The LLM's tensors in transformers' `*ForCausalLM` names: `model.*` and `lm_head.weight`."""
+    refs: dict[str, TensorRef] = {}
+    for key in source:
+        name = _strip_model_prefix(key)
+        if name.startswith("language_model.model."):
+            refs["model." + name[len("language_model.model.") :]] = TensorRef(source, key)
+        elif name in ("lm_head.weight", "language_model.lm_head.weight"):
+            refs["lm_head.weight"] = TensorRef(source, key)
+    return refs
+
+
+def load_module(
+    module: torch.nn.Module,
+    refs: dict[str, TensorRef],
+    dtype: torch.dtype,
+    optional: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Fill a meta-device module from `refs`, checking names and shapes before reading any bytes.
+
+    `optional(name)` marks module tensors that may be absent (a tied lm_head); the caller fills them.
+    """
+    expected = module.state_dict()
+    missing = [name for name in expected if name not in refs and not optional(name)]
+    if missing:
+        shown = ", ".join(f"{name} {tuple(expected[name].shape)}" for name in missing[:5])
+        root = next(iter(refs.values())).source.root if refs else "checkpoint"
+        raise CheckpointError(f"{root}: {len(missing)} tensors missing, e.g. {shown}")
+    unexpected = [name for name in refs if name not in expected]
+    if unexpected:
+        ref = refs[unexpected[0]]
+        raise CheckpointError(
+            f"{ref.source.file_of(ref.key)}: key {ref.key!r} (as {unexpected[0]!r}) matches no parameter of "
+            f"{type(module).__name__} ({len(unexpected)} such keys)"
+        )
+    for name, ref in refs.items():
+        found, want = ref.shape(), tuple(expected[name].shape)
+        if found != want:
+            raise CheckpointError(
+                f"{ref.source.file_of(ref.key)}: key {ref.key!r} has shape {list(found)}, expected {list(want)}"
+            )
+    state = {name: ref.read().to(dtype) for name, ref in refs.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (to be filled by `load_module`) while
+    buffers, such as rotary frequencies that no checkpoint stores, are computed for real on the CPU."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]

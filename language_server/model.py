@@ -1,0 +1,150 @@
+"""The language half: the checkpoint's LLM alone (any transformers `*ForCausalLM`: Qwen3 dense now,
+Qwen3-MoE and GPT-OSS through the same classes), taking token ids plus image features.
+
+Image features enter through the embedding layer: the rows of `inputs_embeds` at image-context
+positions are replaced by the features, exactly as the monolithic model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from dvd.checkpoint import CheckpointInfo, open_checkpoint
+from dvd.errors import InvalidRequestError, PromptTooLongError
+from dvd.weights import TensorSource, language_tensors, load_module, parameters_on_meta
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` means greedy."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (
+                0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}",
+            ),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
+
+    def generation_config(self, pad_token_id: int | None) -> GenerationConfig:
+        sample = self.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            do_sample=sample,
+            temperature=self.temperature if sample else None,
+            top_p=self.top_p if sample else None,
+            top_k=(self.top_k or None) if sample else None,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=list(self.stop_token_ids) or None,
+            pad_token_id=pad_token_id,
+        )
+
+
+class LanguageHalf:
+    """The LLM of one checkpoint, with features scattered into its input embeddings."""
+
+    def __init__(self, model: torch.nn.Module, info: CheckpointInfo) -> None:
+        self.model = model
+        self.info = info
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path | CheckpointInfo, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> LanguageHalf:
+        info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
+        text = dict(info.text_config)
+        config = AutoConfig.for_model(text.pop("model_type"), **text)
+        config._attn_implementation = "sdpa"
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config)
+        refs = language_tensors(TensorSource(info.path))
+        load_module(model, refs, dtype, optional=lambda name: name == "lm_head.weight")
+        if "lm_head.weight" not in refs:  # tied embeddings: the checkpoint stores the matrix once
+            model.lm_head.weight = model.get_input_embeddings().weight
+        return cls(model.to(device).eval(), info)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def context_limit(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 1 << 62)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def embed(self, input_ids: list[int], image_token_id: int, features: torch.Tensor | None) -> torch.Tensor:
+        """[1, len, D] input embeddings with `features` ([n, D], in order) at the image-context positions."""
+        if any(not 0 <= t < self.vocab_size for t in input_ids):
+            bad = next(t for t in input_ids if not 0 <= t < self.vocab_size)
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        ids = torch.tensor([input_ids], device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        mask = ids[0] == image_token_id
+        num_slots = int(mask.sum())
+        num_rows = 0 if features is None else features.reshape(-1, features.shape[-1]).shape[0]
+        if num_slots != num_rows:
+            raise InvalidRequestError(f"prompt has {num_slots} image-context tokens but {num_rows} feature rows")
+        if num_rows:
+            rows = features.reshape(-1, features.shape[-1]).to(device=self.device, dtype=self.dtype)
+            embeds[0, mask] = rows
+        return embeds
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: list[int],
+        image_token_id: int,
+        features: torch.Tensor | None,
+        sampling: SamplingParams,
+        pad_token_id: int | None = None,
+        streamer: BaseStreamer | None = None,
+    ) -> list[int]:
+        """One request, start to finish; returns the new token ids (stop token included if hit)."""
+        if not input_ids:
+            raise InvalidRequestError("prompt is empty")
+        limit = self.context_limit
+        if len(input_ids) >= limit:
+            raise PromptTooLongError(len(input_ids), limit)
+        if len(input_ids) + sampling.max_new_tokens > limit:  # stop at the context's end, as a server would
+            sampling = replace(sampling, max_new_tokens=limit - len(input_ids),
+                               min_new_tokens=min(sampling.min_new_tokens, limit - len(input_ids)))
+        embeds = self.embed(input_ids, image_token_id, features)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
+            generation_config=sampling.generation_config(pad_token_id),
+            streamer=streamer,
+        )
+        return out[0].tolist()

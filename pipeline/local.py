@@ -1,0 +1,128 @@
+"""Both halves in one process: preprocess -> vision half -> BF16 features -> language half.
+
+This is what `dvd generate` runs, and the reference the served paths are compared against. The
+features cross between the halves exactly as on the wire: cast to BF16 by the vision side and
+cast to the language model's dtype on arrival.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from dvd.checkpoint import CheckpointInfo, open_checkpoint
+from dvd.prompt import ChatFormat, Message
+from language_server.model import LanguageHalf, SamplingParams
+from vision_server.model import VisionHalf
+from vision_server.preprocess import PreprocessConfig, preprocess_image
+
+WIRE_DTYPE = torch.bfloat16
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    tokens_per_tile: list[int]  # per image
+    num_tiles: list[int]  # per image
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class _FirstTokenClock(BaseStreamer):
+    """Notes when generation hands out its first new token, to split prefill from decode."""
+
+    def __init__(self) -> None:
+        self.num_puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.num_puts += 1
+        if self.num_puts == 2:  # the first put is the prompt itself
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class LocalPipeline:
+    """Vision half, language half and the chat format of one checkpoint, in this process."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path | CheckpointInfo,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        wire_dtype: torch.dtype | None = WIRE_DTYPE,
+    ) -> None:
+        self.info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
+        self.chat = ChatFormat(self.info)
+        self.preprocess_config = PreprocessConfig.from_checkpoint(self.info.path)
+        self.vision = VisionHalf.from_checkpoint(self.info, dtype=dtype, device=device)
+        self.language = LanguageHalf.from_checkpoint(self.info, dtype=dtype, device=device)
+        self.wire_dtype = wire_dtype
+
+    def encode_images(self, images: Sequence[bytes], max_num: int | None = None) -> list[torch.Tensor]:
+        """Per image: its features [tiles * tokens_per_tile, D] as they would leave the vision side."""
+        out = []
+        for data in images:
+            pixels = preprocess_image(data, self.preprocess_config, max_num=max_num)
+            features = self.vision(pixels)
+            features = features.reshape(-1, features.shape[-1])
+            out.append(features.to(self.wire_dtype) if self.wire_dtype is not None else features)
+        return out
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        images: Sequence[bytes] = (),
+        sampling: SamplingParams | None = None,
+        max_num: int | None = None,
+        thinking: bool = False,
+    ) -> GenerateResult:
+        sampling = sampling or SamplingParams(stop_token_ids=self.chat.stop_token_ids)
+        if not sampling.stop_token_ids:
+            sampling = replace(sampling, stop_token_ids=self.chat.stop_token_ids)
+        t0 = time.perf_counter()
+        prompt = self.chat.build(messages, len(images), thinking=thinking)
+        t1 = time.perf_counter()
+        features = self.encode_images(images, max_num=max_num)
+        t2 = time.perf_counter()
+        # transfer: the language side takes BF16 rows into its own dtype and device
+        received = [f.to(device=self.language.device, dtype=self.language.dtype) for f in features]
+        t3 = time.perf_counter()
+        tokens_per_image = [f.shape[0] for f in received]
+        input_ids = self.chat.expand(prompt, tokens_per_image)
+        clock = _FirstTokenClock()
+        stacked = torch.cat(received) if received else None
+        new_ids = self.language.generate(
+            input_ids, self.chat.image_context_id, stacked, sampling,
+            pad_token_id=self.chat.tokenizer.pad_token_id, streamer=clock,
+        )
+        t4 = time.perf_counter()
+        first = clock.first_token_at or t4
+        timings = {
+            "tokenize_ms": (t1 - t0) * 1e3,
+            "encode_ms": (t2 - t1) * 1e3,
+            "transfer_ms": (t3 - t2) * 1e3,
+            "prefill_ms": (first - t3) * 1e3,
+            "decode_ms": (t4 - first) * 1e3,
+        }
+        tpt = self.info.tokens_per_tile
+        return GenerateResult(
+            text=self.chat.decode(new_ids),
+            token_ids=new_ids,
+            prompt_token_ids=input_ids,
+            tokens_per_tile=[tpt for _ in received],
+            num_tiles=[f.shape[0] // tpt for f in received],
+            timings_ms=timings,
+        )
