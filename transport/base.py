@@ -1,0 +1,149 @@
+"""The small interface every transport implements, and the tensor <-> bytes views they share."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import zlib
+from collections.abc import AsyncIterator
+
+import numpy as np
+import torch
+
+from transport.config import TransportConfig
+from transport.errors import FrameTooLargeError, ProtocolError
+from transport.wire import FeatureHeader
+
+# wire dtype name -> torch dtype (the names are torch's own).
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+}
+
+
+@dataclasses.dataclass
+class Frame:
+    """One received image's features: `tensor` is a view of the received bytes (no copy).
+
+    Its bytes count against the receiver's pool until the tensor and every view of it are gone;
+    `release()` drops this frame's own reference, for code that is done with it early.
+    """
+
+    header: FeatureHeader
+    tensor: torch.Tensor
+    source: str
+
+    def release(self) -> None:
+        self.tensor = torch.empty(0, dtype=self.tensor.dtype)
+
+
+@dataclasses.dataclass
+class TransportStats:
+    """Counters a transport keeps; `num_payload_copies` counts copies of feature bytes made by us."""
+
+    num_frames: int = 0
+    num_bytes: int = 0
+    num_payload_copies: int = 0
+    num_connections: int = 0
+    num_dropped_connections: int = 0
+    num_refused_handshakes: int = 0
+    num_rejected_frames: int = 0
+
+
+class Sender(abc.ABC):
+    """Pushes frames to receivers named by address; one connection per destination, made on demand."""
+
+    def __init__(self, config: TransportConfig) -> None:
+        self.config = config
+        self.stats = TransportStats()
+
+    @abc.abstractmethod
+    async def send(self, destination: str, header: FeatureHeader, tensor: torch.Tensor) -> None:
+        """Push one frame. Returns once its bytes are handed to the transport (not yet acknowledged).
+
+        Waits while this connection already has `max_inflight_bytes` in flight. Raises
+        FrameTooLargeError, DuplicateFrameError, HandshakeError or PeerLostError.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close every connection; pending sends fail with PeerLostError."""
+
+    async def __aenter__(self) -> Sender:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class Receiver(abc.ABC):
+    """Accepts senders at `address` and yields complete, validated frames in arrival order."""
+
+    def __init__(self, config: TransportConfig) -> None:
+        self.config = config
+        self.stats = TransportStats()
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """What a sender names as `destination` (valid after `start()`)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Bind and begin accepting senders."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop accepting, drop every connection and end iteration."""
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        """Complete frames, as they arrive; iteration ends after `close()`."""
+
+    async def __aenter__(self) -> Receiver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def header_for(
+    request_id: str, image_index: int, tokens_per_tile: int, tensor: torch.Tensor, checksum: bool = False
+) -> FeatureHeader:
+    """The header describing `tensor` (a CRC32 of its bytes when `checksum`; it costs a pass over them)."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    crc = zlib.crc32(payload_view(tensor.contiguous())) if checksum else None
+    return FeatureHeader(request_id, image_index, tokens_per_tile, dtype, tuple(tensor.shape),
+                         tensor.numel() * tensor.element_size(), crc)
+
+
+def check_outgoing(header: FeatureHeader, tensor: torch.Tensor, limit: int) -> None:
+    """Refuse a frame before any byte moves: too large, or a header that does not describe the tensor."""
+    if header.nbytes > limit:
+        raise FrameTooLargeError(f"frame of {header.nbytes} bytes is over the {limit}-byte limit")
+    if TORCH_DTYPES[header.dtype] != tensor.dtype or header.shape != tuple(tensor.shape):
+        raise ValueError(f"header ({header.dtype}, {header.shape}) does not describe tensor "
+                         f"({tensor.dtype}, {tuple(tensor.shape)})")
+
+
+def payload_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying them."""
+    flat = tensor.reshape(-1).view(torch.uint8) if tensor.element_size() > 1 else tensor.reshape(-1)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def tensor_on(buffer: np.ndarray, header: FeatureHeader) -> torch.Tensor:
+    """The tensor the header describes, built on `buffer`'s memory (no copy)."""
+    flat = torch.from_numpy(buffer)
+    if header.dtype != "uint8":
+        flat = flat.view(TORCH_DTYPES[header.dtype])
+    return flat.view(header.shape)
+
+
+def verify_checksum(header: FeatureHeader, payload: memoryview | np.ndarray) -> None:
+    if header.checksum is not None and zlib.crc32(payload) != header.checksum:
+        raise ProtocolError(f"checksum mismatch on {header.key}")

@@ -1,0 +1,89 @@
+"""The connection handshake as plain functions (no I/O), shared by every networked transport.
+
+    sender                                   receiver
+    Hello(version, nonce_s)          ──▶
+                                     ◀──     Challenge(version, nonce_r, proof_r, max_frame_bytes)
+    Auth(proof_s)                    ──▶     (or Refuse: other version)
+                                     ◀──     Accept (or Refuse: wrong or missing token)
+
+proof = HMAC-SHA256(token, role | nonce_s | nonce_r): the token itself never crosses the wire, fresh
+nonces on both sides defeat replay, and the role label keeps a receiver's proof from being replayed
+as a sender's. Both sides prove the token, so a sender will not push features to an impostor either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+
+from transport.errors import HandshakeError
+from transport.wire import NONCE_BYTES, PROTOCOL_VERSION, Accept, Auth, Challenge, Hello, Refuse
+
+logger = logging.getLogger(__name__)
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def proof(token: str, role: bytes, sender_nonce: bytes, receiver_nonce: bytes) -> bytes:
+    return hmac.new(token.encode(), role + b"|" + sender_nonce + receiver_nonce, hashlib.sha256).digest()
+
+
+def sender_hello(nonce: bytes) -> Hello:
+    return Hello(PROTOCOL_VERSION, nonce)
+
+
+def receiver_challenge(
+    hello: Hello, token: str | None, nonce: bytes, max_frame_bytes: int, peer: str
+) -> Challenge | Refuse:
+    """The receiver's answer to a Hello: a Challenge, or a Refuse for another protocol version."""
+    if hello.version != PROTOCOL_VERSION:
+        reason = f"protocol version {hello.version} refused: this receiver speaks {PROTOCOL_VERSION}"
+        logger.warning("refused sender %s: %s", peer, reason)
+        return Refuse("version", reason)
+    receiver_proof = None if token is None else proof(token, b"receiver", hello.nonce, nonce)
+    return Challenge(PROTOCOL_VERSION, nonce, receiver_proof, max_frame_bytes)
+
+
+def sender_auth(challenge: Challenge, token: str | None, nonce: bytes, peer: str) -> Auth:
+    """The sender's answer to a Challenge; raises HandshakeError when the receiver is not trusted."""
+    if challenge.version != PROTOCOL_VERSION:
+        raise _sender_refuses(peer, f"receiver speaks protocol {challenge.version}, we speak {PROTOCOL_VERSION}")
+    if token is None:
+        if challenge.proof is not None:
+            logger.info("receiver %s checks a token but this sender has none; expect a refusal", peer)
+        return Auth(None)
+    if challenge.proof is None:
+        raise _sender_refuses(peer, "receiver has no token set, but this sender requires one")
+    if not hmac.compare_digest(challenge.proof, proof(token, b"receiver", nonce, challenge.nonce)):
+        raise _sender_refuses(peer, "receiver's token proof is wrong (different shared token)")
+    return Auth(proof(token, b"sender", nonce, challenge.nonce))
+
+
+def receiver_verify(
+    auth: Auth, token: str | None, sender_nonce: bytes, nonce: bytes, peer: str
+) -> Accept | Refuse:
+    """The receiver's verdict on an Auth: Accept, or Refuse for a wrong or missing token."""
+    if token is None:
+        return Accept()
+    if auth.proof is None:
+        logger.warning("refused sender %s: it sent no token proof and this receiver requires a token", peer)
+        return Refuse("token", "missing token: this receiver requires a shared token")
+    if not hmac.compare_digest(auth.proof, proof(token, b"sender", sender_nonce, nonce)):
+        logger.warning("refused sender %s: wrong token (HMAC proof mismatch)", peer)
+        return Refuse("token", "wrong token: HMAC proof mismatch")
+    return Accept()
+
+
+def refused_by_receiver(refuse: Refuse, peer: str) -> HandshakeError:
+    """The error a sender raises (after logging it) when the receiver refused the handshake."""
+    logger.error("receiver %s refused this sender (%s): %s", peer, refuse.code, refuse.reason)
+    return HandshakeError(f"refused by {peer} ({refuse.code}): {refuse.reason}")
+
+
+def _sender_refuses(peer: str, reason: str) -> HandshakeError:
+    logger.error("refusing receiver %s: %s", peer, reason)
+    return HandshakeError(f"refused receiver {peer}: {reason}")

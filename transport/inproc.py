@@ -1,0 +1,139 @@
+"""The inproc transport: sender and receiver in one process (the coupled baseline, and tests).
+
+It keeps every rule of the networked transports (token check, size limit, duplicates, the bounded
+receive pool) so code tested over inproc behaves the same over tcp. The one copy it makes is the
+transfer itself, into the receiver's pool: the receiver must own its memory, because the sender is
+free to reuse its tensor once `send()` returns. Receivers are found through an `InprocHub` that
+the caller creates and hands to both ends (no process-wide registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+
+from transport.base import Frame, Receiver, Sender, check_outgoing, tensor_on, verify_checksum
+from transport.config import TransportConfig
+from transport.errors import (
+    DuplicateFrameError,
+    FrameTooLargeError,
+    HandshakeError,
+    PeerLostError, TransportError
+from transport.pool import ReceivePool, RecentKeys
+from transport.wire import FeatureHeader, decode, encode
+
+logger = logging.getLogger(__name__)
+INPROC_SCHEME = "inproc://"
+_END = object()
+
+
+class InprocHub:
+    """Names -> live inproc receivers; create one and pass it to both ends as `hub=`."""
+
+    def __init__(self) -> None:
+        self.receivers: dict[str, InprocReceiver] = {}
+        self.num_names = 0
+
+
+class InprocReceiver(Receiver):
+    def __init__(self, config: TransportConfig, hub: InprocHub | None = None) -> None:
+        if hub is None:
+            raise TransportError("the inproc transport needs hub=InprocHub() passed to both ends")
+        super().__init__(config)
+        self.hub = hub
+        self.pool = ReceivePool(config.receive_pool_bytes)
+        self.recent_keys = RecentKeys()
+        self._name = ""
+        self._queue: asyncio.Queue[Frame | object] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def address(self) -> str:
+        if not self._name:
+            raise TransportError("receiver not started")
+        return INPROC_SCHEME + self._name
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.hub.num_names += 1
+        self._name = f"{self.config.port or self.hub.num_names}"
+        if self._name in self.hub.receivers:
+            raise TransportError(f"inproc address {self.address} is taken")
+        self.hub.receivers[self._name] = self
+
+    def check_token(self, token: str | None) -> None:
+        mine = self.config.token
+        if mine is not None and (token is None or not hmac.compare_digest(mine.encode(), token.encode())):
+            self.stats.num_refused_handshakes += 1
+            logger.warning("inproc receiver %s refused a sender: %s token", self.address,
+                           "missing" if token is None else "wrong")
+            raise HandshakeError(f"refused by {self.address}: {'missing' if token is None else 'wrong'} token")
+
+    async def accept(self, header: FeatureHeader, tensor: torch.Tensor) -> int:
+        """Copy one frame into the pool and queue it; returns the number of payload copies made."""
+        if header.nbytes > self.config.max_frame_bytes:
+            raise FrameTooLargeError(f"frame of {header.nbytes} bytes over the receiver's limit")
+        try:
+            buffer = self.pool.acquire(header.nbytes, timeout_s=0)
+        except TimeoutError:
+            buffer = await asyncio.to_thread(self.pool.acquire, header.nbytes)
+        if not self.recent_keys.add(header.key):
+            self.stats.num_rejected_frames += 1
+            logger.error("duplicate frame %s refused; the first one stands", header.key)
+            raise DuplicateFrameError(f"frame {header.key} already received by {self.address}")
+        source = tensor.detach().reshape(-1).view(torch.uint8) if header.nbytes else tensor
+        torch.from_numpy(buffer).copy_(source.reshape(-1))
+        verify_checksum(header, buffer)
+        frame = Frame(header, tensor_on(buffer, header), "inproc")
+        del buffer
+        self.stats.num_frames += 1
+        self.stats.num_bytes += header.nbytes
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, frame)
+        return 1
+
+    async def __aiter__(self) -> AsyncIterator[Frame]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                self._queue.put_nowait(_END)
+                return
+            assert isinstance(item, Frame)
+            yield item
+
+    async def close(self) -> None:
+        if self.hub.receivers.get(self._name) is self:
+            del self.hub.receivers[self._name]
+        self.pool.close()
+        with contextlib.suppress(RuntimeError):
+            self._queue.put_nowait(_END)
+
+
+class InprocSender(Sender):
+    def __init__(self, config: TransportConfig, hub: InprocHub | None = None) -> None:
+        if hub is None:
+            raise TransportError("the inproc transport needs hub=InprocHub() passed to both ends")
+        super().__init__(config)
+        self.hub = hub
+
+    async def send(self, destination: str, header: FeatureHeader, tensor: torch.Tensor) -> None:
+        check_outgoing(header, tensor, self.config.max_frame_bytes)
+        receiver = self.hub.receivers.get(destination.removeprefix(INPROC_SCHEME))
+        if not destination.startswith(INPROC_SCHEME) or receiver is None:
+            raise PeerLostError(f"no inproc receiver at {destination}")
+        receiver.check_token(self.config.token)
+        # Round-trip the header through its wire form, so inproc validates exactly what tcp would.
+        wire_header = decode(encode(header))
+        assert isinstance(wire_header, FeatureHeader)
+        copies = await receiver.accept(wire_header, tensor.contiguous())
+        self.stats.num_payload_copies += copies
+        self.stats.num_frames += 1
+        self.stats.num_bytes += header.nbytes
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,42 @@
+"""Transport kinds by name: a table, resolved lazily so `rdma` imports UCXX only when asked for."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from transport.base import Receiver, Sender
+from transport.config import TransportConfig
+from transport.errors import TransportError
+
+# kind -> ("module:SenderClass", "module:ReceiverClass").
+KINDS: dict[str, tuple[str, str]] = {
+    "tcp": ("transport.tcp_sender:TcpSender", "transport.tcp_receiver:TcpReceiver"),
+    "rdma": ("transport.rdma:RdmaSender", "transport.rdma:RdmaReceiver"),
+    "inproc": ("transport.inproc:InprocSender", "transport.inproc:InprocReceiver"),
+}
+# What to install when a kind's module cannot import.
+EXTRAS: dict[str, str] = {"rdma": "pip install 'internvl-dvd[rdma]' (ucxx-cu12)"}
+
+
+def _load(kind: str, side: int) -> type:
+    if kind not in KINDS:
+        raise TransportError(f"unknown transport kind {kind!r}; known: {sorted(KINDS)}")
+    module_name, _, class_name = KINDS[kind][side].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        hint = EXTRAS.get(kind, "")
+        raise TransportError(f"transport {kind!r} is unavailable ({error}); install the "
+                             f"'{kind}' extra: {hint}") from error
+    return getattr(module, class_name)
+
+
+def create_sender(config: TransportConfig, **options: Any) -> Sender:
+    """A sender of kind `config.kind`; `options` go to its class (inproc needs `hub=`)."""
+    return _load(config.kind, 0)(config, **options)
+
+
+def create_receiver(config: TransportConfig, **options: Any) -> Receiver:
+    """A receiver of kind `config.kind` (call `start()` or use `async with`)."""
+    return _load(config.kind, 1)(config, **options)

@@ -1,0 +1,103 @@
+"""Blocking socket helpers for the tcp transport: exact reads, framed messages, addresses.
+
+These run on per-connection threads. Blocking `recv_into`/`sendmsg` release the GIL for the whole
+system call, which is what lets the tcp transport move bytes as fast as a bare socket.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+from transport.errors import PeerLostError, ProtocolError
+from transport.wire import LENGTH_PREFIX, Message, decode, encode_framed, parse_length
+
+TCP_SCHEME = "tcp://"
+
+
+def parse_address(address: str, scheme: str) -> tuple[str, int]:
+    """("host", port) from "scheme://host:port"; ValueError for anything else."""
+    if not address.startswith(scheme):
+        raise ValueError(f"address {address!r} does not start with {scheme!r}")
+    host, sep, port = address[len(scheme):].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not {scheme}host:port")
+    return host.strip("[]"), int(port)
+
+
+def tune(sock: socket.socket) -> None:
+    # Headers and heartbeats are small and latency-bound: never hold them back for Nagle.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A backstop for a peer host that vanishes without a FIN; heartbeats notice sooner.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def read_into(sock: socket.socket, view: memoryview, on_progress: Callable[[], None] | None = None) -> None:
+    """Fill `view` exactly from the socket; PeerLostError when the stream ends first."""
+    total = view.nbytes
+    while view:
+        try:
+            received = sock.recv_into(view)
+        except OSError as error:
+            raise PeerLostError(f"connection lost: {error}") from None
+        if not received:
+            raise PeerLostError("connection closed" if view.nbytes == total else "connection closed mid-message")
+        view = view[received:]
+        if on_progress is not None:
+            on_progress()
+
+
+def read_message(sock: socket.socket, on_progress: Callable[[], None] | None = None) -> Message:
+    """One length-prefixed msgpack message (a FeatureHeader's payload is left on the socket)."""
+    prefix = bytearray(LENGTH_PREFIX.size)
+    read_into(sock, memoryview(prefix), on_progress)
+    body = bytearray(parse_length(prefix))
+    read_into(sock, memoryview(body), on_progress)
+    return decode(body)
+
+
+def expect(message: Message, kind: type, peer: str) -> None:
+    if not isinstance(message, kind):
+        raise ProtocolError(f"expected {kind.__name__} from {peer}, got {type(message).__name__}")
+
+
+def send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
+    """Write every buffer in order with scatter-gather `sendmsg`, so header and payload need no join."""
+    while buffers:
+        sent = sock.sendmsg(buffers)
+        while sent and buffers:
+            if sent >= buffers[0].nbytes:
+                sent -= buffers[0].nbytes
+                buffers.pop(0)
+            else:
+                buffers[0] = buffers[0][sent:]
+                sent = 0
+
+
+def send_message(sock: socket.socket, message: Message) -> None:
+    sock.sendall(encode_framed(message))
+
+
+def try_send_message(sock: socket.socket, message: Message) -> bool:
+    """Send a small control message without ever blocking; False when the peer is not reading.
+
+    Used from the event loop thread, which must never block on a peer that stopped reading.
+    """
+    data = encode_framed(message)
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT) == len(data)
+    except OSError:
+        return False
+
+
+def shutdown(sock: socket.socket) -> None:
+    """Wake any thread blocked on `sock` (its recv returns 0) without racing its file descriptor."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def monotonic() -> float:
+    return time.monotonic()

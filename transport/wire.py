@@ -1,0 +1,279 @@
+"""Every message that crosses the wire, as typed dataclasses encoded with msgpack (never pickle).
+
+A message on a byte stream is a 4-byte little-endian length, that many bytes of a msgpack map whose
+"t" key names the type, and, for a `FeatureHeader` only, exactly `nbytes` raw tensor bytes right
+after. Decoding is strict: unknown types, missing or extra keys, wrong types and out-of-range values
+all raise `ProtocolError`, so nothing malformed is ever handed up as data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from typing import Any, ClassVar
+
+import msgpack
+
+from transport.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+LENGTH_PREFIX = struct.Struct("<I")
+# Headers are tiny (< 200 bytes); a length far beyond that is garbage, refused before allocating.
+MAX_HEADER_BYTES = 64 * 1024
+NONCE_BYTES = 32
+MAX_REQUEST_ID_CHARS = 256
+MAX_REASON_CHARS = 1024
+MAX_DIMS = 8
+
+# dtype name on the wire -> bytes per element. Names match torch's (`torch.bfloat16` -> "bfloat16").
+DTYPE_SIZES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ProtocolError(message)
+
+
+def _int(value: Any, name: str, low: int = 0, high: int = 1 << 62) -> int:
+    # bool is an int subclass in Python; on the wire it is a different type and is refused.
+    _check(type(value) is int and low <= value <= high, f"{name} must be an int in [{low}, {high}]")
+    return value
+
+
+def _str(value: Any, name: str, max_chars: int) -> str:
+    _check(type(value) is str and len(value) <= max_chars, f"{name} must be a str of <= {max_chars} chars")
+    return value
+
+
+def _nonce(value: Any, name: str) -> bytes:
+    _check(type(value) is bytes and len(value) == NONCE_BYTES, f"{name} must be {NONCE_BYTES} bytes")
+    return value
+
+
+def _proof(value: Any, name: str) -> bytes | None:
+    _check(value is None or (type(value) is bytes and len(value) == 32), f"{name} must be None or 32 bytes")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureHeader:
+    """Describes one image's features; `nbytes` raw bytes of a C-contiguous tensor follow it."""
+
+    TYPE: ClassVar[str] = "feature"
+    request_id: str
+    image_index: int
+    tokens_per_tile: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int | None = None
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        # Validated on construction too, so a sender cannot build a header a receiver would refuse.
+        object.__setattr__(self, "shape", tuple(self.shape))
+        _check(self.version == PROTOCOL_VERSION, f"protocol version {self.version} != {PROTOCOL_VERSION}")
+        _check(bool(_str(self.request_id, "request_id", MAX_REQUEST_ID_CHARS)), "request_id is empty")
+        _int(self.image_index, "image_index", 0, 1 << 31)
+        _int(self.tokens_per_tile, "tokens_per_tile", 0, 1 << 31)
+        _check(self.dtype in DTYPE_SIZES, f"dtype {self.dtype!r} is not one of {sorted(DTYPE_SIZES)}")
+        _check(len(self.shape) <= MAX_DIMS, f"shape has more than {MAX_DIMS} dims")
+        for dim in self.shape:
+            _int(dim, "shape dim", 0, 1 << 40)
+        _int(self.nbytes, "nbytes")
+        _check(
+            math.prod(self.shape) * DTYPE_SIZES[self.dtype] == self.nbytes,
+            f"nbytes {self.nbytes} does not match shape {self.shape} of {self.dtype}",
+        )
+        if self.checksum is not None:
+            _int(self.checksum, "checksum", 0, 0xFFFFFFFF)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What makes a frame unique: a second frame with the same key is a duplicate."""
+        return (self.request_id, self.image_index)
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "rid": self.request_id,
+            "img": self.image_index,
+            "tpt": self.tokens_per_tile,
+            "dt": self.dtype,
+            "sh": list(self.shape),
+            "nb": self.nbytes,
+            "crc": self.checksum,
+        }
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> FeatureHeader:
+        _check(type(m["sh"]) is list, "shape must be a list")
+        _int(m["v"], "version")
+        try:
+            return cls(m["rid"], m["img"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"])
+        except TypeError as error:  # e.g. an unhashable dtype value
+            raise ProtocolError(f"bad feature header: {error}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """Sender -> receiver, first message: its protocol version and a fresh nonce."""
+
+    TYPE: ClassVar[str] = "hello"
+    version: int
+    nonce: bytes
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": self.version, "n": self.nonce}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> Hello:
+        return cls(_int(m["v"], "version"), _nonce(m["n"], "nonce"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Challenge:
+    """Receiver -> sender: its nonce, its proof of the token (or None) and its frame size limit."""
+
+    TYPE: ClassVar[str] = "challenge"
+    version: int
+    nonce: bytes
+    proof: bytes | None
+    max_frame_bytes: int
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": self.version, "n": self.nonce, "p": self.proof, "mfb": self.max_frame_bytes}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> Challenge:
+        return cls(_int(m["v"], "version"), _nonce(m["n"], "nonce"), _proof(m["p"], "proof"),
+                   _int(m["mfb"], "max_frame_bytes", 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Auth:
+    """Sender -> receiver: its proof of the token over both nonces (None when it has no token)."""
+
+    TYPE: ClassVar[str] = "auth"
+    proof: bytes | None
+
+    def to_map(self) -> dict[str, Any]:
+        return {"p": self.proof}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> Auth:
+        return cls(_proof(m["p"], "proof"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Accept:
+    """Receiver -> sender: handshake passed, frames may follow."""
+
+    TYPE: ClassVar[str] = "accept"
+
+    def to_map(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> Accept:
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class Refuse:
+    """Either way, last message before closing: why the connection is refused or dropped."""
+
+    TYPE: ClassVar[str] = "refuse"
+    code: str
+    reason: str
+
+    def to_map(self) -> dict[str, Any]:
+        return {"c": self.code, "r": self.reason}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> Refuse:
+        return cls(_str(m["c"], "code", 64), _str(m["r"], "reason", MAX_REASON_CHARS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    """Receiver -> sender: one frame was refused (e.g. a duplicate); the connection stays up."""
+
+    TYPE: ClassVar[str] = "reject"
+    request_id: str
+    image_index: int
+    reason: str
+
+    def to_map(self) -> dict[str, Any]:
+        return {"rid": self.request_id, "img": self.image_index, "r": self.reason}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> Reject:
+        return cls(_str(m["rid"], "request_id", MAX_REQUEST_ID_CHARS), _int(m["img"], "image_index"),
+                   _str(m["r"], "reason", MAX_REASON_CHARS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """Either way, whenever a side has been quiet for a heartbeat interval: 'still alive'."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+    def to_map(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> Heartbeat:
+        return cls()
+
+
+Message = FeatureHeader | Hello | Challenge | Auth | Accept | Refuse | Reject | Heartbeat
+# type tag -> class; decoding dispatches through this table.
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (FeatureHeader, Hello, Challenge, Auth, Accept, Refuse, Reject, Heartbeat)
+}
+# The exact key set of each type, taken from an instance so encoder and decoder cannot drift apart.
+_KEYS: dict[str, frozenset[str]] = {
+    "feature": frozenset(FeatureHeader("x", 0, 0, "uint8", (0,), 0).to_map()),
+    "hello": frozenset(("v", "n")),
+    "challenge": frozenset(("v", "n", "p", "mfb")),
+    "auth": frozenset(("p",)),
+    "accept": frozenset(),
+    "refuse": frozenset(("c", "r")),
+    "reject": frozenset(("rid", "img", "r")),
+    "heartbeat": frozenset(),
+}
+
+
+def encode(message: Message) -> bytes:
+    """The msgpack body of a message, without the length prefix."""
+    return msgpack.packb({"t": message.TYPE, **message.to_map()}, use_bin_type=True)
+
+
+def encode_framed(message: Message) -> bytes:
+    """Length prefix + msgpack body: what goes on a byte stream."""
+    body = encode(message)
+    return LENGTH_PREFIX.pack(len(body)) + body
+
+
+def decode(body: bytes | bytearray | memoryview) -> Message:
+    """Parse one msgpack body; raises ProtocolError on anything but a well-formed known message."""
+    _check(len(body) <= MAX_HEADER_BYTES, f"message of {len(body)} bytes over {MAX_HEADER_BYTES}")
+    try:
+        m = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as error:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable message: {type(error).__name__}") from None
+    _check(type(m) is dict, "message is not a map")
+    kind = m.pop("t", None)
+    _check(type(kind) is str and kind in MESSAGE_TYPES, f"unknown message type {kind!r}")
+    _check(set(m) == _KEYS[kind], f"{kind} message has keys {sorted(map(str, m))}")
+    return MESSAGE_TYPES[kind].from_map(m)
+
+
+def parse_length(prefix: bytes | bytearray | memoryview) -> int:
+    """The body length from a 4-byte prefix, refused when it could not be a header."""
+    _check(len(prefix) == LENGTH_PREFIX.size, "short length prefix")
+    (length,) = LENGTH_PREFIX.unpack(prefix)
+    _check(0 < length <= MAX_HEADER_BYTES, f"header length {length} outside 1..{MAX_HEADER_BYTES}")
+    return length
