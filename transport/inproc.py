@@ -23,7 +23,9 @@ from transport.errors import (
     DuplicateFrameError,
     FrameTooLargeError,
     HandshakeError,
-    PeerLostError, TransportError
+    PeerLostError,
+    TransportError,
+)
 from transport.pool import ReceivePool, RecentKeys
 from transport.wire import FeatureHeader, decode, encode
 

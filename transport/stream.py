@@ -6,6 +6,7 @@ system call, which is what lets the tcp transport move bytes as fast as a bare s
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -93,10 +94,8 @@ def try_send_message(sock: socket.socket, message: Message) -> bool:
 
 def shutdown(sock: socket.socket) -> None:
     """Wake any thread blocked on `sock` (its recv returns 0) without racing its file descriptor."""
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def monotonic() -> float:
