@@ -46,7 +46,7 @@ class TensorSource:
                     self._file_of.update(dict.fromkeys(handle.keys(), file))
         self._handles: dict[Path, object] = {}
 
-    def keys(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
 
     def file_of(self, key: str) -> Path:

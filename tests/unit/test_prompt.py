@@ -1,0 +1,118 @@
+"""Chat prompts: the checkpoint's own template, image placeholders, slots and their expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import CheckpointError, PromptError
+from dvd.prompt import THINKING_SYSTEM_PROMPT, ChatFormat
+from dvd.tokenizer_builder import INTERNVL_SYSTEM_MESSAGE
+
+
+@pytest.fixture(scope="module")
+def hf_chat(tiny_hf: Path) -> ChatFormat:
+    return ChatFormat(open_checkpoint(tiny_hf))
+
+
+@pytest.fixture(scope="module")
+def github_chat(tiny_github: Path) -> ChatFormat:
+    return ChatFormat(open_checkpoint(tiny_github))
+
+
+def _user(content: object) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def test_github_template_is_internvl2_5(github_chat: ChatFormat) -> None:
+    text = github_chat.render(_user("<image>\nWhat is it?"))
+    assert text == (
+        f"<|im_start|>system\n{INTERNVL_SYSTEM_MESSAGE}<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_both_formats_render_the_same_prompt(hf_chat: ChatFormat, github_chat: ChatFormat) -> None:
+    messages = [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And the colour?"},
+    ]
+    assert hf_chat.render(messages) == github_chat.render(messages)
+    assert hf_chat.build(messages, 1) == github_chat.build(messages, 1)
+
+
+def test_one_image_without_placeholder_goes_first(hf_chat: ChatFormat) -> None:
+    prompt = hf_chat.build(_user("Describe."), 1)
+    assert prompt.num_images == 1
+    assert hf_chat.tokenizer.decode(prompt.segments[1]) == "\nDescribe.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_several_images_are_labelled_like_the_model_card(hf_chat: ChatFormat) -> None:
+    prompt = hf_chat.build(_user("Compare."), 2)
+    assert hf_chat.tokenizer.decode(prompt.segments[0]).endswith("<|im_start|>user\nImage-1: ")
+    assert hf_chat.tokenizer.decode(prompt.segments[1]) == "\nImage-2: "
+
+
+def test_content_parts_render_through_the_template(hf_chat: ChatFormat) -> None:
+    parts = [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    assert hf_chat.build(_user(parts), 1) == hf_chat.build(_user("<image>\nWhat is it?"), 1)
+
+
+@pytest.mark.parametrize(("content", "num_images"), [("<image> and <image>", 1), ("<image>", 2), ("<image>", 0)])
+def test_placeholder_count_must_match(hf_chat: ChatFormat, content: str, num_images: int) -> None:
+    with pytest.raises(PromptError, match=f"placeholders but {num_images} images"):
+        hf_chat.build(_user(content), num_images)
+
+
+def test_expansion_uses_the_slot_sizes(hf_chat: ChatFormat) -> None:
+    prompt = hf_chat.build(_user("Image-1: <image>\nImage-2: <image>\nHi"), 2)
+    ids = hf_chat.expand(prompt, [256, 64])
+    assert ids.count(hf_chat.image_context_id) == 320
+    first = ids.index(hf_chat.image_start_id)
+    assert ids[first + 257] == hf_chat.image_end_id
+    assert len(ids) == prompt.num_text_tokens + 320 + 4
+    with pytest.raises(PromptError, match="2 image slots but 1"):
+        hf_chat.expand(prompt, [256])
+
+
+def test_system_message_and_thinking_mode(hf_chat: ChatFormat, github_chat: ChatFormat) -> None:
+    for chat in (hf_chat, github_chat):
+        custom = chat.render([{"role": "system", "content": "Be brief."}, *_user("Hi")])
+        assert custom.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+        assert THINKING_SYSTEM_PROMPT in chat.render(_user("Hi"), thinking=True)
+
+
+@pytest.mark.parametrize(
+    ("messages", "pattern"),
+    [
+        ([], "messages is empty"),
+        ([{"role": "tool", "content": "x"}], "role is 'tool'"),
+        ([{"role": "user", "content": 3}], "string or a list"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], "text or image part"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "last message"),
+        ([{"role": "user", "content": "<IMG_CONTEXT> sneaky"}], "reserved token <IMG_CONTEXT>"),
+    ],
+)
+def test_bad_messages(hf_chat: ChatFormat, messages: list, pattern: str) -> None:
+    with pytest.raises(PromptError, match=pattern):
+        hf_chat.build(messages, 0)
+
+
+def test_stop_tokens_include_the_separator(hf_chat: ChatFormat, github_chat: ChatFormat) -> None:
+    im_end = hf_chat.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in hf_chat.stop_token_ids and im_end in github_chat.stop_token_ids
+
+
+def test_unknown_conversation_template_is_named(tmp_path: Path, tiny_github: Path) -> None:
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_github, tmp_path / "c"))
+    config = json.loads((copy / "config.json").read_text())
+    config["template"] = "vicuna_v1.1"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"vicuna_v1\.1"):
+        ChatFormat(open_checkpoint(copy))
