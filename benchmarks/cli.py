@@ -7,8 +7,10 @@ import importlib
 
 # name -> module with `main(argv: list[str]) -> int`.
 BENCHMARKS: dict[str, str] = {
+    "engine": "benchmarks.engine",
     "memory": "benchmarks.memory",
     "transport": "benchmarks.transport",
+    "vision": "benchmarks.vision",
 }
 
 

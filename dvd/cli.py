@@ -11,6 +11,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pipeline.generate_cmd", "run vision half -> BF16 features -> language half in one process"),
     "make-checkpoint": ("dvd.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
+    "vision": ("vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
+    "language": ("language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
     "bench": ("benchmarks.cli", "run a benchmark and print its figures"),
 }
 
