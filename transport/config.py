@@ -26,6 +26,9 @@ class TransportConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     connect_timeout_s: float = 5.0
+    # Parallel TCP connections a sender may open to one destination: one stream tops out at one
+    # core's copy rate, so concurrent frames are striped over a few (measured: 8 streams 0.7x -> ~1x).
+    connections_per_destination: int = 4
     device: str = "cpu"
     ucx_tls: str = ""
 
@@ -44,6 +47,8 @@ class TransportConfig:
             raise ValueError(
                 f"max_frame_bytes ({self.max_frame_bytes}) exceeds receive_pool_bytes ({self.receive_pool_bytes})"
             )
+        if self.connections_per_destination < 1:
+            raise ValueError("connections_per_destination must be at least 1")
         if self.heartbeat_interval_s <= 0 or self.connect_timeout_s <= 0:
             raise ValueError("heartbeat_interval_s and connect_timeout_s must be positive")
         # Two missed heartbeats at least, so one late beat on a loaded machine is not a death.

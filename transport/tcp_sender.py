@@ -41,7 +41,6 @@ class _Outbound:
         self.peer = peer
         self.max_frame_bytes = max_frame_bytes
         self.loop = asyncio.get_running_loop()
-        self.sent_keys = RecentKeys()
         self.error: TransportError | None = None
         self.num_inflight_bytes = 0
         self._room = asyncio.Condition()
@@ -169,7 +168,9 @@ class TcpSender(Sender):
 
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
-        self._connections: dict[str, _Outbound] = {}
+        # destination -> its live connections; frames go to the least loaded one.
+        self._connections: dict[str, list[_Outbound]] = {}
+        self._sent_keys: collections.defaultdict[str, RecentKeys] = collections.defaultdict(RecentKeys)
         self._connecting: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._closed = False
 
@@ -183,28 +184,35 @@ class TcpSender(Sender):
             # TCP needs host memory in one piece; this is the one copy the tcp path can make.
             tensor = tensor.detach().to("cpu").contiguous()
             self.stats.num_payload_copies += 1
-        if not connection.sent_keys.add(header.key):
+        sent_keys = self._sent_keys[destination]
+        if not sent_keys.add(header.key):
             raise DuplicateFrameError(f"frame {header.key} was already sent to {destination}")
         try:
             await connection.send(header, payload_view(tensor), tensor)
         except BaseException:
-            connection.sent_keys.discard(header.key)  # never delivered: a retry is no duplicate
+            sent_keys.discard(header.key)  # never delivered: a retry is no duplicate
             raise
         self.stats.num_frames += 1
         self.stats.num_bytes += header.nbytes
 
     async def _connection(self, destination: str) -> _Outbound:
+        """The least loaded live connection; a new one while all are busy and there is room for one."""
         async with self._connecting[destination]:
-            connection = self._connections.get(destination)
-            if connection is not None and connection.error is None:
-                return connection
+            live = [c for c in self._connections.get(destination, []) if c.error is None]
+            self._connections[destination] = live
+            idle = min(live, key=lambda c: c.num_inflight_bytes, default=None)
+            if idle is not None and (idle.num_inflight_bytes == 0
+                                     or len(live) >= self.config.connections_per_destination):
+                return idle
             host, port = stream.parse_address(destination, stream.TCP_SCHEME)
-            sock, max_frame_bytes = await asyncio.to_thread(self._connect, host, port, destination)
+            try:
+                sock, max_frame_bytes = await asyncio.to_thread(self._connect, host, port, destination)
+            except PeerLostError:
+                if idle is None:
+                    raise
+                return idle  # the extra connection was only for speed
             connection = _Outbound(self, sock, destination, min(max_frame_bytes, self.config.max_frame_bytes))
-            if self._connections.get(destination) is not None:
-                # A restarted receiver: this is a fresh connection, keep the old one's sent keys.
-                connection.sent_keys = self._connections[destination].sent_keys
-            self._connections[destination] = connection
+            live.append(connection)
             self.stats.num_connections += 1
             return connection
 
@@ -243,7 +251,7 @@ class TcpSender(Sender):
 
     async def close(self) -> None:
         self._closed = True
-        connections = list(self._connections.values())
+        connections = [c for live in self._connections.values() for c in live]
         self._connections.clear()
         for connection in connections:
             connection.fail(PeerLostError("sender closed"))
