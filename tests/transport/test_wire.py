@@ -1,0 +1,87 @@
+"""The wire format: strict parsing, property-tested against truncation and garbage."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transport.errors import ProtocolError
+from transport.wire import (
+    MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
+    Challenge,
+    FeatureHeader,
+    Hello,
+    Refuse,
+    decode,
+    encode,
+    parse_length,
+)
+
+headers = st.builds(
+    lambda rid, img, tpt, dims, crc: FeatureHeader(rid, img, tpt, "bfloat16", tuple(dims),
+                                                    2 * _prod(dims), crc),
+    st.text(min_size=1, max_size=64), st.integers(0, 1000), st.integers(0, 4096),
+    st.lists(st.integers(0, 4096), min_size=1, max_size=3), st.none() | st.integers(0, 0xFFFFFFFF),
+)
+
+
+def _prod(dims: list[int]) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+@given(headers)
+def test_header_round_trips(header: FeatureHeader) -> None:
+    assert decode(encode(header)) == header
+
+
+@given(headers, st.data())
+def test_truncated_header_is_refused(header: FeatureHeader, data: st.DataObject) -> None:
+    body = encode(header)
+    cut = data.draw(st.integers(0, len(body) - 1))
+    with pytest.raises(ProtocolError):
+        decode(body[:cut])
+
+
+@given(st.binary(max_size=512))
+def test_garbage_never_escapes_as_anything_but_protocol_error(garbage: bytes) -> None:
+    try:
+        message = decode(garbage)
+    except ProtocolError:
+        return
+    # Whatever decodes must be a fully valid message (re-encodes to an equal one).
+    assert decode(encode(message)) == message
+
+
+@given(headers, st.sampled_from(["v", "rid", "img", "tpt", "dt", "sh", "nb", "crc"]),
+       st.one_of(st.none(), st.booleans(), st.text(max_size=4), st.integers(-5, 5), st.floats(), st.binary()))
+def test_mutated_field_is_valid_or_refused(header: FeatureHeader, key: str, value: object) -> None:
+    fields = {"t": "feature", **header.to_map(), key: value}
+    try:
+        parsed = decode(msgpack.packb(fields, use_bin_type=True))
+    except ProtocolError:
+        return
+    assert isinstance(parsed, FeatureHeader) and parsed.nbytes == 2 * _prod(list(parsed.shape))
+
+
+def test_other_version_extra_keys_and_bad_sizes_are_refused() -> None:
+    good = FeatureHeader("r", 0, 256, "bfloat16", (256, 8), 4096).to_map()
+    for bad in ({**good, "v": PROTOCOL_VERSION + 1}, {**good, "extra": 1}, {**good, "nb": 4095},
+                {**good, "dt": "float64"}, {**good, "rid": ""}, {**good, "img": True}):
+        with pytest.raises(ProtocolError):
+            decode(msgpack.packb({"t": "feature", **bad}, use_bin_type=True))
+    with pytest.raises(ProtocolError):
+        decode(msgpack.packb({"t": "pickle", "x": 1}))
+    for length in (0, MAX_HEADER_BYTES + 1):
+        with pytest.raises(ProtocolError):
+            parse_length(length.to_bytes(4, "little"))
+
+
+def test_control_messages_round_trip() -> None:
+    for message in (Hello(1, b"n" * 32), Challenge(1, b"m" * 32, None, 10), Refuse("token", "wrong")):
+        assert decode(encode(message)) == message
