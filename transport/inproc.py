@@ -72,7 +72,7 @@ class InprocReceiver(Receiver):
         mine = self.config.token
         if mine is not None and (token is None or not hmac.compare_digest(mine.encode(), token.encode())):
             self.stats.num_refused_handshakes += 1
-            logger.warning("inproc receiver %s refused a sender: %s token", self.address,
+            logger.warning("refused sender (inproc) at %s: %s token", self.address,
                            "missing" if token is None else "wrong")
             raise HandshakeError(f"refused by {self.address}: {'missing' if token is None else 'wrong'} token")
 
@@ -128,7 +128,11 @@ class InprocSender(Sender):
         receiver = self.hub.receivers.get(destination.removeprefix(INPROC_SCHEME))
         if not destination.startswith(INPROC_SCHEME) or receiver is None:
             raise PeerLostError(f"no inproc receiver at {destination}")
-        receiver.check_token(self.config.token)
+        try:
+            receiver.check_token(self.config.token)
+        except HandshakeError as error:
+            logger.error("receiver %s refused this sender: %s", destination, error)
+            raise
         # Round-trip the header through its wire form, so inproc validates exactly what tcp would.
         wire_header = decode(encode(header))
         assert isinstance(wire_header, FeatureHeader)

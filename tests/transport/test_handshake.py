@@ -1,0 +1,65 @@
+"""The handshake: wrong or missing token, or another version, refused and logged on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+import torch
+
+from tests.transport.conftest import KINDS, config, pair, run, wait_until
+from transport import HandshakeError, header_for
+from transport.stream import parse_address, read_message, send_message
+from transport.wire import PROTOCOL_VERSION, Hello, Refuse
+
+NETWORKED = [k for k in KINDS if getattr(k, "values", (k,))[0] != "inproc"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("token", ["wrong-token", None])
+def test_wrong_or_missing_token_refused(kind: str, token: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with pair(kind, sender_config=config(kind, token=token)) as (sender, receiver):
+            tensor = torch.ones(4, dtype=torch.bfloat16)
+            with pytest.raises(HandshakeError):
+                await sender.send(receiver.address, header_for("r", 0, 1, tensor), tensor)
+            # The receiver counts it on its own thread or task: wait for it, do not assume it.
+            await wait_until(lambda: receiver.stats.num_refused_handshakes == 1, what="refusal counted")
+    with caplog.at_level(logging.INFO):
+        run(main())
+    # Both sides say why: the receiver warns, the sender logs an error; both name the token.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("token" in line for line in warnings), warnings
+    assert any("token" in line for line in errors), errors
+    assert "test-token" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", NETWORKED)
+def test_sender_refuses_receiver_without_token(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with pair(kind, receiver_config=config(kind, token=None)) as (sender, receiver):
+            tensor = torch.ones(4, dtype=torch.bfloat16)
+            with pytest.raises(HandshakeError):
+                await sender.send(receiver.address, header_for("r", 0, 1, tensor), tensor)
+    run(main())
+    assert any("refusing receiver" in r.getMessage() for r in caplog.records)
+
+
+def test_other_protocol_version_refused(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with pair("tcp") as (_sender, receiver):
+            host, port = parse_address(receiver.address, "tcp://")
+
+            def talk() -> object:  # blocking, so on a thread: the receiver's loop must keep running
+                with socket.create_connection((host, port), timeout=5) as sock:
+                    send_message(sock, Hello(PROTOCOL_VERSION + 1, b"n" * 32))
+                    return read_message(sock)
+
+            reply = await asyncio.to_thread(talk)
+            assert isinstance(reply, Refuse) and reply.code == "version"
+            assert str(PROTOCOL_VERSION + 1) in reply.reason
+    run(main())
+    assert any("refused sender" in r.getMessage() and "protocol version" in r.getMessage() for r in caplog.records)
