@@ -42,3 +42,21 @@ class PromptTooLongError(DvdError):
         super().__init__(f"prompt is {num_tokens} tokens, longer than the context limit of {limit}")
         self.num_tokens = num_tokens
         self.limit = limit
+
+
+class UnavailableError(DvdError):
+    """No healthy replica can take the request now (starting, draining, or every replica down)."""
+
+    http_status = 503
+
+
+class OverloadedError(DvdError):
+    """The server is at its concurrency limit; the client should retry later."""
+
+    http_status = 429
+
+
+class DeadlineExceededError(DvdError):
+    """A request ran past its deadline (for example, its features never arrived)."""
+
+    http_status = 504
