@@ -31,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)  # the engine honours these; `generate` refuses
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +44,9 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be >= 0, got {self.stop_token_ids}"),
+            (all(self.stop_strings), "stop_strings must not contain an empty string"),
+            (self.seed is None or 0 <= self.seed < 1 << 63, f"seed must be in [0, 2**63), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,6 +136,8 @@ class LanguageHalf:
         """One request, start to finish; returns the new token ids (stop token included if hit)."""
         if not input_ids:
             raise InvalidRequestError("prompt is empty")
+        if sampling.stop_strings:
+            raise InvalidRequestError("stop strings are honoured by the serving engine, not by one-request generate")
         limit = self.context_limit
         if len(input_ids) >= limit:
             raise PromptTooLongError(len(input_ids), limit)

@@ -1,0 +1,183 @@
+"""`dvd bench engine`: the language engine's output tokens/s at several concurrencies, TTFT and TPOT,
+beside transformers' `generate` one request at a time (the model card's path) in the same run.
+
+Prompts are random token ids of `--prompt-min`..`--prompt-max` tokens; every request produces exactly
+`--new-tokens` tokens (min = max), so both sides do the same work. At concurrency c the engine keeps c
+requests in flight (closed loop) over max(c, --min-requests) requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.checkpoints import default_cache_dir, ensure_checkpoint
+from language_server.config import EngineConfig
+from language_server.engine import Engine
+from language_server.model import LanguageHalf, SamplingParams
+from language_server.request import EngineRequest
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    preset: str
+    cache_dir: Path
+    concurrency: tuple[int, ...]
+    new_tokens: int
+    prompt_min: int
+    prompt_max: int
+    min_requests: int
+    baseline_requests: int
+    threads: int
+    dtype: str
+    block_size: int
+    max_batch_tokens: int
+    seed: int
+    as_json: bool
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError("--concurrency needs positive integers")
+        if not 1 <= self.prompt_min <= self.prompt_max:
+            raise ValueError("need 1 <= --prompt-min <= --prompt-max")
+        if self.new_tokens < 2 or self.baseline_requests < 1 or self.threads < 1:
+            raise ValueError("--new-tokens must be >= 2, --baseline-requests and --threads >= 1")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def _prompts(config: BenchConfig, count: int, vocab: int, salt: int) -> list[list[int]]:
+    rng = random.Random(config.seed * 1000 + salt)
+    return [[rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(config.prompt_min, config.prompt_max))]
+            for _ in range(count)]
+
+
+def _latency_summary(ttft: list[float], tpot: list[float]) -> dict[str, float]:
+    return {"ttft_p50_ms": _percentile(ttft, 50) * 1e3, "ttft_p99_ms": _percentile(ttft, 99) * 1e3,
+            "tpot_p50_ms": _percentile(tpot, 50) * 1e3, "tpot_p99_ms": _percentile(tpot, 99) * 1e3}
+
+
+def run_baseline(language: LanguageHalf, config: BenchConfig) -> dict[str, float]:
+    """transformers' `generate`, one request after another."""
+    sampling = SamplingParams(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
+    prompts = _prompts(config, config.baseline_requests, language.vocab_size, salt=0)
+    ttft, tpot, total = [], [], 0
+    start = time.perf_counter()
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        language.generate(prompt, -1, None, SamplingParams(max_new_tokens=1))  # prefill alone: its TTFT
+        t1 = time.perf_counter()
+        out = language.generate(prompt, -1, None, sampling)
+        t2 = time.perf_counter()
+        total += len(out)
+        ttft.append(t1 - t0)
+        tpot.append((t2 - t1 - (t1 - t0)) / (len(out) - 1))
+    # The prefill-only call is not part of the throughput: subtract it.
+    wall = time.perf_counter() - start - sum(ttft)
+    return {"requests": len(prompts), "output_tokens": total, "wall_s": wall, "tokens_per_s": total / wall,
+            **_latency_summary(ttft, tpot)}
+
+
+def run_engine(engine: Engine, config: BenchConfig, concurrency: int) -> dict[str, float]:
+    count = max(concurrency, config.min_requests)
+    prompts = _prompts(config, count, engine.vocab_size, salt=concurrency)
+    sampling = SamplingParams(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
+    submitted: dict[str, float] = {}
+    first: dict[str, float] = {}
+    ttft, tpot, total = [], [], 0
+    start = time.perf_counter()
+    steps0 = engine.stats.num_steps
+    while prompts or engine.has_work:
+        while prompts and len(submitted) - len(ttft) < concurrency:
+            rid = f"c{concurrency}-{len(submitted)}"
+            submitted[rid] = time.perf_counter()
+            engine.add(EngineRequest(rid, prompts.pop(), sampling))
+        for out in engine.step():
+            now = time.perf_counter()
+            total += len(out.new_token_ids)
+            first.setdefault(out.request_id, now)
+            if out.finished:
+                ttft.append(first[out.request_id] - submitted[out.request_id])
+                tpot.append((now - first[out.request_id]) / max(1, out.num_output_tokens - 1))
+    wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": count, "output_tokens": total, "wall_s": wall,
+            "tokens_per_s": total / wall, "steps": engine.stats.num_steps - steps0, **_latency_summary(ttft, tpot)}
+
+
+def parse(argv: list[str]) -> BenchConfig:
+    parser = argparse.ArgumentParser(prog="dvd bench engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="internvl3_5-1b-shaped", help="make-checkpoint preset to benchmark")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where checkpoints are built and kept")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent request counts")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-min", type=int, default=32)
+    parser.add_argument("--prompt-max", type=int, default=92)
+    parser.add_argument("--min-requests", type=int, default=4, help="requests per concurrency level at least")
+    parser.add_argument("--baseline-requests", type=int, default=4, help="requests for the one-at-a-time baseline")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--max-batch-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    return BenchConfig(
+        preset=args.preset, cache_dir=args.cache_dir or default_cache_dir(),
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")), new_tokens=args.new_tokens,
+        prompt_min=args.prompt_min, prompt_max=args.prompt_max, min_requests=args.min_requests,
+        baseline_requests=args.baseline_requests, threads=args.threads, dtype=args.dtype,
+        block_size=args.block_size, max_batch_tokens=args.max_batch_tokens, seed=args.seed, as_json=args.as_json,
+    )
+
+
+def main(argv: list[str]) -> int:
+    config = parse(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(config.threads)
+    path = ensure_checkpoint(config.preset, cache_dir=config.cache_dir)
+    t0 = time.perf_counter()
+    language = LanguageHalf.from_checkpoint(path, dtype=DTYPES[config.dtype])
+    load_s = time.perf_counter() - t0
+    per_request = config.prompt_max + config.new_tokens
+    blocks = -(-per_request // config.block_size) * max(config.concurrency) + 1
+    engine_config = EngineConfig(block_size=config.block_size, num_blocks=blocks,
+                                 max_batch_tokens=config.max_batch_tokens,
+                                 max_running_requests=max(config.concurrency))
+    engine = Engine(language, engine_config)
+    say = (lambda *a: None) if config.as_json else print
+    say(f"loaded {path.name} ({config.dtype}) in {load_s:.1f}s; KV cache {engine.cache.nbytes / 2**20:.0f} MiB")
+    engine.add(EngineRequest("warmup", [1000] * 8, SamplingParams(max_new_tokens=2)))
+    engine.run_until_done()
+    baseline = run_baseline(language, config)
+    say(f"transformers generate, one at a time: {baseline['tokens_per_s']:.2f} tok/s")
+    levels = []
+    for c in config.concurrency:
+        levels.append(run_engine(engine, config, c))
+        r = levels[-1]
+        say(f"engine c={c:3d}: {r['tokens_per_s']:7.2f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.0f} ms "
+            f"p99 {r['ttft_p99_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.0f} ms p99 {r['tpot_p99_ms']:6.0f} ms")
+    at16 = next((r["tokens_per_s"] for r in levels if r["concurrency"] == 16), None)
+    result = {
+        "model": config.preset, "dtype": config.dtype, "threads": config.threads,
+        "engine_config": asdict(engine_config), "hf_generate_one_at_a_time": baseline, "engine": levels,
+        "speedup_vs_hf_at_16": None if at16 is None else at16 / baseline["tokens_per_s"],
+    }
+    if config.as_json:
+        print(json.dumps(result, indent=2, default=str))
+    elif at16 is not None:
+        print(f"speedup vs transformers generate at 16 concurrent: {result['speedup_vs_hf_at_16']:.2f}x")
+    return 0

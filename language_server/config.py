@@ -1,0 +1,44 @@
+"""The engine's one frozen configuration, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the continuous-batching engine sizes its KV cache and its batches.
+
+    `num_blocks` x `block_size` tokens is the KV capacity of the whole engine (every running request's
+    prompt and output together). `max_batch_tokens` bounds the tokens one forward pass computes
+    (decode tokens first, then prefill chunks fill what is left), which bounds activation memory and
+    keeps decode steps short while long prompts are being prefilled.
+    """
+
+    block_size: int = 32
+    num_blocks: int = 512
+    max_batch_tokens: int = 512
+    max_running_requests: int = 64
+    max_queued_requests: int = 1024
+    # Stop strings are searched in the text of this many trailing tokens (enough for any stop string
+    # shorter than about this many tokens), so the check costs the same at every length.
+    stop_string_window_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
+            (self.num_blocks >= 2, f"num_blocks must be >= 2, got {self.num_blocks}"),
+            (self.max_batch_tokens >= 1, f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}"),
+            (self.max_running_requests >= 1, f"max_running_requests must be >= 1, got {self.max_running_requests}"),
+            (self.max_queued_requests >= 1, f"max_queued_requests must be >= 1, got {self.max_queued_requests}"),
+            (self.stop_string_window_tokens >= 1, "stop_string_window_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_size * self.num_blocks

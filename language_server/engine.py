@@ -1,0 +1,179 @@
+"""The continuous-batching engine: `step()` = schedule, execute, postprocess.
+
+Thread model: `add` and `abort` may be called from any thread; they only validate and queue a
+command. `step` (one thread only, the engine loop) applies queued commands first, so an abort frees
+the request's KV blocks and features before the next forward pass.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from dvd.errors import InvalidRequestError, PromptTooLongError
+from language_server.config import EngineConfig
+from language_server.kv_cache import PagedKVCache
+from language_server.model import LanguageHalf
+from language_server.request import EngineRequest, FinishReason, RequestOutput
+from language_server.runner import ModelRunner
+from language_server.sampling import sample
+from language_server.scheduler import Scheduler
+
+
+class KVCapacityError(InvalidRequestError):
+    """A request could never fit the KV cache, even alone."""
+
+
+@dataclass
+class EngineStats:
+    num_requests_added: int = 0
+    num_requests_finished: int = 0
+    num_requests_aborted: int = 0
+    num_steps: int = 0
+    num_batch_tokens: int = 0  # tokens run through the model: prompts, recomputes and decodes
+    num_output_tokens: int = 0
+    num_preemptions: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks: int = 0
+    num_kv_blocks_used: int = 0
+    num_feature_bytes_held: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
+class Engine:
+    def __init__(self, language: LanguageHalf, config: EngineConfig, decode: Callable[[list[int]], str] | None = None):
+        """`decode` turns token ids into text; needed only for stop strings."""
+        self.language = language
+        self.config = config
+        text = language.model.config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.cache = PagedKVCache(config, text.num_hidden_layers, text.num_key_value_heads, head_dim,
+                                  language.dtype, language.device)
+        self.scheduler = Scheduler(config, self.cache)
+        self.runner = ModelRunner(language, self.cache)
+        self.decode = decode
+        self.context_limit = language.context_limit
+        self.vocab_size = language.vocab_size
+        self.requests: dict[str, EngineRequest] = {}
+        self.stats = EngineStats(num_kv_blocks=config.num_blocks)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    # --- any thread -----------------------------------------------------------------------------
+    def add(self, request: EngineRequest) -> None:
+        """Validate and queue; raises InvalidRequestError (or a subclass) for a request that cannot run."""
+        self.validate(request.prompt_ids, request.sampling.max_new_tokens)
+        if request.sampling.stop_strings and self.decode is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine was built without one")
+        self._inbox.put(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.context_limit:
+            raise PromptTooLongError(len(prompt_ids), self.context_limit)
+        # Output stops at the context's end anyway, so the most one request can hold is bounded by it too.
+        tokens = min(len(prompt_ids) + max_new_tokens, self.context_limit)
+        if self.cache.blocks_needed(tokens) > self.config.num_blocks:
+            raise KVCapacityError(f"request needs up to {tokens} tokens of KV cache; the engine holds "
+                                  f"{self.config.kv_capacity_tokens} ({self.config.num_blocks} blocks)")
+
+    # --- the engine thread ----------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests) or not self._inbox.empty()
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        outputs = self._apply_commands()
+        batch = self.scheduler.schedule()
+        if batch.requests:
+            logits = self.runner.execute(batch)
+            sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
+            outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, sample(sampled, logits))
+        self._update_stats(batch.total_tokens)
+        return outputs
+
+    def run_until_done(self) -> dict[str, list[RequestOutput]]:
+        """Steps until every request finished; outputs per request id (for tests and benchmarks)."""
+        done: dict[str, list[RequestOutput]] = {}
+        while self.has_work:
+            for output in self.step():
+                done.setdefault(output.request_id, []).append(output)
+        return done
+
+    def _apply_commands(self) -> list[RequestOutput]:
+        outputs = []
+        while not self._inbox.empty():
+            kind, item = self._inbox.get()
+            if kind == "add":
+                self.requests[item.request_id] = item
+                self.scheduler.add(item)
+                self.stats.num_requests_added += 1
+            elif item in self.requests:
+                self.stats.num_requests_aborted += 1
+                outputs.append(self._finish(self.requests[item], FinishReason.ABORTED))
+        return outputs
+
+    def _postprocess(self, scheduled: list[EngineRequest], num_tokens: list[int], sampled: list[EngineRequest],
+                     tokens: list[int]) -> list[RequestOutput]:
+        for request, n in zip(scheduled, num_tokens, strict=True):
+            request.num_computed += n
+        outputs = []
+        now = time.perf_counter()
+        for request, token in zip(sampled, tokens, strict=True):
+            request.token_ids.append(token)
+            request.first_token_time = request.first_token_time or now
+            self.stats.num_output_tokens += 1
+            reason = self._finish_reason(request, token)
+            if reason is None:
+                outputs.append(RequestOutput(request.request_id, (token,), False))
+            else:
+                outputs.append(self._finish(request, reason, (token,)))
+        return outputs
+
+    def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
+        s = request.sampling
+        if request.num_output >= s.min_new_tokens:
+            if token in s.stop_token_ids:
+                return FinishReason.STOP_TOKEN
+            if s.stop_strings and self.decode is not None:
+                tail = self.decode(request.output_ids[-self.config.stop_string_window_tokens:])
+                if any(stop in tail for stop in s.stop_strings):
+                    return FinishReason.STOP_STRING
+        if request.num_output >= s.max_new_tokens or len(request.token_ids) >= self.context_limit:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: EngineRequest, reason: FinishReason, new: tuple[int, ...] = (),
+                error: str | None = None) -> RequestOutput:
+        self.scheduler.finish(request)
+        request.finish_reason, request.error = reason, error
+        request.images = []  # drop the features now: their bytes go back to the receive pool
+        del self.requests[request.request_id]
+        self.stats.num_requests_finished += 1
+        return RequestOutput(request.request_id, new, True, reason, error, request.num_prompt, request.num_output)
+
+    def _update_stats(self, num_batch_tokens: int) -> None:
+        s = self.stats
+        s.num_steps += 1
+        s.num_batch_tokens += num_batch_tokens
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
+        s.num_kv_blocks_used = self.cache.allocator.num_used
+        s.num_feature_bytes_held = sum(f.numel() * f.element_size() for r in self.requests.values()
+                                       for _, f in r.images)
+
