@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.checkpoints import default_cache_dir, ensure_checkpoint
+from dvd.checkpoint_cache import default_cache_dir, ensure_checkpoint
 from language_server.config import EngineConfig
 from language_server.engine import Engine
 from language_server.model import LanguageHalf, SamplingParams
