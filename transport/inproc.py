@@ -131,7 +131,7 @@ class InprocSender(Sender):
         try:
             receiver.check_token(self.config.token)
         except HandshakeError as error:
-            logger.error("receiver %s refused this sender: %s", destination, error)
+            logger.error("receiver %s refused this sender: %s", destination, str(error))
             raise
         # Round-trip the header through its wire form, so inproc validates exactly what tcp would.
         wire_header = decode(encode(header))

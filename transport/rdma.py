@@ -132,10 +132,10 @@ class RdmaReceiver(Receiver):
                     raise ProtocolError(f"unexpected {type(message).__name__} in the data phase")
         except (PeerLostError, PoolClosedError) as error:
             if not self.closing:
-                logger.info("sender %s gone: %s", peer, error)
+                logger.info("sender %s gone: %s", peer, str(error))
         except ProtocolError as error:
             self.stats.num_dropped_connections += 1
-            logger.warning("dropping connection from %s: %s", peer, error)
+            logger.warning("dropping connection from %s: %s", peer, str(error))
         finally:
             if beat is not None:
                 beat.cancel()
@@ -289,7 +289,7 @@ class _Endpoint:
                     raise ProtocolError(f"unexpected {type(message).__name__} from receiver")
         except TransportError as error:
             if self.error is None:
-                logger.warning("receiver %s lost: %s", self.peer, error)
+                logger.warning("receiver %s lost: %s", self.peer, str(error))
             self.fail(error)
 
     async def close(self) -> None:

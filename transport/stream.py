@@ -41,7 +41,8 @@ def read_into(sock: socket.socket, view: memoryview, on_progress: Callable[[], N
         try:
             received = sock.recv_into(view)
         except OSError as error:
-            raise PeerLostError(f"connection lost: {error}") from None
+            where = " mid-message" if view.nbytes != total else ""
+            raise PeerLostError(f"connection lost{where}: {error}") from None
         if not received:
             raise PeerLostError("connection closed" if view.nbytes == total else "connection closed mid-message")
         view = view[received:]

@@ -67,13 +67,15 @@ class _Inbound:
                     raise ProtocolError(f"unexpected {type(message).__name__} in the data phase")
         except PeerLostError as error:
             if not receiver.closing:
-                logger.info("sender %s gone: %s", self.peer, error)
+                logger.info("sender %s gone: %s", self.peer, str(error))
         except PoolClosedError:
             pass
+        # Log the message, never the exception object: a kept log record would pin its traceback,
+        # and with it the frame's pool buffer.
         except (ProtocolError, TimeoutError, OSError) as error:
             if not receiver.closing:
                 receiver.stats.num_dropped_connections += 1
-                logger.warning("dropping connection from %s: %s", self.peer, error)
+                logger.warning("dropping connection from %s: %s", self.peer, str(error))
                 with contextlib.suppress(ProtocolError):
                     self.control(Refuse("protocol", str(error)[:1000]))
         finally:
