@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-checkpoint": ("dvd.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
     "vision": ("vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
     "language": ("language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
+    "serve": ("pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
+    "client": ("pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
     "bench": ("benchmarks.cli", "run a benchmark and print its figures"),
 }
 

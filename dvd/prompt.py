@@ -196,4 +196,4 @@ class ChatFormat:
         return prompt.expand(tokens_per_image, self.image_start_id, self.image_context_id, self.image_end_id)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=False)
+        return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=True)

@@ -43,7 +43,7 @@ def pipelines(tiny_hf: Path) -> dict[str, LocalPipeline]:
     return {"fp32": LocalPipeline(tiny_hf, wire_dtype=None), "bf16": LocalPipeline(tiny_hf)}
 
 
-def _reference(model: InternVLForConditionalGeneration, pipe: LocalPipeline, input_ids: list[int],
+def monolithic_reference(model: InternVLForConditionalGeneration, pipe: LocalPipeline, input_ids: list[int],
                images: list[bytes], bf16: bool) -> list[int]:
     ids = torch.tensor([input_ids])
     kwargs: dict = {}
@@ -73,7 +73,7 @@ def test_split_equals_monolithic(wire: str, pipelines: dict[str, LocalPipeline],
     for name, (messages, specs) in CASES.items():
         images = [encode(photo_like(w, h, seed)) for w, h, seed in specs]
         result = pipe.generate(messages, images, sampling)
-        expected = _reference(monolithic, pipe, result.prompt_token_ids, images, bf16=wire == "bf16")
+        expected = monolithic_reference(monolithic, pipe, result.prompt_token_ids, images, bf16=wire == "bf16")
         assert result.token_ids == expected, name
         outputs[name] = tuple(result.token_ids)
     # the comparison proves something only if the outputs depend on the input

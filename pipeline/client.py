@@ -1,0 +1,77 @@
+"""A Python client for the gateway's gRPC API (`dvd.v1.Generation`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from proto.dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMessage:
+    """`content`: text, or parts: str (text), bytes (an encoded image) or {"type": "text"/"image", ...}."""
+    parts = [content] if isinstance(content, str) else list(content)
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(generation_pb2.ContentPart(text=part))
+        elif isinstance(part, bytes):
+            out.append(generation_pb2.ContentPart(image=part))
+        elif part.get("type") == "text":
+            out.append(generation_pb2.ContentPart(text=part["text"]))
+        else:
+            out.append(generation_pb2.ContentPart(image=part["data"]))
+    return generation_pb2.ChatMessage(role=role, content=out)
+
+
+class GenerationClient:
+    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20)])
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self) -> common_pb2.HealthResponse:
+        return self.stub.Health(common_pb2.HealthRequest(), timeout=self.timeout_s)
+
+    def stream(self, messages: Sequence[dict[str, Any]], model: str = "", max_num: int = 0, thinking: bool = False,
+               **sampling: Any) -> Iterator[generation_pb2.GenerateResponse]:
+        """Stream responses; `sampling` takes the `dvd.v1.Sampling` fields (max_new_tokens, temperature, ...)."""
+        request = generation_pb2.GenerateRequest(
+            model=model, messages=[_message(m["role"], m["content"]) for m in messages],
+            sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking)
+        return self.stub.Generate(request, timeout=self.timeout_s)
+
+    def complete(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Completion:
+        out = Completion()
+        for response in self.stream(messages, **kwargs):
+            out.text += response.text
+            out.token_ids += list(response.token_ids)
+            if response.finish_reason:
+                out.finish_reason = response.finish_reason
+                t = response.timings
+                out.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
+                                  "prefill": t.prefill_ms, "decode": t.decode_ms}
+                out.prompt_tokens, out.completion_tokens = response.prompt_tokens, response.completion_tokens
+        return out

@@ -1,0 +1,74 @@
+"""Send one chat request to a running `dvd serve` over gRPC and print the answer as it streams.
+
+Example: dvd client --image cat.jpg --prompt "Describe the image." --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:50051", help="gateway gRPC address (default 127.0.0.1:50051)")
+    parser.add_argument("--prompt", required=True, help="the user's message; <image> marks where an image goes")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
+    parser.add_argument("--system", help="system message")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pipeline.client import Completion, GenerationClient
+
+    try:
+        images = [Path(name).read_bytes() for name in args.image]
+    except OSError as exc:
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    # with placeholders, images go where they are; without, before the text (as the model card does)
+    pieces = args.prompt.split("<image>")
+    if len(pieces) > 1:
+        if len(pieces) - 1 != len(images):
+            print(f"error: the prompt has {len(pieces) - 1} <image> placeholders but {len(images)} images",
+                  file=sys.stderr)
+            return 2
+        content: list = [x for i, piece in enumerate(pieces) for x in ((images[i - 1],) if i else ()) + (piece,)]
+    else:
+        content = [*images, args.prompt]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": content}]
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    out = Completion()
+    try:
+        with GenerationClient(args.address, timeout_s=args.timeout) as client:
+            for response in client.stream(messages, **sampling):
+                out.text += response.text
+                out.token_ids += list(response.token_ids)
+                if not args.json:
+                    print(response.text, end="", flush=True)
+                if response.finish_reason:
+                    out.finish_reason = response.finish_reason
+                    t = response.timings
+                    out.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
+                                      "prefill": t.prefill_ms, "decode": t.decode_ms}
+    except grpc.RpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out.__dict__, ensure_ascii=False))
+    else:
+        print()
+        print(f"[{out.finish_reason}] " + "  ".join(f"{k} {v:.1f} ms" for k, v in out.timings_ms.items()),
+              file=sys.stderr)
+    return 0

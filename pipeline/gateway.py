@@ -1,0 +1,76 @@
+"""The gateway process: one backend behind the OpenAI HTTP API and the gRPC client API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from aiohttp import web
+
+from pipeline.backends.base import Backend
+from pipeline.grpc_frontend import GenerationService
+from pipeline.http_app import OpenAIFrontend
+from pipeline.openai_parse import ApiLimits
+from proto.dvd.v1 import generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    max_concurrency: int = 64
+    limits: ApiLimits = field(default_factory=ApiLimits)
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be a TCP port (0-65535), got {getattr(self, name)}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+
+
+class Gateway:
+    """Starts the frontends over a started backend; `serve_forever` runs until SIGINT/SIGTERM."""
+
+    def __init__(self, config: GatewayConfig, backend: Backend) -> None:
+        self.config = config
+        self.backend = backend
+        self.frontend = OpenAIFrontend(backend, config.limits, config.max_concurrency)
+        self._runner: web.AppRunner | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.http_port = config.http_port
+        self.grpc_port = config.grpc_port
+
+    async def start(self) -> None:
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts the request
+        self._runner = web.AppRunner(self.frontend.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+        self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
+        generation_pb2_grpc.add_GenerationServicer_to_server(
+            GenerationService(self.backend, self.config.limits, self.frontend, self.config.max_concurrency),
+            self._grpc)
+        self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        await self._grpc.start()
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=5)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def serve_forever(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.warning("shutting down")

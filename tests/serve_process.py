@@ -1,0 +1,75 @@
+"""Start `dvd serve` as a real process for tests, read where it listens, and stop it and every
+process it started, checking that none is left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+
+_LISTEN = re.compile(r"OpenAI API at http://([\d.]+):(\d+)/v1, gRPC at ([\d.]+):(\d+)")
+
+
+class ServeProcess:
+    def __init__(self, *args: str, ready_timeout_s: float = 240.0) -> None:
+        self.args = ["serve", "--port", "0", "--grpc-port", "0", *args]
+        self.ready_timeout_s = ready_timeout_s
+        self.lines: list[str] = []
+        self.http_url = ""
+        self.grpc_address = ""
+        self._ready = threading.Event()
+
+    def __enter__(self) -> ServeProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "dvd", *self.args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).parents[1])
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(self.ready_timeout_s) or self.proc.poll() is not None:
+            output = "".join(self.lines)
+            self.__exit__()
+            raise RuntimeError(f"dvd serve did not become ready:\n{output}")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = _LISTEN.search(line)
+            if match:
+                self.http_url = f"http://{match[1]}:{match[2]}"
+                self.grpc_address = f"{match[3]}:{match[4]}"
+            if line.strip() == "dvd serve: ready":
+                self._ready.set()
+        self._ready.set()  # the process ended: wake whoever waits
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def __exit__(self, *exc: object) -> None:
+        children = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        for child in alive:
+            child.kill()
+        self._reader.join(timeout=10)
+        self.leftover_children = alive
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
