@@ -69,15 +69,21 @@ def paged_attention_forward(
     out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
     if meta.decode_rows is not None:
         q = query[0, :, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-        k = k_cache[meta.decode_slots].transpose(1, 2)  # [B, kv_heads, L, d]
-        v = v_cache[meta.decode_slots].transpose(1, 2)
+        shape = (*meta.decode_slots.shape, *k_cache.shape[1:])  # [B, L, kv_heads, d]
+        flat = meta.decode_slots.reshape(-1)
+        # index_select over the flat slot axis: one contiguous gather, cheaper than advanced indexing
+        k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)
+        v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling,
                                                              enable_gqa=gqa)
         out[meta.decode_rows] = o.squeeze(2)
     for seg in meta.prefills:
         q = query[:, :, seg.start:seg.end]
-        k = k_cache[seg.slots].transpose(0, 1).unsqueeze(0)
-        v = v_cache[seg.slots].transpose(0, 1).unsqueeze(0)
+        if seg.mask is None:  # no past: the chunk's own keys are the whole context, no gather needed
+            k, v = key[:, :, seg.start:seg.end], value[:, :, seg.start:seg.end]
+        else:
+            k = k_cache.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
+            v = v_cache.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, scale=scaling,
                                                              is_causal=seg.mask is None, enable_gqa=gqa)
         out[seg.start:seg.end] = o[0].transpose(0, 1)

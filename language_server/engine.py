@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dvd.errors import InvalidRequestError, PromptTooLongError
+from dvd.errors import DvdError, InvalidRequestError, PromptTooLongError
 from language_server.config import EngineConfig
 from language_server.kv_cache import PagedKVCache
 from language_server.model import LanguageHalf
@@ -25,8 +25,10 @@ from language_server.sampling import sample
 from language_server.scheduler import Scheduler
 
 
-class KVCapacityError(InvalidRequestError):
+class KVCapacityError(DvdError):
     """A request could never fit the KV cache, even alone."""
+
+    http_status = 413
 
 
 @dataclass
@@ -114,6 +116,11 @@ class Engine:
             for output in self.step():
                 done.setdefault(output.request_id, []).append(output)
         return done
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with an error (after a step raised: the batch state can no longer be trusted)."""
+        outputs = self._apply_commands()
+        return outputs + [self._finish(r, FinishReason.ERROR, error=error) for r in list(self.requests.values())]
 
     def _apply_commands(self) -> list[RequestOutput]:
         outputs = []

@@ -60,11 +60,12 @@ class ModelRunner:
             embeds[0, row:row + rows.shape[0]] = rows.to(dtype=embeds.dtype, device=device)
         meta = PagedAttentionMetadata(
             keys=self.cache.keys, values=self.cache.values,
-            write_slots=torch.tensor(write_slots, device=device), prefills=prefills,
+            write_slots=torch.tensor(write_slots, dtype=torch.long, device=device), prefills=prefills,
             **self._decode_tensors(decode_rows, decode_slots, device),
         )
         out = self.model(inputs_embeds=embeds, position_ids=torch.tensor([positions], device=device),
-                         logits_to_keep=torch.tensor(sample_rows, device=device), use_cache=False, dvd_paged=meta)
+                         logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=device),
+                         use_cache=False, dvd_paged=meta)
         return out.logits[0].float()
 
     @staticmethod

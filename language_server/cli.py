@@ -1,0 +1,63 @@
+"""Serve the language half: `dvd language --model PATH --device cpu|cuda:N --port P --transport tcp|rdma`.
+
+Loads only the LLM (no vision weights); serves the `Language` gRPC service (Generate, Abort, Health,
+Stats) and receives image features on its transport address (printed at start, and in Health).
+Prints `dvd language serving on HOST:PORT features on ADDRESS` once ready. SIGTERM or SIGINT drains
+and exits 0.
+
+Examples:
+  dvd language --model ckpt --port 7200 --transport tcp --transport-port 7300
+  dvd language --model ckpt --device cuda:0 --num-blocks 4096 --max-batch-tokens 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dvd.errors import DvdError
+from language_server.server_config import LanguageServerConfig
+from language_server.server_config import add_arguments as add_config_arguments
+
+logger = logging.getLogger("dvd.language")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+async def serve(config: LanguageServerConfig) -> int:
+    from language_server.service import LanguageServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = LanguageServer(config)
+    await server.start()
+    cache = server.engine.cache
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", config.engine.num_blocks,
+                config.engine.block_size, config.engine.kv_capacity_tokens, cache.nbytes / 2**20)
+    print(f"dvd language serving on {server.address} features on {server.receiver.address}", flush=True)
+    await stop.wait()
+    logger.info("signal received: shutting down")
+    await server.stop()
+    print("dvd language stopped", flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        config = LanguageServerConfig.from_args(args)
+        return asyncio.run(serve(config))
+    except (DvdError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,55 @@
+"""Runs the engine's steps on a thread of its own, so the event loop (gRPC, features) never waits on
+a forward pass, and hands each step's outputs back to the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from language_server.engine import Engine
+from language_server.request import EngineRequest, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop,
+                 deliver: Callable[[list[RequestOutput]], None]) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.deliver = deliver  # called on the event loop's thread
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dvd-language-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def add(self, request: EngineRequest) -> None:
+        self.engine.add(request)  # validates in the caller's thread: errors reach the caller
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if not self.engine.has_work:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # one bad step must not kill the server: fail what was in it
+                logger.exception("engine step failed; failing every request in the engine")
+                outputs = self.engine.fail_all(f"engine step failed: {type(error).__name__}: {error}")
+            if outputs:
+                self.loop.call_soon_threadsafe(self.deliver, outputs)

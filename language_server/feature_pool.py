@@ -1,0 +1,159 @@
+"""Received image features, held by request id until their Generate call takes them.
+
+Frames may come before or after Generate. A request `claim`s its features (saying how many images
+it has) and awaits them; frames that arrive for nobody yet are kept as *orphans* for a while, since
+the vision server and the gateway's Generate race. Memory is bounded: past `max_bytes`, the oldest
+orphans are dropped first; a frame that still does not fit fails its request. Entries of finished,
+aborted or timed-out requests are dropped, and late frames for them are refused on arrival.
+
+Runs on the server's event loop only (no locks): frames come from the transport's async iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from dvd.errors import DvdError, InvalidRequestError
+from transport import Frame
+
+
+class FeaturePoolFullError(DvdError):
+    http_status = 507
+
+
+@dataclass
+class _Entry:
+    frames: dict[int, Frame] = field(default_factory=dict)
+    created: float = field(default_factory=time.monotonic)
+    num_images: int | None = None  # set by claim
+    waiter: asyncio.Future[list[Frame]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.header.nbytes for f in self.frames.values())
+
+
+@dataclass
+class FeaturePoolStats:
+    num_frames_received: int = 0
+    num_frames_refused: int = 0  # late (request already gone), out of range, or no room
+    num_orphans_evicted: int = 0
+    num_requests_completed: int = 0
+    num_requests_timed_out: int = 0
+    num_requests_released: int = 0
+
+
+class FeaturePool:
+    def __init__(self, max_bytes: int, orphan_ttl_s: float, forget_after: int = 4096) -> None:
+        self.max_bytes = max_bytes
+        self.orphan_ttl_s = orphan_ttl_s
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
+        self.stats = FeaturePoolStats()
+        self._gone: OrderedDict[str, None] = OrderedDict()  # recently released ids, to refuse late frames
+        self._forget_after = forget_after
+        self.nbytes = 0
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.entries)
+
+    def put(self, frame: Frame) -> None:
+        """Keep one arrived frame; completes its request's claim when it was the last one missing."""
+        rid, index = frame.header.request_id, frame.header.image_index
+        self.stats.num_frames_received += 1
+        self.evict_expired()
+        entry = self.entries.get(rid)
+        if rid in self._gone or (entry and entry.num_images is not None and index >= entry.num_images):
+            self.stats.num_frames_refused += 1
+            if entry is not None and entry.waiter is not None:
+                self._fail(rid, InvalidRequestError(
+                    f"features for image {index} arrived, but request {rid} has {entry.num_images} images"))
+            return
+        if not self._make_room(frame.header.nbytes, keep=rid):
+            self.stats.num_frames_refused += 1
+            if entry is not None and entry.waiter is not None:
+                self._fail(rid, FeaturePoolFullError(
+                    f"feature pool full ({self.nbytes} of {self.max_bytes} bytes held): no room for request "
+                    f"{rid}'s image {index} ({frame.header.nbytes} bytes)"))
+            return
+        entry = self.entries.setdefault(rid, _Entry())
+        entry.frames[index] = frame
+        self.nbytes += frame.header.nbytes
+        self._complete_if_ready(rid)
+
+    def claim(self, request_id: str, num_images: int) -> asyncio.Future[list[Frame]]:
+        """A future of the request's frames in image order (already done when they all arrived)."""
+        entry = self.entries.setdefault(request_id, _Entry())
+        self._gone.pop(request_id, None)
+        entry.num_images = num_images
+        entry.waiter = asyncio.get_running_loop().create_future()
+        out_of_range = [i for i in entry.frames if i >= num_images]
+        if out_of_range:
+            self._fail(request_id, InvalidRequestError(
+                f"features for image {out_of_range[0]} arrived, but request {request_id} has {num_images} images"))
+        else:
+            self._complete_if_ready(request_id)
+        return entry.waiter
+
+    def missing(self, request_id: str) -> list[int]:
+        entry = self.entries.get(request_id)
+        if entry is None or entry.num_images is None:
+            return []
+        return [i for i in range(entry.num_images) if i not in entry.frames]
+
+    def release(self, request_id: str) -> None:
+        """Forget a request (finished, aborted, timed out): its frames go, and later ones are refused."""
+        entry = self.entries.pop(request_id, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+            self.stats.num_requests_released += 1
+            if entry.waiter is not None and not entry.waiter.done():
+                entry.waiter.cancel()
+        self._gone[request_id] = None
+        while len(self._gone) > self._forget_after:
+            self._gone.popitem(last=False)
+
+    def evict_expired(self) -> None:
+        """Drop orphans (frames nobody claimed) older than the TTL."""
+        deadline = time.monotonic() - self.orphan_ttl_s
+        for rid in [r for r, e in self.entries.items() if e.waiter is None and e.created < deadline]:
+            self._drop_orphan(rid)
+
+    def _make_room(self, nbytes: int, keep: str) -> bool:
+        for rid in [r for r, e in self.entries.items() if e.waiter is None and r != keep]:
+            if self.nbytes + nbytes <= self.max_bytes:
+                break
+            self._drop_orphan(rid)
+        return self.nbytes + nbytes <= self.max_bytes
+
+    def _drop_orphan(self, rid: str) -> None:
+        entry = self.entries.pop(rid)
+        self.nbytes -= entry.nbytes
+        self.stats.num_orphans_evicted += 1
+
+    def _complete_if_ready(self, rid: str) -> None:
+        entry = self.entries[rid]
+        if entry.waiter is None or entry.waiter.done() or entry.num_images is None:
+            return
+        if len(entry.frames) == entry.num_images:
+            # Handed over: from here the frames are the engine's to hold and drop.
+            self.entries.pop(rid)
+            self.nbytes -= entry.nbytes
+            self.stats.num_requests_completed += 1
+            entry.waiter.set_result([entry.frames[i] for i in range(entry.num_images)])
+
+    def fail(self, rid: str, error: Exception) -> None:
+        """End a claim with `error` (its Generate raises it) and drop the request's frames."""
+        self._fail(rid, error)
+
+    def _fail(self, rid: str, error: Exception) -> None:
+        entry = self.entries.pop(rid, None)
+        if entry is None:
+            return
+        self.nbytes -= entry.nbytes
+        if entry.waiter is not None and not entry.waiter.done():
+            entry.waiter.set_exception(error)
+        self._gone[rid] = None

@@ -1,0 +1,82 @@
+"""The language server process's one frozen configuration, built from CLI flags and validated once."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from language_server.config import EngineConfig
+
+MiB = 1 << 20
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LanguageServerConfig:
+    model: Path
+    device: str = "cpu"
+    dtype: str = ""  # "" = float32 on cpu, bfloat16 elsewhere
+    host: str = "127.0.0.1"
+    port: int = 0
+    transport_kind: str = "tcp"
+    transport_port: int = 0
+    token: str | None = None
+    feature_pool_bytes: int = 512 * MiB
+    features_timeout_s: float = 30.0  # default wait for a request's features
+    orphan_ttl_s: float = 60.0  # how long features nobody asked for are kept
+    drain_timeout_s: float = 30.0
+    max_message_bytes: int = 64 * MiB
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if not 0 <= self.port <= 65535 or not 0 <= self.transport_port <= 65535:
+            raise ValueError("ports must be in 0..65535")
+        for name in ("feature_pool_bytes", "features_timeout_s", "orphan_ttl_s", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype or ("float32" if self.device == "cpu" else "bfloat16")]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LanguageServerConfig:
+        engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                              max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running,
+                              max_queued_requests=args.max_queued)
+        return cls(
+            model=Path(args.model), device=args.device, dtype=args.dtype or "", host=args.host, port=args.port,
+            transport_kind=args.transport, transport_port=args.transport_port, token=args.token,
+            feature_pool_bytes=int(args.feature_pool_mib * MiB), features_timeout_s=args.features_timeout_s,
+            orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (HF or GitHub InternVL format)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32 on cpu, else bfloat16)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind, gRPC and transport (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
+    parser.add_argument("--transport", default="tcp", help="feature transport: tcp or rdma (inproc for tests)")
+    parser.add_argument("--transport-port", type=int, default=0, help="transport port (0 picks; see Health)")
+    parser.add_argument("--token", help="shared transport token the vision servers must present")
+    parser.add_argument("--feature-pool-mib", type=float, default=512, help="most feature bytes held waiting (512)")
+    parser.add_argument("--features-timeout-s", type=float, default=30.0,
+                        help="default wait for a request's features before it fails (30)")
+    parser.add_argument("--orphan-ttl-s", type=float, default=60.0,
+                        help="how long features that no Generate asked for are kept (60)")
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
+                        help="on SIGTERM, how long running requests may finish before they are failed (30)")
+    parser.add_argument("--block-size", type=int, default=32, help="KV cache block, in tokens (32)")
+    parser.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks; capacity = blocks x size")
+    parser.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one forward pass (512)")
+    parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
+    parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")

@@ -1,0 +1,324 @@
+"""The `Language` gRPC service (proto/dvd/v1/language.proto): feature pool + engine, and the server's lifecycle.
+
+One Generate call: validate -> claim the request's features in the pool and wait for them (requests
+without images skip this) -> expand each image slot to `<img>` + N x `<IMG_CONTEXT>` + `</img>`, N
+being the rows of that image's frame -> hand the request to the engine -> stream its tokens. Errors
+become gRPC statuses through one table keyed by exception type; a failed request never stops the
+server, and whatever it held (pooled features, KV blocks) is freed on every way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import (
+    DeadlineExceededError,
+    DvdError,
+    InvalidRequestError,
+    OverloadedError,
+    PromptTooLongError,
+    UnavailableError,
+)
+from dvd.prompt import ChatFormat
+from language_server.engine import Engine, KVCapacityError
+from language_server.engine_loop import EngineLoop
+from language_server.feature_pool import FeaturePool, FeaturePoolFullError
+from language_server.model import LanguageHalf, SamplingParams
+from language_server.request import EngineRequest, RequestOutput
+from language_server.server_config import LanguageServerConfig
+from proto.dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from transport import Frame, Receiver, TransportConfig, create_receiver
+
+logger = logging.getLogger(__name__)
+FINAL_GRACE_S = 5.0
+
+
+class RequestAbortedError(DvdError):
+    http_status = 499
+
+
+class DuplicateRequestError(InvalidRequestError):
+    http_status = 409
+
+
+class EngineFailedError(DvdError):
+    """The engine could not run the request (a failed step); the message says why."""
+
+
+# exception type -> status; looked up along the exception's MRO, so subclasses inherit their parent's.
+STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
+    DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    KVCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FeaturePoolFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    RequestAbortedError: grpc.StatusCode.CANCELLED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    PromptTooLongError: grpc.StatusCode.INVALID_ARGUMENT,
+    DvdError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def sampling_from_proto(s: language_pb2.LanguageSampling, default_stop_ids: tuple[int, ...]) -> SamplingParams:
+    """Raises InvalidRequestError naming the bad field."""
+    return SamplingParams(
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else 256,
+        min_new_tokens=s.min_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=tuple(s.stop_token_ids) or default_stop_ids,
+        stop_strings=tuple(s.stop_strings),
+    )
+
+
+class LanguageService(language_pb2_grpc.LanguageServicer):
+    def __init__(self, config: LanguageServerConfig, engine: Engine, chat: ChatFormat, receiver: Receiver) -> None:
+        self.config = config
+        self.engine = engine
+        self.chat = chat
+        self.receiver = receiver
+        self.pool = FeaturePool(config.feature_pool_bytes, config.orphan_ttl_s)
+        self.loop: EngineLoop | None = None  # set by the server once started
+        self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
+        self.waiting: set[str] = set()  # requests waiting for features
+        self.draining = False
+        self.changed = asyncio.Event()  # set whenever a request leaves, for the drain to re-check
+        self.hidden_size = engine.language.model.config.hidden_size
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            queue = self.streams.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+
+    async def receive_features(self) -> None:
+        async for frame in self.receiver:
+            self.pool.put(frame)
+            del frame  # the pool (then the engine) holds the only reference
+
+    # --- Generate -------------------------------------------------------------------------------
+    async def Generate(self, request: language_pb2.LanguageGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[language_pb2.LanguageGenerateResponse]:
+        rid = request.request_id
+        try:
+            sampling, segments = self._validate(request)
+        except DvdError as error:
+            await self._fail(context, rid, error)
+        in_engine = False
+        try:
+            t0 = time.perf_counter()
+            frames = await self._wait_for_features(rid, request, context) if request.num_images else []
+            waited_ms = (time.perf_counter() - t0) * 1e3
+            prompt_ids, images = self._expand(segments, frames)
+            del frames
+            queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            self.streams[rid] = queue
+            assert self.loop is not None
+            self.loop.add(EngineRequest(rid, prompt_ids, sampling, images=images))
+            in_engine = True
+            del images
+            first = True
+            while True:
+                output = await queue.get()
+                if output.error is not None:
+                    raise EngineFailedError(output.error)
+                message = language_pb2.LanguageGenerateResponse(token_ids=output.new_token_ids)
+                if first:
+                    message.features_wait_ms, first = waited_ms, False
+                if output.finished:
+                    in_engine = False
+                    message.finish_reason = output.finish_reason.value
+                    message.prompt_tokens, message.completion_tokens = output.num_prompt_tokens, \
+                        output.num_output_tokens
+                    yield message
+                    return
+                yield message
+        except DvdError as error:
+            await self._fail(context, rid, error)
+        finally:  # every way out (finish, error, client cancel) frees what the request held
+            self.waiting.discard(rid)
+            self.streams.pop(rid, None)
+            self.pool.release(rid)
+            if in_engine and self.loop is not None:
+                self.loop.abort(rid)
+            self.changed.set()
+
+    def _validate(self, request: language_pb2.LanguageGenerateRequest) -> tuple[SamplingParams, list[list[int]]]:
+        rid = request.request_id
+        if self.draining:
+            raise UnavailableError("language server is draining; send to another replica")
+        if not rid:
+            raise InvalidRequestError("request_id is empty")
+        if rid in self.streams or rid in self.waiting:
+            raise DuplicateRequestError(f"request_id {rid!r} is already in use")
+        if len(self.streams) + len(self.waiting) >= self.engine.config.max_queued_requests:
+            raise OverloadedError(f"server holds {self.engine.config.max_queued_requests} requests, its limit")
+        segments = [list(s.ids) for s in request.segments]
+        if len(segments) != request.num_images + 1:
+            raise InvalidRequestError(f"num_images is {request.num_images}, so segments must have "
+                                      f"{request.num_images + 1} pieces; got {len(segments)}")
+        sampling = sampling_from_proto(request.sampling, self.chat.stop_token_ids)
+        text = [t for s in segments for t in s]
+        if not text and not request.num_images:
+            raise InvalidRequestError("prompt is empty")
+        # Text alone is checked now (vocabulary, length), so a bad request fails before waiting for features.
+        self.engine.validate(text or [0], 0)
+        return sampling, segments
+
+    async def _wait_for_features(self, rid: str, request: language_pb2.LanguageGenerateRequest,
+                                 context: grpc.aio.ServicerContext) -> list[Frame]:
+        timeout = request.features_timeout_ms / 1e3 if request.features_timeout_ms else self.config.features_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining)
+        self.waiting.add(rid)
+        future = self.pool.claim(rid, request.num_images)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            missing = self.pool.missing(rid)
+            self.pool.stats.num_requests_timed_out += 1
+            raise DeadlineExceededError(
+                f"features for request {rid!r} did not arrive within {timeout * 1e3:.0f} ms: "
+                f"missing image(s) {missing} of {request.num_images}") from None
+        finally:
+            self.waiting.discard(rid)
+
+    def _expand(self, segments: list[list[int]], frames: list[Frame]) -> tuple[list[int], list[tuple[int, Any]]]:
+        """Prompt ids with each slot expanded (N = the frame's rows), and (first context position, rows) per image."""
+        ids = list(segments[0])
+        images = []
+        for index, (frame, segment) in enumerate(zip(frames, segments[1:], strict=True)):
+            tensor = frame.tensor
+            if tensor.dim() < 2 or tensor.shape[-1] != self.hidden_size:
+                raise InvalidRequestError(f"features of image {index} have shape {tuple(tensor.shape)}; "
+                                          f"expected [..., {self.hidden_size}] (the LLM's hidden size)")
+            rows = tensor.reshape(-1, self.hidden_size)
+            ids.append(self.chat.image_start_id)
+            images.append((len(ids), rows))
+            ids += [self.chat.image_context_id] * rows.shape[0]
+            ids += [self.chat.image_end_id, *segment]
+        self.engine.validate(ids, 0)  # the expanded length against the context
+        return ids, images
+
+    async def _fail(self, context: grpc.aio.ServicerContext, rid: str, error: BaseException) -> None:
+        code = status_for(error)
+        logger.info("request %r failed (%s): %s", rid, code.name, error)
+        await context.abort(code, str(error))
+
+    # --- the rest -------------------------------------------------------------------------------
+    async def Abort(self, request: language_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> Any:
+        rid = request.request_id
+        found = False
+        if rid in self.waiting:
+            self.pool.fail(rid, RequestAbortedError(f"request {rid!r} was aborted while waiting for its features"))
+            found = True
+        elif rid in self.streams:
+            assert self.loop is not None
+            self.loop.abort(rid)
+            found = True
+        elif rid in self.pool.entries:  # features that came before their Generate
+            self.pool.release(rid)
+            found = True
+        return language_pb2.AbortResponse(found=found)
+
+    async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> Any:
+        serving = not self.draining
+        status = common_pb2.HealthResponse.SERVING if serving else common_pb2.HealthResponse.NOT_SERVING
+        detail = (f"{'serving' if serving else 'draining'}: {len(self.streams)} requests in the engine, "
+                  f"{len(self.waiting)} waiting for features")
+        return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.config.model),
+                                         transport_address=self.receiver.address)
+
+    async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
+        return common_pb2.StatsResponse(counters=self.counters())
+
+    def counters(self) -> dict[str, float]:
+        counters = self.engine.stats.as_dict()
+        counters |= {f"feature_pool_{k}": float(v) for k, v in vars(self.pool.stats).items()}
+        counters |= {"feature_pool_bytes": float(self.pool.nbytes), "num_feature_pool_entries": self.pool.num_entries,
+                     "num_waiting_for_features": float(len(self.waiting)), "num_streams": float(len(self.streams)),
+                     "kv_cache_bytes": float(self.engine.cache.nbytes)}
+        counters |= {f"transport_{k}": float(v) for k, v in vars(self.receiver.stats).items()}
+        return counters
+
+
+class LanguageServer:
+    """The gRPC server, the feature receiver and the engine of one `dvd language` process."""
+
+    def __init__(self, config: LanguageServerConfig, transport_options: dict[str, Any] | None = None,
+                 language: LanguageHalf | None = None) -> None:
+        """`language` lets a caller share an already-loaded model (tests); by default it is loaded here."""
+        self.config = config
+        info = open_checkpoint(config.model)
+        self.chat = ChatFormat(info)
+        language = language or LanguageHalf.from_checkpoint(info, dtype=config.torch_dtype, device=config.device)
+        decode = lambda ids: self.chat.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        self.engine = Engine(language, config.engine, decode=decode)
+        transport = TransportConfig(kind=config.transport_kind, host=config.host, port=config.transport_port,
+                                    token=config.token, receive_pool_bytes=max(config.feature_pool_bytes, 1 << 20),
+                                    max_frame_bytes=max(config.feature_pool_bytes, 1 << 20) // 2)
+        self.receiver = create_receiver(transport, **(transport_options or {}))
+        self.service = LanguageService(config, self.engine, self.chat, self.receiver)
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.receiver.start()
+        self.service.loop = EngineLoop(self.engine, asyncio.get_running_loop(), self.service.deliver)
+        self.service.loop.start()
+        self._tasks.append(asyncio.create_task(self.service.receive_features()))
+        limit = self.config.max_message_bytes
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                                ("grpc.max_send_message_length", limit)])
+        language_pb2_grpc.add_LanguageServicer_to_server(self.service, self._server)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if not self.port:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await self._server.start()
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""
+        self.service.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while (self.service.streams or self.service.waiting) and time.monotonic() < deadline:
+            self.service.changed.clear()
+            try:
+                await asyncio.wait_for(self.service.changed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        if self.service.loop is not None:
+            for rid in list(self.service.streams):
+                self.service.loop.abort(rid)
+        if self._server is not None:
+            await self._server.stop(FINAL_GRACE_S)
+        if self.service.loop is not None:
+            self.service.loop.stop()
+        await self.receiver.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
