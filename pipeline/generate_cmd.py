@@ -4,6 +4,12 @@ Examples:
   dvd generate --model ckpt --image cat.jpg --prompt "Describe the image."
   dvd generate --model ckpt --image a.png --image b.png --prompt "Image-1: <image>\\nImage-2: <image>\\nCompare."
   dvd generate --model ckpt --history chat.json --prompt "And then?" --json
+  dvd generate --model ckpt --video clip.mp4 --num-segments 8 --prompt "What happens in this video?"
+
+A video's frames are sampled as the model card's load_video does (one tile a frame) and each gets its
+own slot; without `<image>` placeholders the prompt is prefixed with `Frame1: <image>\n...`, as the
+card does. On InternVL3.5-Flash checkpoints ViR picks 256 or 64 tokens per tile; `--json` reports
+them (`tile_tokens`, per image and tile).
 """
 
 from __future__ import annotations
@@ -13,10 +19,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dvd.errors import DvdError
+
+if TYPE_CHECKING:
+    from pipeline.local import LocalPipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the user's message; <image> marks where an image goes")
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
                         help="an image file, in prompt order (repeat for several)")
+    parser.add_argument("--video", metavar="FILE", help="a video file; its sampled frames follow the images' slots")
+    parser.add_argument("--num-segments", type=int, default=8,
+                        help="frames sampled from --video, as the model card's load_video (default 8)")
     parser.add_argument("--history", type=Path, metavar="JSON",
                         help="earlier turns: a JSON list of {role, content} messages to put before the prompt")
     parser.add_argument("--system", help="system message (default: the checkpoint's own)")
@@ -43,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def _messages(args: argparse.Namespace) -> list[dict]:
+def _messages(args: argparse.Namespace, num_frames: int = 0) -> list[dict]:
     messages: list[dict] = []
     if args.system is not None:
         messages.append({"role": "system", "content": args.system})
@@ -55,8 +68,28 @@ def _messages(args: argparse.Namespace) -> list[dict]:
         if not isinstance(history, list):
             raise DvdError(f"--history {args.history}: expected a JSON list of messages")
         messages += history
-    messages.append({"role": "user", "content": args.prompt})
+    prompt = args.prompt
+    if num_frames and "<image>" not in prompt:
+        from vision_server.video import frame_prompt
+
+        # The frames' slots come after the images'; spell the images' out too, as the card would.
+        images = len(args.image)
+        prefix = "<image>\n" if images == 1 else "".join(f"Image-{i + 1}: <image>\n" for i in range(images))
+        prompt = prefix + frame_prompt(num_frames) + prompt
+    messages.append({"role": "user", "content": prompt})
     return messages
+
+
+def _video_frames(args: argparse.Namespace, pipeline: LocalPipeline) -> list[torch.Tensor]:
+    if args.video is None:
+        return []
+    from vision_server.video import load_video
+
+    try:
+        data = Path(args.video).read_bytes()
+    except OSError as exc:
+        raise DvdError(f"--video {args.video}: {exc.strerror or exc}") from None
+    return list(load_video(data, pipeline.preprocess_config, num_segments=args.num_segments).pixels)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
                 raise DvdError(f"--image {name}: {exc.strerror or exc}") from None
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
         pipeline = LocalPipeline(args.model, device=args.device, dtype=dtype)
+        frames = _video_frames(args, pipeline)
         sampling = SamplingParams(
             max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop_token_ids=pipeline.chat.stop_token_ids,
         )
-        result = pipeline.generate(_messages(args), images, sampling, max_num=args.max_num, thinking=args.thinking)
+        result = pipeline.generate(_messages(args, len(frames)), images, sampling, max_num=args.max_num,
+                                   thinking=args.thinking, frames=frames)
     except DvdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -92,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             "num_prompt_tokens": result.num_prompt_tokens,
             "num_tiles": result.num_tiles,
             "tokens_per_tile": result.tokens_per_tile,
+            "tile_tokens": result.tile_tokens,
             "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
         }, ensure_ascii=False))
     else:

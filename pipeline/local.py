@@ -18,7 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.prompt import ChatFormat, Message
 from language_server.model import LanguageHalf, SamplingParams
-from vision_server.model import VisionHalf
+from vision_server.model import EncodedImage, VisionHalf
 from vision_server.preprocess import PreprocessConfig, preprocess_image
 
 WIRE_DTYPE = torch.bfloat16
@@ -29,8 +29,9 @@ class GenerateResult:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    tokens_per_tile: list[int]  # per image
+    tokens_per_tile: list[int]  # per image: 256 (or 64) when all its tiles have it, 0 when ViR mixed them
     num_tiles: list[int]  # per image
+    tile_tokens: list[list[int]] = field(default_factory=list)  # per image, per tile: 256, or 64 if ViR compressed
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -39,19 +40,26 @@ class GenerateResult:
 
 
 class _FirstTokenClock(BaseStreamer):
-    """Notes when generation hands out its first new token, to split prefill from decode."""
+    """Notes when generation hands out its first new token, to split prefill from decode, and
+    passes new tokens on to `forward` (a caller's streamer), if any."""
 
-    def __init__(self) -> None:
+    def __init__(self, forward: BaseStreamer | None = None) -> None:
         self.num_puts = 0
         self.first_token_at: float | None = None
+        self.forward = forward
 
     def put(self, value: torch.Tensor) -> None:
         self.num_puts += 1
-        if self.num_puts == 2:  # the first put is the prompt itself
+        if self.num_puts == 1:  # the first put is the prompt itself
+            return
+        if self.num_puts == 2:
             self.first_token_at = time.perf_counter()
+        if self.forward is not None:
+            self.forward.put(value)
 
     def end(self) -> None:
-        pass
+        if self.forward is not None:
+            self.forward.end()
 
 
 class LocalPipeline:
@@ -71,15 +79,23 @@ class LocalPipeline:
         self.language = LanguageHalf.from_checkpoint(self.info, dtype=dtype, device=device)
         self.wire_dtype = wire_dtype
 
-    def encode_images(self, images: Sequence[bytes], max_num: int | None = None) -> list[torch.Tensor]:
-        """Per image: its features [tiles * tokens_per_tile, D] as they would leave the vision side."""
-        out = []
-        for data in images:
-            pixels = preprocess_image(data, self.preprocess_config, max_num=max_num)
-            features = self.vision(pixels)
-            features = features.reshape(-1, features.shape[-1])
-            out.append(features.to(self.wire_dtype) if self.wire_dtype is not None else features)
-        return out
+    def encode_images(
+        self, images: Sequence[bytes], max_num: int | None = None, pixels: Sequence[torch.Tensor] = ()
+    ) -> list[EncodedImage]:
+        """Per image: its features [rows, D] as they would leave the vision side, and tokens per tile.
+
+        All images are one request, so on Flash checkpoints ViR routes them together (one quantile
+        over all their tiles), as the released `chat()` does. `pixels` are already tiled inputs
+        (video frames) that come after `images` in slot order.
+        """
+        tiles = [preprocess_image(data, self.preprocess_config, max_num=max_num) for data in images]
+        tiles += list(pixels)
+        if not tiles:
+            return []
+        encoded = self.vision.encode_request(tiles)
+        if self.wire_dtype is None:
+            return encoded
+        return [EncodedImage(e.features.to(self.wire_dtype), e.tokens_per_tile) for e in encoded]
 
     def generate(
         self,
@@ -88,21 +104,25 @@ class LocalPipeline:
         sampling: SamplingParams | None = None,
         max_num: int | None = None,
         thinking: bool = False,
+        frames: Sequence[torch.Tensor] = (),
+        streamer: BaseStreamer | None = None,
     ) -> GenerateResult:
+        """`frames`: pixel tiles of video frames, one slot each after the images' slots.
+        `streamer.put` gets each new token as it is generated (the prompt is not sent)."""
         sampling = sampling or SamplingParams(stop_token_ids=self.chat.stop_token_ids)
         if not sampling.stop_token_ids:
             sampling = replace(sampling, stop_token_ids=self.chat.stop_token_ids)
         t0 = time.perf_counter()
-        prompt = self.chat.build(messages, len(images), thinking=thinking)
+        prompt = self.chat.build(messages, len(images) + len(frames), thinking=thinking)
         t1 = time.perf_counter()
-        features = self.encode_images(images, max_num=max_num)
+        encoded = self.encode_images(images, max_num=max_num, pixels=frames)
         t2 = time.perf_counter()
         # transfer: the language side takes BF16 rows into its own dtype and device
-        received = [f.to(device=self.language.device, dtype=self.language.dtype) for f in features]
+        received = [e.features.to(device=self.language.device, dtype=self.language.dtype) for e in encoded]
         t3 = time.perf_counter()
         tokens_per_image = [f.shape[0] for f in received]
         input_ids = self.chat.expand(prompt, tokens_per_image)
-        clock = _FirstTokenClock()
+        clock = _FirstTokenClock(streamer)
         stacked = torch.cat(received) if received else None
         new_ids = self.language.generate(
             input_ids, self.chat.image_context_id, stacked, sampling,
@@ -117,12 +137,12 @@ class LocalPipeline:
             "prefill_ms": (first - t3) * 1e3,
             "decode_ms": (t4 - first) * 1e3,
         }
-        tpt = self.info.tokens_per_tile
         return GenerateResult(
             text=self.chat.decode(new_ids),
             token_ids=new_ids,
             prompt_token_ids=input_ids,
-            tokens_per_tile=[tpt for _ in received],
-            num_tiles=[f.shape[0] // tpt for f in received],
+            tokens_per_tile=[e.uniform_tokens_per_tile for e in encoded],
+            num_tiles=[len(e.tokens_per_tile) for e in encoded],
+            tile_tokens=[list(e.tokens_per_tile) for e in encoded],
             timings_ms=timings,
         )

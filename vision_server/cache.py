@@ -1,0 +1,99 @@
+"""The encoder cache: finished features of an input, keyed by what decides them, LRU bounded by bytes.
+
+Key = SHA-256 over the model identity, the preprocessing parameters, the input's own tiling options
+(max_num, num_segments) and the input's bytes. On Flash checkpoints an image's routes depend on the
+other images of its request (ViR's quantile is over the request's tiles), so the key also covers the
+whole request's inputs: a repeated request hits, the same image in another company misses.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import threading
+from collections.abc import Sequence
+
+from vision_server.model import EncodedImage
+from vision_server.preprocess import PreprocessConfig
+
+
+def model_identity(path: str, config_json: bytes, weight_stamps: Sequence[tuple[str, int, int]]) -> str:
+    """Which weights produced features: the checkpoint path, its config and its weight files' sizes/mtimes."""
+    digest = hashlib.sha256(path.encode())
+    digest.update(config_json)
+    for name, size, mtime in weight_stamps:
+        digest.update(f"{name}:{size}:{mtime}".encode())
+    return digest.hexdigest()
+
+
+def input_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def cache_key(model_id: str, preprocess: PreprocessConfig, max_num: int, num_segments: int, data_digest: bytes,
+              context: bytes = b"") -> bytes:
+    digest = hashlib.sha256(model_id.encode())
+    digest.update(repr(dataclasses.astuple(preprocess)).encode())
+    digest.update(f"|{max_num}|{num_segments}|".encode())
+    digest.update(data_digest)
+    digest.update(context)
+    return digest.digest()
+
+
+@dataclasses.dataclass
+class CacheStats:
+    num_hits: int = 0
+    num_misses: int = 0
+    num_evictions: int = 0
+    num_entries: int = 0
+    num_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.num_hits + self.num_misses
+        return self.num_hits / total if total else 0.0
+
+
+class EncoderCache:
+    """key -> the slots an input became (one image, or a video's frames), least recently used out first.
+
+    Thread-safe. Tensors are stored as given (BF16 on the CPU, as they go on the wire), never copied
+    out: callers must not modify them.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.stats = CacheStats()
+        self._entries: collections.OrderedDict[bytes, tuple[EncodedImage, ...]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(slots: Sequence[EncodedImage]) -> int:
+        return sum(s.features.numel() * s.features.element_size() for s in slots)
+
+    def get(self, key: bytes) -> tuple[EncodedImage, ...] | None:
+        with self._lock:
+            slots = self._entries.get(key)
+            if slots is None:
+                self.stats.num_misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.stats.num_hits += 1
+            return slots
+
+    def put(self, key: bytes, slots: Sequence[EncodedImage]) -> None:
+        size = self._size(slots)
+        if size > self.capacity_bytes:
+            return  # would evict everything and still not fit
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+            self._entries[key] = tuple(slots)
+            self.stats.num_bytes += size
+            while self.stats.num_bytes > self.capacity_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.stats.num_bytes -= self._size(evicted)
+                self.stats.num_evictions += 1
+            self.stats.num_entries = len(self._entries)

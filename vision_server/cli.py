@@ -1,0 +1,61 @@
+"""Serve the vision half: `dvd vision --model PATH --device cpu|cuda:N --port P`.
+
+Loads only the vision tower, projector and (Flash checkpoints) ViR; serves the `Vision` gRPC service
+(Encode, Health, Stats); pushes each image's BF16 features to the destination named in Encode.
+Prints `dvd vision serving on HOST:PORT` once ready. SIGTERM or SIGINT drains and exits 0.
+
+Examples:
+  dvd vision --model ckpt --port 7100
+  dvd vision --model ckpt --devices cuda:0,cuda:1 --max-batch-tiles 64 --max-wait-ms 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dvd.errors import DvdError
+from vision_server.config import VisionServerConfig
+from vision_server.config import add_arguments as add_config_arguments
+
+logger = logging.getLogger("dvd.vision")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+async def serve(config: VisionServerConfig) -> int:
+    from vision_server.engine import describe
+    from vision_server.service import VisionServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = VisionServer(config)
+    await server.start()
+    logger.info("config %s", describe(config))
+    print(f"dvd vision serving on {server.address}", flush=True)
+    await stop.wait()
+    logger.info("signal received: shutting down")
+    await server.stop()
+    print("dvd vision stopped", flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        config = VisionServerConfig.from_args(args)
+        return asyncio.run(serve(config))
+    except (DvdError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,92 @@
+"""The vision server's one configuration object, built from `dvd vision` flags and validated once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionServerConfig:
+    """Everything one `dvd vision` process needs. `devices` each get a model replica fed by one batcher."""
+
+    model: Path
+    devices: tuple[str, ...] = ("cpu",)
+    host: str = "127.0.0.1"
+    port: int = 0
+    dtype: str = ""  # "" = float32 on a CPU (cast to BF16 at the wire), bfloat16 on GPUs
+    max_batch_tiles: int = 16
+    max_wait_ms: float = 5.0
+    preprocess_workers: int = 2
+    cache_bytes: int = 1024 * MiB  # 0 disables the encoder cache
+    max_inputs: int = 64  # images + videos in one Encode
+    max_request_tiles: int = 512  # tiles one Encode may cost in total (images' tiles + video frames)
+    max_num_limit: int = 64  # highest per-image max_num a client may ask for
+    max_message_bytes: int = 256 * MiB
+    drain_timeout_s: float = 30.0
+    transport_kind: str = "tcp"  # kind for destinations given without a scheme
+    token: str | None = None  # shared transport token (both ends must agree)
+
+    def __post_init__(self) -> None:
+        if not self.devices or any(not d for d in self.devices):
+            raise ValueError("devices must name at least one torch device, e.g. cpu or cuda:0,cuda:1")
+        for device in self.devices:
+            torch.device(device)  # raises on a malformed name
+        if len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"devices {self.devices} repeat a device")
+        if self.dtype and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is outside 0..65535")
+        positive = ("max_batch_tiles", "preprocess_workers", "max_inputs", "max_request_tiles", "max_num_limit",
+                    "max_message_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.cache_bytes < 0 or self.drain_timeout_s < 0:
+            raise ValueError("max_wait_ms, cache_bytes and drain_timeout_s must not be negative")
+        if self.token is not None and not self.token:
+            raise ValueError("token must be None (no check) or a non-empty string")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype:
+            return DTYPES[self.dtype]
+        return torch.float32 if all(d == "cpu" for d in self.devices) else torch.bfloat16
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> VisionServerConfig:
+        devices = tuple(d.strip() for d in (args.devices or args.device).split(",") if d.strip())
+        return cls(
+            model=Path(args.model), devices=devices, host=args.host, port=args.port, dtype=args.dtype or "",
+            max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
+            preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
+            max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles,
+            drain_timeout_s=args.drain_timeout_s, transport_kind=args.transport, token=args.token,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (HF or GitHub InternVL format)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--devices", help="several devices, comma separated (cuda:0,cuda:1): a replica each")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32 on cpu, else bfloat16)")
+    parser.add_argument("--max-batch-tiles", type=int, default=16, help="most tiles in one forward pass (16)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long the first waiting tile may wait for others to join its batch (5)")
+    parser.add_argument("--preprocess-workers", type=int, default=2, help="threads decoding and tiling (2)")
+    parser.add_argument("--cache-mib", type=float, default=1024, help="encoder cache size in MiB; 0 disables")
+    parser.add_argument("--max-inputs", type=int, default=64, help="most images/videos in one request (64)")
+    parser.add_argument("--max-request-tiles", type=int, default=512, help="most tiles one request may cost")
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
+                        help="on SIGTERM, how long in-flight requests may finish before they are failed (30)")
+    parser.add_argument("--transport", default="tcp", help="transport kind for destinations without a scheme")
+    parser.add_argument("--token", help="shared transport token (the language server's --token)")

@@ -1,0 +1,342 @@
+"""One Encode request from inputs to features handed to the transport, shared by every frontend.
+
+Per request: validate, look each input up in the encoder cache, decode and tile the rest in the
+preprocessing pool (off the model's path), hand their tiles to the cross-request batcher, and push
+every slot's features to the destination the moment they exist. The request ends once every slot
+was handed to the transport, or with the first error, which names the input and the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dvd.errors import DvdError, InvalidRequestError
+from transport import FeatureHeader, Sender, TransportConfig, TransportError, create_sender, header_for
+from vision_server.batcher import Batcher, EncodeWork, ShuttingDownError
+from vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
+from vision_server.config import VisionServerConfig
+from vision_server.model import EncodedImage, VisionHalf
+from vision_server.preprocess import PreprocessConfig, preprocess_image
+from vision_server.video import MAX_NUM_SEGMENTS, load_video
+
+logger = logging.getLogger(__name__)
+
+
+class InputError(DvdError):
+    """An input of a request failed; `cause` is the underlying error (its type decides the status)."""
+
+    def __init__(self, index: int, kind: str, cause: BaseException) -> None:
+        super().__init__(f"input {index} ({kind}): {cause}")
+        self.index = index
+        self.cause = cause
+
+
+class DestinationError(DvdError):
+    """Features could not be handed to the destination; `cause` is the transport's error."""
+
+    def __init__(self, destination: str, cause: BaseException) -> None:
+        super().__init__(f"destination {destination}: {cause}")
+        self.cause = cause
+
+
+class RequestStatus(enum.Enum):
+    RECEIVED = "received"
+    ENCODING = "encoding"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaInput:
+    data: bytes
+    max_num: int = 0  # 0 = the checkpoint's default
+    num_segments: int = 0  # > 0: a video
+
+    @property
+    def kind(self) -> str:
+        return "video" if self.num_segments else "image"
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_segments or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotOutcome:
+    slot: int
+    input_index: int
+    tokens_per_tile: tuple[int, ...]
+    num_tokens: int
+    cache_hit: bool
+
+
+@dataclasses.dataclass
+class EncodeRequest:
+    request_id: str
+    inputs: Sequence[MediaInput]
+    destination: str
+    status: RequestStatus = RequestStatus.RECEIVED
+    received_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def _weight_stamps(path: Any) -> list[tuple[str, int, int]]:
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.glob("*.safetensors"))]
+
+
+class VisionEngine:
+    """Model replicas, preprocessing pool, encoder cache, batcher and transport senders of one server."""
+
+    def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.replicas = [VisionHalf.from_checkpoint(config.model, config.torch_dtype, d) for d in config.devices]
+        self.info = self.replicas[0].info
+        preprocess = PreprocessConfig.from_checkpoint(config.model)
+        limit = max(config.max_num_limit, preprocess.max_num)
+        self.preprocess = dataclasses.replace(preprocess, max_num_limit=limit)
+        self.model_id = model_identity(str(config.model.resolve()), (config.model / "config.json").read_bytes(),
+                                       _weight_stamps(config.model))
+        self.cache = EncoderCache(config.cache_bytes) if config.cache_bytes else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="preprocess")
+        self.batcher = Batcher(self.replicas, config.max_batch_tiles, config.max_wait_ms)
+        self.transport_options = transport_options or {}
+        self._senders: dict[str, Sender] = {}
+        self.inflight: dict[int, EncodeRequest] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.counters: dict[str, float] = {
+            name: 0 for name in ("num_requests", "num_requests_ok", "num_requests_failed", "num_slots_sent",
+                                 "num_tokens_sent", "num_bytes_sent", "num_tiles_preprocessed")
+        }
+
+    # ------------------------------------------------------------------------------------------
+    def identity(self) -> str:
+        return f"{self.config.model} ({self.model_id[:12]})"
+
+    def stats(self) -> dict[str, float]:
+        out = dict(self.counters)
+        out |= {k: float(v) for k, v in dataclasses.asdict(self.batcher.stats).items()}
+        out["num_inflight"] = len(self.inflight)
+        out["num_devices"] = len(self.replicas)
+        batches = self.batcher.stats.num_batches
+        out["mean_batch_tiles"] = self.batcher.stats.num_batch_tiles / batches if batches else 0.0
+        if self.cache is not None:
+            stats = self.cache.stats
+            out |= {"num_cache_hits": stats.num_hits, "num_cache_misses": stats.num_misses,
+                    "num_cache_evictions": stats.num_evictions, "num_cache_entries": stats.num_entries,
+                    "cache_bytes": stats.num_bytes, "cache_hit_rate": stats.hit_rate}
+        return out
+
+    def _sender(self, destination: str) -> Sender:
+        kind = destination.split("://", 1)[0]
+        if kind not in self._senders:
+            try:
+                config = TransportConfig(kind=kind, token=self.config.token)
+                self._senders[kind] = create_sender(config, **self.transport_options.get(kind, {}))
+            except (TransportError, ValueError) as error:
+                raise InvalidRequestError(f"destination {destination!r}: {error}") from None
+        return self._senders[kind]
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Run queued tiles at once and wait up to `timeout_s` for in-flight requests; True if all finished.
+
+        A zero timeout finishes nothing: queued work is left to fail."""
+        if timeout_s <= 0:
+            return not self.inflight
+        self.batcher.flush()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Fail whatever is still queued (ShuttingDownError), stop the workers and the senders."""
+        await asyncio.to_thread(self.batcher.close)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for sender in self._senders.values():
+            await sender.close()
+
+    # ------------------------------------------------------------------------------------------
+    def _validate(self, request: EncodeRequest) -> str:
+        if not request.request_id:
+            raise InvalidRequestError("request_id is empty")
+        if not request.inputs:
+            raise InvalidRequestError("request has no inputs")
+        if len(request.inputs) > self.config.max_inputs:
+            raise InvalidRequestError(f"request has {len(request.inputs)} inputs, over this server's limit of "
+                                      f"{self.config.max_inputs}")
+        if not request.destination:
+            raise InvalidRequestError("destination is empty")
+        destination = request.destination
+        if "://" not in destination:
+            destination = f"{self.config.transport_kind}://{destination}"
+        worst = 0
+        for i, item in enumerate(request.inputs):
+            if item.num_segments > MAX_NUM_SEGMENTS:
+                raise InputError(i, item.kind, InvalidRequestError(
+                    f"num_segments {item.num_segments} is above the limit of {MAX_NUM_SEGMENTS}"))
+            max_num = item.max_num or (1 if item.num_segments else self.preprocess.max_num)
+            if max_num > self.preprocess.max_num_limit:
+                raise InputError(i, item.kind, InvalidRequestError(
+                    f"max_num ({max_num}) is above this server's limit of {self.preprocess.max_num_limit} tiles"))
+            per_slot = max_num + (1 if max_num > 1 and self.preprocess.use_thumbnail else 0)
+            worst += per_slot * item.num_slots
+        if worst > self.config.max_request_tiles:
+            raise InvalidRequestError(f"request may cost up to {worst} tiles, over this server's limit of "
+                                      f"{self.config.max_request_tiles} tiles per request")
+        self._sender(destination)
+        return destination
+
+    def _keys(self, request: EncodeRequest) -> list[bytes]:
+        digests = [input_digest(item.data) for item in request.inputs]
+        context = b""
+        if self.info.flash is not None:  # ViR routes depend on the whole request: key on all of it
+            whole = hashlib.sha256()
+            for item, digest in zip(request.inputs, digests, strict=True):
+                whole.update(digest + f"|{item.max_num}|{item.num_segments}".encode())
+            context = whole.digest()
+        return [cache_key(self.model_id, self.preprocess, item.max_num, item.num_segments, digest,
+                          context + i.to_bytes(4, "little") if context else b"")
+                for i, (item, digest) in enumerate(zip(request.inputs, digests, strict=True))]
+
+    def _preprocess(self, item: MediaInput) -> list[torch.Tensor]:
+        """Runs in the pool: one input -> per slot its pixel tiles."""
+        if item.num_segments:
+            video = load_video(item.data, self.preprocess, num_segments=item.num_segments, max_num=item.max_num or 1)
+            return list(video.pixels)
+        return [preprocess_image(item.data, self.preprocess, max_num=item.max_num or None)]
+
+    async def encode(self, request: EncodeRequest) -> list[SlotOutcome]:
+        self.counters["num_requests"] += 1
+        self.inflight[id(request)] = request
+        self._idle.clear()
+        try:
+            outcomes = await self._encode(request)
+        except BaseException:
+            request.status = RequestStatus.FAILED
+            self.counters["num_requests_failed"] += 1
+            raise
+        finally:
+            del self.inflight[id(request)]
+            if not self.inflight:
+                self._idle.set()
+        request.status = RequestStatus.DONE
+        self.counters["num_requests_ok"] += 1
+        return outcomes
+
+    async def _encode(self, request: EncodeRequest) -> list[SlotOutcome]:
+        destination = self._validate(request)
+        request.status = RequestStatus.ENCODING
+        loop = asyncio.get_running_loop()
+        first_slot = [0]
+        for item in request.inputs:
+            first_slot.append(first_slot[-1] + item.num_slots)
+        input_of = {slot: i for i, item in enumerate(request.inputs)
+                    for slot in range(first_slot[i], first_slot[i + 1])}
+        keys = self._keys(request) if self.cache is not None else [b""] * len(request.inputs)
+        hits = [self.cache.get(k) if self.cache is not None else None for k in keys]
+        if self.info.flash is not None and any(h is None for h in hits):
+            hits = [None] * len(hits)  # ViR decides over the whole request: all inputs run together
+        misses = [i for i, hit in enumerate(hits) if hit is None]
+        ready: asyncio.Queue[tuple[int, EncodedImage, bool] | BaseException] = asyncio.Queue()
+
+        def on_slot(slot: int, image: EncodedImage) -> None:
+            loop.call_soon_threadsafe(ready.put_nowait, (slot, image, False))
+
+        def on_error(error: BaseException) -> None:
+            loop.call_soon_threadsafe(ready.put_nowait, error)
+
+        expected = sum(request.inputs[i].num_slots for i in misses)
+        work = EncodeWork(request.request_id, expected, on_slot, on_error) if misses else None
+        for i, hit in enumerate(hits):
+            for offset, image in enumerate(hit or ()):
+                ready.put_nowait((first_slot[i] + offset, image, True))
+        tasks: set[asyncio.Future[Any]] = set()
+        try:
+            for i in misses:
+                tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready)))
+            return await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot, tasks)
+        finally:
+            if work is not None:
+                work.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def _prepare(self, index: int, item: MediaInput, first_slot: int, work: EncodeWork | None,
+                       ready: asyncio.Queue[Any]) -> None:
+        assert work is not None
+        try:
+            slots = await asyncio.get_running_loop().run_in_executor(self.pool, self._preprocess, item)
+            for offset, pixels in enumerate(slots):
+                self.counters["num_tiles_preprocessed"] += pixels.shape[0]
+                self.batcher.submit(work, first_slot + offset, pixels)
+        except asyncio.CancelledError:
+            # The request was torn down, or the pool shut down under it: say so rather than go silent.
+            ready.put_nowait(InputError(index, item.kind, ShuttingDownError("preprocessing was cancelled")))
+            raise
+        except Exception as error:  # any failure of this input ends the request, named
+            ready.put_nowait(InputError(index, item.kind, error))
+
+    async def _push(self, request: EncodeRequest, destination: str, ready: asyncio.Queue[Any], num_slots: int,
+                    input_of: dict[int, int], keys: list[bytes], first_slot: list[int],
+                    tasks: set[asyncio.Future[Any]]) -> list[SlotOutcome]:
+        """Send every slot as it arrives; the first failure (input or transport) ends the request."""
+        sender = self._sender(destination)
+        outcomes: dict[int, SlotOutcome] = {}
+        fresh: dict[int, EncodedImage] = {}
+        sends: set[asyncio.Future[Any]] = set()
+        getter: asyncio.Future[Any] | None = None
+        try:
+            while len(outcomes) < num_slots or sends:
+                if getter is None and len(outcomes) < num_slots:
+                    getter = asyncio.ensure_future(ready.get())
+                done, _ = await asyncio.wait(sends | ({getter} if getter else set()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    if future in sends:
+                        sends.discard(future)
+                        future.result()  # raises DestinationError
+                        continue
+                    getter = None
+                    item = future.result()
+                    if isinstance(item, BaseException):
+                        raise item
+                    slot, image, hit = item
+                    if not hit:
+                        fresh[slot] = image
+                    outcomes[slot] = SlotOutcome(slot, input_of[slot], image.tokens_per_tile, image.num_tokens, hit)
+                    sends.add(asyncio.ensure_future(self._send(sender, destination, request.request_id, slot, image)))
+        finally:
+            for future in sends | ({getter} if getter else set()):
+                future.cancel()
+        if self.cache is not None:
+            for i, key in enumerate(keys):
+                slots = range(first_slot[i], first_slot[i + 1])
+                if all(s in fresh for s in slots):
+                    self.cache.put(key, [fresh[s] for s in slots])
+        return [outcomes[s] for s in sorted(outcomes)]
+
+    async def _send(self, sender: Sender, destination: str, request_id: str, slot: int, image: EncodedImage) -> None:
+        header: FeatureHeader = header_for(request_id, slot, image.uniform_tokens_per_tile, image.features)
+        try:
+            await sender.send(destination, header, image.features)
+        except TransportError as error:
+            raise DestinationError(destination, error) from None
+        self.counters["num_slots_sent"] += 1
+        self.counters["num_tokens_sent"] += image.num_tokens
+        self.counters["num_bytes_sent"] += header.nbytes
+
+
+def describe(config: VisionServerConfig) -> str:
+    return json.dumps({k: str(v) for k, v in dataclasses.asdict(config).items() if k != "token"})

@@ -1,0 +1,146 @@
+"""The `Vision` gRPC service (proto/dvd/v1/vision.proto) over a VisionEngine, and the server's lifecycle.
+
+Errors become gRPC statuses through one table keyed by exception type (the most specific class
+wins); the message always names the input or the destination and the cause. A failed request
+never stops the server. Shutdown drains: new requests are refused (UNAVAILABLE, Health says
+NOT_SERVING), in-flight ones get `drain_timeout_s` to finish and are then failed explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import unknown_fields
+from google.protobuf.message import Message
+
+from dvd.errors import DvdError, ImageTooLargeError, InvalidRequestError
+from proto.dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from transport import DuplicateFrameError, FrameTooLargeError, HandshakeError, PeerLostError
+from vision_server.batcher import ShuttingDownError
+from vision_server.config import VisionServerConfig
+from vision_server.engine import DestinationError, EncodeRequest, InputError, MediaInput, VisionEngine
+
+logger = logging.getLogger(__name__)
+# After failing what was left, how long its RPCs get to send their error before the server stops.
+FINAL_GRACE_S = 5.0
+
+# exception type -> status; looked up along the exception's MRO, so subclasses inherit their parent's.
+STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,  # bad image/video bytes, bad field, bad max_num
+    ImageTooLargeError: grpc.StatusCode.INVALID_ARGUMENT,
+    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+    PeerLostError: grpc.StatusCode.UNAVAILABLE,  # destination unreachable or gone
+    HandshakeError: grpc.StatusCode.PERMISSION_DENIED,  # transport token mismatch
+    FrameTooLargeError: grpc.StatusCode.FAILED_PRECONDITION,
+    DuplicateFrameError: grpc.StatusCode.ALREADY_EXISTS,  # same request id and slot sent there before
+    DvdError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, (InputError, DestinationError)):
+        error = error.cause
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def unknown_field_numbers(message: Message, path: str = "") -> list[str]:
+    """Fields this server's proto does not know (a newer client's): refused rather than silently ignored."""
+    found = [f"{path}{f.field_number}" for f in unknown_fields.UnknownFieldSet(message)]
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        children: Iterable[Message] = value if field.is_repeated else [value]
+        for i, child in enumerate(children):
+            found += unknown_field_numbers(child, f"{path}{field.name}[{i}].")
+    return found
+
+
+class VisionService(vision_pb2_grpc.VisionServicer):
+    def __init__(self, engine: VisionEngine) -> None:
+        self.engine = engine
+        self.draining = False
+
+    async def Encode(self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> Any:
+        unknown = unknown_field_numbers(request)
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"EncodeRequest has fields this server does not know: {', '.join(unknown)} "
+                                "(client built against a newer vision.proto?)")
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "vision server is draining; send to another replica")
+        call = EncodeRequest(
+            request_id=request.request_id,
+            inputs=[MediaInput(i.data, i.max_num, i.num_segments) for i in request.inputs],
+            destination=request.destination,
+        )
+        try:
+            outcomes = await self.engine.encode(call)
+        except (DvdError, DestinationError, InputError) as error:
+            code = status_for(error)
+            logger.info("request %r failed (%s): %s", request.request_id, code.name, error)
+            await context.abort(code, str(error))
+        except asyncio.CancelledError:
+            logger.info("request %r cancelled", request.request_id)
+            raise
+        return vision_pb2.EncodeResponse(
+            request_id=request.request_id,
+            slots=[vision_pb2.SlotResult(slot=o.slot, input_index=o.input_index, tokens_per_tile=o.tokens_per_tile,
+                                         num_tokens=o.num_tokens, cache_hit=o.cache_hit) for o in outcomes],
+        )
+
+    async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> Any:
+        status = common_pb2.HealthResponse.NOT_SERVING if self.draining else common_pb2.HealthResponse.SERVING
+        inflight = len(self.engine.inflight)
+        detail = f"{'draining' if self.draining else 'serving'}: {inflight} requests in flight"
+        return common_pb2.HealthResponse(status=status, detail=detail, model=self.engine.identity())
+
+    async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
+        return common_pb2.StatsResponse(counters=self.engine.stats())
+
+
+class VisionServer:
+    """The gRPC server, the service and the engine of one `dvd vision` process."""
+
+    def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.engine = VisionEngine(config, transport_options)
+        self.service = VisionService(self.engine)
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        limit = self.config.max_message_bytes
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                                ("grpc.max_send_message_length", limit)])
+        vision_pb2_grpc.add_VisionServicer_to_server(self.service, self._server)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if not self.port:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await self._server.start()
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, give in-flight requests `drain_timeout_s`, fail what is left, release all."""
+        self.service.draining = True
+        inflight = len(self.engine.inflight)
+        logger.info("draining: %d requests in flight, up to %.1fs", inflight, self.config.drain_timeout_s)
+        finished = await self.engine.drain(self.config.drain_timeout_s)
+        if not finished:
+            logger.warning("%d requests still in flight after %.1fs: failing them", len(self.engine.inflight),
+                           self.config.drain_timeout_s)
+        # Queued tiles fail with ShuttingDownError, so their RPCs end UNAVAILABLE with a reason, not by cancel.
+        await self.engine.close()
+        await self.engine.drain(FINAL_GRACE_S)
+        if self._server is not None:
+            await self._server.stop(FINAL_GRACE_S)
+        logger.info("stopped; %d requests were in flight at the signal", inflight)
