@@ -46,6 +46,13 @@ class FeaturePoolStats:
     num_requests_released: int = 0
 
 
+def _release(entry: _Entry) -> None:
+    # `Frame.release()` and not just forgetting the frame: the receiver's iterator may still hold the
+    # Frame object (its last yielded item), and the bytes must go back to the receive pool now.
+    for frame in entry.frames.values():
+        frame.release()
+
+
 class FeaturePool:
     def __init__(self, max_bytes: int, orphan_ttl_s: float, forget_after: int = 4096) -> None:
         self.max_bytes = max_bytes
@@ -68,12 +75,14 @@ class FeaturePool:
         entry = self.entries.get(rid)
         if rid in self._gone or (entry and entry.num_images is not None and index >= entry.num_images):
             self.stats.num_frames_refused += 1
+            frame.release()
             if entry is not None and entry.waiter is not None:
                 self._fail(rid, InvalidRequestError(
                     f"features for image {index} arrived, but request {rid} has {entry.num_images} images"))
             return
         if not self._make_room(frame.header.nbytes, keep=rid):
             self.stats.num_frames_refused += 1
+            frame.release()
             if entry is not None and entry.waiter is not None:
                 self._fail(rid, FeaturePoolFullError(
                     f"feature pool full ({self.nbytes} of {self.max_bytes} bytes held): no room for request "
@@ -109,6 +118,7 @@ class FeaturePool:
         entry = self.entries.pop(request_id, None)
         if entry is not None:
             self.nbytes -= entry.nbytes
+            _release(entry)
             self.stats.num_requests_released += 1
             if entry.waiter is not None and not entry.waiter.done():
                 entry.waiter.cancel()
@@ -132,6 +142,7 @@ class FeaturePool:
     def _drop_orphan(self, rid: str) -> None:
         entry = self.entries.pop(rid)
         self.nbytes -= entry.nbytes
+        _release(entry)
         self.stats.num_orphans_evicted += 1
 
     def _complete_if_ready(self, rid: str) -> None:
@@ -154,6 +165,7 @@ class FeaturePool:
         if entry is None:
             return
         self.nbytes -= entry.nbytes
+        _release(entry)
         if entry.waiter is not None and not entry.waiter.done():
             entry.waiter.set_exception(error)
         self._gone[rid] = None

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -100,7 +101,10 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
         self.waiting: set[str] = set()  # requests waiting for features
         self.draining = False
-        self.changed = asyncio.Event()  # set whenever a request leaves, for the drain to re-check
+        # Notified whenever a request starts waiting for features, enters the engine or leaves: the
+        # drain (and tests) wait on it for a state, never on time.
+        self.state = asyncio.Condition()
+        self._notify_task: asyncio.Future[None] | None = None
         self.hidden_size = engine.language.model.config.hidden_size
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -109,6 +113,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             queue = self.streams.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
+        if any(o.finished for o in outputs):  # engine-side state changed (e.g. an abort took effect)
+            self._notify_task = asyncio.ensure_future(self._notify())
 
     async def receive_features(self) -> None:
         async for frame in self.receiver:
@@ -124,18 +130,19 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         except DvdError as error:
             await self._fail(context, rid, error)
         in_engine = False
+        frames: list[Frame] = []
         try:
             t0 = time.perf_counter()
             frames = await self._wait_for_features(rid, request, context) if request.num_images else []
             waited_ms = (time.perf_counter() - t0) * 1e3
             prompt_ids, images = self._expand(segments, frames)
-            del frames
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
             self.streams[rid] = queue
             assert self.loop is not None
             self.loop.add(EngineRequest(rid, prompt_ids, sampling, images=images))
             in_engine = True
             del images
+            await self._notify()
             first = True
             while True:
                 output = await queue.get()
@@ -155,12 +162,14 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         except DvdError as error:
             await self._fail(context, rid, error)
         finally:  # every way out (finish, error, client cancel) frees what the request held
+            for frame in frames:  # the engine keeps views only while it runs the request
+                frame.release()
             self.waiting.discard(rid)
             self.streams.pop(rid, None)
             self.pool.release(rid)
             if in_engine and self.loop is not None:
                 self.loop.abort(rid)
-            self.changed.set()
+            await self._notify()
 
     def _validate(self, request: language_pb2.LanguageGenerateRequest) -> tuple[SamplingParams, list[list[int]]]:
         rid = request.request_id
@@ -192,6 +201,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             timeout = min(timeout, remaining)
         self.waiting.add(rid)
         future = self.pool.claim(rid, request.num_images)
+        await self._notify()
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -204,21 +214,37 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             self.waiting.discard(rid)
 
     def _expand(self, segments: list[list[int]], frames: list[Frame]) -> tuple[list[int], list[tuple[int, Any]]]:
-        """Prompt ids with each slot expanded (N = the frame's rows), and (first context position, rows) per image."""
+        """Prompt ids with each slot expanded (N = the frame's rows), and (first context position, rows) per image.
+
+        Everything that can fail is checked on the headers first: a view of a frame's bytes caught in an
+        exception's traceback would keep them from the receive pool.
+        """
         ids = list(segments[0])
-        images = []
+        starts = []
         for index, (frame, segment) in enumerate(zip(frames, segments[1:], strict=True)):
-            tensor = frame.tensor
-            if tensor.dim() < 2 or tensor.shape[-1] != self.hidden_size:
-                raise InvalidRequestError(f"features of image {index} have shape {tuple(tensor.shape)}; "
+            shape = tuple(frame.header.shape)
+            if len(shape) < 2 or shape[-1] != self.hidden_size:
+                raise InvalidRequestError(f"features of image {index} have shape {shape}; "
                                           f"expected [..., {self.hidden_size}] (the LLM's hidden size)")
-            rows = tensor.reshape(-1, self.hidden_size)
             ids.append(self.chat.image_start_id)
-            images.append((len(ids), rows))
-            ids += [self.chat.image_context_id] * rows.shape[0]
+            starts.append(len(ids))
+            ids += [self.chat.image_context_id] * math.prod(shape[:-1])
             ids += [self.chat.image_end_id, *segment]
         self.engine.validate(ids, 0)  # the expanded length against the context
-        return ids, images
+        return ids, [(start, f.tensor.reshape(-1, self.hidden_size)) for start, f in zip(starts, frames, strict=True)]
+
+    async def _notify(self) -> None:
+        async with self.state:
+            self.state.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Waits (on the event loop) until `predicate()` holds after a state change; False on timeout."""
+        async with self.state:
+            try:
+                await asyncio.wait_for(self.state.wait_for(predicate), timeout_s)
+            except TimeoutError:
+                return False
+        return True
 
     async def _fail(self, context: grpc.aio.ServicerContext, rid: str, error: BaseException) -> None:
         code = status_for(error)
@@ -259,6 +285,9 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
                      "num_waiting_for_features": float(len(self.waiting)), "num_streams": float(len(self.streams)),
                      "kv_cache_bytes": float(self.engine.cache.nbytes)}
         counters |= {f"transport_{k}": float(v) for k, v in vars(self.receiver.stats).items()}
+        pool = getattr(self.receiver, "pool", None)  # the receive pool the frames' bytes live in
+        if pool is not None:
+            counters["transport_pool_bytes_in_use"] = float(pool.num_bytes_in_use)
         return counters
 
 
@@ -304,13 +333,8 @@ class LanguageServer:
     async def stop(self) -> None:
         """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""
         self.service.draining = True
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        while (self.service.streams or self.service.waiting) and time.monotonic() < deadline:
-            self.service.changed.clear()
-            try:
-                await asyncio.wait_for(self.service.changed.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                break
+        service = self.service
+        await service.wait_until(lambda: not service.streams and not service.waiting, self.config.drain_timeout_s)
         if self.service.loop is not None:
             for rid in list(self.service.streams):
                 self.service.loop.abort(rid)
