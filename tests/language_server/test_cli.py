@@ -1,0 +1,60 @@
+"""`dvd language` as a process: serves Generate, reports its feature address, and on SIGTERM lets the
+running request finish, then exits 0."""
+
+from __future__ import annotations
+
+import selectors
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from proto.dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+
+READY = "dvd language serving on "
+
+
+def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout_s):
+            raise TimeoutError("dvd language printed nothing")
+    return proc.stdout.readline()
+
+
+def test_serves_and_drains_on_sigterm(tiny_hf: Path) -> None:
+    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(tiny_hf), "--port", "0", "--transport", "tcp",
+           "--num-blocks", "64", "--block-size", "16", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    channel = None
+    try:
+        line = _read_line(proc, 120)
+        assert line.startswith(READY), (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        address, _, features = line[len(READY):].strip().partition(" features on ")
+        channel = grpc.insecure_channel(address)
+        stub = language_pb2_grpc.LanguageStub(channel)
+        health = stub.Health(common_pb2.HealthRequest())
+        assert health.status == common_pb2.HealthResponse.SERVING and health.transport_address == features
+        request = language_pb2.LanguageGenerateRequest(
+            request_id="r", segments=[language_pb2.TokenSegment(ids=[5, 6, 7])],
+            sampling=language_pb2.LanguageSampling(max_new_tokens=40, min_new_tokens=40))
+        stream = stub.Generate(request)
+        first = next(stream)
+        proc.send_signal(signal.SIGTERM)  # the running request still finishes
+        tokens = list(first.token_ids)
+        last = first
+        for message in stream:
+            tokens += message.token_ids
+            last = message
+        assert len(tokens) == 40 and last.finish_reason == "length"
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        assert "dvd language stopped" in (proc.stdout.read() if proc.stdout else "")
+    finally:
+        if channel is not None:
+            channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
