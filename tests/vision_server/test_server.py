@@ -203,3 +203,27 @@ def test_drain_fails_queued_work_explicitly(tiny_hf: Path) -> None:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shut" in info.value.details()
     finally:
         harness.close()
+
+
+def test_an_image_leaves_when_its_last_tile_is_done(tiny_hf: Path) -> None:
+    """Two images, one batch each: the first is delivered before the second's batch has run."""
+    half = VisionHalf.from_checkpoint(tiny_hf)
+    config = PreprocessConfig.from_checkpoint(tiny_hf)
+    first, second = (preprocess_image(_bytes(n), config, max_num=6) for n in ("wide", "long"))
+    batcher = Batcher([half], max_batch_tiles=first.shape[0], max_wait_ms=0)
+    batches_at_delivery: dict[int, int] = {}
+    done = threading.Event()
+
+    def on_slot(slot: int, image: EncodedImage) -> None:
+        batches_at_delivery[slot] = batcher.stats.num_batches
+        if len(batches_at_delivery) == 2:
+            done.set()
+
+    try:
+        work = EncodeWork("r", 2, on_slot, lambda e: done.set())
+        batcher.submit(work, 0, first)
+        batcher.submit(work, 1, second)
+        assert done.wait(60)
+    finally:
+        batcher.close()
+    assert batches_at_delivery[0] == 1 and batches_at_delivery[1] > 1
