@@ -42,6 +42,7 @@ class BenchConfig:
     max_batch_tokens: int
     seed: int
     as_json: bool
+    hf_batch: bool
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -59,7 +60,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _prompts(config: BenchConfig, count: int, vocab: int, salt: int) -> list[list[int]]:
     rng = random.Random(config.seed * 1000 + salt)
-    return [[rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(config.prompt_min, config.prompt_max))]
+    margin = min(1000, vocab // 4)  # clear of special tokens at both ends of the vocabulary
+    return [[rng.randrange(margin, vocab - margin) for _ in range(rng.randint(config.prompt_min, config.prompt_max))]
             for _ in range(count)]
 
 
@@ -87,6 +89,30 @@ def run_baseline(language: LanguageHalf, config: BenchConfig) -> dict[str, float
     wall = time.perf_counter() - start - sum(ttft)
     return {"requests": len(prompts), "output_tokens": total, "wall_s": wall, "tokens_per_s": total / wall,
             **_latency_summary(ttft, tpot)}
+
+
+def run_hf_batch(language: LanguageHalf, config: BenchConfig, concurrency: int) -> dict[str, float]:
+    """transformers' own continuous batching (`generate_batch`), all requests submitted at once."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    prompts = _prompts(config, max(concurrency, config.min_requests), language.vocab_size, salt=concurrency)
+    model = language.model
+    attention = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"  # its paged path picks its own attention from this
+    blocks = -(-(config.prompt_max + config.new_tokens) // config.block_size) * len(prompts) + 1
+    cb = ContinuousBatchingConfig(page_size=config.block_size, num_blocks=blocks,
+                                  max_batch_tokens=config.max_batch_tokens, max_requests_per_batch=concurrency)
+    generation = GenerationConfig(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+    try:
+        start = time.perf_counter()
+        results = model.generate_batch(inputs=prompts, generation_config=generation, continuous_batching_config=cb)
+        wall = time.perf_counter() - start
+    finally:
+        model.config._attn_implementation = attention
+    total = sum(len(r.generated_tokens) for r in results.values())
+    return {"concurrency": concurrency, "requests": len(prompts), "output_tokens": total, "wall_s": wall,
+            "tokens_per_s": total / wall}
 
 
 def run_engine(engine: Engine, config: BenchConfig, concurrency: int) -> dict[str, float]:
@@ -132,6 +158,8 @@ def parse(argv: list[str]) -> BenchConfig:
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    parser.add_argument("--hf-batch", action="store_true",
+                        help="also time transformers' own continuous batching (generate_batch) at 16 requests")
     args = parser.parse_args(argv)
     return BenchConfig(
         preset=args.preset, cache_dir=args.cache_dir or default_cache_dir(),
@@ -139,6 +167,7 @@ def parse(argv: list[str]) -> BenchConfig:
         prompt_min=args.prompt_min, prompt_max=args.prompt_max, min_requests=args.min_requests,
         baseline_requests=args.baseline_requests, threads=args.threads, dtype=args.dtype,
         block_size=args.block_size, max_batch_tokens=args.max_batch_tokens, seed=args.seed, as_json=args.as_json,
+        hf_batch=args.hf_batch,
     )
 
 
@@ -160,7 +189,8 @@ def main(argv: list[str]) -> int:
     engine = Engine(language, engine_config)
     say = (lambda *a: None) if config.as_json else print
     say(f"loaded {path.name} ({config.dtype}) in {load_s:.1f}s; KV cache {engine.cache.nbytes / 2**20:.0f} MiB")
-    engine.add(EngineRequest("warmup", [1000] * 8, SamplingParams(max_new_tokens=2)))
+    warmup = _prompts(config, 1, engine.vocab_size, salt=-1)[0]
+    engine.add(EngineRequest("warmup", warmup, SamplingParams(max_new_tokens=2)))
     engine.run_until_done()
     baseline = run_baseline(language, config)
     say(f"transformers generate, one at a time: {baseline['tokens_per_s']:.2f} tok/s")
@@ -170,10 +200,14 @@ def main(argv: list[str]) -> int:
         r = levels[-1]
         say(f"engine c={c:3d}: {r['tokens_per_s']:7.2f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.0f} ms "
             f"p99 {r['ttft_p99_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.0f} ms p99 {r['tpot_p99_ms']:6.0f} ms")
+    hf_batch = run_hf_batch(language, config, 16) if config.hf_batch else None
+    if hf_batch is not None:
+        say(f"transformers generate_batch, 16 requests: {hf_batch['tokens_per_s']:.2f} tok/s")
     at16 = next((r["tokens_per_s"] for r in levels if r["concurrency"] == 16), None)
     result = {
         "model": config.preset, "dtype": config.dtype, "threads": config.threads,
         "engine_config": asdict(engine_config), "hf_generate_one_at_a_time": baseline, "engine": levels,
+        "hf_generate_batch_at_16": hf_batch,
         "speedup_vs_hf_at_16": None if at16 is None else at16 / baseline["tokens_per_s"],
     }
     if config.as_json:

@@ -303,9 +303,11 @@ class LanguageServer:
         language = language or LanguageHalf.from_checkpoint(info, dtype=config.torch_dtype, device=config.device)
         decode = lambda ids: self.chat.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
         self.engine = Engine(language, config.engine, decode=decode)
+        pool_bytes = max(config.feature_pool_bytes, 1 << 20)
+        # rdma receives straight into the model's device (GPU-direct where UCX can); tcp lands in host memory.
         transport = TransportConfig(kind=config.transport_kind, host=config.host, port=config.transport_port,
-                                    token=config.token, receive_pool_bytes=max(config.feature_pool_bytes, 1 << 20),
-                                    max_frame_bytes=max(config.feature_pool_bytes, 1 << 20) // 2)
+                                    token=config.token, receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2,
+                                    device=config.device if config.transport_kind == "rdma" else "cpu")
         self.receiver = create_receiver(transport, **(transport_options or {}))
         self.service = LanguageService(config, self.engine, self.chat, self.receiver)
         self.port = 0
