@@ -1,0 +1,211 @@
+"""The three-stage pipeline: Encode goes to a vision replica and Generate to a language replica at
+the same moment; the vision server pushes each image's features to the language server's transport
+address as soon as they exist, and the language server starts the request when they are complete.
+Requests overlap freely: one request's encode runs while others transfer and decode."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import (
+    DeadlineExceededError,
+    DvdError,
+    ImageTooLargeError,
+    InvalidRequestError,
+    OverloadedError,
+    UnavailableError,
+)
+from dvd.prompt import ChatFormat
+from pipeline.backends.base import Backend
+from pipeline.replicas import Replica, ReplicaPool, start_server, stop_servers, wait_ready
+from pipeline.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
+from proto.dvd.v1 import language_pb2, vision_pb2
+
+log = logging.getLogger(__name__)
+
+_FINISH = {"stop_token": FinishReason.STOP, "stop_string": FinishReason.STOP, "length": FinishReason.LENGTH,
+           "aborted": FinishReason.ABORT}
+# Retrying Encode on another replica makes sense only when this one could not be reached.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+def _error(err: grpc.aio.AioRpcError, side: str) -> DvdError:
+    """A replica's gRPC status as the gateway's error (which picks the HTTP status)."""
+    code, details = err.code(), err.details() or err.code().name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequestError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ImageTooLargeError(details) if side == "vision" else OverloadedError(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceededError(details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UnavailableError(f"{side} server unavailable: {details}")
+    return DvdError(f"{side} server: {code.name}: {details}")
+
+
+class DisaggregatedBackend(Backend):
+    def __init__(self, model: str | Path, vision: ReplicaPool, language: ReplicaPool,
+                 owned: list[Replica] | None = None, ready_timeout_s: float = 600.0,
+                 health_interval_s: float = 2.0) -> None:
+        self.model_path = Path(model)
+        self.model_name = self.model_path.name
+        self.vision, self.language = vision, language
+        self.owned = owned or []
+        self.ready_timeout_s = ready_timeout_s
+        self.health_interval_s = health_interval_s
+        self.chat = ChatFormat(open_checkpoint(self.model_path))
+        self._health_task: asyncio.Task | None = None
+        self.num_encode_retries = 0
+
+    @classmethod
+    def launch(cls, model: str | Path, device: str = "cpu", num_vision: int = 1,
+               num_language: int = 1) -> DisaggregatedBackend:
+        """Vision and language servers as child processes on this machine, sharing a fresh token."""
+        token = secrets.token_hex(16)
+        vision = [start_server("vision", str(model), device, token) for _ in range(num_vision)]
+        language = [start_server("language", str(model), device, token) for _ in range(num_language)]
+        return cls(model, ReplicaPool("vision", vision), ReplicaPool("language", language), owned=vision + language)
+
+    async def start(self) -> None:
+        replicas = self.vision.replicas + self.language.replicas
+        for replica in replicas:
+            replica.connect()
+        try:
+            await wait_ready(replicas, self.ready_timeout_s)
+        except BaseException:
+            await stop_servers(self.owned)
+            raise
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await asyncio.gather(self.vision.check_all(), self.language.check_all())
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await stop_servers(self.owned)
+
+    async def health(self) -> tuple[bool, str]:
+        num_vision = sum(r.healthy for r in self.vision.replicas)
+        num_language = sum(r.healthy for r in self.language.replicas)
+        detail = (f"{num_vision}/{len(self.vision.replicas)} vision, "
+                  f"{num_language}/{len(self.language.replicas)} language replicas healthy")
+        return num_vision > 0 and num_language > 0, detail
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_encode_retries": self.num_encode_retries}
+        for pool in (self.vision, self.language):
+            out[f"{pool.kind}_outstanding"] = sum(r.num_outstanding for r in pool.replicas)
+            out[f"{pool.kind}_healthy_replicas"] = sum(r.healthy for r in pool.replicas)
+            for i, replica in enumerate(pool.replicas):
+                for name, value in replica.counters.items():
+                    out[f"{pool.kind}{i}_{name}"] = value
+        return out
+
+    async def _encode(self, request: ChatRequest, destination: str, marks: dict[str, float]) -> None:
+        inputs = [vision_pb2.MediaInput(data=data, max_num=request.max_num or 0) for data in request.images]
+        call = vision_pb2.EncodeRequest(request_id=request.request_id, inputs=inputs, destination=destination)
+        tried: list[Replica] = []
+        while True:
+            replica = self.vision.pick(exclude=tried)
+            tried.append(replica)
+            replica.num_outstanding += 1
+            try:
+                marks["encode_start"] = time.time()
+                await replica.stub.Encode(call, timeout=request.timeout_s)
+                marks["encode_end"] = time.time()
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE or len(tried) > 1 or len(self.vision.replicas) < 2:
+                    raise _error(err, "vision") from None
+                self.num_encode_retries += 1
+                log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
+                            request.request_id, replica.address, err.code().name)
+            finally:
+                replica.num_outstanding -= 1
+
+    def _language_request(self, request: ChatRequest, prompt_segments: tuple) -> language_pb2.LanguageGenerateRequest:
+        s = request.sampling
+        sampling = language_pb2.LanguageSampling(
+            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
+            top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
+            stop_token_ids=list(s.stop_token_ids), stop_strings=list(request.stop_strings))
+        if s.seed is not None:
+            sampling.seed = s.seed
+        return language_pb2.LanguageGenerateRequest(
+            request_id=request.request_id, segments=[language_pb2.TokenSegment(ids=seg) for seg in prompt_segments],
+            num_images=len(request.images), sampling=sampling, features_timeout_ms=int(request.timeout_s * 1e3))
+
+    async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationEvent]:
+        prompt = self.chat.build(list(request.messages), len(request.images), thinking=request.thinking)
+        language = self.language.pick()
+        if request.images:
+            self.vision.pick()  # fail fast (503) when no vision replica is healthy
+        marks: dict[str, float] = {"dispatch": time.time()}
+        language.num_outstanding += 1
+        call = language.stub.Generate(self._language_request(request, prompt.segments), timeout=request.timeout_s)
+        encode: asyncio.Task | None = None
+        if request.images:  # Encode and Generate leave together: the two stages overlap from the start
+            encode = asyncio.create_task(self._encode(request, language.transport_address, marks))
+            # features that will never come: stop waiting for them at once
+            encode.add_done_callback(lambda task: call.cancel() if not task.cancelled() and task.exception() else None)
+        finished, features_wait_ms, last = False, 0.0, None
+        try:
+            async for response in call:
+                if "first_token" not in marks and response.token_ids:
+                    marks["first_token"] = time.time()
+                features_wait_ms = max(features_wait_ms, response.features_wait_ms)
+                last = response
+                if response.finish_reason:
+                    finished = True
+                yield GenerationEvent(token_ids=list(response.token_ids))
+            if encode is not None:
+                await encode
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+            if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
+                raise encode.exception() from None
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            raise _error(err, "language") from None
+        finally:
+            language.num_outstanding -= 1
+            if not finished:  # the client went away or something failed: free both halves now
+                if encode is not None:
+                    encode.cancel()
+                call.cancel()
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await language.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id), timeout=5)
+        marks["end"] = time.time()
+        yield self._final_event(marks, features_wait_ms, last)
+
+    @staticmethod
+    def _final_event(marks: dict[str, float], features_wait_ms: float,
+                     last: language_pb2.LanguageGenerateResponse | None) -> GenerationEvent:
+        """Stage times from the gateway's clock plus the language server's feature wait."""
+        dispatch, end = marks["dispatch"], marks["end"]
+        first = marks.get("first_token", end)
+        encode_ms = (marks["encode_end"] - dispatch) * 1e3 if "encode_end" in marks else 0.0
+        ms = {
+            "encode": encode_ms,
+            "transfer": max(0.0, features_wait_ms - encode_ms),  # features in flight after they left the ViT
+            "queue": 0.0,  # the gateway does not queue: requests go straight to a replica
+            "prefill": max(0.0, (first - dispatch) * 1e3 - max(features_wait_ms, encode_ms)),
+            "decode": (end - first) * 1e3,
+        }
+        reason = _FINISH.get(last.finish_reason, FinishReason.ABORT) if last else FinishReason.ABORT
+        return GenerationEvent(token_ids=[], finish_reason=reason, timings=StageTimings(ms=ms, marks=marks),
+                               num_prompt_tokens=last.prompt_tokens if last else 0)
