@@ -12,4 +12,11 @@ python -m pip install -q --upgrade pip 2>/dev/null
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -e ".[dev${DVD_EXTRAS:+,$DVD_EXTRAS}]"
+# pip's own build warnings are noise here; show them only when the install fails
+log=$(mktemp)
+if ! python -m pip install -q -e ".[dev${DVD_EXTRAS:+,$DVD_EXTRAS}]" >"$log" 2>&1; then
+  cat "$log"
+  rm -f "$log"
+  exit 1
+fi
+rm -f "$log"
