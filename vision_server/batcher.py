@@ -270,5 +270,5 @@ class Batcher:
         with self._stats_lock:
             self.stats.num_tiles_compressed += num_compressed
             self.stats.num_tiles_full += routes.numel() - num_compressed
-        for slot, image in zip(slots, images, strict=True):
-            work.on_slot(slot, EncodedImage(image.features.to(WIRE_DTYPE).cpu(), image.tokens_per_tile))
+        for slot, image, p in zip(slots, images, probs.split([work.tiles[s] for s in slots]), strict=True):
+            work.on_slot(slot, EncodedImage(image.features.to(WIRE_DTYPE).cpu(), image.tokens_per_tile, p))

@@ -1,9 +1,10 @@
 """The encoder cache: finished features of an input, keyed by what decides them, LRU bounded by bytes.
 
 Key = SHA-256 over the model identity, the preprocessing parameters, the input's own tiling options
-(max_num, num_segments) and the input's bytes. On Flash checkpoints an image's routes depend on the
-other images of its request (ViR's quantile is over the request's tiles), so the key also covers the
-whole request's inputs: a repeated request hits, the same image in another company misses.
+(max_num, num_segments) and the input's bytes. On Flash checkpoints an entry also keeps ViR's gate
+value per tile: a tile's route depends on the other tiles of its request (the quantile), so the
+engine re-decides the request's routes from the cached gate values and uses the entries only when
+every tile comes out as it was cached (see VisionEngine._lookup).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ def input_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def cache_key(model_id: str, preprocess: PreprocessConfig, max_num: int, num_segments: int, data_digest: bytes,
-              context: bytes = b"") -> bytes:
+def cache_key(
+    model_id: str, preprocess: PreprocessConfig, max_num: int, num_segments: int, data_digest: bytes
+) -> bytes:
     digest = hashlib.sha256(model_id.encode())
     digest.update(repr(dataclasses.astuple(preprocess)).encode())
     digest.update(f"|{max_num}|{num_segments}|".encode())
     digest.update(data_digest)
-    digest.update(context)
     return digest.digest()
 
 

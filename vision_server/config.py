@@ -67,7 +67,7 @@ class VisionServerConfig:
             model=Path(args.model), devices=devices, host=args.host, port=args.port, dtype=args.dtype or "",
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
-            max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles,
+            max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
             drain_timeout_s=args.drain_timeout_s, transport_kind=args.transport, token=args.token,
         )
 
@@ -85,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess-workers", type=int, default=2, help="threads decoding and tiling (2)")
     parser.add_argument("--cache-mib", type=float, default=1024, help="encoder cache size in MiB; 0 disables")
     parser.add_argument("--max-inputs", type=int, default=64, help="most images/videos in one request (64)")
+    parser.add_argument("--max-num-limit", type=int, default=64, help="highest per-image max_num a client may ask (64)")
     parser.add_argument("--max-request-tiles", type=int, default=512, help="most tiles one request may cost")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM, how long in-flight requests may finish before they are failed (30)")

@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import enum
-import hashlib
 import json
 import logging
 import time
@@ -116,7 +115,8 @@ class VisionEngine:
         self._idle.set()
         self.counters: dict[str, float] = {
             name: 0 for name in ("num_requests", "num_requests_ok", "num_requests_failed", "num_slots_sent",
-                                 "num_tokens_sent", "num_bytes_sent", "num_tiles_preprocessed")
+                                 "num_tokens_sent", "num_bytes_sent", "num_tiles_preprocessed",
+                                 "num_cache_route_mismatches")
         }
 
     # ------------------------------------------------------------------------------------------
@@ -199,16 +199,30 @@ class VisionEngine:
         return destination
 
     def _keys(self, request: EncodeRequest) -> list[bytes]:
-        digests = [input_digest(item.data) for item in request.inputs]
-        context = b""
-        if self.info.flash is not None:  # ViR routes depend on the whole request: key on all of it
-            whole = hashlib.sha256()
-            for item, digest in zip(request.inputs, digests, strict=True):
-                whole.update(digest + f"|{item.max_num}|{item.num_segments}".encode())
-            context = whole.digest()
-        return [cache_key(self.model_id, self.preprocess, item.max_num, item.num_segments, digest,
-                          context + i.to_bytes(4, "little") if context else b"")
-                for i, (item, digest) in enumerate(zip(request.inputs, digests, strict=True))]
+        return [cache_key(self.model_id, self.preprocess, item.max_num, item.num_segments, input_digest(item.data))
+                for item in request.inputs]
+
+    def _lookup(self, keys: list[bytes]) -> list[tuple[EncodedImage, ...] | None]:
+        """Cached slots per input. With ViR a hit stands only if the whole request hits and deciding its
+        routes over all the cached gate values gives each tile the route it was cached with; otherwise
+        every input runs, since the routes are decided over the whole request."""
+        if self.cache is None:
+            return [None] * len(keys)
+        hits = [self.cache.get(k) for k in keys]
+        if self.info.flash is None:
+            return hits
+        if any(h is None for h in hits):
+            return [None] * len(hits)
+        slots = [s for hit in hits if hit is not None for s in hit]
+        if any(s.gate_probs is None for s in slots):
+            return [None] * len(hits)
+        routes = self.replicas[0].routes(torch.cat([s.gate_probs for s in slots if s.gate_probs is not None]))
+        compressed = self.replicas[0].compressed_tokens_per_tile
+        cached = [t == compressed for s in slots for t in s.tokens_per_tile]
+        if routes.tolist() != cached:
+            self.counters["num_cache_route_mismatches"] += 1
+            return [None] * len(hits)
+        return hits
 
     def _preprocess(self, item: MediaInput) -> list[torch.Tensor]:
         """Runs in the pool: one input -> per slot its pixel tiles."""
@@ -245,9 +259,7 @@ class VisionEngine:
         input_of = {slot: i for i, item in enumerate(request.inputs)
                     for slot in range(first_slot[i], first_slot[i + 1])}
         keys = self._keys(request) if self.cache is not None else [b""] * len(request.inputs)
-        hits = [self.cache.get(k) if self.cache is not None else None for k in keys]
-        if self.info.flash is not None and any(h is None for h in hits):
-            hits = [None] * len(hits)  # ViR decides over the whole request: all inputs run together
+        hits = self._lookup(keys)
         misses = [i for i, hit in enumerate(hits) if hit is None]
         ready: asyncio.Queue[tuple[int, EncodedImage, bool] | BaseException] = asyncio.Queue()
 

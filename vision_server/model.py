@@ -44,6 +44,7 @@ class EncodedImage:
 
     features: torch.Tensor
     tokens_per_tile: tuple[int, ...]
+    gate_probs: torch.Tensor | None = None  # ViR's p per tile (fp32, CPU) on Flash checkpoints
 
     @property
     def num_tokens(self) -> int:

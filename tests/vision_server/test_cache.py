@@ -34,7 +34,7 @@ def test_lru_by_bytes() -> None:
     assert cache.stats.hit_rate == pytest.approx(3 / 5)
 
 
-def test_key_covers_model_preprocessing_options_and_context() -> None:
+def test_key_covers_model_preprocessing_and_options() -> None:
     config = PreprocessConfig()
     digest = input_digest(b"image bytes")
     base = cache_key("model-a", config, 6, 0, digest)
@@ -45,7 +45,6 @@ def test_key_covers_model_preprocessing_options_and_context() -> None:
         cache_key("model-a", config, 12, 0, digest),
         cache_key("model-a", config, 6, 4, digest),
         cache_key("model-a", config, 6, 0, input_digest(b"other bytes")),
-        cache_key("model-a", config, 6, 0, digest, b"request context"),
     ]
     assert base not in others and len(set(others)) == len(others)
 

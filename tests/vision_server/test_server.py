@@ -227,3 +227,42 @@ def test_an_image_leaves_when_its_last_tile_is_done(tiny_hf: Path) -> None:
     finally:
         batcher.close()
     assert batches_at_delivery[0] == 1 and batches_at_delivery[1] > 1
+
+
+def test_a_cancelled_request_frees_its_work(tiny_hf: Path) -> None:
+    """The client gives up while its tiles wait in the batcher: the server drops them and keeps serving."""
+    harness = Harness(VisionServerConfig(model=tiny_hf, max_wait_ms=120_000, max_batch_tiles=64, cache_bytes=0))
+    try:
+        future = harness.stub.Encode.future(_request("gives-up", harness.sink.address, "wide"))
+        while _counters(harness)["num_tiles_preprocessed"] == 0:
+            assert not future.done(), future.exception()
+        future.cancel()
+        while _counters(harness)["num_inflight"] > 0:
+            pass  # the server notices the cancelled RPC on its own loop
+        counters = _counters(harness)
+        assert counters["num_requests_failed"] == 1 and counters["num_forward_passes"] == 0
+        harness.stop_server()  # nothing left queued: the drain has nothing to fail
+    finally:
+        harness.close()
+
+
+def test_vir_cache_hits_only_where_routes_come_out_the_same(tiny_flash: Path) -> None:
+    harness = Harness(VisionServerConfig(model=tiny_flash, max_wait_ms=5))
+    try:
+        first = harness.stub.Encode(_request("f1", harness.sink.address, "wide", "long"))
+        passes = _counters(harness)["num_forward_passes"]
+        # the same images in another order: the same tiles, so the same quantile and routes
+        swapped = harness.stub.Encode(_request("f2", harness.sink.address, "long", "wide"))
+        assert all(s.cache_hit for s in swapped.slots) and _counters(harness)["num_forward_passes"] == passes
+        assert [list(s.tokens_per_tile) for s in swapped.slots] == [list(s.tokens_per_tile) for s in first.slots[::-1]]
+        a, b = harness.sink.wait("f1", 2)[0][1], harness.sink.wait("f2", 2)[1][1]
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        # one image alone: a hit only if its routes alone equal the cached ones; either way, the fresh ones
+        alone = harness.stub.Encode(_request("f3", harness.sink.address, "wide"))
+        half = VisionHalf.from_checkpoint(tiny_flash)
+        pixels = preprocess_image(_bytes("wide"), PreprocessConfig.from_checkpoint(tiny_flash), max_num=6)
+        assert list(alone.slots[0].tokens_per_tile) == list(half.encode_request([pixels])[0].tokens_per_tile)
+        counters = _counters(harness)
+        assert alone.slots[0].cache_hit == (counters["num_cache_route_mismatches"] == 0)
+    finally:
+        harness.close()
