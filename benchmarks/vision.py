@@ -20,8 +20,13 @@ import platform
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transport import Receiver
+    from vision_server.engine import VisionEngine
 
 PRESET = "internvl3_5-1b-shaped"
 # A mixed image set of exactly 16 tiles: (width, height, max_num) -> 3x1+thumb, 2x2+thumb, 1x3+thumb, 2x1+thumb.
@@ -40,6 +45,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,4,16", help="tiles per forward pass to measure (1,4,16)")
     parser.add_argument("--repeats", type=int, default=1, help="timed batches per size (1)")
     parser.add_argument("--skip-cache", action="store_true", help="do not measure the encoder cache")
+    parser.add_argument("--concurrent", type=int, default=0, metavar="N",
+                        help="also send N one-tile requests at once through the whole Encode path, batched "
+                             "across requests (max_batch_tiles N); 0 skips it (default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
 
@@ -88,7 +96,7 @@ def _run_batch(batcher: object, request_id: str, slots: list[torch.Tensor]) -> t
     errors: list[BaseException] = []
 
     def on_slot(slot: int, image: object) -> None:
-        results[slot] = image.tokens_per_tile  # type: ignore[attr-defined]
+        results[slot] = image.tokens_per_tile
         if len(results) == len(slots):
             done.set()
 
@@ -147,17 +155,26 @@ def _throughput(checkpoint: Path, args: argparse.Namespace, dtype: torch.dtype) 
     return out
 
 
-async def _cache_effect(checkpoint: Path, args: argparse.Namespace) -> dict[str, object]:
-    """The same 1-tile image twice through the whole Encode path: the second is a cache hit."""
+async def _engine(checkpoint: Path, args: argparse.Namespace, **overrides: Any) -> tuple[VisionEngine, Receiver]:
+    """A VisionEngine pushing to an inproc receiver in this process (the whole Encode path, no gRPC)."""
     from transport import InprocHub, TransportConfig, create_receiver
     from vision_server.config import VisionServerConfig
-    from vision_server.engine import EncodeRequest, MediaInput, VisionEngine
+    from vision_server.engine import VisionEngine
 
     hub = InprocHub()
-    config = VisionServerConfig(model=checkpoint, devices=(args.device,), dtype=args.dtype or "", max_wait_ms=0)
+    settings: dict[str, Any] = {"devices": (args.device,), "dtype": args.dtype or "", "max_wait_ms": 0.0}
+    config = VisionServerConfig(model=checkpoint, **(settings | overrides))
     engine = VisionEngine(config, transport_options={"inproc": {"hub": hub}})
     receiver = create_receiver(TransportConfig(kind="inproc"), hub=hub)
     await receiver.start()
+    return engine, receiver
+
+
+async def _cache_effect(checkpoint: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The same 1-tile image twice through the whole Encode path: the second is a cache hit."""
+    from vision_server.engine import EncodeRequest, MediaInput
+
+    engine, receiver = await _engine(checkpoint, args)
     image = MediaInput(photo_bytes(448, 448, 7), max_num=1)
     timings = []
     try:
@@ -172,6 +189,27 @@ async def _cache_effect(checkpoint: Path, args: argparse.Namespace) -> dict[str,
     return {"cache_miss_ms": round(timings[0] * 1e3, 2), "cache_hit_ms": round(timings[1] * 1e3, 2),
             "cache_speedup": round(timings[0] / timings[1], 1), "cache_hit_rate": stats["cache_hit_rate"],
             "cache_forward_passes": stats["num_forward_passes"]}
+
+
+async def _concurrent(checkpoint: Path, args: argparse.Namespace) -> dict[str, object]:
+    """N one-tile requests at once: the batcher puts tiles of different requests in one forward pass."""
+    from vision_server.engine import EncodeRequest, MediaInput
+
+    n = args.concurrent
+    engine, receiver = await _engine(checkpoint, args, max_batch_tiles=n, max_wait_ms=1000.0, cache_bytes=0)
+    images = [MediaInput(photo_bytes(448, 448, 100 + i), max_num=1) for i in range(n)]
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(engine.encode(EncodeRequest(f"c{i}", [image], receiver.address))
+                               for i, image in enumerate(images)))
+        seconds = time.perf_counter() - start
+        stats = engine.stats()
+    finally:
+        await engine.close()
+        await receiver.close()
+    return {"concurrent_requests": n, "concurrent_tiles_per_s": round(n / seconds, 4),
+            "concurrent_mean_batch_tiles": stats["mean_batch_tiles"],
+            "concurrent_mixed_batches": stats["num_mixed_batches"]}
 
 
 def main(argv: list[str]) -> int:
@@ -189,6 +227,8 @@ def main(argv: list[str]) -> int:
     result |= _throughput(checkpoint, args, dtype)
     if not args.skip_cache:
         result |= asyncio.run(_cache_effect(checkpoint, args))
+    if args.concurrent > 0:
+        result |= asyncio.run(_concurrent(checkpoint, args))
     result["wall_s"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps(result))
