@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -177,6 +178,7 @@ def main(argv: list[str]) -> int:
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(config.threads)
+    load_start = os.getloadavg()[0]
     path = ensure_checkpoint(config.preset, cache_dir=config.cache_dir)
     t0 = time.perf_counter()
     language = LanguageHalf.from_checkpoint(path, dtype=DTYPES[config.dtype])
@@ -206,6 +208,8 @@ def main(argv: list[str]) -> int:
     at16 = next((r["tokens_per_s"] for r in levels if r["concurrency"] == 16), None)
     result = {
         "model": config.preset, "dtype": config.dtype, "threads": config.threads,
+        # Other work on the machine skews every figure: the 1-minute load average before and after says how much.
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "engine_config": asdict(engine_config), "hf_generate_one_at_a_time": baseline, "engine": levels,
         "hf_generate_batch_at_16": hf_batch,
         "speedup_vs_hf_at_16": None if at16 is None else at16 / baseline["tokens_per_s"],
