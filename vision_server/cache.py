@@ -73,15 +73,20 @@ class EncoderCache:
     def _size(slots: Sequence[EncodedImage]) -> int:
         return sum(s.features.numel() * s.features.element_size() for s in slots)
 
-    def get(self, key: bytes) -> tuple[EncodedImage, ...] | None:
+    def get(self, key: bytes, count: bool = True) -> tuple[EncodedImage, ...] | None:
+        """The entry (now the most recently used), or None. `count=False` leaves the hit/miss counters to
+        the caller, for lookups whose entries may still be turned down (`record`)."""
         with self._lock:
             slots = self._entries.get(key)
-            if slots is None:
-                self.stats.num_misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.stats.num_hits += 1
+            if slots is not None:
+                self._entries.move_to_end(key)
+            if count:
+                self.record(int(slots is not None), int(slots is None))
             return slots
+
+    def record(self, num_hits: int, num_misses: int) -> None:
+        self.stats.num_hits += num_hits
+        self.stats.num_misses += num_misses
 
     def put(self, key: bytes, slots: Sequence[EncodedImage]) -> None:
         size = self._size(slots)

@@ -208,21 +208,19 @@ class VisionEngine:
         every input runs, since the routes are decided over the whole request."""
         if self.cache is None:
             return [None] * len(keys)
-        hits = [self.cache.get(k) for k in keys]
         if self.info.flash is None:
-            return hits
-        if any(h is None for h in hits):
-            return [None] * len(hits)
+            return [self.cache.get(k) for k in keys]
+        hits = [self.cache.get(k, count=False) for k in keys]
         slots = [s for hit in hits if hit is not None for s in hit]
-        if any(s.gate_probs is None for s in slots):
-            return [None] * len(hits)
-        routes = self.replicas[0].routes(torch.cat([s.gate_probs for s in slots if s.gate_probs is not None]))
-        compressed = self.replicas[0].compressed_tokens_per_tile
-        cached = [t == compressed for s in slots for t in s.tokens_per_tile]
-        if routes.tolist() != cached:
-            self.counters["num_cache_route_mismatches"] += 1
-            return [None] * len(hits)
-        return hits
+        usable = all(h is not None for h in hits) and all(s.gate_probs is not None for s in slots)
+        if usable:
+            routes = self.replicas[0].routes(torch.cat([s.gate_probs for s in slots if s.gate_probs is not None]))
+            compressed = self.replicas[0].compressed_tokens_per_tile
+            if routes.tolist() != [t == compressed for s in slots for t in s.tokens_per_tile]:
+                self.counters["num_cache_route_mismatches"] += 1
+                usable = False
+        self.cache.record(len(keys) if usable else 0, 0 if usable else len(keys))
+        return hits if usable else [None] * len(hits)
 
     def _preprocess(self, item: MediaInput) -> list[torch.Tensor]:
         """Runs in the pool: one input -> per slot its pixel tiles."""
