@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import threading
 import time
@@ -223,13 +224,16 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     result: dict[str, object] = {"model": str(checkpoint), "device": args.device, "dtype": str(dtype).split(".")[-1],
                                  "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or "unknown",
-                                 "repeats": args.repeats}
+                                 "repeats": args.repeats,
+                                 # other work on the machine skews CPU timings; say how busy it was
+                                 "load_average_start": round(os.getloadavg()[0], 2)}
     result |= _throughput(checkpoint, args, dtype)
     if not args.skip_cache:
         result |= asyncio.run(_cache_effect(checkpoint, args))
     if args.concurrent > 0:
         result |= asyncio.run(_concurrent(checkpoint, args))
     result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["load_average_end"] = round(os.getloadavg()[0], 2)
     if args.json:
         print(json.dumps(result))
     else:
