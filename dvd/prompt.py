@@ -137,6 +137,9 @@ class ChatFormat:
 
         self.info = info
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(info.path))
+        processor_template = Path(info.path) / "chat_template.json"  # where HF processors keep theirs
+        if not self.tokenizer.chat_template and processor_template.exists():
+            self.tokenizer.chat_template = json.loads(processor_template.read_text()).get("chat_template")
         self.conversation = None
         if info.format == "github" and info.template:
             if info.template not in CONVERSATION_TEMPLATES:

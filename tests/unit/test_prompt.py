@@ -116,3 +116,20 @@ def test_unknown_conversation_template_is_named(tmp_path: Path, tiny_github: Pat
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"vicuna_v1\.1"):
         ChatFormat(open_checkpoint(copy))
+
+
+def test_processor_chat_template_json_is_used(tmp_path: Path, tiny_hf: Path) -> None:
+    """HF processors keep their template in chat_template.json; it counts as the checkpoint's own."""
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_hf, tmp_path / "c"))
+    (copy / "chat_template.jinja").unlink()
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    (copy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    chat = ChatFormat(open_checkpoint(copy))
+    assert chat.render([{"role": "user", "content": "<image>hi"}]) == "[user]<image>hi[assistant]"
+    assert chat.build([{"role": "user", "content": "<image>hi"}], 1).num_images == 1
