@@ -18,7 +18,7 @@ import torch
 from dvd.errors import DvdError, InvalidRequestError, PromptTooLongError
 from language_server.config import EngineConfig
 from language_server.kv_cache import PagedKVCache
-from language_server.model import LanguageHalf
+from language_server.model import LanguageHalf, SamplingParams
 from language_server.request import EngineRequest, FinishReason, RequestOutput
 from language_server.runner import ModelRunner
 from language_server.sampling import sample
@@ -72,12 +72,18 @@ class Engine:
     def add(self, request: EngineRequest) -> None:
         """Validate and queue; raises InvalidRequestError (or a subclass) for a request that cannot run."""
         self.validate(request.prompt_ids, request.sampling.max_new_tokens)
-        if request.sampling.stop_strings and self.decode is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this engine was built without one")
+        self.validate_sampling(request.sampling)
         self._inbox.put(("add", request))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def validate_sampling(self, sampling: SamplingParams) -> None:
+        bad = next((t for t in sampling.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:  # caught here: inside a step it would fail the whole batch
+            raise InvalidRequestError(f"stop token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if sampling.stop_strings and self.decode is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine was built without one")
 
     def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:

@@ -186,6 +186,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             raise InvalidRequestError(f"num_images is {request.num_images}, so segments must have "
                                       f"{request.num_images + 1} pieces; got {len(segments)}")
         sampling = sampling_from_proto(request.sampling, self.chat.stop_token_ids)
+        self.engine.validate_sampling(sampling)
         text = [t for s in segments for t in s]
         if not text and not request.num_images:
             raise InvalidRequestError("prompt is empty")

@@ -147,6 +147,10 @@ BAD = {
     "repetition_penalty must be > 0, got 0.0": lambda chat: generate_request(chat, "b", "hi", repetition_penalty=0),
     "num_images is 1, so segments must have 2 pieces; got 1": lambda chat: _with_images(chat, 1),
     "request_id is empty": lambda chat: generate_request(chat, "", "hi"),
+    "stop token id 70000 is outside the vocabulary": lambda chat: generate_request(chat, "b", "hi",
+                                                                                   stop_token_ids=[70000]),
+    "stop_token_ids must be >= 0": lambda chat: generate_request(chat, "b", "hi", stop_token_ids=[-1]),
+    "top_k must be >= 0, got -2": lambda chat: generate_request(chat, "b", "hi", top_k=-2),
     "prompt is 9000 tokens, longer than the context limit of 8192": lambda chat: _with_ids(chat, [5] * 9000),
 }
 
