@@ -42,6 +42,7 @@ class BenchConfig:
     dtype: str
     block_size: int
     max_batch_tokens: int
+    linear_backend: str
     seed: int
     as_json: bool
     hf_batch: bool
@@ -126,19 +127,14 @@ def run_hf_batch(language: LanguageHalf, config: BenchConfig, concurrency: int) 
 
     prompts = _prompts(config, max(concurrency, config.min_requests), language.vocab_size, salt=concurrency)
     model = language.model
-    attention = model.config._attn_implementation
-    model.config._attn_implementation = "sdpa"  # its paged path picks its own attention from this
     blocks = -(-(config.prompt_max + config.new_tokens) // config.block_size) * len(prompts) + 1
     cb = ContinuousBatchingConfig(page_size=config.block_size, num_blocks=blocks,
                                   max_batch_tokens=config.max_batch_tokens, max_requests_per_batch=concurrency)
     generation = GenerationConfig(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens,
                                   do_sample=False, eos_token_id=None, pad_token_id=0)
-    try:
-        clock = _Clock(config.threads)
-        results = model.generate_batch(inputs=prompts, generation_config=generation, continuous_batching_config=cb)
-        rates = clock.rates(sum(len(r.generated_tokens) for r in results.values()))
-    finally:
-        model.config._attn_implementation = attention
+    clock = _Clock(config.threads)
+    results = model.generate_batch(inputs=prompts, generation_config=generation, continuous_batching_config=cb)
+    rates = clock.rates(sum(len(r.generated_tokens) for r in results.values()))
     return {"concurrency": concurrency, "requests": len(prompts), **rates}
 
 
@@ -182,6 +178,8 @@ def parse(argv: list[str]) -> BenchConfig:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
+    parser.add_argument("--linear-backend", choices=["torch", "onednn"], default="onednn",
+                        help="the engine's linear-layer kernel (the baseline always runs transformers' own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     parser.add_argument("--hf-batch", action="store_true",
@@ -192,7 +190,8 @@ def parse(argv: list[str]) -> BenchConfig:
         concurrency=tuple(int(c) for c in args.concurrency.split(",")), new_tokens=args.new_tokens,
         prompt_min=args.prompt_min, prompt_max=args.prompt_max, min_requests=args.min_requests,
         baseline_requests=args.baseline_requests, threads=args.threads, dtype=args.dtype,
-        block_size=args.block_size, max_batch_tokens=args.max_batch_tokens, seed=args.seed, as_json=args.as_json,
+        block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
+        linear_backend=args.linear_backend, seed=args.seed, as_json=args.as_json,
         hf_batch=args.hf_batch,
     )
 
@@ -208,28 +207,32 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     language = LanguageHalf.from_checkpoint(path, dtype=DTYPES[config.dtype])
     load_s = time.perf_counter() - t0
+    say = (lambda *a: None) if config.as_json else print
+    say(f"loaded {path.name} ({config.dtype}) in {load_s:.1f}s")
+    # transformers first, on the model exactly as transformers built it (the engine converts its linear
+    # layers when its backend is onednn).
+    warmup = _prompts(config, 1, language.vocab_size, salt=-1)[0]
+    language.generate(warmup, -1, None, SamplingParams(max_new_tokens=2))
+    baseline = run_baseline(language, config)
+    say(f"transformers generate, one at a time: {baseline['tokens_per_s']:.2f} tok/s")
+    hf_batch = run_hf_batch(language, config, 16) if config.hf_batch else None
+    if hf_batch is not None:
+        say(f"transformers generate_batch, 16 requests: {hf_batch['tokens_per_s']:.2f} tok/s")
     per_request = config.prompt_max + config.new_tokens
     blocks = -(-per_request // config.block_size) * max(config.concurrency) + 1
     engine_config = EngineConfig(block_size=config.block_size, num_blocks=blocks,
                                  max_batch_tokens=config.max_batch_tokens,
-                                 max_running_requests=max(config.concurrency))
+                                 max_running_requests=max(config.concurrency), linear_backend=config.linear_backend)
     engine = Engine(language, engine_config)
-    say = (lambda *a: None) if config.as_json else print
-    say(f"loaded {path.name} ({config.dtype}) in {load_s:.1f}s; KV cache {engine.cache.nbytes / 2**20:.0f} MiB")
-    warmup = _prompts(config, 1, engine.vocab_size, salt=-1)[0]
+    say(f"engine: KV cache {engine.cache.nbytes / 2**20:.0f} MiB, linear layers on {config.linear_backend}")
     engine.add(EngineRequest("warmup", warmup, SamplingParams(max_new_tokens=2)))
     engine.run_until_done()
-    baseline = run_baseline(language, config)
-    say(f"transformers generate, one at a time: {baseline['tokens_per_s']:.2f} tok/s")
     levels = []
     for c in config.concurrency:
         levels.append(run_engine(engine, config, c))
         r = levels[-1]
         say(f"engine c={c:3d}: {r['tokens_per_s']:7.2f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.0f} ms "
             f"p99 {r['ttft_p99_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.0f} ms p99 {r['tpot_p99_ms']:6.0f} ms")
-    hf_batch = run_hf_batch(language, config, 16) if config.hf_batch else None
-    if hf_batch is not None:
-        say(f"transformers generate_batch, 16 requests: {hf_batch['tokens_per_s']:.2f} tok/s")
     at16 = next((r for r in levels if r["concurrency"] == 16), None)
     result = {
         "model": config.preset, "dtype": config.dtype, "threads": config.threads,

@@ -25,8 +25,13 @@ class EngineConfig:
     # Stop strings are searched in the text of this many trailing tokens (enough for any stop string
     # shorter than about this many tokens), so the check costs the same at every length.
     stop_string_window_tokens: int = 16
+    # Kernel for the LLM's linear layers (linear.py): "torch" as transformers built it, or "onednn"
+    # (CPU only; converts the model in place, so give the engine a model of its own).
+    linear_backend: str = "torch"
 
     def __post_init__(self) -> None:
+        from language_server.linear import LINEAR_BACKENDS
+
         checks = [
             (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
             (self.num_blocks >= 2, f"num_blocks must be >= 2, got {self.num_blocks}"),
@@ -34,6 +39,8 @@ class EngineConfig:
             (self.max_running_requests >= 1, f"max_running_requests must be >= 1, got {self.max_running_requests}"),
             (self.max_queued_requests >= 1, f"max_queued_requests must be >= 1, got {self.max_queued_requests}"),
             (self.stop_string_window_tokens >= 1, "stop_string_window_tokens must be >= 1"),
+            (self.linear_backend in LINEAR_BACKENDS,
+             f"linear_backend must be one of {sorted(LINEAR_BACKENDS)}, got {self.linear_backend!r}"),
         ]
         for ok, message in checks:
             if not ok:

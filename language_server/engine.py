@@ -60,7 +60,7 @@ class Engine:
         self.cache = PagedKVCache(config, text.num_hidden_layers, text.num_key_value_heads, head_dim,
                                   language.dtype, language.device)
         self.scheduler = Scheduler(config, self.cache)
-        self.runner = ModelRunner(language, self.cache)
+        self.runner = ModelRunner(language, self.cache, config.linear_backend)
         self.decode = decode
         self.context_limit = language.context_limit
         self.vocab_size = language.vocab_size

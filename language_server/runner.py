@@ -12,19 +12,21 @@ import torch
 
 from language_server.attention import PagedAttentionMetadata, PrefillSegment, register
 from language_server.kv_cache import PagedKVCache
+from language_server.linear import LINEAR_BACKENDS
 from language_server.model import LanguageHalf
 from language_server.request import EngineRequest
 from language_server.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, language: LanguageHalf, cache: PagedKVCache) -> None:
+    def __init__(self, language: LanguageHalf, cache: PagedKVCache, linear_backend: str = "torch") -> None:
         self.language = language
         self.model = language.model
         self.cache = cache
         # Selected per model object; without the engine's metadata it falls back to SDPA (see attention.py).
         self.model.config._attn_implementation = register()
         self.embedding = self.model.get_input_embeddings()
+        LINEAR_BACKENDS[linear_backend](self.model)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

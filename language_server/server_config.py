@@ -48,9 +48,10 @@ class LanguageServerConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LanguageServerConfig:
+        linear = args.linear_backend or ("onednn" if args.device == "cpu" else "torch")
         engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                               max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running,
-                              max_queued_requests=args.max_queued)
+                              max_queued_requests=args.max_queued, linear_backend=linear)
         return cls(
             model=Path(args.model), device=args.device, dtype=args.dtype or "", host=args.host, port=args.port,
             transport_kind=args.transport, transport_port=args.transport_port, token=args.token,
@@ -80,3 +81,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one forward pass (512)")
     parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
+    parser.add_argument("--linear-backend", choices=["torch", "onednn"],
+                        help="kernel for the LLM's linear layers (default onednn on cpu, torch elsewhere)")

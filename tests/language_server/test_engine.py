@@ -4,6 +4,7 @@ through chunked prefill and preemption; sampling controls; finish reasons; abort
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,13 @@ def test_admission_refusals_name_the_problem(language: LanguageHalf) -> None:
         engine.validate([1] * (limit + 5), 1)
     with pytest.raises(KVCapacityError, match="needs up to 100 tokens of KV cache; the engine holds 64"):
         engine.validate([1] * 90, 10)
+
+
+def test_onednn_linear_backend_keeps_outputs(tiny_hf: Path, chat: ChatFormat, image_features: list[torch.Tensor],
+                                             monolithic: InternVLForConditionalGeneration) -> None:
+    own = LanguageHalf.from_checkpoint(tiny_hf)  # the backend converts the model in place: not the shared one
+    requests = mixed_requests(chat, image_features, count=8)
+    engine = make_engine(own, linear_backend="onednn")
+    assert not any(isinstance(m, torch.nn.Linear) for m in own.model.modules())
+    for (ids, images), got in zip(requests, run(engine, requests, greedy(chat)), strict=True):
+        assert got == monolithic_generate(monolithic, ids, images, chat)
