@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -65,7 +65,10 @@ class Engine:
         self.context_limit = language.context_limit
         self.vocab_size = language.vocab_size
         self.requests: dict[str, EngineRequest] = {}
-        self.stats = EngineStats(num_kv_blocks=config.num_blocks)
+        # Counters move during a step; `stats` is a consistent snapshot published after each step
+        # (one reference swap), so a reader on another thread never sees half a step.
+        self._counters = EngineStats(num_kv_blocks=config.num_blocks)
+        self.stats = replace(self._counters)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
     # --- any thread -----------------------------------------------------------------------------
@@ -126,7 +129,9 @@ class Engine:
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with an error (after a step raised: the batch state can no longer be trusted)."""
         outputs = self._apply_commands()
-        return outputs + [self._finish(r, FinishReason.ERROR, error=error) for r in list(self.requests.values())]
+        outputs += [self._finish(r, FinishReason.ERROR, error=error) for r in list(self.requests.values())]
+        self._update_stats(0)
+        return outputs
 
     def _apply_commands(self) -> list[RequestOutput]:
         outputs = []
@@ -135,9 +140,9 @@ class Engine:
             if kind == "add":
                 self.requests[item.request_id] = item
                 self.scheduler.add(item)
-                self.stats.num_requests_added += 1
+                self._counters.num_requests_added += 1
             elif item in self.requests:
-                self.stats.num_requests_aborted += 1
+                self._counters.num_requests_aborted += 1
                 outputs.append(self._finish(self.requests[item], FinishReason.ABORTED))
         return outputs
 
@@ -150,7 +155,7 @@ class Engine:
         for request, token in zip(sampled, tokens, strict=True):
             request.token_ids.append(token)
             request.first_token_time = request.first_token_time or now
-            self.stats.num_output_tokens += 1
+            self._counters.num_output_tokens += 1
             reason = self._finish_reason(request, token)
             if reason is None:
                 outputs.append(RequestOutput(request.request_id, (token,), False))
@@ -177,11 +182,11 @@ class Engine:
         request.finish_reason, request.error = reason, error
         request.images = []  # drop the features now: their bytes go back to the receive pool
         del self.requests[request.request_id]
-        self.stats.num_requests_finished += 1
+        self._counters.num_requests_finished += 1
         return RequestOutput(request.request_id, new, True, reason, error, request.num_prompt, request.num_output)
 
     def _update_stats(self, num_batch_tokens: int) -> None:
-        s = self.stats
+        s = self._counters
         s.num_steps += 1
         s.num_batch_tokens += num_batch_tokens
         s.num_preemptions = self.scheduler.num_preemptions
@@ -189,4 +194,5 @@ class Engine:
         s.num_kv_blocks_used = self.cache.allocator.num_used
         s.num_feature_bytes_held = sum(f.numel() * f.element_size() for r in self.requests.values()
                                        for _, f in r.images)
+        self.stats = replace(s)
 
