@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from language_server.linear import LINEAR_BACKENDS
+
 MiB = 1 << 20
 
 
@@ -30,8 +32,6 @@ class EngineConfig:
     linear_backend: str = "torch"
 
     def __post_init__(self) -> None:
-        from language_server.linear import LINEAR_BACKENDS
-
         checks = [
             (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
             (self.num_blocks >= 2, f"num_blocks must be >= 2, got {self.num_blocks}"),

@@ -271,8 +271,10 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> Any:
         serving = not self.draining
         status = common_pb2.HealthResponse.SERVING if serving else common_pb2.HealthResponse.NOT_SERVING
+        stats, engine = self.engine.stats, self.engine.config
         detail = (f"{'serving' if serving else 'draining'}: {len(self.streams)} requests in the engine, "
-                  f"{len(self.waiting)} waiting for features")
+                  f"{len(self.waiting)} waiting for features; KV cache {stats.num_kv_blocks_used} of "
+                  f"{engine.num_blocks} blocks used ({engine.kv_capacity_tokens} tokens)")
         return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.config.model),
                                          transport_address=self.receiver.address)
 
