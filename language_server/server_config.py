@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind, gRPC and transport (127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
-    parser.add_argument("--transport", default="tcp", help="feature transport: tcp or rdma (inproc for tests)")
+    parser.add_argument("--transport", default="tcp", help="feature transport: tcp or rdma (tcp)")
     parser.add_argument("--transport-port", type=int, default=0, help="transport port (0 picks; see Health)")
     parser.add_argument("--token", help="shared transport token the vision servers must present")
     parser.add_argument("--feature-pool-mib", type=float, default=512, help="most feature bytes held waiting (512)")
