@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import zlib
 from collections.abc import AsyncIterator
@@ -79,12 +80,19 @@ class Sender(abc.ABC):
         await self.close()
 
 
+END_OF_FRAMES = object()  # put on a receiver's queue by close(): every iterator ends
+
+
 class Receiver(abc.ABC):
-    """Accepts senders at `address` and yields complete, validated frames in arrival order."""
+    """Accepts senders at `address` and yields complete, validated frames in arrival order.
+
+    Subclasses put each complete frame on `self._queue` (from any thread, via the loop) and
+    `END_OF_FRAMES` when they close."""
 
     def __init__(self, config: TransportConfig) -> None:
         self.config = config
         self.stats = TransportStats()
+        self._queue: asyncio.Queue[Frame | object] = asyncio.Queue()
 
     @property
     @abc.abstractmethod
@@ -99,9 +107,16 @@ class Receiver(abc.ABC):
     async def close(self) -> None:
         """Stop accepting, drop every connection and end iteration."""
 
-    @abc.abstractmethod
-    def __aiter__(self) -> AsyncIterator[Frame]:
+    async def __aiter__(self) -> AsyncIterator[Frame]:
         """Complete frames, as they arrive; iteration ends after `close()`."""
+        while True:
+            item = await self._queue.get()
+            if item is END_OF_FRAMES:
+                self._queue.put_nowait(END_OF_FRAMES)  # every other iterator ends too
+                return
+            assert isinstance(item, Frame)
+            yield item
+            item = None  # hold no frame while waiting: its pool bytes are the consumer's to release
 
     async def __aenter__(self) -> Receiver:
         await self.start()

@@ -13,11 +13,10 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
 
 import torch
 
-from transport.base import Frame, Receiver, Sender, check_outgoing, tensor_on, verify_checksum
+from transport.base import END_OF_FRAMES, Frame, Receiver, Sender, check_outgoing, tensor_on, verify_checksum
 from transport.config import TransportConfig
 from transport.errors import (
     DuplicateFrameError,
@@ -31,7 +30,6 @@ from transport.wire import FeatureHeader, decode, encode
 
 logger = logging.getLogger(__name__)
 INPROC_SCHEME = "inproc://"
-_END = object()
 
 
 class InprocHub:
@@ -51,7 +49,6 @@ class InprocReceiver(Receiver):
         self.pool = ReceivePool(config.receive_pool_bytes)
         self.recent_keys = RecentKeys()
         self._name = ""
-        self._queue: asyncio.Queue[Frame | object] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -99,21 +96,12 @@ class InprocReceiver(Receiver):
         self._loop.call_soon_threadsafe(self._queue.put_nowait, frame)
         return 1
 
-    async def __aiter__(self) -> AsyncIterator[Frame]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                self._queue.put_nowait(_END)
-                return
-            assert isinstance(item, Frame)
-            yield item
-
     async def close(self) -> None:
         if self.hub.receivers.get(self._name) is self:
             del self.hub.receivers[self._name]
         self.pool.close()
         with contextlib.suppress(RuntimeError):
-            self._queue.put_nowait(_END)
+            self._queue.put_nowait(END_OF_FRAMES)
 
 
 class InprocSender(Sender):

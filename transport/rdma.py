@@ -18,7 +18,6 @@ import array
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ import ucxx
 
 from transport import handshake
 from transport.base import (
+    END_OF_FRAMES,
     TORCH_DTYPES,
     Frame,
     Receiver,
@@ -56,7 +56,6 @@ from transport.wire import (
 
 logger = logging.getLogger(__name__)
 RDMA_SCHEME = "rdma://"
-_END = object()
 
 
 def _init_ucx(config: TransportConfig) -> None:
@@ -99,7 +98,6 @@ class RdmaReceiver(Receiver):
         self.pool = ReceivePool(config.receive_pool_bytes)
         self.recent_keys = RecentKeys()
         self._listener: Any = None
-        self._queue: asyncio.Queue[Frame | object] = asyncio.Queue()
         self._endpoints: set[Any] = set()
         self._handlers: set[asyncio.Event] = set()
         self.closing = False
@@ -212,15 +210,6 @@ class RdmaReceiver(Receiver):
         self.stats.num_bytes += header.nbytes
         self._queue.put_nowait(Frame(header, tensor, peer))
 
-    async def __aiter__(self) -> AsyncIterator[Frame]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                self._queue.put_nowait(_END)
-                return
-            assert isinstance(item, Frame)
-            yield item
-
     async def close(self) -> None:
         if self.closing:
             return
@@ -234,7 +223,7 @@ class RdmaReceiver(Receiver):
                 await asyncio.wait_for(done.wait(), self.config.connect_timeout_s)
         if self._listener is not None:
             self._listener.close()
-        self._queue.put_nowait(_END)
+        self._queue.put_nowait(END_OF_FRAMES)
         logger.info("rdma receiver closed")
 
 

@@ -16,17 +16,15 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator
 
 from transport import handshake, stream
-from transport.base import Frame, Receiver, tensor_on, verify_checksum
+from transport.base import END_OF_FRAMES, Frame, Receiver, tensor_on, verify_checksum
 from transport.config import TransportConfig
 from transport.errors import PeerLostError, ProtocolError, TransportError
 from transport.pool import PoolClosedError, ReceivePool, RecentKeys
 from transport.wire import Auth, FeatureHeader, Heartbeat, Hello, Refuse, Reject
 
 logger = logging.getLogger(__name__)
-_END = object()
 
 
 class _Inbound:
@@ -148,7 +146,6 @@ class TcpReceiver(Receiver):
         self._inbound: set[_Inbound] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
-        self._queue: asyncio.Queue[Frame | object] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # Heartbeats run on their own thread: a consumer that blocks its event loop (a long prefill)
@@ -210,15 +207,6 @@ class TcpReceiver(Receiver):
                 else:
                     inbound.control(Heartbeat())
 
-    async def __aiter__(self) -> AsyncIterator[Frame]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                self._queue.put_nowait(_END)  # every other iterator ends too
-                return
-            assert isinstance(item, Frame)
-            yield item
-
     async def close(self) -> None:
         if self.closing:
             return
@@ -238,5 +226,5 @@ class TcpReceiver(Receiver):
             stream.shutdown(inbound.sock)
         for inbound in connections:
             await asyncio.to_thread(inbound.thread.join, self.config.connect_timeout_s)
-        self._queue.put_nowait(_END)
+        self._queue.put_nowait(END_OF_FRAMES)
         logger.info("tcp receiver closed")

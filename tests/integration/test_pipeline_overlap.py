@@ -97,7 +97,8 @@ def test_client_going_away_aborts_on_both_halves_and_sigterm_stops_all(tiny_hf: 
         stream = client.chat.completions.create(
             model="tiny-hf", max_tokens=4000, temperature=0, stream=True, extra_body={"min_tokens": 4000},
             messages=[{"role": "user", "content": "Go on forever."}])
-        next(iter(stream))
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the role chunk, then a token: the request is decoding
         stream.close()
         # the language server reports the abort (the gateway polls its Stats every 2 s)
         deadline = time.monotonic() + 60
