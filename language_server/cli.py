@@ -13,12 +13,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
-import sys
 
-from dvd.errors import DvdError
+from dvd.process import configure_logging, run_process, until_stop_signal
 from language_server.server_config import LanguageServerConfig
 from language_server.server_config import add_arguments as add_config_arguments
 
@@ -33,17 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def serve(config: LanguageServerConfig) -> int:
     from language_server.service import LanguageServer
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     server = LanguageServer(config)
     await server.start()
     cache = server.engine.cache
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", config.engine.num_blocks,
                 config.engine.block_size, config.engine.kv_capacity_tokens, cache.nbytes / 2**20)
     print(f"dvd language serving on {server.address} features on {server.receiver.address}", flush=True)
-    await stop.wait()
+    await until_stop_signal()
     logger.info("signal received: shutting down")
     await server.stop()
     print("dvd language stopped", flush=True)
@@ -51,13 +44,5 @@ async def serve(config: LanguageServerConfig) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        config = LanguageServerConfig.from_args(args)
-        return asyncio.run(serve(config))
-    except (DvdError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    configure_logging(args.log_level)
+    return run_process(lambda: serve(LanguageServerConfig.from_args(args)))

@@ -27,6 +27,7 @@ from dvd.errors import (
     PromptTooLongError,
     UnavailableError,
 )
+from dvd.process import start_grpc_server
 from dvd.prompt import ChatFormat
 from language_server.engine import Engine, KVCapacityError
 from language_server.engine_loop import EngineLoop
@@ -326,14 +327,9 @@ class LanguageServer:
         self.service.loop = EngineLoop(self.engine, asyncio.get_running_loop(), self.service.deliver)
         self.service.loop.start()
         self._tasks.append(asyncio.create_task(self.service.receive_features()))
-        limit = self.config.max_message_bytes
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                                ("grpc.max_send_message_length", limit)])
-        language_pb2_grpc.add_LanguageServicer_to_server(self.service, self._server)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if not self.port:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
-        await self._server.start()
+        self._server, self.port = await start_grpc_server(
+            lambda server: language_pb2_grpc.add_LanguageServicer_to_server(self.service, server),
+            self.config.host, self.config.port, self.config.max_message_bytes)
 
     async def stop(self) -> None:
         """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
 
+from dvd.process import start_grpc_server, until_stop_signal
 from pipeline.backends.base import Backend
 from pipeline.grpc_frontend import GenerationService
 from pipeline.http_app import OpenAIFrontend
@@ -54,12 +53,10 @@ class Gateway:
         site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
-        self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
-        generation_pb2_grpc.add_GenerationServicer_to_server(
-            GenerationService(self.backend, self.config.limits, self.frontend, self.config.max_concurrency),
-            self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
-        await self._grpc.start()
+        service = GenerationService(self.backend, self.config.limits, self.frontend, self.config.max_concurrency)
+        self._grpc, self.grpc_port = await start_grpc_server(
+            lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
+            self.config.host, self.config.grpc_port, 256 << 20)
 
     async def stop(self) -> None:
         if self._grpc is not None:
@@ -68,9 +65,5 @@ class Gateway:
             await self._runner.cleanup()
 
     async def serve_forever(self) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stop_signal()
         log.warning("shutting down")

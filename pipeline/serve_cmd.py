@@ -10,11 +10,11 @@ stops every process this command started.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
+from dvd.process import configure_logging, run_process
 from pipeline.gateway import Gateway, GatewayConfig
 from pipeline.openai_parse import ApiLimits
 
@@ -80,10 +80,7 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    configure_logging(args.log_level)
     try:
         limits = ApiLimits(max_images=args.max_images, max_image_bytes=args.max_image_bytes,
                            allow_local_files=args.allow_local_files, allow_remote_urls=args.allow_remote_urls)
@@ -92,4 +89,4 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(args, config))
+    return run_process(lambda: _serve(args, config))

@@ -12,12 +12,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
-import sys
 
-from dvd.errors import DvdError
+from dvd.process import configure_logging, run_process, until_stop_signal
 from vision_server.config import VisionServerConfig
 from vision_server.config import add_arguments as add_config_arguments
 
@@ -33,15 +30,11 @@ async def serve(config: VisionServerConfig) -> int:
     from vision_server.engine import describe
     from vision_server.service import VisionServer
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     server = VisionServer(config)
     await server.start()
     logger.info("config %s", describe(config))
     print(f"dvd vision serving on {server.address}", flush=True)
-    await stop.wait()
+    await until_stop_signal()
     logger.info("signal received: shutting down")
     await server.stop()
     print("dvd vision stopped", flush=True)
@@ -49,13 +42,5 @@ async def serve(config: VisionServerConfig) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        config = VisionServerConfig.from_args(args)
-        return asyncio.run(serve(config))
-    except (DvdError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    configure_logging(args.log_level)
+    return run_process(lambda: serve(VisionServerConfig.from_args(args)))

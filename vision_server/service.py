@@ -18,6 +18,7 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
 from dvd.errors import DvdError, ImageTooLargeError, InvalidRequestError
+from dvd.process import start_grpc_server
 from proto.dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from transport import DuplicateFrameError, FrameTooLargeError, HandshakeError, PeerLostError
 from vision_server.batcher import ShuttingDownError
@@ -120,14 +121,9 @@ class VisionServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        limit = self.config.max_message_bytes
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                                ("grpc.max_send_message_length", limit)])
-        vision_pb2_grpc.add_VisionServicer_to_server(self.service, self._server)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if not self.port:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
-        await self._server.start()
+        self._server, self.port = await start_grpc_server(
+            lambda server: vision_pb2_grpc.add_VisionServicer_to_server(self.service, server),
+            self.config.host, self.config.port, self.config.max_message_bytes)
 
     async def stop(self) -> None:
         """Drain: refuse new work, give in-flight requests `drain_timeout_s`, fail what is left, release all."""
