@@ -9,6 +9,8 @@ from typing import Any
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas; finds stop strings as they complete.
 
+    Each step decodes only the tokens since the last clean point (plus the few before it, so byte
+    merges resolve), not the whole output: the cost per token stays flat however long the answer.
     Text that could still be the start of a stop string, or an incomplete UTF-8 sequence, is held
     back until it is known, so a client never sees part of a stop string.
     """
@@ -18,16 +20,29 @@ class IncrementalDecoder:
         self.stop_token_ids = set(stop_token_ids)
         self.stop_strings = tuple(stop_strings)
         self.token_ids: list[int] = []
+        self.text = ""  # decoded so far (complete characters only until flush)
         self.num_emitted_chars = 0
-        self.text = ""
         self.stopped = False
+        # ids[prefix_offset:read_offset] decode to text already in self.text (vLLM's scheme)
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Feed new tokens; returns the text that is now safe to send."""
         if self.stopped:
             return ""
         self.token_ids += [t for t in token_ids if t not in self.stop_token_ids]
-        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        seen = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        now = self._decode(self.token_ids[self._prefix_offset :])
+        if len(now) > len(seen) and not now.endswith("\ufffd"):
+            self.text += now[len(seen) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return self._after_growth()
+
+    def _after_growth(self) -> str:
         for stop in self.stop_strings:
             at = self.text.find(stop, max(0, self.num_emitted_chars - len(stop)))
             if at != -1:
@@ -35,15 +50,21 @@ class IncrementalDecoder:
                 self.stopped = True
         safe = len(self.text)
         if not self.stopped:
-            hold = 1 if self.text.endswith("\ufffd") else 0
+            hold = 0
             for stop in self.stop_strings:
                 hold = max([hold, *(k for k in range(1, len(stop)) if self.text.endswith(stop[:k]))])
             safe -= hold
         return self._emit(max(safe, self.num_emitted_chars))
 
     def flush(self) -> str:
-        """At the end: everything not yet sent."""
-        return self._emit(len(self.text))
+        """At the end: everything not yet sent, an incomplete character included."""
+        delta = ""
+        if not self.stopped:
+            seen = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+            self.text += self._decode(self.token_ids[self._prefix_offset :])[len(seen) :]
+            self._read_offset = self._prefix_offset = len(self.token_ids)
+            delta = self._after_growth()
+        return delta + self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
         delta = self.text[self.num_emitted_chars : upto]

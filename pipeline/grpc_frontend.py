@@ -11,6 +11,7 @@ import grpc
 from dvd.errors import OverloadedError
 from pipeline.backends.base import Backend
 from pipeline.detokenize import IncrementalDecoder
+from pipeline.http_app import OpenAIFrontend
 from pipeline.openai_parse import ApiLimits, as_api_error, parse_chat_body
 from pipeline.requests import FinishReason, StageTimings
 from proto.dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -53,10 +54,10 @@ def _timings(timings: StageTimings | None) -> generation_pb2.StageTimings:
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, backend: Backend, limits: ApiLimits, frontend_in_flight: Any, max_concurrency: int) -> None:
+    def __init__(self, backend: Backend, limits: ApiLimits, frontend: OpenAIFrontend, max_concurrency: int) -> None:
         self.backend = backend
         self.limits = limits
-        self.frontend = frontend_in_flight  # shares the HTTP frontend's in-flight count and metrics
+        self.frontend = frontend  # one in-flight count and one set of metrics for both APIs
         self.max_concurrency = max_concurrency
 
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
