@@ -3,12 +3,16 @@ process it started, checking that none is left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import selectors
 import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -73,3 +77,38 @@ class ServeProcess:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+
+def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """The next line a server process prints on stdout, or TimeoutError when it prints nothing."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout_s):
+            raise TimeoutError(f"{proc.args} printed nothing in {timeout_s:.0f}s")
+    return proc.stdout.readline()
+
+
+def post_chat(base_url: str, body: bytes | dict) -> tuple[int, dict]:
+    """(status, JSON answer) of POST /v1/chat/completions, error statuses included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(base_url + "/v1/chat/completions", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def metrics_text(base_url: str) -> str:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as response:
+        return response.read().decode()
+
+
+def metric(base_url: str, name: str) -> float:
+    """One unlabelled sample from /metrics (NaN when absent)."""
+    for line in metrics_text(base_url).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return float("nan")

@@ -22,7 +22,7 @@ from pipeline.client import GenerationClient
 from pipeline.local import LocalPipeline
 from tests.conftest import encode, photo_like
 from tests.integration.test_split_equals_monolithic import monolithic_reference
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, metrics_text, post_chat
 
 NEW = 8
 MODES = ["coupled", "disaggregated"]
@@ -102,16 +102,6 @@ def test_grpc_client_equals_monolithic(served: ServeProcess, reference: tuple) -
     assert out.text == reference[0].chat.decode(expected)
 
 
-def _post(url: str, body: bytes | dict) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + "/v1/chat/completions", data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
 
 def _user(content: object, **extra: object) -> dict:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
@@ -138,16 +128,12 @@ def _user(content: object, **extra: object) -> dict:
 )
 def test_errors_name_the_problem_and_the_server_keeps_serving(served: ServeProcess, body: object, status: int,
                                                                needle: str) -> None:
-    got, answer = _post(served.http_url, body)
+    got, answer = post_chat(served.http_url, body)
     assert got == status, answer
     assert needle in answer["error"]["message"], answer
-    ok, answer = _post(served.http_url, _user("still there?"))
+    ok, answer = post_chat(served.http_url, _user("still there?"))
     assert ok == 200, answer
 
-
-def _metrics(served: ServeProcess) -> str:
-    with urllib.request.urlopen(served.http_url + "/metrics", timeout=30) as response:
-        return response.read().decode()
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
@@ -164,13 +150,13 @@ def test_concurrency_limit_gives_429_and_client_disconnect_aborts(served: ServeP
             "extra_body": {"min_tokens": 4000}, "stream": True, "model": "tiny-hf", "temperature": 0}
     first, second = client.chat.completions.create(**long), client.chat.completions.create(**long)
     next(iter(first)), next(iter(second))  # both in flight: the limit (2) is reached
-    status, answer = _post(served.http_url, _user("one more"))
+    status, answer = post_chat(served.http_url, _user("one more"))
     assert status == 429 and "limit" in answer["error"]["message"]
     first.close(), second.close()  # clients go away: both requests are aborted, capacity comes back
-    _wait_for(lambda: "dvd_backend_requests_in_flight 0.0" in _metrics(served), timeout_s=60)
-    status, answer = _post(served.http_url, _user("after"))
+    _wait_for(lambda: "dvd_backend_requests_in_flight 0.0" in metrics_text(served.http_url), timeout_s=60)
+    status, answer = post_chat(served.http_url, _user("after"))
     assert status == 200, answer
-    metrics = _metrics(served)
+    metrics = metrics_text(served.http_url)
     assert 'dvd_requests_total{outcome="client_gone"} 2.0' in metrics
     assert "dvd_stage_latency_seconds_bucket" in metrics and "dvd_requests_total" in metrics
     assert 'dvd_requests_total{outcome="http_429"}' in metrics

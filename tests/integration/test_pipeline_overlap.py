@@ -5,10 +5,7 @@ is gone afterwards."""
 from __future__ import annotations
 
 import base64
-import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -16,7 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import encode, photo_like
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, metric, post_chat
 
 IMAGE_URL = "data:image/jpeg;base64," + base64.b64encode(encode(photo_like(900, 600, 3), "JPEG")).decode()
 
@@ -48,15 +45,6 @@ def test_encode_of_one_request_overlaps_decode_of_another(tiny_hf: Path) -> None
     assert served.leftover_children == []
 
 
-def _status(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
 
 def _children_named(served: ServeProcess, kind: str) -> list[psutil.Process]:
     return [p for p in served.children() if f"dvd {kind}" in " ".join(p.cmdline()).replace("-m dvd", "dvd")]
@@ -75,18 +63,11 @@ def test_dead_replicas(tiny_hf: Path, kill: str) -> None:
                 _image_request(client)
         else:
             body = {"model": "tiny-hf", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-            status, answer = _status(served.http_url, body)
+            status, answer = post_chat(served.http_url, body)
             assert status == 503, answer
             assert "language" in answer["error"]["message"]
     assert served.leftover_children == []
 
-
-def _metric(served: ServeProcess, name: str) -> float:
-    with urllib.request.urlopen(served.http_url + "/metrics", timeout=30) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return float("nan")
 
 
 def test_client_going_away_aborts_on_both_halves_and_sigterm_stops_all(tiny_hf: Path) -> None:
@@ -102,10 +83,10 @@ def test_client_going_away_aborts_on_both_halves_and_sigterm_stops_all(tiny_hf: 
         stream.close()
         # the language server reports the abort (the gateway polls its Stats every 2 s)
         deadline = time.monotonic() + 60
-        while _metric(served, "dvd_backend_language0_num_requests_aborted") < 1:
+        while metric(served.http_url, "dvd_backend_language0_num_requests_aborted") < 1:
             assert time.monotonic() < deadline, served.output[-3000:]
             time.sleep(0.1)
-        assert _metric(served, "dvd_backend_language0_num_kv_blocks_used") == 0
+        assert metric(served.http_url, "dvd_backend_language0_num_kv_blocks_used") == 0
         _image_request(client)  # and it goes on serving
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert served.leftover_children == []

@@ -3,7 +3,6 @@ running request finish, then exits 0."""
 
 from __future__ import annotations
 
-import selectors
 import signal
 import subprocess
 import sys
@@ -12,17 +11,10 @@ from pathlib import Path
 import grpc
 
 from proto.dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from tests.serve_process import read_line
 
 READY = "dvd language serving on "
 
-
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout_s):
-            raise TimeoutError("dvd language printed nothing")
-    return proc.stdout.readline()
 
 
 def test_serves_and_drains_on_sigterm(tiny_hf: Path) -> None:
@@ -31,7 +23,7 @@ def test_serves_and_drains_on_sigterm(tiny_hf: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     channel = None
     try:
-        line = _read_line(proc, 120)
+        line = read_line(proc, 120)
         assert line.startswith(READY), (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         address, _, features = line[len(READY):].strip().partition(" features on ")
         channel = grpc.insecure_channel(address)

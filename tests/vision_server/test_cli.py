@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import selectors
 import signal
 import subprocess
 import sys
@@ -12,18 +11,11 @@ import grpc
 
 from proto.dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from tests.conftest import encode, photo_like
+from tests.serve_process import read_line
 from tests.vision_server.harness import Harness
 
 READY = "dvd vision serving on "
 
-
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout_s):
-            raise TimeoutError("dvd vision printed nothing")
-    return proc.stdout.readline()
 
 
 def test_sigterm_finishes_in_flight_work_and_exits_cleanly(tiny_hf: Path) -> None:
@@ -35,7 +27,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_cleanly(tiny_hf: Path) -> Non
     sink = Harness()
     channel = None
     try:
-        line = _read_line(proc, 120)
+        line = read_line(proc, 120)
         assert line.startswith(READY), (line, proc.poll())
         channel = grpc.insecure_channel(line[len(READY):].strip())
         stub = vision_pb2_grpc.VisionStub(channel)
