@@ -66,6 +66,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         status = common_pb2.HealthResponse.SERVING if ready else common_pb2.HealthResponse.NOT_SERVING
         return common_pb2.HealthResponse(status=status, detail=detail, model=self.backend.model_name)
 
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        error = as_api_error(exc)
+        code = STATUS_FOR_HTTP.get(error.status, grpc.StatusCode.INTERNAL)
+        self.frontend.metrics.requests.labels(f"grpc_{code.name.lower()}").inc()
+        await context.abort(code, error.message)
+
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             chat, _ = parse_chat_body(_body(request), [self.backend.model_name], self.limits,
@@ -74,8 +80,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 raise OverloadedError(f"{self.frontend.num_in_flight} requests in flight, "
                                       f"the limit is {self.max_concurrency}")
         except Exception as exc:  # every failure becomes a status with a message
-            error = as_api_error(exc)
-            await context.abort(STATUS_FOR_HTTP.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+            await self._abort(context, exc)
         remaining = context.time_remaining()
         if remaining is not None:  # the client's deadline bounds the whole request on both halves
             chat = replace(chat, timeout_s=min(chat.timeout_s, remaining))
@@ -96,12 +101,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = as_api_error(exc)
-            await context.abort(STATUS_FOR_HTTP.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+            await self._abort(context, exc)
         finally:
             await events.aclose()
             self.frontend.num_in_flight -= 1
         reason = FinishReason.STOP if decoder.stopped else (last.finish_reason if last else None) or FinishReason.ABORT
+        self.frontend.metrics.requests.labels("ok").inc()
         self.frontend.metrics.observe_finished(last.timings if last else None,
                                                last.num_prompt_tokens if last else 0, num_tokens)
         yield generation_pb2.GenerateResponse(

@@ -48,7 +48,8 @@ class OpenAIFrontend:
         self.limits = limits
         self.max_concurrency = max_concurrency
         self.num_in_flight = 0
-        self.metrics = GatewayMetrics(lambda: {**backend.stats(), "requests_in_flight": self.num_in_flight})
+        self.metrics = GatewayMetrics(lambda: {**backend.stats(), "requests_in_flight": self.num_in_flight},
+                                      lambda: self.num_in_flight)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_images * self.limits.max_image_bytes * 2 + (1 << 20))
@@ -88,14 +89,12 @@ class OpenAIFrontend:
             self.metrics.requests.labels(f"http_{error.status}").inc()
             return _error_response(error)
         self.num_in_flight += 1
-        self.metrics.in_flight.inc()
         try:
             if stream:
                 return await self._stream(http, request)
             return await self._complete(request)
         finally:
             self.num_in_flight -= 1
-            self.metrics.in_flight.dec()
 
     async def _events(self, request: ChatRequest, decoder: IncrementalDecoder) -> AsyncIterator[tuple[str, Any]]:
         """("delta", text) while generating, then ("done", _Outcome). Closing it aborts the request."""

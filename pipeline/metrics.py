@@ -28,12 +28,13 @@ class _BackendGauges:
 
 
 class GatewayMetrics:
-    def __init__(self, backend_stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, backend_stats: Callable[[], dict[str, Any]], in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("dvd_requests", "Chat requests by outcome", ["outcome"], registry=self.registry)
         self.prompt_tokens = Counter("dvd_prompt_tokens", "Prompt tokens (images expanded)", registry=self.registry)
         self.generation_tokens = Counter("dvd_generation_tokens", "Generated tokens", registry=self.registry)
-        self.in_flight = Gauge("dvd_requests_in_flight", "Requests being served now", registry=self.registry)
+        Gauge("dvd_requests_in_flight", "Requests being served now (both APIs)",
+              registry=self.registry).set_function(in_flight)
         self.stage_seconds = Histogram("dvd_stage_latency_seconds", "Per-stage latency of finished requests",
                                        ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_BackendGauges(backend_stats))

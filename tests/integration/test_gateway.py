@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 import torch
@@ -167,3 +168,17 @@ def test_health_and_models(served: ServeProcess) -> None:
         assert json.loads(response.read())["status"] == "ok"
     with urllib.request.urlopen(served.http_url + "/v1/models", timeout=30) as response:
         assert json.loads(response.read())["data"][0]["id"] == "tiny-hf"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "needle"),
+    [({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+     ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "no-such-model")],
+)
+def test_grpc_errors_carry_matching_codes(served: ServeProcess, kwargs: dict, code: grpc.StatusCode,
+                                          needle: str) -> None:
+    with GenerationClient(served.grpc_address, timeout_s=60) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2, **kwargs)
+        assert caught.value.code() == code and needle in caught.value.details()
+        assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
