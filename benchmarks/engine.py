@@ -20,9 +20,10 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from dvd.checkpoint_cache import default_cache_dir, ensure_checkpoint
+from dvd.sampling import greedy
 from language_server.config import EngineConfig
 from language_server.engine import Engine
-from language_server.model import LanguageHalf, SamplingParams
+from language_server.model import LanguageHalf
 from language_server.request import EngineRequest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -106,7 +107,7 @@ class _Clock:
 
 def run_baseline(language: LanguageHalf, config: BenchConfig) -> dict[str, float]:
     """transformers' `generate`, one request after another."""
-    sampling = SamplingParams(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
+    sampling = greedy(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
     prompts = _prompts(config, config.baseline_requests, language.vocab_size, salt=0)
     ttft, tpot, total = [], [], 0
     clock = _Clock(config.threads)
@@ -141,7 +142,7 @@ def run_hf_batch(language: LanguageHalf, config: BenchConfig, concurrency: int) 
 def run_engine(engine: Engine, config: BenchConfig, concurrency: int) -> dict[str, float]:
     count = max(concurrency, config.min_requests)
     prompts = _prompts(config, count, engine.vocab_size, salt=concurrency)
-    sampling = SamplingParams(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
+    sampling = greedy(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
     submitted: dict[str, float] = {}
     first: dict[str, float] = {}
     ttft, tpot, total = [], [], 0
@@ -212,7 +213,7 @@ def main(argv: list[str]) -> int:
     # transformers first, on the model exactly as transformers built it (the engine converts its linear
     # layers when its backend is onednn).
     warmup = _prompts(config, 1, language.vocab_size, salt=-1)[0]
-    language.generate(warmup, -1, None, SamplingParams(max_new_tokens=2))
+    language.generate(warmup, -1, None, greedy(max_new_tokens=2))
     baseline = run_baseline(language, config)
     say(f"transformers generate, one at a time: {baseline['tokens_per_s']:.2f} tok/s")
     hf_batch = run_hf_batch(language, config, 16) if config.hf_batch else None
@@ -225,7 +226,7 @@ def main(argv: list[str]) -> int:
                                  max_running_requests=max(config.concurrency), linear_backend=config.linear_backend)
     engine = Engine(language, engine_config)
     say(f"engine: KV cache {engine.cache.nbytes / 2**20:.0f} MiB, linear layers on {config.linear_backend}")
-    engine.add(EngineRequest("warmup", warmup, SamplingParams(max_new_tokens=2)))
+    engine.add(EngineRequest("warmup", warmup, greedy(max_new_tokens=2)))
     engine.run_until_done()
     levels = []
     for c in config.concurrency:

@@ -129,14 +129,29 @@ def _flatten(content: Any) -> str:
     return "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p["text"] for p in content)
 
 
+def load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer, built from the class its tokenizer_config.json names (InternVL3.5:
+    Qwen2Tokenizer), which needs neither torch nor the model: the gateway tokenizes without loading
+    torch. AutoTokenizer (its config machinery imports torch) only when the file names no class
+    transformers has."""
+    import transformers
+
+    config = path / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
+    cls = None
+    if isinstance(name, str):
+        cls = getattr(transformers, name, None) or getattr(transformers, name.removesuffix("Fast"), None)
+    if cls is None:
+        cls = transformers.AutoTokenizer
+    return cls.from_pretrained(str(path))
+
+
 class ChatFormat:
     """A checkpoint's tokenizer, chat template and stop tokens; turns chats into `PromptTokens`."""
 
     def __init__(self, info: CheckpointInfo, tokenizer: Any | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.info = info
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(info.path))
+        self.tokenizer = tokenizer or load_tokenizer(Path(info.path))
         processor_template = Path(info.path) / "chat_template.json"  # where HF processors keep theirs
         if not self.tokenizer.chat_template and processor_template.exists():
             self.tokenizer.chat_template = json.loads(processor_template.read_text()).get("chat_template")

@@ -8,7 +8,8 @@
     runner.py         ScheduledBatch -> one packed forward pass of transformers' model
     attention.py      paged attention, registered with transformers' AttentionInterface
     kv_cache.py       the paged KV cache and its block allocator
-    sampling.py       per-request greedy / temperature / top-k / top-p / repetition penalty / seed
-    request.py        EngineRequest (RequestStatus), FinishReason, RequestOutput
-    model.py          LanguageHalf (the checkpoint's *ForCausalLM) and SamplingParams
+    sampling.py       per-request greedy / temperature / top-k / top-p / repetition penalty / seed (no stop
+                      strings: they act on text, so the gateway's detokenizer decides them)
+    request.py        EngineRequest (RequestStatus), RequestOutput
+    model.py          LanguageHalf (the checkpoint's *ForCausalLM); SamplingParams is dvd.sampling's
 """

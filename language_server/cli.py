@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from dvd.config_file import config_or_flags
 from dvd.process import configure_logging, run_process, until_stop_signal
 from language_server.server_config import LanguageServerConfig
 from language_server.server_config import add_arguments as add_config_arguments
@@ -45,4 +47,11 @@ async def serve(config: LanguageServerConfig) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    return run_process(lambda: serve(LanguageServerConfig.from_args(args)))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    try:
+        config = config_or_flags(LanguageServerConfig, args, parser, keep=("log_level",))
+    except ValueError as exc:  # ConfigError included: one line naming the key, exit code 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_process(lambda: serve(config))

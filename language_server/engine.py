@@ -8,27 +8,21 @@ the request's KV blocks and features before the next forward pass.
 from __future__ import annotations
 
 import queue
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from dvd.errors import DvdError, InvalidRequestError, PromptTooLongError
+from dvd.errors import InvalidRequestError, KVCapacityError, PromptTooLongError
+from dvd.requests import FinishReason
+from dvd.sampling import SamplingParams
 from language_server.config import EngineConfig
 from language_server.kv_cache import PagedKVCache
-from language_server.model import LanguageHalf, SamplingParams
-from language_server.request import EngineRequest, FinishReason, RequestOutput
+from language_server.model import LanguageHalf
+from language_server.request import EngineRequest, RequestOutput
 from language_server.runner import ModelRunner
 from language_server.sampling import sample
 from language_server.scheduler import Scheduler
-
-
-class KVCapacityError(DvdError):
-    """A request could never fit the KV cache, even alone."""
-
-    http_status = 413
 
 
 @dataclass
@@ -51,8 +45,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, language: LanguageHalf, config: EngineConfig, decode: Callable[[list[int]], str] | None = None):
-        """`decode` turns token ids into text; needed only for stop strings."""
+    def __init__(self, language: LanguageHalf, config: EngineConfig) -> None:
         self.language = language
         self.config = config
         text = language.model.config
@@ -61,7 +54,6 @@ class Engine:
                                   language.dtype, language.device)
         self.scheduler = Scheduler(config, self.cache)
         self.runner = ModelRunner(language, self.cache, config.linear_backend)
-        self.decode = decode
         self.context_limit = language.context_limit
         self.vocab_size = language.vocab_size
         self.requests: dict[str, EngineRequest] = {}
@@ -85,8 +77,6 @@ class Engine:
         bad = next((t for t in sampling.stop_token_ids if t >= self.vocab_size), None)
         if bad is not None:  # caught here: inside a step it would fail the whole batch
             raise InvalidRequestError(f"stop token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if sampling.stop_strings and self.decode is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this engine was built without one")
 
     def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
@@ -143,7 +133,7 @@ class Engine:
                 self._counters.num_requests_added += 1
             elif item in self.requests:
                 self._counters.num_requests_aborted += 1
-                outputs.append(self._finish(self.requests[item], FinishReason.ABORTED))
+                outputs.append(self._finish(self.requests[item], FinishReason.ABORT))
         return outputs
 
     def _postprocess(self, scheduled: list[EngineRequest], num_tokens: list[int], sampled: list[EngineRequest],
@@ -151,10 +141,8 @@ class Engine:
         for request, n in zip(scheduled, num_tokens, strict=True):
             request.num_computed += n
         outputs = []
-        now = time.perf_counter()
         for request, token in zip(sampled, tokens, strict=True):
             request.token_ids.append(token)
-            request.first_token_time = request.first_token_time or now
             self._counters.num_output_tokens += 1
             reason = self._finish_reason(request, token)
             if reason is None:
@@ -165,13 +153,8 @@ class Engine:
 
     def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
         s = request.sampling
-        if request.num_output >= s.min_new_tokens:
-            if token in s.stop_token_ids:
-                return FinishReason.STOP_TOKEN
-            if s.stop_strings and self.decode is not None:
-                tail = self.decode(request.output_ids[-self.config.stop_string_window_tokens:])
-                if any(stop in tail for stop in s.stop_strings):
-                    return FinishReason.STOP_STRING
+        if request.num_output >= s.min_new_tokens and token in s.stop_token_ids:
+            return FinishReason.STOP
         if request.num_output >= s.max_new_tokens or len(request.token_ids) >= self.context_limit:
             return FinishReason.LENGTH
         return None

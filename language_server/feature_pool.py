@@ -16,12 +16,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from dvd.errors import DvdError, InvalidRequestError
+from dvd.errors import FeaturePoolFullError, InvalidRequestError
 from transport import Frame
-
-
-class FeaturePoolFullError(DvdError):
-    http_status = 507
 
 
 @dataclass

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from language_server.config import LINEAR_BACKEND_NAMES
+
 
 class OneDnnLinear(torch.nn.Module):
     """`nn.Linear` computed by oneDNN on a weight kept in oneDNN's layout (inference only)."""
@@ -45,3 +47,4 @@ LINEAR_BACKENDS: dict[str, Callable[[torch.nn.Module], None]] = {
     "torch": lambda model: None,
     "onednn": _onednn,
 }
+assert tuple(LINEAR_BACKENDS) == LINEAR_BACKEND_NAMES  # the configs' list of names

@@ -7,7 +7,7 @@ positions are replaced by the features, exactly as the monolithic model does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,55 +16,24 @@ from transformers.generation.streamers import BaseStreamer
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import InvalidRequestError, PromptTooLongError
+from dvd.sampling import SamplingParams
 from dvd.weights import TensorSource, language_tensors, load_module, parameters_on_meta
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. `temperature == 0` means greedy."""
-
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    stop_strings: tuple[str, ...] = field(default_factory=tuple)  # the engine honours these; `generate` refuses
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (
-                0 <= self.min_new_tokens <= self.max_new_tokens,
-                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}",
-            ),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be >= 0, got {self.stop_token_ids}"),
-            (all(self.stop_strings), "stop_strings must not contain an empty string"),
-            (self.seed is None or 0 <= self.seed < 1 << 63, f"seed must be in [0, 2**63), got {self.seed}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidRequestError(message)
-
-    def generation_config(self, pad_token_id: int | None) -> GenerationConfig:
-        sample = self.temperature > 0
-        return GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            do_sample=sample,
-            temperature=self.temperature if sample else None,
-            top_p=self.top_p if sample else None,
-            top_k=(self.top_k or None) if sample else None,
-            repetition_penalty=self.repetition_penalty,
-            eos_token_id=list(self.stop_token_ids) or None,
-            pad_token_id=pad_token_id,
-        )
+def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> GenerationConfig:
+    """transformers' spelling of `sampling`, for the one-request path."""
+    sample = sampling.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens,
+        do_sample=sample,
+        temperature=sampling.temperature if sample else None,
+        top_p=sampling.top_p if sample else None,
+        top_k=(sampling.top_k or None) if sample else None,
+        repetition_penalty=sampling.repetition_penalty,
+        eos_token_id=list(sampling.stop_token_ids) or None,
+        pad_token_id=pad_token_id,
+    )
 
 
 class LanguageHalf:
@@ -136,8 +105,6 @@ class LanguageHalf:
         """One request, start to finish; returns the new token ids (stop token included if hit)."""
         if not input_ids:
             raise InvalidRequestError("prompt is empty")
-        if sampling.stop_strings:
-            raise InvalidRequestError("stop strings are honoured by the serving engine, not by one-request generate")
         limit = self.context_limit
         if len(input_ids) >= limit:
             raise PromptTooLongError(len(input_ids), limit)
@@ -150,7 +117,7 @@ class LanguageHalf:
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
-            generation_config=sampling.generation_config(pad_token_id),
+            generation_config=generation_config(sampling, pad_token_id),
             streamer=streamer,
         )
         return out[0].tolist()

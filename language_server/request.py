@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from language_server.model import SamplingParams
+from dvd.requests import FinishReason
+from dvd.sampling import SamplingParams
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued; holds no KV blocks
     RUNNING = "running"  # holds KV blocks; prefilling (num_computed < len(token_ids) - 1) or decoding
     FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    STOP_TOKEN = "stop_token"
-    STOP_STRING = "stop_string"
-    LENGTH = "length"  # max_new_tokens reached, or the context's end
-    ABORTED = "aborted"
-    ERROR = "error"
 
 
 @dataclass
@@ -39,7 +31,6 @@ class EngineRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     images: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    arrival_time: float = field(default_factory=time.perf_counter)
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
@@ -48,7 +39,6 @@ class EngineRequest:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_preemptions: int = 0
-    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

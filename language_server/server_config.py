@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-import torch
-
+from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
 from language_server.config import EngineConfig
+from transport.config import TransportConfig
 
 MiB = 1 << 20
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,9 @@ class LanguageServerConfig:
     dtype: str = ""  # "" = float32 on cpu, bfloat16 elsewhere
     host: str = "127.0.0.1"
     port: int = 0
-    transport_kind: str = "tcp"
-    transport_port: int = 0
-    token: str | None = None
+    # The feature receiver: kind (tcp or rdma), the address it binds, the token senders must present,
+    # the receive pool. With rdma, frames land on `device` (GPU-direct where UCX can).
+    transport: TransportConfig = field(default_factory=TransportConfig)
     feature_pool_bytes: int = 512 * MiB
     features_timeout_s: float = 30.0  # default wait for a request's features
     orphan_ttl_s: float = 60.0  # how long features nobody asked for are kept
@@ -32,10 +32,10 @@ class LanguageServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype and self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        if not 0 <= self.port <= 65535 or not 0 <= self.transport_port <= 65535:
-            raise ValueError("ports must be in 0..65535")
+        check_device(self.device)
+        check_dtype(self.dtype)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is outside 0..65535")
         for name in ("feature_pool_bytes", "features_timeout_s", "orphan_ttl_s", "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -43,8 +43,13 @@ class LanguageServerConfig:
             raise ValueError("drain_timeout_s must be >= 0")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype or ("float32" if self.device == "cpu" else "bfloat16")]
+    def torch_dtype(self) -> Any:
+        return torch_dtype(self.dtype, self.device)
+
+    @property
+    def receiver_transport(self) -> TransportConfig:
+        """The receiver's settings as run: rdma receives straight into the model's device."""
+        return replace(self.transport, device=self.device if self.transport.kind == "rdma" else "cpu")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LanguageServerConfig:
@@ -52,18 +57,25 @@ class LanguageServerConfig:
         engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                               max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running,
                               max_queued_requests=args.max_queued, linear_backend=linear)
+        # the pooled features are the received frames: one budget for both
+        pool_bytes = max(int(args.feature_pool_mib * MiB), MiB)
         return cls(
             model=Path(args.model), device=args.device, dtype=args.dtype or "", host=args.host, port=args.port,
-            transport_kind=args.transport, transport_port=args.transport_port, token=args.token,
-            feature_pool_bytes=int(args.feature_pool_mib * MiB), features_timeout_s=args.features_timeout_s,
+            transport=TransportConfig(kind=args.transport, host=args.host, port=args.transport_port, token=args.token,
+                                      receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2),
+            feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
         )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF or GitHub InternVL format)")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
+                             "writes for its children); no other setting may be given with it")
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format); required without "
+                                        "--config")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32 on cpu, else bfloat16)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind, gRPC and transport (127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
     parser.add_argument("--transport", default="tcp", help="feature transport: tcp or rdma (tcp)")

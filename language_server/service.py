@@ -21,74 +21,37 @@ import grpc
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import (
     DeadlineExceededError,
+    DuplicateRequestError,
     DvdError,
+    EngineFailedError,
     InvalidRequestError,
     OverloadedError,
-    PromptTooLongError,
+    RequestAbortedError,
     UnavailableError,
+    rpc_metadata,
 )
 from dvd.process import start_grpc_server
 from dvd.prompt import ChatFormat
-from language_server.engine import Engine, KVCapacityError
+from dvd.sampling import SamplingParams
+from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from language_server.engine import Engine
 from language_server.engine_loop import EngineLoop
-from language_server.feature_pool import FeaturePool, FeaturePoolFullError
-from language_server.model import LanguageHalf, SamplingParams
+from language_server.feature_pool import FeaturePool
+from language_server.model import LanguageHalf
 from language_server.request import EngineRequest, RequestOutput
 from language_server.server_config import LanguageServerConfig
-from proto.dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
-from transport import Frame, Receiver, TransportConfig, create_receiver
+from transport import Frame, Receiver, create_receiver
 
 logger = logging.getLogger(__name__)
 FINAL_GRACE_S = 5.0
 
 
-class RequestAbortedError(DvdError):
-    http_status = 499
-
-
-class DuplicateRequestError(InvalidRequestError):
-    http_status = 409
-
-
-class EngineFailedError(DvdError):
-    """The engine could not run the request (a failed step); the message says why."""
-
-
-# exception type -> status; looked up along the exception's MRO, so subclasses inherit their parent's.
-STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
-    DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    KVCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    FeaturePoolFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    RequestAbortedError: grpc.StatusCode.CANCELLED,
-    UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    PromptTooLongError: grpc.StatusCode.INVALID_ARGUMENT,
-    DvdError: grpc.StatusCode.INTERNAL,
-}
-
-
-def status_for(error: BaseException) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.INTERNAL
-
-
 def sampling_from_proto(s: language_pb2.LanguageSampling, default_stop_ids: tuple[int, ...]) -> SamplingParams:
-    """Raises InvalidRequestError naming the bad field."""
-    return SamplingParams(
-        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else 256,
-        min_new_tokens=s.min_new_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p if s.HasField("top_p") else 1.0,
-        top_k=s.top_k,
-        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
-        seed=s.seed if s.HasField("seed") else None,
-        stop_token_ids=tuple(s.stop_token_ids) or default_stop_ids,
-        stop_strings=tuple(s.stop_strings),
-    )
+    """Fields left unset keep SamplingParams' defaults; raises InvalidFieldError naming a bad field."""
+    optional = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+    given = {name: getattr(s, name) for name in optional if s.HasField(name)}
+    return SamplingParams(min_new_tokens=s.min_new_tokens, top_k=s.top_k,
+                          stop_token_ids=tuple(s.stop_token_ids) or default_stop_ids, **given)
 
 
 class LanguageService(language_pb2_grpc.LanguageServicer):
@@ -249,9 +212,9 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         return True
 
     async def _fail(self, context: grpc.aio.ServicerContext, rid: str, error: BaseException) -> None:
-        code = status_for(error)
+        code = error.grpc_code if isinstance(error, DvdError) else grpc.StatusCode.INTERNAL
         logger.info("request %r failed (%s): %s", rid, code.name, error)
-        await context.abort(code, str(error))
+        await context.abort(code, str(error), trailing_metadata=rpc_metadata(error))
 
     # --- the rest -------------------------------------------------------------------------------
     async def Abort(self, request: language_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -305,14 +268,8 @@ class LanguageServer:
         info = open_checkpoint(config.model)
         self.chat = ChatFormat(info)
         language = language or LanguageHalf.from_checkpoint(info, dtype=config.torch_dtype, device=config.device)
-        decode = lambda ids: self.chat.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        self.engine = Engine(language, config.engine, decode=decode)
-        pool_bytes = max(config.feature_pool_bytes, 1 << 20)
-        # rdma receives straight into the model's device (GPU-direct where UCX can); tcp lands in host memory.
-        transport = TransportConfig(kind=config.transport_kind, host=config.host, port=config.transport_port,
-                                    token=config.token, receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2,
-                                    device=config.device if config.transport_kind == "rdma" else "cpu")
-        self.receiver = create_receiver(transport, **(transport_options or {}))
+        self.engine = Engine(language, config.engine)
+        self.receiver = create_receiver(config.receiver_transport, **(transport_options or {}))
         self.service = LanguageService(config, self.engine, self.chat, self.receiver)
         self.port = 0
         self._server: grpc.aio.Server | None = None

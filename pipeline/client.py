@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from proto.dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
 @dataclass

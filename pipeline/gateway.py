@@ -9,11 +9,12 @@ import grpc
 from aiohttp import web
 
 from dvd.process import start_grpc_server, until_stop_signal
+from dvd.v1 import generation_pb2_grpc
 from pipeline.backends.base import Backend
 from pipeline.grpc_frontend import GenerationService
 from pipeline.http_app import OpenAIFrontend
-from pipeline.openai_parse import ApiLimits
-from proto.dvd.v1 import generation_pb2_grpc
+from pipeline.serving import ServingCore
+from pipeline.validate import ApiLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
-        self.frontend = OpenAIFrontend(backend, config.limits, config.max_concurrency)
+        self.core = ServingCore(backend, config.max_concurrency)  # one admission count and metrics for both APIs
+        self.frontend = OpenAIFrontend(self.core, config.limits)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.http_port = config.http_port
@@ -53,7 +55,7 @@ class Gateway:
         site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
-        service = GenerationService(self.backend, self.config.limits, self.frontend, self.config.max_concurrency)
+        service = GenerationService(self.core, self.config.limits)
         self._grpc, self.grpc_port = await start_grpc_server(
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
             self.config.host, self.config.grpc_port, 256 << 20)

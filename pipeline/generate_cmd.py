@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from language_server.model import SamplingParams
+    from dvd.sampling import SamplingParams
     from pipeline.local import LocalPipeline
 
     try:

@@ -1,4 +1,9 @@
-"""The gateway's gRPC client API (`dvd.v1.Generation`), over the same backend and validation as HTTP."""
+"""The gateway's gRPC client API (`dvd.v1.Generation`): the same validator and serving core as HTTP.
+
+`GenerateRequest` is read straight into neutral `ChatFields` (images are raw bytes here, no URLs);
+errors abort the call with the code dvd/errors.py's table gives their class, and name that class in
+the `dvd-error` trailing metadata.
+"""
 
 from __future__ import annotations
 
@@ -8,57 +13,38 @@ from typing import Any
 
 import grpc
 
-from dvd.errors import OverloadedError
-from pipeline.backends.base import Backend
-from pipeline.detokenize import IncrementalDecoder
-from pipeline.http_app import OpenAIFrontend
-from pipeline.openai_parse import ApiLimits, as_api_error, parse_chat_body
-from pipeline.requests import FinishReason, StageTimings
-from proto.dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from dvd.errors import rpc_metadata
+from dvd.requests import ChatFields, StageTimings
+from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from pipeline.serving import ServingCore, as_dvd_error
+from pipeline.validate import ApiLimits, build_chat_request
 
-STATUS_FOR_HTTP = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
+_OPTIONAL_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+                      "repetition_penalty": "repetition_penalty", "seed": "seed"}
 
 
-def _body(request: generation_pb2.GenerateRequest) -> dict[str, Any]:
-    """The OpenAI-shaped body the shared validation reads; images stay raw bytes."""
+def chat_fields(request: generation_pb2.GenerateRequest) -> ChatFields:
     messages = []
     for message in request.messages:
         parts = [{"type": "text", "text": p.text} if p.WhichOneof("part") == "text" else
                  {"type": "image", "data": p.image} for p in message.content]
         messages.append({"role": message.role, "content": parts})
     s = request.sampling
-    body: dict[str, Any] = {"messages": messages, "min_tokens": s.min_new_tokens, "top_k": s.top_k,
-                            "stop": list(s.stop), "thinking": request.thinking}
-    if request.model:
-        body["model"] = request.model
-    if request.max_num:
-        body["max_num"] = request.max_num
-    for field, key in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                       ("repetition_penalty", "repetition_penalty"), ("seed", "seed")):
-        if s.HasField(field):
-            body[key] = getattr(s, field)
-    return body
+    sampling: dict[str, Any] = {key: getattr(s, name) for name, key in _OPTIONAL_SAMPLING.items() if s.HasField(name)}
+    return ChatFields(messages=tuple(messages), model=request.model or None, min_tokens=s.min_new_tokens,
+                      top_k=s.top_k, stop=tuple(s.stop), max_num=request.max_num or None, thinking=request.thinking,
+                      **sampling)
 
 
-def _timings(timings: StageTimings | None) -> generation_pb2.StageTimings:
-    ms = timings.ms if timings else {}
-    return generation_pb2.StageTimings(**{f"{k}_ms": v for k, v in ms.items()})
+def _timings(timings: StageTimings) -> generation_pb2.StageTimings:
+    return generation_pb2.StageTimings(**{f"{k}_ms": v for k, v in timings.ms.items()})
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, backend: Backend, limits: ApiLimits, frontend: OpenAIFrontend, max_concurrency: int) -> None:
-        self.backend = backend
+    def __init__(self, core: ServingCore, limits: ApiLimits) -> None:
+        self.core = core
+        self.backend = core.backend
         self.limits = limits
-        self.frontend = frontend  # one in-flight count and one set of metrics for both APIs
-        self.max_concurrency = max_concurrency
 
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
                      ) -> common_pb2.HealthResponse:
@@ -67,49 +53,31 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return common_pb2.HealthResponse(status=status, detail=detail, model=self.backend.model_name)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        error = as_api_error(exc)
-        code = STATUS_FOR_HTTP.get(error.status, grpc.StatusCode.INTERNAL)
-        self.frontend.metrics.requests.labels(f"grpc_{code.name.lower()}").inc()
-        await context.abort(code, error.message)
+        error = as_dvd_error(exc)
+        self.core.count(f"grpc_{error.grpc_code.name.lower()}")
+        await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
-            chat, _ = parse_chat_body(_body(request), [self.backend.model_name], self.limits,
+            chat = build_chat_request(chat_fields(request), self.limits, [self.backend.model_name],
                                       self.backend.chat.stop_token_ids)
-            if self.frontend.num_in_flight >= self.max_concurrency:
-                raise OverloadedError(f"{self.frontend.num_in_flight} requests in flight, "
-                                      f"the limit is {self.max_concurrency}")
         except Exception as exc:  # every failure becomes a status with a message
             await self._abort(context, exc)
         remaining = context.time_remaining()
         if remaining is not None:  # the client's deadline bounds the whole request on both halves
             chat = replace(chat, timeout_s=min(chat.timeout_s, remaining))
-        decoder = IncrementalDecoder(self.backend.chat.tokenizer, chat.sampling.stop_token_ids, chat.stop_strings)
-        self.frontend.num_in_flight += 1
-        events = self.backend.generate(chat)
-        num_tokens, last = 0, None
         try:
-            async for event in events:
-                num_tokens += len(event.token_ids)
-                last = event
-                delta = decoder.add(event.token_ids)
-                if event.token_ids or delta:
-                    yield generation_pb2.GenerateResponse(request_id=chat.request_id, token_ids=event.token_ids,
-                                                          text=delta)
-                if decoder.stopped:
-                    break
+            async with self.core.admit(chat) as stream:
+                async for delta in stream:
+                    yield generation_pb2.GenerateResponse(request_id=chat.request_id, token_ids=delta.token_ids,
+                                                          text=delta.text)
+                outcome = stream.outcome
         except asyncio.CancelledError:
+            self.core.count("client_gone")
             raise
         except Exception as exc:
             await self._abort(context, exc)
-        finally:
-            await events.aclose()
-            self.frontend.num_in_flight -= 1
-        reason = FinishReason.STOP if decoder.stopped else (last.finish_reason if last else None) or FinishReason.ABORT
-        self.frontend.metrics.requests.labels("ok").inc()
-        self.frontend.metrics.observe_finished(last.timings if last else None,
-                                               last.num_prompt_tokens if last else 0, num_tokens)
+        self.core.count("ok")
         yield generation_pb2.GenerateResponse(
-            request_id=chat.request_id, text=decoder.flush(), finish_reason=reason.value,
-            timings=_timings(last.timings if last else None),
-            prompt_tokens=last.num_prompt_tokens if last else 0, completion_tokens=num_tokens)
+            request_id=chat.request_id, finish_reason=outcome.finish_reason.value, timings=_timings(outcome.timings),
+            prompt_tokens=outcome.num_prompt_tokens, completion_tokens=outcome.num_completion_tokens)

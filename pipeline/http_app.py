@@ -12,44 +12,35 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from dvd.errors import OverloadedError
-from pipeline.backends.base import Backend
-from pipeline.detokenize import IncrementalDecoder
-from pipeline.metrics import GatewayMetrics
-from pipeline.openai_parse import ApiError, ApiLimits, as_api_error, parse_chat_request
-from pipeline.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
+from dvd.errors import DvdError, TooLargeError
+from dvd.requests import ChatRequest
+from pipeline.openai_parse import parse_chat_json
+from pipeline.serving import Outcome, ServingCore, as_dvd_error
+from pipeline.validate import ApiLimits, build_chat_request
 
 log = logging.getLogger(__name__)
 TIMINGS_HEADER = "X-DvD-Timings"
+# OpenAI's error `type` by HTTP status
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
+                413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+                503: "service_unavailable", 504: "timeout"}
 
 
-@dataclass
-class _Outcome:
-    text: str
-    num_tokens: int
-    num_prompt_tokens: int
-    finish_reason: str
-    timings: StageTimings | None
-
-
-def _error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
+def error_body(error: DvdError) -> dict[str, Any]:
+    status = error.http_status
+    return {"error": {"message": str(error), "type": _ERROR_TYPES.get(status, "server_error"), "param": error.param,
+                      "code": status}}
 
 
 class OpenAIFrontend:
-    def __init__(self, backend: Backend, limits: ApiLimits, max_concurrency: int = 64) -> None:
-        self.backend = backend
+    def __init__(self, core: ServingCore, limits: ApiLimits) -> None:
+        self.core = core
+        self.backend = core.backend
         self.limits = limits
-        self.max_concurrency = max_concurrency
-        self.num_in_flight = 0
-        self.metrics = GatewayMetrics(lambda: {**backend.stats(), "requests_in_flight": self.num_in_flight},
-                                      lambda: self.num_in_flight)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_images * self.limits.max_image_bytes * 2 + (1 << 20))
@@ -71,113 +62,82 @@ class OpenAIFrontend:
                                  status=200 if ready else 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(body=self.core.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    def _error(self, exc: BaseException) -> web.Response:
+        error = as_dvd_error(exc)
+        self.core.count(f"http_{error.http_status}")
+        return web.json_response(error_body(error), status=error.http_status)
 
     async def chat_completions(self, http: web.Request) -> web.StreamResponse:
         try:
             try:
                 body = await http.read()
             except web.HTTPRequestEntityTooLarge:
-                raise ApiError(413, f"request body is larger than the limit of {http.client_max_size} bytes") from None
-            parse = lambda: parse_chat_request(  # noqa: E731
-                body, [self.backend.model_name], self.limits, self.backend.chat.stop_token_ids)
-            request, stream = await asyncio.to_thread(parse) if self.limits.allow_remote_urls else parse()
-            if self.num_in_flight >= self.max_concurrency:
-                raise OverloadedError(f"{self.num_in_flight} requests in flight, the limit is {self.max_concurrency}")
-        except Exception as exc:  # every failure becomes an API error response
-            error = as_api_error(exc)
-            self.metrics.requests.labels(f"http_{error.status}").inc()
-            return _error_response(error)
-        self.num_in_flight += 1
-        try:
-            if stream:
-                return await self._stream(http, request)
-            return await self._complete(request)
-        finally:
-            self.num_in_flight -= 1
+                raise TooLargeError(f"request body is larger than the limit of {http.client_max_size} bytes") from None
+            parse = lambda: parse_chat_json(body, self.limits)  # noqa: E731
+            parsed = await asyncio.to_thread(parse) if self.limits.allow_remote_urls else parse()
+            request = build_chat_request(parsed.fields, self.limits, [self.backend.model_name],
+                                         self.backend.chat.stop_token_ids)
+            async with self.core.admit(request) as stream:
+                if parsed.stream:
+                    return await self._stream(http, request, stream, parsed.include_usage)
+                return await self._complete(request, stream)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.core.count("client_gone")
+            raise
+        except Exception as exc:  # every failure before the answer began becomes an API error response
+            return self._error(exc)
 
-    async def _events(self, request: ChatRequest, decoder: IncrementalDecoder) -> AsyncIterator[tuple[str, Any]]:
-        """("delta", text) while generating, then ("done", _Outcome). Closing it aborts the request."""
-        events = self.backend.generate(request)
-        num_tokens, last = 0, GenerationEvent(token_ids=[])
-        try:
-            async for event in events:
-                num_tokens += len(event.token_ids)
-                last = event
-                delta = decoder.add(event.token_ids)
-                if delta:
-                    yield "delta", delta
-                if decoder.stopped:  # a stop string: the backend need not go on
-                    break
-        finally:
-            await events.aclose()
-        tail = decoder.flush()
-        if tail:
-            yield "delta", tail
-        reason = FinishReason.STOP if decoder.stopped else (last.finish_reason or FinishReason.ABORT)
-        self.metrics.observe_finished(last.timings, last.num_prompt_tokens, num_tokens)
-        yield "done", _Outcome(decoder.text, num_tokens, last.num_prompt_tokens, reason.value, last.timings)
-
-    def _decoder(self, request: ChatRequest) -> IncrementalDecoder:
-        chat = self.backend.chat
-        return IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings)
-
-    @staticmethod
-    def _usage(outcome: _Outcome) -> dict[str, int]:
-        return {"prompt_tokens": outcome.num_prompt_tokens, "completion_tokens": outcome.num_tokens,
-                "total_tokens": outcome.num_prompt_tokens + outcome.num_tokens}
-
-    async def _complete(self, request: ChatRequest) -> web.Response:
-        outcome: _Outcome | None = None
-        try:
-            async for kind, value in self._events(request, self._decoder(request)):
-                if kind == "done":
-                    outcome = value
-        except Exception as exc:
-            error = as_api_error(exc)
-            self.metrics.requests.labels(f"http_{error.status}").inc()
-            return _error_response(error)
-        assert outcome is not None
-        self.metrics.requests.labels("ok").inc()
-        timings = outcome.timings or StageTimings()
+    async def _complete(self, request: ChatRequest, stream: Any) -> web.Response:
+        async for _ in stream:
+            pass
+        outcome: Outcome = stream.outcome
+        self.core.count("ok")
         body = {
             "id": request.request_id, "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.text},
-                         "finish_reason": outcome.finish_reason}],
-            "usage": self._usage(outcome),
-            "dvd_timings": timings.as_dict(),
+                         "finish_reason": outcome.finish_reason.value}],
+            "usage": outcome.usage(),
+            "dvd_timings": outcome.timings.as_dict(),
         }
-        return web.json_response(body, headers={TIMINGS_HEADER: timings.header_value()})
+        return web.json_response(body, headers={TIMINGS_HEADER: outcome.timings.header_value()})
 
-    async def _stream(self, http: web.Request, request: ChatRequest) -> web.StreamResponse:
+    async def _stream(self, http: web.Request, request: ChatRequest, stream: Any,
+                      include_usage: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             body = {"id": request.request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": request.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                    **extra}
+                    "model": request.model, "choices": choices, **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
-        await response.write(chunk({"role": "assistant", "content": ""}))
+        def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+            return [{"index": 0, "delta": delta, "finish_reason": finish}]
+
+        await response.write(chunk(choice({"role": "assistant", "content": ""})))
         try:
-            async for kind, value in self._events(request, self._decoder(request)):
-                if kind == "delta":
-                    await response.write(chunk({"content": value}))
-                else:
-                    timings = value.timings or StageTimings()
-                    await response.write(chunk({}, value.finish_reason, usage=self._usage(value),
-                                               dvd_timings=timings.as_dict()))
-            self.metrics.requests.labels("ok").inc()
+            async for delta in stream:
+                if delta.text:
+                    await response.write(chunk(choice({"content": delta.text})))
+            outcome: Outcome = stream.outcome
+            timings = outcome.timings.as_dict()
+            if include_usage:  # OpenAI's form: the finish, then a last chunk with usage and no choices
+                await response.write(chunk(choice({}, outcome.finish_reason.value), dvd_timings=timings))
+                await response.write(chunk([], usage=outcome.usage()))
+            else:
+                await response.write(chunk(choice({}, outcome.finish_reason.value), usage=outcome.usage(),
+                                           dvd_timings=timings))
+            self.core.count("ok")
         except (ConnectionResetError, asyncio.CancelledError):
-            self.metrics.requests.labels("client_gone").inc()
             raise
         except Exception as exc:  # headers are sent: report the error in the stream
-            error = as_api_error(exc)
-            self.metrics.requests.labels(f"http_{error.status}").inc()
-            await response.write(f"data: {json.dumps(error.body())}\n\n".encode())
+            error = as_dvd_error(exc)
+            self.core.count(f"http_{error.http_status}")
+            await response.write(f"data: {json.dumps(error_body(error))}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -17,7 +17,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.prompt import ChatFormat, Message
-from language_server.model import LanguageHalf, SamplingParams
+from dvd.sampling import SamplingParams, greedy
+from language_server.model import LanguageHalf
 from vision_server.model import EncodedImage, VisionHalf
 from vision_server.preprocess import PreprocessConfig, preprocess_image
 
@@ -109,7 +110,7 @@ class LocalPipeline:
     ) -> GenerateResult:
         """`frames`: pixel tiles of video frames, one slot each after the images' slots.
         `streamer.put` gets each new token as it is generated (the prompt is not sent)."""
-        sampling = sampling or SamplingParams(stop_token_ids=self.chat.stop_token_ids)
+        sampling = sampling or greedy(stop_token_ids=self.chat.stop_token_ids)
         if not sampling.stop_token_ids:
             sampling = replace(sampling, stop_token_ids=self.chat.stop_token_ids)
         t0 = time.perf_counter()

@@ -1,9 +1,10 @@
-"""Turn an OpenAI `POST /v1/chat/completions` body into a validated `ChatRequest`.
+"""Read an OpenAI `POST /v1/chat/completions` body into neutral `ChatFields` (pipeline/validate.py
+then checks values and builds the `ChatRequest`, for this API and the gRPC one alike).
 
-Every error names the field that was wrong and carries the HTTP status to answer with: 400 for a
-malformed body or a request that cannot be served as sent, 404 for an unknown model (what OpenAI
-and its clients expect), 413 for an image over the size limit, 422 for a value out of range or a
-feature DvD does not offer. Nothing a client sends is silently dropped: unknown fields are refused.
+This module owns what is particular to the OpenAI JSON: field names and types, message and part
+shapes, image URLs (data: URLs; local files and remote URLs only when enabled), the streaming
+options, and features DvD does not offer. Every error names the field; nothing a client sends is
+silently dropped: unknown fields are refused.
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dvd.errors import DvdError
-from language_server.model import SamplingParams
-from pipeline.requests import ChatRequest
-
-log = logging.getLogger(__name__)
+from dvd.errors import InvalidFieldError, InvalidRequestError
+from dvd.requests import ChatFields
+from pipeline.validate import ApiLimits, image_too_large
 
 # Fields accepted as sent but with no effect on the answer (identifiers a client may attach).
 _INERT_FIELDS = {"user", "metadata", "store"}
@@ -30,51 +27,20 @@ _KNOWN_FIELDS = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "response_format",
     "tools", "tool_choice", "parallel_tool_calls",
+    # extensions that vLLM's API has too (benchmark clients send them)
+    "top_k", "min_tokens", "repetition_penalty", "ignore_eos",
     # DvD extensions
-    "top_k", "min_tokens", "repetition_penalty", "max_num", "thinking", "timeout",
+    "max_num", "thinking", "timeout",
 } | _INERT_FIELDS
 
 
-class ApiError(Exception):
-    """An error to answer with: status code, message naming the field (`param`), OpenAI error type."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-
-    @property
-    def error_type(self) -> str:
-        return {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
-                422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(
-                    self.status, "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
-                          "code": self.status}}
-
-
-def as_api_error(exc: Exception) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, DvdError):
-        return ApiError(exc.http_status, str(exc))
-    log.exception("request failed")
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
-
-
 @dataclass(frozen=True)
-class ApiLimits:
-    """What the gateway accepts; set once from `dvd serve` flags."""
+class OpenAIChat:
+    """A parsed body: the neutral fields plus how the client wants the answer delivered."""
 
-    max_images: int = 8
-    max_image_bytes: int = 20 << 20
-    max_new_tokens_default: int = 256
-    max_new_tokens_limit: int = 8192
-    allow_local_files: bool = False
-    allow_remote_urls: bool = False
-    default_timeout_s: float = 600.0
+    fields: ChatFields
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with usage and no choices
 
 
 def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
@@ -82,9 +48,9 @@ def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], defa
     if value is None:
         return default
     if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise ApiError(422, f"{name} must be {_kind_name(kinds)}, got a boolean", name)
+        raise InvalidFieldError(f"{name} must be {_kind_name(kinds)}, got a boolean", name)
     if not isinstance(value, kinds):
-        raise ApiError(422, f"{name} must be {_kind_name(kinds)}, got {type(value).__name__}", name)
+        raise InvalidFieldError(f"{name} must be {_kind_name(kinds)}, got {type(value).__name__}", name)
     return value
 
 
@@ -95,21 +61,15 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
-def _range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ApiError(422, f"{name} must be in {interval}, got {value}", name)
-
-
 def _fetch(url: str, where: str, limits: ApiLimits) -> bytes:
     """A remote image, bounded in size and time (only when the server enables remote URLs)."""
     try:
         with urllib.request.urlopen(url, timeout=10) as response:  # http(s) only, checked by the caller
             data = response.read(limits.max_image_bytes + 1)
     except (OSError, ValueError) as exc:
-        raise ApiError(400, f"{where}: cannot fetch {url}: {exc}", where) from None
+        raise InvalidRequestError(f"{where}: cannot fetch {url}: {exc}", where) from None
     if len(data) > limits.max_image_bytes:
-        raise ApiError(413, f"{where}: image is larger than the limit of {limits.max_image_bytes} bytes", where)
+        raise image_too_large(where, limits)
     return data
 
 
@@ -118,42 +78,41 @@ def decode_image_url(url: str, where: str, limits: ApiLimits) -> bytes:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
-            raise ApiError(400, f"{where}: data URL must be base64 encoded (data:image/...;base64,...)", where)
+            raise InvalidRequestError(f"{where}: data URL must be base64 encoded (data:image/...;base64,...)", where)
         if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise ApiError(413, f"{where}: image is larger than the limit of {limits.max_image_bytes} bytes", where)
+            raise image_too_large(where, limits)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, f"{where}: data URL is not valid base64", where) from None
+            raise InvalidRequestError(f"{where}: data URL is not valid base64", where) from None
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_urls:
-            raise ApiError(400, f"{where}: remote image URLs are disabled on this server; send a data: URL", where)
+            raise InvalidRequestError(f"{where}: remote image URLs are disabled on this server; send a data: URL",
+                                      where)
         return _fetch(url, where, limits)
     if not limits.allow_local_files:
-        raise ApiError(400, f"{where}: local file paths are disabled on this server; send a data: URL", where)
+        raise InvalidRequestError(f"{where}: local file paths are disabled on this server; send a data: URL", where)
     path = Path(url.removeprefix("file://"))
     try:
         size = path.stat().st_size
         if size > limits.max_image_bytes:
-            raise ApiError(413, f"{where}: image is larger than the limit of {limits.max_image_bytes} bytes", where)
+            raise image_too_large(where, limits)
         return path.read_bytes()
     except OSError as exc:
-        raise ApiError(400, f"{where}: cannot read {path}: {exc.strerror or exc}", where) from None
+        raise InvalidRequestError(f"{where}: cannot read {path}: {exc.strerror or exc}", where) from None
 
 
-def _parse_messages(raw: Any, limits: ApiLimits) -> tuple[list[dict[str, Any]], list[bytes]]:
+def _parse_messages(raw: Any, limits: ApiLimits) -> tuple[dict[str, Any], ...]:
+    """Shapes and types of `messages`; roles, counts and sizes are the validator's."""
     if not isinstance(raw, list) or not raw:
-        raise ApiError(400 if raw is None else 422, "messages must be a non-empty list", "messages")
+        error = InvalidRequestError if raw is None else InvalidFieldError
+        raise error("messages must be a non-empty list", "messages")
     messages: list[dict[str, Any]] = []
-    images: list[bytes] = []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise ApiError(422, f"{where} must be an object", where)
-        role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(422, f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
-        content = message.get("content")
+            raise InvalidFieldError(f"{where} must be an object", where)
+        role, content = message.get("role"), message.get("content")
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
             continue
@@ -161,116 +120,92 @@ def _parse_messages(raw: Any, limits: ApiLimits) -> tuple[list[dict[str, Any]], 
             messages.append({"role": role, "content": ""})
             continue
         if not isinstance(content, list):
-            raise ApiError(422, f"{where}.content must be a string or a list of parts", f"{where}.content")
+            raise InvalidFieldError(f"{where}.content must be a string or a list of parts", f"{where}.content")
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             at = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image" and isinstance(part.get("data"), bytes):  # raw bytes: gRPC frontend only
-                if len(part["data"]) > limits.max_image_bytes:
-                    raise ApiError(413, f"{at}: image is larger than the limit of {limits.max_image_bytes} bytes", at)
-                if role != "user":
-                    raise ApiError(422, f"{at}: images are only accepted in user messages", at)
-                images.append(part["data"])
-                parts.append({"type": "image"})
             elif kind == "image_url":
                 spec = part.get("image_url")
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str):
-                    raise ApiError(422, f"{at}.image_url.url must be a string", f"{at}.image_url")
-                if role != "user":
-                    raise ApiError(422, f"{at}: images are only accepted in user messages", at)
-                images.append(decode_image_url(url, f"{at}.image_url", limits))
-                parts.append({"type": "image"})
+                    raise InvalidFieldError(f"{at}.image_url.url must be a string", f"{at}.image_url")
+                if role != "user":  # before fetching anything
+                    raise InvalidFieldError(f"{at}: images are only accepted in user messages", at)
+                parts.append({"type": "image", "data": decode_image_url(url, f"{at}.image_url", limits)})
             else:
-                raise ApiError(422, f"{at} must be a text part or an image_url part, got type {kind!r}", f"{at}.type")
+                raise InvalidFieldError(f"{at} must be a text part or an image_url part, got type {kind!r}",
+                                        f"{at}.type")
         messages.append({"role": role, "content": parts})
-    if len(images) > limits.max_images:
-        raise ApiError(400, f"too many images: {len(images)}, the limit is {limits.max_images}", "messages")
-    return messages, images
-
-
-def _sampling(body: dict[str, Any], limits: ApiLimits, stop_token_ids: tuple[int, ...]) -> SamplingParams:
-    max_new = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int)
-    max_new = limits.max_new_tokens_default if max_new is None else max_new
-    _range("max_tokens", max_new, 1, limits.max_new_tokens_limit)
-    min_new = _field(body, "min_tokens", int, 0)
-    _range("min_tokens", min_new, 0, max_new)
-    temperature = float(_field(body, "temperature", (int, float), 1.0))
-    _range("temperature", temperature, 0.0, 2.0)
-    top_p = float(_field(body, "top_p", (int, float), 1.0))
-    _range("top_p", top_p, 0.0, 1.0, low_open=True)
-    top_k = _field(body, "top_k", int, 0)
-    if top_k == -1:  # vLLM's spelling of "no top-k"
-        top_k = 0
-    _range("top_k", top_k, 0, 1 << 30)
-    repetition_penalty = float(_field(body, "repetition_penalty", (int, float), 1.0))
-    _range("repetition_penalty", repetition_penalty, 0.0, 10.0, low_open=True)
-    seed = _field(body, "seed", int)
-    return SamplingParams(max_new_tokens=max_new, min_new_tokens=min_new, temperature=temperature, top_p=top_p,
-                          top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                          stop_token_ids=stop_token_ids)
+    return tuple(messages)
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     unknown = sorted(set(body) - _KNOWN_FIELDS)
     if unknown:
-        raise ApiError(422, f"unknown field(s) {', '.join(unknown)}", unknown[0])
+        raise InvalidFieldError(f"unknown field(s) {', '.join(unknown)}", unknown[0])
     if _field(body, "n", int, 1) != 1:
-        raise ApiError(422, "n must be 1: DvD returns one choice per request", "n")
+        raise InvalidFieldError("n must be 1: DvD returns one choice per request", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         if float(_field(body, name, (int, float), 0.0)) != 0.0:
-            raise ApiError(422, f"{name} is not supported; use repetition_penalty", name)
+            raise InvalidFieldError(f"{name} is not supported; use repetition_penalty", name)
     if _field(body, "logprobs", bool, False):
-        raise ApiError(422, "logprobs are not supported", "logprobs")
+        raise InvalidFieldError("logprobs are not supported", "logprobs")
     if body.get("tools"):
-        raise ApiError(422, "tools are not supported", "tools")
+        raise InvalidFieldError("tools are not supported", "tools")
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
-        raise ApiError(422, "response_format must be text", "response_format")
+        raise InvalidFieldError("response_format must be text", "response_format")
 
 
-def parse_chat_request(raw: bytes, served_models: list[str], limits: ApiLimits,
-                       stop_token_ids: tuple[int, ...] = ()) -> tuple[ChatRequest, bool]:
-    """(request, stream?) from a request body; raises `ApiError`. Blocks while fetching remote
-    images, so servers that enable them call it in a worker thread."""
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = _field(body, name, (int, float))
+    return None if value is None else float(value)
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+    options = _field(body, "stream_options", dict, {})
+    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
+    if unknown:
+        raise InvalidFieldError(f"unknown field(s) stream_options.{', stream_options.'.join(unknown)}",
+                                "stream_options")
+    if options and not stream:
+        raise InvalidFieldError("stream_options is only allowed with stream: true", "stream_options")
+    return bool(_field(options, "include_usage", bool, False))
+
+
+def parse_chat_json(raw: bytes, limits: ApiLimits) -> OpenAIChat:
+    """A request body as neutral fields; raises a DvdError naming the field. Blocks while fetching
+    remote images, so servers that enable them call it in a worker thread."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return parse_chat_body(body, served_models, limits, stop_token_ids)
-
-
-def parse_chat_body(body: dict[str, Any], served_models: list[str], limits: ApiLimits,
-                    stop_token_ids: tuple[int, ...] = ()) -> tuple[ChatRequest, bool]:
-    """As `parse_chat_request`, from a decoded body; image parts may also be `{"type": "image", "data": bytes}`."""
+        raise InvalidRequestError("request body must be a JSON object")
     _refuse_unsupported(body)
-    model = _field(body, "model", str, served_models[0])
-    if model not in served_models:
-        raise ApiError(404, f"model {model!r} is not served here; available: {', '.join(served_models)}", "model")
-    messages, images = _parse_messages(body.get("messages"), limits)
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(422, "stop must be a non-empty string or a list of at most 4 of them", "stop")
-    max_num = _field(body, "max_num", int)
-    if max_num is not None:
-        _range("max_num", max_num, 1, 64)
-    timeout = float(_field(body, "timeout", (int, float), limits.default_timeout_s))
-    _range("timeout", timeout, 0.0, 3600.0, low_open=True)
-    request = ChatRequest(
-        request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        model=model,
-        messages=tuple(messages),
-        images=tuple(images),
-        sampling=_sampling(body, limits, stop_token_ids),
-        stop_strings=tuple(stop),
-        max_num=max_num,
+    if not all(isinstance(s, str) for s in stop):
+        raise InvalidFieldError("stop must be a string or a list of strings", "stop")
+    stream = bool(_field(body, "stream", bool, False))
+    max_tokens = _field(body, "max_completion_tokens", int)
+    fields = ChatFields(
+        messages=_parse_messages(body.get("messages"), limits),
+        model=_field(body, "model", str),
+        max_tokens=_field(body, "max_tokens", int) if max_tokens is None else max_tokens,
+        min_tokens=_field(body, "min_tokens", int),
+        temperature=_number(body, "temperature"),
+        top_p=_number(body, "top_p"),
+        top_k=_field(body, "top_k", int),
+        repetition_penalty=_number(body, "repetition_penalty"),
+        seed=_field(body, "seed", int),
+        stop=tuple(stop),
+        ignore_eos=bool(_field(body, "ignore_eos", bool, False)),
+        max_num=_field(body, "max_num", int),
         thinking=bool(_field(body, "thinking", bool, False)),
-        timeout_s=timeout,
+        timeout_s=_number(body, "timeout"),
     )
-    return request, bool(_field(body, "stream", bool, False))
+    return OpenAIChat(fields, stream, _stream_options(body, stream))

@@ -12,11 +12,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 
+from dvd.config_file import write_private
 from dvd.errors import UnavailableError
-from proto.dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
+from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 
 log = logging.getLogger(__name__)
 STUBS = {"vision": vision_pb2_grpc.VisionStub, "language": language_pb2_grpc.LanguageStub}
@@ -83,14 +86,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def start_server(kind: str, model: str, device: str, token: str, extra: Sequence[str] = ()) -> Replica:
-    """Start `dvd vision` or `dvd language` as a child process on a free loopback port."""
-    port = free_port()
-    args = [sys.executable, "-m", "dvd", kind, "--model", model, "--device", device, "--port", str(port),
-            "--token", token, *extra]
+def start_server(kind: str, config: Any, workdir: Path) -> Replica:
+    """Start `dvd vision` or `dvd language` as a child process running exactly `config` (its port
+    included), handed over as a private file in `workdir`, so the shared token never shows in argv."""
+    path = workdir / f"{kind}-{config.port}.yaml"
+    write_private(path, config)
+    args = [sys.executable, "-m", "dvd", kind, "--config", str(path)]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-    log.info("started %s server (pid %d) on 127.0.0.1:%d", kind, process.pid, port)
-    return Replica(kind=kind, address=f"127.0.0.1:{port}", process=process)
+    log.info("started %s server (pid %d) on %s:%d", kind, process.pid, config.host, config.port)
+    return Replica(kind=kind, address=f"{config.host}:{config.port}", process=process)
 
 
 async def wait_ready(replicas: Sequence[Replica], timeout_s: float) -> None:

@@ -1,10 +1,19 @@
-"""Serve a model: a gateway (OpenAI HTTP + gRPC) with a vision server and a language server as
-separate processes on this machine, features between them over the `tcp` transport.
+"""Serve a model: a gateway (OpenAI HTTP + gRPC) with vision and language servers as separate
+processes on this machine, features between them over the `tcp` (or `rdma`) transport.
 
-With no --model, the built-in tiny checkpoint is used (its weights are random: answers are
-gibberish, but every part of the system runs). --coupled runs both halves inside the gateway with
-no pipelining: the baseline the disaggregated pipeline is measured against. Ctrl-C or SIGTERM
-stops every process this command started.
+Settings come from an optional YAML file (--config; see deploy/serve.example.yaml for every key)
+and the flags below, a flag winning over the file. Everything is validated before any process
+starts: a wrong key, type or value is one line naming it, and exit code 2. Each server gets its
+part of the config as a private file (`dvd vision --config FILE`), the shared transport token in it.
+
+With no model, the built-in tiny checkpoint is used (its weights are random: answers are gibberish,
+but every part of the system runs). --coupled runs both halves inside the gateway with no
+pipelining: the baseline the disaggregated pipeline is measured against. Ctrl-C or SIGTERM stops
+every process this command started.
+
+Examples:
+  dvd serve --model ckpt --vision-device cuda:0 --language-device cuda:1 --num-blocks 8192
+  dvd serve --config deploy/serve.example.yaml --port 8080
 """
 
 from __future__ import annotations
@@ -13,64 +22,113 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from dvd.config_file import ConfigError
 from dvd.process import configure_logging, run_process
-from pipeline.gateway import Gateway, GatewayConfig
-from pipeline.openai_parse import ApiLimits
+from pipeline.backends import backend_class
+from pipeline.gateway import Gateway
+from pipeline.serve_config import ServeConfig, load_serve_config, with_model
 
 log = logging.getLogger("dvd.serve")
+MiB = 1 << 20
+
+# flag dest -> (config key, conversion): a flag given on the command line overrides the file's value.
+_OVERRIDES: dict[str, tuple[str, Any]] = {
+    "model": ("model", str),
+    "coupled": ("coupled", bool),
+    "host": ("gateway.host", str),
+    "port": ("gateway.http_port", int),
+    "grpc_port": ("gateway.grpc_port", int),
+    "max_concurrency": ("gateway.max_concurrency", int),
+    "max_images": ("gateway.limits.max_images", int),
+    "max_image_bytes": ("gateway.limits.max_image_bytes", int),
+    "allow_local_files": ("gateway.limits.allow_local_files", bool),
+    "allow_remote_urls": ("gateway.limits.allow_remote_urls", bool),
+    "transport": ("transport.kind", str),
+    "vision_replicas": ("vision.replicas", int),
+    "language_replicas": ("language.replicas", int),
+    "vision_devices": ("vision.devices", lambda v: [d.strip() for d in v.split(",") if d.strip()]),
+    "language_device": ("language.device", str),
+    "max_batch_tiles": ("vision.max_batch_tiles", int),
+    "max_wait_ms": ("vision.max_wait_ms", float),
+    "cache_mib": ("vision.cache_bytes", lambda v: int(v * MiB)),
+    "num_blocks": ("language.engine.num_blocks", int),
+    "block_size": ("language.engine.block_size", int),
+    "max_batch_tokens": ("language.engine.max_batch_tokens", int),
+    "max_running": ("language.engine.max_running_requests", int),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the built-in tiny checkpoint)")
-    parser.add_argument("--host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="OpenAI HTTP port (default 8000; 0 = any free)")
-    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC client API port (default 50051)")
-    parser.add_argument("--coupled", action="store_true",
-                        help="both halves in this process, inproc features, no pipelining (the baseline)")
-    parser.add_argument("--vision-replicas", type=int, default=1, help="vision servers to start (default 1)")
-    parser.add_argument("--language-replicas", type=int, default=1, help="language servers to start (default 1)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model halves (default cpu)")
-    parser.add_argument("--max-concurrency", type=int, default=64,
-                        help="requests in flight before new ones get HTTP 429 (default 64)")
-    parser.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
-    parser.add_argument("--max-image-bytes", type=int, default=20 << 20, help="bytes per image (default 20 MiB)")
-    parser.add_argument("--allow-local-files", action="store_true", help="accept image_url values naming local files")
-    parser.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image_url values")
+    add = parser.add_argument
+    add("--config", type=Path, metavar="FILE", help="YAML settings (deploy/serve.example.yaml documents every key)")
+    add("--model", help="checkpoint directory (default: the built-in tiny checkpoint)")
+    add("--coupled", action="store_true", default=None,
+        help="both halves in this process, inproc features, no pipelining (the baseline)")
+    group = parser.add_argument_group("gateway")
+    group.add_argument("--host", help="address the gateway binds (default 127.0.0.1)")
+    group.add_argument("--port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)")
+    group.add_argument("--grpc-port", type=int, help="gRPC client API port (default 50051; 0 = any free)")
+    group.add_argument("--max-concurrency", type=int, help="requests in flight before new ones get 429 (default 64)")
+    group.add_argument("--max-images", type=int, help="images per request (default 8)")
+    group.add_argument("--max-image-bytes", type=int, help="bytes per image (default 20 MiB)")
+    group.add_argument("--allow-local-files", action="store_true", default=None,
+                       help="accept image_url values naming local files")
+    group.add_argument("--allow-remote-urls", action="store_true", default=None, help="fetch http(s) image_url values")
+    group = parser.add_argument_group("servers")
+    group.add_argument("--transport", help="feature transport between the servers: tcp (default) or rdma")
+    group.add_argument("--vision-replicas", type=int, help="vision servers to start (default 1)")
+    group.add_argument("--language-replicas", type=int, help="language servers to start (default 1)")
+    group.add_argument("--device", help="torch device for both halves (default cpu); see the next two")
+    group.add_argument("--vision-devices", help="vision servers' devices, comma separated, a model replica each")
+    group.add_argument("--language-device", help="language servers' device")
+    group.add_argument("--dtype", help="model dtype for both halves: float32, bfloat16, float16 "
+                                       "(default float32 on cpu, else bfloat16)")
+    group.add_argument("--max-batch-tiles", type=int, help="vision: most tiles in one forward pass (default 16)")
+    group.add_argument("--max-wait-ms", type=float, help="vision: how long a tile waits for its batch (default 5)")
+    group.add_argument("--cache-mib", type=float, help="vision: encoder cache size in MiB; 0 disables (default 1024)")
+    group.add_argument("--num-blocks", type=int, help="language: KV cache blocks (default 512)")
+    group.add_argument("--block-size", type=int, help="language: KV cache block in tokens (default 32)")
+    group.add_argument("--max-batch-tokens", type=int, help="language: most tokens in one forward pass (default 512)")
+    group.add_argument("--max-running", type=int, help="language: most requests decoding together (default 64)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def _model_path(args: argparse.Namespace) -> Path:
-    if args.model is not None:
-        return args.model
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config keys for the flags given on the command line."""
+    out = {key: convert(getattr(args, dest)) for dest, (key, convert) in _OVERRIDES.items()
+           if getattr(args, dest) is not None}
+    if args.device is not None:  # both halves, unless a role's own flag says otherwise
+        out.setdefault("vision.devices", [args.device])
+        out.setdefault("language.device", args.device)
+    if args.dtype is not None:
+        out["vision.dtype"] = out["language.dtype"] = args.dtype
+    return out
+
+
+def _model_path(config: ServeConfig) -> Path:
+    if config.model is not None:
+        return config.model
     from dvd.checkpoint_cache import ensure_checkpoint
 
     path = ensure_checkpoint("tiny")
-    log.warning("no --model given: serving the built-in tiny checkpoint at %s; its weights are random, "
+    log.warning("no model given: serving the built-in tiny checkpoint at %s; its weights are random, "
                 "so answers are gibberish", path)
     return path
 
 
-async def _serve(args: argparse.Namespace, config: GatewayConfig) -> int:
-    model = _model_path(args)
-    if args.coupled:
-        from pipeline.backends.coupled import CoupledBackend
-
-        backend = CoupledBackend(model, device=args.device)
-        mode = "coupled (both halves in the gateway, inproc, no pipelining)"
-    else:
-        from pipeline.backends.disaggregated import DisaggregatedBackend
-
-        backend = DisaggregatedBackend.launch(model, device=args.device, num_vision=args.vision_replicas,
-                                              num_language=args.language_replicas)
-        mode = f"disaggregated ({args.vision_replicas} vision, {args.language_replicas} language, tcp features)"
-    gateway = Gateway(config, backend)
+async def _serve(config: ServeConfig) -> int:
+    config = with_model(config, _model_path(config))
+    backend = backend_class("coupled" if config.coupled else "disaggregated").from_serve_config(config)
+    gateway = Gateway(config.gateway, backend)
     try:
         await backend.start()
         await gateway.start()
-        print(f"dvd serve: {mode}; model {backend.model_name} ({model})", flush=True)
-        print(f"dvd serve: OpenAI API at http://{config.host}:{gateway.http_port}/v1, "
-              f"gRPC at {config.host}:{gateway.grpc_port}", flush=True)
+        host = config.gateway.host
+        print(f"dvd serve: {backend.mode}; model {backend.model_name} ({config.model})", flush=True)
+        print(f"dvd serve: OpenAI API at http://{host}:{gateway.http_port}/v1, gRPC at {host}:{gateway.grpc_port}",
+              flush=True)
         print("dvd serve: ready", flush=True)
         await gateway.serve_forever()
     finally:
@@ -82,11 +140,8 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig) -> int:
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
-        limits = ApiLimits(max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                           allow_local_files=args.allow_local_files, allow_remote_urls=args.allow_remote_urls)
-        config = GatewayConfig(host=args.host, http_port=args.port, grpc_port=args.grpc_port,
-                               max_concurrency=args.max_concurrency, limits=limits)
-    except ValueError as exc:
+        config = load_serve_config(args.config, overrides_from_args(args))
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_process(lambda: _serve(args, config))
+    return run_process(lambda: _serve(config))

@@ -48,19 +48,29 @@ Wire format: `wire.py` (every message type, msgpack only). Counters: `sender.sta
 `receiver.stats` (`num_payload_copies` counts copies of feature bytes we make), `receiver.pool`.
 """
 
-from transport.base import Frame, Receiver, Sender, TransportStats, header_for
-from transport.config import TransportConfig
-from transport.errors import (
-    DuplicateFrameError,
-    FrameTooLargeError,
-    HandshakeError,
-    PeerLostError,
-    ProtocolError,
-    TransportError,
-)
-from transport.inproc import InprocHub
-from transport.registry import KINDS, create_receiver, create_sender
-from transport.wire import PROTOCOL_VERSION, FeatureHeader
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it, imported on first use: `transport.config` (and so every
+# server's config) stays importable without torch, which only the frame-carrying modules need.
+_EXPORTS = {
+    "Frame": "base", "Receiver": "base", "Sender": "base", "TransportStats": "base", "header_for": "base",
+    "TransportConfig": "config",
+    "DuplicateFrameError": "errors", "FrameTooLargeError": "errors", "HandshakeError": "errors",
+    "PeerLostError": "errors", "ProtocolError": "errors", "TransportError": "errors",
+    "InprocHub": "inproc",
+    "KINDS": "registry", "create_receiver": "registry", "create_sender": "registry",
+    "PROTOCOL_VERSION": "wire", "FeatureHeader": "wire",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'transport' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"transport.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "KINDS",

@@ -19,7 +19,7 @@ class TransportConfig:
     kind: str = "tcp"
     host: str = "127.0.0.1"
     port: int = 0
-    token: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)  # a secret: never in logs
     max_frame_bytes: int = 128 * MiB
     max_inflight_bytes: int = 256 * MiB
     receive_pool_bytes: int = 512 * MiB

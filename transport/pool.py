@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from transport.errors import TransportError
+from transport.errors import PoolClosedError
 
 # Below this, size classes would just fragment the cache; small frames share one class.
 MIN_CLASS_BYTES = 64 * 1024
@@ -33,10 +33,6 @@ def size_class(nbytes: int, capacity: int) -> int:
     step = (1 << (nbytes - 1).bit_length()) // 8
     rounded = -(-nbytes // step) * step
     return rounded if rounded <= capacity else nbytes
-
-
-class PoolClosedError(TransportError):
-    """The pool was closed while waiting for room (the receiver is shutting down)."""
 
 
 class ReceivePool:

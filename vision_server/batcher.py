@@ -23,17 +23,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dvd.errors import DvdError
+from dvd.errors import ShuttingDownError
 from vision_server.model import EncodedImage, VisionHalf, assemble
 
 logger = logging.getLogger(__name__)
 WIRE_DTYPE = torch.bfloat16
-
-
-class ShuttingDownError(DvdError):
-    """The server stopped before this work ran."""
-
-    http_status = 503
 
 
 class WorkStatus(enum.Enum):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
-import torch
+from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
+from transport.config import TransportConfig
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MiB = 1 << 20
 
 
@@ -30,18 +31,18 @@ class VisionServerConfig:
     max_num_limit: int = 64  # highest per-image max_num a client may ask for
     max_message_bytes: int = 256 * MiB
     drain_timeout_s: float = 30.0
-    transport_kind: str = "tcp"  # kind for destinations given without a scheme
-    token: str | None = None  # shared transport token (both ends must agree)
+    # The senders' settings; `kind` is used for destinations given without a scheme, and `token` must
+    # be the language servers'. host and port are the receivers' business, unused here.
+    transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
 
     def __post_init__(self) -> None:
         if not self.devices or any(not d for d in self.devices):
             raise ValueError("devices must name at least one torch device, e.g. cpu or cuda:0,cuda:1")
         for device in self.devices:
-            torch.device(device)  # raises on a malformed name
+            check_device(device)
         if len(set(self.devices)) != len(self.devices):
             raise ValueError(f"devices {self.devices} repeat a device")
-        if self.dtype and self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
         positive = ("max_batch_tiles", "preprocess_workers", "max_inputs", "max_request_tiles", "max_num_limit",
@@ -51,14 +52,10 @@ class VisionServerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.cache_bytes < 0 or self.drain_timeout_s < 0:
             raise ValueError("max_wait_ms, cache_bytes and drain_timeout_s must not be negative")
-        if self.token is not None and not self.token:
-            raise ValueError("token must be None (no check) or a non-empty string")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype:
-            return DTYPES[self.dtype]
-        return torch.float32 if all(d == "cpu" for d in self.devices) else torch.bfloat16
+    def torch_dtype(self) -> Any:
+        return torch_dtype(self.dtype, "cpu" if all(d == "cpu" for d in self.devices) else self.devices[0])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VisionServerConfig:
@@ -68,17 +65,21 @@ class VisionServerConfig:
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
             max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
-            drain_timeout_s=args.drain_timeout_s, transport_kind=args.transport, token=args.token,
+            drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport, token=args.token),
         )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF or GitHub InternVL format)")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
+                             "writes for its children); no other setting may be given with it")
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format); required without "
+                                        "--config")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--devices", help="several devices, comma separated (cuda:0,cuda:1): a replica each")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32 on cpu, else bfloat16)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--max-batch-tiles", type=int, default=16, help="most tiles in one forward pass (16)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long the first waiting tile may wait for others to join its batch (5)")

@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import enum
-import json
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from dvd.errors import DvdError, InvalidRequestError
-from transport import FeatureHeader, Sender, TransportConfig, TransportError, create_sender, header_for
-from vision_server.batcher import Batcher, EncodeWork, ShuttingDownError
+from dvd.errors import DestinationError, InputError, InvalidRequestError, ShuttingDownError
+from transport import FeatureHeader, Sender, TransportError, create_sender, header_for
+from vision_server.batcher import Batcher, EncodeWork
 from vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
 from vision_server.config import VisionServerConfig
 from vision_server.model import EncodedImage, VisionHalf
@@ -30,30 +27,6 @@ from vision_server.preprocess import PreprocessConfig, preprocess_image
 from vision_server.video import MAX_NUM_SEGMENTS, load_video
 
 logger = logging.getLogger(__name__)
-
-
-class InputError(DvdError):
-    """An input of a request failed; `cause` is the underlying error (its type decides the status)."""
-
-    def __init__(self, index: int, kind: str, cause: BaseException) -> None:
-        super().__init__(f"input {index} ({kind}): {cause}")
-        self.index = index
-        self.cause = cause
-
-
-class DestinationError(DvdError):
-    """Features could not be handed to the destination; `cause` is the transport's error."""
-
-    def __init__(self, destination: str, cause: BaseException) -> None:
-        super().__init__(f"destination {destination}: {cause}")
-        self.cause = cause
-
-
-class RequestStatus(enum.Enum):
-    RECEIVED = "received"
-    ENCODING = "encoding"
-    DONE = "done"
-    FAILED = "failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +58,6 @@ class EncodeRequest:
     request_id: str
     inputs: Sequence[MediaInput]
     destination: str
-    status: RequestStatus = RequestStatus.RECEIVED
-    received_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 def _weight_stamps(path: Any) -> list[tuple[str, int, int]]:
@@ -141,7 +112,7 @@ class VisionEngine:
         kind = destination.split("://", 1)[0]
         if kind not in self._senders:
             try:
-                config = TransportConfig(kind=kind, token=self.config.token)
+                config = dataclasses.replace(self.config.transport, kind=kind)
                 self._senders[kind] = create_sender(config, **self.transport_options.get(kind, {}))
             except (TransportError, ValueError) as error:
                 raise InvalidRequestError(f"destination {destination!r}: {error}") from None
@@ -180,7 +151,7 @@ class VisionEngine:
             raise InvalidRequestError("destination is empty")
         destination = request.destination
         if "://" not in destination:
-            destination = f"{self.config.transport_kind}://{destination}"
+            destination = f"{self.config.transport.kind}://{destination}"
         worst = 0
         for i, item in enumerate(request.inputs):
             if item.num_segments > MAX_NUM_SEGMENTS:
@@ -236,20 +207,17 @@ class VisionEngine:
         try:
             outcomes = await self._encode(request)
         except BaseException:
-            request.status = RequestStatus.FAILED
             self.counters["num_requests_failed"] += 1
             raise
         finally:
             del self.inflight[id(request)]
             if not self.inflight:
                 self._idle.set()
-        request.status = RequestStatus.DONE
         self.counters["num_requests_ok"] += 1
         return outcomes
 
     async def _encode(self, request: EncodeRequest) -> list[SlotOutcome]:
         destination = self._validate(request)
-        request.status = RequestStatus.ENCODING
         loop = asyncio.get_running_loop()
         first_slot = [0]
         for item in request.inputs:
@@ -349,4 +317,5 @@ class VisionEngine:
 
 
 def describe(config: VisionServerConfig) -> str:
-    return json.dumps({k: str(v) for k, v in dataclasses.asdict(config).items() if k != "token"})
+    """The config for the log, secrets left out (the dataclasses' reprs hide the token)."""
+    return repr(config)

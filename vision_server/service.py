@@ -17,39 +17,15 @@ import grpc
 from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
-from dvd.errors import DvdError, ImageTooLargeError, InvalidRequestError
+from dvd.errors import DvdError, rpc_metadata
 from dvd.process import start_grpc_server
-from proto.dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
-from transport import DuplicateFrameError, FrameTooLargeError, HandshakeError, PeerLostError
-from vision_server.batcher import ShuttingDownError
+from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from vision_server.config import VisionServerConfig
-from vision_server.engine import DestinationError, EncodeRequest, InputError, MediaInput, VisionEngine
+from vision_server.engine import EncodeRequest, MediaInput, VisionEngine
 
 logger = logging.getLogger(__name__)
 # After failing what was left, how long its RPCs get to send their error before the server stops.
 FINAL_GRACE_S = 5.0
-
-# exception type -> status; looked up along the exception's MRO, so subclasses inherit their parent's.
-STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,  # bad image/video bytes, bad field, bad max_num
-    ImageTooLargeError: grpc.StatusCode.INVALID_ARGUMENT,
-    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
-    PeerLostError: grpc.StatusCode.UNAVAILABLE,  # destination unreachable or gone
-    HandshakeError: grpc.StatusCode.PERMISSION_DENIED,  # transport token mismatch
-    FrameTooLargeError: grpc.StatusCode.FAILED_PRECONDITION,
-    DuplicateFrameError: grpc.StatusCode.ALREADY_EXISTS,  # same request id and slot sent there before
-    DvdError: grpc.StatusCode.INTERNAL,
-}
-
-
-def status_for(error: BaseException) -> grpc.StatusCode:
-    if isinstance(error, (InputError, DestinationError)):
-        error = error.cause
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.INTERNAL
-
 
 def unknown_field_numbers(message: Message, path: str = "") -> list[str]:
     """Fields this server's proto does not know (a newer client's): refused rather than silently ignored."""
@@ -83,10 +59,9 @@ class VisionService(vision_pb2_grpc.VisionServicer):
         )
         try:
             outcomes = await self.engine.encode(call)
-        except (DvdError, DestinationError, InputError) as error:
-            code = status_for(error)
-            logger.info("request %r failed (%s): %s", request.request_id, code.name, error)
-            await context.abort(code, str(error))
+        except DvdError as error:  # the status comes from dvd/errors.py's one table
+            logger.info("request %r failed (%s): %s", request.request_id, error.grpc_code.name, error)
+            await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
         except asyncio.CancelledError:
             logger.info("request %r cancelled", request.request_id)
             raise

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvd.prompt import ChatFormat
-from pipeline.requests import ChatRequest, GenerationEvent
+from dvd.requests import ChatRequest, GenerationEvent
+
+if TYPE_CHECKING:
+    from pipeline.serve_config import ServeConfig
 
 
 class Backend(abc.ABC):
@@ -15,6 +18,12 @@ class Backend(abc.ABC):
 
     chat: ChatFormat
     model_name: str
+    mode: str  # one line for the start-up banner
+
+    @classmethod
+    @abc.abstractmethod
+    def from_serve_config(cls, config: ServeConfig) -> Backend:
+        """The backend `dvd serve` runs for `config` (validated, its model path filled in)."""
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -16,9 +16,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from dvd.errors import DvdError
 from dvd.prompt import ChatFormat
+from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 from pipeline.backends.base import Backend
 from pipeline.local import LocalPipeline
-from pipeline.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
+from pipeline.serve_config import ServeConfig
 
 
 class _Cancelled(Exception):
@@ -50,6 +51,13 @@ class CoupledBackend(Backend):
         self._lock = asyncio.Lock()
         self.num_waiting = 0
         self.num_running = 0
+
+    mode = "coupled (both halves in the gateway, inproc, no pipelining)"
+
+    @classmethod
+    def from_serve_config(cls, config: ServeConfig) -> CoupledBackend:
+        assert config.model is not None and config.language is not None
+        return cls(config.model, device=config.language.device, dtype=config.language.torch_dtype)
 
     @property
     def chat(self) -> ChatFormat:

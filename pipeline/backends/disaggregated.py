@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,40 +18,18 @@ from typing import Any
 import grpc
 
 from dvd.checkpoint import open_checkpoint
-from dvd.errors import (
-    DeadlineExceededError,
-    DvdError,
-    ImageTooLargeError,
-    InvalidRequestError,
-    OverloadedError,
-    UnavailableError,
-)
+from dvd.errors import from_rpc_error
 from dvd.prompt import ChatFormat
+from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
+from dvd.v1 import language_pb2, vision_pb2
 from pipeline.backends.base import Backend
-from pipeline.replicas import Replica, ReplicaPool, start_server, stop_servers, wait_ready
-from pipeline.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
-from proto.dvd.v1 import language_pb2, vision_pb2
+from pipeline.replicas import Replica, ReplicaPool, free_port, start_server, stop_servers, wait_ready
+from pipeline.serve_config import ServeConfig, fresh_token
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop_token": FinishReason.STOP, "stop_string": FinishReason.STOP, "length": FinishReason.LENGTH,
-           "aborted": FinishReason.ABORT}
 # Retrying Encode on another replica makes sense only when this one could not be reached.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
-
-
-def _error(err: grpc.aio.AioRpcError, side: str) -> DvdError:
-    """A replica's gRPC status as the gateway's error (which picks the HTTP status)."""
-    code, details = err.code(), err.details() or err.code().name
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequestError(details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ImageTooLargeError(details) if side == "vision" else OverloadedError(details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceededError(details)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return UnavailableError(f"{side} server unavailable: {details}")
-    return DvdError(f"{side} server: {code.name}: {details}")
 
 
 class DisaggregatedBackend(Backend):
@@ -66,15 +45,26 @@ class DisaggregatedBackend(Backend):
         self.chat = ChatFormat(open_checkpoint(self.model_path))
         self._health_task: asyncio.Task | None = None
         self.num_encode_retries = 0
+        self.workdir: Path | None = None  # the child configs of servers this backend started
+        self.mode = f"disaggregated ({len(vision.replicas)} vision, {len(language.replicas)} language)"
 
     @classmethod
-    def launch(cls, model: str | Path, device: str = "cpu", num_vision: int = 1,
-               num_language: int = 1) -> DisaggregatedBackend:
-        """Vision and language servers as child processes on this machine, sharing a fresh token."""
-        token = secrets.token_hex(16)
-        vision = [start_server("vision", str(model), device, token) for _ in range(num_vision)]
-        language = [start_server("language", str(model), device, token) for _ in range(num_language)]
-        return cls(model, ReplicaPool("vision", vision), ReplicaPool("language", language), owned=vision + language)
+    def from_serve_config(cls, config: ServeConfig) -> DisaggregatedBackend:
+        """Vision and language servers as child processes on this machine, each running its part of
+        `config` (validated already), sharing a fresh transport token."""
+        assert config.model is not None
+        token = fresh_token()
+        workdir = Path(tempfile.mkdtemp(prefix="dvd-serve-"))  # 0700: the child configs hold the token
+        vision = [start_server("vision", config.vision_child(free_port(), token), workdir)
+                  for _ in range(config.vision_replicas)]
+        language = [start_server("language", config.language_child(free_port(), token), workdir)
+                    for _ in range(config.language_replicas)]
+        backend = cls(config.model, ReplicaPool("vision", vision), ReplicaPool("language", language),
+                      owned=vision + language)
+        backend.workdir = workdir
+        backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
+                        f"{config.transport.kind} features)")
+        return backend
 
     async def start(self) -> None:
         replicas = self.vision.replicas + self.language.replicas
@@ -98,6 +88,8 @@ class DisaggregatedBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         await stop_servers(self.owned)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def health(self) -> tuple[bool, str]:
         num_vision = sum(r.healthy for r in self.vision.replicas)
@@ -131,7 +123,7 @@ class DisaggregatedBackend(Backend):
                 return
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _RETRYABLE or len(tried) > 1 or len(self.vision.replicas) < 2:
-                    raise _error(err, "vision") from None
+                    raise from_rpc_error(err, "vision") from None
                 self.num_encode_retries += 1
                 log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
                             request.request_id, replica.address, err.code().name)
@@ -143,7 +135,7 @@ class DisaggregatedBackend(Backend):
         sampling = language_pb2.LanguageSampling(
             max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
             top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
-            stop_token_ids=list(s.stop_token_ids), stop_strings=list(request.stop_strings))
+            stop_token_ids=list(s.stop_token_ids))
         if s.seed is not None:
             sampling.seed = s.seed
         return language_pb2.LanguageGenerateRequest(
@@ -180,7 +172,7 @@ class DisaggregatedBackend(Backend):
                 raise encode.exception() from None
             if isinstance(err, asyncio.CancelledError):
                 raise
-            raise _error(err, "language") from None
+            raise from_rpc_error(err, "language") from None
         finally:
             language.num_outstanding -= 1
             if not finished:  # the client went away or something failed: free both halves now
@@ -206,6 +198,6 @@ class DisaggregatedBackend(Backend):
             "prefill": max(0.0, (first - dispatch) * 1e3 - max(features_wait_ms, encode_ms)),
             "decode": (end - first) * 1e3,
         }
-        reason = _FINISH.get(last.finish_reason, FinishReason.ABORT) if last else FinishReason.ABORT
+        reason = FinishReason(last.finish_reason) if last and last.finish_reason else FinishReason.ABORT
         return GenerationEvent(token_ids=[], finish_reason=reason, timings=StageTimings(ms=ms, marks=marks),
                                num_prompt_tokens=last.prompt_tokens if last else 0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from language_server.model import SamplingParams
+from dvd.sampling import greedy
 from pipeline.client import GenerationClient
 from pipeline.local import LocalPipeline
 from tests.conftest import encode, photo_like
@@ -47,7 +47,7 @@ def reference(tiny_hf: Path) -> tuple[LocalPipeline, InternVLForConditionalGener
 
 def _expected(reference: tuple, messages: list[dict], images: list[bytes]) -> list[int]:
     pipe, monolithic = reference
-    sampling = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW, stop_token_ids=pipe.chat.stop_token_ids)
+    sampling = greedy(max_new_tokens=NEW, min_new_tokens=NEW, stop_token_ids=pipe.chat.stop_token_ids)
     prompt_ids = pipe.generate(messages, images, sampling).prompt_token_ids
     return monolithic_reference(monolithic, pipe, prompt_ids, images, bf16=True)
 

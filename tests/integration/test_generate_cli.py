@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dvd.cli import main
-from language_server.model import SamplingParams
+from dvd.sampling import greedy
 from pipeline.local import LocalPipeline
 from tests.conftest import encode, photo_like
 
@@ -27,7 +27,7 @@ def test_generate_json_matches_the_pipeline(tmp_path: Path, tiny_hf: Path) -> No
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     pipe = LocalPipeline(tiny_hf)
-    sampling = SamplingParams(max_new_tokens=6, min_new_tokens=6, stop_token_ids=pipe.chat.stop_token_ids)
+    sampling = greedy(max_new_tokens=6, min_new_tokens=6, stop_token_ids=pipe.chat.stop_token_ids)
     expected = pipe.generate([{"role": "user", "content": "Describe the image."}], [image.read_bytes()], sampling)
     assert out["token_ids"] == expected.token_ids
     assert out["text"] == expected.text

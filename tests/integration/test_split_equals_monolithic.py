@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from language_server.model import SamplingParams
+from dvd.sampling import greedy
 from pipeline.local import LocalPipeline
 from tests.conftest import encode, photo_like
 from vision_server.preprocess import preprocess_image
@@ -67,7 +67,7 @@ def monolithic_reference(model: InternVLForConditionalGeneration, pipe: LocalPip
 def test_split_equals_monolithic(wire: str, pipelines: dict[str, LocalPipeline],
                                  monolithic: InternVLForConditionalGeneration) -> None:
     pipe = pipelines[wire]
-    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+    sampling = greedy(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                               stop_token_ids=pipe.chat.stop_token_ids)
     outputs = {}
     for name, (messages, specs) in CASES.items():
@@ -85,7 +85,7 @@ def test_many_tiles_and_slot_expansion(pipelines: dict[str, LocalPipeline]) -> N
     pipe = pipelines["bf16"]
     wide = encode(photo_like(2400, 300, 2))
     result = pipe.generate([{"role": "user", "content": "Describe."}], [wide],
-                           SamplingParams(max_new_tokens=1, stop_token_ids=pipe.chat.stop_token_ids))
+                           greedy(max_new_tokens=1, stop_token_ids=pipe.chat.stop_token_ids))
     assert result.num_tiles == [9]  # 8 x 1 tiles for an 8:1 image, plus the thumbnail
     ids = result.prompt_token_ids
     start = ids.index(pipe.chat.image_start_id)
@@ -99,7 +99,7 @@ def test_github_and_hf_formats_give_identical_output(tiny_hf: Path, tiny_github:
     results = []
     for path in (tiny_hf, tiny_github):
         pipe = LocalPipeline(path)
-        sampling = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        sampling = greedy(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                   stop_token_ids=pipe.chat.stop_token_ids)
         results.append(pipe.generate(messages, images, sampling))
     hf, github = results

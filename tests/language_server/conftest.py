@@ -47,7 +47,6 @@ def image_features(tiny_hf: Path, monolithic: InternVLForConditionalGeneration) 
     return out
 
 
-def make_engine(language: LanguageHalf, chat: ChatFormat | None = None, **overrides: int | str) -> Engine:
+def make_engine(language: LanguageHalf, **overrides: int | str) -> Engine:
     settings = {"block_size": 16, "num_blocks": 256, "max_batch_tokens": 256} | overrides
-    decode = None if chat is None else (lambda ids: chat.tokenizer.decode(ids, skip_special_tokens=False))
-    return Engine(language, EngineConfig(**settings), decode=decode)
+    return Engine(language, EngineConfig(**settings))

@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from dvd.v1 import common_pb2, language_pb2_grpc
 from language_server.config import EngineConfig
 from language_server.model import LanguageHalf
 from language_server.server_config import LanguageServerConfig
 from language_server.service import LanguageServer
-from proto.dvd.v1 import common_pb2, language_pb2_grpc
 from transport import Sender, TransportConfig, create_sender, header_for
 
 T = TypeVar("T")

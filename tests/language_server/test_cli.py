@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from proto.dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from tests.serve_process import read_line
 
 READY = "dvd language serving on "
@@ -32,7 +32,7 @@ def test_serves_and_drains_on_sigterm(tiny_hf: Path) -> None:
         assert health.status == common_pb2.HealthResponse.SERVING and health.transport_address == features
         request = language_pb2.LanguageGenerateRequest(
             request_id="r", segments=[language_pb2.TokenSegment(ids=[5, 6, 7])],
-            sampling=language_pb2.LanguageSampling(max_new_tokens=40, min_new_tokens=40))
+            sampling=language_pb2.LanguageSampling(max_new_tokens=40, min_new_tokens=40, temperature=0.0))
         stream = stub.Generate(request)
         first = next(stream)
         proc.send_signal(signal.SIGTERM)  # the running request still finishes

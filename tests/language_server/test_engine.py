@@ -13,9 +13,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dvd.errors import InvalidRequestError, PromptTooLongError
 from dvd.prompt import ChatFormat
+from dvd.requests import FinishReason
+from dvd.sampling import SamplingParams
+from dvd.sampling import greedy as greedy_params
 from language_server.engine import Engine, KVCapacityError
-from language_server.model import LanguageHalf, SamplingParams
-from language_server.request import EngineRequest, FinishReason
+from language_server.model import LanguageHalf
+from language_server.request import EngineRequest
 from tests.language_server.conftest import make_engine
 
 NEW_TOKENS = 8
@@ -45,7 +48,7 @@ def mixed_requests(chat: ChatFormat, image_features: list[torch.Tensor], count: 
 
 
 def greedy(chat: ChatFormat, n: int = NEW_TOKENS) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, min_new_tokens=n, stop_token_ids=chat.stop_token_ids)
+    return greedy_params(max_new_tokens=n, min_new_tokens=n, stop_token_ids=chat.stop_token_ids)
 
 
 def run(engine: Engine, requests: list[tuple], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -115,32 +118,28 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(language: Lan
     assert other_seed != alone
     top1 = run(make_engine(language), [(ids, [])], SamplingParams(max_new_tokens=12, min_new_tokens=12,
                                                                   temperature=1.0, top_k=1, seed=3))[0]
-    assert top1 == run(make_engine(language), [(ids, [])], SamplingParams(max_new_tokens=12, min_new_tokens=12))[0]
-    penalised = run(make_engine(language), [(ids, [])], SamplingParams(max_new_tokens=12, min_new_tokens=12,
+    assert top1 == run(make_engine(language), [(ids, [])], greedy_params(max_new_tokens=12, min_new_tokens=12))[0]
+    penalised = run(make_engine(language), [(ids, [])], greedy_params(max_new_tokens=12, min_new_tokens=12,
                                                                        repetition_penalty=5.0))[0]
     assert len(set(penalised)) >= len(set(top1))
 
 
-def test_stop_tokens_stop_strings_and_length(language: LanguageHalf, chat: ChatFormat) -> None:
+def test_stop_tokens_min_tokens_and_length(language: LanguageHalf, chat: ChatFormat) -> None:
     ids, _ = build(chat, "count to ten", [])
-    free = run(make_engine(language), [(ids, [])], SamplingParams(max_new_tokens=10, min_new_tokens=10))[0]
+    free = run(make_engine(language), [(ids, [])], greedy_params(max_new_tokens=10, min_new_tokens=10))[0]
     stop = free[3]
     first = free.index(stop)
-    engine = make_engine(language, chat)
-    engine.add(EngineRequest("tok", ids, SamplingParams(max_new_tokens=10, stop_token_ids=(stop,))))
-    engine.add(EngineRequest("min", ids, SamplingParams(max_new_tokens=10, min_new_tokens=first + 1,
+    engine = make_engine(language)
+    engine.add(EngineRequest("tok", ids, greedy_params(max_new_tokens=10, stop_token_ids=(stop,))))
+    engine.add(EngineRequest("min", ids, greedy_params(max_new_tokens=10, min_new_tokens=first + 1,
                                                         stop_token_ids=(stop,))))
-    text = chat.tokenizer.decode(free[:5], skip_special_tokens=False)
-    engine.add(EngineRequest("str", ids, SamplingParams(max_new_tokens=10, stop_strings=(text[-3:],))))
-    engine.add(EngineRequest("len", ids, SamplingParams(max_new_tokens=4)))
+    engine.add(EngineRequest("len", ids, greedy_params(max_new_tokens=4)))
     done = engine.run_until_done()
     last = {rid: outs[-1] for rid, outs in done.items()}
     tokens = {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in done.items()}
-    assert tokens["tok"] == free[:first + 1] and last["tok"].finish_reason is FinishReason.STOP_TOKEN
-    assert len(tokens["min"]) > first + 1 and last["min"].finish_reason in (FinishReason.STOP_TOKEN,
+    assert tokens["tok"] == free[:first + 1] and last["tok"].finish_reason is FinishReason.STOP
+    assert len(tokens["min"]) > first + 1 and last["min"].finish_reason in (FinishReason.STOP,
                                                                            FinishReason.LENGTH)
-    assert text[-3:] in chat.tokenizer.decode(tokens["str"], skip_special_tokens=False)
-    assert len(tokens["str"]) <= 5 and last["str"].finish_reason is FinishReason.STOP_STRING
     assert tokens["len"] == free[:4] and last["len"].finish_reason is FinishReason.LENGTH
     assert last["len"].num_output_tokens == 4 and last["len"].num_prompt_tokens == len(ids)
 
@@ -149,7 +148,7 @@ def test_abort_mid_decode_frees_blocks_and_features(language: LanguageHalf, chat
                                                     image_features: list[torch.Tensor]) -> None:
     engine = make_engine(language)
     ids, images = build(chat, "describe", image_features[:1])
-    engine.add(EngineRequest("a", ids, SamplingParams(max_new_tokens=500, min_new_tokens=500), images=images))
+    engine.add(EngineRequest("a", ids, greedy_params(max_new_tokens=500, min_new_tokens=500), images=images))
     del images
     produced = 0
     while produced < 3:
@@ -157,7 +156,7 @@ def test_abort_mid_decode_frees_blocks_and_features(language: LanguageHalf, chat
     assert engine.stats.num_kv_blocks_used > 0 and engine.stats.num_feature_bytes_held > 0
     engine.abort("a")
     outputs = engine.step()
-    assert [(o.request_id, o.finish_reason) for o in outputs] == [("a", FinishReason.ABORTED)]
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("a", FinishReason.ABORT)]
     assert engine.stats.num_kv_blocks_used == 0 and engine.stats.num_feature_bytes_held == 0
     assert engine.stats.num_requests_aborted == 1 and not engine.has_work
 

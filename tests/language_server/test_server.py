@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from dvd.prompt import ChatFormat
-from language_server.model import LanguageHalf, SamplingParams
-from proto.dvd.v1 import common_pb2, language_pb2
+from dvd.sampling import SamplingParams
+from dvd.v1 import common_pb2, language_pb2
+from language_server.model import LanguageHalf
 from tests.language_server.harness import Harness
 
 NEW = 6
@@ -28,7 +29,7 @@ def harness(tiny_hf: Path, language: LanguageHalf) -> Iterator[Harness]:
 def generate_request(chat: ChatFormat, rid: str, text: str, num_images: int = 0, **sampling: object
                      ) -> language_pb2.LanguageGenerateRequest:
     prompt = chat.build([{"role": "user", "content": text}], num_images)
-    s = {"max_new_tokens": NEW, "min_new_tokens": NEW} | sampling
+    s = {"max_new_tokens": NEW, "min_new_tokens": NEW, "temperature": 0.0} | sampling
     return language_pb2.LanguageGenerateRequest(
         request_id=rid, segments=[language_pb2.TokenSegment(ids=seg) for seg in prompt.segments],
         num_images=num_images, sampling=language_pb2.LanguageSampling(**s))
@@ -39,7 +40,7 @@ def expected(language: LanguageHalf, chat: ChatFormat, request: language_pb2.Lan
     ids = chat.expand(__import__("dvd.prompt").prompt.PromptTokens(tuple(tuple(s.ids) for s in request.segments)),
                       [f.shape[0] for f in features])
     rows = torch.cat(features).float() if features else None
-    return language.generate(ids, chat.image_context_id, rows, SamplingParams(
+    return language.generate(ids, chat.image_context_id, rows, SamplingParams(temperature=0.0,
         max_new_tokens=NEW, min_new_tokens=NEW, stop_token_ids=chat.stop_token_ids))
 
 
@@ -116,7 +117,7 @@ def test_abort_mid_decode_frees_kv_and_features(harness: Harness, chat: ChatForm
     assert stats["num_kv_blocks_used"] > 0 and stats["num_feature_bytes_held"] > 0
     assert harness.stub.Abort(language_pb2.AbortRequest(request_id="long")).found
     tokens, reason = collect(stream)
-    assert reason == "aborted" and len(tokens) < 2000
+    assert reason == "abort" and len(tokens) < 2000
     assert harness.stats()["num_requests_aborted"] >= 1
     assert_all_freed(harness)
     assert not harness.stub.Abort(language_pb2.AbortRequest(request_id="long")).found

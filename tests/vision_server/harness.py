@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from proto.dvd.v1 import vision_pb2_grpc
+from dvd.v1 import vision_pb2_grpc
 from transport import FeatureHeader, Receiver, TransportConfig, create_receiver
 from vision_server.config import VisionServerConfig
 from vision_server.service import VisionServer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from proto.dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from tests.conftest import encode, photo_like
 from tests.serve_process import read_line
 from tests.vision_server.harness import Harness

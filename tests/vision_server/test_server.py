@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from proto.dvd.v1 import common_pb2, vision_pb2
+from dvd.v1 import common_pb2, vision_pb2
 from tests.conftest import encode, photo_like
 from tests.vision_server.conftest import make_video
 from tests.vision_server.harness import Harness

@@ -174,14 +174,14 @@ def test_bad_video_is_a_clear_error() -> None:
 
 
 def test_generate_routes_flash_and_reports_tile_tokens(tiny_flash: Path) -> None:
-    from language_server.model import SamplingParams
+    from dvd.sampling import greedy
     from pipeline.local import LocalPipeline
 
     pipe = LocalPipeline(tiny_flash)
     image = encode(photo_like(900, 500, 1))
     frames = list(load_video(make_video(10), pipe.preprocess_config, num_segments=2).pixels)
     result = pipe.generate([{"role": "user", "content": "<image>\nFrame1: <image>\nFrame2: <image>\nWhat?"}],
-                           [image], SamplingParams(max_new_tokens=2, min_new_tokens=2), frames=frames)
+                           [image], greedy(max_new_tokens=2, min_new_tokens=2), frames=frames)
     assert result.num_tiles == [3, 1, 1]
     assert len(result.tile_tokens) == 3 and set(result.tile_tokens[0]) <= {64, 256}
     expected_rows = sum(sum(t) for t in result.tile_tokens)

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from proto.dvd.v1 import common_pb2 as proto_dot_dvd_dot_v1_dot_common__pb2
-from proto.dvd.v1 import language_pb2 as proto_dot_dvd_dot_v1_dot_language__pb2
+from dvd.v1 import common_pb2 as dvd_dot_v1_dot_common__pb2
+from dvd.v1 import language_pb2 as dvd_dot_v1_dot_language__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/dvd/v1/language_pb2_grpc.py depends on'
+        + ' but the generated code in dvd/v1/language_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class LanguageStub:
         """
         self.Generate = channel.unary_stream(
                 '/dvd.v1.Language/Generate',
-                request_serializer=proto_dot_dvd_dot_v1_dot_language__pb2.LanguageGenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_language__pb2.LanguageGenerateResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_language__pb2.LanguageGenerateRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_language__pb2.LanguageGenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/dvd.v1.Language/Abort',
-                request_serializer=proto_dot_dvd_dot_v1_dot_language__pb2.AbortRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_language__pb2.AbortResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_language__pb2.AbortRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_language__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/dvd.v1.Language/Health',
-                request_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/dvd.v1.Language/Stats',
-                request_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -61,7 +61,8 @@ class LanguageServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the new tokens. A request with images waits (up to its features timeout) for all its
+        """Streams the new tokens. A failed call names its error's class in the trailing metadata
+        `dvd-error` (dvd/errors.py), so the gateway answers its client with that error's own status. A request with images waits (up to its features timeout) for all its
         features, then joins the running batch; one without images starts at once. The last message
         has finish_reason. Errors, each naming what was wrong: INVALID_ARGUMENT (empty prompt, token id
         outside the vocabulary, bad sampling value, slot/feature mismatch, prompt longer than the
@@ -98,23 +99,23 @@ def add_LanguageServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_language__pb2.LanguageGenerateRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_language__pb2.LanguageGenerateResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_language__pb2.LanguageGenerateRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_language__pb2.LanguageGenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_language__pb2.AbortRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_language__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_language__pb2.AbortRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_language__pb2.AbortResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_common__pb2.HealthRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_common__pb2.StatsRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_common__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,8 +143,8 @@ class Language:
             request,
             target,
             '/dvd.v1.Language/Generate',
-            proto_dot_dvd_dot_v1_dot_language__pb2.LanguageGenerateRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_language__pb2.LanguageGenerateResponse.FromString,
+            dvd_dot_v1_dot_language__pb2.LanguageGenerateRequest.SerializeToString,
+            dvd_dot_v1_dot_language__pb2.LanguageGenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -169,8 +170,8 @@ class Language:
             request,
             target,
             '/dvd.v1.Language/Abort',
-            proto_dot_dvd_dot_v1_dot_language__pb2.AbortRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_language__pb2.AbortResponse.FromString,
+            dvd_dot_v1_dot_language__pb2.AbortRequest.SerializeToString,
+            dvd_dot_v1_dot_language__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -196,8 +197,8 @@ class Language:
             request,
             target,
             '/dvd.v1.Language/Health',
-            proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
+            dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
+            dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +224,8 @@ class Language:
             request,
             target,
             '/dvd.v1.Language/Stats',
-            proto_dot_dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
+            dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+            dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

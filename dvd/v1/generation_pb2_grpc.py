@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from proto.dvd.v1 import common_pb2 as proto_dot_dvd_dot_v1_dot_common__pb2
-from proto.dvd.v1 import generation_pb2 as proto_dot_dvd_dot_v1_dot_generation__pb2
+from dvd.v1 import common_pb2 as dvd_dot_v1_dot_common__pb2
+from dvd.v1 import generation_pb2 as dvd_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/dvd/v1/generation_pb2_grpc.py depends on'
+        + ' but the generated code in dvd/v1/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/dvd.v1.Generation/Generate',
-                request_serializer=proto_dot_dvd_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/dvd.v1.Generation/Health',
-                request_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -71,13 +71,13 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_common__pb2.HealthRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -105,8 +105,8 @@ class Generation:
             request,
             target,
             '/dvd.v1.Generation/Generate',
-            proto_dot_dvd_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            dvd_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            dvd_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -132,8 +132,8 @@ class Generation:
             request,
             target,
             '/dvd.v1.Generation/Health',
-            proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
+            dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
+            dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from proto.dvd.v1 import common_pb2 as proto_dot_dvd_dot_v1_dot_common__pb2
-from proto.dvd.v1 import vision_pb2 as proto_dot_dvd_dot_v1_dot_vision__pb2
+from dvd.v1 import common_pb2 as dvd_dot_v1_dot_common__pb2
+from dvd.v1 import vision_pb2 as dvd_dot_v1_dot_vision__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/dvd/v1/vision_pb2_grpc.py depends on'
+        + ' but the generated code in dvd/v1/vision_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class VisionStub:
         """
         self.Encode = channel.unary_unary(
                 '/dvd.v1.Vision/Encode',
-                request_serializer=proto_dot_dvd_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/dvd.v1.Vision/Health',
-                request_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/dvd.v1.Vision/Stats',
-                request_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
-                response_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
+                request_serializer=dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -56,7 +56,8 @@ class VisionServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
-        """Decode, tile, batch (with other requests' tiles) and encode every input, pushing each image's
+        """A failed call names its error class in the trailing metadata `dvd-error` (dvd/errors.py).
+        Decode, tile, batch (with other requests' tiles) and encode every input, pushing each image's
         features to `destination` as soon as they exist. Returns once all were handed to the transport,
         or fails naming the input and the cause (INVALID_ARGUMENT: bad image/video or request,
         RESOURCE_EXHAUSTED: over a size limit, UNAVAILABLE: destination unreachable or server draining).
@@ -82,18 +83,18 @@ def add_VisionServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_vision__pb2.EncodeRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_vision__pb2.EncodeResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_vision__pb2.EncodeRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_vision__pb2.EncodeResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_common__pb2.HealthRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsRequest.FromString,
-                    response_serializer=proto_dot_dvd_dot_v1_dot_common__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=dvd_dot_v1_dot_common__pb2.StatsRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_common__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -121,8 +122,8 @@ class Vision:
             request,
             target,
             '/dvd.v1.Vision/Encode',
-            proto_dot_dvd_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
+            dvd_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
+            dvd_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -148,8 +149,8 @@ class Vision:
             request,
             target,
             '/dvd.v1.Vision/Health',
-            proto_dot_dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
+            dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
+            dvd_dot_v1_dot_common__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -175,8 +176,8 @@ class Vision:
             request,
             target,
             '/dvd.v1.Vision/Stats',
-            proto_dot_dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
-            proto_dot_dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
+            dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+            dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

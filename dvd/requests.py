@@ -1,0 +1,90 @@
+"""The request types that cross module boundaries inside the gateway: one validated `ChatRequest` in
+(from either frontend), a stream of `GenerationEvent`s out (from either backend), the one
+`FinishReason` every part reports, and per-stage `StageTimings`. Messages between processes are in
+the protos (`proto/dvd/v1/`, generated into `dvd.v1`) and the transport's wire module."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from dvd.sampling import SamplingParams
+
+STAGES = ("encode", "transfer", "queue", "prefill", "decode")
+
+
+class FinishReason(str, enum.Enum):
+    """Why generation ended. The values are OpenAI's `finish_reason` where it has one, and the
+    strings the language server's protocol carries."""
+
+    STOP = "stop"  # a stop token, or a stop string (decided by the gateway's detokenizer)
+    LENGTH = "length"  # max_new_tokens or the context's end
+    ABORT = "abort"  # the client went away or cancelled
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ChatFields:
+    """A chat request as a client sent it, in neutral form: what either API's parser read (the JSON of
+    the OpenAI API, the gRPC `GenerateRequest`), before the one validator (`pipeline/validate.py`)
+    checks it and builds the `ChatRequest`. `None` means the client left the field out.
+
+    `messages`: {"role", "content"}, content a string or parts {"type": "text", "text"} and
+    {"type": "image", "data": bytes} (image URLs already fetched or decoded by the parser).
+    """
+
+    messages: tuple[dict[str, Any], ...]
+    model: str | None = None
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate past the checkpoint's stop tokens (benchmark clients ask for it)
+    max_num: int | None = None
+    thinking: bool = False
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated request: chat messages whose image parts are `{"type": "image"}` in order, the
+    image bytes for those parts, how to sample, and the stop strings that end the text."""
+
+    request_id: str
+    model: str
+    messages: tuple[dict[str, Any], ...]
+    images: tuple[bytes, ...]
+    sampling: SamplingParams
+    stop_strings: tuple[str, ...] = ()
+    max_num: int | None = None  # most tiles per image; None = the checkpoint's
+    thinking: bool = False
+    timeout_s: float = 600.0
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds per pipeline stage, plus wall-clock marks used to show overlap across requests."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+    marks: dict[str, float] = field(default_factory=dict)  # e.g. encode_start, decode_end (time.time())
+
+    def header_value(self) -> str:
+        return ";".join(f"{stage}={self.ms[stage]:.2f}" for stage in STAGES if stage in self.ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**{f"{k}_ms": round(v, 3) for k, v in self.ms.items()}, "marks": dict(self.marks)}
+
+
+@dataclass
+class GenerationEvent:
+    """New tokens for one request; the last event carries `finish_reason` and the timings."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    timings: StageTimings | None = None
+    num_prompt_tokens: int = 0

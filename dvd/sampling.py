@@ -1,0 +1,51 @@
+"""How to pick tokens: one `SamplingParams` with one set of defaults, shared by the gateway, both APIs,
+the language server and the CLIs (torch-free, so the gateway need not import torch for it).
+
+The defaults are what the server applies to a field a client leaves out, OpenAI's where OpenAI has
+one (temperature 1, top_p 1); callers that want greedy decoding say `temperature=0`. Stop strings
+are not here: they act on text, so the gateway's detokenizer decides them (`ChatRequest.stop_strings`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dvd.errors import InvalidFieldError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_SEED = 1 << 63
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """`temperature == 0` means greedy. Every value is checked once, here; errors name the field."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+             f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"),
+            (self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}"),
+            (self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", f"must be >= 0, got {self.stop_token_ids}"),
+            (self.seed is None or 0 <= self.seed < MAX_SEED, "seed", f"must be in [0, 2**63), got {self.seed}"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise InvalidFieldError(f"{name} {message}", name)
+
+
+def greedy(**fields: object) -> SamplingParams:
+    """SamplingParams that always pick the most likely token (what equality tests and benchmarks use)."""
+    return SamplingParams(temperature=0.0, **fields)  # type: ignore[arg-type]

@@ -1,0 +1,128 @@
+"""The one validator both frontends call: neutral `ChatFields` in, a `ChatRequest` out.
+
+Whatever API a request came through, the same checks run here in the same order and fail with the
+same error classes (dvd/errors.py decides their HTTP status and gRPC code), each naming the field:
+an unknown model is NotFoundError, a value out of range InvalidFieldError, a count or a shape the
+server cannot serve InvalidRequestError, an image over the byte limit ImageTooLargeError.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from dvd.errors import ImageTooLargeError, InvalidFieldError, InvalidRequestError, NotFoundError
+from dvd.requests import ChatFields, ChatRequest
+from dvd.sampling import SamplingParams
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 4
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What the gateway accepts from a client; set once from `dvd serve` flags or its config file."""
+
+    max_images: int = 8
+    max_image_bytes: int = 20 << 20
+    max_new_tokens_limit: int = 8192
+    max_num_limit: int = 64  # highest per-image max_num (tiles) a client may ask for
+    allow_local_files: bool = False
+    allow_remote_urls: bool = False
+    default_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "max_image_bytes", "max_new_tokens_limit", "max_num_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.default_timeout_s <= 0:
+            raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    if value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise InvalidFieldError(f"{name} must be in {interval}, got {value}", name)
+
+
+def image_too_large(where: str, limits: ApiLimits) -> ImageTooLargeError:
+    return ImageTooLargeError(f"{where}: image is larger than the limit of {limits.max_image_bytes} bytes", where)
+
+
+def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], tuple[bytes, ...]]:
+    if not fields.messages:
+        raise InvalidRequestError("messages must be a non-empty list", "messages")
+    messages: list[dict] = []
+    images: list[bytes] = []
+    for i, message in enumerate(fields.messages):
+        where = f"messages[{i}]"
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidFieldError(f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            if part["type"] == "text":
+                parts.append({"type": "text", "text": part["text"]})
+                continue
+            if role != "user":
+                raise InvalidFieldError(f"{at}: images are only accepted in user messages", at)
+            if len(part["data"]) > limits.max_image_bytes:
+                raise image_too_large(at, limits)
+            images.append(part["data"])
+            parts.append({"type": "image"})
+        messages.append({"role": role, "content": parts})
+    if len(images) > limits.max_images:
+        raise InvalidRequestError(f"too many images: {len(images)}, the limit is {limits.max_images}", "messages")
+    return tuple(messages), tuple(images)
+
+
+def _sampling(fields: ChatFields, limits: ApiLimits, stop_token_ids: tuple[int, ...]) -> SamplingParams:
+    defaults = SamplingParams()
+    max_new = defaults.max_new_tokens if fields.max_tokens is None else fields.max_tokens
+    check_range("max_tokens", max_new, 1, limits.max_new_tokens_limit)
+    min_new = fields.min_tokens or 0
+    check_range("min_tokens", min_new, 0, max_new)
+    temperature = defaults.temperature if fields.temperature is None else fields.temperature
+    check_range("temperature", temperature, 0.0, 2.0)
+    top_p = defaults.top_p if fields.top_p is None else fields.top_p
+    check_range("top_p", top_p, 0.0, 1.0, low_open=True)
+    top_k = fields.top_k or 0
+    top_k = 0 if top_k == -1 else top_k  # vLLM's spelling of "no top-k"
+    check_range("top_k", top_k, 0, 1 << 30)
+    penalty = defaults.repetition_penalty if fields.repetition_penalty is None else fields.repetition_penalty
+    check_range("repetition_penalty", penalty, 0.0, 10.0, low_open=True)
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=min_new, temperature=float(temperature),
+                          top_p=float(top_p), top_k=top_k, repetition_penalty=float(penalty), seed=fields.seed,
+                          stop_token_ids=() if fields.ignore_eos else stop_token_ids)
+
+
+def build_chat_request(fields: ChatFields, limits: ApiLimits, served_models: list[str],
+                       stop_token_ids: tuple[int, ...]) -> ChatRequest:
+    """The validated request; raises a DvdError naming the field."""
+    model = fields.model or served_models[0]
+    if model not in served_models:
+        raise NotFoundError(f"model {model!r} is not served here; available: {', '.join(served_models)}", "model")
+    messages, images = _messages(fields, limits)
+    if len(fields.stop) > MAX_STOP_STRINGS or not all(fields.stop):
+        raise InvalidFieldError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                                "stop")
+    if fields.max_num is not None:
+        check_range("max_num", fields.max_num, 1, limits.max_num_limit)
+    timeout = limits.default_timeout_s if fields.timeout_s is None else fields.timeout_s
+    check_range("timeout", timeout, 0.0, 3600.0, low_open=True)
+    return ChatRequest(
+        request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        model=model,
+        messages=messages,
+        images=images,
+        sampling=_sampling(fields, limits, stop_token_ids),
+        stop_strings=fields.stop,
+        max_num=fields.max_num,
+        thinking=fields.thinking,
+        timeout_s=float(timeout),
+    )
