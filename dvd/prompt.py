@@ -85,6 +85,29 @@ def _count_placeholders(content: Any) -> int:
     return sum(1 for part in content if part.get("type") == "image")
 
 
+def frame_parts(num_frames: int) -> list[dict[str, Any]]:
+    """A video's frames as the model card prompts them, `Frame1: <image>\nFrame2: <image>\n...`: one
+    image part (one slot) per frame, each after its `FrameN: ` label."""
+    return [part for i in range(num_frames) for part in ({"type": "text", "text": f"Frame{i + 1}: "},
+                                                        {"type": "image"})]
+
+
+def _is_video(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "video"
+
+
+def _expand_videos(messages: Sequence[Message]) -> list[Message]:
+    """Video parts ({"type": "video", "num_frames": N}) as their frames' labelled image parts."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(_is_video(p) for p in content):
+            parts = [q for p in content for q in (frame_parts(p["num_frames"]) if _is_video(p) else [p])]
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
 def _validate(messages: Sequence[Message]) -> None:
     if not messages:
         raise PromptError("messages is empty")
@@ -202,6 +225,8 @@ class ChatFormat:
         return text + conv["assistant"]
 
     def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False) -> PromptTokens:
+        """`num_images` counts slots: one per image, one per frame of each video part."""
+        messages = _expand_videos(messages)
         _validate(messages)
         text = self.render(_with_default_placeholders(messages, num_images), thinking)
         pieces = _SLOT_MARKER.split(text)

@@ -30,8 +30,9 @@ class ChatFields:
     the OpenAI API, the gRPC `GenerateRequest`), before the one validator (`pipeline/validate.py`)
     checks it and builds the `ChatRequest`. `None` means the client left the field out.
 
-    `messages`: {"role", "content"}, content a string or parts {"type": "text", "text"} and
-    {"type": "image", "data": bytes} (image URLs already fetched or decoded by the parser).
+    `messages`: {"role", "content"}, content a string or parts {"type": "text", "text"},
+    {"type": "image", "data": bytes} and {"type": "video", "data": bytes} (URLs already fetched or
+    decoded by the parser). `num_segments`: frames sampled from each video.
     """
 
     messages: tuple[dict[str, Any], ...]
@@ -46,24 +47,44 @@ class ChatFields:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate past the checkpoint's stop tokens (benchmark clients ask for it)
     max_num: int | None = None
+    num_segments: int | None = None
     thinking: bool = False
     timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
+class Media:
+    """One image (`num_segments == 0`), or one video of which `num_segments` frames are sampled (the
+    model card's load_video), each frame a slot of its own."""
+
+    data: bytes
+    num_segments: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_segments or 1
+
+
+@dataclass(frozen=True)
 class ChatRequest:
-    """A validated request: chat messages whose image parts are `{"type": "image"}` in order, the
-    image bytes for those parts, how to sample, and the stop strings that end the text."""
+    """A validated request: chat messages whose media parts are `{"type": "image"}` and
+    `{"type": "video", "num_frames": N}` in order, the bytes of those parts (`media`, in the same
+    order), how to sample, and the stop strings that end the text."""
 
     request_id: str
     model: str
     messages: tuple[dict[str, Any], ...]
-    images: tuple[bytes, ...]
+    media: tuple[Media, ...]
     sampling: SamplingParams
     stop_strings: tuple[str, ...] = ()
     max_num: int | None = None  # most tiles per image; None = the checkpoint's
     thinking: bool = False
     timeout_s: float = 600.0
+
+    @property
+    def num_slots(self) -> int:
+        """Feature slots of the prompt: one per image, one per sampled video frame."""
+        return sum(m.num_slots for m in self.media)
 
 
 @dataclass

@@ -22,7 +22,7 @@ class Completion:
 
 
 def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMessage:
-    """`content`: text, or parts: str (text), bytes (an encoded image) or {"type": "text"/"image", ...}."""
+    """`content`: text, or parts: str (text), bytes (an encoded image) or {"type": "text"/"image"/"video", ...}."""
     parts = [content] if isinstance(content, str) else list(content)
     out = []
     for part in parts:
@@ -32,6 +32,8 @@ def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMess
             out.append(generation_pb2.ContentPart(image=part))
         elif part.get("type") == "text":
             out.append(generation_pb2.ContentPart(text=part["text"]))
+        elif part.get("type") == "video":
+            out.append(generation_pb2.ContentPart(video=part["data"]))
         else:
             out.append(generation_pb2.ContentPart(image=part["data"]))
     return generation_pb2.ChatMessage(role=role, content=out)
@@ -56,11 +58,12 @@ class GenerationClient:
         return self.stub.Health(common_pb2.HealthRequest(), timeout=self.timeout_s)
 
     def stream(self, messages: Sequence[dict[str, Any]], model: str = "", max_num: int = 0, thinking: bool = False,
-               **sampling: Any) -> Iterator[generation_pb2.GenerateResponse]:
+               num_segments: int = 0, **sampling: Any) -> Iterator[generation_pb2.GenerateResponse]:
         """Stream responses; `sampling` takes the `dvd.v1.Sampling` fields (max_new_tokens, temperature, ...)."""
         request = generation_pb2.GenerateRequest(
             model=model, messages=[_message(m["role"], m["content"]) for m in messages],
-            sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking)
+            sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking,
+            num_segments=num_segments)
         return self.stub.Generate(request, timeout=self.timeout_s)
 
     def complete(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Completion:

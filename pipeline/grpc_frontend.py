@@ -27,12 +27,14 @@ def chat_fields(request: generation_pb2.GenerateRequest) -> ChatFields:
     messages = []
     for message in request.messages:
         parts = [{"type": "text", "text": p.text} if p.WhichOneof("part") == "text" else
-                 {"type": "image", "data": p.image} for p in message.content]
+                 {"type": p.WhichOneof("part"), "data": getattr(p, p.WhichOneof("part"))} for p in message.content
+                 if p.WhichOneof("part")]
         messages.append({"role": message.role, "content": parts})
     s = request.sampling
     sampling: dict[str, Any] = {key: getattr(s, name) for name, key in _OPTIONAL_SAMPLING.items() if s.HasField(name)}
     return ChatFields(messages=tuple(messages), model=request.model or None, min_tokens=s.min_new_tokens,
-                      top_k=s.top_k, stop=tuple(s.stop), max_num=request.max_num or None, thinking=request.thinking,
+                      top_k=s.top_k, stop=tuple(s.stop), max_num=request.max_num or None,
+                      num_segments=request.num_segments or None, thinking=request.thinking,
                       **sampling)
 
 

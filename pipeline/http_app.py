@@ -43,7 +43,9 @@ class OpenAIFrontend:
         self.limits = limits
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.limits.max_images * self.limits.max_image_bytes * 2 + (1 << 20))
+        limits = self.limits  # every image and video at its limit, base64 encoded, and the rest of the body
+        media_bytes = limits.max_images * limits.max_image_bytes + limits.max_videos * limits.max_video_bytes
+        app = web.Application(client_max_size=media_bytes * 4 // 3 + (1 << 20))
         app.add_routes([
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),

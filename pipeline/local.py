@@ -16,7 +16,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
+from dvd.errors import DvdError, InputError
 from dvd.prompt import ChatFormat, Message
+from dvd.requests import Media
 from dvd.sampling import SamplingParams, greedy
 from language_server.model import LanguageHalf
 from vision_server.model import EncodedImage, VisionHalf
@@ -98,6 +100,21 @@ class LocalPipeline:
             return encoded
         return [EncodedImage(e.features.to(self.wire_dtype), e.tokens_per_tile) for e in encoded]
 
+    def media_tiles(self, media: Sequence[Media], max_num: int | None = None) -> list[torch.Tensor]:
+        """Per slot in order, its pixel tiles: an image's dynamic tiles, or one tile per sampled frame."""
+        from vision_server.video import load_video
+
+        tiles: list[torch.Tensor] = []
+        for index, item in enumerate(media):
+            try:
+                if item.num_segments:
+                    tiles += load_video(item.data, self.preprocess_config, num_segments=item.num_segments).pixels
+                else:
+                    tiles.append(preprocess_image(item.data, self.preprocess_config, max_num=max_num))
+            except DvdError as error:  # named as the vision server names it
+                raise InputError(index, "video" if item.num_segments else "image", error) from None
+        return tiles
+
     def generate(
         self,
         messages: Sequence[Message],
@@ -107,16 +124,23 @@ class LocalPipeline:
         thinking: bool = False,
         frames: Sequence[torch.Tensor] = (),
         streamer: BaseStreamer | None = None,
+        media: Sequence[Media] | None = None,
     ) -> GenerateResult:
-        """`frames`: pixel tiles of video frames, one slot each after the images' slots.
+        """`frames`: pixel tiles of video frames, one slot each after the images' slots. Or `media`
+        instead of both: images and videos in slot order (what the gateway's coupled backend sends;
+        each video's frames sampled as the model card's load_video does).
         `streamer.put` gets each new token as it is generated (the prompt is not sent)."""
         sampling = sampling or greedy(stop_token_ids=self.chat.stop_token_ids)
         if not sampling.stop_token_ids:
             sampling = replace(sampling, stop_token_ids=self.chat.stop_token_ids)
         t0 = time.perf_counter()
-        prompt = self.chat.build(messages, len(images) + len(frames), thinking=thinking)
+        num_slots = sum(m.num_slots for m in media) if media is not None else len(images) + len(frames)
+        prompt = self.chat.build(messages, num_slots, thinking=thinking)
         t1 = time.perf_counter()
-        encoded = self.encode_images(images, max_num=max_num, pixels=frames)
+        if media is not None:
+            encoded = self.encode_images([], pixels=self.media_tiles(media, max_num))
+        else:
+            encoded = self.encode_images(images, max_num=max_num, pixels=frames)
         t2 = time.perf_counter()
         # transfer: the language side takes BF16 rows into its own dtype and device
         received = [e.features.to(device=self.language.device, dtype=self.language.dtype) for e in encoded]

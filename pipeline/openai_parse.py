@@ -30,7 +30,7 @@ _KNOWN_FIELDS = {
     # extensions that vLLM's API has too (benchmark clients send them)
     "top_k", "min_tokens", "repetition_penalty", "ignore_eos",
     # DvD extensions
-    "max_num", "thinking", "timeout",
+    "max_num", "num_segments", "thinking", "timeout",
 } | _INERT_FIELDS
 
 
@@ -61,26 +61,29 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
-def _fetch(url: str, where: str, limits: ApiLimits) -> bytes:
-    """A remote image, bounded in size and time (only when the server enables remote URLs)."""
+def _fetch(url: str, where: str, limits: ApiLimits, kind: str) -> bytes:
+    """A remote image or video, bounded in size and time (only when the server enables remote URLs)."""
+    limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
     try:
         with urllib.request.urlopen(url, timeout=10) as response:  # http(s) only, checked by the caller
-            data = response.read(limits.max_image_bytes + 1)
+            data = response.read(limit + 1)
     except (OSError, ValueError) as exc:
         raise InvalidRequestError(f"{where}: cannot fetch {url}: {exc}", where) from None
-    if len(data) > limits.max_image_bytes:
-        raise image_too_large(where, limits)
+    if len(data) > limit:
+        raise image_too_large(where, limits, kind)
     return data
 
 
-def decode_image_url(url: str, where: str, limits: ApiLimits) -> bytes:
-    """The image bytes behind an `image_url`: a `data:` URL, or (if enabled) a remote URL or a local file."""
+def decode_image_url(url: str, where: str, limits: ApiLimits, kind: str = "image") -> bytes:
+    """The bytes behind an `image_url` (or, with kind "video", a `video_url`): a `data:` URL, or (if
+    enabled) a remote URL or a local file."""
+    limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
-            raise InvalidRequestError(f"{where}: data URL must be base64 encoded (data:image/...;base64,...)", where)
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise image_too_large(where, limits)
+            raise InvalidRequestError(f"{where}: data URL must be base64 encoded (data:{kind}/...;base64,...)", where)
+        if len(payload) * 3 // 4 > limit:
+            raise image_too_large(where, limits, kind)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -89,14 +92,14 @@ def decode_image_url(url: str, where: str, limits: ApiLimits) -> bytes:
         if not limits.allow_remote_urls:
             raise InvalidRequestError(f"{where}: remote image URLs are disabled on this server; send a data: URL",
                                       where)
-        return _fetch(url, where, limits)
+        return _fetch(url, where, limits, kind)
     if not limits.allow_local_files:
         raise InvalidRequestError(f"{where}: local file paths are disabled on this server; send a data: URL", where)
     path = Path(url.removeprefix("file://"))
     try:
         size = path.stat().st_size
-        if size > limits.max_image_bytes:
-            raise image_too_large(where, limits)
+        if size > limit:
+            raise image_too_large(where, limits, kind)
         return path.read_bytes()
     except OSError as exc:
         raise InvalidRequestError(f"{where}: cannot read {path}: {exc.strerror or exc}", where) from None
@@ -127,16 +130,17 @@ def _parse_messages(raw: Any, limits: ApiLimits) -> tuple[dict[str, Any], ...]:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                spec = part.get("image_url")
+            elif kind in ("image_url", "video_url"):
+                media = kind.removesuffix("_url")
+                spec = part.get(kind)
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str):
-                    raise InvalidFieldError(f"{at}.image_url.url must be a string", f"{at}.image_url")
+                    raise InvalidFieldError(f"{at}.{kind}.url must be a string", f"{at}.{kind}")
                 if role != "user":  # before fetching anything
-                    raise InvalidFieldError(f"{at}: images are only accepted in user messages", at)
-                parts.append({"type": "image", "data": decode_image_url(url, f"{at}.image_url", limits)})
+                    raise InvalidFieldError(f"{at}: {media}s are only accepted in user messages", at)
+                parts.append({"type": media, "data": decode_image_url(url, f"{at}.{kind}", limits, media)})
             else:
-                raise InvalidFieldError(f"{at} must be a text part or an image_url part, got type {kind!r}",
+                raise InvalidFieldError(f"{at} must be a text, image_url or video_url part, got type {kind!r}",
                                         f"{at}.type")
         messages.append({"role": role, "content": parts})
     return tuple(messages)
@@ -205,6 +209,7 @@ def parse_chat_json(raw: bytes, limits: ApiLimits) -> OpenAIChat:
         stop=tuple(stop),
         ignore_eos=bool(_field(body, "ignore_eos", bool, False)),
         max_num=_field(body, "max_num", int),
+        num_segments=_field(body, "num_segments", int),
         thinking=bool(_field(body, "thinking", bool, False)),
         timeout_s=_number(body, "timeout"),
     )

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from dvd.errors import ImageTooLargeError, InvalidFieldError, InvalidRequestError, NotFoundError
-from dvd.requests import ChatFields, ChatRequest
+from dvd.requests import ChatFields, ChatRequest, Media
 from dvd.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
@@ -25,6 +25,10 @@ class ApiLimits:
 
     max_images: int = 8
     max_image_bytes: int = 20 << 20
+    max_videos: int = 2
+    max_video_bytes: int = 64 << 20
+    default_num_segments: int = 8  # frames sampled from a video when the request names none (the card's)
+    max_num_segments: int = 64  # highest num_segments a client may ask for (each frame is a ViT tile)
     max_new_tokens_limit: int = 8192
     max_num_limit: int = 64  # highest per-image max_num (tiles) a client may ask for
     allow_local_files: bool = False
@@ -32,9 +36,13 @@ class ApiLimits:
     default_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_image_bytes", "max_new_tokens_limit", "max_num_limit"):
+        for name in ("max_images", "max_image_bytes", "max_videos", "max_video_bytes", "default_num_segments",
+                     "max_num_segments", "max_new_tokens_limit", "max_num_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.default_num_segments > self.max_num_segments:
+            raise ValueError(f"default_num_segments ({self.default_num_segments}) exceeds max_num_segments "
+                             f"({self.max_num_segments})")
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
 
@@ -45,15 +53,23 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
         raise InvalidFieldError(f"{name} must be in {interval}, got {value}", name)
 
 
-def image_too_large(where: str, limits: ApiLimits) -> ImageTooLargeError:
-    return ImageTooLargeError(f"{where}: image is larger than the limit of {limits.max_image_bytes} bytes", where)
+def image_too_large(where: str, limits: ApiLimits, kind: str = "image") -> ImageTooLargeError:
+    limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
+    return ImageTooLargeError(f"{where}: {kind} is larger than the limit of {limit} bytes", where)
 
 
-def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], tuple[bytes, ...]]:
+def _num_segments(fields: ChatFields, limits: ApiLimits) -> int:
+    if fields.num_segments is None:
+        return limits.default_num_segments
+    check_range("num_segments", fields.num_segments, 1, limits.max_num_segments)
+    return fields.num_segments
+
+
+def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], tuple[Media, ...]]:
     if not fields.messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
     messages: list[dict] = []
-    images: list[bytes] = []
+    media: list[Media] = []
     for i, message in enumerate(fields.messages):
         where = f"messages[{i}]"
         role = message.get("role")
@@ -69,16 +85,27 @@ def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], 
             if part["type"] == "text":
                 parts.append({"type": "text", "text": part["text"]})
                 continue
+            kind = part["type"]
             if role != "user":
-                raise InvalidFieldError(f"{at}: images are only accepted in user messages", at)
-            if len(part["data"]) > limits.max_image_bytes:
-                raise image_too_large(at, limits)
-            images.append(part["data"])
-            parts.append({"type": "image"})
+                raise InvalidFieldError(f"{at}: {kind}s are only accepted in user messages", at)
+            limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
+            if len(part["data"]) > limit:
+                raise image_too_large(at, limits, kind)
+            if kind == "video":
+                segments = _num_segments(fields, limits)
+                media.append(Media(part["data"], segments))
+                parts.append({"type": "video", "num_frames": segments})
+            else:
+                media.append(Media(part["data"]))
+                parts.append({"type": "image"})
         messages.append({"role": role, "content": parts})
-    if len(images) > limits.max_images:
-        raise InvalidRequestError(f"too many images: {len(images)}, the limit is {limits.max_images}", "messages")
-    return tuple(messages), tuple(images)
+    num_images = sum(1 for m in media if not m.num_segments)
+    if num_images > limits.max_images:
+        raise InvalidRequestError(f"too many images: {num_images}, the limit is {limits.max_images}", "messages")
+    if len(media) - num_images > limits.max_videos:
+        raise InvalidRequestError(f"too many videos: {len(media) - num_images}, the limit is {limits.max_videos}",
+                                  "messages")
+    return tuple(messages), tuple(media)
 
 
 def _sampling(fields: ChatFields, limits: ApiLimits, stop_token_ids: tuple[int, ...]) -> SamplingParams:
@@ -107,7 +134,7 @@ def build_chat_request(fields: ChatFields, limits: ApiLimits, served_models: lis
     model = fields.model or served_models[0]
     if model not in served_models:
         raise NotFoundError(f"model {model!r} is not served here; available: {', '.join(served_models)}", "model")
-    messages, images = _messages(fields, limits)
+    messages, media = _messages(fields, limits)
     if len(fields.stop) > MAX_STOP_STRINGS or not all(fields.stop):
         raise InvalidFieldError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
                                 "stop")
@@ -119,7 +146,7 @@ def build_chat_request(fields: ChatFields, limits: ApiLimits, served_models: lis
         request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
         model=model,
         messages=messages,
-        images=images,
+        media=media,
         sampling=_sampling(fields, limits, stop_token_ids),
         stop_strings=fields.stop,
         max_num=fields.max_num,

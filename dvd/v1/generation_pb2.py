@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dvd.v1 import common_pb2 as dvd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64vd/v1/generation.proto\x12\x06\x64vd.v1\x1a\x13\x64vd/v1/common.proto\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"A\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ContentPart\"\x8b\x02\n\x08Sampling\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x8e\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ChatMessage\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.dvd.v1.Sampling\x12\x0f\n\x07max_num\x18\x04 \x01(\r\x12\x10\n\x08thinking\x18\x05 \x01(\x08\"o\n\x0cStageTimings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\"\xb7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.dvd.v1.StageTimings\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r2\x86\x01\n\nGeneration\x12?\n\x08Generate\x12\x17.dvd.v1.GenerateRequest\x1a\x18.dvd.v1.GenerateResponse0\x01\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64vd/v1/generation.proto\x12\x06\x64vd.v1\x1a\x13\x64vd/v1/common.proto\"G\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05video\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"A\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ContentPart\"\x8b\x02\n\x08Sampling\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xa4\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.dvd.v1.ChatMessage\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.dvd.v1.Sampling\x12\x0f\n\x07max_num\x18\x04 \x01(\r\x12\x10\n\x08thinking\x18\x05 \x01(\x08\x12\x14\n\x0cnum_segments\x18\x06 \x01(\r\"o\n\x0cStageTimings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\"\xb7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.dvd.v1.StageTimings\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r2\x86\x01\n\nGeneration\x12?\n\x08Generate\x12\x17.dvd.v1.GenerateRequest\x1a\x18.dvd.v1.GenerateResponse0\x01\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dvd.v1.generation_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTENTPART']._serialized_start=56
-  _globals['_CONTENTPART']._serialized_end=110
-  _globals['_CHATMESSAGE']._serialized_start=112
-  _globals['_CHATMESSAGE']._serialized_end=177
-  _globals['_SAMPLING']._serialized_start=180
-  _globals['_SAMPLING']._serialized_end=447
-  _globals['_GENERATEREQUEST']._serialized_start=450
-  _globals['_GENERATEREQUEST']._serialized_end=592
-  _globals['_STAGETIMINGS']._serialized_start=594
-  _globals['_STAGETIMINGS']._serialized_end=705
-  _globals['_GENERATERESPONSE']._serialized_start=708
-  _globals['_GENERATERESPONSE']._serialized_end=891
-  _globals['_GENERATION']._serialized_start=894
-  _globals['_GENERATION']._serialized_end=1028
+  _globals['_CONTENTPART']._serialized_end=127
+  _globals['_CHATMESSAGE']._serialized_start=129
+  _globals['_CHATMESSAGE']._serialized_end=194
+  _globals['_SAMPLING']._serialized_start=197
+  _globals['_SAMPLING']._serialized_end=464
+  _globals['_GENERATEREQUEST']._serialized_start=467
+  _globals['_GENERATEREQUEST']._serialized_end=631
+  _globals['_STAGETIMINGS']._serialized_start=633
+  _globals['_STAGETIMINGS']._serialized_end=744
+  _globals['_GENERATERESPONSE']._serialized_start=747
+  _globals['_GENERATERESPONSE']._serialized_end=930
+  _globals['_GENERATION']._serialized_start=933
+  _globals['_GENERATION']._serialized_end=1067
 # @@protoc_insertion_point(module_scope)

@@ -94,7 +94,7 @@ class CoupledBackend(Backend):
         self.num_running += 1
         start = time.time()
         worker = loop.run_in_executor(None, lambda: pipeline.generate(
-            list(request.messages), list(request.images), request.sampling, max_num=request.max_num,
+            list(request.messages), sampling=request.sampling, media=request.media, max_num=request.max_num,
             thinking=request.thinking, streamer=_QueueStreamer(loop, queue, cancel)))
         try:
             while not (worker.done() and queue.empty()):

@@ -109,7 +109,8 @@ class DisaggregatedBackend(Backend):
         return out
 
     async def _encode(self, request: ChatRequest, destination: str, marks: dict[str, float]) -> None:
-        inputs = [vision_pb2.MediaInput(data=data, max_num=request.max_num or 0) for data in request.images]
+        inputs = [vision_pb2.MediaInput(data=m.data, max_num=request.max_num or 0, num_segments=m.num_segments)
+                  for m in request.media]
         call = vision_pb2.EncodeRequest(request_id=request.request_id, inputs=inputs, destination=destination)
         tried: list[Replica] = []
         while True:
@@ -140,18 +141,18 @@ class DisaggregatedBackend(Backend):
             sampling.seed = s.seed
         return language_pb2.LanguageGenerateRequest(
             request_id=request.request_id, segments=[language_pb2.TokenSegment(ids=seg) for seg in prompt_segments],
-            num_images=len(request.images), sampling=sampling, features_timeout_ms=int(request.timeout_s * 1e3))
+            num_images=request.num_slots, sampling=sampling, features_timeout_ms=int(request.timeout_s * 1e3))
 
     async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationEvent]:
-        prompt = self.chat.build(list(request.messages), len(request.images), thinking=request.thinking)
+        prompt = self.chat.build(list(request.messages), request.num_slots, thinking=request.thinking)
         language = self.language.pick()
-        if request.images:
+        if request.media:
             self.vision.pick()  # fail fast (503) when no vision replica is healthy
         marks: dict[str, float] = {"dispatch": time.time()}
         language.num_outstanding += 1
         call = language.stub.Generate(self._language_request(request, prompt.segments), timeout=request.timeout_s)
         encode: asyncio.Task | None = None
-        if request.images:  # Encode and Generate leave together: the two stages overlap from the start
+        if request.media:  # Encode and Generate leave together: the two stages overlap from the start
             encode = asyncio.create_task(self._encode(request, language.transport_address, marks))
             # features that will never come: stop waiting for them at once
             encode.add_done_callback(lambda task: call.cancel() if not task.cancelled() and task.exception() else None)
