@@ -150,7 +150,9 @@ def _check_supported(info: CheckpointInfo, where: Path) -> None:
     quant = info.text_config.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        raise CheckpointError(f"{where}: quantised language weights ({method!r}) are not supported; use a BF16 checkpoint")
+        raise CheckpointError(
+            f"{where}: quantised language weights ({method!r}) are not supported; use a BF16 checkpoint"
+        )
     norm = info.vision_config.get("norm_type", "layer_norm")
     if norm not in VISION_NORMS:
         raise CheckpointError(f"{where}: vision norm_type {norm!r} is not supported; choose from {VISION_NORMS}")
