@@ -53,7 +53,7 @@ def test_plan_spans_devices_and_refuses_what_does_not_fit(moe: Path) -> None:
     small = (language + 16 * 512) // 2 + 1024  # two devices hold the weights and one 16-token request's KV
     plan = make_plan(moe, [small, small, 1 << 30], utilisation=1.0, reserve_bytes=0, request_tokens=16)
     assert plan.language_devices == [0, 1] and plan.vision_device == 2
-    with pytest.raises(ValueError, match="the vision half's .* do not fit device 2"):
+    with pytest.raises(ValueError, match=r"the vision half's .* do not fit device 2"):
         make_plan(moe, [small] * 3, utilisation=1.0, reserve_bytes=0, request_tokens=16)
     with pytest.raises(ValueError, match="the language half needs"):
         make_plan(moe, [1 << 16], utilisation=1.0, reserve_bytes=0)
