@@ -20,7 +20,12 @@ from typing import Any, Literal
 from dvd.errors import CheckpointError
 
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
+HF_FLASH_ARCHITECTURE = "InternvlFlashForConditionalGeneration"  # transformers' InternVL-Flash port
 GITHUB_ARCHITECTURE = "InternVLChatModel"
+# The language halves DvD serves through transformers' own classes (no remote code): InternVL3.5's dense
+# Qwen3, its Qwen3 MoE (30B-A3B, 241B-A28B) and GPT-OSS (20B-A4B), and the Qwen2/Llama of earlier InternVLs.
+SUPPORTED_TEXT_MODELS = ("qwen3", "qwen3_moe", "gpt_oss", "qwen2", "llama")
+VISION_NORMS = ("layer_norm", "rms_norm")
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IMAGE_START_TOKEN = "<img>"
 IMAGE_END_TOKEN = "</img>"
@@ -88,7 +93,13 @@ def _side(value: Any) -> int:
 
 
 def _github_vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Map InternVisionConfig (GitHub) fields onto transformers' InternVLVisionConfig."""
+    """Map InternVisionConfig (GitHub) fields onto transformers' InternVLVisionConfig.
+
+    InternViT-6B differs from InternViT-300M only in fields that map 1:1: `norm_type` rms_norm,
+    `qk_normalization` (RMSNorm over all heads' q and k, transformers' `use_qk_norm`) and `qkv_bias`
+    false. Layer scale (`ls1`, `ls2`) is in every InternViT checkpoint and loads as `lambda_1/2`;
+    `drop_path_rate` acts only in training (identity at inference), so it is checked and not used.
+    """
     image_size, patch_size = _side(cfg.get("image_size", 448)), _side(cfg.get("patch_size", 14))
     return {
         "hidden_size": cfg["hidden_size"],
@@ -115,13 +126,41 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
     raw = _read_json(config_path)
     archs = raw.get("architectures") or []
     arch = archs[0] if archs else raw.get("model_type", "<none>")
-    if arch == HF_ARCHITECTURE or raw.get("model_type") == "internvl":
-        return _open_hf(root, raw)
-    if arch == GITHUB_ARCHITECTURE or raw.get("model_type") == "internvl_chat":
-        return _open_github(root, raw)
-    raise CheckpointError(
-        f"{config_path}: unsupported architecture {arch!r}; DvD serves {HF_ARCHITECTURE} and {GITHUB_ARCHITECTURE}"
-    )
+    if arch in (HF_ARCHITECTURE, HF_FLASH_ARCHITECTURE) or raw.get("model_type") in ("internvl", "internvl_flash"):
+        info = _open_hf(root, raw)
+    elif arch == GITHUB_ARCHITECTURE or raw.get("model_type") == "internvl_chat":
+        info = _open_github(root, raw)
+    else:
+        raise CheckpointError(
+            f"{config_path}: unsupported architecture {arch!r}; DvD serves {HF_ARCHITECTURE}, "
+            f"{HF_FLASH_ARCHITECTURE} and {GITHUB_ARCHITECTURE}"
+        )
+    _check_supported(info, config_path)
+    return info
+
+
+def _check_supported(info: CheckpointInfo, where: Path) -> None:
+    """Refuse, by name, what transformers' own classes cannot run as the released model does."""
+    text_type = info.text_config.get("model_type")
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        raise CheckpointError(
+            f"{where}: language model type {text_type!r} is not supported (it would need remote code or is not "
+            f"an InternVL LLM); DvD serves {', '.join(SUPPORTED_TEXT_MODELS)}"
+        )
+    quant = info.text_config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise CheckpointError(
+            f"{where}: quantised language weights ({method!r}) are not supported; use a BF16 checkpoint"
+        )
+    norm = info.vision_config.get("norm_type", "layer_norm")
+    if norm not in VISION_NORMS:
+        raise CheckpointError(f"{where}: vision norm_type {norm!r} is not supported; choose from {VISION_NORMS}")
+    if info.ps_version not in ("v1", "v2"):
+        raise CheckpointError(f"{where}: ps_version {info.ps_version!r} is not supported (v1 or v2)")
+    drop_path = float(info.raw_config.get("vision_config", {}).get("drop_path_rate", 0.0) or 0.0)
+    if not 0.0 <= drop_path < 1.0:
+        raise CheckpointError(f"{where}: vision drop_path_rate {drop_path} is outside [0, 1)")
 
 
 def _require(raw: dict[str, Any], key: str, where: Path) -> Any:

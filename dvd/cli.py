@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
     "client": ("pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
     "bench": ("benchmarks.cli", "run a benchmark and print its figures"),
+    "plan": ("dvd.plan", "plan a deployment: weights per half, devices, KV capacity in tokens, largest batch"),
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dvd.checkpoint import HF_FLASH_ARCHITECTURE
 from dvd.tokenizer_builder import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,20 +48,49 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dtype": torch.bfloat16,
     },
 }
+# The rest of the family, tiny: each keeps the structure and config fields of its released checkpoint.
+_TINY_TEXT = PRESETS["tiny"]["text"]
+PRESETS |= {
+    # InternVL3.5-38B's vision half: InternViT-6B (RMSNorm, QK-norm over all heads, no qkv bias).
+    "tiny-6b-vit": PRESETS["tiny"] | {
+        "vision": dict(PRESETS["tiny"]["vision"], norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
+        "github_vision": {"model_type": "intern_vit_6b", "drop_path_rate": 0.1},
+    },
+    # InternVL3.5-30B-A3B / 241B-A28B: a Qwen3 MoE language half (experts stored one by one on disk).
+    "tiny-moe": PRESETS["tiny"] | {
+        "text": dict(
+            _TINY_TEXT, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[],
+            norm_topk_prob=True, use_sliding_window=False,
+        ),
+    },
+    # InternVL3.5-GPT-OSS-20B-A4B: sliding-window and full layers alternating, attention sinks, MoE.
+    # A window of 8 tokens so that every test prompt is longer than it.
+    "tiny-gptoss": PRESETS["tiny"] | {
+        "text": dict(
+            _TINY_TEXT, model_type="gpt_oss", architectures=["GptOssForCausalLM"], num_local_experts=4,
+            num_experts_per_tok=2, intermediate_size=32, sliding_window=8, attention_bias=True,
+            layer_types=["sliding_attention", "full_attention"] * (_TINY_TEXT["num_hidden_layers"] // 2),
+            rms_norm_eps=1e-5,
+        ),
+    },
+}
 FLASH_THRESHOLDS = {"flash_relative_threshold": 0.5, "flash_absolute_threshold": 0.0}
 
 
 def hf_config(preset: dict[str, Any], vocab_size: int, image_token_id: int) -> dict[str, Any]:
     init = preset["initializer_range"]
     vision = dict(
-        preset["vision"], image_size=[448, 448], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
-        norm_type="layer_norm", layer_norm_eps=1e-6, hidden_act="gelu", initializer_range=init,
-        model_type="internvl_vision",
+        dict(image_size=[448, 448], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
+             norm_type="layer_norm", layer_norm_eps=1e-6, hidden_act="gelu"),
+        **preset["vision"], initializer_range=init, model_type="internvl_vision",
     )
-    text = dict(
-        preset["text"], model_type="qwen3", vocab_size=vocab_size, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        hidden_act="silu", initializer_range=init, architectures=["Qwen3ForCausalLM"],
-    )
+    # Dense Qwen3 unless the preset names another model type (its fields then come from the preset).
+    text = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=1_000_000.0,
+                rms_norm_eps=1e-6, hidden_act="silu")
+    text = dict(text, **preset["text"], vocab_size=vocab_size, initializer_range=init)
+    if text["model_type"] == "gpt_oss":
+        text.pop("rope_theta")  # GPT-OSS's own default rope (YaRN) applies, as in its released config
     return {
         "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
         "vision_config": vision, "text_config": text, "image_token_id": image_token_id, "image_seq_length": 256,
@@ -69,17 +99,17 @@ def hf_config(preset: dict[str, Any], vocab_size: int, image_token_id: int) -> d
     }
 
 
-def github_config(hf: dict[str, Any]) -> dict[str, Any]:
+def github_config(hf: dict[str, Any], vision_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     v = hf["vision_config"]
     vision = {
         "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
         "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
         "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
-        "image_size": 448, "patch_size": 14, "qkv_bias": True, "qk_normalization": False,
-        "norm_type": "layer_norm", "layer_norm_eps": v["layer_norm_eps"], "hidden_act": "gelu",
+        "image_size": 448, "patch_size": 14, "qkv_bias": v["attention_bias"], "qk_normalization": v["use_qk_norm"],
+        "norm_type": v["norm_type"], "layer_norm_eps": v["layer_norm_eps"], "hidden_act": "gelu",
         "num_channels": 3, "drop_path_rate": 0.0, "use_flash_attn": False,
-        "initializer_range": v["initializer_range"],
-    }
+        "initializer_range": v["initializer_range"], "initializer_factor": 0.1,
+    } | (vision_extra or {})
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "vision_config": vision,
         "llm_config": hf["text_config"], "downsample_ratio": 0.5, "template": "internvl2_5",
@@ -114,7 +144,32 @@ def hf_state_dict(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and config["tie_word_embeddings"]:
             continue
         state[name] = tensor.contiguous()
+    if config["text_config"]["model_type"] == "qwen3_moe":
+        state = split_experts(state)
     return state
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' fused Qwen3-MoE experts -> the released checkpoints' one tensor per expert and matrix
+    (`mlp.experts.E.{gate,up,down}_proj.weight`), which is what `dvd.weights` and transformers read back."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        match = _FUSED_EXPERTS.match(name)
+        if not match:
+            out[name] = tensor
+            continue
+        prefix, kind = match.groups()
+        for expert, matrix in enumerate(tensor):
+            if kind == "down_proj":
+                out[f"{prefix}.{expert}.down_proj.weight"] = matrix.contiguous()
+            else:
+                gate, up = matrix.chunk(2, dim=0)
+                out[f"{prefix}.{expert}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}.{expert}.up_proj.weight"] = up.contiguous()
+    return out
 
 
 def flash_state_dict(vision_width: int, text_width: int, init: float, seed: int) -> dict[str, torch.Tensor]:
@@ -146,11 +201,39 @@ def flash_state_dict(vision_width: int, text_width: int, init: float, seed: int)
     return state
 
 
+_GITHUB_TO_HF_FLASH = [
+    (r"^mlp2\.0\.", "mlp2.norm."), (r"^mlp2\.1\.", "mlp2.dense1."), (r"^mlp2\.4\.", "mlp2.dense2."),
+    (r"^mlp2\.7\.", "mlp2.dense3."), (r"^gating\.(block\d)\.0\.", r"gating.\1.dense_in."),
+    (r"^gating\.(block\d)\.3\.", r"gating.\1.dense_out."), (r"^gating\.(block\d)\.5\.", r"gating.\1.norm."),
+    (r"^gating\.gate\.0\.", "gating.gate_norm."), (r"^gating\.gate\.1\.", "gating.gate_proj."),
+]
+
+
+def to_hf_flash_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ViR tensors, GitHub names -> the HF (`internvl_flash`) names: named projector and gating layers, and
+    each pooling attention's fused in_proj split into query / key / value."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        fused = re.match(r"^pooling_before_gating\.(attn\d)\.in_proj_(weight|bias)$", name)
+        if fused:
+            attn, kind = fused.groups()
+            for part, rows in zip(("query", "key", "value"), tensor.chunk(3, dim=0), strict=True):
+                out[f"pooling_before_gating.{attn}.{part}.{kind}"] = rows.contiguous()
+            continue
+        for pattern, replacement in _GITHUB_TO_HF_FLASH:
+            name, count = re.subn(pattern, replacement, name)
+            if count:
+                break
+        out[name] = tensor
+    return out
+
+
 _HF_TO_GITHUB_VIT = [
     (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
     (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
     (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
     (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.", r"encoder.layers.\1.attn.\2."),
     (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
     (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
     (r"^encoder\.layer\.(\d+)\.lambda_1$", r"encoder.layers.\1.ls1"),
@@ -234,11 +317,13 @@ def make_checkpoint(
     extra = {}
     if flash:
         init = spec["initializer_range"]
-        state |= flash_state_dict(config["vision_config"]["hidden_size"], config["text_config"]["hidden_size"],
-                                  init, seed)
+        vir = flash_state_dict(config["vision_config"]["hidden_size"], config["text_config"]["hidden_size"], init, seed)
+        state |= vir if fmt == "github" else to_hf_flash_names(vir)
         extra = {"flash_mode": True, **FLASH_THRESHOLDS}
+        if fmt == "hf":  # transformers' InternVL-Flash port names its own architecture
+            extra |= {"architectures": [HF_FLASH_ARCHITECTURE], "model_type": "internvl_flash"}
     if fmt == "github":
-        state, config = to_github_names(state), github_config(config)
+        state, config = to_github_names(state), github_config(config, spec.get("github_vision"))
     (out / "config.json").write_text(json.dumps(config | extra, indent=2, ensure_ascii=False))
     write_weights(state, out, spec["dtype"], shard_bytes)
     tokenizer.save_pretrained(str(out))

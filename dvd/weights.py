@@ -88,6 +88,37 @@ class TensorRef:
         return tensor
 
 
+@dataclass(frozen=True)
+class JoinedRef:
+    """One module tensor built from several checkpoint tensors: `parts[g]` are stacked (dim 0) when
+    `stack`, then the groups concatenated along `dim`. Fuses Qwen3-MoE's per-expert matrices into
+    transformers' [experts, ...] tensors, and HF Flash's query/key/value into one in_proj."""
+
+    source: TensorSource
+    parts: tuple[tuple[str, ...], ...]
+    dim: int
+    stack: bool
+
+    @property
+    def key(self) -> str:  # the first part names the tensor in errors
+        return self.parts[0][0]
+
+    def shape(self) -> tuple[int, ...]:
+        shapes = [[self.source.shape(k) for k in group] for group in self.parts]
+        for group in shapes:
+            if len(set(group)) != 1:
+                raise CheckpointError(f"{self.source.file_of(self.key)}: parts of {self.key!r} differ in shape {group}")
+        group_shapes = [((len(g), *g[0]) if self.stack else g[0]) for g in shapes]
+        out = list(group_shapes[0])
+        out[self.dim] = sum(s[self.dim] for s in group_shapes)
+        return tuple(out)
+
+    def read(self) -> torch.Tensor:
+        groups = [torch.stack([self.source.get(k) for k in g]) if self.stack else self.source.get(g[0])
+                  for g in self.parts]
+        return torch.cat(groups, dim=self.dim) if len(groups) > 1 else groups[0]
+
+
 _GITHUB_VIT_RENAMES: list[tuple[str, str]] = [
     (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
     (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
@@ -126,21 +157,57 @@ def _github_vit_refs(source: TensorSource, key: str, rest: str) -> dict[str, Ten
 
 
 def _strip_model_prefix(key: str) -> str:
-    """transformers' in-memory names (`model.vision_tower.*`, `model.language_model.*`) -> on-disk names."""
+    """transformers' in-memory names (`model.vision_tower.*`, `model.language_model.*`, and the Flash port's
+    `model.mlp2.*`, `model.gating.*`, `model.pooling_before_gating.*`) -> on-disk names."""
     if key.startswith("model.language_model."):
         return "language_model.model." + key[len("model.language_model.") :]
-    if key.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+    if key.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or (
+        key.startswith("model.") and key[len("model.") :].startswith(FLASH_PREFIXES)
+    ):
         return key[len("model.") :]
     return key
 
 
-def vision_tensors(info: CheckpointInfo, source: TensorSource, with_flash: bool) -> dict[str, TensorRef]:
+# HF (`internvl_flash`) ViR names -> the GitHub module names VisionHalf keeps (vir.py).
+_HF_FLASH_RENAMES: list[tuple[str, str]] = [
+    (r"^mlp2\.norm\.", "mlp2.0."), (r"^mlp2\.dense1\.", "mlp2.1."), (r"^mlp2\.dense2\.", "mlp2.4."),
+    (r"^mlp2\.dense3\.", "mlp2.7."), (r"^gating\.(block\d)\.dense_in\.", r"gating.\1.0."),
+    (r"^gating\.(block\d)\.dense_out\.", r"gating.\1.3."), (r"^gating\.(block\d)\.norm\.", r"gating.\1.5."),
+    (r"^gating\.gate_norm\.", "gating.gate.0."), (r"^gating\.gate_proj\.", "gating.gate.1."),
+]
+_HF_FLASH_QKV = re.compile(r"^pooling_before_gating\.(attn\d)\.(query|key|value)\.(weight|bias)$")
+
+
+def _flash_refs(source: TensorSource, keys: dict[str, str]) -> dict[str, TensorRef | JoinedRef]:
+    """ViR tensors under either format's names (`keys`: stripped name -> checkpoint key)."""
+    refs: dict[str, TensorRef | JoinedRef] = {}
+    for name, key in keys.items():
+        match = _HF_FLASH_QKV.match(name)
+        if match:
+            attn, part, kind = match.groups()
+            if part == "query":
+                prefix = f"pooling_before_gating.{attn}"
+                parts = [keys.get(f"{prefix}.{p}.{kind}") for p in ("query", "key", "value")]
+                if None in parts:
+                    raise CheckpointError(f"{source.file_of(key)}: {key!r} without its key/value partners")
+                refs[f"{prefix}.in_proj_{kind}"] = JoinedRef(source, tuple((p,) for p in parts), 0, stack=False)
+            continue
+        for pattern, replacement in _HF_FLASH_RENAMES:
+            name, count = re.subn(pattern, replacement, name)
+            if count:
+                break
+        refs[name] = TensorRef(source, key)
+    return refs
+
+
+def vision_tensors(info: CheckpointInfo, source: TensorSource, with_flash: bool) -> dict[str, TensorRef | JoinedRef]:
     """The vision half's tensors in `VisionHalf` names: `vision_tower.*`, `projector.*`, and ViR modules."""
-    refs: dict[str, TensorRef] = {}
+    refs: dict[str, TensorRef | JoinedRef] = {}
+    flash_keys: dict[str, str] = {}
     for key in source:
         name = _strip_model_prefix(key)
         if with_flash and name.startswith(FLASH_PREFIXES):
-            refs[name] = TensorRef(source, key)
+            flash_keys[name] = key
         elif info.format == "hf":
             if name.startswith("vision_tower."):
                 refs[name] = TensorRef(source, key)
@@ -153,24 +220,51 @@ def vision_tensors(info: CheckpointInfo, source: TensorSource, with_flash: bool)
             if index not in _GITHUB_MLP1:
                 raise CheckpointError(f"{source.file_of(key)}: unrecognised projector key {key!r}")
             refs[f"projector.{_GITHUB_MLP1[index]}.{param}"] = TensorRef(source, key)
+    return refs | _flash_refs(source, flash_keys)
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _fused_experts(source: TensorSource, experts: dict[str, dict[str, dict[int, str]]]) -> dict[str, JoinedRef]:
+    """Released Qwen3-MoE checkpoints store `mlp.experts.E.{gate,up,down}_proj.weight`; transformers 5 holds
+    `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up) and `mlp.experts.down_proj` [E, H, I]."""
+    refs: dict[str, JoinedRef] = {}
+    for prefix, kinds in experts.items():
+        count = max(len(found) for found in kinds.values())
+        for kind in ("gate_proj", "up_proj", "down_proj"):
+            found = kinds.get(kind, {})
+            if sorted(found) != list(range(count)):
+                missing = sorted(set(range(count)) - set(found))
+                raise CheckpointError(f"{source.root}: {prefix}: {kind} of experts {missing[:5]} missing")
+        ordered = {kind: tuple(kinds[kind][e] for e in range(count)) for kind in kinds}
+        refs[f"{prefix}.gate_up_proj"] = JoinedRef(source, (ordered["gate_proj"], ordered["up_proj"]), 1, stack=True)
+        refs[f"{prefix}.down_proj"] = JoinedRef(source, (ordered["down_proj"],), 0, stack=True)
     return refs
 
 
-def language_tensors(source: TensorSource) -> dict[str, TensorRef]:
+def language_tensors(source: TensorSource) -> dict[str, TensorRef | JoinedRef]:
     """The LLM's tensors in transformers' `*ForCausalLM` names: `model.*` and `lm_head.weight`."""
-    refs: dict[str, TensorRef] = {}
+    refs: dict[str, TensorRef | JoinedRef] = {}
+    experts: dict[str, dict[str, dict[int, str]]] = {}
     for key in source:
         name = _strip_model_prefix(key)
         if name.startswith("language_model.model."):
-            refs["model." + name[len("language_model.model.") :]] = TensorRef(source, key)
+            name = "model." + name[len("language_model.model.") :]
+            match = _EXPERT.match(name)
+            if match:
+                prefix, expert, kind = match.groups()
+                experts.setdefault(prefix, {}).setdefault(kind, {})[int(expert)] = key
+            else:
+                refs[name] = TensorRef(source, key)
         elif name in ("lm_head.weight", "language_model.lm_head.weight"):
             refs["lm_head.weight"] = TensorRef(source, key)
-    return refs
+    return refs | _fused_experts(source, experts)
 
 
 def load_module(
     module: torch.nn.Module,
-    refs: dict[str, TensorRef],
+    refs: dict[str, TensorRef | JoinedRef],
     dtype: torch.dtype,
     optional: Callable[[str], bool] = lambda name: False,
 ) -> None:

@@ -8,8 +8,13 @@ only (padded to the longest), and each prefill chunk attends to its own request'
 linear layers, norms and RoPE stay transformers' own: this function is registered under
 transformers' `AttentionInterface` and the model calls it in place of SDPA.
 
-Without a `dvd_paged` keyword (plain `generate`), it is exactly transformers' SDPA, so the same model
-object serves both paths.
+Without a `dvd_paged` keyword (plain `generate`), it is exactly transformers' SDPA (or, for a model with
+attention sinks, the same math as its eager attention), so the same model object serves both paths.
+
+Sliding-window layers (GPT-OSS's every other layer; transformers passes `sliding_window` per layer) see
+only the last `sliding_window` positions, `kv_idx > q_idx - sliding_window` as transformers' masks say;
+the cache keeps every key, the window is a mask. Attention sinks (GPT-OSS's `s_aux`, one logit per head)
+join each query's softmax as an extra column that is dropped afterwards, as GPT-OSS's eager attention does.
 """
 
 from __future__ import annotations
@@ -46,6 +51,52 @@ class PagedAttentionMetadata:
     prefills: list[PrefillSegment]
 
 
+def _window(mask: torch.Tensor | None, q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor | None:
+    """`mask` (bool, True = attend, broadcastable to [..., q, k]) narrowed to keys within `window` of
+    each query; `q_pos` [..., q, 1] are the queries' positions, key j sits at position j."""
+    if window is None:
+        return mask
+    inside = torch.arange(k_len, device=q_pos.device) > q_pos - window
+    return inside if mask is None else mask & inside
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+           sinks: torch.Tensor | None, is_causal: bool = False) -> torch.Tensor:
+    """[B, heads, q, d] x [B, kv_heads, k, d] -> [B, heads, q, d]; `mask` bool, True = attend."""
+    gqa = q.shape[1] != k.shape[1]
+    if sinks is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                                                is_causal=is_causal and mask is None, enable_gqa=gqa)
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if is_causal and mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    column = sinks.to(logits.dtype).reshape(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    combined = torch.cat([logits, column], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def _sink_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None, sinks: torch.Tensor,
+                            window: int | None) -> tuple[torch.Tensor, None]:
+    """Plain (cache-backed) attention with sinks: the query rows are the last of the key rows."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    q_pos = torch.arange(k_len - q_len, k_len, device=query.device).unsqueeze(-1)
+    mask = torch.arange(k_len, device=query.device) <= q_pos
+    if attention_mask is not None:
+        given = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        mask = mask & given[..., -k_len:]
+    out = attend(query, key, value, _window(mask, q_pos, k_len, window), scaling, sinks)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def paged_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # [1, heads, tokens, head_dim]
@@ -55,17 +106,20 @@ def paged_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     dvd_paged: PagedAttentionMetadata | None = None,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     if dvd_paged is None:
+        if s_aux is not None:
+            return _sink_attention_forward(query, key, value, attention_mask, scaling, s_aux, sliding_window)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+                                      sliding_window=sliding_window, **kwargs)
     meta = dvd_paged
     layer = module.layer_idx
     k_cache, v_cache = meta.keys[layer], meta.values[layer]
     k_cache.index_copy_(0, meta.write_slots, key[0].transpose(0, 1))
     v_cache.index_copy_(0, meta.write_slots, value[0].transpose(0, 1))
-    gqa = query.shape[1] != key.shape[1]
     out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
     if meta.decode_rows is not None:
         q = query[0, :, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
@@ -74,18 +128,27 @@ def paged_attention_forward(
         # index_select over the flat slot axis: one contiguous gather, cheaper than advanced indexing
         k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)
         v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling,
-                                                             enable_gqa=gqa)
+        mask = meta.decode_mask
+        if sliding_window is not None:  # each decode query sits at its request's last position
+            last = (mask.sum(-1, keepdim=True) - 1).transpose(-1, -2)  # [B, 1, 1, 1]
+            mask = _window(mask, last, mask.shape[-1], sliding_window)
+        o = attend(q, k, v, mask, scaling, s_aux)
         out[meta.decode_rows] = o.squeeze(2)
     for seg in meta.prefills:
         q = query[:, :, seg.start:seg.end]
+        n = seg.end - seg.start
         if seg.mask is None:  # no past: the chunk's own keys are the whole context, no gather needed
             k, v = key[:, :, seg.start:seg.end], value[:, :, seg.start:seg.end]
         else:
             k = k_cache.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
             v = v_cache.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, scale=scaling,
-                                                             is_causal=seg.mask is None, enable_gqa=gqa)
+        mask = seg.mask
+        if sliding_window is not None:
+            past = k.shape[2] - n
+            q_pos = torch.arange(past, past + n, device=q.device).unsqueeze(-1)
+            causal = torch.arange(k.shape[2], device=q.device) <= q_pos if mask is None else mask
+            mask = _window(causal, q_pos, k.shape[2], sliding_window)
+        o = attend(q, k, v, mask, scaling, s_aux, is_causal=seg.mask is None)
         out[seg.start:seg.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None  # [1, tokens, heads, head_dim], as transformers' attention functions return
 

@@ -1,5 +1,5 @@
-"""The language half: the checkpoint's LLM alone (any transformers `*ForCausalLM`: Qwen3 dense now,
-Qwen3-MoE and GPT-OSS through the same classes), taking token ids plus image features.
+"""The language half: the checkpoint's LLM alone (transformers' own `*ForCausalLM`: dense Qwen3,
+Qwen3-MoE, GPT-OSS; `dvd.checkpoint.SUPPORTED_TEXT_MODELS`), taking token ids plus image features.
 
 Image features enter through the embedding layer: the rows of `inputs_embeds` at image-context
 positions are replaced by the features, exactly as the monolithic model does.
@@ -50,7 +50,9 @@ class LanguageHalf:
         info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
         text = dict(info.text_config)
         config = AutoConfig.for_model(text.pop("model_type"), **text)
-        config._attn_implementation = "sdpa"
+        # GPT-OSS has no SDPA path (its attention sinks are not expressible there): its own eager one runs.
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config)
         refs = language_tensors(TensorSource(info.path))

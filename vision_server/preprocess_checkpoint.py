@@ -17,6 +17,7 @@ from typing import Any
 from dvd.errors import CheckpointError
 
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
+HF_FLASH_ARCHITECTURE = "InternvlFlashForConditionalGeneration"  # HF-format Flash: the same preprocessing
 GITHUB_ARCHITECTURE = "InternVLChatModel"
 
 # PIL / transformers code for bicubic resampling; the card resizes bicubic, nothing else is honoured.
@@ -174,7 +175,7 @@ def read_checkpoint_settings(path: str | Path) -> dict[str, Any]:
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list):
         raise CheckpointError(f"{config_path}: 'architectures' must be a list, found {architectures!r}")
-    if HF_ARCHITECTURE in architectures:
+    if HF_ARCHITECTURE in architectures or HF_FLASH_ARCHITECTURE in architectures:
         return _hf_settings(config, directory, config_path)
     if GITHUB_ARCHITECTURE in architectures:
         return _github_settings(config, directory, config_path)

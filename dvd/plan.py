@@ -1,0 +1,171 @@
+"""Plan a deployment of one checkpoint on given devices: the weights of each half, where each half goes,
+the KV cache capacity in tokens and the largest batch it holds.
+
+Reads only config.json and the safetensors headers (no tensor, no torch), so it runs anywhere.
+Devices are memory sizes: `--devices 80GiB,80GiB` or `--devices 8x80GiB`. The language half takes the
+fewest devices its weights plus one full-length request's KV fit on (tensor parallel across them; the
+weights and KV split evenly), the vision half one device of what is left, or shares the first device when
+nothing is left. The KV cache keeps every position of every layer (GPT-OSS's sliding-window layers are
+masked, not trimmed), so its size per token is 2 x layers x KV heads x head dim x bytes.
+
+With `--vision-tiles-per-s` (a vision replica's throughput, e.g. from `dvd bench vision`) and
+`--language-requests-per-s` (a language replica's, from `dvd bench engine`), it also says how many
+vision replicas keep one language replica fed at `--tiles-per-request`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dvd.checkpoint import CheckpointInfo, open_checkpoint
+from dvd.errors import CheckpointError
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_LANGUAGE_PREFIXES = ("language_model.", "model.language_model.", "lm_head.")
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"size {text!r} is not a number with a unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_devices(text: str) -> list[int]:
+    """`80GiB,80GiB` or `2x80GiB` (or a mix) -> bytes per device."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        count, _, size = part.rpartition("x") if re.match(r"^\d+x", part) else ("1", "", part)
+        out += [parse_size(size)] * int(count)
+    if not out:
+        raise ValueError(f"--devices {text!r} names no device")
+    return out
+
+
+def parameter_counts(root: Path) -> tuple[int, int]:
+    """(vision, language) parameter counts from the safetensors headers; ViR and projectors count as vision."""
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{root}: no *.safetensors weights")
+    vision = language = 0
+    for file in files:
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            count = math.prod(entry["shape"])
+            if key.startswith(_LANGUAGE_PREFIXES):
+                language += count
+            else:
+                vision += count
+    return vision, language
+
+
+def kv_bytes_per_token(info: CheckpointInfo, dtype_bytes: int) -> int:
+    text = info.text_config
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
+    return 2 * int(text["num_hidden_layers"]) * int(kv_heads) * int(head_dim) * dtype_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    vision_weight_bytes: int
+    language_weight_bytes: int
+    language_devices: list[int]  # indexes into the device list
+    vision_device: int
+    vision_shares_device: bool
+    kv_bytes_per_token: int
+    kv_capacity_tokens: int
+    request_tokens: int
+    largest_batch: int
+    vision_replicas_per_language: int | None
+
+
+def make_plan(model: str | Path, devices: list[int], dtype: str = "bfloat16", utilisation: float = 0.9,
+              reserve_bytes: int = 1 << 30, request_tokens: int = 4096, vision_tiles_per_s: float | None = None,
+              language_requests_per_s: float | None = None, tiles_per_request: float = 7.0) -> Plan:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    if not 0 < utilisation <= 1:
+        raise ValueError(f"utilisation {utilisation} is outside (0, 1]")
+    info = open_checkpoint(model)
+    size = DTYPE_BYTES[dtype]
+    vision_params, language_params = parameter_counts(info.path)
+    vision_bytes, language_bytes = vision_params * size, language_params * size
+    per_token = kv_bytes_per_token(info, size)
+    usable = [int(d * utilisation) - reserve_bytes for d in devices]
+    need = language_bytes + per_token * request_tokens
+    count = next((n for n in range(1, len(devices) + 1) if sum(usable[:n]) >= need), None)
+    if count is None:
+        raise ValueError(f"the language half needs {human(need)} (weights + one {request_tokens}-token request's "
+                         f"KV) and the {len(devices)} devices give {human(max(0, sum(usable)))} usable")
+    shares = count == len(devices)
+    vision_device = 0 if shares else count
+    free = sum(usable[:count]) - language_bytes - (vision_bytes if shares else 0)
+    if not shares and usable[vision_device] < vision_bytes:
+        raise ValueError(f"the vision half's {human(vision_bytes)} do not fit device {vision_device}")
+    capacity = max(0, free // per_token)
+    replicas = None
+    if vision_tiles_per_s and language_requests_per_s:
+        replicas = max(1, math.ceil(language_requests_per_s * tiles_per_request / vision_tiles_per_s))
+    return Plan(vision_bytes, language_bytes, list(range(count)), vision_device, shares, per_token, int(capacity),
+                request_tokens, int(capacity // request_tokens), replicas)
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def describe(plan: Plan, devices: list[int]) -> str:
+    lines = [
+        f"vision half weights: {human(plan.vision_weight_bytes)}",
+        f"language half weights: {human(plan.language_weight_bytes)}",
+        f"language half on devices {plan.language_devices}"
+        + (f" (tensor parallel {len(plan.language_devices)})" if len(plan.language_devices) > 1 else ""),
+        f"vision half on device {plan.vision_device}" + (" (sharing it with the language half)"
+                                                          if plan.vision_shares_device else ""),
+        f"KV cache: {human(plan.kv_bytes_per_token)} a token, capacity {plan.kv_capacity_tokens} tokens",
+        f"largest batch: {plan.largest_batch} requests of {plan.request_tokens} tokens",
+    ]
+    if plan.vision_replicas_per_language is not None:
+        lines.append(f"vision replicas per language replica: {plan.vision_replicas_per_language}")
+    lines.append(f"devices: {', '.join(human(d) for d in devices)}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF or GitHub format)")
+    parser.add_argument("--devices", required=True, help="memory per device: 80GiB,80GiB or 8x80GiB")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="serving dtype")
+    parser.add_argument("--utilisation", type=float, default=0.9, help="share of each device to use (default 0.9)")
+    parser.add_argument("--reserve", default="1GiB", help="per device, for activations and runtime (default 1GiB)")
+    parser.add_argument("--request-tokens", type=int, default=4096,
+                        help="prompt (image rows included) + new tokens of one request (default 4096)")
+    parser.add_argument("--vision-tiles-per-s", type=float, help="one vision replica's measured tiles/s")
+    parser.add_argument("--language-requests-per-s", type=float, help="one language replica's measured requests/s")
+    parser.add_argument("--tiles-per-request", type=float, default=7.0, help="mean tiles a request (default 7)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    devices = parse_devices(args.devices)
+    plan = make_plan(args.model, devices, args.dtype, args.utilisation, parse_size(args.reserve),
+                     args.request_tokens, args.vision_tiles_per_s, args.language_requests_per_s,
+                     args.tiles_per_request)
+    print(json.dumps(asdict(plan)) if args.json else describe(plan, devices))
+    return 0

@@ -1,0 +1,83 @@
+"""Tensor parallel over 2 CPU processes (torch.distributed, gloo): the same tokens as one process, for dense
+Qwen3 and Qwen3-MoE, text and image requests, through the paged continuous-batching engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import CheckpointError
+from dvd.make_checkpoint import make_checkpoint
+from dvd.prompt import ChatFormat
+from language_server.model import LanguageHalf
+from language_server.tensor_parallel import shard_language_model
+from tests.language_server.conftest import make_engine
+from tests.language_server.test_engine import build, greedy, run
+
+WORLD = 2
+
+
+def _requests(chat: ChatFormat, width: int) -> list[tuple]:
+    features = torch.randn(256, width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    return [build(chat, "the quick brown fox", []), build(chat, "describe", [features]),
+            build(chat, "seven tired owls watch from an old oak", [])]
+
+
+def _tokens(path: Path, rank: int, world: int) -> list[list[int]]:
+    language = LanguageHalf.from_checkpoint(path)
+    kv_heads = language.model.config.num_key_value_heads
+    shard_language_model(language.model, rank, world)
+    assert language.model.config.num_key_value_heads * world == kv_heads  # the KV cache splits too
+    chat = ChatFormat(open_checkpoint(path))
+    return run(make_engine(language, max_batch_tokens=64), _requests(chat, language.model.config.hidden_size),
+               greedy(chat))
+
+
+def _rank(rank: int, paths: list[str], store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        tokens = {path: _tokens(Path(path), rank, WORLD) for path in paths}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(tokens))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_tokens_of_one_process(tmp_path: Path) -> None:
+    """Dense Qwen3 and Qwen3-MoE in the same two rank processes (starting them is most of the cost)."""
+    paths = [str(make_checkpoint(tmp_path / preset, preset=preset, fmt="hf")) for preset in ("tiny", "tiny-moe")]
+    alone = {path: _tokens(Path(path), 0, 1) for path in paths}
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=_rank, args=(r, paths, str(tmp_path / "store"), str(tmp_path)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(300)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert results[0] == results[1] == alone
+    for tokens in alone.values():
+        assert len({tuple(t) for t in tokens}) == len(tokens)
+
+
+def test_unshardable_models_are_refused(tmp_path: Path) -> None:
+    language = LanguageHalf.from_checkpoint(make_checkpoint(tmp_path / "gptoss", preset="tiny-gptoss", fmt="hf"))
+    with pytest.raises(CheckpointError, match="tensor parallel is not supported for 'gpt_oss'"):
+        shard_language_model(language.model, 0, 2)
+    dense = LanguageHalf.from_checkpoint(make_checkpoint(tmp_path / "dense", preset="tiny", fmt="hf"))
+    with pytest.raises(CheckpointError, match="num_key_value_heads 2 does not divide among 4"):
+        shard_language_model(dense.model, 0, 4)

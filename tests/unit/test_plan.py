@@ -1,0 +1,66 @@
+"""`dvd plan`: weights per half from the safetensors headers, KV bytes per token from the config, capacity,
+the largest batch, device placement, and refusals that say what does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from dvd.checkpoint import open_checkpoint
+from dvd.cli import main
+from dvd.make_checkpoint import make_checkpoint
+from dvd.plan import kv_bytes_per_token, make_plan, parse_devices, parse_size
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("plan") / "moe", preset="tiny-moe", fmt="github")
+
+
+def test_sizes_and_devices_parse() -> None:
+    assert parse_size("80GiB") == 80 << 30 and parse_size("1.5 MB") == 1_500_000
+    assert parse_devices("2x80GiB,40GiB") == [80 << 30, 80 << 30, 40 << 30]
+    with pytest.raises(ValueError, match="not a number with a unit"):
+        parse_size("lots")
+
+
+def test_plan_counts_each_half_and_the_kv_cache(moe: Path) -> None:
+    vision = language = 0
+    with safe_open(str(moe / "model.safetensors"), framework="pt") as handle:
+        for key in sorted(handle.keys()):
+            numel = handle.get_slice(key).get_shape()
+            count = 1
+            for n in numel:
+                count *= n
+            if key.startswith("language_model."):
+                language += count
+            else:
+                vision += count
+    plan = make_plan(moe, [64 << 20, 64 << 20], reserve_bytes=1 << 20, request_tokens=1000)
+    assert (plan.vision_weight_bytes, plan.language_weight_bytes) == (2 * vision, 2 * language)
+    # 4 layers x 2 KV heads x 16 dims x (K and V) x 2 bytes
+    assert plan.kv_bytes_per_token == kv_bytes_per_token(open_checkpoint(moe), 2) == 4 * 2 * 16 * 2 * 2
+    usable = int((64 << 20) * 0.9) - (1 << 20)
+    assert plan.language_devices == [0] and plan.vision_device == 1 and not plan.vision_shares_device
+    assert plan.kv_capacity_tokens == (usable - plan.language_weight_bytes) // plan.kv_bytes_per_token
+    assert plan.largest_batch == plan.kv_capacity_tokens // 1000
+
+
+def test_plan_spans_devices_and_refuses_what_does_not_fit(moe: Path) -> None:
+    language = make_plan(moe, [1 << 30], reserve_bytes=0).language_weight_bytes
+    small = (language + 16 * 512) // 2 + 1024  # two devices hold the weights and one 16-token request's KV
+    plan = make_plan(moe, [small, small, 1 << 30], utilisation=1.0, reserve_bytes=0, request_tokens=16)
+    assert plan.language_devices == [0, 1] and plan.vision_device == 2
+    with pytest.raises(ValueError, match=r"the vision half's .* do not fit device 2"):
+        make_plan(moe, [small] * 3, utilisation=1.0, reserve_bytes=0, request_tokens=16)
+    with pytest.raises(ValueError, match="the language half needs"):
+        make_plan(moe, [1 << 16], utilisation=1.0, reserve_bytes=0)
+
+
+def test_plan_command(moe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", str(moe), "--devices", "2x1GiB", "--reserve", "100MiB",
+                 "--vision-tiles-per-s", "40", "--language-requests-per-s", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache: 512.0 B a token" in out and "vision replicas per language replica: 3" in out
