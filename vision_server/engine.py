@@ -324,9 +324,11 @@ class VisionEngine:
 
 def slot_content_key(input_key: bytes, offset: int, image: EncodedImage) -> bytes:
     """What one slot's features are: its input's encoder-cache key (model, preprocessing, tiling, bytes), which
-    slot of that input (a video's frame), and ViR's route per tile (it depends on the request's other tiles)."""
+    slot of that input (a video's frame), ViR's route per tile (it depends on the request's other tiles) and
+    the features' dtype."""
     digest = hashlib.sha256(input_key)
-    digest.update(f"|slot {offset}|tiles {','.join(map(str, image.tokens_per_tile))}|".encode())
+    tiles = ",".join(map(str, image.tokens_per_tile))
+    digest.update(f"|slot {offset}|tiles {tiles}|{image.features.dtype}|".encode())
     return digest.digest()
 
 
