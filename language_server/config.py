@@ -27,6 +27,9 @@ class EngineConfig:
     # Kernel for the LLM's linear layers (linear.py): "torch" as transformers built it, or "onednn"
     # (CPU only; converts the model in place, so give the engine a model of its own).
     linear_backend: str = "torch"
+    # Share full KV blocks between requests by a hash of their tokens and images (prefix_cache.py):
+    # a repeated system prompt, or turn 2 of a chat about the same image, is not prefilled again.
+    enable_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -37,6 +40,8 @@ class EngineConfig:
             (self.max_queued_requests >= 1, f"max_queued_requests must be >= 1, got {self.max_queued_requests}"),
             (self.linear_backend in LINEAR_BACKEND_NAMES,
              f"linear_backend must be one of {', '.join(LINEAR_BACKEND_NAMES)}, got {self.linear_backend!r}"),
+            (isinstance(self.enable_prefix_cache, bool),
+             f"enable_prefix_cache must be true or false, got {self.enable_prefix_cache!r}"),
         ]
         for ok, message in checks:
             if not ok:

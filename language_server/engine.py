@@ -1,6 +1,6 @@
 """The continuous-batching engine: `step()` = schedule, execute, postprocess.
 
-Thread model: `add` and `abort` may be called from any thread; they only validate and queue a
+Thread model: `add`, `extend` and `abort` may be called from any thread; they only validate and queue a
 command. `step` (one thread only, the engine loop) applies queued commands first, so an abort frees
 the request's KV blocks and features before the next forward pass.
 """
@@ -19,7 +19,8 @@ from dvd.sampling import SamplingParams
 from language_server.config import EngineConfig
 from language_server.kv_cache import PagedKVCache
 from language_server.model import LanguageHalf
-from language_server.request import EngineRequest, RequestOutput
+from language_server.prefix_cache import PrefixCache
+from language_server.request import EngineRequest, PromptPiece, RequestOutput
 from language_server.runner import ModelRunner
 from language_server.sampling import sample
 from language_server.scheduler import Scheduler
@@ -39,6 +40,12 @@ class EngineStats:
     num_kv_blocks: int = 0
     num_kv_blocks_used: int = 0
     num_feature_bytes_held: int = 0
+    num_awaiting_features: int = 0  # requests in the engine whose prompt still waits for an image's frame
+    num_kv_blocks_cached: int = 0  # held by no request, kept for prefix-cache hits (counted free, not used)
+    num_prefix_cache_query_tokens: int = 0
+    num_prefix_cache_hit_tokens: int = 0
+    num_prefix_cache_evictions: int = 0
+    prefix_cache_hit_rate: float = 0.0  # hit / query tokens
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
@@ -52,7 +59,8 @@ class Engine:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.cache = PagedKVCache(config, text.num_hidden_layers, text.num_key_value_heads, head_dim,
                                   language.dtype, language.device)
-        self.scheduler = Scheduler(config, self.cache)
+        self.prefix_cache = PrefixCache(self.cache.allocator) if config.enable_prefix_cache else None
+        self.scheduler = Scheduler(config, self.cache, self.prefix_cache)
         self.runner = ModelRunner(language, self.cache, config.linear_backend)
         self.context_limit = language.context_limit
         self.vocab_size = language.vocab_size
@@ -62,6 +70,7 @@ class Engine:
         self._counters = EngineStats(num_kv_blocks=config.num_blocks)
         self.stats = replace(self._counters)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stalled = False  # the last step found nothing to run: only a command can change that
 
     # --- any thread -----------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -69,6 +78,11 @@ class Engine:
         self.validate(request.prompt_ids, request.sampling.max_new_tokens)
         self.validate_sampling(request.sampling)
         self._inbox.put(("add", request))
+
+    def extend(self, request_id: str, piece: PromptPiece) -> None:
+        """Queue the next piece of a prompt added with `prompt_complete=False` (the caller validated the
+        prompt it makes); pieces apply in the order given, and not at all once the request is gone."""
+        self._inbox.put(("extend", (request_id, piece)))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -95,7 +109,8 @@ class Engine:
     # --- the engine thread ----------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return bool(self.requests) or not self._inbox.empty()
+        """Something to run: a command, or requests of which some can progress (not all waiting for features)."""
+        return not self._inbox.empty() or (bool(self.requests) and not self._stalled)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -105,11 +120,13 @@ class Engine:
             logits = self.runner.execute(batch)
             sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
             outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, sample(sampled, logits))
+        self._stalled = not batch.requests
         self._update_stats(batch.total_tokens)
         return outputs
 
     def run_until_done(self) -> dict[str, list[RequestOutput]]:
-        """Steps until every request finished; outputs per request id (for tests and benchmarks)."""
+        """Steps until every request finished or waits for features; outputs per request id (for tests and
+        benchmarks)."""
         done: dict[str, list[RequestOutput]] = {}
         while self.has_work:
             for output in self.step():
@@ -131,6 +148,10 @@ class Engine:
                 self.requests[item.request_id] = item
                 self.scheduler.add(item)
                 self._counters.num_requests_added += 1
+            elif kind == "extend":
+                request = self.requests.get(item[0])
+                if request is not None:  # else it finished (aborted, failed) before this piece came
+                    self.scheduler.extend(request, item[1])
             elif item in self.requests:
                 self._counters.num_requests_aborted += 1
                 outputs.append(self._finish(self.requests[item], FinishReason.ABORT))
@@ -140,6 +161,7 @@ class Engine:
                      tokens: list[int]) -> list[RequestOutput]:
         for request, n in zip(scheduled, num_tokens, strict=True):
             request.num_computed += n
+            self.scheduler.computed(request)
         outputs = []
         for request, token in zip(sampled, tokens, strict=True):
             request.token_ids.append(token)
@@ -174,8 +196,15 @@ class Engine:
         s.num_batch_tokens += num_batch_tokens
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
-        s.num_kv_blocks_used = self.cache.allocator.num_used
+        s.num_kv_blocks_used = self.scheduler.blocks.num_used
         s.num_feature_bytes_held = sum(f.numel() * f.element_size() for r in self.requests.values()
                                        for _, f in r.images)
+        s.num_awaiting_features = sum(1 for r in self.requests.values() if not r.prompt_complete)
+        if self.prefix_cache is not None:
+            p = self.prefix_cache
+            s.num_kv_blocks_cached, s.num_prefix_cache_evictions = p.num_cached, p.stats.num_evictions
+            s.num_prefix_cache_query_tokens, s.num_prefix_cache_hit_tokens = p.stats.num_query_tokens, \
+                p.stats.num_hit_tokens
+            s.prefix_cache_hit_rate = p.stats.hit_rate
         self.stats = replace(s)
 

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 
 from language_server.engine import Engine
-from language_server.request import EngineRequest, RequestOutput
+from language_server.request import EngineRequest, PromptPiece, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ class EngineLoop:
 
     def add(self, request: EngineRequest) -> None:
         self.engine.add(request)  # validates in the caller's thread: errors reach the caller
+        self._wake.set()
+
+    def extend(self, request_id: str, piece: PromptPiece) -> None:
+        self.engine.extend(request_id, piece)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:

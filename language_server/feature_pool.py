@@ -1,8 +1,10 @@
 """Received image features, held by request id until their Generate call takes them.
 
 Frames may come before or after Generate. A request `claim`s its features (saying how many images
-it has) and awaits them; frames that arrive for nobody yet are kept as *orphans* for a while, since
-the vision server and the gateway's Generate race. Memory is bounded: past `max_bytes`, the oldest
+it has) and takes them one by one in image order, each as soon as it and every image before it have
+arrived, so its prefill can start before the last image is encoded. Frames that arrive for nobody
+yet are kept as *orphans* for a while, since the vision server and the gateway's Generate race.
+Handed-over frames no longer count here (the engine holds them). Memory is bounded: past `max_bytes`, the oldest
 orphans are dropped first; a frame that still does not fit fails its request. Entries of finished,
 aborted or timed-out requests are dropped, and late frames for them are refused on arrival.
 
@@ -20,12 +22,62 @@ from dvd.errors import FeaturePoolFullError, InvalidRequestError
 from transport import Frame
 
 
+class Claim:
+    """A request's frames, handed over in image order: `next()` returns image 0, then 1, ... as each can be."""
+
+    def __init__(self, num_images: int) -> None:
+        self.num_images = num_images
+        self.num_handed = 0  # frames handed over so far (taken by `next` or waiting in `_ready`)
+        self.error: BaseException | None = None
+        self._ready: list[Frame] = []
+        self._changed = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        """Every frame handed over, or the claim failed."""
+        return self.error is not None or self.num_handed == self.num_images
+
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._ready) and self.error is None
+
+    def take_ready(self) -> Frame | None:
+        """The next frame if it is here already (a wait with no time left would not return it)."""
+        return self._ready.pop(0) if self.has_ready else None
+
+    def close(self) -> None:
+        """The request is done with its claim: frames handed over but not taken are released."""
+        self._fail(asyncio.CancelledError("the claim was closed"))
+
+    async def next(self) -> Frame:
+        """The next image's frame; raises the claim's error (pool full, bad index, abort, release)."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            if self._ready:
+                return self._ready.pop(0)
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _hand(self, frame: Frame) -> None:
+        self._ready.append(frame)
+        self.num_handed += 1
+        self._changed.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        for frame in self._ready:  # handed over but never taken: nobody else will release them
+            frame.release()
+        self._ready.clear()
+        self._changed.set()
+
+
 @dataclass
 class _Entry:
-    frames: dict[int, Frame] = field(default_factory=dict)
+    frames: dict[int, Frame] = field(default_factory=dict)  # arrived, not handed over yet
     created: float = field(default_factory=time.monotonic)
-    num_images: int | None = None  # set by claim
-    waiter: asyncio.Future[list[Frame]] | None = None
+    claim: Claim | None = None
 
     @property
     def nbytes(self) -> int:
@@ -69,17 +121,17 @@ class FeaturePool:
         self.stats.num_frames_received += 1
         self.evict_expired()
         entry = self.entries.get(rid)
-        if rid in self._gone or (entry and entry.num_images is not None and index >= entry.num_images):
+        if rid in self._gone or (entry and entry.claim is not None and index >= entry.claim.num_images):
             self.stats.num_frames_refused += 1
             frame.release()
-            if entry is not None and entry.waiter is not None:
+            if entry is not None and entry.claim is not None:
                 self._fail(rid, InvalidRequestError(
-                    f"features for image {index} arrived, but request {rid} has {entry.num_images} images"))
+                    f"features for image {index} arrived, but request {rid} has {entry.claim.num_images} images"))
             return
         if not self._make_room(frame.header.nbytes, keep=rid):
             self.stats.num_frames_refused += 1
             frame.release()
-            if entry is not None and entry.waiter is not None:
+            if entry is not None and entry.claim is not None:
                 self._fail(rid, FeaturePoolFullError(
                     f"feature pool full ({self.nbytes} of {self.max_bytes} bytes held): no room for request "
                     f"{rid}'s image {index} ({frame.header.nbytes} bytes)"))
@@ -87,27 +139,27 @@ class FeaturePool:
         entry = self.entries.setdefault(rid, _Entry())
         entry.frames[index] = frame
         self.nbytes += frame.header.nbytes
-        self._complete_if_ready(rid)
+        self._hand_over(rid)
 
-    def claim(self, request_id: str, num_images: int) -> asyncio.Future[list[Frame]]:
-        """A future of the request's frames in image order (already done when they all arrived)."""
+    def claim(self, request_id: str, num_images: int) -> Claim:
+        """The request's frames, handed over in image order (those here already, at once)."""
         entry = self.entries.setdefault(request_id, _Entry())
         self._gone.pop(request_id, None)
-        entry.num_images = num_images
-        entry.waiter = asyncio.get_running_loop().create_future()
+        claim = entry.claim = Claim(num_images)
         out_of_range = [i for i in entry.frames if i >= num_images]
         if out_of_range:
             self._fail(request_id, InvalidRequestError(
                 f"features for image {out_of_range[0]} arrived, but request {request_id} has {num_images} images"))
         else:
-            self._complete_if_ready(request_id)
-        return entry.waiter
+            self._hand_over(request_id)
+        return claim
 
     def missing(self, request_id: str) -> list[int]:
         entry = self.entries.get(request_id)
-        if entry is None or entry.num_images is None:
+        if entry is None or entry.claim is None:
             return []
-        return [i for i in range(entry.num_images) if i not in entry.frames]
+        claim = entry.claim
+        return [i for i in range(claim.num_handed, claim.num_images) if i not in entry.frames]
 
     def release(self, request_id: str) -> None:
         """Forget a request (finished, aborted, timed out): its frames go, and later ones are refused."""
@@ -116,8 +168,8 @@ class FeaturePool:
             self.nbytes -= entry.nbytes
             _release(entry)
             self.stats.num_requests_released += 1
-            if entry.waiter is not None and not entry.waiter.done():
-                entry.waiter.cancel()
+            if entry.claim is not None:
+                entry.claim._fail(asyncio.CancelledError(f"request {request_id} was released"))
         self._gone[request_id] = None
         while len(self._gone) > self._forget_after:
             self._gone.popitem(last=False)
@@ -125,11 +177,11 @@ class FeaturePool:
     def evict_expired(self) -> None:
         """Drop orphans (frames nobody claimed) older than the TTL."""
         deadline = time.monotonic() - self.orphan_ttl_s
-        for rid in [r for r, e in self.entries.items() if e.waiter is None and e.created < deadline]:
+        for rid in [r for r, e in self.entries.items() if e.claim is None and e.created < deadline]:
             self._drop_orphan(rid)
 
     def _make_room(self, nbytes: int, keep: str) -> bool:
-        for rid in [r for r, e in self.entries.items() if e.waiter is None and r != keep]:
+        for rid in [r for r, e in self.entries.items() if e.claim is None and r != keep]:
             if self.nbytes + nbytes <= self.max_bytes:
                 break
             self._drop_orphan(rid)
@@ -141,16 +193,19 @@ class FeaturePool:
         _release(entry)
         self.stats.num_orphans_evicted += 1
 
-    def _complete_if_ready(self, rid: str) -> None:
+    def _hand_over(self, rid: str) -> None:
+        """Hand the claim every frame that is next in image order; handed over, a frame is the engine's."""
         entry = self.entries[rid]
-        if entry.waiter is None or entry.waiter.done() or entry.num_images is None:
+        claim = entry.claim
+        if claim is None or claim.done:
             return
-        if len(entry.frames) == entry.num_images:
-            # Handed over: from here the frames are the engine's to hold and drop.
+        while claim.num_handed in entry.frames:
+            frame = entry.frames.pop(claim.num_handed)
+            self.nbytes -= frame.header.nbytes
+            claim._hand(frame)
+        if claim.num_handed == claim.num_images:
             self.entries.pop(rid)
-            self.nbytes -= entry.nbytes
             self.stats.num_requests_completed += 1
-            entry.waiter.set_result([entry.frames[i] for i in range(entry.num_images)])
 
     def fail(self, rid: str, error: Exception) -> None:
         """End a claim with `error` (its Generate raises it) and drop the request's frames."""
@@ -162,6 +217,6 @@ class FeaturePool:
             return
         self.nbytes -= entry.nbytes
         _release(entry)
-        if entry.waiter is not None and not entry.waiter.done():
-            entry.waiter.set_exception(error)
+        if entry.claim is not None:
+            entry.claim._fail(error)
         self._gone[rid] = None

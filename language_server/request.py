@@ -13,7 +13,8 @@ from dvd.sampling import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued; holds no KV blocks
-    RUNNING = "running"  # holds KV blocks; prefilling (num_computed < len(token_ids) - 1) or decoding
+    RUNNING = "running"  # holds KV blocks; prefilling (num_computed < len(token_ids) - 1) or decoding, or
+    # blocked: every known token computed while a later image's features have not arrived
     FINISHED = "finished"
 
 
@@ -25,6 +26,17 @@ class EngineRequest:
     `images` are (prompt position of the image's first context token, its features [n, D]), any float
     dtype (a view of the received frame is fine). Features are kept until the request finishes,
     because a preempted request recomputes its prefill.
+
+    A prompt may arrive in pieces (`prompt_complete=False`): it starts as the text up to its first
+    image whose features are still on their way, and `append_prompt` adds each image's rows and the
+    text after it as that image's frame arrives. Until the last piece the engine computes the known
+    prefix only and never samples. How many rows an image becomes is known only from its frame, so
+    the prompt's length is too.
+
+    `image_keys` maps an image's first position to the identity of its content (the vision server's
+    key of input and encoding); only images with a key can share KV through the prefix cache.
+    `block_hashes` are the prefix cache's hashes of the sequence's full blocks, as far as they are
+    known and cacheable; `num_cached_blocks` of the request's blocks are in the prefix cache already.
     """
 
     request_id: str
@@ -39,12 +51,37 @@ class EngineRequest:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_preemptions: int = 0
+    prompt_complete: bool = True
+    image_keys: dict[int, bytes] = field(default_factory=dict)
+    block_hashes: list[bytes] = field(default_factory=list)
+    hashes_stopped: bool = False  # a block holds an image without a key: it and every later block stay private
+    num_cached_blocks: int = 0
 
     def __post_init__(self) -> None:
+        self.prompt_ids = list(self.prompt_ids)  # its own: `append_prompt` grows it
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
         if self.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling.seed)
+
+    def append_prompt(self, piece: PromptPiece) -> None:
+        """Add the next piece of a prompt that arrives in pieces (before any token was generated)."""
+        if self.prompt_complete or len(self.token_ids) != len(self.prompt_ids):
+            raise ValueError(f"request {self.request_id} has a complete prompt; nothing can be appended")
+        start = len(self.prompt_ids)
+        bad = [p for p, _ in piece.images if not start <= p < start + len(piece.ids)]
+        if bad:
+            raise ValueError(f"image position {bad[0]} is outside the piece [{start}, {start + len(piece.ids)})")
+        self.prompt_ids += piece.ids
+        self.token_ids += piece.ids
+        self.images += piece.images
+        self.image_keys |= piece.image_keys
+        self.prompt_complete = piece.complete
+
+    @property
+    def is_blocked(self) -> bool:
+        """Every known token computed, and the prompt still waits for an image's features."""
+        return not self.prompt_complete and self.num_computed >= len(self.token_ids)
 
     @property
     def num_prompt(self) -> int:
@@ -62,6 +99,17 @@ class EngineRequest:
     def is_prefilling(self) -> bool:
         """More than the last token still needs computing (a fresh prompt, or a preempted request's recompute)."""
         return self.num_computed < len(self.token_ids) - 1
+
+
+@dataclass(frozen=True)
+class PromptPiece:
+    """The next piece of a prompt: token ids, the images among them (absolute first positions, rows), and
+    whether the prompt is whole with it."""
+
+    ids: list[int]
+    images: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    image_keys: dict[int, bytes] = field(default_factory=dict)
+    complete: bool = True
 
 
 @dataclass(frozen=True)

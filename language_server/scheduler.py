@@ -9,6 +9,13 @@ outside. The policy is the usual one (vLLM's): every running request's decode to
 prefill chunks fill the batch's token budget; a request is admitted only when its whole prompt's
 blocks are free; when a running request cannot grow, the latest admitted request is preempted
 (blocks freed, recomputed later) so the oldest always progress.
+
+A prompt may arrive in pieces as its images' features do (`EngineRequest.append_prompt`): only its
+known prefix is scheduled, and a request that has computed all of it is *blocked*: it keeps the
+blocks it filled, takes no batch budget and samples nothing until its next piece comes. With the
+prefix cache, a request takes the cached blocks its prompt starts with at admission, and again
+after each piece (a multi-turn chat about the same image finds the image's blocks once its frame
+is there); every block it fills is offered to the cache as it completes.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from language_server.config import EngineConfig
-from language_server.kv_cache import PagedKVCache
-from language_server.request import EngineRequest, RequestStatus
+from language_server.kv_cache import BlockAllocator, PagedKVCache
+from language_server.prefix_cache import PrefixCache, update_hashes
+from language_server.request import EngineRequest, PromptPiece, RequestStatus
 
 
 @dataclass
@@ -40,13 +48,15 @@ class ScheduledBatch:
     def add(self, request: EngineRequest, num_tokens: int) -> None:
         self.requests.append(request)
         self.num_tokens.append(num_tokens)
-        self.sample.append(request.num_computed + num_tokens == len(request.token_ids))
+        self.sample.append(request.prompt_complete and request.num_computed + num_tokens == len(request.token_ids))
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, cache: PagedKVCache) -> None:
+    def __init__(self, config: EngineConfig, cache: PagedKVCache, prefix_cache: PrefixCache | None = None) -> None:
         self.config = config
         self.cache = cache
+        self.prefix_cache = prefix_cache
+        self.blocks: BlockAllocator | PrefixCache = prefix_cache or cache.allocator
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.num_preemptions = 0
@@ -62,6 +72,24 @@ class Scheduler:
     def add(self, request: EngineRequest) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+    def extend(self, request: EngineRequest, piece: PromptPiece) -> None:
+        """The next piece of a request's prompt arrived; a running request looks for it in the prefix cache."""
+        request.append_prompt(piece)
+        if self.prefix_cache is not None:
+            self.prefix_cache.stats.num_query_tokens += len(piece.ids)
+            if request.status is RequestStatus.RUNNING:
+                self._take_cached(request, self._cached_blocks(request))
+
+    def computed(self, request: EngineRequest) -> None:
+        """After a forward pass: offer the request's newly completed blocks to the prefix cache."""
+        if self.prefix_cache is None or request.status is not RequestStatus.RUNNING:
+            return
+        update_hashes(request, self.cache.block_size)
+        full = min(request.num_computed // self.cache.block_size, len(request.block_hashes))
+        for j in range(request.num_cached_blocks, full):
+            self.prefix_cache.register(request.block_ids[j], request.block_hashes[j])
+        request.num_cached_blocks = max(request.num_cached_blocks, full)
 
     def finish(self, request: EngineRequest) -> None:
         """Take a request out of the schedule and give its blocks back."""
@@ -80,30 +108,78 @@ class Scheduler:
         for request in decoding + prefilling:
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this pass
-                continue
             n = min(len(request.token_ids) - request.num_computed, budget)
+            # n == 0: blocked on a missing image. Not RUNNING: preempted earlier in this pass.
+            if n == 0 or request.status is not RequestStatus.RUNNING:
+                continue
             if not self._grow(request, request.num_computed + n, batch):
                 continue
             batch.add(request, n)
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             request = self.waiting[0]
-            if self.cache.blocks_needed(len(request.token_ids)) > self.cache.allocator.num_free:
+            if not self._admit(request):
                 break  # FIFO: nothing jumps the queue, so a long prompt is not starved by short ones
             self.waiting.popleft()
-            n = min(len(request.token_ids), budget)
-            request.block_ids = self.cache.allocator.allocate(self.cache.blocks_needed(len(request.token_ids)))
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.add(request, n)
-            budget -= n
+            n = min(len(request.token_ids) - request.num_computed, budget)
+            if n:
+                batch.add(request, n)
+                budget -= n
         return batch
+
+    def _admit(self, request: EngineRequest) -> bool:
+        """Give a waiting request its cached blocks and fresh ones for the rest of its known prompt; False: no room."""
+        cached = self._cached_blocks(request)
+        need = self.cache.blocks_needed(len(request.token_ids)) - len(cached)
+        taken_from_free = sum(1 for b in cached if self.prefix_cache is not None and self.prefix_cache.is_idle(b))
+        if need > self.blocks.num_free - taken_from_free:
+            return False
+        if self.prefix_cache is not None:
+            self.prefix_cache.stats.num_query_tokens += len(request.token_ids)
+        self._take_cached(request, cached)
+        request.block_ids += self.blocks.allocate(need)
+        return True
+
+    def _cached_blocks(self, request: EngineRequest) -> list[int]:
+        """The cached blocks that continue the request's computed prefix (not yet taken)."""
+        if self.prefix_cache is None:
+            return []
+        size = self.cache.block_size
+        update_hashes(request, size)
+        # A whole prompt keeps its last token to compute: its logits give the first output token.
+        known = len(request.token_ids) - (1 if request.prompt_complete else 0)
+        blocks = []
+        for j in range(request.num_computed // size, min(known // size, len(request.block_hashes))):
+            block = self.prefix_cache.lookup(request.block_hashes[j])
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _take_cached(self, request: EngineRequest, blocks: list[int]) -> None:
+        """Use cached blocks from the request's first incomplete block on (its partial block there is dropped)."""
+        if not blocks or self.prefix_cache is None:
+            return
+        size = self.cache.block_size
+        first = request.num_computed // size
+        for j, block in enumerate(blocks, start=first):
+            self.prefix_cache.acquire(block)
+            if j < len(request.block_ids):
+                self.prefix_cache.free([request.block_ids[j]])
+                request.block_ids[j] = block
+            else:
+                request.block_ids.append(block)
+        end = first + len(blocks)
+        self.prefix_cache.stats.num_hit_tokens += end * size - request.num_computed
+        request.num_computed = end * size
+        request.num_cached_blocks = end
 
     def _grow(self, request: EngineRequest, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Give `request` blocks for `num_tokens`, preempting later requests if needed; False if it was preempted."""
         need = self.cache.blocks_needed(num_tokens) - len(request.block_ids)
-        while need > self.cache.allocator.num_free:
+        while need > self.blocks.num_free:
             victim = self.running[-1]
             if victim in batch.requests:  # scheduled already in this pass: drop it from the batch too
                 i = batch.requests.index(victim)
@@ -113,7 +189,7 @@ class Scheduler:
             if victim is request:
                 return False
         if need > 0:
-            request.block_ids += self.cache.allocator.allocate(need)
+            request.block_ids += self.blocks.allocate(need)
         return True
 
     def _preempt(self, request: EngineRequest) -> None:
@@ -125,6 +201,7 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _free(self, request: EngineRequest) -> None:
-        self.cache.allocator.free(request.block_ids)
+        self.blocks.free(request.block_ids)
         request.block_ids = []
         request.num_computed = 0
+        request.num_cached_blocks = 0

@@ -1,8 +1,9 @@
 """The `Language` gRPC service (proto/dvd/v1/language.proto): feature pool + engine, and the server's lifecycle.
 
-One Generate call: validate -> claim the request's features in the pool and wait for them (requests
-without images skip this) -> expand each image slot to `<img>` + N x `<IMG_CONTEXT>` + `</img>`, N
-being the rows of that image's frame -> hand the request to the engine -> stream its tokens. Errors
+One Generate call: validate -> hand the engine the prompt up to its first image -> claim the request's
+features in the pool and, as each image's frame arrives in prompt order, expand its slot to `<img>` +
+N x `<IMG_CONTEXT>` + `</img>` (N being the rows of that frame) and hand the engine that piece and the
+text after it, so prefill runs while later images are still being encoded -> stream its tokens. Errors
 become gRPC statuses through one table keyed by exception type; a failed request never stops the
 server, and whatever it held (pooled features, KV blocks) is freed on every way out.
 """
@@ -36,9 +37,9 @@ from dvd.sampling import SamplingParams
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from language_server.engine import Engine
 from language_server.engine_loop import EngineLoop
-from language_server.feature_pool import FeaturePool
+from language_server.feature_pool import Claim, FeaturePool
 from language_server.model import LanguageHalf
-from language_server.request import EngineRequest, RequestOutput
+from language_server.request import EngineRequest, PromptPiece, RequestOutput
 from language_server.server_config import LanguageServerConfig
 from transport import Frame, Receiver, create_receiver
 
@@ -77,6 +78,9 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             queue = self.streams.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
+            if output.finished and output.request_id in self.waiting:  # e.g. the engine failed: stop waiting
+                self.pool.fail(output.request_id, EngineFailedError(output.error or "the engine ended the request "
+                                                                   "while it waited for features"))
         if any(o.finished for o in outputs):  # engine-side state changed (e.g. an abort took effect)
             self._notify_task = asyncio.ensure_future(self._notify())
 
@@ -95,18 +99,20 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             await self._fail(context, rid, error)
         in_engine = False
         frames: list[Frame] = []
+        claim: Claim | None = None
         try:
             t0 = time.perf_counter()
-            frames = await self._wait_for_features(rid, request, context) if request.num_images else []
-            waited_ms = (time.perf_counter() - t0) * 1e3
-            prompt_ids, images = self._expand(segments, frames)
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
             self.streams[rid] = queue
             assert self.loop is not None
-            self.loop.add(EngineRequest(rid, prompt_ids, sampling, images=images))
+            prompt = list(segments[0]) + ([self.chat.image_start_id] if request.num_images else [])
+            self.loop.add(EngineRequest(rid, prompt, sampling, prompt_complete=not request.num_images))
             in_engine = True
-            del images
             await self._notify()
+            if request.num_images:
+                claim = self.pool.claim(rid, request.num_images)
+                await self._feed(rid, request, context, claim, segments, prompt, sampling, frames)
+            waited_ms = (time.perf_counter() - t0) * 1e3
             first = True
             while True:
                 output = await queue.get()
@@ -128,6 +134,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         finally:  # every way out (finish, error, client cancel) frees what the request held
             for frame in frames:  # the engine keeps views only while it runs the request
                 frame.release()
+            if claim is not None:
+                claim.close()
             self.waiting.discard(rid)
             self.streams.pop(rid, None)
             self.pool.release(rid)
@@ -143,7 +151,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             raise InvalidRequestError("request_id is empty")
         if rid in self.streams or rid in self.waiting:
             raise DuplicateRequestError(f"request_id {rid!r} is already in use")
-        if len(self.streams) + len(self.waiting) >= self.engine.config.max_queued_requests:
+        if len(self.streams.keys() | self.waiting) >= self.engine.config.max_queued_requests:
             raise OverloadedError(f"server holds {self.engine.config.max_queued_requests} requests, its limit")
         segments = [list(s.ids) for s in request.segments]
         if len(segments) != request.num_images + 1:
@@ -158,17 +166,41 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         self.engine.validate(text or [0], 0)
         return sampling, segments
 
-    async def _wait_for_features(self, rid: str, request: language_pb2.LanguageGenerateRequest,
-                                 context: grpc.aio.ServicerContext) -> list[Frame]:
+    async def _feed(self, rid: str, request: language_pb2.LanguageGenerateRequest,
+                    context: grpc.aio.ServicerContext, claim: Claim, segments: list[list[int]], prompt: list[int],
+                    sampling: SamplingParams, frames: list[Frame]) -> None:
+        """Hand the engine each image and the text after it as its frame arrives, in prompt order.
+
+        `prompt` is what the engine has so far (grown here); taken frames go into `frames`, for the caller
+        to release. Everything that can fail is checked on the headers first: a view of a frame's bytes
+        caught in an exception's traceback would keep them from the receive pool.
+        """
         timeout = request.features_timeout_ms / 1e3 if request.features_timeout_ms else self.config.features_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, remaining)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self.waiting.add(rid)
-        future = self.pool.claim(rid, request.num_images)
         await self._notify()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            for index, segment in enumerate(segments[1:]):
+                frames.append(claim.take_ready() or await asyncio.wait_for(claim.next(), deadline - loop.time()))
+                header = frames[-1].header
+                shape = tuple(header.shape)
+                if len(shape) < 2 or shape[-1] != self.hidden_size:
+                    raise InvalidRequestError(f"features of image {index} have shape {shape}; "
+                                              f"expected [..., {self.hidden_size}] (the LLM's hidden size)")
+                last = index == request.num_images - 1
+                start = len(prompt)
+                piece = [self.chat.image_context_id] * math.prod(shape[:-1]) + [self.chat.image_end_id, *segment]
+                if not last:
+                    piece.append(self.chat.image_start_id)
+                prompt += piece
+                self.engine.validate(prompt, sampling.max_new_tokens)  # the length so far against the context
+                keys = {start: header.content_key} if header.content_key else {}
+                self.loop.extend(rid, PromptPiece(piece, [(start, frames[-1].tensor.reshape(-1, self.hidden_size))],
+                                                  keys, complete=last))
         except TimeoutError:
             missing = self.pool.missing(rid)
             self.pool.stats.num_requests_timed_out += 1
@@ -177,26 +209,6 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
                 f"missing image(s) {missing} of {request.num_images}") from None
         finally:
             self.waiting.discard(rid)
-
-    def _expand(self, segments: list[list[int]], frames: list[Frame]) -> tuple[list[int], list[tuple[int, Any]]]:
-        """Prompt ids with each slot expanded (N = the frame's rows), and (first context position, rows) per image.
-
-        Everything that can fail is checked on the headers first: a view of a frame's bytes caught in an
-        exception's traceback would keep them from the receive pool.
-        """
-        ids = list(segments[0])
-        starts = []
-        for index, (frame, segment) in enumerate(zip(frames, segments[1:], strict=True)):
-            shape = tuple(frame.header.shape)
-            if len(shape) < 2 or shape[-1] != self.hidden_size:
-                raise InvalidRequestError(f"features of image {index} have shape {shape}; "
-                                          f"expected [..., {self.hidden_size}] (the LLM's hidden size)")
-            ids.append(self.chat.image_start_id)
-            starts.append(len(ids))
-            ids += [self.chat.image_context_id] * math.prod(shape[:-1])
-            ids += [self.chat.image_end_id, *segment]
-        self.engine.validate(ids, 0)  # the expanded length against the context
-        return ids, [(start, f.tensor.reshape(-1, self.hidden_size)) for start, f in zip(starts, frames, strict=True)]
 
     async def _notify(self) -> None:
         async with self.state:
@@ -220,7 +232,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
     async def Abort(self, request: language_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> Any:
         rid = request.request_id
         found = False
-        if rid in self.waiting:
+        if rid in self.waiting:  # it is in the engine too, prefilling what is there: that goes when Generate ends
             self.pool.fail(rid, RequestAbortedError(f"request {rid!r} was aborted while waiting for its features"))
             found = True
         elif rid in self.streams:

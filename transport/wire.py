@@ -69,6 +69,9 @@ class FeatureHeader:
     nbytes: int
     checksum: int | None = None
     version: int = PROTOCOL_VERSION
+    # The identity of what the features encode (the vision server's hash of the input, the model and how it
+    # was encoded), for the language server's prefix cache; None: not to be shared.
+    content_key: bytes | None = None
 
     def __post_init__(self) -> None:
         # Validated on construction too, so a sender cannot build a header a receiver would refuse.
@@ -88,6 +91,8 @@ class FeatureHeader:
         )
         if self.checksum is not None:
             _int(self.checksum, "checksum", 0, 0xFFFFFFFF)
+        _check(self.content_key is None or (type(self.content_key) is bytes and 1 <= len(self.content_key) <= 64),
+               "content_key must be None or 1..64 bytes")
 
     @property
     def key(self) -> tuple[str, int]:
@@ -104,6 +109,7 @@ class FeatureHeader:
             "sh": list(self.shape),
             "nb": self.nbytes,
             "crc": self.checksum,
+            "ck": self.content_key,
         }
 
     @classmethod
@@ -111,7 +117,7 @@ class FeatureHeader:
         _check(type(m["sh"]) is list, "shape must be a list")
         _int(m["v"], "version")
         try:
-            return cls(m["rid"], m["img"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"])
+            return cls(m["rid"], m["img"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"], m["ck"])
         except TypeError as error:  # e.g. an unhashable dtype value
             raise ProtocolError(f"bad feature header: {error}") from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -224,7 +225,7 @@ class VisionEngine:
             first_slot.append(first_slot[-1] + item.num_slots)
         input_of = {slot: i for i, item in enumerate(request.inputs)
                     for slot in range(first_slot[i], first_slot[i + 1])}
-        keys = self._keys(request) if self.cache is not None else [b""] * len(request.inputs)
+        keys = self._keys(request)  # the encoder cache's keys; also what each frame's content key is made from
         hits = self._lookup(keys)
         misses = [i for i, hit in enumerate(hits) if hit is None]
         ready: asyncio.Queue[tuple[int, EncodedImage, bool] | BaseException] = asyncio.Queue()
@@ -294,7 +295,10 @@ class VisionEngine:
                     if not hit:
                         fresh[slot] = image
                     outcomes[slot] = SlotOutcome(slot, input_of[slot], image.tokens_per_tile, image.num_tokens, hit)
-                    sends.add(asyncio.ensure_future(self._send(sender, destination, request.request_id, slot, image)))
+                    i = input_of[slot]
+                    content = slot_content_key(keys[i], slot - first_slot[i], image)
+                    sends.add(asyncio.ensure_future(self._send(sender, destination, request.request_id, slot, image,
+                                                               content)))
         finally:
             for future in sends | ({getter} if getter else set()):
                 future.cancel()
@@ -305,8 +309,10 @@ class VisionEngine:
                     self.cache.put(key, [fresh[s] for s in slots])
         return [outcomes[s] for s in sorted(outcomes)]
 
-    async def _send(self, sender: Sender, destination: str, request_id: str, slot: int, image: EncodedImage) -> None:
-        header: FeatureHeader = header_for(request_id, slot, image.uniform_tokens_per_tile, image.features)
+    async def _send(self, sender: Sender, destination: str, request_id: str, slot: int, image: EncodedImage,
+                    content_key: bytes) -> None:
+        header: FeatureHeader = dataclasses.replace(
+            header_for(request_id, slot, image.uniform_tokens_per_tile, image.features), content_key=content_key)
         try:
             await sender.send(destination, header, image.features)
         except TransportError as error:
@@ -314,6 +320,16 @@ class VisionEngine:
         self.counters["num_slots_sent"] += 1
         self.counters["num_tokens_sent"] += image.num_tokens
         self.counters["num_bytes_sent"] += header.nbytes
+
+
+def slot_content_key(input_key: bytes, offset: int, image: EncodedImage) -> bytes:
+    """What one slot's features are: its input's encoder-cache key (model, preprocessing, tiling, bytes), which
+    slot of that input (a video's frame), ViR's route per tile (it depends on the request's other tiles) and
+    the features' dtype."""
+    digest = hashlib.sha256(input_key)
+    tiles = ",".join(map(str, image.tokens_per_tile))
+    digest.update(f"|slot {offset}|tiles {tiles}|{image.features.dtype}|".encode())
+    return digest.digest()
 
 
 def describe(config: VisionServerConfig) -> str:

@@ -1,4 +1,5 @@
-"""The feature pool alone: matching by request id in either order, bounds, release, late frames."""
+"""The feature pool alone: matching by request id in either order, hand-over in image order, bounds, release,
+late frames."""
 
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ def test_frames_before_and_after_claim_complete_it_in_image_order() -> None:
     async def scenario() -> None:
         pool = FeaturePool(max_bytes=1 << 20, orphan_ttl_s=60)
         pool.put(frame("r", 1))
-        claim = pool.claim("r", 2)
-        assert not claim.done() and pool.missing("r") == [0]
+        claim = pool.claim("r", 3)
+        assert not claim.done and not claim.has_ready and pool.missing("r") == [0, 2]
+        assert pool.nbytes == frame("r", 1).header.nbytes  # image 1 waits here until image 0 is taken
         pool.put(frame("r", 0))
-        frames = await claim
-        assert [f.header.image_index for f in frames] == [0, 1]
-        assert pool.nbytes == 0 and pool.num_entries == 0  # handed over: no longer the pool's
+        assert pool.nbytes == 0 and pool.missing("r") == [2]  # 0 and 1 handed over: the engine's now
+        assert [(await claim.next()).header.image_index for _ in range(2)] == [0, 1]
+        taker = asyncio.ensure_future(claim.next())
+        await asyncio.sleep(0)  # one turn of the loop (no timed wait): the taker is now waiting
+        assert not taker.done()
+        pool.put(frame("r", 2))
+        assert (await taker).header.image_index == 2
+        assert claim.done and pool.nbytes == 0 and pool.num_entries == 0 and pool.missing("r") == []
 
     asyncio.run(scenario())
 
@@ -39,15 +46,31 @@ def test_orphans_make_room_and_expire_and_claims_fail_when_nothing_fits() -> Non
         pool.put(frame("b", 0))
         pool.put(frame("c", 0))  # the oldest orphan goes to make room
         assert set(pool.entries) == {"b", "c"} and pool.stats.num_orphans_evicted == 1
-        claim_b, claim_c = pool.claim("b", 2), pool.claim("c", 2)  # claimed entries are never evicted
+        claim_b, claim_c = pool.claim("b", 3), pool.claim("c", 2)  # image 0 of each handed over at once
+        assert pool.nbytes == 0
+        pool.put(frame("b", 2))
+        pool.put(frame("c", 1))  # handed over: c is complete
+        assert claim_c.done and pool.nbytes == one
         pool.put(frame("d", 0))
-        assert pool.stats.num_frames_refused == 1 and "d" not in pool.entries
-        pool.put(frame("b", 1))
+        pool.put(frame("e", 0))  # no room: b's image 2 is claimed (never evicted), d is the only orphan
+        assert pool.stats.num_frames_refused == 0 and "d" not in pool.entries and pool.stats.num_orphans_evicted == 2
+        pool.put(frame("f", 0))
+        pool.put(frame("b", 3))  # out of range for b: fails it, its waiting frame goes
+        with pytest.raises(InvalidRequestError, match="image 3 arrived, but request b has 3 images"):
+            await claim_b.next()
+        pool.release("e")
+        pool.release("f")
+        assert pool.nbytes == 0 and pool.num_entries == 0
+        full = FeaturePool(max_bytes=one, orphan_ttl_s=60)
+        claim_g = full.claim("g", 3)
+        full.put(frame("g", 1))
+        full.put(frame("g", 2))  # no room, nothing to evict
         with pytest.raises(FeaturePoolFullError, match="feature pool full"):
-            await claim_b
-        assert not claim_c.done()
-        pool.release("c")
-        assert pool.nbytes == 0 and claim_c.cancelled()
+            await claim_g.next()
+        claim_h = full.claim("h", 2)
+        full.release("h")
+        with pytest.raises(asyncio.CancelledError):
+            await claim_h.next()
         expiring = FeaturePool(max_bytes=1 << 20, orphan_ttl_s=1e-9)
         expiring.put(frame("old", 0))
         expiring.evict_expired()
@@ -67,6 +90,6 @@ def test_released_requests_refuse_late_frames_and_bad_indexes_fail_the_claim() -
         claim = pool.claim("r", 1)
         pool.put(frame("r", 3))
         with pytest.raises(InvalidRequestError, match="features for image 3 arrived, but request r has 1 images"):
-            await claim
+            await claim.next()
 
     asyncio.run(scenario())

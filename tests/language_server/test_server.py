@@ -89,6 +89,44 @@ def test_text_and_image_requests_features_before_and_after_generate(
     assert_all_freed(harness)
 
 
+def test_frames_in_any_order_stream_into_the_prefill(harness: Harness, chat: ChatFormat, language: LanguageHalf,
+                                                    image_features: list[torch.Tensor]) -> None:
+    orders = {"one": [0], "two": [1, 0], "three": [2, 0, 1], "four": [3, 1, 0, 2]}
+    requests, features, streams = {}, {}, {}
+    for rid, order in orders.items():
+        n = len(order)
+        features[rid] = [image_features[(k + n) % 3][: 64 * (k + 1)] for k in range(n)]
+        requests[rid] = generate_request(chat, rid, "".join(f"Image-{k + 1}: <image>\n" for k in range(n)) + "?",
+                                         num_images=n)
+    harness.send("four", 3, features["four"][3])  # one frame even before its Generate
+    for rid in orders:
+        streams[rid] = harness.stub.Generate(requests[rid])
+    harness.wait_until(lambda: set(orders) <= harness.server.service.waiting)
+    for position in range(4):  # the requests' frames interleaved, each request's in its own order
+        for rid, order in orders.items():
+            if position < len(order) and (rid, order[position]) != ("four", 3):
+                harness.send(rid, order[position], features[rid][order[position]])
+    for rid, stream in streams.items():
+        assert collect(stream) == (expected(language, chat, requests[rid], features[rid]), "length"), rid
+    assert_all_freed(harness)
+
+
+def test_frames_with_a_content_key_hit_the_prefix_cache(harness: Harness, chat: ChatFormat, language: LanguageHalf,
+                                                        image_features: list[torch.Tensor]) -> None:
+    image = image_features[0]
+    results, gained = [], []
+    for rid, key in (("k1", b"photo"), ("k2", b"photo"), ("k3", None), ("k4", None)):
+        request = generate_request(chat, rid, "<image>\nwhat is in this photo, in detail?", num_images=1)
+        before = harness.stats()["num_prefix_cache_hit_tokens"]
+        harness.send(rid, 0, image, content_key=key)
+        results.append(collect(harness.stub.Generate(request)))
+        gained.append(harness.stats()["num_prefix_cache_hit_tokens"] - before)
+        assert results[-1] == (expected(language, chat, request, [image]), "length")
+    assert gained[1] >= image.shape[0] and gained[2] < image.shape[0] and gained[3] < image.shape[0]
+    assert harness.stats()["prefix_cache_hit_rate"] > 0
+    assert_all_freed(harness)
+
+
 def test_missing_features_time_out_with_a_clear_error(harness: Harness, chat: ChatFormat,
                                                       image_features: list[torch.Tensor]) -> None:
     request = generate_request(chat, "lost", "Image-1: <image>\nImage-2: <image>\n?", num_images=2)
