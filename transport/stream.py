@@ -67,14 +67,15 @@ def expect(message: Message, kind: type, peer: str) -> None:
 def send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
     """Write every buffer in order with scatter-gather `sendmsg`, so header and payload need no join."""
     while buffers:
-        sent = sock.sendmsg(buffers)
-        while sent and buffers:
-            if sent >= buffers[0].nbytes:
-                sent -= buffers[0].nbytes
-                buffers.pop(0)
-            else:
-                buffers[0] = buffers[0][sent:]
-                sent = 0
+        advance(buffers, sock.sendmsg(buffers))
+
+
+def advance(buffers: list[memoryview], sent: int) -> None:
+    """Drop the first `sent` bytes from `buffers`, and any empty buffer in front, in place (no copies)."""
+    while buffers and sent >= buffers[0].nbytes:
+        sent -= buffers.pop(0).nbytes
+    if sent:
+        buffers[0] = buffers[0][sent:]
 
 
 def send_message(sock: socket.socket, message: Message) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 import torch
 
 from tests.transport.conftest import KINDS, config, pair, run, take, wait_until
 from transport import DuplicateFrameError, FrameTooLargeError, header_for
+from transport.stream import send_all
 
 
 def features(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -60,6 +62,30 @@ def test_100_mib_frame(kind: str) -> None:
             (frame,) = await consumer
             assert frame.tensor.equal(tensor)
     run(main())
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+def test_empty_frame(kind: str) -> None:
+    """A zero-element tensor is a legal frame: its header goes, no payload follows, nothing hangs."""
+    async def main() -> None:
+        async with pair(kind) as (sender, receiver):
+            empty = torch.empty((0, 64), dtype=torch.bfloat16)
+            after = features(1, (4, 64))
+            await sender.send(receiver.address, header_for("empty", 0, 0, empty), empty)
+            await sender.send(receiver.address, header_for("after", 0, 64, after), after)
+            frames = sorted(await take(receiver, 2), key=lambda f: f.header.request_id)
+            assert [f.header.request_id for f in frames] == ["after", "empty"]
+            assert frames[1].tensor.shape == (0, 64) and frames[0].tensor.equal(after)
+    run(main())
+
+
+def test_send_all_with_empty_buffers() -> None:
+    """Empty views (an empty payload) must not leave send_all calling sendmsg on nothing forever."""
+    a, b = socket.socketpair()
+    with a, b:
+        send_all(a, [memoryview(b""), memoryview(b"head"), memoryview(b""), memoryview(b"tail"), memoryview(b"")])
+        a.shutdown(socket.SHUT_WR)
+        assert b.recv(100) == b"headtail"
 
 
 def test_tcp_received_tensor_is_the_pool_buffer_no_copies() -> None:
