@@ -39,6 +39,7 @@ class EngineRequest:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_preemptions: int = 0
+    first_scheduled_at: float = 0.0  # time.monotonic() its first prefill chunk was scheduled (0 = not yet)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -13,6 +13,7 @@ blocks are free; when a running request cannot grow, the latest admitted request
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -95,6 +96,7 @@ class Scheduler:
             n = min(len(request.token_ids), budget)
             request.block_ids = self.cache.allocator.allocate(self.cache.blocks_needed(len(request.token_ids)))
             request.status = RequestStatus.RUNNING
+            request.first_scheduled_at = request.first_scheduled_at or time.monotonic()
             self.running.append(request)
             batch.add(request, n)
             budget -= n

@@ -82,6 +82,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
 
     async def receive_features(self) -> None:
         async for frame in self.receiver:
+            frame.arrived_at = time.monotonic()
             self.pool.put(frame)
             del frame  # the pool (then the engine) holds the only reference
 
@@ -96,18 +97,21 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         in_engine = False
         frames: list[Frame] = []
         try:
-            t0 = time.perf_counter()
+            t0 = time.monotonic()  # stage stamps below: ms since this moment, on this server's clock
             frames = await self._wait_for_features(rid, request, context) if request.num_images else []
-            waited_ms = (time.perf_counter() - t0) * 1e3
+            waited_ms = (time.monotonic() - t0) * 1e3
+            arrived_ms = [(f.arrived_at - t0) * 1e3 if f.arrived_at else 0.0 for f in frames]
             prompt_ids, images = self._expand(segments, frames)
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
             self.streams[rid] = queue
             assert self.loop is not None
-            self.loop.add(EngineRequest(rid, prompt_ids, sampling, images=images))
+            engine_request = EngineRequest(rid, prompt_ids, sampling, images=images)
+            added_ms = (time.monotonic() - t0) * 1e3
+            self.loop.add(engine_request)
             in_engine = True
             del images
             await self._notify()
-            first = True
+            first, stamped = True, False
             while True:
                 output = await queue.get()
                 if output.error is not None:
@@ -115,7 +119,15 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
                 message = language_pb2.LanguageGenerateResponse(token_ids=output.new_token_ids)
                 if first:
                     message.features_wait_ms, first = waited_ms, False
+                if not stamped and (output.new_token_ids or output.finished):  # the first token's message
+                    stamped = True
+                    message.frame_arrived_ms.extend(arrived_ms)
+                    message.engine_added_ms = added_ms
+                    message.first_token_ms = (time.monotonic() - t0) * 1e3
+                    if engine_request.first_scheduled_at:
+                        message.prefill_start_ms = (engine_request.first_scheduled_at - t0) * 1e3
                 if output.finished:
+                    message.finished_ms = (time.monotonic() - t0) * 1e3
                     in_engine = False
                     message.finish_reason = output.finish_reason.value
                     message.prompt_tokens, message.completion_tokens = output.num_prompt_tokens, \
