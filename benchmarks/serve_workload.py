@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 BUCKETS = ("448", "896", "1344")
 WORKLOAD_BUCKETS = (*BUCKETS, "mixed", "text")
-_WORDS = tuple("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-               "near old rivers under pale moons and bright green hills describe every detail you can see".split())
+_WORDS = tuple(["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing", "matches", "near", "old", "rivers", "under", "pale", "moons", "and", "bright", "green", "hills", "describe", "every", "detail", "you", "can", "see"])
 
 
 @dataclass(frozen=True)
