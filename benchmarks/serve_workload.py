@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 BUCKETS = ("448", "896", "1344")
 WORKLOAD_BUCKETS = (*BUCKETS, "mixed", "text")
-_WORDS = tuple(["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing", "matches", "near", "old", "rivers", "under", "pale", "moons", "and", "bright", "green", "hills", "describe", "every", "detail", "you", "can", "see"])
+_TEXT = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+         "near old rivers under pale moons and bright green hills describe every detail you can see")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def plan(workload: Workload) -> list[PlannedRequest]:
             if key not in images_cache:
                 images_cache[key] = image_data_url(size, hash(key) & 0xFFFFFFFF)
             images.append(images_cache[key])
-        words = " ".join(rng.choice(_WORDS) for _ in range(workload.input_len))
+        vocabulary = _TEXT.split()
+        words = " ".join(rng.choice(vocabulary) for _ in range(workload.input_len))
         out.append(PlannedRequest(index, bucket, f"Describe what you see. {words}", tuple(images),
                                   workload.output_len))
     return out
