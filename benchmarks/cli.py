@@ -8,7 +8,9 @@ import importlib
 # name -> module with `main(argv: list[str]) -> int`.
 BENCHMARKS: dict[str, str] = {
     "engine": "benchmarks.engine",
+    "compare": "benchmarks.compare",
     "memory": "benchmarks.memory",
+    "serve": "benchmarks.serve",
     "transport": "benchmarks.transport",
     "vision": "benchmarks.vision",
 }

@@ -75,6 +75,35 @@ PRESETS |= {
         ),
     },
 }
+# Serving-benchmark presets: the real geometry (448 px tiles, 14 px patches = 1024 patches + CLS, 256
+# tokens a tile after pixel shuffle, 64 with ViR) at a width a CPU serves in seconds, keeping the real
+# model's ratio of ViT work per tile to LLM work per visual token (benchmarks/RESULTS.md shows the
+# arithmetic): InternVL3.5-38B = InternViT-6B + Qwen3-32B, 192 GFLOP : 1; scaled 189 : 1.
+# InternVL3.5-8B = InternViT-300M + Qwen3-8B, 53 : 1; scaled 57 : 1. The vocabulary is the tokenizer's
+# own, so every greedy answer decodes to printable text.
+PRESETS["internvl3_5-38b-scaled"] = {
+    # InternViT-6B's structure (RMSNorm, QK-norm, no qkv bias), as the real 38B's vision half
+    "vision": dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
+                   norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
+    "github_vision": {"model_type": "intern_vit_6b", "drop_path_rate": 0.0},
+    "text": dict(
+        hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        intermediate_size=1280, max_position_embeddings=40960, tie_word_embeddings=False,
+    ),
+    "vocab_size": None,
+    "initializer_range": 0.5,
+    "dtype": torch.float32,
+}
+PRESETS["internvl3_5-8b-scaled"] = {
+    "vision": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=256),
+    "text": dict(
+        hidden_size=256, num_hidden_layers=9, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        intermediate_size=768, max_position_embeddings=40960, tie_word_embeddings=False,
+    ),
+    "vocab_size": None,
+    "initializer_range": 0.5,
+    "dtype": torch.float32,
+}
 FLASH_THRESHOLDS = {"flash_relative_threshold": 0.5, "flash_absolute_threshold": 0.0}
 
 
@@ -314,6 +343,12 @@ def make_checkpoint(
     vocab_size = spec["vocab_size"] or len(tokenizer)
     config = hf_config(spec, vocab_size, image_token_id)
     state = hf_state_dict(config, seed)
+    # Ids past the tokenizer's own tokens decode to '': zero their embedding and LM-head rows so greedy
+    # decoding never picks one (a client drops a stream whose content is empty: the 1b-shaped preset's
+    # 151936-entry vocabulary answered [49156, 35214, ...] before).
+    for name in ("language_model.model.embed_tokens.weight", "lm_head.weight"):
+        if name in state and state[name].shape[0] > len(tokenizer):
+            state[name][len(tokenizer):] = 0
     extra = {}
     if flash:
         init = spec["initializer_range"]

@@ -93,12 +93,14 @@ class StageTimings:
 
     ms: dict[str, float] = field(default_factory=dict)
     marks: dict[str, float] = field(default_factory=dict)  # e.g. encode_start, decode_end (time.time())
+    visual_tokens: int = 0  # <IMG_CONTEXT> tokens the request's images became (after ViR)
 
     def header_value(self) -> str:
         return ";".join(f"{stage}={self.ms[stage]:.2f}" for stage in STAGES if stage in self.ms)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**{f"{k}_ms": round(v, 3) for k, v in self.ms.items()}, "marks": dict(self.marks)}
+        return {**{f"{k}_ms": round(v, 3) for k, v in self.ms.items()}, "marks": dict(self.marks),
+                "visual_tokens": self.visual_tokens}
 
 
 @dataclass

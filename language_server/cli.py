@@ -17,6 +17,7 @@ import logging
 import sys
 
 from dvd.config_file import config_or_flags
+from dvd.cpus import pin_process
 from dvd.process import configure_logging, run_process, until_stop_signal
 from language_server.server_config import LanguageServerConfig
 from language_server.server_config import add_arguments as add_config_arguments
@@ -54,4 +55,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # ConfigError included: one line naming the key, exit code 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    pin_process(config.cpus, "language server")  # before the model and its thread pools exist
     return run_process(lambda: serve(config))

@@ -56,6 +56,7 @@ class EngineRequest:
     block_hashes: list[bytes] = field(default_factory=list)
     hashes_stopped: bool = False  # a block holds an image without a key: it and every later block stay private
     num_cached_blocks: int = 0
+    first_scheduled_at: float = 0.0  # time.monotonic() its first prefill chunk was scheduled (0 = not yet)
 
     def __post_init__(self) -> None:
         self.prompt_ids = list(self.prompt_ids)  # its own: `append_prompt` grows it

@@ -20,6 +20,7 @@ is there); every block it fills is offered to the cache as it completes.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -122,6 +123,7 @@ class Scheduler:
                 break  # FIFO: nothing jumps the queue, so a long prompt is not starved by short ones
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.first_scheduled_at = request.first_scheduled_at or time.monotonic()
             self.running.append(request)
             n = min(len(request.token_ids) - request.num_computed, budget)
             if n:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
 from language_server.config import EngineConfig
 from transport.config import TransportConfig
@@ -30,8 +31,10 @@ class LanguageServerConfig:
     drain_timeout_s: float = 30.0
     max_message_bytes: int = 64 * MiB
     engine: EngineConfig = field(default_factory=EngineConfig)
+    cpus: str = ""  # Linux CPU list ("0", "2-3") this process is pinned to, torch threads sized to it; "" = any
 
     def __post_init__(self) -> None:
+        check_cpu_list(self.cpus)
         check_device(self.device)
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
@@ -65,6 +68,7 @@ class LanguageServerConfig:
                                       receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2),
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
+            cpus=args.cpus or "",
         )
 
 
@@ -95,3 +99,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],
                         help="kernel for the LLM's linear layers (default onednn on cpu, torch elsewhere)")
+    parser.add_argument("--cpus", help="pin this server to these CPUs (Linux list: 0, 2-3) and size torch's "
+                                       "threads to them (default: every CPU)")

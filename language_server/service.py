@@ -86,6 +86,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
 
     async def receive_features(self) -> None:
         async for frame in self.receiver:
+            frame.arrived_at = time.monotonic()
             self.pool.put(frame)
             del frame  # the pool (then the engine) holds the only reference
 
@@ -101,19 +102,24 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         frames: list[Frame] = []
         claim: Claim | None = None
         try:
-            t0 = time.perf_counter()
+            t0 = time.monotonic()  # stage stamps below: ms since this moment, on this server's clock
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
             self.streams[rid] = queue
             assert self.loop is not None
+            if request.num_images:  # waiting from here, so an Abort from now on ends the wait
+                self.waiting.add(rid)
+                claim = self.pool.claim(rid, request.num_images)
             prompt = list(segments[0]) + ([self.chat.image_start_id] if request.num_images else [])
-            self.loop.add(EngineRequest(rid, prompt, sampling, prompt_complete=not request.num_images))
+            engine_request = EngineRequest(rid, prompt, sampling, prompt_complete=not request.num_images)
+            added_ms = (time.monotonic() - t0) * 1e3
+            self.loop.add(engine_request)
             in_engine = True
             await self._notify()
-            if request.num_images:
-                claim = self.pool.claim(rid, request.num_images)
+            if claim is not None:
                 await self._feed(rid, request, context, claim, segments, prompt, sampling, frames)
-            waited_ms = (time.perf_counter() - t0) * 1e3
-            first = True
+            waited_ms = (time.monotonic() - t0) * 1e3
+            arrived_ms = [(f.arrived_at - t0) * 1e3 if f.arrived_at else 0.0 for f in frames]
+            first, stamped = True, False
             while True:
                 output = await queue.get()
                 if output.error is not None:
@@ -121,7 +127,15 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
                 message = language_pb2.LanguageGenerateResponse(token_ids=output.new_token_ids)
                 if first:
                     message.features_wait_ms, first = waited_ms, False
+                if not stamped and (output.new_token_ids or output.finished):  # the first token's message
+                    stamped = True
+                    message.frame_arrived_ms.extend(arrived_ms)
+                    message.engine_added_ms = added_ms
+                    message.first_token_ms = (time.monotonic() - t0) * 1e3
+                    if engine_request.first_scheduled_at:
+                        message.prefill_start_ms = (engine_request.first_scheduled_at - t0) * 1e3
                 if output.finished:
+                    message.finished_ms = (time.monotonic() - t0) * 1e3
                     in_engine = False
                     message.finish_reason = output.finish_reason.value
                     message.prompt_tokens, message.completion_tokens = output.num_prompt_tokens, \

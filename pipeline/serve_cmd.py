@@ -14,6 +14,8 @@ every process this command started.
 Examples:
   dvd serve --model ckpt --vision-device cuda:0 --language-device cuda:1 --num-blocks 8192
   dvd serve --config deploy/serve.example.yaml --port 8080
+  dvd serve --model ckpt --language-cpus 0 --vision-cpus 1 --gateway-cpus 1   # roles on their own cores
+  dvd serve --model ckpt --coupled --cpus 0                                   # the baseline on one core
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError
+from dvd.cpus import pin_process
 from dvd.process import configure_logging, run_process
 from pipeline.backends import backend_class
 from pipeline.gateway import Gateway
@@ -57,6 +60,9 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "block_size": ("language.engine.block_size", int),
     "max_batch_tokens": ("language.engine.max_batch_tokens", int),
     "max_running": ("language.engine.max_running_requests", int),
+    "cpus": ("cpus", str),
+    "vision_cpus": ("vision.cpus", str),
+    "language_cpus": ("language.cpus", str),
 }
 
 
@@ -92,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, help="language: KV cache block in tokens (default 32)")
     group.add_argument("--max-batch-tokens", type=int, help="language: most tokens in one forward pass (default 512)")
     group.add_argument("--max-running", type=int, help="language: most requests decoding together (default 64)")
+    group = parser.add_argument_group("placement on one machine (Linux CPU lists: 0, 1, 2-3, 0,2-3)")
+    group.add_argument("--cpus", "--gateway-cpus", dest="cpus",
+                       help="CPUs for this process: the gateway, or with --coupled the whole model (torch threads "
+                            "sized to match)")
+    group.add_argument("--vision-cpus", help="CPUs for the vision servers (torch threads sized to match)")
+    group.add_argument("--language-cpus", help="CPUs for the language servers (torch threads sized to match)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -124,6 +136,8 @@ async def _serve(config: ServeConfig) -> int:
     gateway = Gateway(config.gateway, backend)
     try:
         await backend.start()
+        if not config.coupled:  # after the children started, so they do not inherit the gateway's CPUs
+            pin_process(config.cpus, "gateway", torch_threads=False)
         await gateway.start()
         host = config.gateway.host
         print(f"dvd serve: {backend.mode}; model {backend.model_name} ({config.model})", flush=True)
@@ -144,4 +158,6 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if config.coupled:  # the model runs here: pinned before its thread pools exist
+        pin_process(config.cpus, "coupled server")
     return run_process(lambda: _serve(config))

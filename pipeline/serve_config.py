@@ -13,6 +13,8 @@ File layout (every key optional):
     gateway: {...}              # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
     vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, dtype, max_batch_tiles, cache_bytes, ...)
     language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
+    cpus: "1"                   # CPU list for this process: the gateway, or with coupled the whole model
+                                # (vision.cpus / language.cpus pin the servers; see dvd/cpus.py)
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.cpus import check_cpu_list
 from language_server.server_config import LanguageServerConfig
 from pipeline.gateway import GatewayConfig
 from transport.config import TransportConfig
 from vision_server.config import VisionServerConfig
 
-TOP_KEYS = ("model", "coupled", "transport", "gateway", "vision", "language")
+TOP_KEYS = ("model", "coupled", "transport", "gateway", "vision", "language", "cpus")
 # Set by `dvd serve` for each child, not by the file: the model, where it listens, the shared transport.
 _CHILD_FIXED = ("model", "host", "port", "transport")
 TRANSPORT_KINDS = ("tcp", "rdma")  # what `dvd serve` can start between its own children
@@ -44,8 +47,13 @@ class ServeConfig:
     language_replicas: int = 1
     vision: VisionServerConfig | None = None  # built with the model path once it is known
     language: LanguageServerConfig | None = None
+    cpus: str = ""  # this process's CPUs: the gateway's, or the whole model's with coupled; "" = any
 
     def __post_init__(self) -> None:
+        try:
+            check_cpu_list(self.cpus)
+        except ValueError as exc:
+            raise ConfigError(f"cpus: {exc}") from None
         for name in ("vision_replicas", "language_replicas"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '.')}: must be at least 1, got {getattr(self, name)}")
@@ -70,6 +78,8 @@ def _role(section: Any, where: str) -> tuple[int, dict[str, Any]]:
     replicas = section.pop("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool):
         raise ConfigError(f"{where}.replicas: expected int, got {type(replicas).__name__} {replicas!r}")
+    if isinstance(section.get("cpus"), int) and not isinstance(section["cpus"], bool):
+        section["cpus"] = str(section["cpus"])  # `cpus: 1` in YAML
     for key in _CHILD_FIXED:
         if key in section:
             raise ConfigError(f"{where}.{key}: set by dvd serve for each server it starts"
@@ -103,13 +113,18 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
     coupled = data.get("coupled", False)
     if not isinstance(coupled, bool):
         raise ConfigError(f"coupled: expected bool, got {type(coupled).__name__} {coupled!r}")
+    cpus = data.get("cpus", "")
+    if isinstance(cpus, int) and not isinstance(cpus, bool):
+        cpus = str(cpus)  # `cpus: 0` in YAML
+    if not isinstance(cpus, str):
+        raise ConfigError(f"cpus: expected a CPU list such as '0' or '2-3', got {type(cpus).__name__} {cpus!r}")
     transport = from_dict(TransportConfig, data.get("transport", {}), "transport", token=None)
     gateway = from_dict(GatewayConfig, data.get("gateway", {}), "gateway")
     vision_replicas, vision = _role(data.get("vision", {}), "vision")
     language_replicas, language = _role(data.get("language", {}), "language")
     path = Path(model) if model else Path(".")  # a placeholder until the tiny checkpoint's path is known
     return ServeConfig(
-        model=Path(model) if model else None, coupled=coupled, gateway=gateway, transport=transport,
+        model=Path(model) if model else None, coupled=coupled, gateway=gateway, transport=transport, cpus=cpus,
         vision_replicas=vision_replicas, language_replicas=language_replicas,
         vision=from_dict(VisionServerConfig, vision, "vision", **_fixed(path)),
         language=from_dict(LanguageServerConfig, _with_linear_default(language), "language", **_fixed(path)),

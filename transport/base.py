@@ -36,6 +36,7 @@ class Frame:
     header: FeatureHeader
     tensor: torch.Tensor
     source: str
+    arrived_at: float = 0.0  # time.monotonic() it was taken in (stamped by the language server's pool loop)
 
     def release(self) -> None:
         self.tensor = torch.empty(0, dtype=self.tensor.dtype)

@@ -63,6 +63,7 @@ class EncodeWork:
         self.tiles: dict[int, int] = {}  # slot -> its tile count
         self.remaining: dict[int, int] = {}  # slot -> tiles not yet through the batch
         self.chunks: dict[int, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = collections.defaultdict(list)
+        self.encode_started: dict[int, float] = {}  # slot -> time.monotonic() its first tile entered a forward
 
     @property
     def active(self) -> bool:
@@ -197,6 +198,9 @@ class Batcher:
 
     def _forward(self, half: VisionHalf, batch: list[tuple[_Pending, int, int]]) -> None:
         pixels = torch.cat([item.pixels[start:stop] for item, start, stop in batch])
+        now = time.monotonic()
+        for item, _, _ in batch:
+            item.work.encode_started.setdefault(item.slot, now)
         grid = half.vit(pixels)
         with self._stats_lock:
             self.stats.num_batches += 1

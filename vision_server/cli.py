@@ -16,6 +16,7 @@ import logging
 import sys
 
 from dvd.config_file import config_or_flags
+from dvd.cpus import pin_process
 from dvd.process import configure_logging, run_process, until_stop_signal
 from vision_server.config import VisionServerConfig
 from vision_server.config import add_arguments as add_config_arguments
@@ -52,4 +53,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # ConfigError included: one line naming the key, exit code 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    pin_process(config.cpus, "vision server")  # before the model and its thread pools exist
     return run_process(lambda: serve(config))

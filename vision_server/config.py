@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
 from transport.config import TransportConfig
 
@@ -34,8 +35,10 @@ class VisionServerConfig:
     # The senders' settings; `kind` is used for destinations given without a scheme, and `token` must
     # be the language servers'. host and port are the receivers' business, unused here.
     transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
+    cpus: str = ""  # Linux CPU list ("1", "2-3") this process is pinned to, torch threads sized to it; "" = any
 
     def __post_init__(self) -> None:
+        check_cpu_list(self.cpus)
         if not self.devices or any(not d for d in self.devices):
             raise ValueError("devices must name at least one torch device, e.g. cpu or cuda:0,cuda:1")
         for device in self.devices:
@@ -66,6 +69,7 @@ class VisionServerConfig:
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
             max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
             drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport, token=args.token),
+            cpus=args.cpus or "",
         )
 
 
@@ -92,3 +96,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long in-flight requests may finish before they are failed (30)")
     parser.add_argument("--transport", default="tcp", help="transport kind for destinations without a scheme")
     parser.add_argument("--token", help="shared transport token (the language server's --token)")
+    parser.add_argument("--cpus", help="pin this server to these CPUs (Linux list: 1, 2-3) and size torch's "
+                                       "threads to them (default: every CPU)")

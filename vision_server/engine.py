@@ -9,10 +9,12 @@ was handed to the transport, or with the first error, which names the input and 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +54,8 @@ class SlotOutcome:
     tokens_per_tile: tuple[int, ...]
     num_tokens: int
     cache_hit: bool
+    # ms since Encode arrived, on this server's clock: preprocessed, encode_start, encode_end, send_start, send_end
+    stamps: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -218,8 +222,10 @@ class VisionEngine:
         return outcomes
 
     async def _encode(self, request: EncodeRequest) -> list[SlotOutcome]:
+        arrived = time.monotonic()
         destination = self._validate(request)
         loop = asyncio.get_running_loop()
+        stamps: dict[int, dict[str, float]] = collections.defaultdict(dict)  # slot -> stage -> monotonic time
         first_slot = [0]
         for item in request.inputs:
             first_slot.append(first_slot[-1] + item.num_slots)
@@ -231,6 +237,7 @@ class VisionEngine:
         ready: asyncio.Queue[tuple[int, EncodedImage, bool] | BaseException] = asyncio.Queue()
 
         def on_slot(slot: int, image: EncodedImage) -> None:
+            stamps[slot]["encode_end"] = time.monotonic()
             loop.call_soon_threadsafe(ready.put_nowait, (slot, image, False))
 
         def on_error(error: BaseException) -> None:
@@ -244,8 +251,16 @@ class VisionEngine:
         tasks: set[asyncio.Future[Any]] = set()
         try:
             for i in misses:
-                tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready)))
-            return await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot, tasks)
+                tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready,
+                                                              stamps)))
+            outcomes = await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot,
+                                        tasks, stamps)
+            for outcome in outcomes:
+                times = dict(stamps.get(outcome.slot, {}))
+                if work is not None and outcome.slot in work.encode_started:
+                    times["encode_start"] = work.encode_started[outcome.slot]
+                outcome.stamps.update({stage: (t - arrived) * 1e3 for stage, t in times.items()})
+            return outcomes
         finally:
             if work is not None:
                 work.cancel()
@@ -253,12 +268,13 @@ class VisionEngine:
                 task.cancel()
 
     async def _prepare(self, index: int, item: MediaInput, first_slot: int, work: EncodeWork | None,
-                       ready: asyncio.Queue[Any]) -> None:
+                       ready: asyncio.Queue[Any], stamps: dict[int, dict[str, float]]) -> None:
         assert work is not None
         try:
             slots = await asyncio.get_running_loop().run_in_executor(self.pool, self._preprocess, item)
             for offset, pixels in enumerate(slots):
                 self.counters["num_tiles_preprocessed"] += pixels.shape[0]
+                stamps[first_slot + offset]["preprocessed"] = time.monotonic()
                 self.batcher.submit(work, first_slot + offset, pixels)
         except asyncio.CancelledError:
             # The request was torn down, or the pool shut down under it: say so rather than go silent.
@@ -269,7 +285,7 @@ class VisionEngine:
 
     async def _push(self, request: EncodeRequest, destination: str, ready: asyncio.Queue[Any], num_slots: int,
                     input_of: dict[int, int], keys: list[bytes], first_slot: list[int],
-                    tasks: set[asyncio.Future[Any]]) -> list[SlotOutcome]:
+                    tasks: set[asyncio.Future[Any]], stamps: dict[int, dict[str, float]]) -> list[SlotOutcome]:
         """Send every slot as it arrives; the first failure (input or transport) ends the request."""
         sender = self._sender(destination)
         outcomes: dict[int, SlotOutcome] = {}
@@ -297,8 +313,9 @@ class VisionEngine:
                     outcomes[slot] = SlotOutcome(slot, input_of[slot], image.tokens_per_tile, image.num_tokens, hit)
                     i = input_of[slot]
                     content = slot_content_key(keys[i], slot - first_slot[i], image)
+                    stamps[slot]["send_start"] = time.monotonic()
                     sends.add(asyncio.ensure_future(self._send(sender, destination, request.request_id, slot, image,
-                                                               content)))
+                                                               content, stamps[slot])))
         finally:
             for future in sends | ({getter} if getter else set()):
                 future.cancel()
@@ -310,13 +327,14 @@ class VisionEngine:
         return [outcomes[s] for s in sorted(outcomes)]
 
     async def _send(self, sender: Sender, destination: str, request_id: str, slot: int, image: EncodedImage,
-                    content_key: bytes) -> None:
+                    content_key: bytes, stamps: dict[str, float]) -> None:
         header: FeatureHeader = dataclasses.replace(
             header_for(request_id, slot, image.uniform_tokens_per_tile, image.features), content_key=content_key)
         try:
             await sender.send(destination, header, image.features)
         except TransportError as error:
             raise DestinationError(destination, error) from None
+        stamps["send_end"] = time.monotonic()
         self.counters["num_slots_sent"] += 1
         self.counters["num_tokens_sent"] += image.num_tokens
         self.counters["num_bytes_sent"] += header.nbytes

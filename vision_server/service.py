@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,6 +58,7 @@ class VisionService(vision_pb2_grpc.VisionServicer):
             inputs=[MediaInput(i.data, i.max_num, i.num_segments) for i in request.inputs],
             destination=request.destination,
         )
+        arrived = time.monotonic()
         try:
             outcomes = await self.engine.encode(call)
         except DvdError as error:  # the status comes from dvd/errors.py's one table
@@ -68,7 +70,13 @@ class VisionService(vision_pb2_grpc.VisionServicer):
         return vision_pb2.EncodeResponse(
             request_id=request.request_id,
             slots=[vision_pb2.SlotResult(slot=o.slot, input_index=o.input_index, tokens_per_tile=o.tokens_per_tile,
-                                         num_tokens=o.num_tokens, cache_hit=o.cache_hit) for o in outcomes],
+                                         num_tokens=o.num_tokens, cache_hit=o.cache_hit,
+                                         preprocessed_at_ms=o.stamps.get("preprocessed", 0.0),
+                                         encode_start_ms=o.stamps.get("encode_start", 0.0),
+                                         encode_end_ms=o.stamps.get("encode_end", 0.0),
+                                         send_start_ms=o.stamps.get("send_start", 0.0),
+                                         send_end_ms=o.stamps.get("send_end", 0.0)) for o in outcomes],
+            elapsed_ms=(time.monotonic() - arrived) * 1e3,
         )
 
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> Any:

@@ -48,18 +48,28 @@ class LanguageGenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[TokenSegment, _Mapping]]] = ..., num_images: _Optional[int] = ..., sampling: _Optional[_Union[LanguageSampling, _Mapping]] = ..., features_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class LanguageGenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "features_wait_ms")
+    __slots__ = ("token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "features_wait_ms", "frame_arrived_ms", "engine_added_ms", "prefill_start_ms", "first_token_ms", "finished_ms")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ARRIVED_MS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ADDED_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_START_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_MS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     features_wait_ms: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., features_wait_ms: _Optional[float] = ...) -> None: ...
+    frame_arrived_ms: _containers.RepeatedScalarFieldContainer[float]
+    engine_added_ms: float
+    prefill_start_ms: float
+    first_token_ms: float
+    finished_ms: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., features_wait_ms: _Optional[float] = ..., frame_arrived_ms: _Optional[_Iterable[float]] = ..., engine_added_ms: _Optional[float] = ..., prefill_start_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., finished_ms: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -28,23 +28,35 @@ class EncodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[MediaInput, _Mapping]]] = ..., destination: _Optional[str] = ...) -> None: ...
 
 class SlotResult(_message.Message):
-    __slots__ = ("slot", "input_index", "tokens_per_tile", "num_tokens", "cache_hit")
+    __slots__ = ("slot", "input_index", "tokens_per_tile", "num_tokens", "cache_hit", "preprocessed_at_ms", "encode_start_ms", "encode_end_ms", "send_start_ms", "send_end_ms")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     INPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_START_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_END_MS_FIELD_NUMBER: _ClassVar[int]
+    SEND_START_MS_FIELD_NUMBER: _ClassVar[int]
+    SEND_END_MS_FIELD_NUMBER: _ClassVar[int]
     slot: int
     input_index: int
     tokens_per_tile: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
     cache_hit: bool
-    def __init__(self, slot: _Optional[int] = ..., input_index: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+    preprocessed_at_ms: float
+    encode_start_ms: float
+    encode_end_ms: float
+    send_start_ms: float
+    send_end_ms: float
+    def __init__(self, slot: _Optional[int] = ..., input_index: _Optional[int] = ..., tokens_per_tile: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., preprocessed_at_ms: _Optional[float] = ..., encode_start_ms: _Optional[float] = ..., encode_end_ms: _Optional[float] = ..., send_start_ms: _Optional[float] = ..., send_end_ms: _Optional[float] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("request_id", "slots")
+    __slots__ = ("request_id", "slots", "elapsed_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     slots: _containers.RepeatedCompositeFieldContainer[SlotResult]
-    def __init__(self, request_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[SlotResult, _Mapping]]] = ...) -> None: ...
+    elapsed_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[SlotResult, _Mapping]]] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...

@@ -110,11 +110,18 @@ class CoupledBackend(Backend):
             await asyncio.wait({worker})  # one request at a time: the model is free only when it is
             self.num_running -= 1
             self._lock.release()
+        t = result.timings_ms  # one after another on this process's clock: marks from the start
+        encode_start = start + t["tokenize_ms"] / 1e3
+        encode_end = encode_start + t["encode_ms"] / 1e3
+        prefill_start = encode_end + t["transfer_ms"] / 1e3
         timings = StageTimings(
-            ms={"encode": result.timings_ms["encode_ms"], "transfer": result.timings_ms["transfer_ms"],
-                "queue": (start - enqueued) * 1e3, "prefill": result.timings_ms["prefill_ms"],
-                "decode": result.timings_ms["decode_ms"]},
-            marks={"start": start, "end": time.time()},
+            ms={"encode": t["encode_ms"], "transfer": t["transfer_ms"], "queue": (start - enqueued) * 1e3,
+                "prefill": t["prefill_ms"], "decode": t["decode_ms"]},
+            marks={"dispatch": enqueued, "start": start, "end": time.time(), "prefill_start": prefill_start,
+                   "first_token": prefill_start + t["prefill_ms"] / 1e3,
+                   **({"encode_start": encode_start, "encode_end": encode_end, "transfer_start": encode_end,
+                       "transfer_end": prefill_start} if request.images else {})},
+            visual_tokens=sum(sum(tiles) for tiles in result.tile_tokens),
         )
         last = result.token_ids[-1] if result.token_ids else None
         reason = FinishReason.STOP if last in request.sampling.stop_token_ids else FinishReason.LENGTH

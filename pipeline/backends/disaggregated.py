@@ -108,7 +108,8 @@ class DisaggregatedBackend(Backend):
                     out[f"{pool.kind}{i}_{name}"] = value
         return out
 
-    async def _encode(self, request: ChatRequest, destination: str, marks: dict[str, float]) -> None:
+    async def _encode(self, request: ChatRequest, destination: str,
+                      marks: dict[str, float]) -> vision_pb2.EncodeResponse:
         inputs = [vision_pb2.MediaInput(data=m.data, max_num=request.max_num or 0, num_segments=m.num_segments)
                   for m in request.media]
         call = vision_pb2.EncodeRequest(request_id=request.request_id, inputs=inputs, destination=destination)
@@ -118,10 +119,9 @@ class DisaggregatedBackend(Backend):
             tried.append(replica)
             replica.num_outstanding += 1
             try:
-                marks["encode_start"] = time.time()
-                await replica.stub.Encode(call, timeout=request.timeout_s)
-                marks["encode_end"] = time.time()
-                return
+                response = await replica.stub.Encode(call, timeout=request.timeout_s)
+                marks["encode_answered"] = time.time()
+                return response
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _RETRYABLE or len(tried) > 1 or len(self.vision.replicas) < 2:
                     raise from_rpc_error(err, "vision") from None
@@ -156,18 +156,21 @@ class DisaggregatedBackend(Backend):
             encode = asyncio.create_task(self._encode(request, language.transport_address, marks))
             # features that will never come: stop waiting for them at once
             encode.add_done_callback(lambda task: call.cancel() if not task.cancelled() and task.exception() else None)
-        finished, features_wait_ms, last = False, 0.0, None
+        finished, features_wait_ms, last, stamped = False, 0.0, None, None
+        encoded: vision_pb2.EncodeResponse | None = None
         try:
             async for response in call:
                 if "first_token" not in marks and response.token_ids:
                     marks["first_token"] = time.time()
                 features_wait_ms = max(features_wait_ms, response.features_wait_ms)
+                if stamped is None and response.first_token_ms:
+                    stamped = response  # the message with the language server's stage stamps
                 last = response
                 if response.finish_reason:
                     finished = True
                 yield GenerationEvent(token_ids=list(response.token_ids))
             if encode is not None:
-                await encode
+                encoded = await encode
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
             if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
                 raise encode.exception() from None
@@ -183,22 +186,59 @@ class DisaggregatedBackend(Backend):
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await language.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id), timeout=5)
         marks["end"] = time.time()
-        yield self._final_event(marks, features_wait_ms, last)
+        yield self._final_event(marks, features_wait_ms, last, stamped, encoded)
 
     @staticmethod
     def _final_event(marks: dict[str, float], features_wait_ms: float,
-                     last: language_pb2.LanguageGenerateResponse | None) -> GenerationEvent:
-        """Stage times from the gateway's clock plus the language server's feature wait."""
-        dispatch, end = marks["dispatch"], marks["end"]
-        first = marks.get("first_token", end)
-        encode_ms = (marks["encode_end"] - dispatch) * 1e3 if "encode_end" in marks else 0.0
-        ms = {
-            "encode": encode_ms,
-            "transfer": max(0.0, features_wait_ms - encode_ms),  # features in flight after they left the ViT
-            "queue": 0.0,  # the gateway does not queue: requests go straight to a replica
-            "prefill": max(0.0, (first - dispatch) * 1e3 - max(features_wait_ms, encode_ms)),
-            "decode": (end - first) * 1e3,
-        }
+                     last: language_pb2.LanguageGenerateResponse | None,
+                     stamped: language_pb2.LanguageGenerateResponse | None = None,
+                     encoded: vision_pb2.EncodeResponse | None = None) -> GenerationEvent:
+        """Stage times as the servers measured them, put together (see `stage_timings`)."""
+        timings = stage_timings(marks, features_wait_ms, last, stamped, encoded)
         reason = FinishReason(last.finish_reason) if last and last.finish_reason else FinishReason.ABORT
-        return GenerationEvent(token_ids=[], finish_reason=reason, timings=StageTimings(ms=ms, marks=marks),
+        return GenerationEvent(token_ids=[], finish_reason=reason, timings=timings,
                                num_prompt_tokens=last.prompt_tokens if last else 0)
+
+
+def stage_timings(marks: dict[str, float], features_wait_ms: float,
+                  last: language_pb2.LanguageGenerateResponse | None,
+                  stamped: language_pb2.LanguageGenerateResponse | None,
+                  encoded: vision_pb2.EncodeResponse | None) -> StageTimings:
+    """Each stage's duration from the one clock it happened on, so the servers need no clock sync:
+    encode (Encode's arrival to the last slot's features: preprocess, batch wait, ViT) and transfer
+    (the transport's write of the slowest slot) on the vision server's; queue (joined the engine to
+    first scheduled), prefill (to the first token) and decode (to the finish) on the language
+    server's. The marks place them on the gateway's clock for timelines, counting each server's
+    stamps from the dispatch (a request reaches both servers within a gRPC hop of it); `first_token`
+    and `end` are the gateway's own. A stamp a server did not send (an older server) leaves its stage
+    to the gateway's own clock."""
+    dispatch, end = marks["dispatch"], marks["end"]
+    first = marks.get("first_token", end)
+    ms: dict[str, float] = {"encode": 0.0, "transfer": 0.0, "queue": 0.0}
+    out_marks = dict(marks)
+    slots = [s for s in (encoded.slots if encoded is not None else ()) if not s.cache_hit]
+    if slots:
+        ms["encode"] = max(s.encode_end_ms for s in slots)
+        ms["transfer"] = max(s.send_end_ms - s.send_start_ms for s in slots)
+        ms["preprocess"] = max(s.preprocessed_at_ms for s in slots)
+        ms["vit"] = max(s.encode_end_ms - s.encode_start_ms for s in slots)
+        out_marks["preprocessed"] = dispatch + ms["preprocess"] / 1e3
+        out_marks["encode_start"] = dispatch + min(s.encode_start_ms for s in slots) / 1e3
+        out_marks["encode_end"] = dispatch + ms["encode"] / 1e3
+        out_marks["transfer_start"] = dispatch + max(s.send_start_ms for s in slots) / 1e3
+        out_marks["transfer_end"] = dispatch + max(s.send_end_ms for s in slots) / 1e3
+    elif encoded is not None:  # every slot from the encoder cache
+        out_marks["cache_hit"] = 1.0
+    ms["features_wait"] = features_wait_ms
+    if stamped is not None and stamped.prefill_start_ms:
+        ms["queue"] = max(0.0, stamped.prefill_start_ms - stamped.engine_added_ms)
+        ms["prefill"] = max(0.0, stamped.first_token_ms - stamped.prefill_start_ms)
+        finished_ms = last.finished_ms if last is not None and last.finished_ms else 0.0
+        ms["decode"] = max(0.0, finished_ms - stamped.first_token_ms) if finished_ms else (end - first) * 1e3
+        out_marks["features_ready"] = dispatch + features_wait_ms / 1e3
+        out_marks["prefill_start"] = dispatch + stamped.prefill_start_ms / 1e3
+    else:
+        ms["prefill"] = max(0.0, (first - dispatch) * 1e3 - features_wait_ms)
+        ms["decode"] = (end - first) * 1e3
+    visual = sum(s.num_tokens for s in encoded.slots) if encoded is not None else 0
+    return StageTimings(ms=ms, marks=out_marks, visual_tokens=visual)

@@ -1,0 +1,254 @@
+"""`dvd bench compare`: the paper's Table 18 on this machine. Starts each deployment itself (`dvd serve`
+as a child process, pinned with its placement flags), runs the same `dvd bench serve` workload against
+each, back to back, one resolution bucket after another, and prints request throughput and its ratio
+to `coupled` per bucket (baseline 1.00x, +DvD, +DvD+ViR).
+
+Settings (stated in the output):
+  paper  the language side's hardware is fixed, as in Table 18: coupled gets one CPU for the whole
+         model; DvD gets that CPU for the language server and another for the vision server (and the
+         gateway).
+  equal  coupled gets both CPUs; DvD one each.
+Beside throughput: the TPOT p99 of text-only requests sent while image-heavy (1344 px) requests arrive,
+per mode: the interference disaggregation is meant to remove.
+
+Modes: coupled (`dvd serve --coupled`), dvd (the disaggregated pipeline on --model), dvd+vir (the same
+on --vir-model, a Flash checkpoint whose ViR compresses tiles to 64 tokens).
+
+Example:
+  dvd make-checkpoint --preset internvl3_5-38b-scaled --out /tmp/38b
+  dvd make-checkpoint --preset internvl3_5-38b-scaled --flash --out /tmp/38b-flash
+  dvd bench compare --model /tmp/38b --vir-model /tmp/38b-flash --setting paper --json /tmp/table18.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.serve import add_arguments as add_serve_arguments
+from benchmarks.serve import machine, run_benchmark, write_outputs
+from benchmarks.serve_workload import BUCKETS, Workload
+
+MODES = ("coupled", "dvd", "dvd+vir")
+SETTINGS = ("paper", "equal")
+_LISTEN = re.compile(r"OpenAI API at (http://[\d.]+:\d+)/v1, gRPC at ([\d.]+:\d+)")
+
+
+def placement(mode: str, setting: str, language_cpus: str, vision_cpus: str) -> list[str]:
+    """`dvd serve` flags placing `mode` under `setting`."""
+    if mode == "coupled":
+        return ["--coupled", "--cpus", language_cpus if setting == "paper" else f"{language_cpus},{vision_cpus}"]
+    return ["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]
+
+
+def describe_setting(setting: str, language_cpus: str, vision_cpus: str) -> str:
+    if setting == "paper":
+        return (f"setting paper: coupled runs the whole model on CPU {language_cpus}; DvD runs the language server "
+                f"on CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}")
+    return (f"setting equal: coupled runs on CPUs {language_cpus},{vision_cpus}; DvD runs the language server on "
+            f"CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}")
+
+
+@contextlib.contextmanager
+def served(model: Path, flags: list[str], extra: list[str], ready_timeout_s: float) -> Iterator[tuple[str, str]]:
+    """`dvd serve` as a child; yields (HTTP base URL, gRPC address) once ready; stops it and its children."""
+    command = [sys.executable, "-m", "dvd", "serve", "--model", str(model), "--port", "0", "--grpc-port", "0",
+               "--log-level", "WARNING", *flags, *extra]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    ready = threading.Event()
+    found: dict[str, str] = {}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            match = _LISTEN.search(line)
+            if match:
+                found.update(http=match[1], grpc=match[2])
+            if line.strip() == "dvd serve: ready":
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not ready.wait(ready_timeout_s) or proc.poll() is not None or "http" not in found:
+            raise RuntimeError(f"dvd serve {' '.join(flags)} did not become ready:\n{''.join(lines[-30:])}")
+        yield found["http"], found["grpc"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=10)
+
+
+def _ratio(value: float, base: float) -> float | None:
+    return value / base if base > 0 else None
+
+
+def table(result: dict[str, Any]) -> str:
+    modes = result["modes"]
+    header = f"{'bucket':<8}" + "".join(f"{m + ' req/s':>22}" for m in modes)
+    lines = [result["setting_text"], header]
+    for bucket, row in result["buckets"].items():
+        cells = []
+        for mode in modes:
+            value = row.get(mode)
+            ratio = row.get({"coupled": "", "dvd": "ratio_dvd", "dvd+vir": "ratio_dvd_vir"}[mode])
+            if value is None:
+                cells.append(f"{'-':>22}")
+            elif mode == "coupled":
+                cells.append(f"{value:>14.4f} (1.00x)")
+            else:
+                cells.append(f"{value:>14.4f} ({ratio:.2f}x)" if ratio is not None else f"{value:>22.4f}")
+        lines.append(f"{bucket + ' px':<8}" + "".join(cells))
+    if result.get("interference"):
+        lines.append("text-only TPOT p99 while 1344 px requests arrive: " + ", ".join(
+            f"{mode} {value:.1f} ms" for mode, value in result["interference"].items()))
+    return "\n".join(lines)
+
+
+def _serve_args(args: argparse.Namespace, bucket: str, num_prompts: int, text_fraction: float,
+                label: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    serve_args = parser.parse_args([])
+    for name in ("request_rate", "burstiness", "max_concurrency", "seed", "output_len", "input_len",
+                 "images_per_request", "num_warmups", "quiet"):
+        setattr(serve_args, name, getattr(args, name))
+    serve_args.bucket, serve_args.num_prompts, serve_args.text_fraction = bucket, num_prompts, text_fraction
+    serve_args.label = label
+    return serve_args
+
+
+async def _measure(args: argparse.Namespace, mode: str, http: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for bucket in args.buckets:
+        serve_args = _serve_args(args, bucket, args.num_prompts, 0.0, f"{mode} {bucket}px")
+        serve_args.base_url = http
+        result = await run_benchmark(serve_args)
+        out[bucket] = result
+        run = result["runs"][0]
+        print(f"  {mode:<8} {bucket:>5} px: {run['request_throughput']:.4f} req/s, {run['completed']} done, "
+              f"{run['failed']} failed, TTFT p50 {run['median_ttft_ms']:.0f} ms", flush=True)
+    if args.interference_prompts:
+        serve_args = _serve_args(args, "1344", args.interference_prompts, 0.5, f"{mode} interference")
+        serve_args.base_url = http
+        out["interference"] = await run_benchmark(serve_args)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dvd bench compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", type=Path, required=True, help="checkpoint for coupled and dvd")
+    add("--vir-model", type=Path, help="Flash checkpoint (with ViR) for dvd+vir; required with that mode")
+    add("--modes", default="coupled,dvd,dvd+vir", help="comma list of coupled, dvd, dvd+vir (default all)")
+    add("--setting", choices=SETTINGS, default="paper", help="CPU budget rule (default paper; see above)")
+    add("--buckets", default=",".join(BUCKETS), help="comma list of 448, 896, 1344 (default all)")
+    add("--language-cpus", default="0", help="the language side's CPU(s) (default 0)")
+    add("--vision-cpus", default="1", help="the vision side's CPU(s) (default 1)")
+    add("--num-prompts", type=int, default=8, help="requests per bucket and mode (default 8)")
+    add("--interference-prompts", type=int, default=8,
+        help="requests of the text-only-under-image-load run, half of them text-only; 0 skips it (default 8)")
+    add("--images-per-request", type=int, default=1)
+    add("--input-len", type=int, default=16)
+    add("--output-len", type=int, default=16)
+    add("--request-rate", default="inf", help="one rate (default inf: all at once)")
+    add("--burstiness", type=float, default=1.0)
+    add("--max-concurrency", type=int, default=4, help="requests in flight at most (default 4)")
+    add("--num-warmups", type=int, default=1)
+    add("--seed", type=int, default=0)
+    add("--serve-arg", action="append", default=[], metavar="FLAG",
+        help="passed to every dvd serve (repeat; e.g. --serve-arg=--max-batch-tiles=10)")
+    add("--ready-timeout-s", type=float, default=600.0, help="how long a deployment may take to start")
+    add("--json", type=Path, help="write the table (and every run's figures) here as JSON")
+    add("--result-dir", type=Path, help="also write each run's dvd bench serve JSON and plots here")
+    add("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.buckets = [b.strip() for b in args.buckets.split(",") if b.strip()]
+    bad = [m for m in modes if m not in MODES] + [b for b in args.buckets if b not in BUCKETS]
+    if bad or not modes:
+        print(f"error: unknown mode or bucket {bad}; modes: {', '.join(MODES)}; buckets: {', '.join(BUCKETS)}",
+              file=sys.stderr)
+        return 2
+    if "dvd+vir" in modes and args.vir_model is None:
+        print("error: mode dvd+vir needs --vir-model (a Flash checkpoint: dvd make-checkpoint --flash)",
+              file=sys.stderr)
+        return 2
+    if "," in args.request_rate:
+        print("error: --request-rate takes one rate here (dvd bench serve sweeps)", file=sys.stderr)
+        return 2
+    Workload(num_prompts=args.num_prompts, output_len=args.output_len, input_len=args.input_len)  # validates
+    setting_text = describe_setting(args.setting, args.language_cpus, args.vision_cpus)
+    print(setting_text, flush=True)
+    measured: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        model = args.vir_model if mode == "dvd+vir" else args.model
+        flags = placement(mode, args.setting, args.language_cpus, args.vision_cpus)
+        print(f"{mode}: dvd serve {' '.join(flags)} (model {model})", flush=True)
+        with served(model, flags, args.serve_arg, args.ready_timeout_s) as (http, _grpc):
+            measured[mode] = asyncio.run(_measure(args, mode, http))
+    result = summarize(measured, modes, args.buckets, args.setting, setting_text)
+    result["machine"] = machine()
+    print(table(result))
+    print(f"load average {result['machine']['load_average']}")
+    if args.result_dir is not None:
+        for mode, runs in measured.items():
+            for bucket, run in runs.items():
+                tag = f"{mode.replace('+', '-')}-{bucket}"
+                for path in write_outputs(run, args.result_dir / f"{tag}.json", None, True):
+                    print(f"wrote {path}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _figures(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k not in ("requests", "_records")}
+
+
+def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: list[str], setting: str,
+              setting_text: str) -> dict[str, Any]:
+    """Table 18's shape: per bucket each mode's request throughput and its ratio to coupled."""
+    out: dict[str, Any] = {"setting": setting, "setting_text": setting_text, "modes": modes, "buckets": {},
+                           "interference": {}, "runs": {}}
+    for bucket in buckets:
+        row: dict[str, Any] = {}
+        for mode in modes:
+            row[mode] = measured[mode][bucket]["runs"][0]["request_throughput"]
+        base = row.get("coupled", 0.0)
+        if "dvd" in row:
+            row["ratio_dvd"] = _ratio(row["dvd"], base)
+        if "dvd+vir" in row:
+            row["ratio_dvd_vir"] = _ratio(row["dvd+vir"], base)
+        out["buckets"][bucket] = row
+    for mode in modes:
+        runs = measured[mode]
+        if "interference" in runs:
+            text = runs["interference"]["runs"][0]["per_bucket"].get("text")
+            if text is not None:
+                out["interference"][mode] = text["p99_tpot_ms"]
+        out["runs"][mode] = {b: _figures(r["runs"][0]) for b, r in runs.items()}
+    return out

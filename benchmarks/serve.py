@@ -1,0 +1,219 @@
+"""`dvd bench serve`: load a running gateway (`dvd serve`) from the client side and report what a user
+sees, with `vllm bench serve`'s metric names and definitions (benchmarks/serve_metrics.py), plus DvD's
+per-stage breakdown (encode, transfer, queue, prefill, decode: each measured on the server where it
+happens) and visual tokens per request.
+
+Workload `random-mm` (benchmarks/serve_workload.py): images of a resolution bucket (448, 896, 1344 px,
+or mixed), distinct per request unless --same-images (then the encoder cache may hit, and the output
+says so), a prompt of --input-len random words, exactly --output-len tokens out (min_tokens =
+max_completion_tokens, ignore_eos). Arrivals: --request-rate (a comma list runs a sweep; inf = all at
+once), Poisson unless --burstiness says otherwise (gamma shape), at most --max-concurrency in flight.
+
+Writes a JSON result file (--result-file) and, unless --no-plots, PNGs beside it: throughput against
+request rate, latency CDFs and a per-request timeline (Gantt) of the stages, per rate.
+
+Examples:
+  dvd bench serve --base-url http://127.0.0.1:8000 --bucket 896 --num-prompts 32 --request-rate 1,2,inf
+  dvd bench serve --api grpc --grpc-address 127.0.0.1:50051 --bucket 448 --request-rate inf
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.serve_client import GrpcSender, HttpSender, run_requests
+from benchmarks.serve_metrics import RequestRecord, compute_metrics, parse_goodput
+from benchmarks.serve_workload import WORKLOAD_BUCKETS, Workload, plan
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            rate = float("inf") if item == "inf" else float(item)
+        except ValueError:
+            raise ValueError(f"--request-rate {text!r}: {item!r} is not a number or inf") from None
+        if rate <= 0:
+            raise ValueError(f"--request-rate {text!r}: rates must be positive")
+        rates.append(rate)
+    return rates
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--api", choices=["openai", "grpc"], default="openai", help="which API to load (default openai)")
+    add("--base-url", default="http://127.0.0.1:8000", help="the gateway's HTTP address (default %(default)s)")
+    add("--grpc-address", default="127.0.0.1:50051", help="the gateway's gRPC address, with --api grpc")
+    add("--model", default="", help="model name sent in requests (default: the first of /v1/models)")
+    add("--dataset", choices=["random-mm"], default="random-mm", help="workload (default random-mm)")
+    add("--bucket", choices=WORKLOAD_BUCKETS, default="896",
+        help="image resolution (448/896/1344 px squares: 1, 5, 10 tiles), mixed (drawn per request) or text")
+    add("--images-per-request", type=int, default=1, help="images in each request (default 1)")
+    add("--input-len", type=int, default=16, help="random words of text per request (default 16)")
+    add("--output-len", type=int, default=16, help="tokens generated per request, exactly (default 16)")
+    add("--text-fraction", type=float, default=0.0, help="share of requests without images (default 0)")
+    add("--same-images", action="store_true", help="one picture per bucket for all requests (encoder cache hits)")
+    add("--num-prompts", type=int, default=16, help="requests per rate (default 16)")
+    add("--num-warmups", type=int, default=1, help="requests sent (one at a time) before measuring (default 1)")
+    add("--request-rate", default="inf", help="requests/s, comma list for a sweep; inf = all at once (default inf)")
+    add("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 = Poisson (default), <1 burstier")
+    add("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    add("--goodput", nargs="*", metavar="KEY:MS", help="SLOs for goodput, e.g. ttft:2000 tpot:100 e2el:10000")
+    add("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
+    add("--result-file", type=Path, default=None, help="write the JSON result here (default: none)")
+    add("--plot-dir", type=Path, default=None, help="write PNG plots here (default: beside --result-file)")
+    add("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    add("--label", default="", help="a name for this run in the output and plot titles")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    return Workload(bucket=args.bucket, num_prompts=args.num_prompts, images_per_request=args.images_per_request,
+                    input_len=args.input_len, output_len=args.output_len, text_fraction=args.text_fraction,
+                    same_images=args.same_images, seed=args.seed)
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_average": [round(x, 2) for x in load]}
+
+
+def _record_dict(record: RequestRecord) -> dict[str, Any]:
+    out = asdict(record)
+    out.update(ttft=record.ttft, tpot=record.tpot, e2el=record.e2el)
+    return out
+
+
+async def run_benchmark(args: argparse.Namespace, workload: Workload | None = None) -> dict[str, Any]:
+    """Every rate of the sweep against one gateway; the JSON-ready result."""
+    workload = workload or workload_from_args(args)
+    rates = parse_rates(args.request_rate)
+    slo = parse_goodput(args.goodput)
+    sender: Any = GrpcSender(args.grpc_address) if args.api == "grpc" else HttpSender(args.base_url, args.model)
+    result: dict[str, Any] = {
+        "label": args.label, "api": args.api, "workload": asdict(workload), "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency, "encoder_cache_may_hit": workload.same_images,
+        "machine_before": machine(), "runs": [],
+    }
+    async with sender:
+        if args.num_warmups:
+            warm = plan(Workload(**{**asdict(workload), "num_prompts": args.num_warmups, "seed": workload.seed + 7919}))
+            await run_requests(sender, warm, float("inf"), 1.0, 1, args.seed, "warm-up", not args.quiet)
+        for i, rate in enumerate(rates):
+            # fresh pictures for every rate, so one rate's encodes do not fill the encoder cache for the next
+            requests = plan(workload if i == 0 or workload.same_images
+                            else Workload(**{**asdict(workload), "seed": workload.seed + 104729 * i}))
+            started = time.time()
+            records = await run_requests(sender, requests, rate, args.burstiness, args.max_concurrency, args.seed,
+                                         f"rate {rate:g}", not args.quiet)
+            run = {"request_rate": rate, "started": started, **compute_metrics(records, slo)}
+            run["per_bucket"] = {b: compute_metrics([r for r in records if r.bucket == b], slo)
+                                 for b in sorted({r.bucket for r in records})}
+            run["errors"] = sorted({r.error for r in records if r.error})[:5]
+            run["requests"] = [_record_dict(r) for r in records]
+            run["_records"] = records
+            result["runs"].append(run)
+    result["machine_after"] = machine()
+    return result
+
+
+def summary(run: dict[str, Any], label: str) -> str:
+    """vllm bench serve's result table, plus DvD's stages."""
+    lines = [f"{'=' * 14} Serving Benchmark Result {label} {'=' * 14}"]
+
+    def row(name: str, value: Any, fmt: str = ".2f") -> None:
+        lines.append(f"{name:<40}{value:>12{fmt}}" if isinstance(value, float) else f"{name:<40}{value:>12}")
+
+    row("Request rate (req/s):", run["request_rate"])
+    row("Successful requests:", run["completed"])
+    row("Failed requests:", run["failed"])
+    row("Benchmark duration (s):", run["duration"])
+    row("Total input tokens:", run["total_input_tokens"])
+    row("Total generated tokens:", run["total_output_tokens"])
+    row("Request throughput (req/s):", run["request_throughput"], ".3f")
+    if "request_goodput" in run:
+        row("Request goodput (req/s):", run["request_goodput"], ".3f")
+    row("Output token throughput (tok/s):", run["output_throughput"])
+    row("Total token throughput (tok/s):", run["total_token_throughput"])
+    row("Visual tokens per request (mean):", run["mean_visual_tokens_per_request"], ".1f")
+    for metric, name in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+                         ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+        lines.append(f"{'-' * 15}{name}{'-' * max(1, 38 - len(name))}")
+        row(f"Mean {metric.upper()} (ms):", run[f"mean_{metric}_ms"])
+        row(f"Median {metric.upper()} (ms):", run[f"median_{metric}_ms"])
+        row(f"P90 {metric.upper()} (ms):", run[f"p90_{metric}_ms"])
+        row(f"P99 {metric.upper()} (ms):", run[f"p99_{metric}_ms"])
+    lines.append(f"{'-' * 15}Stages, measured on the servers (mean / median ms){'-' * 3}")
+    for stage, values in run["stages_ms"].items():
+        lines.append(f"{stage:<28}{values['mean']:>12.1f}{values['median']:>12.1f}")
+    lines.append("=" * 54)
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict[str, Any], result_file: Path | None, plot_dir: Path | None,
+                  plots: bool) -> list[Path]:
+    """The JSON file and the plots; the paths written."""
+    written: list[Path] = []
+    runs = result["runs"]
+    if result_file is not None:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        clean = {**result, "runs": [{k: v for k, v in run.items() if k != "_records"} for run in runs]}
+        result_file.write_text(json.dumps(clean, indent=1, default=str))
+        written.append(result_file)
+    plot_dir = plot_dir or (result_file.parent if result_file is not None else None)
+    if plots and plot_dir is not None:
+        from benchmarks.serve_plots import plot_cdfs, plot_throughput, plot_timeline
+
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        stem = (result_file.stem if result_file is not None else "serve") + "-"
+        label = result["label"] or result["workload"]["bucket"]
+        path = plot_dir / f"{stem}throughput.png"
+        plot_throughput(runs, path, f"{label}: throughput against request rate")
+        written.append(path)
+        for run in runs:
+            tag = f"rate{run['request_rate']:g}"
+            path = plot_dir / f"{stem}cdf-{tag}.png"
+            plot_cdfs(run["_records"], path, f"{label}, rate {run['request_rate']:g}: latency CDFs")
+            written.append(path)
+            path = plot_dir / f"{stem}timeline-{tag}.png"
+            plot_timeline(run["_records"], path, f"{label}, rate {run['request_rate']:g}: stages per request")
+            written.append(path)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dvd bench serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        workload = workload_from_args(args)
+        parse_rates(args.request_rate)
+        parse_goodput(args.goodput)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if workload.same_images:
+        print("note: --same-images: every request of a bucket sends the same picture, so the encoder cache may "
+              "hit and encode times are flattered", file=sys.stderr)
+    result = asyncio.run(run_benchmark(args, workload))
+    for run in result["runs"]:
+        print(summary(run, result["label"]))
+        if run["errors"]:
+            print(f"errors (first {len(run['errors'])}): {run['errors']}")
+    print(f"load average before {result['machine_before']['load_average']}, "
+          f"after {result['machine_after']['load_average']}")
+    for path in write_outputs(result, args.result_file, args.plot_dir, not args.no_plots):
+        print(f"wrote {path}")
+    return 0 if all(run["completed"] for run in result["runs"]) else 1
