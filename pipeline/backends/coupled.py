@@ -120,7 +120,7 @@ class CoupledBackend(Backend):
             marks={"dispatch": enqueued, "start": start, "end": time.time(), "prefill_start": prefill_start,
                    "first_token": prefill_start + t["prefill_ms"] / 1e3,
                    **({"encode_start": encode_start, "encode_end": encode_end, "transfer_start": encode_end,
-                       "transfer_end": prefill_start} if request.images else {})},
+                       "transfer_end": prefill_start} if request.media else {})},
             visual_tokens=sum(sum(tiles) for tiles in result.tile_tokens),
         )
         last = result.token_ids[-1] if result.token_ids else None
