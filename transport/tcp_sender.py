@@ -5,6 +5,15 @@
 reader thread takes the receiver's heartbeats and rejections; silence past the heartbeat timeout,
 EOF or a Refuse marks the connection dead and fails whatever was pending. See tcp_receiver.py for
 why this is plain TCP rather than pyzmq.
+
+Where the time goes (profiled on the 2-core loopback, 26 MiB frames): per frame one `sendmsg`
+here and ~10-100 `recv_into` of 0.3-2.6 MiB at the receiver, no payload copy, no page fault after
+warm-up, like the raw socket. What a bare socket does not pay: one caller awaiting each send in
+turn leaves the wire idle ~0.5-0.8 ms per frame on a quiet machine (writer -> loop -> writer
+wake-ups and the loop's Python), and milliseconds when the machine is loaded. Sender and
+receiver copy at the same speed, so no kernel backlog builds to cover those wake-ups, and a
+partial eager write from the loop thread only moves the stall (tried, not kept). Concurrent
+senders hide it: the writer finds the next frame queued.
 """
 
 from __future__ import annotations
