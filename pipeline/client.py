@@ -38,10 +38,11 @@ def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMess
 
 
 class GenerationClient:
-    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+    def __init__(self, address: str, timeout_s: float | None = None, api_key: str | None = None) -> None:
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20)])
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     def close(self) -> None:
         self.channel.close()
@@ -61,7 +62,7 @@ class GenerationClient:
         request = generation_pb2.GenerateRequest(
             model=model, messages=[_message(m["role"], m["content"]) for m in messages],
             sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking)
-        return self.stub.Generate(request, timeout=self.timeout_s)
+        return self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def complete(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Completion:
         out = Completion()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from aiohttp import web
 
 from dvd.process import start_grpc_server, until_stop_signal
 from dvd.v1 import generation_pb2_grpc
+from pipeline.auth import ApiKeys
 from pipeline.backends.base import Backend
 from pipeline.grpc_frontend import GenerationService
 from pipeline.http_app import OpenAIFrontend
@@ -26,6 +28,8 @@ class GatewayConfig:
     grpc_port: int = 50051
     max_concurrency: int = 64
     limits: ApiLimits = field(default_factory=ApiLimits)
+    api_key_file: Path | None = None  # keys, one a line (pipeline/auth.py); DVD_API_KEY adds one
+    insecure: bool = False  # allow listening beyond loopback with no API key
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port"):
@@ -38,11 +42,12 @@ class GatewayConfig:
 class Gateway:
     """Starts the frontends over a started backend; `serve_forever` runs until SIGINT/SIGTERM."""
 
-    def __init__(self, config: GatewayConfig, backend: Backend) -> None:
+    def __init__(self, config: GatewayConfig, backend: Backend, keys: ApiKeys | None = None) -> None:
         self.config = config
         self.backend = backend
+        self.keys = keys or ApiKeys()
         self.core = ServingCore(backend, config.max_concurrency)  # one admission count and metrics for both APIs
-        self.frontend = OpenAIFrontend(self.core, config.limits)
+        self.frontend = OpenAIFrontend(self.core, config.limits, self.keys)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.http_port = config.http_port
@@ -55,10 +60,10 @@ class Gateway:
         site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
-        service = GenerationService(self.core, self.config.limits)
+        service = GenerationService(self.core, self.config.limits, self.keys)
         self._grpc, self.grpc_port = await start_grpc_server(
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
-            self.config.host, self.config.grpc_port, 256 << 20)
+            self.config.host, self.config.grpc_port, self.config.limits.max_body_bytes)
 
     async def stop(self) -> None:
         if self._grpc is not None:
