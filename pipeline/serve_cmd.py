@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-image-bytes", type=int, help="bytes per image (default 20 MiB)")
     group.add_argument("--max-body-bytes", type=int, help="HTTP body (and gRPC message) bytes (default 32 MiB)")
     group.add_argument("--max-prompt-chars", type=int,
-                       help="characters of text per request, refused before tokenizing (default 1000000)")
+                       help="characters of text per request, refused before tokenizing (default 262144)")
     group.add_argument("--api-key-file", metavar="PATH",
                        help="API keys, one a line: clients must send 'Authorization: Bearer KEY' (HTTP) or "
                             "metadata authorization (gRPC); the env variable DVD_API_KEY adds one more")

@@ -27,7 +27,7 @@ class ApiLimits:
     max_body_bytes: int = 32 << 20  # HTTP body; a 20 MiB image is ~27 MiB as a base64 data URL
     max_json_depth: int = 32  # nesting of the JSON body (a chat request needs 6)
     max_messages: int = 1024
-    max_prompt_chars: int = 1_000_000  # characters of text in all messages, checked before tokenizing
+    max_prompt_chars: int = 262_144  # characters of text in all messages, checked before tokenizing
     max_images: int = 8
     max_image_bytes: int = 20 << 20
     max_tiles: int = 128  # per request, counted as images x (max_num + 1 thumbnail), the worst case
