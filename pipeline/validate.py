@@ -57,7 +57,7 @@ def limit_exceeded(what: str, value: int, limit_name: str, limit: int, param: st
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
+    if not low <= value <= high or (low_open and value == low):  # NaN fails every comparison: refused
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise InvalidFieldError(f"{name} must be in {interval}, got {value}", name)
 
