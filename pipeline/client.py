@@ -38,8 +38,15 @@ def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMess
 
 
 class GenerationClient:
-    def __init__(self, address: str, timeout_s: float | None = None, api_key: str | None = None) -> None:
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20)])
+    def __init__(self, address: str, timeout_s: float | None = None, api_key: str | None = None,
+                 root_certificates: bytes | None = None) -> None:
+        """`root_certificates` (PEM): talk TLS to a gateway whose certificate they sign."""
+        options = [("grpc.max_send_message_length", 256 << 20)]
+        if root_certificates is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None

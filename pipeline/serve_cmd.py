@@ -48,6 +48,8 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "max_prompt_chars": ("gateway.limits.max_prompt_chars", int),
     "api_key_file": ("gateway.api_key_file", str),
     "insecure": ("gateway.insecure", bool),
+    "tls_cert": ("gateway.tls_cert", str),
+    "tls_key": ("gateway.tls_key", str),
     "allow_local_files": ("gateway.limits.allow_local_files", bool),
     "allow_remote_urls": ("gateway.limits.allow_remote_urls", bool),
     "transport": ("transport.kind", str),
@@ -86,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "metadata authorization (gRPC); the env variable DVD_API_KEY adds one more")
     group.add_argument("--insecure", action="store_true", default=None,
                        help="allow --host beyond loopback with no API key (anyone who can reach it may use it)")
+    group.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve HTTPS and gRPC over TLS")
+    group.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (with --tls-cert)")
     group.add_argument("--allow-local-files", action="store_true", default=None,
                        help="accept image_url values naming local files")
     group.add_argument("--allow-remote-urls", action="store_true", default=None, help="fetch http(s) image_url values")
@@ -132,7 +136,8 @@ def _model_path(config: ServeConfig) -> Path:
 
 
 def api_keys_for(config: ServeConfig) -> ApiKeys:
-    """The keys (file and DVD_API_KEY, read now); refuses a gateway beyond loopback with none."""
+    """The keys (file and DVD_API_KEY, read now); refuses a gateway beyond loopback with none, and a
+    TLS certificate or key that cannot be loaded."""
     try:
         keys = load_api_keys(config.gateway.api_key_file)
     except ValueError as exc:
@@ -140,6 +145,10 @@ def api_keys_for(config: ServeConfig) -> ApiKeys:
     if not keys.enabled and not config.gateway.insecure and not is_loopback(config.gateway.host):
         raise ConfigError(f"gateway.host: {config.gateway.host} is reachable beyond this machine and no API key is "
                           "set; give --api-key-file or DVD_API_KEY, or --insecure to serve anyone")
+    try:
+        config.gateway.tls()  # a certificate that cannot be loaded fails before any server starts
+    except ValueError as exc:
+        raise ConfigError(f"gateway.tls_cert: {exc}") from None
     return keys
 
 
@@ -152,8 +161,9 @@ async def _serve(config: ServeConfig, keys: ApiKeys) -> int:
         await gateway.start()
         host = config.gateway.host
         print(f"dvd serve: {backend.mode}; model {backend.model_name} ({config.model})", flush=True)
-        print(f"dvd serve: OpenAI API at http://{host}:{gateway.http_port}/v1, gRPC at {host}:{gateway.grpc_port}",
-              flush=True)
+        tls = " (TLS)" if gateway.tls else ""
+        print(f"dvd serve: OpenAI API at {gateway.scheme}://{host}:{gateway.http_port}/v1, "
+              f"gRPC at {host}:{gateway.grpc_port}{tls}", flush=True)
         if keys.enabled:
             print(f"dvd serve: API keys required ({len(keys.keys)} configured; /health is open)", flush=True)
         print("dvd serve: ready", flush=True)

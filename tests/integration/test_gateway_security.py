@@ -1,14 +1,18 @@
-"""`dvd serve` with API keys and tight limits, attacked as a hostile client would: every door needs
-a key (HTTP and gRPC; /health open), every limit answers a 4xx naming it before the work it bounds,
-hostile input of every kind gets a 4xx (never a 5xx or a hang), and the server keeps serving.
-docs/RELIABILITY.md lists what was tried and why each answer is what it is."""
+"""`dvd serve` with API keys, TLS and tight limits, attacked as a hostile client would: every door
+needs a key (HTTP and gRPC; /health open), every limit answers a 4xx naming it before the work it
+bounds, hostile input of every kind gets a 4xx (never a 5xx or a hang), and the server keeps
+serving. Both APIs are served over TLS (a self-signed certificate made with the openssl CLI; plain
+text where openssl is missing). docs/RELIABILITY.md lists what was tried and why each answer is
+what it is."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,12 +32,34 @@ KEY = "test-key-0123456789abcdef"
 OTHER_KEY = "other-key-0123456789abcdef"
 
 
+TLS: dict[str, Path] = {}  # "cert", "key" when the module's server speaks TLS
+
+
+def _self_signed(folder: Path) -> dict[str, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dvd-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return {"cert": cert, "key": key}
+
+
+def _ssl_context() -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=str(TLS["cert"])) if TLS else None
+
+
 @pytest.fixture(scope="module")
 def served(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory):
-    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    folder = tmp_path_factory.mktemp("keys")
+    key_file = folder / "keys.txt"
     key_file.write_text(f"# gateway keys\n{KEY}\n\n{OTHER_KEY}\n")
+    TLS.clear()
+    tls_args: list[str] = []
+    if shutil.which("openssl"):
+        TLS.update(_self_signed(folder))
+        tls_args = ["--tls-cert", str(TLS["cert"]), "--tls-key", str(TLS["key"])]
     with ServeProcess("--model", str(tiny_hf), "--api-key-file", str(key_file), "--max-body-bytes", str(1 << 20),
-                      "--max-prompt-chars", "20000", "--max-images", "2") as proc:
+                      "--max-prompt-chars", "20000", "--max-images", "2", *tls_args) as proc:
+        assert proc.http_url.startswith("https://" if TLS else "http://")
         yield proc
     assert proc.leftover_children == [], proc.output
     assert KEY not in proc.output and OTHER_KEY not in proc.output  # never logged
@@ -47,7 +73,7 @@ def request(url: str, body: bytes | dict | None = None, key: str | None = KEY,
         all_headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=data, headers=all_headers)
     try:
-        with urllib.request.urlopen(req, timeout=60) as response:
+        with urllib.request.urlopen(req, timeout=60, context=_ssl_context()) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, raw = err.code, err.read()
@@ -59,6 +85,11 @@ def request(url: str, body: bytes | dict | None = None, key: str | None = KEY,
 
 def chat(served: ServeProcess, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
     return request(served.http_url + "/v1/chat/completions", body, key)  # type: ignore[return-value]
+
+
+def grpc_client(served: ServeProcess, key: str | None) -> GenerationClient:
+    roots = TLS["cert"].read_bytes() if TLS else None
+    return GenerationClient(served.grpc_address, timeout_s=60, api_key=key, root_certificates=roots)
 
 
 def user(content: object, **extra: object) -> dict:
@@ -94,14 +125,25 @@ def test_http_other_schemes_are_refused_and_health_is_open(served: ServeProcess)
 
 def test_grpc_needs_the_key_and_health_is_open(served: ServeProcess) -> None:
     for key in (None, "wrong-key-0123456789abcdef"):
-        with GenerationClient(served.grpc_address, timeout_s=60, api_key=key) as client:
+        with grpc_client(served, key) as client:
             with pytest.raises(grpc.RpcError) as caught:
                 client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert KEY not in caught.value.details()
             assert client.health().model == "tiny-hf"
-    with GenerationClient(served.grpc_address, timeout_s=60, api_key=KEY) as client:
+    with grpc_client(served, KEY) as client:
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
+
+
+def test_plain_text_is_refused_on_tls_ports(served: ServeProcess) -> None:
+    if not TLS:
+        pytest.skip("no openssl CLI: the module's server runs without TLS")
+    with pytest.raises(urllib.error.URLError):  # the certificate is not trusted by default
+        urllib.request.urlopen(served.http_url + "/health", timeout=30)
+    with GenerationClient(served.grpc_address, timeout_s=10) as client:  # plain-text gRPC to a TLS port
+        with pytest.raises(grpc.RpcError) as caught:
+            client.health()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_beyond_loopback_without_a_key_refuses_to_start() -> None:
@@ -114,8 +156,10 @@ def test_beyond_loopback_without_a_key_refuses_to_start() -> None:
 # --- limits --------------------------------------------------------------------------------------
 def test_body_over_the_limit_is_refused_from_its_header_and_the_next_request_is_served(served: ServeProcess
                                                                                         ) -> None:
-    host, port = served.http_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:  # announces 64 MiB, sends 1 KiB
+    host, port = served.http_url.split("://")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:  # announces 64 MiB, sends 1 KiB
+        context = _ssl_context()
+        sock = context.wrap_socket(raw, server_hostname=host) if context else raw
         sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {64 << 20}\r\n\r\n".encode() + b"{" * 1024)
         head = sock.recv(65536).decode(errors="replace")
@@ -129,8 +173,8 @@ def test_body_over_the_limit_is_refused_from_its_header_and_the_next_request_is_
     ("body", "status", "needle"),
     [
         (b"[" * 100_000 + b"]" * 100_000, 413, "max_json_depth"),
-        (json.dumps(user([{"type": "text", "text": "x", "deep": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]))
-         .encode(), 413, "max_json_depth"),
+        (json.dumps(user([{"type": "text", "text": "x", "deep": json.loads("[" * 33 + "]" * 33)}])).encode(), 413,
+         "max_json_depth"),
         (user("y" * 20_001), 413, "max_prompt_chars"),
         (user([{"type": "text", "text": "y" * 10_001}] * 2), 413, "max_prompt_chars"),
         (user("hi", stop=["a", "b", "c", "d", "e"]), 422, "max_stop_strings"),
