@@ -177,8 +177,8 @@ class DisaggregatedBackend(Backend):
                     except asyncio.CancelledError:
                         if not watched.lost:
                             raise  # the request itself was cancelled
-                marks["encode_end"] = time.time()
                 if not watched.lost:
+                    marks["encode_end"] = time.time()
                     return
                 error: Exception = _lost_error(replica)
                 reason = "replica lost"
