@@ -111,7 +111,9 @@ class SoakReport:
         latencies = sorted(r.seconds for r in self.results if r.kind == "ok")
         rss = ", ".join(f"{k} {self.warm_rss[k]:.0f}->{self.end_rss.get(k, float('nan')):.0f} MiB"
                         for k in self.warm_rss)
-        return (f"{len(self.results)} requests in {self.seconds:.1f}s: {dict(kinds)}; greedy mismatches "
+        once = sum(r.kind == "ok" and r.finishes == 1 and r.dones == 1 for r in self.results)
+        return (f"{len(self.results)} requests in {self.seconds:.1f}s: {dict(kinds)}; answered completely and "
+                f"once: {once}; greedy mismatches "
                 f"{self.mismatches}; latency median {statistics.median(latencies):.2f}s max {latencies[-1]:.2f}s; "
                 f"RSS warm->end: {rss}")
 
