@@ -79,6 +79,10 @@ class KVCapacityError(TooLargeError):
     """A request could never fit the KV cache, even alone."""
 
 
+class UnauthenticatedError(DvdError):
+    """The client presented no API key, or one the server does not accept (the key is never echoed)."""
+
+
 # --- the server cannot take it now ---------------------------------------------------------------
 class OverloadedError(DvdError):
     """The server is at a capacity limit; the client should retry later."""
@@ -182,6 +186,7 @@ CODES: dict[type[BaseException], tuple[int, grpc.StatusCode]] = {
     HandshakeError: (500, Code.PERMISSION_DENIED),  # the servers' shared token disagrees: a deployment fault
     FrameTooLargeError: (500, Code.FAILED_PRECONDITION),
     DuplicateFrameError: (409, Code.ALREADY_EXISTS),
+    UnauthenticatedError: (401, Code.UNAUTHENTICATED),
 }
 # A gRPC code from a peer that sent no `dvd-error` metadata (not a DvD server) -> the class to raise.
 _CLASS_OF_CODE: dict[grpc.StatusCode, type[DvdError]] = {
@@ -192,6 +197,7 @@ _CLASS_OF_CODE: dict[grpc.StatusCode, type[DvdError]] = {
     Code.UNAVAILABLE: UnavailableError,
     Code.DEADLINE_EXCEEDED: DeadlineExceededError,
     Code.CANCELLED: RequestAbortedError,
+    Code.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 

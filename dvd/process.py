@@ -23,12 +23,15 @@ def configure_logging(level: str) -> None:
 
 
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
-                            max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """A started gRPC server with the servicers `register` adds; returns it and the bound port."""
+                            max_message_bytes: int, credentials: grpc.ServerCredentials | None = None
+                            ) -> tuple[grpc.aio.Server, int]:
+    """A started gRPC server with the servicers `register` adds (TLS with `credentials`); returns it
+    and the bound port."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
     register(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if not bound:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()

@@ -40,10 +40,18 @@ def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMess
 
 
 class GenerationClient:
-    def __init__(self, address: str, timeout_s: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20)])
+    def __init__(self, address: str, timeout_s: float | None = None, api_key: str | None = None,
+                 root_certificates: bytes | None = None) -> None:
+        """`root_certificates` (PEM): talk TLS to a gateway whose certificate they sign."""
+        options = [("grpc.max_send_message_length", 256 << 20)]
+        if root_certificates is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     def close(self) -> None:
         self.channel.close()
@@ -64,7 +72,7 @@ class GenerationClient:
             model=model, messages=[_message(m["role"], m["content"]) for m in messages],
             sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking,
             num_segments=num_segments)
-        return self.stub.Generate(request, timeout=self.timeout_s)
+        return self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def complete(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Completion:
         out = Completion()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
+    parser.epilog = "The API key, if the gateway needs one, is read from the environment variable DVD_API_KEY."
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
 
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         sampling["seed"] = args.seed
     out = Completion()
     try:
-        with GenerationClient(args.address, timeout_s=args.timeout) as client:
+        api_key = os.environ.get("DVD_API_KEY") or None  # read now, when the command runs
+        with GenerationClient(args.address, timeout_s=args.timeout, api_key=api_key) as client:
             for response in client.stream(messages, **sampling):
                 out.text += response.text
                 out.token_ids += list(response.token_ids)

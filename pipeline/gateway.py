@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from aiohttp import web
 
 from dvd.process import start_grpc_server, until_stop_signal
 from dvd.v1 import generation_pb2_grpc
+from pipeline.auth import ApiKeys
 from pipeline.backends.base import Backend
 from pipeline.grpc_frontend import GenerationService
 from pipeline.http_app import OpenAIFrontend
@@ -26,6 +29,10 @@ class GatewayConfig:
     grpc_port: int = 50051
     max_concurrency: int = 64
     limits: ApiLimits = field(default_factory=ApiLimits)
+    api_key_file: Path | None = None  # keys, one a line (pipeline/auth.py); DVD_API_KEY adds one
+    insecure: bool = False  # allow listening beyond loopback with no API key
+    tls_cert: Path | None = None  # PEM certificate chain: HTTPS and gRPC over TLS (with tls_key)
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port"):
@@ -33,16 +40,33 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be a TCP port (0-65535), got {getattr(self, name)}")
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+
+    def tls(self) -> tuple[ssl.SSLContext, grpc.ServerCredentials] | None:
+        """The HTTPS context and gRPC credentials from tls_cert / tls_key, read now (None: plain text)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+            pair = (self.tls_key.read_bytes(), self.tls_cert.read_bytes())
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load TLS certificate {self.tls_cert} / key {self.tls_key}: {exc}") from None
+        return context, grpc.ssl_server_credentials([pair])
 
 
 class Gateway:
     """Starts the frontends over a started backend; `serve_forever` runs until SIGINT/SIGTERM."""
 
-    def __init__(self, config: GatewayConfig, backend: Backend) -> None:
+    def __init__(self, config: GatewayConfig, backend: Backend, keys: ApiKeys | None = None) -> None:
         self.config = config
         self.backend = backend
+        self.keys = keys or ApiKeys()
+        self.tls = config.tls()
+        self.scheme = "https" if self.tls else "http"
         self.core = ServingCore(backend, config.max_concurrency)  # one admission count and metrics for both APIs
-        self.frontend = OpenAIFrontend(self.core, config.limits)
+        self.frontend = OpenAIFrontend(self.core, config.limits, self.keys)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.http_port = config.http_port
@@ -52,13 +76,15 @@ class Gateway:
         # handler_cancellation: a client that disconnects cancels its handler, which aborts the request
         self._runner = web.AppRunner(self.frontend.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
+        site = web.TCPSite(self._runner, self.config.host, self.config.http_port,
+                           ssl_context=self.tls[0] if self.tls else None)
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
-        service = GenerationService(self.core, self.config.limits)
+        service = GenerationService(self.core, self.config.limits, self.keys)
         self._grpc, self.grpc_port = await start_grpc_server(
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
-            self.config.host, self.config.grpc_port, 256 << 20)
+            self.config.host, self.config.grpc_port, self.config.limits.max_body_bytes,
+            self.tls[1] if self.tls else None)
 
     async def stop(self) -> None:
         if self._grpc is not None:

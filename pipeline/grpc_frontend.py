@@ -2,7 +2,8 @@
 
 `GenerateRequest` is read straight into neutral `ChatFields` (images are raw bytes here, no URLs);
 errors abort the call with the code dvd/errors.py's table gives their class, and name that class in
-the `dvd-error` trailing metadata.
+the `dvd-error` trailing metadata. With API keys configured, `Generate` needs the metadata
+`authorization: Bearer KEY` (else UNAUTHENTICATED); `Health` stays open for probes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import grpc
 from dvd.errors import rpc_metadata
 from dvd.requests import STAGES, ChatFields, StageTimings
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from pipeline.auth import ApiKeys
 from pipeline.serving import ServingCore, as_dvd_error
 from pipeline.validate import ApiLimits, build_chat_request
 
@@ -44,10 +46,11 @@ def _timings(timings: StageTimings) -> generation_pb2.StageTimings:
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, core: ServingCore, limits: ApiLimits) -> None:
+    def __init__(self, core: ServingCore, limits: ApiLimits, keys: ApiKeys | None = None) -> None:
         self.core = core
         self.backend = core.backend
         self.limits = limits
+        self.keys = keys or ApiKeys()
 
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext
                      ) -> common_pb2.HealthResponse:
@@ -62,6 +65,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
+            if self.keys.enabled:
+                self.keys.check(dict(context.invocation_metadata() or ()).get("authorization"))
             chat = build_chat_request(chat_fields(request), self.limits, [self.backend.model_name],
                                       self.backend.chat.stop_token_ids)
         except Exception as exc:  # every failure becomes a status with a message

@@ -1,6 +1,10 @@
 """The OpenAI-compatible HTTP frontend: `POST /v1/chat/completions` (SSE streaming or not),
 `GET /v1/models`, `GET /health`, `GET /metrics`.
 
+With API keys configured (pipeline/auth.py) every path but `/health` needs `Authorization: Bearer
+KEY`, else 401. A body is refused (413) past `max_body_bytes` before it is read; JSON parsing and
+validation run in a worker thread, so a big or deeply nested body never stalls the event loop.
+
 Each completion carries its per-stage timings (encode, transfer, queue, prefill, decode) in the
 `dvd_timings` extension field and, for non-streaming answers, the `X-DvD-Timings` header
 (`stage=ms;...`); a stream sends them in its last chunk.
@@ -16,17 +20,19 @@ from typing import Any
 
 from aiohttp import web
 
-from dvd.errors import DvdError, TooLargeError
+from dvd.errors import DvdError, TooLargeError, UnauthenticatedError
 from dvd.requests import ChatRequest
-from pipeline.openai_parse import parse_chat_json
+from pipeline.auth import ApiKeys
+from pipeline.openai_parse import OpenAIChat, parse_chat_json
 from pipeline.serving import Outcome, ServingCore, as_dvd_error
 from pipeline.validate import ApiLimits, build_chat_request
 
 log = logging.getLogger(__name__)
 TIMINGS_HEADER = "X-DvD-Timings"
 # OpenAI's error `type` by HTTP status
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
-                413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                409: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+                429: "rate_limit_error",
                 503: "service_unavailable", 504: "timeout"}
 
 
@@ -36,16 +42,29 @@ def error_body(error: DvdError) -> dict[str, Any]:
                       "code": status}}
 
 
+OPEN_PATHS = frozenset({"/health"})  # probes need no key; everything else does when keys are set
+
+
 class OpenAIFrontend:
-    def __init__(self, core: ServingCore, limits: ApiLimits) -> None:
+    def __init__(self, core: ServingCore, limits: ApiLimits, keys: ApiKeys | None = None) -> None:
         self.core = core
         self.backend = core.backend
         self.limits = limits
+        self.keys = keys or ApiKeys()
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.keys.enabled and request.path not in OPEN_PATHS:
+            try:
+                self.keys.check(request.headers.get("Authorization"))
+            except UnauthenticatedError as exc:
+                response = self._error(exc)
+                response.headers["WWW-Authenticate"] = 'Bearer realm="dvd"'
+                return response
+        return await handler(request)
 
     def app(self) -> web.Application:
-        limits = self.limits  # every image and video at its limit, base64 encoded, and the rest of the body
-        media_bytes = limits.max_images * limits.max_image_bytes + limits.max_videos * limits.max_video_bytes
-        app = web.Application(client_max_size=media_bytes * 4 // 3 + (1 << 20))
+        app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._authenticate])
         app.add_routes([
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
@@ -73,14 +92,15 @@ class OpenAIFrontend:
 
     async def chat_completions(self, http: web.Request) -> web.StreamResponse:
         try:
+            too_large = TooLargeError(f"request body is larger than the limit max_body_bytes="
+                                      f"{self.limits.max_body_bytes}")
+            if (http.content_length or 0) > self.limits.max_body_bytes:
+                raise too_large  # refused from its header, before a byte of it is read
             try:
                 body = await http.read()
             except web.HTTPRequestEntityTooLarge:
-                raise TooLargeError(f"request body is larger than the limit of {http.client_max_size} bytes") from None
-            parse = lambda: parse_chat_json(body, self.limits)  # noqa: E731
-            parsed = await asyncio.to_thread(parse) if self.limits.allow_remote_urls else parse()
-            request = build_chat_request(parsed.fields, self.limits, [self.backend.model_name],
-                                         self.backend.chat.stop_token_ids)
+                raise too_large from None
+            parsed, request = await asyncio.to_thread(self._parse, body)
             async with self.core.admit(request) as stream:
                 if parsed.stream:
                     return await self._stream(http, request, stream, parsed.include_usage)
@@ -90,6 +110,12 @@ class OpenAIFrontend:
             raise
         except Exception as exc:  # every failure before the answer began becomes an API error response
             return self._error(exc)
+
+    def _parse(self, body: bytes) -> tuple[OpenAIChat, ChatRequest]:
+        """Worker thread: JSON, shapes, image URLs, then the shared validator."""
+        parsed = parse_chat_json(body, self.limits)
+        return parsed, build_chat_request(parsed.fields, self.limits, [self.backend.model_name],
+                                          self.backend.chat.stop_token_ids)
 
     async def _complete(self, request: ChatRequest, stream: Any) -> web.Response:
         async for _ in stream:

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
+import socket
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dvd.errors import InvalidFieldError, InvalidRequestError
+from dvd.errors import InvalidFieldError, InvalidRequestError, TooLargeError
 from dvd.requests import ChatFields
-from pipeline.validate import ApiLimits, image_too_large
+from pipeline.validate import ApiLimits, image_too_large, limit_exceeded
+
+_MAX_REDIRECTS = 3
 
 # Fields accepted as sent but with no effect on the answer (identifiers a client may attach).
 _INERT_FIELDS = {"user", "metadata", "store"}
@@ -61,11 +66,43 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
+def check_fetchable(url: str, where: str, limits: ApiLimits) -> None:
+    """Refuse a URL the server may not follow: not http(s), or (unless allow_private_urls) a host that
+    resolves to a loopback, private, link-local, multicast or reserved address (the cloud metadata
+    service at 169.254.169.254 among them). Checked for the first URL and every redirect."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidRequestError(f"{where}: only http(s) URLs with a host can be fetched", where)
+    if limits.allow_private_urls:
+        return
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidRequestError(f"{where}: cannot resolve {parsed.hostname}: {exc}", where) from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global or address.is_multicast:
+            raise InvalidRequestError(f"{where}: {parsed.hostname} resolves to {address}, an address this server "
+                                      "does not fetch from (not a public address)", where)
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, where: str, limits: ApiLimits) -> None:
+        self.where, self.limits = where, limits
+        self.max_redirections = _MAX_REDIRECTS
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        check_fetchable(newurl, self.where, self.limits)  # a redirect to a private address is refused too
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _fetch(url: str, where: str, limits: ApiLimits, kind: str) -> bytes:
     """A remote image or video, bounded in size and time (only when the server enables remote URLs)."""
+    check_fetchable(url, where, limits)
     limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
+    opener = urllib.request.build_opener(_CheckedRedirects(where, limits))
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:  # http(s) only, checked by the caller
+        with opener.open(url, timeout=10) as response:
             data = response.read(limit + 1)
     except (OSError, ValueError) as exc:
         raise InvalidRequestError(f"{where}: cannot fetch {url}: {exc}", where) from None
@@ -180,13 +217,42 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
     return bool(_field(options, "include_usage", bool, False))
 
 
-def parse_chat_json(raw: bytes, limits: ApiLimits) -> OpenAIChat:
-    """A request body as neutral fields; raises a DvdError naming the field. Blocks while fetching
-    remote images, so servers that enable them call it in a worker thread."""
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, walked without recursion; stops counting past `limit`."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            pending += [(child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)]
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequestError(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def load_json(raw: bytes, limits: ApiLimits) -> Any:
+    """The body as JSON, its nesting bounded by `max_json_depth` (Python's own recursion limit is
+    never reached: a body too deep for it is refused the same way)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise TooLargeError(f"JSON nesting is deeper than the limit max_json_depth={limits.max_json_depth}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    depth = _depth(body, limits.max_json_depth)
+    if depth > limits.max_json_depth:
+        raise limit_exceeded("JSON nesting depth", depth, "max_json_depth", limits.max_json_depth)
+    return body
+
+
+def parse_chat_json(raw: bytes, limits: ApiLimits) -> OpenAIChat:
+    """A request body as neutral fields; raises a DvdError naming the field. CPU-bound on big bodies
+    and blocking while fetching remote images: the HTTP frontend calls it in a worker thread."""
+    body = load_json(raw, limits)
     if not isinstance(body, dict):
         raise InvalidRequestError("request body must be a JSON object")
     _refuse_unsupported(body)

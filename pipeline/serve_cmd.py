@@ -29,6 +29,7 @@ from typing import Any
 from dvd.config_file import ConfigError
 from dvd.cpus import pin_process
 from dvd.process import configure_logging, run_process
+from pipeline.auth import ApiKeys, is_loopback, load_api_keys
 from pipeline.backends import backend_class
 from pipeline.gateway import Gateway
 from pipeline.serve_config import ServeConfig, load_serve_config, with_model
@@ -46,6 +47,12 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "max_concurrency": ("gateway.max_concurrency", int),
     "max_images": ("gateway.limits.max_images", int),
     "max_image_bytes": ("gateway.limits.max_image_bytes", int),
+    "max_body_bytes": ("gateway.limits.max_body_bytes", int),
+    "max_prompt_chars": ("gateway.limits.max_prompt_chars", int),
+    "api_key_file": ("gateway.api_key_file", str),
+    "insecure": ("gateway.insecure", bool),
+    "tls_cert": ("gateway.tls_cert", str),
+    "tls_key": ("gateway.tls_key", str),
     "allow_local_files": ("gateway.limits.allow_local_files", bool),
     "allow_remote_urls": ("gateway.limits.allow_remote_urls", bool),
     "transport": ("transport.kind", str),
@@ -79,6 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-concurrency", type=int, help="requests in flight before new ones get 429 (default 64)")
     group.add_argument("--max-images", type=int, help="images per request (default 8)")
     group.add_argument("--max-image-bytes", type=int, help="bytes per image (default 20 MiB)")
+    group.add_argument("--max-body-bytes", type=int, help="HTTP body (and gRPC message) bytes (default 32 MiB)")
+    group.add_argument("--max-prompt-chars", type=int,
+                       help="characters of text per request, refused before tokenizing (default 262144)")
+    group.add_argument("--api-key-file", metavar="PATH",
+                       help="API keys, one a line: clients must send 'Authorization: Bearer KEY' (HTTP) or "
+                            "metadata authorization (gRPC); the env variable DVD_API_KEY adds one more")
+    group.add_argument("--insecure", action="store_true", default=None,
+                       help="allow --host beyond loopback with no API key (anyone who can reach it may use it)")
+    group.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve HTTPS and gRPC over TLS")
+    group.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (with --tls-cert)")
     group.add_argument("--allow-local-files", action="store_true", default=None,
                        help="accept image_url values naming local files")
     group.add_argument("--allow-remote-urls", action="store_true", default=None, help="fetch http(s) image_url values")
@@ -130,10 +147,27 @@ def _model_path(config: ServeConfig) -> Path:
     return path
 
 
-async def _serve(config: ServeConfig) -> int:
+def api_keys_for(config: ServeConfig) -> ApiKeys:
+    """The keys (file and DVD_API_KEY, read now); refuses a gateway beyond loopback with none, and a
+    TLS certificate or key that cannot be loaded."""
+    try:
+        keys = load_api_keys(config.gateway.api_key_file)
+    except ValueError as exc:
+        raise ConfigError(f"gateway.api_key_file: {exc}") from None
+    if not keys.enabled and not config.gateway.insecure and not is_loopback(config.gateway.host):
+        raise ConfigError(f"gateway.host: {config.gateway.host} is reachable beyond this machine and no API key is "
+                          "set; give --api-key-file or DVD_API_KEY, or --insecure to serve anyone")
+    try:
+        config.gateway.tls()  # a certificate that cannot be loaded fails before any server starts
+    except ValueError as exc:
+        raise ConfigError(f"gateway.tls_cert: {exc}") from None
+    return keys
+
+
+async def _serve(config: ServeConfig, keys: ApiKeys) -> int:
     config = with_model(config, _model_path(config))
     backend = backend_class("coupled" if config.coupled else "disaggregated").from_serve_config(config)
-    gateway = Gateway(config.gateway, backend)
+    gateway = Gateway(config.gateway, backend, keys)
     try:
         await backend.start()
         if not config.coupled:  # after the children started, so they do not inherit the gateway's CPUs
@@ -141,8 +175,11 @@ async def _serve(config: ServeConfig) -> int:
         await gateway.start()
         host = config.gateway.host
         print(f"dvd serve: {backend.mode}; model {backend.model_name} ({config.model})", flush=True)
-        print(f"dvd serve: OpenAI API at http://{host}:{gateway.http_port}/v1, gRPC at {host}:{gateway.grpc_port}",
-              flush=True)
+        tls = " (TLS)" if gateway.tls else ""
+        print(f"dvd serve: OpenAI API at {gateway.scheme}://{host}:{gateway.http_port}/v1, "
+              f"gRPC at {host}:{gateway.grpc_port}{tls}", flush=True)
+        if keys.enabled:
+            print(f"dvd serve: API keys required ({len(keys.keys)} configured; /health is open)", flush=True)
         print("dvd serve: ready", flush=True)
         await gateway.serve_forever()
     finally:
@@ -155,9 +192,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
         config = load_serve_config(args.config, overrides_from_args(args))
+        keys = api_keys_for(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist
         pin_process(config.cpus, "coupled server")
-    return run_process(lambda: _serve(config))
+    return run_process(lambda: _serve(config, keys))

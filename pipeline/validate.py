@@ -11,44 +11,60 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from dvd.errors import ImageTooLargeError, InvalidFieldError, InvalidRequestError, NotFoundError
+from dvd.errors import ImageTooLargeError, InvalidFieldError, InvalidRequestError, NotFoundError, TooLargeError
 from dvd.requests import ChatFields, ChatRequest, Media
 from dvd.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
-MAX_STOP_STRINGS = 4
+TILES_PER_IMAGE_DEFAULT = 12  # the model card's max_num: what an image may cost when the client names none
 
 
 @dataclass(frozen=True)
 class ApiLimits:
-    """What the gateway accepts from a client; set once from `dvd serve` flags or its config file."""
+    """What the gateway accepts from a client; set once from `dvd serve` flags or its config file.
+    Each limit, when exceeded, is refused with a 4xx naming it, before the work it bounds is done."""
 
+    max_body_bytes: int = 32 << 20  # HTTP body; a 20 MiB image is ~27 MiB as a base64 data URL
+    max_json_depth: int = 32  # nesting of the JSON body (a chat request needs 6)
+    max_messages: int = 1024
+    max_prompt_chars: int = 262_144  # characters of text in all messages, checked before tokenizing
     max_images: int = 8
     max_image_bytes: int = 20 << 20
     max_videos: int = 2
-    max_video_bytes: int = 64 << 20
+    max_video_bytes: int = 16 << 20  # (base64 in a body of at most max_body_bytes)
     default_num_segments: int = 8  # frames sampled from a video when the request names none (the card's)
     max_num_segments: int = 64  # highest num_segments a client may ask for (each frame is a ViT tile)
+    max_tiles: int = 128  # per request, counted as images x (max_num + 1 thumbnail) + video frames, the worst case
     max_new_tokens_limit: int = 8192
     max_num_limit: int = 64  # highest per-image max_num (tiles) a client may ask for
+    max_stop_strings: int = 4
+    max_stop_chars: int = 256  # per stop string
     allow_local_files: bool = False
     allow_remote_urls: bool = False
+    allow_private_urls: bool = False  # remote URLs to loopback, private, link-local addresses (SSRF guard)
     default_timeout_s: float = 600.0
+    max_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_image_bytes", "max_videos", "max_video_bytes", "default_num_segments",
-                     "max_num_segments", "max_new_tokens_limit", "max_num_limit"):
+        for name in ("max_body_bytes", "max_json_depth", "max_messages", "max_prompt_chars", "max_images",
+                     "max_image_bytes", "max_videos", "max_video_bytes", "default_num_segments", "max_num_segments",
+                     "max_tiles", "max_new_tokens_limit", "max_num_limit", "max_stop_strings", "max_stop_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.default_num_segments > self.max_num_segments:
             raise ValueError(f"default_num_segments ({self.default_num_segments}) exceeds max_num_segments "
                              f"({self.max_num_segments})")
-        if self.default_timeout_s <= 0:
-            raise ValueError(f"default_timeout_s must be positive, got {self.default_timeout_s}")
+        if not 0 < self.default_timeout_s <= self.max_timeout_s:
+            raise ValueError(f"default_timeout_s must be in (0, max_timeout_s={self.max_timeout_s}], "
+                             f"got {self.default_timeout_s}")
+
+
+def limit_exceeded(what: str, value: int, limit_name: str, limit: int, param: str | None = None) -> TooLargeError:
+    return TooLargeError(f"{what} is {value}, over the limit {limit_name}={limit}", param)
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
+    if not low <= value <= high or (low_open and value == low):  # NaN fails every comparison: refused
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise InvalidFieldError(f"{name} must be in {interval}, got {value}", name)
 
@@ -68,8 +84,12 @@ def _num_segments(fields: ChatFields, limits: ApiLimits) -> int:
 def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], tuple[Media, ...]]:
     if not fields.messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
+    if len(fields.messages) > limits.max_messages:
+        raise limit_exceeded("number of messages", len(fields.messages), "max_messages", limits.max_messages,
+                             "messages")
     messages: list[dict] = []
     media: list[Media] = []
+    num_chars = 0
     for i, message in enumerate(fields.messages):
         where = f"messages[{i}]"
         role = message.get("role")
@@ -77,12 +97,14 @@ def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], 
             raise InvalidFieldError(f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
         content = message.get("content")
         if isinstance(content, str):
+            num_chars += len(content)
             messages.append({"role": role, "content": content})
             continue
         parts = []
         for j, part in enumerate(content):
             at = f"{where}.content[{j}]"
             if part["type"] == "text":
+                num_chars += len(part["text"])
                 parts.append({"type": "text", "text": part["text"]})
                 continue
             kind = part["type"]
@@ -99,6 +121,9 @@ def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], 
                 media.append(Media(part["data"]))
                 parts.append({"type": "image"})
         messages.append({"role": role, "content": parts})
+    if num_chars > limits.max_prompt_chars:  # before any tokenizing: characters bound the work
+        raise limit_exceeded("text in messages (characters)", num_chars, "max_prompt_chars",
+                             limits.max_prompt_chars, "messages")
     num_images = sum(1 for m in media if not m.num_segments)
     if num_images > limits.max_images:
         raise InvalidRequestError(f"too many images: {num_images}, the limit is {limits.max_images}", "messages")
@@ -135,13 +160,21 @@ def build_chat_request(fields: ChatFields, limits: ApiLimits, served_models: lis
     if model not in served_models:
         raise NotFoundError(f"model {model!r} is not served here; available: {', '.join(served_models)}", "model")
     messages, media = _messages(fields, limits)
-    if len(fields.stop) > MAX_STOP_STRINGS or not all(fields.stop):
-        raise InvalidFieldError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
-                                "stop")
+    if len(fields.stop) > limits.max_stop_strings or not all(fields.stop):
+        raise InvalidFieldError(f"stop must be a non-empty string or a list of at most {limits.max_stop_strings} "
+                                "of them (limit max_stop_strings)", "stop")
+    longest = max((len(s) for s in fields.stop), default=0)
+    if longest > limits.max_stop_chars:
+        raise InvalidFieldError(f"a stop string is {longest} characters, over the limit "
+                                f"max_stop_chars={limits.max_stop_chars}", "stop")
     if fields.max_num is not None:
         check_range("max_num", fields.max_num, 1, limits.max_num_limit)
+    tiles = sum(m.num_segments or (fields.max_num or TILES_PER_IMAGE_DEFAULT) + 1 for m in media)
+    if tiles > limits.max_tiles:
+        raise limit_exceeded("worst-case tiles (images x (max_num + 1) + video frames)", tiles, "max_tiles",
+                             limits.max_tiles, "max_num")
     timeout = limits.default_timeout_s if fields.timeout_s is None else fields.timeout_s
-    check_range("timeout", timeout, 0.0, 3600.0, low_open=True)
+    check_range("timeout", timeout, 0.0, limits.max_timeout_s, low_open=True)
     return ChatRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
         model=model,

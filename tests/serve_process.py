@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-_LISTEN = re.compile(r"OpenAI API at http://([\d.]+):(\d+)/v1, gRPC at ([\d.]+):(\d+)")
+_LISTEN = re.compile(r"OpenAI API at (https?)://([\d.]+):(\d+)/v1, gRPC at ([\d.]+):(\d+)")
 
 
 class ServeProcess:
@@ -47,8 +47,8 @@ class ServeProcess:
             self.lines.append(line)
             match = _LISTEN.search(line)
             if match:
-                self.http_url = f"http://{match[1]}:{match[2]}"
-                self.grpc_address = f"{match[3]}:{match[4]}"
+                self.http_url = f"{match[1]}://{match[2]}:{match[3]}"
+                self.grpc_address = f"{match[4]}:{match[5]}"
             if line.strip() == "dvd serve: ready":
                 self._ready.set()
         self._ready.set()  # the process ended: wake whoever waits

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from dvd.checkpoint import open_checkpoint
-from dvd.errors import from_rpc_error
+from dvd.errors import UnavailableError, from_rpc_error
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 from dvd.v1 import language_pb2, vision_pb2
@@ -30,6 +30,44 @@ log = logging.getLogger(__name__)
 
 # Retrying Encode on another replica makes sense only when this one could not be reached.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+class _Watched:
+    """One call in flight on a replica; `lost` is set when the replica was found down and the call
+    cancelled for it (a hung server fails its calls at the next health check, not at their deadline)."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.lost = False
+
+
+class _InFlight:
+    """Calls in flight by replica address, so a replica that fails its health check fails them at once."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, set[_Watched]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, replica: Replica, call: Any) -> Any:
+        watched = _Watched(call)
+        calls = self._calls.setdefault(replica.address, set())
+        calls.add(watched)
+        try:
+            yield watched
+        finally:
+            calls.discard(watched)
+
+    def fail_all(self, replica: Replica) -> int:
+        calls = self._calls.get(replica.address, set())
+        for watched in list(calls):
+            watched.lost = True
+            watched.call.cancel()
+        return len(calls)
+
+
+def _lost_error(replica: Replica) -> UnavailableError:
+    return UnavailableError(f"{replica.kind} server {replica.address} stopped answering (health check failed or "
+                            "process exited) while serving this request")
 
 
 class DisaggregatedBackend(Backend):
@@ -44,7 +82,9 @@ class DisaggregatedBackend(Backend):
         self.health_interval_s = health_interval_s
         self.chat = ChatFormat(open_checkpoint(self.model_path))
         self._health_task: asyncio.Task | None = None
+        self._in_flight = _InFlight()
         self.num_encode_retries = 0
+        self.num_calls_failed_on_lost_replica = 0
         self.workdir: Path | None = None  # the child configs of servers this backend started
         self.mode = f"disaggregated ({len(vision.replicas)} vision, {len(language.replicas)} language)"
 
@@ -81,6 +121,17 @@ class DisaggregatedBackend(Backend):
         while True:
             await asyncio.sleep(self.health_interval_s)
             await asyncio.gather(self.vision.check_all(), self.language.check_all())
+            self.fail_calls_on_unhealthy()
+
+    def fail_calls_on_unhealthy(self) -> None:
+        """Calls in flight on a replica found unhealthy fail now (retried, for Encode, elsewhere)."""
+        for replica in self.vision.replicas + self.language.replicas:
+            if not replica.healthy:
+                failed = self._in_flight.fail_all(replica)
+                if failed:
+                    self.num_calls_failed_on_lost_replica += failed
+                    log.error("%s replica %s is down: failing its %d call(s) in flight", replica.kind,
+                              replica.address, failed)
 
     async def stop(self) -> None:
         if self._health_task is not None:
@@ -99,7 +150,8 @@ class DisaggregatedBackend(Backend):
         return num_vision > 0 and num_language > 0, detail
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_encode_retries": self.num_encode_retries}
+        out: dict[str, Any] = {"num_encode_retries": self.num_encode_retries,
+                               "num_calls_failed_on_lost_replica": self.num_calls_failed_on_lost_replica}
         for pool in (self.vision, self.language):
             out[f"{pool.kind}_outstanding"] = sum(r.num_outstanding for r in pool.replicas)
             out[f"{pool.kind}_healthy_replicas"] = sum(r.healthy for r in pool.replicas)
@@ -118,18 +170,31 @@ class DisaggregatedBackend(Backend):
             replica = self.vision.pick(exclude=tried)
             tried.append(replica)
             replica.num_outstanding += 1
+            rpc = replica.stub.Encode(call, timeout=request.timeout_s)
             try:
-                response = await replica.stub.Encode(call, timeout=request.timeout_s)
-                marks["encode_answered"] = time.time()
-                return response
+                with self._in_flight.watch(replica, rpc) as watched:
+                    marks["encode_start"] = time.time()
+                    try:
+                        response = await rpc
+                    except asyncio.CancelledError:
+                        if not watched.lost:
+                            raise  # the request itself was cancelled
+                if not watched.lost:
+                    marks["encode_answered"] = time.time()
+                    return response
+                error: Exception = _lost_error(replica)
+                reason = "replica lost"
             except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE or len(tried) > 1 or len(self.vision.replicas) < 2:
+                if err.code() not in _RETRYABLE:
                     raise from_rpc_error(err, "vision") from None
-                self.num_encode_retries += 1
-                log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
-                            request.request_id, replica.address, err.code().name)
+                error, reason = from_rpc_error(err, "vision"), err.code().name
             finally:
                 replica.num_outstanding -= 1
+            if len(tried) > 1 or not [r for r in self.vision.replicas if r.healthy and r not in tried]:
+                raise error
+            self.num_encode_retries += 1
+            log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
+                        request.request_id, replica.address, reason)
 
     def _language_request(self, request: ChatRequest, prompt_segments: tuple) -> language_pb2.LanguageGenerateRequest:
         s = request.sampling
@@ -144,7 +209,9 @@ class DisaggregatedBackend(Backend):
             num_images=request.num_slots, sampling=sampling, features_timeout_ms=int(request.timeout_s * 1e3))
 
     async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationEvent]:
-        prompt = self.chat.build(list(request.messages), request.num_slots, thinking=request.thinking)
+        # Template rendering and tokenizing in a worker thread: a long prompt never stalls other requests.
+        prompt = await asyncio.to_thread(self.chat.build, list(request.messages), request.num_slots,
+                                         thinking=request.thinking)
         language = self.language.pick()
         if request.media:
             self.vision.pick()  # fail fast (503) when no vision replica is healthy
@@ -158,33 +225,38 @@ class DisaggregatedBackend(Backend):
             encode.add_done_callback(lambda task: call.cancel() if not task.cancelled() and task.exception() else None)
         finished, features_wait_ms, last, stamped = False, 0.0, None, None
         encoded: vision_pb2.EncodeResponse | None = None
-        try:
-            async for response in call:
-                if "first_token" not in marks and response.token_ids:
-                    marks["first_token"] = time.time()
-                features_wait_ms = max(features_wait_ms, response.features_wait_ms)
-                if stamped is None and response.first_token_ms:
-                    stamped = response  # the message with the language server's stage stamps
-                last = response
-                if response.finish_reason:
-                    finished = True
-                yield GenerationEvent(token_ids=list(response.token_ids))
-            if encode is not None:
-                encoded = await encode
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
-            if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
-                raise encode.exception() from None
-            if isinstance(err, asyncio.CancelledError):
-                raise
-            raise from_rpc_error(err, "language") from None
-        finally:
-            language.num_outstanding -= 1
-            if not finished:  # the client went away or something failed: free both halves now
+        with self._in_flight.watch(language, call) as watched:
+            try:
+                async for response in call:
+                    if "first_token" not in marks and response.token_ids:
+                        marks["first_token"] = time.time()
+                    features_wait_ms = max(features_wait_ms, response.features_wait_ms)
+                    if stamped is None and response.first_token_ms:
+                        stamped = response  # the message with the language server's stage stamps
+                    last = response
+                    if response.finish_reason:
+                        finished = True
+                    yield GenerationEvent(token_ids=list(response.token_ids))
                 if encode is not None:
-                    encode.cancel()
-                call.cancel()
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await language.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id), timeout=5)
+                    encoded = await encode
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+                if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
+                    raise encode.exception() from None
+                if watched.lost:
+                    raise _lost_error(language) from None
+                if isinstance(err, asyncio.CancelledError):
+                    raise
+                raise from_rpc_error(err, "language") from None
+            finally:
+                language.num_outstanding -= 1
+                if not finished:  # the client went away or something failed: free both halves now
+                    if encode is not None:
+                        encode.cancel()
+                    call.cancel()
+                    if not watched.lost:  # a hung server would not answer the Abort either
+                        with contextlib.suppress(grpc.aio.AioRpcError):
+                            await language.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id),
+                                                      timeout=5)
         marks["end"] = time.time()
         yield self._final_event(marks, features_wait_ms, last, stamped, encoded)
 

@@ -1,0 +1,63 @@
+"""What the fault-injection tests share: find a `dvd serve` child by role, stream a chat answer
+event by event, wait on a condition the gateway exposes (bounded in time)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psutil
+
+from tests.serve_process import ServeProcess, metric
+
+
+def servers(served: ServeProcess, role: str) -> list[psutil.Process]:
+    """The `dvd vision` / `dvd language` children, in start order (the gateway's replica order)."""
+    found = [p for p in served.children() if role in p.cmdline() and "dvd" in p.cmdline()]
+    return sorted(found, key=lambda p: p.create_time())
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll a condition across processes (there is no event to wait on); the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"{what}: not reached in {timeout_s:.0f}s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def healthy(served: ServeProcess, role: str) -> float:
+    return metric(served.http_url, f"dvd_backend_{role}_healthy_replicas")
+
+
+@contextmanager
+def sse(served: ServeProcess, body: dict, timeout_s: float = 120) -> Iterator[Iterator[dict | str]]:
+    """A streaming chat request: yields each `data:` payload (a dict, or "[DONE]")."""
+    host, port = served.http_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+
+    def events() -> Iterator[dict | str]:
+        if response.status != 200:
+            yield json.loads(response.read())
+            return
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                payload = line.removeprefix("data: ")
+                yield payload if payload == "[DONE]" else json.loads(payload)
+
+    try:
+        yield events()
+    finally:
+        conn.close()
+
+
+def long_story(tokens: int = 4000) -> dict:
+    return {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": tokens,
+            "min_tokens": tokens, "temperature": 0}
