@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vision": ("vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
     "language": ("language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
     "serve": ("pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
+    "gateway": ("pipeline.gateway_cmd", "a gateway (OpenAI HTTP + gRPC) in front of servers on any node, by address"),
+    "launch": ("dvd.launch_cmd", "start this node's roles (gateway, vision, language) from a cluster config"),
     "client": ("pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
     "bench": ("benchmarks.cli", "run a benchmark and print its figures"),
 }

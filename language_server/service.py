@@ -240,7 +240,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
                   f"{len(self.waiting)} waiting for features; KV cache {stats.num_kv_blocks_used} of "
                   f"{engine.num_blocks} blocks used ({engine.kv_capacity_tokens} tokens)")
         return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.config.model),
-                                         transport_address=self.receiver.address)
+                                         transport_address=self.config.advertised_transport(self.receiver.address))
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.counters())

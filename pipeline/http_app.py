@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP frontend: `POST /v1/chat/completions` (SSE streaming or not),
-`GET /v1/models`, `GET /health`, `GET /metrics`.
+`GET /v1/models`, `GET /health`, `GET /metrics`, `GET /v1/instances` (the roster of servers).
 
 Each completion carries its per-stage timings (encode, transfer, queue, prefill, decode) in the
 `dvd_timings` extension field and, for non-streaming answers, the `X-DvD-Timings` header
@@ -49,6 +49,7 @@ class OpenAIFrontend:
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics_endpoint),
+            web.get("/v1/instances", self.instances),
         ])
         return app
 
@@ -60,6 +61,11 @@ class OpenAIFrontend:
         ready, detail = await self.backend.health()
         return web.json_response({"status": "ok" if ready else "unavailable", "detail": detail},
                                  status=200 if ready else 503)
+
+    async def instances(self, request: web.Request) -> web.Response:
+        """The backend's servers (health, load, address); empty for a backend with none (coupled)."""
+        roster = getattr(self.backend, "instances", None)
+        return web.json_response({"object": "list", "data": roster() if roster else []})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.core.metrics.render(), content_type="text/plain", charset="utf-8")

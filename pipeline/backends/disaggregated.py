@@ -23,7 +23,15 @@ from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 from dvd.v1 import language_pb2, vision_pb2
 from pipeline.backends.base import Backend
-from pipeline.replicas import Replica, ReplicaPool, free_port, start_server, stop_servers, wait_ready
+from pipeline.replicas import (
+    ProbeConfig,
+    Replica,
+    ReplicaPool,
+    free_port,
+    start_server,
+    stop_servers,
+    wait_ready,
+)
 from pipeline.serve_config import ServeConfig, fresh_token
 
 log = logging.getLogger(__name__)
@@ -35,13 +43,15 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 class DisaggregatedBackend(Backend):
     def __init__(self, model: str | Path, vision: ReplicaPool, language: ReplicaPool,
                  owned: list[Replica] | None = None, ready_timeout_s: float = 600.0,
-                 health_interval_s: float = 2.0) -> None:
+                 probe: ProbeConfig | None = None) -> None:
+        """`owned`: servers this backend started (it waits for them and stops them); with none, the
+        pools are servers elsewhere that join and leave the rotation as their probes say."""
         self.model_path = Path(model)
         self.model_name = self.model_path.name
         self.vision, self.language = vision, language
         self.owned = owned or []
         self.ready_timeout_s = ready_timeout_s
-        self.health_interval_s = health_interval_s
+        self.probe = probe or ProbeConfig(interval_s=2.0, timeout_s=5.0, fail_threshold=1)
         self.chat = ChatFormat(open_checkpoint(self.model_path))
         self._health_task: asyncio.Task | None = None
         self.num_encode_retries = 0
@@ -70,17 +80,20 @@ class DisaggregatedBackend(Backend):
         replicas = self.vision.replicas + self.language.replicas
         for replica in replicas:
             replica.connect()
-        try:
-            await wait_ready(replicas, self.ready_timeout_s)
-        except BaseException:
-            await stop_servers(self.owned)
-            raise
+        if self.owned:
+            try:
+                await wait_ready(replicas, self.ready_timeout_s)
+            except BaseException:
+                await stop_servers(self.owned)
+                raise
+        else:  # servers on other nodes: serve with whichever answer; the rest join when they do
+            await asyncio.gather(self.vision.check_all(self.probe), self.language.check_all(self.probe))
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.health_interval_s)
-            await asyncio.gather(self.vision.check_all(), self.language.check_all())
+            await asyncio.sleep(self.probe.interval_s)
+            await asyncio.gather(self.vision.check_all(self.probe), self.language.check_all(self.probe))
 
     async def stop(self) -> None:
         if self._health_task is not None:
@@ -97,6 +110,10 @@ class DisaggregatedBackend(Backend):
         detail = (f"{num_vision}/{len(self.vision.replicas)} vision, "
                   f"{num_language}/{len(self.language.replicas)} language replicas healthy")
         return num_vision > 0 and num_language > 0, detail
+
+    def instances(self) -> list[dict[str, Any]]:
+        """The roster: every vision and language server with its health, load and address."""
+        return [r.describe() for pool in (self.vision, self.language) for r in pool.replicas]
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_encode_retries": self.num_encode_retries}
@@ -115,20 +132,18 @@ class DisaggregatedBackend(Backend):
         while True:
             replica = self.vision.pick(exclude=tried)
             tried.append(replica)
-            replica.num_outstanding += 1
             try:
-                marks["encode_start"] = time.time()
-                await replica.stub.Encode(call, timeout=request.timeout_s)
-                marks["encode_end"] = time.time()
-                return
+                async with replica.in_use():  # leaving rotation fails this Encode at once, naming why
+                    marks["encode_start"] = time.time()
+                    await replica.stub.Encode(call, timeout=request.timeout_s)
+                    marks["encode_end"] = time.time()
+                    return
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _RETRYABLE or len(tried) > 1 or len(self.vision.replicas) < 2:
                     raise from_rpc_error(err, "vision") from None
                 self.num_encode_retries += 1
                 log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
                             request.request_id, replica.address, err.code().name)
-            finally:
-                replica.num_outstanding -= 1
 
     def _language_request(self, request: ChatRequest, prompt_segments: tuple) -> language_pb2.LanguageGenerateRequest:
         s = request.sampling
