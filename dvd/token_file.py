@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def read_token_file(path: Path) -> str:
-    """The token in `path` (surrounding whitespace dropped); refuses a missing or empty file."""
+    """The token in `path` (surrounding whitespace dropped; `~` expanded); refuses a missing or empty file."""
+    path = path.expanduser()
     try:
         mode = path.stat().st_mode
         text = path.read_text().strip()

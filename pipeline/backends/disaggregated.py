@@ -139,8 +139,9 @@ class DisaggregatedBackend(Backend):
                     marks["encode_end"] = time.time()
                     return
             except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE or len(tried) > 1 or len(self.vision.replicas) < 2:
-                    raise from_rpc_error(err, "vision") from None
+                others = [r for r in self.vision.replicas if r.healthy and r not in tried]
+                if err.code() not in _RETRYABLE or len(tried) > 1 or not others:
+                    raise from_rpc_error(err, f"vision ({replica.address})") from None
                 self.num_encode_retries += 1
                 log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
                             request.request_id, replica.address, err.code().name)
