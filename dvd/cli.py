@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
     "gateway": ("pipeline.gateway_cmd", "a gateway (OpenAI HTTP + gRPC) in front of servers on any node, by address"),
     "launch": ("dvd.launch_cmd", "start this node's roles (gateway, vision, language) from a cluster config"),
+    "cluster": ("dvd.cluster_cmd", "run the roles as Ray actors placed by resources: up, status, down"),
     "client": ("pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
     "bench": ("benchmarks.cli", "run a benchmark and print its figures"),
 }

@@ -78,6 +78,9 @@ def test_launch_starts_and_stops_every_role_of_a_node(tiny_hf: Path, tmp_path: P
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                          {"type": "text", "text": "What is this?"}]}]})
         assert status == 200, body
+        gateway_child = next(c for c in children if "gateway" in c.cmdline())
+        assert "libtorch" not in Path(f"/proc/{gateway_child.pid}/maps").read_text()  # dvd gateway: no torch
+        assert "libtorch" in Path(f"/proc/{vision_child.pid}/maps").read_text()  # (the check can see it)
         with urllib.request.urlopen(url + "/v1/instances", timeout=10) as response:
             roster = json.loads(response.read())["data"]
         assert sorted((e["kind"], e["address"], e["healthy"]) for e in roster) == [

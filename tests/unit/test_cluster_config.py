@@ -33,6 +33,14 @@ def test_the_examples_are_valid() -> None:
         assert any(n.gateway for n in config.nodes) and any(n.language for n in config.nodes), path
 
 
+def test_the_ray_example_is_valid() -> None:
+    from pipeline.ray_cluster import load_ray_config
+
+    config = load_ray_config(ROOT / "deploy" / "ray.example.yaml")
+    assert (config.vision.replicas, config.language.replicas) == (2, 6)
+    assert config.server("language", 5, "10.0.0.9", "t").port == 7205
+
+
 def test_each_process_gets_its_nodes_addresses_ports_and_devices() -> None:
     config = build_cluster_config(_base())
     a, b = config.nodes
