@@ -41,18 +41,21 @@ class _Recording:
 
 
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
-                            max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+                            max_message_bytes: int,
+                            health_servicer: health.aio.HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server with the servicers `register` adds; returns it and the bound port.
 
     Every DvD server also serves the standard `grpc.health.v1.Health` (SERVING for "" and each of its
     services: Kubernetes gRPC probes and grpc_health_probe work unchanged) and server reflection
     (grpcurl lists and calls the services without the .proto files). The health answer comes from
-    the event loop and touches no engine, so a server busy with work still answers it."""
+    the event loop and touches no engine, so a server busy with work still answers it. A server
+    that drains passes its own `health_servicer` and calls its `enter_graceful_shutdown()`, so
+    probes see NOT_SERVING while in-flight work finishes."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
     recording = _Recording(server)
     register(recording)  # type: ignore[arg-type]
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *recording.names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

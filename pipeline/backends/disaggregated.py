@@ -51,7 +51,7 @@ class DisaggregatedBackend(Backend):
         self.vision, self.language = vision, language
         self.owned = owned or []
         self.ready_timeout_s = ready_timeout_s
-        self.probe = probe or ProbeConfig(interval_s=2.0, timeout_s=5.0, fail_threshold=1)
+        self.probe = probe or ProbeConfig()  # a busy server is not a failed one: 3 misses in a row
         self.chat = ChatFormat(open_checkpoint(self.model_path))
         self._health_task: asyncio.Task | None = None
         self.num_encode_retries = 0
