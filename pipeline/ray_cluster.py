@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,7 +135,12 @@ class ServerProcess:
             built = from_dict(cls, {**config, "host": self.host, **(
                 {"transport": {**config["transport"], "host": self.host}} if kind == "language" else {})})
             self.address = f"{self.host}:{built.port}"
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"dvd-ray-{kind}-"))
+        # One directory per role and port: a restarted actor (its predecessor killed before it could
+        # clean up) replaces its predecessor's files instead of leaving them behind.
+        port = built.gateway.http_port if cls is StandaloneGatewayConfig else built.port
+        self.workdir = Path(tempfile.gettempdir()) / f"dvd-ray-{kind}-{port}"
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(mode=0o700)
         path = self.workdir / "config.yaml"
         write_private(path, built)
         self.process = subprocess.Popen([sys.executable, "-m", "dvd", kind, "--config", str(path)],
@@ -152,9 +158,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        for child in self.workdir.iterdir():
-            child.unlink()
-        self.workdir.rmdir()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:

@@ -102,4 +102,6 @@ def test_cluster_up_serves_survives_a_killed_actor_and_down_leaves_nothing(tiny_
     assert down.returncode == 0, down.stdout + down.stderr
     assert not _ray_processes()
     assert not Path(temp_dir).exists()
+    assert not [p for p in Path(tempfile.gettempdir()).glob("dvd-ray-*") if p.name.endswith(
+        (f"-{vision}", f"-{language}", f"-{http}"))], "actors' config directories left behind"
     shutil.rmtree(temp_dir, ignore_errors=True)
