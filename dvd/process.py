@@ -7,10 +7,12 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from dvd.errors import DvdError
 
@@ -22,14 +24,44 @@ def configure_logging(level: str) -> None:
     hf_logging.set_verbosity_error()  # partial loads would print large "unexpected keys" tables
 
 
+class _Recording:
+    """Passes servicer registrations on to the real server and notes the service names, so health
+    and reflection list exactly the services this server runs."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+        self.names: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        self.names += [h.service_name() for h in handlers if hasattr(h, "service_name")]
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, handlers: Any) -> None:
+        self.server.add_registered_method_handlers(service_name, handlers)
+
+
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
-                            max_message_bytes: int, credentials: grpc.ServerCredentials | None = None
-                            ) -> tuple[grpc.aio.Server, int]:
+                            max_message_bytes: int,
+                            health_servicer: health.aio.HealthServicer | None = None,
+                            credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server with the servicers `register` adds (TLS with `credentials`); returns it
-    and the bound port."""
+    and the bound port.
+
+    Every DvD server also serves the standard `grpc.health.v1.Health` (SERVING for "" and each of its
+    services: Kubernetes gRPC probes and grpc_health_probe work unchanged) and server reflection
+    (grpcurl lists and calls the services without the .proto files). The health answer comes from
+    the event loop and touches no engine, so a server busy with work still answers it. A server
+    that drains passes its own `health_servicer` and calls its `enter_graceful_shutdown()`, so
+    probes see NOT_SERVING while in-flight work finishes."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
-    register(server)
+    recording = _Recording(server)
+    register(recording)  # type: ignore[arg-type]
+    health_servicer = health_servicer or health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *recording.names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((*recording.names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if not bound:

@@ -13,12 +13,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
 from dvd.config_file import config_or_flags
 from dvd.cpus import pin_process
 from dvd.process import configure_logging, run_process, until_stop_signal
+from dvd.token_file import resolve_token
 from language_server.server_config import LanguageServerConfig
 from language_server.server_config import add_arguments as add_config_arguments
 
@@ -38,7 +40,8 @@ async def serve(config: LanguageServerConfig) -> int:
     cache = server.engine.cache
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", config.engine.num_blocks,
                 config.engine.block_size, config.engine.kv_capacity_tokens, cache.nbytes / 2**20)
-    print(f"dvd language serving on {server.address} features on {server.receiver.address}", flush=True)
+    features = config.advertised_transport(server.receiver.address)  # what other nodes push to
+    print(f"dvd language serving on {server.address} features on {features}", flush=True)
     await until_stop_signal()
     logger.info("signal received: shutting down")
     await server.stop()
@@ -50,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    if getattr(args, "token", None):
+        print("error: --token was removed (a token in argv shows in ps to every user): put it in a file "
+              "readable only by you and pass --token-file PATH, or set DVD_TOKEN", file=sys.stderr)
+        return 2
     try:
         config = config_or_flags(LanguageServerConfig, args, parser, keep=("log_level",))
+        token = resolve_token(config.transport.token, config.token_file)
+        config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
     except ValueError as exc:  # ConfigError included: one line naming the key, exit code 2
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from language_server.config import EngineConfig
 from transport.config import TransportConfig
 
 MiB = 1 << 20
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,20 @@ class LanguageServerConfig:
     max_message_bytes: int = 64 * MiB
     engine: EngineConfig = field(default_factory=EngineConfig)
     cpus: str = ""  # Linux CPU list ("0", "2-3") this process is pinned to, torch threads sized to it; "" = any
+    # Multi-node: the address other nodes reach this server's gRPC at (default: `host`) and its
+    # feature receiver at (default: advertise_host, else transport.host): what Health reports as the
+    # transport address vision servers push to. Required when the host binds every interface.
+    advertise_host: str = ""
+    transport_advertise_host: str = ""
+    token_file: Path | None = None  # the shared token, read at start (dvd serve puts it in transport.token)
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
+        if self.transport.host in WILDCARD_HOSTS and not (self.transport_advertise_host or self.advertise_host):
+            raise ValueError(f"transport.host {self.transport.host!r} binds every interface: set advertise_host "
+                             "(--advertise-host) to the address vision servers reach this server at")
+        if self.host in WILDCARD_HOSTS and not self.advertise_host:
+            raise ValueError(f"host {self.host!r} binds every interface: set advertise_host (--advertise-host)")
         check_device(self.device)
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
@@ -48,6 +60,15 @@ class LanguageServerConfig:
     @property
     def torch_dtype(self) -> Any:
         return torch_dtype(self.dtype, self.device)
+
+    def advertised_transport(self, bound: str) -> str:
+        """The receiver's bound address ("tcp://0.0.0.0:7300") as other nodes must dial it."""
+        host = self.transport_advertise_host or self.advertise_host
+        if not host:
+            return bound
+        scheme, _, rest = bound.rpartition("://")
+        port = rest.rsplit(":", 1)[1]
+        return f"{scheme}://{host}:{port}" if scheme else f"{host}:{port}"
 
     @property
     def receiver_transport(self) -> TransportConfig:
@@ -64,11 +85,11 @@ class LanguageServerConfig:
         pool_bytes = max(int(args.feature_pool_mib * MiB), MiB)
         return cls(
             model=Path(args.model), device=args.device, dtype=args.dtype or "", host=args.host, port=args.port,
-            transport=TransportConfig(kind=args.transport, host=args.host, port=args.transport_port, token=args.token,
+            transport=TransportConfig(kind=args.transport, host=args.host, port=args.transport_port,
                                       receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2),
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
-            cpus=args.cpus or "",
+            cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
         )
 
 
@@ -84,7 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
     parser.add_argument("--transport", default="tcp", help="feature transport: tcp or rdma (tcp)")
     parser.add_argument("--transport-port", type=int, default=0, help="transport port (0 picks; see Health)")
-    parser.add_argument("--token", help="shared transport token the vision servers must present")
+    parser.add_argument("--advertise-host", help="address other nodes reach this server (gRPC and features) at; "
+                                                 "reported in Health (default: --host; required when it is 0.0.0.0)")
+    parser.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="file holding the shared transport token vision servers must present; default: "
+                             "$DVD_TOKEN, else none. The token is never taken from the command line")
+    parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: refused with a pointer to --token-file
     parser.add_argument("--feature-pool-mib", type=float, default=512, help="most feature bytes held waiting (512)")
     parser.add_argument("--features-timeout-s", type=float, default=30.0,
                         help="default wait for a request's features before it fails (30)")

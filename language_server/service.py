@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import (
@@ -266,7 +267,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
                   f"{len(self.waiting)} waiting for features; KV cache {stats.num_kv_blocks_used} of "
                   f"{engine.num_blocks} blocks used ({engine.kv_capacity_tokens} tokens)")
         return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.config.model),
-                                         transport_address=self.receiver.address)
+                                         transport_address=self.config.advertised_transport(self.receiver.address))
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.counters())
@@ -299,6 +300,7 @@ class LanguageServer:
         self.service = LanguageService(config, self.engine, self.chat, self.receiver)
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -312,11 +314,12 @@ class LanguageServer:
         self._tasks.append(asyncio.create_task(self.service.receive_features()))
         self._server, self.port = await start_grpc_server(
             lambda server: language_pb2_grpc.add_LanguageServicer_to_server(self.service, server),
-            self.config.host, self.config.port, self.config.max_message_bytes)
+            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health)
 
     async def stop(self) -> None:
         """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""
         self.service.draining = True
+        await self.grpc_health.enter_graceful_shutdown()  # grpc.health.v1 says NOT_SERVING too
         service = self.service
         await service.wait_until(lambda: not service.streams and not service.waiting, self.config.drain_timeout_s)
         if self.service.loop is not None:

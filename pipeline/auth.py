@@ -20,7 +20,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from pipeline.gateway import GatewayConfig
+
+from dvd.config_file import ConfigError
 from dvd.errors import UnauthenticatedError
 
 ENV_VAR = "DVD_API_KEY"
@@ -100,3 +105,35 @@ def is_loopback(host: str) -> bool:
             return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
         except OSError:
             return False
+
+
+# flag dest -> gateway config key, for the commands that run a gateway (dvd serve, dvd gateway)
+KEY_FLAGS = {"api_key_file": "gateway.api_key_file", "insecure": "gateway.insecure", "tls_cert": "gateway.tls_cert",
+             "tls_key": "gateway.tls_key"}
+
+
+def add_key_arguments(group: Any) -> None:
+    group.add_argument("--api-key-file", metavar="PATH",
+                       help="API keys, one a line: clients must send 'Authorization: Bearer KEY' (HTTP) or "
+                            "metadata authorization (gRPC); the env variable DVD_API_KEY adds one more")
+    group.add_argument("--insecure", action="store_true", default=None,
+                       help="allow --host beyond loopback with no API key (anyone who can reach it may use it)")
+    group.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve HTTPS and gRPC over TLS")
+    group.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (with --tls-cert)")
+
+
+def gateway_keys(gateway: GatewayConfig) -> ApiKeys:
+    """The keys (file and DVD_API_KEY, read now); refuses a gateway beyond loopback with none, and a
+    TLS certificate or key that cannot be loaded, before anything starts."""
+    try:
+        keys = load_api_keys(gateway.api_key_file)
+    except ValueError as exc:
+        raise ConfigError(f"gateway.api_key_file: {exc}") from None
+    if not keys.enabled and not gateway.insecure and not is_loopback(gateway.host):
+        raise ConfigError(f"gateway.host: {gateway.host} is reachable beyond this machine and no API key is "
+                          "set; give --api-key-file or DVD_API_KEY, or --insecure to serve anyone")
+    try:
+        gateway.tls()  # a certificate that cannot be loaded fails before any server starts
+    except ValueError as exc:
+        raise ConfigError(f"gateway.tls_cert: {exc}") from None
+    return keys

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP frontend: `POST /v1/chat/completions` (SSE streaming or not),
-`GET /v1/models`, `GET /health`, `GET /metrics`.
+`GET /v1/models`, `GET /health`, `GET /metrics`, `GET /v1/instances` (the roster of servers).
 
 With API keys configured (pipeline/auth.py) every path but `/health` needs `Authorization: Bearer
 KEY`, else 401. A body is refused (413) past `max_body_bytes` before it is read; JSON parsing and
@@ -70,6 +70,7 @@ class OpenAIFrontend:
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics_endpoint),
+            web.get("/v1/instances", self.instances),
         ])
         return app
 
@@ -81,6 +82,11 @@ class OpenAIFrontend:
         ready, detail = await self.backend.health()
         return web.json_response({"status": "ok" if ready else "unavailable", "detail": detail},
                                  status=200 if ready else 503)
+
+    async def instances(self, request: web.Request) -> web.Response:
+        """The backend's servers (health, load, address); empty for a backend with none (coupled)."""
+        roster = getattr(self.backend, "instances", None)
+        return web.json_response({"object": "list", "data": roster() if roster else []})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.core.metrics.render(), content_type="text/plain", charset="utf-8")

@@ -1,16 +1,23 @@
-"""Vision and language replicas as the gateway sees them: started as local processes (or given by
-address), health-checked, and picked by least outstanding work."""
+"""Vision and language replicas as the gateway sees them: started as local processes, or servers on
+any node given by address (`dvd gateway`); probed (ProbeConfig), in or out of rotation by their
+answers, and picked by least outstanding work.
+
+Membership is the list of addresses the gateway is given (flags, or the cluster config): a server
+listed there but not running yet is "out" until it answers its first probe, then joins the
+rotation by itself; one that stops answering leaves it and comes back the same way. The gateway
+only dials addresses its operator named: no endpoint lets an unknown host join and receive prompts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,42 +32,151 @@ log = logging.getLogger(__name__)
 STUBS = {"vision": vision_pb2_grpc.VisionStub, "language": language_pb2_grpc.LanguageStub}
 
 
-@dataclass
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the gateway decides a server is out of rotation. A probe is one Health + Stats round trip,
+    answered on the server's event loop without touching its engine; a server is taken out only
+    after `fail_threshold` probes in a row fail (no answer within `timeout_s`, or unreachable), so a
+    server slow under load, answering one probe late, stays in. A server that says NOT_SERVING
+    (draining) or whose process exited is out at once; any server comes back by itself on its next
+    SERVING answer."""
+
+    interval_s: float = 2.0
+    timeout_s: float = 10.0
+    fail_threshold: int = 3
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.timeout_s <= 0:
+            raise ValueError(f"interval_s and timeout_s must be positive, got {self.interval_s}, {self.timeout_s}")
+        if self.fail_threshold < 1:
+            raise ValueError(f"fail_threshold must be at least 1, got {self.fail_threshold}")
+
+
+# Channels to servers on other nodes: notice a dead peer in seconds (keepalive), and reconnect
+# promptly once it is reachable again (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.keepalive_time_ms", 10_000),
+                   ("grpc.keepalive_timeout_ms", 5_000), ("grpc.keepalive_permit_without_calls", 0),
+                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2_000)]
+
+
+@dataclass(eq=False)
+class Work:
+    """One call (or task) in flight on a replica; `lost` once the replica left rotation and cancelled it."""
+
+    cancel: Callable[[], Any]
+    task: asyncio.Task | None = None
+    lost: bool = False
+
+
+@dataclass(eq=False)
 class Replica:
     kind: str  # "vision" or "language"
     address: str  # gRPC host:port
     process: subprocess.Popen | None = None
     transport_address: str = ""  # language replicas: where features are pushed
-    healthy: bool = False
+    healthy: bool = False  # in rotation
     num_outstanding: int = 0
     counters: dict[str, float] = field(default_factory=dict)
     channel: grpc.aio.Channel | None = None
     stub: object = None
+    consecutive_failures: int = 0
+    state: str = "not probed yet"  # why it is in or out of rotation, for /v1/instances and logs
+    last_probe_ms: float = 0.0
+    num_calls_failed: int = 0  # calls failed because this replica left rotation while serving them
+    _work: set[Work] = field(default_factory=set)
 
     def connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.max_send_message_length", 256 << 20)])
+        self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = STUBS[self.kind](self.channel)
 
-    async def check(self, timeout_s: float = 5.0) -> bool:
-        """One Health + Stats round trip; marks the replica healthy or not."""
+    async def check(self, timeout_s: float = 5.0, fail_threshold: int = 1) -> bool:
+        """One probe; updates whether the replica is in rotation (see ProbeConfig)."""
         if self.process is not None and self.process.poll() is not None:  # also reaps the exited child
             if self.healthy:
                 log.error("%s server %s (pid %d) exited with code %s", self.kind, self.address, self.process.pid,
                           self.process.returncode)
-            self.healthy = False
+            self._out(f"process exited with code {self.process.returncode}")
             return False
+        t0 = time.perf_counter()
         try:
-            health = await self.stub.Health(common_pb2.HealthRequest(), timeout=timeout_s)
-            stats = await self.stub.Stats(common_pb2.StatsRequest(), timeout=timeout_s)
-        except grpc.aio.AioRpcError as err:
-            if self.healthy:
-                log.warning("%s replica %s failed its health check: %s", self.kind, self.address, err.code().name)
-            self.healthy = False
-            return False
-        self.healthy = health.status == common_pb2.HealthResponse.SERVING
+            health, stats = await asyncio.wait_for(self._probe(), timeout_s)
+        except (grpc.aio.AioRpcError, TimeoutError) as err:
+            self.consecutive_failures += 1
+            cause = err.code().name if isinstance(err, grpc.aio.AioRpcError) else f"no answer in {timeout_s:g}s"
+            if self.consecutive_failures >= fail_threshold:
+                if self.healthy:
+                    log.warning("%s server %s: %d health probes in a row failed (last: %s); out of rotation",
+                                self.kind, self.address, self.consecutive_failures, cause)
+                self._out(f"{self.consecutive_failures} health probes in a row failed (last: {cause})")
+            elif self.healthy:
+                log.info("%s server %s: health probe failed (%s), %d of %d before it leaves rotation",
+                         self.kind, self.address, cause, self.consecutive_failures, fail_threshold)
+            return self.healthy
+        self.last_probe_ms = (time.perf_counter() - t0) * 1e3
+        self.consecutive_failures = 0
         self.transport_address = health.transport_address or self.transport_address
         self.counters = dict(stats.counters)
-        return self.healthy
+        if health.status != common_pb2.HealthResponse.SERVING:
+            if self.healthy:
+                log.warning("%s server %s says %s; out of rotation", self.kind, self.address, health.detail)
+            self._out(f"not serving: {health.detail}", fail_inflight=False)  # draining finishes its work
+            return False
+        if not self.healthy:
+            log.info("%s server %s is serving; in rotation%s", self.kind, self.address,
+                     f" (features at {self.transport_address})" if self.transport_address else "")
+        self.healthy, self.state = True, "serving"
+        return True
+
+    async def _probe(self) -> tuple[Any, Any]:
+        health = await self.stub.Health(common_pb2.HealthRequest())
+        stats = await self.stub.Stats(common_pb2.StatsRequest())
+        return health, stats
+
+    def _out(self, reason: str, fail_inflight: bool = True) -> None:
+        """Out of rotation; requests it is serving fail now, naming why, instead of at their deadline
+        (a hung server would hold them that long)."""
+        self.healthy, self.state = False, reason
+        if fail_inflight:
+            for work in self._work:
+                if not work.lost:
+                    work.lost = True
+                    work.cancel()
+
+    @contextlib.asynccontextmanager
+    async def in_use(self, call: Any = None) -> AsyncIterator[Work]:
+        """Counts work on this replica while inside: a gRPC `call` (unary or streaming), or else the
+        current task. If the replica leaves rotation meanwhile, that call (or task) is cancelled and the
+        work ends with UnavailableError naming the replica and why; `Work.lost` tells the caller not to
+        send the server anything more (an Abort to a hung server would hang too)."""
+        task = None if call is not None else asyncio.current_task()
+        work = Work(call.cancel if call is not None else task.cancel, task)  # type: ignore[union-attr]
+        self._work.add(work)
+        self.num_outstanding += 1
+        try:
+            yield work
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            if not work.lost:
+                raise  # the request itself was cancelled, or the server answered with an error
+            if task is not None:
+                task.uncancel()
+            self.num_calls_failed += 1
+            raise UnavailableError(f"{self.kind} server {self.address} stopped answering and was taken out of "
+                                   f"rotation while serving this request: {self.state}") from None
+        finally:
+            self._work.discard(work)
+            self.num_outstanding -= 1
+
+    def describe(self) -> dict[str, Any]:
+        """One roster entry of GET /v1/instances."""
+        out: dict[str, Any] = {"kind": self.kind, "address": self.address, "healthy": self.healthy,
+                               "state": self.state, "consecutive_failures": self.consecutive_failures,
+                               "load": self.num_outstanding, "last_probe_ms": round(self.last_probe_ms, 2),
+                               "counters": self.counters}
+        if self.kind == "language":
+            out["transport_address"] = self.transport_address
+        if self.process is not None:
+            out["pid"] = self.process.pid
+        return out
 
 
 class ReplicaPool:
@@ -76,8 +192,14 @@ class ReplicaPool:
             raise UnavailableError(f"no healthy {self.kind} replica ({len(self.replicas)} configured)")
         return min(candidates, key=lambda r: r.num_outstanding)
 
-    async def check_all(self) -> None:
-        await asyncio.gather(*(r.check() for r in self.replicas))
+    async def check_all(self, probe: ProbeConfig | None = None) -> None:
+        probe = probe or ProbeConfig()
+        await asyncio.gather(*(r.check(probe.timeout_s, probe.fail_threshold) for r in self.replicas))
+
+
+def attached(kind: str, addresses: Sequence[str]) -> ReplicaPool:
+    """A pool of servers this process did not start, by their gRPC addresses."""
+    return ReplicaPool(kind, [Replica(kind=kind, address=a) for a in addresses])
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -29,7 +29,7 @@ from typing import Any
 from dvd.config_file import ConfigError
 from dvd.cpus import pin_process
 from dvd.process import configure_logging, run_process
-from pipeline.auth import ApiKeys, is_loopback, load_api_keys
+from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
 from pipeline.backends import backend_class
 from pipeline.gateway import Gateway
 from pipeline.serve_config import ServeConfig, load_serve_config, with_model
@@ -49,10 +49,7 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "max_image_bytes": ("gateway.limits.max_image_bytes", int),
     "max_body_bytes": ("gateway.limits.max_body_bytes", int),
     "max_prompt_chars": ("gateway.limits.max_prompt_chars", int),
-    "api_key_file": ("gateway.api_key_file", str),
-    "insecure": ("gateway.insecure", bool),
-    "tls_cert": ("gateway.tls_cert", str),
-    "tls_key": ("gateway.tls_key", str),
+    **{dest: (key, str if dest != "insecure" else bool) for dest, key in KEY_FLAGS.items()},
     "allow_local_files": ("gateway.limits.allow_local_files", bool),
     "allow_remote_urls": ("gateway.limits.allow_remote_urls", bool),
     "transport": ("transport.kind", str),
@@ -89,13 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-body-bytes", type=int, help="HTTP body (and gRPC message) bytes (default 32 MiB)")
     group.add_argument("--max-prompt-chars", type=int,
                        help="characters of text per request, refused before tokenizing (default 262144)")
-    group.add_argument("--api-key-file", metavar="PATH",
-                       help="API keys, one a line: clients must send 'Authorization: Bearer KEY' (HTTP) or "
-                            "metadata authorization (gRPC); the env variable DVD_API_KEY adds one more")
-    group.add_argument("--insecure", action="store_true", default=None,
-                       help="allow --host beyond loopback with no API key (anyone who can reach it may use it)")
-    group.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve HTTPS and gRPC over TLS")
-    group.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (with --tls-cert)")
+    add_key_arguments(group)
     group.add_argument("--allow-local-files", action="store_true", default=None,
                        help="accept image_url values naming local files")
     group.add_argument("--allow-remote-urls", action="store_true", default=None, help="fetch http(s) image_url values")
@@ -147,23 +138,6 @@ def _model_path(config: ServeConfig) -> Path:
     return path
 
 
-def api_keys_for(config: ServeConfig) -> ApiKeys:
-    """The keys (file and DVD_API_KEY, read now); refuses a gateway beyond loopback with none, and a
-    TLS certificate or key that cannot be loaded."""
-    try:
-        keys = load_api_keys(config.gateway.api_key_file)
-    except ValueError as exc:
-        raise ConfigError(f"gateway.api_key_file: {exc}") from None
-    if not keys.enabled and not config.gateway.insecure and not is_loopback(config.gateway.host):
-        raise ConfigError(f"gateway.host: {config.gateway.host} is reachable beyond this machine and no API key is "
-                          "set; give --api-key-file or DVD_API_KEY, or --insecure to serve anyone")
-    try:
-        config.gateway.tls()  # a certificate that cannot be loaded fails before any server starts
-    except ValueError as exc:
-        raise ConfigError(f"gateway.tls_cert: {exc}") from None
-    return keys
-
-
 async def _serve(config: ServeConfig, keys: ApiKeys) -> int:
     config = with_model(config, _model_path(config))
     backend = backend_class("coupled" if config.coupled else "disaggregated").from_serve_config(config)
@@ -192,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
         config = load_serve_config(args.config, overrides_from_args(args))
-        keys = api_keys_for(config)
+        keys = gateway_keys(config.gateway)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

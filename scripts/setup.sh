@@ -3,6 +3,11 @@
 # build), then the project with its test and RDMA extras. Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The multi-host tests (tests/multihost) build network namespaces with ip and tc: install iproute2
+# only where it is missing and apt can (as root); elsewhere those tests skip, saying why.
+if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

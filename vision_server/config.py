@@ -12,6 +12,7 @@ from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
 from transport.config import TransportConfig
 
 MiB = 1 << 20
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +37,16 @@ class VisionServerConfig:
     # be the language servers'. host and port are the receivers' business, unused here.
     transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
     cpus: str = ""  # Linux CPU list ("1", "2-3") this process is pinned to, torch threads sized to it; "" = any
+    # Multi-node: the address other nodes reach this server at (default: `host`; required when
+    # `host` binds every interface), and the file holding the shared token (read at start).
+    advertise_host: str = ""
+    token_file: Path | None = None
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
+        if self.host in WILDCARD_HOSTS and not self.advertise_host:
+            raise ValueError(f"host {self.host!r} binds every interface: set advertise_host (--advertise-host) "
+                             "to the address other nodes reach this server at")
         if not self.devices or any(not d for d in self.devices):
             raise ValueError("devices must name at least one torch device, e.g. cpu or cuda:0,cuda:1")
         for device in self.devices:
@@ -68,8 +76,8 @@ class VisionServerConfig:
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
             max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
-            drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport, token=args.token),
-            cpus=args.cpus or "",
+            drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport),
+            cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
         )
 
 
@@ -95,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM, how long in-flight requests may finish before they are failed (30)")
     parser.add_argument("--transport", default="tcp", help="transport kind for destinations without a scheme")
-    parser.add_argument("--token", help="shared transport token (the language server's --token)")
     parser.add_argument("--cpus", help="pin this server to these CPUs (Linux list: 1, 2-3) and size torch's "
                                        "threads to them (default: every CPU)")
+    parser.add_argument("--advertise-host", help="address other nodes reach this server at (default: --host; "
+                                                 "required when --host is 0.0.0.0)")
+    parser.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="file holding the shared transport token (the language servers'); default: "
+                             "$DVD_TOKEN, else none. The token is never taken from the command line")
+    parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: refused with a pointer to --token-file

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import unknown_fields
 from google.protobuf.message import Message
+from grpc_health.v1 import health
 
 from dvd.errors import DvdError, rpc_metadata
 from dvd.process import start_grpc_server
@@ -98,6 +99,7 @@ class VisionServer:
         self.service = VisionService(self.engine)
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
 
     @property
     def address(self) -> str:
@@ -106,11 +108,12 @@ class VisionServer:
     async def start(self) -> None:
         self._server, self.port = await start_grpc_server(
             lambda server: vision_pb2_grpc.add_VisionServicer_to_server(self.service, server),
-            self.config.host, self.config.port, self.config.max_message_bytes)
+            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health)
 
     async def stop(self) -> None:
         """Drain: refuse new work, give in-flight requests `drain_timeout_s`, fail what is left, release all."""
         self.service.draining = True
+        await self.grpc_health.enter_graceful_shutdown()  # grpc.health.v1 says NOT_SERVING too
         inflight = len(self.engine.inflight)
         logger.info("draining: %d requests in flight, up to %.1fs", inflight, self.config.drain_timeout_s)
         finished = await self.engine.drain(self.config.drain_timeout_s)

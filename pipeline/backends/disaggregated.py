@@ -23,7 +23,15 @@ from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 from dvd.v1 import language_pb2, vision_pb2
 from pipeline.backends.base import Backend
-from pipeline.replicas import Replica, ReplicaPool, free_port, start_server, stop_servers, wait_ready
+from pipeline.replicas import (
+    ProbeConfig,
+    Replica,
+    ReplicaPool,
+    free_port,
+    start_server,
+    stop_servers,
+    wait_ready,
+)
 from pipeline.serve_config import ServeConfig, fresh_token
 
 log = logging.getLogger(__name__)
@@ -32,59 +40,21 @@ log = logging.getLogger(__name__)
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
-class _Watched:
-    """One call in flight on a replica; `lost` is set when the replica was found down and the call
-    cancelled for it (a hung server fails its calls at the next health check, not at their deadline)."""
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-        self.lost = False
-
-
-class _InFlight:
-    """Calls in flight by replica address, so a replica that fails its health check fails them at once."""
-
-    def __init__(self) -> None:
-        self._calls: dict[str, set[_Watched]] = {}
-
-    @contextlib.contextmanager
-    def watch(self, replica: Replica, call: Any) -> Any:
-        watched = _Watched(call)
-        calls = self._calls.setdefault(replica.address, set())
-        calls.add(watched)
-        try:
-            yield watched
-        finally:
-            calls.discard(watched)
-
-    def fail_all(self, replica: Replica) -> int:
-        calls = self._calls.get(replica.address, set())
-        for watched in list(calls):
-            watched.lost = True
-            watched.call.cancel()
-        return len(calls)
-
-
-def _lost_error(replica: Replica) -> UnavailableError:
-    return UnavailableError(f"{replica.kind} server {replica.address} stopped answering (health check failed or "
-                            "process exited) while serving this request")
-
-
 class DisaggregatedBackend(Backend):
     def __init__(self, model: str | Path, vision: ReplicaPool, language: ReplicaPool,
                  owned: list[Replica] | None = None, ready_timeout_s: float = 600.0,
-                 health_interval_s: float = 2.0) -> None:
+                 probe: ProbeConfig | None = None) -> None:
+        """`owned`: servers this backend started (it waits for them and stops them); with none, the
+        pools are servers elsewhere that join and leave the rotation as their probes say."""
         self.model_path = Path(model)
         self.model_name = self.model_path.name
         self.vision, self.language = vision, language
         self.owned = owned or []
         self.ready_timeout_s = ready_timeout_s
-        self.health_interval_s = health_interval_s
+        self.probe = probe or ProbeConfig()  # a busy server is not a failed one: 3 misses in a row
         self.chat = ChatFormat(open_checkpoint(self.model_path))
         self._health_task: asyncio.Task | None = None
-        self._in_flight = _InFlight()
         self.num_encode_retries = 0
-        self.num_calls_failed_on_lost_replica = 0
         self.workdir: Path | None = None  # the child configs of servers this backend started
         self.mode = f"disaggregated ({len(vision.replicas)} vision, {len(language.replicas)} language)"
 
@@ -110,28 +80,21 @@ class DisaggregatedBackend(Backend):
         replicas = self.vision.replicas + self.language.replicas
         for replica in replicas:
             replica.connect()
-        try:
-            await wait_ready(replicas, self.ready_timeout_s)
-        except BaseException:
-            await stop_servers(self.owned)
-            raise
+        if self.owned:
+            try:
+                await wait_ready(replicas, self.ready_timeout_s)
+            except BaseException:
+                await stop_servers(self.owned)
+                raise
+        else:  # servers on other nodes: serve with whichever answer; the rest join when they do
+            await asyncio.gather(self.vision.check_all(self.probe), self.language.check_all(self.probe))
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.health_interval_s)
-            await asyncio.gather(self.vision.check_all(), self.language.check_all())
-            self.fail_calls_on_unhealthy()
-
-    def fail_calls_on_unhealthy(self) -> None:
-        """Calls in flight on a replica found unhealthy fail now (retried, for Encode, elsewhere)."""
-        for replica in self.vision.replicas + self.language.replicas:
-            if not replica.healthy:
-                failed = self._in_flight.fail_all(replica)
-                if failed:
-                    self.num_calls_failed_on_lost_replica += failed
-                    log.error("%s replica %s is down: failing its %d call(s) in flight", replica.kind,
-                              replica.address, failed)
+            await asyncio.sleep(self.probe.interval_s)
+            # a server leaving rotation here fails the calls it holds at once (Replica.in_use)
+            await asyncio.gather(self.vision.check_all(self.probe), self.language.check_all(self.probe))
 
     async def stop(self) -> None:
         if self._health_task is not None:
@@ -149,9 +112,14 @@ class DisaggregatedBackend(Backend):
                   f"{num_language}/{len(self.language.replicas)} language replicas healthy")
         return num_vision > 0 and num_language > 0, detail
 
+    def instances(self) -> list[dict[str, Any]]:
+        """The roster: every vision and language server with its health, load and address."""
+        return [r.describe() for pool in (self.vision, self.language) for r in pool.replicas]
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_encode_retries": self.num_encode_retries,
-                               "num_calls_failed_on_lost_replica": self.num_calls_failed_on_lost_replica}
+                               "num_calls_failed_on_lost_replica": sum(
+                                   r.num_calls_failed for pool in (self.vision, self.language) for r in pool.replicas)}
         for pool in (self.vision, self.language):
             out[f"{pool.kind}_outstanding"] = sum(r.num_outstanding for r in pool.replicas)
             out[f"{pool.kind}_healthy_replicas"] = sum(r.healthy for r in pool.replicas)
@@ -169,27 +137,20 @@ class DisaggregatedBackend(Backend):
         while True:
             replica = self.vision.pick(exclude=tried)
             tried.append(replica)
-            replica.num_outstanding += 1
             rpc = replica.stub.Encode(call, timeout=request.timeout_s)
             try:
-                with self._in_flight.watch(replica, rpc) as watched:
+                async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
                     marks["encode_start"] = time.time()
-                    try:
-                        response = await rpc
-                    except asyncio.CancelledError:
-                        if not watched.lost:
-                            raise  # the request itself was cancelled
-                if not watched.lost:
+                    response = await rpc
                     marks["encode_answered"] = time.time()
                     return response
-                error: Exception = _lost_error(replica)
-                reason = "replica lost"
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _RETRYABLE:
-                    raise from_rpc_error(err, "vision") from None
-                error, reason = from_rpc_error(err, "vision"), err.code().name
-            finally:
-                replica.num_outstanding -= 1
+                    raise from_rpc_error(err, f"vision ({replica.address})") from None
+                error: Exception = from_rpc_error(err, f"vision ({replica.address})")
+                reason = err.code().name
+            except UnavailableError as lost:  # out of rotation while encoding: another replica may serve it
+                error, reason = lost, "left rotation"
             if len(tried) > 1 or not [r for r in self.vision.replicas if r.healthy and r not in tried]:
                 raise error
             self.num_encode_retries += 1
@@ -216,7 +177,6 @@ class DisaggregatedBackend(Backend):
         if request.media:
             self.vision.pick()  # fail fast (503) when no vision replica is healthy
         marks: dict[str, float] = {"dispatch": time.time()}
-        language.num_outstanding += 1
         call = language.stub.Generate(self._language_request(request, prompt.segments), timeout=request.timeout_s)
         encode: asyncio.Task | None = None
         if request.media:  # Encode and Generate leave together: the two stages overlap from the start
@@ -225,7 +185,7 @@ class DisaggregatedBackend(Backend):
             encode.add_done_callback(lambda task: call.cancel() if not task.cancelled() and task.exception() else None)
         finished, features_wait_ms, last, stamped = False, 0.0, None, None
         encoded: vision_pb2.EncodeResponse | None = None
-        with self._in_flight.watch(language, call) as watched:
+        async with language.in_use(call) as work:  # leaving rotation fails this call at once, naming why
             try:
                 async for response in call:
                     if "first_token" not in marks and response.token_ids:
@@ -242,18 +202,15 @@ class DisaggregatedBackend(Backend):
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
                 if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
                     raise encode.exception() from None
-                if watched.lost:
-                    raise _lost_error(language) from None
-                if isinstance(err, asyncio.CancelledError):
-                    raise
-                raise from_rpc_error(err, "language") from None
+                if work.lost or isinstance(err, asyncio.CancelledError):
+                    raise  # in_use names the lost server; a cancel stays a cancel
+                raise from_rpc_error(err, f"language ({language.address})") from None
             finally:
-                language.num_outstanding -= 1
                 if not finished:  # the client went away or something failed: free both halves now
                     if encode is not None:
                         encode.cancel()
                     call.cancel()
-                    if not watched.lost:  # a hung server would not answer the Abort either
+                    if not work.lost:  # a hung server would not answer the Abort either
                         with contextlib.suppress(grpc.aio.AioRpcError):
                             await language.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id),
                                                       timeout=5)

@@ -1,0 +1,91 @@
+"""DvD on a Ray cluster: `dvd cluster up|status|down CONFIG` (needs `pip install 'internvl-dvd[cluster]'`).
+
+`up` validates the config (pipeline/ray_cluster.py documents it), reads the token file, optionally
+starts a one-node Ray head here (`ray.start_local`), and starts the vision and language servers as
+detached Ray actors placed by resources through placement groups (GPUs, or custom resources such as
+{"vision": 1} on CPU nodes), then the gateway, which learns the servers' addresses from their
+actors. An actor that dies is restarted by Ray on the same bundle and rejoins the gateway's
+rotation; nothing else restarts. Features travel on DvD's transport, never Ray's object store.
+`status` prints one JSON line per actor. `down` stops every actor and placement group, and a local
+head `up` started, with its session files.
+
+Examples:
+  dvd cluster up deploy/ray.example.yaml
+  dvd cluster status deploy/ray.example.yaml
+  dvd cluster down deploy/ray.example.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from dvd.config_file import ConfigError
+from dvd.token_file import resolve_token
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["up", "status", "down"])
+    parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see pipeline/ray_cluster.py)")
+
+
+def _connect(settings: Any, start: bool = False) -> None:
+    """Connect to Ray (`settings`: RaySettings), first starting a local head if asked."""
+    import ray
+
+    if settings.temp_dir:
+        os.environ["RAY_TMPDIR"] = settings.temp_dir  # where a local head keeps its session (and its address)
+    if start:
+        args = ["ray", "start", "--head", "--include-dashboard=false", "--disable-usage-stats"]
+        if settings.temp_dir:
+            args.append(f"--temp-dir={settings.temp_dir}")
+        if settings.num_cpus:
+            args.append(f"--num-cpus={settings.num_cpus}")
+        if settings.resources:
+            args.append(f"--resources={json.dumps(settings.resources)}")
+        subprocess.run([str(Path(sys.executable).with_name("ray")), *args[1:]], check=True,
+                       stdout=subprocess.DEVNULL)
+    ray.init(address=settings.address or "auto", namespace="dvd", logging_level="WARNING", log_to_driver=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from pipeline import ray_cluster
+    except ImportError as exc:
+        print(f"error: dvd cluster needs Ray: pip install 'internvl-dvd[cluster]' ({exc})", file=sys.stderr)
+        return 2
+    try:
+        config = ray_cluster.load_ray_config(args.config)
+        token = resolve_token(None, config.token_file) if args.action == "up" else None
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import ray
+
+    _connect(config.ray, start=args.action == "up" and config.ray.start_local)
+    try:
+        if args.action == "up":
+            for info in ray_cluster.up(config, token):
+                print(f"dvd cluster: {info['kind']} on {info['address']} (pid {info['pid']})", flush=True)
+            print("dvd cluster: up", flush=True)
+        elif args.action == "status":
+            for info in ray_cluster.status():
+                print(json.dumps(info), flush=True)
+        else:
+            ray_cluster.down()
+    finally:
+        ray.shutdown()
+    if args.action == "down":
+        if config.ray.start_local:
+            subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if config.ray.temp_dir:
+                shutil.rmtree(config.ray.temp_dir, ignore_errors=True)
+        print("dvd cluster: down", flush=True)
+    return 0

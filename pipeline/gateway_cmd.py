@@ -1,0 +1,118 @@
+"""A gateway on its own: the OpenAI HTTP and gRPC APIs of `dvd serve`, in front of vision and
+language servers it did not start, on this node or any other (`dvd vision` / `dvd language` /
+`dvd launch`).
+
+Servers are given by gRPC address. Each is probed every --probe-interval seconds (Health + Stats,
+answered without touching the server's engine); one that fails --fail-threshold probes in a row
+(no answer within --probe-timeout, or unreachable) leaves the rotation, and its in-flight requests
+fail at once with an error naming it; it comes back by itself on its next good answer. A server
+listed but not started yet joins the same way, so the gateway may start first. A slow answer under
+load is not a failure unless it repeats --fail-threshold times. `GET /v1/instances` lists the
+roster: health, load, address, transport address. The gateway never imports torch: only the
+checkpoint's tokenizer and chat template are read (--model: the same checkpoint the servers run).
+
+Examples:
+  dvd gateway --model ckpt --vision 10.0.0.2:7100 --language 10.0.0.3:7200,10.0.0.3:7201
+  dvd gateway --config deploy/gateway.example.yaml --port 8080
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dvd.config_file import ConfigError
+from dvd.process import configure_logging, run_process
+from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
+from pipeline.backends.disaggregated import DisaggregatedBackend
+from pipeline.gateway import Gateway
+from pipeline.gateway_config import StandaloneGatewayConfig, load_gateway_config
+from pipeline.replicas import attached
+
+log = logging.getLogger("dvd.gateway")
+
+
+def _addresses(value: str) -> list[str]:
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
+# flag dest -> (config key, conversion); a flag given wins over the file's value
+_OVERRIDES: dict[str, tuple[str, Any]] = {
+    "model": ("model", str),
+    "vision": ("vision", _addresses),
+    "language": ("language", _addresses),
+    "host": ("gateway.host", str),
+    "port": ("gateway.http_port", int),
+    "grpc_port": ("gateway.grpc_port", int),
+    "max_concurrency": ("gateway.max_concurrency", int),
+    "probe_interval": ("probe.interval_s", float),
+    "probe_timeout": ("probe.timeout_s", float),
+    "fail_threshold": ("probe.fail_threshold", int),
+    **{dest: (key, str if dest != "insecure" else bool) for dest, key in KEY_FLAGS.items()},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--config", type=Path, metavar="FILE", help="YAML settings (deploy/gateway.example.yaml documents every key)")
+    add("--model", help="checkpoint directory: its tokenizer and chat template (default: the built-in tiny one)")
+    add("--vision", metavar="HOST:PORT[,...]", help="vision servers' gRPC addresses")
+    add("--language", metavar="HOST:PORT[,...]", help="language servers' gRPC addresses (at least one)")
+    add("--host", help="address the HTTP and gRPC APIs bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    add("--port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)")
+    add("--grpc-port", type=int, help="gRPC client API port (default 50051; 0 = any free)")
+    add("--max-concurrency", type=int, help="requests in flight before new ones get 429 (default 64)")
+    add("--probe-interval", type=float, help="seconds between health probes of each server (default 2)")
+    add("--probe-timeout", type=float, help="seconds a probe may take before it counts as failed (default 10)")
+    add("--fail-threshold", type=int, help="failed probes in a row that take a server out of rotation (default 3)")
+    add_key_arguments(parser)
+    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: convert(getattr(args, dest)) for dest, (key, convert) in _OVERRIDES.items()
+            if getattr(args, dest) is not None}
+
+
+async def serve(config: StandaloneGatewayConfig, keys: ApiKeys) -> int:
+    model = config.model
+    if model is None:
+        from dvd.checkpoint_cache import ensure_checkpoint
+
+        model = ensure_checkpoint("tiny")
+        log.warning("no model given: using the built-in tiny checkpoint's tokenizer at %s", model)
+    backend = DisaggregatedBackend(model, attached("vision", config.vision), attached("language", config.language),
+                                   probe=config.probe)
+    backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
+    gateway = Gateway(config.gateway, backend, keys)
+    try:
+        await backend.start()
+        await gateway.start()
+        host = config.gateway.host
+        _, detail = await backend.health()
+        print(f"dvd gateway: {backend.mode}; {detail}", flush=True)
+        tls = " (TLS)" if gateway.tls else ""
+        print(f"dvd gateway: OpenAI API at {gateway.scheme}://{host}:{gateway.http_port}/v1, "
+              f"gRPC at {host}:{gateway.grpc_port}{tls}", flush=True)
+        if keys.enabled:
+            print(f"dvd gateway: API keys required ({len(keys.keys)} configured; /health is open)", flush=True)
+        print("dvd gateway: ready", flush=True)
+        await gateway.serve_forever()
+    finally:
+        await gateway.stop()
+        await backend.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    try:
+        config = load_gateway_config(args.config, overrides_from_args(args))
+        keys = gateway_keys(config.gateway)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_process(lambda: serve(config, keys))

@@ -1,0 +1,51 @@
+"""`dvd gateway`'s one configuration: a gateway attached to vision and language servers it did not
+start, by their gRPC addresses (on any node), and how it probes them.
+
+File layout (every key optional but `language`):
+    model: PATH                    # checkpoint directory: the gateway reads only its tokenizer and chat template
+    vision: [HOST:PORT, ...]       # vision servers' gRPC addresses
+    language: [HOST:PORT, ...]     # language servers' gRPC addresses
+    gateway: {...}                 # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
+    probe: {interval_s: 2.0, timeout_s: 10.0, fail_threshold: 3}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dvd.config_file import ConfigError, from_dict, read_mapping
+from pipeline.gateway import GatewayConfig
+from pipeline.replicas import ProbeConfig
+from pipeline.serve_config import _merged as merged
+
+
+def check_address(address: str, where: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: {address!r} is not HOST:PORT")
+
+
+@dataclass(frozen=True)
+class StandaloneGatewayConfig:
+    model: Path | None = None  # None: the built-in tiny checkpoint
+    vision: tuple[str, ...] = ()
+    language: tuple[str, ...] = ()
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.language:
+            raise ConfigError("language: at least one language server address (HOST:PORT) is needed")
+        for kind in ("vision", "language"):
+            addresses = getattr(self, kind)
+            for i, address in enumerate(addresses):
+                check_address(address, f"{kind}[{i}]")
+            if len(set(addresses)) != len(addresses):
+                raise ConfigError(f"{kind}: an address is listed twice: {', '.join(addresses)}")
+
+
+def load_gateway_config(path: Path | None, overrides: dict[str, Any]) -> StandaloneGatewayConfig:
+    """From an optional YAML file and flag overrides (dotted keys, e.g. "probe.fail_threshold")."""
+    return from_dict(StandaloneGatewayConfig, merged(read_mapping(path) if path else {}, overrides))
