@@ -160,8 +160,8 @@ class Replica:
             if task is not None:
                 task.uncancel()
             self.num_calls_failed += 1
-            raise UnavailableError(f"{self.kind} server {self.address} stopped answering and was taken out of "
-                                   f"rotation while serving this request: {self.state}") from None
+            raise UnavailableError(f"{self.kind} server {self.address} was taken out of rotation (it stopped "
+                                   f"answering) while serving this request: {self.state}") from None
         finally:
             self._work.discard(work)
             self.num_outstanding -= 1

@@ -64,6 +64,9 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "block_size": ("language.engine.block_size", int),
     "max_batch_tokens": ("language.engine.max_batch_tokens", int),
     "max_running": ("language.engine.max_running_requests", int),
+    "probe_interval": ("probe.interval_s", float),
+    "probe_timeout": ("probe.timeout_s", float),
+    "fail_threshold": ("probe.fail_threshold", int),
     "cpus": ("cpus", str),
     "vision_cpus": ("vision.cpus", str),
     "language_cpus": ("language.cpus", str),
@@ -112,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "sized to match)")
     group.add_argument("--vision-cpus", help="CPUs for the vision servers (torch threads sized to match)")
     group.add_argument("--language-cpus", help="CPUs for the language servers (torch threads sized to match)")
+    group = parser.add_argument_group("health probes (a server is out of rotation after --fail-threshold in a row)")
+    group.add_argument("--probe-interval", type=float, help="seconds between probes of each server (default 2)")
+    group.add_argument("--probe-timeout", type=float, help="seconds a probe may take before it fails (default 10)")
+    group.add_argument("--fail-threshold", type=int, help="failed probes in a row that take a server out (default 3)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

@@ -10,6 +10,7 @@ File layout (every key optional):
     model: PATH                 # checkpoint directory (default: the built-in tiny checkpoint)
     coupled: false              # both halves in the gateway, no pipelining (the baseline)
     transport: {...}            # TransportConfig: kind (tcp | rdma), ucx_tls, limits; both ends share it
+    probe: {...}                # ProbeConfig: interval_s, timeout_s, fail_threshold (when a server is down)
     gateway: {...}              # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
     vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, dtype, max_batch_tiles, cache_bytes, ...)
     language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
@@ -28,10 +29,11 @@ from dvd.config_file import ConfigError, from_dict, read_mapping
 from dvd.cpus import check_cpu_list
 from language_server.server_config import LanguageServerConfig
 from pipeline.gateway import GatewayConfig
+from pipeline.replicas import ProbeConfig
 from transport.config import TransportConfig
 from vision_server.config import VisionServerConfig
 
-TOP_KEYS = ("model", "coupled", "transport", "gateway", "vision", "language", "cpus")
+TOP_KEYS = ("model", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus")
 # Set by `dvd serve` for each child, not by the file: the model, where it listens, the shared transport.
 _CHILD_FIXED = ("model", "host", "port", "transport")
 TRANSPORT_KINDS = ("tcp", "rdma")  # what `dvd serve` can start between its own children
@@ -48,6 +50,7 @@ class ServeConfig:
     vision: VisionServerConfig | None = None  # built with the model path once it is known
     language: LanguageServerConfig | None = None
     cpus: str = ""  # this process's CPUs: the gateway's, or the whole model's with coupled; "" = any
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # how the gateway decides a server is down
 
     def __post_init__(self) -> None:
         try:
@@ -120,11 +123,13 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
         raise ConfigError(f"cpus: expected a CPU list such as '0' or '2-3', got {type(cpus).__name__} {cpus!r}")
     transport = from_dict(TransportConfig, data.get("transport", {}), "transport", token=None)
     gateway = from_dict(GatewayConfig, data.get("gateway", {}), "gateway")
+    probe = from_dict(ProbeConfig, data.get("probe", {}), "probe")
     vision_replicas, vision = _role(data.get("vision", {}), "vision")
     language_replicas, language = _role(data.get("language", {}), "language")
     path = Path(model) if model else Path(".")  # a placeholder until the tiny checkpoint's path is known
     return ServeConfig(
         model=Path(model) if model else None, coupled=coupled, gateway=gateway, transport=transport, cpus=cpus,
+        probe=probe,
         vision_replicas=vision_replicas, language_replicas=language_replicas,
         vision=from_dict(VisionServerConfig, vision, "vision", **_fixed(path)),
         language=from_dict(LanguageServerConfig, _with_linear_default(language), "language", **_fixed(path)),

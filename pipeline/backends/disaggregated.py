@@ -70,7 +70,7 @@ class DisaggregatedBackend(Backend):
         language = [start_server("language", config.language_child(free_port(), token), workdir)
                     for _ in range(config.language_replicas)]
         backend = cls(config.model, ReplicaPool("vision", vision), ReplicaPool("language", language),
-                      owned=vision + language)
+                      owned=vision + language, probe=config.probe)
         backend.workdir = workdir
         backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
                         f"{config.transport.kind} features)")

@@ -19,7 +19,9 @@ from tests.faults.helpers import healthy, long_story, servers, sse, wait_for
 from tests.serve_process import ServeProcess, metric, post_chat
 
 IMAGE = "data:image/jpeg;base64," + base64.b64encode(encode(photo_like(320, 240, 5), "JPEG")).decode()
-# The gateway probes every 2 s with a 5 s timeout: a frozen server is found out within ~7 s.
+# Probes every 2 s with a 3 s timeout, out after 2 misses in a row: a frozen server is found out within
+# ~10 s (dvd serve's defaults, 10 s x 3, are kinder to a loaded machine).
+PROBE = ("--probe-interval", "2", "--probe-timeout", "3", "--fail-threshold", "2")
 DETECT_S = 30.0
 
 
@@ -38,7 +40,7 @@ def _done(served: ServeProcess) -> None:
 
 
 def test_vision_server_killed_or_frozen(tiny_hf: Path) -> None:
-    with ServeProcess("--model", str(tiny_hf), "--vision-replicas", "2") as served:
+    with ServeProcess("--model", str(tiny_hf), "--vision-replicas", "2", *PROBE) as served:
         status, unloaded = post_chat(served.http_url, image_request())
         assert status == 200, unloaded
         first, second = servers(served, "vision")
@@ -88,7 +90,7 @@ def test_vision_server_killed_or_frozen(tiny_hf: Path) -> None:
 
 
 def test_language_server_frozen_then_killed_mid_decode(tiny_hf: Path) -> None:
-    with ServeProcess("--model", str(tiny_hf)) as served:
+    with ServeProcess("--model", str(tiny_hf), *PROBE) as served:
         (language,) = servers(served, "language")
 
         # SIGSTOP mid-decode: the stream ends with a 503 error at the next health check.

@@ -9,6 +9,7 @@ own thread, and answers on stdout as one JSON line carrying the command's id.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -20,7 +21,11 @@ _lock = threading.Lock()
 
 def _http(url: str, body: dict | None) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("DVD_API_KEY")  # the gateway listens beyond loopback, so it wants a key
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, json.loads(response.read())

@@ -60,9 +60,10 @@ class NsProcess:
 class Agent:
     """The client agent in one namespace; `chat` and `get` return futures of its answers."""
 
-    def __init__(self, prefix: list[str]) -> None:
+    def __init__(self, prefix: list[str], api_key: str | None = None) -> None:
+        env = {**os.environ, **({"DVD_API_KEY": api_key} if api_key else {})}
         self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "tests.multihost.agent"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         first = read_line(self.proc, 60)
         assert json.loads(first)["status"] == "ready", first
         self._next = 1

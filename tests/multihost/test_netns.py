@@ -22,6 +22,7 @@ from tests.multihost.netns import Topology, can_run
 pytestmark = [pytest.mark.skipif(bool(can_run()), reason=can_run() or "runs"), pytest.mark.slow]
 
 HOSTS = ["gw", "vis1", "vis2", "lang"]
+API_KEY = "multihost-test-api-key-0123456789"
 VISION_PORT, LANGUAGE_PORT, TRANSPORT_PORT, HTTP_PORT, GRPC_PORT = 7100, 7200, 7300, 8000, 50051
 DEADLINE_S = 60.0
 
@@ -35,8 +36,8 @@ def _body(image: bytes, **extra: object) -> dict:
 
 
 class Cluster:
-    def __init__(self, net: Topology, model: Path, token: Path) -> None:
-        self.net, self.model, self.token = net, model, token
+    def __init__(self, net: Topology, model: Path, token: Path, api_keys: Path) -> None:
+        self.net, self.model, self.token, self.api_keys = net, model, token, api_keys
         self.processes: list[NsProcess] = []
         self.url = f"http://{net.ip('gw')}:{HTTP_PORT}"
 
@@ -56,7 +57,8 @@ class Cluster:
         return self._start("gw", ["-m", "dvd", "gateway", "--model", str(self.model), "--vision", vision,
                                   "--language", f"{self.net.ip('lang')}:{LANGUAGE_PORT}", "--host", self.net.ip("gw"),
                                   "--port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT), "--probe-interval", "0.5",
-                                  "--probe-timeout", "2", "--fail-threshold", "3"], "dvd gateway: ready")
+                                  "--probe-timeout", "2", "--fail-threshold", "3",
+                                  "--api-key-file", str(self.api_keys)], "dvd gateway: ready")
 
     def _start(self, host: str, args: list[str], ready: str) -> NsProcess:
         process = NsProcess(self.net.exec_prefix(host), args, ready)
@@ -74,15 +76,17 @@ class Cluster:
 def cluster(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory):
     token = tmp_path_factory.mktemp("secret") / "token"
     write_token_file(token, "multihost-test-token")
+    api_keys = token.parent / "api-keys"  # the gateway binds a namespace address, beyond loopback: a key
+    api_keys.write_text(API_KEY + "\n")
     with Topology(HOSTS) as net:
         print(f"\nmultihost links: {net.shaping}")
-        cluster = Cluster(net, tiny_hf, token)
+        cluster = Cluster(net, tiny_hf, token, api_keys)
         agent = None
         try:
             cluster.language()
             cluster.vision("vis1", "--cache-mib", "0")
             cluster.gateway()  # vis2 is listed but not started: out of rotation until it answers
-            agent = Agent(net.exec_prefix("gw"))
+            agent = Agent(net.exec_prefix("gw"), api_key=API_KEY)
             cluster.agent = agent
             yield cluster
         finally:
