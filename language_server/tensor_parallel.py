@@ -14,8 +14,10 @@ meta-device loader (dvd/weights.py) does not use, and it does not reach the fuse
 CPU; slicing the loaded tensors is a few lines and keeps the model classes transformers' own.
 
 How ranks stay in step: every rank runs the same deterministic engine on the same requests (the
-scheduler depends only on what was added, and tokens are equal on all ranks), so only the forward pass
-communicates. GPT-OSS is refused for now: its attention sinks and biased experts would shard the same
+scheduler depends only on what was added and aborted before each step, and tokens are equal on all
+ranks). Rank 0 (`TensorParallelEngine`) owns the requests and their features and broadcasts, before each
+step, the commands that step applies; the other ranks `follow`. Beyond that only the forward pass's
+all-reduces communicate. GPT-OSS is refused for now: its attention sinks and biased experts would shard the same
 way but are not tested.
 """
 
@@ -26,6 +28,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dvd.errors import CheckpointError
+from language_server.config import EngineConfig
+from language_server.engine import Engine
+from language_server.model import LanguageHalf
+from language_server.request import RequestOutput
 
 TENSOR_PARALLEL_MODELS = ("qwen3", "qwen3_moe", "qwen2", "llama")
 
@@ -101,3 +107,55 @@ def shard_language_model(model: nn.Module, rank: int, world: int, group: dist.Pr
     # This rank's own counts: the KV cache (engine.py) is sized from them, and GQA's ratio is unchanged.
     config.num_attention_heads //= world
     config.num_key_value_heads //= world
+
+
+# --- keeping the ranks' engines in step ---------------------------------------------------------------
+
+_STEP, _FAIL, _STOP = "step", "fail", "stop"
+
+
+class TensorParallelEngine(Engine):
+    """Rank 0's engine: before each step it broadcasts the commands it applies (requests, their feature
+    rows, aborts), so the features are received once, by rank 0, and every rank schedules the same batch.
+    The other ranks run `follow` on an engine over their own shard."""
+
+    def __init__(self, language: LanguageHalf, config: EngineConfig, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(language, config)
+        self.group = group
+        self._kind = _STEP
+
+    def _apply_commands(self) -> list[RequestOutput]:
+        commands = []
+        while not self._inbox.empty():
+            commands.append(self._inbox.get())
+        dist.broadcast_object_list([(self._kind, commands)], src=0, group=self.group)
+        for command in commands:
+            self._inbox.put(command)
+        return super()._apply_commands()
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        self._kind = _FAIL
+        try:
+            return super().fail_all(error)
+        finally:
+            self._kind = _STEP
+
+    def stop_followers(self) -> None:
+        dist.broadcast_object_list([(_STOP, [])], src=0, group=self.group)
+
+
+def follow(engine: Engine, group: dist.ProcessGroup | None = None) -> None:
+    """A rank above 0: apply rank 0's commands and step with it until it says stop. Outputs are rank 0's
+    to send; here they are dropped (they are the same tokens)."""
+    while True:
+        message: list = [None]
+        dist.broadcast_object_list(message, src=0, group=group)
+        kind, commands = message[0]
+        if kind == _STOP:
+            return
+        for command in commands:
+            engine._inbox.put(command)
+        if kind == _FAIL:
+            engine.fail_all("rank 0 failed the batch")
+        else:
+            engine.step()
