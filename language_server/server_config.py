@@ -30,9 +30,12 @@ class LanguageServerConfig:
     drain_timeout_s: float = 30.0
     max_message_bytes: int = 64 * MiB
     engine: EngineConfig = field(default_factory=EngineConfig)
+    tensor_parallel: int = 1  # ranks (processes, devices from `device` on) the LLM is split over
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, not {self.tensor_parallel}")
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
@@ -65,6 +68,7 @@ class LanguageServerConfig:
                                       receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2),
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
+            tensor_parallel=args.tp,
         )
 
 
@@ -93,5 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one forward pass (512)")
     parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor parallel ranks: one process per rank, devices --device onwards (default 1)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],
                         help="kernel for the LLM's linear layers (default onednn on cpu, torch elsewhere)")

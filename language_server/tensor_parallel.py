@@ -51,8 +51,11 @@ def _shard_linear(linear: nn.Linear, rank: int, world: int, dim: int) -> None:
 
 
 def _all_reduce_output(module: nn.Module, group: dist.ProcessGroup | None) -> None:
-    def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(output, group=group)
+    """Sum the partial outputs of `module` (a tensor, or a tuple whose first item is the tensor) over ranks.
+    Hooked on the attention and MLP blocks, not their last linear layer, which a linear backend
+    (linear.py) may replace by another module after sharding."""
+    def hook(_module: nn.Module, _args: object, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        dist.all_reduce(output[0] if isinstance(output, tuple) else output, group=group)
         return output
 
     module.register_forward_hook(hook)
@@ -91,19 +94,17 @@ def shard_language_model(model: nn.Module, rank: int, world: int, group: dist.Pr
         for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
             _shard_linear(projection, rank, world, dim=0)
         _shard_linear(attention.o_proj, rank, world, dim=1)
-        _all_reduce_output(attention.o_proj, group)
+        _all_reduce_output(attention, group)
         mlp = layer.mlp
         if hasattr(mlp, "experts"):
-            _shard_experts(mlp.experts, rank, world)
-            _all_reduce_output(mlp.experts, group)
-            shared = getattr(mlp, "shared_expert", None)
-            if shared is not None:
+            if getattr(mlp, "shared_expert", None) is not None:
                 raise CheckpointError("tensor parallel with a shared expert is not supported")
+            _shard_experts(mlp.experts, rank, world)
         else:
             _shard_linear(mlp.gate_proj, rank, world, dim=0)
             _shard_linear(mlp.up_proj, rank, world, dim=0)
             _shard_linear(mlp.down_proj, rank, world, dim=1)
-            _all_reduce_output(mlp.down_proj, group)
+        _all_reduce_output(mlp, group)
     # This rank's own counts: the KV cache (engine.py) is sized from them, and GQA's ratio is unchanged.
     config.num_attention_heads //= world
     config.num_key_value_heads //= world
