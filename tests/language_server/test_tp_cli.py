@@ -18,7 +18,7 @@ from tests.language_server.test_engine import run
 from tests.serve_process import read_line
 
 READY = "dvd language serving on "
-PROMPT = [5, 6, 7, 300, 301, 302, 1000, 42, 17, 99]
+PROMPT = [5, 6, 7, 300, 301, 302, 500, 42, 17, 99]
 NEW_TOKENS = 10
 
 
