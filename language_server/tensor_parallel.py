@@ -33,7 +33,7 @@ from language_server.engine import Engine
 from language_server.model import LanguageHalf
 from language_server.request import RequestOutput
 
-TENSOR_PARALLEL_MODELS = ("qwen3", "qwen3_moe", "qwen2", "llama")
+TENSOR_PARALLEL_MODELS = ("qwen3", "qwen3_moe", "gpt_oss", "qwen2", "llama")
 
 
 def _rows(tensor: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
@@ -70,6 +70,18 @@ def _shard_experts(experts: nn.Module, rank: int, world: int) -> None:
     experts.intermediate_dim = fused.shape[1] // 2
 
 
+def _shard_gpt_oss_experts(experts: nn.Module, rank: int, world: int) -> None:
+    """GPT-OSS: gate_up_proj [E, H, 2I] with gate/up interleaved, its bias [E, 2I], down_proj [E, I, H]."""
+    e, h, two_i = experts.gate_up_proj.shape
+    pairs = experts.gate_up_proj.data.reshape(e, h, two_i // 2, 2)
+    experts.gate_up_proj = nn.Parameter(_rows(pairs, rank, world, 2).reshape(e, h, -1), requires_grad=False)
+    bias = experts.gate_up_proj_bias.data.reshape(e, two_i // 2, 2)
+    experts.gate_up_proj_bias = nn.Parameter(_rows(bias, rank, world, 1).reshape(e, -1), requires_grad=False)
+    experts.down_proj = nn.Parameter(_rows(experts.down_proj.data, rank, world, 1), requires_grad=False)
+    experts.down_proj_bias = nn.Parameter(experts.down_proj_bias.data * (rank == 0), requires_grad=False)
+    experts.intermediate_size = experts.gate_up_proj.shape[2] // 2
+
+
 def check_shardable(config: object, world: int) -> None:
     model_type = getattr(config, "model_type", "?")
     if model_type not in TENSOR_PARALLEL_MODELS:
@@ -94,12 +106,17 @@ def shard_language_model(model: nn.Module, rank: int, world: int, group: dist.Pr
         for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
             _shard_linear(projection, rank, world, dim=0)
         _shard_linear(attention.o_proj, rank, world, dim=1)
+        if getattr(attention, "sinks", None) is not None:
+            attention.sinks = nn.Parameter(_rows(attention.sinks.data, rank, world), requires_grad=False)
         _all_reduce_output(attention, group)
         mlp = layer.mlp
         if hasattr(mlp, "experts"):
             if getattr(mlp, "shared_expert", None) is not None:
                 raise CheckpointError("tensor parallel with a shared expert is not supported")
-            _shard_experts(mlp.experts, rank, world)
+            if hasattr(mlp.experts, "gate_up_proj_bias"):
+                _shard_gpt_oss_experts(mlp.experts, rank, world)
+            else:
+                _shard_experts(mlp.experts, rank, world)
         else:
             _shard_linear(mlp.gate_proj, rank, world, dim=0)
             _shard_linear(mlp.up_proj, rank, world, dim=0)

@@ -1,5 +1,5 @@
 """Tensor parallel over 2 CPU processes (torch.distributed, gloo): the same tokens as one process, for dense
-Qwen3 and Qwen3-MoE, text and image requests, through the paged continuous-batching engine; and in
+Qwen3, Qwen3-MoE and GPT-OSS, text and image requests, through the paged continuous-batching engine; and in
 lockstep, where only rank 0 receives the requests and features and the other rank follows its broadcasts."""
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ def _rank(rank: int, paths: list[str], store: str, out: str) -> None:
 
 
 def test_two_gloo_ranks_give_the_tokens_of_one_process(tmp_path: Path) -> None:
-    """Dense Qwen3 and Qwen3-MoE in the same two rank processes (starting them is most of the cost)."""
-    paths = [str(make_checkpoint(tmp_path / preset, preset=preset, fmt="hf")) for preset in ("tiny", "tiny-moe")]
+    """Dense Qwen3, GPT-OSS and Qwen3-MoE in the same two rank processes (starting them is most of the cost)."""
+    presets = ("tiny", "tiny-gptoss", "tiny-moe")
+    paths = [str(make_checkpoint(tmp_path / preset, preset=preset, fmt="hf")) for preset in presets]
     alone = {path: _tokens(Path(path), 0, 1) for path in paths}
     context = mp.get_context("spawn")
     procs = [context.Process(target=_rank, args=(r, paths, str(tmp_path / "store"), str(tmp_path)))
@@ -108,9 +109,6 @@ def test_two_gloo_ranks_give_the_tokens_of_one_process(tmp_path: Path) -> None:
 
 
 def test_unshardable_models_are_refused(tmp_path: Path) -> None:
-    language = LanguageHalf.from_checkpoint(make_checkpoint(tmp_path / "gptoss", preset="tiny-gptoss", fmt="hf"))
-    with pytest.raises(CheckpointError, match="tensor parallel is not supported for 'gpt_oss'"):
-        shard_language_model(language.model, 0, 2)
     dense = LanguageHalf.from_checkpoint(make_checkpoint(tmp_path / "dense", preset="tiny", fmt="hf"))
     with pytest.raises(CheckpointError, match="num_key_value_heads 2 does not divide among 4"):
         shard_language_model(dense.model, 0, 4)
