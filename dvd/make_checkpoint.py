@@ -3,7 +3,12 @@ generation and image-processor configs, in the HF or the original GitHub format.
 
 Presets: `tiny` (seconds to build; initializer_range 0.5 so greedy output does not collapse into one
 repeated token) and `internvl3_5-1b-shaped` (InternViT-300M + Qwen3-0.6B dimensions, 448 px tiles,
-256 tokens a tile). The same `--seed` gives the same weights in both formats.
+256 tokens a tile). The rest of the family, tiny, with its released structure and config fields:
+`tiny-6b-vit` (InternViT-6B: RMSNorm, QK-norm, no qkv bias, drop_path_rate in the GitHub config; as in
+38B), `tiny-moe` (a Qwen3 MoE LLM, experts stored one tensor each as released; as in 30B-A3B and
+241B-A28B), `tiny-gptoss` (GPT-OSS: alternating sliding-window (8 tokens) and full layers, attention
+sinks, MoE; as in 20B-A4B). Each works with `--flash`, whose HF format uses the HF (`internvl_flash`)
+names. The same `--seed` gives the same weights in both formats.
 """
 
 from __future__ import annotations

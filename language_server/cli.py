@@ -8,6 +8,7 @@ and exits 0.
 Examples:
   dvd language --model ckpt --port 7200 --transport tcp --transport-port 7300
   dvd language --model ckpt --device cuda:0 --num-blocks 4096 --max-batch-tokens 2048
+  dvd language --model ckpt --device cuda:0 --tp 2   # ranks on cuda:0 and cuda:1 (tp_serve.py)
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def serve(config: LanguageServerConfig) -> int:
     from language_server.service import LanguageServer
 
-    server = LanguageServer(config)
+    group = None
+    if config.tensor_parallel > 1:
+        from language_server.tp_serve import start_group
+
+        group = start_group(config)
+    server = LanguageServer(config, engine=group.engine if group else None)
     await server.start()
     cache = server.engine.cache
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", config.engine.num_blocks,
@@ -45,6 +51,8 @@ async def serve(config: LanguageServerConfig) -> int:
     await until_stop_signal()
     logger.info("signal received: shutting down")
     await server.stop()
+    if group is not None:
+        group.stop()
     print("dvd language stopped", flush=True)
     return 0
 

@@ -39,6 +39,7 @@ class LanguageServerConfig:
     advertise_host: str = ""
     transport_advertise_host: str = ""
     token_file: Path | None = None  # the shared token, read at start (dvd serve puts it in transport.token)
+    tensor_parallel: int = 1  # ranks (processes, devices from `device` on) the LLM is split over
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
@@ -48,6 +49,8 @@ class LanguageServerConfig:
         if self.host in WILDCARD_HOSTS and not self.advertise_host:
             raise ValueError(f"host {self.host!r} binds every interface: set advertise_host (--advertise-host)")
         check_device(self.device)
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, not {self.tensor_parallel}")
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
@@ -90,6 +93,7 @@ class LanguageServerConfig:
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
+            tensor_parallel=args.tp,
         )
 
 
@@ -123,6 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one forward pass (512)")
     parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor parallel ranks: one process per rank, devices --device onwards (default 1)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],
                         help="kernel for the LLM's linear layers (default onednn on cpu, torch elsewhere)")
     parser.add_argument("--cpus", help="pin this server to these CPUs (Linux list: 0, 2-3) and size torch's "

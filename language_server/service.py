@@ -289,13 +289,16 @@ class LanguageServer:
     """The gRPC server, the feature receiver and the engine of one `dvd language` process."""
 
     def __init__(self, config: LanguageServerConfig, transport_options: dict[str, Any] | None = None,
-                 language: LanguageHalf | None = None) -> None:
-        """`language` lets a caller share an already-loaded model (tests); by default it is loaded here."""
+                 language: LanguageHalf | None = None, engine: Engine | None = None) -> None:
+        """`language` lets a caller share an already-loaded model (tests); by default it is loaded here.
+        `engine`: an engine built by the caller (rank 0's of a tensor-parallel group, tp_serve.py)."""
         self.config = config
         info = open_checkpoint(config.model)
         self.chat = ChatFormat(info)
-        language = language or LanguageHalf.from_checkpoint(info, dtype=config.torch_dtype, device=config.device)
-        self.engine = Engine(language, config.engine)
+        if engine is None:
+            language = language or LanguageHalf.from_checkpoint(info, dtype=config.torch_dtype, device=config.device)
+            engine = Engine(language, config.engine)
+        self.engine = engine
         self.receiver = create_receiver(config.receiver_transport, **(transport_options or {}))
         self.service = LanguageService(config, self.engine, self.chat, self.receiver)
         self.port = 0

@@ -28,7 +28,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     monolithic = InternVLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
     config = PreprocessConfig.from_checkpoint(path)
     features = []
-    for seed, (w, h, max_num) in enumerate([(448, 448, 1), (900, 448, 2)]):
+    for seed, (w, h, max_num) in enumerate([(448, 448, 1), (600, 500, 1)]):  # one tile each: cheap prompts
         pixels = preprocess_image(encode(photo_like(w, h, seed)), config, max_num=max_num)
         with torch.inference_mode():
             feats = monolithic.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
@@ -40,7 +40,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def test_batched_equals_one_at_a_time_equals_monolithic(family: dict) -> None:
     language, chat, monolithic = family["language"], family["chat"], family["monolithic"]
-    requests = mixed_requests(chat, family["features"], count=6)
+    requests = mixed_requests(chat, family["features"], count=5)
     assert any(images for _, images in requests) and any(not images for _, images in requests)
     engine = make_engine(language)
     batched = run(engine, requests, greedy(chat))
@@ -55,9 +55,9 @@ def test_batched_equals_one_at_a_time_equals_monolithic(family: dict) -> None:
 
 def test_chunked_prefill_keeps_outputs(family: dict) -> None:
     language, chat = family["language"], family["chat"]
-    requests = mixed_requests(chat, family["features"], count=4)
+    requests = mixed_requests(chat, family["features"], count=3)
     reference = run(make_engine(language), requests, greedy(chat))
-    chunked = make_engine(language, max_batch_tokens=16)  # chunks of 16 > GPT-OSS's window of 8: past + window
+    chunked = make_engine(language, max_batch_tokens=32)  # chunks of 32 > GPT-OSS's window of 8: past + window
     assert run(chunked, requests, greedy(chat)) == reference
 
 

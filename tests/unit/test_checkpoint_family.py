@@ -87,3 +87,21 @@ def test_hf_flash_checkpoint_uses_the_hf_names(root: Path) -> None:
     assert info.flash is not None
     refs = vision_tensors(info, TensorSource(path), with_flash=True)
     assert refs["pooling_before_gating.attn1.in_proj_weight"].shape() == (3 * 64, 64)
+
+
+def test_hf_flash_names_with_the_model_prefix_load_the_same(root: Path) -> None:
+    """transformers' in-memory names (`model.mlp2.*`, `model.gating.*`, `model.vision_tower.*`) as saved."""
+    import torch
+
+    from vision_server.model import VisionHalf
+
+    plain = make_checkpoint(root / "flash-plain", preset="tiny", fmt="hf", flash=True)
+    prefixed = make_checkpoint(root / "flash-prefixed", preset="tiny", fmt="hf", flash=True)
+    state = load_file(str(prefixed / "model.safetensors"))
+    state = {(k if k.startswith(("language_model.", "lm_head.")) else f"model.{k}"): v for k, v in state.items()}
+    save_file(state, str(prefixed / "model.safetensors"))
+    pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    a, b = (VisionHalf.from_checkpoint(p) for p in (plain, prefixed))
+    assert torch.equal(a.gate(a.vit(pixels)), b.gate(b.vit(pixels)))
+    torch.testing.assert_close(a.project(a.vit(pixels), compressed=True), b.project(b.vit(pixels), compressed=True),
+                               rtol=0, atol=0)

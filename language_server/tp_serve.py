@@ -1,0 +1,107 @@
+"""`dvd language --tp N`: one language server spanning N devices, one process per rank.
+
+Rank 0 is the `dvd language` process itself: it serves gRPC, receives the features (once) and runs a
+`TensorParallelEngine`, which broadcasts every step's commands. Ranks 1..N-1 are child processes that load
+the same checkpoint, keep their shard and `follow`. torch.distributed runs over gloo on CPUs and NCCL on
+GPUs (rank r on the r-th device after `--device`), rendezvousing through a file in a private temp dir.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from language_server.engine import Engine
+from language_server.model import LanguageHalf
+from language_server.server_config import LanguageServerConfig
+from language_server.tensor_parallel import TensorParallelEngine, follow, shard_language_model
+
+logger = logging.getLogger("dvd.language.tp")
+# Followers wait in a broadcast while rank 0 has no work: an idle server must not time them out.
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+def rank_device(device: str, rank: int) -> str:
+    """`cuda:K` -> `cuda:K+rank`, `cuda` -> `cuda:rank`; a CPU is shared by every rank."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return device
+    return f"{kind}:{int(index or 0) + rank}"
+
+
+def _init(config: LanguageServerConfig, rank: int, store: Path) -> None:
+    backend = "gloo" if config.device == "cpu" else "nccl"
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=config.tensor_parallel,
+                            timeout=IDLE_TIMEOUT)
+
+
+def _load(config: LanguageServerConfig, rank: int) -> LanguageHalf:
+    device = rank_device(config.device, rank)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
+    language = LanguageHalf.from_checkpoint(config.model, dtype=config.torch_dtype, device=device)
+    shard_language_model(language.model, rank, config.tensor_parallel)
+    return language
+
+
+def _follower(rank: int, config: LanguageServerConfig, store: str) -> None:
+    _init(config, rank, Path(store))
+    try:
+        follow(Engine(_load(config, rank), config.engine))
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class TensorParallelGroup:
+    """Rank 0's side of the group: its engine and the follower processes it stops."""
+
+    engine: TensorParallelEngine
+    followers: list
+    store_dir: Path
+
+    def stop(self) -> None:
+        """After the engine loop stopped: tell the followers to return, and wait for them."""
+        try:
+            self.engine.stop_followers()
+            for process in self.followers:
+                process.join(60)
+        finally:
+            for process in self.followers:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def start_group(config: LanguageServerConfig) -> TensorParallelGroup:
+    """Start ranks 1..N-1, join them as rank 0, and build rank 0's engine over its shard."""
+    store_dir = Path(tempfile.mkdtemp(prefix="dvd-tp-"))
+    store = store_dir / "rendezvous"
+    context = mp.get_context("spawn")
+    followers = [context.Process(target=_follower, args=(rank, config, str(store)), name=f"dvd-language-rank{rank}",
+                                 daemon=True) for rank in range(1, config.tensor_parallel)]
+    for process in followers:
+        process.start()
+    try:
+        _init(config, 0, store)
+        engine = TensorParallelEngine(_load(config, 0), config.engine)
+    except BaseException:
+        for process in followers:
+            process.kill()
+            process.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
+        raise
+    logger.info("tensor parallel over %d ranks (%s)", config.tensor_parallel, dist.get_backend())
+    return TensorParallelGroup(engine, followers, store_dir)
