@@ -105,12 +105,14 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
             self.streams[rid] = queue
             assert self.loop is not None
+            if request.num_images:  # waiting from here, so an Abort from now on ends the wait
+                self.waiting.add(rid)
+                claim = self.pool.claim(rid, request.num_images)
             prompt = list(segments[0]) + ([self.chat.image_start_id] if request.num_images else [])
             self.loop.add(EngineRequest(rid, prompt, sampling, prompt_complete=not request.num_images))
             in_engine = True
             await self._notify()
-            if request.num_images:
-                claim = self.pool.claim(rid, request.num_images)
+            if claim is not None:
                 await self._feed(rid, request, context, claim, segments, prompt, sampling, frames)
             waited_ms = (time.perf_counter() - t0) * 1e3
             first = True
@@ -181,8 +183,6 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             timeout = min(timeout, remaining)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self.waiting.add(rid)
-        await self._notify()
         try:
             for index, segment in enumerate(segments[1:]):
                 frames.append(claim.take_ready() or await asyncio.wait_for(claim.next(), deadline - loop.time()))
