@@ -76,10 +76,9 @@ class Scheduler:
     def extend(self, request: EngineRequest, piece: PromptPiece) -> None:
         """The next piece of a request's prompt arrived; a running request looks for it in the prefix cache."""
         request.append_prompt(piece)
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and request.status is RequestStatus.RUNNING:  # else: at admission
             self.prefix_cache.stats.num_query_tokens += len(piece.ids)
-            if request.status is RequestStatus.RUNNING:
-                self._take_cached(request, self._cached_blocks(request))
+            self._take_cached(request, self._cached_blocks(request))
 
     def computed(self, request: EngineRequest) -> None:
         """After a forward pass: offer the request's newly completed blocks to the prefix cache."""
