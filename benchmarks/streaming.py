@@ -4,7 +4,9 @@
    request of N images; image i's frame arrives `(i + 1) x --encode-ms` after the request (the vision
    server encoding its images one after another). Streaming hands the engine the text up to the first
    image at once and each image with the text after it when its frame comes; waiting adds the whole
-   prompt when the last frame came. TTFT is counted from the request's arrival.
+   prompt when the last frame came. TTFT is counted from the request's arrival; also reported: the time
+   and the tokens the engine computed from the last frame to the first token (the count does not
+   depend on the machine's load).
 2. **Prefix cache**: turn 2 of a chat about one image (turn 1's prompt, its answer, a new question),
    with the cache on and off; the frame is there at once. TTFT of turn 2 only.
 
@@ -46,21 +48,27 @@ def _image_prompt(chat: ChatFormat, num_images: int, rows: int, text_words: int)
     return ids, [i + 1 for i, t in enumerate(ids) if t == chat.image_start_id]
 
 
-def _drive(engine: Engine, rid: str, events: list[tuple[float, object]]) -> float:
-    """Applies each (at seconds, action) when due while stepping the engine; seconds to the request's first token."""
+def _drive(engine: Engine, rid: str, events: list[tuple[float, object]]) -> tuple[float, float, int]:
+    """Applies each (at seconds, action) when due while stepping the engine. Returns seconds from the start
+    and from the last event to the request's first token, and the tokens the engine computed in between
+    (what was left to prefill once the last frame was there: a count the machine's load cannot skew)."""
     start = time.perf_counter()
     pending = list(events)
+    last_at, tokens_at_last = 0.0, 0
     while True:
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now:
             pending.pop(0)[1]()  # type: ignore[operator]
+            if not pending:
+                last_at, tokens_at_last = time.perf_counter() - start, engine.stats.num_batch_tokens
         if engine.has_work:
             for output in engine.step():
                 if output.request_id == rid and output.new_token_ids:
                     first = time.perf_counter() - start
+                    tokens = engine.stats.num_batch_tokens - tokens_at_last
                     engine.abort(rid)  # TTFT is all we time here
                     engine.run_until_done()
-                    return first
+                    return first, first - last_at, tokens
         elif pending:
             time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))  # the simulated vision server
         else:
@@ -68,7 +76,7 @@ def _drive(engine: Engine, rid: str, events: list[tuple[float, object]]) -> floa
 
 
 def streaming_ttft(engine: Engine, chat: ChatFormat, num_images: int, rows: int, encode_s: float,
-                   text_words: int, stream: bool, rid: str) -> float:
+                   text_words: int, stream: bool, rid: str) -> tuple[float, float, int]:
     hidden = engine.language.model.config.hidden_size
     ids, starts = _image_prompt(chat, num_images, rows, text_words)
     features = [torch.randn(rows, hidden, dtype=torch.bfloat16) * 0.05 for _ in range(num_images)]
@@ -93,7 +101,7 @@ def chat_turn2_ttft(engine: Engine, chat: ChatFormat, rows: int, rid: str) -> tu
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "<image>\nWhat is in it?"}]
     ids = chat.expand(chat.build(messages, 1), [rows])
     start = ids.index(chat.image_start_id) + 1
-    engine.add(EngineRequest(f"{rid}-1", ids, greedy(max_new_tokens=16), images=[(start, image)],
+    engine.add(EngineRequest(f"{rid}-1", ids, greedy(max_new_tokens=8), images=[(start, image)],
                              image_keys={start: key}))
     answer = [t for o in engine.run_until_done()[f"{rid}-1"] for t in o.new_token_ids]
     messages += [{"role": "assistant", "content": chat.decode(answer)},
@@ -103,7 +111,7 @@ def chat_turn2_ttft(engine: Engine, chat: ChatFormat, rows: int, rid: str) -> tu
     hits = engine.stats.num_prefix_cache_hit_tokens
     request = EngineRequest(f"{rid}-2", ids, greedy(max_new_tokens=2), images=[(start, image)],
                             image_keys={start: key})
-    ttft = _drive(engine, f"{rid}-2", [(0.0, lambda: engine.add(request))])
+    ttft, _, _ = _drive(engine, f"{rid}-2", [(0.0, lambda: engine.add(request))])
     return ttft, engine.stats.num_prefix_cache_hit_tokens - hits
 
 
@@ -142,27 +150,38 @@ def main(argv: list[str]) -> int:
     say = (lambda *a: None) if args.as_json else print
 
     def engine(prefix_cache: bool) -> Engine:
-        return Engine(language, EngineConfig(block_size=args.block_size, num_blocks=4096 // args.block_size * 8,
+        # room for the largest request here (4 images of 256 rows and their text) and no more: KV is big
+        return Engine(language, EngineConfig(block_size=args.block_size, num_blocks=4096 // args.block_size,
                                              max_batch_tokens=args.max_batch_tokens, linear_backend=args.linear_backend,
                                              enable_prefix_cache=prefix_cache))
 
-    plain = engine(False)
+    plain = engine(False)  # part 1: no prefix cache, so repeats do not hit each other
     streaming_ttft(plain, chat, 1, args.rows, 0.0, args.text_words, True, "warmup")
     part1 = []
     for n in (int(x) for x in args.images.split(",")):
-        times = {mode: statistics.median(streaming_ttft(plain, chat, n, args.rows, args.encode_ms / 1e3,
-                                                        args.text_words, mode == "streaming", f"{mode}-{n}-{r}")
-                                         for r in range(args.repeats))
-                 for mode in ("wait_for_all", "streaming")}
-        part1.append({"images": n, "ttft_wait_for_all_ms": times["wait_for_all"] * 1e3,
-                      "ttft_streaming_ms": times["streaming"] * 1e3,
-                      "reduction": 1 - times["streaming"] / times["wait_for_all"]})
-        r = part1[-1]
-        say(f"{n} image(s), frames every {args.encode_ms:.0f} ms: TTFT waiting for all {r['ttft_wait_for_all_ms']:7.0f}"
-            f" ms, streaming {r['ttft_streaming_ms']:7.0f} ms ({r['reduction']:.0%} lower)")
+        runs: dict[str, list[tuple[float, float, int]]] = {"wait_for_all": [], "streaming": []}
+        for r in range(args.repeats):  # the two modes interleaved, so a change of load hits both alike
+            for mode, got in runs.items():
+                got.append(streaming_ttft(plain, chat, n, args.rows, args.encode_ms / 1e3, args.text_words,
+                                          mode == "streaming", f"{mode}-{n}-{r}"))
+        row: dict[str, float] = {"images": n}
+        for mode, got in runs.items():
+            row[f"ttft_{mode}_ms"] = statistics.median(t for t, _, _ in got) * 1e3
+            row[f"after_last_frame_{mode}_ms"] = statistics.median(a for _, a, _ in got) * 1e3
+            row[f"tokens_after_last_frame_{mode}"] = got[-1][2]
+        row["reduction"] = 1 - row["ttft_streaming_ms"] / row["ttft_wait_for_all_ms"]
+        part1.append(row)
+        say(f"{n} image(s), frames every {args.encode_ms:.0f} ms: TTFT waiting for all "
+            f"{row['ttft_wait_for_all_ms']:7.0f} ms, streaming {row['ttft_streaming_ms']:7.0f} ms "
+            f"({row['reduction']:.0%} lower); after the last frame "
+            f"{row['after_last_frame_wait_for_all_ms']:.0f} vs {row['after_last_frame_streaming_ms']:.0f} ms, "
+            f"{row['tokens_after_last_frame_wait_for_all']} vs {row['tokens_after_last_frame_streaming']} tokens")
+    del plain
     part2 = {}
     for on in (False, True):
-        runs = [chat_turn2_ttft(engine(on), chat, args.rows, f"chat-{on}-{r}") for r in range(args.repeats)]
+        chat_engine = engine(on)  # fresh images each repeat: turn 2 can only hit its own turn 1
+        runs = [chat_turn2_ttft(chat_engine, chat, args.rows, f"chat-{on}-{r}") for r in range(args.repeats)]
+        del chat_engine
         part2["on" if on else "off"] = {"ttft_turn2_ms": statistics.median(t for t, _ in runs) * 1e3,
                                         "hit_tokens": runs[-1][1]}
     say(f"chat turn 2 with an image: TTFT prefix cache off {part2['off']['ttft_turn2_ms']:.0f} ms, on "

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from dvd.errors import FeaturePoolFullError, InvalidRequestError
+from dvd.errors import FeaturePoolFullError, InvalidRequestError, RequestAbortedError
 from transport import Frame
 
 
@@ -47,7 +47,7 @@ class Claim:
 
     def close(self) -> None:
         """The request is done with its claim: frames handed over but not taken are released."""
-        self._fail(asyncio.CancelledError("the claim was closed"))
+        self._fail(RequestAbortedError("the request's claim on its features was closed"))
 
     async def next(self) -> Frame:
         """The next image's frame; raises the claim's error (pool full, bad index, abort, release)."""
@@ -169,7 +169,7 @@ class FeaturePool:
             _release(entry)
             self.stats.num_requests_released += 1
             if entry.claim is not None:
-                entry.claim._fail(asyncio.CancelledError(f"request {request_id} was released"))
+                entry.claim._fail(RequestAbortedError(f"request {request_id} was released"))
         self._gone[request_id] = None
         while len(self._gone) > self._forget_after:
             self._gone.popitem(last=False)

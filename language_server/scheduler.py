@@ -1,13 +1,13 @@
 """Which requests compute which tokens next: continuous batching over the paged KV cache.
 
-Why our own scheduler and not transformers' (`init_continuous_batching`): a request may join only
-once its image features are complete, its features must be freed with it, it needs its own seeded
+Why our own scheduler and not transformers' (`init_continuous_batching`): a request's prompt grows as
+its images' features arrive, its features must be freed with it, it needs its own seeded
 sampler, repetition penalty, min-new-tokens and stop strings (transformers' CB applies one
 generation config to the whole batch), and abort must free its blocks before the next step; its
 scheduler owns the request states and runs in its own thread, so none of that can be added from
 outside. The policy is the usual one (vLLM's): every running request's decode token first, then
-prefill chunks fill the batch's token budget; a request is admitted only when its whole prompt's
-blocks are free; when a running request cannot grow, the latest admitted request is preempted
+prefill chunks fill the batch's token budget; a request is admitted only when the blocks of its whole
+known prompt are free; when a running request cannot grow, the latest admitted request is preempted
 (blocks freed, recomputed later) so the oldest always progress.
 
 A prompt may arrive in pieces as its images' features do (`EngineRequest.append_prompt`): only its
@@ -77,10 +77,9 @@ class Scheduler:
     def extend(self, request: EngineRequest, piece: PromptPiece) -> None:
         """The next piece of a request's prompt arrived; a running request looks for it in the prefix cache."""
         request.append_prompt(piece)
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and request.status is RequestStatus.RUNNING:  # else: at admission
             self.prefix_cache.stats.num_query_tokens += len(piece.ids)
-            if request.status is RequestStatus.RUNNING:
-                self._take_cached(request, self._cached_blocks(request))
+            self._take_cached(request, self._cached_blocks(request))
 
     def computed(self, request: EngineRequest) -> None:
         """After a forward pass: offer the request's newly completed blocks to the prefix cache."""

@@ -196,8 +196,6 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             timeout = min(timeout, remaining)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self.waiting.add(rid)
-        await self._notify()
         try:
             for index, segment in enumerate(segments[1:]):
                 frames.append(claim.take_ready() or await asyncio.wait_for(claim.next(), deadline - loop.time()))

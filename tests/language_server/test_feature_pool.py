@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from dvd.errors import InvalidRequestError
+from dvd.errors import InvalidRequestError, RequestAbortedError
 from language_server.feature_pool import FeaturePool, FeaturePoolFullError
 from transport import Frame, header_for
 
@@ -69,7 +69,7 @@ def test_orphans_make_room_and_expire_and_claims_fail_when_nothing_fits() -> Non
             await claim_g.next()
         claim_h = full.claim("h", 2)
         full.release("h")
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(RequestAbortedError, match="request h was released"):
             await claim_h.next()
         expiring = FeaturePool(max_bytes=1 << 20, orphan_ttl_s=1e-9)
         expiring.put(frame("old", 0))
