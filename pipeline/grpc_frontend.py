@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from dvd.errors import rpc_metadata
-from dvd.requests import ChatFields, StageTimings
+from dvd.requests import STAGES, ChatFields, StageTimings
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from pipeline.serving import ServingCore, as_dvd_error
 from pipeline.validate import ApiLimits, build_chat_request
@@ -37,7 +37,8 @@ def chat_fields(request: generation_pb2.GenerateRequest) -> ChatFields:
 
 
 def _timings(timings: StageTimings) -> generation_pb2.StageTimings:
-    return generation_pb2.StageTimings(**{f"{k}_ms": v for k, v in timings.ms.items()})
+    # the five stages the proto names; the extra breakdown (features_wait, preprocess, vit) is HTTP's dvd_timings
+    return generation_pb2.StageTimings(**{f"{k}_ms": timings.ms[k] for k in STAGES if k in timings.ms})
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
