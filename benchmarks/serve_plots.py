@@ -40,9 +40,11 @@ def stage_segments(record: RequestRecord) -> list[tuple[str, float, float]]:
         out.append(("encode", at["encode_start"], at["encode_end"]))
     if "transfer_start" in at and "transfer_end" in at:
         out.append(("transfer", at["transfer_start"], at["transfer_end"]))
+    if "features_ready" not in at and "start" in at:  # coupled: waiting for the model, before its encode
+        out.append(("queue", 0.0, at["start"]))
     if "prefill_start" in at:
-        queued_from = at.get("features_ready", at.get("start", 0.0))
-        out.append(("queue", queued_from, at["prefill_start"]))
+        if "features_ready" in at:  # disaggregated: features complete -> first scheduled
+            out.append(("queue", at["features_ready"], at["prefill_start"]))
         if first is not None:
             out.append(("prefill", at["prefill_start"], first))
     if first is not None and end is not None:
