@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, str] = {
     "compare": "benchmarks.compare",
     "memory": "benchmarks.memory",
     "serve": "benchmarks.serve",
+    "streaming": "benchmarks.streaming",
     "transport": "benchmarks.transport",
     "vision": "benchmarks.vision",
 }

@@ -116,7 +116,7 @@ def chat_turn2_ttft(engine: Engine, chat: ChatFormat, rows: int, rid: str) -> tu
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.streaming", description=__doc__,
+    parser = argparse.ArgumentParser(prog="dvd bench streaming", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="internvl3_5-1b-shaped", help="make-checkpoint preset")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where checkpoints are built and kept")

@@ -84,7 +84,7 @@ class Gateway:
         self._grpc, self.grpc_port = await start_grpc_server(
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
             self.config.host, self.config.grpc_port, self.config.limits.max_body_bytes,
-            self.tls[1] if self.tls else None)
+            credentials=self.tls[1] if self.tls else None)
 
     async def stop(self) -> None:
         if self._grpc is not None:
