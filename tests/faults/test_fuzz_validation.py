@@ -63,7 +63,8 @@ def _check(build) -> None:
         s = request.sampling
         assert 1 <= s.max_new_tokens <= LIMITS.max_new_tokens_limit and 0 <= s.temperature <= 2
         assert 0 < s.top_p <= 1 and 0 < s.repetition_penalty <= 10 and math.isfinite(request.timeout_s)
-        assert len(request.media) <= LIMITS.max_images + LIMITS.max_videos and len(request.stop_strings) <= LIMITS.max_stop_strings
+        assert len(request.media) <= LIMITS.max_images + LIMITS.max_videos
+        assert len(request.stop_strings) <= LIMITS.max_stop_strings
         assert s.seed is None or -(2**63) <= s.seed < 2**63  # it must fit the language server's int64
         assert 0 <= s.top_k < 2**31 and 0 <= s.min_new_tokens <= s.max_new_tokens
 
