@@ -86,3 +86,31 @@ def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except (DvdError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], role: str) -> Any | None:
+    """A `dvd vision` / `dvd language` process's config: from `--config FILE` or its flags, the shared
+    token read from its file or $DVD_TOKEN (never argv), the process pinned to its CPUs before any
+    model or thread pool exists. None after one line naming what was wrong (the caller exits 2)."""
+    import argparse
+    import dataclasses
+
+    from dvd.config_file import config_or_flags
+    from dvd.cpus import pin_process
+    from dvd.token_file import resolve_token
+
+    if getattr(args, "token", None):
+        print("error: --token was removed (a token in argv shows in ps to every user): put it in a file "
+              "readable only by you and pass --token-file PATH, or set DVD_TOKEN", file=sys.stderr)
+        return None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    try:
+        config = config_or_flags(cls, args, parser, keep=("log_level",))
+        token = resolve_token(config.transport.token, config.token_file)
+        config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
+    except ValueError as exc:  # ConfigError included: one line naming the key
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    pin_process(config.cpus, role)
+    return config

@@ -14,14 +14,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import sys
 
-from dvd.config_file import config_or_flags
-from dvd.cpus import pin_process
-from dvd.process import configure_logging, run_process, until_stop_signal
-from dvd.token_file import resolve_token
+from dvd.process import configure_logging, run_process, server_config, until_stop_signal
 from language_server.server_config import LanguageServerConfig
 from language_server.server_config import add_arguments as add_config_arguments
 
@@ -59,18 +54,5 @@ async def serve(config: LanguageServerConfig) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    if getattr(args, "token", None):
-        print("error: --token was removed (a token in argv shows in ps to every user): put it in a file "
-              "readable only by you and pass --token-file PATH, or set DVD_TOKEN", file=sys.stderr)
-        return 2
-    try:
-        config = config_or_flags(LanguageServerConfig, args, parser, keep=("log_level",))
-        token = resolve_token(config.transport.token, config.token_file)
-        config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
-    except ValueError as exc:  # ConfigError included: one line naming the key, exit code 2
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    pin_process(config.cpus, "language server")  # before the model and its thread pools exist
-    return run_process(lambda: serve(config))
+    config = server_config(LanguageServerConfig, args, add_arguments, "language server")
+    return 2 if config is None else run_process(lambda: serve(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,3 +96,27 @@ class Gateway:
     async def serve_forever(self) -> None:
         await until_stop_signal()
         log.warning("shutting down")
+
+
+async def run_gateway(command: str, config: GatewayConfig, backend: Backend, keys: ApiKeys,
+                      describe: Callable[[], Awaitable[str]],
+                      backend_started: Callable[[], None] = lambda: None) -> int:
+    """What `dvd serve` and `dvd gateway` do once configured: start the backend, then the APIs; print
+    where they listen and `COMMAND: ready`; serve until SIGINT/SIGTERM; stop both."""
+    gateway = Gateway(config, backend, keys)
+    try:
+        await backend.start()
+        backend_started()
+        await gateway.start()
+        print(f"{command}: {await describe()}", flush=True)
+        tls = " (TLS)" if gateway.tls else ""
+        print(f"{command}: OpenAI API at {gateway.scheme}://{config.host}:{gateway.http_port}/v1, "
+              f"gRPC at {config.host}:{gateway.grpc_port}{tls}", flush=True)
+        if keys.enabled:
+            print(f"{command}: API keys required ({len(keys.keys)} configured; /health is open)", flush=True)
+        print(f"{command}: ready", flush=True)
+        await gateway.serve_forever()
+    finally:
+        await gateway.stop()
+        await backend.stop()
+    return 0

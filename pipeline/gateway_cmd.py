@@ -28,7 +28,7 @@ from dvd.config_file import ConfigError
 from dvd.process import configure_logging, run_process
 from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
 from pipeline.backends.disaggregated import DisaggregatedBackend
-from pipeline.gateway import Gateway
+from pipeline.gateway import run_gateway
 from pipeline.gateway_config import StandaloneGatewayConfig, load_gateway_config
 from pipeline.replicas import attached
 
@@ -87,24 +87,12 @@ async def serve(config: StandaloneGatewayConfig, keys: ApiKeys) -> int:
     backend = DisaggregatedBackend(model, attached("vision", config.vision), attached("language", config.language),
                                    probe=config.probe)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
-    gateway = Gateway(config.gateway, backend, keys)
-    try:
-        await backend.start()
-        await gateway.start()
-        host = config.gateway.host
+
+    async def describe() -> str:
         _, detail = await backend.health()
-        print(f"dvd gateway: {backend.mode}; {detail}", flush=True)
-        tls = " (TLS)" if gateway.tls else ""
-        print(f"dvd gateway: OpenAI API at {gateway.scheme}://{host}:{gateway.http_port}/v1, "
-              f"gRPC at {host}:{gateway.grpc_port}{tls}", flush=True)
-        if keys.enabled:
-            print(f"dvd gateway: API keys required ({len(keys.keys)} configured; /health is open)", flush=True)
-        print("dvd gateway: ready", flush=True)
-        await gateway.serve_forever()
-    finally:
-        await gateway.stop()
-        await backend.stop()
-    return 0
+        return f"{backend.mode}; {detail}"
+
+    return await run_gateway("dvd gateway", config.gateway, backend, keys, describe)
 
 
 def run(args: argparse.Namespace) -> int:

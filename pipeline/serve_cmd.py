@@ -31,7 +31,7 @@ from dvd.cpus import pin_process
 from dvd.process import configure_logging, run_process
 from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
 from pipeline.backends import backend_class
-from pipeline.gateway import Gateway
+from pipeline.gateway import run_gateway
 from pipeline.serve_config import ServeConfig, load_serve_config, with_model
 
 log = logging.getLogger("dvd.serve")
@@ -148,25 +148,15 @@ def _model_path(config: ServeConfig) -> Path:
 async def _serve(config: ServeConfig, keys: ApiKeys) -> int:
     config = with_model(config, _model_path(config))
     backend = backend_class("coupled" if config.coupled else "disaggregated").from_serve_config(config)
-    gateway = Gateway(config.gateway, backend, keys)
-    try:
-        await backend.start()
+
+    async def describe() -> str:
+        return f"{backend.mode}; model {backend.model_name} ({config.model})"
+
+    def backend_started() -> None:
         if not config.coupled:  # after the children started, so they do not inherit the gateway's CPUs
             pin_process(config.cpus, "gateway", torch_threads=False)
-        await gateway.start()
-        host = config.gateway.host
-        print(f"dvd serve: {backend.mode}; model {backend.model_name} ({config.model})", flush=True)
-        tls = " (TLS)" if gateway.tls else ""
-        print(f"dvd serve: OpenAI API at {gateway.scheme}://{host}:{gateway.http_port}/v1, "
-              f"gRPC at {host}:{gateway.grpc_port}{tls}", flush=True)
-        if keys.enabled:
-            print(f"dvd serve: API keys required ({len(keys.keys)} configured; /health is open)", flush=True)
-        print("dvd serve: ready", flush=True)
-        await gateway.serve_forever()
-    finally:
-        await gateway.stop()
-        await backend.stop()
-    return 0
+
+    return await run_gateway("dvd serve", config.gateway, backend, keys, describe, backend_started)
 
 
 def run(args: argparse.Namespace) -> int:
