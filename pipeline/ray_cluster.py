@@ -76,6 +76,10 @@ class RayGatewayRole:
     http_port: int = 8000
     grpc_port: int = 50051
     resources: dict[str, float] = field(default_factory=dict)
+    # The gateway binds its node's address, beyond loopback: clients need a key (a file on that node),
+    # or `insecure: true` says anyone who reaches it may use it.
+    api_key_file: Path | None = None
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,8 @@ def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
             described.append(info)
     gateway = StandaloneGatewayConfig(
         model=config.model, vision=tuple(addresses["vision"]), language=tuple(addresses["language"]),
-        gateway=GatewayConfig(http_port=config.gateway.http_port, grpc_port=config.gateway.grpc_port),
+        gateway=GatewayConfig(http_port=config.gateway.http_port, grpc_port=config.gateway.grpc_port,
+                              api_key_file=config.gateway.api_key_file, insecure=config.gateway.insecure),
         probe=config.probe)
     actor = actor_cls.options(name="dvd-gateway", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
                               num_cpus=0.001, resources=config.gateway.resources).remote(

@@ -54,7 +54,8 @@ def test_cluster_up_serves_survives_a_killed_actor_and_down_leaves_nothing(tiny_
               "probe": {"interval_s": 0.5, "timeout_s": 5.0, "fail_threshold": 2},
               "ray": {"start_local": True, "temp_dir": temp_dir, "num_cpus": 2,
                       "resources": {"vision": 1, "language": 1, "gateway": 1}},
-              "gateway": {"http_port": http, "grpc_port": grpc_port, "resources": {"gateway": 1}},
+              # a one-machine test cluster: nobody else can reach the node address it binds
+              "gateway": {"http_port": http, "grpc_port": grpc_port, "resources": {"gateway": 1}, "insecure": True},
               "vision": {"port": vision, "resources": {"vision": 1}, "settings": {"cache_bytes": 0}},
               "language": {"port": language, "transport_port": transport, "resources": {"language": 1}}}
     path = tmp_path / "ray.yaml"
