@@ -21,8 +21,10 @@ _LISTEN = re.compile(r"OpenAI API at (https?)://([\d.]+):(\d+)/v1, gRPC at ([\d.
 
 
 class ServeProcess:
-    def __init__(self, *args: str, ready_timeout_s: float = 240.0) -> None:
-        self.args = ["serve", "--port", "0", "--grpc-port", "0", *args]
+    def __init__(self, *args: str, ready_timeout_s: float = 240.0, command: str = "serve") -> None:
+        """`command`: `serve`, or `gateway` for a gateway over servers started elsewhere."""
+        self.command = command
+        self.args = [command, "--port", "0", "--grpc-port", "0", *args]
         self.ready_timeout_s = ready_timeout_s
         self.lines: list[str] = []
         self.http_url = ""
@@ -49,7 +51,7 @@ class ServeProcess:
             if match:
                 self.http_url = f"{match[1]}://{match[2]}:{match[3]}"
                 self.grpc_address = f"{match[4]}:{match[5]}"
-            if line.strip() == "dvd serve: ready":
+            if line.strip() == f"dvd {self.command}: ready":
                 self._ready.set()
         self._ready.set()  # the process ended: wake whoever waits
 

@@ -1,0 +1,71 @@
+"""A gateway killed (kill -9) while it holds requests leaves no orphaned work on the servers it
+dialled: the language server sees the gRPC stream break and frees the request's KV blocks and
+features, the vision server its Encode; a new gateway over the same servers serves at once."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
+from tests.conftest import encode, photo_like
+from tests.faults.helpers import long_story, sse, wait_for
+from tests.serve_process import ServeProcess, post_chat, read_line
+
+ROOT = Path(__file__).parents[2]
+IMAGE = "data:image/jpeg;base64," + base64.b64encode(encode(photo_like(640, 480, 9), "JPEG")).decode()
+
+
+def _server(kind: str, model: Path, token: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen([sys.executable, "-m", "dvd", kind, "--model", str(model), "--port", "0",
+                                "--token-file", str(token), "--log-level", "WARNING"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    line = read_line(process, 240)
+    match = re.search(r"serving on ([\d.]+:\d+)", line)
+    assert match, line
+    return process, match[1]
+
+
+def _counters(stub: object) -> dict[str, float]:
+    return dict(stub.Stats(common_pb2.StatsRequest(), timeout=30).counters)  # type: ignore[attr-defined]
+
+
+def test_a_killed_gateway_leaves_no_orphaned_work(tiny_hf: Path, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("gateway-restart-test-token\n")
+    token.chmod(0o600)
+    started: list[subprocess.Popen[str]] = []
+    try:
+        language, language_address = _server("language", tiny_hf, token)
+        started.append(language)
+        vision, vision_address = _server("vision", tiny_hf, token)
+        started.append(vision)
+        attach = ("--model", str(tiny_hf), "--vision", vision_address, "--language", language_address)
+        with grpc.insecure_channel(language_address) as lc, grpc.insecure_channel(vision_address) as vc:
+            language_stub, vision_stub = language_pb2_grpc.LanguageStub(lc), vision_pb2_grpc.VisionStub(vc)
+            with ServeProcess(*attach, command="gateway") as gateway, sse(gateway, long_story()) as events:
+                next(iter(events))  # a text request decoding
+                wait_for(lambda: _counters(language_stub)["num_kv_blocks_used"] > 0, 60, "decoding")
+                gateway.proc.kill()  # no SIGTERM, no Abort: the gateway just disappears
+                gateway.proc.wait(30)
+            wait_for(lambda: _counters(language_stub)["num_streams"] == 0, 30, "the stream freed")
+            counters = _counters(language_stub)
+            assert counters["num_kv_blocks_used"] == 0 and counters["feature_pool_bytes"] == 0, counters
+            assert _counters(vision_stub)["num_inflight"] == 0
+            with ServeProcess(*attach, command="gateway") as again:  # a restarted gateway serves at once
+                status, answer = post_chat(again.http_url, {"max_tokens": 3, "temperature": 0, "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}},
+                                                 {"type": "text", "text": "What is this?"}]}]})
+                assert status == 200, answer
+            assert again.leftover_children == []
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            process.wait(60)
+    assert all(p.returncode == 0 for p in started)
