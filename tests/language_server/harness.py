@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 class Harness:
     def __init__(self, model: Path, language: LanguageHalf, **overrides: Any) -> None:
-        engine = EngineConfig(block_size=16, num_blocks=256, max_batch_tokens=256)
+        engine = EngineConfig(block_size=16, num_blocks=256, max_batch_tokens=256, enable_prefix_cache=True)
         self.config = LanguageServerConfig(model=model, engine=engine, **overrides)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="language-test-loop", daemon=True)

@@ -42,7 +42,7 @@ def hits(engine: Engine) -> int:
 def test_multi_turn_chat_about_an_image_prefills_the_image_once(language: LanguageHalf, chat: ChatFormat,
                                                                 image_features: list[torch.Tensor]) -> None:
     image = image_features[0]
-    cached, plain = make_engine(language), make_engine(language, enable_prefix_cache=False)
+    cached, plain = make_engine(language, enable_prefix_cache=True), make_engine(language, enable_prefix_cache=False)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "<image>\ndescribe it"}]
     for turn, question in enumerate(["and the colours?", "which corner is brightest?"]):
         ids, images = chat_ids(chat, messages, [image])
@@ -63,7 +63,7 @@ def test_concurrent_requests_sharing_a_system_prompt(language: LanguageHalf, cha
     requests = [(chat_ids(chat, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], [])[0],
                  [], []) for q in questions]
     plain = generate(make_engine(language, enable_prefix_cache=False), chat, requests)
-    cached = make_engine(language)
+    cached = make_engine(language, enable_prefix_cache=True)
     assert generate(cached, chat, requests[:1], "warm") == plain[:1]
     assert generate(cached, chat, requests) == plain  # all at once, all sharing the first one's blocks
     columns = zip(*(ids for ids, _, _ in requests), strict=False)  # up to the shortest
@@ -71,7 +71,7 @@ def test_concurrent_requests_sharing_a_system_prompt(language: LanguageHalf, cha
     assert shared > 32 and hits(cached) >= len(questions) * (shared // 16 * 16)
     # a tight cache: requests preempt each other and evict blocks, shared blocks are never lost while held
     longest = max(len(ids) for ids, _, _ in requests) + 8
-    tight = make_engine(language, num_blocks=-(-longest // 16) + 3, max_batch_tokens=64)
+    tight = make_engine(language, num_blocks=-(-longest // 16) + 3, max_batch_tokens=64, enable_prefix_cache=True)
     assert generate(tight, chat, requests) == plain
     assert generate(tight, chat, requests[::-1], "again") == plain[::-1]
     assert tight.stats.num_preemptions > 0 and tight.stats.num_prefix_cache_evictions > 0 and hits(tight) > 0
@@ -89,7 +89,7 @@ def test_no_hit_across_different_images_or_without_a_key(language: LanguageHalf,
     plain = make_engine(language, enable_prefix_cache=False)
     want_a, want_b = generate(plain, chat, [(ids, images_a, [None]), (ids, images_b, [None])])
     assert want_a != want_b  # the image decides the answer
-    engine = make_engine(language)
+    engine = make_engine(language, enable_prefix_cache=True)
     assert generate(engine, chat, [(ids, images_a, [b"key-a"])], "a") == [want_a]
     for features, key, want in ((b, b"key-b", want_b), (b, None, want_b), (a, None, want_a)):
         before = hits(engine)
