@@ -67,8 +67,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
         self.waiting: set[str] = set()  # requests waiting for features
         self.draining = False
-        # Notified whenever a request starts waiting for features, enters the engine or leaves: the
-        # drain (and tests) wait on it for a state, never on time.
+        # Notified whenever a frame arrives, a request starts waiting for features, enters the engine or
+        # leaves: the drain (and tests) wait on it for a state, never on time.
         self.state = asyncio.Condition()
         self._notify_task: asyncio.Future[None] | None = None
         self.hidden_size = engine.language.model.config.hidden_size
@@ -90,6 +90,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
             frame.arrived_at = time.monotonic()
             self.pool.put(frame)
             del frame  # the pool (then the engine) holds the only reference
+            await self._notify()  # a frame taken, kept or refused changes what waiters may wait on
 
     # --- Generate -------------------------------------------------------------------------------
     async def Generate(self, request: language_pb2.LanguageGenerateRequest,
