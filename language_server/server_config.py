@@ -80,7 +80,7 @@ class LanguageServerConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LanguageServerConfig:
-        linear = args.linear_backend or ("onednn" if args.device == "cpu" else "torch")
+        linear = args.linear_backend or EngineConfig.linear_backend
         engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                               max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running,
                               max_queued_requests=args.max_queued, linear_backend=linear)
@@ -130,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor parallel ranks: one process per rank, devices --device onwards (default 1)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],
-                        help="kernel for the LLM's linear layers (default onednn on cpu, torch elsewhere)")
+                        help="kernel for the LLM's linear layers (default torch; onednn is faster only for "
+                             "small decode batches of 1B+ models, slower for prefill: language_server/linear.py)")
     parser.add_argument("--cpus", help="pin this server to these CPUs (Linux list: 0, 2-3) and size torch's "
                                        "threads to them (default: every CPU)")

@@ -95,15 +95,6 @@ def _fixed(model: Path) -> dict[str, Any]:
     return {"model": model, "host": "127.0.0.1", "port": 0, "transport": TransportConfig()}
 
 
-def _with_linear_default(section: dict[str, Any]) -> dict[str, Any]:
-    """The language servers' default kernel, as `dvd language` picks it: oneDNN on a CPU."""
-    engine = section.get("engine", {})
-    if isinstance(engine, dict) and "linear_backend" not in engine:
-        device = section.get("device", "cpu")
-        section = {**section, "engine": {**engine, "linear_backend": "onednn" if device == "cpu" else "torch"}}
-    return section
-
-
 def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> ServeConfig:
     """From a file's mapping and flag overrides (dotted keys, e.g. "language.engine.num_blocks")."""
     data = _merged(data, overrides)
@@ -132,7 +123,7 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
         probe=probe,
         vision_replicas=vision_replicas, language_replicas=language_replicas,
         vision=from_dict(VisionServerConfig, vision, "vision", **_fixed(path)),
-        language=from_dict(LanguageServerConfig, _with_linear_default(language), "language", **_fixed(path)),
+        language=from_dict(LanguageServerConfig, language, "language", **_fixed(path)),
     )
 
 
