@@ -124,7 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long running requests may finish before they are failed (30)")
     parser.add_argument("--block-size", type=int, default=32, help="KV cache block, in tokens (32)")
     parser.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks; capacity = blocks x size")
-    parser.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one forward pass (512)")
+    parser.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
+                        help="most tokens in one forward pass (default 2048; smaller: lower decode latency "
+                             "beside prefills, less throughput)")
     parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
     parser.add_argument("--tp", type=int, default=1,
