@@ -74,7 +74,11 @@ class VisionEngine:
 
     def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None) -> None:
         self.config = config
-        self.replicas = [VisionHalf.from_checkpoint(config.model, config.torch_dtype, d) for d in config.devices]
+        self.replicas = [VisionHalf.from_checkpoint(config.model, config.torch_dtype, group, config.layer_split)
+                         for group in config.replica_devices]
+        for half in self.replicas:
+            if len(half.stages) > 1:
+                logger.info("vision replica placed over %d devices: %s", len(half.stages), half.where)
         self.info = self.replicas[0].info
         preprocess = PreprocessConfig.from_checkpoint(config.model)
         limit = max(config.max_num_limit, preprocess.max_num)
