@@ -107,7 +107,8 @@ class VisionEngine:
         out = dict(self.counters)
         out |= {k: float(v) for k, v in dataclasses.asdict(self.batcher.stats).items()}
         out["num_inflight"] = len(self.inflight)
-        out["num_devices"] = len(self.replicas)
+        out["num_devices"] = len(self.config.devices)
+        out["num_replicas"] = len(self.replicas)  # fewer than devices when each spans several
         batches = self.batcher.stats.num_batches
         out["mean_batch_tiles"] = self.batcher.stats.num_batch_tiles / batches if batches else 0.0
         if self.cache is not None:

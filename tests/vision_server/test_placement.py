@@ -111,7 +111,7 @@ def test_the_greedy_answer_is_the_single_device_one(checkpoint: Path) -> None:
 
 
 def test_a_server_over_two_placements_sends_the_single_device_features(vit6b: Path) -> None:
-    from dvd.v1 import vision_pb2
+    from dvd.v1 import common_pb2, vision_pb2
 
     config = PreprocessConfig.from_checkpoint(vit6b)
     data = encode(photo_like(900, 500, 1))
@@ -120,7 +120,8 @@ def test_a_server_over_two_placements_sends_the_single_device_features(vit6b: Pa
     harness = Harness(VisionServerConfig(model=vit6b, devices=SPLIT, devices_per_replica=2, cache_bytes=0,
                                          max_batch_tiles=int(pixels.shape[0]), max_wait_ms=60_000))
     try:
-        assert harness.server is not None and len(harness.server.engine.replicas) == 1
+        counters = dict(harness.stub.Stats(common_pb2.StatsRequest()).counters)
+        assert (counters["num_devices"], counters["num_replicas"]) == (2, 1)
         harness.stub.Encode(vision_pb2.EncodeRequest(request_id="placed", destination=harness.sink.address,
                                                      inputs=[vision_pb2.MediaInput(data=data, max_num=6)]))
         (_, tensor), = harness.sink.wait("placed", 1)
