@@ -136,7 +136,7 @@ class VisionHalf(torch.nn.Module):
     @property
     def where(self) -> str:
         """The device, or for a placed half its devices and their layers (for logs and thread names)."""
-        if len(self.stages) == 1:
+        if len(self.stages) <= 1:
             return str(self.device)
         return " + ".join(stage.describe() for stage in self.stages)
 
