@@ -12,7 +12,8 @@ File layout (every key optional):
     transport: {...}            # TransportConfig: kind (tcp | rdma), ucx_tls, limits; both ends share it
     probe: {...}                # ProbeConfig: interval_s, timeout_s, fail_threshold (when a server is down)
     gateway: {...}              # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
-    vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, dtype, max_batch_tiles, cache_bytes, ...)
+    vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, devices_per_replica, layer_split, dtype,
+                                # max_batch_tiles, cache_bytes, ...)
     language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
     cpus: "1"                   # CPU list for this process: the gateway, or with coupled the whole model
                                 # (vision.cpus / language.cpus pin the servers; see dvd/cpus.py)
