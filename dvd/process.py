@@ -97,6 +97,7 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
 
     from dvd.config_file import config_or_flags
     from dvd.cpus import pin_process
+    from dvd.malloc import reuse_freed_memory
     from dvd.token_file import resolve_token
 
     if getattr(args, "token", None):
@@ -113,4 +114,5 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
         print(f"error: {exc}", file=sys.stderr)
         return None
     pin_process(config.cpus, role)
+    reuse_freed_memory()  # before the model's first forward pass (dvd/malloc.py says why)
     return config

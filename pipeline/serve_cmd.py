@@ -28,6 +28,7 @@ from typing import Any
 
 from dvd.config_file import ConfigError
 from dvd.cpus import pin_process
+from dvd.malloc import reuse_freed_memory
 from dvd.process import configure_logging, run_process
 from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
 from pipeline.backends import backend_class
@@ -169,4 +170,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist
         pin_process(config.cpus, "coupled server")
+        reuse_freed_memory()  # as the vision and language servers do (dvd/malloc.py)
     return run_process(lambda: _serve(config, keys))
