@@ -17,8 +17,8 @@ Workloads (--dataset; benchmarks/serve_workload.py):
              a line without max tokens gets --output-len. A bad line is refused with its number.
 When an image is sent twice (cycling, several rates, --same-images) the encoder cache may hit and
 flatter encode times: the output says so (start `dvd serve --cache-mib 0` to encode every one).
-Arrivals: --request-rate (a comma list runs a sweep; inf = all at
-once), Poisson unless --burstiness says otherwise (gamma shape), at most --max-concurrency in flight.
+Arrivals: --request-rate (a comma list runs a sweep; inf = all at once), Poisson unless --burstiness
+says otherwise (gamma shape), at most --max-concurrency in flight.
 
 Writes a JSON result file (--result-file) and, unless --no-plots, PNGs beside it: throughput against
 request rate, latency CDFs and a per-request timeline (Gantt) of the stages, per rate.
