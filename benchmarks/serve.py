@@ -3,11 +3,22 @@ sees, with `vllm bench serve`'s metric names and definitions (benchmarks/serve_m
 per-stage breakdown (encode, transfer, queue, prefill, decode: each measured on the server where it
 happens) and visual tokens per request.
 
-Workload `random-mm` (benchmarks/serve_workload.py): images of a resolution bucket (448, 896, 1344 px,
-or mixed), distinct per request unless --same-images (then the encoder cache may hit, and the output
-says so), a prompt of --input-len random words, exactly --output-len tokens out (min_tokens =
-max_completion_tokens, ignore_eos). Arrivals: --request-rate (a comma list runs a sweep; inf = all at
-once), Poisson unless --burstiness says otherwise (gamma shape), at most --max-concurrency in flight.
+Workloads (--dataset; benchmarks/serve_workload.py):
+  random-mm  images of a resolution bucket (448, 896, 1344 px, or mixed), distinct per request unless
+             --same-images, a prompt of --input-len random words, exactly --output-len tokens out
+             (min_tokens = max_completion_tokens, ignore_eos).
+  folder     every image file of --dataset-path FOLDER, sorted by name, cycled to --num-prompts
+             (--images-per-request each), sent as base64 data URLs as they are on disk, with --prompt
+             (or --input-len random words) and exactly --output-len tokens out; files that are not
+             readable images are named and skipped.
+  jsonl      --dataset-path FILE: one OpenAI chat-completions body per line (messages, optional
+             max_tokens / max_completion_tokens, temperature), cycled to --num-prompts and sent as
+             written, streamed with usage (a line's model, stream and stream_options are replaced);
+             a line without max tokens gets --output-len. A bad line is refused with its number.
+When an image is sent twice (cycling, several rates, --same-images) the encoder cache may hit and
+flatter encode times: the output says so (start `dvd serve --cache-mib 0` to encode every one).
+Arrivals: --request-rate (a comma list runs a sweep; inf = all at once), Poisson unless --burstiness
+says otherwise (gamma shape), at most --max-concurrency in flight.
 
 Writes a JSON result file (--result-file) and, unless --no-plots, PNGs beside it: throughput against
 request rate, latency CDFs and a per-request timeline (Gantt) of the stages, per rate.
@@ -15,6 +26,8 @@ request rate, latency CDFs and a per-request timeline (Gantt) of the stages, per
 Examples:
   dvd bench serve --base-url http://127.0.0.1:8000 --bucket 896 --num-prompts 32 --request-rate 1,2,inf
   dvd bench serve --api grpc --grpc-address 127.0.0.1:50051 --bucket 448 --request-rate inf
+  dvd bench serve --dataset folder --dataset-path photos/ --num-prompts 32 --prompt "Describe the image."
+  dvd bench serve --dataset jsonl --dataset-path requests.jsonl --num-prompts 64 --request-rate 2
 """
 
 from __future__ import annotations
@@ -32,7 +45,14 @@ from typing import Any
 
 from benchmarks.serve_client import GrpcSender, HttpSender, run_requests
 from benchmarks.serve_metrics import RequestRecord, compute_metrics, parse_goodput
-from benchmarks.serve_workload import WORKLOAD_BUCKETS, Workload, plan
+from benchmarks.serve_workload import (
+    WORKLOAD_BUCKETS,
+    WORKLOADS,
+    WorkloadOptions,
+    WorkloadSource,
+    build_workload,
+    repeated_images,
+)
 
 
 def parse_rates(text: str) -> list[float]:
@@ -55,14 +75,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--base-url", default="http://127.0.0.1:8000", help="the gateway's HTTP address (default %(default)s)")
     add("--grpc-address", default="127.0.0.1:50051", help="the gateway's gRPC address, with --api grpc")
     add("--model", default="", help="model name sent in requests (default: the first of /v1/models)")
-    add("--dataset", choices=["random-mm"], default="random-mm", help="workload (default random-mm)")
+    add("--dataset", choices=list(WORKLOADS), default="random-mm",
+        help="workload: random-mm (generated pictures), folder (a folder's images) or jsonl (OpenAI chat "
+             "requests, one a line); default random-mm")
+    add("--dataset-path", type=Path, default=None, help="folder: the folder of images; jsonl: the .jsonl file")
     add("--bucket", choices=WORKLOAD_BUCKETS, default="896",
-        help="image resolution (448/896/1344 px squares: 1, 5, 10 tiles), mixed (drawn per request) or text")
-    add("--images-per-request", type=int, default=1, help="images in each request (default 1)")
-    add("--input-len", type=int, default=16, help="random words of text per request (default 16)")
-    add("--output-len", type=int, default=16, help="tokens generated per request, exactly (default 16)")
-    add("--text-fraction", type=float, default=0.0, help="share of requests without images (default 0)")
-    add("--same-images", action="store_true", help="one picture per bucket for all requests (encoder cache hits)")
+        help="random-mm: image resolution (448/896/1344 px squares: 1, 5, 10 tiles), mixed (drawn per request) "
+             "or text")
+    add("--images-per-request", type=int, default=1, help="random-mm, folder: images in each request (default 1)")
+    add("--input-len", type=int, default=16, help="random-mm, folder: random words of text per request (default 16)")
+    add("--prompt", default="", help="folder: this text with every image instead of --input-len random words")
+    add("--output-len", type=int, default=16,
+        help="tokens generated per request, exactly (jsonl: for lines with no max tokens, not forced; default 16)")
+    add("--jsonl-exact-output", action="store_true",
+        help="jsonl: send min_tokens = max tokens and ignore_eos, so every deployment generates the same tokens")
+    add("--text-fraction", type=float, default=0.0, help="random-mm: share of requests without images (default 0)")
+    add("--same-images", action="store_true",
+        help="random-mm: one picture per bucket for all requests (encoder cache hits)")
     add("--num-prompts", type=int, default=16, help="requests per rate (default 16)")
     add("--num-warmups", type=int, default=1, help="requests sent (one at a time) before measuring (default 1)")
     add("--request-rate", default="inf", help="requests/s, comma list for a sweep; inf = all at once (default inf)")
@@ -77,10 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--quiet", action="store_true", help="no progress bar")
 
 
-def workload_from_args(args: argparse.Namespace) -> Workload:
-    return Workload(bucket=args.bucket, num_prompts=args.num_prompts, images_per_request=args.images_per_request,
-                    input_len=args.input_len, output_len=args.output_len, text_fraction=args.text_fraction,
-                    same_images=args.same_images, seed=args.seed)
+def workload_from_args(args: argparse.Namespace) -> WorkloadSource:
+    """The --dataset workload; ValueError says what is wrong (a missing folder, a bad JSONL line, ...)."""
+    options = WorkloadOptions(
+        bucket=args.bucket, num_prompts=args.num_prompts, images_per_request=args.images_per_request,
+        input_len=args.input_len, output_len=args.output_len, text_fraction=args.text_fraction,
+        same_images=args.same_images, seed=args.seed, path=args.dataset_path, prompt=args.prompt,
+        exact_output=args.jsonl_exact_output)
+    return build_workload(args.dataset, options)
 
 
 def machine() -> dict[str, Any]:
@@ -95,25 +128,28 @@ def _record_dict(record: RequestRecord) -> dict[str, Any]:
     return out
 
 
-async def run_benchmark(args: argparse.Namespace, workload: Workload | None = None) -> dict[str, Any]:
+async def run_benchmark(args: argparse.Namespace, workload: WorkloadSource | None = None) -> dict[str, Any]:
     """Every rate of the sweep against one gateway; the JSON-ready result."""
     workload = workload or workload_from_args(args)
     rates = parse_rates(args.request_rate)
     slo = parse_goodput(args.goodput)
+    rounds = [workload.plan_round(i) for i in range(len(rates))]
+    repeats = repeated_images(rounds)
+    if repeats:
+        print(f"note: {repeats} of the {sum(len(r.images) for rs in rounds for r in rs)} images sent repeat an "
+              "earlier one, so the encoder cache may hit and flatter encode times (dvd serve --cache-mib 0 "
+              "encodes every one)", file=sys.stderr)
     sender: Any = GrpcSender(args.grpc_address) if args.api == "grpc" else HttpSender(args.base_url, args.model)
     result: dict[str, Any] = {
-        "label": args.label, "api": args.api, "workload": asdict(workload), "burstiness": args.burstiness,
-        "max_concurrency": args.max_concurrency, "encoder_cache_may_hit": workload.same_images,
-        "machine_before": machine(), "runs": [],
+        "label": args.label, "api": args.api, "workload": workload.describe(), "workload_text": workload.summary(),
+        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+        "encoder_cache_may_hit": repeats > 0, "repeated_images": repeats, "machine_before": machine(), "runs": [],
     }
     async with sender:
         if args.num_warmups:
-            warm = plan(Workload(**{**asdict(workload), "num_prompts": args.num_warmups, "seed": workload.seed + 7919}))
-            await run_requests(sender, warm, float("inf"), 1.0, 1, args.seed, "warm-up", not args.quiet)
-        for i, rate in enumerate(rates):
-            # fresh pictures for every rate, so one rate's encodes do not fill the encoder cache for the next
-            requests = plan(workload if i == 0 or workload.same_images
-                            else Workload(**{**asdict(workload), "seed": workload.seed + 104729 * i}))
+            await run_requests(sender, workload.warmups(args.num_warmups), float("inf"), 1.0, 1, args.seed,
+                               "warm-up", not args.quiet)
+        for rate, requests in zip(rates, rounds, strict=True):
             started = time.time()
             records = await run_requests(sender, requests, rate, args.burstiness, args.max_concurrency, args.seed,
                                          f"rate {rate:g}", not args.quiet)
@@ -128,9 +164,11 @@ async def run_benchmark(args: argparse.Namespace, workload: Workload | None = No
     return result
 
 
-def summary(run: dict[str, Any], label: str) -> str:
+def summary(run: dict[str, Any], label: str, workload_text: str = "") -> str:
     """vllm bench serve's result table, plus DvD's stages."""
     lines = [f"{'=' * 14} Serving Benchmark Result {label} {'=' * 14}"]
+    if workload_text:
+        lines.append(f"Workload: {workload_text}")
 
     def row(name: str, value: Any, fmt: str = ".2f") -> None:
         lines.append(f"{name:<40}{value:>12{fmt}}" if isinstance(value, float) else f"{name:<40}{value:>12}")
@@ -177,7 +215,7 @@ def write_outputs(result: dict[str, Any], result_file: Path | None, plot_dir: Pa
 
         plot_dir.mkdir(parents=True, exist_ok=True)
         stem = (result_file.stem if result_file is not None else "serve") + "-"
-        label = result["label"] or result["workload"]["bucket"]
+        label = result["label"] or result["workload"].get("bucket") or result["workload"]["dataset"]
         path = plot_dir / f"{stem}throughput.png"
         plot_throughput(runs, path, f"{label}: throughput against request rate")
         written.append(path)
@@ -204,12 +242,12 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if workload.same_images:
-        print("note: --same-images: every request of a bucket sends the same picture, so the encoder cache may "
-              "hit and encode times are flattered", file=sys.stderr)
+    print(f"workload: {workload.summary()}", file=sys.stderr)
+    for name, why in getattr(workload, "skipped", ()):
+        print(f"warning: skipped {name}: {why}", file=sys.stderr)
     result = asyncio.run(run_benchmark(args, workload))
     for run in result["runs"]:
-        print(summary(run, result["label"]))
+        print(summary(run, result["label"], result["workload_text"]))
         if run["errors"]:
             print(f"errors (first {len(run['errors'])}): {run['errors']}")
     print(f"load average before {result['machine_before']['load_average']}, "

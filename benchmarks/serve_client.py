@@ -19,13 +19,43 @@ Sender = Callable[[PlannedRequest, RequestRecord], Awaitable[None]]
 
 
 def chat_body(request: PlannedRequest, model: str) -> dict[str, Any]:
-    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in request.images]
-    content.append({"type": "text", "text": request.prompt})
-    return {
-        "model": model, "messages": [{"role": "user", "content": content}], "stream": True,
-        "stream_options": {"include_usage": True}, "temperature": 0.0,
-        "max_completion_tokens": request.output_len, "min_tokens": request.output_len, "ignore_eos": True,
-    }
+    if request.messages is not None:  # a JSONL line: its messages as written
+        messages: list[dict[str, Any]] = [dict(m) for m in request.messages]
+    else:
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in request.images]
+        content.append({"type": "text", "text": request.prompt})
+        messages = [{"role": "user", "content": content}]
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                            "stream_options": {"include_usage": True}, "max_completion_tokens": request.output_len}
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.exact_output:
+        body |= {"min_tokens": request.output_len, "ignore_eos": True}
+    return body
+
+
+def _image_bytes(url: str) -> bytes:
+    if not url.startswith("data:") or "," not in url:
+        raise ValueError(f"--api grpc sends image bytes: only data: URLs can be sent, not {url[:60]!r}")
+    return base64.b64decode(url.partition(",")[2])
+
+
+def grpc_messages(request: PlannedRequest) -> list[Any]:
+    """The request as `dvd.v1` ChatMessages: images as bytes, in the order they were written."""
+    from dvd.v1 import generation_pb2
+
+    if request.messages is None:
+        parts = [generation_pb2.ContentPart(image=_image_bytes(url)) for url in request.images]
+        parts.append(generation_pb2.ContentPart(text=request.prompt))
+        return [generation_pb2.ChatMessage(role="user", content=parts)]
+    out = []
+    for message in request.messages:
+        content = message["content"]
+        parts = ([generation_pb2.ContentPart(text=content)] if isinstance(content, str) else
+                 [generation_pb2.ContentPart(text=p["text"]) if p["type"] == "text"
+                  else generation_pb2.ContentPart(image=_image_bytes(p["image_url"]["url"])) for p in content])
+        out.append(generation_pb2.ChatMessage(role=message["role"], content=parts))
+    return out
 
 
 class HttpSender:
@@ -117,14 +147,13 @@ class GrpcSender:
     async def __call__(self, request: PlannedRequest, record: RequestRecord) -> None:
         from dvd.v1 import generation_pb2
 
-        parts = [generation_pb2.ContentPart(image=base64.b64decode(url.partition(",")[2])) for url in request.images]
-        parts.append(generation_pb2.ContentPart(text=request.prompt))
-        call = generation_pb2.GenerateRequest(
-            messages=[generation_pb2.ChatMessage(role="user", content=parts)],
-            sampling=generation_pb2.Sampling(max_new_tokens=request.output_len, min_new_tokens=request.output_len,
-                                             temperature=0.0))
         record.sent_at = time.perf_counter()
         try:
+            sampling = generation_pb2.Sampling(max_new_tokens=request.output_len,
+                                               min_new_tokens=request.output_len if request.exact_output else 0)
+            if request.temperature is not None:
+                sampling.temperature = request.temperature
+            call = generation_pb2.GenerateRequest(messages=grpc_messages(request), sampling=sampling)
             async for response in self.stub.Generate(call):
                 if response.token_ids:
                     record.chunk_times.append(time.perf_counter())

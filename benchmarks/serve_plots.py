@@ -9,8 +9,9 @@ from typing import Any
 from benchmarks.serve_metrics import RequestRecord
 
 STAGE_COLORS = {"preprocess": "lightsteelblue", "encode": "tab:blue",
-                "transfer": "tab:orange", "queue": "tab:gray", "prefill": "tab:green",
-                "decode": "tab:red"}
+                "transfer": "tab:orange", "queue": "tab:gray", "prefix": "yellowgreen",
+                "prefill": "tab:green", "decode": "tab:red"}
+THIN_STAGES = {"prefix"}  # drawn as a thin strip under the row: they overlap another stage
 
 
 def _pyplot() -> Any:
@@ -43,10 +44,17 @@ def stage_segments(record: RequestRecord) -> list[tuple[str, float, float]]:
     if "features_ready" not in at and "start" in at:  # coupled: waiting for the model, before its encode
         out.append(("queue", 0.0, at["start"]))
     if "prefill_start" in at:
-        if "features_ready" in at:  # disaggregated: features complete -> first scheduled
-            out.append(("queue", at["features_ready"], at["prefill_start"]))
+        # Streaming prefill may schedule the text before the image as soon as the request arrives,
+        # long before its features do: that early part is `prefix` (drawn thin, under the encode it
+        # overlaps); prefill proper runs from the features' arrival. Drawn from prefill_start, a
+        # full-height prefill bar would cover the request's encode and transfer.
+        ready = at.get("features_ready", at["prefill_start"])
+        if at["prefill_start"] < ready:
+            out.append(("prefix", at["prefill_start"], ready))
+        elif "features_ready" in at:  # disaggregated: features complete -> first scheduled
+            out.append(("queue", ready, at["prefill_start"]))
         if first is not None:
-            out.append(("prefill", at["prefill_start"], first))
+            out.append(("prefill", max(at["prefill_start"], ready), first))
     if first is not None and end is not None:
         out.append(("decode", first, end))
     return [(stage, start, stop) for stage, start, stop in out if stop >= start]
@@ -62,7 +70,10 @@ def plot_timeline(records: list[RequestRecord], path: Path, title: str) -> None:
         base = record.sent_at - t0
         ax.barh(row, record.e2el, left=base, height=0.8, color="none", edgecolor="black", linewidth=0.4)
         for stage, start, stop in stage_segments(record):
-            ax.barh(row, stop - start, left=base + start, height=0.6, color=STAGE_COLORS[stage])
+            if stage in THIN_STAGES:  # below the full bars (the y axis is inverted: +0.3 is lower)
+                ax.barh(row + 0.3, stop - start, left=base + start, height=0.15, color=STAGE_COLORS[stage])
+            else:
+                ax.barh(row, stop - start, left=base + start, height=0.6, color=STAGE_COLORS[stage])
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in STAGE_COLORS.values()]
     ax.legend(handles, list(STAGE_COLORS), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_yticks(range(len(done)), [f"#{r.index} {r.bucket}" for r in done], fontsize=6)

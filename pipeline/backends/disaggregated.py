@@ -235,12 +235,12 @@ def stage_timings(marks: dict[str, float], features_wait_ms: float,
                   encoded: vision_pb2.EncodeResponse | None) -> StageTimings:
     """Each stage's duration from the one clock it happened on, so the servers need no clock sync:
     encode (Encode's arrival to the last slot's features: preprocess, batch wait, ViT) and transfer
-    (the transport's write of the slowest slot) on the vision server's; queue (joined the engine to
-    first scheduled), prefill (to the first token) and decode (to the finish) on the language
-    server's. The marks place them on the gateway's clock for timelines, counting each server's
-    stamps from the dispatch (a request reaches both servers within a gRPC hop of it); `first_token`
-    and `end` are the gateway's own. A stamp a server did not send (an older server) leaves its stage
-    to the gateway's own clock."""
+    (the transport's write of the slowest slot) on the vision server's; queue (joined the engine, or
+    its features complete, to first scheduled), prefill (the later of those to the first token) and
+    decode (to the finish) on the language server's. The marks place them on the gateway's clock
+    for timelines, counting each server's stamps from the dispatch (a request reaches both servers
+    within a gRPC hop of it); `first_token` and `end` are the gateway's own. A stamp a server did
+    not send (an older server) leaves its stage to the gateway's own clock."""
     dispatch, end = marks["dispatch"], marks["end"]
     first = marks.get("first_token", end)
     ms: dict[str, float] = {"encode": 0.0, "transfer": 0.0, "queue": 0.0}
@@ -260,8 +260,16 @@ def stage_timings(marks: dict[str, float], features_wait_ms: float,
         out_marks["cache_hit"] = 1.0
     ms["features_wait"] = features_wait_ms
     if stamped is not None and stamped.prefill_start_ms:
-        ms["queue"] = max(0.0, stamped.prefill_start_ms - stamped.engine_added_ms)
-        ms["prefill"] = max(0.0, stamped.first_token_ms - stamped.prefill_start_ms)
+        # Streaming prefill: a request with images joins the engine at once and the text before its
+        # first image may be scheduled (prefill_start) long before the features arrive. Only what
+        # follows the features (both on the language clock) is queue and prefill; the early part is
+        # `prefix_prefill`, overlapping the encode, not the encode's time counted again as prefill.
+        ready_ms = features_wait_ms if encoded is not None else 0.0
+        resume_ms = max(stamped.prefill_start_ms, ready_ms)
+        ms["queue"] = max(0.0, stamped.prefill_start_ms - max(stamped.engine_added_ms, ready_ms))
+        ms["prefill"] = max(0.0, stamped.first_token_ms - resume_ms)
+        if stamped.prefill_start_ms < ready_ms:
+            ms["prefix_prefill"] = ready_ms - stamped.prefill_start_ms
         finished_ms = last.finished_ms if last is not None and last.finished_ms else 0.0
         ms["decode"] = max(0.0, finished_ms - stamped.first_token_ms) if finished_ms else (end - first) * 1e3
         out_marks["features_ready"] = dispatch + features_wait_ms / 1e3

@@ -39,3 +39,41 @@ def test_text_only_and_cache_hits() -> None:
     hit = vision_pb2.EncodeResponse(slots=[vision_pb2.SlotResult(slot=0, num_tokens=256, cache_hit=True)])
     t = stage_timings({"dispatch": 0.0, "end": 0.05}, 0.0, last, stamped, hit)
     assert t.ms["encode"] == 0 and t.marks["cache_hit"] == 1.0 and t.visual_tokens == 256
+
+
+def test_streaming_prefill_started_before_the_features_does_not_hide_the_encode() -> None:
+    """Run 4's first batch: an idle engine schedules the text before the image at once (prefill_start
+    0.5 ms after Generate arrived), long before the features (110 ms). Prefill is what follows the
+    features, the early part is `prefix_prefill`, and the timeline's bars leave the encode visible."""
+    from benchmarks.serve_metrics import RequestRecord
+    from benchmarks.serve_plots import stage_segments
+
+    encoded = vision_pb2.EncodeResponse(slots=[
+        vision_pb2.SlotResult(slot=0, num_tokens=256, preprocessed_at_ms=20, encode_start_ms=30, encode_end_ms=100,
+                              send_start_ms=100, send_end_ms=104)])
+    stamped = language_pb2.LanguageGenerateResponse(token_ids=[5], features_wait_ms=110, engine_added_ms=0.2,
+                                                    prefill_start_ms=0.5, first_token_ms=150, frame_arrived_ms=[106])
+    last = language_pb2.LanguageGenerateResponse(finish_reason="length", finished_ms=250)
+    marks = {"dispatch": 1000.0, "first_token": 1000.152, "end": 1000.252}
+    t = stage_timings(marks, 110.0, last, stamped, encoded)
+    assert t.ms["prefill"] == pytest.approx(40)  # features complete (110) -> first token (150), not 149.5
+    assert t.ms["queue"] == 0 and t.ms["prefix_prefill"] == pytest.approx(109.5)
+    assert t.ms["decode"] == 100
+
+    record = RequestRecord(index=0, bucket="896", timings=t.as_dict())
+    segments = {stage: (start, stop) for stage, start, stop in stage_segments(record)}
+    assert segments["encode"] == pytest.approx((0.030, 0.100))
+    assert segments["transfer"] == pytest.approx((0.100, 0.104))
+    assert segments["prefix"] == pytest.approx((0.0005, 0.110))  # drawn thin: the encode stays visible
+    assert segments["prefill"] == pytest.approx((0.110, 0.152))  # after the encode, not over it
+    assert "queue" not in segments
+
+    # a busy engine: the request is first scheduled only after its features are complete -> queue
+    busy = language_pb2.LanguageGenerateResponse(token_ids=[5], features_wait_ms=110, engine_added_ms=0.2,
+                                                 prefill_start_ms=300, first_token_ms=340)
+    t = stage_timings(marks, 110.0, last, busy, encoded)
+    assert t.ms["queue"] == pytest.approx(190) and t.ms["prefill"] == pytest.approx(40)
+    assert "prefix_prefill" not in t.ms
+    segments = {stage: (start, stop) for stage, start, stop in
+                stage_segments(RequestRecord(index=0, bucket="896", timings=t.as_dict()))}
+    assert segments["queue"] == pytest.approx((0.110, 0.300)) and "prefix" not in segments
