@@ -7,6 +7,8 @@ merges are learned from a small built-in text, so building one takes millisecond
 
 from __future__ import annotations
 
+import json
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -64,8 +66,9 @@ First, think step by step, then give the final answer. The answer is 42 because 
 """.strip()
 
 
-def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of about `vocab_size` entries (specials included)."""
+def build_tokenizer(vocab_size: int = 1024, pad_to: int | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of about `vocab_size` entries (specials included); with `pad_to`, ids
+    up to `pad_to` exist too (see `_pad_vocabulary`)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -75,6 +78,13 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = _wrap(tokenizer)
+    if pad_to is not None and pad_to > len(fast):
+        fast = _wrap(_pad_vocabulary(fast.backend_tokenizer, len(fast), pad_to))
+    return fast
+
+
+def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
@@ -85,3 +95,18 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     fast.add_tokens(ADDED_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _pad_vocabulary(tokenizer: Tokenizer, start: int, end: int) -> Tokenizer:
+    """Ids [start, end) as vocabulary entries " w<id>" that no merge produces: encoding is unchanged,
+    and a model whose vocabulary is the released one's (151 936 ids for the 1b-shaped preset) decodes
+    every id it may sample to printable text. Without them, sampled ids past the 643 learned tokens
+    decoded to '' and clients such as AIPerf dropped the empty answers."""
+    data = json.loads(tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    # The added (special) tokens enter the model's vocabulary at their ids too: loading gives added tokens
+    # absent from it new ids after the model's vocabulary, which would move <IMG_CONTEXT> and the rest.
+    vocab |= {token["content"]: token["id"] for token in data["added_tokens"]}
+    for i in range(start, end):
+        vocab[f"\u0120w{i}"] = i  # the byte-level alphabet's space, so it decodes to " w<id>"
+    return Tokenizer.from_str(json.dumps(data))
