@@ -38,11 +38,13 @@ from transport.wire import Accept, Challenge, FeatureHeader, Heartbeat, Refuse, 
 
 logger = logging.getLogger(__name__)
 
-_Item = tuple[bytes, memoryview, torch.Tensor, asyncio.Future[None]]
+# A frame handed to the writer thread: the bytes still to write, the tensor they view (kept alive
+# until written), the future to settle, and whether the write lock is already held for it.
+_Item = tuple[list[memoryview], torch.Tensor, asyncio.Future[None]]
 
 
 class _Outbound:
-    """One connection to one receiver, with its writer and reader threads."""
+    """One connection to one receiver: frames written from the event loop or by its writer thread."""
 
     def __init__(self, sender: TcpSender, sock: socket.socket, peer: str, max_frame_bytes: int) -> None:
         self.sender = sender
@@ -52,35 +54,106 @@ class _Outbound:
         self.loop = asyncio.get_running_loop()
         self.error: TransportError | None = None
         self.num_inflight_bytes = 0
-        self._room = asyncio.Condition()
+        self._room_waiters: set[asyncio.Future[None]] = set()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # orders `error` against enqueueing, so no item is stranded
+        self._lock = threading.Lock()  # orders `error` and `_num_queued` against enqueueing
+        self._num_queued = 0  # frames given to the writer thread and not yet written
+        # Held by whoever is putting bytes on the socket (the loop, the writer or a heartbeat), so
+        # two writers never interleave bytes of different messages.
+        self._write_lock = threading.Lock()
         self.last_rx = stream.monotonic()
         self.writer = threading.Thread(target=self._write_loop, name=f"tcp-send {peer}", daemon=True)
         self.reader = threading.Thread(target=self._read_loop, name=f"tcp-ctl {peer}", daemon=True)
         self.writer.start()
         self.reader.start()
 
+    def _has_room(self, nbytes: int) -> bool:
+        # One frame larger than the whole budget may still go alone, or it could never go.
+        return (self.error is not None or self.num_inflight_bytes == 0
+                or self.num_inflight_bytes + nbytes <= self.sender.config.max_inflight_bytes)
+
     async def send(self, header: FeatureHeader, payload: memoryview, tensor: torch.Tensor) -> None:
-        limit = self.sender.config.max_inflight_bytes
-        async with self._room:
-            # One frame larger than the whole budget may still go alone, or it could never go.
-            await self._room.wait_for(
-                lambda: self.error is not None or self.num_inflight_bytes == 0
-                or self.num_inflight_bytes + header.nbytes <= limit
-            )
-            self.num_inflight_bytes += header.nbytes
+        nbytes = header.nbytes
+        while not self._has_room(nbytes):
+            waiter = self.loop.create_future()
+            self._room_waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._room_waiters.discard(waiter)
+        self.num_inflight_bytes += nbytes
         try:
-            done: asyncio.Future[None] = self.loop.create_future()
+            buffers = [memoryview(encode_framed(header)), payload]
             with self._lock:
                 if self.error is not None:
                     raise self.error
-                self._queue.put((encode_framed(header), payload, tensor, done))
-            await done
+                # Idle connection: write from here, no thread hand-off (see the module docstring).
+                on_loop = self._num_queued == 0 and self._write_lock.acquire(blocking=False)
+                if not on_loop:
+                    done: asyncio.Future[None] = self.loop.create_future()
+                    self._num_queued += 1
+                    self._queue.put((buffers, tensor, done))
+            if not on_loop:
+                await done
+            elif not self._write_now(buffers):
+                # The rest waits for room on the loop, in a task of its own: a caller cancelled mid-frame
+                # must not leave half a frame on the stream.
+                task = self.loop.create_task(self._write_on_loop(buffers))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, not logged
+                await asyncio.shield(task)
         finally:
-            async with self._room:
-                self.num_inflight_bytes -= header.nbytes
-                self._room.notify_all()
+            self.num_inflight_bytes -= nbytes
+            self._wake_waiters()
+
+    def _write_now(self, buffers: list[memoryview]) -> bool:
+        """As much of `buffers` as the socket takes without blocking; True (and the write lock released) when all."""
+        try:
+            with contextlib.suppress(BlockingIOError):
+                stream.advance(buffers, self.sock.sendmsg(buffers, [], socket.MSG_DONTWAIT))
+        except OSError as error:
+            self._write_lock.release()
+            self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+            assert self.error is not None
+            raise self.error from None
+        if not buffers:
+            self._write_lock.release()
+        return not buffers
+
+    async def _write_on_loop(self, buffers: list[memoryview]) -> None:
+        """Finish writing `buffers` from the loop whenever the socket has room; releases the write lock.
+
+        The socket stays registered with the loop's selector for the whole frame (a shut-down socket
+        reads as writable, so a failure ends the wait too).
+        """
+        fd = self.sock.fileno()
+        ready: asyncio.Future[None] = self.loop.create_future()
+
+        def on_writable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        try:
+            if fd < 0:  # closed by the reader thread after a failure
+                raise self.error or PeerLostError(f"connection to {self.peer} closed")
+            self.loop.add_writer(fd, on_writable)
+            try:
+                while True:
+                    await ready
+                    ready = self.loop.create_future()
+                    if self.error is not None:
+                        raise self.error
+                    with contextlib.suppress(BlockingIOError):
+                        stream.advance(buffers, self.sock.sendmsg(buffers, [], socket.MSG_DONTWAIT))
+                    if not buffers:
+                        return
+            finally:
+                self.loop.remove_writer(fd)
+        except OSError as error:
+            self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+            assert self.error is not None
+            raise self.error from None
+        finally:
+            self._write_lock.release()
 
     def fail(self, error: TransportError) -> None:
         """Mark the connection dead (first cause wins) and wake both threads."""
@@ -93,10 +166,10 @@ class _Outbound:
             self.loop.call_soon_threadsafe(self._wake_waiters)
 
     def _wake_waiters(self) -> None:
-        async def notify() -> None:
-            async with self._room:
-                self._room.notify_all()
-        self.loop.create_task(notify())
+        """On the loop: let every sender waiting for room look again."""
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _write_loop(self) -> None:
         interval = self.sender.config.heartbeat_interval_s
@@ -104,26 +177,31 @@ class _Outbound:
             try:
                 item = self._queue.get(timeout=interval)
             except queue.Empty:
-                item = None
-                heartbeat = True
-            else:
-                heartbeat = False
-            if self.error is not None:
-                if item is not None:
-                    self._settle(item[3], self.error)
+                # Quiet for an interval: beat, unless the loop is writing a frame right now.
+                if self.error is None and self._write_lock.acquire(blocking=False):
+                    try:
+                        stream.send_all(self.sock, [memoryview(encode_framed(Heartbeat()))])
+                    except OSError as error:
+                        self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+                        break
+                    finally:
+                        self._write_lock.release()
+                continue
+            if item is None:
                 break
-            try:
-                if heartbeat:
-                    stream.send_all(self.sock, [memoryview(encode_framed(Heartbeat()))])
-                    continue
-                assert item is not None
-                head, payload, _tensor, done = item
-                stream.send_all(self.sock, [memoryview(head), payload])
-                self._settle(done, None)
-            except OSError as error:
-                self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-                if item is not None:
-                    self._settle(item[3], self.error)
+            buffers, _tensor, done = item
+            # Waits only while the loop finishes a frame it started before this one was queued.
+            with self._write_lock:
+                try:
+                    if self.error is None:
+                        stream.send_all(self.sock, buffers)
+                except OSError as error:
+                    self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+                finally:
+                    with self._lock:
+                        self._num_queued -= 1
+            self._settle(done, self.error)
+            if self.error is not None:
                 break
         # Fail whatever is still queued: it will never be written.
         while True:
@@ -132,7 +210,7 @@ class _Outbound:
             except queue.Empty:
                 break
             if item is not None:
-                self._settle(item[3], self.error)
+                self._settle(item[2], self.error)
 
     def _settle(self, done: asyncio.Future[None], error: BaseException | None) -> None:
         def settle() -> None:
@@ -169,7 +247,12 @@ class _Outbound:
             self.fail(error)
         # The reader always ends second (fail() wakes the writer), so it owns closing the socket.
         self.writer.join()
+        # Not under a write the loop is finishing: it is registered with the loop's selector by file
+        # descriptor, and the shutdown above makes that write end (writable, then EPIPE).
+        acquired = self._write_lock.acquire(timeout=self.sender.config.connect_timeout_s)
         self.sock.close()
+        if acquired:
+            self._write_lock.release()
 
 
 class TcpSender(Sender):
