@@ -1,19 +1,22 @@
-"""The tcp sender: one connection per destination, written by one thread straight from tensor memory.
+"""The tcp sender: one connection per destination, written straight from tensor memory.
 
-`send()` queues (header, tensor) to the connection's writer thread, which does a scatter-gather
-`sendmsg` of the msgpack header and the tensor's own bytes: no copy and no join in Python. A
-reader thread takes the receiver's heartbeats and rejections; silence past the heartbeat timeout,
-EOF or a Refuse marks the connection dead and fails whatever was pending. See tcp_receiver.py for
-why this is plain TCP rather than pyzmq.
+`send()` writes a scatter-gather `sendmsg` of the msgpack header and the tensor's own bytes: no
+copy and no join in Python. On an idle connection the event loop makes the first, non-blocking
+`sendmsg` itself (at most `EAGER_BYTES`): a tile-sized frame is then done with no thread involved,
+and a larger one hands the rest, with the write lock, to the connection's writer thread, which
+blocks in `sendmsg` until the kernel took it all. Frames sent while one is in progress queue for
+the writer. A reader thread takes the receiver's heartbeats and rejections; silence past the
+heartbeat timeout, EOF or a Refuse marks the connection dead and fails whatever was pending. See
+tcp_receiver.py for why this is plain TCP rather than pyzmq.
 
-Where the time goes (profiled on the 2-core loopback, 26 MiB frames): per frame one `sendmsg`
-here and ~10-100 `recv_into` of 0.3-2.6 MiB at the receiver, no payload copy, no page fault after
-warm-up, like the raw socket. What a bare socket does not pay: one caller awaiting each send in
-turn leaves the wire idle ~0.5-0.8 ms per frame on a quiet machine (writer -> loop -> writer
-wake-ups and the loop's Python), and milliseconds when the machine is loaded. Sender and
-receiver copy at the same speed, so no kernel backlog builds to cover those wake-ups, and a
-partial eager write from the loop thread only moves the stall (tried, not kept). Concurrent
-senders hide it: the writer finds the next frame queued.
+Where the time goes (profiled with py-spy and timestamps on the 2-core loopback, 26 MiB frames,
+one caller awaiting each send in turn): the writer is in `sendmsg` 88-96% of a round; between two
+frames the wire waits ~0.5 ms on a loaded machine: ~0.05-0.4 ms for the loop to wake on the
+writer's completion, ~0.2 ms from there to the next frame queued, ~0.02-0.3 ms for the writer to
+wake. The loop's head start takes the last part off the wire's path. The sender is what limits a
+loopback stream (it runs both ends' TCP stack), so the kernel holds little backlog to cover the
+rest. A writer fully driven by the loop (non-blocking writes on every EPOLLOUT) was tried: no
+better for one stream, and worse for eight, whose copies it puts on the loop's one thread.
 """
 
 from __future__ import annotations
@@ -40,7 +43,21 @@ logger = logging.getLogger(__name__)
 
 # A frame handed to the writer thread: the bytes still to write, the tensor they view (kept alive
 # until written), the future to settle, and whether the write lock is already held for it.
-_Item = tuple[list[memoryview], torch.Tensor, asyncio.Future[None]]
+_Item = tuple[list[memoryview], torch.Tensor, asyncio.Future[None], bool]
+# The most the event loop writes of a frame itself (a tile's features, or the head start of a larger
+# frame that covers the writer thread's wake-up); bounded so the loop never stalls on a long copy.
+EAGER_BYTES = 1 << 20
+
+
+def _head(buffers: list[memoryview], limit: int) -> list[memoryview]:
+    """The first `limit` bytes of `buffers` as views (no copy)."""
+    head: list[memoryview] = []
+    for buffer in buffers:
+        if limit <= 0:
+            break
+        head.append(buffer[:limit])
+        limit -= buffer.nbytes
+    return head
 
 
 class _Outbound:
@@ -87,29 +104,30 @@ class _Outbound:
             with self._lock:
                 if self.error is not None:
                     raise self.error
-                # Idle connection: write from here, no thread hand-off (see the module docstring).
-                on_loop = self._num_queued == 0 and self._write_lock.acquire(blocking=False)
-                if not on_loop:
-                    done: asyncio.Future[None] = self.loop.create_future()
-                    self._num_queued += 1
-                    self._queue.put((buffers, tensor, done))
-            if not on_loop:
-                await done
-            elif not self._write_now(buffers):
-                # The rest waits for room on the loop, in a task of its own: a caller cancelled mid-frame
-                # must not leave half a frame on the stream.
-                task = self.loop.create_task(self._write_on_loop(buffers))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, not logged
-                await asyncio.shield(task)
+                # An idle connection: start (or, for a small frame, finish) the write right here, so a
+                # caller sending frames one after another waits on no thread to start each one.
+                eager = self._num_queued == 0 and self._write_lock.acquire(blocking=False)
+            if eager and self._write_now(buffers):
+                return
+            done: asyncio.Future[None] = self.loop.create_future()
+            with self._lock:
+                if self.error is not None:
+                    if eager:
+                        self._write_lock.release()
+                    raise self.error
+                self._num_queued += 1
+                # An eager partial write hands its write lock on with the rest of the frame.
+                self._queue.put((buffers, tensor, done, eager))
+            await done
         finally:
             self.num_inflight_bytes -= nbytes
             self._wake_waiters()
 
     def _write_now(self, buffers: list[memoryview]) -> bool:
-        """As much of `buffers` as the socket takes without blocking; True (and the write lock released) when all."""
+        """Write what the socket takes at once (at most EAGER_BYTES); True, write lock released, when all."""
         try:
             with contextlib.suppress(BlockingIOError):
-                stream.advance(buffers, self.sock.sendmsg(buffers, [], socket.MSG_DONTWAIT))
+                stream.advance(buffers, self.sock.sendmsg(_head(buffers, EAGER_BYTES), [], socket.MSG_DONTWAIT))
         except OSError as error:
             self._write_lock.release()
             self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
@@ -118,42 +136,6 @@ class _Outbound:
         if not buffers:
             self._write_lock.release()
         return not buffers
-
-    async def _write_on_loop(self, buffers: list[memoryview]) -> None:
-        """Finish writing `buffers` from the loop whenever the socket has room; releases the write lock.
-
-        The socket stays registered with the loop's selector for the whole frame (a shut-down socket
-        reads as writable, so a failure ends the wait too).
-        """
-        fd = self.sock.fileno()
-        ready: asyncio.Future[None] = self.loop.create_future()
-
-        def on_writable() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        try:
-            if fd < 0:  # closed by the reader thread after a failure
-                raise self.error or PeerLostError(f"connection to {self.peer} closed")
-            self.loop.add_writer(fd, on_writable)
-            try:
-                while True:
-                    await ready
-                    ready = self.loop.create_future()
-                    if self.error is not None:
-                        raise self.error
-                    with contextlib.suppress(BlockingIOError):
-                        stream.advance(buffers, self.sock.sendmsg(buffers, [], socket.MSG_DONTWAIT))
-                    if not buffers:
-                        return
-            finally:
-                self.loop.remove_writer(fd)
-        except OSError as error:
-            self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-            assert self.error is not None
-            raise self.error from None
-        finally:
-            self._write_lock.release()
 
     def fail(self, error: TransportError) -> None:
         """Mark the connection dead (first cause wins) and wake both threads."""
@@ -189,17 +171,18 @@ class _Outbound:
                 continue
             if item is None:
                 break
-            buffers, _tensor, done = item
-            # Waits only while the loop finishes a frame it started before this one was queued.
-            with self._write_lock:
-                try:
-                    if self.error is None:
-                        stream.send_all(self.sock, buffers)
-                except OSError as error:
-                    self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-                finally:
-                    with self._lock:
-                        self._num_queued -= 1
+            buffers, _tensor, done, locked = item
+            if not locked:
+                self._write_lock.acquire()  # free: nothing else writes while a frame is queued
+            try:
+                if self.error is None:
+                    stream.send_all(self.sock, buffers)
+            except OSError as error:
+                self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+            finally:
+                with self._lock:
+                    self._num_queued -= 1
+                self._write_lock.release()
             self._settle(done, self.error)
             if self.error is not None:
                 break
@@ -211,6 +194,8 @@ class _Outbound:
                 break
             if item is not None:
                 self._settle(item[2], self.error)
+                if item[3]:
+                    self._write_lock.release()
 
     def _settle(self, done: asyncio.Future[None], error: BaseException | None) -> None:
         def settle() -> None:
