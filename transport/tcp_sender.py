@@ -13,10 +13,10 @@ Where the time goes (profiled with py-spy and timestamps on the 2-core loopback,
 one caller awaiting each send in turn): the writer is in `sendmsg` 88-96% of a round; between two
 frames the wire waits ~0.5 ms on a loaded machine: ~0.05-0.4 ms for the loop to wake on the
 writer's completion, ~0.2 ms from there to the next frame queued, ~0.02-0.3 ms for the writer to
-wake. The loop's head start takes the last part off the wire's path. The sender is what limits a
-loopback stream (it runs both ends' TCP stack), so the kernel holds little backlog to cover the
-rest. A writer fully driven by the loop (non-blocking writes on every EPOLLOUT) was tried: no
-better for one stream, and worse for eight, whose copies it puts on the loop's one thread.
+wake. The loop's head start takes the last part off the wire's path; what the kernel still holds
+when `sendmsg` returns (0-3.8 MiB, by TIOCOUTQ) does not always cover the rest. A writer driven
+wholly by the loop (non-blocking writes on every EPOLLOUT) was tried: no better for one stream,
+and worse for eight, whose copies it puts on the loop's one thread (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
