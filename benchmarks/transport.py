@@ -38,6 +38,7 @@ SIZES: dict[str, int] = {"0.5MiB": MiB // 2, "2MiB": 2 * MiB, "26MiB": 26 * MiB}
 STREAMS = (1, 8, 64)
 KINDS = ("raw", "tcp", "rdma")
 RAW_PREFIX = struct.Struct("<Q")
+WARMUP_ROUNDS = 3
 RAW_IDENT_BYTES = 32
 # What the raw baseline does, stated in the output so its ratios can be judged. It is meant as an
 # honest best effort: the same payload memory kind as tcp (touched, not the shared zero page), no
@@ -270,13 +271,17 @@ async def _bench(kinds: list[str], args: argparse.Namespace, log: Any) -> dict[s
             for streams in args.streams:
                 rounds: dict[str, list[dict[str, Any]]] = {p.kind: [] for p in live}
                 per_stream = _plan(nbytes, streams, args.target_bytes)
-                for round_index in range(args.repeats + 1):
+                # Warm-up rounds, not counted (pool buffers and their page faults, TCP windows): until one
+                # allocates no new pool buffer, at most WARMUP_ROUNDS, since raw reuses one buffer throughout.
+                for warmup in range(WARMUP_ROUNDS):
+                    warm = [await peer.round(nbytes, streams, per_stream, f"{size_name}-{streams}-w{warmup}")
+                            for peer in live]
+                    if warmup and not any(figures["pool_allocations"] for figures in warm):
+                        break
+                for round_index in range(1, args.repeats + 1):
                     for peer in live if round_index % 2 else live[::-1]:
                         tag = f"{size_name}-{streams}-{round_index}"
-                        # Round 0 warms up (pool buffers, page faults, TCP windows) and is not counted.
-                        figures = await peer.round(nbytes, streams, per_stream, tag)
-                        if round_index:
-                            rounds[peer.kind].append(figures)
+                        rounds[peer.kind].append(await peer.round(nbytes, streams, per_stream, tag))
                 for kind, measured in rounds.items():
                     figures = _summary(measured)
                     results.setdefault(kind, {}).setdefault(size_name, {})[f"streams_{streams}"] = figures
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quick", action="store_true", help="64 MiB per point instead of 256 MiB")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="measured rounds per kind and point, after one warm-up round; the kinds run "
+                        help="measured rounds per kind and point, after 2-3 warm-up rounds; the kinds run "
                              "interleaved (order reversed each round) and each reports its median and best "
                              "round; the ratios to raw are of medians (the robust figure) and of bests")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: raw,tcp,rdma")
