@@ -1,19 +1,22 @@
-"""The tcp sender: one connection per destination, written by one thread straight from tensor memory.
+"""The tcp sender: one connection per destination, written straight from tensor memory.
 
-`send()` queues (header, tensor) to the connection's writer thread, which does a scatter-gather
-`sendmsg` of the msgpack header and the tensor's own bytes: no copy and no join in Python. A
-reader thread takes the receiver's heartbeats and rejections; silence past the heartbeat timeout,
-EOF or a Refuse marks the connection dead and fails whatever was pending. See tcp_receiver.py for
-why this is plain TCP rather than pyzmq.
+`send()` writes a scatter-gather `sendmsg` of the msgpack header and the tensor's own bytes: no
+copy and no join in Python. On an idle connection the event loop makes the first, non-blocking
+`sendmsg` itself (at most `EAGER_BYTES`): a tile-sized frame is then done with no thread involved,
+and a larger one hands the rest, with the write lock, to the connection's writer thread, which
+blocks in `sendmsg` until the kernel took it all. Frames sent while one is in progress queue for
+the writer. A reader thread takes the receiver's heartbeats and rejections; silence past the
+heartbeat timeout, EOF or a Refuse marks the connection dead and fails whatever was pending. See
+tcp_receiver.py for why this is plain TCP rather than pyzmq.
 
-Where the time goes (profiled on the 2-core loopback, 26 MiB frames): per frame one `sendmsg`
-here and ~10-100 `recv_into` of 0.3-2.6 MiB at the receiver, no payload copy, no page fault after
-warm-up, like the raw socket. What a bare socket does not pay: one caller awaiting each send in
-turn leaves the wire idle ~0.5-0.8 ms per frame on a quiet machine (writer -> loop -> writer
-wake-ups and the loop's Python), and milliseconds when the machine is loaded. Sender and
-receiver copy at the same speed, so no kernel backlog builds to cover those wake-ups, and a
-partial eager write from the loop thread only moves the stall (tried, not kept). Concurrent
-senders hide it: the writer finds the next frame queued.
+Where the time goes (profiled with py-spy and timestamps on the 2-core loopback, 26 MiB frames,
+one caller awaiting each send in turn): the writer is in `sendmsg` 88-96% of a round; between two
+frames the wire waits ~0.5 ms on a loaded machine: ~0.05-0.4 ms for the loop to wake on the
+writer's completion, ~0.2 ms from there to the next frame queued, ~0.02-0.3 ms for the writer to
+wake. The loop's head start takes the last part off the wire's path; what the kernel still holds
+when `sendmsg` returns (0-3.8 MiB, by TIOCOUTQ) does not always cover the rest. A writer driven
+wholly by the loop (non-blocking writes on every EPOLLOUT) was tried: no better for one stream,
+and worse for eight, whose copies it puts on the loop's one thread (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -38,11 +41,27 @@ from transport.wire import Accept, Challenge, FeatureHeader, Heartbeat, Refuse, 
 
 logger = logging.getLogger(__name__)
 
-_Item = tuple[bytes, memoryview, torch.Tensor, asyncio.Future[None]]
+# A frame handed to the writer thread: the bytes still to write, the tensor they view (kept alive
+# until written), the future to settle, and whether the write lock is already held for it.
+_Item = tuple[list[memoryview], torch.Tensor, asyncio.Future[None], bool]
+# The most the event loop writes of a frame itself (a tile's features, or the head start of a larger
+# frame that covers the writer thread's wake-up); bounded so the loop never stalls on a long copy.
+EAGER_BYTES = 1 << 20
+
+
+def _head(buffers: list[memoryview], limit: int) -> list[memoryview]:
+    """The first `limit` bytes of `buffers` as views (no copy)."""
+    head: list[memoryview] = []
+    for buffer in buffers:
+        if limit <= 0:
+            break
+        head.append(buffer[:limit])
+        limit -= buffer.nbytes
+    return head
 
 
 class _Outbound:
-    """One connection to one receiver, with its writer and reader threads."""
+    """One connection to one receiver: frames written from the event loop or by its writer thread."""
 
     def __init__(self, sender: TcpSender, sock: socket.socket, peer: str, max_frame_bytes: int) -> None:
         self.sender = sender
@@ -52,35 +71,71 @@ class _Outbound:
         self.loop = asyncio.get_running_loop()
         self.error: TransportError | None = None
         self.num_inflight_bytes = 0
-        self._room = asyncio.Condition()
+        self._room_waiters: set[asyncio.Future[None]] = set()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # orders `error` against enqueueing, so no item is stranded
+        self._lock = threading.Lock()  # orders `error` and `_num_queued` against enqueueing
+        self._num_queued = 0  # frames given to the writer thread and not yet written
+        # Held by whoever is putting bytes on the socket (the loop, the writer or a heartbeat), so
+        # two writers never interleave bytes of different messages.
+        self._write_lock = threading.Lock()
         self.last_rx = stream.monotonic()
         self.writer = threading.Thread(target=self._write_loop, name=f"tcp-send {peer}", daemon=True)
         self.reader = threading.Thread(target=self._read_loop, name=f"tcp-ctl {peer}", daemon=True)
         self.writer.start()
         self.reader.start()
 
+    def _has_room(self, nbytes: int) -> bool:
+        # One frame larger than the whole budget may still go alone, or it could never go.
+        return (self.error is not None or self.num_inflight_bytes == 0
+                or self.num_inflight_bytes + nbytes <= self.sender.config.max_inflight_bytes)
+
     async def send(self, header: FeatureHeader, payload: memoryview, tensor: torch.Tensor) -> None:
-        limit = self.sender.config.max_inflight_bytes
-        async with self._room:
-            # One frame larger than the whole budget may still go alone, or it could never go.
-            await self._room.wait_for(
-                lambda: self.error is not None or self.num_inflight_bytes == 0
-                or self.num_inflight_bytes + header.nbytes <= limit
-            )
-            self.num_inflight_bytes += header.nbytes
+        nbytes = header.nbytes
+        while not self._has_room(nbytes):
+            waiter = self.loop.create_future()
+            self._room_waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._room_waiters.discard(waiter)
+        self.num_inflight_bytes += nbytes
         try:
-            done: asyncio.Future[None] = self.loop.create_future()
+            buffers = [memoryview(encode_framed(header)), payload]
             with self._lock:
                 if self.error is not None:
                     raise self.error
-                self._queue.put((encode_framed(header), payload, tensor, done))
+                # An idle connection: start (or, for a small frame, finish) the write right here, so a
+                # caller sending frames one after another waits on no thread to start each one.
+                eager = self._num_queued == 0 and self._write_lock.acquire(blocking=False)
+            if eager and self._write_now(buffers):
+                return
+            done: asyncio.Future[None] = self.loop.create_future()
+            with self._lock:
+                if self.error is not None:
+                    if eager:
+                        self._write_lock.release()
+                    raise self.error
+                self._num_queued += 1
+                # An eager partial write hands its write lock on with the rest of the frame.
+                self._queue.put((buffers, tensor, done, eager))
             await done
         finally:
-            async with self._room:
-                self.num_inflight_bytes -= header.nbytes
-                self._room.notify_all()
+            self.num_inflight_bytes -= nbytes
+            self._wake_waiters()
+
+    def _write_now(self, buffers: list[memoryview]) -> bool:
+        """Write what the socket takes at once (at most EAGER_BYTES); True, write lock released, when all."""
+        try:
+            with contextlib.suppress(BlockingIOError):
+                stream.advance(buffers, self.sock.sendmsg(_head(buffers, EAGER_BYTES), [], socket.MSG_DONTWAIT))
+        except OSError as error:
+            self._write_lock.release()
+            self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+            assert self.error is not None
+            raise self.error from None
+        if not buffers:
+            self._write_lock.release()
+        return not buffers
 
     def fail(self, error: TransportError) -> None:
         """Mark the connection dead (first cause wins) and wake both threads."""
@@ -93,10 +148,10 @@ class _Outbound:
             self.loop.call_soon_threadsafe(self._wake_waiters)
 
     def _wake_waiters(self) -> None:
-        async def notify() -> None:
-            async with self._room:
-                self._room.notify_all()
-        self.loop.create_task(notify())
+        """On the loop: let every sender waiting for room look again."""
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _write_loop(self) -> None:
         interval = self.sender.config.heartbeat_interval_s
@@ -104,26 +159,32 @@ class _Outbound:
             try:
                 item = self._queue.get(timeout=interval)
             except queue.Empty:
-                item = None
-                heartbeat = True
-            else:
-                heartbeat = False
-            if self.error is not None:
-                if item is not None:
-                    self._settle(item[3], self.error)
+                # Quiet for an interval: beat, unless the loop is writing a frame right now.
+                if self.error is None and self._write_lock.acquire(blocking=False):
+                    try:
+                        stream.send_all(self.sock, [memoryview(encode_framed(Heartbeat()))])
+                    except OSError as error:
+                        self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+                        break
+                    finally:
+                        self._write_lock.release()
+                continue
+            if item is None:
                 break
+            buffers, _tensor, done, locked = item
+            if not locked:
+                self._write_lock.acquire()  # free: nothing else writes while a frame is queued
             try:
-                if heartbeat:
-                    stream.send_all(self.sock, [memoryview(encode_framed(Heartbeat()))])
-                    continue
-                assert item is not None
-                head, payload, _tensor, done = item
-                stream.send_all(self.sock, [memoryview(head), payload])
-                self._settle(done, None)
+                if self.error is None:
+                    stream.send_all(self.sock, buffers)
             except OSError as error:
                 self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-                if item is not None:
-                    self._settle(item[3], self.error)
+            finally:
+                with self._lock:
+                    self._num_queued -= 1
+                self._write_lock.release()
+            self._settle(done, self.error)
+            if self.error is not None:
                 break
         # Fail whatever is still queued: it will never be written.
         while True:
@@ -132,7 +193,9 @@ class _Outbound:
             except queue.Empty:
                 break
             if item is not None:
-                self._settle(item[3], self.error)
+                self._settle(item[2], self.error)
+                if item[3]:
+                    self._write_lock.release()
 
     def _settle(self, done: asyncio.Future[None], error: BaseException | None) -> None:
         def settle() -> None:
@@ -169,7 +232,12 @@ class _Outbound:
             self.fail(error)
         # The reader always ends second (fail() wakes the writer), so it owns closing the socket.
         self.writer.join()
+        # Not under a write the loop is finishing: it is registered with the loop's selector by file
+        # descriptor, and the shutdown above makes that write end (writable, then EPIPE).
+        acquired = self._write_lock.acquire(timeout=self.sender.config.connect_timeout_s)
         self.sock.close()
+        if acquired:
+            self._write_lock.release()
 
 
 class TcpSender(Sender):

@@ -188,3 +188,32 @@ def test_memory_bounded_while_receiver_slow() -> None:
             await sends
             assert receiver.pool.num_peak_bytes_in_use <= pool_bytes
     run(main())
+
+
+def test_send_cancelled_mid_frame_leaves_the_stream_whole() -> None:
+    """A caller cancelled while its frame is half written (the receiver stopped reading): the frame is
+    still finished on the stream, so it and the next frame on that connection arrive intact."""
+    async def main() -> None:
+        frame_bytes = 48 << 20  # more than the kernel's socket buffers hold (4 MiB out, <= 32 MiB in)
+        small_pool = config(receive_pool_bytes=frame_bytes, max_frame_bytes=frame_bytes)
+        one_connection = config(connections_per_destination=1)
+        async with pair("tcp", sender_config=one_connection, receiver_config=small_pool) as (sender, receiver):
+            numbers = torch.arange(frame_bytes // 2, dtype=torch.float32).to(torch.bfloat16)
+            first, second, third = numbers, numbers.flip(0), numbers.roll(12345)
+            await sender.send(receiver.address, header_for("a", 0, 1, first), first)
+            held = await take(receiver, 1)  # the pool is now full: the receiver stops reading
+            sending = asyncio.create_task(sender.send(receiver.address, header_for("b", 0, 1, second), second))
+            await wait_until(lambda: receiver.pool.num_waits > 0, what="receiver blocked on its pool")
+            assert not sending.done()  # "b" is partly written
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sending
+            held.clear()
+            got = await take(receiver, 1)
+            assert got[0].header.request_id == "b" and torch.equal(got[0].tensor, second)
+            got.clear()  # the pool holds one frame: free it for "c"
+            consumer = asyncio.create_task(take(receiver, 1))
+            await sender.send(receiver.address, header_for("c", 0, 1, third), third)
+            got = await consumer
+            assert got[0].header.request_id == "c" and torch.equal(got[0].tensor, third)
+    run(main())
