@@ -63,6 +63,7 @@ class EncodeRequest:
     request_id: str
     inputs: Sequence[MediaInput]
     destination: str
+    attempt: int = 0  # stamped on every frame (FeatureHeader.attempt): a retry's frames are no duplicates
 
 
 def _weight_stamps(path: Any) -> list[tuple[str, int, int]]:
@@ -314,7 +315,7 @@ class VisionEngine:
                     i = input_of[slot]
                     content = slot_content_key(keys[i], slot - first_slot[i], image)
                     stamps[slot]["send_start"] = time.monotonic()
-                    sends.add(asyncio.ensure_future(self._send(sender, destination, request.request_id, slot, image,
+                    sends.add(asyncio.ensure_future(self._send(sender, destination, request, slot, image,
                                                                content, stamps[slot])))
         finally:
             for future in sends | ({getter} if getter else set()):
@@ -326,10 +327,11 @@ class VisionEngine:
                     self.cache.put(key, [fresh[s] for s in slots])
         return [outcomes[s] for s in sorted(outcomes)]
 
-    async def _send(self, sender: Sender, destination: str, request_id: str, slot: int, image: EncodedImage,
+    async def _send(self, sender: Sender, destination: str, request: EncodeRequest, slot: int, image: EncodedImage,
                     content_key: bytes, stamps: dict[str, float]) -> None:
         header: FeatureHeader = dataclasses.replace(
-            header_for(request_id, slot, image.uniform_tokens_per_tile, image.features), content_key=content_key)
+            header_for(request.request_id, slot, image.uniform_tokens_per_tile, image.features),
+            content_key=content_key, attempt=request.attempt)
         try:
             await sender.send(destination, header, image.features)
         except TransportError as error:

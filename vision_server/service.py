@@ -58,6 +58,7 @@ class VisionService(vision_pb2_grpc.VisionServicer):
             request_id=request.request_id,
             inputs=[MediaInput(i.data, i.max_num, i.num_segments) for i in request.inputs],
             destination=request.destination,
+            attempt=request.attempt,
         )
         arrived = time.monotonic()
         try:

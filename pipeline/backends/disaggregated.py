@@ -132,11 +132,14 @@ class DisaggregatedBackend(Backend):
                       marks: dict[str, float]) -> vision_pb2.EncodeResponse:
         inputs = [vision_pb2.MediaInput(data=m.data, max_num=request.max_num or 0, num_segments=m.num_segments)
                   for m in request.media]
-        call = vision_pb2.EncodeRequest(request_id=request.request_id, inputs=inputs, destination=destination)
         tried: list[Replica] = []
         while True:
             replica = self.vision.pick(exclude=tried)
             tried.append(replica)
+            # A retry is a new attempt: the frames the lost replica did send stand, the retry's are not refused
+            # as their duplicates (the language server keeps one per image and frees the other).
+            call = vision_pb2.EncodeRequest(request_id=request.request_id, inputs=inputs, destination=destination,
+                                            attempt=len(tried) - 1)
             rpc = replica.stub.Encode(call, timeout=request.timeout_s)
             try:
                 async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
