@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dvd.errors import DestinationError, InputError, InvalidRequestError, ShuttingDownError
+from dvd.errors import DestinationError, InputError, InvalidRequestError, ReplicaBusyError, ShuttingDownError
 from transport import FeatureHeader, Sender, TransportError, create_sender, header_for
 from vision_server.batcher import Batcher, EncodeWork
 from vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
@@ -93,7 +93,7 @@ class VisionEngine:
         self.counters: dict[str, float] = {
             name: 0 for name in ("num_requests", "num_requests_ok", "num_requests_failed", "num_slots_sent",
                                  "num_tokens_sent", "num_bytes_sent", "num_tiles_preprocessed",
-                                 "num_cache_route_mismatches")
+                                 "num_cache_route_mismatches", "num_requests_busy")
         }
 
     # ------------------------------------------------------------------------------------------
@@ -207,6 +207,10 @@ class VisionEngine:
         return [preprocess_image(item.data, self.preprocess, max_num=item.max_num or None)]
 
     async def encode(self, request: EncodeRequest) -> list[SlotOutcome]:
+        if len(self.inflight) >= self.config.max_inflight_requests:
+            self.counters["num_requests_busy"] += 1
+            raise ReplicaBusyError(f"vision server holds {len(self.inflight)} Encode calls, its limit "
+                                   f"max_inflight_requests={self.config.max_inflight_requests}")
         self.counters["num_requests"] += 1
         self.inflight[id(request)] = request
         self._idle.clear()
