@@ -317,7 +317,8 @@ class LanguageServer:
         self._tasks.append(asyncio.create_task(self.service.receive_features()))
         self._server, self.port = await start_grpc_server(
             lambda server: language_pb2_grpc.add_LanguageServicer_to_server(self.service, server),
-            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health)
+            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
+            credentials=self.config.grpc_tls.server_credentials())
 
     async def stop(self) -> None:
         """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""

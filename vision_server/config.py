@@ -9,6 +9,7 @@ from typing import Any
 
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
+from dvd.grpc_tls import GrpcTls
 from transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -44,6 +45,7 @@ class VisionServerConfig:
     # `host` binds every interface), and the file holding the shared token (read at start).
     advertise_host: str = ""
     token_file: Path | None = None
+    grpc_tls: GrpcTls = dataclasses.field(default_factory=GrpcTls)  # serve gRPC over TLS: cert + key (dvd/grpc_tls.py)
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
@@ -82,6 +84,7 @@ class VisionServerConfig:
             max_inflight_requests=args.max_inflight,
             drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport),
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
+            grpc_tls=GrpcTls(cert=args.tls_cert, key=args.tls_key),
         )
 
 
@@ -104,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inputs", type=int, default=64, help="most images/videos in one request (64)")
     parser.add_argument("--max-num-limit", type=int, default=64, help="highest per-image max_num a client may ask (64)")
     parser.add_argument("--max-request-tiles", type=int, default=512, help="most tiles one request may cost")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve gRPC over TLS with this certificate chain (with --tls-key); default plain text")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--max-inflight", type=int, default=256,
                         help="Encode calls in flight at once; more are refused as busy (RESOURCE_EXHAUSTED) (256)")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,

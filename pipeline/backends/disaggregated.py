@@ -70,6 +70,9 @@ class DisaggregatedBackend(Backend):
                   for _ in range(config.vision_replicas)]
         language = [start_server("language", config.language_child(free_port(), token), workdir)
                     for _ in range(config.language_replicas)]
+        credentials = config.internal_tls.channel_credentials()
+        for replica in vision + language:
+            replica.credentials = credentials  # the children serve TLS with config.internal_tls (vision_child)
         backend = cls(config.model, ReplicaPool("vision", vision), ReplicaPool("language", language),
                       owned=vision + language, probe=config.probe)
         backend.workdir = workdir
