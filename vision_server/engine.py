@@ -27,6 +27,7 @@ from vision_server.cache import EncoderCache, cache_key, input_digest, model_ide
 from vision_server.config import VisionServerConfig
 from vision_server.model import EncodedImage, VisionHalf
 from vision_server.preprocess import PreprocessConfig, preprocess_image
+from vision_server.tile_budget import TileBudget
 from vision_server.video import MAX_NUM_SEGMENTS, load_video
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class VisionEngine:
         self.transport_options = transport_options or {}
         self._senders: dict[str, Sender] = {}
         self.inflight: dict[int, EncodeRequest] = {}
+        self.tile_budget = TileBudget(config.max_pending_tiles)
         self._idle = asyncio.Event()
         self._idle.set()
         self.counters: dict[str, float] = {
@@ -104,6 +106,9 @@ class VisionEngine:
         out = dict(self.counters)
         out |= {k: float(v) for k, v in dataclasses.asdict(self.batcher.stats).items()}
         out["num_inflight"] = len(self.inflight)
+        out["num_queued_tiles"] = self.batcher.num_queued_tiles
+        out["num_pending_tiles"] = self.tile_budget.used
+        out["num_waiting_for_tiles"] = self.tile_budget.num_waiting
         out["num_devices"] = len(self.replicas)
         batches = self.batcher.stats.num_batches
         out["mean_batch_tiles"] = self.batcher.stats.num_batch_tiles / batches if batches else 0.0
@@ -167,13 +172,17 @@ class VisionEngine:
             if max_num > self.preprocess.max_num_limit:
                 raise InputError(i, item.kind, InvalidRequestError(
                     f"max_num ({max_num}) is above this server's limit of {self.preprocess.max_num_limit} tiles"))
-            per_slot = max_num + (1 if max_num > 1 and self.preprocess.use_thumbnail else 0)
-            worst += per_slot * item.num_slots
+            worst += self._worst_tiles(item)
         if worst > self.config.max_request_tiles:
             raise InvalidRequestError(f"request may cost up to {worst} tiles, over this server's limit of "
                                       f"{self.config.max_request_tiles} tiles per request")
         self._sender(destination)
         return destination
+
+    def _worst_tiles(self, item: MediaInput) -> int:
+        """The most tiles one input may cost (its max_num tiles + the thumbnail, per slot)."""
+        max_num = item.max_num or (1 if item.num_segments else self.preprocess.max_num)
+        return (max_num + (1 if max_num > 1 and self.preprocess.use_thumbnail else 0)) * item.num_slots
 
     def _keys(self, request: EncodeRequest) -> list[bytes]:
         return [cache_key(self.model_id, self.preprocess, item.max_num, item.num_segments, input_digest(item.data))
@@ -253,24 +262,27 @@ class VisionEngine:
         for i, hit in enumerate(hits):
             for offset, image in enumerate(hit or ()):
                 ready.put_nowait((first_slot[i] + offset, image, True))
-        tasks: set[asyncio.Future[Any]] = set()
-        try:
-            for i in misses:
-                tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready,
-                                                              stamps)))
-            outcomes = await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot,
-                                        tasks, stamps)
-            for outcome in outcomes:
-                times = dict(stamps.get(outcome.slot, {}))
-                if work is not None and outcome.slot in work.encode_started:
-                    times["encode_start"] = work.encode_started[outcome.slot]
-                outcome.stamps.update({stage: (t - arrived) * 1e3 for stage, t in times.items()})
-            return outcomes
-        finally:
-            if work is not None:
-                work.cancel()
-            for task in tasks:
-                task.cancel()
+        # Admitted by its worst-case tile cost: under load (a slow language server, a flood) the pixels and
+        # features this server holds stay within max_pending_tiles; the rest wait here, not in memory.
+        async with self.tile_budget.hold(sum(self._worst_tiles(request.inputs[i]) for i in misses)):
+            tasks: set[asyncio.Future[Any]] = set()
+            try:
+                for i in misses:
+                    tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready,
+                                                                  stamps)))
+                outcomes = await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot,
+                                            tasks, stamps)
+                for outcome in outcomes:
+                    times = dict(stamps.get(outcome.slot, {}))
+                    if work is not None and outcome.slot in work.encode_started:
+                        times["encode_start"] = work.encode_started[outcome.slot]
+                    outcome.stamps.update({stage: (t - arrived) * 1e3 for stage, t in times.items()})
+                return outcomes
+            finally:
+                if work is not None:
+                    work.cancel()
+                for task in tasks:
+                    task.cancel()
 
     async def _prepare(self, index: int, item: MediaInput, first_slot: int, work: EncodeWork | None,
                        ready: asyncio.Queue[Any], stamps: dict[int, dict[str, float]]) -> None:

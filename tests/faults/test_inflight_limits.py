@@ -48,6 +48,30 @@ def test_a_vision_server_at_its_limit_refuses_one_more_encode_as_busy(tiny_hf: P
         harness.close()
 
 
+def test_a_vision_server_holds_at_most_max_pending_tiles_and_the_rest_wait(tiny_hf: Path) -> None:
+    """The bound on the batcher queue under load: an Encode whose worst case (max_num 6 + thumbnail = 7 tiles)
+    does not fit beside the one running waits, holding no pixels, and runs once the first one ends."""
+    harness = Harness(VisionServerConfig(model=tiny_hf, max_wait_ms=120_000, max_batch_tiles=64, cache_bytes=0,
+                                         max_pending_tiles=10))
+    try:
+        first = harness.stub.Encode.future(_request("first", harness.sink.address, "wide"))
+        wait_for(lambda: _counters(harness)["num_tiles_preprocessed"] > 0, 60, "first Encode's tiles queued")
+        second = harness.stub.Encode.future(_request("second", harness.sink.address, "tall"))
+        wait_for(lambda: _counters(harness)["num_waiting_for_tiles"] == 1, 60, "second Encode waiting for room")
+        counters = _counters(harness)
+        assert counters["num_pending_tiles"] == 7 and 0 < counters["num_queued_tiles"] <= 10, counters
+        tiles_first = counters["num_tiles_preprocessed"]
+        first.cancel()
+        wait_for(lambda: _counters(harness)["num_tiles_preprocessed"] > tiles_first, 60, "second admitted")
+        counters = _counters(harness)
+        assert counters["num_waiting_for_tiles"] == 0 and counters["num_pending_tiles"] == 7, counters
+        second.cancel()
+        wait_for(lambda: (c := _counters(harness))["num_inflight"] == 0 and c["num_pending_tiles"] == 0, 60,
+                 "everything freed")
+    finally:
+        harness.close()
+
+
 class _Call:
     """A fake unary gRPC call: awaiting it gives `result`, or raises it if it is an exception."""
 
