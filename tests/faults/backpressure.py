@@ -78,11 +78,13 @@ def main() -> None:
     parser.add_argument("--stopped-ms", type=float, default=300)
     parser.add_argument("--running-ms", type=float, default=100)
     parser.add_argument("--images", type=int, default=1, help="images per request (1)")
+    parser.add_argument("--vision-pending-tiles", type=int, default=512, help="vision.max_pending_tiles (512)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "serve.yaml"
         config.write_text(f"transport: {{receive_pool_bytes: {POOL_BYTES}, max_frame_bytes: {POOL_BYTES // 2}}}\n"
-                          f"language: {{feature_pool_bytes: {POOL_BYTES}}}\n")
+                          f"language: {{feature_pool_bytes: {POOL_BYTES}}}\n"
+                          f"vision: {{max_pending_tiles: {args.vision_pending_tiles}}}\n")
         with ServeProcess("--model", args.model, "--config", str(config),
                           "--max-concurrency", str(args.max_concurrency)) as served:
             (language,) = servers(served, "language")
