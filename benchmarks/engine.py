@@ -179,7 +179,7 @@ def parse(argv: list[str]) -> BenchConfig:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
-    parser.add_argument("--linear-backend", choices=["torch", "onednn"], default="onednn",
+    parser.add_argument("--linear-backend", choices=["torch", "onednn"], default="torch",
                         help="the engine's linear-layer kernel (the baseline always runs transformers' own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")

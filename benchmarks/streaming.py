@@ -129,7 +129,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
-    parser.add_argument("--linear-backend", choices=["torch", "onednn"], default="onednn")
+    parser.add_argument("--linear-backend", choices=["torch", "onednn"], default="torch")
     parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.rows < 1 or args.encode_ms < 0:

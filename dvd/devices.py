@@ -1,9 +1,11 @@
-"""Device and dtype names as configs spell them, checked without importing torch (the gateway
-validates every server's config before any child starts, and does not load torch)."""
+"""Device and dtype names as configs spell them, and how a model's layers split over devices, checked
+without importing torch (the gateway validates every server's config before any child starts, and does
+not load torch; `dvd plan` runs without it)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
@@ -26,3 +28,39 @@ def torch_dtype(name: str, device: str) -> object:
     import torch
 
     return getattr(torch, name or ("float32" if device == "cpu" else "bfloat16"))
+
+
+def split_layers(num_layers: int, num_devices: int, split: Sequence[int] = ()) -> tuple[int, ...]:
+    """Encoder layers per device for pipeline (layer) placement of one model over `num_devices` devices.
+
+    `split` as given (checked: one count per device, each at least 1, summing to `num_layers`), or, when
+    empty, balanced by count: the first `num_layers % num_devices` devices take one layer more (the last
+    device also holds the final norm and projector). Errors name what is wrong.
+    """
+    if num_devices < 1:
+        raise ValueError(f"layer placement needs at least one device, got {num_devices}")
+    if num_devices > num_layers:
+        raise ValueError(f"{num_devices} devices for a vision encoder of {num_layers} layers: every device needs "
+                         f"at least one layer, so use at most {num_layers} devices")
+    if not split:
+        base, extra = divmod(num_layers, num_devices)
+        return tuple(base + (1 if i < extra else 0) for i in range(num_devices))
+    counts = tuple(split)
+    if len(counts) != num_devices:
+        raise ValueError(f"layer_split {list(counts)} has {len(counts)} entries for {num_devices} devices: "
+                         "give one layer count per device")
+    if any(n < 1 for n in counts):
+        raise ValueError(f"layer_split {list(counts)}: every device needs at least one layer")
+    if sum(counts) != num_layers:
+        raise ValueError(f"layer_split {list(counts)} sums to {sum(counts)}, but the vision encoder has "
+                         f"{num_layers} layers")
+    return counts
+
+
+def layer_ranges(counts: Sequence[int]) -> list[range]:
+    """Consecutive encoder layer indexes per device, from `split_layers`' counts."""
+    out, start = [], 0
+    for n in counts:
+        out.append(range(start, start + n))
+        start += n
+    return out

@@ -5,8 +5,11 @@ Reads only config.json and the safetensors headers (no tensor, no torch), so it 
 Devices are memory sizes: `--devices 80GiB,80GiB` or `--devices 8x80GiB`. The language half takes the
 fewest devices its weights plus one full-length request's KV fit on (tensor parallel across them; the
 weights and KV split evenly), the vision half one device of what is left, or shares the first device when
-nothing is left. The KV cache keeps every position of every layer (GPT-OSS's sliding-window layers are
-masked, not trimmed), so its size per token is 2 x layers x KV heads x head dim x bytes.
+nothing is left. A vision half one device cannot hold (InternViT-6B: ~11 GB in BF16 before activations)
+has its encoder layers placed over the fewest following devices that hold it (shown with the split and
+the `dvd vision --devices-per-replica N --layer-split ...` that serves it so). The KV cache keeps every
+position of every layer (GPT-OSS's sliding-window layers are masked, not trimmed),
+so its size per token is 2 x layers x KV heads x head dim x bytes.
 
 With `--vision-tiles-per-s` (a vision replica's throughput, e.g. from `dvd bench vision`) and
 `--language-requests-per-s` (a language replica's, from `dvd bench engine`), it also says how many
@@ -20,16 +23,19 @@ import json
 import math
 import re
 import struct
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
+from dvd.devices import layer_ranges, split_layers
 from dvd.errors import CheckpointError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _LANGUAGE_PREFIXES = ("language_model.", "model.language_model.", "lm_head.")
+_LAYER = re.compile(r"encoder\.layers?\.(\d+)\.")  # HF `encoder.layer.N.`, GitHub `encoder.layers.N.`
 
 
 def parse_size(text: str) -> int:
@@ -50,25 +56,85 @@ def parse_devices(text: str) -> list[int]:
     return out
 
 
-def parameter_counts(root: Path) -> tuple[int, int]:
-    """(vision, language) parameter counts from the safetensors headers; ViR and projectors count as vision."""
+def _tensor_counts(root: Path) -> Iterator[tuple[str, int]]:
+    """(key, element count) of every tensor, from the safetensors headers."""
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{root}: no *.safetensors weights")
-    vision = language = 0
     for file in files:
         with file.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
         for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            count = math.prod(entry["shape"])
-            if key.startswith(_LANGUAGE_PREFIXES):
-                language += count
-            else:
-                vision += count
+            if key != "__metadata__":
+                yield key, math.prod(entry["shape"])
+
+
+def parameter_counts(root: Path) -> tuple[int, int]:
+    """(vision, language) parameter counts from the safetensors headers; ViR and projectors count as vision."""
+    vision = language = 0
+    for key, count in _tensor_counts(root):
+        if key.startswith(_LANGUAGE_PREFIXES):
+            language += count
+        else:
+            vision += count
     return vision, language
+
+
+@dataclass(frozen=True)
+class VisionParts:
+    """The vision half's parameters as layer placement splits them: what goes on the first device (the
+    embeddings), each encoder layer, and what goes on the last (final norm, projectors, ViR)."""
+
+    first: int
+    layers: tuple[int, ...]
+    last: int
+
+    def stage_counts(self, split: Sequence[int]) -> list[int]:
+        """Parameters on each device for encoder layer counts `split`."""
+        return [self.first * (i == 0) + sum(self.layers[r.start:r.stop]) + self.last * (i == len(split) - 1)
+                for i, r in enumerate(layer_ranges(split))]
+
+
+def vision_parts(root: Path) -> VisionParts:
+    first = last = 0
+    layers: dict[int, int] = {}
+    for key, count in _tensor_counts(root):
+        if key.startswith(_LANGUAGE_PREFIXES):
+            continue
+        layer = _LAYER.search(key)
+        if layer:
+            layers[int(layer.group(1))] = layers.get(int(layer.group(1)), 0) + count
+        elif ".embeddings." in f".{key}":
+            first += count
+        else:
+            last += count
+    return VisionParts(first, tuple(layers.get(i, 0) for i in range(max(layers, default=-1) + 1)), last)
+
+
+def place_vision(parts: VisionParts, room: Sequence[int], size: int) -> list[int] | None:
+    """Encoder layers per device over the fewest leading devices of `room` (bytes free on each) that hold
+    the vision half: one device if it fits, else the server's balanced split if that fits, else each device
+    filled in turn (the last one keeping the norm and projector). None when no split fits."""
+    num_layers = len(parts.layers)
+    if not num_layers:  # no encoder layers found: nothing to split
+        return [0] if room and parts.stage_counts([0])[0] * size <= room[0] else None
+    for k in range(1, min(len(room), num_layers) + 1):
+        balanced = list(split_layers(num_layers, k))
+        if all(n * size <= free for n, free in zip(parts.stage_counts(balanced), room, strict=False)):
+            return balanced
+        filled, start = [], 0
+        for i in range(k - 1):  # as many layers as fit on each device but the last, one at least
+            budget, n = room[i] // size - parts.first * (i == 0), 0
+            while start + n < num_layers - (k - 1 - i) and sum(parts.layers[start:start + n + 1]) <= budget:
+                n += 1
+            filled.append(max(n, 1))
+            start += filled[-1]
+        filled.append(num_layers - start)
+        if filled[-1] >= 1 and all(n * size <= free for n, free in zip(parts.stage_counts(filled), room,
+                                                                            strict=False)):
+            return filled
+    return None
 
 
 def kv_bytes_per_token(info: CheckpointInfo, dtype_bytes: int) -> int:
@@ -83,13 +149,18 @@ class Plan:
     vision_weight_bytes: int
     language_weight_bytes: int
     language_devices: list[int]  # indexes into the device list
-    vision_device: int
+    vision_device: int  # the first of `vision_devices`
     vision_shares_device: bool
     kv_bytes_per_token: int
     kv_capacity_tokens: int
     request_tokens: int
     largest_batch: int
     vision_replicas_per_language: int | None
+    # A vision half one device cannot hold is layer-placed (`dvd vision --devices-per-replica N`) over
+    # consecutive devices: which, the encoder layers on each, and the weight bytes on each.
+    vision_devices: list[int] = field(default_factory=list)
+    vision_layer_split: list[int] = field(default_factory=list)
+    vision_stage_bytes: list[int] = field(default_factory=list)
 
 
 def make_plan(model: str | Path, devices: list[int], dtype: str = "bfloat16", utilisation: float = 0.9,
@@ -113,14 +184,23 @@ def make_plan(model: str | Path, devices: list[int], dtype: str = "bfloat16", ut
     shares = count == len(devices)
     vision_device = 0 if shares else count
     free = sum(usable[:count]) - language_bytes - (vision_bytes if shares else 0)
-    if not shares and usable[vision_device] < vision_bytes:
-        raise ValueError(f"the vision half's {human(vision_bytes)} do not fit device {vision_device}")
+    parts = vision_parts(info.path)
+    # Sharing: beside each device's share of the language weights and one request's KV.
+    room = ([u - need // count for u in usable[:count]] if shares else usable[vision_device:])
+    split = place_vision(parts, room, size)
+    if split is None:
+        where = (f"beside the language half on devices {list(range(count))}" if shares else
+                 f"device {vision_device}" + (f", nor layer-placed over devices {vision_device}-{len(devices) - 1}"
+                                              if len(devices) - vision_device > 1 else ""))
+        raise ValueError(f"the vision half's {human(vision_bytes)} do not fit {where}")
     capacity = max(0, free // per_token)
     replicas = None
     if vision_tiles_per_s and language_requests_per_s:
         replicas = max(1, math.ceil(language_requests_per_s * tiles_per_request / vision_tiles_per_s))
     return Plan(vision_bytes, language_bytes, list(range(count)), vision_device, shares, per_token, int(capacity),
-                request_tokens, int(capacity // request_tokens), replicas)
+                request_tokens, int(capacity // request_tokens), replicas,
+                list(range(vision_device, vision_device + len(split))), split,
+                [n * size for n in parts.stage_counts(split)])
 
 
 def human(size: float) -> str:
@@ -137,8 +217,7 @@ def describe(plan: Plan, devices: list[int]) -> str:
         f"language half weights: {human(plan.language_weight_bytes)}",
         f"language half on devices {plan.language_devices}"
         + (f" (tensor parallel {len(plan.language_devices)})" if len(plan.language_devices) > 1 else ""),
-        f"vision half on device {plan.vision_device}" + (" (sharing it with the language half)"
-                                                          if plan.vision_shares_device else ""),
+        *_describe_vision(plan),
         f"KV cache: {human(plan.kv_bytes_per_token)} a token, capacity {plan.kv_capacity_tokens} tokens",
         f"largest batch: {plan.largest_batch} requests of {plan.request_tokens} tokens",
     ]
@@ -146,6 +225,25 @@ def describe(plan: Plan, devices: list[int]) -> str:
         lines.append(f"vision replicas per language replica: {plan.vision_replicas_per_language}")
     lines.append(f"devices: {', '.join(human(d) for d in devices)}")
     return "\n".join(lines)
+
+
+def _describe_vision(plan: Plan) -> list[str]:
+    sharing = " (sharing them with the language half)" if plan.vision_shares_device else ""
+    if len(plan.vision_devices) <= 1:
+        return [f"vision half on device {plan.vision_device}"
+                + (" (sharing it with the language half)" if plan.vision_shares_device else "")]
+    lines = [f"vision half does not fit one device: its encoder layers placed over devices {plan.vision_devices}"
+             + sharing]
+    start, last = 0, len(plan.vision_devices) - 1
+    for i, (device, n, size) in enumerate(zip(plan.vision_devices, plan.vision_layer_split, plan.vision_stage_bytes,
+                                              strict=True)):
+        extra = ("embeddings + " if i == 0 else "", " + norm, projector" if i == last else "")
+        lines.append(f"  device {device}: {extra[0]}layers {start}-{start + n - 1}{extra[1]}, {human(size)}")
+        start += n
+    split = ",".join(map(str, plan.vision_layer_split))
+    lines.append(f"  dvd vision --devices <these {len(plan.vision_devices)}> --devices-per-replica "
+                 f"{len(plan.vision_devices)} --layer-split {split}")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

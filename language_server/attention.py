@@ -19,7 +19,7 @@ join each query's softmax as an extra column that is dropped afterwards, as GPT-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -45,10 +45,23 @@ class PagedAttentionMetadata:
     keys: list[torch.Tensor]  # per layer [slots, kv_heads, head_dim]
     values: list[torch.Tensor]
     write_slots: torch.Tensor  # [tokens] where each packed token's K/V goes
-    decode_rows: torch.Tensor | None  # [B] packed rows that are single-token decodes
-    decode_slots: torch.Tensor | None  # [B, L] their keys' slots, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where a key is real
+    decode_rows: list[int]  # packed rows that are single-token decodes
+    decode_runs: list[list[tuple[int, int]]]  # per decode row, its keys as [start, end) runs of cache slots
     prefills: list[PrefillSegment]
+    _padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def padded_decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows [B], slots [B, L] padded, mask [B, 1, 1, L]) for the batched decode path; built once a pass."""
+        if self._padded is None:
+            spans = [torch.cat([torch.arange(a, b) for a, b in runs]) for runs in self.decode_runs]
+            width = max(len(s) for s in spans)
+            slots = torch.zeros(len(spans), width, dtype=torch.long)
+            mask = torch.zeros(len(spans), 1, 1, width, dtype=torch.bool)
+            for i, span in enumerate(spans):
+                slots[i, :len(span)] = span
+                mask[i, ..., :len(span)] = True
+            self._padded = (torch.tensor(self.decode_rows, device=device), slots.to(device), mask.to(device))
+        return self._padded
 
 
 def _window(mask: torch.Tensor | None, q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor | None:
@@ -108,6 +121,26 @@ def _causal_after_past(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: 
     return merged.to(q.dtype)
 
 
+def _decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, runs: list[tuple[int, int]],
+                scaling: float | None) -> torch.Tensor:
+    """One decode query [heads, d] over its request's keys, read in place where they are one run of
+    slots. Why not the batched path on a CPU: gathering every request's keys into a padded [B, L]
+    copy cost more than the attention (8 requests x 1 500 keys, 38b-scaled: 0.15 ms a request and
+    layer gathered, 0.03 in place). The query heads sharing a KV head become rows of one SDPA call
+    (GQA without repeating K/V); a decode query sees every key, so no mask."""
+    if len(runs) == 1:
+        (start, end), = runs
+        k, v = k_cache[start:end], v_cache[start:end]
+    else:
+        k = torch.cat([k_cache[a:b] for a, b in runs])
+        v = torch.cat([v_cache[a:b] for a, b in runs])
+    kv_heads, dim = k.shape[1], k.shape[2]
+    grouped = q.reshape(1, kv_heads, q.shape[0] // kv_heads, dim)
+    o = torch.nn.functional.scaled_dot_product_attention(grouped, k.transpose(0, 1).unsqueeze(0),
+                                                         v.transpose(0, 1).unsqueeze(0), scale=scaling)
+    return o.reshape(q.shape)
+
+
 def _sink_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None, sinks: torch.Tensor,
                             window: int | None) -> tuple[torch.Tensor, None]:
@@ -146,19 +179,22 @@ def paged_attention_forward(
     k_cache.index_copy_(0, meta.write_slots, key[0].transpose(0, 1))
     v_cache.index_copy_(0, meta.write_slots, value[0].transpose(0, 1))
     out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
-    if meta.decode_rows is not None:
-        q = query[0, :, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-        shape = (*meta.decode_slots.shape, *k_cache.shape[1:])  # [B, L, kv_heads, d]
-        flat = meta.decode_slots.reshape(-1)
+    if meta.decode_rows and sliding_window is None and s_aux is None and query.device.type == "cpu":
+        for row, runs in zip(meta.decode_rows, meta.decode_runs, strict=True):
+            out[row] = _decode_one(query[0, :, row], k_cache, v_cache, runs, scaling)
+    elif meta.decode_rows:
+        rows, slots, mask = meta.padded_decode(query.device)
+        q = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+        shape = (*slots.shape, *k_cache.shape[1:])  # [B, L, kv_heads, d]
+        flat = slots.reshape(-1)
         # index_select over the flat slot axis: one contiguous gather, cheaper than advanced indexing
         k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)
         v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
-        mask = meta.decode_mask
         if sliding_window is not None:  # each decode query sits at its request's last position
             last = (mask.sum(-1, keepdim=True) - 1).transpose(-1, -2)  # [B, 1, 1, 1]
             mask = _window(mask, last, mask.shape[-1], sliding_window)
         o = attend(q, k, v, mask, scaling, s_aux)
-        out[meta.decode_rows] = o.squeeze(2)
+        out[rows] = o.squeeze(2)
     for seg in meta.prefills:
         q = query[:, :, seg.start:seg.end]
         n = seg.end - seg.start

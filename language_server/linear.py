@@ -1,11 +1,14 @@
 """Which kernel the LLM's linear layers run on, chosen by name (`EngineConfig.linear_backend`).
 
-Why: on a CPU the linear layers are nearly all of a step's time, and for the few-row matrices of
-decoding (a batch of 1 to 64 tokens) PyTorch's default fp32 GEMM runs far below the machine's
-peak. oneDNN's matmul on weights converted once to its own layout was measured here (2 cores,
-1B-shaped model) at 1.85x faster for a 16-request decode step and 1.7x for a one-token step,
-with the same fp32 arithmetic (only the summation order differs). Attention, norms and RoPE stay
-transformers' own.
+"torch" (the default) leaves transformers' `nn.Linear`. "onednn" computes them with oneDNN's matmul
+on weights converted once to its own layout. Measured here (torch 2.13 CPU wheel, one thread, fp32,
+`scripts/measure_linear_kernels.py`, 2026-12-02): oneDNN is ~15% faster for 16-64-row decode
+batches at 1B shapes (1024 -> 3072), but 1.1-2.2x slower for prefill chunks (512 rows) at every shape
+tried and for everything at the 38b-scaled preset's (256 -> 1280); serving is prefill-dominated
+(an image is 256-1280 prompt tokens), so the engine alone ran 8 x 1 290-token requests in 313 ms of CPU
+each with torch against 345-350 with oneDNN. Earlier (an older torch) oneDNN measured 1.7-1.85x faster
+on decode steps; choose it for decode-heavy text serving of larger models. Same fp32 arithmetic either
+way (only the summation order differs).
 """
 
 from __future__ import annotations

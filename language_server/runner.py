@@ -37,21 +37,22 @@ class ModelRunner:
         write_slots: list[int] = []
         sample_rows: list[int] = []
         decode_rows: list[int] = []
-        decode_slots: list[list[int]] = []
+        decode_runs: list[list[tuple[int, int]]] = []
         prefills: list[PrefillSegment] = []
         feature_rows: list[tuple[int, torch.Tensor]] = []  # (packed row of the first one, rows)
         for request, n, sample in zip(batch.requests, batch.num_tokens, batch.sample, strict=True):
             start, row = request.num_computed, len(ids)
             ids += request.token_ids[start:start + n]
             positions += range(start, start + n)
-            context = self.cache.slots(request.block_ids, 0, start + n)
-            write_slots += context[start:]
             if sample:
                 sample_rows.append(row + n - 1)
             if n == 1:
+                write_slots += self.cache.slots(request.block_ids, start, start + 1)
                 decode_rows.append(row)
-                decode_slots.append(context)
+                decode_runs.append(slot_runs(request.block_ids, self.cache.block_size, start + 1))
             else:
+                context = self.cache.slots(request.block_ids, 0, start + n)
+                write_slots += context[start:]
                 mask = None
                 if start:  # a later chunk: its queries see the whole past plus the causal part of this chunk
                     mask = torch.ones(n, start + n, dtype=torch.bool, device=device).tril(start)
@@ -63,7 +64,7 @@ class ModelRunner:
         meta = PagedAttentionMetadata(
             keys=self.cache.keys, values=self.cache.values,
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device), prefills=prefills,
-            **self._decode_tensors(decode_rows, decode_slots, device),
+            decode_rows=decode_rows, decode_runs=decode_runs,
         )
         out = self.model(inputs_embeds=embeds, position_ids=torch.tensor([positions], device=device),
                          logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=device),
@@ -80,16 +81,15 @@ class ModelRunner:
                 out.append((row + lo - start, features[lo - position:hi - position]))
         return out
 
-    @staticmethod
-    def _decode_tensors(rows: list[int], slots: list[list[int]],
-                        device: torch.device) -> dict[str, torch.Tensor | None]:
-        if not rows:
-            return {"decode_rows": None, "decode_slots": None, "decode_mask": None}
-        width = max(len(s) for s in slots)
-        padded = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), 1, 1, width, dtype=torch.bool)
-        for i, s in enumerate(slots):
-            padded[i, :len(s)] = torch.tensor(s)
-            mask[i, ..., :len(s)] = True
-        return {"decode_rows": torch.tensor(rows, device=device), "decode_slots": padded.to(device),
-                "decode_mask": mask.to(device)}
+
+def slot_runs(block_ids: list[int], block_size: int, length: int) -> list[tuple[int, int]]:
+    """The cache slots of positions [0, length) as [start, end) runs: consecutive blocks merge into one."""
+    runs: list[tuple[int, int]] = []
+    for i, block in enumerate(block_ids[:-(-length // block_size)]):
+        start = block * block_size
+        end = start + min(block_size, length - i * block_size)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs

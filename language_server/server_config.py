@@ -82,7 +82,7 @@ class LanguageServerConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LanguageServerConfig:
-        linear = args.linear_backend or ("onednn" if args.device == "cpu" else "torch")
+        linear = args.linear_backend or EngineConfig.linear_backend
         engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                               max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running,
                               max_queued_requests=args.max_queued, linear_backend=linear)
@@ -129,12 +129,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long running requests may finish before they are failed (30)")
     parser.add_argument("--block-size", type=int, default=32, help="KV cache block, in tokens (32)")
     parser.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks; capacity = blocks x size")
-    parser.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one forward pass (512)")
+    parser.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
+                        help="most tokens in one forward pass (default 2048; smaller: lower decode latency "
+                             "beside prefills, less throughput)")
     parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor parallel ranks: one process per rank, devices --device onwards (default 1)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],
-                        help="kernel for the LLM's linear layers (default onednn on cpu, torch elsewhere)")
+                        help="kernel for the LLM's linear layers (default torch; onednn is faster only for "
+                             "small decode batches of 1B+ models, slower for prefill: language_server/linear.py)")
     parser.add_argument("--cpus", help="pin this server to these CPUs (Linux list: 0, 2-3) and size torch's "
                                        "threads to them (default: every CPU)")

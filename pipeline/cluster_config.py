@@ -32,7 +32,6 @@ from pipeline.gateway import GatewayConfig
 from pipeline.gateway_config import StandaloneGatewayConfig
 from pipeline.replicas import ProbeConfig
 from pipeline.serve_config import TRANSPORT_KINDS
-from pipeline.serve_config import _with_linear_default as with_linear_default
 from transport.config import TransportConfig
 from vision_server.config import VisionServerConfig
 
@@ -134,7 +133,7 @@ class ClusterConfig:
         device = role.device(i)
         transport = replace(self.transport, host=node.transport_address or node.bind_host,
                             port=role.transport_port + i, token=token)
-        return from_dict(LanguageServerConfig, with_linear_default({**role.settings, "device": device}),
+        return from_dict(LanguageServerConfig, {**role.settings, "device": device},
                          f"nodes[{node.name}].language.settings", model=self.model, host=node.bind_host,
                          port=role.port + i, advertise_host=node.address,
                          transport_advertise_host=node.transport_address or node.address, token_file=None,

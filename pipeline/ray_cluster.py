@@ -40,7 +40,6 @@ from pipeline.gateway import GatewayConfig
 from pipeline.gateway_config import StandaloneGatewayConfig
 from pipeline.replicas import ProbeConfig
 from pipeline.serve_config import TRANSPORT_KINDS
-from pipeline.serve_config import _with_linear_default as with_linear_default
 from transport.config import TransportConfig
 from vision_server.config import VisionServerConfig
 
@@ -104,7 +103,7 @@ class RayClusterConfig:
             return from_dict(VisionServerConfig, role.settings, "vision.settings", model=self.model, host=host,
                              port=role.port + i, transport=replace(self.transport, token=token))
         transport = replace(self.transport, host=host, port=role.transport_port + i, token=token)
-        return from_dict(LanguageServerConfig, with_linear_default(role.settings), "language.settings",
+        return from_dict(LanguageServerConfig, role.settings, "language.settings",
                          model=self.model, host=host, port=role.port + i, transport=transport)
 
 

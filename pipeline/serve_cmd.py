@@ -109,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-mib", type=float, help="vision: encoder cache size in MiB; 0 disables (default 1024)")
     group.add_argument("--num-blocks", type=int, help="language: KV cache blocks (default 512)")
     group.add_argument("--block-size", type=int, help="language: KV cache block in tokens (default 32)")
-    group.add_argument("--max-batch-tokens", type=int, help="language: most tokens in one forward pass (default 512)")
+    group.add_argument("--max-batch-tokens", type=int, help="language: most tokens in one forward pass (default 2048)")
     group.add_argument("--max-running", type=int, help="language: most requests decoding together (default 64)")
     group = parser.add_argument_group("placement on one machine (Linux CPU lists: 0, 1, 2-3, 0,2-3)")
     group.add_argument("--cpus", "--gateway-cpus", dest="cpus",

@@ -12,7 +12,8 @@ File layout (every key optional):
     transport: {...}            # TransportConfig: kind (tcp | rdma), ucx_tls, limits; both ends share it
     probe: {...}                # ProbeConfig: interval_s, timeout_s, fail_threshold (when a server is down)
     gateway: {...}              # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
-    vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, dtype, max_batch_tiles, cache_bytes, ...)
+    vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, devices_per_replica, layer_split, dtype,
+                                # max_batch_tiles, cache_bytes, ...)
     language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
     internal_tls: {cert: PEM, key: PEM}  # the gateway <-> children gRPC over TLS (dvd/grpc_tls.py); the
                                 # certificate must name 127.0.0.1 (subjectAltName IP:127.0.0.1)
@@ -105,15 +106,6 @@ def _fixed(model: Path) -> dict[str, Any]:
     return {"model": model, "host": "127.0.0.1", "port": 0, "transport": TransportConfig()}
 
 
-def _with_linear_default(section: dict[str, Any]) -> dict[str, Any]:
-    """The language servers' default kernel, as `dvd language` picks it: oneDNN on a CPU."""
-    engine = section.get("engine", {})
-    if isinstance(engine, dict) and "linear_backend" not in engine:
-        device = section.get("device", "cpu")
-        section = {**section, "engine": {**engine, "linear_backend": "onednn" if device == "cpu" else "torch"}}
-    return section
-
-
 def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> ServeConfig:
     """From a file's mapping and flag overrides (dotted keys, e.g. "language.engine.num_blocks")."""
     data = _merged(data, overrides)
@@ -143,7 +135,7 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
         probe=probe, internal_tls=internal_tls,
         vision_replicas=vision_replicas, language_replicas=language_replicas,
         vision=from_dict(VisionServerConfig, vision, "vision", **_fixed(path)),
-        language=from_dict(LanguageServerConfig, _with_linear_default(language), "language", **_fixed(path)),
+        language=from_dict(LanguageServerConfig, language, "language", **_fixed(path)),
     )
 
 

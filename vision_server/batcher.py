@@ -105,7 +105,7 @@ class Batcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._workers = [threading.Thread(target=self._run, args=(half,), name=f"vision-batcher {half.device}",
+        self._workers = [threading.Thread(target=self._run, args=(half,), name=f"vision-batcher {half.where}",
                                           daemon=True) for half in self.replicas]
         for worker in self._workers:
             worker.start()
@@ -199,7 +199,7 @@ class Batcher:
             except Exception as error:  # fail the batch's requests, keep serving
                 with self._stats_lock:
                     self.stats.num_worker_errors += 1
-                logger.exception("vision forward pass failed on %s", half.device)
+                logger.exception("vision forward pass failed on %s", half.where)
                 for item, _, _ in batch:
                     item.work.fail(error)
 

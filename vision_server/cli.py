@@ -7,6 +7,11 @@ Prints `dvd vision serving on HOST:PORT` once ready. SIGTERM or SIGINT drains an
 Examples:
   dvd vision --model ckpt --port 7100
   dvd vision --model ckpt --devices cuda:0,cuda:1 --max-batch-tiles 64 --max-wait-ms 10
+  dvd vision --model ckpt-38b --devices cuda:0,cuda:1 --devices-per-replica 2   # InternViT-6B over two GPUs
+  dvd vision --model ckpt-38b --devices cuda:0,cuda:1,cuda:2,cuda:3 --devices-per-replica 2 --layer-split 24,21
+
+With --devices-per-replica N, each replica's encoder layers are placed over N devices (pipeline placement:
+no collectives, batches flow through; `dvd plan` says when a vision half needs it and shows the split).
 """
 
 from __future__ import annotations

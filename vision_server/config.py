@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.cpus import check_cpu_list
-from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
+from dvd.devices import DTYPE_NAMES, check_device, check_dtype, split_layers, torch_dtype
 from dvd.grpc_tls import GrpcTls
 from transport.config import TransportConfig
 
@@ -18,10 +18,14 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 @dataclasses.dataclass(frozen=True)
 class VisionServerConfig:
-    """Everything one `dvd vision` process needs. `devices` each get a model replica fed by one batcher."""
+    """Everything one `dvd vision` process needs. `devices` each get a model replica fed by one batcher, or,
+    with `devices_per_replica` N > 1, each N consecutive devices one replica whose encoder layers are
+    placed over them (pipeline placement, `vision_server/placement.py`: for a ViT one device cannot hold)."""
 
     model: Path
     devices: tuple[str, ...] = ("cpu",)
+    devices_per_replica: int = 1
+    layer_split: tuple[int, ...] = ()  # encoder layers on each device of a replica; () = balanced by count
     host: str = "127.0.0.1"
     port: int = 0
     dtype: str = ""  # "" = float32 on a CPU (cast to BF16 at the wire), bfloat16 on GPUs
@@ -59,8 +63,7 @@ class VisionServerConfig:
             raise ValueError("devices must name at least one torch device, e.g. cpu or cuda:0,cuda:1")
         for device in self.devices:
             check_device(device)
-        if len(set(self.devices)) != len(self.devices):
-            raise ValueError(f"devices {self.devices} repeat a device")
+        self._check_placement()
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
@@ -73,6 +76,43 @@ class VisionServerConfig:
         if self.max_wait_ms < 0 or self.cache_bytes < 0 or self.drain_timeout_s < 0:
             raise ValueError("max_wait_ms, cache_bytes and drain_timeout_s must not be negative")
 
+    def _check_placement(self) -> None:
+        """Replicas share no device (a replica's own stages may: its layers then run one after another there);
+        with a readable checkpoint, its encoder's layer count is checked against the devices and the split."""
+        if self.devices_per_replica < 1:
+            raise ValueError(f"devices_per_replica must be at least 1, got {self.devices_per_replica}")
+        if len(self.devices) % self.devices_per_replica:
+            raise ValueError(f"devices {list(self.devices)} ({len(self.devices)}) do not divide into replicas of "
+                             f"devices_per_replica {self.devices_per_replica}")
+        owner: dict[str, int] = {}
+        for replica, group in enumerate(self.replica_devices):
+            for device in group:
+                if owner.setdefault(device, replica) != replica:
+                    raise ValueError(f"devices {list(self.devices)} repeat {device!r} in two replicas")
+        if self.layer_split and len(self.layer_split) != self.devices_per_replica:
+            raise ValueError(f"layer_split {list(self.layer_split)} has {len(self.layer_split)} entries for "
+                             f"devices_per_replica {self.devices_per_replica}: give one layer count per device")
+        if any(n < 1 for n in self.layer_split):
+            raise ValueError(f"layer_split {list(self.layer_split)}: every device needs at least one layer")
+        if (self.devices_per_replica > 1 or self.layer_split) and (self.model / "config.json").is_file():
+            from dvd.checkpoint import open_checkpoint
+            from dvd.errors import CheckpointError
+
+            try:
+                layers = int(open_checkpoint(self.model).vision_config["num_hidden_layers"])
+            except CheckpointError:
+                return  # loading the model reports it, naming the file
+            try:
+                split_layers(layers, self.devices_per_replica, self.layer_split)
+            except ValueError as exc:
+                raise ValueError(f"{self.model}: {exc}") from None
+
+    @property
+    def replica_devices(self) -> tuple[tuple[str, ...], ...]:
+        """Each replica's devices: one each, or `devices_per_replica` consecutive ones."""
+        n = self.devices_per_replica
+        return tuple(self.devices[i : i + n] for i in range(0, len(self.devices), n))
+
     @property
     def torch_dtype(self) -> Any:
         return torch_dtype(self.dtype, "cpu" if all(d == "cpu" for d in self.devices) else self.devices[0])
@@ -80,8 +120,10 @@ class VisionServerConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VisionServerConfig:
         devices = tuple(d.strip() for d in (args.devices or args.device).split(",") if d.strip())
+        split = parse_layer_split(args.layer_split) if args.layer_split else ()
         return cls(
-            model=Path(args.model), devices=devices, host=args.host, port=args.port, dtype=args.dtype or "",
+            model=Path(args.model), devices=devices, devices_per_replica=args.devices_per_replica,
+            layer_split=split, host=args.host, port=args.port, dtype=args.dtype or "",
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
             max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
@@ -92,6 +134,14 @@ class VisionServerConfig:
         )
 
 
+def parse_layer_split(text: str) -> tuple[int, ...]:
+    """`--layer-split 23,22` -> (23, 22)."""
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise ValueError(f"--layer-split {text!r} is not a comma-separated list of layer counts, e.g. 23,22") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
@@ -99,7 +149,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format); required without "
                                         "--config")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--devices", help="several devices, comma separated (cuda:0,cuda:1): a replica each")
+    parser.add_argument("--devices", help="several devices, comma separated (cuda:0,cuda:1): a replica each, "
+                                          "or with --devices-per-replica N one replica per N of them")
+    parser.add_argument("--devices-per-replica", type=int, default=1, metavar="N",
+                        help="place each replica's ViT over N consecutive --devices, for a ViT one device cannot "
+                             "hold (InternViT-6B: ~11 GB in BF16): embeddings on the first, consecutive blocks of "
+                             "encoder layers on each, norm + projector (+ ViR) on the last; hidden states move "
+                             "at the boundaries (default 1: the whole half on each device)")
+    parser.add_argument("--layer-split", metavar="N,N,...",
+                        help="encoder layers on each device of a replica, summing to the ViT's layer count "
+                             "(e.g. 23,22 for InternViT-6B's 45 over two devices; default balanced by count)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")

@@ -76,7 +76,11 @@ class VisionEngine:
 
     def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None) -> None:
         self.config = config
-        self.replicas = [VisionHalf.from_checkpoint(config.model, config.torch_dtype, d) for d in config.devices]
+        self.replicas = [VisionHalf.from_checkpoint(config.model, config.torch_dtype, group, config.layer_split)
+                         for group in config.replica_devices]
+        for half in self.replicas:
+            if len(half.stages) > 1:
+                logger.info("vision replica placed over %d devices: %s", len(half.stages), half.where)
         self.info = self.replicas[0].info
         preprocess = PreprocessConfig.from_checkpoint(config.model)
         limit = max(config.max_num_limit, preprocess.max_num)
@@ -109,7 +113,8 @@ class VisionEngine:
         out["num_queued_tiles"] = self.batcher.num_queued_tiles
         out["num_pending_tiles"] = self.tile_budget.used
         out["num_waiting_for_tiles"] = self.tile_budget.num_waiting
-        out["num_devices"] = len(self.replicas)
+        out["num_devices"] = len(self.config.devices)
+        out["num_replicas"] = len(self.replicas)  # fewer than devices when each spans several
         batches = self.batcher.stats.num_batches
         out["mean_batch_tiles"] = self.batcher.stats.num_batch_tiles / batches if batches else 0.0
         if self.cache is not None:

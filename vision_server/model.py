@@ -21,6 +21,7 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.weights import TensorSource, load_module, parameters_on_meta, vision_tensors
+from vision_server.placement import Stage, place, plan_stages
 from vision_server.vir import CrossAttentionPooling, Gating, compressed_projector, decide_routes
 
 
@@ -69,6 +70,7 @@ class VisionHalf(torch.nn.Module):
     def __init__(self, info: CheckpointInfo) -> None:
         super().__init__()
         self.info = info
+        self.stages: tuple[Stage, ...] = ()  # where its encoder layers run, set by `from_checkpoint`
         vision_config = InternVLVisionConfig(**info.vision_config)
         vision_config._attn_implementation = "sdpa"
         full_config = InternVLConfig(
@@ -88,14 +90,22 @@ class VisionHalf(torch.nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | Path | CheckpointInfo, dtype: torch.dtype = torch.float32, device: str = "cpu"
+        cls, checkpoint: str | Path | CheckpointInfo, dtype: torch.dtype = torch.float32,
+        device: str | Sequence[str] = "cpu", layer_split: Sequence[int] = (),
     ) -> VisionHalf:
+        """Load the half onto `device`, or with several devices place its encoder layers over them
+        (`vision_server/placement.py`; `layer_split`: layers per device, default balanced)."""
         info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
+        devices = (device,) if isinstance(device, str) else tuple(device)
         with parameters_on_meta():
             half = cls(info)
         refs = vision_tensors(info, TensorSource(info.path), with_flash=info.flash is not None)
         load_module(half, refs, dtype)
-        return half.to(device).eval()
+        if len(devices) == 1 and not layer_split:
+            half.stages = plan_stages(len(half.vision_tower.encoder.layer), devices)
+            return half.to(devices[0]).eval()
+        half.stages = place(half, devices, layer_split)
+        return half.eval()
 
     @property
     def is_flash(self) -> bool:
@@ -120,12 +130,20 @@ class VisionHalf(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the projector (and ViR) run and features come out: the last device of a placed half."""
+        return next(self.projector.parameters()).device
+
+    @property
+    def where(self) -> str:
+        """The device, or for a placed half its devices and their layers (for logs and thread names)."""
+        if len(self.stages) <= 1:
+            return str(self.device)
+        return " + ".join(stage.describe() for stage in self.stages)
 
     @torch.inference_mode()
     def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, s, s] -> the selected layer's tokens without CLS, as a grid [tiles, side, side, C]."""
-        param = next(self.parameters())
+        param = next(self.vision_tower.embeddings.parameters())  # the first stage's device
         pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
         layer = self.info.vision_feature_layer
         out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer != -1)
@@ -137,14 +155,14 @@ class VisionHalf(torch.nn.Module):
     @torch.inference_mode()
     def gate(self, grid: torch.Tensor) -> torch.Tensor:
         """ViR's p = prob[:, 0] per tile (fp32 on the CPU), from `vit`'s grid. Flash checkpoints only."""
-        tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        tokens = grid.to(self.device).reshape(grid.shape[0], -1, grid.shape[-1])
         return self.gating(self.pooling_before_gating(tokens))[:, 0].to(device="cpu", dtype=torch.float32)
 
     @torch.inference_mode()
     def project(self, grid: torch.Tensor, compressed: bool = False) -> torch.Tensor:
         """`vit`'s grid -> [tiles, tokens, D]: mlp1 after pixel shuffle, or mlp2 after the 0.25 one."""
         scale = self.compressed_scale if compressed else self.info.downsample_ratio
-        hidden = pixel_shuffle(grid, scale, self.info.ps_version)
+        hidden = pixel_shuffle(grid.to(self.device), scale, self.info.ps_version)
         hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
         return self.mlp2(hidden) if compressed else self.projector(hidden)
 

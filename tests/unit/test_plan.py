@@ -11,7 +11,16 @@ from safetensors import safe_open
 from dvd.checkpoint import open_checkpoint
 from dvd.cli import main
 from dvd.make_checkpoint import make_checkpoint
-from dvd.plan import kv_bytes_per_token, make_plan, parse_devices, parse_size
+from dvd.plan import (
+    VisionParts,
+    kv_bytes_per_token,
+    make_plan,
+    parameter_counts,
+    parse_devices,
+    parse_size,
+    place_vision,
+    vision_parts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +73,37 @@ def test_plan_command(moe: Path, capsys: pytest.CaptureFixture[str]) -> None:
                  "--vision-tiles-per-s", "40", "--language-requests-per-s", "12"]) == 0
     out = capsys.readouterr().out
     assert "KV cache: 512.0 B a token" in out and "vision replicas per language replica: 3" in out
+
+
+def test_a_vision_half_too_big_for_one_device_is_layer_placed(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    vit6b = make_checkpoint(tmp_path / "6b", preset="tiny-6b-vit", fmt="github", flash=True)
+    parts = vision_parts(vit6b)
+    vision, _ = parameter_counts(vit6b)
+    assert len(parts.layers) == 2 and parts.first + sum(parts.layers) + parts.last == vision
+    stages = [2 * n for n in parts.stage_counts([1, 1])]  # BF16 bytes on each of two devices
+    small = max(stages)
+    assert small < 2 * vision  # the whole half does not fit one such device
+    plan = make_plan(vit6b, [1 << 30, small, small], utilisation=1.0, reserve_bytes=0, request_tokens=16)
+    assert plan.language_devices == [0] and plan.vision_devices == [1, 2] and plan.vision_device == 1
+    assert plan.vision_layer_split == [1, 1] and plan.vision_stage_bytes == stages
+    assert sum(plan.vision_stage_bytes) == plan.vision_weight_bytes
+    one = make_plan(vit6b, [1 << 30, 1 << 30], reserve_bytes=0, request_tokens=16)
+    assert one.vision_devices == [1] and one.vision_layer_split == [2]
+    with pytest.raises(ValueError, match=r"do not fit device 1, nor layer-placed over devices 1-2"):
+        make_plan(vit6b, [1 << 30, small - 2, small - 2], utilisation=1.0, reserve_bytes=0, request_tokens=16)
+    assert main(["plan", "--model", str(vit6b), "--devices", f"1GiB,{small}B,{small}B", "--utilisation", "1",
+                 "--reserve", "0B", "--request-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "vision half does not fit one device: its encoder layers placed over devices [1, 2]" in out
+    assert "device 1: embeddings + layers 0-0" in out and "device 2: layers 1-1 + norm, projector" in out
+    assert "dvd vision --devices <these 2> --devices-per-replica 2 --layer-split 1,1" in out
+
+
+def test_vision_placement_takes_the_fewest_devices_balanced_else_filled() -> None:
+    parts = VisionParts(first=10, layers=(10,) * 6, last=30)
+    assert place_vision(parts, [200, 200], 1) == [6]
+    assert place_vision(parts, [60, 60], 1) == [3, 3]  # 40 and 60: the server's default split
+    assert place_vision(parts, [50, 50], 1) == [4, 2]  # balanced leaves 60 on the last: fill the first
+    assert place_vision(parts, [30, 30], 1) is None
+    assert place_vision(parts, [30, 30, 60], 1) == [2, 2, 2]

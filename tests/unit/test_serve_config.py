@@ -58,7 +58,7 @@ def test_flags_win_over_the_file_and_reach_each_role(tmp_path: Path) -> None:
     config = load_serve_config(args.config, overrides_from_args(args))
     language = config.language_child(port=7001, token="secret")
     vision = config.vision_child(port=7002, token="secret")
-    assert language.engine.num_blocks == 123 and language.engine.linear_backend == "onednn"
+    assert language.engine.num_blocks == 123 and language.engine.linear_backend == "torch"
     assert language.transport.kind == vision.transport.kind == "rdma" and vision.transport.ucx_tls == "tcp"
     assert language.transport.token == vision.transport.token == "secret"
     assert vision.max_batch_tiles == 4 and vision.dtype == language.dtype == "bfloat16"
