@@ -88,6 +88,10 @@ class OverloadedError(DvdError):
     """The server is at a capacity limit; the client should retry later."""
 
 
+class ReplicaBusyError(OverloadedError):
+    """A server holds its limit of in-flight requests; the gateway tries another replica (busy is not failed)."""
+
+
 class FeaturePoolFullError(OverloadedError):
     """The language server's feature pool has no room for a request's features."""
 
@@ -179,6 +183,7 @@ CODES: dict[type[BaseException], tuple[int, grpc.StatusCode]] = {
     DuplicateRequestError: (409, Code.ALREADY_EXISTS),
     TooLargeError: (413, Code.RESOURCE_EXHAUSTED),
     OverloadedError: (429, Code.RESOURCE_EXHAUSTED),
+    ReplicaBusyError: (429, Code.RESOURCE_EXHAUSTED),  # the gateway answers it only when every replica is busy
     UnavailableError: (503, Code.UNAVAILABLE),
     DeadlineExceededError: (504, Code.DEADLINE_EXCEEDED),
     RequestAbortedError: (499, Code.CANCELLED),

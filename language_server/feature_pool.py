@@ -8,6 +8,13 @@ Handed-over frames no longer count here (the engine holds them). Memory is bound
 orphans are dropped first; a frame that still does not fit fails its request. Entries of finished,
 aborted or timed-out requests are dropped, and late frames for them are refused on arrival.
 
+One frame per image, whichever Encode attempt sent it: when a vision server dies after pushing some of
+a request's frames, the gateway retries the Encode on another replica (a new `attempt`, so the transport
+does not refuse its frames as duplicates), and each retried frame for an image the pool already has
+(held, or handed over to the engine) is freed on arrival, after checking it has the first one's shape;
+the first one stands. Identical inputs on the same checkpoint give the same features, so which one
+stands does not change the answer.
+
 Runs on the server's event loop only (no locks): frames come from the transport's async iterator.
 """
 
@@ -78,6 +85,7 @@ class _Entry:
     frames: dict[int, Frame] = field(default_factory=dict)  # arrived, not handed over yet
     created: float = field(default_factory=time.monotonic)
     claim: Claim | None = None
+    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)  # every image kept so far (held or handed)
 
     @property
     def nbytes(self) -> int:
@@ -88,6 +96,7 @@ class _Entry:
 class FeaturePoolStats:
     num_frames_received: int = 0
     num_frames_refused: int = 0  # late (request already gone), out of range, or no room
+    num_frames_resent: int = 0  # a retried Encode's frame for an image already here: freed, the first stands
     num_orphans_evicted: int = 0
     num_requests_completed: int = 0
     num_requests_timed_out: int = 0
@@ -108,6 +117,8 @@ class FeaturePool:
         self.entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self.stats = FeaturePoolStats()
         self._gone: OrderedDict[str, None] = OrderedDict()  # recently released ids, to refuse late frames
+        # requests whose every image was handed over, still running: a retry's late frames are freed, not kept
+        self._complete: OrderedDict[str, dict[int, tuple[int, ...]]] = OrderedDict()
         self._forget_after = forget_after
         self.nbytes = 0
 
@@ -121,6 +132,10 @@ class FeaturePool:
         self.stats.num_frames_received += 1
         self.evict_expired()
         entry = self.entries.get(rid)
+        shapes = entry.shapes if entry is not None else self._complete.get(rid)
+        if shapes is not None and index in shapes:
+            self._resent(frame, shapes[index])
+            return
         if rid in self._gone or (entry and entry.claim is not None and index >= entry.claim.num_images):
             self.stats.num_frames_refused += 1
             frame.release()
@@ -138,8 +153,19 @@ class FeaturePool:
             return
         entry = self.entries.setdefault(rid, _Entry())
         entry.frames[index] = frame
+        entry.shapes[index] = tuple(frame.header.shape)
         self.nbytes += frame.header.nbytes
         self._hand_over(rid)
+
+    def _resent(self, frame: Frame, first_shape: tuple[int, ...]) -> None:
+        """A frame for an image this request has already: freed at once; the first one stands."""
+        rid, index, shape = frame.header.request_id, frame.header.image_index, tuple(frame.header.shape)
+        self.stats.num_frames_resent += 1
+        frame.release()
+        if shape != first_shape:  # not the same image's features: the two attempts disagree
+            self._fail(rid, InvalidRequestError(
+                f"features for image {index} of request {rid} were sent again (attempt {frame.header.attempt}) "
+                f"with shape {shape}, but the first had shape {first_shape}"))
 
     def claim(self, request_id: str, num_images: int) -> Claim:
         """The request's frames, handed over in image order (those here already, at once)."""
@@ -164,6 +190,7 @@ class FeaturePool:
     def release(self, request_id: str) -> None:
         """Forget a request (finished, aborted, timed out): its frames go, and later ones are refused."""
         entry = self.entries.pop(request_id, None)
+        self._complete.pop(request_id, None)
         if entry is not None:
             self.nbytes -= entry.nbytes
             _release(entry)
@@ -205,6 +232,9 @@ class FeaturePool:
             claim._hand(frame)
         if claim.num_handed == claim.num_images:
             self.entries.pop(rid)
+            self._complete[rid] = entry.shapes
+            while len(self._complete) > self._forget_after:
+                self._complete.popitem(last=False)
             self.stats.num_requests_completed += 1
 
     def fail(self, rid: str, error: Exception) -> None:
@@ -213,6 +243,8 @@ class FeaturePool:
 
     def _fail(self, rid: str, error: Exception) -> None:
         entry = self.entries.pop(rid, None)
+        if self._complete.pop(rid, None) is not None:
+            self._gone[rid] = None
         if entry is None:
             return
         self.nbytes -= entry.nbytes

@@ -27,7 +27,7 @@ from dvd.errors import (
     DvdError,
     EngineFailedError,
     InvalidRequestError,
-    OverloadedError,
+    ReplicaBusyError,
     RequestAbortedError,
     UnavailableError,
     rpc_metadata,
@@ -168,7 +168,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         if rid in self.streams or rid in self.waiting:
             raise DuplicateRequestError(f"request_id {rid!r} is already in use")
         if len(self.streams.keys() | self.waiting) >= self.engine.config.max_queued_requests:
-            raise OverloadedError(f"server holds {self.engine.config.max_queued_requests} requests, its limit")
+            raise ReplicaBusyError(f"language server holds {self.engine.config.max_queued_requests} requests, its "
+                                   f"limit max_queued_requests (engine.max_queued_requests)")
         segments = [list(s.ids) for s in request.segments]
         if len(segments) != request.num_images + 1:
             raise InvalidRequestError(f"num_images is {request.num_images}, so segments must have "
@@ -316,7 +317,8 @@ class LanguageServer:
         self._tasks.append(asyncio.create_task(self.service.receive_features()))
         self._server, self.port = await start_grpc_server(
             lambda server: language_pb2_grpc.add_LanguageServicer_to_server(self.service, server),
-            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health)
+            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
+            credentials=self.config.grpc_tls.server_credentials())
 
     async def stop(self) -> None:
         """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from dvd.config_file import ConfigError
 from dvd.process import configure_logging, run_process
 from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
@@ -51,6 +53,7 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "probe_interval": ("probe.interval_s", float),
     "probe_timeout": ("probe.timeout_s", float),
     "fail_threshold": ("probe.fail_threshold", int),
+    "internal_tls_ca": ("internal_tls.ca", str),
     **{dest: (key, str if dest != "insecure" else bool) for dest, key in KEY_FLAGS.items()},
 }
 
@@ -68,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--probe-interval", type=float, help="seconds between health probes of each server (default 2)")
     add("--probe-timeout", type=float, help="seconds a probe may take before it counts as failed (default 10)")
     add("--fail-threshold", type=int, help="failed probes in a row that take a server out of rotation (default 3)")
+    add("--internal-tls-ca", metavar="PEM", help="dial the vision and language servers over TLS, verifying their "
+                                                 "certificates against these roots (default: plain text)")
     add_key_arguments(parser)
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -77,15 +82,16 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(args, dest) is not None}
 
 
-async def serve(config: StandaloneGatewayConfig, keys: ApiKeys) -> int:
+async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
+                credentials: grpc.ChannelCredentials | None = None) -> int:
     model = config.model
     if model is None:
         from dvd.checkpoint_cache import ensure_checkpoint
 
         model = ensure_checkpoint("tiny")
         log.warning("no model given: using the built-in tiny checkpoint's tokenizer at %s", model)
-    backend = DisaggregatedBackend(model, attached("vision", config.vision), attached("language", config.language),
-                                   probe=config.probe)
+    backend = DisaggregatedBackend(model, attached("vision", config.vision, credentials),
+                                   attached("language", config.language, credentials), probe=config.probe)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
 
     async def describe() -> str:
@@ -100,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config, overrides_from_args(args))
         keys = gateway_keys(config.gateway)
-    except ConfigError as exc:
+        credentials = config.internal_tls.channel_credentials()  # read now: a bad file fails before serving
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_process(lambda: serve(config, keys))
+    return run_process(lambda: serve(config, keys, credentials))

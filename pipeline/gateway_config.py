@@ -7,6 +7,7 @@ File layout (every key optional but `language`):
     language: [HOST:PORT, ...]     # language servers' gRPC addresses
     gateway: {...}                 # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
     probe: {interval_s: 2.0, timeout_s: 10.0, fail_threshold: 3}
+    internal_tls: {ca: PEM}        # dial the servers over TLS, verifying them against these roots (dvd/grpc_tls.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.grpc_tls import GrpcTls
 from pipeline.gateway import GatewayConfig
 from pipeline.replicas import ProbeConfig
 from pipeline.serve_config import _merged as merged
@@ -34,6 +36,7 @@ class StandaloneGatewayConfig:
     language: tuple[str, ...] = ()
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    internal_tls: GrpcTls = field(default_factory=GrpcTls)  # TLS to the servers: `ca` verifies them
 
     def __post_init__(self) -> None:
         if not self.language:

@@ -83,10 +83,14 @@ class Replica:
     state: str = "not probed yet"  # why it is in or out of rotation, for /v1/instances and logs
     last_probe_ms: float = 0.0
     num_calls_failed: int = 0  # calls failed because this replica left rotation while serving them
+    credentials: grpc.ChannelCredentials | None = None  # TLS to this server (dvd/grpc_tls.py); None: plain text
     _work: set[Work] = field(default_factory=set)
 
     def connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        if self.credentials is not None:
+            self.channel = grpc.aio.secure_channel(self.address, self.credentials, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = STUBS[self.kind](self.channel)
 
     async def check(self, timeout_s: float = 5.0, fail_threshold: int = 1) -> bool:
@@ -197,9 +201,9 @@ class ReplicaPool:
         await asyncio.gather(*(r.check(probe.timeout_s, probe.fail_threshold) for r in self.replicas))
 
 
-def attached(kind: str, addresses: Sequence[str]) -> ReplicaPool:
-    """A pool of servers this process did not start, by their gRPC addresses."""
-    return ReplicaPool(kind, [Replica(kind=kind, address=a) for a in addresses])
+def attached(kind: str, addresses: Sequence[str], credentials: grpc.ChannelCredentials | None = None) -> ReplicaPool:
+    """A pool of servers this process did not start, by their gRPC addresses (over TLS with `credentials`)."""
+    return ReplicaPool(kind, [Replica(kind=kind, address=a, credentials=credentials) for a in addresses])
 
 
 def free_port(host: str = "127.0.0.1") -> int:

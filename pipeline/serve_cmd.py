@@ -68,6 +68,8 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "probe_interval": ("probe.interval_s", float),
     "probe_timeout": ("probe.timeout_s", float),
     "fail_threshold": ("probe.fail_threshold", int),
+    "internal_tls_cert": ("internal_tls.cert", str),
+    "internal_tls_key": ("internal_tls.key", str),
     "cpus": ("cpus", str),
     "vision_cpus": ("vision.cpus", str),
     "language_cpus": ("language.cpus", str),
@@ -120,6 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--probe-interval", type=float, help="seconds between probes of each server (default 2)")
     group.add_argument("--probe-timeout", type=float, help="seconds a probe may take before it fails (default 10)")
     group.add_argument("--fail-threshold", type=int, help="failed probes in a row that take a server out (default 3)")
+    group = parser.add_argument_group("TLS between the gateway and its own servers (default: plain text on loopback)")
+    group.add_argument("--internal-tls-cert", metavar="PEM",
+                       help="the children serve gRPC over TLS with this certificate, which the gateway trusts; it "
+                            "must name 127.0.0.1 (subjectAltName IP:127.0.0.1)")
+    group.add_argument("--internal-tls-key", metavar="PEM", help="its private key (with --internal-tls-cert)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -165,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.config, overrides_from_args(args))
         keys = gateway_keys(config.gateway)
-    except ConfigError as exc:
+        config.internal_tls.server_credentials()  # read now: a bad certificate fails before any child starts
+        config.internal_tls.channel_credentials()
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist

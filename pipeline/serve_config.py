@@ -15,6 +15,8 @@ File layout (every key optional):
     vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, devices_per_replica, layer_split, dtype,
                                 # max_batch_tiles, cache_bytes, ...)
     language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
+    internal_tls: {cert: PEM, key: PEM}  # the gateway <-> children gRPC over TLS (dvd/grpc_tls.py); the
+                                # certificate must name 127.0.0.1 (subjectAltName IP:127.0.0.1)
     cpus: "1"                   # CPU list for this process: the gateway, or with coupled the whole model
                                 # (vision.cpus / language.cpus pin the servers; see dvd/cpus.py)
 """
@@ -28,13 +30,14 @@ from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
 from dvd.cpus import check_cpu_list
+from dvd.grpc_tls import GrpcTls
 from language_server.server_config import LanguageServerConfig
 from pipeline.gateway import GatewayConfig
 from pipeline.replicas import ProbeConfig
 from transport.config import TransportConfig
 from vision_server.config import VisionServerConfig
 
-TOP_KEYS = ("model", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus")
+TOP_KEYS = ("model", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus", "internal_tls")
 # Set by `dvd serve` for each child, not by the file: the model, where it listens, the shared transport.
 _CHILD_FIXED = ("model", "host", "port", "transport")
 TRANSPORT_KINDS = ("tcp", "rdma")  # what `dvd serve` can start between its own children
@@ -52,8 +55,13 @@ class ServeConfig:
     language: LanguageServerConfig | None = None
     cpus: str = ""  # this process's CPUs: the gateway's, or the whole model's with coupled; "" = any
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # how the gateway decides a server is down
+    # The children serve gRPC over TLS with cert + key; the gateway verifies them against ca (default: cert).
+    internal_tls: GrpcTls = field(default_factory=GrpcTls)
 
     def __post_init__(self) -> None:
+        if self.internal_tls.enabled and self.internal_tls.cert is None:
+            raise ConfigError("internal_tls: cert and key are needed (the children serve with them); ca alone is "
+                              "for dvd gateway")
         try:
             check_cpu_list(self.cpus)
         except ValueError as exc:
@@ -67,12 +75,14 @@ class ServeConfig:
 
     def vision_child(self, port: int, token: str) -> VisionServerConfig:
         assert self.vision is not None
-        return replace(self.vision, host="127.0.0.1", port=port, transport=replace(self.transport, token=token))
+        return replace(self.vision, host="127.0.0.1", port=port, transport=replace(self.transport, token=token),
+                       grpc_tls=self.internal_tls if self.internal_tls.enabled else self.vision.grpc_tls)
 
     def language_child(self, port: int, token: str) -> LanguageServerConfig:
         assert self.language is not None
         transport = replace(self.transport, host="127.0.0.1", port=0, token=token)
-        return replace(self.language, host="127.0.0.1", port=port, transport=transport)
+        return replace(self.language, host="127.0.0.1", port=port, transport=transport,
+                       grpc_tls=self.internal_tls if self.internal_tls.enabled else self.language.grpc_tls)
 
 
 def _role(section: Any, where: str) -> tuple[int, dict[str, Any]]:
@@ -116,12 +126,13 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
     transport = from_dict(TransportConfig, data.get("transport", {}), "transport", token=None)
     gateway = from_dict(GatewayConfig, data.get("gateway", {}), "gateway")
     probe = from_dict(ProbeConfig, data.get("probe", {}), "probe")
+    internal_tls = from_dict(GrpcTls, data.get("internal_tls", {}), "internal_tls")
     vision_replicas, vision = _role(data.get("vision", {}), "vision")
     language_replicas, language = _role(data.get("language", {}), "language")
     path = Path(model) if model else Path(".")  # a placeholder until the tiny checkpoint's path is known
     return ServeConfig(
         model=Path(model) if model else None, coupled=coupled, gateway=gateway, transport=transport, cpus=cpus,
-        probe=probe,
+        probe=probe, internal_tls=internal_tls,
         vision_replicas=vision_replicas, language_replicas=language_replicas,
         vision=from_dict(VisionServerConfig, vision, "vision", **_fixed(path)),
         language=from_dict(LanguageServerConfig, language, "language", **_fixed(path)),

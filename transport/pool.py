@@ -128,10 +128,10 @@ class RecentKeys:
 
     def __init__(self, capacity: int = 1 << 16) -> None:
         self._capacity = capacity
-        self._keys: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._keys: collections.OrderedDict[tuple[str, int, int], None] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, key: tuple[str, int]) -> bool:
+    def add(self, key: tuple[str, int, int]) -> bool:
         """Record `key`; False when it was already there (a duplicate)."""
         with self._lock:
             if key in self._keys:
@@ -141,7 +141,7 @@ class RecentKeys:
                 self._keys.popitem(last=False)
             return True
 
-    def discard(self, key: tuple[str, int]) -> None:
+    def discard(self, key: tuple[str, int, int]) -> None:
         """Forget `key` (its frame never made it), so a retry is not called a duplicate."""
         with self._lock:
             self._keys.pop(key, None)

@@ -72,6 +72,9 @@ class FeatureHeader:
     # The identity of what the features encode (the vision server's hash of the input, the model and how it
     # was encoded), for the language server's prefix cache; None: not to be shared.
     content_key: bytes | None = None
+    # Which try of the request's Encode sent this frame: 0 first; a retry on another vision replica counts up,
+    # so its frames are not refused as the first try's duplicates (the language server keeps one per image).
+    attempt: int = 0
 
     def __post_init__(self) -> None:
         # Validated on construction too, so a sender cannot build a header a receiver would refuse.
@@ -93,11 +96,12 @@ class FeatureHeader:
             _int(self.checksum, "checksum", 0, 0xFFFFFFFF)
         _check(self.content_key is None or (type(self.content_key) is bytes and 1 <= len(self.content_key) <= 64),
                "content_key must be None or 1..64 bytes")
+        _int(self.attempt, "attempt", 0, 1 << 16)
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> tuple[str, int, int]:
         """What makes a frame unique: a second frame with the same key is a duplicate."""
-        return (self.request_id, self.image_index)
+        return (self.request_id, self.image_index, self.attempt)
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -110,6 +114,7 @@ class FeatureHeader:
             "nb": self.nbytes,
             "crc": self.checksum,
             "ck": self.content_key,
+            "at": self.attempt,
         }
 
     @classmethod
@@ -117,7 +122,8 @@ class FeatureHeader:
         _check(type(m["sh"]) is list, "shape must be a list")
         _int(m["v"], "version")
         try:
-            return cls(m["rid"], m["img"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"], m["ck"])
+            return cls(m["rid"], m["img"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"], m["ck"],
+                       m.get("at", 0))
         except TypeError as error:  # e.g. an unhashable dtype value
             raise ProtocolError(f"bad feature header: {error}") from None
 

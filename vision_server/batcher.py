@@ -111,6 +111,13 @@ class Batcher:
             worker.start()
 
     @property
+    def num_queued_tiles(self) -> int:
+        """Tiles waiting for a batch: bounded by the Encode calls in flight (max_inflight_requests), each
+        at most max_request_tiles."""
+        with self._cond:
+            return sum(p.pixels.shape[0] - p.offset for p in self._queue if p.work.active)
+
+    @property
     def is_flash(self) -> bool:
         return self.replicas[0].is_flash
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, split_layers, torch_dtype
+from dvd.grpc_tls import GrpcTls
 from transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -35,6 +36,12 @@ class VisionServerConfig:
     max_inputs: int = 64  # images + videos in one Encode
     max_request_tiles: int = 512  # tiles one Encode may cost in total (images' tiles + video frames)
     max_num_limit: int = 64  # highest per-image max_num a client may ask for
+    # Encode calls in flight at once; one more is refused (RESOURCE_EXHAUSTED, ReplicaBusyError) and the
+    # gateway tries another replica. Above the gateway's own max_concurrency (64), so one gateway never hits it.
+    max_inflight_requests: int = 256
+    # Tiles (each Encode's worst case: max_num + thumbnail per slot) admitted at once; an Encode that does not
+    # fit waits. Bounds the preprocessed pixels and pending features (448 px fp32: 2.4 MB a tile, 1.2 GB in all).
+    max_pending_tiles: int = 512
     max_message_bytes: int = 256 * MiB
     drain_timeout_s: float = 30.0
     # The senders' settings; `kind` is used for destinations given without a scheme, and `token` must
@@ -45,6 +52,7 @@ class VisionServerConfig:
     # `host` binds every interface), and the file holding the shared token (read at start).
     advertise_host: str = ""
     token_file: Path | None = None
+    grpc_tls: GrpcTls = dataclasses.field(default_factory=GrpcTls)  # serve gRPC over TLS: cert + key (dvd/grpc_tls.py)
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
@@ -60,7 +68,8 @@ class VisionServerConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
         positive = ("max_batch_tiles", "preprocess_workers", "max_inputs", "max_request_tiles", "max_num_limit",
-                    "max_message_bytes")
+                    "max_message_bytes", "max_inflight_requests",
+                    "max_pending_tiles")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -118,8 +127,10 @@ class VisionServerConfig:
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
             max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
+            max_inflight_requests=args.max_inflight, max_pending_tiles=args.max_pending_tiles,
             drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport),
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
+            grpc_tls=GrpcTls(cert=args.tls_cert, key=args.tls_key),
         )
 
 
@@ -159,6 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inputs", type=int, default=64, help="most images/videos in one request (64)")
     parser.add_argument("--max-num-limit", type=int, default=64, help="highest per-image max_num a client may ask (64)")
     parser.add_argument("--max-request-tiles", type=int, default=512, help="most tiles one request may cost")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve gRPC over TLS with this certificate chain (with --tls-key); default plain text")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument("--max-inflight", type=int, default=256,
+                        help="Encode calls in flight at once; more are refused as busy (RESOURCE_EXHAUSTED) (256)")
+    parser.add_argument("--max-pending-tiles", type=int, default=512,
+                        help="tiles (worst case per Encode) admitted at once; more Encodes wait for room (512)")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM, how long in-flight requests may finish before they are failed (30)")
     parser.add_argument("--transport", default="tcp", help="transport kind for destinations without a scheme")

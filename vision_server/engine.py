@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from dvd.errors import DestinationError, InputError, InvalidRequestError, ShuttingDownError
+from dvd.errors import DestinationError, InputError, InvalidRequestError, ReplicaBusyError, ShuttingDownError
 from transport import FeatureHeader, Sender, TransportError, create_sender, header_for
 from vision_server.batcher import Batcher, EncodeWork
 from vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
 from vision_server.config import VisionServerConfig
 from vision_server.model import EncodedImage, VisionHalf
 from vision_server.preprocess import PreprocessConfig, preprocess_image
+from vision_server.tile_budget import TileBudget
 from vision_server.video import MAX_NUM_SEGMENTS, load_video
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class EncodeRequest:
     request_id: str
     inputs: Sequence[MediaInput]
     destination: str
+    attempt: int = 0  # stamped on every frame (FeatureHeader.attempt): a retry's frames are no duplicates
 
 
 def _weight_stamps(path: Any) -> list[tuple[str, int, int]]:
@@ -91,12 +93,13 @@ class VisionEngine:
         self.transport_options = transport_options or {}
         self._senders: dict[str, Sender] = {}
         self.inflight: dict[int, EncodeRequest] = {}
+        self.tile_budget = TileBudget(config.max_pending_tiles)
         self._idle = asyncio.Event()
         self._idle.set()
         self.counters: dict[str, float] = {
             name: 0 for name in ("num_requests", "num_requests_ok", "num_requests_failed", "num_slots_sent",
                                  "num_tokens_sent", "num_bytes_sent", "num_tiles_preprocessed",
-                                 "num_cache_route_mismatches")
+                                 "num_cache_route_mismatches", "num_requests_busy")
         }
 
     # ------------------------------------------------------------------------------------------
@@ -107,6 +110,9 @@ class VisionEngine:
         out = dict(self.counters)
         out |= {k: float(v) for k, v in dataclasses.asdict(self.batcher.stats).items()}
         out["num_inflight"] = len(self.inflight)
+        out["num_queued_tiles"] = self.batcher.num_queued_tiles
+        out["num_pending_tiles"] = self.tile_budget.used
+        out["num_waiting_for_tiles"] = self.tile_budget.num_waiting
         out["num_devices"] = len(self.config.devices)
         out["num_replicas"] = len(self.replicas)  # fewer than devices when each spans several
         batches = self.batcher.stats.num_batches
@@ -171,13 +177,17 @@ class VisionEngine:
             if max_num > self.preprocess.max_num_limit:
                 raise InputError(i, item.kind, InvalidRequestError(
                     f"max_num ({max_num}) is above this server's limit of {self.preprocess.max_num_limit} tiles"))
-            per_slot = max_num + (1 if max_num > 1 and self.preprocess.use_thumbnail else 0)
-            worst += per_slot * item.num_slots
+            worst += self._worst_tiles(item)
         if worst > self.config.max_request_tiles:
             raise InvalidRequestError(f"request may cost up to {worst} tiles, over this server's limit of "
                                       f"{self.config.max_request_tiles} tiles per request")
         self._sender(destination)
         return destination
+
+    def _worst_tiles(self, item: MediaInput) -> int:
+        """The most tiles one input may cost (its max_num tiles + the thumbnail, per slot)."""
+        max_num = item.max_num or (1 if item.num_segments else self.preprocess.max_num)
+        return (max_num + (1 if max_num > 1 and self.preprocess.use_thumbnail else 0)) * item.num_slots
 
     def _keys(self, request: EncodeRequest) -> list[bytes]:
         return [cache_key(self.model_id, self.preprocess, item.max_num, item.num_segments, input_digest(item.data))
@@ -211,6 +221,10 @@ class VisionEngine:
         return [preprocess_image(item.data, self.preprocess, max_num=item.max_num or None)]
 
     async def encode(self, request: EncodeRequest) -> list[SlotOutcome]:
+        if len(self.inflight) >= self.config.max_inflight_requests:
+            self.counters["num_requests_busy"] += 1
+            raise ReplicaBusyError(f"vision server holds {len(self.inflight)} Encode calls, its limit "
+                                   f"max_inflight_requests={self.config.max_inflight_requests}")
         self.counters["num_requests"] += 1
         self.inflight[id(request)] = request
         self._idle.clear()
@@ -253,24 +267,27 @@ class VisionEngine:
         for i, hit in enumerate(hits):
             for offset, image in enumerate(hit or ()):
                 ready.put_nowait((first_slot[i] + offset, image, True))
-        tasks: set[asyncio.Future[Any]] = set()
-        try:
-            for i in misses:
-                tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready,
-                                                              stamps)))
-            outcomes = await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot,
-                                        tasks, stamps)
-            for outcome in outcomes:
-                times = dict(stamps.get(outcome.slot, {}))
-                if work is not None and outcome.slot in work.encode_started:
-                    times["encode_start"] = work.encode_started[outcome.slot]
-                outcome.stamps.update({stage: (t - arrived) * 1e3 for stage, t in times.items()})
-            return outcomes
-        finally:
-            if work is not None:
-                work.cancel()
-            for task in tasks:
-                task.cancel()
+        # Admitted by its worst-case tile cost: under load (a slow language server, a flood) the pixels and
+        # features this server holds stay within max_pending_tiles; the rest wait here, not in memory.
+        async with self.tile_budget.hold(sum(self._worst_tiles(request.inputs[i]) for i in misses)):
+            tasks: set[asyncio.Future[Any]] = set()
+            try:
+                for i in misses:
+                    tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready,
+                                                                  stamps)))
+                outcomes = await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot,
+                                            tasks, stamps)
+                for outcome in outcomes:
+                    times = dict(stamps.get(outcome.slot, {}))
+                    if work is not None and outcome.slot in work.encode_started:
+                        times["encode_start"] = work.encode_started[outcome.slot]
+                    outcome.stamps.update({stage: (t - arrived) * 1e3 for stage, t in times.items()})
+                return outcomes
+            finally:
+                if work is not None:
+                    work.cancel()
+                for task in tasks:
+                    task.cancel()
 
     async def _prepare(self, index: int, item: MediaInput, first_slot: int, work: EncodeWork | None,
                        ready: asyncio.Queue[Any], stamps: dict[int, dict[str, float]]) -> None:
@@ -319,7 +336,7 @@ class VisionEngine:
                     i = input_of[slot]
                     content = slot_content_key(keys[i], slot - first_slot[i], image)
                     stamps[slot]["send_start"] = time.monotonic()
-                    sends.add(asyncio.ensure_future(self._send(sender, destination, request.request_id, slot, image,
+                    sends.add(asyncio.ensure_future(self._send(sender, destination, request, slot, image,
                                                                content, stamps[slot])))
         finally:
             for future in sends | ({getter} if getter else set()):
@@ -331,10 +348,11 @@ class VisionEngine:
                     self.cache.put(key, [fresh[s] for s in slots])
         return [outcomes[s] for s in sorted(outcomes)]
 
-    async def _send(self, sender: Sender, destination: str, request_id: str, slot: int, image: EncodedImage,
+    async def _send(self, sender: Sender, destination: str, request: EncodeRequest, slot: int, image: EncodedImage,
                     content_key: bytes, stamps: dict[str, float]) -> None:
         header: FeatureHeader = dataclasses.replace(
-            header_for(request_id, slot, image.uniform_tokens_per_tile, image.features), content_key=content_key)
+            header_for(request.request_id, slot, image.uniform_tokens_per_tile, image.features),
+            content_key=content_key, attempt=request.attempt)
         try:
             await sender.send(destination, header, image.features)
         except TransportError as error:

@@ -58,6 +58,7 @@ class VisionService(vision_pb2_grpc.VisionServicer):
             request_id=request.request_id,
             inputs=[MediaInput(i.data, i.max_num, i.num_segments) for i in request.inputs],
             destination=request.destination,
+            attempt=request.attempt,
         )
         arrived = time.monotonic()
         try:
@@ -108,7 +109,8 @@ class VisionServer:
     async def start(self) -> None:
         self._server, self.port = await start_grpc_server(
             lambda server: vision_pb2_grpc.add_VisionServicer_to_server(self.service, server),
-            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health)
+            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
+            credentials=self.config.grpc_tls.server_credentials())
 
     async def stop(self) -> None:
         """Drain: refuse new work, give in-flight requests `drain_timeout_s`, fail what is left, release all."""

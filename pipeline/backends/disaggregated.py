@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from dvd.checkpoint import open_checkpoint
-from dvd.errors import UnavailableError, from_rpc_error
+from dvd.errors import ReplicaBusyError, UnavailableError, from_rpc_error
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 from dvd.v1 import language_pb2, vision_pb2
@@ -55,6 +55,7 @@ class DisaggregatedBackend(Backend):
         self.chat = ChatFormat(open_checkpoint(self.model_path))
         self._health_task: asyncio.Task | None = None
         self.num_encode_retries = 0
+        self.num_busy_retries = 0  # calls sent to another replica because one was at its in-flight limit
         self.workdir: Path | None = None  # the child configs of servers this backend started
         self.mode = f"disaggregated ({len(vision.replicas)} vision, {len(language.replicas)} language)"
 
@@ -69,6 +70,9 @@ class DisaggregatedBackend(Backend):
                   for _ in range(config.vision_replicas)]
         language = [start_server("language", config.language_child(free_port(), token), workdir)
                     for _ in range(config.language_replicas)]
+        credentials = config.internal_tls.channel_credentials()
+        for replica in vision + language:
+            replica.credentials = credentials  # the children serve TLS with config.internal_tls (vision_child)
         backend = cls(config.model, ReplicaPool("vision", vision), ReplicaPool("language", language),
                       owned=vision + language, probe=config.probe)
         backend.workdir = workdir
@@ -118,6 +122,7 @@ class DisaggregatedBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_encode_retries": self.num_encode_retries,
+                               "num_busy_retries": self.num_busy_retries,
                                "num_calls_failed_on_lost_replica": sum(
                                    r.num_calls_failed for pool in (self.vision, self.language) for r in pool.replicas)}
         for pool in (self.vision, self.language):
@@ -132,11 +137,15 @@ class DisaggregatedBackend(Backend):
                       marks: dict[str, float]) -> vision_pb2.EncodeResponse:
         inputs = [vision_pb2.MediaInput(data=m.data, max_num=request.max_num or 0, num_segments=m.num_segments)
                   for m in request.media]
-        call = vision_pb2.EncodeRequest(request_id=request.request_id, inputs=inputs, destination=destination)
         tried: list[Replica] = []
+        num_failed = 0  # tries that failed (not busy ones): a failed Encode is retried once
         while True:
-            replica = self.vision.pick(exclude=tried)
+            replica = pick_not_busy(self.vision, tried)
             tried.append(replica)
+            # A retry is a new attempt: the frames the lost replica did send stand, the retry's are not refused
+            # as their duplicates (the language server keeps one per image and frees the other).
+            call = vision_pb2.EncodeRequest(request_id=request.request_id, inputs=inputs, destination=destination,
+                                            attempt=len(tried) - 1)
             rpc = replica.stub.Encode(call, timeout=request.timeout_s)
             try:
                 async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
@@ -145,13 +154,19 @@ class DisaggregatedBackend(Backend):
                     marks["encode_answered"] = time.time()
                     return response
             except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE:
-                    raise from_rpc_error(err, f"vision ({replica.address})") from None
                 error: Exception = from_rpc_error(err, f"vision ({replica.address})")
+                if isinstance(error, ReplicaBusyError):  # busy, not failed: it stays in rotation; try another
+                    self.num_busy_retries += 1
+                    log.info("%s: vision server %s is at its in-flight limit; trying another replica",
+                             request.request_id, replica.address)
+                    continue
+                if err.code() not in _RETRYABLE:
+                    raise error from None
                 reason = err.code().name
             except UnavailableError as lost:  # out of rotation while encoding: another replica may serve it
                 error, reason = lost, "left rotation"
-            if len(tried) > 1 or not [r for r in self.vision.replicas if r.healthy and r not in tried]:
+            num_failed += 1
+            if num_failed > 1 or not [r for r in self.vision.replicas if r.healthy and r not in tried]:
                 raise error
             self.num_encode_retries += 1
             log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
@@ -173,47 +188,59 @@ class DisaggregatedBackend(Backend):
         # Template rendering and tokenizing in a worker thread: a long prompt never stalls other requests.
         prompt = await asyncio.to_thread(self.chat.build, list(request.messages), request.num_slots,
                                          thinking=request.thinking)
-        language = self.language.pick()
-        if request.media:
-            self.vision.pick()  # fail fast (503) when no vision replica is healthy
-        marks: dict[str, float] = {"dispatch": time.time()}
-        call = language.stub.Generate(self._language_request(request, prompt.segments), timeout=request.timeout_s)
-        encode: asyncio.Task | None = None
-        if request.media:  # Encode and Generate leave together: the two stages overlap from the start
-            encode = asyncio.create_task(self._encode(request, language.transport_address, marks))
-            # features that will never come: stop waiting for them at once
-            encode.add_done_callback(lambda task: call.cancel() if not task.cancelled() and task.exception() else None)
-        finished, features_wait_ms, last, stamped = False, 0.0, None, None
-        encoded: vision_pb2.EncodeResponse | None = None
-        async with language.in_use(call) as work:  # leaving rotation fails this call at once, naming why
-            try:
-                async for response in call:
-                    if "first_token" not in marks and response.token_ids:
-                        marks["first_token"] = time.time()
-                    features_wait_ms = max(features_wait_ms, response.features_wait_ms)
-                    if stamped is None and response.first_token_ms:
-                        stamped = response  # the message with the language server's stage stamps
-                    last = response
-                    if response.finish_reason:
-                        finished = True
-                    yield GenerationEvent(token_ids=list(response.token_ids))
-                if encode is not None:
-                    encoded = await encode
-            except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
-                if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
-                    raise encode.exception() from None
-                if work.lost or isinstance(err, asyncio.CancelledError):
-                    raise  # in_use names the lost server; a cancel stays a cancel
-                raise from_rpc_error(err, f"language ({language.address})") from None
-            finally:
-                if not finished:  # the client went away or something failed: free both halves now
+        busy: list[Replica] = []  # language replicas that refused this request at their in-flight limit
+        while True:
+            language = pick_not_busy(self.language, busy)
+            if request.media:
+                self.vision.pick()  # fail fast (503) when no vision replica is healthy
+            marks: dict[str, float] = {"dispatch": time.time()}
+            call = language.stub.Generate(self._language_request(request, prompt.segments), timeout=request.timeout_s)
+            encode: asyncio.Task | None = None
+            if request.media:  # Encode and Generate leave together: the two stages overlap from the start
+                encode = asyncio.create_task(self._encode(request, language.transport_address, marks))
+                # features that will never come: stop waiting for them at once
+                encode.add_done_callback(
+                    lambda task, call=call: call.cancel() if not task.cancelled() and task.exception() else None)
+            finished, refused_busy, features_wait_ms, last, stamped = False, False, 0.0, None, None
+            encoded: vision_pb2.EncodeResponse | None = None
+            async with language.in_use(call) as work:  # leaving rotation fails this call at once, naming why
+                try:
+                    async for response in call:
+                        if "first_token" not in marks and response.token_ids:
+                            marks["first_token"] = time.time()
+                        features_wait_ms = max(features_wait_ms, response.features_wait_ms)
+                        if stamped is None and response.first_token_ms:
+                            stamped = response  # the message with the language server's stage stamps
+                        last = response
+                        if response.finish_reason:
+                            finished = True
+                        yield GenerationEvent(token_ids=list(response.token_ids))
                     if encode is not None:
-                        encode.cancel()
-                    call.cancel()
-                    if not work.lost:  # a hung server would not answer the Abort either
-                        with contextlib.suppress(grpc.aio.AioRpcError):
-                            await language.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id),
-                                                      timeout=5)
+                        encoded = await encode
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+                    if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
+                        raise encode.exception() from None
+                    if work.lost or isinstance(err, asyncio.CancelledError):
+                        raise  # in_use names the lost server; a cancel stays a cancel
+                    error = from_rpc_error(err, f"language ({language.address})")
+                    if not isinstance(error, ReplicaBusyError) or last is not None:
+                        raise error from None
+                    refused_busy = True  # nothing sent to the client yet: another replica may take it
+                finally:
+                    if not finished:  # the client went away or something failed: free both halves now
+                        if encode is not None:
+                            encode.cancel()
+                        call.cancel()
+                        if not work.lost:  # a hung server would not answer the Abort either (frees early frames)
+                            with contextlib.suppress(grpc.aio.AioRpcError):
+                                await language.stub.Abort(
+                                    language_pb2.AbortRequest(request_id=request.request_id), timeout=5)
+            if not refused_busy:
+                break
+            busy.append(language)  # busy, not failed: it stays in rotation for other requests
+            self.num_busy_retries += 1
+            log.info("%s: language server %s is at its in-flight limit; trying another replica",
+                     request.request_id, language.address)
         marks["end"] = time.time()
         yield self._final_event(marks, features_wait_ms, last, stamped, encoded)
 
@@ -227,6 +254,16 @@ class DisaggregatedBackend(Backend):
         reason = FinishReason(last.finish_reason) if last and last.finish_reason else FinishReason.ABORT
         return GenerationEvent(token_ids=[], finish_reason=reason, timings=timings,
                                num_prompt_tokens=last.prompt_tokens if last else 0)
+
+
+def pick_not_busy(pool: ReplicaPool, tried: list[Replica]) -> Replica:
+    """The least loaded healthy replica not tried yet for this request; ReplicaBusyError (429) when every
+    healthy replica was tried (those that said busy are still in rotation: busy is not failed)."""
+    healthy = [r for r in pool.replicas if r.healthy]
+    if tried and healthy and all(r in tried for r in healthy):
+        raise ReplicaBusyError(f"every healthy {pool.kind} replica ({len(healthy)}) is at its in-flight limit; "
+                               "retry later")
+    return pool.pick(exclude=tried)
 
 
 def stage_timings(marks: dict[str, float], features_wait_ms: float,

@@ -4,6 +4,7 @@ late frames."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -91,5 +92,45 @@ def test_released_requests_refuse_late_frames_and_bad_indexes_fail_the_claim() -
         pool.put(frame("r", 3))
         with pytest.raises(InvalidRequestError, match="features for image 3 arrived, but request r has 1 images"):
             await claim.next()
+
+    asyncio.run(scenario())
+
+
+def resent(rid: str, index: int, attempt: int, rows: int = 4) -> Frame:
+    """A retried Encode's frame: the same image, sent by another vision replica (a new attempt)."""
+    tensor = torch.full((rows, 8), float(index), dtype=torch.bfloat16)
+    header = dataclasses.replace(header_for(rid, index, rows, tensor), attempt=attempt)
+    return Frame(header, tensor, "retry")
+
+
+def test_a_retried_encode_completes_the_claim_and_its_repeats_are_freed() -> None:
+    """A vision server died after image 0; the retry sends images 0 and 1 again: image 0's second copy
+    (held, handed over, or after the claim completed) is freed on arrival and the claim completes."""
+    async def scenario() -> None:
+        pool = FeaturePool(max_bytes=1 << 20, orphan_ttl_s=60)
+        first = frame("r", 0)
+        pool.put(first)  # attempt 0 got image 0 out, then died
+        again = resent("r", 0, attempt=1)
+        pool.put(again)  # held, not claimed yet: the repeat is freed, the first stands
+        assert again.tensor.numel() == 0 and pool.nbytes == first.header.nbytes
+        claim = pool.claim("r", 3)
+        assert (await claim.next()) is first
+        pool.put(resent("r", 0, attempt=1))  # already handed over to the engine: freed too
+        pool.put(resent("r", 1, attempt=1))
+        pool.put(resent("r", 2, attempt=1))
+        assert [(await claim.next()).header.attempt for _ in range(2)] == [1, 1] and claim.done
+        late = resent("r", 1, attempt=2)
+        pool.put(late)  # after completion, before the request ends: freed, not kept as an orphan
+        assert late.tensor.numel() == 0
+        assert pool.stats.num_frames_resent == 3 and pool.nbytes == 0 and pool.num_entries == 0
+        pool.release("r")
+        assert not pool._complete  # nothing is remembered past the request
+
+        wrong = pool.claim("w", 2)
+        pool.put(frame("w", 0))
+        pool.put(resent("w", 0, attempt=1, rows=6))  # not the same image's features: the request fails
+        with pytest.raises(InvalidRequestError, match=r"sent again .* shape"):
+            await wrong.next()
+        assert pool.nbytes == 0 and pool.num_entries == 0
 
     asyncio.run(scenario())

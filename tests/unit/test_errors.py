@@ -38,6 +38,7 @@ EXPECTED = [
     (errors.KVCapacityError, 413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.OverloadedError, 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.FeaturePoolFullError, 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ReplicaBusyError, 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.UnavailableError, 503, grpc.StatusCode.UNAVAILABLE),
     (errors.ShuttingDownError, 503, grpc.StatusCode.UNAVAILABLE),
     (errors.PeerLostError, 503, grpc.StatusCode.UNAVAILABLE),

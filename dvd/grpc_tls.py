@@ -1,0 +1,52 @@
+"""TLS for the gRPC between a gateway and its own vision and language servers (the internal hops;
+the client-facing APIs have their own `GatewayConfig.tls_cert` / `tls_key`).
+
+One settings type for both ends: a server uses `cert` + `key` (`server_credentials`), a gateway
+verifies servers against `ca` (`channel_credentials`; `cert` itself when no `ca` is given, which is
+what a self-signed certificate shared by `dvd serve` and its children needs). The certificate must
+name the address the gateway dials (a subjectAltName such as IP:127.0.0.1 for `dvd serve`'s children),
+since gRPC checks the host name. Files are read when the credentials are made (at start), never at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    cert: Path | None = None  # PEM certificate chain a server presents
+    key: Path | None = None  # its private key (PEM)
+    ca: Path | None = None  # PEM roots a gateway verifies servers with; default: `cert`
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: give both or neither")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None or self.ca is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """For `start_grpc_server(credentials=...)`; None: plain text."""
+        if self.cert is None or self.key is None:
+            return None
+        return grpc.ssl_server_credentials([(_read(self.key, "key"), _read(self.cert, "cert"))])
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """For the gateway's channels to its servers; None: plain text."""
+        roots = self.ca or self.cert
+        return grpc.ssl_channel_credentials(root_certificates=_read(roots, "ca")) if roots is not None else None
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"internal TLS {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"internal TLS {what} {path} is not PEM")
+    return data
