@@ -13,7 +13,7 @@ up to 1024 entries each), and a serving engine's batches take nearly every row c
 `max_batch_tokens`, so the process's memory grew with every new count it met, ~0.2 MiB a request in
 a soak with the prefix cache on (whose cut-short prefills make the counts vary most). Padded, at most
 ~50 shapes per layer ever reach oneDNN. A row's result does not depend on the rows beside it (checked
-bit for bit, tests/language_server/test_linear_shapes.py), except that one row alone takes oneDNN's
+bit for bit, tests/language_server/test_memory_bounds.py), except that one row alone takes oneDNN's
 vector path: small counts are never padded.
 """
 
@@ -24,7 +24,6 @@ from collections.abc import Callable
 import torch
 
 from language_server.config import LINEAR_BACKEND_NAMES
-
 
 EXACT_ROWS = 16  # up to this many rows (decode steps of a few requests) go as they are
 
