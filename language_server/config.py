@@ -32,9 +32,7 @@ class EngineConfig:
     linear_backend: str = "torch"
     # Share full KV blocks between requests by a hash of their tokens and images (prefix_cache.py):
     # a repeated system prompt, or turn 2 of a chat about the same image, is not prefilled again.
-    # Off by default for now: with it on, a soak through dvd serve showed the language server's RSS
-    # growing ~0.15-0.2 MiB a request (438 -> 617 MiB over 480 requests; off: flat), cause not found yet.
-    enable_prefix_cache: bool = False
+    enable_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         checks = [
