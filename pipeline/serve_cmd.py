@@ -57,6 +57,7 @@ _OVERRIDES: dict[str, tuple[str, Any]] = {
     "vision_replicas": ("vision.replicas", int),
     "language_replicas": ("language.replicas", int),
     "vision_devices": ("vision.devices", lambda v: [d.strip() for d in v.split(",") if d.strip()]),
+    "vision_devices_per_replica": ("vision.devices_per_replica", int),
     "language_device": ("language.device", str),
     "max_batch_tiles": ("vision.max_batch_tiles", int),
     "max_wait_ms": ("vision.max_wait_ms", float),
@@ -101,7 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vision-replicas", type=int, help="vision servers to start (default 1)")
     group.add_argument("--language-replicas", type=int, help="language servers to start (default 1)")
     group.add_argument("--device", help="torch device for both halves (default cpu); see the next two")
-    group.add_argument("--vision-devices", help="vision servers' devices, comma separated, a model replica each")
+    group.add_argument("--vision-devices", help="vision servers' devices, comma separated: a model replica each, "
+                                              "or each --vision-devices-per-replica of them")
+    group.add_argument("--vision-devices-per-replica", type=int,
+                       help="devices each vision replica spans, its ViT layers placed over them (default 1; "
+                            "e.g. --vision-devices cuda:0,cuda:1 --vision-devices-per-replica 2 for InternViT-6B)")
     group.add_argument("--language-device", help="language servers' device")
     group.add_argument("--dtype", help="model dtype for both halves: float32, bfloat16, float16 "
                                        "(default float32 on cpu, else bfloat16)")

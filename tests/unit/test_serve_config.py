@@ -79,3 +79,13 @@ def test_a_child_config_round_trips_through_its_file(tmp_path: Path) -> None:
 def test_nested_transport_config_is_checked_too() -> None:
     with pytest.raises(ConfigError, match="exceeds receive_pool_bytes"):
         from_dict(TransportConfig, {"max_frame_bytes": 2048, "receive_pool_bytes": 1024}, "transport")
+
+
+def test_a_vision_replica_spanning_devices_from_flags() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--vision-devices", "cpu,cpu", "--vision-devices-per-replica", "2"])
+    vision = load_serve_config(None, overrides_from_args(args)).vision_child(port=7002, token="secret")
+    assert vision.devices == ("cpu", "cpu") and vision.devices_per_replica == 2
