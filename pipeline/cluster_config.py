@@ -9,6 +9,9 @@ node's roles; errors name the node and the key (`nodes[gpu0].language.devices: .
     token_file: PATH            # the shared transport token (mode 0600), at this path on every node
     transport: {kind: tcp}      # TransportConfig without host/port/token: tcp or rdma, ucx_tls, limits
     probe: {interval_s, timeout_s, fail_threshold}   # the gateway's health probes
+    internal_tls: {cert, key, ca}  # gateway <-> servers gRPC over TLS (dvd/grpc_tls.py): every server presents
+                                   # cert + key (the same paths on every node; the cert names every node's
+                                   # address), the gateways verify them against ca (default: cert)
     nodes:
       - name: NAME
         address: 10.0.0.2       # where other nodes reach this one (advertised; required)
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.grpc_tls import GrpcTls
 from language_server.server_config import LanguageServerConfig
 from pipeline.gateway import GatewayConfig
 from pipeline.gateway_config import StandaloneGatewayConfig
@@ -111,6 +115,7 @@ class ClusterConfig:
     token_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    internal_tls: GrpcTls = field(default_factory=GrpcTls)
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -123,7 +128,7 @@ class ClusterConfig:
         role = node.vision
         assert role is not None
         devices = tuple(d.strip() for d in role.device(i).split(","))
-        return from_dict(VisionServerConfig, role.settings, f"nodes[{node.name}].vision.settings",
+        return from_dict(VisionServerConfig, self._with_tls(role.settings), f"nodes[{node.name}].vision.settings",
                          model=self.model, devices=devices, host=node.bind_host, port=role.port + i,
                          advertise_host=node.address, token_file=None, transport=replace(self.transport, token=token))
 
@@ -133,7 +138,7 @@ class ClusterConfig:
         device = role.device(i)
         transport = replace(self.transport, host=node.transport_address or node.bind_host,
                             port=role.transport_port + i, token=token)
-        return from_dict(LanguageServerConfig, {**role.settings, "device": device},
+        return from_dict(LanguageServerConfig, self._with_tls({**role.settings, "device": device}),
                          f"nodes[{node.name}].language.settings", model=self.model, host=node.bind_host,
                          port=role.port + i, advertise_host=node.address,
                          transport_advertise_host=node.transport_address or node.address, token_file=None,
@@ -144,7 +149,13 @@ class ClusterConfig:
         return StandaloneGatewayConfig(
             model=self.model, vision=tuple(a for n in self.nodes for a in n.addresses("vision")),
             language=tuple(a for n in self.nodes for a in n.addresses("language")),
-            gateway=replace(node.gateway, host=node.bind_host), probe=self.probe)
+            gateway=replace(node.gateway, host=node.bind_host), probe=self.probe, internal_tls=self.internal_tls)
+
+    def _with_tls(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """A server's settings with the cluster's internal TLS, unless its own `grpc_tls` says otherwise."""
+        if self.internal_tls.cert is None or "grpc_tls" in settings:
+            return settings
+        return {**settings, "grpc_tls": {"cert": self.internal_tls.cert, "key": self.internal_tls.key}}
 
 
 def _node(data: Any, i: int) -> NodeConfig:

@@ -53,6 +53,22 @@ def test_each_process_gets_its_nodes_addresses_ports_and_devices() -> None:
     assert gateway.vision == ("10.0.0.2:7100",) and gateway.language == ("10.0.0.1:7200", "10.0.0.1:7201")
 
 
+def test_internal_tls_reaches_every_server_and_the_gateway() -> None:
+    data = _base() | {"internal_tls": {"cert": "/etc/dvd/internal.pem", "key": "/etc/dvd/internal.key"}}
+    data["nodes"][1]["vision"]["settings"] = {"grpc_tls": {"cert": "/etc/dvd/b.pem", "key": "/etc/dvd/b.key"}}
+    config = build_cluster_config(data)
+    a, b = config.nodes
+    language = config.language_server(a, 0, None)
+    assert str(language.grpc_tls.cert) == "/etc/dvd/internal.pem"
+    assert str(language.grpc_tls.key) == "/etc/dvd/internal.key"
+    assert str(config.vision_server(b, 0, None).grpc_tls.cert) == "/etc/dvd/b.pem"  # a node's own settings win
+    gateway = config.gateway_server(a)
+    assert str(gateway.internal_tls.cert) == "/etc/dvd/internal.pem" and gateway.internal_tls.enabled
+    assert not build_cluster_config(_base()).language_server(a, 0, None).grpc_tls.enabled
+    with pytest.raises(ConfigError, match="internal_tls"):
+        build_cluster_config(_base() | {"internal_tls": {"cert": "/etc/dvd/internal.pem"}})
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d["nodes"][0]["language"].update(devices=["cuda:0"]), r"nodes\[a\]\.language: devices: one entry"),
     (lambda d: d["nodes"][1]["vision"].update(colour=1), r"nodes\[b\]\.vision\.colour: unknown key"),
