@@ -88,8 +88,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _summary(name: str, values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1e3 for v in values_s]
-    out = {f"mean_{name}_ms": sum(ms) / len(ms) if ms else float("nan"),
+    # No values (e.g. no inter-token gap: every answer came in one chunk) read 0, as `vllm bench serve`'s
+    # `np.mean(itls or 0)` does, rather than NaN, which JSON cannot carry.
+    ms = [v * 1e3 for v in values_s] or [0.0]
+    out = {f"mean_{name}_ms": sum(ms) / len(ms),
            f"median_{name}_ms": percentile(ms, 50)}
     for q in PERCENTILES:
         if q != 50:

@@ -53,6 +53,13 @@ def test_run_figures_and_goodput() -> None:
     assert meets_slo(records[0], {"ttft": 500.0, "e2el": 1100.0})
 
 
+def test_no_inter_token_gap_reads_zero_not_nan() -> None:
+    # every answer in one chunk (fast server, coalesced stream): no ITL sample, as vllm reports it: 0
+    m = compute_metrics([_record(0, 0.0, [0.3], 0.3, 3), _record(1, 0.1, [0.5], 0.5, 2)], {})
+    assert m["mean_itl_ms"] == m["p90_itl_ms"] == m["median_itl_ms"] == 0.0
+    assert m["mean_tpot_ms"] == m["mean_tpot_ms"] and m["completed"] == 2
+
+
 def test_percentile_interpolates_like_numpy() -> None:
     values = [1.0, 2.0, 3.0, 4.0]
     assert percentile(values, 50) == pytest.approx(2.5)
