@@ -46,8 +46,8 @@ RAW_IDENT_BYTES = 32
 RAW_BASELINE = (
     "per stream one TCP connection (TCP_NODELAY, default socket buffers), kept open across rounds; "
     "per frame one sendall of an 8-byte length + 32-byte id, then one sendall of the whole payload "
-    "(a written buffer); the receiver reads the length and id, then recv_into one preallocated, "
-    "pre-faulted buffer per connection until full; threads release the GIL in every call"
+    "(a written buffer); the receiver reads the length and id, then recv_into (MSG_WAITALL: one call fills it) "
+    "one preallocated, pre-faulted buffer per connection; threads release the GIL in every call"
 )
 
 
@@ -135,7 +135,9 @@ def _raw_child(pipe: Connection) -> None:
 
 def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
     while view:
-        received = conn.recv_into(view)
+        # MSG_WAITALL: the kernel fills the whole view in one call (the raw receiver's best effort; the
+        # tcp transport reads its payloads the same way, in 1 MiB pieces)
+        received = conn.recv_into(view, view.nbytes, socket.MSG_WAITALL)
         if not received:
             return False
         view = view[received:]
