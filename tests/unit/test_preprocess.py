@@ -1,4 +1,5 @@
-"""Preprocessing equals the InternVL3.5 model card's `load_image`, bit for bit.
+"""Preprocessing equals the InternVL3.5 model card's `load_image`, bit for bit (bad inputs:
+test_preprocess_bad_inputs.py; the config and its checkpoint sources: test_preprocess_checkpoint.py).
 
 `card_*` below is the model card's code written out again as literally as possible, with numpy in
 place of torchvision (which does not import here): T.Resize((s, s), BICUBIC) on a PIL image is
@@ -8,12 +9,7 @@ place of torchvision (which does not import here): T.Resize((s, s), BICUBIC) on 
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
-import struct
-import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dvd.errors import CheckpointError, ImageTooLargeError, InvalidImageError, InvalidRequestError
+from tests.unit.preprocess_images import crafted_png, encode, natural_image
 from vision_server.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -135,25 +131,6 @@ def card_pixels(data: bytes, max_num: int = 12) -> np.ndarray:
 CONFIG = PreprocessConfig()
 
 
-def natural_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A smooth photo-like RGB array: gradients, a blob, and sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    u, v = x / max(width - 1, 1), y / max(height - 1, 1)
-    blob = np.exp(-(((u - 0.6) ** 2 + (v - 0.4) ** 2) / 0.05))
-    r = 200 * u + 40 * blob
-    g = 150 * v + 80 * np.sin(6 * u) * blob + 30
-    b = 120 * (1 - u) * v + 60 * blob + 20
-    img = np.stack([r, g, b], axis=-1) + rng.normal(0, 6, (height, width, 1)).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
 def assert_matches_card(data: bytes, max_num: int = 12, config: PreprocessConfig = CONFIG) -> torch.Tensor:
     ours = preprocess_image(data, config, max_num=max_num)
     expected = card_pixels(data, max_num=max_num)
@@ -161,25 +138,6 @@ def assert_matches_card(data: bytes, max_num: int = 12, config: PreprocessConfig
     assert tuple(ours.shape) == expected.shape
     assert np.array_equal(ours.numpy(), expected), "pixel values differ from the model card's"
     return ours
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def crafted_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(rows, 9))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A small file claiming width x height greyscale pixels (one row of zeros: header is what counts)."""
-    return crafted_png(width, height, 8, 0, b"\x00" * (width + 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,281 +406,7 @@ def test_hf_ratio_order_differs_from_card_on_same_count_ties() -> None:
     assert find_closest_aspect_ratio(5 / 2, target_ratios(4, 4), 5, 2, 448) == (4, 1)  # card
 
 
-# ------------------------------------------------------------------------------------------------
-# Bad inputs: each raises the right DvD error, naming the cause
-
-
-def test_empty_bytes() -> None:
-    with pytest.raises(InvalidImageError, match="empty: 0 bytes"):
-        preprocess_image(b"", CONFIG)
-
-
-def test_garbage_bytes() -> None:
-    with pytest.raises(InvalidImageError, match="format not recognised"):
-        preprocess_image(b"this is not an image at all" * 10, CONFIG)
-
-
-def test_not_bytes() -> None:
-    with pytest.raises(InvalidImageError, match="must be bytes, got str"):
-        decode_image("photo.jpg", CONFIG)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
-def test_truncated_image(fmt: str) -> None:
-    data = encode(Image.fromarray(natural_image(200, 150)), fmt)
-    with pytest.raises(InvalidImageError, match=r"cannot be (decoded|read)"):
-        preprocess_image(data[: len(data) // 2], CONFIG)
-
-
-def test_truncated_header() -> None:
-    data = encode(Image.fromarray(natural_image(20, 20)), "PNG")
-    with pytest.raises(InvalidImageError):
-        preprocess_image(data[:30], CONFIG)
-
-
-def test_corrupt_png_checksum() -> None:
-    data = bytearray(encode(Image.fromarray(natural_image(50, 50)), "PNG"))
-    idat = data.index(b"IDAT")
-    data[idat + 20] ^= 0xFF
-    with pytest.raises(InvalidImageError, match="PNG image data cannot be decoded"):
-        preprocess_image(bytes(data), CONFIG)
-
-
-def test_zero_size_image() -> None:
-    # Pillow refuses to open zero-size files in every format tried (PNG, GIF, BMP, TIFF, PPM), so
-    # the zero-size path is reached with an image object, and the bytes path with a 0-width PNG.
-    with pytest.raises(InvalidImageError, match="empty: 0x5 pixels"):
-        preprocess_image(Image.new("RGB", (0, 5)), CONFIG)
-    with pytest.raises(InvalidImageError, match="empty"):
-        dynamic_preprocess(Image.new("RGB", (7, 0)))
-    with pytest.raises(InvalidImageError):
-        preprocess_image(crafted_png(0, 5, 8, 2, b""), CONFIG)
-
-
-def test_disallowed_format() -> None:
-    data = encode(Image.fromarray(natural_image(16, 16)), "ICO")
-    with pytest.raises(InvalidImageError, match="accepted formats: JPEG"):
-        preprocess_image(data, CONFIG)
-    assert preprocess_image(data, dataclasses.replace(CONFIG, allowed_formats=("ICO",))).shape[0] == 1
-
-
-def test_byte_limit() -> None:
-    data = PHOTOS[0].read_bytes()
-    config = PreprocessConfig(max_image_bytes=len(data) - 1)
-    with pytest.raises(ImageTooLargeError, match=rf"{len(data)} bytes, more than the limit of {len(data) - 1}"):
-        preprocess_image(data, config)
-    assert preprocess_image(data, PreprocessConfig(max_image_bytes=len(data))).shape[0] > 0
-
-
-def test_pixel_limit_checked_before_decoding() -> None:
-    # 10000 x 8000 = 80 Mpx claimed by a file of a few hundred bytes: above our 64 Mpx, below Pillow's.
-    data = bomb_png(10000, 8000)
-    assert len(data) < 1000
-    with pytest.raises(ImageTooLargeError, match="10000x8000 = 80000000 pixels, more than the limit of 64000000"):
-        preprocess_image(data, CONFIG)
-    with pytest.raises(ImageTooLargeError, match="more than the limit of 1000"):
-        preprocess_image(Image.new("RGB", (100, 11)), PreprocessConfig(max_pixels=1000))
-
-
-def test_decompression_bomb_beyond_pillows_own_limit() -> None:
-    # 20000 x 20000 = 400 Mpx: Pillow itself raises DecompressionBombError while opening.
-    with pytest.raises(ImageTooLargeError, match="decompression-bomb"):
-        preprocess_image(bomb_png(20000, 20000), PreprocessConfig(max_pixels=10**9))
-
-
-def test_pillows_warning_threshold_is_an_error() -> None:
-    # 10000 x 10000 = 100 Mpx: Pillow only warns; allowed by our limit here, refused all the same.
-    config = PreprocessConfig(max_pixels=10**9)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with pytest.raises(ImageTooLargeError, match="Pillow's decompression-bomb limit"):
-            preprocess_image(bomb_png(10000, 10000), config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with pytest.raises(ImageTooLargeError, match="decompression-bomb"):
-            preprocess_image(bomb_png(10000, 10000), config)
-
-
-@pytest.mark.parametrize(
-    ("config", "max_num", "match"),
-    [
-        (CONFIG, 0, "max_num \\(0\\) must be at least min_num \\(1\\)"),
-        (CONFIG, -3, "max_num \\(-3\\) must be at least min_num"),
-        (PreprocessConfig(min_num=2, max_num=6), 1, "max_num \\(1\\) must be at least min_num \\(2\\)"),
-        (CONFIG, 65, "max_num \\(65\\) is above this server's limit of 64"),
-        (CONFIG, 2.5, "max_num must be an integer, got 2.5"),
-        (CONFIG, True, "max_num must be an integer, got True"),
-    ],
-)
-def test_bad_max_num(config: PreprocessConfig, max_num: object, match: str) -> None:
-    with pytest.raises(InvalidRequestError, match=match):
-        preprocess_image(PHOTOS[0].read_bytes(), config, max_num=max_num)  # type: ignore[arg-type]
-
-
 def test_max_num_override() -> None:
     data = PHOTOS[2].read_bytes()
     assert preprocess_image(data, CONFIG, max_num=1).shape[0] == 1
     assert preprocess_image(data, CONFIG, max_num=64).shape[0] == card_pixels(data, max_num=64).shape[0]
-
-
-def test_dynamic_preprocess_bad_counts() -> None:
-    image = Image.new("RGB", (10, 10))
-    with pytest.raises(InvalidRequestError, match="min_num must be at least 1"):
-        dynamic_preprocess(image, min_num=0)
-    with pytest.raises(InvalidRequestError, match="image_size must be a positive integer"):
-        dynamic_preprocess(image, image_size=0)
-
-
-def test_error_classes_map_to_http_status() -> None:
-    assert InvalidImageError("x").http_status == 400
-    assert ImageTooLargeError("x").http_status == 413
-
-
-# ------------------------------------------------------------------------------------------------
-# PreprocessConfig
-
-
-def test_config_defaults_are_the_card() -> None:
-    assert (CONFIG.image_size, CONFIG.min_num, CONFIG.max_num, CONFIG.use_thumbnail) == (448, 1, 12, True)
-    assert CONFIG.mean == CARD_MEAN and CONFIG.std == CARD_STD
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        CONFIG.max_num = 3  # type: ignore[misc]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"image_size": 0}, "image_size must be a positive integer"),
-        ({"min_num": 0}, "min_num must be a positive integer"),
-        ({"min_num": 5, "max_num": 4}, r"min_num \(5\) is above max_num \(4\)"),
-        ({"max_num": 100}, r"max_num \(100\) is above max_num_limit \(64\)"),
-        ({"max_pixels": -1}, "max_pixels must be a positive integer"),
-        ({"max_image_bytes": 1.5}, "max_image_bytes must be a positive integer"),
-        ({"mean": (0.5, 0.5)}, "mean must be a tuple of 3 finite numbers"),
-        ({"std": (0.5, 0.0, 0.5)}, "std must be positive"),
-        ({"std": (0.5, float("nan"), 0.5)}, "std must be a tuple of 3 finite numbers"),
-        ({"use_thumbnail": 1}, "use_thumbnail must be a bool"),
-        ({"allowed_formats": ()}, "allowed_formats must be a non-empty tuple"),
-        ({"allowed_formats": ("JPEG", "HEIC")}, r"cannot open: \['HEIC'\]"),
-    ],
-)
-def test_config_validation(kwargs: dict[str, object], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        PreprocessConfig(**kwargs)  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------------------------------------
-# from_checkpoint
-
-
-def write_checkpoint(tmp_path: Path, config: dict[str, object], preprocessor: dict[str, object] | None) -> Path:
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    if preprocessor is not None:
-        (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    return tmp_path
-
-
-HF_CONFIG = {"architectures": ["InternVLForConditionalGeneration"], "vision_config": {"image_size": [448, 448]}}
-GITHUB_CONFIG = {
-    "architectures": ["InternVLChatModel"],
-    "force_image_size": 448,
-    "min_dynamic_patch": 1,
-    "max_dynamic_patch": 12,
-    "use_thumbnail": True,
-    "dynamic_image_size": True,
-    "vision_config": {"image_size": 448},
-}
-
-
-def test_from_checkpoint_hf_full(tmp_path: Path) -> None:
-    preprocessor = {
-        "image_processor_type": "GotOcr2ImageProcessorFast",
-        "size": {"height": 224, "width": 224},
-        "image_mean": [0.5, 0.4, 0.3],
-        "image_std": [0.2, 0.3, 0.4],
-        "min_patches": 2,
-        "max_patches": 6,
-        "crop_to_patches": True,
-        "resample": 3,
-        "do_rescale": True,
-        "rescale_factor": 0.00392156862745098,
-        "do_normalize": True,
-    }
-    config = PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, HF_CONFIG, preprocessor))
-    assert (config.image_size, config.min_num, config.max_num, config.use_thumbnail) == (224, 2, 6, True)
-    assert config.mean == (0.5, 0.4, 0.3) and config.std == (0.2, 0.3, 0.4)
-
-
-def test_from_checkpoint_hf_missing_values_use_card_not_clip(tmp_path: Path) -> None:
-    path = write_checkpoint(tmp_path, HF_CONFIG, {"size": {"height": 448, "width": 448}})
-    config = PreprocessConfig.from_checkpoint(path)
-    assert config.mean == CARD_MEAN and config.std == CARD_STD
-    assert (config.min_num, config.max_num) == (1, 12)
-
-
-def test_from_checkpoint_hf_without_preprocessor_file(tmp_path: Path) -> None:
-    config = {**HF_CONFIG, "vision_config": {"image_size": 336}}
-    assert PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, config, None)).image_size == 336
-
-
-def test_from_checkpoint_hf_no_cropping_means_one_tile(tmp_path: Path) -> None:
-    path = write_checkpoint(tmp_path, HF_CONFIG, {"crop_to_patches": False, "max_patches": 12})
-    config = PreprocessConfig.from_checkpoint(path)
-    assert (config.min_num, config.max_num) == (1, 1)
-    assert preprocess_image(PHOTOS[0].read_bytes(), config).shape[0] == 1
-
-
-@pytest.mark.parametrize(
-    ("preprocessor", "match"),
-    [
-        ({"size": {"height": 448, "width": 224}}, "448x224; InternVL tiles must be square"),
-        ({"resample": 2}, "only bicubic"),
-        ({"do_normalize": False}, "'do_normalize' is false"),
-        ({"rescale_factor": 1.0}, "only 1/255"),
-        ({"image_mean": [0.5, 0.5]}, "'image_mean' must be a list of 3 numbers"),
-        ({"max_patches": "12"}, "'max_patches' must be an integer"),
-        ({"min_patches": 8, "max_patches": 4}, r"min_num \(8\) is above max_num \(4\)"),
-    ],
-)
-def test_from_checkpoint_hf_bad_settings(tmp_path: Path, preprocessor: dict[str, object], match: str) -> None:
-    with pytest.raises(CheckpointError, match=match):
-        PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, HF_CONFIG, preprocessor))
-
-
-def test_from_checkpoint_github(tmp_path: Path) -> None:
-    github = {**GITHUB_CONFIG, "max_dynamic_patch": 24, "min_dynamic_patch": 2, "use_thumbnail": False}
-    config = PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, github, None))
-    assert (config.image_size, config.min_num, config.max_num, config.use_thumbnail) == (448, 2, 24, False)
-    assert config.mean == CARD_MEAN and config.std == CARD_STD
-
-
-def test_from_checkpoint_github_large_max_num_raises_the_limit(tmp_path: Path) -> None:
-    github = {**GITHUB_CONFIG, "max_dynamic_patch": 100}
-    config = PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, github, None))
-    assert config.max_num == 100 and config.max_num_limit == 100
-
-
-def test_from_checkpoint_github_static_size_and_preprocessor_mean(tmp_path: Path) -> None:
-    github = {**GITHUB_CONFIG, "dynamic_image_size": False, "force_image_size": None}
-    clip_style = {"crop_size": 448, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]}
-    config = PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, github, clip_style))
-    assert (config.min_num, config.max_num, config.image_size) == (1, 1, 448)
-    assert config.mean == (0.1, 0.2, 0.3) and config.std == (0.3, 0.2, 0.1)
-
-
-def test_from_checkpoint_github_bad_values(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="'use_thumbnail' must be true or false"):
-        PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, {**GITHUB_CONFIG, "use_thumbnail": 1}, None))
-
-
-def test_from_checkpoint_unsupported_and_missing(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
-        PreprocessConfig.from_checkpoint(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match=r"config\.json: file not found"):
-        PreprocessConfig.from_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="cannot be read as JSON"):
-        PreprocessConfig.from_checkpoint(tmp_path)
-    write_checkpoint(tmp_path, {"architectures": ["LlavaForConditionalGeneration"]}, None)
-    with pytest.raises(CheckpointError, match=r"LlavaForConditionalGeneration.*is not served by DvD"):
-        PreprocessConfig.from_checkpoint(str(tmp_path))
