@@ -63,13 +63,7 @@ class ServeProcess:
 
     def __exit__(self, *exc: object) -> None:
         children = self.children()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         _, alive = psutil.wait_procs(children, timeout=30)
         for child in alive:
             child.kill()
@@ -79,6 +73,18 @@ class ServeProcess:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from tests.serve_process import read_line
+from tests.serve_process import read_line, terminate
 
 ROOT = Path(__file__).parents[2]
 
@@ -42,13 +41,7 @@ class NsProcess:
         self._seen.set()  # it ended: wake the waiter
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._drain.join(timeout=10)
         return self.proc.returncode
 
