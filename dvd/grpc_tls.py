@@ -10,6 +10,7 @@ since gRPC checks the host name. Files are read when the credentials are made (a
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,17 @@ class GrpcTls:
         """For the gateway's channels to its servers; None: plain text."""
         roots = self.ca or self.cert
         return grpc.ssl_channel_credentials(root_certificates=_read(roots, "ca")) if roots is not None else None
+
+
+def add_server_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--tls-cert` / `--tls-key` of `dvd vision` and `dvd language` (read back by `server_tls_from_args`)."""
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve gRPC over TLS with this certificate chain (with --tls-key); default plain text")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+
+
+def server_tls_from_args(args: argparse.Namespace) -> GrpcTls:
+    return GrpcTls(cert=args.tls_cert, key=args.tls_key)
 
 
 def _read(path: Path, what: str) -> bytes:

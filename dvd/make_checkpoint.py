@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dvd.checkpoint import HF_FLASH_ARCHITECTURE
-from dvd.tokenizer_builder import build_tokenizer
+from dvd.tokenizer_builder import build_tokenizer, padded_to
 
 log = logging.getLogger(__name__)
 
@@ -343,16 +343,17 @@ def make_checkpoint(
         raise ValueError(f"unknown format {fmt!r}; choose hf or github")
     spec = PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(pad_to=spec["vocab_size"])
+    learned_tokenizer = build_tokenizer()
+    learned = len(learned_tokenizer)
+    vocab_size = spec["vocab_size"] or learned
+    tokenizer = padded_to(learned_tokenizer, vocab_size)
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    vocab_size = spec["vocab_size"] or len(tokenizer)
     config = hf_config(spec, vocab_size, image_token_id)
     state = hf_state_dict(config, seed)
     # Ids past the tokenizer's learned tokens are fillers (" w<id>", tokenizer_builder._pad_vocabulary):
     # zero their embedding and LM-head rows so greedy decoding never picks one and answers in the learned
     # words (the 1b-shaped preset's 151936-entry vocabulary answered [49156, 35214, ...] before); sampling
     # may pick them, and they decode to printable text, so no answer is empty.
-    learned = len(build_tokenizer())
     for name in ("language_model.model.embed_tokens.weight", "lm_head.weight"):
         if name in state and state[name].shape[0] > learned:
             state[name][learned:] = 0

@@ -66,9 +66,8 @@ First, think step by step, then give the final answer. The answer is 42 because 
 """.strip()
 
 
-def build_tokenizer(vocab_size: int = 1024, pad_to: int | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of about `vocab_size` entries (specials included); with `pad_to`, ids
-    up to `pad_to` exist too (see `_pad_vocabulary`)."""
+def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of about `vocab_size` entries (specials included)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -78,10 +77,14 @@ def build_tokenizer(vocab_size: int = 1024, pad_to: int | None = None) -> PreTra
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    fast = _wrap(tokenizer)
-    if pad_to is not None and pad_to > len(fast):
-        fast = _wrap(_pad_vocabulary(fast.backend_tokenizer, len(fast), pad_to))
-    return fast
+    return _wrap(tokenizer)
+
+
+def padded_to(tokenizer: PreTrainedTokenizerFast, size: int) -> PreTrainedTokenizerFast:
+    """`tokenizer` with ids up to `size` (see `_pad_vocabulary`); itself when it has that many already."""
+    if size <= len(tokenizer):
+        return tokenizer
+    return _wrap(_pad_vocabulary(tokenizer.backend_tokenizer, len(tokenizer), size))
 
 
 def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:

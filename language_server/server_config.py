@@ -9,7 +9,7 @@ from typing import Any
 
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
-from dvd.grpc_tls import GrpcTls
+from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
 from language_server.config import EngineConfig
 from transport.config import TransportConfig
 
@@ -95,7 +95,7 @@ class LanguageServerConfig:
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
-            tensor_parallel=args.tp, grpc_tls=GrpcTls(cert=args.tls_cert, key=args.tls_key),
+            tensor_parallel=args.tp, grpc_tls=server_tls_from_args(args),
         )
 
 
@@ -117,9 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding the shared transport token vision servers must present; default: "
                              "$DVD_TOKEN, else none. The token is never taken from the command line")
     parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: refused with a pointer to --token-file
-    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
-                        help="serve gRPC over TLS with this certificate chain (with --tls-key); default plain text")
-    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    add_server_tls_arguments(parser)
     parser.add_argument("--feature-pool-mib", type=float, default=512, help="most feature bytes held waiting (512)")
     parser.add_argument("--features-timeout-s", type=float, default=30.0,
                         help="default wait for a request's features before it fails (30)")

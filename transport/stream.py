@@ -34,46 +34,33 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def read_into(sock: socket.socket, view: memoryview, on_progress: Callable[[], None] | None = None) -> None:
-    """Fill `view` exactly from the socket; PeerLostError when the stream ends first."""
+def read_into(sock: socket.socket, view: memoryview, on_progress: Callable[[], None] | None = None,
+              piece_bytes: int = 0) -> None:
+    """Fill `view` exactly from the socket; PeerLostError when the stream ends first. With `piece_bytes`
+    (a frame's payload on a blocking socket), MSG_WAITALL reads of at most that many bytes: the kernel
+    fills each in one call, a 26 MiB frame in 26 calls instead of one per segment it had ready (hundreds of
+    Python iterations). Measured (`dvd bench transport --kinds tcp,raw --sizes 26MiB --streams 1 --repeats
+    11`, quiet machine, alternating): tcp / a plain raw socket 0.90-0.95 before, 0.93-1.03 after."""
     total = view.nbytes
+    flags = socket.MSG_WAITALL if piece_bytes else 0
     while view:
+        piece = view[:piece_bytes] if piece_bytes else view
         try:
-            received = sock.recv_into(view)
+            received = sock.recv_into(piece, piece.nbytes, flags)
         except OSError as error:
             where = " mid-message" if view.nbytes != total else ""
             raise PeerLostError(f"connection lost{where}: {error}") from None
         if not received:
             raise PeerLostError("connection closed" if view.nbytes == total else "connection closed mid-message")
-        view = view[received:]
+        view = view[received:]  # a MSG_WAITALL read is short only when a signal or the peer's close cut it
         if on_progress is not None:
             on_progress()
 
 
-# The most one MSG_WAITALL read of a payload asks for: the kernel fills it in one call while the
-# thread sleeps, and `on_progress` still runs between pieces, so a frame on a slow link keeps the
-# heartbeat watch fed (1 MiB: at least every 5 s, the default heartbeat timeout, down to ~1.7 Mbit/s).
+# The most one MSG_WAITALL read of a payload asks for: `on_progress` still runs between pieces, so a frame
+# on a slow link keeps the heartbeat watch fed (1 MiB: at least every 5 s, the default heartbeat timeout,
+# down to ~1.7 Mbit/s).
 PAYLOAD_PIECE_BYTES = 1 << 20
-
-
-def read_payload_into(sock: socket.socket, view: memoryview, on_progress: Callable[[], None] | None = None) -> None:
-    """`read_into` for a frame's payload on a blocking socket, in MSG_WAITALL pieces: a 26 MiB frame in
-    26 system calls instead of one per segment the kernel has ready (hundreds of Python iterations).
-    Measured (`dvd bench transport --kinds tcp,raw --sizes 26MiB --streams 1 --repeats 11`, quiet
-    machine, alternating): tcp / raw 0.90-0.95 before, 0.93-1.02 after."""
-    total = view.nbytes
-    while view:
-        piece = view[:PAYLOAD_PIECE_BYTES]
-        try:
-            received = sock.recv_into(piece, piece.nbytes, socket.MSG_WAITALL)
-        except OSError as error:
-            where = " mid-message" if view.nbytes != total else ""
-            raise PeerLostError(f"connection lost{where}: {error}") from None
-        if not received:
-            raise PeerLostError("connection closed" if view.nbytes == total else "connection closed mid-message")
-        view = view[received:]  # short only when a signal or the peer's close cut the wait
-        if on_progress is not None:
-            on_progress()
 
 
 def read_message(sock: socket.socket, on_progress: Callable[[], None] | None = None) -> Message:

@@ -116,7 +116,7 @@ class _Inbound:
             self.touch()
         fresh = receiver.recent_keys.add(header.key)
         try:
-            stream.read_payload_into(self.sock, memoryview(buffer), self.touch)
+            stream.read_into(self.sock, memoryview(buffer), self.touch, stream.PAYLOAD_PIECE_BYTES)
             verify_checksum(header, buffer)
         except BaseException:
             if fresh:

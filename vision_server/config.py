@@ -9,7 +9,7 @@ from typing import Any
 
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, split_layers, torch_dtype
-from dvd.grpc_tls import GrpcTls
+from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
 from transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -130,7 +130,7 @@ class VisionServerConfig:
             max_inflight_requests=args.max_inflight, max_pending_tiles=args.max_pending_tiles,
             drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport),
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
-            grpc_tls=GrpcTls(cert=args.tls_cert, key=args.tls_key),
+            grpc_tls=server_tls_from_args(args),
         )
 
 
@@ -170,9 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inputs", type=int, default=64, help="most images/videos in one request (64)")
     parser.add_argument("--max-num-limit", type=int, default=64, help="highest per-image max_num a client may ask (64)")
     parser.add_argument("--max-request-tiles", type=int, default=512, help="most tiles one request may cost")
-    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
-                        help="serve gRPC over TLS with this certificate chain (with --tls-key); default plain text")
-    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    add_server_tls_arguments(parser)
     parser.add_argument("--max-inflight", type=int, default=256,
                         help="Encode calls in flight at once; more are refused as busy (RESOURCE_EXHAUSTED) (256)")
     parser.add_argument("--max-pending-tiles", type=int, default=512,

@@ -3,13 +3,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from dvd.tokenizer_builder import SPECIAL_TOKENS, build_tokenizer
+from dvd.tokenizer_builder import SPECIAL_TOKENS, build_tokenizer, padded_to
 
 TEXT = "<|im_start|>user\nDescribe <img><IMG_CONTEXT></img> 你好, the cat.<|im_end|><think>"
 
 
 def test_padded_ids_decode_to_printable_text_and_encoding_is_unchanged(tmp_path: Path) -> None:
-    plain, padded = build_tokenizer(), build_tokenizer(pad_to=3000)
+    plain = build_tokenizer()
+    padded = padded_to(plain, 3000)
     assert len(plain) < 3000 and len(padded) == 3000
     assert padded.encode(TEXT) == plain.encode(TEXT)
     for token in (*SPECIAL_TOKENS, "<think>", "</think>"):
