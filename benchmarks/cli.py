@@ -7,13 +7,13 @@ import importlib
 
 # name -> module with `main(argv: list[str]) -> int`.
 BENCHMARKS: dict[str, str] = {
-    "engine": "benchmarks.engine",
-    "compare": "benchmarks.compare",
-    "memory": "benchmarks.memory",
-    "serve": "benchmarks.serve",
-    "streaming": "benchmarks.streaming",
-    "transport": "benchmarks.transport",
-    "vision": "benchmarks.vision",
+    "engine": "dvd.benchmarks.engine",
+    "compare": "dvd.benchmarks.compare",
+    "memory": "dvd.benchmarks.memory",
+    "serve": "dvd.benchmarks.serve",
+    "streaming": "dvd.benchmarks.streaming",
+    "transport": "dvd.benchmarks.transport",
+    "vision": "dvd.benchmarks.vision",
 }
 
 

@@ -40,9 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve import add_arguments as add_serve_arguments
-from benchmarks.serve import machine, run_benchmark, write_outputs
-from benchmarks.serve_workload import BUCKETS, Workload
+from dvd.benchmarks.serve import add_arguments as add_serve_arguments
+from dvd.benchmarks.serve import machine, run_benchmark, write_outputs
+from dvd.benchmarks.serve_workload import BUCKETS, Workload
 
 MODES = ("coupled", "dvd", "dvd+vir")
 SETTINGS = ("paper", "equal")

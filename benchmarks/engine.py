@@ -20,11 +20,11 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from dvd.checkpoint_cache import default_cache_dir, ensure_checkpoint
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest
 from dvd.sampling import greedy
-from language_server.config import EngineConfig
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

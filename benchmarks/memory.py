@@ -24,10 +24,10 @@ import transformers, vision_server.model, language_server.model  # imports are n
 gc.collect()
 before = proc.memory_info().rss
 if what == "vision":
-    from vision_server.model import VisionHalf
+    from dvd.vision_server.model import VisionHalf
     modules = [VisionHalf.from_checkpoint(path, dtype=dtype)]
 elif what == "language":
-    from language_server.model import LanguageHalf
+    from dvd.language_server.model import LanguageHalf
     modules = [LanguageHalf.from_checkpoint(path, dtype=dtype).model]
 else:
     from transformers import InternVLForConditionalGeneration

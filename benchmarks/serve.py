@@ -43,9 +43,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve_client import GrpcSender, HttpSender, run_requests
-from benchmarks.serve_metrics import RequestRecord, compute_metrics, parse_goodput
-from benchmarks.serve_workload import (
+from dvd.benchmarks.serve_client import GrpcSender, HttpSender, run_requests
+from dvd.benchmarks.serve_metrics import RequestRecord, compute_metrics, parse_goodput
+from dvd.benchmarks.serve_workload import (
     WORKLOAD_BUCKETS,
     WORKLOADS,
     WorkloadOptions,
@@ -211,7 +211,7 @@ def write_outputs(result: dict[str, Any], result_file: Path | None, plot_dir: Pa
         written.append(result_file)
     plot_dir = plot_dir or (result_file.parent if result_file is not None else None)
     if plots and plot_dir is not None:
-        from benchmarks.serve_plots import plot_cdfs, plot_throughput, plot_timeline
+        from dvd.benchmarks.serve_plots import plot_cdfs, plot_throughput, plot_timeline
 
         plot_dir.mkdir(parents=True, exist_ok=True)
         stem = (result_file.stem if result_file is not None else "serve") + "-"

@@ -12,8 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks.serve_metrics import RequestRecord
-from benchmarks.serve_workload import PlannedRequest, arrival_gaps
+from dvd.benchmarks.serve_metrics import RequestRecord
+from dvd.benchmarks.serve_workload import PlannedRequest, arrival_gaps
 
 Sender = Callable[[PlannedRequest, RequestRecord], Awaitable[None]]
 

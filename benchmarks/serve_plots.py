@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve_metrics import RequestRecord
+from dvd.benchmarks.serve_metrics import RequestRecord
 
 STAGE_COLORS = {"preprocess": "lightsteelblue", "encode": "tab:blue",
                 "transfer": "tab:orange", "queue": "tab:gray", "prefix": "yellowgreen",

@@ -12,7 +12,7 @@
 
 The engine runs in this process, one request at a time; the prefix cache is off in part 1 so repeats do
 not hit it. Image features are random rows (the model's widths); frames' delays are simulated.
-Run: `python -m benchmarks.streaming --preset internvl3_5-1b-shaped` (see --help).
+Run: `python -m dvd.benchmarks.streaming --preset internvl3_5-1b-shaped` (see --help).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine import DTYPES
+from dvd.benchmarks.engine import DTYPES
 from dvd.checkpoint import open_checkpoint
 from dvd.checkpoint_cache import default_cache_dir, ensure_checkpoint
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest, PromptPiece
 from dvd.prompt import ChatFormat
 from dvd.sampling import greedy
-from language_server.config import EngineConfig
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest, PromptPiece
 
 SYSTEM = "You are a helpful assistant that looks closely at every picture and answers precisely. "
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transport import TransportConfig, TransportError, create_receiver, create_sender, header_for
+from dvd.transport import TransportConfig, TransportError, create_receiver, create_sender, header_for
 
 MiB = 1 << 20
 SIZES: dict[str, int] = {"0.5MiB": MiB // 2, "2MiB": 2 * MiB, "26MiB": 26 * MiB}

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from transport import Receiver
-    from vision_server.engine import VisionEngine
+    from dvd.transport import Receiver
+    from dvd.vision_server.engine import VisionEngine
 
 PRESET = "internvl3_5-1b-shaped"
 # A mixed image set of exactly 16 tiles: (width, height, max_num) -> 3x1+thumb, 2x2+thumb, 1x3+thumb, 2x1+thumb.
@@ -81,7 +81,7 @@ def photo_bytes(width: int, height: int, seed: int) -> bytes:
 
 
 def _mixed_pixels(checkpoint: Path) -> list[torch.Tensor]:
-    from vision_server.preprocess import PreprocessConfig, preprocess_image
+    from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
 
     config = PreprocessConfig.from_checkpoint(checkpoint)
     return [preprocess_image(photo_bytes(w, h, seed), config, max_num=n) for seed, (w, h, n) in enumerate(MIXED_SET)]
@@ -89,7 +89,7 @@ def _mixed_pixels(checkpoint: Path) -> list[torch.Tensor]:
 
 def _run_batch(batcher: object, request_id: str, slots: list[torch.Tensor]) -> tuple[float, list[tuple[int, ...]]]:
     """One request through the batcher; seconds until its last slot is delivered, and tokens per tile."""
-    from vision_server.batcher import Batcher, EncodeWork
+    from dvd.vision_server.batcher import Batcher, EncodeWork
 
     assert isinstance(batcher, Batcher)
     done = threading.Event()
@@ -116,8 +116,8 @@ def _run_batch(batcher: object, request_id: str, slots: list[torch.Tensor]) -> t
 
 
 def _throughput(checkpoint: Path, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, object]:
-    from vision_server.batcher import Batcher
-    from vision_server.model import VisionHalf
+    from dvd.vision_server.batcher import Batcher
+    from dvd.vision_server.model import VisionHalf
 
     half = VisionHalf.from_checkpoint(checkpoint, dtype, args.device)
     mixed = _mixed_pixels(checkpoint)
@@ -158,9 +158,9 @@ def _throughput(checkpoint: Path, args: argparse.Namespace, dtype: torch.dtype) 
 
 async def _engine(checkpoint: Path, args: argparse.Namespace, **overrides: Any) -> tuple[VisionEngine, Receiver]:
     """A VisionEngine pushing to an inproc receiver in this process (the whole Encode path, no gRPC)."""
-    from transport import InprocHub, TransportConfig, create_receiver
-    from vision_server.config import VisionServerConfig
-    from vision_server.engine import VisionEngine
+    from dvd.transport import InprocHub, TransportConfig, create_receiver
+    from dvd.vision_server.config import VisionServerConfig
+    from dvd.vision_server.engine import VisionEngine
 
     hub = InprocHub()
     settings: dict[str, Any] = {"devices": (args.device,), "dtype": args.dtype or "", "max_wait_ms": 0.0}
@@ -173,7 +173,7 @@ async def _engine(checkpoint: Path, args: argparse.Namespace, **overrides: Any) 
 
 async def _cache_effect(checkpoint: Path, args: argparse.Namespace) -> dict[str, object]:
     """The same 1-tile image twice through the whole Encode path: the second is a cache hit."""
-    from vision_server.engine import EncodeRequest, MediaInput
+    from dvd.vision_server.engine import EncodeRequest, MediaInput
 
     engine, receiver = await _engine(checkpoint, args)
     image = MediaInput(photo_bytes(448, 448, 7), max_num=1)
@@ -194,7 +194,7 @@ async def _cache_effect(checkpoint: Path, args: argparse.Namespace) -> dict[str,
 
 async def _concurrent(checkpoint: Path, args: argparse.Namespace) -> dict[str, object]:
     """N one-tile requests at once: the batcher puts tiles of different requests in one forward pass."""
-    from vision_server.engine import EncodeRequest, MediaInput
+    from dvd.vision_server.engine import EncodeRequest, MediaInput
 
     n = args.concurrent
     engine, receiver = await _engine(checkpoint, args, max_batch_tiles=n, max_wait_ms=1000.0, cache_bytes=0)

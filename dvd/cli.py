@@ -9,16 +9,16 @@ import sys
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("pipeline.generate_cmd", "run vision half -> BF16 features -> language half in one process"),
+    "generate": ("dvd.pipeline.generate_cmd", "run vision half -> BF16 features -> language half in one process"),
     "make-checkpoint": ("dvd.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
-    "vision": ("vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
-    "language": ("language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
-    "serve": ("pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
-    "gateway": ("pipeline.gateway_cmd", "a gateway (OpenAI HTTP + gRPC) in front of servers on any node, by address"),
+    "vision": ("dvd.vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
+    "language": ("dvd.language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
+    "serve": ("dvd.pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
+    "gateway": ("dvd.pipeline.gateway_cmd", "a gateway (OpenAI HTTP + gRPC) before servers on any node, by address"),
     "launch": ("dvd.launch_cmd", "start this node's roles (gateway, vision, language) from a cluster config"),
     "cluster": ("dvd.cluster_cmd", "run the roles as Ray actors placed by resources: up, status, down"),
-    "client": ("pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
-    "bench": ("benchmarks.cli", "run a benchmark and print its figures"),
+    "client": ("dvd.pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
+    "bench": ("dvd.benchmarks.cli", "run a benchmark and print its figures"),
     "plan": ("dvd.plan", "plan a deployment: weights per half, devices, KV capacity in tokens, largest batch"),
 }
 

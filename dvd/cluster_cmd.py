@@ -56,7 +56,7 @@ def _connect(settings: Any, start: bool = False) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from pipeline import ray_cluster
+        from dvd.pipeline import ray_cluster
     except ImportError as exc:
         print(f"error: dvd cluster needs Ray: pip install 'internvl-dvd[cluster]' ({exc})", file=sys.stderr)
         return 2

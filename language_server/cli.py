@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.language_server.server_config import add_arguments as add_config_arguments
 from dvd.process import configure_logging, run_process, server_config, until_stop_signal
-from language_server.server_config import LanguageServerConfig
-from language_server.server_config import add_arguments as add_config_arguments
 
 logger = logging.getLogger("dvd.language")
 
@@ -29,11 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(config: LanguageServerConfig) -> int:
-    from language_server.service import LanguageServer
+    from dvd.language_server.service import LanguageServer
 
     group = None
     if config.tensor_parallel > 1:
-        from language_server.tp_serve import start_group
+        from dvd.language_server.tp_serve import start_group
 
         group = start_group(config)
     server = LanguageServer(config, engine=group.engine if group else None)

@@ -14,16 +14,16 @@ from typing import Any
 import torch
 
 from dvd.errors import InvalidRequestError, KVCapacityError, PromptTooLongError
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.kv_cache import PagedKVCache
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.prefix_cache import PrefixCache
+from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
+from dvd.language_server.runner import ModelRunner
+from dvd.language_server.sampling import sample
+from dvd.language_server.scheduler import Scheduler
 from dvd.requests import FinishReason
 from dvd.sampling import SamplingParams
-from language_server.config import EngineConfig
-from language_server.kv_cache import PagedKVCache
-from language_server.model import LanguageHalf
-from language_server.prefix_cache import PrefixCache
-from language_server.request import EngineRequest, PromptPiece, RequestOutput
-from language_server.runner import ModelRunner
-from language_server.sampling import sample
-from language_server.scheduler import Scheduler
 
 
 @dataclass

@@ -8,8 +8,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from language_server.engine import Engine
-from language_server.request import EngineRequest, PromptPiece, RequestOutput
+from dvd.language_server.engine import Engine
+from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from dvd.errors import FeaturePoolFullError, InvalidRequestError, RequestAbortedError
-from transport import Frame
+from dvd.transport import Frame
 
 
 class Claim:

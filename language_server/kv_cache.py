@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from language_server.config import EngineConfig
+from dvd.language_server.config import EngineConfig
 
 
 class BlockAllocator:

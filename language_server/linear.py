@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from language_server.config import LINEAR_BACKEND_NAMES
+from dvd.language_server.config import LINEAR_BACKEND_NAMES
 
 EXACT_ROWS = 16  # up to this many rows (decode steps of a few requests) go as they are
 

@@ -21,8 +21,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from language_server.kv_cache import BlockAllocator
-from language_server.request import EngineRequest
+from dvd.language_server.kv_cache import BlockAllocator
+from dvd.language_server.request import EngineRequest
 
 _ROOT = b"dvd-prefix-cache-v1"
 _IMAGE_ROWS = struct.Struct("<qq")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from language_server.attention import PagedAttentionMetadata, PrefillSegment, register
-from language_server.kv_cache import PagedKVCache
-from language_server.linear import LINEAR_BACKENDS
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest
-from language_server.scheduler import ScheduledBatch
+from dvd.language_server.attention import PagedAttentionMetadata, PrefillSegment, register
+from dvd.language_server.kv_cache import PagedKVCache
+from dvd.language_server.linear import LINEAR_BACKENDS
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest
+from dvd.language_server.scheduler import ScheduledBatch
 
 
 class ModelRunner:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from language_server.request import EngineRequest
+from dvd.language_server.request import EngineRequest
 
 
 def _needs_processing(request: EngineRequest) -> bool:

@@ -24,10 +24,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from language_server.config import EngineConfig
-from language_server.kv_cache import BlockAllocator, PagedKVCache
-from language_server.prefix_cache import PrefixCache, update_hashes
-from language_server.request import EngineRequest, PromptPiece, RequestStatus
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.kv_cache import BlockAllocator, PagedKVCache
+from dvd.language_server.prefix_cache import PrefixCache, update_hashes
+from dvd.language_server.request import EngineRequest, PromptPiece, RequestStatus
 
 
 @dataclass

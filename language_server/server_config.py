@@ -10,8 +10,8 @@ from typing import Any
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
-from language_server.config import EngineConfig
-from transport.config import TransportConfig
+from dvd.language_server.config import EngineConfig
+from dvd.transport.config import TransportConfig
 
 MiB = 1 << 20
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")

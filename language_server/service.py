@@ -32,17 +32,17 @@ from dvd.errors import (
     UnavailableError,
     rpc_metadata,
 )
+from dvd.language_server.engine import Engine
+from dvd.language_server.engine_loop import EngineLoop
+from dvd.language_server.feature_pool import Claim, FeaturePool
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
+from dvd.language_server.server_config import LanguageServerConfig
 from dvd.process import start_grpc_server
 from dvd.prompt import ChatFormat
 from dvd.sampling import SamplingParams
+from dvd.transport import Frame, Receiver, create_receiver
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
-from language_server.engine import Engine
-from language_server.engine_loop import EngineLoop
-from language_server.feature_pool import Claim, FeaturePool
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest, PromptPiece, RequestOutput
-from language_server.server_config import LanguageServerConfig
-from transport import Frame, Receiver, create_receiver
 
 logger = logging.getLogger(__name__)
 FINAL_GRACE_S = 5.0

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dvd.errors import CheckpointError
-from language_server.config import EngineConfig
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
-from language_server.request import RequestOutput
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import RequestOutput
 
 TENSOR_PARALLEL_MODELS = ("qwen3", "qwen3_moe", "gpt_oss", "qwen2", "llama")
 

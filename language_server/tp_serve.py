@@ -18,10 +18,10 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
-from language_server.server_config import LanguageServerConfig
-from language_server.tensor_parallel import TensorParallelEngine, follow, shard_language_model
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.language_server.tensor_parallel import TensorParallelEngine, follow, shard_language_model
 
 logger = logging.getLogger("dvd.language.tp")
 # Followers wait in a broadcast while rank 0 has no work: an idle server must not time them out.

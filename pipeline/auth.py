@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.gateway import GatewayConfig
+    from dvd.pipeline.gateway import GatewayConfig
 
 from dvd.config_file import ConfigError
 from dvd.errors import UnauthenticatedError

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from pipeline.client import Completion, GenerationClient
+    from dvd.pipeline.client import Completion, GenerationClient
 
     try:
         images = [Path(name).read_bytes() for name in args.image]

@@ -31,13 +31,13 @@ from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
 from dvd.grpc_tls import GrpcTls
-from language_server.server_config import LanguageServerConfig
-from pipeline.gateway import GatewayConfig
-from pipeline.gateway_config import StandaloneGatewayConfig
-from pipeline.replicas import ProbeConfig
-from pipeline.serve_config import TRANSPORT_KINDS
-from transport.config import TransportConfig
-from vision_server.config import VisionServerConfig
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.pipeline.gateway import GatewayConfig
+from dvd.pipeline.gateway_config import StandaloneGatewayConfig
+from dvd.pipeline.replicas import ProbeConfig
+from dvd.pipeline.serve_config import TRANSPORT_KINDS
+from dvd.transport.config import TransportConfig
+from dvd.vision_server.config import VisionServerConfig
 
 ROLES = ("gateway", "vision", "language")
 _SET_BY_LAUNCH = ("model", "host", "port", "transport", "advertise_host", "transport_advertise_host", "token_file",

@@ -11,14 +11,14 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from dvd.pipeline.auth import ApiKeys
+from dvd.pipeline.backends.base import Backend
+from dvd.pipeline.grpc_frontend import GenerationService
+from dvd.pipeline.http_app import OpenAIFrontend
+from dvd.pipeline.serving import ServingCore
+from dvd.pipeline.validate import ApiLimits
 from dvd.process import start_grpc_server, until_stop_signal
 from dvd.v1 import generation_pb2_grpc
-from pipeline.auth import ApiKeys
-from pipeline.backends.base import Backend
-from pipeline.grpc_frontend import GenerationService
-from pipeline.http_app import OpenAIFrontend
-from pipeline.serving import ServingCore
-from pipeline.validate import ApiLimits
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from typing import Any
 import grpc
 
 from dvd.config_file import ConfigError
+from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
+from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
+from dvd.pipeline.gateway import run_gateway
+from dvd.pipeline.gateway_config import StandaloneGatewayConfig, load_gateway_config
+from dvd.pipeline.replicas import attached
 from dvd.process import configure_logging, run_process
-from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
-from pipeline.backends.disaggregated import DisaggregatedBackend
-from pipeline.gateway import run_gateway
-from pipeline.gateway_config import StandaloneGatewayConfig, load_gateway_config
-from pipeline.replicas import attached
 
 log = logging.getLogger("dvd.gateway")
 

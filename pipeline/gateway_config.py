@@ -18,9 +18,9 @@ from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
 from dvd.grpc_tls import GrpcTls
-from pipeline.gateway import GatewayConfig
-from pipeline.replicas import ProbeConfig
-from pipeline.serve_config import _merged as merged
+from dvd.pipeline.gateway import GatewayConfig
+from dvd.pipeline.replicas import ProbeConfig
+from dvd.pipeline.serve_config import _merged as merged
 
 
 def check_address(address: str, where: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from dvd.errors import DvdError
 
 if TYPE_CHECKING:
-    from pipeline.local import LocalPipeline
+    from dvd.pipeline.local import LocalPipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,7 +70,7 @@ def _messages(args: argparse.Namespace, num_frames: int = 0) -> list[dict]:
         messages += history
     prompt = args.prompt
     if num_frames and "<image>" not in prompt:
-        from vision_server.video import frame_prompt
+        from dvd.vision_server.video import frame_prompt
 
         # The frames' slots come after the images'; spell the images' out too, as the card would.
         images = len(args.image)
@@ -83,7 +83,7 @@ def _messages(args: argparse.Namespace, num_frames: int = 0) -> list[dict]:
 def _video_frames(args: argparse.Namespace, pipeline: LocalPipeline) -> list[torch.Tensor]:
     if args.video is None:
         return []
-    from vision_server.video import load_video
+    from dvd.vision_server.video import load_video
 
     try:
         data = Path(args.video).read_bytes()
@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from dvd.pipeline.local import LocalPipeline
     from dvd.sampling import SamplingParams
-    from pipeline.local import LocalPipeline
 
     try:
         images = []

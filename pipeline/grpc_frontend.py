@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 
 from dvd.errors import rpc_metadata
+from dvd.pipeline.auth import ApiKeys
+from dvd.pipeline.serving import ServingCore, as_dvd_error
+from dvd.pipeline.validate import ApiLimits, build_chat_request
 from dvd.requests import STAGES, ChatFields, StageTimings
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from pipeline.auth import ApiKeys
-from pipeline.serving import ServingCore, as_dvd_error
-from pipeline.validate import ApiLimits, build_chat_request
 
 _OPTIONAL_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
                       "repetition_penalty": "repetition_penalty", "seed": "seed"}

@@ -21,11 +21,11 @@ from typing import Any
 from aiohttp import web
 
 from dvd.errors import DvdError, TooLargeError, UnauthenticatedError
+from dvd.pipeline.auth import ApiKeys
+from dvd.pipeline.openai_parse import OpenAIChat, parse_chat_json
+from dvd.pipeline.serving import Outcome, ServingCore, as_dvd_error
+from dvd.pipeline.validate import ApiLimits, build_chat_request
 from dvd.requests import ChatRequest
-from pipeline.auth import ApiKeys
-from pipeline.openai_parse import OpenAIChat, parse_chat_json
-from pipeline.serving import Outcome, ServingCore, as_dvd_error
-from pipeline.validate import ApiLimits, build_chat_request
 
 log = logging.getLogger(__name__)
 TIMINGS_HEADER = "X-DvD-Timings"

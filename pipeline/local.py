@@ -17,12 +17,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import DvdError, InputError
+from dvd.language_server.model import LanguageHalf
 from dvd.prompt import ChatFormat, Message
 from dvd.requests import Media
 from dvd.sampling import SamplingParams, greedy
-from language_server.model import LanguageHalf
-from vision_server.model import EncodedImage, VisionHalf
-from vision_server.preprocess import PreprocessConfig, preprocess_image
+from dvd.vision_server.model import EncodedImage, VisionHalf
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
 
 WIRE_DTYPE = torch.bfloat16
 
@@ -102,7 +102,7 @@ class LocalPipeline:
 
     def media_tiles(self, media: Sequence[Media], max_num: int | None = None) -> list[torch.Tensor]:
         """Per slot in order, its pixel tiles: an image's dynamic tiles, or one tile per sampled frame."""
-        from vision_server.video import load_video
+        from dvd.vision_server.video import load_video
 
         tiles: list[torch.Tensor] = []
         for index, item in enumerate(media):

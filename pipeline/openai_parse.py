@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from dvd.errors import InvalidFieldError, InvalidRequestError, TooLargeError
+from dvd.pipeline.validate import ApiLimits, image_too_large, limit_exceeded
 from dvd.requests import ChatFields
-from pipeline.validate import ApiLimits, image_too_large, limit_exceeded
 
 _MAX_REDIRECTS = 3
 

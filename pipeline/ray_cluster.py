@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping, to_dict, write_private
-from language_server.server_config import LanguageServerConfig
-from pipeline.gateway import GatewayConfig
-from pipeline.gateway_config import StandaloneGatewayConfig
-from pipeline.replicas import ProbeConfig
-from pipeline.serve_config import TRANSPORT_KINDS
-from transport.config import TransportConfig
-from vision_server.config import VisionServerConfig
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.pipeline.gateway import GatewayConfig
+from dvd.pipeline.gateway_config import StandaloneGatewayConfig
+from dvd.pipeline.replicas import ProbeConfig
+from dvd.pipeline.serve_config import TRANSPORT_KINDS
+from dvd.transport.config import TransportConfig
+from dvd.vision_server.config import VisionServerConfig
 
 NAMESPACE = "dvd"
 _PR_SET_PDEATHSIG = 1

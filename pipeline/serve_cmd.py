@@ -29,11 +29,11 @@ from typing import Any
 from dvd.config_file import ConfigError
 from dvd.cpus import pin_process
 from dvd.malloc import reuse_freed_memory
+from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
+from dvd.pipeline.backends import backend_class
+from dvd.pipeline.gateway import run_gateway
+from dvd.pipeline.serve_config import ServeConfig, load_serve_config, with_model
 from dvd.process import configure_logging, run_process
-from pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
-from pipeline.backends import backend_class
-from pipeline.gateway import run_gateway
-from pipeline.serve_config import ServeConfig, load_serve_config, with_model
 
 log = logging.getLogger("dvd.serve")
 MiB = 1 << 20

@@ -31,11 +31,11 @@ from typing import Any
 from dvd.config_file import ConfigError, from_dict, read_mapping
 from dvd.cpus import check_cpu_list
 from dvd.grpc_tls import GrpcTls
-from language_server.server_config import LanguageServerConfig
-from pipeline.gateway import GatewayConfig
-from pipeline.replicas import ProbeConfig
-from transport.config import TransportConfig
-from vision_server.config import VisionServerConfig
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.pipeline.gateway import GatewayConfig
+from dvd.pipeline.replicas import ProbeConfig
+from dvd.transport.config import TransportConfig
+from dvd.vision_server.config import VisionServerConfig
 
 TOP_KEYS = ("model", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus", "internal_tls")
 # Set by `dvd serve` for each child, not by the file: the model, where it listens, the shared transport.

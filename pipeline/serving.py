@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from dvd.errors import DvdError, OverloadedError
+from dvd.pipeline.backends.base import Backend
+from dvd.pipeline.detokenize import IncrementalDecoder
+from dvd.pipeline.metrics import GatewayMetrics
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
-from pipeline.backends.base import Backend
-from pipeline.detokenize import IncrementalDecoder
-from pipeline.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ import time
 import torch
 
 from dvd.checkpoint import open_checkpoint
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest
 from dvd.sampling import greedy
-from language_server.config import EngineConfig
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest
 
 torch.set_num_threads(1)
 info = open_checkpoint(sys.argv[1])

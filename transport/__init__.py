@@ -6,7 +6,7 @@ extra `rdma`; CUDA tensors go device to device where UCX supports it) and `inpro
 
 Receiving (language server)::
 
-    from transport import TransportConfig, create_receiver
+    from dvd.transport import TransportConfig, create_receiver
 
     config = TransportConfig(kind="tcp", port=0, token=shared_token)
     async with create_receiver(config) as receiver:      # binds; 127.0.0.1 unless config.host says
@@ -18,7 +18,7 @@ Receiving (language server)::
 
 Sending (vision server)::
 
-    from transport import TransportConfig, create_sender, header_for
+    from dvd.transport import TransportConfig, create_sender, header_for
 
     async with create_sender(TransportConfig(kind="tcp", token=shared_token)) as sender:
         header = header_for(request_id, image_index, tokens_per_tile, features_bf16)
@@ -53,7 +53,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Public name -> the module that defines it, imported on first use: `transport.config` (and so every
+# Public name -> the module that defines it, imported on first use: `dvd.transport.config` (and so every
 # server's config) stays importable without torch, which only the frame-carrying modules need.
 _EXPORTS = {
     "Frame": "base", "Receiver": "base", "Sender": "base", "TransportStats": "base", "header_for": "base",
@@ -69,7 +69,7 @@ _EXPORTS = {
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'transport' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"transport.{_EXPORTS[name]}"), name)
+    return getattr(importlib.import_module(f"dvd.transport.{_EXPORTS[name]}"), name)
 
 
 __all__ = [

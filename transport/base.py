@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import numpy as np
 import torch
 
-from transport.config import TransportConfig
-from transport.errors import FrameTooLargeError, ProtocolError
-from transport.wire import FeatureHeader
+from dvd.transport.config import TransportConfig
+from dvd.transport.errors import FrameTooLargeError, ProtocolError
+from dvd.transport.wire import FeatureHeader
 
 # wire dtype name -> torch dtype (the names are torch's own).
 TORCH_DTYPES: dict[str, torch.dtype] = {

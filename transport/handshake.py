@@ -18,8 +18,8 @@ import hmac
 import logging
 import secrets
 
-from transport.errors import HandshakeError
-from transport.wire import NONCE_BYTES, PROTOCOL_VERSION, Accept, Auth, Challenge, Hello, Refuse
+from dvd.transport.errors import HandshakeError
+from dvd.transport.wire import NONCE_BYTES, PROTOCOL_VERSION, Accept, Auth, Challenge, Hello, Refuse
 
 logger = logging.getLogger(__name__)
 

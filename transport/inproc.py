@@ -16,17 +16,17 @@ import logging
 
 import torch
 
-from transport.base import END_OF_FRAMES, Frame, Receiver, Sender, check_outgoing, tensor_on, verify_checksum
-from transport.config import TransportConfig
-from transport.errors import (
+from dvd.transport.base import END_OF_FRAMES, Frame, Receiver, Sender, check_outgoing, tensor_on, verify_checksum
+from dvd.transport.config import TransportConfig
+from dvd.transport.errors import (
     DuplicateFrameError,
     FrameTooLargeError,
     HandshakeError,
     PeerLostError,
     TransportError,
 )
-from transport.pool import ReceivePool, RecentKeys
-from transport.wire import FeatureHeader, decode, encode
+from dvd.transport.pool import ReceivePool, RecentKeys
+from dvd.transport.wire import FeatureHeader, decode, encode
 
 logger = logging.getLogger(__name__)
 INPROC_SCHEME = "inproc://"

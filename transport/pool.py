@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from transport.errors import PoolClosedError
+from dvd.transport.errors import PoolClosedError
 
 # Below this, size classes would just fragment the cache; small frames share one class.
 MIN_CLASS_BYTES = 64 * 1024

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import ucxx
 
-from transport import handshake
-from transport.base import (
+from dvd.transport import handshake
+from dvd.transport.base import (
     END_OF_FRAMES,
     TORCH_DTYPES,
     Frame,
@@ -35,11 +35,11 @@ from transport.base import (
     tensor_on,
     verify_checksum,
 )
-from transport.config import TransportConfig
-from transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
-from transport.pool import PoolClosedError, ReceivePool, RecentKeys
-from transport.stream import parse_address
-from transport.wire import (
+from dvd.transport.config import TransportConfig
+from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
+from dvd.transport.pool import PoolClosedError, ReceivePool, RecentKeys
+from dvd.transport.stream import parse_address
+from dvd.transport.wire import (
     MAX_HEADER_BYTES,
     Accept,
     Auth,

@@ -5,15 +5,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from transport.base import Receiver, Sender
-from transport.config import TransportConfig
-from transport.errors import TransportError
+from dvd.transport.base import Receiver, Sender
+from dvd.transport.config import TransportConfig
+from dvd.transport.errors import TransportError
 
 # kind -> ("module:SenderClass", "module:ReceiverClass").
 KINDS: dict[str, tuple[str, str]] = {
-    "tcp": ("transport.tcp_sender:TcpSender", "transport.tcp_receiver:TcpReceiver"),
-    "rdma": ("transport.rdma:RdmaSender", "transport.rdma:RdmaReceiver"),
-    "inproc": ("transport.inproc:InprocSender", "transport.inproc:InprocReceiver"),
+    "tcp": ("dvd.transport.tcp_sender:TcpSender", "dvd.transport.tcp_receiver:TcpReceiver"),
+    "rdma": ("dvd.transport.rdma:RdmaSender", "dvd.transport.rdma:RdmaReceiver"),
+    "inproc": ("dvd.transport.inproc:InprocSender", "dvd.transport.inproc:InprocReceiver"),
 }
 # What to install when a kind's module cannot import.
 EXTRAS: dict[str, str] = {"rdma": "pip install 'internvl-dvd[rdma]' (ucxx-cu12)"}

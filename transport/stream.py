@@ -11,8 +11,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from transport.errors import PeerLostError, ProtocolError
-from transport.wire import LENGTH_PREFIX, Message, decode, encode_framed, parse_length
+from dvd.transport.errors import PeerLostError, ProtocolError
+from dvd.transport.wire import LENGTH_PREFIX, Message, decode, encode_framed, parse_length
 
 TCP_SCHEME = "tcp://"
 

@@ -17,12 +17,12 @@ import logging
 import socket
 import threading
 
-from transport import handshake, stream
-from transport.base import END_OF_FRAMES, Frame, Receiver, tensor_on, verify_checksum
-from transport.config import TransportConfig
-from transport.errors import PeerLostError, ProtocolError, TransportError
-from transport.pool import PoolClosedError, ReceivePool, RecentKeys
-from transport.wire import Auth, FeatureHeader, Heartbeat, Hello, Refuse, Reject
+from dvd.transport import handshake, stream
+from dvd.transport.base import END_OF_FRAMES, Frame, Receiver, tensor_on, verify_checksum
+from dvd.transport.config import TransportConfig
+from dvd.transport.errors import PeerLostError, ProtocolError, TransportError
+from dvd.transport.pool import PoolClosedError, ReceivePool, RecentKeys
+from dvd.transport.wire import Auth, FeatureHeader, Heartbeat, Hello, Refuse, Reject
 
 logger = logging.getLogger(__name__)
 

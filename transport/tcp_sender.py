@@ -32,12 +32,12 @@ import threading
 
 import torch
 
-from transport import handshake, stream
-from transport.base import Sender, check_outgoing, payload_view
-from transport.config import TransportConfig
-from transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
-from transport.pool import RecentKeys
-from transport.wire import Accept, Challenge, FeatureHeader, Heartbeat, Refuse, Reject, encode_framed
+from dvd.transport import handshake, stream
+from dvd.transport.base import Sender, check_outgoing, payload_view
+from dvd.transport.config import TransportConfig
+from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
+from dvd.transport.pool import RecentKeys
+from dvd.transport.wire import Accept, Challenge, FeatureHeader, Heartbeat, Refuse, Reject, encode_framed
 
 logger = logging.getLogger(__name__)
 

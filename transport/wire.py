@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from transport.errors import ProtocolError
+from dvd.transport.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 LENGTH_PREFIX = struct.Struct("<I")

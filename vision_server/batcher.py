@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dvd.errors import ShuttingDownError
-from vision_server.model import EncodedImage, VisionHalf, assemble
+from dvd.vision_server.model import EncodedImage, VisionHalf, assemble
 
 logger = logging.getLogger(__name__)
 WIRE_DTYPE = torch.bfloat16

@@ -15,8 +15,8 @@ import hashlib
 import threading
 from collections.abc import Sequence
 
-from vision_server.model import EncodedImage
-from vision_server.preprocess import PreprocessConfig
+from dvd.vision_server.model import EncodedImage
+from dvd.vision_server.preprocess import PreprocessConfig
 
 
 def model_identity(path: str, config_json: bytes, weight_stamps: Sequence[tuple[str, int, int]]) -> str:

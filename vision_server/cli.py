@@ -20,8 +20,8 @@ import argparse
 import logging
 
 from dvd.process import configure_logging, run_process, server_config, until_stop_signal
-from vision_server.config import VisionServerConfig
-from vision_server.config import add_arguments as add_config_arguments
+from dvd.vision_server.config import VisionServerConfig
+from dvd.vision_server.config import add_arguments as add_config_arguments
 
 logger = logging.getLogger("dvd.vision")
 
@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(config: VisionServerConfig) -> int:
-    from vision_server.engine import describe
-    from vision_server.service import VisionServer
+    from dvd.vision_server.engine import describe
+    from dvd.vision_server.service import VisionServer
 
     server = VisionServer(config)
     await server.start()

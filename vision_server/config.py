@@ -10,7 +10,7 @@ from typing import Any
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, split_layers, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
-from transport.config import TransportConfig
+from dvd.transport.config import TransportConfig
 
 MiB = 1 << 20
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")

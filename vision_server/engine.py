@@ -21,14 +21,14 @@ from typing import Any
 import torch
 
 from dvd.errors import DestinationError, InputError, InvalidRequestError, ReplicaBusyError, ShuttingDownError
-from transport import FeatureHeader, Sender, TransportError, create_sender, header_for
-from vision_server.batcher import Batcher, EncodeWork
-from vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
-from vision_server.config import VisionServerConfig
-from vision_server.model import EncodedImage, VisionHalf
-from vision_server.preprocess import PreprocessConfig, preprocess_image
-from vision_server.tile_budget import TileBudget
-from vision_server.video import MAX_NUM_SEGMENTS, load_video
+from dvd.transport import FeatureHeader, Sender, TransportError, create_sender, header_for
+from dvd.vision_server.batcher import Batcher, EncodeWork
+from dvd.vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
+from dvd.vision_server.config import VisionServerConfig
+from dvd.vision_server.model import EncodedImage, VisionHalf
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
+from dvd.vision_server.tile_budget import TileBudget
+from dvd.vision_server.video import MAX_NUM_SEGMENTS, load_video
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from transformers import InternVLConfig, InternVLVisionConfig
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionModel
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
+from dvd.vision_server.placement import Stage, place, plan_stages
+from dvd.vision_server.vir import CrossAttentionPooling, Gating, compressed_projector, decide_routes
 from dvd.weights import TensorSource, load_module, parameters_on_meta, vision_tensors
-from vision_server.placement import Stage, place, plan_stages
-from vision_server.vir import CrossAttentionPooling, Gating, compressed_projector, decide_routes
 
 
 def pixel_shuffle(features: torch.Tensor, scale: float, ps_version: str = "v2") -> torch.Tensor:

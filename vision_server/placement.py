@@ -34,7 +34,7 @@ from torch import nn
 from dvd.devices import layer_ranges, split_layers
 
 if TYPE_CHECKING:
-    from vision_server.model import VisionHalf
+    from dvd.vision_server.model import VisionHalf
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ beside the CPU torch wheel), and adds what a server needs on top: byte and pixel
 before decoding, a format allow-list, and DvD errors that name the cause.
 
 Where transformers' `GotOcr2ImageProcessor(Pil)` differs from the card (CLIP mean/std defaults,
-alpha composited onto white), the card wins; tests/unit/test_preprocess.py pins the differences.
+alpha composited onto white), the card wins; tests/vision_server/test_preprocess.py pins the differences.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class PreprocessConfig:
         """
         # Imported here so the checkpoint reader (json, paths) stays out of the hot import path.
         from dvd.errors import CheckpointError
-        from vision_server.preprocess_checkpoint import read_checkpoint_settings
+        from dvd.vision_server.preprocess_checkpoint import read_checkpoint_settings
 
         settings = read_checkpoint_settings(path)
         settings["max_num_limit"] = max(cls.max_num_limit, settings.get("max_num", cls.max_num))

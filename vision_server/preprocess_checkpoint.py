@@ -1,6 +1,6 @@
 """Read a checkpoint's own preprocessing settings, in either InternVL format.
 
-`PreprocessConfig.from_checkpoint` (in `vision_server.preprocess`) calls `read_checkpoint_settings`
+`PreprocessConfig.from_checkpoint` (in `dvd.vision_server.preprocess`) calls `read_checkpoint_settings`
 and builds the config from the keyword arguments it returns. Only settings the checkpoint states
 are returned: anything it leaves out falls back to the model card's defaults in the dataclass,
 NOT to transformers' `GotOcr2ImageProcessor` class defaults (CLIP mean/std, 384 px), because the

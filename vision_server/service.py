@@ -22,8 +22,8 @@ from grpc_health.v1 import health
 from dvd.errors import DvdError, rpc_metadata
 from dvd.process import start_grpc_server
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
-from vision_server.config import VisionServerConfig
-from vision_server.engine import EncodeRequest, MediaInput, VisionEngine
+from dvd.vision_server.config import VisionServerConfig
+from dvd.vision_server.engine import EncodeRequest, MediaInput, VisionEngine
 
 logger = logging.getLogger(__name__)
 # After failing what was left, how long its RPCs get to send their error before the server stops.

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dvd.errors import ImageTooLargeError, InvalidImageError, InvalidRequestError
-from vision_server.preprocess import PreprocessConfig, preprocess_image
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
 
 # Frames per video a request may ask for; each is a ViT tile, so this bounds one video's cost.
 MAX_NUM_SEGMENTS = 256

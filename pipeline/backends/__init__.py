@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-from pipeline.backends.base import Backend
+from dvd.pipeline.backends.base import Backend
 
 BACKENDS: dict[str, str] = {
-    "coupled": "pipeline.backends.coupled:CoupledBackend",
-    "disaggregated": "pipeline.backends.disaggregated:DisaggregatedBackend",
+    "coupled": "dvd.pipeline.backends.coupled:CoupledBackend",
+    "disaggregated": "dvd.pipeline.backends.disaggregated:DisaggregatedBackend",
 }
 
 

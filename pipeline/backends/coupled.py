@@ -15,11 +15,11 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from dvd.errors import DvdError
+from dvd.pipeline.backends.base import Backend
+from dvd.pipeline.local import LocalPipeline
+from dvd.pipeline.serve_config import ServeConfig
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
-from pipeline.backends.base import Backend
-from pipeline.local import LocalPipeline
-from pipeline.serve_config import ServeConfig
 
 
 class _Cancelled(Exception):

@@ -19,11 +19,8 @@ import grpc
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import ReplicaBusyError, UnavailableError, from_rpc_error
-from dvd.prompt import ChatFormat
-from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
-from dvd.v1 import language_pb2, vision_pb2
-from pipeline.backends.base import Backend
-from pipeline.replicas import (
+from dvd.pipeline.backends.base import Backend
+from dvd.pipeline.replicas import (
     ProbeConfig,
     Replica,
     ReplicaPool,
@@ -32,7 +29,10 @@ from pipeline.replicas import (
     stop_servers,
     wait_ready,
 )
-from pipeline.serve_config import ServeConfig, fresh_token
+from dvd.pipeline.serve_config import ServeConfig, fresh_token
+from dvd.prompt import ChatFormat
+from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
+from dvd.v1 import language_pb2, vision_pb2
 
 log = logging.getLogger(__name__)
 

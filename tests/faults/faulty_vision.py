@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from dvd.cli import main
-from vision_server.engine import VisionEngine
+from dvd.vision_server.engine import VisionEngine
 
 _send = VisionEngine._send
 

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dvd.errors import DvdError
+from dvd.pipeline.grpc_frontend import chat_fields
+from dvd.pipeline.openai_parse import parse_chat_json
+from dvd.pipeline.validate import ApiLimits, build_chat_request
 from dvd.requests import ChatRequest
 from dvd.v1 import generation_pb2
-from pipeline.grpc_frontend import chat_fields
-from pipeline.openai_parse import parse_chat_json
-from pipeline.validate import ApiLimits, build_chat_request
 
 LIMITS = ApiLimits(max_json_depth=8, max_prompt_chars=2000, max_images=2, max_image_bytes=4096, max_tiles=40)
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}

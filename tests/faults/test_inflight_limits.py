@@ -17,14 +17,14 @@ import grpc
 import pytest
 
 from dvd.errors import ERROR_METADATA_KEY, ReplicaBusyError
+from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
+from dvd.pipeline.replicas import Replica, ReplicaPool
 from dvd.v1 import language_pb2, language_pb2_grpc, vision_pb2
-from pipeline.backends.disaggregated import DisaggregatedBackend
-from pipeline.replicas import Replica, ReplicaPool
+from dvd.vision_server.config import VisionServerConfig
 from tests.faults.helpers import long_story, wait_for
 from tests.serve_process import ServeProcess, metric, post_chat, read_line
-from tests.vision_server.harness import Harness
-from tests.vision_server.test_server import _counters, _request
-from vision_server.config import VisionServerConfig
+from tests.vision_server.test_vision_server import _counters, _request
+from tests.vision_server.vision_harness import Harness
 
 ROOT = Path(__file__).parents[2]
 

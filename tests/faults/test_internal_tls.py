@@ -17,7 +17,7 @@ import pytest
 
 from dvd.v1 import common_pb2, vision_pb2_grpc
 from tests.faults.test_server_faults import image_request
-from tests.integration.test_gateway_security import _self_signed
+from tests.pipeline.test_gateway_security import _self_signed
 from tests.serve_process import ServeProcess, post_chat
 
 

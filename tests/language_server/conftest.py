@@ -10,12 +10,12 @@ import torch
 from transformers import InternVLForConditionalGeneration
 
 from dvd.checkpoint import open_checkpoint
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
 from dvd.prompt import ChatFormat
-from language_server.config import EngineConfig
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
 from tests.conftest import encode, photo_like
-from vision_server.preprocess import PreprocessConfig, preprocess_image
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The CPU decode path reads each request's keys in place, run by run; it must equal the padded gather."""
 import torch
 
-from language_server.attention import PagedAttentionMetadata, _decode_one, attend
-from language_server.runner import slot_runs
+from dvd.language_server.attention import PagedAttentionMetadata, _decode_one, attend
+from dvd.language_server.runner import slot_runs
 
 
 def test_slot_runs_merge_consecutive_blocks_and_stop_at_the_length() -> None:

@@ -12,13 +12,13 @@ from transformers import InternVLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dvd.errors import InvalidRequestError, PromptTooLongError
+from dvd.language_server.engine import Engine, KVCapacityError
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest
 from dvd.prompt import ChatFormat
 from dvd.requests import FinishReason
 from dvd.sampling import SamplingParams
 from dvd.sampling import greedy as greedy_params
-from language_server.engine import Engine, KVCapacityError
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest
 from tests.language_server.conftest import make_engine
 
 NEW_TOKENS = 8

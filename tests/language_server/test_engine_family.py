@@ -11,13 +11,13 @@ import torch
 from transformers import InternVLForConditionalGeneration
 
 from dvd.checkpoint import open_checkpoint
+from dvd.language_server.model import LanguageHalf
 from dvd.make_checkpoint import make_checkpoint
 from dvd.prompt import ChatFormat
-from language_server.model import LanguageHalf
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
 from tests.conftest import encode, photo_like
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import NEW_TOKENS, WORDS, build, greedy, mixed_requests, monolithic_generate, run
-from vision_server.preprocess import PreprocessConfig, preprocess_image
 
 PRESETS = ["tiny-moe", "tiny-gptoss"]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dvd.errors import InvalidRequestError, RequestAbortedError
-from language_server.feature_pool import FeaturePool, FeaturePoolFullError
-from transport import Frame, header_for
+from dvd.language_server.feature_pool import FeaturePool, FeaturePoolFullError
+from dvd.transport import Frame, header_for
 
 
 def frame(rid: str, index: int, rows: int = 4) -> Frame:

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dvd.language_server.linear import EXACT_ROWS, OneDnnLinear, padded_rows
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest
 from dvd.prompt import ChatFormat
-from language_server.linear import EXACT_ROWS, OneDnnLinear, padded_rows
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import greedy
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from dvd.language_server.engine import Engine
+from dvd.language_server.kv_cache import BlockAllocator
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.prefix_cache import PrefixCache
+from dvd.language_server.request import EngineRequest
 from dvd.prompt import ChatFormat
-from language_server.engine import Engine
-from language_server.kv_cache import BlockAllocator
-from language_server.model import LanguageHalf
-from language_server.prefix_cache import PrefixCache
-from language_server.request import EngineRequest
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import greedy
 

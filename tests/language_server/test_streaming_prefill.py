@@ -9,11 +9,11 @@ import random
 
 import torch
 
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest, PromptPiece, RequestStatus
 from dvd.prompt import ChatFormat
 from dvd.requests import FinishReason
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest, PromptPiece, RequestStatus
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import Images, build, greedy, run
 

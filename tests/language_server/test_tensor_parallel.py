@@ -13,13 +13,13 @@ import torch.multiprocessing as mp
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.engine import Engine
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest
+from dvd.language_server.tensor_parallel import TensorParallelEngine, follow, shard_language_model
 from dvd.make_checkpoint import make_checkpoint
 from dvd.prompt import ChatFormat
-from language_server.config import EngineConfig
-from language_server.engine import Engine
-from language_server.model import LanguageHalf
-from language_server.request import EngineRequest
-from language_server.tensor_parallel import TensorParallelEngine, follow, shard_language_model
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import build, greedy, run
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 
+from dvd.language_server.model import LanguageHalf
 from dvd.sampling import greedy
 from dvd.v1 import language_pb2, language_pb2_grpc
-from language_server.model import LanguageHalf
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import run
 from tests.serve_process import read_line

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import yaml
 
+from dvd.pipeline.replicas import free_port
 from dvd.token_file import write_token_file
-from pipeline.replicas import free_port
 from tests.conftest import encode, photo_like
 from tests.multihost.harness import ROOT, wait_for
 from tests.serve_process import post_chat

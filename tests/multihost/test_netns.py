@@ -14,10 +14,10 @@ import pytest
 
 from dvd.token_file import write_token_file
 from tests.conftest import encode, photo_like
-from tests.integration.test_gateway import IMAGE, NEW, _expected, _internal_messages, _openai_messages
-from tests.integration.test_gateway import reference as reference
 from tests.multihost.harness import Agent, NsProcess, wait_for
 from tests.multihost.netns import Topology, can_run
+from tests.pipeline.test_gateway import IMAGE, NEW, _expected, _internal_messages, _openai_messages
+from tests.pipeline.test_gateway import reference as reference
 
 pytestmark = [pytest.mark.skipif(bool(can_run()), reason=can_run() or "runs"), pytest.mark.slow]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from transport import InprocHub, Receiver, Sender, TransportConfig, create_receiver, create_sender
+from dvd.transport import InprocHub, Receiver, Sender, TransportConfig, create_receiver, create_sender
 
 HAVE_UCXX = importlib.util.find_spec("ucxx") is not None
 KINDS = [

@@ -14,13 +14,13 @@ import sys
 import pytest
 import torch
 
+from dvd.transport import PeerLostError, create_receiver, create_sender, header_for
+from dvd.transport.base import payload_view
+from dvd.transport.stream import parse_address, send_all
+from dvd.transport.tcp_receiver import TcpReceiver
+from dvd.transport.tcp_sender import TcpSender
+from dvd.transport.wire import LENGTH_PREFIX, encode_framed
 from tests.transport.conftest import config, pair, run, take, wait_until
-from transport import PeerLostError, create_receiver, create_sender, header_for
-from transport.base import payload_view
-from transport.stream import parse_address, send_all
-from transport.tcp_receiver import TcpReceiver
-from transport.tcp_sender import TcpSender
-from transport.wire import LENGTH_PREFIX, encode_framed
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -79,11 +79,11 @@ def test_truncated_frame_never_handed_up() -> None:
 
 CHILD = """
 import sys, torch
-from transport import TransportConfig, header_for
-from transport.base import payload_view
-from transport.stream import parse_address, send_all
-from transport.tcp_sender import TcpSender
-from transport.wire import encode_framed
+from dvd.transport import TransportConfig, header_for
+from dvd.transport.base import payload_view
+from dvd.transport.stream import parse_address, send_all
+from dvd.transport.tcp_sender import TcpSender
+from dvd.transport.wire import encode_framed
 address = sys.argv[1]
 host, port = parse_address(address, "tcp://")
 sock, _ = TcpSender(TransportConfig(token="test-token"))._connect(host, port, address)

@@ -9,10 +9,10 @@ import socket
 import pytest
 import torch
 
+from dvd.transport import HandshakeError, header_for
+from dvd.transport.stream import parse_address, read_message, send_message
+from dvd.transport.wire import PROTOCOL_VERSION, Hello, Refuse
 from tests.transport.conftest import KINDS, config, pair, run, wait_until
-from transport import HandshakeError, header_for
-from transport.stream import parse_address, read_message, send_message
-from transport.wire import PROTOCOL_VERSION, Hello, Refuse
 
 NETWORKED = [k for k in KINDS if getattr(k, "values", (k,))[0] != "inproc"]
 

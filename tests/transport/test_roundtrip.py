@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 
+from dvd.transport import DuplicateFrameError, FrameTooLargeError, header_for
+from dvd.transport.stream import send_all
 from tests.transport.conftest import KINDS, config, pair, run, take, wait_until
-from transport import DuplicateFrameError, FrameTooLargeError, header_for
-from transport.stream import send_all
 
 
 def features(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -138,7 +138,7 @@ def test_duplicate_is_an_error_not_an_overwrite(kind: str) -> None:
 def test_duplicate_from_two_senders_keeps_the_first() -> None:
     async def main() -> None:
         async with pair("tcp") as (sender, receiver):
-            from transport import create_sender
+            from dvd.transport import create_sender
             other = create_sender(config("tcp"))
             try:
                 first, second = torch.ones(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16)

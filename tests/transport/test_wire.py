@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transport.errors import ProtocolError
-from transport.wire import (
+from dvd.transport.errors import ProtocolError
+from dvd.transport.wire import (
     MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
     Challenge,

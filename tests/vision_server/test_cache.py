@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dvd.vision_server.cache import EncoderCache, cache_key, input_digest
+from dvd.vision_server.model import EncodedImage
+from dvd.vision_server.preprocess import PreprocessConfig
 from tests.conftest import encode, photo_like
 from tests.vision_server.conftest import make_video
-from vision_server.cache import EncoderCache, cache_key, input_digest
-from vision_server.model import EncodedImage
-from vision_server.preprocess import PreprocessConfig
 
 
 def _slot(rows: int) -> EncodedImage:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from dvd.v1 import vision_pb2
+from dvd.vision_server.config import VisionServerConfig
 from tests.vision_server.conftest import make_video
-from tests.vision_server.harness import Harness
-from tests.vision_server.test_server import _request
-from vision_server.config import VisionServerConfig
+from tests.vision_server.test_vision_server import _request
+from tests.vision_server.vision_harness import Harness
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.vision_server.harness import Harness
-from tests.vision_server.test_server import _counters, _request
-from vision_server.config import VisionServerConfig
+from dvd.vision_server.config import VisionServerConfig
+from tests.vision_server.test_vision_server import _counters, _request
+from tests.vision_server.vision_harness import Harness
 
 
 def test_standard_health_says_not_serving_while_draining(tiny_hf: Path) -> None:

@@ -14,15 +14,15 @@ import torch
 from dvd.config_file import ConfigError
 from dvd.devices import layer_ranges, split_layers
 from dvd.make_checkpoint import make_checkpoint
+from dvd.pipeline.local import LocalPipeline
+from dvd.pipeline.serve_config import build_serve_config
 from dvd.sampling import greedy
-from pipeline.local import LocalPipeline
-from pipeline.serve_config import build_serve_config
+from dvd.vision_server.config import VisionServerConfig, add_arguments
+from dvd.vision_server.model import VisionHalf
+from dvd.vision_server.placement import plan_stages, stage_modules
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
 from tests.conftest import encode, photo_like
-from tests.vision_server.harness import Harness
-from vision_server.config import VisionServerConfig, add_arguments
-from vision_server.model import VisionHalf
-from vision_server.placement import plan_stages, stage_modules
-from vision_server.preprocess import PreprocessConfig, preprocess_image
+from tests.vision_server.vision_harness import Harness
 
 SPLIT = ("cpu", "cpu")
 

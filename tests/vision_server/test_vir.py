@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from dvd.checkpoint import FlashConfig, open_checkpoint
+from dvd.vision_server.model import VisionHalf, pixel_shuffle
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
+from dvd.vision_server.video import get_index, load_video, sample_frames
+from dvd.vision_server.vir import decide_routes
 from tests.conftest import encode, photo_like
 from tests.vision_server.conftest import make_video
-from vision_server.model import VisionHalf, pixel_shuffle
-from vision_server.preprocess import PreprocessConfig, preprocess_image
-from vision_server.video import get_index, load_video, sample_frames
-from vision_server.vir import decide_routes
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +174,8 @@ def test_bad_video_is_a_clear_error() -> None:
 
 
 def test_generate_routes_flash_and_reports_tile_tokens(tiny_flash: Path) -> None:
+    from dvd.pipeline.local import LocalPipeline
     from dvd.sampling import greedy
-    from pipeline.local import LocalPipeline
 
     pipe = LocalPipeline(tiny_flash)
     image = encode(photo_like(900, 500, 1))

@@ -1,0 +1,1 @@
+"""Deployment: how DvD's processes are started, on one node or many (`dvd.deploy`)."""

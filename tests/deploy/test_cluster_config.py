@@ -1,0 +1,118 @@
+"""The cluster config (pipeline/cluster_config.py): the examples in deploy/ are valid; a bad file is
+refused naming the node and the key; each process gets what its node says (bind, advertise, ports,
+devices); the token never comes from argv."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvd.config_file import ConfigError
+from dvd.pipeline.cluster_config import build_cluster_config, load_cluster_config
+
+ROOT = Path(__file__).parents[2]
+EXAMPLES = sorted((ROOT / "deploy").glob("cluster-*.yaml"))
+
+
+def _base() -> dict:
+    return {"model": "/m", "nodes": [
+        {"name": "a", "address": "10.0.0.1", "gateway": {"http_port": 8000, "grpc_port": 50051},
+         "language": {"replicas": 2, "port": 7200, "transport_port": 7300, "devices": ["cuda:0", "cuda:1"]}},
+        {"name": "b", "address": "10.0.0.2", "bind": "0.0.0.0", "transport_address": "192.168.0.2",
+         "vision": {"replicas": 1, "port": 7100}}]}
+
+
+def test_the_examples_are_valid() -> None:
+    assert len(EXAMPLES) == 3
+    for path in EXAMPLES:
+        config = load_cluster_config(path)
+        assert any(n.gateway for n in config.nodes) and any(n.language for n in config.nodes), path
+
+
+def test_the_ray_example_is_valid() -> None:
+    from dvd.pipeline.ray_cluster import load_ray_config
+
+    config = load_ray_config(ROOT / "deploy" / "ray.example.yaml")
+    assert (config.vision.replicas, config.language.replicas) == (2, 6)
+    assert config.server("language", 5, "10.0.0.9", "t").port == 7205
+
+
+def test_each_process_gets_its_nodes_addresses_ports_and_devices() -> None:
+    config = build_cluster_config(_base())
+    a, b = config.nodes
+    second = config.language_server(a, 1, "t0ken")
+    assert (second.host, second.port, second.device, second.transport.port) == ("10.0.0.1", 7201, "cuda:1", 7301)
+    assert second.transport.token == "t0ken" and second.engine.linear_backend == "torch"
+    vision = config.vision_server(b, 0, None)
+    assert (vision.host, vision.advertise_host, vision.port) == ("0.0.0.0", "10.0.0.2", 7100)
+    gateway = config.gateway_server(a)
+    assert gateway.vision == ("10.0.0.2:7100",) and gateway.language == ("10.0.0.1:7200", "10.0.0.1:7201")
+
+
+def test_internal_tls_reaches_every_server_and_the_gateway() -> None:
+    data = _base() | {"internal_tls": {"cert": "/etc/dvd/internal.pem", "key": "/etc/dvd/internal.key"}}
+    data["nodes"][1]["vision"]["settings"] = {"grpc_tls": {"cert": "/etc/dvd/b.pem", "key": "/etc/dvd/b.key"}}
+    config = build_cluster_config(data)
+    a, b = config.nodes
+    language = config.language_server(a, 0, None)
+    assert str(language.grpc_tls.cert) == "/etc/dvd/internal.pem"
+    assert str(language.grpc_tls.key) == "/etc/dvd/internal.key"
+    assert str(config.vision_server(b, 0, None).grpc_tls.cert) == "/etc/dvd/b.pem"  # a node's own settings win
+    gateway = config.gateway_server(a)
+    assert str(gateway.internal_tls.cert) == "/etc/dvd/internal.pem" and gateway.internal_tls.enabled
+    assert not build_cluster_config(_base()).language_server(a, 0, None).grpc_tls.enabled
+    with pytest.raises(ConfigError, match="internal_tls"):
+        build_cluster_config(_base() | {"internal_tls": {"cert": "/etc/dvd/internal.pem"}})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["nodes"][0]["language"].update(devices=["cuda:0"]), r"nodes\[a\]\.language: devices: one entry"),
+    (lambda d: d["nodes"][1]["vision"].update(colour=1), r"nodes\[b\]\.vision\.colour: unknown key"),
+    (lambda d: d["nodes"][1]["vision"].update(settings={"max_batch_tiles": 0}),
+     r"nodes\[b\]\.vision\.settings: max_batch_tiles must be at least 1"),
+    (lambda d: d["nodes"][1]["vision"].update(settings={"port": 1}), r"nodes\[b\]\.vision\.settings\.port: set by"),
+    (lambda d: d["nodes"][0]["language"].update(port=8000), r"nodes\[a\]: port 8000 is both gateway.http_port"),
+    (lambda d: d["nodes"][1].update(name="a"), "a node name is used twice"),
+    (lambda d: d["nodes"][1].pop("vision"), r"nodes\[b\]: runs no role"),
+    (lambda d: d["nodes"][0].pop("gateway"), "no node runs the gateway role"),
+    (lambda d: d.update(transport={"token": "x"}), "transport.token: set per node.*token_file"),
+    (lambda d: d.update(transport={"kind": "carrier-pigeon"}), "transport.kind: one of tcp, rdma"),
+    (lambda d: d["nodes"][1]["vision"].update(cpus=["x-y"]), r"nodes\[b\]\.vision\.cpus\[0\]: 'x-y' is not a CPU set"),
+    (lambda d: d.pop("model"), "model: required"),
+])
+def test_a_bad_config_names_the_node_and_key(change, message) -> None:
+    data = _base()
+    change(data)
+    with pytest.raises(ConfigError, match=message):
+        build_cluster_config(data)
+
+
+def test_token_is_refused_on_the_command_line_and_a_wildcard_bind_needs_an_advertised_host(tmp_path: Path) -> None:
+    for kind in ("vision", "language"):
+        run = subprocess.run([sys.executable, "-m", "dvd", kind, "--model", "/none", "--token", "s3cret"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "--token-file" in run.stderr and "s3cret" not in run.stderr, run.stderr
+        run = subprocess.run([sys.executable, "-m", "dvd", kind, "--model", "/none", "--host", "0.0.0.0"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "advertise" in run.stderr, run.stderr
+
+
+def test_launch_refuses_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
+    data = _base()
+    data["nodes"][0]["language"]["devices"] = ["cuda:0"]
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "nodes[a].language: devices" in run.stderr, run.stderr
+    assert "dvd launch:" not in run.stdout  # nothing started
+    data = _base()
+    data["token_file"] = str(tmp_path / "missing")
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "token_file" in run.stderr and "dvd launch:" not in run.stdout, run.stderr

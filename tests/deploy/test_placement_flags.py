@@ -1,0 +1,30 @@
+"""`dvd serve`'s placement flags and config keys reach every role's config, checked before anything starts."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dvd.config_file import ConfigError
+from dvd.pipeline.serve_cmd import add_arguments, overrides_from_args
+from dvd.pipeline.serve_config import build_serve_config
+
+
+def test_placement_flags_reach_every_role() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--vision-cpus", "1", "--language-cpus", "0", "--gateway-cpus", "1"])
+    config = build_serve_config({}, overrides_from_args(args))
+    assert (config.cpus, config.vision.cpus, config.language.cpus) == ("1", "1", "0")
+    config = build_serve_config({"cpus": 0, "vision": {"cpus": 1}}, {})  # YAML numbers are CPU lists too
+    assert (config.cpus, config.vision.cpus) == ("0", "1")
+    coupled = parser.parse_args(["--coupled", "--cpus", "0"])
+    assert build_serve_config({}, overrides_from_args(coupled)).cpus == "0"
+
+
+@pytest.mark.parametrize(("data", "where"), [({"cpus": "x"}, "cpus"), ({"language": {"cpus": "1-0"}}, "language"),
+                                             ({"vision": {"cpus": "4095"}}, "vision"), ({"cpus": [0]}, "cpus")])
+def test_bad_cpu_lists_fail_naming_the_key(data: dict, where: str) -> None:
+    with pytest.raises(ConfigError, match=where):
+        build_serve_config(data, {})

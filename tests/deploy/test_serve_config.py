@@ -1,0 +1,91 @@
+"""`dvd serve`'s config: one file plus flags, validated once, errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dvd.config_file import ConfigError, from_dict, read_mapping, to_dict
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.pipeline.serve_cmd import add_arguments, overrides_from_args
+from dvd.pipeline.serve_config import build_serve_config, load_serve_config
+from dvd.transport.config import TransportConfig
+from dvd.vision_server.config import VisionServerConfig
+
+EXAMPLE = Path(__file__).parents[2] / "deploy" / "serve.example.yaml"
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"vision": {"max_batch_tile": 4}}, "vision.max_batch_tile: unknown key; allowed here: devices,"),
+        ({"language": {"engine": {"num_block": 4}}}, "language.engine.num_block: unknown key"),
+        ({"gatway": {}}, "gatway: unknown key; allowed at the top: model, coupled"),
+        ({"language": {"engine": {"num_blocks": "many"}}}, "language.engine.num_blocks: expected int, got str"),
+        ({"vision": {"max_wait_ms": True}}, "vision.max_wait_ms: expected float, got bool"),
+        ({"vision": {"devices": "cpu"}}, "vision.devices: expected a list"),
+        ({"language": {"engine": {"num_blocks": 1}}}, "language.engine: num_blocks must be >= 2, got 1"),
+        ({"language": {"dtype": "int8"}}, "language: dtype 'int8' is not one of bfloat16, float16, float32"),
+        ({"vision": {"devices": ["gpu0"]}}, "device 'gpu0' is not a torch device name"),
+        ({"transport": {"kind": "zmq"}}, "transport.kind: must be one of tcp, rdma"),
+        ({"transport": {"token": "x"}}, "transport.token: unknown key"),  # dvd serve makes a fresh one
+        ({"language": {"port": 7000}}, "language.port: set by dvd serve"),
+        ({"vision": {"replicas": 0}}, "vision.replicas: must be at least 1"),
+        ({"gateway": {"http_port": 70000}}, "gateway: http_port must be a TCP port"),
+        ({"gateway": {"limits": {"max_images": 0}}}, "gateway.limits: max_images must be at least 1"),
+    ],
+)
+def test_a_bad_key_type_or_value_is_refused_naming_it(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_serve_config(data, {})
+    assert needle in str(caught.value)
+
+
+def test_the_documented_example_is_exactly_the_defaults() -> None:
+    assert load_serve_config(EXAMPLE, {}) == build_serve_config({}, {})
+
+
+def test_flags_win_over_the_file_and_reach_each_role(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("transport: {kind: rdma, ucx_tls: tcp}\nlanguage:\n  engine: {num_blocks: 100}\n")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--num-blocks", "123", "--max-batch-tiles", "4",
+                              "--device", "cpu", "--dtype", "bfloat16"])
+    config = load_serve_config(args.config, overrides_from_args(args))
+    language = config.language_child(port=7001, token="secret")
+    vision = config.vision_child(port=7002, token="secret")
+    assert language.engine.num_blocks == 123 and language.engine.linear_backend == "torch"
+    assert language.transport.kind == vision.transport.kind == "rdma" and vision.transport.ucx_tls == "tcp"
+    assert language.transport.token == vision.transport.token == "secret"
+    assert vision.max_batch_tiles == 4 and vision.dtype == language.dtype == "bfloat16"
+    assert "secret" not in repr(language) and "secret" not in repr(vision)
+
+
+def test_a_child_config_round_trips_through_its_file(tmp_path: Path) -> None:
+    config = build_serve_config({"language": {"engine": {"num_blocks": 77}}}, {})
+    for child, cls in ((config.language_child(5, "t"), LanguageServerConfig),
+                       (config.vision_child(6, "t"), VisionServerConfig)):
+        path = tmp_path / f"{cls.__name__}.yaml"
+        import yaml
+
+        path.write_text(yaml.safe_dump(to_dict(child)))
+        assert from_dict(cls, read_mapping(path)) == child
+
+
+def test_nested_transport_config_is_checked_too() -> None:
+    with pytest.raises(ConfigError, match="exceeds receive_pool_bytes"):
+        from_dict(TransportConfig, {"max_frame_bytes": 2048, "receive_pool_bytes": 1024}, "transport")
+
+
+def test_a_vision_replica_spanning_devices_from_flags() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--vision-devices", "cpu,cpu", "--vision-devices-per-replica", "2"])
+    vision = load_serve_config(None, overrides_from_args(args)).vision_child(port=7002, token="secret")
+    assert vision.devices == ("cpu", "cpu") and vision.devices_per_replica == 2

@@ -1,0 +1,131 @@
+"""The roster's probe rules (pipeline/replicas.py), with a fake server: a slow answer under load is
+not a failure unless `fail_threshold` come in a row; a server out of rotation fails the work it
+holds at once, naming itself; it comes back by itself on a good answer; NOT_SERVING (draining) is
+out at once but lets its work finish."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from dvd.errors import UnavailableError
+from dvd.pipeline.replicas import ProbeConfig, Replica, ReplicaPool
+from dvd.v1 import common_pb2
+
+PROBE = ProbeConfig(interval_s=0.01, timeout_s=0.05, fail_threshold=3)
+
+
+class FakeStub:
+    """Answers Health per `mode`: "ok", "slow" (never within the probe timeout), "draining", "down"."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+
+    async def Health(self, request: object) -> common_pb2.HealthResponse:
+        if self.mode == "down":
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        if self.mode == "slow":
+            await asyncio.sleep(10)  # a busy server: longer than the probe timeout
+        status = common_pb2.HealthResponse.NOT_SERVING if self.mode == "draining" else common_pb2.HealthResponse.SERVING
+        return common_pb2.HealthResponse(status=status, detail=self.mode, transport_address="tcp://10.0.0.3:7300")
+
+    async def Stats(self, request: object) -> common_pb2.StatsResponse:
+        return common_pb2.StatsResponse(counters={"num_requests": 1.0})
+
+
+def _replica() -> tuple[Replica, FakeStub]:
+    stub = FakeStub()
+    return Replica(kind="vision", address="10.0.0.2:7100", stub=stub), stub
+
+
+async def _probe(replica: Replica) -> bool:
+    return await replica.check(PROBE.timeout_s, PROBE.fail_threshold)
+
+
+def test_slow_answers_below_the_threshold_keep_a_server_in_rotation() -> None:
+    async def main() -> None:
+        replica, stub = _replica()
+        assert await _probe(replica) and replica.transport_address == "tcp://10.0.0.3:7300"
+        stub.mode = "slow"
+        for _ in range(PROBE.fail_threshold - 1):
+            assert await _probe(replica), "a busy server is not a failed one"
+        stub.mode = "ok"
+        assert await _probe(replica) and replica.consecutive_failures == 0
+        stub.mode = "slow"  # the count starts again: only failures in a row count
+        for _ in range(PROBE.fail_threshold - 1):
+            assert await _probe(replica)
+        assert not await _probe(replica), "fail_threshold slow probes in a row take it out"
+        assert "3 health probes in a row failed" in replica.state and "no answer" in replica.state
+        stub.mode = "ok"
+        assert await _probe(replica) and replica.state == "serving", "it comes back by itself"
+
+    asyncio.run(main())
+
+
+def test_leaving_rotation_fails_the_work_it_holds_naming_it() -> None:
+    async def main() -> None:
+        replica, stub = _replica()
+        await _probe(replica)
+        started = asyncio.Event()
+
+        async def encode() -> None:
+            async with replica.in_use():
+                started.set()
+                await asyncio.Event().wait()  # an Encode whose answer never comes
+
+        task = asyncio.create_task(encode())
+        await started.wait()
+        assert replica.num_outstanding == 1
+        stub.mode = "down"
+        for _ in range(PROBE.fail_threshold):
+            await _probe(replica)
+        with pytest.raises(UnavailableError, match=r"vision server 10\.0\.0\.2:7100 was taken out of rotation.*"
+                                                   r"3 health probes in a row failed \(last: UNAVAILABLE\)"):
+            await task
+        assert replica.num_outstanding == 0
+        with pytest.raises(UnavailableError, match="no healthy vision replica"):
+            ReplicaPool("vision", [replica]).pick()
+
+    asyncio.run(main())
+
+
+def test_a_draining_server_leaves_at_once_but_finishes_its_work() -> None:
+    async def main() -> None:
+        replica, stub = _replica()
+        await _probe(replica)
+        release = asyncio.Event()
+
+        async def encode() -> str:
+            async with replica.in_use():
+                await release.wait()
+                return "done"
+
+        task = asyncio.create_task(encode())
+        await asyncio.sleep(0)
+        stub.mode = "draining"
+        assert not await _probe(replica) and "not serving" in replica.state
+        release.set()
+        assert await task == "done"
+
+    asyncio.run(main())
+
+
+def test_a_user_cancel_is_still_a_cancel() -> None:
+    async def main() -> None:
+        replica, _ = _replica()
+        await _probe(replica)
+
+        async def encode() -> None:
+            async with replica.in_use():
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(encode())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert replica.num_outstanding == 0 and replica.healthy
+
+    asyncio.run(main())
