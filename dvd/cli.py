@@ -13,13 +13,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-checkpoint": ("dvd.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
     "vision": ("dvd.vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
     "language": ("dvd.language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
-    "serve": ("dvd.pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
-    "gateway": ("dvd.pipeline.gateway_cmd", "a gateway (OpenAI HTTP + gRPC) before servers on any node, by address"),
-    "launch": ("dvd.launch_cmd", "start this node's roles (gateway, vision, language) from a cluster config"),
-    "cluster": ("dvd.cluster_cmd", "run the roles as Ray actors placed by resources: up, status, down"),
+    "serve": ("dvd.deploy.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
+    "gateway": ("dvd.deploy.gateway_cmd", "a gateway (OpenAI HTTP + gRPC) before servers on any node, by address"),
+    "launch": ("dvd.deploy.launch_cmd", "start this node's roles (gateway, vision, language) from a cluster config"),
+    "cluster": ("dvd.deploy.cluster_cmd", "run the roles as Ray actors placed by resources: up, status, down"),
     "client": ("dvd.pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
     "bench": ("dvd.benchmarks.cli", "run a benchmark and print its figures"),
-    "plan": ("dvd.plan", "plan a deployment: weights per half, devices, KV capacity in tokens, largest batch"),
+    "plan": ("dvd.deploy.plan", "plan a deployment: weights per half, devices, KV capacity in tokens, largest batch"),
 }
 
 

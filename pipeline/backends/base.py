@@ -10,7 +10,7 @@ from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, GenerationEvent
 
 if TYPE_CHECKING:
-    from dvd.pipeline.serve_config import ServeConfig
+    from dvd.deploy.serve_config import ServeConfig
 
 
 class Backend(abc.ABC):

@@ -17,7 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.errors import DvdError
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.local import LocalPipeline
-from dvd.pipeline.serve_config import ServeConfig
+from dvd.deploy.serve_config import ServeConfig
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 

@@ -29,7 +29,7 @@ from dvd.pipeline.replicas import (
     stop_servers,
     wait_ready,
 )
-from dvd.pipeline.serve_config import ServeConfig, fresh_token
+from dvd.deploy.serve_config import ServeConfig, fresh_token
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 from dvd.v1 import language_pb2, vision_pb2

@@ -1,4 +1,4 @@
-"""The cluster config (pipeline/cluster_config.py): the examples in deploy/ are valid; a bad file is
+"""The cluster config (deploy/cluster_config.py): the examples in deploy/ are valid; a bad file is
 refused naming the node and the key; each process gets what its node says (bind, advertise, ports,
 devices); the token never comes from argv."""
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dvd.config_file import ConfigError
-from dvd.pipeline.cluster_config import build_cluster_config, load_cluster_config
+from dvd.deploy.cluster_config import build_cluster_config, load_cluster_config
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = sorted((ROOT / "deploy").glob("cluster-*.yaml"))
@@ -34,7 +34,7 @@ def test_the_examples_are_valid() -> None:
 
 
 def test_the_ray_example_is_valid() -> None:
-    from dvd.pipeline.ray_cluster import load_ray_config
+    from dvd.deploy.ray_cluster import load_ray_config
 
     config = load_ray_config(ROOT / "deploy" / "ray.example.yaml")
     assert (config.vision.replicas, config.language.replicas) == (2, 6)

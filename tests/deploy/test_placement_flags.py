@@ -7,8 +7,8 @@ import argparse
 import pytest
 
 from dvd.config_file import ConfigError
-from dvd.pipeline.serve_cmd import add_arguments, overrides_from_args
-from dvd.pipeline.serve_config import build_serve_config
+from dvd.deploy.serve_cmd import add_arguments, overrides_from_args
+from dvd.deploy.serve_config import build_serve_config
 
 
 def test_placement_flags_reach_every_role() -> None:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from dvd.checkpoint import open_checkpoint
 from dvd.cli import main
 from dvd.make_checkpoint import make_checkpoint
-from dvd.plan import (
+from dvd.deploy.plan import (
     VisionParts,
     kv_bytes_per_token,
     make_plan,

@@ -8,8 +8,8 @@ import pytest
 
 from dvd.config_file import ConfigError, from_dict, read_mapping, to_dict
 from dvd.language_server.server_config import LanguageServerConfig
-from dvd.pipeline.serve_cmd import add_arguments, overrides_from_args
-from dvd.pipeline.serve_config import build_serve_config, load_serve_config
+from dvd.deploy.serve_cmd import add_arguments, overrides_from_args
+from dvd.deploy.serve_config import build_serve_config, load_serve_config
 from dvd.transport.config import TransportConfig
 from dvd.vision_server.config import VisionServerConfig
 

@@ -87,7 +87,7 @@ def plan(config: Any, node: Any, role: str, token: str | None) -> list[tuple[str
 
 
 def _start(name: str, kind: str, config: Any, cpus: str, workdir: Path, env: dict[str, str]) -> Child:
-    from dvd.pipeline.cluster_config import parse_cpus
+    from dvd.deploy.cluster_config import parse_cpus
 
     path = workdir / f"{name.replace('[', '-').replace(']', '')}.yaml"
     write_private(path, config)
@@ -138,7 +138,7 @@ async def _supervise(children: list[Child]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    from dvd.pipeline.cluster_config import load_cluster_config
+    from dvd.deploy.cluster_config import load_cluster_config
 
     try:
         config = load_cluster_config(args.config)

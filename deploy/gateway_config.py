@@ -20,7 +20,7 @@ from dvd.config_file import ConfigError, from_dict, read_mapping
 from dvd.grpc_tls import GrpcTls
 from dvd.pipeline.gateway import GatewayConfig
 from dvd.pipeline.replicas import ProbeConfig
-from dvd.pipeline.serve_config import _merged as merged
+from dvd.deploy.serve_config import _merged as merged
 
 
 def check_address(address: str, where: str) -> None:

@@ -32,7 +32,7 @@ from dvd.malloc import reuse_freed_memory
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
 from dvd.pipeline.backends import backend_class
 from dvd.pipeline.gateway import run_gateway
-from dvd.pipeline.serve_config import ServeConfig, load_serve_config, with_model
+from dvd.deploy.serve_config import ServeConfig, load_serve_config, with_model
 from dvd.process import configure_logging, run_process
 
 log = logging.getLogger("dvd.serve")

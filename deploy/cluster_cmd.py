@@ -1,6 +1,6 @@
 """DvD on a Ray cluster: `dvd cluster up|status|down CONFIG` (needs `pip install 'internvl-dvd[cluster]'`).
 
-`up` validates the config (pipeline/ray_cluster.py documents it), reads the token file, optionally
+`up` validates the config (deploy/ray_cluster.py documents it), reads the token file, optionally
 starts a one-node Ray head here (`ray.start_local`), and starts the vision and language servers as
 detached Ray actors placed by resources through placement groups (GPUs, or custom resources such as
 {"vision": 1} on CPU nodes), then the gateway, which learns the servers' addresses from their
@@ -32,7 +32,7 @@ from dvd.token_file import resolve_token
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "status", "down"])
-    parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see pipeline/ray_cluster.py)")
+    parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see deploy/ray_cluster.py)")
 
 
 def _connect(settings: Any, start: bool = False) -> None:
@@ -56,7 +56,7 @@ def _connect(settings: Any, start: bool = False) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from dvd.pipeline import ray_cluster
+        from dvd.deploy import ray_cluster
     except ImportError as exc:
         print(f"error: dvd cluster needs Ray: pip install 'internvl-dvd[cluster]' ({exc})", file=sys.stderr)
         return 2

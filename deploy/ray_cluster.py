@@ -37,9 +37,9 @@ from typing import Any
 from dvd.config_file import ConfigError, from_dict, read_mapping, to_dict, write_private
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.pipeline.gateway import GatewayConfig
-from dvd.pipeline.gateway_config import StandaloneGatewayConfig
+from dvd.deploy.gateway_config import StandaloneGatewayConfig
 from dvd.pipeline.replicas import ProbeConfig
-from dvd.pipeline.serve_config import TRANSPORT_KINDS
+from dvd.deploy.serve_config import TRANSPORT_KINDS
 from dvd.transport.config import TransportConfig
 from dvd.vision_server.config import VisionServerConfig
 

@@ -30,7 +30,7 @@ from dvd.config_file import ConfigError
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
-from dvd.pipeline.gateway_config import StandaloneGatewayConfig, load_gateway_config
+from dvd.deploy.gateway_config import StandaloneGatewayConfig, load_gateway_config
 from dvd.pipeline.replicas import attached
 from dvd.process import configure_logging, run_process
 
