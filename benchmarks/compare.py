@@ -30,9 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -43,6 +41,7 @@ from typing import Any
 from dvd.benchmarks.serve import add_arguments as add_serve_arguments
 from dvd.benchmarks.serve import machine, run_benchmark, write_outputs
 from dvd.benchmarks.serve_workload import BUCKETS, Workload
+from dvd.deploy.supervisor import ChildSpec, Supervisor
 
 MODES = ("coupled", "dvd", "dvd+vir")
 SETTINGS = ("paper", "equal")
@@ -67,40 +66,36 @@ def describe_setting(setting: str, language_cpus: str, vision_cpus: str) -> str:
 @contextlib.contextmanager
 def served(model: Path, flags: list[str], extra: list[str], ready_timeout_s: float) -> Iterator[tuple[str, str]]:
     """`dvd serve` as a child; yields (HTTP base URL, gRPC address) once ready; stops it and its children."""
-    command = [sys.executable, "-m", "dvd", "serve", "--model", str(model), "--port", "0", "--grpc-port", "0",
-               "--log-level", "WARNING", *flags, *extra]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = ("serve", "--model", str(model), "--port", "0", "--grpc-port", "0", "--log-level", "WARNING",
+               *flags, *extra)
     lines: list[str] = []
     ready = threading.Event()
     found: dict[str, str] = {}
+    # 90 s: dvd serve itself gives its own servers 30 s to drain before it kills them
+    with Supervisor(grace_s=90.0) as supervisor:
+        child = supervisor.start(ChildSpec("dvd serve", command, env={"PYTHONUNBUFFERED": "1"}),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            match = _LISTEN.search(line)
-            if match:
-                found.update(http=match[1], grpc=match[2])
-            if line.strip() == "dvd serve: ready":
-                ready.set()
-        ready.set()
+        def read() -> None:
+            assert child.process.stdout is not None
+            for line in child.process.stdout:
+                lines.append(line)
+                match = _LISTEN.search(line)
+                if match:
+                    found.update(http=match[1], grpc=match[2])
+                if line.strip() == "dvd serve: ready":
+                    ready.set()
+            ready.set()
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        if not ready.wait(ready_timeout_s) or proc.poll() is not None or "http" not in found:
-            raise RuntimeError(f"dvd serve {' '.join(flags)} did not become ready:\n{''.join(lines[-30:])}")
-        yield found["http"], found["grpc"]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        reader.join(timeout=10)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            if not ready.wait(ready_timeout_s) or child.returncode is not None or "http" not in found:
+                raise RuntimeError(f"dvd serve {' '.join(flags)} did not become ready:\n{''.join(lines[-30:])}")
+            yield found["http"], found["grpc"]
+        finally:
+            supervisor.stop()
+            reader.join(timeout=10)
 
 
 def _ratio(value: float, base: float) -> float | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ def _connect(settings: Any, start: bool = False) -> None:
             args.append(f"--resources={json.dumps(settings.resources)}")
         subprocess.run([str(Path(sys.executable).with_name("ray")), *args[1:]], check=True,
                        stdout=subprocess.DEVNULL)
-    ray.init(address=settings.address or "auto", namespace="dvd", logging_level="WARNING", log_to_driver=False)
+    ray.init(address=settings.address or "auto", namespace="dvd", logging_level=logging.WARNING, log_to_driver=False)
 
 
 def run(args: argparse.Namespace) -> int:

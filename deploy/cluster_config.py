@@ -3,7 +3,9 @@ on which devices or CPU sets, on which ports and addresses, with which transport
 
 One YAML file for every node (deploy/README.md documents it; deploy/cluster-*.yaml are examples).
 `dvd launch CONFIG --node NAME` validates the whole file before starting anything, then starts that
-node's roles; errors name the node and the key (`nodes[gpu0].language.devices: ...`).
+node's roles; errors name the node and the key (`nodes[gpu0].language.devices: ...`). The file is
+this front-end's format of the deployment spec (`cluster_spec`; deploy/spec.py builds every
+process's config from it).
 
     model: PATH                 # the checkpoint, at this path on every node
     token_file: PATH            # the shared transport token (mode 0600), at this path on every node
@@ -30,32 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.deploy.spec import (
+    ROLES,
+    TRANSPORT_KINDS,
+    DeploymentSpec,
+    NodeSpec,
+    RoleSpec,
+    check_cpu_sets,
+    check_servers,
+    check_settings,
+)
 from dvd.grpc_tls import GrpcTls
-from dvd.language_server.server_config import LanguageServerConfig
 from dvd.pipeline.gateway import GatewayConfig
-from dvd.deploy.gateway_config import StandaloneGatewayConfig
 from dvd.pipeline.replicas import ProbeConfig
-from dvd.deploy.serve_config import TRANSPORT_KINDS
 from dvd.transport.config import TransportConfig
-from dvd.vision_server.config import VisionServerConfig
-
-ROLES = ("gateway", "vision", "language")
-_SET_BY_LAUNCH = ("model", "host", "port", "transport", "advertise_host", "transport_advertise_host", "token_file",
-                  "devices", "device")
-
-
-def parse_cpus(text: str, where: str) -> tuple[int, ...]:
-    """A CPU set as taskset writes it: "0-3", "0,2,4", "0-1,8-9"."""
-    cpus: list[int] = []
-    try:
-        for part in text.split(","):
-            low, _, high = part.strip().partition("-")
-            cpus += range(int(low), int(high or low) + 1)
-    except ValueError:
-        raise ConfigError(f"{where}: {text!r} is not a CPU set such as 0-3 or 0,2,4") from None
-    if not cpus:
-        raise ConfigError(f"{where}: empty CPU set")
-    return tuple(cpus)
 
 
 @dataclass(frozen=True)
@@ -81,8 +71,13 @@ class ServerRole:
             if getattr(self, name) and len(getattr(self, name)) != self.replicas:
                 raise ValueError(f"{name}: one entry per replica ({self.replicas}), got {len(getattr(self, name))}")
 
-    def device(self, i: int) -> str:
-        return self.devices[i] if self.devices else "cpu"
+    def spec(self, kind: str, where: str) -> RoleSpec:
+        """This role as the deployment spec has it (no devices: each replica on the CPU)."""
+        language = kind == "language"
+        return RoleSpec(ports=tuple(self.port + i for i in range(self.replicas)), settings=self.settings,
+                        transport_ports=tuple(self.transport_port + i for i in range(self.replicas)) if language
+                        else (), devices=self.devices or ("cpu",) * self.replicas, cpus=self.cpus,
+                        where=f"{where}.{kind}.settings")
 
 
 @dataclass(frozen=True)
@@ -96,16 +91,15 @@ class NodeConfig:
     vision: ServerRole | None = None
     language: ServerRole | None = None
 
-    @property
-    def bind_host(self) -> str:
-        return self.bind or self.address
-
     def roles(self) -> list[str]:
         return [role for role in ROLES if getattr(self, role) is not None]
 
-    def addresses(self, kind: str) -> list[str]:
-        role: ServerRole | None = getattr(self, kind)
-        return [f"{self.address}:{role.port + i}" for i in range(role.replicas)] if role else []
+    def spec(self) -> NodeSpec:
+        where = f"nodes[{self.name}]"
+        return NodeSpec(name=self.name, address=self.address, bind=self.bind, transport_address=self.transport_address,
+                        env=self.env, gateway=replace(self.gateway, host=self.bind or self.address) if self.gateway
+                        else None, vision=self.vision.spec("vision", where) if self.vision else None,
+                        language=self.language.spec("language", where) if self.language else None)
 
 
 @dataclass(frozen=True)
@@ -117,45 +111,12 @@ class ClusterConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     internal_tls: GrpcTls = field(default_factory=GrpcTls)
 
-    def node(self, name: str) -> NodeConfig:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise ConfigError(f"--node {name}: no such node; the config has {', '.join(n.name for n in self.nodes)}")
 
-    # --- what each process runs ---------------------------------------------------------------
-    def vision_server(self, node: NodeConfig, i: int, token: str | None) -> VisionServerConfig:
-        role = node.vision
-        assert role is not None
-        devices = tuple(d.strip() for d in role.device(i).split(","))
-        return from_dict(VisionServerConfig, self._with_tls(role.settings), f"nodes[{node.name}].vision.settings",
-                         model=self.model, devices=devices, host=node.bind_host, port=role.port + i,
-                         advertise_host=node.address, token_file=None, transport=replace(self.transport, token=token))
-
-    def language_server(self, node: NodeConfig, i: int, token: str | None) -> LanguageServerConfig:
-        role = node.language
-        assert role is not None
-        device = role.device(i)
-        transport = replace(self.transport, host=node.transport_address or node.bind_host,
-                            port=role.transport_port + i, token=token)
-        return from_dict(LanguageServerConfig, self._with_tls({**role.settings, "device": device}),
-                         f"nodes[{node.name}].language.settings", model=self.model, host=node.bind_host,
-                         port=role.port + i, advertise_host=node.address,
-                         transport_advertise_host=node.transport_address or node.address, token_file=None,
-                         transport=transport)
-
-    def gateway_server(self, node: NodeConfig) -> StandaloneGatewayConfig:
-        assert node.gateway is not None
-        return StandaloneGatewayConfig(
-            model=self.model, vision=tuple(a for n in self.nodes for a in n.addresses("vision")),
-            language=tuple(a for n in self.nodes for a in n.addresses("language")),
-            gateway=replace(node.gateway, host=node.bind_host), probe=self.probe, internal_tls=self.internal_tls)
-
-    def _with_tls(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """A server's settings with the cluster's internal TLS, unless its own `grpc_tls` says otherwise."""
-        if self.internal_tls.cert is None or "grpc_tls" in settings:
-            return settings
-        return {**settings, "grpc_tls": {"cert": self.internal_tls.cert, "key": self.internal_tls.key}}
+def cluster_spec(config: ClusterConfig) -> DeploymentSpec:
+    """The cluster config as the deployment spec every node starts its part of."""
+    return DeploymentSpec(model=config.model, nodes=tuple(node.spec() for node in config.nodes),
+                          transport=config.transport, internal_tls=config.internal_tls, probe=config.probe,
+                          token_file=config.token_file)
 
 
 def _node(data: Any, i: int) -> NodeConfig:
@@ -164,18 +125,9 @@ def _node(data: Any, i: int) -> NodeConfig:
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"nodes[{i}].name: every node needs a name")
-    where = f"nodes[{name}]"
-    data = dict(data)
-    for kind in ("vision", "language"):
-        section = data.get(kind)
-        if isinstance(section, dict):
-            for key in section.get("settings", {}) or {}:
-                if key in _SET_BY_LAUNCH:
-                    raise ConfigError(f"{where}.{kind}.settings.{key}: set by dvd launch from the node "
-                                      "(address, bind, ports, devices) and the top-level model/transport")
-    node = from_dict(NodeConfig, data, where)
+    node = from_dict(NodeConfig, data, f"nodes[{name}]")
     if not node.roles():
-        raise ConfigError(f"{where}: runs no role; give it at least one of {', '.join(ROLES)}")
+        raise ConfigError(f"nodes[{name}]: runs no role; give it at least one of {', '.join(ROLES)}")
     return node
 
 
@@ -203,40 +155,39 @@ def check_cluster(config: ClusterConfig) -> None:
         raise ConfigError(f"nodes: a node name is used twice: {', '.join(names)}")
     if config.transport.kind not in TRANSPORT_KINDS:
         raise ConfigError(f"transport.kind: one of {', '.join(TRANSPORT_KINDS)}, got {config.transport.kind!r}")
-    gateways = [n.name for n in config.nodes if n.gateway is not None]
-    if not gateways:
+    if not any(n.gateway is not None for n in config.nodes):
         raise ConfigError("nodes: no node runs the gateway role")
     if not any(n.language for n in config.nodes):
         raise ConfigError("nodes: no node runs the language role")
-    for node in config.nodes:
-        where = f"nodes[{node.name}]"
-        ports: dict[int, str] = {}
-
-        def claim(port: int, what: str, where: str = where, ports: dict[int, str] = ports) -> None:
-            if port in ports:
-                raise ConfigError(f"{where}: port {port} is both {ports[port]} and {what}")
-            ports[port] = what
-
-        if node.gateway is not None:
-            claim(node.gateway.http_port, "gateway.http_port")
-            claim(node.gateway.grpc_port, "gateway.grpc_port")
+    spec = cluster_spec(config)
+    for node in spec.nodes:
+        _check_ports(node)
         for kind in ("vision", "language"):
-            role: ServerRole | None = getattr(node, kind)
-            if role is None:
-                continue
-            for i in range(role.replicas):
-                claim(role.port + i, f"{kind} replica {i}'s port")
-                if kind == "language":
-                    claim(role.transport_port + i, f"language replica {i}'s transport_port")
-                if role.cpus:
-                    parse_cpus(role.cpus[i], f"{where}.{kind}.cpus[{i}]")
-                build = config.vision_server if kind == "vision" else config.language_server
-                try:
-                    build(node, i, None)
-                except ConfigError:
-                    raise
-                except ValueError as exc:
-                    raise ConfigError(f"{where}.{kind}: {exc}") from None
+            role: RoleSpec | None = getattr(node, kind)
+            if role is not None:
+                check_settings(role, "dvd launch")
+                check_cpu_sets(role.cpus, f"nodes[{node.name}].{kind}.cpus")
+    check_servers(spec)
+
+
+def _check_ports(node: NodeSpec) -> None:
+    """No two of a node's processes on one port."""
+    ports: dict[int, str] = {}
+
+    def claim(port: int, what: str) -> None:
+        if port in ports:
+            raise ConfigError(f"nodes[{node.name}]: port {port} is both {ports[port]} and {what}")
+        ports[port] = what
+
+    if node.gateway is not None:
+        claim(node.gateway.http_port, "gateway.http_port")
+        claim(node.gateway.grpc_port, "gateway.grpc_port")
+    for kind in ("vision", "language"):
+        role: RoleSpec | None = getattr(node, kind)
+        for i, port in enumerate(role.ports if role else ()):
+            claim(port, f"{kind} replica {i}'s port")
+            if role and role.transport_ports:
+                claim(role.transport_ports[i], f"{kind} replica {i}'s transport_port")
 
 
 def load_cluster_config(path: Path) -> ClusterConfig:

@@ -22,15 +22,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import grpc
 
-from dvd.config_file import ConfigError
-from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
+from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
+from dvd.deploy.gateway_config import StandaloneGatewayConfig, load_gateway_config
+from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
-from dvd.deploy.gateway_config import StandaloneGatewayConfig, load_gateway_config
 from dvd.pipeline.replicas import attached
 from dvd.process import configure_logging, run_process
 
@@ -41,57 +40,60 @@ def _addresses(value: str) -> list[str]:
     return [a.strip() for a in value.split(",") if a.strip()]
 
 
-# flag dest -> (config key, conversion); a flag given wins over the file's value
-_OVERRIDES: dict[str, tuple[str, Any]] = {
-    "model": ("model", str),
-    "vision": ("vision", _addresses),
-    "language": ("language", _addresses),
-    "host": ("gateway.host", str),
-    "port": ("gateway.http_port", int),
-    "grpc_port": ("gateway.grpc_port", int),
-    "max_concurrency": ("gateway.max_concurrency", int),
-    "probe_interval": ("probe.interval_s", float),
-    "probe_timeout": ("probe.timeout_s", float),
-    "fail_threshold": ("probe.fail_threshold", int),
-    "internal_tls_ca": ("internal_tls.ca", str),
-    **{dest: (key, str if dest != "insecure" else bool) for dest, key in KEY_FLAGS.items()},
-}
+FLAGS = (
+    Flag("--model", "model", help="checkpoint directory: its tokenizer and chat template (default: the built-in "
+                                  "tiny one)"),
+    Flag("--vision", "vision", convert=_addresses, metavar="HOST:PORT[,...]", help="vision servers' gRPC addresses"),
+    Flag("--language", "language", convert=_addresses, metavar="HOST:PORT[,...]",
+         help="language servers' gRPC addresses (at least one)"),
+    Flag("--host", "gateway.host", help="address the HTTP and gRPC APIs bind (default 127.0.0.1; 0.0.0.0 for every "
+                                        "interface)"),
+    Flag("--port", "gateway.http_port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)"),
+    Flag("--grpc-port", "gateway.grpc_port", type=int, help="gRPC client API port (default 50051; 0 = any free)"),
+    Flag("--max-concurrency", "gateway.max_concurrency", type=int,
+         help="requests in flight before new ones get 429 (default 64)"),
+    Flag("--probe-interval", "probe.interval_s", type=float,
+         help="seconds between health probes of each server (default 2)"),
+    Flag("--probe-timeout", "probe.timeout_s", type=float,
+         help="seconds a probe may take before it counts as failed (default 10)"),
+    Flag("--fail-threshold", "probe.fail_threshold", type=int,
+         help="failed probes in a row that take a server out of rotation (default 3)"),
+    Flag("--internal-tls-ca", "internal_tls.ca", metavar="PEM",
+         help="dial the vision and language servers over TLS, verifying their certificates against these roots "
+              "(default: plain text)"),
+    *KEY_FLAGS,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--config", type=Path, metavar="FILE", help="YAML settings (deploy/gateway.example.yaml documents every key)")
-    add("--model", help="checkpoint directory: its tokenizer and chat template (default: the built-in tiny one)")
-    add("--vision", metavar="HOST:PORT[,...]", help="vision servers' gRPC addresses")
-    add("--language", metavar="HOST:PORT[,...]", help="language servers' gRPC addresses (at least one)")
-    add("--host", help="address the HTTP and gRPC APIs bind (default 127.0.0.1; 0.0.0.0 for every interface)")
-    add("--port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)")
-    add("--grpc-port", type=int, help="gRPC client API port (default 50051; 0 = any free)")
-    add("--max-concurrency", type=int, help="requests in flight before new ones get 429 (default 64)")
-    add("--probe-interval", type=float, help="seconds between health probes of each server (default 2)")
-    add("--probe-timeout", type=float, help="seconds a probe may take before it counts as failed (default 10)")
-    add("--fail-threshold", type=int, help="failed probes in a row that take a server out of rotation (default 3)")
-    add("--internal-tls-ca", metavar="PEM", help="dial the vision and language servers over TLS, verifying their "
-                                                 "certificates against these roots (default: plain text)")
-    add_key_arguments(parser)
-    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="YAML settings (deploy/gateway.example.yaml documents every key)")
+    add_flags(parser, FLAGS)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: convert(getattr(args, dest)) for dest, (key, convert) in _OVERRIDES.items()
-            if getattr(args, dest) is not None}
+def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -> Path:
+    """`model`, or the built-in tiny checkpoint (made on first use; `warning` % its path is logged)."""
+    if model is not None:
+        return model
+    from dvd.checkpoint_cache import ensure_checkpoint
+
+    path = ensure_checkpoint("tiny")
+    logger.warning(warning, path)
+    return path
+
+
+def attached_backend(config: StandaloneGatewayConfig, model: Path,
+                     credentials: grpc.ChannelCredentials | None) -> DisaggregatedBackend:
+    """The gateway's backend over `config`'s servers, by address (dialled over TLS with `credentials`)."""
+    return DisaggregatedBackend(model, attached("vision", config.vision, credentials),
+                                attached("language", config.language, credentials), probe=config.probe)
 
 
 async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
                 credentials: grpc.ChannelCredentials | None = None) -> int:
-    model = config.model
-    if model is None:
-        from dvd.checkpoint_cache import ensure_checkpoint
-
-        model = ensure_checkpoint("tiny")
-        log.warning("no model given: using the built-in tiny checkpoint's tokenizer at %s", model)
-    backend = DisaggregatedBackend(model, attached("vision", config.vision, credentials),
-                                   attached("language", config.language, credentials), probe=config.probe)
+    model = model_path(config.model, "no model given: using the built-in tiny checkpoint's tokenizer at %s")
+    backend = attached_backend(config, model, credentials)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
 
     async def describe() -> str:
@@ -104,7 +106,7 @@ async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
-        config = load_gateway_config(args.config, overrides_from_args(args))
+        config = load_gateway_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
         credentials = config.internal_tls.channel_credentials()  # read now: a bad file fails before serving
     except (ConfigError, ValueError) as exc:

@@ -1,5 +1,7 @@
-"""`dvd gateway`'s one configuration: a gateway attached to vision and language servers it did not
-start, by their gRPC addresses (on any node), and how it probes them.
+"""`dvd gateway`'s one configuration: a gateway attached to vision and language servers by their gRPC
+addresses (on any node), and how it probes them. It is also what a deployment's gateway role runs
+(`deploy/spec.py: gateway_config`): `dvd launch` and `dvd cluster` hand it to `dvd gateway --config
+FILE`, and `dvd serve` runs it in its own process over the servers it started.
 
 File layout (every key optional but `language`):
     model: PATH                    # checkpoint directory: the gateway reads only its tokenizer and chat template
@@ -16,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.config_file import ConfigError, from_dict, merged, read_mapping
 from dvd.grpc_tls import GrpcTls
 from dvd.pipeline.gateway import GatewayConfig
 from dvd.pipeline.replicas import ProbeConfig
-from dvd.deploy.serve_config import _merged as merged
 
 
 def check_address(address: str, where: str) -> None:

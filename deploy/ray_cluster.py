@@ -3,7 +3,8 @@ as Ray actors placed by resources through placement groups; features still trave
 transport between the servers, never through Ray's object store.
 
 Each actor runs its server as a child process (`python -m dvd vision|language|gateway --config
-FILE`, the file private to the actor's node) that dies with the actor (PR_SET_PDEATHSIG). Actors are
+FILE`, the file private to the actor's node; deploy/supervisor.py) that dies with the actor
+(PR_SET_PDEATHSIG). The config is the deployment spec's (deploy/spec.py), placed on the actor's node. Actors are
 detached and named (`dvd-vision-0`, ...) in the `dvd` namespace, restarted by Ray when they die
 (max_restarts=-1) on the bundle their placement group keeps for them, so a restarted server comes
 back at the same node and port, and the gateway takes it back into rotation on its next probe.
@@ -23,28 +24,32 @@ Config (YAML):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dvd.config_file import ConfigError, from_dict, read_mapping, to_dict, write_private
-from dvd.language_server.server_config import LanguageServerConfig
+from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.deploy.spec import (
+    TRANSPORT_KINDS,
+    DeploymentSpec,
+    NodeSpec,
+    RoleSpec,
+    check_servers,
+    check_settings,
+    gateway_config,
+    server_config,
+)
+from dvd.deploy.supervisor import ChildSpec, Supervisor
 from dvd.pipeline.gateway import GatewayConfig
-from dvd.deploy.gateway_config import StandaloneGatewayConfig
 from dvd.pipeline.replicas import ProbeConfig
-from dvd.deploy.serve_config import TRANSPORT_KINDS
 from dvd.transport.config import TransportConfig
-from dvd.vision_server.config import VisionServerConfig
 
 NAMESPACE = "dvd"
-_PR_SET_PDEATHSIG = 1
+_UNPLACED = "127.0.0.1"  # a server's host until its actor is placed on a node (then that node's IP)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,12 @@ class RayRole:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+
+    def spec(self, kind: str) -> RoleSpec:
+        ports = tuple(range(self.port, self.port + self.replicas))
+        transport_ports = tuple(range(self.transport_port, self.transport_port + self.replicas))
+        return RoleSpec(ports=ports, settings=self.settings, where=f"{kind}.settings",
+                        transport_ports=transport_ports if kind == "language" else ())
 
 
 @dataclass(frozen=True)
@@ -96,72 +107,64 @@ class RayClusterConfig:
         if self.transport.kind not in TRANSPORT_KINDS:
             raise ConfigError(f"transport.kind: one of {', '.join(TRANSPORT_KINDS)}, got {self.transport.kind!r}")
 
-    def server(self, kind: str, i: int, host: str, token: str | None) -> Any:
-        """The server config replica `i` runs on the node at `host`."""
-        role = self.vision if kind == "vision" else self.language
-        if kind == "vision":
-            return from_dict(VisionServerConfig, role.settings, "vision.settings", model=self.model, host=host,
-                             port=role.port + i, transport=replace(self.transport, token=token))
-        transport = replace(self.transport, host=host, port=role.transport_port + i, token=token)
-        return from_dict(LanguageServerConfig, role.settings, "language.settings",
-                         model=self.model, host=host, port=role.port + i, transport=transport)
+
+def ray_spec(config: RayClusterConfig) -> DeploymentSpec:
+    """The Ray config as a deployment spec: one node standing for wherever Ray places each actor."""
+    gateway = GatewayConfig(http_port=config.gateway.http_port, grpc_port=config.gateway.grpc_port,
+                            api_key_file=config.gateway.api_key_file, insecure=config.gateway.insecure)
+    node = NodeSpec(name="ray", address=_UNPLACED, gateway=gateway, vision=config.vision.spec("vision"),
+                    language=config.language.spec("language"))
+    return DeploymentSpec(model=config.model, nodes=(node,), transport=config.transport, probe=config.probe,
+                          token_file=config.token_file)
 
 
 def load_ray_config(path: Path) -> RayClusterConfig:
     config = from_dict(RayClusterConfig, read_mapping(path))
-    for kind in ("vision", "language"):  # every server's own config, checked before anything starts
-        for i in range((getattr(config, kind)).replicas):
-            config.server(kind, i, "127.0.0.1", None)
+    spec = ray_spec(config)  # every server's own config, checked before anything starts
+    for role in (spec.nodes[0].vision, spec.nodes[0].language):
+        assert role is not None
+        check_settings(role, "dvd cluster")
+    check_servers(spec)
     return config
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def server_child(spec: DeploymentSpec, kind: str, i: int, token: str | None, host: str) -> ChildSpec:
+    """Replica `i` of `kind` as an actor placed on the node at `host` runs it."""
+    node = replace(spec.nodes[0], address=host)
+    config = server_config(spec, node, kind, i, token)
+    return ChildSpec(f"{kind}-{config.port}", (kind,), config, address=f"{host}:{config.port}")
+
+
+def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple[str, ...], host: str) -> ChildSpec:
+    """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed."""
+    node = spec.nodes[0]
+    assert node.gateway is not None
+    node = replace(node, address=host, gateway=replace(node.gateway, host=host))
+    config = gateway_config(spec, node, vision, language)
+    return ChildSpec(f"gateway-{config.gateway.http_port}", ("gateway",), config,
+                     address=f"{host}:{config.gateway.http_port}")
 
 
 class ServerProcess:
-    """The body of every actor: one DvD server process on this actor's node."""
+    """The body of every actor: one DvD process on this actor's node, `build(node IP)` its spec."""
 
-    def __init__(self, kind: str, config: dict[str, Any], cls_name: str) -> None:
+    def __init__(self, build: Callable[[str], ChildSpec]) -> None:
         import ray
 
-        self.kind = kind
-        self.host = ray.util.get_node_ip_address()
-        classes = {"VisionServerConfig": VisionServerConfig, "LanguageServerConfig": LanguageServerConfig,
-                   "StandaloneGatewayConfig": StandaloneGatewayConfig}
-        cls = classes[cls_name]
-        if cls is StandaloneGatewayConfig:
-            built = from_dict(cls, config)
-            built = replace(built, gateway=replace(built.gateway, host=self.host))
-            self.address = f"{self.host}:{built.gateway.http_port}"
-        else:
-            built = from_dict(cls, {**config, "host": self.host, **(
-                {"transport": {**config["transport"], "host": self.host}} if kind == "language" else {})})
-            self.address = f"{self.host}:{built.port}"
+        child = build(ray.util.get_node_ip_address())
+        self.kind, self.address = child.command[0], child.address
         # One directory per role and port: a restarted actor (its predecessor killed before it could
         # clean up) replaces its predecessor's files instead of leaving them behind.
-        port = built.gateway.http_port if cls is StandaloneGatewayConfig else built.port
-        self.workdir = Path(tempfile.gettempdir()) / f"dvd-ray-{kind}-{port}"
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        self.workdir.mkdir(mode=0o700)
-        path = self.workdir / "config.yaml"
-        write_private(path, built)
-        self.process = subprocess.Popen([sys.executable, "-m", "dvd", kind, "--config", str(path)],
-                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.supervisor = Supervisor(workdir=Path(tempfile.gettempdir()) / f"dvd-ray-{child.name}",
+                                     die_with_parent=True)
+        self.child = self.supervisor.start(child)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "address": self.address, "pid": self.process.pid, "actor_pid": os.getpid(),
-                "alive": self.process.poll() is None}
+        return {"kind": self.kind, "address": self.address, "pid": self.child.pid, "actor_pid": os.getpid(),
+                "alive": self.child.returncode is None}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.supervisor.stop()
 
 
 def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
@@ -170,7 +173,8 @@ def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    actor_cls = ray.remote(ServerProcess)
+    actor_cls: Any = ray.remote(ServerProcess)  # Ray's actor class: its methods gain `.remote`
+    spec = ray_spec(config)
     described: list[dict[str, Any]] = []
     addresses: dict[str, list[str]] = {"vision": [], "language": []}
     for kind in ("vision", "language"):
@@ -179,23 +183,17 @@ def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
         group = placement_group([bundle] * role.replicas, strategy="SPREAD", name=f"dvd-{kind}", lifetime="detached")
         ray.get(group.ready(), timeout=600)
         for i in range(role.replicas):
-            server = config.server(kind, i, "127.0.0.1", token)  # host: replaced by the actor's node IP
             actor = actor_cls.options(
                 name=f"dvd-{kind}-{i}", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
                 num_cpus=0.001, num_gpus=role.num_gpus, resources=role.resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-            ).remote(kind, to_dict(server), type(server).__name__)
-            info = ray.get(actor.describe.remote(), timeout=600)
+            ).remote(partial(server_child, spec, kind, i, token))
+            info: dict[str, Any] = ray.get(actor.describe.remote(), timeout=600)
             addresses[kind].append(info["address"])
             described.append(info)
-    gateway = StandaloneGatewayConfig(
-        model=config.model, vision=tuple(addresses["vision"]), language=tuple(addresses["language"]),
-        gateway=GatewayConfig(http_port=config.gateway.http_port, grpc_port=config.gateway.grpc_port,
-                              api_key_file=config.gateway.api_key_file, insecure=config.gateway.insecure),
-        probe=config.probe)
     actor = actor_cls.options(name="dvd-gateway", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
                               num_cpus=0.001, resources=config.gateway.resources).remote(
-        "gateway", to_dict(gateway), "StandaloneGatewayConfig")
+        partial(gateway_child, spec, tuple(addresses["vision"]), tuple(addresses["language"])))
     described.append(ray.get(actor.describe.remote(), timeout=600))
     return described
 

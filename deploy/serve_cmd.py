@@ -21,161 +21,193 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-from dvd.config_file import ConfigError
+from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
+from dvd.deploy.gateway_cmd import attached_backend, model_path
+from dvd.deploy.serve_config import ServeConfig, fresh_token, load_serve_config, serve_spec
+from dvd.deploy.spec import children, gateway_config
+from dvd.deploy.supervisor import ChildSpec, Supervisor
 from dvd.malloc import reuse_freed_memory
-from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, add_key_arguments, gateway_keys
-from dvd.pipeline.backends import backend_class
+from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
+from dvd.pipeline.backends.base import Backend
+from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
-from dvd.deploy.serve_config import ServeConfig, load_serve_config, with_model
+from dvd.pipeline.replicas import Replica
 from dvd.process import configure_logging, run_process
 
 log = logging.getLogger("dvd.serve")
 MiB = 1 << 20
+READY_TIMEOUT_S = 600.0  # a child that loads a large model from a slow disk
 
-# flag dest -> (config key, conversion): a flag given on the command line overrides the file's value.
-_OVERRIDES: dict[str, tuple[str, Any]] = {
-    "model": ("model", str),
-    "coupled": ("coupled", bool),
-    "host": ("gateway.host", str),
-    "port": ("gateway.http_port", int),
-    "grpc_port": ("gateway.grpc_port", int),
-    "max_concurrency": ("gateway.max_concurrency", int),
-    "max_images": ("gateway.limits.max_images", int),
-    "max_image_bytes": ("gateway.limits.max_image_bytes", int),
-    "max_body_bytes": ("gateway.limits.max_body_bytes", int),
-    "max_prompt_chars": ("gateway.limits.max_prompt_chars", int),
-    **{dest: (key, str if dest != "insecure" else bool) for dest, key in KEY_FLAGS.items()},
-    "allow_local_files": ("gateway.limits.allow_local_files", bool),
-    "allow_remote_urls": ("gateway.limits.allow_remote_urls", bool),
-    "transport": ("transport.kind", str),
-    "vision_replicas": ("vision.replicas", int),
-    "language_replicas": ("language.replicas", int),
-    "vision_devices": ("vision.devices", lambda v: [d.strip() for d in v.split(",") if d.strip()]),
-    "vision_devices_per_replica": ("vision.devices_per_replica", int),
-    "language_device": ("language.device", str),
-    "max_batch_tiles": ("vision.max_batch_tiles", int),
-    "max_wait_ms": ("vision.max_wait_ms", float),
-    "cache_mib": ("vision.cache_bytes", lambda v: int(v * MiB)),
-    "num_blocks": ("language.engine.num_blocks", int),
-    "block_size": ("language.engine.block_size", int),
-    "max_batch_tokens": ("language.engine.max_batch_tokens", int),
-    "max_running": ("language.engine.max_running_requests", int),
-    "probe_interval": ("probe.interval_s", float),
-    "probe_timeout": ("probe.timeout_s", float),
-    "fail_threshold": ("probe.fail_threshold", int),
-    "internal_tls_cert": ("internal_tls.cert", str),
-    "internal_tls_key": ("internal_tls.key", str),
-    "cpus": ("cpus", str),
-    "vision_cpus": ("vision.cpus", str),
-    "language_cpus": ("language.cpus", str),
-}
+
+def _devices(value: str) -> list[str]:
+    return [d.strip() for d in value.split(",") if d.strip()]
+
+
+_MAIN = (
+    Flag("--model", "model", help="checkpoint directory (default: the built-in tiny checkpoint)"),
+    Flag("--coupled", "coupled", switch=True,
+         help="both halves in this process, inproc features, no pipelining (the baseline)"),
+)
+_GATEWAY = (
+    Flag("--host", "gateway.host", help="address the gateway binds (default 127.0.0.1)"),
+    Flag("--port", "gateway.http_port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)"),
+    Flag("--grpc-port", "gateway.grpc_port", type=int, help="gRPC client API port (default 50051; 0 = any free)"),
+    Flag("--max-concurrency", "gateway.max_concurrency", type=int,
+         help="requests in flight before new ones get 429 (default 64)"),
+    Flag("--max-images", "gateway.limits.max_images", type=int, help="images per request (default 8)"),
+    Flag("--max-image-bytes", "gateway.limits.max_image_bytes", type=int, help="bytes per image (default 20 MiB)"),
+    Flag("--max-body-bytes", "gateway.limits.max_body_bytes", type=int,
+         help="HTTP body (and gRPC message) bytes (default 32 MiB)"),
+    Flag("--max-prompt-chars", "gateway.limits.max_prompt_chars", type=int,
+         help="characters of text per request, refused before tokenizing (default 262144)"),
+    *KEY_FLAGS,
+    Flag("--allow-local-files", "gateway.limits.allow_local_files", switch=True,
+         help="accept image_url values naming local files"),
+    Flag("--allow-remote-urls", "gateway.limits.allow_remote_urls", switch=True, help="fetch http(s) image_url values"),
+)
+_SERVERS = (
+    Flag("--transport", "transport.kind", help="feature transport between the servers: tcp (default) or rdma"),
+    Flag("--vision-replicas", "vision.replicas", type=int, help="vision servers to start (default 1)"),
+    Flag("--language-replicas", "language.replicas", type=int, help="language servers to start (default 1)"),
+    # a shorthand for both halves: a role's own flag (--vision-devices, --language-device) wins over it
+    Flag("--device", ("vision.devices", "language.device"), convert=lambda d: ([d], d), fallback=True,
+         help="torch device for both halves (default cpu); see the next two"),
+    Flag("--vision-devices", "vision.devices", convert=_devices,
+         help="vision servers' devices, comma separated: a model replica each, or each --vision-devices-per-replica "
+              "of them"),
+    Flag("--vision-devices-per-replica", "vision.devices_per_replica", type=int,
+         help="devices each vision replica spans, its ViT layers placed over them (default 1; e.g. --vision-devices "
+              "cuda:0,cuda:1 --vision-devices-per-replica 2 for InternViT-6B)"),
+    Flag("--language-device", "language.device", help="language servers' device"),
+    Flag("--dtype", ("vision.dtype", "language.dtype"),
+         help="model dtype for both halves: float32, bfloat16, float16 (default float32 on cpu, else bfloat16)"),
+    Flag("--max-batch-tiles", "vision.max_batch_tiles", type=int,
+         help="vision: most tiles in one forward pass (default 16)"),
+    Flag("--max-wait-ms", "vision.max_wait_ms", type=float,
+         help="vision: how long a tile waits for its batch (default 5)"),
+    Flag("--cache-mib", "vision.cache_bytes", type=float, convert=lambda v: int(v * MiB),
+         help="vision: encoder cache size in MiB; 0 disables (default 1024)"),
+    Flag("--num-blocks", "language.engine.num_blocks", type=int, help="language: KV cache blocks (default 512)"),
+    Flag("--block-size", "language.engine.block_size", type=int,
+         help="language: KV cache block in tokens (default 32)"),
+    Flag("--max-batch-tokens", "language.engine.max_batch_tokens", type=int,
+         help="language: most tokens in one forward pass (default 2048)"),
+    Flag("--max-running", "language.engine.max_running_requests", type=int,
+         help="language: most requests decoding together (default 64)"),
+)
+_PLACEMENT = (
+    Flag("--cpus", "cpus", aliases=("--gateway-cpus",),
+         help="CPUs for this process: the gateway, or with --coupled the whole model (torch threads sized to match)"),
+    Flag("--vision-cpus", "vision.cpus", help="CPUs for the vision servers (torch threads sized to match)"),
+    Flag("--language-cpus", "language.cpus", help="CPUs for the language servers (torch threads sized to match)"),
+)
+_PROBES = (
+    Flag("--probe-interval", "probe.interval_s", type=float, help="seconds between probes of each server (default 2)"),
+    Flag("--probe-timeout", "probe.timeout_s", type=float,
+         help="seconds a probe may take before it fails (default 10)"),
+    Flag("--fail-threshold", "probe.fail_threshold", type=int,
+         help="failed probes in a row that take a server out (default 3)"),
+)
+_INTERNAL_TLS = (
+    Flag("--internal-tls-cert", "internal_tls.cert", metavar="PEM",
+         help="the children serve gRPC over TLS with this certificate, which the gateway trusts; it must name "
+              "127.0.0.1 (subjectAltName IP:127.0.0.1)"),
+    Flag("--internal-tls-key", "internal_tls.key", metavar="PEM", help="its private key (with --internal-tls-cert)"),
+)
+# (argument group title, its flags); None: the parser's own options
+_GROUPS: tuple[tuple[str | None, tuple[Flag, ...]], ...] = (
+    (None, _MAIN),
+    ("gateway", _GATEWAY),
+    ("servers", _SERVERS),
+    ("placement on one machine (Linux CPU lists: 0, 1, 2-3, 0,2-3)", _PLACEMENT),
+    ("health probes (a server is out of rotation after --fail-threshold in a row)", _PROBES),
+    ("TLS between the gateway and its own servers (default: plain text on loopback)", _INTERNAL_TLS),
+)
+FLAGS = tuple(flag for _, flags in _GROUPS for flag in flags)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--config", type=Path, metavar="FILE", help="YAML settings (deploy/serve.example.yaml documents every key)")
-    add("--model", help="checkpoint directory (default: the built-in tiny checkpoint)")
-    add("--coupled", action="store_true", default=None,
-        help="both halves in this process, inproc features, no pipelining (the baseline)")
-    group = parser.add_argument_group("gateway")
-    group.add_argument("--host", help="address the gateway binds (default 127.0.0.1)")
-    group.add_argument("--port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)")
-    group.add_argument("--grpc-port", type=int, help="gRPC client API port (default 50051; 0 = any free)")
-    group.add_argument("--max-concurrency", type=int, help="requests in flight before new ones get 429 (default 64)")
-    group.add_argument("--max-images", type=int, help="images per request (default 8)")
-    group.add_argument("--max-image-bytes", type=int, help="bytes per image (default 20 MiB)")
-    group.add_argument("--max-body-bytes", type=int, help="HTTP body (and gRPC message) bytes (default 32 MiB)")
-    group.add_argument("--max-prompt-chars", type=int,
-                       help="characters of text per request, refused before tokenizing (default 262144)")
-    add_key_arguments(group)
-    group.add_argument("--allow-local-files", action="store_true", default=None,
-                       help="accept image_url values naming local files")
-    group.add_argument("--allow-remote-urls", action="store_true", default=None, help="fetch http(s) image_url values")
-    group = parser.add_argument_group("servers")
-    group.add_argument("--transport", help="feature transport between the servers: tcp (default) or rdma")
-    group.add_argument("--vision-replicas", type=int, help="vision servers to start (default 1)")
-    group.add_argument("--language-replicas", type=int, help="language servers to start (default 1)")
-    group.add_argument("--device", help="torch device for both halves (default cpu); see the next two")
-    group.add_argument("--vision-devices", help="vision servers' devices, comma separated: a model replica each, "
-                                              "or each --vision-devices-per-replica of them")
-    group.add_argument("--vision-devices-per-replica", type=int,
-                       help="devices each vision replica spans, its ViT layers placed over them (default 1; "
-                            "e.g. --vision-devices cuda:0,cuda:1 --vision-devices-per-replica 2 for InternViT-6B)")
-    group.add_argument("--language-device", help="language servers' device")
-    group.add_argument("--dtype", help="model dtype for both halves: float32, bfloat16, float16 "
-                                       "(default float32 on cpu, else bfloat16)")
-    group.add_argument("--max-batch-tiles", type=int, help="vision: most tiles in one forward pass (default 16)")
-    group.add_argument("--max-wait-ms", type=float, help="vision: how long a tile waits for its batch (default 5)")
-    group.add_argument("--cache-mib", type=float, help="vision: encoder cache size in MiB; 0 disables (default 1024)")
-    group.add_argument("--num-blocks", type=int, help="language: KV cache blocks (default 512)")
-    group.add_argument("--block-size", type=int, help="language: KV cache block in tokens (default 32)")
-    group.add_argument("--max-batch-tokens", type=int, help="language: most tokens in one forward pass (default 2048)")
-    group.add_argument("--max-running", type=int, help="language: most requests decoding together (default 64)")
-    group = parser.add_argument_group("placement on one machine (Linux CPU lists: 0, 1, 2-3, 0,2-3)")
-    group.add_argument("--cpus", "--gateway-cpus", dest="cpus",
-                       help="CPUs for this process: the gateway, or with --coupled the whole model (torch threads "
-                            "sized to match)")
-    group.add_argument("--vision-cpus", help="CPUs for the vision servers (torch threads sized to match)")
-    group.add_argument("--language-cpus", help="CPUs for the language servers (torch threads sized to match)")
-    group = parser.add_argument_group("health probes (a server is out of rotation after --fail-threshold in a row)")
-    group.add_argument("--probe-interval", type=float, help="seconds between probes of each server (default 2)")
-    group.add_argument("--probe-timeout", type=float, help="seconds a probe may take before it fails (default 10)")
-    group.add_argument("--fail-threshold", type=int, help="failed probes in a row that take a server out (default 3)")
-    group = parser.add_argument_group("TLS between the gateway and its own servers (default: plain text on loopback)")
-    group.add_argument("--internal-tls-cert", metavar="PEM",
-                       help="the children serve gRPC over TLS with this certificate, which the gateway trusts; it "
-                            "must name 127.0.0.1 (subjectAltName IP:127.0.0.1)")
-    group.add_argument("--internal-tls-key", metavar="PEM", help="its private key (with --internal-tls-cert)")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="YAML settings (deploy/serve.example.yaml documents every key)")
+    for title, flags in _GROUPS:
+        add_flags(parser if title is None else parser.add_argument_group(title), flags)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Dotted config keys for the flags given on the command line."""
-    out = {key: convert(getattr(args, dest)) for dest, (key, convert) in _OVERRIDES.items()
-           if getattr(args, dest) is not None}
-    if args.device is not None:  # both halves, unless a role's own flag says otherwise
-        out.setdefault("vision.devices", [args.device])
-        out.setdefault("language.device", args.device)
-    if args.dtype is not None:
-        out["vision.dtype"] = out["language.dtype"] = args.dtype
-    return out
-
-
-def _model_path(config: ServeConfig) -> Path:
-    if config.model is not None:
-        return config.model
-    from dvd.checkpoint_cache import ensure_checkpoint
-
-    path = ensure_checkpoint("tiny")
-    log.warning("no model given: serving the built-in tiny checkpoint at %s; its weights are random, "
-                "so answers are gibberish", path)
-    return path
-
-
 async def _serve(config: ServeConfig, keys: ApiKeys) -> int:
-    config = with_model(config, _model_path(config))
-    backend = backend_class("coupled" if config.coupled else "disaggregated").from_serve_config(config)
+    model = model_path(config.model, "no model given: serving the built-in tiny checkpoint at %s; its weights are "
+                                     "random, so answers are gibberish", log)
+    if config.coupled:
+        return await _serve_coupled(config, model, keys)
+    return await _serve_disaggregated(config, model, keys)
 
+
+async def _serve_coupled(config: ServeConfig, model: Path, keys: ApiKeys) -> int:
+    from dvd.pipeline.backends.coupled import CoupledBackend  # torch: imported only when the model runs here
+
+    assert config.language is not None
+    backend = CoupledBackend(model, device=config.language.device, dtype=config.language.torch_dtype)
+    return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model))
+
+
+async def _serve_disaggregated(config: ServeConfig, model: Path, keys: ApiKeys) -> int:
+    """The servers as supervised children on loopback, and a gateway here attached to them by address."""
+    spec = serve_spec(config, model)
+    node = spec.nodes[0]
+    backend = attached_backend(gateway_config(spec, node), model, spec.internal_tls.channel_credentials())
+    backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
+                    f"{config.transport.kind} features)")
+    supervisor = Supervisor(prefix="dvd-serve-")  # 0700: the child configs hold the fresh token
+    watching: asyncio.Task | None = None
+    try:
+        replicas = _start_children(supervisor, children(spec, node, ["vision", "language"], fresh_token()), backend)
+        pin_process(config.cpus, "gateway", torch_threads=False)  # after the children started: they do not inherit it
+        # a child that exits leaves the rotation at once, its calls failing with why
+        watching = asyncio.create_task(supervisor.watch(lambda child: replicas[child.name].exited(child.returncode)))
+
+        async def every_child_answers() -> None:
+            await supervisor.wait_ready(lambda child: replicas[child.name].check(timeout_s=2.0), READY_TIMEOUT_S)
+
+        return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model),
+                                 every_child_answers)
+    finally:
+        if watching is not None:
+            watching.cancel()
+        await supervisor.aclose()
+
+
+def _start_children(supervisor: Supervisor, specs: list[ChildSpec],
+                    backend: DisaggregatedBackend) -> dict[str, Replica]:
+    """Start each server; the roster's replica for it learns its pid. Returns child name -> replica."""
+    replicas: dict[str, Replica] = {}
+    for spec in specs:
+        kind = spec.command[0]
+        child = supervisor.start(spec)
+        log.info("started %s server (pid %d) on %s", kind, child.pid, spec.address)
+        replica = (backend.vision if kind == "vision" else backend.language).by_address(spec.address)
+        replica.pid = child.pid
+        replicas[spec.name] = replica
+    return replicas
+
+
+def _describe(backend: Backend, model: Path) -> Callable[[], Awaitable[str]]:
     async def describe() -> str:
-        return f"{backend.mode}; model {backend.model_name} ({config.model})"
+        return f"{backend.mode}; model {backend.model_name} ({model})"
 
-    def backend_started() -> None:
-        if not config.coupled:  # after the children started, so they do not inherit the gateway's CPUs
-            pin_process(config.cpus, "gateway", torch_threads=False)
-
-    return await run_gateway("dvd serve", config.gateway, backend, keys, describe, backend_started)
+    return describe
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
-        config = load_serve_config(args.config, overrides_from_args(args))
+        config = load_serve_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
         config.internal_tls.server_credentials()  # read now: a bad certificate fails before any child starts
         config.internal_tls.channel_credentials()

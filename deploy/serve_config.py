@@ -2,9 +2,11 @@
 
 Built once in the parent from an optional YAML file (`--config`, documented in
 `deploy/serve.example.yaml`) and the flags users change most, validated there, so a typo fails
-before any child starts, naming the key and what it allows. Each child then gets its own complete
-`VisionServerConfig` / `LanguageServerConfig` as a private file (`dvd vision --config FILE`): the
-same dataclasses the servers run with, so what the parent validated is what the children use.
+before any child starts, naming the key and what it allows. `serve_spec` translates it into the
+deployment spec (deploy/spec.py: one node on loopback, its gateway in this process), from which each
+child gets its own complete `VisionServerConfig` / `LanguageServerConfig` as a private file (`dvd
+vision --config FILE`): the same dataclasses the servers run with, so what the parent validated is
+what the children use.
 
 File layout (every key optional):
     model: PATH                 # checkpoint directory (default: the built-in tiny checkpoint)
@@ -28,8 +30,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.config_file import ConfigError, from_dict, merged, read_mapping, to_dict
 from dvd.cpus import check_cpu_list
+from dvd.deploy.spec import (
+    PLACED,
+    TRANSPORT_KINDS,
+    DeploymentSpec,
+    NodeSpec,
+    RoleSpec,
+    check_settings,
+    free_port,
+    server_config,
+)
 from dvd.grpc_tls import GrpcTls
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.pipeline.gateway import GatewayConfig
@@ -38,9 +50,7 @@ from dvd.transport.config import TransportConfig
 from dvd.vision_server.config import VisionServerConfig
 
 TOP_KEYS = ("model", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus", "internal_tls")
-# Set by `dvd serve` for each child, not by the file: the model, where it listens, the shared transport.
-_CHILD_FIXED = ("model", "host", "port", "transport")
-TRANSPORT_KINDS = ("tcp", "rdma")  # what `dvd serve` can start between its own children
+LOOPBACK = "127.0.0.1"  # where dvd serve's servers listen: only its own gateway dials them
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,8 @@ class ServeConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     vision_replicas: int = 1
     language_replicas: int = 1
-    vision: VisionServerConfig | None = None  # built with the model path once it is known
+    # What every replica runs but where it listens (placed per server from the spec; the model path too)
+    vision: VisionServerConfig | None = None
     language: LanguageServerConfig | None = None
     cpus: str = ""  # this process's CPUs: the gateway's, or the whole model's with coupled; "" = any
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # how the gateway decides a server is down
@@ -66,49 +77,50 @@ class ServeConfig:
             check_cpu_list(self.cpus)
         except ValueError as exc:
             raise ConfigError(f"cpus: {exc}") from None
-        for name in ("vision_replicas", "language_replicas"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '.')}: must be at least 1, got {getattr(self, name)}")
         if self.transport.kind not in TRANSPORT_KINDS:
             raise ConfigError(f"transport.kind: must be one of {', '.join(TRANSPORT_KINDS)} "
                               f"(what dvd serve can run between its servers), got {self.transport.kind!r}")
 
-    def vision_child(self, port: int, token: str) -> VisionServerConfig:
-        assert self.vision is not None
-        return replace(self.vision, host="127.0.0.1", port=port, transport=replace(self.transport, token=token),
-                       grpc_tls=self.internal_tls if self.internal_tls.enabled else self.vision.grpc_tls)
 
-    def language_child(self, port: int, token: str) -> LanguageServerConfig:
-        assert self.language is not None
-        transport = replace(self.transport, host="127.0.0.1", port=0, token=token)
-        return replace(self.language, host="127.0.0.1", port=port, transport=transport,
-                       grpc_tls=self.internal_tls if self.internal_tls.enabled else self.language.grpc_tls)
+def serve_spec(config: ServeConfig, model: Path) -> DeploymentSpec:
+    """`config` as a deployment: one node on loopback, its servers on free ports, its gateway here."""
+    assert config.vision is not None and config.language is not None
+    return _spec(config, model, RoleSpec(tuple(free_port() for _ in range(config.vision_replicas)),
+                                         _settings(config.vision), where="vision"),
+                 RoleSpec(tuple(free_port() for _ in range(config.language_replicas)),
+                          _settings(config.language), where="language"))
 
 
-def _role(section: Any, where: str) -> tuple[int, dict[str, Any]]:
+def _spec(config: ServeConfig, model: Path, vision: RoleSpec, language: RoleSpec) -> DeploymentSpec:
+    node = NodeSpec(name="local", address=LOOPBACK, gateway=config.gateway, vision=vision, language=language)
+    return DeploymentSpec(model=model, nodes=(node,), transport=config.transport, internal_tls=config.internal_tls,
+                          probe=config.probe)
+
+
+def _settings(server: Any) -> dict[str, Any]:
+    """A validated server config's own settings: every field but those the spec places."""
+    return {key: value for key, value in to_dict(server).items() if key not in PLACED}
+
+
+def _role(section: Any, where: str) -> RoleSpec:
+    """A `vision:` / `language:` section: `replicas` plus the server config's fields."""
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(section).__name__}")
     section = dict(section)
     replicas = section.pop("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool):
         raise ConfigError(f"{where}.replicas: expected int, got {type(replicas).__name__} {replicas!r}")
+    if replicas < 1:
+        raise ConfigError(f"{where}.replicas: must be at least 1, got {replicas}")
     if isinstance(section.get("cpus"), int) and not isinstance(section["cpus"], bool):
         section["cpus"] = str(section["cpus"])  # `cpus: 1` in YAML
-    for key in _CHILD_FIXED:
-        if key in section:
-            raise ConfigError(f"{where}.{key}: set by dvd serve for each server it starts"
-                              + ("; use the top-level transport section" if key == "transport" else ""))
-    return replicas, section
+    role = RoleSpec(ports=(0,) * replicas, settings=section, where=where)
+    check_settings(role, "dvd serve")
+    return role
 
 
-def _fixed(model: Path) -> dict[str, Any]:
-    """Placeholders for what `vision_child` / `language_child` set per server."""
-    return {"model": model, "host": "127.0.0.1", "port": 0, "transport": TransportConfig()}
-
-
-def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> ServeConfig:
-    """From a file's mapping and flag overrides (dotted keys, e.g. "language.engine.num_blocks")."""
-    data = _merged(data, overrides)
+def _top(data: dict[str, Any]) -> dict[str, Any]:
+    """The top-level scalars, checked."""
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key; allowed at the top: {', '.join(TOP_KEYS)}")
@@ -123,40 +135,24 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
         cpus = str(cpus)  # `cpus: 0` in YAML
     if not isinstance(cpus, str):
         raise ConfigError(f"cpus: expected a CPU list such as '0' or '2-3', got {type(cpus).__name__} {cpus!r}")
-    transport = from_dict(TransportConfig, data.get("transport", {}), "transport", token=None)
-    gateway = from_dict(GatewayConfig, data.get("gateway", {}), "gateway")
-    probe = from_dict(ProbeConfig, data.get("probe", {}), "probe")
-    internal_tls = from_dict(GrpcTls, data.get("internal_tls", {}), "internal_tls")
-    vision_replicas, vision = _role(data.get("vision", {}), "vision")
-    language_replicas, language = _role(data.get("language", {}), "language")
-    path = Path(model) if model else Path(".")  # a placeholder until the tiny checkpoint's path is known
-    return ServeConfig(
-        model=Path(model) if model else None, coupled=coupled, gateway=gateway, transport=transport, cpus=cpus,
-        probe=probe, internal_tls=internal_tls,
-        vision_replicas=vision_replicas, language_replicas=language_replicas,
-        vision=from_dict(VisionServerConfig, vision, "vision", **_fixed(path)),
-        language=from_dict(LanguageServerConfig, language, "language", **_fixed(path)),
-    )
+    return {"model": Path(model) if model else None, "coupled": coupled, "cpus": cpus}
 
 
-def with_model(config: ServeConfig, model: Path) -> ServeConfig:
-    """The config with its model path filled in (after the tiny checkpoint was made, if none was given)."""
-    assert config.vision is not None and config.language is not None
-    return replace(config, model=model, vision=replace(config.vision, model=model),
-                   language=replace(config.language, model=model))
-
-
-def _merged(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for dotted, value in overrides.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            child = node.get(key)
-            node[key] = dict(child) if isinstance(child, dict) else {}
-            node = node[key]
-        node[leaf] = value
-    return out
+def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> ServeConfig:
+    """From a file's mapping and flag overrides (dotted keys, e.g. "language.engine.num_blocks")."""
+    data = merged(data, overrides)
+    config = ServeConfig(
+        **_top(data), gateway=from_dict(GatewayConfig, data.get("gateway", {}), "gateway"),
+        transport=from_dict(TransportConfig, data.get("transport", {}), "transport", token=None),
+        probe=from_dict(ProbeConfig, data.get("probe", {}), "probe"),
+        internal_tls=from_dict(GrpcTls, data.get("internal_tls", {}), "internal_tls"))
+    vision, language = _role(data.get("vision", {}), "vision"), _role(data.get("language", {}), "language")
+    # Each server's config built once now, as the spec builds it, so a bad setting fails before anything starts.
+    spec = _spec(config, config.model or Path("."), vision, language)  # "." until the tiny checkpoint is made
+    node = spec.nodes[0]
+    return replace(config, vision_replicas=vision.replicas, language_replicas=language.replicas,
+                   vision=server_config(spec, node, "vision", 0, None),
+                   language=server_config(spec, node, "language", 0, None))
 
 
 def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
@@ -166,5 +162,3 @@ def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConf
 def fresh_token() -> str:
     """A new shared transport token for the servers one `dvd serve` starts."""
     return secrets.token_hex(16)
-
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +36,7 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
             return None
         options = [a for a in args if a is not type(None)]
         return _convert(value, options[0], where) if len(options) == 1 else value
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         return from_dict(kind, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -96,6 +97,74 @@ def read_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys to values at the top")
     return data
+
+
+def merged(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A file's mapping with dotted-key overrides ("language.engine.num_blocks": 77) set into it; the
+    file's own mapping is left as it was."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            node[key] = dict(child) if isinstance(child, dict) else {}
+            node = node[key]
+        node[leaf] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets config keys: declared once, it both adds the argument
+    (`add_flags`) and turns its parsed value into dotted overrides (`flag_overrides`). A flag not
+    given leaves the file's value; one given wins over it."""
+
+    name: str  # "--max-batch-tiles"
+    key: str | tuple[str, ...]  # the dotted config key; or several, set alike unless `convert` returns one each
+    help: str
+    type: Callable[[str], Any] | None = None  # argparse's parsing of the text (None: the text)
+    convert: Callable[[Any], Any] | None = None  # parsed value -> config value(s); None: as parsed
+    switch: bool = False  # `--flag` alone means true
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+    fallback: bool = False  # a shorthand: sets its keys only where no other flag given did
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    def values(self, value: Any) -> dict[str, Any]:
+        """The dotted keys this flag sets for its parsed `value`."""
+        converted = self.convert(value) if self.convert is not None else value
+        if isinstance(self.key, str):
+            return {self.key: converted}
+        each = converted if self.convert is not None else (converted,) * len(self.key)
+        return dict(zip(self.key, each, strict=True))
+
+
+def add_flags(parser: Any, flags: Sequence[Flag]) -> None:
+    """Add `flags` to an argparse parser or argument group; each defaults to None (not given)."""
+    for flag in flags:
+        options: dict[str, Any] = {"dest": flag.dest, "default": None, "help": flag.help}
+        if flag.switch:
+            options["action"] = "store_true"
+        else:
+            options.update(type=flag.type, metavar=flag.metavar)
+        parser.add_argument(flag.name, *flag.aliases, **options)
+
+
+def flag_overrides(args: Any, flags: Sequence[Flag]) -> dict[str, Any]:
+    """Dotted config keys for the `flags` given on the command line (see `Flag`)."""
+    out: dict[str, Any] = {}
+    given = [f for f in flags if getattr(args, f.dest) is not None]
+    for flag in sorted(given, key=lambda f: f.fallback):  # shorthands last: they only fill gaps
+        for key, value in flag.values(getattr(args, flag.dest)).items():
+            if flag.fallback:
+                out.setdefault(key, value)
+            else:
+                out[key] = value
+    return out
 
 
 def config_or_flags(cls: type[T], args: Any, parser: Any, keep: tuple[str, ...] = ()) -> T:

@@ -18,22 +18,31 @@ log = logging.getLogger(__name__)
 _PART = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
+class CpuListError(ValueError):
+    """A CPU list that breaks the rules; `why` says which, without the list itself."""
+
+    def __init__(self, text: str, why: str) -> None:
+        super().__init__(f"cpus {text!r}: {why}")
+        self.why = why
+
+
 def parse_cpu_list(text: str) -> tuple[int, ...]:
-    """`"0,2-3"` -> (0, 2, 3); "" -> () (no pinning). Raises ValueError naming what was wrong."""
+    """`"0,2-3"` -> (0, 2, 3); "" -> () (no pinning). The one parser of CPU lists: raises CpuListError
+    (a ValueError) naming what was wrong."""
     if not isinstance(text, str):
         raise ValueError(f"cpus: expected a CPU list string such as '0' or '2-3', got {type(text).__name__}")
     cpus: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         if not part:
             if text.strip():
-                raise ValueError(f"cpus {text!r}: empty item in the list")
+                raise CpuListError(text, "empty item in the list")
             continue
         match = _PART.match(part)
         if not match:
-            raise ValueError(f"cpus {text!r}: {part!r} is not a CPU number or range (Linux CPU list: 0, 1, 2-3)")
+            raise CpuListError(text, f"{part!r} is not a CPU number or range (Linux CPU list: 0, 1, 2-3)")
         low, high = int(match.group(1)), int(match.group(2) or match.group(1))
         if high < low:
-            raise ValueError(f"cpus {text!r}: range {part!r} runs backwards")
+            raise CpuListError(text, f"range {part!r} runs backwards")
         cpus.update(range(low, high + 1))
     return tuple(sorted(cpus))
 

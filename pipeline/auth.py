@@ -20,12 +20,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dvd.pipeline.gateway import GatewayConfig
 
-from dvd.config_file import ConfigError
+from dvd.config_file import ConfigError, Flag
 from dvd.errors import UnauthenticatedError
 
 ENV_VAR = "DVD_API_KEY"
@@ -107,19 +107,16 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-# flag dest -> gateway config key, for the commands that run a gateway (dvd serve, dvd gateway)
-KEY_FLAGS = {"api_key_file": "gateway.api_key_file", "insecure": "gateway.insecure", "tls_cert": "gateway.tls_cert",
-             "tls_key": "gateway.tls_key"}
-
-
-def add_key_arguments(group: Any) -> None:
-    group.add_argument("--api-key-file", metavar="PATH",
-                       help="API keys, one a line: clients must send 'Authorization: Bearer KEY' (HTTP) or "
-                            "metadata authorization (gRPC); the env variable DVD_API_KEY adds one more")
-    group.add_argument("--insecure", action="store_true", default=None,
-                       help="allow --host beyond loopback with no API key (anyone who can reach it may use it)")
-    group.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve HTTPS and gRPC over TLS")
-    group.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (with --tls-cert)")
+# The flags of every command that runs a gateway (dvd serve, dvd gateway): its API keys and TLS.
+KEY_FLAGS = (
+    Flag("--api-key-file", "gateway.api_key_file", metavar="PATH",
+         help="API keys, one a line: clients must send 'Authorization: Bearer KEY' (HTTP) or "
+              "metadata authorization (gRPC); the env variable DVD_API_KEY adds one more"),
+    Flag("--insecure", "gateway.insecure", switch=True,
+         help="allow --host beyond loopback with no API key (anyone who can reach it may use it)"),
+    Flag("--tls-cert", "gateway.tls_cert", metavar="PEM", help="certificate chain: serve HTTPS and gRPC over TLS"),
+    Flag("--tls-key", "gateway.tls_key", metavar="PEM", help="the certificate's private key (with --tls-cert)"),
+)
 
 
 def gateway_keys(gateway: GatewayConfig) -> ApiKeys:

@@ -100,13 +100,15 @@ class Gateway:
 
 async def run_gateway(command: str, config: GatewayConfig, backend: Backend, keys: ApiKeys,
                       describe: Callable[[], Awaitable[str]],
-                      backend_started: Callable[[], None] = lambda: None) -> int:
-    """What `dvd serve` and `dvd gateway` do once configured: start the backend, then the APIs; print
-    where they listen and `COMMAND: ready`; serve until SIGINT/SIGTERM; stop both."""
+                      backend_started: Callable[[], Awaitable[None]] | None = None) -> int:
+    """What `dvd serve` and `dvd gateway` do once configured: start the backend (then await
+    `backend_started`, e.g. until servers it waits for answer), then the APIs; print where they listen
+    and `COMMAND: ready`; serve until SIGINT/SIGTERM; stop both."""
     gateway = Gateway(config, backend, keys)
     try:
         await backend.start()
-        backend_started()
+        if backend_started is not None:
+            await backend_started()
         await gateway.start()
         print(f"{command}: {await describe()}", flush=True)
         tls = " (TLS)" if gateway.tls else ""

@@ -1,6 +1,6 @@
-"""Vision and language replicas as the gateway sees them: started as local processes, or servers on
-any node given by address (`dvd gateway`); probed (ProbeConfig), in or out of rotation by their
-answers, and picked by least outstanding work.
+"""Vision and language replicas as the gateway sees them: servers given by address, on this node or
+any other (the gateway starts none: `dvd serve` and `dvd launch` start them, deploy/); probed
+(ProbeConfig), in or out of rotation by their answers, and picked by least outstanding work.
 
 Membership is the list of addresses the gateway is given (flags, or the cluster config): a server
 listed there but not running yet is "out" until it answers its first probe, then joins the
@@ -12,19 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from dvd.config_file import write_private
 from dvd.errors import UnavailableError
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 
@@ -72,13 +66,14 @@ class Work:
 class Replica:
     kind: str  # "vision" or "language"
     address: str  # gRPC host:port
-    process: subprocess.Popen | None = None
+    pid: int | None = None  # the server's process, where the deployment that started it says (dvd serve)
+    exit_code: int | None = None  # set by that deployment when the process exited: out for good
     transport_address: str = ""  # language replicas: where features are pushed
     healthy: bool = False  # in rotation
     num_outstanding: int = 0
     counters: dict[str, float] = field(default_factory=dict)
     channel: grpc.aio.Channel | None = None
-    stub: object = None
+    stub: Any = None  # the kind's generated gRPC stub, once connected
     consecutive_failures: int = 0
     state: str = "not probed yet"  # why it is in or out of rotation, for /v1/instances and logs
     last_probe_ms: float = 0.0
@@ -93,13 +88,21 @@ class Replica:
             self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = STUBS[self.kind](self.channel)
 
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    def exited(self, code: int | None) -> None:
+        """The server's process exited (its deployment saw it): out of rotation now, not at the next probes,
+        and the calls it held fail at once."""
+        if self.healthy:
+            log.error("%s server %s (pid %s) exited with code %s", self.kind, self.address, self.pid, code)
+        self.exit_code = code
+        self._out(f"process exited with code {code}")
+
     async def check(self, timeout_s: float = 5.0, fail_threshold: int = 1) -> bool:
         """One probe; updates whether the replica is in rotation (see ProbeConfig)."""
-        if self.process is not None and self.process.poll() is not None:  # also reaps the exited child
-            if self.healthy:
-                log.error("%s server %s (pid %d) exited with code %s", self.kind, self.address, self.process.pid,
-                          self.process.returncode)
-            self._out(f"process exited with code {self.process.returncode}")
+        if self.exit_code is not None:
             return False
         t0 = time.perf_counter()
         try:
@@ -178,8 +181,8 @@ class Replica:
                                "counters": self.counters}
         if self.kind == "language":
             out["transport_address"] = self.transport_address
-        if self.process is not None:
-            out["pid"] = self.process.pid
+        if self.pid is not None:
+            out["pid"] = self.pid
         return out
 
 
@@ -196,65 +199,17 @@ class ReplicaPool:
             raise UnavailableError(f"no healthy {self.kind} replica ({len(self.replicas)} configured)")
         return min(candidates, key=lambda r: r.num_outstanding)
 
+    def by_address(self, address: str) -> Replica:
+        for replica in self.replicas:
+            if replica.address == address:
+                return replica
+        raise KeyError(f"no {self.kind} replica at {address}")
+
     async def check_all(self, probe: ProbeConfig | None = None) -> None:
         probe = probe or ProbeConfig()
         await asyncio.gather(*(r.check(probe.timeout_s, probe.fail_threshold) for r in self.replicas))
 
 
 def attached(kind: str, addresses: Sequence[str], credentials: grpc.ChannelCredentials | None = None) -> ReplicaPool:
-    """A pool of servers this process did not start, by their gRPC addresses (over TLS with `credentials`)."""
+    """A pool of servers by their gRPC addresses (over TLS with `credentials`)."""
     return ReplicaPool(kind, [Replica(kind=kind, address=a, credentials=credentials) for a in addresses])
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def start_server(kind: str, config: Any, workdir: Path) -> Replica:
-    """Start `dvd vision` or `dvd language` as a child process running exactly `config` (its port
-    included), handed over as a private file in `workdir`, so the shared token never shows in argv."""
-    path = workdir / f"{kind}-{config.port}.yaml"
-    write_private(path, config)
-    args = [sys.executable, "-m", "dvd", kind, "--config", str(path)]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-    log.info("started %s server (pid %d) on %s:%d", kind, process.pid, config.host, config.port)
-    return Replica(kind=kind, address=f"{config.host}:{config.port}", process=process)
-
-
-async def wait_ready(replicas: Sequence[Replica], timeout_s: float) -> None:
-    """Wait until every replica answers SERVING; a child that exits first is an error naming it."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(replicas)
-    while pending:
-        for replica in list(pending):
-            if replica.process is not None and replica.process.poll() is not None:
-                raise UnavailableError(f"{replica.kind} server {replica.address} exited with code "
-                                       f"{replica.process.returncode} while starting")
-            if await replica.check(timeout_s=2.0):
-                pending.remove(replica)
-        if pending:
-            if time.monotonic() > deadline:
-                names = ", ".join(f"{r.kind} {r.address}" for r in pending)
-                raise UnavailableError(f"not ready after {timeout_s:.0f}s: {names}")
-            await asyncio.sleep(0.2)  # servers start in seconds; nothing else to wait on across processes
-
-
-async def stop_servers(replicas: Sequence[Replica], grace_s: float = 30.0) -> None:
-    """SIGTERM every child (they finish or fail in-flight work), then SIGKILL what is left."""
-    for replica in replicas:
-        if replica.channel is not None:
-            await replica.channel.close()
-        if replica.process is not None and replica.process.poll() is None:
-            replica.process.send_signal(signal.SIGTERM)
-    for replica in replicas:
-        if replica.process is None:
-            continue
-        try:
-            await asyncio.to_thread(replica.process.wait, grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("%s server pid %d did not stop in %.0fs; killing it", replica.kind, replica.process.pid,
-                        grace_s)
-            replica.process.kill()
-            await asyncio.to_thread(replica.process.wait)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, GenerationEvent
-
-if TYPE_CHECKING:
-    from dvd.deploy.serve_config import ServeConfig
 
 
 class Backend(abc.ABC):
@@ -19,11 +16,6 @@ class Backend(abc.ABC):
     chat: ChatFormat
     model_name: str
     mode: str  # one line for the start-up banner
-
-    @classmethod
-    @abc.abstractmethod
-    def from_serve_config(cls, config: ServeConfig) -> Backend:
-        """The backend `dvd serve` runs for `config` (validated, its model path filled in)."""
 
     @abc.abstractmethod
     async def start(self) -> None:

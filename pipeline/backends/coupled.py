@@ -17,7 +17,6 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.errors import DvdError
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.local import LocalPipeline
-from dvd.deploy.serve_config import ServeConfig
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 
@@ -53,11 +52,6 @@ class CoupledBackend(Backend):
         self.num_running = 0
 
     mode = "coupled (both halves in the gateway, inproc, no pipelining)"
-
-    @classmethod
-    def from_serve_config(cls, config: ServeConfig) -> CoupledBackend:
-        assert config.model is not None and config.language is not None
-        return cls(config.model, device=config.language.device, dtype=config.language.torch_dtype)
 
     @property
     def chat(self) -> ChatFormat:

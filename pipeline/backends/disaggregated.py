@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,16 +18,7 @@ import grpc
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import ReplicaBusyError, UnavailableError, from_rpc_error
 from dvd.pipeline.backends.base import Backend
-from dvd.pipeline.replicas import (
-    ProbeConfig,
-    Replica,
-    ReplicaPool,
-    free_port,
-    start_server,
-    stop_servers,
-    wait_ready,
-)
-from dvd.deploy.serve_config import ServeConfig, fresh_token
+from dvd.pipeline.replicas import ProbeConfig, Replica, ReplicaPool
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
 from dvd.v1 import language_pb2, vision_pb2
@@ -42,56 +31,28 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 class DisaggregatedBackend(Backend):
     def __init__(self, model: str | Path, vision: ReplicaPool, language: ReplicaPool,
-                 owned: list[Replica] | None = None, ready_timeout_s: float = 600.0,
                  probe: ProbeConfig | None = None) -> None:
-        """`owned`: servers this backend started (it waits for them and stops them); with none, the
-        pools are servers elsewhere that join and leave the rotation as their probes say."""
+        """Vision and language servers by address, started by someone else (deploy/) or not yet: each
+        joins and leaves the rotation as its probes say. `model`: its tokenizer and chat template."""
         self.model_path = Path(model)
         self.model_name = self.model_path.name
         self.vision, self.language = vision, language
-        self.owned = owned or []
-        self.ready_timeout_s = ready_timeout_s
         self.probe = probe or ProbeConfig()  # a busy server is not a failed one: 3 misses in a row
         self.chat = ChatFormat(open_checkpoint(self.model_path))
         self._health_task: asyncio.Task | None = None
         self.num_encode_retries = 0
         self.num_busy_retries = 0  # calls sent to another replica because one was at its in-flight limit
-        self.workdir: Path | None = None  # the child configs of servers this backend started
         self.mode = f"disaggregated ({len(vision.replicas)} vision, {len(language.replicas)} language)"
 
-    @classmethod
-    def from_serve_config(cls, config: ServeConfig) -> DisaggregatedBackend:
-        """Vision and language servers as child processes on this machine, each running its part of
-        `config` (validated already), sharing a fresh transport token."""
-        assert config.model is not None
-        token = fresh_token()
-        workdir = Path(tempfile.mkdtemp(prefix="dvd-serve-"))  # 0700: the child configs hold the token
-        vision = [start_server("vision", config.vision_child(free_port(), token), workdir)
-                  for _ in range(config.vision_replicas)]
-        language = [start_server("language", config.language_child(free_port(), token), workdir)
-                    for _ in range(config.language_replicas)]
-        credentials = config.internal_tls.channel_credentials()
-        for replica in vision + language:
-            replica.credentials = credentials  # the children serve TLS with config.internal_tls (vision_child)
-        backend = cls(config.model, ReplicaPool("vision", vision), ReplicaPool("language", language),
-                      owned=vision + language, probe=config.probe)
-        backend.workdir = workdir
-        backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
-                        f"{config.transport.kind} features)")
-        return backend
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.vision.replicas + self.language.replicas
 
     async def start(self) -> None:
-        replicas = self.vision.replicas + self.language.replicas
-        for replica in replicas:
+        """Connect and probe every server once: serve with whichever answer, the rest join when they do."""
+        for replica in self.replicas:
             replica.connect()
-        if self.owned:
-            try:
-                await wait_ready(replicas, self.ready_timeout_s)
-            except BaseException:
-                await stop_servers(self.owned)
-                raise
-        else:  # servers on other nodes: serve with whichever answer; the rest join when they do
-            await asyncio.gather(self.vision.check_all(self.probe), self.language.check_all(self.probe))
+        await asyncio.gather(self.vision.check_all(self.probe), self.language.check_all(self.probe))
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def _health_loop(self) -> None:
@@ -105,9 +66,7 @@ class DisaggregatedBackend(Backend):
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        await stop_servers(self.owned)
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        await asyncio.gather(*(replica.close() for replica in self.replicas))
 
     async def health(self) -> tuple[bool, str]:
         num_vision = sum(r.healthy for r in self.vision.replicas)

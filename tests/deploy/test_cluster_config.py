@@ -1,18 +1,20 @@
 """The cluster config (deploy/cluster_config.py): the examples in deploy/ are valid; a bad file is
 refused naming the node and the key; each process gets what its node says (bind, advertise, ports,
-devices); the token never comes from argv."""
+devices), as the deployment spec builds it (deploy/spec.py); the token never comes from argv."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dvd.config_file import ConfigError
-from dvd.deploy.cluster_config import build_cluster_config, load_cluster_config
+from dvd.deploy.cluster_config import build_cluster_config, cluster_spec, load_cluster_config
+from dvd.deploy.spec import gateway_config, server_config
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = sorted((ROOT / "deploy").glob("cluster-*.yaml"))
@@ -34,37 +36,44 @@ def test_the_examples_are_valid() -> None:
 
 
 def test_the_ray_example_is_valid() -> None:
-    from dvd.deploy.ray_cluster import load_ray_config
+    from dvd.deploy.ray_cluster import load_ray_config, ray_spec, server_child
 
     config = load_ray_config(ROOT / "deploy" / "ray.example.yaml")
     assert (config.vision.replicas, config.language.replicas) == (2, 6)
-    assert config.server("language", 5, "10.0.0.9", "t").port == 7205
+    child = server_child(ray_spec(config), "language", 5, "t", "10.0.0.9")
+    assert (child.config.port, child.config.transport.port, child.address) == (7205, 7305, "10.0.0.9:7205")
+    assert child.config.host == child.config.advertise_host == child.config.transport.host == "10.0.0.9"
 
 
 def test_each_process_gets_its_nodes_addresses_ports_and_devices() -> None:
-    config = build_cluster_config(_base())
-    a, b = config.nodes
-    second = config.language_server(a, 1, "t0ken")
+    spec = cluster_spec(build_cluster_config(_base()))
+    a, b = spec.nodes
+    second = server_config(spec, a, "language", 1, "t0ken")
     assert (second.host, second.port, second.device, second.transport.port) == ("10.0.0.1", 7201, "cuda:1", 7301)
     assert second.transport.token == "t0ken" and second.engine.linear_backend == "torch"
-    vision = config.vision_server(b, 0, None)
-    assert (vision.host, vision.advertise_host, vision.port) == ("0.0.0.0", "10.0.0.2", 7100)
-    gateway = config.gateway_server(a)
+    assert second.token_file is None and second.transport_advertise_host == "10.0.0.1"
+    vision = server_config(spec, b, "vision", 0, None)
+    assert (vision.host, vision.advertise_host, vision.port, vision.devices) == ("0.0.0.0", "10.0.0.2", 7100, ("cpu",))
+    language = server_config(spec, replace(b, language=a.language), "language", 0, None)  # b's transport NIC
+    assert (language.transport.host, language.transport_advertise_host) == ("192.168.0.2", "192.168.0.2")
+    gateway = gateway_config(spec, a)
     assert gateway.vision == ("10.0.0.2:7100",) and gateway.language == ("10.0.0.1:7200", "10.0.0.1:7201")
+    assert gateway.gateway.host == "10.0.0.1"  # the node's bind address
 
 
 def test_internal_tls_reaches_every_server_and_the_gateway() -> None:
     data = _base() | {"internal_tls": {"cert": "/etc/dvd/internal.pem", "key": "/etc/dvd/internal.key"}}
     data["nodes"][1]["vision"]["settings"] = {"grpc_tls": {"cert": "/etc/dvd/b.pem", "key": "/etc/dvd/b.key"}}
-    config = build_cluster_config(data)
-    a, b = config.nodes
-    language = config.language_server(a, 0, None)
+    spec = cluster_spec(build_cluster_config(data))
+    a, b = spec.nodes
+    language = server_config(spec, a, "language", 0, None)
     assert str(language.grpc_tls.cert) == "/etc/dvd/internal.pem"
     assert str(language.grpc_tls.key) == "/etc/dvd/internal.key"
-    assert str(config.vision_server(b, 0, None).grpc_tls.cert) == "/etc/dvd/b.pem"  # a node's own settings win
-    gateway = config.gateway_server(a)
+    assert str(server_config(spec, b, "vision", 0, None).grpc_tls.cert) == "/etc/dvd/b.pem"  # its own settings win
+    gateway = gateway_config(spec, a)
     assert str(gateway.internal_tls.cert) == "/etc/dvd/internal.pem" and gateway.internal_tls.enabled
-    assert not build_cluster_config(_base()).language_server(a, 0, None).grpc_tls.enabled
+    plain = cluster_spec(build_cluster_config(_base()))
+    assert not server_config(plain, plain.nodes[0], "language", 0, None).grpc_tls.enabled
     with pytest.raises(ConfigError, match="internal_tls"):
         build_cluster_config(_base() | {"internal_tls": {"cert": "/etc/dvd/internal.pem"}})
 
@@ -82,6 +91,10 @@ def test_internal_tls_reaches_every_server_and_the_gateway() -> None:
     (lambda d: d.update(transport={"token": "x"}), "transport.token: set per node.*token_file"),
     (lambda d: d.update(transport={"kind": "carrier-pigeon"}), "transport.kind: one of tcp, rdma"),
     (lambda d: d["nodes"][1]["vision"].update(cpus=["x-y"]), r"nodes\[b\]\.vision\.cpus\[0\]: 'x-y' is not a CPU set"),
+    (lambda d: d["nodes"][1]["vision"].update(cpus=["0,3-1"]),
+     r"nodes\[b\]\.vision\.cpus\[0\]: '0,3-1' is not a CPU set: range '3-1' runs backwards"),
+    (lambda d: d["nodes"][1]["vision"].update(cpus=["0"], settings={"cpus": "1"}),
+     r"nodes\[b\]\.vision\.settings\.cpus: set by dvd launch"),
     (lambda d: d.pop("model"), "model: required"),
 ])
 def test_a_bad_config_names_the_node_and_key(change, message) -> None:
@@ -116,3 +129,22 @@ def test_launch_refuses_a_bad_config_before_starting_anything(tmp_path: Path) ->
     run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 2 and "token_file" in run.stderr and "dvd launch:" not in run.stdout, run.stderr
+
+
+def test_launch_check_refuses_a_cpu_list_dvd_cpus_refuses(tmp_path: Path) -> None:
+    """One CPU-list parser everywhere: "0,3-1" runs backwards for `dvd launch` as for `dvd serve`."""
+    data = _base()
+    data["nodes"][1]["vision"]["cpus"] = ["0,3-1"]
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "b", "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "nodes[b].vision.cpus[0]: '0,3-1' is not a CPU set" in run.stderr, run.stderr
+    assert "dvd launch:" not in run.stdout
+    data["nodes"][1]["vision"]["cpus"] = ["0"]  # a good one: the plan names it, and the server's config has it
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "b", "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "dvd launch: would start vision[0] on node b cpus 0" in run.stdout, run.stderr
+    spec = cluster_spec(build_cluster_config(data))
+    assert server_config(spec, spec.nodes[1], "vision", 0, None).cpus == "0"

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from dvd.config_file import ConfigError
-from dvd.deploy.serve_cmd import add_arguments, overrides_from_args
+from dvd.config_file import ConfigError, flag_overrides
+from dvd.deploy.serve_cmd import FLAGS, add_arguments
 from dvd.deploy.serve_config import build_serve_config
 
 
@@ -15,12 +15,12 @@ def test_placement_flags_reach_every_role() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--vision-cpus", "1", "--language-cpus", "0", "--gateway-cpus", "1"])
-    config = build_serve_config({}, overrides_from_args(args))
+    config = build_serve_config({}, flag_overrides(args, FLAGS))
     assert (config.cpus, config.vision.cpus, config.language.cpus) == ("1", "1", "0")
     config = build_serve_config({"cpus": 0, "vision": {"cpus": 1}}, {})  # YAML numbers are CPU lists too
     assert (config.cpus, config.vision.cpus) == ("0", "1")
     coupled = parser.parse_args(["--coupled", "--cpus", "0"])
-    assert build_serve_config({}, overrides_from_args(coupled)).cpus == "0"
+    assert build_serve_config({}, flag_overrides(coupled, FLAGS)).cpus == "0"
 
 
 @pytest.mark.parametrize(("data", "where"), [({"cpus": "x"}, "cpus"), ({"language": {"cpus": "1-0"}}, "language"),

@@ -10,7 +10,6 @@ from safetensors import safe_open
 
 from dvd.checkpoint import open_checkpoint
 from dvd.cli import main
-from dvd.make_checkpoint import make_checkpoint
 from dvd.deploy.plan import (
     VisionParts,
     kv_bytes_per_token,
@@ -21,6 +20,7 @@ from dvd.deploy.plan import (
     place_vision,
     vision_parts,
 )
+from dvd.make_checkpoint import make_checkpoint
 
 
 @pytest.fixture(scope="module")

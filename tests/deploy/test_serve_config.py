@@ -6,14 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from dvd.config_file import ConfigError, from_dict, read_mapping, to_dict
+from dvd.config_file import ConfigError, flag_overrides, from_dict, read_mapping, to_dict
+from dvd.deploy.serve_cmd import FLAGS, add_arguments
+from dvd.deploy.serve_config import ServeConfig, build_serve_config, load_serve_config, serve_spec
+from dvd.deploy.spec import server_config
 from dvd.language_server.server_config import LanguageServerConfig
-from dvd.deploy.serve_cmd import add_arguments, overrides_from_args
-from dvd.deploy.serve_config import build_serve_config, load_serve_config
 from dvd.transport.config import TransportConfig
 from dvd.vision_server.config import VisionServerConfig
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "serve.example.yaml"
+
+
+def _child(config: ServeConfig, kind: str, token: str) -> LanguageServerConfig | VisionServerConfig:
+    """The config dvd serve's first `kind` server runs, as its deployment spec builds it."""
+    spec = serve_spec(config, Path("/m"))
+    return server_config(spec, spec.nodes[0], kind, 0, token)
 
 
 @pytest.mark.parametrize(
@@ -55,9 +62,8 @@ def test_flags_win_over_the_file_and_reach_each_role(tmp_path: Path) -> None:
     add_arguments(parser)
     args = parser.parse_args(["--config", str(path), "--num-blocks", "123", "--max-batch-tiles", "4",
                               "--device", "cpu", "--dtype", "bfloat16"])
-    config = load_serve_config(args.config, overrides_from_args(args))
-    language = config.language_child(port=7001, token="secret")
-    vision = config.vision_child(port=7002, token="secret")
+    config = load_serve_config(args.config, flag_overrides(args, FLAGS))
+    language, vision = _child(config, "language", "secret"), _child(config, "vision", "secret")
     assert language.engine.num_blocks == 123 and language.engine.linear_backend == "torch"
     assert language.transport.kind == vision.transport.kind == "rdma" and vision.transport.ucx_tls == "tcp"
     assert language.transport.token == vision.transport.token == "secret"
@@ -67,8 +73,8 @@ def test_flags_win_over_the_file_and_reach_each_role(tmp_path: Path) -> None:
 
 def test_a_child_config_round_trips_through_its_file(tmp_path: Path) -> None:
     config = build_serve_config({"language": {"engine": {"num_blocks": 77}}}, {})
-    for child, cls in ((config.language_child(5, "t"), LanguageServerConfig),
-                       (config.vision_child(6, "t"), VisionServerConfig)):
+    for child, cls in ((_child(config, "language", "t"), LanguageServerConfig),
+                       (_child(config, "vision", "t"), VisionServerConfig)):
         path = tmp_path / f"{cls.__name__}.yaml"
         import yaml
 
@@ -87,5 +93,5 @@ def test_a_vision_replica_spanning_devices_from_flags() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--model", "m", "--vision-devices", "cpu,cpu", "--vision-devices-per-replica", "2"])
-    vision = load_serve_config(None, overrides_from_args(args)).vision_child(port=7002, token="secret")
+    vision = _child(load_serve_config(None, flag_overrides(args, FLAGS)), "vision", "secret")
     assert vision.devices == ("cpu", "cpu") and vision.devices_per_replica == 2

@@ -102,10 +102,6 @@ class FailingBackend(Backend):
     model_name = "m"
     mode = "test"
 
-    @classmethod
-    def from_serve_config(cls, config: Any) -> Backend:
-        return cls()
-
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from dvd.pipeline.replicas import free_port
+from dvd.deploy.spec import free_port
 from dvd.token_file import write_token_file
 from tests.conftest import encode, photo_like
 from tests.multihost.harness import ROOT, wait_for

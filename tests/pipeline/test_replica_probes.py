@@ -129,3 +129,29 @@ def test_a_user_cancel_is_still_a_cancel() -> None:
         assert replica.num_outstanding == 0 and replica.healthy
 
     asyncio.run(main())
+
+
+def test_a_server_whose_process_exited_leaves_at_once_and_stays_out() -> None:
+    """The deployment that started a server says when its process exited (deploy/supervisor.py): out of
+    rotation then, not probes later, its work failing naming why; a later answer (a new process on the same
+    port is not this one) does not bring it back."""
+
+    async def main() -> None:
+        replica, _ = _replica()
+        replica.pid = 4242
+        await _probe(replica)
+        assert replica.describe()["pid"] == 4242 and replica.healthy
+
+        async def encode() -> None:
+            async with replica.in_use():
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(encode())
+        await asyncio.sleep(0)
+        replica.exited(-9)
+        with pytest.raises(UnavailableError, match=r"taken out of rotation.*process exited with code -9"):
+            await task
+        assert not replica.healthy and not await _probe(replica)  # the fake still answers SERVING
+        assert replica.describe()["state"] == "process exited with code -9"
+
+    asyncio.run(main())
