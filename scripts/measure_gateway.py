@@ -2,6 +2,9 @@
 
     python scripts/measure_gateway.py TREE RUNS [MODEL]
 
+MODEL defaults to the built-in tiny checkpoint's path; `none` runs `dvd serve` with no --model (it then
+makes or finds the tiny checkpoint itself, the README's demo).
+
 Spawns `python -m dvd serve` in TREE (so an older checkout can be measured beside this one), and
 reports: seconds until the gateway launches its first child (its own start-up: imports, config,
 tokenizer), seconds until `dvd serve: ready`, the gateway process's resident memory once ready,
@@ -19,9 +22,10 @@ import psutil
 tree, runs = sys.argv[1], int(sys.argv[2])
 model = sys.argv[3] if len(sys.argv) > 3 else str(Path.home() / ".cache/dvd/checkpoints/tiny-hf")
 rows = []
+model_flag = [] if model == "none" else ["--model", model]
 for _ in range(runs):
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "dvd", "serve", "--model", model, "--port", "0", "--grpc-port", "0"],
+    p = subprocess.Popen([sys.executable, "-m", "dvd", "serve", *model_flag, "--port", "0", "--grpc-port", "0"],
                          cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first_child = ready = None
     for line in p.stdout:
