@@ -30,7 +30,7 @@ from dvd.deploy.gateway_config import StandaloneGatewayConfig, load_gateway_conf
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
-from dvd.pipeline.replicas import attached
+from dvd.pipeline.replicas import ReplicaPool, attached
 from dvd.process import configure_logging, run_process
 
 log = logging.getLogger("dvd.gateway")
@@ -83,17 +83,18 @@ def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -
     return path
 
 
-def attached_backend(config: StandaloneGatewayConfig, model: Path,
-                     credentials: grpc.ChannelCredentials | None) -> DisaggregatedBackend:
-    """The gateway's backend over `config`'s servers, by address (dialled over TLS with `credentials`)."""
-    return DisaggregatedBackend(model, attached("vision", config.vision, credentials),
-                                attached("language", config.language, credentials), probe=config.probe)
+def roster(config: StandaloneGatewayConfig, credentials: grpc.ChannelCredentials | None) -> dict[str, ReplicaPool]:
+    """The gateway's vision and language pools: `config`'s servers by address (dialled over TLS with
+    `credentials`)."""
+    return {"vision": attached("vision", config.vision, credentials),
+            "language": attached("language", config.language, credentials)}
 
 
 async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
                 credentials: grpc.ChannelCredentials | None = None) -> int:
     model = model_path(config.model, "no model given: using the built-in tiny checkpoint's tokenizer at %s")
-    backend = attached_backend(config, model, credentials)
+    pools = roster(config, credentials)
+    backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=config.probe)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
 
     async def describe() -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
-from dvd.deploy.gateway_cmd import attached_backend, model_path
+from dvd.deploy.gateway_cmd import model_path, roster
 from dvd.deploy.serve_config import ServeConfig, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
@@ -38,7 +38,7 @@ from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
-from dvd.pipeline.replicas import Replica
+from dvd.pipeline.replicas import Replica, ReplicaPool
 from dvd.process import configure_logging, run_process
 
 log = logging.getLogger("dvd.serve")
@@ -161,14 +161,16 @@ async def _serve_disaggregated(config: ServeConfig, model: Path, keys: ApiKeys) 
     """The servers as supervised children on loopback, and a gateway here attached to them by address."""
     spec = serve_spec(config, model)
     node = spec.nodes[0]
-    backend = attached_backend(gateway_config(spec, node), model, spec.internal_tls.channel_credentials())
-    backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
-                    f"{config.transport.kind} features)")
+    pools = roster(gateway_config(spec, node), spec.internal_tls.channel_credentials())
     supervisor = Supervisor(prefix="dvd-serve-")  # 0700: the child configs hold the fresh token
     watching: asyncio.Task | None = None
     try:
-        replicas = _start_children(supervisor, children(spec, node, ["vision", "language"], fresh_token()), backend)
+        replicas = _start_children(supervisor, children(spec, node, ["vision", "language"], fresh_token()), pools)
         pin_process(config.cpus, "gateway", torch_threads=False)  # after the children started: they do not inherit it
+        # the tokenizer is read while the children load their models
+        backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=spec.probe)
+        backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
+                        f"{config.transport.kind} features)")
         # a child that exits leaves the rotation at once, its calls failing with why
         watching = asyncio.create_task(supervisor.watch(lambda child: replicas[child.name].exited(child.returncode)))
 
@@ -184,14 +186,14 @@ async def _serve_disaggregated(config: ServeConfig, model: Path, keys: ApiKeys) 
 
 
 def _start_children(supervisor: Supervisor, specs: list[ChildSpec],
-                    backend: DisaggregatedBackend) -> dict[str, Replica]:
+                    pools: dict[str, ReplicaPool]) -> dict[str, Replica]:
     """Start each server; the roster's replica for it learns its pid. Returns child name -> replica."""
     replicas: dict[str, Replica] = {}
     for spec in specs:
         kind = spec.command[0]
         child = supervisor.start(spec)
         log.info("started %s server (pid %d) on %s", kind, child.pid, spec.address)
-        replica = (backend.vision if kind == "vision" else backend.language).by_address(spec.address)
+        replica = pools[kind].by_address(spec.address)
         replica.pid = child.pid
         replicas[spec.name] = replica
     return replicas
