@@ -4,9 +4,8 @@ The whole cluster config (deploy/README.md) is validated first: a wrong key, val
 missing token file is one line naming the node and key, exit code 2, and nothing starts. Then each
 replica of the node's roles (all of them, or --role's) runs as a child process with its complete
 config in a private file (mode 0600, in a 0700 directory: it holds the token read from token_file),
-pinned to its CPU set and given its devices (deploy/spec.py builds each config, deploy/supervisor.py
-runs the processes). The gateway finds the servers by the addresses the config gives them; servers
-on other nodes may start before or after it.
+pinned to its CPU set and given its devices. The gateway finds the servers by the addresses the
+config gives them; servers on other nodes may start before or after it.
 
 Prints `dvd launch: ROLE[i] pid P on ADDRESS` per process, then `dvd launch: running`. SIGTERM or
 Ctrl-C stops every child (SIGTERM, SIGKILL after 30 s). If a child exits on its own, the others are
