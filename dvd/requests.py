@@ -1,8 +1,8 @@
 """The request types that cross module boundaries inside the gateway: one validated `ChatRequest` in
 (from either frontend), the `TokenizedRequest` the serving core hands a backend, a stream of
 `GenerationEvent`s out (from either backend), the one `FinishReason` every part reports, and
-per-stage `StageTimings`. Messages between processes are in
-the protos (`proto/dvd/v1/`, generated into `dvd.v1`) and the transport's wire module."""
+per-stage `StageTimings`. Messages between processes are in the protos (`proto/dvd/v1/`, generated
+into `dvd.v1`) and the transport's wire module."""
 
 from __future__ import annotations
 
