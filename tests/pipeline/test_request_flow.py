@@ -145,3 +145,17 @@ def test_every_vision_replica_busy_is_429_and_not_a_reason_to_change_language_re
 
     first, second = asyncio.run(scenario()).language.replicas
     assert first.stub.aborted == ["r1"] and second.stub.generated == []
+
+
+def test_closing_the_backend_stream_early_reaches_the_flow_at_once() -> None:
+    """What a stop string or a client gone does through the router: the Abort is sent before aclose returns."""
+    async def scenario() -> tuple[Replica, StreamCall]:
+        call = StreamCall([tokens(5), tokens(6)], end=HANG)
+        language = language_replica("lang", call)
+        events = _backend([language], []).generate(_request(media=()))
+        assert (await anext(events)).token_ids == [5]
+        await events.aclose()
+        assert language.stub.aborted == ["r1"] and language.num_outstanding == 0
+        return language, call
+
+    assert asyncio.run(scenario())[1].cancelled
