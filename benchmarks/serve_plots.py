@@ -27,7 +27,7 @@ def _pyplot() -> Any:
 
 def stage_segments(record: RequestRecord) -> list[tuple[str, float, float]]:
     """(stage, start, end) in seconds from the request's send, from the gateway's marks: each server's
-    durations placed from the dispatch (see pipeline/backends/disaggregated.py: stage_timings)."""
+    durations placed from the dispatch (see pipeline/stage_timings.py)."""
     marks = record.timings.get("marks", {})
     origin = marks.get("dispatch", marks.get("start"))
     if origin is None:

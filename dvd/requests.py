@@ -1,15 +1,19 @@
 """The request types that cross module boundaries inside the gateway: one validated `ChatRequest` in
-(from either frontend), a stream of `GenerationEvent`s out (from either backend), the one
-`FinishReason` every part reports, and per-stage `StageTimings`. Messages between processes are in
-the protos (`proto/dvd/v1/`, generated into `dvd.v1`) and the transport's wire module."""
+(from either frontend), the `TokenizedRequest` the serving core hands a backend, a stream of
+`GenerationEvent`s out (from either backend), the one `FinishReason` every part reports, and
+per-stage `StageTimings`. Messages between processes are in the protos (`proto/dvd/v1/`, generated
+into `dvd.v1`) and the transport's wire module."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvd.sampling import SamplingParams
+
+if TYPE_CHECKING:  # dvd.prompt loads the tokenizer libraries; the types here need only its name
+    from dvd.prompt import PromptTokens
 
 STAGES = ("encode", "transfer", "queue", "prefill", "decode")
 
@@ -85,6 +89,25 @@ class ChatRequest:
     def num_slots(self) -> int:
         """Feature slots of the prompt: one per image, one per sampled video frame."""
         return sum(m.num_slots for m in self.media)
+
+    def tokenized(self, prompt: PromptTokens) -> TokenizedRequest:
+        """This request with its chat rendered and tokenized (`prompt`): what a backend runs."""
+        return TokenizedRequest(request_id=self.request_id, prompt=prompt, media=self.media, sampling=self.sampling,
+                                max_num=self.max_num, timeout_s=self.timeout_s)
+
+
+@dataclass(frozen=True)
+class TokenizedRequest:
+    """What a backend runs: the prompt's token ids, cut around its image slots (one per image, one
+    per sampled video frame; `media` fills them in order), and how to sample. The serving core made
+    it from a `ChatRequest` with the checkpoint's chat template; no backend renders a chat."""
+
+    request_id: str
+    prompt: PromptTokens
+    media: tuple[Media, ...]
+    sampling: SamplingParams
+    max_num: int | None = None  # most tiles per image; None = the checkpoint's
+    timeout_s: float = 600.0
 
 
 @dataclass

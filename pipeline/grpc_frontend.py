@@ -17,7 +17,7 @@ import grpc
 from dvd.errors import rpc_metadata
 from dvd.pipeline.auth import ApiKeys
 from dvd.pipeline.serving import ServingCore, as_dvd_error
-from dvd.pipeline.validate import ApiLimits, build_chat_request
+from dvd.pipeline.validate import ApiLimits
 from dvd.requests import STAGES, ChatFields, StageTimings
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -67,8 +67,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             if self.keys.enabled:
                 self.keys.check(dict(context.invocation_metadata() or ()).get("authorization"))
-            chat = build_chat_request(chat_fields(request), self.limits, [self.backend.model_name],
-                                      self.backend.chat.stop_token_ids)
+            chat = self.core.validate(chat_fields(request), self.limits)
         except Exception as exc:  # every failure becomes a status with a message
             await self._abort(context, exc)
         remaining = context.time_remaining()
@@ -85,6 +84,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise
         except Exception as exc:
             await self._abort(context, exc)
+        assert outcome is not None  # the stream ran to its end: a failure aborted the call above
         self.core.count("ok")
         yield generation_pb2.GenerateResponse(
             request_id=chat.request_id, finish_reason=outcome.finish_reason.value, timings=_timings(outcome.timings),

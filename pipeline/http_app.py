@@ -24,7 +24,7 @@ from dvd.errors import DvdError, TooLargeError, UnauthenticatedError
 from dvd.pipeline.auth import ApiKeys
 from dvd.pipeline.openai_parse import OpenAIChat, parse_chat_json
 from dvd.pipeline.serving import Outcome, ServingCore, as_dvd_error
-from dvd.pipeline.validate import ApiLimits, build_chat_request
+from dvd.pipeline.validate import ApiLimits
 from dvd.requests import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class OpenAIFrontend:
 
     async def instances(self, request: web.Request) -> web.Response:
         """The backend's servers (health, load, address); empty for a backend with none (coupled)."""
-        roster = getattr(self.backend, "instances", None)
-        return web.json_response({"object": "list", "data": roster() if roster else []})
+        return web.json_response({"object": "list", "data": self.backend.instances()})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.core.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -120,8 +119,7 @@ class OpenAIFrontend:
     def _parse(self, body: bytes) -> tuple[OpenAIChat, ChatRequest]:
         """Worker thread: JSON, shapes, image URLs, then the shared validator."""
         parsed = parse_chat_json(body, self.limits)
-        return parsed, build_chat_request(parsed.fields, self.limits, [self.backend.model_name],
-                                          self.backend.chat.stop_token_ids)
+        return parsed, self.core.validate(parsed.fields, self.limits)
 
     async def _complete(self, request: ChatRequest, stream: Any) -> web.Response:
         async for _ in stream:

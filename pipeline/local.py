@@ -8,8 +8,9 @@ cast to the language model's dtype on arrival.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import DvdError, InputError
 from dvd.language_server.model import LanguageHalf
-from dvd.prompt import ChatFormat, Message
+from dvd.prompt import ChatFormat, Message, PromptTokens
 from dvd.requests import Media
 from dvd.sampling import SamplingParams, greedy
 from dvd.vision_server.model import EncodedImage, VisionHalf
@@ -100,6 +101,10 @@ class LocalPipeline:
             return encoded
         return [EncodedImage(e.features.to(self.wire_dtype), e.tokens_per_tile) for e in encoded]
 
+    def encode_media(self, media: Sequence[Media], max_num: int | None = None) -> list[EncodedImage]:
+        """Per slot in order (an image, or one sampled video frame), its features as they leave the vision side."""
+        return self.encode_images([], pixels=self.media_tiles(media, max_num))
+
     def media_tiles(self, media: Sequence[Media], max_num: int | None = None) -> list[torch.Tensor]:
         """Per slot in order, its pixel tiles: an image's dynamic tiles, or one tile per sampled frame."""
         from dvd.vision_server.video import load_video
@@ -127,20 +132,46 @@ class LocalPipeline:
         media: Sequence[Media] | None = None,
     ) -> GenerateResult:
         """`frames`: pixel tiles of video frames, one slot each after the images' slots. Or `media`
-        instead of both: images and videos in slot order (what the gateway's coupled backend sends;
-        each video's frames sampled as the model card's load_video does).
-        `streamer.put` gets each new token as it is generated (the prompt is not sent)."""
-        sampling = sampling or greedy(stop_token_ids=self.chat.stop_token_ids)
-        if not sampling.stop_token_ids:
-            sampling = replace(sampling, stop_token_ids=self.chat.stop_token_ids)
+        instead of both: images and videos in slot order (each video's frames sampled as the model
+        card's load_video does). `streamer.put` gets each new token as it is generated (the prompt is
+        not sent)."""
         t0 = time.perf_counter()
         num_slots = sum(m.num_slots for m in media) if media is not None else len(images) + len(frames)
         prompt = self.chat.build(messages, num_slots, thinking=thinking)
-        t1 = time.perf_counter()
+        tokenize_ms = (time.perf_counter() - t0) * 1e3
         if media is not None:
-            encoded = self.encode_images([], pixels=self.media_tiles(media, max_num))
+            encode = partial(self.encode_media, media, max_num)
         else:
-            encoded = self.encode_images(images, max_num=max_num, pixels=frames)
+            encode = partial(self.encode_images, images, max_num=max_num, pixels=frames)
+        return self._generate(prompt, encode, sampling, streamer, tokenize_ms)
+
+    def generate_prompt(
+        self,
+        prompt: PromptTokens,
+        media: Sequence[Media],
+        sampling: SamplingParams | None = None,
+        max_num: int | None = None,
+        streamer: BaseStreamer | None = None,
+    ) -> GenerateResult:
+        """A prompt tokenized already (the gateway's serving core does it) and the media of its slots
+        in order: what the coupled backend runs."""
+        return self._generate(prompt, partial(self.encode_media, media, max_num), sampling, streamer, tokenize_ms=0.0)
+
+    def _generate(
+        self,
+        prompt: PromptTokens,
+        encode: Callable[[], list[EncodedImage]],
+        sampling: SamplingParams | None,
+        streamer: BaseStreamer | None,
+        tokenize_ms: float,
+    ) -> GenerateResult:
+        """Encode the slots' features (`encode`: preprocessing included), hand them over as on the wire,
+        and generate; the timings split the stages."""
+        sampling = sampling or greedy(stop_token_ids=self.chat.stop_token_ids)
+        if not sampling.stop_token_ids:
+            sampling = replace(sampling, stop_token_ids=self.chat.stop_token_ids)
+        t1 = time.perf_counter()
+        encoded = encode()
         t2 = time.perf_counter()
         # transfer: the language side takes BF16 rows into its own dtype and device
         received = [e.features.to(device=self.language.device, dtype=self.language.dtype) for e in encoded]
@@ -156,7 +187,7 @@ class LocalPipeline:
         t4 = time.perf_counter()
         first = clock.first_token_at or t4
         timings = {
-            "tokenize_ms": (t1 - t0) * 1e3,
+            "tokenize_ms": tokenize_ms,
             "encode_ms": (t2 - t1) * 1e3,
             "transfer_ms": (t3 - t2) * 1e3,
             "prefill_ms": (first - t3) * 1e3,

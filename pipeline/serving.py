@@ -1,25 +1,32 @@
-"""The serving core both frontends call: admission, the token -> text loop, usage and metrics.
+"""The serving core both frontends call: the chat format, admission, the token -> text loop, usage
+and metrics.
 
-A frontend parses its API's request into `ChatFields`, has `pipeline/validate.py` build the
-`ChatRequest`, then `async with core.admit(request) as stream` (OverloadedError at the concurrency
-limit, before anything is sent) and `async for delta in stream`. The stream runs the backend,
-detokenizes incrementally and decides stop strings (here and nowhere else: they act on the text the
-client sees); when it ends, `stream.outcome` holds the text, usage, finish reason and stage timings,
-already counted in the metrics. Only the wire format is left to the frontend.
+A frontend parses its API's request into `ChatFields`, has the core validate them into a
+`ChatRequest` (`core.validate`: `pipeline/validate.py` with the checkpoint's stop tokens), then
+`async with core.admit(request) as stream` (OverloadedError at the concurrency limit, before
+anything is sent) and `async for delta in stream`. The stream renders the chat with the checkpoint's
+template and tokenizes it (`dvd/prompt.py: ChatFormat`, off the event loop), runs the backend on the
+token ids, detokenizes incrementally and decides stop strings (here and nowhere else: they act on the
+text the client sees); when it ends, `stream.outcome` holds the text, usage, finish reason and stage
+timings, already counted in the metrics. Only the wire format is left to the frontend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
+from dvd.checkpoint import open_checkpoint
 from dvd.errors import DvdError, OverloadedError
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.detokenize import IncrementalDecoder
 from dvd.pipeline.metrics import GatewayMetrics
-from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
+from dvd.pipeline.validate import ApiLimits, build_chat_request
+from dvd.prompt import ChatFormat
+from dvd.requests import ChatFields, ChatRequest, FinishReason, GenerationEvent, StageTimings, TokenizedRequest
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +63,9 @@ def as_dvd_error(exc: BaseException) -> DvdError:
 class TextStream:
     """One admitted request's text, delta by delta; closing it early aborts the request on the backend."""
 
-    def __init__(self, backend: Backend, metrics: GatewayMetrics, request: ChatRequest) -> None:
-        self.backend, self.metrics, self.request = backend, metrics, request
-        self.decoder = IncrementalDecoder(backend.chat.tokenizer, request.sampling.stop_token_ids,
-                                          request.stop_strings)
+    def __init__(self, backend: Backend, chat: ChatFormat, metrics: GatewayMetrics, request: ChatRequest) -> None:
+        self.backend, self.chat, self.metrics, self.request = backend, chat, metrics, request
+        self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings)
         self.outcome: Outcome | None = None
         self._deltas = self._run()
 
@@ -70,10 +76,18 @@ class TextStream:
         """Stop early (a no-op once finished): the backend aborts the request and frees what it held."""
         await self._deltas.aclose()
 
-    async def _run(self) -> AsyncIterator[Delta]:
-        events = self.backend.generate(self.request)
+    async def _tokenized(self) -> TokenizedRequest:
+        """The request as the backend takes it: the chat rendered with the checkpoint's template and
+        tokenized, in a worker thread (a long prompt never stalls other requests)."""
+        request = self.request
+        prompt = await asyncio.to_thread(self.chat.build, list(request.messages), request.num_slots,
+                                         thinking=request.thinking)
+        return request.tokenized(prompt)
+
+    async def _run(self) -> AsyncGenerator[Delta, None]:
+        events = self.backend.generate(await self._tokenized())
         num_tokens, last = 0, GenerationEvent(token_ids=[])
-        try:
+        async with contextlib.aclosing(events):  # an early end aborts the request on the backend at once
             async for event in events:
                 num_tokens += len(event.token_ids)
                 last = event
@@ -82,8 +96,6 @@ class TextStream:
                     yield Delta(tuple(event.token_ids), text)
                 if self.decoder.stopped:  # a stop string: the backend need not go on
                     break
-        finally:
-            await events.aclose()
         tail = self.decoder.flush()
         if tail:
             yield Delta((), tail)
@@ -94,10 +106,12 @@ class TextStream:
 
 
 class ServingCore:
-    """Admission and metrics for every request the gateway serves, whichever API it came through."""
+    """The chat format, admission and metrics for every request the gateway serves, whichever API it
+    came through. `chat`: the checkpoint's (read from `backend.model_path` when not given)."""
 
-    def __init__(self, backend: Backend, max_concurrency: int) -> None:
+    def __init__(self, backend: Backend, max_concurrency: int, chat: ChatFormat | None = None) -> None:
         self.backend = backend
+        self.chat = chat if chat is not None else ChatFormat(open_checkpoint(backend.model_path))
         self.max_concurrency = max_concurrency
         self.num_in_flight = 0
         self.metrics = GatewayMetrics(lambda: {**backend.stats(), "requests_in_flight": self.num_in_flight},
@@ -107,12 +121,17 @@ class ServingCore:
     def model_name(self) -> str:
         return self.backend.model_name
 
+    def validate(self, fields: ChatFields, limits: ApiLimits) -> ChatRequest:
+        """The validated request (`pipeline/validate.py`), stopping at the checkpoint's stop tokens;
+        raises a DvdError naming the field."""
+        return build_chat_request(fields, limits, [self.model_name], self.chat.stop_token_ids)
+
     @contextlib.asynccontextmanager
     async def admit(self, request: ChatRequest) -> AsyncIterator[TextStream]:
         if self.num_in_flight >= self.max_concurrency:
             raise OverloadedError(f"{self.num_in_flight} requests in flight, the limit is {self.max_concurrency}")
         self.num_in_flight += 1
-        stream = TextStream(self.backend, self.metrics, request)
+        stream = TextStream(self.backend, self.chat, self.metrics, request)
         try:
             yield stream
         finally:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
-from dvd.prompt import ChatFormat
-from dvd.requests import ChatRequest, GenerationEvent
+from dvd.requests import GenerationEvent, TokenizedRequest
 
 
 class Backend(abc.ABC):
-    """Runs chat requests. `chat` is the checkpoint's chat format (tokenizer, stop tokens)."""
+    """Runs tokenized requests of one checkpoint. The chat format (template, tokenizer, stop tokens) is
+    the serving core's (`pipeline/serving.py`), read from `model_path`: a backend is handed token ids
+    around image slots and the media that fill them, and hands back token ids."""
 
-    chat: ChatFormat
+    model_path: Path
     model_name: str
     mode: str  # one line for the start-up banner
 
@@ -26,13 +28,18 @@ class Backend(abc.ABC):
         """Finish or fail in-flight work, release everything."""
 
     @abc.abstractmethod
-    def generate(self, request: ChatRequest) -> AsyncIterator[GenerationEvent]:
+    def generate(self, request: TokenizedRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream events for one request; the last carries its finish reason and timings. Closing the
-        iterator early (client gone, stop string hit) aborts the request and frees what it held."""
+        generator early (client gone, stop string hit) aborts the request and frees what it held."""
 
     @abc.abstractmethod
     async def health(self) -> tuple[bool, str]:
         """(ready?, human-readable detail)."""
+
+    @abc.abstractmethod
+    def instances(self) -> list[dict[str, Any]]:
+        """The roster for GET /v1/instances: each server this backend sends work to, with its health,
+        load and address (`Replica.describe`); empty when it runs everything in this process."""
 
     def stats(self) -> dict[str, Any]:
         """Gauges for /metrics, e.g. queue depth."""

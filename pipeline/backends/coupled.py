@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.errors import DvdError
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.local import LocalPipeline
-from dvd.prompt import ChatFormat
-from dvd.requests import ChatRequest, FinishReason, GenerationEvent, StageTimings
+from dvd.requests import FinishReason, GenerationEvent, StageTimings, TokenizedRequest
 
 
 class _Cancelled(Exception):
@@ -53,10 +52,6 @@ class CoupledBackend(Backend):
 
     mode = "coupled (both halves in the gateway, inproc, no pipelining)"
 
-    @property
-    def chat(self) -> ChatFormat:
-        assert self.pipeline is not None, "start() first"
-        return self.pipeline.chat
 
     async def start(self) -> None:
         self.pipeline = await asyncio.to_thread(LocalPipeline, self.model_path, self.device, self.dtype)
@@ -72,7 +67,11 @@ class CoupledBackend(Backend):
     def stats(self) -> dict[str, Any]:
         return {"queue_depth": self.num_waiting, "num_running": self.num_running}
 
-    async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationEvent]:
+    def instances(self) -> list[dict[str, Any]]:
+        """No servers: both halves run in this process."""
+        return []
+
+    async def generate(self, request: TokenizedRequest) -> AsyncGenerator[GenerationEvent, None]:
         pipeline = self.pipeline
         if pipeline is None:
             raise DvdError("the coupled backend is not running")
@@ -87,9 +86,9 @@ class CoupledBackend(Backend):
             self.num_waiting -= 1
         self.num_running += 1
         start = time.time()
-        worker = loop.run_in_executor(None, lambda: pipeline.generate(
-            list(request.messages), sampling=request.sampling, media=request.media, max_num=request.max_num,
-            thinking=request.thinking, streamer=_QueueStreamer(loop, queue, cancel)))
+        worker = loop.run_in_executor(None, lambda: pipeline.generate_prompt(
+            request.prompt, request.media, sampling=request.sampling, max_num=request.max_num,
+            streamer=_QueueStreamer(loop, queue, cancel)))
         try:
             while not (worker.done() and queue.empty()):
                 getter = asyncio.ensure_future(queue.get())

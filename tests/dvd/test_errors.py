@@ -21,7 +21,8 @@ from dvd.pipeline.http_app import OpenAIFrontend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
 from dvd.process import start_grpc_server
-from dvd.requests import ChatRequest, GenerationEvent
+from dvd.prompt import PromptTokens
+from dvd.requests import GenerationEvent, TokenizedRequest
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 # (class, HTTP status, gRPC code): what a client sees, spelled out once more on purpose
@@ -91,14 +92,19 @@ class _Tokenizer:
 
 
 class _Chat:
+    """A chat format whose prompt is the first message's text, one token per character."""
+
     tokenizer = _Tokenizer()
     stop_token_ids = (0,)
 
+    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False) -> PromptTokens:
+        content = messages[0]["content"]
+        return PromptTokens((tuple(map(ord, content if isinstance(content, str) else content[0]["text"])),))
+
 
 class FailingBackend(Backend):
-    """Fails each request with the error named by its first message's text."""
+    """Fails each request with the error named by its prompt (its first message's text)."""
 
-    chat = _Chat()  # type: ignore[assignment]
     model_name = "m"
     mode = "test"
 
@@ -109,17 +115,19 @@ class FailingBackend(Backend):
     async def health(self) -> tuple[bool, str]:
         return True, "ok"
 
-    async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationEvent]:
-        content = request.messages[0]["content"]
+    def instances(self) -> list[dict[str, Any]]:
+        return []
+
+    async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
         yield GenerationEvent(token_ids=[1])
-        raise make(error_classes()[content if isinstance(content, str) else content[0]["text"]])
+        raise make(error_classes()["".join(map(chr, request.prompt.segments[0]))])
 
 
 @pytest.fixture(scope="module")
 def frontends() -> Any:
     """The gateway's two frontends over one serving core, in one event loop thread."""
     loop = asyncio.new_event_loop()
-    core = ServingCore(FailingBackend(), max_concurrency=8)
+    core = ServingCore(FailingBackend(), max_concurrency=8, chat=_Chat())  # type: ignore[arg-type]
     limits = ApiLimits()
 
     async def start() -> tuple[web.AppRunner, grpc.aio.Server, int, int]:

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from dvd.errors import ERROR_METADATA_KEY, ReplicaBusyError
-from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.replicas import Replica, ReplicaPool
+from dvd.pipeline.router import Router
 from dvd.v1 import language_pb2, language_pb2_grpc, vision_pb2
 from dvd.vision_server.config import VisionServerConfig
 from tests.faults.helpers import long_story, wait_for
@@ -101,21 +101,17 @@ def _vision(address: str, answer: Any) -> Replica:
 
 
 def test_the_gateway_sends_an_encode_a_busy_vision_replica_refused_to_another() -> None:
-    backend = DisaggregatedBackend.__new__(DisaggregatedBackend)  # only the Encode path: no checkpoint needed
-    backend.num_busy_retries = backend.num_encode_retries = 0
-    request = SimpleNamespace(request_id="r1", max_num=1, timeout_s=30,
-                              media=[SimpleNamespace(data=b"img", num_segments=0)])
     busy, free = _vision("busy:1", _busy()), _vision("free:1", vision_pb2.EncodeResponse(request_id="r1"))
-    backend.vision = ReplicaPool("vision", [busy, free])
-    answer = asyncio.run(backend._encode(request, "tcp://x:1", {}))  # type: ignore[arg-type]
+    router = Router(ReplicaPool("vision", [busy, free]), ReplicaPool("language", []))
+    answer = asyncio.run(router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, {}))
     assert answer.request_id == "r1" and len(busy.stub.calls) == len(free.stub.calls) == 1
-    assert backend.num_busy_retries == 1 and backend.num_encode_retries == 0 and busy.healthy
+    assert router.num_busy_retries == 1 and router.num_encode_retries == 0 and busy.healthy
 
-    backend.vision = ReplicaPool("vision", [_vision("busy:1", _busy()), _vision("busy:2", _busy())])
+    router.vision = ReplicaPool("vision", [_vision("busy:1", _busy()), _vision("busy:2", _busy())])
     with pytest.raises(ReplicaBusyError, match=r"every healthy vision replica \(2\) is at its in-flight limit") as err:
-        asyncio.run(backend._encode(request, "tcp://x:1", {}))  # type: ignore[arg-type]
+        asyncio.run(router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, {}))
     assert err.value.http_status == 429
-    assert all(r.healthy for r in backend.vision.replicas)  # busy is not failed
+    assert all(r.healthy for r in router.vision.replicas)  # busy is not failed
 
 
 def _language(model: Path, token: Path) -> tuple[subprocess.Popen[str], str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dvd.pipeline.backends.disaggregated import stage_timings
+from dvd.pipeline.stage_timings import stage_timings
 from dvd.v1 import language_pb2, vision_pb2
 
 

@@ -1,0 +1,121 @@
+"""One request's flow through the disaggregated pipeline, on the language replica the router picked.
+
+`Generate` (the token segments) goes to the language replica and, with media, `Encode` (naming that
+replica's transport address) to a vision replica at the same moment, so the two stages overlap from
+the start. Then: each message of the token stream is one event; an Encode that fails ends the wait
+for its features at once; a replica leaving rotation fails the request naming it (`Replica.in_use`);
+any early end (the client gone, a stop string, a failure) frees both halves, with an Abort to the
+language server unless it is the one that was lost. The last event carries the stage timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import grpc
+
+from dvd.errors import ReplicaBusyError, from_rpc_error
+from dvd.pipeline.replicas import Replica, Work
+from dvd.pipeline.router import RefusedBusy, Router
+from dvd.pipeline.stage_timings import Stamps
+from dvd.requests import GenerationEvent, Media, TokenizedRequest
+from dvd.v1 import language_pb2, vision_pb2
+
+
+def media_inputs(media: Sequence[Media], max_num: int | None) -> list[vision_pb2.MediaInput]:
+    """The request's media as the vision protocol carries them (the one place they are converted)."""
+    return [vision_pb2.MediaInput(data=m.data, max_num=max_num or 0, num_segments=m.num_segments) for m in media]
+
+
+def encode_request(request: TokenizedRequest, destination: str) -> vision_pb2.EncodeRequest:
+    return vision_pb2.EncodeRequest(request_id=request.request_id, inputs=media_inputs(request.media, request.max_num),
+                                    destination=destination)
+
+
+def language_request(request: TokenizedRequest) -> language_pb2.LanguageGenerateRequest:
+    s = request.sampling
+    sampling = language_pb2.LanguageSampling(
+        max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
+        top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
+        stop_token_ids=list(s.stop_token_ids))
+    if s.seed is not None:
+        sampling.seed = s.seed
+    return language_pb2.LanguageGenerateRequest(
+        request_id=request.request_id, segments=[language_pb2.TokenSegment(ids=seg) for seg in request.prompt.segments],
+        num_images=request.prompt.num_images, sampling=sampling, features_timeout_ms=int(request.timeout_s * 1e3))
+
+
+class RequestFlow:
+    """One try of a request on one language replica: its Generate call, its Encode task, its stamps."""
+
+    def __init__(self, request: TokenizedRequest, language: Replica, router: Router) -> None:
+        self.request, self.language, self.router = request, language, router
+        self.stamps = Stamps(marks={})
+        self.call: Any = None  # the Generate call, once `run` sent it
+        self.encode: asyncio.Task[vision_pb2.EncodeResponse] | None = None
+        self.finished = False  # the language server sent the finish: nothing is left to free
+
+    async def run(self) -> AsyncGenerator[GenerationEvent, None]:
+        """The request's events: one per message of the token stream, then the final one."""
+        self._send()
+        async with self.language.in_use(self.call) as work:  # leaving rotation fails this call at once, naming why
+            try:
+                async for response in self.call:
+                    yield self._arrived(response)
+                if self.encode is not None:
+                    self.stamps.encoded = await self.encode
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+                error = self._failed(err, work)
+                if error is None:
+                    raise  # in_use names the lost server; a cancel stays a cancel
+                raise error from None
+            finally:
+                if not self.finished:
+                    await self._abort(work)
+        yield self.stamps.final_event()
+
+    def _send(self) -> None:
+        """Generate and, with media, Encode leave together: the two stages overlap from the start."""
+        stub: Any = self.language.stub
+        self.stamps.marks["dispatch"] = time.time()
+        self.call = stub.Generate(language_request(self.request), timeout=self.request.timeout_s)
+        if self.request.media:
+            call = encode_request(self.request, self.language.transport_address)
+            self.encode = asyncio.create_task(self.router.encode(call, self.request.timeout_s, self.stamps.marks))
+            self.encode.add_done_callback(self._encoded)
+
+    def _encoded(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.call.cancel()  # features that will never come: stop waiting for them at once
+
+    def _arrived(self, response: language_pb2.LanguageGenerateResponse) -> GenerationEvent:
+        """A message of the token stream arrived."""
+        self.stamps.add(response)
+        if response.finish_reason:
+            self.finished = True
+        return GenerationEvent(token_ids=list(response.token_ids))
+
+    def _failed(self, err: grpc.aio.AioRpcError | asyncio.CancelledError, work: Work) -> BaseException | None:
+        """What the request fails with: the Encode's error when that ended it, the language server's
+        (RefusedBusy for a busy refusal, which the router may send elsewhere), or None to re-raise `err`."""
+        encode = self.encode
+        if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
+            return encode.exception()
+        if work.lost or isinstance(err, asyncio.CancelledError):
+            return None
+        error = from_rpc_error(err, f"language ({self.language.address})")
+        return RefusedBusy(error) if isinstance(error, ReplicaBusyError) else error
+
+    async def _abort(self, work: Work) -> None:
+        """An early end (the client gone, a stop string, a failure): free both halves now."""
+        if self.encode is not None:
+            self.encode.cancel()
+        self.call.cancel()
+        if not work.lost:  # a hung server would not answer the Abort either (frees early frames)
+            stub: Any = self.language.stub
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.Abort(language_pb2.AbortRequest(request_id=self.request.request_id), timeout=5)

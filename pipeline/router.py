@@ -1,0 +1,139 @@
+"""Which replica serves each call of a request, and what happens when one cannot.
+
+Every call goes to the least loaded healthy replica of its pool (`ReplicaPool.pick`). A replica at its
+in-flight limit refuses a call as busy (`ReplicaBusyError`): busy is not failed, so it stays in
+rotation and the call goes to the next replica, and only when every healthy one refused is the
+answer 429. A language call is moved only while nothing of it reached the client. An Encode that
+failed because its replica could not be reached (UNAVAILABLE), or left rotation while encoding, is
+sent once more to another replica as a new `attempt`; any other error is the request's answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from dvd.errors import DvdError, ReplicaBusyError, UnavailableError, from_rpc_error
+from dvd.pipeline.replicas import Replica, ReplicaPool
+from dvd.v1 import vision_pb2
+
+log = logging.getLogger(__name__)
+
+# Retrying Encode on another replica makes sense only when this one could not be reached.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+T = TypeVar("T")
+
+
+class _EncodeFailed(Exception):
+    """An Encode that another vision replica may still serve: `error` is the request's answer if not."""
+
+    def __init__(self, error: DvdError, reason: str) -> None:
+        super().__init__(reason)
+        self.error, self.reason = error, reason
+
+
+class RefusedBusy(Exception):
+    """Raised by a `Router.generate` run: its language replica refused the call at its in-flight limit
+    (`error`, a ReplicaBusyError). Apart from a ReplicaBusyError of another call (an Encode's) on purpose:
+    only this one moves the request to the next language replica."""
+
+    def __init__(self, error: ReplicaBusyError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def pick_not_busy(pool: ReplicaPool, tried: list[Replica]) -> Replica:
+    """The least loaded healthy replica not tried yet for this request; ReplicaBusyError (429) when every
+    healthy replica was tried (those that said busy are still in rotation: busy is not failed)."""
+    healthy = [r for r in pool.replicas if r.healthy]
+    if tried and healthy and all(r in tried for r in healthy):
+        raise ReplicaBusyError(f"every healthy {pool.kind} replica ({len(healthy)}) is at its in-flight limit; "
+                               "retry later")
+    return pool.pick(exclude=tried)
+
+
+class Router:
+    """Routes the calls of every request over one vision and one language pool, and counts its retries."""
+
+    def __init__(self, vision: ReplicaPool, language: ReplicaPool) -> None:
+        self.vision, self.language = vision, language
+        self.num_encode_retries = 0
+        self.num_busy_retries = 0  # calls sent to another replica because one was at its in-flight limit
+
+    async def generate(self, request_id: str, with_media: bool,
+                       run: Callable[[Replica], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
+        """What `run(replica)` yields, on the least loaded healthy language replica; if that one refuses
+        busy (`run` raises RefusedBusy) before it yielded anything, on the next. `with_media`: fail fast
+        (503) while no vision replica is healthy, before the language replica is asked."""
+        refused: list[Replica] = []
+        while True:
+            replica = pick_not_busy(self.language, refused)
+            if with_media:
+                self.vision.pick()
+            yielded = False
+            try:
+                async with contextlib.aclosing(run(replica)) as items:  # an early end reaches `run` at once
+                    async for item in items:
+                        yielded = True
+                        yield item
+                return
+            except RefusedBusy as busy:
+                if yielded:  # part of the answer is out: it cannot start over elsewhere
+                    raise busy.error from None
+            refused.append(replica)
+            self._busy(replica, request_id)
+
+    async def encode(self, call: vision_pb2.EncodeRequest, timeout_s: float,
+                     marks: dict[str, float]) -> vision_pb2.EncodeResponse:
+        """`call`'s answer from the least loaded healthy vision replica that takes it (see the module
+        docstring); sets `call.attempt` for each try. Marks `encode_start` and `encode_answered`."""
+        tried: list[Replica] = []
+        retried = False
+        while True:
+            replica = pick_not_busy(self.vision, tried)
+            tried.append(replica)
+            # A retry is a new attempt: the frames the lost replica did send stand, the retry's are not refused
+            # as their duplicates (the language server keeps one per image and frees the other).
+            call.attempt = len(tried) - 1
+            try:
+                return await self._encode_on(replica, call, timeout_s, marks)
+            except ReplicaBusyError:
+                self._busy(replica, call.request_id)
+            except _EncodeFailed as failed:
+                if retried or not [r for r in self.vision.replicas if r.healthy and r not in tried]:
+                    raise failed.error from None
+                retried = True
+                self.num_encode_retries += 1
+                log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
+                            call.request_id, replica.address, failed.reason)
+
+    @staticmethod
+    async def _encode_on(replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
+                         marks: dict[str, float]) -> vision_pb2.EncodeResponse:
+        """One try: the answer, ReplicaBusyError, _EncodeFailed (worth another replica), or the error."""
+        stub: Any = replica.stub
+        rpc = stub.Encode(call, timeout=timeout_s)
+        try:
+            async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
+                marks["encode_start"] = time.time()
+                response = await rpc
+                marks["encode_answered"] = time.time()
+                return response
+        except grpc.aio.AioRpcError as err:
+            error = from_rpc_error(err, f"vision ({replica.address})")
+            if isinstance(error, ReplicaBusyError) or err.code() not in _RETRYABLE:
+                raise error from None
+            raise _EncodeFailed(error, err.code().name) from None
+        except UnavailableError as lost:  # out of rotation while encoding: another replica may serve it
+            raise _EncodeFailed(lost, "left rotation") from None
+
+    def _busy(self, replica: Replica, request_id: str) -> None:
+        """`replica` refused a call at its in-flight limit; it stays in rotation for other requests."""
+        self.num_busy_retries += 1
+        log.info("%s: %s server %s is at its in-flight limit; trying another replica",
+                 request_id, replica.kind, replica.address)
