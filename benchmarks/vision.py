@@ -56,7 +56,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def _checkpoint(args: argparse.Namespace) -> Path:
     if args.model is not None:
         return args.model
-    from dvd.checkpoint_cache import ensure_checkpoint
+    from dvd.tools.checkpoint_cache import ensure_checkpoint
 
     return ensure_checkpoint(PRESET, fmt="github", flash=not args.no_flash, cache_dir=args.cache_dir)
 

@@ -10,7 +10,7 @@ import sys
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dvd.pipeline.generate_cmd", "run vision half -> BF16 features -> language half in one process"),
-    "make-checkpoint": ("dvd.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
+    "make-checkpoint": ("dvd.tools.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
     "vision": ("dvd.vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
     "language": ("dvd.language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
     "serve": ("dvd.pipeline.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),

@@ -21,9 +21,12 @@ from typing import Any
 
 from dvd.checkpoint import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN, CheckpointInfo
 from dvd.errors import CheckpointError, PromptError
-from dvd.tokenizer_builder import INTERNVL_SYSTEM_MESSAGE
 
 IMAGE_PLACEHOLDER = "<image>"
+# The default system message of InternVL's `internvl2_5` conversation template.
+INTERNVL_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
 # Markers a rendered template may use for an image: DvD's `<image>`, and transformers' InternVL
 # templates, which emit `<IMG_CONTEXT>` once per image part.
 _SLOT_MARKER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(IMAGE_CONTEXT_TOKEN))

@@ -86,7 +86,7 @@ async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
                 credentials: grpc.ChannelCredentials | None = None) -> int:
     model = config.model
     if model is None:
-        from dvd.checkpoint_cache import ensure_checkpoint
+        from dvd.tools.checkpoint_cache import ensure_checkpoint
 
         model = ensure_checkpoint("tiny")
         log.warning("no model given: using the built-in tiny checkpoint's tokenizer at %s", model)

@@ -150,7 +150,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _model_path(config: ServeConfig) -> Path:
     if config.model is not None:
         return config.model
-    from dvd.checkpoint_cache import ensure_checkpoint
+    from dvd.tools.checkpoint_cache import ensure_checkpoint
 
     path = ensure_checkpoint("tiny")
     log.warning("no model given: serving the built-in tiny checkpoint at %s; its weights are random, "

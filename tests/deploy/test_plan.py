@@ -10,7 +10,6 @@ from safetensors import safe_open
 
 from dvd.checkpoint import open_checkpoint
 from dvd.cli import main
-from dvd.make_checkpoint import make_checkpoint
 from dvd.plan import (
     VisionParts,
     kv_bytes_per_token,
@@ -21,6 +20,7 @@ from dvd.plan import (
     place_vision,
     vision_parts,
 )
+from dvd.tools.make_checkpoint import make_checkpoint
 
 
 @pytest.fixture(scope="module")

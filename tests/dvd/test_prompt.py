@@ -8,8 +8,7 @@ import pytest
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError, PromptError
-from dvd.prompt import THINKING_SYSTEM_PROMPT, ChatFormat
-from dvd.tokenizer_builder import INTERNVL_SYSTEM_MESSAGE
+from dvd.prompt import INTERNVL_SYSTEM_MESSAGE, THINKING_SYSTEM_PROMPT, ChatFormat
 
 
 @pytest.fixture(scope="module")

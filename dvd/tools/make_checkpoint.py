@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dvd.checkpoint import HF_FLASH_ARCHITECTURE
-from dvd.tokenizer_builder import build_tokenizer, padded_to
+from dvd.tools.tokenizer_builder import build_tokenizer, padded_to
 
 log = logging.getLogger(__name__)
 
