@@ -1,6 +1,6 @@
 """Gateway start-up time and resident memory of `dvd serve` (disaggregated), for a source tree.
 
-    python scripts/measure_gateway.py TREE RUNS [MODEL]
+    python scripts/measure_gateway.py TREE RUNS [MODEL]   # MODEL "none": `dvd serve` without --model
 
 Spawns `python -m dvd serve` in TREE (so an older checkout can be measured beside this one), and
 reports: seconds until the gateway launches its first child (its own start-up: imports, config,
@@ -18,10 +18,12 @@ import psutil
 
 tree, runs = sys.argv[1], int(sys.argv[2])
 model = sys.argv[3] if len(sys.argv) > 3 else str(Path.home() / ".cache/dvd/checkpoints/tiny-hf")
+# Without --model the gateway takes the cached tiny preset (built first if absent: do one warm-up run).
+model_args = [] if model == "none" else ["--model", model]
 rows = []
 for _ in range(runs):
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "dvd", "serve", "--model", model, "--port", "0", "--grpc-port", "0"],
+    p = subprocess.Popen([sys.executable, "-m", "dvd", "serve", *model_args, "--port", "0", "--grpc-port", "0"],
                          cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first_child = ready = None
     for line in p.stdout:
