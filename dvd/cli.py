@@ -4,8 +4,9 @@ so `dvd --help` stays fast and no subcommand pays for another's imports."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from dvd.named import load
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    module = load(module_name)
     parser = argparse.ArgumentParser(prog=f"dvd {name}", description=(module.__doc__ or help_text).strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
