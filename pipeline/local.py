@@ -21,10 +21,9 @@ from dvd.language_server.model import LanguageHalf
 from dvd.prompt import ChatFormat, Message
 from dvd.requests import Media
 from dvd.sampling import SamplingParams, greedy
+from dvd.transport.base import WIRE_TORCH_DTYPE
 from dvd.vision_server.model import EncodedImage, VisionHalf
 from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
-
-WIRE_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -73,7 +72,7 @@ class LocalPipeline:
         checkpoint: str | Path | CheckpointInfo,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        wire_dtype: torch.dtype | None = WIRE_DTYPE,
+        wire_dtype: torch.dtype | None = WIRE_TORCH_DTYPE,
     ) -> None:
         self.info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
         self.chat = ChatFormat(self.info)

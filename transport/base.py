@@ -13,7 +13,7 @@ import torch
 
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import FrameTooLargeError, ProtocolError
-from dvd.transport.wire import FeatureHeader
+from dvd.transport.wire import WIRE_DTYPE, FeatureHeader
 
 # wire dtype name -> torch dtype (the names are torch's own).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -23,6 +23,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "int8": torch.int8,
 }
+WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (wire.WIRE_DTYPE), as a torch dtype
 
 
 @dataclasses.dataclass

@@ -28,6 +28,10 @@ MAX_DIMS = 8
 
 # dtype name on the wire -> bytes per element. Names match torch's (`torch.bfloat16` -> "bfloat16").
 DTYPE_SIZES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}
+# What feature frames carry, by its torch name (this module imports no torch): the vision half casts its
+# features to it, the language half takes them from it into its own dtype. `dvd generate` (both halves in
+# one process) casts through it too, so its answers are the served ones.
+WIRE_DTYPE = "bfloat16"
 
 
 def _check(condition: bool, message: str) -> None:
