@@ -106,12 +106,13 @@ class LocalPipeline:
         tiles: list[torch.Tensor] = []
         for index, item in enumerate(media):
             try:
-                if item.num_segments:
-                    tiles += load_video(item.data, self.preprocess_config, num_segments=item.num_segments).pixels
+                if item.num_segments:  # as the vision server does: a frame is item.max_num tiles, 1 unless named
+                    tiles += load_video(item.data, self.preprocess_config, num_segments=item.num_segments,
+                                        max_num=item.max_num or 1).pixels
                 else:
-                    tiles.append(preprocess_image(item.data, self.preprocess_config, max_num=max_num))
+                    tiles.append(preprocess_image(item.data, self.preprocess_config, max_num=item.max_num or max_num))
             except DvdError as error:  # named as the vision server names it
-                raise InputError(index, "video" if item.num_segments else "image", error) from None
+                raise InputError(index, item.kind, error) from None
         return tiles
 
     def generate(

@@ -135,8 +135,8 @@ class DisaggregatedBackend(Backend):
 
     async def _encode(self, request: ChatRequest, destination: str,
                       marks: dict[str, float]) -> vision_pb2.EncodeResponse:
-        inputs = [vision_pb2.MediaInput(data=m.data, max_num=request.max_num or 0, num_segments=m.num_segments)
-                  for m in request.media]
+        inputs = [vision_pb2.MediaInput(data=m.data, max_num=m.max_num or request.max_num or 0,
+                                        num_segments=m.num_segments) for m in request.media]
         tried: list[Replica] = []
         num_failed = 0  # tries that failed (not busy ones): a failed Encode is retried once
         while True:
