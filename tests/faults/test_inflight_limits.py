@@ -19,6 +19,7 @@ import pytest
 from dvd.errors import ERROR_METADATA_KEY, ReplicaBusyError
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.replicas import Replica, ReplicaPool
+from dvd.requests import Media
 from dvd.v1 import language_pb2, language_pb2_grpc, vision_pb2
 from dvd.vision_server.config import VisionServerConfig
 from tests.faults.helpers import long_story, wait_for
@@ -104,7 +105,7 @@ def test_the_gateway_sends_an_encode_a_busy_vision_replica_refused_to_another() 
     backend = DisaggregatedBackend.__new__(DisaggregatedBackend)  # only the Encode path: no checkpoint needed
     backend.num_busy_retries = backend.num_encode_retries = 0
     request = SimpleNamespace(request_id="r1", max_num=1, timeout_s=30,
-                              media=[SimpleNamespace(data=b"img", num_segments=0)])
+                              media=[Media(b"img")])
     busy, free = _vision("busy:1", _busy()), _vision("free:1", vision_pb2.EncodeResponse(request_id="r1"))
     backend.vision = ReplicaPool("vision", [busy, free])
     answer = asyncio.run(backend._encode(request, "tcp://x:1", {}))  # type: ignore[arg-type]

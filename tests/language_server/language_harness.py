@@ -50,8 +50,8 @@ class Harness:
     def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
-    def send(self, request_id: str, image_index: int, features: torch.Tensor, content_key: bytes | None = None) -> None:
-        header = dataclasses.replace(header_for(request_id, image_index, 256, features), content_key=content_key)
+    def send(self, request_id: str, slot: int, features: torch.Tensor, content_key: bytes | None = None) -> None:
+        header = dataclasses.replace(header_for(request_id, slot, 256, features), content_key=content_key)
         self.call(self.sender.send(self.server.receiver.address, header, features))
 
     def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
