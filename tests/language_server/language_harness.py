@@ -19,8 +19,8 @@ import torch
 
 from dvd.language_server.config import EngineConfig
 from dvd.language_server.model import LanguageHalf
+from dvd.language_server.server import LanguageServer
 from dvd.language_server.server_config import LanguageServerConfig
-from dvd.language_server.service import LanguageServer
 from dvd.transport import Sender, TransportConfig, create_sender, header_for
 from dvd.v1 import common_pb2, language_pb2_grpc
 
@@ -55,7 +55,7 @@ class Harness:
         self.call(self.sender.send(self.server.receiver.address, header, features))
 
     def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        if not self.call(self.server.service.wait_until(predicate, timeout_s), timeout_s + 10):
+        if not self.call(self.server.wait_until(predicate, timeout_s), timeout_s + 10):
             raise TimeoutError("server state did not come about")
 
     def stats(self) -> dict[str, float]:
