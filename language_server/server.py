@@ -12,8 +12,9 @@ blocks) is freed on every way out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -134,9 +135,10 @@ class LanguageServer:
                 await feed.run(call.features_timeout_s)
             waited_ms = _ms_since(t0)
             arrived = tuple(_ms_since(t0, f.arrived_at) if f.arrived_at else 0.0 for f in (feed.frames if feed else ()))
-            async for output in self._outputs(queue, request, t0, waited_ms, arrived, added_ms):
-                in_engine = not output.finished
-                yield output
+            async with contextlib.aclosing(self._outputs(queue, request, t0, waited_ms, arrived, added_ms)) as outputs:
+                async for output in outputs:
+                    in_engine = not output.finished
+                    yield output
         finally:  # every way out (finish, error, client cancel) frees what the request held
             if feed is not None:
                 feed.close()
@@ -162,7 +164,7 @@ class LanguageServer:
 
     async def _outputs(self, queue: asyncio.Queue[RequestOutput], request: EngineRequest, t0: float,
                        waited_ms: float, arrived_ms: tuple[float, ...],
-                       added_ms: float) -> AsyncIterator[GenerateOutput]:
+                       added_ms: float) -> AsyncGenerator[GenerateOutput, None]:
         """The engine's outputs for one request, stamped: the features wait on the first, the stage stamps on
         the first with a token (or the last), the finish and counts on the last."""
         features_wait_ms: float | None = waited_ms
