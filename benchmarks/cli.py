@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from dvd.named import load_named
 
 # name -> module with `main(argv: list[str]) -> int`.
 BENCHMARKS: dict[str, str] = {
@@ -23,5 +24,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(BENCHMARKS[args.name])
+    module = load_named(BENCHMARKS, args.name, "benchmark")
     return int(module.main(list(args.options)) or 0)

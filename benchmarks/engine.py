@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from dvd.checkpoint_cache import default_cache_dir, ensure_checkpoint
 from dvd.language_server.config import EngineConfig
 from dvd.language_server.engine import Engine
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest
 from dvd.sampling import greedy
+from dvd.tools.checkpoint_cache import default_cache_dir, ensure_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

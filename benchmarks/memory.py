@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.model is None:
-        from dvd.checkpoint_cache import ensure_checkpoint
+        from dvd.tools.checkpoint_cache import ensure_checkpoint
 
         args.model = ensure_checkpoint("internvl3_5-1b-shaped")
     results = {what: measure(what, args.model, args.dtype) for what in ("vision", "language", "whole")}

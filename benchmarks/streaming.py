@@ -28,13 +28,13 @@ import torch
 
 from dvd.benchmarks.engine import DTYPES
 from dvd.checkpoint import open_checkpoint
-from dvd.checkpoint_cache import default_cache_dir, ensure_checkpoint
 from dvd.language_server.config import EngineConfig
 from dvd.language_server.engine import Engine
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest, PromptPiece
 from dvd.prompt import ChatFormat
 from dvd.sampling import greedy
+from dvd.tools.checkpoint_cache import default_cache_dir, ensure_checkpoint
 
 SYSTEM = "You are a helpful assistant that looks closely at every picture and answers precisely. "
 

@@ -56,7 +56,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def _checkpoint(args: argparse.Namespace) -> Path:
     if args.model is not None:
         return args.model
-    from dvd.checkpoint_cache import ensure_checkpoint
+    from dvd.tools.checkpoint_cache import ensure_checkpoint
 
     return ensure_checkpoint(PRESET, fmt="github", flash=not args.no_flash, cache_dir=args.cache_dir)
 
@@ -173,15 +173,16 @@ async def _engine(checkpoint: Path, args: argparse.Namespace, **overrides: Any) 
 
 async def _cache_effect(checkpoint: Path, args: argparse.Namespace) -> dict[str, object]:
     """The same 1-tile image twice through the whole Encode path: the second is a cache hit."""
-    from dvd.vision_server.engine import EncodeRequest, MediaInput
+    from dvd.requests import Media
+    from dvd.vision_server.engine import EncodeCall
 
     engine, receiver = await _engine(checkpoint, args)
-    image = MediaInput(photo_bytes(448, 448, 7), max_num=1)
+    image = Media(photo_bytes(448, 448, 7), max_num=1)
     timings = []
     try:
         for i in range(2):
             start = time.perf_counter()
-            await engine.encode(EncodeRequest(f"cache-{i}", [image], receiver.address))
+            await engine.encode(EncodeCall(f"cache-{i}", [image], receiver.address))
             timings.append(time.perf_counter() - start)
         stats = engine.stats()
     finally:
@@ -194,14 +195,15 @@ async def _cache_effect(checkpoint: Path, args: argparse.Namespace) -> dict[str,
 
 async def _concurrent(checkpoint: Path, args: argparse.Namespace) -> dict[str, object]:
     """N one-tile requests at once: the batcher puts tiles of different requests in one forward pass."""
-    from dvd.vision_server.engine import EncodeRequest, MediaInput
+    from dvd.requests import Media
+    from dvd.vision_server.engine import EncodeCall
 
     n = args.concurrent
     engine, receiver = await _engine(checkpoint, args, max_batch_tiles=n, max_wait_ms=1000.0, cache_bytes=0)
-    images = [MediaInput(photo_bytes(448, 448, 100 + i), max_num=1) for i in range(n)]
+    images = [Media(photo_bytes(448, 448, 100 + i), max_num=1) for i in range(n)]
     try:
         start = time.perf_counter()
-        await asyncio.gather(*(engine.encode(EncodeRequest(f"c{i}", [image], receiver.address))
+        await asyncio.gather(*(engine.encode(EncodeCall(f"c{i}", [image], receiver.address))
                                for i, image in enumerate(images)))
         seconds = time.perf_counter() - start
         stats = engine.stats()

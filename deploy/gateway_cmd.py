@@ -76,7 +76,7 @@ def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -
     """`model`, or the built-in tiny checkpoint (made on first use; `warning` % its path is logged)."""
     if model is not None:
         return model
-    from dvd.checkpoint_cache import ensure_checkpoint
+    from dvd.tools.checkpoint_cache import ensure_checkpoint
 
     path = ensure_checkpoint("tiny")
     logger.warning(warning, path)

@@ -4,13 +4,14 @@ so `dvd --help` stays fast and no subcommand pays for another's imports."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from dvd.named import load
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dvd.pipeline.generate_cmd", "run vision half -> BF16 features -> language half in one process"),
-    "make-checkpoint": ("dvd.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
+    "make-checkpoint": ("dvd.tools.make_checkpoint", "write a random-weight InternVL checkpoint (tiny or 1B-shaped)"),
     "vision": ("dvd.vision_server.cli", "serve the vision half (ViT + MLP + ViR) over gRPC, pushing features"),
     "language": ("dvd.language_server.cli", "serve the language half (LLM engine) over gRPC, receiving features"),
     "serve": ("dvd.deploy.serve_cmd", "serve a model: gateway (OpenAI HTTP + gRPC) with vision and language servers"),
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    module = load(module_name)
     parser = argparse.ArgumentParser(prog=f"dvd {name}", description=(module.__doc__ or help_text).strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)

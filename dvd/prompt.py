@@ -21,9 +21,12 @@ from typing import Any
 
 from dvd.checkpoint import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN, CheckpointInfo
 from dvd.errors import CheckpointError, PromptError
-from dvd.tokenizer_builder import INTERNVL_SYSTEM_MESSAGE
 
 IMAGE_PLACEHOLDER = "<image>"
+# The default system message of InternVL's `internvl2_5` conversation template.
+INTERNVL_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
 # Markers a rendered template may use for an image: DvD's `<image>`, and transformers' InternVL
 # templates, which emit `<IMG_CONTEXT>` once per image part.
 _SLOT_MARKER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(IMAGE_CONTEXT_TOKEN))
@@ -56,6 +59,37 @@ Message = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class ImageTokens:
+    """The image tokens' ids and the one layout of an image slot: `<img>` + N x `<IMG_CONTEXT>` + `</img>`,
+    N being the rows of the slot's features.
+
+    Written as the pieces a language server feeds its engine as features arrive: the text up to the
+    first slot's `<img>` (`head`), then per slot its N x `<IMG_CONTEXT>` + `</img>`, the text after it and,
+    unless it is the last, the next slot's `<img>` (`piece`). Each piece starts where its slot's features
+    go, and needs only that slot's N. A whole prompt (`expand`) is the same pieces joined.
+    """
+
+    start_id: int
+    context_id: int
+    end_id: int
+
+    def head(self, first_segment: Sequence[int], num_slots: int) -> list[int]:
+        """The prompt up to the first slot's features: the first text segment, and `<img>` if there is a slot."""
+        return [*first_segment, *([self.start_id] if num_slots else [])]
+
+    def piece(self, num_tokens: int, segment: Sequence[int], last: bool) -> list[int]:
+        """A slot's features' tokens, `</img>`, the text after it, and the next slot's `<img>` unless `last`."""
+        return [*([self.context_id] * num_tokens), self.end_id, *segment, *([] if last else [self.start_id])]
+
+    def expand(self, segments: Sequence[Sequence[int]], tokens_per_slot: Sequence[int]) -> list[int]:
+        """Token ids of the whole prompt: `len(segments) - 1` slots, slot i of tokens_per_slot[i] rows."""
+        ids = self.head(segments[0], len(tokens_per_slot))
+        for i, (n, segment) in enumerate(zip(tokens_per_slot, segments[1:], strict=True)):
+            ids += self.piece(n, segment, last=i == len(tokens_per_slot) - 1)
+        return ids
+
+
+@dataclass(frozen=True)
 class PromptTokens:
     """A tokenized prompt: `len(segments) == num_images + 1` text pieces with an image slot between each."""
 
@@ -69,14 +103,11 @@ class PromptTokens:
     def num_text_tokens(self) -> int:
         return sum(len(s) for s in self.segments)
 
-    def expand(self, tokens_per_image: Sequence[int], start_id: int, context_id: int, end_id: int) -> list[int]:
+    def expand(self, tokens_per_image: Sequence[int], image: ImageTokens) -> list[int]:
         """Token ids with slot i expanded to `<img>` + tokens_per_image[i] x `<IMG_CONTEXT>` + `</img>`."""
         if len(tokens_per_image) != self.num_images:
             raise PromptError(f"prompt has {self.num_images} image slots but {len(tokens_per_image)} images' sizes")
-        ids = list(self.segments[0])
-        for n, segment in zip(tokens_per_image, self.segments[1:], strict=True):
-            ids += [start_id, *([context_id] * n), end_id, *segment]
-        return ids
+        return image.expand(self.segments, tokens_per_image)
 
 
 def _count_placeholders(content: Any) -> int:
@@ -193,6 +224,7 @@ class ChatFormat:
         if missing:
             raise CheckpointError(f"{info.path}: tokenizer lacks the image tokens {missing}")
         self.image_start_id, self.image_end_id, self.image_context_id = (vocab[t] for t in _RESERVED)
+        self.image_tokens = ImageTokens(self.image_start_id, self.image_context_id, self.image_end_id)
         self.stop_token_ids = self._stop_token_ids(vocab)
 
     def _stop_token_ids(self, vocab: dict[str, int]) -> tuple[int, ...]:
@@ -236,7 +268,7 @@ class ChatFormat:
         return PromptTokens(tuple(tuple(encode(p, add_special_tokens=False)) for p in pieces))
 
     def expand(self, prompt: PromptTokens, tokens_per_image: Sequence[int]) -> list[int]:
-        return prompt.expand(tokens_per_image, self.image_start_id, self.image_context_id, self.image_end_id)
+        return prompt.expand(tokens_per_image, self.image_tokens)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=True)

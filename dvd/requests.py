@@ -1,8 +1,9 @@
-"""The request types that cross module boundaries inside the gateway: one validated `ChatRequest` in
-(from either frontend), the `TokenizedRequest` the serving core hands a backend, a stream of
-`GenerationEvent`s out (from either backend), the one `FinishReason` every part reports, and
-per-stage `StageTimings`. Messages between processes are in the protos (`proto/dvd/v1/`, generated
-into `dvd.v1`) and the transport's wire module."""
+"""The request types that cross module boundaries: one validated `ChatRequest` in (from either of the
+gateway's frontends), the `TokenizedRequest` the serving core hands a backend, a stream of
+`GenerationEvent`s out (from either backend), the one `FinishReason` every part reports, per-stage
+`StageTimings`, and the one `Media` type (an image or a video: the gateway's requests carry it, the
+vision server encodes it). Messages between processes are in the protos (`proto/dvd/v1/`, generated
+into `dvd.v1`, converted to and from these types at each edge) and the transport's wire module."""
 
 from __future__ import annotations
 
@@ -59,10 +60,17 @@ class ChatFields:
 @dataclass(frozen=True)
 class Media:
     """One image (`num_segments == 0`), or one video of which `num_segments` frames are sampled (the
-    model card's load_video), each frame a slot of its own."""
+    model card's load_video), each frame a slot of its own. `max_num`: most tiles for this input, 0 for
+    the default (the checkpoint's for an image, 1 a frame for a video); the gateway's requests leave it 0
+    and name one for all their images (`ChatRequest.max_num`)."""
 
     data: bytes
     num_segments: int = 0
+    max_num: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "video" if self.num_segments else "image"
 
     @property
     def num_slots(self) -> int:

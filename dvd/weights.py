@@ -8,6 +8,7 @@ before any byte is read, then materialise tensors one at a time with `load_state
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -119,20 +120,60 @@ class JoinedRef:
         return torch.cat(groups, dim=self.dim) if len(groups) > 1 else groups[0]
 
 
-_GITHUB_VIT_RENAMES: list[tuple[str, str]] = [
-    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
-    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
-    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
-    (r"^encoder\.layers\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.projection_layer."),
-    (r"^encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"encoder.layer.\1.attention.\2."),
-    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-    (r"^encoder\.layers\.(\d+)\.ls1$", r"encoder.layer.\1.lambda_1"),
-    (r"^encoder\.layers\.(\d+)\.ls2$", r"encoder.layer.\1.lambda_2"),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
-]
+@dataclass(frozen=True)
+class NameMap:
+    """Tensor-name pairs (GitHub name, HF name) written once and applied in either direction.
+
+    A name ending in "." renames a prefix (the rest of the key is kept), any other the whole key;
+    `{layer}` stands for a layer number and `{block}` for a ViR gating block (`block1`, ...). The first
+    pair that matches applies; names no pair matches are the caller's to handle.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+
+    def to_hf(self, name: str) -> str | None:
+        return self._rename(name, 0)
+
+    def to_github(self, name: str) -> str | None:
+        return self._rename(name, 1)
+
+    def _rename(self, name: str, side: int) -> str | None:
+        for pair in self.pairs:
+            match = _name_pattern(pair[side]).match(name)
+            if match:
+                return pair[1 - side].format(**match.groupdict()) + name[match.end():]
+        return None
+
+
+_PLACEHOLDERS = {"layer": r"(?P<layer>\d+)", "block": r"(?P<block>block\d)"}
+
+
+@functools.cache
+def _name_pattern(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template)
+    for name, group in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), group)
+    return re.compile(pattern if template.endswith(".") else pattern + "$")
+
+
+# InternViT under `vision_model.` (GitHub) and transformers' InternVLVisionModel under `vision_tower.` (HF);
+# the fused qkv (GitHub) against q/k/v_proj (HF) is a split, not a rename (`_GITHUB_QKV`).
+VIT_NAMES = NameMap((
+    ("embeddings.class_embedding", "embeddings.cls_token"),
+    ("embeddings.position_embedding", "embeddings.position_embeddings"),
+    ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
+    ("encoder.layers.{layer}.attn.proj.", "encoder.layer.{layer}.attention.projection_layer."),
+    ("encoder.layers.{layer}.attn.q_norm.", "encoder.layer.{layer}.attention.q_norm."),
+    ("encoder.layers.{layer}.attn.k_norm.", "encoder.layer.{layer}.attention.k_norm."),
+    ("encoder.layers.{layer}.norm1.", "encoder.layer.{layer}.layernorm_before."),
+    ("encoder.layers.{layer}.norm2.", "encoder.layer.{layer}.layernorm_after."),
+    ("encoder.layers.{layer}.ls1", "encoder.layer.{layer}.lambda_1"),
+    ("encoder.layers.{layer}.ls2", "encoder.layer.{layer}.lambda_2"),
+    ("encoder.layers.{layer}.mlp.", "encoder.layer.{layer}.mlp."),
+))
 _GITHUB_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
-_GITHUB_MLP1 = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+# The projector: GitHub's `mlp1` Sequential index -> HF's `multi_modal_projector` module name.
+GITHUB_MLP1_NAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
 
 
 def _github_vit_refs(source: TensorSource, key: str, rest: str) -> dict[str, TensorRef]:
@@ -149,10 +190,9 @@ def _github_vit_refs(source: TensorSource, key: str, rest: str) -> dict[str, Ten
             )
             for i, name in enumerate(("q", "k", "v"))
         }
-    for pattern, replacement in _GITHUB_VIT_RENAMES:
-        renamed, count = re.subn(pattern, replacement, rest)
-        if count:
-            return {f"vision_tower.{renamed}": TensorRef(source, key)}
+    renamed = VIT_NAMES.to_hf(rest)
+    if renamed is not None:
+        return {f"vision_tower.{renamed}": TensorRef(source, key)}
     raise CheckpointError(f"{source.file_of(key)}: unrecognised vision key {key!r}")
 
 
@@ -168,13 +208,14 @@ def _strip_model_prefix(key: str) -> str:
     return key
 
 
-# HF (`internvl_flash`) ViR names -> the GitHub module names VisionHalf keeps (vir.py).
-_HF_FLASH_RENAMES: list[tuple[str, str]] = [
-    (r"^mlp2\.norm\.", "mlp2.0."), (r"^mlp2\.dense1\.", "mlp2.1."), (r"^mlp2\.dense2\.", "mlp2.4."),
-    (r"^mlp2\.dense3\.", "mlp2.7."), (r"^gating\.(block\d)\.dense_in\.", r"gating.\1.0."),
-    (r"^gating\.(block\d)\.dense_out\.", r"gating.\1.3."), (r"^gating\.(block\d)\.norm\.", r"gating.\1.5."),
-    (r"^gating\.gate_norm\.", "gating.gate.0."), (r"^gating\.gate_proj\.", "gating.gate.1."),
-]
+# ViR: the GitHub module names VisionHalf keeps (vir.py) and the HF (`internvl_flash`) port's names. The
+# pooling attention's fused in_proj (GitHub) against query/key/value (HF) is a split (`_HF_FLASH_QKV`).
+FLASH_NAMES = NameMap((
+    ("mlp2.0.", "mlp2.norm."), ("mlp2.1.", "mlp2.dense1."), ("mlp2.4.", "mlp2.dense2."),
+    ("mlp2.7.", "mlp2.dense3."), ("gating.{block}.0.", "gating.{block}.dense_in."),
+    ("gating.{block}.3.", "gating.{block}.dense_out."), ("gating.{block}.5.", "gating.{block}.norm."),
+    ("gating.gate.0.", "gating.gate_norm."), ("gating.gate.1.", "gating.gate_proj."),
+))
 _HF_FLASH_QKV = re.compile(r"^pooling_before_gating\.(attn\d)\.(query|key|value)\.(weight|bias)$")
 
 
@@ -192,11 +233,7 @@ def _flash_refs(source: TensorSource, keys: dict[str, str]) -> dict[str, TensorR
                     raise CheckpointError(f"{source.file_of(key)}: {key!r} without its key/value partners")
                 refs[f"{prefix}.in_proj_{kind}"] = JoinedRef(source, tuple((p,) for p in parts), 0, stack=False)
             continue
-        for pattern, replacement in _HF_FLASH_RENAMES:
-            name, count = re.subn(pattern, replacement, name)
-            if count:
-                break
-        refs[name] = TensorRef(source, key)
+        refs[FLASH_NAMES.to_github(name) or name] = TensorRef(source, key)
     return refs
 
 
@@ -217,9 +254,9 @@ def vision_tensors(info: CheckpointInfo, source: TensorSource, with_flash: bool)
             refs.update(_github_vit_refs(source, key, name[len("vision_model.") :]))
         elif name.startswith("mlp1."):
             index, _, param = name[len("mlp1.") :].partition(".")
-            if index not in _GITHUB_MLP1:
+            if index not in GITHUB_MLP1_NAMES:
                 raise CheckpointError(f"{source.file_of(key)}: unrecognised projector key {key!r}")
-            refs[f"projector.{_GITHUB_MLP1[index]}.{param}"] = TensorRef(source, key)
+            refs[f"projector.{GITHUB_MLP1_NAMES[index]}.{param}"] = TensorRef(source, key)
     return refs | _flash_refs(source, flash_keys)
 
 

@@ -1,7 +1,11 @@
 """The language half as a server: LLM only, fed by image features that arrive over the transport.
 
-    service.py        Language gRPC service + server lifecycle (features fed to the engine as they arrive,
-                      slot expansion, streaming)
+    server.py         LanguageServer: receiver, feeder, engine loop and gRPC service built together; admission,
+                      output streams, stage stamps, drain
+    service.py        the Language gRPC service: proto <-> GenerateCall / GenerateOutput (generation.py), errors
+                      -> statuses; translates only
+    feeder.py         a request's frames -> prompt pieces, in slot order, as they arrive (slot expansion by
+                      dvd.prompt.ImageTokens)
     feature_pool.py   received features keyed by request id (before or after Generate; handed over in image
                       order; bounded; TTL)
     engine_loop.py    the engine's own thread; outputs handed back to the event loop

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(config: LanguageServerConfig) -> int:
-    from dvd.language_server.service import LanguageServer
+    from dvd.language_server.server import LanguageServer
 
     group = None
     if config.tensor_parallel > 1:
@@ -38,11 +38,10 @@ async def serve(config: LanguageServerConfig) -> int:
         group = start_group(config)
     server = LanguageServer(config, engine=group.engine if group else None)
     await server.start()
-    cache = server.engine.cache
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", config.engine.num_blocks,
-                config.engine.block_size, config.engine.kv_capacity_tokens, cache.nbytes / 2**20)
-    features = config.advertised_transport(server.receiver.address)  # what other nodes push to
-    print(f"dvd language serving on {server.address} features on {features}", flush=True)
+                config.engine.block_size, config.engine.kv_capacity_tokens, server.engine.kv_cache_bytes / 2**20)
+    # what other nodes push to
+    print(f"dvd language serving on {server.address} features on {server.transport_address}", flush=True)
     await until_stop_signal()
     logger.info("signal received: shutting down")
     await server.stop()

@@ -55,7 +55,7 @@ class Engine:
     def __init__(self, language: LanguageHalf, config: EngineConfig) -> None:
         self.language = language
         self.config = config
-        text = language.model.config
+        text: Any = language.model.config  # a transformers config (torch.nn.Module types attributes as tensors)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.cache = PagedKVCache(config, text.num_hidden_layers, text.num_key_value_heads, head_dim,
                                   language.dtype, language.device)
@@ -64,6 +64,7 @@ class Engine:
         self.runner = ModelRunner(language, self.cache, config.linear_backend)
         self.context_limit = language.context_limit
         self.vocab_size = language.vocab_size
+        self.hidden_size: int = text.hidden_size  # the width of the feature rows a prompt's images take
         self.requests: dict[str, EngineRequest] = {}
         # Counters move during a step; `stats` is a consistent snapshot published after each step
         # (one reference swap), so a reader on another thread never sees half a step.
@@ -71,6 +72,10 @@ class Engine:
         self.stats = replace(self._counters)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stalled = False  # the last step found nothing to run: only a command can change that
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes
 
     # --- any thread -----------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:

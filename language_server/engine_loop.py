@@ -15,22 +15,24 @@ logger = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop,
-                 deliver: Callable[[list[RequestOutput]], None]) -> None:
+    def __init__(self, engine: Engine, deliver: Callable[[list[RequestOutput]], None]) -> None:
         self.engine = engine
-        self.loop = loop
         self.deliver = deliver  # called on the event loop's thread
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop `start` was called on
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dvd-language-engine", daemon=True)
 
     def start(self) -> None:
+        """Start stepping; outputs are delivered on the running event loop (call from it)."""
+        self.loop = asyncio.get_running_loop()
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
 
     def add(self, request: EngineRequest) -> None:
         self.engine.add(request)  # validates in the caller's thread: errors reach the caller
@@ -55,5 +57,5 @@ class EngineLoop:
             except Exception as error:  # one bad step must not kill the server: fail what was in it
                 logger.exception("engine step failed; failing every request in the engine")
                 outputs = self.engine.fail_all(f"engine step failed: {type(error).__name__}: {error}")
-            if outputs:
+            if outputs and self.loop is not None:
                 self.loop.call_soon_threadsafe(self.deliver, outputs)

@@ -128,7 +128,7 @@ class FeaturePool:
 
     def put(self, frame: Frame) -> None:
         """Keep one arrived frame; completes its request's claim when it was the last one missing."""
-        rid, index = frame.header.request_id, frame.header.image_index
+        rid, index = frame.header.request_id, frame.header.slot
         self.stats.num_frames_received += 1
         self.evict_expired()
         entry = self.entries.get(rid)
@@ -159,7 +159,7 @@ class FeaturePool:
 
     def _resent(self, frame: Frame, first_shape: tuple[int, ...]) -> None:
         """A frame for an image this request has already: freed at once; the first one stands."""
-        rid, index, shape = frame.header.request_id, frame.header.image_index, tuple(frame.header.shape)
+        rid, index, shape = frame.header.request_id, frame.header.slot, tuple(frame.header.shape)
         self.stats.num_frames_resent += 1
         frame.release()
         if shape != first_shape:  # not the same image's features: the two attempts disagree

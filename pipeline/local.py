@@ -22,10 +22,9 @@ from dvd.language_server.model import LanguageHalf
 from dvd.prompt import ChatFormat, Message, PromptTokens
 from dvd.requests import Media
 from dvd.sampling import SamplingParams, greedy
+from dvd.transport.base import WIRE_TORCH_DTYPE
 from dvd.vision_server.model import EncodedImage, VisionHalf
 from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
-
-WIRE_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -74,7 +73,7 @@ class LocalPipeline:
         checkpoint: str | Path | CheckpointInfo,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        wire_dtype: torch.dtype | None = WIRE_DTYPE,
+        wire_dtype: torch.dtype | None = WIRE_TORCH_DTYPE,
     ) -> None:
         self.info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
         self.chat = ChatFormat(self.info)
@@ -112,12 +111,13 @@ class LocalPipeline:
         tiles: list[torch.Tensor] = []
         for index, item in enumerate(media):
             try:
-                if item.num_segments:
-                    tiles += load_video(item.data, self.preprocess_config, num_segments=item.num_segments).pixels
+                if item.num_segments:  # as the vision server does: a frame is item.max_num tiles, 1 unless named
+                    tiles += load_video(item.data, self.preprocess_config, num_segments=item.num_segments,
+                                        max_num=item.max_num or 1).pixels
                 else:
-                    tiles.append(preprocess_image(item.data, self.preprocess_config, max_num=max_num))
+                    tiles.append(preprocess_image(item.data, self.preprocess_config, max_num=item.max_num or max_num))
             except DvdError as error:  # named as the vision server names it
-                raise InputError(index, "video" if item.num_segments else "image", error) from None
+                raise InputError(index, item.kind, error) from None
         return tiles
 
     def generate(

@@ -28,7 +28,8 @@ from dvd.v1 import language_pb2, vision_pb2
 
 def media_inputs(media: Sequence[Media], max_num: int | None) -> list[vision_pb2.MediaInput]:
     """The request's media as the vision protocol carries them (the one place they are converted)."""
-    return [vision_pb2.MediaInput(data=m.data, max_num=max_num or 0, num_segments=m.num_segments) for m in media]
+    return [vision_pb2.MediaInput(data=m.data, max_num=m.max_num or max_num or 0, num_segments=m.num_segments)
+            for m in media]
 
 
 def encode_request(request: TokenizedRequest, destination: str) -> vision_pb2.EncodeRequest:

@@ -1,6 +1,6 @@
 """Gateway start-up time and resident memory of `dvd serve` (disaggregated), for a source tree.
 
-    python scripts/measure_gateway.py TREE RUNS [MODEL]
+    python scripts/measure_gateway.py TREE RUNS [MODEL]   # MODEL "none": `dvd serve` without --model
 
 MODEL defaults to the built-in tiny checkpoint's path; `none` runs `dvd serve` with no --model (it then
 makes or finds the tiny checkpoint itself, the README's demo).

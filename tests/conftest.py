@@ -18,7 +18,7 @@ def _quiet_transformers() -> None:
 
 
 def _build(root: Path, name: str, **kwargs: object) -> Path:
-    from dvd.make_checkpoint import make_checkpoint
+    from dvd.tools.make_checkpoint import make_checkpoint
 
     return make_checkpoint(root / name, preset="tiny", **kwargs)
 

@@ -12,7 +12,7 @@ Receiving (language server)::
     async with create_receiver(config) as receiver:      # binds; 127.0.0.1 unless config.host says
         publish(receiver.address)                         # e.g. "tcp://127.0.0.1:40123"
         async for frame in receiver:                      # complete, validated frames only
-            frame.header.request_id, frame.header.image_index, frame.header.tokens_per_tile
+            frame.header.request_id, frame.header.slot, frame.header.tokens_per_tile
             frame.tensor                                  # torch.bfloat16, frame.header.shape, a
                                                           # view of the received bytes (no copy)
 
@@ -21,7 +21,7 @@ Sending (vision server)::
     from dvd.transport import TransportConfig, create_sender, header_for
 
     async with create_sender(TransportConfig(kind="tcp", token=shared_token)) as sender:
-        header = header_for(request_id, image_index, tokens_per_tile, features_bf16)
+        header = header_for(request_id, slot, tokens_per_tile, features_bf16)
         await sender.send(destination, header, features_bf16)
 
 Contract:
@@ -30,7 +30,7 @@ Contract:
   handshake) on first use of a destination and reconnects after the peer restarts. Frames on one
   connection arrive in send order.
 - Raises (all `TransportError`): `FrameTooLargeError` (over our or the receiver's `max_frame_bytes`,
-  nothing sent), `DuplicateFrameError` ((request_id, image_index) already sent to that destination),
+  nothing sent), `DuplicateFrameError` ((request_id, slot) already sent to that destination),
   `HandshakeError` (wrong/missing token, other protocol version), `PeerLostError` (peer closed, died
   or went silent past `heartbeat_timeout_s`; retrying `send` reconnects).
 - A received frame's bytes count against `receive_pool_bytes` until its tensor and every view of it

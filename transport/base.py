@@ -13,7 +13,7 @@ import torch
 
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import FrameTooLargeError, ProtocolError
-from dvd.transport.wire import FeatureHeader
+from dvd.transport.wire import WIRE_DTYPE, FeatureHeader
 
 # wire dtype name -> torch dtype (the names are torch's own).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -23,6 +23,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "int8": torch.int8,
 }
+WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (wire.WIRE_DTYPE), as a torch dtype
 
 
 @dataclasses.dataclass
@@ -128,12 +129,12 @@ class Receiver(abc.ABC):
 
 
 def header_for(
-    request_id: str, image_index: int, tokens_per_tile: int, tensor: torch.Tensor, checksum: bool = False
+    request_id: str, slot: int, tokens_per_tile: int, tensor: torch.Tensor, checksum: bool = False
 ) -> FeatureHeader:
     """The header describing `tensor` (a CRC32 of its bytes when `checksum`; it costs a pass over them)."""
     dtype = str(tensor.dtype).removeprefix("torch.")
     crc = zlib.crc32(payload_view(tensor.contiguous())) if checksum else None
-    return FeatureHeader(request_id, image_index, tokens_per_tile, dtype, tuple(tensor.shape),
+    return FeatureHeader(request_id, slot, tokens_per_tile, dtype, tuple(tensor.shape),
                          tensor.numel() * tensor.element_size(), crc)
 
 

@@ -41,7 +41,8 @@ def receiver_challenge(
 ) -> Challenge | Refuse:
     """The receiver's answer to a Hello: a Challenge, or a Refuse for another protocol version."""
     if hello.version != PROTOCOL_VERSION:
-        reason = f"protocol version {hello.version} refused: this receiver speaks {PROTOCOL_VERSION}"
+        reason = (f"protocol version {hello.version} refused: this receiver speaks {PROTOCOL_VERSION} "
+                  f"(run the same DvD version on the vision and language servers)")
         logger.warning("refused sender %s: %s", peer, reason)
         return Refuse("version", reason)
     receiver_proof = None if token is None else proof(token, b"receiver", hello.nonce, nonce)

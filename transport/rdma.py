@@ -198,7 +198,7 @@ class RdmaReceiver(Receiver):
         if not fresh:
             self.stats.num_rejected_frames += 1
             logger.error("duplicate frame %s from %s refused; the first one stands", header.key, peer)
-            await _send_message(ep, Reject(header.request_id, header.image_index, "duplicate"))
+            await _send_message(ep, Reject(header.request_id, header.slot, "duplicate"))
             return
         if self.config.device == "cpu":
             tensor = tensor_on(buffer, header)
@@ -273,7 +273,7 @@ class _Endpoint:
                 message = await _recv_message(self.ep, self.config.heartbeat_timeout_s)
                 if isinstance(message, Reject):
                     logger.error("receiver %s rejected frame (%s, %d): %s", self.peer, message.request_id,
-                                 message.image_index, message.reason)
+                                 message.slot, message.reason)
                 elif not isinstance(message, Heartbeat):
                     raise ProtocolError(f"unexpected {type(message).__name__} from receiver")
         except TransportError as error:

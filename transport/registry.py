@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from dvd.named import load_named
 from dvd.transport.base import Receiver, Sender
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import TransportError
@@ -20,16 +20,16 @@ EXTRAS: dict[str, str] = {"rdma": "pip install 'internvl-dvd[rdma]' (ucxx-cu12)"
 
 
 def _load(kind: str, side: int) -> type:
-    if kind not in KINDS:
-        raise TransportError(f"unknown transport kind {kind!r}; known: {sorted(KINDS)}")
-    module_name, _, class_name = KINDS[kind][side].partition(":")
+    sides = {name: specs[side] for name, specs in KINDS.items()}
     try:
-        module = importlib.import_module(module_name)
+        cls: type = load_named(sides, kind, "transport kind")
+    except ValueError as error:  # not a kind
+        raise TransportError(str(error)) from None
     except ImportError as error:
         hint = EXTRAS.get(kind, "")
         raise TransportError(f"transport {kind!r} is unavailable ({error}); install the "
                              f"'{kind}' extra: {hint}") from error
-    return getattr(module, class_name)
+    return cls
 
 
 def create_sender(config: TransportConfig, **options: Any) -> Sender:

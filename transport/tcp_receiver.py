@@ -126,7 +126,7 @@ class _Inbound:
             # The payload was read (to keep the stream in step) and is now dropped; the first stands.
             receiver.stats.num_rejected_frames += 1
             logger.error("duplicate frame %s from %s refused; the first one stands", header.key, self.peer)
-            self.control(Reject(header.request_id, header.image_index, "duplicate (request_id, image_index)"))
+            self.control(Reject(header.request_id, header.slot, "duplicate (request_id, slot)"))
             return
         frame = Frame(header, tensor_on(buffer, header), self.peer)
         del buffer

@@ -219,7 +219,7 @@ class _Outbound:
                 if isinstance(message, Reject):
                     self.sender.stats.num_rejected_frames += 1
                     logger.error("receiver %s rejected frame (%s, %d): %s", self.peer,
-                                 message.request_id, message.image_index, message.reason)
+                                 message.request_id, message.slot, message.reason)
                 elif isinstance(message, Refuse):
                     logger.error("receiver %s dropped this sender (%s): %s", self.peer, message.code,
                                  message.reason)

@@ -17,7 +17,9 @@ import msgpack
 
 from dvd.transport.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: a frame's image is named `slot` (key "slot"; 1 called it image_index, key "img"). Both ends must speak
+# the same version: the handshake refuses any other, naming both.
+PROTOCOL_VERSION = 2
 LENGTH_PREFIX = struct.Struct("<I")
 # Headers are tiny (< 200 bytes); a length far beyond that is garbage, refused before allocating.
 MAX_HEADER_BYTES = 64 * 1024
@@ -28,6 +30,10 @@ MAX_DIMS = 8
 
 # dtype name on the wire -> bytes per element. Names match torch's (`torch.bfloat16` -> "bfloat16").
 DTYPE_SIZES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}
+# What feature frames carry, by its torch name (this module imports no torch): the vision half casts its
+# features to it, the language half takes them from it into its own dtype. `dvd generate` (both halves in
+# one process) casts through it too, so its answers are the served ones.
+WIRE_DTYPE = "bfloat16"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -58,11 +64,12 @@ def _proof(value: Any, name: str) -> bytes | None:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureHeader:
-    """Describes one image's features; `nbytes` raw bytes of a C-contiguous tensor follow it."""
+    """Describes one slot's features (an image, or one sampled frame of a video: the prompt's slot
+    `slot`); `nbytes` raw bytes of a C-contiguous tensor follow it."""
 
     TYPE: ClassVar[str] = "feature"
     request_id: str
-    image_index: int
+    slot: int
     tokens_per_tile: int
     dtype: str
     shape: tuple[int, ...]
@@ -81,7 +88,7 @@ class FeatureHeader:
         object.__setattr__(self, "shape", tuple(self.shape))
         _check(self.version == PROTOCOL_VERSION, f"protocol version {self.version} != {PROTOCOL_VERSION}")
         _check(bool(_str(self.request_id, "request_id", MAX_REQUEST_ID_CHARS)), "request_id is empty")
-        _int(self.image_index, "image_index", 0, 1 << 31)
+        _int(self.slot, "slot", 0, 1 << 31)
         _int(self.tokens_per_tile, "tokens_per_tile", 0, 1 << 31)
         _check(self.dtype in DTYPE_SIZES, f"dtype {self.dtype!r} is not one of {sorted(DTYPE_SIZES)}")
         _check(len(self.shape) <= MAX_DIMS, f"shape has more than {MAX_DIMS} dims")
@@ -101,13 +108,13 @@ class FeatureHeader:
     @property
     def key(self) -> tuple[str, int, int]:
         """What makes a frame unique: a second frame with the same key is a duplicate."""
-        return (self.request_id, self.image_index, self.attempt)
+        return (self.request_id, self.slot, self.attempt)
 
     def to_map(self) -> dict[str, Any]:
         return {
             "v": self.version,
             "rid": self.request_id,
-            "img": self.image_index,
+            "slot": self.slot,
             "tpt": self.tokens_per_tile,
             "dt": self.dtype,
             "sh": list(self.shape),
@@ -122,7 +129,7 @@ class FeatureHeader:
         _check(type(m["sh"]) is list, "shape must be a list")
         _int(m["v"], "version")
         try:
-            return cls(m["rid"], m["img"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"], m["ck"],
+            return cls(m["rid"], m["slot"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"], m["ck"],
                        m.get("at", 0))
         except TypeError as error:  # e.g. an unhashable dtype value
             raise ProtocolError(f"bad feature header: {error}") from None
@@ -214,15 +221,15 @@ class Reject:
 
     TYPE: ClassVar[str] = "reject"
     request_id: str
-    image_index: int
+    slot: int
     reason: str
 
     def to_map(self) -> dict[str, Any]:
-        return {"rid": self.request_id, "img": self.image_index, "r": self.reason}
+        return {"rid": self.request_id, "slot": self.slot, "r": self.reason}
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> Reject:
-        return cls(_str(m["rid"], "request_id", MAX_REQUEST_ID_CHARS), _int(m["img"], "image_index"),
+        return cls(_str(m["rid"], "request_id", MAX_REQUEST_ID_CHARS), _int(m["slot"], "slot"),
                    _str(m["r"], "reason", MAX_REASON_CHARS))
 
 
@@ -253,7 +260,7 @@ _KEYS: dict[str, frozenset[str]] = {
     "auth": frozenset(("p",)),
     "accept": frozenset(),
     "refuse": frozenset(("c", "r")),
-    "reject": frozenset(("rid", "img", "r")),
+    "reject": frozenset(("rid", "slot", "r")),
     "heartbeat": frozenset(),
 }
 
@@ -279,6 +286,8 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
     _check(type(m) is dict, "message is not a map")
     kind = m.pop("t", None)
     _check(type(kind) is str and kind in MESSAGE_TYPES, f"unknown message type {kind!r}")
+    if kind == "feature" and m.get("v") != PROTOCOL_VERSION:  # before its keys: another version's differ
+        raise ProtocolError(f"feature header of protocol version {m.get('v')!r}; this side speaks {PROTOCOL_VERSION}")
     _check(set(m) == _KEYS[kind], f"{kind} message has keys {sorted(map(str, m))}")
     return MESSAGE_TYPES[kind].from_map(m)
 

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dvd.errors import ShuttingDownError
+from dvd.transport.base import WIRE_TORCH_DTYPE
 from dvd.vision_server.model import EncodedImage, VisionHalf, assemble
 
 logger = logging.getLogger(__name__)
-WIRE_DTYPE = torch.bfloat16
 
 
 class WorkStatus(enum.Enum):
@@ -255,7 +255,7 @@ class Batcher:
         features = torch.cat([c[1] for c in chunks])
         with self._stats_lock:
             self.stats.num_tiles_full += features.shape[0]
-        rows = features.reshape(-1, features.shape[-1]).to(WIRE_DTYPE).cpu()
+        rows = features.reshape(-1, features.shape[-1]).to(WIRE_TORCH_DTYPE).cpu()
         work.on_slot(slot, EncodedImage(rows, (half.tokens_per_tile,) * features.shape[0]))
 
     def _deliver_routed(self, half: VisionHalf, work: EncodeWork) -> None:
@@ -276,4 +276,4 @@ class Batcher:
             self.stats.num_tiles_compressed += num_compressed
             self.stats.num_tiles_full += routes.numel() - num_compressed
         for slot, image, p in zip(slots, images, probs.split([work.tiles[s] for s in slots]), strict=True):
-            work.on_slot(slot, EncodedImage(image.features.to(WIRE_DTYPE).cpu(), image.tokens_per_tile, p))
+            work.on_slot(slot, EncodedImage(image.features.to(WIRE_TORCH_DTYPE).cpu(), image.tokens_per_tile, p))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from dvd.errors import DestinationError, InputError, InvalidRequestError, ReplicaBusyError, ShuttingDownError
+from dvd.requests import Media
 from dvd.transport import FeatureHeader, Sender, TransportError, create_sender, header_for
 from dvd.vision_server.batcher import Batcher, EncodeWork
 from dvd.vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
@@ -31,21 +32,6 @@ from dvd.vision_server.tile_budget import TileBudget
 from dvd.vision_server.video import MAX_NUM_SEGMENTS, load_video
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class MediaInput:
-    data: bytes
-    max_num: int = 0  # 0 = the checkpoint's default
-    num_segments: int = 0  # > 0: a video
-
-    @property
-    def kind(self) -> str:
-        return "video" if self.num_segments else "image"
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_segments or 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +46,11 @@ class SlotOutcome:
 
 
 @dataclasses.dataclass
-class EncodeRequest:
+class EncodeCall:
+    """One Encode call as the engine takes it (the service converts `vision_pb2.EncodeRequest` to it)."""
+
     request_id: str
-    inputs: Sequence[MediaInput]
+    inputs: Sequence[Media]
     destination: str
     attempt: int = 0  # stamped on every frame (FeatureHeader.attempt): a retry's frames are no duplicates
 
@@ -92,7 +80,7 @@ class VisionEngine:
         self.batcher = Batcher(self.replicas, config.max_batch_tiles, config.max_wait_ms)
         self.transport_options = transport_options or {}
         self._senders: dict[str, Sender] = {}
-        self.inflight: dict[int, EncodeRequest] = {}
+        self.inflight: dict[int, EncodeCall] = {}
         self.tile_budget = TileBudget(config.max_pending_tiles)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -155,7 +143,7 @@ class VisionEngine:
             await sender.close()
 
     # ------------------------------------------------------------------------------------------
-    def _validate(self, request: EncodeRequest) -> str:
+    def _validate(self, request: EncodeCall) -> str:
         if not request.request_id:
             raise InvalidRequestError("request_id is empty")
         if not request.inputs:
@@ -184,12 +172,12 @@ class VisionEngine:
         self._sender(destination)
         return destination
 
-    def _worst_tiles(self, item: MediaInput) -> int:
+    def _worst_tiles(self, item: Media) -> int:
         """The most tiles one input may cost (its max_num tiles + the thumbnail, per slot)."""
         max_num = item.max_num or (1 if item.num_segments else self.preprocess.max_num)
         return (max_num + (1 if max_num > 1 and self.preprocess.use_thumbnail else 0)) * item.num_slots
 
-    def _keys(self, request: EncodeRequest) -> list[bytes]:
+    def _keys(self, request: EncodeCall) -> list[bytes]:
         return [cache_key(self.model_id, self.preprocess, item.max_num, item.num_segments, input_digest(item.data))
                 for item in request.inputs]
 
@@ -213,14 +201,14 @@ class VisionEngine:
         self.cache.record(len(keys) if usable else 0, 0 if usable else len(keys))
         return hits if usable else [None] * len(hits)
 
-    def _preprocess(self, item: MediaInput) -> list[torch.Tensor]:
+    def _preprocess(self, item: Media) -> list[torch.Tensor]:
         """Runs in the pool: one input -> per slot its pixel tiles."""
         if item.num_segments:
             video = load_video(item.data, self.preprocess, num_segments=item.num_segments, max_num=item.max_num or 1)
             return list(video.pixels)
         return [preprocess_image(item.data, self.preprocess, max_num=item.max_num or None)]
 
-    async def encode(self, request: EncodeRequest) -> list[SlotOutcome]:
+    async def encode(self, request: EncodeCall) -> list[SlotOutcome]:
         if len(self.inflight) >= self.config.max_inflight_requests:
             self.counters["num_requests_busy"] += 1
             raise ReplicaBusyError(f"vision server holds {len(self.inflight)} Encode calls, its limit "
@@ -240,7 +228,7 @@ class VisionEngine:
         self.counters["num_requests_ok"] += 1
         return outcomes
 
-    async def _encode(self, request: EncodeRequest) -> list[SlotOutcome]:
+    async def _encode(self, request: EncodeCall) -> list[SlotOutcome]:
         arrived = time.monotonic()
         destination = self._validate(request)
         loop = asyncio.get_running_loop()
@@ -289,7 +277,7 @@ class VisionEngine:
                 for task in tasks:
                     task.cancel()
 
-    async def _prepare(self, index: int, item: MediaInput, first_slot: int, work: EncodeWork | None,
+    async def _prepare(self, index: int, item: Media, first_slot: int, work: EncodeWork | None,
                        ready: asyncio.Queue[Any], stamps: dict[int, dict[str, float]]) -> None:
         assert work is not None
         try:
@@ -305,7 +293,7 @@ class VisionEngine:
         except Exception as error:  # any failure of this input ends the request, named
             ready.put_nowait(InputError(index, item.kind, error))
 
-    async def _push(self, request: EncodeRequest, destination: str, ready: asyncio.Queue[Any], num_slots: int,
+    async def _push(self, request: EncodeCall, destination: str, ready: asyncio.Queue[Any], num_slots: int,
                     input_of: dict[int, int], keys: list[bytes], first_slot: list[int],
                     tasks: set[asyncio.Future[Any]], stamps: dict[int, dict[str, float]]) -> list[SlotOutcome]:
         """Send every slot as it arrives; the first failure (input or transport) ends the request."""
@@ -348,7 +336,7 @@ class VisionEngine:
                     self.cache.put(key, [fresh[s] for s in slots])
         return [outcomes[s] for s in sorted(outcomes)]
 
-    async def _send(self, sender: Sender, destination: str, request: EncodeRequest, slot: int, image: EncodedImage,
+    async def _send(self, sender: Sender, destination: str, request: EncodeCall, slot: int, image: EncodedImage,
                     content_key: bytes, stamps: dict[str, float]) -> None:
         header: FeatureHeader = dataclasses.replace(
             header_for(request.request_id, slot, image.uniform_tokens_per_tile, image.features),

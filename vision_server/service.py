@@ -21,9 +21,10 @@ from grpc_health.v1 import health
 
 from dvd.errors import DvdError, rpc_metadata
 from dvd.process import start_grpc_server
+from dvd.requests import Media
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from dvd.vision_server.config import VisionServerConfig
-from dvd.vision_server.engine import EncodeRequest, MediaInput, VisionEngine
+from dvd.vision_server.engine import EncodeCall, VisionEngine
 
 logger = logging.getLogger(__name__)
 # After failing what was left, how long its RPCs get to send their error before the server stops.
@@ -41,6 +42,10 @@ def unknown_field_numbers(message: Message, path: str = "") -> list[str]:
     return found
 
 
+def media_from_proto(media: vision_pb2.MediaInput) -> Media:
+    return Media(media.data, num_segments=media.num_segments, max_num=media.max_num)
+
+
 class VisionService(vision_pb2_grpc.VisionServicer):
     def __init__(self, engine: VisionEngine) -> None:
         self.engine = engine
@@ -54,9 +59,9 @@ class VisionService(vision_pb2_grpc.VisionServicer):
                                 "(client built against a newer vision.proto?)")
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "vision server is draining; send to another replica")
-        call = EncodeRequest(
+        call = EncodeCall(
             request_id=request.request_id,
-            inputs=[MediaInput(i.data, i.max_num, i.num_segments) for i in request.inputs],
+            inputs=[media_from_proto(i) for i in request.inputs],
             destination=request.destination,
             attempt=request.attempt,
         )

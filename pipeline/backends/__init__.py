@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dvd.named import load_named
 from dvd.pipeline.backends.base import Backend
 
 BACKENDS: dict[str, str] = {
@@ -16,12 +17,8 @@ BACKENDS: dict[str, str] = {
 
 def backend_class(kind: str) -> type[Backend]:
     """The backend class registered under `kind` (imported only when chosen)."""
-    import importlib
-
-    if kind not in BACKENDS:
-        raise ValueError(f"unknown backend {kind!r}; choose from {sorted(BACKENDS)}")
-    module, _, name = BACKENDS[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+    backend: type[Backend] = load_named(BACKENDS, kind, "backend")
+    return backend
 
 
 __all__ = ["BACKENDS", "Backend", "backend_class"]

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from dvd.benchmarks import compare, serve
-from dvd.make_checkpoint import make_checkpoint
+from dvd.tools.make_checkpoint import make_checkpoint
 from tests.serve_process import ServeProcess
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0),

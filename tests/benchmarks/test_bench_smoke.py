@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dvd.benchmarks import vision
-from dvd.make_checkpoint import make_checkpoint
+from dvd.tools.make_checkpoint import make_checkpoint
 
 
 def test_transport_bench_small() -> None:

@@ -20,7 +20,7 @@ from dvd.deploy.plan import (
     place_vision,
     vision_parts,
 )
-from dvd.make_checkpoint import make_checkpoint
+from dvd.tools.make_checkpoint import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from transformers import InternVLForConditionalGeneration
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.language_server.model import LanguageHalf
-from dvd.make_checkpoint import make_checkpoint
+from dvd.tools.make_checkpoint import make_checkpoint
 from dvd.vision_server.model import VisionHalf
 from dvd.weights import TensorSource, language_tensors, vision_tensors
 

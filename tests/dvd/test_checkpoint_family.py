@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.language_server.model import LanguageHalf
-from dvd.make_checkpoint import make_checkpoint
+from dvd.tools.make_checkpoint import make_checkpoint
 from dvd.weights import TensorSource, language_tensors, vision_tensors
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError, PromptError
-from dvd.prompt import THINKING_SYSTEM_PROMPT, ChatFormat
-from dvd.tokenizer_builder import INTERNVL_SYSTEM_MESSAGE
+from dvd.prompt import INTERNVL_SYSTEM_MESSAGE, THINKING_SYSTEM_PROMPT, ChatFormat, ImageTokens, PromptTokens
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,30 @@ def test_expansion_uses_the_slot_sizes(hf_chat: ChatFormat) -> None:
     assert len(ids) == prompt.num_text_tokens + 320 + 4
     with pytest.raises(PromptError, match="2 image slots but 1"):
         hf_chat.expand(prompt, [256])
+
+
+def _expand_as_before(segments: tuple[tuple[int, ...], ...], sizes: list[int], start: int, context: int,
+                      end: int) -> list[int]:
+    """The slot expansion PromptTokens.expand wrote out before the layout had one home (ImageTokens)."""
+    ids = list(segments[0])
+    for n, segment in zip(sizes, segments[1:], strict=True):
+        ids += [start, *([context] * n), end, *segment]
+    return ids
+
+
+@given(st.lists(st.lists(st.integers(0, 50), max_size=5).map(tuple), min_size=1, max_size=5).map(tuple),
+       st.data())
+def test_the_one_image_layout_gives_the_ids_it_gave_before(segments: tuple[tuple[int, ...], ...],
+                                                           data: st.DataObject) -> None:
+    """Whole (the gateway's and `dvd generate`'s prompt) or in the language server's pieces: the same ids."""
+    sizes = data.draw(st.lists(st.integers(0, 300), min_size=len(segments) - 1, max_size=len(segments) - 1))
+    image = ImageTokens(start_id=101, context_id=102, end_id=103)
+    before = _expand_as_before(segments, sizes, 101, 102, 103)
+    assert PromptTokens(segments).expand(sizes, image) == before
+    pieces = image.head(segments[0], len(sizes))
+    for i, (n, segment) in enumerate(zip(sizes, segments[1:], strict=True)):
+        pieces += image.piece(n, segment, last=i == len(sizes) - 1)
+    assert pieces == before
 
 
 def test_system_message_and_thinking_mode(hf_chat: ChatFormat, github_chat: ChatFormat) -> None:

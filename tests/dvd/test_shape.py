@@ -83,3 +83,14 @@ def test_the_distribution_installs_dvd_alone(tmp_path: Path) -> None:
                    "dvd/pipeline/serving.py", "dvd/deploy/__init__.py", "dvd/benchmarks/cli.py",
                    "dvd/v1/vision_pb2.py"):
         assert module in files
+
+
+def test_a_server_importing_the_checkpoint_tools_breaks_the_contract(tmp_path: Path) -> None:
+    """dvd.tools sits above the core for the commands and benchmarks; the servers and the transport never
+    import it."""
+    _check_shape().lay_out(tmp_path, link=False)  # type: ignore[attr-defined]
+    with (tmp_path / "dvd/language_server/feature_pool.py").open("a") as f:
+        f.write("\nimport dvd.tools.make_checkpoint  # planted\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "dvd.language_server.feature_pool -> dvd.tools.make_checkpoint (l." in result.stdout, result.stdout

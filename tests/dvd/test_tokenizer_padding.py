@@ -3,7 +3,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from dvd.tokenizer_builder import SPECIAL_TOKENS, build_tokenizer, padded_to
+from dvd.tools.tokenizer_builder import SPECIAL_TOKENS, build_tokenizer, padded_to
 
 TEXT = "<|im_start|>user\nDescribe <img><IMG_CONTEXT></img> 你好, the cat.<|im_end|><think>"
 

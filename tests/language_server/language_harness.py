@@ -19,8 +19,8 @@ import torch
 
 from dvd.language_server.config import EngineConfig
 from dvd.language_server.model import LanguageHalf
+from dvd.language_server.server import LanguageServer
 from dvd.language_server.server_config import LanguageServerConfig
-from dvd.language_server.service import LanguageServer
 from dvd.transport import Sender, TransportConfig, create_sender, header_for
 from dvd.v1 import common_pb2, language_pb2_grpc
 
@@ -50,12 +50,12 @@ class Harness:
     def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
-    def send(self, request_id: str, image_index: int, features: torch.Tensor, content_key: bytes | None = None) -> None:
-        header = dataclasses.replace(header_for(request_id, image_index, 256, features), content_key=content_key)
+    def send(self, request_id: str, slot: int, features: torch.Tensor, content_key: bytes | None = None) -> None:
+        header = dataclasses.replace(header_for(request_id, slot, 256, features), content_key=content_key)
         self.call(self.sender.send(self.server.receiver.address, header, features))
 
     def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        if not self.call(self.server.service.wait_until(predicate, timeout_s), timeout_s + 10):
+        if not self.call(self.server.wait_until(predicate, timeout_s), timeout_s + 10):
             raise TimeoutError("server state did not come about")
 
     def stats(self) -> dict[str, float]:

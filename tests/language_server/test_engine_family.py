@@ -12,8 +12,8 @@ from transformers import InternVLForConditionalGeneration
 
 from dvd.checkpoint import open_checkpoint
 from dvd.language_server.model import LanguageHalf
-from dvd.make_checkpoint import make_checkpoint
 from dvd.prompt import ChatFormat
+from dvd.tools.make_checkpoint import make_checkpoint
 from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
 from tests.conftest import encode, photo_like
 from tests.language_server.conftest import make_engine

@@ -28,12 +28,12 @@ def test_frames_before_and_after_claim_complete_it_in_image_order() -> None:
         assert pool.nbytes == frame("r", 1).header.nbytes  # image 1 waits here until image 0 is taken
         pool.put(frame("r", 0))
         assert pool.nbytes == 0 and pool.missing("r") == [2]  # 0 and 1 handed over: the engine's now
-        assert [(await claim.next()).header.image_index for _ in range(2)] == [0, 1]
+        assert [(await claim.next()).header.slot for _ in range(2)] == [0, 1]
         taker = asyncio.ensure_future(claim.next())
         await asyncio.sleep(0)  # one turn of the loop (no timed wait): the taker is now waiting
         assert not taker.done()
         pool.put(frame("r", 2))
-        assert (await taker).header.image_index == 2
+        assert (await taker).header.slot == 2
         assert claim.done and pool.nbytes == 0 and pool.num_entries == 0 and pool.missing("r") == []
 
     asyncio.run(scenario())

@@ -53,8 +53,8 @@ def collect(stream: Iterator[language_pb2.LanguageGenerateResponse]) -> tuple[li
 
 
 def assert_all_freed(harness: Harness) -> None:
-    service, engine = harness.server.service, harness.server.engine
-    harness.wait_until(lambda: not service.streams and not service.waiting and not engine.requests
+    server, engine = harness.server, harness.server.engine
+    harness.wait_until(lambda: not server.streams and not server.feeder.waiting and not engine.requests
                        and engine.stats.num_kv_blocks_used == 0)
     gc.collect()  # frames caught in an error's traceback cycle
     pool = harness.server.receiver.pool
@@ -79,7 +79,7 @@ def test_text_and_image_requests_features_before_and_after_generate(
     harness.send("before", 0, image_features[0])  # features first: kept until their Generate claims them
     streams = {"text": harness.stub.Generate(text), "before": harness.stub.Generate(before),
                "after": harness.stub.Generate(after)}
-    harness.wait_until(lambda: "after" in harness.server.service.waiting)  # Generate first, then its features
+    harness.wait_until(lambda: "after" in harness.server.feeder.waiting)  # Generate first, then its features
     harness.send("after", 1, image_features[2])
     harness.send("after", 0, image_features[1])
     results = {rid: collect(stream) for rid, stream in streams.items()}
@@ -101,7 +101,7 @@ def test_frames_in_any_order_stream_into_the_prefill(harness: Harness, chat: Cha
     harness.send("four", 3, features["four"][3])  # one frame even before its Generate
     for rid in orders:
         streams[rid] = harness.stub.Generate(requests[rid])
-    harness.wait_until(lambda: set(orders) <= harness.server.service.waiting)
+    harness.wait_until(lambda: set(orders) <= harness.server.feeder.waiting)
     for position in range(4):  # the requests' frames interleaved, each request's in its own order
         for rid, order in orders.items():
             if position < len(order) and (rid, order[position]) != ("four", 3):
@@ -140,7 +140,7 @@ def test_missing_features_time_out_with_a_clear_error(harness: Harness, chat: Ch
     assert harness.stats()["feature_pool_num_requests_timed_out"] >= 1
     refused = harness.stats()["feature_pool_num_frames_refused"]
     harness.send("lost", 0, image_features[0])  # too late: refused on arrival, nothing kept
-    harness.wait_until(lambda: harness.server.service.pool.stats.num_frames_refused > refused)
+    harness.wait_until(lambda: harness.server.feeder.pool.stats.num_frames_refused > refused)
     assert_all_freed(harness)
 
 
@@ -163,7 +163,7 @@ def test_abort_mid_decode_frees_kv_and_features(harness: Harness, chat: ChatForm
 
 def test_abort_while_waiting_for_features_and_client_cancel(harness: Harness, chat: ChatFormat) -> None:
     waiting = harness.stub.Generate(generate_request(chat, "waits", "<image>\n?", num_images=1))
-    harness.wait_until(lambda: "waits" in harness.server.service.waiting)
+    harness.wait_until(lambda: "waits" in harness.server.feeder.waiting)
     assert harness.stub.Abort(language_pb2.AbortRequest(request_id="waits")).found
     with pytest.raises(grpc.RpcError) as caught:
         collect(waiting)

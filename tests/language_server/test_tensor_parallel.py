@@ -18,8 +18,8 @@ from dvd.language_server.engine import Engine
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest
 from dvd.language_server.tensor_parallel import TensorParallelEngine, follow, shard_language_model
-from dvd.make_checkpoint import make_checkpoint
 from dvd.prompt import ChatFormat
+from dvd.tools.make_checkpoint import make_checkpoint
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import build, greedy, run
 

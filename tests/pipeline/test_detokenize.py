@@ -7,7 +7,7 @@ import random
 import pytest
 
 from dvd.pipeline.detokenize import IncrementalDecoder
-from dvd.tokenizer_builder import build_tokenizer
+from dvd.tools.tokenizer_builder import build_tokenizer
 
 
 @pytest.fixture(scope="module")

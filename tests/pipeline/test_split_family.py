@@ -12,9 +12,9 @@ import torch
 from transformers import InternVLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from dvd.make_checkpoint import make_checkpoint
 from dvd.pipeline.local import LocalPipeline
 from dvd.sampling import greedy
+from dvd.tools.make_checkpoint import make_checkpoint
 from tests.conftest import encode, photo_like
 from tests.pipeline.test_split_equals_monolithic import monolithic_reference
 

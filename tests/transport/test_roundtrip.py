@@ -30,7 +30,7 @@ def test_bytes_and_bf16_values_identical(kind: str) -> None:
             for i, tensor in enumerate(sent):
                 await sender.send(receiver.address, header_for(f"req-{i}", i, 256, tensor, checksum=True), tensor)
             frames = await take(receiver, 3)
-            for frame, tensor in zip(sorted(frames, key=lambda f: f.header.image_index), sent, strict=True):
+            for frame, tensor in zip(sorted(frames, key=lambda f: f.header.slot), sent, strict=True):
                 assert frame.tensor.dtype == torch.bfloat16 and frame.tensor.shape == tensor.shape
                 assert frame.tensor.view(torch.int16).equal(tensor.view(torch.int16))
                 assert frame.header.tokens_per_tile == 256

@@ -58,7 +58,7 @@ def test_garbage_never_escapes_as_anything_but_protocol_error(garbage: bytes) ->
     assert decode(encode(message)) == message
 
 
-@given(headers, st.sampled_from(["v", "rid", "img", "tpt", "dt", "sh", "nb", "crc"]),
+@given(headers, st.sampled_from(["v", "rid", "slot", "tpt", "dt", "sh", "nb", "crc"]),
        st.one_of(st.none(), st.booleans(), st.text(max_size=4), st.integers(-5, 5), st.floats(), st.binary()))
 def test_mutated_field_is_valid_or_refused(header: FeatureHeader, key: str, value: object) -> None:
     fields = {"t": "feature", **header.to_map(), key: value}
@@ -72,7 +72,7 @@ def test_mutated_field_is_valid_or_refused(header: FeatureHeader, key: str, valu
 def test_other_version_extra_keys_and_bad_sizes_are_refused() -> None:
     good = FeatureHeader("r", 0, 256, "bfloat16", (256, 8), 4096).to_map()
     for bad in ({**good, "v": PROTOCOL_VERSION + 1}, {**good, "extra": 1}, {**good, "nb": 4095},
-                {**good, "dt": "float64"}, {**good, "rid": ""}, {**good, "img": True}):
+                {**good, "dt": "float64"}, {**good, "rid": ""}, {**good, "slot": True}):
         with pytest.raises(ProtocolError):
             decode(msgpack.packb({"t": "feature", **bad}, use_bin_type=True))
     with pytest.raises(ProtocolError):
@@ -80,6 +80,15 @@ def test_other_version_extra_keys_and_bad_sizes_are_refused() -> None:
     for length in (0, MAX_HEADER_BYTES + 1):
         with pytest.raises(ProtocolError):
             parse_length(length.to_bytes(4, "little"))
+
+
+def test_a_version_1_header_is_refused_naming_both_versions() -> None:
+    """Version 1 named a frame's slot `image_index` (key "img"): its headers fail on the version, not on a key."""
+    old = {"t": "feature", "v": 1, "rid": "r", "img": 0, "tpt": 256, "dt": "bfloat16", "sh": [256, 8], "nb": 4096,
+           "crc": None, "ck": None, "at": 0}
+    with pytest.raises(ProtocolError, match=f"protocol version 1; this side speaks {PROTOCOL_VERSION}"):
+        decode(msgpack.packb(old, use_bin_type=True))
+    assert PROTOCOL_VERSION == 2 and "slot" in FeatureHeader("r", 3, 256, "uint8", (1,), 1).to_map()
 
 
 def test_control_messages_round_trip() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_flash(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dvd.make_checkpoint import make_checkpoint
+    from dvd.tools.make_checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-flash", preset="tiny", fmt="github", flash=True)
 

@@ -14,9 +14,9 @@ import torch
 from dvd.config_file import ConfigError
 from dvd.deploy.serve_config import build_serve_config
 from dvd.devices import layer_ranges, split_layers
-from dvd.make_checkpoint import make_checkpoint
 from dvd.pipeline.local import LocalPipeline
 from dvd.sampling import greedy
+from dvd.tools.make_checkpoint import make_checkpoint
 from dvd.vision_server.config import VisionServerConfig, add_arguments
 from dvd.vision_server.model import VisionHalf
 from dvd.vision_server.placement import plan_stages, stage_modules

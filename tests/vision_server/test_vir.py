@@ -69,7 +69,7 @@ def _reference(half: VisionHalf, images: list[torch.Tensor]) -> tuple[list[torch
 
 
 def test_flash_checkpoint_loads_in_both_formats(tmp_path: Path, tiny_flash: Path) -> None:
-    from dvd.make_checkpoint import make_checkpoint
+    from dvd.tools.make_checkpoint import make_checkpoint
 
     hf = make_checkpoint(tmp_path / "hf", preset="tiny", fmt="hf", flash=True)
     assert open_checkpoint(hf).flash == open_checkpoint(tiny_flash).flash == FlashConfig(0.5, 0.0)

@@ -53,7 +53,7 @@ def test_features_equal_the_vision_half(plain: Harness, tiny_hf: Path) -> None:
     for slot, (name, (header, tensor)) in enumerate(zip(["wide", "long"], frames, strict=True)):
         want = half(preprocess_image(_bytes(name), config, max_num=6))
         want = want.reshape(-1, want.shape[-1]).to(torch.bfloat16)
-        assert header.image_index == slot and header.tokens_per_tile == 256 and tensor.dtype == torch.bfloat16
+        assert header.slot == slot and header.tokens_per_tile == 256 and tensor.dtype == torch.bfloat16
         assert tuple(header.shape) == tuple(want.shape)
         # batched with other tiles vs alone: equal up to one BF16 rounding step
         torch.testing.assert_close(tensor.float(), want.float(), rtol=8e-3, atol=8e-3)

@@ -12,10 +12,7 @@ import json
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# The default system message of InternVL's `internvl2_5` conversation template.
-INTERNVL_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-)
+from dvd.prompt import INTERNVL_SYSTEM_MESSAGE
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

@@ -21,14 +21,15 @@ def ensure_checkpoint(preset: str = "internvl3_5-1b-shaped", fmt: str = "hf", fl
     """The cached random-weight checkpoint for `preset`, built on first use (about a minute for 1B).
 
     Built in a private directory and renamed into place, so concurrent callers never see half a
-    checkpoint; the first rename wins.
+    checkpoint; the first rename wins. torch is imported only to build one: a gateway started without
+    `--model` finds the checkpoint cached and stays torch-free.
     """
-    from dvd.make_checkpoint import make_checkpoint
-
     name = f"{preset}-{fmt}{'-flash' if flash else ''}"
     path = (cache_dir or default_cache_dir()) / "checkpoints" / name
     if (path / "config.json").exists():
         return path
+    from dvd.tools.make_checkpoint import make_checkpoint
+
     log.warning("building the %s checkpoint in %s (once; its weights are random)", name, path)
     scratch = path.with_name(f".{name}.{os.getpid()}")
     make_checkpoint(scratch, preset=preset, fmt=fmt, flash=flash, seed=0)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from dvd.checkpoint import HF_FLASH_ARCHITECTURE
-from dvd.tokenizer_builder import build_tokenizer, padded_to
+from dvd.tools.tokenizer_builder import build_tokenizer, padded_to
+from dvd.weights import FLASH_NAMES, GITHUB_MLP1_NAMES, VIT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +236,6 @@ def flash_state_dict(vision_width: int, text_width: int, init: float, seed: int)
     return state
 
 
-_GITHUB_TO_HF_FLASH = [
-    (r"^mlp2\.0\.", "mlp2.norm."), (r"^mlp2\.1\.", "mlp2.dense1."), (r"^mlp2\.4\.", "mlp2.dense2."),
-    (r"^mlp2\.7\.", "mlp2.dense3."), (r"^gating\.(block\d)\.0\.", r"gating.\1.dense_in."),
-    (r"^gating\.(block\d)\.3\.", r"gating.\1.dense_out."), (r"^gating\.(block\d)\.5\.", r"gating.\1.norm."),
-    (r"^gating\.gate\.0\.", "gating.gate_norm."), (r"^gating\.gate\.1\.", "gating.gate_proj."),
-]
-
-
 def to_hf_flash_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ViR tensors, GitHub names -> the HF (`internvl_flash`) names: named projector and gating layers, and
     each pooling attention's fused in_proj split into query / key / value."""
@@ -254,27 +247,11 @@ def to_hf_flash_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             for part, rows in zip(("query", "key", "value"), tensor.chunk(3, dim=0), strict=True):
                 out[f"pooling_before_gating.{attn}.{part}.{kind}"] = rows.contiguous()
             continue
-        for pattern, replacement in _GITHUB_TO_HF_FLASH:
-            name, count = re.subn(pattern, replacement, name)
-            if count:
-                break
-        out[name] = tensor
+        out[FLASH_NAMES.to_hf(name) or name] = tensor
     return out
 
 
-_HF_TO_GITHUB_VIT = [
-    (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
-    (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
-    (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.", r"encoder.layers.\1.attn.\2."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
-    (r"^encoder\.layer\.(\d+)\.lambda_1$", r"encoder.layers.\1.ls1"),
-    (r"^encoder\.layer\.(\d+)\.lambda_2$", r"encoder.layers.\1.ls2"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-]
-_HF_TO_GITHUB_MLP1 = {"layer_norm": "0", "linear_1": "1", "linear_2": "3"}
+_HF_TO_GITHUB_MLP1 = {hf: github for github, hf in GITHUB_MLP1_NAMES.items()}
 
 
 def to_github_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -291,11 +268,7 @@ def to_github_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 continue
             if re.match(r"^encoder\.layer\.\d+\.attention\.[kv]_proj\.", rest):
                 continue
-            for pattern, replacement in _HF_TO_GITHUB_VIT:
-                rest, count = re.subn(pattern, replacement, rest)
-                if count:
-                    break
-            out["vision_model." + rest] = tensor
+            out["vision_model." + (VIT_NAMES.to_github(rest) or rest)] = tensor
         elif name.startswith("multi_modal_projector."):
             module, _, param = name[len("multi_modal_projector.") :].partition(".")
             out[f"mlp1.{_HF_TO_GITHUB_MLP1[module]}.{param}"] = tensor

@@ -1,0 +1,245 @@
+"""One `dvd language` process: the transport receiver, the feature feeder, the engine on its own thread and
+the gRPC service before them, built together in one step and started and stopped together.
+
+One Generate call (`generate`): admitted (not draining, its id free, under `max_queued_requests`, its
+sampling and text valid for this engine) -> the engine gets the prompt up to its first image -> the
+request's `Feed` hands the engine each image and the text after it as that image's frame arrives
+(feeder.py), so prefill runs while later images are still being encoded -> its tokens stream out, with
+the stage stamps. A failed request never stops the server, and whatever it held (pooled features, KV
+blocks) is freed on every way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import DuplicateRequestError, EngineFailedError, ReplicaBusyError, UnavailableError
+from dvd.language_server.engine import Engine
+from dvd.language_server.engine_loop import EngineLoop
+from dvd.language_server.feature_pool import FeaturePool
+from dvd.language_server.feeder import FeatureFeeder, Feed
+from dvd.language_server.generation import FirstTokenStamps, GenerateCall, GenerateOutput
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest, RequestOutput
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.language_server.service import LanguageService
+from dvd.process import start_grpc_server
+from dvd.prompt import ChatFormat
+from dvd.transport import create_receiver
+from dvd.v1 import language_pb2_grpc
+
+FINAL_GRACE_S = 5.0
+
+
+def _ms_since(t0: float, t: float | None = None) -> float:
+    return ((time.monotonic() if t is None else t) - t0) * 1e3
+
+
+class LanguageServer:
+    """The gRPC server, the feature receiver and feeder, and the engine of one `dvd language` process."""
+
+    def __init__(self, config: LanguageServerConfig, transport_options: dict[str, Any] | None = None,
+                 language: LanguageHalf | None = None, engine: Engine | None = None) -> None:
+        """`language` lets a caller share an already-loaded model (tests); by default it is loaded here.
+        `engine`: an engine built by the caller (rank 0's of a tensor-parallel group, tp_serve.py)."""
+        self.config = config
+        info = open_checkpoint(config.model)
+        self.chat = ChatFormat(info)
+        if engine is None:
+            language = language or LanguageHalf.from_checkpoint(info, dtype=config.torch_dtype, device=config.device)
+            engine = Engine(language, config.engine)
+        self.engine = engine
+        self.receiver = create_receiver(config.receiver_transport, **(transport_options or {}))
+        self.engine_loop = EngineLoop(engine, self._deliver)
+        self.feeder = FeatureFeeder(FeaturePool(config.feature_pool_bytes, config.orphan_ttl_s), self.chat.image_tokens,
+                                    engine.hidden_size, self.engine_loop.extend, engine.validate)
+        self.service = LanguageService(self)
+        self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
+        self.draining = False
+        # Notified whenever a frame arrives, a request starts waiting for features, enters the engine or
+        # leaves: the drain (and tests) wait on it for a state, never on time.
+        self.state = asyncio.Condition()
+        self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._notify_task: asyncio.Future[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def transport_address(self) -> str:
+        """Where vision servers push features, as other nodes must dial it."""
+        return self.config.advertised_transport(self.receiver.address)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.receiver.start()
+        self.engine_loop.start()
+        self._tasks.append(asyncio.create_task(self._receive_features()))
+        self._server, self.port = await start_grpc_server(
+            lambda server: language_pb2_grpc.add_LanguageServicer_to_server(self.service, server),
+            self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
+            credentials=self.config.grpc_tls.server_credentials())
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""
+        self.draining = True
+        await self.grpc_health.enter_graceful_shutdown()  # grpc.health.v1 says NOT_SERVING too
+        await self.wait_until(lambda: not self.streams and not self.feeder.waiting, self.config.drain_timeout_s)
+        for rid in list(self.streams):
+            self.engine_loop.abort(rid)
+        if self._server is not None:
+            await self._server.stop(FINAL_GRACE_S)
+        self.engine_loop.stop()
+        await self.receiver.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _receive_features(self) -> None:
+        async for frame in self.receiver:
+            self.feeder.put(frame)
+            del frame  # the pool (then the engine) holds the only reference
+            await self._notify()  # a frame taken, kept or refused changes what waiters may wait on
+
+    # --- requests -------------------------------------------------------------------------------
+    async def generate(self, call: GenerateCall) -> AsyncGenerator[GenerateOutput, None]:
+        """The request's outputs, as the engine makes them; raises a DvdError naming what went wrong."""
+        self._admit(call)
+        rid, t0 = call.request_id, time.monotonic()  # stage stamps: ms since this moment, on this server's clock
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.streams[rid] = queue
+        feed: Feed | None = None
+        in_engine = False
+        try:
+            if call.num_slots:  # waiting for features from here, so an Abort from now on ends the wait
+                feed = self.feeder.open(rid, call.segments, call.sampling.max_new_tokens)
+            request = EngineRequest(rid, self.chat.image_tokens.head(call.segments[0], call.num_slots), call.sampling,
+                                    prompt_complete=not call.num_slots)
+            added_ms = _ms_since(t0)
+            self.engine_loop.add(request)
+            in_engine = True
+            await self._notify()
+            if feed is not None:
+                await feed.run(call.features_timeout_s)
+            waited_ms = _ms_since(t0)
+            arrived = tuple(_ms_since(t0, f.arrived_at) if f.arrived_at else 0.0 for f in (feed.frames if feed else ()))
+            async with contextlib.aclosing(self._outputs(queue, request, t0, waited_ms, arrived, added_ms)) as outputs:
+                async for output in outputs:
+                    in_engine = not output.finished
+                    yield output
+        finally:  # every way out (finish, error, client cancel) frees what the request held
+            if feed is not None:
+                feed.close()
+            else:
+                self.feeder.release(rid)
+            self.streams.pop(rid, None)
+            if in_engine:
+                self.engine_loop.abort(rid)
+            await self._notify()
+
+    def _admit(self, call: GenerateCall) -> None:
+        rid, limit = call.request_id, self.engine.config.max_queued_requests
+        if self.draining:
+            raise UnavailableError("language server is draining; send to another replica")
+        if rid in self.streams or rid in self.feeder.waiting:
+            raise DuplicateRequestError(f"request_id {rid!r} is already in use")
+        if len(self.streams.keys() | self.feeder.waiting) >= limit:
+            raise ReplicaBusyError(f"language server holds {limit} requests, its limit max_queued_requests "
+                                   f"(engine.max_queued_requests)")
+        self.engine.validate_sampling(call.sampling)
+        # Text alone is checked now (vocabulary, length), so a bad request fails before waiting for features.
+        self.engine.validate([t for s in call.segments for t in s] or [0], 0)
+
+    async def _outputs(self, queue: asyncio.Queue[RequestOutput], request: EngineRequest, t0: float,
+                       waited_ms: float, arrived_ms: tuple[float, ...],
+                       added_ms: float) -> AsyncGenerator[GenerateOutput, None]:
+        """The engine's outputs for one request, stamped: the features wait on the first, the stage stamps on
+        the first with a token (or the last), the finish and counts on the last."""
+        features_wait_ms: float | None = waited_ms
+        stamped = False
+        while True:
+            output = await queue.get()
+            if output.error is not None:
+                raise EngineFailedError(output.error)
+            stamps = None
+            if not stamped and (output.new_token_ids or output.finished):  # the first token's output
+                stamped = True
+                prefill = _ms_since(t0, request.first_scheduled_at) if request.first_scheduled_at else None
+                stamps = FirstTokenStamps(arrived_ms, added_ms, _ms_since(t0), prefill)
+            if not output.finished:
+                yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps)
+            else:
+                yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps, output.finish_reason,
+                                     output.num_prompt_tokens, output.num_output_tokens, _ms_since(t0))
+                return
+            features_wait_ms = None
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request waiting for features, running, or whose features came before its Generate;
+        False when there is no such request (finished already, or never seen)."""
+        if self.feeder.abort(request_id):  # it is in the engine too, prefilling: that goes when Generate ends
+            return True
+        if request_id in self.streams:
+            self.engine_loop.abort(request_id)
+            return True
+        return self.feeder.drop_unclaimed(request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """The engine loop's outputs, on the event loop: into each request's stream."""
+        for output in outputs:
+            queue = self.streams.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+            if output.finished and output.request_id in self.feeder.waiting:  # e.g. the engine failed
+                self.feeder.fail(output.request_id, EngineFailedError(
+                    output.error or "the engine ended the request while it waited for features"))
+        if any(o.finished for o in outputs):  # engine-side state changed (e.g. an abort took effect)
+            self._notify_task = asyncio.ensure_future(self._notify())
+
+    # --- state ----------------------------------------------------------------------------------
+    async def _notify(self) -> None:
+        async with self.state:
+            self.state.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Waits (on the event loop) until `predicate()` holds after a state change; False on timeout."""
+        async with self.state:
+            try:
+                await asyncio.wait_for(self.state.wait_for(predicate), timeout_s)
+            except TimeoutError:
+                return False
+        return True
+
+    def health(self) -> tuple[bool, str]:
+        """Serving (False while draining), and what the server holds, in words."""
+        serving = not self.draining
+        stats, engine = self.engine.stats, self.engine.config
+        detail = (f"{'serving' if serving else 'draining'}: {len(self.streams)} requests in the engine, "
+                  f"{len(self.feeder.waiting)} waiting for features; KV cache {stats.num_kv_blocks_used} of "
+                  f"{engine.num_blocks} blocks used ({engine.kv_capacity_tokens} tokens)")
+        return serving, detail
+
+    def counters(self) -> dict[str, float]:
+        pool = self.feeder.pool
+        counters = self.engine.stats.as_dict()
+        counters |= {f"feature_pool_{k}": float(v) for k, v in vars(pool.stats).items()}
+        counters |= {"feature_pool_bytes": float(pool.nbytes), "num_feature_pool_entries": pool.num_entries,
+                     "num_waiting_for_features": float(len(self.feeder.waiting)),
+                     "num_streams": float(len(self.streams)), "kv_cache_bytes": float(self.engine.kv_cache_bytes)}
+        counters |= {f"transport_{k}": float(v) for k, v in vars(self.receiver.stats).items()}
+        receive_pool = getattr(self.receiver, "pool", None)  # the receive pool the frames' bytes live in
+        if receive_pool is not None:
+            counters["transport_pool_bytes_in_use"] = float(receive_pool.num_bytes_in_use)
+        return counters
