@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -109,7 +110,9 @@ def run_baseline(language: LanguageHalf, config: BenchConfig) -> dict[str, float
     """transformers' `generate`, one request after another."""
     sampling = greedy(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
     prompts = _prompts(config, config.baseline_requests, language.vocab_size, salt=0)
-    ttft, tpot, total = [], [], 0
+    ttft: list[float] = []
+    tpot: list[float] = []
+    total = 0
     clock = _Clock(config.threads)
     for prompt in prompts:
         first = _FirstToken()
@@ -127,7 +130,7 @@ def run_hf_batch(language: LanguageHalf, config: BenchConfig, concurrency: int) 
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     prompts = _prompts(config, max(concurrency, config.min_requests), language.vocab_size, salt=concurrency)
-    model = language.model
+    model: Any = language.model  # transformers' generate_batch (continuous batching)
     blocks = -(-(config.prompt_max + config.new_tokens) // config.block_size) * len(prompts) + 1
     cb = ContinuousBatchingConfig(page_size=config.block_size, num_blocks=blocks,
                                   max_batch_tokens=config.max_batch_tokens, max_requests_per_batch=concurrency)
@@ -145,7 +148,9 @@ def run_engine(engine: Engine, config: BenchConfig, concurrency: int) -> dict[st
     sampling = greedy(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
     submitted: dict[str, float] = {}
     first: dict[str, float] = {}
-    ttft, tpot, total = [], [], 0
+    ttft: list[float] = []
+    tpot: list[float] = []
+    total = 0
     clock = _Clock(config.threads)
     steps0 = engine.stats.num_steps
     while prompts or engine.has_work:

@@ -28,6 +28,7 @@ import torch
 if TYPE_CHECKING:
     from dvd.transport import Receiver
     from dvd.vision_server.engine import VisionEngine
+    from dvd.vision_server.model import EncodedImage
 
 PRESET = "internvl3_5-1b-shaped"
 # A mixed image set of exactly 16 tiles: (width, height, max_num) -> 3x1+thumb, 2x2+thumb, 1x3+thumb, 2x1+thumb.
@@ -96,7 +97,7 @@ def _run_batch(batcher: object, request_id: str, slots: list[torch.Tensor]) -> t
     results: dict[int, tuple[int, ...]] = {}
     errors: list[BaseException] = []
 
-    def on_slot(slot: int, image: object) -> None:
+    def on_slot(slot: int, image: EncodedImage) -> None:
         results[slot] = image.tokens_per_tile
         if len(results) == len(slots):
             done.set()
