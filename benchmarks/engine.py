@@ -4,6 +4,9 @@ beside transformers' `generate` one request at a time (the model card's path) in
 Prompts are random token ids of `--prompt-min`..`--prompt-max` tokens; every request produces exactly
 `--new-tokens` tokens (min = max), so both sides do the same work. At concurrency c the engine keeps c
 requests in flight (closed loop) over max(c, --min-requests) requests.
+
+--profile-out FILE also times single engine steps (prefill chunks, decode steps by batch and context) and
+writes them into a `dvd plan --simulate` stage-cost profile (benchmarks/engine_profile.py).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class BenchConfig:
     seed: int
     as_json: bool
     hf_batch: bool
+    profile_out: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -185,6 +189,8 @@ def parse(argv: list[str]) -> BenchConfig:
     parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     parser.add_argument("--hf-batch", action="store_true",
                         help="also time transformers' own continuous batching (generate_batch) at 16 requests")
+    parser.add_argument("--profile-out", type=Path, metavar="FILE",
+                        help="also time single steps and write them into a dvd plan --simulate profile (JSONL)")
     args = parser.parse_args(argv)
     return BenchConfig(
         preset=args.preset, cache_dir=args.cache_dir or default_cache_dir(),
@@ -193,8 +199,19 @@ def parse(argv: list[str]) -> BenchConfig:
         baseline_requests=args.baseline_requests, threads=args.threads, dtype=args.dtype,
         block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
         linear_backend=args.linear_backend, seed=args.seed, as_json=args.as_json,
-        hf_batch=args.hf_batch,
+        hf_batch=args.hf_batch, profile_out=args.profile_out,
     )
+
+
+def write_profile(config: BenchConfig, language: LanguageHalf, engine_config: EngineConfig) -> Path:
+    from dvd.benchmarks.engine_profile import profile_records
+    from dvd.deploy.cost_profile import write_records
+
+    assert config.profile_out is not None
+    source = {"stage": "source", "bench": "engine", "model": config.preset, "dtype": config.dtype,
+              "threads": config.threads, "max_batch_tokens": config.max_batch_tokens,
+              "linear_backend": config.linear_backend, "load_average": os.getloadavg()[0]}
+    return write_records(config.profile_out, [*profile_records(language, engine_config, config.seed), source])
 
 
 def main(argv: list[str]) -> int:
@@ -245,6 +262,9 @@ def main(argv: list[str]) -> int:
         "speedup_vs_hf_at_16_cpu_time": None if at16 is None else at16["tokens_per_cpu_s"]
         / baseline["tokens_per_cpu_s"],
     }
+    if config.profile_out is not None:
+        result["profile_out"] = str(write_profile(config, language, engine_config))
+        say(f"wrote the step costs to {result['profile_out']}")
     if config.as_json:
         print(json.dumps(result, indent=2, default=str))
     elif at16 is not None:
