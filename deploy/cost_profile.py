@@ -92,20 +92,14 @@ class DecodeCost:
             raise ValueError("decode costs need at least one point")
         self.contexts = sorted(by_context)
         self.curves = [Curve(by_context[c]) for c in self.contexts]
-        self._memo: dict[tuple[int, int], float] = {}
 
     def __call__(self, batch: int, context: float) -> float:
-        key = (batch, int(context) >> 4)  # contexts within 16 tokens cost the same step
-        value = self._memo.get(key)
-        if value is None:
-            value = self._memo[key] = self._at(batch, float(key[1] << 4))
-        return value
-
-    def _at(self, batch: int, context: float) -> float:
-        if len(self.contexts) == 1:
+        contexts = self.contexts
+        if len(contexts) == 1:
             return self.curves[0](batch)
-        at = Curve(zip(self.contexts, (curve(batch) for curve in self.curves), strict=True))
-        return at(context)
+        i = min(max(bisect.bisect_left(contexts, context), 1), len(contexts) - 1)
+        low, high = self.curves[i - 1](batch), self.curves[i](batch)
+        return max(0.0, low + (high - low) * (context - contexts[i - 1]) / (contexts[i] - contexts[i - 1]))
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,8 @@ class VisionReplica:
             return
         deadline = self.queue[0][3] + self.max_wait
         if self.queued_tiles >= self.max_tiles or now >= deadline:
-            self._start(now)
+            self.busy = True  # the batch is taken after everything else that happens at this instant
+            self.events.at(now, self._start)
         elif deadline != self.wake_at:
             self.wake_at = deadline
             self.events.at(deadline, self._wake, deadline)
@@ -169,7 +170,7 @@ class VisionReplica:
             self.wake_at = math.inf
             self._maybe_start(now)
 
-    def _start(self, now: float) -> None:
+    def _start(self, now: float, _: None = None) -> None:
         room, taken = self.max_tiles, []
         while self.queue and room:
             item = self.queue[0]
@@ -182,7 +183,7 @@ class VisionReplica:
         tiles = self.max_tiles - room
         self.queued_tiles -= tiles
         cost = self.forward(tiles)
-        self.busy, self.busy_time = True, self.busy_time + cost
+        self.busy_time += cost
         self.events.at(now + cost, self._done, taken)
 
     def _done(self, now: float, taken: list[tuple[SimRequest, int, int, bool]]) -> None:
@@ -257,13 +258,14 @@ class EngineReplica:
 
     def _poke(self, now: float) -> None:
         if not self.busy:
-            self._plan(now)
+            self.busy = True  # the step is planned after everything else that happens at this instant
+            self.events.at(now, self._plan)
         elif self.jump is not None:
             self._cut(now)
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _plan(self, now: float) -> None:
+    def _plan(self, now: float, _: None = None) -> None:
         budget = self.max_tokens - self.batch  # decodes first: one token each
         chunks: list[tuple[SimRequest, int]] = []
         tokens = tiles = 0

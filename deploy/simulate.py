@@ -211,7 +211,7 @@ class Simulation:
         now, i, n = 0.0, 0, len(arrivals)
         while True:
             send_at = max(arrivals[i], now) if i < n and self.in_flight < cap else math.inf
-            if heap and heap[0][0] <= send_at:
+            if heap and heap[0][0] < send_at:  # sends first: replicas plan after all that comes at one instant
                 now, _, handler, arg = pop(heap)
                 handler(now, arg)
             elif i < n and send_at < math.inf:
