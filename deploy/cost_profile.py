@@ -92,14 +92,18 @@ class DecodeCost:
             raise ValueError("decode costs need at least one point")
         self.contexts = sorted(by_context)
         self.curves = [Curve(by_context[c]) for c in self.contexts]
+        self._rows: dict[int, list[float]] = {}  # batch -> its cost at each measured context
 
     def __call__(self, batch: int, context: float) -> float:
+        row = self._rows.get(batch)
+        if row is None:
+            row = self._rows[batch] = [curve(batch) for curve in self.curves]
         contexts = self.contexts
         if len(contexts) == 1:
-            return self.curves[0](batch)
+            return row[0]
         i = min(max(bisect.bisect_left(contexts, context), 1), len(contexts) - 1)
-        low, high = self.curves[i - 1](batch), self.curves[i](batch)
-        return max(0.0, low + (high - low) * (context - contexts[i - 1]) / (contexts[i] - contexts[i - 1]))
+        return max(0.0, row[i - 1] + (row[i] - row[i - 1]) * (context - contexts[i - 1]) /
+                   (contexts[i] - contexts[i - 1]))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ from typing import Any, Protocol
 from dvd.deploy.cost_profile import CostProfile, Curve
 
 Handler = Callable[[float, Any], None]
+# A decode-only stretch ends after at most this many steps and is planned again: a stretch cut short leaves
+# its end event behind in the heap until its time, and a short horizon keeps those few on a large cluster.
+JUMP_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,17 @@ class SimSettings:
 
 
 class EventQueue:
-    """Events as (time, sequence, handler, argument) on a heap; equal times run in the order scheduled."""
+    """Events as (time, sequence, handler, argument) on a heap; equal times run in the order scheduled.
+    `at` is a closure, not a method: it runs a few million times a simulation."""
 
     def __init__(self) -> None:
         self.heap: list[tuple[float, int, Handler, Any]] = []
-        self._seq = itertools.count()
+        heap, sequence, push = self.heap, itertools.count(), heapq.heappush
 
-    def at(self, time: float, handler: Handler, arg: Any = None) -> None:
-        heapq.heappush(self.heap, (time, next(self._seq), handler, arg))
+        def at(time: float, handler: Handler, arg: Any = None) -> None:
+            push(heap, (time, next(sequence), handler, arg))
+
+        self.at = at
 
 
 class SimRequest:
@@ -128,7 +134,7 @@ class Preprocessor:
 
 class VisionReplica:
     def __init__(self, driver: Driver, profile: CostProfile, vir: bool, settings: SimSettings) -> None:
-        self.driver, self.events = driver, driver.queue
+        self.driver, self.at = driver, driver.queue.at
         self.forward = profile.vision[vir]
         self.vir = vir
         self.bytes_per_tile = profile.features[vir].tokens_per_tile * profile.features[vir].bytes_per_token
@@ -146,24 +152,29 @@ class VisionReplica:
             if ready <= now:
                 self._enqueue(now, (request, image))
             else:
-                self.events.at(ready, self._enqueue, (request, image))
+                self.at(ready, self._enqueue, (request, image))
 
     def _enqueue(self, now: float, item: tuple[SimRequest, int]) -> None:
         request, image = item
         self.queue.append([request, image, request.tiles[image], now])
         self.queued_tiles += request.tiles[image]
-        self._maybe_start(now)
+        self._maybe_start(now, defer=True)
 
-    def _maybe_start(self, now: float) -> None:
+    def _maybe_start(self, now: float, defer: bool = False) -> None:
+        """Start a batch if one is due. `defer`: images enqueued at this same instant join it (requests sent
+        together share a batch)."""
         if self.busy or not self.queue:
             return
         deadline = self.queue[0][3] + self.max_wait
         if self.queued_tiles >= self.max_tiles or now >= deadline:
-            self.busy = True  # the batch is taken after everything else that happens at this instant
-            self.events.at(now, self._start)
+            if defer:
+                self.busy = True
+                self.at(now, self._start)
+            else:
+                self._start(now)
         elif deadline != self.wake_at:
             self.wake_at = deadline
-            self.events.at(deadline, self._wake, deadline)
+            self.at(deadline, self._wake, deadline)
 
     def _wake(self, now: float, deadline: float) -> None:
         if deadline == self.wake_at:
@@ -183,8 +194,8 @@ class VisionReplica:
         tiles = self.max_tiles - room
         self.queued_tiles -= tiles
         cost = self.forward(tiles)
-        self.busy_time += cost
-        self.events.at(now + cost, self._done, taken)
+        self.busy, self.busy_time = True, self.busy_time + cost
+        self.at(now + cost, self._done, taken)
 
     def _done(self, now: float, taken: list[tuple[SimRequest, int, int, bool]]) -> None:
         self.busy = False
@@ -209,7 +220,8 @@ class VisionReplica:
 class EngineReplica:
     def __init__(self, driver: Driver, profile: CostProfile, settings: SimSettings,
                  encoder: Curve | None = None) -> None:
-        self.driver, self.events, self.profile = driver, driver.queue, profile
+        self.driver, self.at, self.profile = driver, driver.queue.at, profile
+        self.decode = profile.decode
         self.max_tokens, self.max_running = settings.max_batch_tokens, settings.max_running_requests
         self.kv_capacity = settings.kv_capacity_tokens
         self.encoder, self.encoder_tiles = encoder, settings.max_batch_tiles
@@ -229,16 +241,18 @@ class EngineReplica:
     # ---- what arrives -------------------------------------------------------------------------
 
     def add(self, now: float, request: SimRequest) -> None:
-        """Generate: the request with what is known of its prompt (`request.known`)."""
+        """Generate: the request with what is known of its prompt (`request.known`). One with nothing known
+        yet is admitted at the next step's planning, which its first piece's arrival brings about."""
         self.waiting.append(request)
-        self._poke(now)
+        if request.known:
+            self._poke(now)
 
     def receive(self, now: float, request: SimRequest, image: int, nbytes: float) -> None:
         """An image's features leave a vision replica: they cross this replica's link, one frame at a time."""
         assert self.transport is not None
         arrive = max(now, self.link_free) + self.transport(round(nbytes))
         self.link_free = arrive
-        self.events.at(arrive, self._arrived, (request, image + 1))
+        self.at(arrive, self._arrived, (request, image + 1))
 
     def _arrived(self, now: float, item: tuple[SimRequest, int]) -> None:
         request, piece = item
@@ -254,12 +268,17 @@ class EngineReplica:
         if request.admit and not request.in_ready:
             request.in_ready = True
             bisect.insort(self.ready, request, key=lambda r: r.admit)
-        self._poke(now)
+        self._poke(now, defer=False)
 
-    def _poke(self, now: float) -> None:
+    def _poke(self, now: float, defer: bool = True) -> None:
+        """New work: plan a step if idle (`defer`: after all else that comes at this instant, so requests
+        sent together share a step), or end a decode-only stretch after its step under way."""
         if not self.busy:
-            self.busy = True  # the step is planned after everything else that happens at this instant
-            self.events.at(now, self._plan)
+            if defer:
+                self.busy = True
+                self.at(now, self._plan)
+            else:
+                self._plan(now)
         elif self.jump is not None:
             self._cut(now)
 
@@ -329,7 +348,7 @@ class EngineReplica:
             assert self.encoder is not None
             cost += self.encoder(tiles)
         self.busy, self.busy_time = True, self.busy_time + cost
-        self.events.at(now + cost, self._end_step, chunks)
+        self.at(now + cost, self._end_step, chunks)
 
     def _end_step(self, now: float, chunks: list[tuple[SimRequest, int]]) -> None:
         self.steps += 1
@@ -368,12 +387,13 @@ class EngineReplica:
     # ---- decode-only stretches ----------------------------------------------------------------
 
     def _start_jump(self, now: float) -> None:
-        steps = self.decoding[0][0] - self.steps
+        steps = min(self.decoding[0][0] - self.steps, JUMP_STEPS)
         mean_context = (self.context + self.batch * (steps - 1) / 2) / self.batch  # contexts grow a token a step
-        per_step = self.profile.step_seconds(0, self.batch, mean_context)
+        assert self.decode is not None
+        per_step = self.decode(self.batch, mean_context)
         self.busy, self.jump = True, (now, per_step, steps)
         self.version += 1
-        self.events.at(now + steps * per_step, self._end_jump, self.version)
+        self.at(now + steps * per_step, self._end_jump, self.version)
 
     def _cut(self, now: float) -> None:
         """Something arrived during a decode-only stretch: end it after the step under way."""
@@ -383,7 +403,7 @@ class EngineReplica:
         if done < steps:
             self.version += 1
             self.jump = (start, per_step, done)
-            self.events.at(max(now, start + done * per_step), self._end_jump, self.version)
+            self.at(max(now, start + done * per_step), self._end_jump, self.version)
 
     def _end_jump(self, now: float, version: int) -> None:
         if version != self.version or self.jump is None:
@@ -402,7 +422,7 @@ class SerialReplica:
     generate after the vision half, `pipeline/local.py`)."""
 
     def __init__(self, driver: Driver, profile: CostProfile) -> None:
-        self.driver, self.events, self.profile = driver, driver.queue, profile
+        self.driver, self.at, self.profile = driver, driver.queue.at, profile
         self.queue: deque[SimRequest] = deque()
         self.busy = False
         self.busy_time = 0.0
@@ -425,7 +445,7 @@ class SerialReplica:
         end = first + (request.output - 1) * p.decode(1, request.prompt_len + request.output / 2)
         self.busy, self.busy_time = True, self.busy_time + end - now
         self.driver.first_token(first, request)
-        self.events.at(end, self._done, request)
+        self.at(end, self._done, request)
 
     def _done(self, now: float, request: SimRequest) -> None:
         self.driver.finished(now, request)
