@@ -51,6 +51,7 @@ class BenchConfig:
     as_json: bool
     hf_batch: bool
     profile_out: Path | None = None
+    model: Path | None = None  # a checkpoint to measure instead of the preset
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -172,6 +173,7 @@ def parse(argv: list[str]) -> BenchConfig:
     parser = argparse.ArgumentParser(prog="dvd bench engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="internvl3_5-1b-shaped", help="make-checkpoint preset to benchmark")
+    parser.add_argument("--model", type=Path, help="a checkpoint to benchmark instead of the preset")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where checkpoints are built and kept")
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent request counts")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -199,7 +201,7 @@ def parse(argv: list[str]) -> BenchConfig:
         baseline_requests=args.baseline_requests, threads=args.threads, dtype=args.dtype,
         block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
         linear_backend=args.linear_backend, seed=args.seed, as_json=args.as_json,
-        hf_batch=args.hf_batch, profile_out=args.profile_out,
+        hf_batch=args.hf_batch, profile_out=args.profile_out, model=args.model,
     )
 
 
@@ -208,7 +210,7 @@ def write_profile(config: BenchConfig, language: LanguageHalf, engine_config: En
     from dvd.deploy.cost_profile import write_records
 
     assert config.profile_out is not None
-    source = {"stage": "source", "bench": "engine", "model": config.preset, "dtype": config.dtype,
+    source = {"stage": "source", "bench": "engine", "model": str(config.model or config.preset), "dtype": config.dtype,
               "threads": config.threads, "max_batch_tokens": config.max_batch_tokens,
               "linear_backend": config.linear_backend, "load_average": os.getloadavg()[0]}
     return write_records(config.profile_out, [*profile_records(language, engine_config, config.seed), source])
@@ -221,7 +223,7 @@ def main(argv: list[str]) -> int:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(config.threads)
     load_start = os.getloadavg()[0]
-    path = ensure_checkpoint(config.preset, cache_dir=config.cache_dir)
+    path = config.model or ensure_checkpoint(config.preset, cache_dir=config.cache_dir)
     t0 = time.perf_counter()
     language = LanguageHalf.from_checkpoint(path, dtype=DTYPES[config.dtype])
     load_s = time.perf_counter() - t0
@@ -253,7 +255,7 @@ def main(argv: list[str]) -> int:
             f"p99 {r['ttft_p99_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.0f} ms p99 {r['tpot_p99_ms']:6.0f} ms")
     at16 = next((r for r in levels if r["concurrency"] == 16), None)
     result = {
-        "model": config.preset, "dtype": config.dtype, "threads": config.threads,
+        "model": str(config.model or config.preset), "dtype": config.dtype, "threads": config.threads,
         # Other work on the machine skews every figure: the 1-minute load average before and after says how much.
         "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "engine_config": asdict(engine_config), "hf_generate_one_at_a_time": baseline, "engine": levels,
