@@ -296,13 +296,13 @@ class EngineReplica:
                 chunks.append((request, n))
                 budget, tokens, tiles = budget - n, tokens + n, tiles + t
         while self.waiting and budget > 0:
-            request = self._admit()
-            if request is None:
+            admitted = self._admit()
+            if admitted is None:
                 break
-            if request.in_ready:
-                n, t = self._chunk(request, budget, tiles)
+            if admitted.in_ready:
+                n, t = self._chunk(admitted, budget, tiles)
                 if n:
-                    chunks.append((request, n))
+                    chunks.append((admitted, n))
                     budget, tokens, tiles = budget - n, tokens + n, tiles + t
         if chunks:
             self._run_step(now, chunks, tokens, tiles)
