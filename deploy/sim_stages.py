@@ -106,6 +106,24 @@ class SimRequest:
         self.language: Any = None  # its language (or coupled) replica
 
 
+class Step:
+    """One language step being scheduled: its prefill chunks, the budget they leave, the tiles they encode."""
+
+    __slots__ = ("budget", "chunks", "tiles", "tokens")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.chunks: list[tuple[SimRequest, int]] = []
+        self.tokens = self.tiles = 0
+
+    def add(self, request: SimRequest, tokens: int, tiles: int) -> None:
+        if tokens:
+            self.chunks.append((request, tokens))
+            self.budget -= tokens
+            self.tokens += tokens
+            self.tiles += tiles
+
+
 class Driver(Protocol):
     """What the replicas tell the simulation."""
 
@@ -285,31 +303,29 @@ class EngineReplica:
     # ---- one step -----------------------------------------------------------------------------
 
     def _plan(self, now: float, _: None = None) -> None:
-        budget = self.max_tokens - self.batch  # decodes first: one token each
-        chunks: list[tuple[SimRequest, int]] = []
-        tokens = tiles = 0
-        for request in self.ready:
-            if budget <= 0:
-                break
-            n, t = self._chunk(request, budget, tiles)
-            if n:
-                chunks.append((request, n))
-                budget, tokens, tiles = budget - n, tokens + n, tiles + t
-        while self.waiting and budget > 0:
-            admitted = self._admit()
-            if admitted is None:
-                break
-            if admitted.in_ready:
-                n, t = self._chunk(admitted, budget, tiles)
-                if n:
-                    chunks.append((admitted, n))
-                    budget, tokens, tiles = budget - n, tokens + n, tiles + t
-        if chunks:
-            self._run_step(now, chunks, tokens, tiles)
+        step = self._schedule()
+        if step.chunks:
+            self._run_step(now, step)
         elif self.batch:
             self._start_jump(now)
         else:
             self.busy = False
+
+    def _schedule(self) -> Step:
+        """The next step's prefill chunks, within what its decodes (one token each) leave of the budget:
+        running requests with known tokens in admission order, then waiting ones as they are admitted."""
+        step = Step(self.max_tokens - self.batch)
+        for request in self.ready:
+            if step.budget <= 0:
+                break
+            step.add(request, *self._chunk(request, step.budget, step.tiles))
+        while self.waiting and step.budget > 0:
+            admitted = self._admit()
+            if admitted is None:
+                break
+            if admitted.in_ready:
+                step.add(admitted, *self._chunk(admitted, step.budget, step.tiles))
+        return step
 
     def _admit(self) -> SimRequest | None:
         """The first waiting request, admitted if there is room (running count, KV); None when there is none."""
@@ -341,14 +357,14 @@ class EngineReplica:
             piece += 1
         return n, added
 
-    def _run_step(self, now: float, chunks: list[tuple[SimRequest, int]], tokens: int, tiles: int) -> None:
+    def _run_step(self, now: float, step: Step) -> None:
         context = self.context / self.batch if self.batch else 0.0
-        cost = self.profile.step_seconds(tokens, self.batch, context)
-        if tiles:
+        cost = self.profile.step_seconds(step.tokens, self.batch, context)
+        if step.tiles:
             assert self.encoder is not None
-            cost += self.encoder(tiles)
+            cost += self.encoder(step.tiles)
         self.busy, self.busy_time = True, self.busy_time + cost
-        self.at(now + cost, self._end_step, chunks)
+        self.at(now + cost, self._end_step, step.chunks)
 
     def _end_step(self, now: float, chunks: list[tuple[SimRequest, int]]) -> None:
         self.steps += 1
