@@ -154,3 +154,14 @@ def test_deployments_refuse_what_their_mode_cannot_run(profile: CostProfile, tmp
     simulate(no_transport, image_requests(1), Deployment("coupled", 0, 1), SETTINGS)  # needs none
     with pytest.raises(ValueError, match="max_running_requests"):
         SimSettings(max_batch_tokens=8, max_running_requests=16)
+
+
+def test_settings_default_to_the_servers_own() -> None:
+    from dvd.language_server.config import EngineConfig
+    from dvd.vision_server.config import VisionServerConfig
+
+    engine, vision, settings = EngineConfig(), VisionServerConfig(model=Path(".")), SimSettings()
+    assert (settings.max_batch_tokens, settings.max_running_requests) == (engine.max_batch_tokens,
+                                                                          engine.max_running_requests)
+    assert (settings.max_batch_tiles, settings.max_wait_s * 1e3, settings.preprocess_workers) == (
+        vision.max_batch_tiles, vision.max_wait_ms, vision.preprocess_workers)
