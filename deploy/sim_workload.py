@@ -99,7 +99,7 @@ def tiles_for(width: int, height: int, max_tiles: int = 12) -> int:
 def generate(spec: WorkloadSpec) -> SimRequests:
     rng = np.random.default_rng(spec.seed + 1)
     n, k = spec.num_requests, spec.images_per_request
-    size_tiles = np.array([tiles_for(w, h, spec.max_tiles) for w, h in spec.image_sizes])
+    size_tiles = np.array([tiles_for(w, h, spec.max_tiles) for w, h in spec.image_sizes] if k else [0])
     return SimRequests(
         arrivals=arrival_times(n, spec.rate, spec.arrival, spec.seed),
         prefix_tokens=np.full(n, spec.prefix_tokens if k else 0),
