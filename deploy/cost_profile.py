@@ -48,10 +48,22 @@ _HOW = {
 }
 
 
+def _pooled(ys: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence nearest `ys` in weighted least squares (pool adjacent violators): more work
+    never costs less, so a measurement that says so is noise, averaged with its neighbours."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for y, w in zip(ys, weights, strict=True):
+        blocks.append([y, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1, c1), (m2, w2, c2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [mean for mean, _, count in blocks for _ in range(int(count))]
+
+
 class Curve:
     """y(x) through measured points: linear between them, extrapolated along the end segments (through the
-    origin with one point), never below 0. Integer arguments are remembered: the simulator asks the same
-    batch sizes millions of times."""
+    origin with one point), never below 0 and never falling as x grows (measurements that fall are pooled).
+    Integer arguments are remembered: the simulator asks the same batch sizes millions of times."""
 
     __slots__ = ("_memo", "xs", "ys")
 
@@ -62,7 +74,8 @@ class Curve:
         if not merged:
             raise ValueError("a curve needs at least one point")
         self.xs = sorted(merged)
-        self.ys = [sum(merged[x]) / len(merged[x]) for x in self.xs]  # repeated measurements: their mean
+        means = [sum(merged[x]) / len(merged[x]) for x in self.xs]  # repeated measurements: their mean
+        self.ys = _pooled(means, [len(merged[x]) for x in self.xs])
         self._memo: dict[float, float] = {}
 
     def __call__(self, x: float) -> float:

@@ -18,7 +18,9 @@ def test_curves_interpolate_and_extrapolate_along_their_segments() -> None:
     assert curve(32) == pytest.approx(1.7 + 16 * 0.1)  # the last segment's slope
     assert curve(0) == pytest.approx(0.1)  # the first segment's, down to x = 0
     assert Curve([(100, 0.2)])(250) == pytest.approx(0.5)  # one point: proportional
-    assert Curve([(1, 1.0), (2, 0.1)])(5) == 0.0  # never below zero
+    assert Curve([(10, 0.1), (20, 1.1)])(0) == 0.0  # never below zero
+    noisy = Curve([(1, 0.1), (4, 0.5), (8, 0.3), (16, 0.9)])  # more work never costs less: 4 and 8 pooled
+    assert noisy.ys == pytest.approx([0.1, 0.4, 0.4, 0.9])
     assert Curve([(4, 1.0), (4, 3.0)])(4) == pytest.approx(2.0)  # repeated measurements: their mean
 
 
