@@ -17,8 +17,9 @@ events on one `EventQueue`. They mirror the servers' own policies, not their cod
 
 Decode-only stretches are not simulated step by step: between two events that change the batch (a request
 finishing, a prompt piece arriving) every step decodes the same requests, so the replica jumps to the first
-request's last token in one event, and cuts the jump short at the step under way when a piece arrives.
-That keeps the events per request constant, whatever the output length.
+request's last token (or `JUMP_STEPS` steps) in one event, costing each step at the stretch's mean context,
+and cuts the jump short at the step under way when work arrives. That keeps the events per request about
+constant, whatever the output length.
 """
 
 from __future__ import annotations
