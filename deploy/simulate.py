@@ -30,7 +30,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -95,7 +95,6 @@ class SimResult:
     wall_s: float = 0.0  # how long the simulation took
     cpu_s: float = 0.0  # of this process's CPU (on a loaded machine, closer to what it costs alone)
     scale: float = 1.0  # 1/k: simulated on a cluster k times smaller with k times fewer requests
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
