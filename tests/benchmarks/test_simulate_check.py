@@ -13,7 +13,9 @@ from tests.deploy.sim_profiles import HAND, write
 
 
 def _rows(out: str) -> list[list[str]]:
-    return [line.split() for line in out.splitlines() if line.startswith("448 px")]
+    """The comparison table's rows (bucket, "px", mode, ...)."""
+    rows = [line.split() for line in out.splitlines() if line.startswith("448 px")]
+    return [row for row in rows if row[2] in ("coupled", "dvd", "dvd+vir")]
 
 
 def test_replaying_a_measured_compare_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,9 +38,12 @@ def test_replaying_a_measured_compare_run(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.slow
 def test_quick_mode_measures_and_simulates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert simulate_check.main(["--quick", "--cache-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")]) == 0
-    out = capsys.readouterr().out
-    assert [r[2] for r in _rows(out)] == ["coupled", "dvd", "dvd+vir"]
-    assert "largest error" in out
+    argv = ["--quick", "--cache-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--json",
+            str(tmp_path / "out.json")]
+    assert simulate_check.main(argv) == 0
+    assert "largest error" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["bucket"], r["mode"]) for r in rows] == [("448", "coupled"), ("448", "dvd"), ("448", "dvd+vir")]
+    assert all(r["measured_req_s"] > 0 and r["simulated_req_s"] > 0 for r in rows)
     stages = {json.loads(line)["stage"] for line in (tmp_path / "work" / "profile.jsonl").read_text().splitlines()}
     assert stages == {"vision", "features", "preprocess", "prefill", "decode", "transport", "source"}
