@@ -145,8 +145,8 @@ class Preprocessor:
     def done(self, now: float, tiles: int) -> float:
         if self.cost is None:
             return now
-        start = max(now, heapq.heappop(self.free_at))
-        end = start + self.cost(tiles)
+        free = heapq.heappop(self.free_at)
+        end = (free if free > now else now) + self.cost(tiles)
         heapq.heappush(self.free_at, end)
         return end
 
@@ -269,7 +269,7 @@ class EngineReplica:
     def receive(self, now: float, request: SimRequest, image: int, nbytes: float) -> None:
         """An image's features leave a vision replica: they cross this replica's link, one frame at a time."""
         assert self.transport is not None
-        arrive = max(now, self.link_free) + self.transport(round(nbytes))
+        arrive = (self.link_free if self.link_free > now else now) + self.transport(round(nbytes))
         self.link_free = arrive
         self.at(arrive, self._arrived, (request, image + 1))
 

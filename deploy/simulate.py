@@ -220,12 +220,15 @@ class Simulation:
         arrivals = self.requests.arrivals.tolist()
         cap = self.settings.max_concurrency or len(arrivals)
         now, i, n = 0.0, 0, len(arrivals)
+        inf = math.inf
         while True:
-            send_at = max(arrivals[i], now) if i < n and self.in_flight < cap else math.inf
+            send_at = inf
+            if i < n and self.in_flight < cap:
+                send_at = arrivals[i] if arrivals[i] > now else now  # a capped client sends when a slot frees
             if heap and heap[0][0] < send_at:  # sends first: replicas plan after all that comes at one instant
                 now, _, handler, arg = pop(heap)
                 handler(now, arg)
-            elif i < n and send_at < math.inf:
+            elif send_at < inf:
                 now = send_at
                 self._send(now, i)
                 i += 1
