@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -325,6 +326,22 @@ def _paired_ratios(results: dict[str, Any], kind: str, size_name: str) -> dict[s
             for streams in raw if streams in mine}
 
 
+def write_profile(path: Path, results: dict[str, Any], kinds: list[str]) -> Path:
+    """One transport line per size measured on one stream: send() -> frame complete, p50."""
+    from dvd.deploy.cost_profile import write_records
+
+    kind = next((k for k in kinds if k != "raw" and "skipped" not in results.get(k, {})), None)
+    if kind is None:
+        raise SystemExit("--profile-out needs a measured kind other than raw (tcp or rdma) in --kinds")
+    records: list[dict[str, Any]] = [
+        {"stage": "transport", "bytes": SIZES[size], "seconds": points["streams_1"]["p50_ms"] / 1e3}
+        for size, points in results[kind].items() if size in SIZES and "streams_1" in points]
+    if not records:
+        raise SystemExit("--profile-out needs --streams to include 1")
+    source = {"stage": "source", "bench": "transport", "kind": kind, "load_average": os.getloadavg()[0]}
+    return write_records(path, [*records, source])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dvd bench transport", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -337,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ",".join(SIZES))
     parser.add_argument("--streams", default=",".join(map(str, STREAMS)), help="comma-separated stream counts")
     parser.add_argument("--mib-per-point", type=int, default=0, help="payload per measured point (MiB)")
+    parser.add_argument("--profile-out", type=Path, metavar="FILE",
+                        help="also write one frame's p50 latency per size (one stream, the first kind of --kinds "
+                             "that is not raw) into a dvd plan --simulate profile (JSONL)")
     args = parser.parse_args(argv)
     args.sizes = args.sizes.split(",")
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -375,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "rdma_vs_raw_best_ratio": _ratios(results, "rdma", "26MiB", "best_gbps"),
         "wall_s": round(time.monotonic() - started, 1),
     }
+    if args.profile_out is not None:
+        report["profile_out"] = str(write_profile(args.profile_out, results, kinds))
     if args.json:
         print(json.dumps(report, indent=2), file=json_out, flush=True)
     else:
