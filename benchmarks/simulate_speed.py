@@ -46,6 +46,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-sizes", default="896x896,1344x1344")
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--screen-devices", type=int, default=32)
+    parser.add_argument("--check-devices", type=int, default=2000,
+                        help="the best split is simulated as copies of this many devices (0: whole, to compare)")
     return parser.parse_args(argv)
 
 
@@ -80,7 +82,8 @@ def main(argv: list[str]) -> int:
     made = time.perf_counter() - wall, time.process_time() - cpu
     steps: list[str] = []
     found = search(profile, requests, Cluster(args.devices), args.modes.split(","), SimSettings(),
-                   screen_devices=args.screen_devices, progress=lambda r: steps.append(row(r)))
+                   screen_devices=args.screen_devices, progress=lambda r: steps.append(row(r)),
+                   check_devices=args.check_devices)
     total = time.perf_counter() - wall, time.process_time() - cpu
     screened = found.candidates
     report = {
@@ -89,8 +92,8 @@ def main(argv: list[str]) -> int:
         "workload_s": {"wall": round(made[0], 2), "cpu": round(made[1], 2)},
         "screen_s": {"wall": round(sum(r.wall_s for r in screened), 2), "cpu": round(sum(r.cpu_s for r in screened), 2),
                      "candidates": len(screened), "factor": found.screen_factor},
-        "full_scale_s": [{"deployment": r.deployment.label, "wall": round(r.wall_s, 2), "cpu": round(r.cpu_s, 2)}
-                         for r in found.chosen],
+        "full_scale_s": [{"deployment": r.deployment.label, "copies": r.copies, "wall": round(r.wall_s, 2),
+                          "cpu": round(r.cpu_s, 2)} for r in found.chosen],
         "total_s": {"wall": round(total[0], 2), "cpu": round(total[1], 2)},
         "load_average": {"start": round(load_average, 2), "end": round(os.getloadavg()[0], 2)},
     }

@@ -95,6 +95,8 @@ class SimResult:
     wall_s: float = 0.0  # how long the simulation took
     cpu_s: float = 0.0  # of this process's CPU (on a loaded machine, closer to what it costs alone)
     scale: float = 1.0  # 1/k: simulated on a cluster k times smaller with k times fewer requests
+    copies: int = 1  # simulated as one of `copies` identical copies, 1/copies of the cluster and requests each
+    # (`sim_search.check`): the figures are the whole cluster's, the throughputs the copy's times `copies`
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
