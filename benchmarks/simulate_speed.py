@@ -1,12 +1,13 @@
 """`dvd bench simulate-speed`: how long `dvd plan --simulate` takes to plan at scale (issue 22: 10 000 devices
 and one million requests in under a minute). Runs the split search as the plan command does (a screen on a
-scaled-down copy of the cluster, then the best split simulated whole) and prints wall and CPU time of each
-part.
+scaled-down copy of the cluster, then the best split simulated whole, as copies of --check-devices devices
+when larger: `--check-devices 0` times the whole run, to compare) and prints wall and CPU time of each part.
 
 Without --profile it runs on `SYNTHETIC`, GPU-like stage costs made up for timing only (they say nothing about
 any hardware); the arrival rate loads the cluster to --load of what a balanced split could serve.
 
   dvd bench simulate-speed [--devices 10000] [--requests 1000000] [--profile FILE] [--modes dvd]
+                           [--check-devices 2000]
 """
 
 from __future__ import annotations
