@@ -107,6 +107,13 @@ class Engine:
                                   f"{self.config.kv_capacity_tokens} ({self.config.num_blocks} blocks)")
 
     # --- the engine thread ----------------------------------------------------------------------
+    def enter_thread(self) -> None:
+        """Called first on the thread that steps the engine: CUDA's current device is per thread, and
+        whatever runs on the current device (a collective's staging, a default-device allocation) must
+        run on the engine's."""
+        if self.language.device.type == "cuda":
+            torch.cuda.set_device(self.language.device)
+
     @property
     def has_work(self) -> bool:
         """Something to run: a command, or requests of which some can progress (not all waiting for features)."""
@@ -119,7 +126,7 @@ class Engine:
         if batch.requests:
             logits = self.runner.execute(batch)
             sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
-            outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, sample(sampled, logits))
+            outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, self._sample(sampled, logits))
         self._stalled = not batch.requests
         self._update_stats(batch.total_tokens)
         return outputs
@@ -140,10 +147,22 @@ class Engine:
         self._update_stats(0)
         return outputs
 
+    def _sample(self, requests: list[EngineRequest], logits: torch.Tensor) -> list[int]:
+        return sample(requests, logits)
+
     def _apply_commands(self) -> list[RequestOutput]:
-        outputs = []
+        return self._apply(self._drain())
+
+    def _drain(self) -> list[tuple[str, Any]]:
+        """The commands queued so far, in order (what one step applies)."""
+        commands = []
         while not self._inbox.empty():
-            kind, item = self._inbox.get()
+            commands.append(self._inbox.get())
+        return commands
+
+    def _apply(self, commands: list[tuple[str, Any]]) -> list[RequestOutput]:
+        outputs = []
+        for kind, item in commands:
             if kind == "add":
                 self.requests[item.request_id] = item
                 self.scheduler.add(item)
