@@ -7,6 +7,8 @@ from dataclasses import dataclass
 MiB = 1 << 20
 # language_server/linear.py's kernels, by name (named here so configs validate without torch)
 LINEAR_BACKEND_NAMES = ("torch", "onednn")
+# attention.py's backends: "auto" is flex on CUDA and torch elsewhere (resolved by `attention_backend_for`)
+ATTENTION_BACKEND_NAMES = ("auto", "torch", "flex")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class EngineConfig:
     # Share full KV blocks between requests by a hash of their tokens and images (prefix_cache.py):
     # a repeated system prompt, or turn 2 of a chat about the same image, is not prefilled again.
     enable_prefix_cache: bool = True
+    # How attention reads the paged KV cache (attention.py): "torch" (SDPA: in place on a CPU, a padded
+    # gather elsewhere), "flex" (FlexAttention over the cache in place: compiled on CUDA, eager and slow
+    # elsewhere), or "auto" (flex on CUDA, torch elsewhere).
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +49,8 @@ class EngineConfig:
             (self.max_queued_requests >= 1, f"max_queued_requests must be >= 1, got {self.max_queued_requests}"),
             (self.linear_backend in LINEAR_BACKEND_NAMES,
              f"linear_backend must be one of {', '.join(LINEAR_BACKEND_NAMES)}, got {self.linear_backend!r}"),
+            (self.attention_backend in ATTENTION_BACKEND_NAMES,
+             f"attention_backend must be one of {', '.join(ATTENTION_BACKEND_NAMES)}, got {self.attention_backend!r}"),
             (isinstance(self.enable_prefix_cache, bool),
              f"enable_prefix_cache must be true or false, got {self.enable_prefix_cache!r}"),
         ]
@@ -53,3 +61,9 @@ class EngineConfig:
     @property
     def kv_capacity_tokens(self) -> int:
         return self.block_size * self.num_blocks
+
+    def attention_backend_for(self, device_type: str) -> str:
+        """The backend `auto` means on a device of this type ("cuda", "cpu", ...)."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "flex" if device_type == "cuda" else "torch"

@@ -61,7 +61,8 @@ class Engine:
                                   language.dtype, language.device)
         self.prefix_cache = PrefixCache(self.cache.allocator) if config.enable_prefix_cache else None
         self.scheduler = Scheduler(config, self.cache, self.prefix_cache)
-        self.runner = ModelRunner(language, self.cache, config.linear_backend)
+        self.runner = ModelRunner(language, self.cache, config.linear_backend,
+                                  config.attention_backend_for(language.device.type))
         self.context_limit = language.context_limit
         self.vocab_size = language.vocab_size
         self.requests: dict[str, EngineRequest] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -53,7 +54,8 @@ def fill(model: torch.nn.Module, refs: Mapping[str, TensorRef | JoinedRef | Shar
     """Read `refs` into a meta model, each tensor straight onto `device`, and put it in eval mode."""
     load_module(model, refs, dtype, optional=lambda name: name == "lm_head.weight", device=device)
     if "lm_head.weight" not in refs:  # tied embeddings: the checkpoint stores the matrix once
-        model.lm_head.weight = model.get_input_embeddings().weight
+        tied: Any = model  # transformers' attributes, which nn.Module types as Tensor | Module
+        tied.lm_head.weight = tied.get_input_embeddings().weight
     model.to(device).eval()  # the buffers (rotary frequencies), computed on the CPU
 
 

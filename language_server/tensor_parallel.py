@@ -45,7 +45,12 @@ from dvd.weights import Cut, JoinedRef, ShardRef, TensorRef, TensorSource, langu
 TENSOR_PARALLEL_MODELS = ("qwen3", "qwen3_moe", "gpt_oss", "qwen2", "llama")
 
 
-def check_shardable(config: object, world: int) -> None:
+def layers_of(model: nn.Module) -> Any:
+    """A `*ForCausalLM`'s decoder layers."""
+    return getattr(model.model, "layers")  # noqa: B009 (nn.Module's attribute typing says Tensor | Module)
+
+
+def check_shardable(config: Any, world: int) -> None:
     model_type = getattr(config, "model_type", "?")
     if model_type not in TENSOR_PARALLEL_MODELS:
         raise CheckpointError(f"tensor parallel is not supported for {model_type!r} (only "
@@ -81,7 +86,7 @@ def shard_plan(model: nn.Module, rank: int, world: int) -> dict[str, Cut]:
     """Parameter name -> this rank's `Cut`, for every parameter that splits (embeddings, norms, the router
     and lm_head stay whole)."""
     plan: dict[str, Cut] = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(layers_of(model)):
         prefix = f"model.layers.{i}"
         attention = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj"):
@@ -114,19 +119,20 @@ def _all_reduce_output(module: nn.Module, group: dist.ProcessGroup | None) -> No
 def _fit_modules(model: nn.Module) -> None:
     """Module attributes that describe the parameters' shapes, after the parameters were cut."""
     for module in model.modules():
+        fused: Any = getattr(module, "gate_up_proj", None)
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
         elif hasattr(module, "gate_up_proj_bias"):
-            module.intermediate_size = module.gate_up_proj.shape[2] // 2
-        elif hasattr(module, "gate_up_proj") and hasattr(module, "intermediate_dim"):
-            module.intermediate_dim = module.gate_up_proj.shape[1] // 2
+            module.intermediate_size = fused.shape[2] // 2
+        elif fused is not None and hasattr(module, "intermediate_dim"):
+            module.intermediate_dim = fused.shape[1] // 2
 
 
 def shard_language_model(model: nn.Module, rank: int, world: int,
                          group: dist.ProcessGroup | None = None) -> dict[str, Cut]:
     """Cut a `*ForCausalLM` (loaded, or still on the meta device) down to rank `rank` of `world`, in place
     (see the module docstring); returns the plan it cut by."""
-    config = model.config
+    config: Any = model.config
     check_shardable(config, world)
     if world == 1:
         return {}
@@ -136,7 +142,7 @@ def shard_language_model(model: nn.Module, rank: int, world: int,
         parameter = model.get_parameter(name)
         setattr(model.get_submodule(owner), attribute, nn.Parameter(cut.apply(parameter.data), requires_grad=False))
     _fit_modules(model)
-    for layer in model.model.layers:
+    for layer in layers_of(model):
         _all_reduce_output(layer.self_attn, group)
         _all_reduce_output(layer.mlp, group)
     # This rank's own counts: the KV cache (engine.py) is sized from them, and GQA's ratio is unchanged.
