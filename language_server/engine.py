@@ -16,6 +16,7 @@ import torch
 from dvd.errors import InvalidRequestError, KVCapacityError, PromptTooLongError
 from dvd.language_server.config import EngineConfig
 from dvd.language_server.kv_cache import PagedKVCache
+from dvd.language_server.memory_profile import kv_blocks_from_memory
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.prefix_cache import PrefixCache
 from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
@@ -54,6 +55,9 @@ class EngineStats:
 class Engine:
     def __init__(self, language: LanguageHalf, config: EngineConfig) -> None:
         self.language = language
+        config = config.for_device(str(language.device))
+        if not config.num_blocks:  # a GPU: as many blocks as its free memory holds
+            config = replace(config, num_blocks=self._num_blocks_from_memory(config))
         self.config = config
         text = language.model.config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -72,6 +76,9 @@ class Engine:
         self.stats = replace(self._counters)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stalled = False  # the last step found nothing to run: only a command can change that
+
+    def _num_blocks_from_memory(self, config: EngineConfig) -> int:
+        return kv_blocks_from_memory(self.language, config)
 
     # --- any thread -----------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:

@@ -217,13 +217,19 @@ class TensorParallelEngine(Engine):
     commands and sampled tokens; every other rank runs `follow`, applying what rank 0 sent."""
 
     def __init__(self, language: LanguageHalf, config: EngineConfig, group: dist.ProcessGroup | None = None) -> None:
-        super().__init__(language, config)
         self.group = group
         self.rank = dist.get_rank(group)
         # Collectives run where the rank's model is: NCCL needs its GPU; gloo takes CPU tensors.
         self.collective_device = language.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
         self._kind = _STEP
         self._received: list[tuple[str, Any]] = []
+        super().__init__(language, config)
+
+    def _num_blocks_from_memory(self, config: EngineConfig) -> int:
+        """The fewest blocks any rank's memory holds: every rank's scheduler must see the same cache."""
+        blocks = torch.tensor([super()._num_blocks_from_memory(config)], device=self.collective_device)
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=self.group)
+        return int(blocks.item())
 
     # --- rank 0 ---
     def _apply_commands(self) -> list[RequestOutput]:

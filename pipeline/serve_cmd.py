@@ -110,12 +110,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--language-device", help="language servers' device")
     group.add_argument("--dtype", help="model dtype for both halves: float32, bfloat16, float16 "
                                        "(default float32 on cpu, else bfloat16)")
-    group.add_argument("--max-batch-tiles", type=int, help="vision: most tiles in one forward pass (default 16)")
+    group.add_argument("--max-batch-tiles", type=int, help="vision: most tiles in one forward pass "
+                                                                   "(default 16 on a CPU, 64 on a GPU)")
     group.add_argument("--max-wait-ms", type=float, help="vision: how long a tile waits for its batch (default 5)")
     group.add_argument("--cache-mib", type=float, help="vision: encoder cache size in MiB; 0 disables (default 1024)")
-    group.add_argument("--num-blocks", type=int, help="language: KV cache blocks (default 512)")
+    group.add_argument("--num-blocks", type=int, help="language: KV cache blocks (default 512 on a CPU; on a GPU "
+                                                      "what fits language.engine.gpu_memory_utilization, 0.9)")
     group.add_argument("--block-size", type=int, help="language: KV cache block in tokens (default 32)")
-    group.add_argument("--max-batch-tokens", type=int, help="language: most tokens in one forward pass (default 2048)")
+    group.add_argument("--max-batch-tokens", type=int,
+                       help="language: most tokens in one forward pass (default 2048 on a CPU, 8192 on a GPU)")
     group.add_argument("--max-running", type=int, help="language: most requests decoding together (default 64)")
     group = parser.add_argument_group("placement on one machine (Linux CPU lists: 0, 1, 2-3, 0,2-3)")
     group.add_argument("--cpus", "--gateway-cpus", dest="cpus",
