@@ -77,8 +77,11 @@ class LanguageServerConfig:
 
     @property
     def receiver_transport(self) -> TransportConfig:
-        """The receiver's settings as run: rdma receives straight into the model's device."""
-        return replace(self.transport, device=self.device if self.transport.kind == "rdma" else "cpu")
+        """The receiver's settings as run: rdma receives straight into the model's device; frames received
+        in host memory for a model on a GPU are page-locked (asynchronous copies to it)."""
+        rdma = self.transport.kind == "rdma"
+        return replace(self.transport, device=self.device if rdma else "cpu",
+                       pin_memory=self.device.startswith("cuda") and not rdma)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LanguageServerConfig:
