@@ -40,7 +40,7 @@ class VisionServerConfig:
     # gateway tries another replica. Above the gateway's own max_concurrency (64), so one gateway never hits it.
     max_inflight_requests: int = 256
     # Tiles (each Encode's worst case: max_num + thumbnail per slot) admitted at once; an Encode that does not
-    # fit waits. Bounds the preprocessed pixels and pending features (448 px fp32: 2.4 MB a tile, 1.2 GB in all).
+    # fit waits. Bounds the preprocessed tiles and pending features (448 px uint8: 0.6 MB a tile, 0.3 GB in all).
     max_pending_tiles: int = 512
     max_message_bytes: int = 256 * MiB
     drain_timeout_s: float = 30.0
