@@ -291,6 +291,21 @@ def _torch_prefill(meta: PagedAttentionMetadata, seg: PrefillSegment, query: tor
     return attend(q, k, v, mask, scaling, sinks, is_causal=not seg.past)[0].transpose(0, 1)
 
 
+def kernels_in_use(device_type: str, backend: str) -> dict[str, str]:
+    """Which kernel each of the attention calls above runs, on a device of this type with this configured
+    backend (`auto` resolved as EngineConfig does); what `dvd doctor` reports."""
+    if (backend if backend != "auto" else ("flex" if device_type == "cuda" else "torch")) == "flex":
+        flex = "FlexAttention, compiled (Triton)" if device_type == "cuda" else "FlexAttention, eager (slow: a check)"
+        return {"decode": f"{flex}, the cache in place, the batch axis", "prefill chunk": f"{flex}, per chunk",
+                "chunk after a past": f"{flex}, per chunk", "sliding window / sinks": f"{flex}, mask / log-sum-exp"}
+    if device_type == "cpu":
+        return {"decode": "SDPA per request over its blocks in place (runs of blocks)",
+                "prefill chunk": "SDPA, causal", "chunk after a past": "two CPU flash calls merged by log-sum-exp",
+                "sliding window / sinks": "padded gather + SDPA with a mask / eager softmax with the sink column"}
+    return {"decode": "padded gather of every request's keys + SDPA with a mask", "prefill chunk": "SDPA, causal",
+            "chunk after a past": "SDPA with a dense mask", "sliding window / sinks": "masks / eager softmax"}
+
+
 def register() -> str:
     """Make the function known to transformers (idempotent); returns the name models select it by."""
     if ATTENTION_NAME not in AttentionInterface._global_mapping:

@@ -6,6 +6,7 @@ on other devices the engine keeps its configured block count."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ def activation_peak_bytes(language: LanguageHalf, config: EngineConfig) -> int:
 
 def kv_blocks_from_memory(language: LanguageHalf, config: EngineConfig) -> int:
     """KV blocks that fit the GPU's budget (config.num_blocks must be 0: sized here)."""
-    text = language.model.config
+    text: Any = language.model.config
     per_token = kv_bytes_per_token(text.to_dict(), language.dtype.itemsize)
     peak = activation_peak_bytes(language, config)
     free, total = torch.cuda.mem_get_info(language.device)

@@ -62,7 +62,8 @@ def fill(model: torch.nn.Module, refs: Mapping[str, TensorRef | JoinedRef | Shar
 class LanguageHalf:
     """The LLM of one checkpoint, with features scattered into its input embeddings."""
 
-    def __init__(self, model: torch.nn.Module, info: CheckpointInfo) -> None:
+    def __init__(self, model: torch.nn.Module, info: CheckpointInfo | None = None) -> None:
+        """`info`: the checkpoint it came from (None for a model built in memory, as `dvd doctor` does)."""
         self.model = model
         self.info = info
 
