@@ -41,6 +41,14 @@ def compiled_flex() -> FlexFunction:
     return torch.compile(flex_attention, fullgraph=True)
 
 
+def kernel_options(block_mask: BlockMask) -> dict[str, Any]:
+    """The compiled kernel's tile sizes: the block mask's own (as vLLM's direct build does), so a KV tile
+    never spans two cache blocks; flex's separate decoding kernel, whose KV tile is larger than a cache
+    block, is not used."""
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    return {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": q_block, "BLOCK_N": kv_block}
+
+
 def block_positions(tables: torch.Tensor, counts: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """[num_blocks + 1] int32: each physical block's logical index in the sequence that holds it (-1 for
     blocks no request of the batch holds; the spare last entry soaks up the tables' padding)."""
@@ -52,10 +60,12 @@ def block_positions(tables: torch.Tensor, counts: torch.Tensor, num_blocks: int)
     return positions
 
 
-def _sparse(tables: torch.Tensor, first: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_num_blocks [R], kv_indices [R, M]): blocks first..count-1 of each row's table, left-packed."""
-    width = tables.shape[1]
-    columns = (torch.arange(width, device=tables.device) + first.unsqueeze(1)).clamp(max=width - 1)
+def _sparse(tables: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
+            width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks [R], kv_indices [R, width]): blocks first..count-1 of each row's table, left-packed.
+    `width` is the cache's block count: the compiled kernels want the index lists as wide as the key
+    sequence's blocks (the CPU lowering asserts it); the tail past kv_num is never read."""
+    columns = (torch.arange(width, device=tables.device) + first.unsqueeze(1)).clamp(max=tables.shape[1] - 1)
     return (count - first).to(torch.int32), tables.gather(1, columns).to(torch.int32)
 
 
@@ -90,17 +100,24 @@ class FlexBatch:
     eager: bool = True  # mask functions must carry the block lists themselves (emulate_sparsity)
     _masks: dict[tuple, BlockMask] = field(default_factory=dict, repr=False)
 
+    @property
+    def num_blocks(self) -> int:
+        return self.num_slots // self.block_size
+
     def _key_position(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logical = self.block_pos[kv // self.block_size]
         return logical >= 0, logical * self.block_size + kv % self.block_size
 
-    def _mask_mod(self, query_position: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  window: int | None) -> MaskMod:
+    def _mask_mod(self, first_query: torch.Tensor, window: int | None) -> MaskMod:
+        """Query row q of batch row b sits at position first_query[b] + q; it sees held keys at or before
+        it, within the window. One function for decodes and chunks, its numbers tensors, so the compiled
+        kernel is not specialised (and recompiled) per call kind, offset or window."""
+        reach = torch.tensor(window if window is not None else 1 << 30, device=first_query.device)
+
         def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             held, position = self._key_position(kv)
-            at = query_position(b, q)
-            visible = held & (position <= at)
-            return visible if window is None else visible & (position > at - window)
+            at = first_query[b] + q
+            return held & (position <= at) & (position > at - reach)
 
         return mask_mod
 
@@ -108,8 +125,7 @@ class FlexBatch:
                     mask_mod: MaskMod) -> BlockMask:
         """kv_num [B, Q], kv_indices [B, Q, M]."""
         if self.eager:
-            mask_mod = emulate_sparsity(mask_mod, kv_num, kv_indices, q_block, self.block_size,
-                                        self.block_pos.shape[0] - 1)
+            mask_mod = emulate_sparsity(mask_mod, kv_num, kv_indices, q_block, self.block_size, self.num_blocks)
         return BlockMask.from_kv_blocks(kv_num.unsqueeze(1), kv_indices.unsqueeze(1),
                                         BLOCK_SIZE=(q_block, self.block_size), mask_mod=mask_mod,
                                         seq_lengths=(q_len, self.num_slots), compute_q_blocks=False)
@@ -121,8 +137,8 @@ class FlexBatch:
             last = lengths - 1
             first = torch.zeros_like(last) if window is None else ((last - window + 1).clamp(min=0) // self.block_size)
             count = (lengths + self.block_size - 1) // self.block_size
-            kv_num, kv_indices = _sparse(self.tables[self.decode_requests], first, count)
-            mask_mod = self._mask_mod(lambda b, q: last[b], window)
+            kv_num, kv_indices = _sparse(self.tables[self.decode_requests], first, count, self.num_blocks)
+            mask_mod = self._mask_mod(last, window)
             self._masks["decode", window] = self._block_mask(kv_num.unsqueeze(1), kv_indices.unsqueeze(1),
                                                              DECODE_Q_BLOCK, 1, mask_mod)
         return self._masks["decode", window]
@@ -137,9 +153,8 @@ class FlexBatch:
             last = (start + PREFILL_Q_BLOCK).clamp(max=past + rows) - 1
             first = torch.zeros_like(start) if window is None else (start - window + 1).clamp(min=0) // self.block_size
             table = self.tables[request].expand(len(start), -1)
-            kv_num, kv_indices = _sparse(table, first, last // self.block_size + 1)
-            offset = torch.tensor(past, device=device)  # a tensor, not a constant: no recompile per offset
-            mask_mod = self._mask_mod(lambda b, q: q + offset, window)
+            kv_num, kv_indices = _sparse(table, first, last // self.block_size + 1, self.num_blocks)
+            mask_mod = self._mask_mod(torch.tensor([past], device=device), window)
             self._masks[key] = self._block_mask(kv_num.unsqueeze(0), kv_indices.unsqueeze(0), PREFILL_Q_BLOCK,
                                                 rows, mask_mod)
         return self._masks[key]
@@ -149,12 +164,14 @@ class FlexBatch:
         """query [B, heads, q, d] against the whole cache [slots, kv_heads, d] (a view, no copy)."""
         k = k_cache.unsqueeze(0).transpose(1, 2)
         v = v_cache.unsqueeze(0).transpose(1, 2)
+        options = None if self.eager else kernel_options(block_mask)
         if sinks is None:
-            out = self.function(query, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True)
+            out = self.function(query, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True,
+                                kernel_options=options)
             assert isinstance(out, torch.Tensor)
             return out
         out, aux = self.function(query, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True,
-                                 return_aux=AuxRequest(lse=True))
+                                 return_aux=AuxRequest(lse=True), kernel_options=options)
         assert isinstance(aux, AuxOutput) and aux.lse is not None
         weight = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))
         return out * weight.unsqueeze(-1).to(out.dtype)
