@@ -19,13 +19,14 @@ import gc
 import json
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
 from dvd.deploy import doctor_checks as checks
 from dvd.deploy.doctor_checks import Check, Sizes
+from dvd.language_server.config import ATTENTION_BACKEND_NAMES
 
 NAMES = ("versions", "attention_kernels", "paged_attention_bf16", "engine_vs_generate", "decode_steps", "prefill",
          "vision", "ucx_loopback")
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--ucx", action="store_true", help="also send frames through UCX over loopback")
     parser.add_argument("--skip", default="", help=f"comma-separated checks to leave out ({', '.join(NAMES)})")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES,
+                        help="the engine's attention backend for the checks (default auto: flex on CUDA, torch "
+                             "elsewhere); torch on a GPU gives the padded-gather figures to compare")
 
 
 def _plan(sizes: Sizes, ucx: bool) -> list[tuple[str, Callable[[], Check]]]:
@@ -67,8 +71,10 @@ def _plan(sizes: Sizes, ucx: bool) -> list[tuple[str, Callable[[], Check]]]:
     return plan + ([("ucx_loopback", lambda: checks.ucx_loopback(sizes))] if ucx else [])
 
 
-def run_checks(device: str, ucx: bool = False, skip: tuple[str, ...] = ()) -> list[Check]:
+def run_checks(device: str, ucx: bool = False, skip: tuple[str, ...] = (), attention_backend: str = "auto"
+               ) -> list[Check]:
     sizes = checks.gpu_sizes(device) if device.startswith("cuda") else checks.cpu_sizes()
+    sizes = replace(sizes, attention_backend=attention_backend)
     results = []
     for name, check in _plan(sizes, ucx):
         if name in skip:
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"dvd doctor: unknown check(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
         return 2
-    results = run_checks(device, args.ucx, skip)
+    results = run_checks(device, args.ucx, skip, getattr(args, "attention_backend", "auto"))
     ok = all(r.ok for r in results)
     if args.json:
         print(json.dumps({"device": device, "gpu_found": torch.cuda.is_available(), "ok": ok,

@@ -65,6 +65,10 @@ class Sizes:
     vision_batches: tuple[int, ...]
     block_size: int = 32
     generate_tokens: int = 16
+    attention_backend: str = "auto"  # EngineConfig's: the engine checks run with it
+
+    def engine_config(self, **settings: Any) -> EngineConfig:
+        return EngineConfig(block_size=self.block_size, attention_backend=self.attention_backend, **settings)
 
 
 def _text(preset: str, vocab: int) -> dict[str, Any]:
@@ -154,7 +158,7 @@ def versions(sizes: Sizes) -> Check:
 
 
 def attention_kernels(sizes: Sizes) -> Check:
-    kernels = kernels_in_use(torch.device(sizes.device).type, EngineConfig().attention_backend)
+    kernels = kernels_in_use(torch.device(sizes.device).type, sizes.attention_backend)
     return Check("attention_kernels", True, "; ".join(f"{call}: {kernel}" for call, kernel in kernels.items()),
                  figures=kernels)
 
@@ -186,7 +190,7 @@ def _attention_case(sizes: Sizes) -> list[tuple[list[int], int, int]]:
 def paged_attention(sizes: Sizes) -> Check:
     """The device's attention backend in BF16 against an fp32 reference, call by call (on a CPU flex too,
     eagerly: what a GPU runs compiled)."""
-    backend = EngineConfig().attention_backend_for(torch.device(sizes.device).type)
+    backend = sizes.engine_config().attention_backend_for(torch.device(sizes.device).type)
     errors = {b: _attention_error(sizes, b) for b in dict.fromkeys([backend, "flex"])}
     ok = all(e < 0.05 for e in errors.values())
     worst = ", ".join(f"{b} {e:.4f}" for b, e in errors.items())
@@ -246,7 +250,7 @@ def engine_vs_generate(sizes: Sizes, language: LanguageHalf) -> Check:
     vocab = sizes.text["vocab_size"]
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (7, 60, 250, 33)]
     sampling = greedy(max_new_tokens=sizes.generate_tokens, min_new_tokens=sizes.generate_tokens)
-    engine = Engine(language, EngineConfig(block_size=sizes.block_size, num_blocks=1024, max_batch_tokens=256))
+    engine = Engine(language, sizes.engine_config(num_blocks=1024, max_batch_tokens=256))
     for i, ids in enumerate(prompts):
         engine.add(EngineRequest(f"r{i}", ids, sampling))
     done = engine.run_until_done()
@@ -295,9 +299,9 @@ def decode_steps(sizes: Sizes, language: LanguageHalf) -> Check:
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * sizes.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in language.model.parameters())
     most = max(sum(-(-n // sizes.block_size) for n in lengths) for lengths in sizes.decode_shapes.values())
-    engine = Engine(language, EngineConfig(block_size=sizes.block_size, num_blocks=most + 2, max_batch_tokens=1 << 16,
-                                           max_running_requests=512))
-    figures: dict[str, Any] = {"bandwidth_gb_s": round(bw / 1e9, 1)}
+    engine = Engine(language, sizes.engine_config(num_blocks=most + 2, max_batch_tokens=1 << 16,
+                                                  max_running_requests=512))
+    figures: dict[str, Any] = {"bandwidth_gb_s": round(bw / 1e9, 1), "attention": engine.runner.attention_backend}
     for name, lengths in sizes.decode_shapes.items():
         batch = _decode_batch(engine, lengths)
         row: dict[str, Any] = {}
@@ -319,8 +323,8 @@ def decode_steps(sizes: Sizes, language: LanguageHalf) -> Check:
 
 
 def prefill(sizes: Sizes, language: LanguageHalf) -> Check:
-    engine = Engine(language, EngineConfig(block_size=sizes.block_size, max_batch_tokens=sizes.prefill_tokens,
-                                           num_blocks=-(-sizes.prefill_tokens // sizes.block_size) + 2))
+    engine = Engine(language, sizes.engine_config(max_batch_tokens=sizes.prefill_tokens,
+                                                  num_blocks=-(-sizes.prefill_tokens // sizes.block_size) + 2))
     request = EngineRequest("p", [1] * (sizes.prefill_tokens + 1), greedy())
     request.block_ids = engine.cache.allocator.allocate(engine.cache.blocks_needed(sizes.prefill_tokens + 1))
     batch = ScheduledBatch([request], [sizes.prefill_tokens], [False])
