@@ -4,8 +4,10 @@ whole: `python scripts/measure_tp_memory.py [--model PATH] [--tp 2] [--dtype bfl
 Every rank is a fresh process in a gloo group (as `dvd language --tp N` starts them). `shard` is how the
 server loads now (`tensor_parallel.load_shard`: only the rank's part of each tensor is read from the
 safetensors files); `whole-then-cut` is how it loaded before (the whole model, then cut in memory). Printed
-per rank: resident memory (RSS) after loading beyond the process's RSS before, and the peak RSS of the
-process (ru_maxrss), in MiB. Without --model it uses the `internvl3_5-1b-shaped` preset.
+per rank, after loading with every weight touched, beyond the process's own before: resident memory (RSS,
+which counts the checkpoint's mapped file pages once read) and unique memory (USS: not shared with another
+process, so the page cache two ranks share is left out); and the peak RSS of the process (ru_maxrss), in MiB.
+Without --model it uses the `internvl3_5-1b-shaped` preset.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dvd.language_server.tensor_parallel import load_shard, shard_language_model
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 proc = psutil.Process()
 gc.collect()
-before = proc.memory_info().rss
+before, before_uss = proc.memory_info().rss, proc.memory_full_info().uss
 if how == "shard":
     language = load_shard(path, rank, world, dtype, "cpu")
 else:
@@ -37,7 +39,12 @@ else:
     shard_language_model(language.model, rank, world)
 gc.collect()
 params = {id(p): p for p in language.model.parameters()}.values()
+with torch.no_grad():
+    for p in params:  # read from safetensors' mapping lazily: touch every one, as serving does
+        p.sum()
+gc.collect()
 print(json.dumps({"rank": rank, "rss_mib": (proc.memory_info().rss - before) / 2**20,
+                  "uss_mib": (proc.memory_full_info().uss - before_uss) / 2**20,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "parameter_mib": sum(p.numel() * p.element_size() for p in params) / 2**20}))
 dist.destroy_process_group()
@@ -69,8 +76,9 @@ def main() -> int:
     print(f"model {args.model} ({args.dtype}), {args.tp} ranks")
     for how in ("shard", "whole-then-cut"):
         for r in measure(how, args.model, args.dtype, args.tp):
-            print(f"  {how:15s} rank {r['rank']}: {r['parameter_mib']:8.1f} MiB parameters, {r['rss_mib']:8.1f} MiB "
-                  f"RSS after loading, {r['peak_rss_mib']:8.1f} MiB peak RSS of the process")
+            print(f"  {how:15s} rank {r['rank']}: {r['parameter_mib']:7.1f} MiB parameters; after loading, weights "
+                  f"touched: RSS {r['rss_mib']:7.1f} MiB, unique (USS) {r['uss_mib']:7.1f} MiB; peak RSS of the "
+                  f"process {r['peak_rss_mib']:7.1f} MiB")
     return 0
 
 
