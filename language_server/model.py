@@ -7,8 +7,10 @@ positions are replaced by the features, exactly as the monolithic model does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -17,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import InvalidRequestError, PromptTooLongError
 from dvd.sampling import SamplingParams
-from dvd.weights import TensorSource, language_tensors, load_module, parameters_on_meta
+from dvd.weights import JoinedRef, ShardRef, TensorRef, TensorSource, language_tensors, load_module, parameters_on_meta
 
 
 def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> GenerationConfig:
@@ -36,10 +38,32 @@ def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> Gen
     )
 
 
+def meta_model(info: CheckpointInfo) -> torch.nn.Module:
+    """The checkpoint's `*ForCausalLM` with its parameters on the meta device (no memory yet)."""
+    text = dict(info.text_config)
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    # GPT-OSS has no SDPA path (its attention sinks are not expressible there): its own eager one runs.
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def fill(model: torch.nn.Module, refs: Mapping[str, TensorRef | JoinedRef | ShardRef], dtype: torch.dtype,
+         device: str | torch.device) -> None:
+    """Read `refs` into a meta model, each tensor straight onto `device`, and put it in eval mode."""
+    load_module(model, refs, dtype, optional=lambda name: name == "lm_head.weight", device=device)
+    if "lm_head.weight" not in refs:  # tied embeddings: the checkpoint stores the matrix once
+        tied: Any = model  # transformers' attributes, which nn.Module types as Tensor | Module
+        tied.lm_head.weight = tied.get_input_embeddings().weight
+    model.to(device).eval()  # the buffers (rotary frequencies), computed on the CPU
+
+
 class LanguageHalf:
     """The LLM of one checkpoint, with features scattered into its input embeddings."""
 
-    def __init__(self, model: torch.nn.Module, info: CheckpointInfo) -> None:
+    def __init__(self, model: torch.nn.Module, info: CheckpointInfo | None = None) -> None:
+        """`info`: the checkpoint it came from (None for a model built in memory, as `dvd doctor` does)."""
         self.model = model
         self.info = info
 
@@ -48,18 +72,9 @@ class LanguageHalf:
         cls, checkpoint: str | Path | CheckpointInfo, dtype: torch.dtype = torch.float32, device: str = "cpu"
     ) -> LanguageHalf:
         info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
-        text = dict(info.text_config)
-        config = AutoConfig.for_model(text.pop("model_type"), **text)
-        # GPT-OSS has no SDPA path (its attention sinks are not expressible there): its own eager one runs.
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
-        config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
-        with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config)
-        refs = language_tensors(TensorSource(info.path))
-        load_module(model, refs, dtype, optional=lambda name: name == "lm_head.weight")
-        if "lm_head.weight" not in refs:  # tied embeddings: the checkpoint stores the matrix once
-            model.lm_head.weight = model.get_input_embeddings().weight
-        return cls(model.to(device).eval(), info)
+        model = meta_model(info)
+        fill(model, language_tensors(TensorSource(info.path)), dtype, device)
+        return cls(model, info)
 
     @property
     def device(self) -> torch.device:
