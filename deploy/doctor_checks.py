@@ -210,7 +210,7 @@ def _attention_error(sizes: Sizes, backend: str) -> float:
     q, k, v = (torch.randn(1, h, tokens, dim, device=device, generator=gen, dtype=torch.bfloat16)
                for h in (heads, kv_heads, kv_heads))
     meta = _metadata(requests, caches, sizes.block_size, backend)
-    out = paged_attention_forward(SimpleNamespace(layer_idx=0), q, k, v, None, dim**-0.5,  # type: ignore[arg-type]
+    out = paged_attention_forward(SimpleNamespace(layer_idx=0), q, k, v, None, dim**-0.5,
                                   dvd_paged=meta)[0][0]
     worst, row = 0.0, 0
     for blocks, past, new in requests:

@@ -25,6 +25,7 @@ join each query's softmax as an extra column that is dropped afterwards, as GPT-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -202,7 +203,7 @@ def _sink_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def paged_attention_forward(
-    module: torch.nn.Module,
+    module: Any,  # a transformers attention module (its layer_idx; nn.Module types attributes as Tensor | Module)
     query: torch.Tensor,  # [1, heads, tokens, head_dim]
     key: torch.Tensor,  # [1, kv_heads, tokens, head_dim]
     value: torch.Tensor,
@@ -212,7 +213,7 @@ def paged_attention_forward(
     dvd_paged: PagedAttentionMetadata | None = None,
     sliding_window: int | None = None,
     s_aux: torch.Tensor | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     if dvd_paged is None:
         if s_aux is not None:
@@ -263,10 +264,11 @@ def _torch_decodes(meta: PagedAttentionMetadata, query: torch.Tensor, k_cache: t
     # index_select over the flat slot axis: one contiguous gather, cheaper than advanced indexing
     k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)
     v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
+    attend_mask: torch.Tensor | None = mask
     if window is not None:  # each decode query sits at its request's last position
         last = (mask.sum(-1, keepdim=True) - 1).transpose(-1, -2)  # [B, 1, 1, 1]
-        mask = _window(mask, last, mask.shape[-1], window)
-    out[rows] = attend(q, k, v, mask, scaling, sinks).squeeze(2)
+        attend_mask = _window(mask, last, mask.shape[-1], window)
+    out[rows] = attend(q, k, v, attend_mask, scaling, sinks).squeeze(2)
 
 
 def _torch_prefill(meta: PagedAttentionMetadata, seg: PrefillSegment, query: torch.Tensor, key: torch.Tensor,

@@ -43,7 +43,7 @@ def meta_model(info: CheckpointInfo) -> torch.nn.Module:
     text = dict(info.text_config)
     config = AutoConfig.for_model(text.pop("model_type"), **text)
     # GPT-OSS has no SDPA path (its attention sinks are not expressible there): its own eager one runs.
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]
     config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
     with parameters_on_meta():
         return AutoModelForCausalLM.from_config(config)
@@ -64,7 +64,8 @@ class LanguageHalf:
 
     def __init__(self, model: torch.nn.Module, info: CheckpointInfo | None = None) -> None:
         """`info`: the checkpoint it came from (None for a model built in memory, as `dvd doctor` does)."""
-        self.model = model
+        # a transformers *ForCausalLM: nn.Module types its attributes as Tensor | Module, so Any
+        self.model: Any = model
         self.info = info
 
     @classmethod
@@ -101,12 +102,12 @@ class LanguageHalf:
         embeds = self.model.get_input_embeddings()(ids)
         mask = ids[0] == image_token_id
         num_slots = int(mask.sum())
-        num_rows = 0 if features is None else features.reshape(-1, features.shape[-1]).shape[0]
+        rows = None if features is None else features.reshape(-1, features.shape[-1])
+        num_rows = 0 if rows is None else rows.shape[0]
         if num_slots != num_rows:
             raise InvalidRequestError(f"prompt has {num_slots} image-context tokens but {num_rows} feature rows")
-        if num_rows:
-            rows = features.reshape(-1, features.shape[-1]).to(device=self.device, dtype=self.dtype)
-            embeds[0, mask] = rows
+        if rows is not None and num_rows:
+            embeds[0, mask] = rows.to(device=self.device, dtype=self.dtype)
         return embeds
 
     @torch.inference_mode()

@@ -252,8 +252,9 @@ class _Endpoint:
             except TransportError:
                 raise
             except Exception as error:
-                self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-                raise self.error from None
+                lost = PeerLostError(f"connection to {self.peer} lost: {error}")
+                self.fail(lost)
+                raise (self.error or lost) from None  # the first error, if another came first
 
     def fail(self, error: TransportError) -> None:
         if self.error is None:
