@@ -143,6 +143,9 @@ def run_simulation(args: argparse.Namespace, cluster: Cluster, kv_capacity_token
     """The search for the plan's cluster: JSON-ready with --json, else the table. ValueError names bad input."""
     if args.profile is None:
         raise ValueError("--simulate needs --profile FILE (dvd bench vision|engine|transport --profile-out FILE)")
+    if args.screen_devices < 1 or args.check_devices < 0:
+        raise ValueError(f"--screen-devices must be at least 1 (got {args.screen_devices}) and --check-devices "
+                         f"at least 0, 0 for the whole cluster (got {args.check_devices})")
     profile = load_profile(args.profile)
     modes, skipped = _modes(args, profile)
     slo = Slo(args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)

@@ -105,6 +105,8 @@ def check(profile: CostProfile, requests: SimRequests, deployment: Deployment, c
     """`deployment`, screened on 1/k of `cluster`, scaled up and simulated: on the whole cluster, or when it
     has more than `check_devices` devices (0: no limit) on one of c identical copies (the module's docstring)."""
     copies = max(1, math.ceil(cluster.devices / check_devices)) if check_devices > 0 else 1
+    copies = min(copies, max(1, cluster.devices // (cluster.vision_devices + cluster.language_devices)))  # a
+    # copy holds a replica of each role at least
     part = Cluster(cluster.devices // copies, cluster.vision_devices, cluster.language_devices)
     part_requests, part_settings = _scaled(requests, settings, copies)
     result = simulate(profile, part_requests, _scaled_up(deployment, part, k / copies), part_settings, slo)

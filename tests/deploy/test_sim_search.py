@@ -75,6 +75,16 @@ def test_a_cluster_above_check_devices_is_checked_as_identical_copies(tmp_path: 
     assert chosen.ttft_ms == one_copy.ttft_ms and chosen.busy == one_copy.busy
 
 
+def test_a_copy_holds_a_replica_of_each_role_at_least(tmp_path: Path) -> None:
+    profile = hand_profile(tmp_path)
+    requests = generate(WorkloadSpec(num_requests=120, rate=40.0, prompt_tokens=8, output_tokens=2))
+    cluster = Cluster(16, vision_devices=1, language_devices=4)  # check_devices 2 would be 8 copies of 2
+    result = check(profile, requests, Deployment("dvd", 4, 3), cluster, 1, SimSettings(), NO_SLO, 2)
+    assert result.copies == 3 and (result.deployment.vision, result.deployment.language) == (3, 3)
+    coupled = check(profile, requests, Deployment("coupled", 0, 4), cluster, 1, SimSettings(), NO_SLO, 2)
+    assert coupled.copies == 3 and coupled.deployment.language == 3
+
+
 def test_copies_stand_for_the_whole_cluster(tmp_path: Path) -> None:
     """The assumption `check` rests on, at a size where the whole run is cheap: two copies of 100 devices
     (each with half the requests, at half the rate) give the 200-device run's figures. The tolerances hold
@@ -135,6 +145,8 @@ def test_plan_simulate_refuses_bad_input_naming_it(tiny: Path, tmp_path: Path,
         (["--profile", str(write(tmp_path / "p.jsonl", HAND)), "--modes", "dvd,epd"], "unknown mode(s) epd"),
         (["--profile", str(tmp_path / "p.jsonl"), "--rate", "fast"], "--rate 'fast': not a number"),
         (["--profile", str(tmp_path / "p.jsonl"), "--trace", str(bad)], f"--trace {bad}: line 1: field(s)"),
+        (["--profile", str(tmp_path / "p.jsonl"), "--check-devices", "-1"], "--check-devices at least 0"),
+        (["--profile", str(tmp_path / "p.jsonl"), "--screen-devices", "0"], "--screen-devices must be at least 1"),
     ]
     for extra, error in cases:
         assert main(["plan", "--model", str(tiny), *PLAN, *extra]) == 2
