@@ -128,11 +128,11 @@ def test_plan_simulate_prints_every_candidate(tiny: Path, tmp_path: Path, capsys
     assert result["plan"]["language_devices"] == [0]
     assert [c["label"] for c in result["simulation"]["candidates"]] == ["dvd 1:2", "dvd 2:1"]
     assert result["simulation"]["chosen"][0]["ttft_ms"]["p99"] > 0
-    copies = ["--modes", "coupled", "--screen-devices", "1", "--check-devices", "2"]
+    copies = ["--devices", "4x1GiB", "--modes", "coupled", "--screen-devices", "1", "--check-devices", "2"]
     assert main(["plan", "--model", str(tiny), *PLAN, "--profile", str(profile), *copies]) == 0
     out = capsys.readouterr().out
-    assert "coupled x1" in out and "(on 1/3 of the cluster)" in out  # screened on one device
-    assert "coupled x2" in out and "as 2 identical copies of 1/2" in out  # checked as two copies of one
+    assert "coupled x1" in out and "(on 1/4 of the cluster)" in out  # screened on one device
+    assert "coupled x4" in out and "as 2 identical copies of 1/2" in out  # checked as two copies of two
 
 
 def test_plan_simulate_refuses_bad_input_naming_it(tiny: Path, tmp_path: Path,
