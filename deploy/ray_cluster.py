@@ -17,8 +17,8 @@ Config (YAML):
     probe: {interval_s, timeout_s, fail_threshold}
     ray: {address: "", start_local: false, temp_dir: "", num_cpus: 0, resources: {}}
     gateway: {http_port, grpc_port, resources: {}}
-    vision: {replicas, port, num_gpus, resources: {vision: 1}, settings: {...}}
-    language: {replicas, port, transport_port, num_gpus, resources: {language: 1}, settings: {...}}
+    vision: {replicas, port, metrics_port, num_gpus, resources: {vision: 1}, settings: {...}}
+    language: {replicas, port, transport_port, metrics_port, num_gpus, resources: {language: 1}, settings: {...}}
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class RayRole:
     replicas: int = 1
     port: int = 7100
     transport_port: int = 7300
+    metrics_port: int = 0  # replica i's Prometheus port is metrics_port + i; 0: any free port (in its Health)
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -77,8 +78,9 @@ class RayRole:
     def spec(self, kind: str) -> RoleSpec:
         ports = tuple(range(self.port, self.port + self.replicas))
         transport_ports = tuple(range(self.transport_port, self.transport_port + self.replicas))
+        metrics_ports = tuple(range(self.metrics_port, self.metrics_port + self.replicas)) if self.metrics_port else ()
         return RoleSpec(ports=ports, settings=self.settings, where=f"{kind}.settings",
-                        transport_ports=transport_ports if kind == "language" else ())
+                        transport_ports=transport_ports if kind == "language" else (), metrics_ports=metrics_ports)
 
 
 @dataclass(frozen=True)

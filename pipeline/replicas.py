@@ -69,6 +69,7 @@ class Replica:
     pid: int | None = None  # the server's process, where the deployment that started it says (dvd serve)
     exit_code: int | None = None  # set by that deployment when the process exited: out for good
     transport_address: str = ""  # language replicas: where features are pushed
+    metrics_url: str = ""  # the server's own Prometheus endpoint, as its Health says
     healthy: bool = False  # in rotation
     num_outstanding: int = 0
     counters: dict[str, float] = field(default_factory=dict)
@@ -122,6 +123,7 @@ class Replica:
         self.last_probe_ms = (time.perf_counter() - t0) * 1e3
         self.consecutive_failures = 0
         self.transport_address = health.transport_address or self.transport_address
+        self.metrics_url = health.metrics_url
         self.counters = dict(stats.counters)
         if health.status != common_pb2.HealthResponse.SERVING:
             if self.healthy:
@@ -138,6 +140,15 @@ class Replica:
         health = await self.stub.Health(common_pb2.HealthRequest())
         stats = await self.stub.Stats(common_pb2.StatsRequest())
         return health, stats
+
+    async def refresh_counters(self, timeout_s: float) -> None:
+        """The server's counters as of now (a Stats call), for a scrape of the gateway's /metrics; a server
+        that does not answer in `timeout_s` keeps its last probe's (its health is the probes' business)."""
+        if not self.healthy or self.stub is None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+            stats = await asyncio.wait_for(self.stub.Stats(common_pb2.StatsRequest()), timeout_s)
+            self.counters = dict(stats.counters)
 
     def _out(self, reason: str, fail_inflight: bool = True) -> None:
         """Out of rotation; requests it is serving fail now, naming why, instead of at their deadline
@@ -181,6 +192,8 @@ class Replica:
                                "counters": self.counters}
         if self.kind == "language":
             out["transport_address"] = self.transport_address
+        if self.metrics_url:
+            out["metrics_url"] = self.metrics_url
         if self.pid is not None:
             out["pid"] = self.pid
         return out

@@ -88,10 +88,11 @@ class Router:
             refused.append(replica)
             self._busy(replica, request_id)
 
-    async def encode(self, call: vision_pb2.EncodeRequest, timeout_s: float,
-                     marks: dict[str, float]) -> vision_pb2.EncodeResponse:
+    async def encode(self, call: vision_pb2.EncodeRequest, timeout_s: float, marks: dict[str, float],
+                     metadata: tuple[tuple[str, str], ...] = ()) -> vision_pb2.EncodeResponse:
         """`call`'s answer from the least loaded healthy vision replica that takes it (see the module
-        docstring); sets `call.attempt` for each try. Marks `encode_start` and `encode_answered`."""
+        docstring); sets `call.attempt` for each try. Marks `encode_start` and `encode_answered`.
+        `metadata`: sent with every try (the request's trace context)."""
         tried: list[Replica] = []
         retried = False
         while True:
@@ -101,7 +102,7 @@ class Router:
             # as their duplicates (the language server keeps one per image and frees the other).
             call.attempt = len(tried) - 1
             try:
-                return await self._encode_on(replica, call, timeout_s, marks)
+                return await self._encode_on(replica, call, timeout_s, marks, metadata)
             except ReplicaBusyError:
                 self._busy(replica, call.request_id)
             except _EncodeFailed as failed:
@@ -114,10 +115,10 @@ class Router:
 
     @staticmethod
     async def _encode_on(replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
-                         marks: dict[str, float]) -> vision_pb2.EncodeResponse:
+                         marks: dict[str, float], metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
         """One try: the answer, ReplicaBusyError, _EncodeFailed (worth another replica), or the error."""
         stub: Any = replica.stub
-        rpc = stub.Encode(call, timeout=timeout_s)
+        rpc = stub.Encode(call, timeout=timeout_s, metadata=metadata)
         try:
             async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
                 marks["encode_start"] = time.time()

@@ -20,6 +20,10 @@ from dvd.pipeline.request_flow import RequestFlow
 from dvd.pipeline.router import Router
 from dvd.requests import GenerationEvent, TokenizedRequest
 
+# A scrape of the gateway's /metrics asks every server for its counters; one that does not answer this soon
+# keeps its last probe's, so a hung server never holds up a scrape (Prometheus waits 10 s by default).
+SCRAPE_STATS_TIMEOUT_S = 2.0
+
 
 class DisaggregatedBackend(Backend):
     def __init__(self, model: str | Path, vision: ReplicaPool, language: ReplicaPool,
@@ -81,6 +85,12 @@ class DisaggregatedBackend(Backend):
                 for name, value in replica.counters.items():
                     out[f"{pool.kind}{i}_{name}"] = value
         return out
+
+    async def refresh_stats(self) -> None:
+        """Every healthy server's counters as of now, so /metrics is current at scrape time and not one probe
+        interval old; within the probe timeout (a server that does not answer keeps its probe's counters)."""
+        timeout_s = min(self.probe.timeout_s, SCRAPE_STATS_TIMEOUT_S)
+        await asyncio.gather(*(r.refresh_counters(timeout_s) for r in self.replicas))
 
     def generate(self, request: TokenizedRequest) -> AsyncGenerator[GenerationEvent, None]:
         return self.router.generate(request.request_id, bool(request.media),
