@@ -56,6 +56,13 @@ class EncodeCall:
     destination: str
     attempt: int = 0  # stamped on every frame (FeatureHeader.attempt): a retry's frames are no duplicates
     trace: TraceContext = NO_CONTEXT  # the Encode's span: each frame's `send` span is its child
+    # The request's slot for each slot this call fills (EncodeRequest.slots: part of a request the gateway split
+    # across replicas); () = the inputs fill slots 0, 1, ... The engine counts in its own slots throughout and
+    # names the request's only on the wire and in the answer (`wire_slot`).
+    slots: tuple[int, ...] = ()
+
+    def wire_slot(self, slot: int) -> int:
+        return self.slots[slot] if self.slots else slot
 
 
 def _weight_stamps(path: Any) -> list[tuple[str, int, int]]:
@@ -162,6 +169,7 @@ class VisionEngine:
                                       f"{self.config.max_inputs}")
         if not request.destination:
             raise InvalidRequestError("destination is empty")
+        self._check_slots(request)
         destination = request.destination
         if "://" not in destination:
             destination = f"{self.config.transport.kind}://{destination}"
@@ -180,6 +188,19 @@ class VisionEngine:
                                       f"{self.config.max_request_tiles} tiles per request")
         self._sender(destination)
         return destination
+
+    def _check_slots(self, request: EncodeCall) -> None:
+        """A split request's slots: one per slot its inputs fill, none twice; never for ViR, which decides
+        routes over a whole request."""
+        if not request.slots:
+            return
+        if self.info.flash is not None:
+            raise InvalidRequestError("slots name part of a request, but this checkpoint's ViR decides routes over "
+                                      "a whole request: send every input in one Encode")
+        needed = sum(item.num_slots for item in request.inputs)
+        if len(request.slots) != needed or len(set(request.slots)) != needed:
+            raise InvalidRequestError(f"slots {list(request.slots)}: the inputs fill {needed} slots, so give "
+                                      f"{needed} distinct slot numbers")
 
     def _worst_tiles(self, item: Media) -> int:
         """The most tiles one input may cost (its max_num tiles + the thumbnail, per slot)."""
@@ -350,9 +371,10 @@ class VisionEngine:
 
     async def _send(self, sender: Sender, destination: str, request: EncodeCall, slot: int, image: EncodedImage,
                     content_key: bytes, stamps: dict[str, float]) -> None:
-        span = self.tracer.start("send", request.trace, kind="client", slot=slot, destination=destination)
+        wire_slot = request.wire_slot(slot)
+        span = self.tracer.start("send", request.trace, kind="client", slot=wire_slot, destination=destination)
         header: FeatureHeader = dataclasses.replace(
-            header_for(request.request_id, slot, image.uniform_tokens_per_tile, image.features),
+            header_for(request.request_id, wire_slot, image.uniform_tokens_per_tile, image.features),
             content_key=content_key, attempt=request.attempt, trace_parent=span.context.traceparent)
         try:
             await sender.send(destination, header, image.features)

@@ -74,12 +74,13 @@ class VisionService(vision_pb2_grpc.VisionServicer):
                 destination=request.destination,
                 attempt=request.attempt,
                 trace=span.context,
+                slots=tuple(request.slots),
             )
             outcomes = await self._encode(call, context)
-            record_stage_spans(tracer, span.context, outcomes, arrived_s)
+            record_stage_spans(tracer, span.context, call, outcomes, arrived_s)
         return vision_pb2.EncodeResponse(
             request_id=request.request_id,
-            slots=[vision_pb2.SlotResult(slot=o.slot, input_index=o.input_index,
+            slots=[vision_pb2.SlotResult(slot=call.wire_slot(o.slot), input_index=o.input_index,
                                          tokens_per_tile=o.tokens_per_tile, num_tokens=o.num_tokens,
                                          cache_hit=o.cache_hit,
                                          preprocessed_at_ms=o.stamps.get("preprocessed", 0.0),

@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import CheckpointError
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.replicas import ProbeConfig, Replica, ReplicaPool
 from dvd.pipeline.request_flow import RequestFlow
@@ -25,6 +27,15 @@ from dvd.requests import GenerationEvent, TokenizedRequest
 SCRAPE_STATS_TIMEOUT_S = 2.0
 
 
+def splits_images(model: Path) -> bool:
+    """Whether a request's images may be encoded on several vision replicas, each where its features are
+    cached (pipeline/affinity.py): not for a Flash checkpoint, whose ViR decides routes over a whole request."""
+    try:
+        return open_checkpoint(model).flash is None
+    except CheckpointError:
+        return True  # not readable here: the serving core, which reads the same checkpoint, reports why
+
+
 class DisaggregatedBackend(Backend):
     def __init__(self, model: str | Path, vision: ReplicaPool, language: ReplicaPool,
                  probe: ProbeConfig | None = None) -> None:
@@ -34,7 +45,7 @@ class DisaggregatedBackend(Backend):
         self.model_name = self.model_path.name
         self.vision, self.language = vision, language
         self.probe = probe or ProbeConfig()  # a busy server is not a failed one: 3 misses in a row
-        self.router = Router(vision, language)
+        self.router = Router(vision, language, split_images=splits_images(self.model_path))
         self._health_task: asyncio.Task | None = None
         self.mode = f"disaggregated ({len(vision.replicas)} vision, {len(language.replicas)} language)"
 
@@ -75,6 +86,7 @@ class DisaggregatedBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_encode_retries": self.router.num_encode_retries,
+                               "num_encode_splits": self.router.num_encode_splits,
                                "num_busy_retries": self.router.num_busy_retries,
                                "num_calls_failed_on_lost_replica": sum(
                                    r.num_calls_failed for pool in (self.vision, self.language) for r in pool.replicas)}
