@@ -226,6 +226,12 @@ def _exporter(kind: str, environ: Mapping[str, str]) -> Any:
     return OTLPSpanExporter()  # endpoint, headers, timeout, certificate: from the OTEL_* variables
 
 
+def otel_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The OTEL_* variables of `environ` (this process's): what a deployment hands the processes it starts."""
+    environ = os.environ if environ is None else environ
+    return {key: value for key, value in environ.items() if key.startswith("OTEL_")}
+
+
 def tracer_from_environment(role: str, environ: Mapping[str, str] | None = None) -> Tracer:
     """This process's tracer (`role`: gateway, vision, language), as the OTEL_* variables say: NO_TRACER when
     they ask for nothing. TracingConfigError when they ask for what cannot be had (a missing package

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+import logging
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.pipeline.backends.base import Backend
-from dvd.pipeline.replicas import ProbeConfig, Replica, ReplicaPool
+from dvd.pipeline.replicas import ProbeConfig, Replica, ReplicaPool, drained, join, leave
 from dvd.pipeline.request_flow import RequestFlow
 from dvd.pipeline.router import Router
 from dvd.requests import GenerationEvent, TokenizedRequest
 
+log = logging.getLogger(__name__)
 # A scrape of the gateway's /metrics asks every server for its counters; one that does not answer this soon
 # keeps its last probe's, so a hung server never holds up a scrape (Prometheus waits 10 s by default).
 SCRAPE_STATS_TIMEOUT_S = 2.0
@@ -103,6 +105,29 @@ class DisaggregatedBackend(Backend):
         interval old; within the probe timeout (a server that does not answer keeps its probe's counters)."""
         timeout_s = min(self.probe.timeout_s, SCRAPE_STATS_TIMEOUT_S)
         await asyncio.gather(*(r.refresh_counters(timeout_s) for r in self.replicas))
+
+    async def set_roster(self, vision: Sequence[str], language: Sequence[str],
+                         drain_timeout_s: float) -> dict[str, Any]:
+        """The servers to route to from now on (a deployment that adds or removes replicas says so, through
+        pipeline/roster_admin.py): new ones join and are probed once (in rotation if they answer, else when
+        their probes do); ones no longer listed take no new work and are closed once the calls they hold
+        finished, within `drain_timeout_s` (the answer says whether they did). Nothing a client sent fails."""
+        if not language:
+            raise ValueError("language: at least one language server address is needed")
+        added: list[Replica] = []
+        leaving: list[Replica] = []
+        for pool, addresses in ((self.vision, vision), (self.language, language)):
+            current = {r.address for r in pool.replicas}
+            added += [join(pool, a) for a in addresses if a not in current]
+            leaving += [leave(pool, a) for a in current - set(addresses)]
+        await asyncio.gather(*(r.check(self.probe.timeout_s, self.probe.fail_threshold) for r in added))
+        done = await drained(leaving, drain_timeout_s)
+        await asyncio.gather(*(r.close() for r in leaving))
+        for replica in added + leaving:
+            log.warning("roster: %s server %s %s", replica.kind, replica.address,
+                        "joined" if replica in added else "left" + ("" if done else " (calls still running)"))
+        self.mode = f"disaggregated ({len(self.vision.replicas)} vision, {len(self.language.replicas)} language)"
+        return {"added": [r.address for r in added], "removed": [r.address for r in leaving], "drained": done}
 
     def generate(self, request: TokenizedRequest) -> AsyncGenerator[GenerationEvent, None]:
         return self.router.generate(request.request_id, bool(request.media),
