@@ -258,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language-requests-per-s", type=float, help="one language replica's measured requests/s")
     parser.add_argument("--tiles-per-request", type=float, default=7.0, help="mean tiles a request (default 7)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    from dvd.deploy.plan_simulate import add_arguments as add_simulate_arguments  # issue 22: --simulate
+
+    add_simulate_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -265,5 +268,9 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(args.model, devices, args.dtype, args.utilisation, parse_size(args.reserve),
                      args.request_tokens, args.vision_tiles_per_s, args.language_requests_per_s,
                      args.tiles_per_request)
+    if args.simulate:
+        from dvd.deploy.plan_simulate import simulate_plan
+
+        return simulate_plan(args, plan, len(devices), describe(plan, devices))
     print(json.dumps(asdict(plan)) if args.json else describe(plan, devices))
     return 0

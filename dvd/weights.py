@@ -228,8 +228,8 @@ def _flash_refs(source: TensorSource, keys: dict[str, str]) -> dict[str, TensorR
             attn, part, kind = match.groups()
             if part == "query":
                 prefix = f"pooling_before_gating.{attn}"
-                parts = [keys.get(f"{prefix}.{p}.{kind}") for p in ("query", "key", "value")]
-                if None in parts:
+                parts = [keys[k] for p in ("query", "key", "value") if (k := f"{prefix}.{p}.{kind}") in keys]
+                if len(parts) < 3:
                     raise CheckpointError(f"{source.file_of(key)}: {key!r} without its key/value partners")
                 refs[f"{prefix}.in_proj_{kind}"] = JoinedRef(source, tuple((p,) for p in parts), 0, stack=False)
             continue
@@ -343,7 +343,7 @@ def parameters_on_meta() -> Iterator[None]:
         if param is not None:
             module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
 
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register  # type: ignore[assignment]
     try:
         with no_init_weights():
             yield

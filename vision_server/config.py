@@ -98,17 +98,20 @@ class VisionServerConfig:
         if any(n < 1 for n in self.layer_split):
             raise ValueError(f"layer_split {list(self.layer_split)}: every device needs at least one layer")
         if (self.devices_per_replica > 1 or self.layer_split) and (self.model / "config.json").is_file():
-            from dvd.checkpoint import open_checkpoint
-            from dvd.errors import CheckpointError
+            self._check_split_against_checkpoint()
 
-            try:
-                layers = int(open_checkpoint(self.model).vision_config["num_hidden_layers"])
-            except CheckpointError:
-                return  # loading the model reports it, naming the file
-            try:
-                split_layers(layers, self.devices_per_replica, self.layer_split)
-            except ValueError as exc:
-                raise ValueError(f"{self.model}: {exc}") from None
+    def _check_split_against_checkpoint(self) -> None:
+        from dvd.checkpoint import open_checkpoint
+        from dvd.errors import CheckpointError
+
+        try:
+            layers = int(open_checkpoint(self.model).vision_config["num_hidden_layers"])
+        except CheckpointError:
+            return  # loading the model reports it, naming the file
+        try:
+            split_layers(layers, self.devices_per_replica, self.layer_split)
+        except ValueError as exc:
+            raise ValueError(f"{self.model}: {exc}") from None
 
     @property
     def replica_devices(self) -> tuple[tuple[str, ...], ...]:

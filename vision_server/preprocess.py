@@ -69,6 +69,10 @@ class PreprocessConfig:
             raise ValueError(f"PreprocessConfig.max_num ({self.max_num}) is above max_num_limit ({self.max_num_limit})")
         if not isinstance(self.use_thumbnail, bool):
             raise ValueError(f"PreprocessConfig.use_thumbnail must be a bool, got {self.use_thumbnail!r}")
+        self._check_normalisation()
+        self._check_formats()
+
+    def _check_normalisation(self) -> None:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if (
@@ -80,6 +84,8 @@ class PreprocessConfig:
                 raise ValueError(f"PreprocessConfig.{name} must be a tuple of 3 finite numbers, got {value!r}")
         if not all(v > 0 for v in self.std):
             raise ValueError(f"PreprocessConfig.std must be positive, got {self.std!r}")
+
+    def _check_formats(self) -> None:
         if (
             not isinstance(self.allowed_formats, tuple)
             or not self.allowed_formats
