@@ -200,8 +200,8 @@ def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple
     """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed."""
     node = spec.nodes[0]
     assert node.gateway is not None
+    name = f"gateway-{node.gateway.http_port}"  # named before `replace`, which loses the assert's narrowing
     node = replace(node, address=host, gateway=replace(node.gateway, host=host))
-    name = f"gateway-{node.gateway.http_port}"
     # its roster socket in its actor's private directory: where the autoscaler's changes come in
     config = replace(gateway_config(spec, node, vision, language), roster_socket=actor_workdir(name) / ROSTER_SOCKET)
     return ChildSpec(name, ("gateway",), config, dict(env or {}), address=f"{host}:{config.gateway.http_port}")
