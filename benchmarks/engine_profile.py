@@ -70,6 +70,8 @@ def _decode(engine: Engine, rng: random.Random, batch: int, context: int) -> flo
 
 
 def profile_records(language: LanguageHalf, engine_config: EngineConfig, seed: int = 0) -> list[dict[str, Any]]:
+    if language.info is None:
+        raise ValueError("a stage-cost profile needs a model loaded from a checkpoint (its KV layout)")
     per_token = kv_bytes_per_token(open_checkpoint(language.info.path), language.dtype.itemsize)
     points = [(b, c) for b in BATCHES for c in CONTEXTS if b * (c + REPEATS + 2) * per_token <= KV_BUDGET_BYTES]
     chunks = [t for t in CHUNKS if t <= engine_config.max_batch_tokens]

@@ -30,6 +30,7 @@ from pathlib import Path
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.devices import layer_ranges, split_layers
 from dvd.errors import CheckpointError
+from dvd.language_server import sizing
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -138,10 +139,7 @@ def place_vision(parts: VisionParts, room: Sequence[int], size: int) -> list[int
 
 
 def kv_bytes_per_token(info: CheckpointInfo, dtype_bytes: int) -> int:
-    text = info.text_config
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
-    return 2 * int(text["num_hidden_layers"]) * int(kv_heads) * int(head_dim) * dtype_bytes
+    return sizing.kv_bytes_per_token(info.text_config, dtype_bytes)  # the language server's own arithmetic
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ async def serve(config: LanguageServerConfig) -> int:
     tracer = tracer_from_environment("language")  # OTEL_* as this process starts (dvd/tracing.py)
     server = LanguageServer(config, engine=group.engine if group else None, tracer=tracer)
     await server.start()
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", config.engine.num_blocks,
-                config.engine.block_size, config.engine.kv_capacity_tokens, server.engine.kv_cache_bytes / 2**20)
+    engine = server.engine.config  # as run: the device's defaults in place of zeros
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", engine.num_blocks, engine.block_size,
+                engine.kv_capacity_tokens, server.engine.kv_cache_bytes / 2**20)
     if server.metrics_endpoint is not None:
         logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)  # stdout's first line stays the ready line
     # what other nodes push to

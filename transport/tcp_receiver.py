@@ -140,7 +140,7 @@ class TcpReceiver(Receiver):
 
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
-        self.pool = ReceivePool(config.receive_pool_bytes)
+        self.pool = ReceivePool(config.receive_pool_bytes, pinned=config.pin_memory)
         self.recent_keys = RecentKeys()
         self.closing = False
         self._inbound: set[_Inbound] = set()

@@ -29,7 +29,7 @@ from dvd.vision_server.cache import EncoderCache, cache_key, input_digest, model
 from dvd.vision_server.config import VisionServerConfig
 from dvd.vision_server.metrics import VisionMetrics
 from dvd.vision_server.model import EncodedImage, VisionHalf
-from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_tiles
 from dvd.vision_server.tile_budget import TileBudget
 from dvd.vision_server.video import MAX_NUM_SEGMENTS, load_video
 
@@ -234,9 +234,11 @@ class VisionEngine:
     def _preprocess(self, item: Media) -> list[torch.Tensor]:
         """Runs in the pool: one input -> per slot its pixel tiles."""
         if item.num_segments:
-            video = load_video(item.data, self.preprocess, num_segments=item.num_segments, max_num=item.max_num or 1)
+            video = load_video(item.data, self.preprocess, num_segments=item.num_segments, max_num=item.max_num or 1,
+                               normalized=False)
             return list(video.pixels)
-        return [preprocess_image(item.data, self.preprocess, max_num=item.max_num or None)]
+        # uint8 tiles: a quarter of the bytes to the device, normalised there (VisionHalf.vit)
+        return [preprocess_tiles(item.data, self.preprocess, max_num=item.max_num or None)]
 
     async def encode(self, request: EncodeCall) -> list[SlotOutcome]:
         if len(self.inflight) >= self.config.max_inflight_requests:
