@@ -21,8 +21,8 @@ process's config from it).
         transport_address: ""   # the feature stream's NIC (e.g. an RDMA port's IP; "" = address)
         env: {}                 # extra environment for this node's servers, e.g. UCX_NET_DEVICES: mlx5_0:1
         gateway: {...}          # GatewayConfig (http_port, grpc_port, max_concurrency, limits)
-        vision: {replicas, port, devices, cpus, settings: {VisionServerConfig fields}}
-        language: {replicas, port, transport_port, devices, cpus, settings: {LanguageServerConfig fields}}
+        vision: {replicas, port, metrics_port, devices, cpus, settings: {VisionServerConfig fields}}
+        language: {replicas, port, transport_port, metrics_port, devices, cpus, settings: {...}}
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ from dvd.transport.config import TransportConfig
 @dataclass(frozen=True)
 class ServerRole:
     """Vision or language servers on one node: replica i listens on `port + i` (and, language,
-    receives features on `transport_port + i`), on `devices[i]` and pinned to `cpus[i]` if given."""
+    receives features on `transport_port + i`; serves its Prometheus metrics on `metrics_port + i`, or on
+    any free port for 0), on `devices[i]` and pinned to `cpus[i]` if given."""
 
     replicas: int = 1
     port: int = 7100
     transport_port: int = 7300  # language only
+    metrics_port: int = 0  # 0: each replica picks a free port (advertised in its Health and /v1/instances)
     devices: tuple[str, ...] = ()  # one per replica; a vision replica may name several: "cuda:0,cuda:1"
     cpus: tuple[str, ...] = ()  # one CPU set per replica ("0-3"); empty = not pinned
     settings: dict[str, Any] = field(default_factory=dict)  # the server config's other fields
@@ -63,9 +65,9 @@ class ServerRole:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
-        for name in ("port", "transport_port"):
+        for name in ("port", "transport_port", "metrics_port"):
             port = getattr(self, name)
-            if not (port > 0 and port + self.replicas <= 65536):
+            if not (port > 0 and port + self.replicas <= 65536) and not (name == "metrics_port" and port == 0):
                 raise ValueError(f"{name} {getattr(self, name)}: replicas need ports up to +{self.replicas - 1}")
         for name in ("devices", "cpus"):
             if getattr(self, name) and len(getattr(self, name)) != self.replicas:
@@ -76,7 +78,8 @@ class ServerRole:
         language = kind == "language"
         return RoleSpec(ports=tuple(self.port + i for i in range(self.replicas)), settings=self.settings,
                         transport_ports=tuple(self.transport_port + i for i in range(self.replicas)) if language
-                        else (), devices=self.devices or ("cpu",) * self.replicas, cpus=self.cpus,
+                        else (), metrics_ports=tuple(self.metrics_port + i for i in range(self.replicas))
+                        if self.metrics_port else (), devices=self.devices or ("cpu",) * self.replicas, cpus=self.cpus,
                         where=f"{where}.{kind}.settings")
 
 
@@ -188,6 +191,8 @@ def _check_ports(node: NodeSpec) -> None:
             claim(port, f"{kind} replica {i}'s port")
             if role and role.transport_ports:
                 claim(role.transport_ports[i], f"{kind} replica {i}'s transport_port")
+            if role and role.metrics_ports:
+                claim(role.metrics_ports[i], f"{kind} replica {i}'s metrics_port")
 
 
 def load_cluster_config(path: Path) -> ClusterConfig:

@@ -31,6 +31,7 @@ from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
 from dvd.pipeline.replicas import ReplicaPool, attached
+from dvd.pipeline.roster_admin import RosterAdmin
 from dvd.process import configure_logging, run_process
 
 log = logging.getLogger("dvd.gateway")
@@ -96,12 +97,21 @@ async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
     pools = roster(config, credentials)
     backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=config.probe)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
+    admin = RosterAdmin(backend, config.roster_socket) if config.roster_socket else None
 
     async def describe() -> str:
         _, detail = await backend.health()
         return f"{backend.mode}; {detail}"
 
-    return await run_gateway("dvd gateway", config.gateway, backend, keys, describe)
+    async def started() -> None:
+        if admin is not None:
+            await admin.start()
+
+    try:
+        return await run_gateway("dvd gateway", config.gateway, backend, keys, describe, started)
+    finally:
+        if admin is not None:
+            await admin.stop()
 
 
 def run(args: argparse.Namespace) -> int:

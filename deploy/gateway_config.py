@@ -10,6 +10,7 @@ File layout (every key optional but `language`):
     gateway: {...}                 # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
     probe: {interval_s: 2.0, timeout_s: 10.0, fail_threshold: 3}
     internal_tls: {ca: PEM}        # dial the servers over TLS, verifying them against these roots (dvd/grpc_tls.py)
+    roster_socket: PATH            # a Unix socket where the deployment may change the roster (its own user only)
 """
 
 from __future__ import annotations
@@ -21,13 +22,7 @@ from typing import Any
 from dvd.config_file import ConfigError, from_dict, merged, read_mapping
 from dvd.grpc_tls import GrpcTls
 from dvd.pipeline.gateway import GatewayConfig
-from dvd.pipeline.replicas import ProbeConfig
-
-
-def check_address(address: str, where: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: {address!r} is not HOST:PORT")
+from dvd.pipeline.replicas import ProbeConfig, check_address
 
 
 @dataclass(frozen=True)
@@ -38,6 +33,9 @@ class StandaloneGatewayConfig:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     internal_tls: GrpcTls = field(default_factory=GrpcTls)  # TLS to the servers: `ca` verifies them
+    # A Unix socket (in a private directory) where the deployment that runs this gateway sets its roster
+    # (pipeline/roster_admin.py: dvd cluster's autoscaler); None: the roster is `vision` and `language` only.
+    roster_socket: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.language:

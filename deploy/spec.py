@@ -35,18 +35,21 @@ SERVER_CLASSES: dict[str, type] = {"vision": VisionServerConfig, "language": Lan
 TRANSPORT_KINDS = ("tcp", "rdma")  # what a deployment can run between its own servers
 # Server config keys a deployment sets for every server it starts: the spec's model and transport
 # (with the token), the node's addresses, the role's ports. Never a role's settings.
-PLACED = ("model", "host", "port", "advertise_host", "transport_advertise_host", "transport", "token_file")
+PLACED = ("model", "host", "port", "metrics_port", "advertise_host", "transport_advertise_host", "transport",
+          "token_file")
 
 
 @dataclass(frozen=True)
 class RoleSpec:
     """Vision or language servers on one node: replica i serves gRPC on `ports[i]` (a language
-    replica receives features on `transport_ports[i]`; none given: any free port), on `devices[i]`
-    and pinned to `cpus[i]` where those are given (else its settings' own)."""
+    replica receives features on `transport_ports[i]`; none given: any free port) and its Prometheus
+    metrics on `metrics_ports[i]` (none given: any free port, which its Health advertises), on
+    `devices[i]` and pinned to `cpus[i]` where those are given (else its settings' own)."""
 
     ports: tuple[int, ...]  # one per replica
     settings: Mapping[str, Any] = field(default_factory=dict)  # the server config's other fields
     transport_ports: tuple[int, ...] = ()
+    metrics_ports: tuple[int, ...] = ()
     devices: tuple[str, ...] = ()  # a vision replica may name several: "cuda:0,cuda:1"
     cpus: tuple[str, ...] = ()  # Linux CPU lists ("0-3")
     where: str = ""  # the settings' key path in the front-end's file, for errors
@@ -115,6 +118,7 @@ def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token
     `pin`: False when checking another node's servers from here (their CPU lists name that node's CPUs)."""
     role = node.role(kind)
     placed: dict[str, Any] = {"model": spec.model, "host": node.bind_host, "port": role.ports[i],
+                              "metrics_port": role.metrics_ports[i] if role.metrics_ports else 0,
                               "advertise_host": node.address, "token_file": None}
     if kind == "vision":
         placed["transport"] = replace(spec.transport, token=token)  # a sender: host and port are the receivers'

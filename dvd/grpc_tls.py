@@ -31,6 +31,11 @@ class GrpcTls:
     def enabled(self) -> bool:
         return self.cert is not None or self.ca is not None
 
+    @property
+    def pair(self) -> tuple[Path, Path] | None:
+        """(cert, key) a server presents, e.g. to serve its metrics over HTTPS too; None: plain text."""
+        return (self.cert, self.key) if self.cert is not None and self.key is not None else None
+
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """For `start_grpc_server(credentials=...)`; None: plain text."""
         if self.cert is None or self.key is None:

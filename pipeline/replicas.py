@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from dvd.config_file import ConfigError
 from dvd.errors import UnavailableError
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 
@@ -69,6 +70,7 @@ class Replica:
     pid: int | None = None  # the server's process, where the deployment that started it says (dvd serve)
     exit_code: int | None = None  # set by that deployment when the process exited: out for good
     transport_address: str = ""  # language replicas: where features are pushed
+    metrics_url: str = ""  # the server's own Prometheus endpoint, as its Health says
     healthy: bool = False  # in rotation
     num_outstanding: int = 0
     counters: dict[str, float] = field(default_factory=dict)
@@ -122,6 +124,7 @@ class Replica:
         self.last_probe_ms = (time.perf_counter() - t0) * 1e3
         self.consecutive_failures = 0
         self.transport_address = health.transport_address or self.transport_address
+        self.metrics_url = health.metrics_url
         self.counters = dict(stats.counters)
         if health.status != common_pb2.HealthResponse.SERVING:
             if self.healthy:
@@ -138,6 +141,15 @@ class Replica:
         health = await self.stub.Health(common_pb2.HealthRequest())
         stats = await self.stub.Stats(common_pb2.StatsRequest())
         return health, stats
+
+    async def refresh_counters(self, timeout_s: float) -> None:
+        """The server's counters as of now (a Stats call), for a scrape of the gateway's /metrics; a server
+        that does not answer in `timeout_s` keeps its last probe's (its health is the probes' business)."""
+        if not self.healthy or self.stub is None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+            stats = await asyncio.wait_for(self.stub.Stats(common_pb2.StatsRequest()), timeout_s)
+            self.counters = dict(stats.counters)
 
     def _out(self, reason: str, fail_inflight: bool = True) -> None:
         """Out of rotation; requests it is serving fail now, naming why, instead of at their deadline
@@ -181,6 +193,8 @@ class Replica:
                                "counters": self.counters}
         if self.kind == "language":
             out["transport_address"] = self.transport_address
+        if self.metrics_url:
+            out["metrics_url"] = self.metrics_url
         if self.pid is not None:
             out["pid"] = self.pid
         return out
@@ -189,9 +203,11 @@ class Replica:
 class ReplicaPool:
     """Replicas of one kind. `pick` takes the healthy one with the least outstanding work."""
 
-    def __init__(self, kind: str, replicas: Sequence[Replica]) -> None:
+    def __init__(self, kind: str, replicas: Sequence[Replica],
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.kind = kind
         self.replicas = list(replicas)
+        self.credentials = credentials  # how servers that join later are dialled (TLS or not)
 
     def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
         candidates = [r for r in self.replicas if r.healthy and r not in exclude]
@@ -212,4 +228,39 @@ class ReplicaPool:
 
 def attached(kind: str, addresses: Sequence[str], credentials: grpc.ChannelCredentials | None = None) -> ReplicaPool:
     """A pool of servers by their gRPC addresses (over TLS with `credentials`)."""
-    return ReplicaPool(kind, [Replica(kind=kind, address=a, credentials=credentials) for a in addresses])
+    return ReplicaPool(kind, [Replica(kind=kind, address=a, credentials=credentials) for a in addresses], credentials)
+
+
+# --- roster changes: servers a deployment adds or takes away while the gateway runs (dvd cluster's autoscaler)
+def check_address(address: str, where: str) -> None:
+    """A server's gRPC address as a roster lists it: HOST:PORT; ConfigError naming `where` otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: {address!r} is not HOST:PORT")
+
+
+def join(pool: ReplicaPool, address: str) -> Replica:
+    """A server that joins the pool: connected now, in rotation once it answers a probe."""
+    replica = Replica(kind=pool.kind, address=address, credentials=pool.credentials)
+    replica.connect()
+    pool.replicas.append(replica)
+    return replica
+
+
+def leave(pool: ReplicaPool, address: str) -> Replica:
+    """A server that leaves the pool: no new work from now on (no pick, no probe sees it); the calls it holds
+    go on (`drained` waits for them), since a server that leaves a roster is drained, not failed."""
+    replica = pool.by_address(address)
+    pool.replicas.remove(replica)
+    replica.state = "leaving the roster"
+    return replica
+
+
+async def drained(replicas: Sequence[Replica], timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Whether every one of `replicas` finished the calls it held within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while any(r.num_outstanding for r in replicas):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)  # the calls end on their own schedule; nothing to wait on but their count
+    return True

@@ -21,9 +21,12 @@ _LISTEN = re.compile(r"OpenAI API at (https?)://([\d.]+):(\d+)/v1, gRPC at ([\d.
 
 
 class ServeProcess:
-    def __init__(self, *args: str, ready_timeout_s: float = 240.0, command: str = "serve") -> None:
-        """`command`: `serve`, or `gateway` for a gateway over servers started elsewhere."""
+    def __init__(self, *args: str, ready_timeout_s: float = 240.0, command: str = "serve",
+                 env: dict[str, str] | None = None) -> None:
+        """`command`: `serve`, or `gateway` for a gateway over servers started elsewhere; `env`: added to
+        this process's environment for it."""
         self.command = command
+        self.env = env or {}
         self.args = [command, "--port", "0", "--grpc-port", "0", *args]
         self.ready_timeout_s = ready_timeout_s
         self.lines: list[str] = []
@@ -32,7 +35,7 @@ class ServeProcess:
         self._ready = threading.Event()
 
     def __enter__(self) -> ServeProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen([sys.executable, "-m", "dvd", *self.args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).parents[1])
         self._reader = threading.Thread(target=self._read, daemon=True)

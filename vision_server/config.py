@@ -10,6 +10,7 @@ from typing import Any
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, device_defaults, split_layers, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
+from dvd.metrics import check_metrics_port
 from dvd.transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -28,6 +29,7 @@ class VisionServerConfig:
     layer_split: tuple[int, ...] = ()  # encoder layers on each device of a replica; () = balanced by count
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = 0  # Prometheus /metrics (HTTP, HTTPS with grpc_tls): 0 = any free port, -1 = none
     dtype: str = ""  # "" = float32 on a CPU (cast to BF16 at the wire), bfloat16 on GPUs
     max_batch_tiles: int = 0  # 0: the device's default (dvd/devices.py: 16 on a CPU, 64 on a GPU)
     max_wait_ms: float = 5.0
@@ -67,6 +69,7 @@ class VisionServerConfig:
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        check_metrics_port(self.metrics_port)
         defaults = device_defaults(self.devices[0])  # frozen: the zeros become the device's defaults once
         for name in ("max_batch_tiles", "preprocess_workers"):
             object.__setattr__(self, name, getattr(self, name) or getattr(defaults, name))
@@ -129,7 +132,7 @@ class VisionServerConfig:
         split = parse_layer_split(args.layer_split) if args.layer_split else ()
         return cls(
             model=Path(args.model), devices=devices, devices_per_replica=args.devices_per_replica,
-            layer_split=split, host=args.host, port=args.port, dtype=args.dtype or "",
+            layer_split=split, host=args.host, port=args.port, metrics_port=args.metrics_port, dtype=args.dtype or "",
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
             max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
@@ -167,6 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. 23,22 for InternViT-6B's 45 over two devices; default balanced by count)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus /metrics port (0 picks a free one, printed at start and listed in the "
+                             "gateway's /v1/instances; -1: none)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--max-batch-tiles", type=int, default=0,
                         help="most tiles in one forward pass (default 16 on a CPU, 64 on a GPU)")

@@ -100,7 +100,7 @@ def vision_replica(address: str, *answers: Any, load: int = 0) -> Replica:
     script = list(answers)
     replica.stub = SimpleNamespace(attempts=[], calls=[], hanging=asyncio.Event())
 
-    def encode(call: vision_pb2.EncodeRequest, timeout: float) -> UnaryCall:
+    def encode(call: vision_pb2.EncodeRequest, timeout: float, metadata: tuple = ()) -> UnaryCall:
         replica.stub.attempts.append(call.attempt)
         replica.stub.calls.append(UnaryCall(script.pop(0), replica.stub.hanging))
         return replica.stub.calls[-1]
@@ -117,7 +117,7 @@ def language_replica(address: str, *calls: StreamCall, load: int = 0) -> Replica
     script = list(calls)
     replica.stub = SimpleNamespace(aborted=[], generated=[])
 
-    def generate(request: language_pb2.LanguageGenerateRequest, timeout: float) -> StreamCall:
+    def generate(request: language_pb2.LanguageGenerateRequest, timeout: float, metadata: tuple = ()) -> StreamCall:
         replica.stub.generated.append(request)
         return script.pop(0)
 
