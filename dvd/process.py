@@ -43,9 +43,11 @@ class _Recording:
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
                             max_message_bytes: int,
                             health_servicer: health.aio.HealthServicer | None = None,
-                            credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    """A started gRPC server with the servicers `register` adds (TLS with `credentials`); returns it
-    and the bound port.
+                            credentials: grpc.ServerCredentials | None = None,
+                            interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+    """A started gRPC server with the servicers `register` adds (TLS with `credentials`; every call
+    through `interceptors`: the cluster credential's check, dvd/internal_auth.py); returns it and the
+    bound port.
 
     Every DvD server also serves the standard `grpc.health.v1.Health` (SERVING for "" and each of its
     services: Kubernetes gRPC probes and grpc_health_probe work unchanged) and server reflection
@@ -54,9 +56,10 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     that drains passes its own `health_servicer` and calls its `enter_graceful_shutdown()`, so
     probes see NOT_SERVING while in-flight work finishes."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes)])
+                                      ("grpc.max_send_message_length", max_message_bytes)],
+                             interceptors=list(interceptors) or None)
     recording = _Recording(server)
-    register(recording)  # type: ignore[arg-type]
+    register(recording)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *recording.names):
@@ -90,13 +93,15 @@ def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], role: str) -> Any | None:
     """A `dvd vision` / `dvd language` process's config: from `--config FILE` or its flags, the shared
-    token read from its file or $DVD_TOKEN (never argv), the process pinned to its CPUs before any
-    model or thread pool exists. None after one line naming what was wrong (the caller exits 2)."""
+    token read from its file or $DVD_TOKEN (never argv; required to bind beyond loopback), the process
+    pinned to its CPUs before any model or thread pool exists. None after one line naming what was wrong
+    (the caller exits 2)."""
     import argparse
     import dataclasses
 
     from dvd.config_file import config_or_flags
     from dvd.cpus import pin_process
+    from dvd.internal_auth import require_credential
     from dvd.malloc import reuse_freed_memory
     from dvd.token_file import resolve_token
 
@@ -107,9 +112,10 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     try:
-        config = config_or_flags(cls, args, parser, keep=("log_level",))
+        config: Any = config_or_flags(cls, args, parser, keep=("log_level",))
         token = resolve_token(config.transport.token, config.token_file)
         config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
+        require_credential(config.bound_hosts(), token, role)
     except ValueError as exc:  # ConfigError included: one line naming the key
         print(f"error: {exc}", file=sys.stderr)
         return None
