@@ -168,6 +168,7 @@ async def _engine(checkpoint: Path, args: argparse.Namespace, **overrides: Any) 
     engine = VisionEngine(config, transport_options={"inproc": {"hub": hub}})
     receiver = create_receiver(TransportConfig(kind="inproc"), hub=hub)
     await receiver.start()
+    engine.destinations.allow([receiver.address])  # a vision server pushes only where it was told it may
     return engine, receiver
 
 

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = ray_cluster.load_ray_config(args.config)
         token = resolve_token(None, config.token_file) if args.action == "up" else None
+        if args.action == "up" and token is None:  # the actors' servers bind their nodes' addresses
+            raise ConfigError("token_file: required (or $DVD_TOKEN): Ray places the servers on other nodes, beyond "
+                              "loopback, and only the cluster's token keeps their ports closed to other callers")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

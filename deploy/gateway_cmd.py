@@ -23,10 +23,9 @@ import logging
 import sys
 from pathlib import Path
 
-import grpc
-
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.deploy.gateway_config import StandaloneGatewayConfig, load_gateway_config
+from dvd.internal_auth import ClusterCredential
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
@@ -59,8 +58,14 @@ FLAGS = (
     Flag("--fail-threshold", "probe.fail_threshold", type=int,
          help="failed probes in a row that take a server out of rotation (default 3)"),
     Flag("--internal-tls-ca", "internal_tls.ca", metavar="PEM",
-         help="dial the vision and language servers over TLS, verifying their certificates against these roots "
-              "(default: plain text)"),
+         help="dial the vision and language servers over mutual TLS, verifying their certificates against these "
+              "roots (with --internal-tls-cert/--internal-tls-key; default: plain text)"),
+    Flag("--internal-tls-cert", "internal_tls.cert", metavar="PEM",
+         help="the gateway's client certificate for mutual TLS to the servers (chaining to their --tls-ca)"),
+    Flag("--internal-tls-key", "internal_tls.key", metavar="PEM", help="its private key"),
+    Flag("--token-file", "token_file", metavar="PATH",
+         help="file holding the cluster's shared token (the servers'): every call to a server carries a credential "
+              "made from it (default: $DVD_TOKEN, else none; never from the command line)"),
     *KEY_FLAGS,
 )
 
@@ -83,17 +88,22 @@ def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -
     return path
 
 
-def roster(config: StandaloneGatewayConfig, credentials: grpc.ChannelCredentials | None) -> dict[str, ReplicaPool]:
-    """The gateway's vision and language pools: `config`'s servers by address (dialled over TLS with
-    `credentials`)."""
-    return {"vision": attached("vision", config.vision, credentials),
-            "language": attached("language", config.language, credentials)}
+def roster(config: StandaloneGatewayConfig, credential: ClusterCredential) -> dict[str, ReplicaPool]:
+    """The gateway's vision and language pools: `config`'s servers by address, dialled presenting the
+    cluster's `credential`."""
+    return {"vision": attached("vision", config.vision, credential),
+            "language": attached("language", config.language, credential)}
 
 
-async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
-                credentials: grpc.ChannelCredentials | None = None) -> int:
+def credential(config: StandaloneGatewayConfig) -> ClusterCredential:
+    """What this gateway presents to its servers; the TLS files read now, so a bad one fails before serving."""
+    config.internal_tls.channel_credentials()
+    return ClusterCredential(config.token, config.internal_tls)
+
+
+async def serve(config: StandaloneGatewayConfig, keys: ApiKeys, cluster: ClusterCredential) -> int:
     model = model_path(config.model, "no model given: using the built-in tiny checkpoint's tokenizer at %s")
-    pools = roster(config, credentials)
+    pools = roster(config, cluster)
     backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=config.probe)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
 
@@ -109,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
-        credentials = config.internal_tls.channel_credentials()  # read now: a bad file fails before serving
+        cluster = credential(config)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_process(lambda: serve(config, keys, credentials))
+    if not cluster.token:
+        log.warning("no cluster token (--token-file, $DVD_TOKEN): servers that check one will refuse this gateway")
+    return run_process(lambda: serve(config, keys, cluster))

@@ -135,12 +135,14 @@ def server_child(spec: DeploymentSpec, kind: str, i: int, token: str | None, hos
     return ChildSpec(f"{kind}-{config.port}", (kind,), config, address=f"{host}:{config.port}")
 
 
-def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple[str, ...], host: str) -> ChildSpec:
-    """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed."""
+def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple[str, ...], token: str | None,
+                  host: str) -> ChildSpec:
+    """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed, presenting
+    the cluster's `token` to them."""
     node = spec.nodes[0]
     assert node.gateway is not None
     node = replace(node, address=host, gateway=replace(node.gateway, host=host))
-    config = gateway_config(spec, node, vision, language)
+    config = gateway_config(spec, node, vision, language, token)
     return ChildSpec(f"gateway-{config.gateway.http_port}", ("gateway",), config,
                      address=f"{host}:{config.gateway.http_port}")
 
@@ -193,7 +195,7 @@ def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
             described.append(info)
     actor = actor_cls.options(name="dvd-gateway", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
                               num_cpus=0.001, resources=config.gateway.resources).remote(
-        partial(gateway_child, spec, tuple(addresses["vision"]), tuple(addresses["language"])))
+        partial(gateway_child, spec, tuple(addresses["vision"]), tuple(addresses["language"]), token))
     described.append(ray.get(actor.describe.remote(), timeout=600))
     return described
 

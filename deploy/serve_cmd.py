@@ -33,6 +33,7 @@ from dvd.deploy.gateway_cmd import model_path, roster
 from dvd.deploy.serve_config import ServeConfig, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
+from dvd.internal_auth import ClusterCredential
 from dvd.malloc import reuse_freed_memory
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
@@ -117,8 +118,8 @@ _PROBES = (
 )
 _INTERNAL_TLS = (
     Flag("--internal-tls-cert", "internal_tls.cert", metavar="PEM",
-         help="the children serve gRPC over TLS with this certificate, which the gateway trusts; it must name "
-              "127.0.0.1 (subjectAltName IP:127.0.0.1)"),
+         help="the children serve gRPC over mutual TLS with this certificate, which the gateway trusts and presents "
+              "as its client certificate; it must name 127.0.0.1 (subjectAltName IP:127.0.0.1)"),
     Flag("--internal-tls-key", "internal_tls.key", metavar="PEM", help="its private key (with --internal-tls-cert)"),
 )
 # (argument group title, its flags); None: the parser's own options
@@ -161,11 +162,12 @@ async def _serve_disaggregated(config: ServeConfig, model: Path, keys: ApiKeys) 
     """The servers as supervised children on loopback, and a gateway here attached to them by address."""
     spec = serve_spec(config, model)
     node = spec.nodes[0]
-    pools = roster(gateway_config(spec, node), spec.internal_tls.channel_credentials())
+    token = fresh_token()  # the servers' transport and gRPC both check it; this gateway presents it
+    pools = roster(gateway_config(spec, node), ClusterCredential(token, spec.internal_tls))
     supervisor = Supervisor(prefix="dvd-serve-")  # 0700: the child configs hold the fresh token
     watching: asyncio.Task | None = None
     try:
-        replicas = _start_children(supervisor, children(spec, node, ["vision", "language"], fresh_token()), pools)
+        replicas = _start_children(supervisor, children(spec, node, ["vision", "language"], token), pools)
         pin_process(config.cpus, "gateway", torch_threads=False)  # after the children started: they do not inherit it
         # the tokenizer is read while the children load their models
         backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=spec.probe)

@@ -17,8 +17,9 @@ File layout (every key optional):
     vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, devices_per_replica, layer_split, dtype,
                                 # max_batch_tiles, cache_bytes, ...)
     language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
-    internal_tls: {cert: PEM, key: PEM}  # the gateway <-> children gRPC over TLS (dvd/grpc_tls.py); the
-                                # certificate must name 127.0.0.1 (subjectAltName IP:127.0.0.1)
+    internal_tls: {cert: PEM, key: PEM}  # the gateway <-> children gRPC over mutual TLS (dvd/grpc_tls.py): the
+                                # children serve it and the gateway presents it; it must name 127.0.0.1
+                                # (subjectAltName IP:127.0.0.1)
     cpus: "1"                   # CPU list for this process: the gateway, or with coupled the whole model
                                 # (vision.cpus / language.cpus pin the servers; see dvd/cpus.py)
 """
@@ -34,6 +35,7 @@ from dvd.config_file import ConfigError, from_dict, merged, read_mapping, to_dic
 from dvd.cpus import check_cpu_list
 from dvd.deploy.spec import (
     PLACED,
+    PLACED_VISION,
     TRANSPORT_KINDS,
     DeploymentSpec,
     NodeSpec,
@@ -99,7 +101,7 @@ def _spec(config: ServeConfig, model: Path, vision: RoleSpec, language: RoleSpec
 
 def _settings(server: Any) -> dict[str, Any]:
     """A validated server config's own settings: every field but those the spec places."""
-    return {key: value for key, value in to_dict(server).items() if key not in PLACED}
+    return {key: value for key, value in to_dict(server).items() if key not in PLACED + PLACED_VISION}
 
 
 def _role(section: Any, where: str) -> RoleSpec:

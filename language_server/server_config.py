@@ -62,6 +62,11 @@ class LanguageServerConfig:
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
 
+    def bound_hosts(self) -> tuple[str, ...]:
+        """What this server listens on, gRPC and features (beyond loopback, it needs the cluster's token:
+        dvd/internal_auth.py)."""
+        return (self.host, self.transport.host)
+
     @property
     def torch_dtype(self) -> Any:
         return torch_dtype(self.dtype, self.device)

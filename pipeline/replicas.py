@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from dvd.errors import UnavailableError
+from dvd.internal_auth import ClusterCredential
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,15 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.keepalive
                    ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
+_SAID_WHY = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # a deployment fault: say what
+
+
+def _probe_failure(err: grpc.aio.AioRpcError | TimeoutError, timeout_s: float) -> str:
+    if not isinstance(err, grpc.aio.AioRpcError):
+        return f"no answer in {timeout_s:g}s"
+    return f"{err.code().name}: {err.details()}" if err.code() in _SAID_WHY else err.code().name
+
+
 @dataclass(eq=False)
 class Work:
     """One call (or task) in flight on a replica; `lost` once the replica left rotation and cancelled it."""
@@ -78,14 +88,15 @@ class Replica:
     state: str = "not probed yet"  # why it is in or out of rotation, for /v1/instances and logs
     last_probe_ms: float = 0.0
     num_calls_failed: int = 0  # calls failed because this replica left rotation while serving them
-    credentials: grpc.ChannelCredentials | None = None  # TLS to this server (dvd/grpc_tls.py); None: plain text
+    # the cluster's credential this gateway presents (dvd/internal_auth.py): mutual TLS, signed calls, or none
+    credential: ClusterCredential = field(default_factory=ClusterCredential)
+    # vision replicas: the language servers' transport addresses this server was told it may push to
+    # (forgotten when it leaves rotation: it may come back as a new process that knows none)
+    allowed_destinations: set[str] = field(default_factory=set)
     _work: set[Work] = field(default_factory=set)
 
     def connect(self) -> None:
-        if self.credentials is not None:
-            self.channel = grpc.aio.secure_channel(self.address, self.credentials, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.channel = self.credential.channel(self.address, CHANNEL_OPTIONS)
         self.stub = STUBS[self.kind](self.channel)
 
     async def close(self) -> None:
@@ -109,7 +120,7 @@ class Replica:
             health, stats = await asyncio.wait_for(self._probe(), timeout_s)
         except (grpc.aio.AioRpcError, TimeoutError) as err:
             self.consecutive_failures += 1
-            cause = err.code().name if isinstance(err, grpc.aio.AioRpcError) else f"no answer in {timeout_s:g}s"
+            cause = _probe_failure(err, timeout_s)
             if self.consecutive_failures >= fail_threshold:
                 if self.healthy:
                     log.warning("%s server %s: %d health probes in a row failed (last: %s); out of rotation",
@@ -143,6 +154,7 @@ class Replica:
         """Out of rotation; requests it is serving fail now, naming why, instead of at their deadline
         (a hung server would hold them that long)."""
         self.healthy, self.state = False, reason
+        self.allowed_destinations.clear()
         if fail_inflight:
             for work in self._work:
                 if not work.lost:
@@ -210,6 +222,7 @@ class ReplicaPool:
         await asyncio.gather(*(r.check(probe.timeout_s, probe.fail_threshold) for r in self.replicas))
 
 
-def attached(kind: str, addresses: Sequence[str], credentials: grpc.ChannelCredentials | None = None) -> ReplicaPool:
-    """A pool of servers by their gRPC addresses (over TLS with `credentials`)."""
-    return ReplicaPool(kind, [Replica(kind=kind, address=a, credentials=credentials) for a in addresses])
+def attached(kind: str, addresses: Sequence[str], credential: ClusterCredential | None = None) -> ReplicaPool:
+    """A pool of servers by their gRPC addresses, dialled presenting `credential`."""
+    credential = credential or ClusterCredential()
+    return ReplicaPool(kind, [Replica(kind=kind, address=a, credential=credential) for a in addresses])

@@ -53,6 +53,9 @@ class VisionServerConfig:
     advertise_host: str = ""
     token_file: Path | None = None
     grpc_tls: GrpcTls = dataclasses.field(default_factory=GrpcTls)  # serve gRPC over TLS: cert + key (dvd/grpc_tls.py)
+    # Language servers' transport addresses this server may push features to, besides those a gateway
+    # announces (vision_server/destinations.py); any other destination is refused before encoding.
+    allowed_destinations: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
@@ -64,6 +67,7 @@ class VisionServerConfig:
         for device in self.devices:
             check_device(device)
         self._check_placement()
+        self._check_destinations()
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
@@ -107,6 +111,20 @@ class VisionServerConfig:
             except ValueError as exc:
                 raise ValueError(f"{self.model}: {exc}") from None
 
+    def _check_destinations(self) -> None:
+        from dvd.errors import InvalidRequestError
+        from dvd.vision_server.destinations import normalized
+
+        for i, destination in enumerate(self.allowed_destinations):
+            try:
+                normalized(destination, self.transport.kind)
+            except InvalidRequestError as exc:
+                raise ValueError(f"allowed_destinations[{i}]: {exc}") from None
+
+    def bound_hosts(self) -> tuple[str, ...]:
+        """What this server listens on (beyond loopback, it needs the cluster's token: dvd/internal_auth.py)."""
+        return (self.host,)
+
     @property
     def replica_devices(self) -> tuple[tuple[str, ...], ...]:
         """Each replica's devices: one each, or `devices_per_replica` consecutive ones."""
@@ -130,8 +148,12 @@ class VisionServerConfig:
             max_inflight_requests=args.max_inflight, max_pending_tiles=args.max_pending_tiles,
             drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport),
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
-            grpc_tls=server_tls_from_args(args),
+            grpc_tls=server_tls_from_args(args), allowed_destinations=tuple(_list(args.allow_destinations)),
         )
+
+
+def _list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
 def parse_layer_split(text: str) -> tuple[int, ...]:
@@ -186,3 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding the shared transport token (the language servers'); default: "
                              "$DVD_TOKEN, else none. The token is never taken from the command line")
     parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: refused with a pointer to --token-file
+    parser.add_argument("--allow-destinations", metavar="[KIND://]HOST:PORT,...",
+                        help="language servers' transport addresses this server may push features to; a gateway "
+                             "also announces its own over the authenticated channel. Any other destination is "
+                             "refused before encoding (default: only what a gateway announces)")

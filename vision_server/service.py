@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health
 
 from dvd.errors import DvdError, rpc_metadata
+from dvd.internal_auth import ClusterCredential
 from dvd.process import start_grpc_server
 from dvd.requests import Media
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
@@ -95,6 +96,14 @@ class VisionService(vision_pb2_grpc.VisionServicer):
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.engine.stats())
 
+    async def AllowDestinations(self, request: vision_pb2.AllowDestinationsRequest,
+                                context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self.engine.destinations.allow(request.destinations)
+        except DvdError as error:
+            await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
+        return vision_pb2.AllowDestinationsResponse(num_allowed=len(self.engine.destinations))
+
 
 class VisionServer:
     """The gRPC server, the service and the engine of one `dvd vision` process."""
@@ -106,6 +115,8 @@ class VisionServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
+        # every method but Health needs the cluster's credential (dvd/internal_auth.py)
+        self.credential = ClusterCredential(config.transport.token, config.grpc_tls)
 
     @property
     def address(self) -> str:
@@ -115,7 +126,7 @@ class VisionServer:
         self._server, self.port = await start_grpc_server(
             lambda server: vision_pb2_grpc.add_VisionServicer_to_server(self.service, server),
             self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
-            credentials=self.config.grpc_tls.server_credentials())
+            credentials=self.credential.server_credentials(), interceptors=self.credential.interceptors())
 
     async def stop(self) -> None:
         """Drain: refuse new work, give in-flight requests `drain_timeout_s`, fail what is left, release all."""
