@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dvd.named import load_named
 
@@ -24,5 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dvd.hub import ModelNameError
+
     module = load_named(BENCHMARKS, args.name, "benchmark")
-    return int(module.main(list(args.options)) or 0)
+    try:
+        return int(module.main(list(args.options)) or 0)
+    except ModelNameError as exc:  # a --model that cannot be resolved: one line, as every command says it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

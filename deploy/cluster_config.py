@@ -7,7 +7,10 @@ node's roles; errors name the node and the key (`nodes[gpu0].language.devices: .
 this front-end's format of the deployment spec (`cluster_spec`; deploy/spec.py builds every
 process's config from it).
 
-    model: PATH                 # the checkpoint, at this path on every node
+    model: PATH                 # the checkpoint, at this path on every node; or a Hugging Face Hub id, each node
+                                # fetching only its roles' files into its Hub cache (dvd launch, before starting)
+    revision: REV               # the Hub id's branch, tag or commit (default main): pin a commit so every node
+                                # serves the same weights
     token_file: PATH            # the cluster's shared token (mode 0600), at this path on every node: the servers
                                 # check it on every gRPC call and feature stream, the gateway presents it
                                 # (dvd/internal_auth.py); required for servers beyond loopback
@@ -108,6 +111,7 @@ class NodeConfig:
 class ClusterConfig:
     model: Path
     nodes: tuple[NodeConfig, ...]
+    revision: str = ""
     token_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -119,7 +123,7 @@ def cluster_spec(config: ClusterConfig) -> DeploymentSpec:
     to its language servers (their transport addresses are fixed here) and nowhere else."""
     nodes = tuple(node.spec() for node in config.nodes)
     return DeploymentSpec(model=config.model, nodes=nodes, transport=config.transport, internal_tls=config.internal_tls,
-                          probe=config.probe, token_file=config.token_file,
+                          probe=config.probe, token_file=config.token_file, revision=config.revision,
                           allowed_destinations=_transport_addresses(nodes, config.transport.kind))
 
 

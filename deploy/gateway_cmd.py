@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.deploy.gateway_config import StandaloneGatewayConfig, load_gateway_config
+from dvd.hub import ResolvedModel, resolve_model
 from dvd.internal_auth import ClusterCredential
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
@@ -40,8 +41,10 @@ def _addresses(value: str) -> list[str]:
 
 
 FLAGS = (
-    Flag("--model", "model", help="checkpoint directory: its tokenizer and chat template (default: the built-in "
-                                  "tiny one)"),
+    Flag("--model", "model", help="checkpoint directory or Hugging Face Hub id (org/name): its tokenizer and chat "
+                                  "template (default: the built-in tiny one)"),
+    Flag("--revision", "revision", help="the Hub id's branch, tag or commit (default main); servers that serve another "
+                                        "are kept out of rotation"),
     Flag("--vision", "vision", convert=_addresses, metavar="HOST:PORT[,...]", help="vision servers' gRPC addresses"),
     Flag("--language", "language", convert=_addresses, metavar="HOST:PORT[,...]",
          help="language servers' gRPC addresses (at least one)"),
@@ -77,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -> Path:
+def model_path(model: ResolvedModel | None, warning: str, logger: logging.Logger = log) -> ResolvedModel:
     """`model`, or the built-in tiny checkpoint (made on first use; `warning` % its path is logged)."""
     if model is not None:
         return model
@@ -85,14 +88,20 @@ def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -
 
     path = ensure_checkpoint("tiny")
     logger.warning(warning, path)
-    return path
+    return ResolvedModel(path=path, name=path.name, source=str(path))
 
 
-def roster(config: StandaloneGatewayConfig, credential: ClusterCredential) -> dict[str, ReplicaPool]:
+def resolved(model: Path | None, revision: str, roles: tuple[str, ...]) -> ResolvedModel | None:
+    """The command's `--model` resolved (a Hub id: `roles`' files fetched), or None for the built-in one."""
+    return None if model is None else resolve_model(model, revision, roles)
+
+
+def roster(config: StandaloneGatewayConfig, credential: ClusterCredential,
+           revision: str = "") -> dict[str, ReplicaPool]:
     """The gateway's vision and language pools: `config`'s servers by address, dialled presenting the
-    cluster's `credential`."""
-    return {"vision": attached("vision", config.vision, credential),
-            "language": attached("language", config.language, credential)}
+    cluster's `credential`; one that serves another checkpoint revision than `revision` is kept out."""
+    return {"vision": attached("vision", config.vision, credential, revision),
+            "language": attached("language", config.language, credential, revision)}
 
 
 def credential(config: StandaloneGatewayConfig) -> ClusterCredential:
@@ -101,10 +110,12 @@ def credential(config: StandaloneGatewayConfig) -> ClusterCredential:
     return ClusterCredential(config.token, config.internal_tls)
 
 
-async def serve(config: StandaloneGatewayConfig, keys: ApiKeys, cluster: ClusterCredential) -> int:
-    model = model_path(config.model, "no model given: using the built-in tiny checkpoint's tokenizer at %s")
-    pools = roster(config, cluster)
-    backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=config.probe)
+async def serve(config: StandaloneGatewayConfig, keys: ApiKeys, cluster: ClusterCredential,
+                given: ResolvedModel | None = None) -> int:
+    model = model_path(given, "no model given: using the built-in tiny checkpoint's tokenizer at %s")
+    pools = roster(config, cluster, model.revision)
+    backend = DisaggregatedBackend(model.path, pools["vision"], pools["language"], probe=config.probe,
+                                   model_name=model.name)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
 
     async def describe() -> str:
@@ -120,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_gateway_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
         cluster = credential(config)
+        model = resolved(config.model, config.revision, ("gateway",))  # the tokenizer and template only
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not cluster.token:
         log.warning("no cluster token (--token-file, $DVD_TOKEN): servers that check one will refuse this gateway")
-    return run_process(lambda: serve(config, keys, cluster))
+    return run_process(lambda: serve(config, keys, cluster, model))

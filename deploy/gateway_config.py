@@ -4,7 +4,8 @@ addresses (on any node), and how it probes them. It is also what a deployment's 
 FILE`, and `dvd serve` runs it in its own process over the servers it started.
 
 File layout (every key optional but `language`):
-    model: PATH                    # checkpoint directory: the gateway reads only its tokenizer and chat template
+    model: PATH                    # checkpoint directory or Hub id: the gateway reads its tokenizer and chat template
+    revision: REV                  # a Hub id's branch, tag or commit (default main); servers on another are refused
     vision: [HOST:PORT, ...]       # vision servers' gRPC addresses
     language: [HOST:PORT, ...]     # language servers' gRPC addresses
     gateway: {...}                 # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
@@ -35,7 +36,8 @@ def check_address(address: str, where: str) -> None:
 
 @dataclass(frozen=True)
 class StandaloneGatewayConfig:
-    model: Path | None = None  # None: the built-in tiny checkpoint
+    model: Path | None = None  # None: the built-in tiny checkpoint; or a Hugging Face Hub id (dvd/hub.py)
+    revision: str = ""  # the Hub id's branch, tag or commit
     vision: tuple[str, ...] = ()
     language: tuple[str, ...] = ()
     gateway: GatewayConfig = field(default_factory=GatewayConfig)

@@ -11,7 +11,8 @@ back at the same node and port, and the gateway takes it back into rotation on i
 The gateway learns the servers' addresses from their actors (each reports its node's IP).
 
 Config (YAML):
-    model: PATH                # on every Ray node
+    model: PATH                # on every Ray node; or a Hugging Face Hub id each actor fetches its half of
+    revision: REV              # the Hub id's branch, tag or commit (`up` pins it to one commit for every actor)
     token_file: PATH           # read by `dvd cluster up`, handed to the actors (never in argv)
     transport: {kind: tcp}
     probe: {interval_s, timeout_s, fail_threshold}
@@ -95,6 +96,7 @@ class RayGatewayRole:
 @dataclass(frozen=True)
 class RayClusterConfig:
     model: Path
+    revision: str = ""
     token_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -115,7 +117,7 @@ def ray_spec(config: RayClusterConfig) -> DeploymentSpec:
     node = NodeSpec(name="ray", address=_UNPLACED, gateway=gateway, vision=config.vision.spec("vision"),
                     language=config.language.spec("language"))
     return DeploymentSpec(model=config.model, nodes=(node,), transport=config.transport, probe=config.probe,
-                          token_file=config.token_file)
+                          token_file=config.token_file, revision=config.revision)
 
 
 def load_ray_config(path: Path) -> RayClusterConfig:

@@ -9,7 +9,8 @@ vision --config FILE`): the same dataclasses the servers run with, so what the p
 what the children use.
 
 File layout (every key optional):
-    model: PATH                 # checkpoint directory (default: the built-in tiny checkpoint)
+    model: PATH                 # checkpoint directory or Hugging Face Hub id (default: the built-in tiny checkpoint)
+    revision: REV               # the Hub id's branch, tag or commit (default main)
     coupled: false              # both halves in the gateway, no pipelining (the baseline)
     transport: {...}            # TransportConfig: kind (tcp | rdma), ucx_tls, limits; both ends share it
     probe: {...}                # ProbeConfig: interval_s, timeout_s, fail_threshold (when a server is down)
@@ -51,13 +52,15 @@ from dvd.pipeline.replicas import ProbeConfig
 from dvd.transport.config import TransportConfig
 from dvd.vision_server.config import VisionServerConfig
 
-TOP_KEYS = ("model", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus", "internal_tls")
+TOP_KEYS = ("model", "revision", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus",
+            "internal_tls")
 LOOPBACK = "127.0.0.1"  # where dvd serve's servers listen: only its own gateway dials them
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: Path | None = None  # None: the built-in tiny checkpoint
+    model: Path | None = None  # None: the built-in tiny checkpoint; or a Hugging Face Hub id (dvd/hub.py)
+    revision: str = ""  # the Hub id's branch, tag or commit; once resolved, the commit every process serves
     coupled: bool = False
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -96,7 +99,7 @@ def serve_spec(config: ServeConfig, model: Path) -> DeploymentSpec:
 def _spec(config: ServeConfig, model: Path, vision: RoleSpec, language: RoleSpec) -> DeploymentSpec:
     node = NodeSpec(name="local", address=LOOPBACK, gateway=config.gateway, vision=vision, language=language)
     return DeploymentSpec(model=model, nodes=(node,), transport=config.transport, internal_tls=config.internal_tls,
-                          probe=config.probe)
+                          probe=config.probe, revision=config.revision)
 
 
 def _settings(server: Any) -> dict[str, Any]:
@@ -137,7 +140,10 @@ def _top(data: dict[str, Any]) -> dict[str, Any]:
         cpus = str(cpus)  # `cpus: 0` in YAML
     if not isinstance(cpus, str):
         raise ConfigError(f"cpus: expected a CPU list such as '0' or '2-3', got {type(cpus).__name__} {cpus!r}")
-    return {"model": Path(model) if model else None, "coupled": coupled, "cpus": cpus}
+    revision = data.get("revision", "")
+    if not isinstance(revision, str):
+        raise ConfigError(f"revision: expected a branch, tag or commit, got {type(revision).__name__} {revision!r}")
+    return {"model": Path(model) if model else None, "revision": revision, "coupled": coupled, "cpus": cpus}
 
 
 def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> ServeConfig:

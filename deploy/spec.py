@@ -36,7 +36,7 @@ SERVER_CLASSES: dict[str, type] = {"vision": VisionServerConfig, "language": Lan
 TRANSPORT_KINDS = ("tcp", "rdma")  # what a deployment can run between its own servers
 # Server config keys a deployment sets for every server it starts: the spec's model and transport
 # (with the token), the node's addresses, the role's ports. Never a role's settings.
-PLACED = ("model", "host", "port", "advertise_host", "transport_advertise_host", "transport", "token_file")
+PLACED = ("model", "revision", "host", "port", "advertise_host", "transport_advertise_host", "transport", "token_file")
 PLACED_VISION = ("allowed_destinations",)  # the language servers a vision server may push to
 
 
@@ -94,7 +94,7 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    model: Path
+    model: Path  # a directory, or a Hugging Face Hub id each process resolves to its own half (dvd/hub.py)
     nodes: tuple[NodeSpec, ...]
     transport: TransportConfig = field(default_factory=TransportConfig)  # shared; host, port, token per server
     internal_tls: GrpcTls = field(default_factory=GrpcTls)  # servers present cert + key; gateways verify with ca
@@ -103,6 +103,7 @@ class DeploymentSpec:
     # Where its vision servers may push features, where the front-end knows it before anything starts (fixed
     # transport ports); the rest a gateway announces (vision_server/destinations.py).
     allowed_destinations: tuple[str, ...] = ()
+    revision: str = ""  # the Hub id's revision: a front-end pins it to a commit before any process starts
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -120,7 +121,8 @@ def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token
     """The `VisionServerConfig` / `LanguageServerConfig` replica `i` of `node`'s `kind` role runs.
     `pin`: False when checking another node's servers from here (their CPU lists name that node's CPUs)."""
     role = node.role(kind)
-    placed: dict[str, Any] = {"model": spec.model, "host": node.bind_host, "port": role.ports[i],
+    placed: dict[str, Any] = {"model": spec.model, "revision": spec.revision, "host": node.bind_host,
+                              "port": role.ports[i],
                               "advertise_host": node.address, "token_file": None}
     if kind == "vision":
         placed["transport"] = replace(spec.transport, token=token)  # a sender: host and port are the receivers'
@@ -157,7 +159,7 @@ def gateway_config(spec: DeploymentSpec, node: NodeSpec, vision: tuple[str, ...]
     return StandaloneGatewayConfig(
         model=spec.model, vision=spec.addresses("vision") if vision is None else vision,
         language=spec.addresses("language") if language is None else language, gateway=node.gateway,
-        probe=spec.probe, internal_tls=spec.internal_tls, token=token)
+        probe=spec.probe, internal_tls=spec.internal_tls, token=token, revision=spec.revision)
 
 
 def children(spec: DeploymentSpec, node: NodeSpec, roles: list[str], token: str | None) -> list[ChildSpec]:

@@ -22,6 +22,8 @@ def configure_logging(level: str) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # partial loads would print large "unexpected keys" tables
+    for name in ("httpx", "httpx2"):  # huggingface_hub's HTTP clients: a line per request at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _Recording:
@@ -93,7 +95,8 @@ def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], role: str) -> Any | None:
     """A `dvd vision` / `dvd language` process's config: from `--config FILE` or its flags, the shared
-    token read from its file or $DVD_TOKEN (never argv; required to bind beyond loopback), the process
+    token read from its file or $DVD_TOKEN (never argv; required to bind beyond loopback), its model
+    resolved to a directory (a Hub id: this role's files fetched, dvd/hub.py), the process
     pinned to its CPUs before any model or thread pool exists. None after one line naming what was wrong
     (the caller exits 2)."""
     import argparse
@@ -101,6 +104,7 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
 
     from dvd.config_file import config_or_flags
     from dvd.cpus import pin_process
+    from dvd.hub import resolve_model
     from dvd.internal_auth import require_credential
     from dvd.malloc import reuse_freed_memory
     from dvd.token_file import resolve_token
@@ -116,7 +120,9 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
         token = resolve_token(config.transport.token, config.token_file)
         config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
         require_credential(config.bound_hosts(), token, role)
-    except ValueError as exc:  # ConfigError included: one line naming the key
+        model = resolve_model(config.model, config.revision, roles=(role.split()[0],))  # this half's files only
+        config = dataclasses.replace(config, model=model.path, revision=model.revision)
+    except ValueError as exc:  # ConfigError and ModelNameError included: one line naming the key or the model
         print(f"error: {exc}", file=sys.stderr)
         return None
     pin_process(config.cpus, role)

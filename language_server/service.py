@@ -94,7 +94,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         serving, detail = self.server.health()
         status = common_pb2.HealthResponse.SERVING if serving else common_pb2.HealthResponse.NOT_SERVING
         return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.server.config.model),
-                                         transport_address=self.server.transport_address)
+                                         transport_address=self.server.transport_address,
+                                         revision=self.server.config.revision)
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.server.counters())

@@ -93,6 +93,8 @@ class Replica:
     # vision replicas: the language servers' transport addresses this server was told it may push to
     # (forgotten when it leaves rotation: it may come back as a new process that knows none)
     allowed_destinations: set[str] = field(default_factory=set)
+    revision: str = ""  # the checkpoint commit the server reports in Health ("" where it has none)
+    expected_revision: str = ""  # the gateway's own: a server on another is kept out of rotation
     _work: set[Work] = field(default_factory=set)
 
     def connect(self) -> None:
@@ -134,6 +136,9 @@ class Replica:
         self.consecutive_failures = 0
         self.transport_address = health.transport_address or self.transport_address
         self.counters = dict(stats.counters)
+        self.revision = health.revision
+        if self._other_revision():
+            return False
         if health.status != common_pb2.HealthResponse.SERVING:
             if self.healthy:
                 log.warning("%s server %s says %s; out of rotation", self.kind, self.address, health.detail)
@@ -143,6 +148,17 @@ class Replica:
             log.info("%s server %s is serving; in rotation%s", self.kind, self.address,
                      f" (features at {self.transport_address})" if self.transport_address else "")
         self.healthy, self.state = True, "serving"
+        return True
+
+    def _other_revision(self) -> bool:
+        """A server on another checkpoint revision than this gateway's (both known) stays out, naming both:
+        every node must serve the same weights."""
+        if not (self.revision and self.expected_revision) or self.revision == self.expected_revision:
+            return False
+        reason = f"serves checkpoint revision {self.revision}, this gateway revision {self.expected_revision}"
+        if self.state != reason:
+            log.error("%s server %s %s: kept out of rotation", self.kind, self.address, reason)
+        self._out(reason)
         return True
 
     async def _probe(self) -> tuple[Any, Any]:
@@ -193,6 +209,8 @@ class Replica:
                                "counters": self.counters}
         if self.kind == "language":
             out["transport_address"] = self.transport_address
+        if self.revision:
+            out["revision"] = self.revision
         if self.pid is not None:
             out["pid"] = self.pid
         return out
@@ -222,7 +240,10 @@ class ReplicaPool:
         await asyncio.gather(*(r.check(probe.timeout_s, probe.fail_threshold) for r in self.replicas))
 
 
-def attached(kind: str, addresses: Sequence[str], credential: ClusterCredential | None = None) -> ReplicaPool:
-    """A pool of servers by their gRPC addresses, dialled presenting `credential`."""
+def attached(kind: str, addresses: Sequence[str], credential: ClusterCredential | None = None,
+             revision: str = "") -> ReplicaPool:
+    """A pool of servers by their gRPC addresses, dialled presenting `credential`; a server that serves another
+    checkpoint revision than `revision` (where both are known) is kept out of rotation."""
     credential = credential or ClusterCredential()
-    return ReplicaPool(kind, [Replica(kind=kind, address=a, credential=credential) for a in addresses])
+    return ReplicaPool(kind, [Replica(kind=kind, address=a, credential=credential, expected_revision=revision)
+                              for a in addresses])

@@ -22,7 +22,8 @@ class VisionServerConfig:
     with `devices_per_replica` N > 1, each N consecutive devices one replica whose encoder layers are
     placed over them (pipeline placement, `vision_server/placement.py`: for a ViT one device cannot hold)."""
 
-    model: Path
+    model: Path  # a checkpoint directory, or a Hugging Face Hub id resolved to one at start (dvd/hub.py)
+    revision: str = ""  # the Hub id's branch, tag or commit; after resolving, the commit
     devices: tuple[str, ...] = ("cpu",)
     devices_per_replica: int = 1
     layer_split: tuple[int, ...] = ()  # encoder layers on each device of a replica; () = balanced by count
@@ -140,7 +141,8 @@ class VisionServerConfig:
         devices = tuple(d.strip() for d in (args.devices or args.device).split(",") if d.strip())
         split = parse_layer_split(args.layer_split) if args.layer_split else ()
         return cls(
-            model=Path(args.model), devices=devices, devices_per_replica=args.devices_per_replica,
+            model=Path(args.model), revision=args.revision or "", devices=devices,
+            devices_per_replica=args.devices_per_replica,
             layer_split=split, host=args.host, port=args.port, dtype=args.dtype or "",
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
@@ -168,8 +170,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
                              "writes for its children); no other setting may be given with it")
-    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format); required without "
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
+                                        "(org/name: only the vision half's files are fetched); required without "
                                         "--config")
+    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
+                                           "or commit (default main)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--devices", help="several devices, comma separated (cuda:0,cuda:1): a replica each, "
                                           "or with --devices-per-replica N one replica per N of them")

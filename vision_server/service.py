@@ -91,7 +91,8 @@ class VisionService(vision_pb2_grpc.VisionServicer):
         status = common_pb2.HealthResponse.NOT_SERVING if self.draining else common_pb2.HealthResponse.SERVING
         inflight = len(self.engine.inflight)
         detail = f"{'draining' if self.draining else 'serving'}: {inflight} requests in flight"
-        return common_pb2.HealthResponse(status=status, detail=detail, model=self.engine.identity())
+        return common_pb2.HealthResponse(status=status, detail=detail, model=self.engine.identity(),
+                                         revision=self.engine.config.revision)
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.engine.stats())
