@@ -208,3 +208,21 @@ def test_dvd_serve_by_hub_id_offline_equals_monolithic_and_reports_its_commit(
         assert len(roster) == 2 and all(entry["revision"] == commit for entry in roster), roster
         assert f"resolved to commit {commit}" in served.output  # logged once, by the front-end
     assert served.leftover_children == [], served.output
+
+
+def test_dvd_cluster_up_pins_the_commit_and_leaves_the_weights_to_each_actor(
+        checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvd.deploy.cluster_cmd import for_up
+    from dvd.deploy.ray_cluster import RayClusterConfig
+    from dvd.token_file import write_token_file
+
+    cache = tmp_path / "hub"  # the driver's node holds the config files only: `up` fetches no weights
+    commits = lay_out_cache(cache, "org/tiny", {"main": checkpoints["hf"]}, skip=("model.safetensors",))
+    from huggingface_hub import constants  # read from the environment once, at its import: set here instead
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    write_token_file(tmp_path / "token", "cluster-secret")
+    config, token = for_up(RayClusterConfig(model=Path("org/tiny"), token_file=tmp_path / "token"))
+    assert token == "cluster-secret"
+    assert config.model == Path("org/tiny") and config.revision == commits["main"]  # every actor: this commit
