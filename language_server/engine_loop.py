@@ -47,6 +47,7 @@ class EngineLoop:
         self._wake.set()
 
     def _run(self) -> None:
+        self.engine.enter_thread()
         while not self._stopping:
             if not self.engine.has_work:
                 self._wake.wait()
