@@ -21,10 +21,13 @@ MAX_DESTINATIONS = 4096
 
 
 def normalized(destination: str, default_kind: str) -> str:
-    """`kind://host:port`, the form Encode and Health use; raises InvalidRequestError for anything else."""
+    """`kind://host:port` (`inproc://name`), the form Encode and Health use; raises InvalidRequestError for anything
+    else."""
     kind, sep, rest = destination.partition("://")
     if not sep:
         kind, rest = default_kind, destination
+    if kind == "inproc" and rest:  # a receiver in this process, by name (transport/inproc.py): no host or port
+        return f"inproc://{rest}"
     host, colon, port = rest.rpartition(":")
     if not kind or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidRequestError(f"destination {destination!r} is not [KIND://]HOST:PORT")

@@ -27,6 +27,16 @@ def test_only_configured_or_announced_destinations_pass() -> None:
     assert len(allowed) == 2  # all or none
 
 
+def test_an_inproc_receiver_is_named_without_host_or_port() -> None:
+    allowed = AllowList([], "inproc")
+    allowed.allow(["inproc://1"])  # the in-process receiver of tests and `dvd bench vision`
+    assert allowed.check("inproc://1") == "inproc://1"
+    with pytest.raises(DestinationNotAllowedError):
+        allowed.check("inproc://2")
+    with pytest.raises(InvalidRequestError):
+        allowed.allow(["inproc://"])
+
+
 def test_the_list_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(destinations, "MAX_DESTINATIONS", 3)
     allowed = AllowList(["a:1"], "tcp")
