@@ -27,10 +27,12 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError
+from dvd.hub import resolve_model
 from dvd.token_file import resolve_token
 from dvd.tracing import otel_environment
 
@@ -66,6 +68,18 @@ def _connect(settings: Any, start: bool = False) -> None:
     ray.init(address=settings.address or "auto", namespace="dvd", logging_level=logging.WARNING, log_to_driver=False)
 
 
+def for_up(config: Any) -> tuple[Any, str]:
+    """What `up` starts the actors with: the config, its model pinned (a Hub id checked here, its config files
+    fetched, and pinned to one commit, which every actor then fetches its own half of on its node; a directory
+    as it is, the same path on every node), and the cluster's token, which it needs."""
+    token = resolve_token(None, config.token_file)
+    if token is None:  # the actors' servers bind their nodes' addresses
+        raise ConfigError("token_file: required (or $DVD_TOKEN): Ray places the servers on other nodes, beyond "
+                          "loopback, and only the cluster's token keeps their ports closed to other callers")
+    model = resolve_model(config.model, config.revision, weights=False)
+    return replace(config, revision=model.revision), token
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from dvd.deploy import ray_cluster
@@ -75,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = ray_cluster.load_ray_config(args.config)
         config = dataclasses.replace(config, env={**otel_environment(), **config.env})  # traces as configured here
-        token = resolve_token(None, config.token_file) if args.action == "up" else None
+        config, token = for_up(config) if args.action == "up" else (config, None)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,13 +7,18 @@ node's roles; errors name the node and the key (`nodes[gpu0].language.devices: .
 this front-end's format of the deployment spec (`cluster_spec`; deploy/spec.py builds every
 process's config from it).
 
-    model: PATH                 # the checkpoint, at this path on every node
-    token_file: PATH            # the shared transport token (mode 0600), at this path on every node
+    model: PATH                 # the checkpoint, at this path on every node; or a Hugging Face Hub id, each node
+                                # fetching only its roles' files into its Hub cache (dvd launch, before starting)
+    revision: REV               # the Hub id's branch, tag or commit (default main): pin a commit so every node
+                                # serves the same weights
+    token_file: PATH            # the cluster's shared token (mode 0600), at this path on every node: the servers
+                                # check it on every gRPC call and feature stream, the gateway presents it
+                                # (dvd/internal_auth.py); required for servers beyond loopback
     transport: {kind: tcp}      # TransportConfig without host/port/token: tcp or rdma, ucx_tls, limits
     probe: {interval_s, timeout_s, fail_threshold}   # the gateway's health probes
-    internal_tls: {cert, key, ca}  # gateway <-> servers gRPC over TLS (dvd/grpc_tls.py): every server presents
-                                   # cert + key (the same paths on every node; the cert names every node's
-                                   # address), the gateways verify them against ca (default: cert)
+    internal_tls: {cert, key, ca}  # gateway <-> servers gRPC over mutual TLS (dvd/grpc_tls.py): every server and
+                                   # gateway presents cert + key (the same paths on every node; the cert names
+                                   # every node's address), and verifies the other end against ca (default: cert)
     nodes:
       - name: NAME
         address: 10.0.0.2       # where other nodes reach this one (advertised; required)
@@ -109,6 +114,7 @@ class NodeConfig:
 class ClusterConfig:
     model: Path
     nodes: tuple[NodeConfig, ...]
+    revision: str = ""
     token_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -116,10 +122,17 @@ class ClusterConfig:
 
 
 def cluster_spec(config: ClusterConfig) -> DeploymentSpec:
-    """The cluster config as the deployment spec every node starts its part of."""
-    return DeploymentSpec(model=config.model, nodes=tuple(node.spec() for node in config.nodes),
-                          transport=config.transport, internal_tls=config.internal_tls, probe=config.probe,
-                          token_file=config.token_file)
+    """The cluster config as the deployment spec every node starts its part of; its vision servers may push
+    to its language servers (their transport addresses are fixed here) and nowhere else."""
+    nodes = tuple(node.spec() for node in config.nodes)
+    return DeploymentSpec(model=config.model, nodes=nodes, transport=config.transport, internal_tls=config.internal_tls,
+                          probe=config.probe, token_file=config.token_file, revision=config.revision,
+                          allowed_destinations=_transport_addresses(nodes, config.transport.kind))
+
+
+def _transport_addresses(nodes: tuple[NodeSpec, ...], kind: str) -> tuple[str, ...]:
+    return tuple(f"{kind}://{node.transport_address or node.address}:{port}"
+                 for node in nodes if node.language for port in node.language.transport_ports)
 
 
 def _node(data: Any, i: int) -> NodeConfig:

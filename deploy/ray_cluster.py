@@ -18,7 +18,8 @@ a Unix socket in the gateway actor's private directory, never a network port). B
 resources cannot meet are refused before anything starts.
 
 Config (YAML):
-    model: PATH                # on every Ray node
+    model: PATH                # on every Ray node; or a Hugging Face Hub id each actor fetches its half of
+    revision: REV              # the Hub id's branch, tag or commit (`up` pins it to one commit for every actor)
     token_file: PATH           # read by `dvd cluster up`, handed to the actors (never in argv)
     transport: {kind: tcp}
     probe: {interval_s, timeout_s, fail_threshold}
@@ -120,6 +121,7 @@ class RayGatewayRole:
 @dataclass(frozen=True)
 class RayClusterConfig:
     model: Path
+    revision: str = ""
     token_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -163,7 +165,7 @@ def ray_spec(config: RayClusterConfig) -> DeploymentSpec:
                     vision=config.vision.spec("vision", config.bounds("vision").max),
                     language=config.language.spec("language", config.bounds("language").max))
     return DeploymentSpec(model=config.model, nodes=(node,), transport=config.transport, probe=config.probe,
-                          token_file=config.token_file)
+                          token_file=config.token_file, revision=config.revision)
 
 
 def load_ray_config(path: Path) -> RayClusterConfig:
@@ -195,15 +197,17 @@ def server_child(spec: DeploymentSpec, kind: str, i: int, token: str | None, hos
     return ChildSpec(f"{kind}-{config.port}", (kind,), config, dict(env or {}), address=f"{host}:{config.port}")
 
 
-def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple[str, ...], host: str,
-                  env: Mapping[str, str] | None = None) -> ChildSpec:
-    """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed."""
+def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple[str, ...], token: str | None,
+                  host: str, env: Mapping[str, str] | None = None) -> ChildSpec:
+    """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed, presenting
+    the cluster's `token` to them."""
     node = spec.nodes[0]
     assert node.gateway is not None
     name = f"gateway-{node.gateway.http_port}"  # named before `replace`, which loses the assert's narrowing
     node = replace(node, address=host, gateway=replace(node.gateway, host=host))
     # its roster socket in its actor's private directory: where the autoscaler's changes come in
-    config = replace(gateway_config(spec, node, vision, language), roster_socket=actor_workdir(name) / ROSTER_SOCKET)
+    config = replace(gateway_config(spec, node, vision, language, token),
+                     roster_socket=actor_workdir(name) / ROSTER_SOCKET)
     return ChildSpec(name, ("gateway",), config, dict(env or {}), address=f"{host}:{config.gateway.http_port}")
 
 
@@ -284,7 +288,8 @@ def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
     actor = _actor_class().options(name="dvd-gateway", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
                                    num_cpus=config.gateway.num_cpus, resources=config.gateway.resources,
                                    max_concurrency=4).remote(
-        partial(gateway_child, ray_spec(config), addresses["vision"], addresses["language"], env=config.env))
+        partial(gateway_child, ray_spec(config), addresses["vision"], addresses["language"], token,
+                env=config.env))
     described.append(ray.get(actor.describe.remote(), timeout=600))
     if config.autoscale is not None:
         from dvd.deploy.ray_autoscaler import start_autoscaler

@@ -22,6 +22,7 @@ from grpc_health.v1 import health
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import DuplicateRequestError, EngineFailedError, ReplicaBusyError, UnavailableError
+from dvd.internal_auth import ClusterCredential
 from dvd.language_server.engine import Engine
 from dvd.language_server.engine_loop import EngineLoop
 from dvd.language_server.feature_pool import FeaturePool
@@ -77,6 +78,8 @@ class LanguageServer:
         # leaves: the drain (and tests) wait on it for a state, never on time.
         self.state = asyncio.Condition()
         self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
+        # every method but Health needs the cluster's credential (dvd/internal_auth.py)
+        self.credential = ClusterCredential(config.transport.token, config.grpc_tls)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -99,7 +102,7 @@ class LanguageServer:
         self._server, self.port = await start_grpc_server(
             lambda server: language_pb2_grpc.add_LanguageServicer_to_server(self.service, server),
             self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
-            credentials=self.config.grpc_tls.server_credentials())
+            credentials=self.credential.server_credentials(), interceptors=self.credential.interceptors())
         self.metrics_endpoint = serve_metrics(self.metrics.registry, self.config.metrics_port, self.config.host,
                                       self.config.advertise_host, self.config.grpc_tls.pair)
 

@@ -20,7 +20,8 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 @dataclass(frozen=True)
 class LanguageServerConfig:
-    model: Path
+    model: Path  # a checkpoint directory, or a Hugging Face Hub id resolved to one at start (dvd/hub.py)
+    revision: str = ""  # the Hub id's branch, tag or commit; after resolving, the commit
     device: str = "cpu"
     dtype: str = ""  # "" = float32 on cpu, bfloat16 elsewhere
     host: str = "127.0.0.1"
@@ -65,6 +66,11 @@ class LanguageServerConfig:
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
 
+    def bound_hosts(self) -> tuple[str, ...]:
+        """What this server listens on, gRPC and features (beyond loopback, it needs the cluster's token:
+        dvd/internal_auth.py)."""
+        return (self.host, self.transport.host)
+
     @property
     def torch_dtype(self) -> Any:
         return torch_dtype(self.dtype, self.device)
@@ -96,8 +102,8 @@ class LanguageServerConfig:
         # the pooled features are the received frames: one budget for both
         pool_bytes = max(int(args.feature_pool_mib * MiB), MiB)
         return cls(
-            model=Path(args.model), device=args.device, dtype=args.dtype or "", host=args.host, port=args.port,
-            metrics_port=args.metrics_port,
+            model=Path(args.model), revision=args.revision or "", device=args.device, dtype=args.dtype or "",
+            host=args.host, port=args.port, metrics_port=args.metrics_port,
             transport=TransportConfig(kind=args.transport, host=args.host, port=args.transport_port,
                                       receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2),
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
@@ -111,8 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
                              "writes for its children); no other setting may be given with it")
-    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format); required without "
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
+                                        "(org/name: only the language half's files are fetched); required without "
                                         "--config")
+    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
+                                           "or commit (default main)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind, gRPC and transport (127.0.0.1)")

@@ -101,7 +101,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         endpoint = self.server.metrics_endpoint
         return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.server.config.model),
                                          transport_address=self.server.transport_address,
-                                         metrics_url=endpoint.url if endpoint else "")
+                                         metrics_url=endpoint.url if endpoint else "",
+                                         revision=self.server.config.revision)
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.server.counters())

@@ -163,18 +163,11 @@ class Router:
                 log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
                             call.request_id, replica.address, failed.reason)
 
-    @staticmethod
-    async def _encode_on(replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
+    async def _encode_on(self, replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
                          marks: dict[str, float], metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
         """One try: the answer, ReplicaBusyError, _EncodeFailed (worth another replica), or the error."""
-        stub: Any = replica.stub
-        rpc = stub.Encode(call, timeout=timeout_s, metadata=metadata)
         try:
-            async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
-                marks["encode_start"] = time.time()
-                response = await rpc
-                marks["encode_answered"] = time.time()
-                return response
+            return await self._encode_allowed(replica, call, timeout_s, marks, metadata)
         except grpc.aio.AioRpcError as err:
             error = from_rpc_error(err, f"vision ({replica.address})")
             if isinstance(error, ReplicaBusyError) or err.code() not in _RETRYABLE:
@@ -182,6 +175,49 @@ class Router:
             raise _EncodeFailed(error, err.code().name) from None
         except UnavailableError as lost:  # out of rotation while encoding: another replica may serve it
             raise _EncodeFailed(lost, "left rotation") from None
+
+    async def _encode_allowed(self, replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
+                              marks: dict[str, float],
+                              metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
+        """Encode on `replica`, which was told first that the destination is one of our language servers (a
+        vision server pushes nowhere else); told again and asked once more if it refuses the destination (a
+        vision server restarted between two probes knows none)."""
+        await self._allow(replica, call.destination, timeout_s)
+        try:
+            return await self._encode_call(replica, call, timeout_s, marks, metadata)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            log.warning("vision server %s does not know destination %s (restarted?): telling it again",
+                        replica.address, call.destination)
+            replica.allowed_destinations.clear()
+        await self._allow(replica, call.destination, timeout_s)
+        return await self._encode_call(replica, call, timeout_s, marks, metadata)
+
+    async def _allow(self, replica: Replica, destination: str, timeout_s: float) -> None:
+        """Announce every known language server's transport address (with `destination`) to a vision server
+        that was not told of `destination` yet (Vision.AllowDestinations, over the authenticated channel)."""
+        if destination in replica.allowed_destinations:
+            return
+        known = {r.transport_address for r in self.language.replicas if r.transport_address} | {destination}
+        stub: Any = replica.stub
+        rpc = stub.AllowDestinations(vision_pb2.AllowDestinationsRequest(destinations=sorted(known)),
+                                     timeout=timeout_s)
+        async with replica.in_use(rpc):
+            await rpc
+        replica.allowed_destinations |= known
+
+    @staticmethod
+    async def _encode_call(replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
+                           marks: dict[str, float], metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
+        """`metadata`: the request's trace context; the cluster credential is the channel's own."""
+        stub: Any = replica.stub
+        rpc = stub.Encode(call, timeout=timeout_s, metadata=metadata)
+        async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
+            marks["encode_start"] = time.time()
+            response = await rpc
+            marks["encode_answered"] = time.time()
+            return response
 
     def _busy(self, replica: Replica, request_id: str) -> None:
         """`replica` refused a call at its in-flight limit; it stays in rotation for other requests."""

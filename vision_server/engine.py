@@ -27,6 +27,7 @@ from dvd.transport import FeatureHeader, Sender, TransportError, create_sender, 
 from dvd.vision_server.batcher import Batcher, EncodeWork
 from dvd.vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
 from dvd.vision_server.config import VisionServerConfig
+from dvd.vision_server.destinations import AllowList
 from dvd.vision_server.metrics import VisionMetrics
 from dvd.vision_server.model import EncodedImage, VisionHalf
 from dvd.vision_server.preprocess import PreprocessConfig, preprocess_tiles
@@ -93,6 +94,7 @@ class VisionEngine:
         self.batcher = Batcher(self.replicas, config.max_batch_tiles, config.max_wait_ms, self.metrics.observe_batch)
         self.transport_options = transport_options or {}
         self._senders: dict[str, Sender] = {}
+        self.destinations = AllowList(config.allowed_destinations, config.transport.kind)
         self.inflight: dict[int, EncodeCall] = {}
         self.tile_budget = TileBudget(config.max_pending_tiles)
         self._idle = asyncio.Event()
@@ -170,9 +172,7 @@ class VisionEngine:
         if not request.destination:
             raise InvalidRequestError("destination is empty")
         self._check_slots(request)
-        destination = request.destination
-        if "://" not in destination:
-            destination = f"{self.config.transport.kind}://{destination}"
+        destination = self.destinations.check(request.destination)  # before any work or connection
         worst = 0
         for i, item in enumerate(request.inputs):
             if item.num_segments > MAX_NUM_SEGMENTS:

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health
 
 from dvd.errors import DvdError, rpc_metadata
+from dvd.internal_auth import ClusterCredential
 from dvd.metrics import MetricsEndpoint, serve_metrics
 from dvd.process import start_grpc_server
 from dvd.requests import Media
@@ -107,10 +108,19 @@ class VisionService(vision_pb2_grpc.VisionServicer):
         inflight = len(self.engine.inflight)
         detail = f"{'draining' if self.draining else 'serving'}: {inflight} requests in flight"
         return common_pb2.HealthResponse(status=status, detail=detail, model=self.engine.identity(),
-                                         metrics_url=self.metrics_url)
+                                         metrics_url=self.metrics_url,
+                                         revision=self.engine.config.revision)
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.engine.stats())
+
+    async def AllowDestinations(self, request: vision_pb2.AllowDestinationsRequest,
+                                context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self.engine.destinations.allow(request.destinations)
+        except DvdError as error:
+            await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
+        return vision_pb2.AllowDestinationsResponse(num_allowed=len(self.engine.destinations))
 
 
 class VisionServer:
@@ -125,6 +135,8 @@ class VisionServer:
         self._server: grpc.aio.Server | None = None
         self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
         self.metrics_endpoint: MetricsEndpoint | None = None
+        # every method but Health needs the cluster's credential (dvd/internal_auth.py)
+        self.credential = ClusterCredential(config.transport.token, config.grpc_tls)
 
     @property
     def address(self) -> str:
@@ -134,7 +146,7 @@ class VisionServer:
         self._server, self.port = await start_grpc_server(
             lambda server: vision_pb2_grpc.add_VisionServicer_to_server(self.service, server),
             self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
-            credentials=self.config.grpc_tls.server_credentials())
+            credentials=self.credential.server_credentials(), interceptors=self.credential.interceptors())
         self.metrics_endpoint = serve_metrics(self.engine.metrics.registry, self.config.metrics_port,
                                               self.config.host, self.config.advertise_host, self.config.grpc_tls.pair)
         self.service.metrics_url = self.metrics_endpoint.url if self.metrics_endpoint else ""

@@ -7,6 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AllowDestinationsRequest(_message.Message):
+    __slots__ = ("destinations",)
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
+    destinations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, destinations: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AllowDestinationsResponse(_message.Message):
+    __slots__ = ("num_allowed",)
+    NUM_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    num_allowed: int
+    def __init__(self, num_allowed: _Optional[int] = ...) -> None: ...
+
 class MediaInput(_message.Message):
     __slots__ = ("data", "max_num", "num_segments")
     DATA_FIELD_NUMBER: _ClassVar[int]

@@ -40,11 +40,12 @@ def splits_images(model: Path) -> bool:
 
 class DisaggregatedBackend(Backend):
     def __init__(self, model: str | Path, vision: ReplicaPool, language: ReplicaPool,
-                 probe: ProbeConfig | None = None) -> None:
+                 probe: ProbeConfig | None = None, model_name: str | None = None) -> None:
         """Vision and language servers by address, started by someone else (deploy/) or not yet: each
-        joins and leaves the rotation as its probes say. `model`: its tokenizer and chat template."""
+        joins and leaves the rotation as its probes say. `model`: its tokenizer and chat template;
+        `model_name`: what clients call it (default: the directory's name)."""
         self.model_path = Path(model)
-        self.model_name = self.model_path.name
+        self.model_name = model_name or self.model_path.name
         self.vision, self.language = vision, language
         self.probe = probe or ProbeConfig()  # a busy server is not a failed one: 3 misses in a row
         self.router = Router(vision, language, split_images=splits_images(self.model_path))

@@ -161,3 +161,25 @@ def test_no_encode_retry_when_no_other_replica_is_healthy() -> None:
         return router
 
     assert asyncio.run(scenario()).num_encode_retries == 0
+
+
+def test_a_vision_replica_is_told_the_language_servers_before_its_first_encode_naming_one() -> None:
+    """Vision.AllowDestinations: every language server the gateway knows, once per vision replica, before the
+    first Encode that names one; told again (and asked once more) when it refuses the destination, as a vision
+    server restarted between two probes would; and again after it left rotation and came back."""
+    async def main() -> tuple[list[list[str]], list[int]]:
+        denied = rpc_error(grpc.StatusCode.PERMISSION_DENIED, "DestinationNotAllowedError", "not allowed")
+        vision = vision_replica("v", encoded(), encoded(), denied, encoded(), encoded(), encoded())
+        language = [Replica(kind="language", address=a, transport_address=f"tcp://{a}:73") for a in ("l1", "l2")]
+        language.append(Replica(kind="language", address="l3"))  # not probed yet: no transport address
+        router = Router(ReplicaPool("vision", [vision]), ReplicaPool("language", language))
+        for i in range(4):  # the third Encode is refused once, then answered
+            await router.encode(vision_pb2.EncodeRequest(request_id=f"r{i}", destination="tcp://l1:73"), 30, {})
+        vision._out("stopped answering")  # left rotation: it may come back as a new process
+        vision.healthy = True
+        await router.encode(vision_pb2.EncodeRequest(request_id="r9", destination="tcp://l2:73"), 30, {})
+        return vision.stub.announced, vision.stub.attempts
+
+    announced, attempts = asyncio.run(main())
+    assert announced == [["tcp://l1:73", "tcp://l2:73"]] * 3
+    assert attempts == [0] * 6  # the retry after telling it again is the same attempt, on the same replica
