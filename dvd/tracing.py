@@ -220,7 +220,7 @@ def _exporter(kind: str, environ: Mapping[str, str]) -> Any:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment, unused-ignore]  # the two exporters are distinct classes where both are installed
     else:
         raise TracingConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: DvD exports over grpc or http/protobuf")
     return OTLPSpanExporter()  # endpoint, headers, timeout, certificate: from the OTEL_* variables
