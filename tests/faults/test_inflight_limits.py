@@ -96,14 +96,15 @@ def _busy() -> grpc.aio.AioRpcError:
 def _vision(address: str, answer: Any) -> Replica:
     replica = Replica(kind="vision", address=address, healthy=True)
     allowed = vision_pb2.AllowDestinationsResponse()
-    replica.stub = SimpleNamespace(calls=[], Encode=lambda call, timeout: (replica.stub.calls.append(call),
-                                                                            _Call(answer))[1],
+    replica.stub = SimpleNamespace(calls=[], Encode=lambda call, timeout, metadata=(): (replica.stub.calls.append(call),
+                                                                                        _Call(answer))[1],
                                    AllowDestinations=lambda request, timeout: _Call(allowed))
     return replica
 
 
 def test_the_gateway_sends_an_encode_a_busy_vision_replica_refused_to_another() -> None:
     busy, free = _vision("busy:1", _busy()), _vision("free:1", vision_pb2.EncodeResponse(request_id="r1"))
+    free.num_outstanding = 2  # past the load bound: the busy one comes first, whatever the ring's order
     router = Router(ReplicaPool("vision", [busy, free]), ReplicaPool("language", []))
     answer = asyncio.run(router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, {}))
     assert answer.request_id == "r1" and len(busy.stub.calls) == len(free.stub.calls) == 1

@@ -6,6 +6,7 @@ gateway keeps serving what it still can. Runnable alone: `pytest tests/faults`."
 from __future__ import annotations
 
 import base64
+import json
 import signal
 import time
 import urllib.error
@@ -35,6 +36,13 @@ def text_request() -> dict:
     return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
+def _encodes(served: ServeProcess) -> list[float]:
+    """Each vision replica's Encode calls so far, in the gateway's replica order."""
+    with urllib.request.urlopen(served.http_url + "/v1/instances", timeout=30) as response:
+        return [e["counters"].get("num_requests", 0.0) for e in json.loads(response.read())["data"]
+                if e["kind"] == "vision"]
+
+
 def _done(served: ServeProcess) -> None:
     assert served.leftover_children == [], served.output
 
@@ -44,9 +52,11 @@ def test_vision_server_killed_or_frozen(tiny_hf: Path) -> None:
         status, unloaded = post_chat(served.http_url, image_request())
         assert status == 200, unloaded
         first, second = servers(served, "vision")
+        if _encodes(served)[1]:  # the image's home on the affinity ring: it takes the same image's next Encode
+            first, second = second, first
 
         # kill -9 with 2 replicas: the Encode it held is retried on the other; same greedy answer.
-        first.send_signal(signal.SIGSTOP)  # it takes the next Encode (least outstanding, first) and holds it
+        first.send_signal(signal.SIGSTOP)  # it takes the next Encode (the image's home, under the load bound)
         with sse(served, image_request()) as events:
             wait_for(lambda: metric(served.http_url, "dvd_backend_vision_outstanding") == 1, 30, "encode sent")
             first.kill()
