@@ -7,8 +7,9 @@ starts: a wrong key, type or value is one line naming it, and exit code 2. Each 
 part of the config as a private file (`dvd vision --config FILE`), the shared transport token in it.
 
 With no model, the built-in tiny checkpoint is used (its weights are random: answers are gibberish,
-but every part of the system runs). --coupled runs both halves inside the gateway with no
-pipelining: the baseline the disaggregated pipeline is measured against. Ctrl-C or SIGTERM stops
+but every part of the system runs). --coupled runs both halves inside the gateway as one engine with
+the vision encoder in its step (as vLLM serves InternVL): the baseline the disaggregated pipeline is
+measured against; it takes the same flags (--max-batch-tiles is its encoder budget per step). Ctrl-C or SIGTERM stops
 every process this command started.
 
 Examples:
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
@@ -53,7 +55,7 @@ def _devices(value: str) -> list[str]:
 _MAIN = (
     Flag("--model", "model", help="checkpoint directory (default: the built-in tiny checkpoint)"),
     Flag("--coupled", "coupled", switch=True,
-         help="both halves in this process, inproc features, no pipelining (the baseline)"),
+         help="both halves in this process as one engine, the vision encoder in its step (the baseline)"),
 )
 _GATEWAY = (
     Flag("--host", "gateway.host", help="address the gateway binds (default 127.0.0.1)"),
@@ -152,8 +154,8 @@ async def _serve(config: ServeConfig, keys: ApiKeys) -> int:
 async def _serve_coupled(config: ServeConfig, model: Path, keys: ApiKeys) -> int:
     from dvd.pipeline.backends.coupled import CoupledBackend  # torch: imported only when the model runs here
 
-    assert config.language is not None
-    backend = CoupledBackend(model, device=config.language.device, dtype=config.language.torch_dtype)
+    assert config.vision is not None and config.language is not None
+    backend = CoupledBackend(replace(config.vision, model=model), replace(config.language, model=model))
     return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model))
 
 
