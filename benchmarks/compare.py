@@ -149,6 +149,11 @@ def limit_lines(bucket: str, by_mode: dict[str, Any]) -> list[str]:
         ideal = f"ideal {limit['ideal']:.3f} req/s, reached {limit['fraction_of_ideal']:.2f}" if "ideal" in limit \
             else "no ideal (a role spent nothing)"
         lines.append(f"  {mode:<8} {ideal}; {costs}")
+        engine = roles.get("engine_s", {})
+        if engine and roles["wall_s"] > 0:
+            lines.append(f"  {'':<8} language engine thread: " + ", ".join(
+                f"{name.removeprefix('engine_').removesuffix('_seconds')} {seconds / roles['wall_s']:.0%}"
+                for name, seconds in sorted(engine.items())) + " of the run")
         if "pipeline_ideal" in limit:
             lines.append(f"  {'':<8} pipeline's ideal 1 / max = {limit['pipeline_ideal']:.3f} req/s "
                          f"({limit['bottleneck']} the bottleneck), coupled's ideal 1 / sum = "
@@ -171,7 +176,7 @@ def _serve_args(args: argparse.Namespace, bucket: str, num_prompts: int, text_fr
 
 async def _measure(args: argparse.Namespace, mode: str, http: str, pid: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    meter = RoleMeter(processes(pid, "coupled" if mode == "coupled" else "gateway"))
+    meter = RoleMeter(processes(pid, "coupled" if mode == "coupled" else "gateway"), metrics_url=f"{http}/metrics")
     for bucket in args.buckets:
         serve_args = _serve_args(args, bucket, args.num_prompts, 0.0, f"{mode} {bucket}px")
         serve_args.base_url = http

@@ -11,17 +11,27 @@ ideal is 1 / max(v, l) requests a second, each server on its own CPU, the slower
 ideal, the same work on one CPU one after another, is 1 / (v + l). A coupled run's own ideal is its CPUs over
 its cost per request. The gateway and the client are not in the ideals (in the paper setting they share
 the vision server's CPU: their costs are printed beside it). GPUs' busy time is not read (no device here).
+
+Where a run loses against its ideal shows in the language engine's thread (`engine_s`, from the gateway's
+/metrics): busy stepping, *starved* (holding requests that all wait for their features: a bubble between the
+vision and language stages) or *empty* (no request at the language server: upstream, or the run's ends).
 """
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
 SERVER_ROLES = ("vision", "language")
+# The language engines' thread time in the gateway's /metrics (a language server's Stats, or the coupled
+# engine's own): stepping, idle while its requests wait for features (a bubble), idle with none.
+_ENGINE_SECONDS = re.compile(r"^dvd_backend_language\d*_(engine_(?:busy|starved|empty)_seconds|encoder_seconds) (\S+)$",
+                             re.MULTILINE)
 
 
 def role_of(command: list[str]) -> str | None:
@@ -50,19 +60,38 @@ def _cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+def engine_seconds(metrics_text: str) -> dict[str, float]:
+    """The language engines' busy / starved / empty seconds (summed over replicas) and the coupled engine's
+    encoder seconds, from a gateway's /metrics text."""
+    out: dict[str, float] = {}
+    for name, value in _ENGINE_SECONDS.findall(metrics_text):
+        out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return engine_seconds(answer.read().decode())
+
+
 @dataclass
 class RoleMeter:
-    """CPU seconds by role between `start` and `stop`: the deployment's processes (by role) and this one's."""
+    """CPU seconds by role between `start` and `stop`: the deployment's processes (by role) and this one's;
+    with `metrics_url` (the gateway's /metrics), also where the language engine's thread spent the run (a
+    language server reports it with its Stats, which the gateway probes every couple of seconds)."""
 
     roles: dict[int, str]  # pid -> role, from `processes`
+    metrics_url: str | None = None
     client_pid: int = field(default_factory=lambda: psutil.Process().pid)
     _before: dict[int, float] = field(default_factory=dict)
+    _engine_before: dict[str, float] = field(default_factory=dict)
     _started: float = 0.0
 
     def _sample(self) -> dict[int, float]:
         return {pid: _cpu_seconds(pid) for pid in [*self.roles, self.client_pid]}
 
     def start(self) -> None:
+        self._engine_before = _scrape(self.metrics_url) if self.metrics_url else {}
         self._before, self._started = self._sample(), time.monotonic()
 
     def stop(self, completed: int) -> dict[str, Any]:
@@ -73,9 +102,13 @@ class RoleMeter:
         for pid, seconds in after.items():
             role = self.roles.get(pid, "client")
             cpu[role] = cpu.get(role, 0.0) + max(0.0, seconds - self._before.get(pid, 0.0))
-        return {"wall_s": wall, "completed": completed, "cpu_s": cpu,
-                "cpu_s_per_request": {r: s / completed for r, s in cpu.items()} if completed else {},
-                "busy": {r: s / wall for r, s in cpu.items()} if wall > 0 else {}}
+        out = {"wall_s": wall, "completed": completed, "cpu_s": cpu,
+               "cpu_s_per_request": {r: s / completed for r, s in cpu.items()} if completed else {},
+               "busy": {r: s / wall for r, s in cpu.items()} if wall > 0 else {}}
+        if self.metrics_url:
+            engine = _scrape(self.metrics_url)
+            out["engine_s"] = {k: v - self._engine_before.get(k, 0.0) for k, v in engine.items()}
+        return out
 
 
 def limits(roles: dict[str, Any], throughput: float, num_cpus: int = 1) -> dict[str, Any]:

@@ -128,14 +128,16 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs = self._apply_commands()
-        if self.encoder is not None:
-            outputs += self._encode(self.encoder)
+        encoded = self._encode(self.encoder) if self.encoder is not None else None
+        if encoded:
+            outputs += encoded
         batch = self.scheduler.schedule()
         if batch.requests:
             logits = self.runner.execute(batch)
             sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
             outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, sample(sampled, logits))
-        self._stalled = not batch.requests
+        # Nothing ran: only a command can change that (an encoder that ran may have left others for the next step)
+        self._stalled = not batch.requests and encoded is None
         self._update_stats(batch.total_tokens)
         return outputs
 
@@ -172,15 +174,17 @@ class Engine:
                 outputs.append(self._finish(self.requests[item], FinishReason.ABORT))
         return outputs
 
-    def _encode(self, encoder: StepEncoder) -> list[RequestOutput]:
+    def _encode(self, encoder: StepEncoder) -> list[RequestOutput] | None:
         """Encode the images of the requests this step will schedule (within the encoder's budget) and hand
-        each its prompt's rest; a request the encoder failed ends with its error. Every running request
-        whose prompt is whole waits for this: its stall is counted."""
+        each its prompt's rest; a request the encoder failed ends with its error (its output returned). Every
+        running request whose prompt is whole waits for this: its stall is counted. None: nothing encoded."""
         awaiting = self.scheduler.awaiting_images()
         if not awaiting:
-            return []
+            return None
         started = time.monotonic()
         encoded = encoder.encode(awaiting)
+        if not encoded:
+            return None
         elapsed = time.monotonic() - started
         for request in self.scheduler.running:
             if request.prompt_complete:

@@ -249,6 +249,7 @@ class CoupledEngine:
     def stats(self) -> dict[str, float]:
         """The language engine's counters (`language_*`) and the vision half's (`vision_*`), for /metrics."""
         out = {f"language_{k}": v for k, v in self.engine.stats.as_dict().items()}
+        out |= {f"language_engine_{state}_seconds": s for state, s in self.engine_loop.seconds.items()}
         out |= {f"vision_{k}": float(v) for k, v in self.intake.cache_stats().items()}
         out |= {"vision_num_forward_passes": float(self.encoder.num_forward_passes),
                 "vision_num_tiles_encoded": float(self.encoder.num_tiles_encoded),

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from dvd.benchmarks.roles import RoleMeter, limits, processes, role_of
+from dvd.benchmarks.roles import RoleMeter, engine_seconds, limits, processes, role_of
 
 # A stand-in for `dvd serve`: two children named like its servers, each spending `seconds` of CPU once told to go.
 ROOT = textwrap.dedent("""
@@ -75,3 +75,13 @@ def test_limits_from_a_dvd_run_and_a_coupled_run() -> None:
     coupled = limits({"cpu_s_per_request": {"coupled": 0.5, "client": 0.1}}, throughput=1.5, num_cpus=2)
     assert coupled["ideal"] == pytest.approx(4.0) and coupled["fraction_of_ideal"] == pytest.approx(1.5 / 4)
     assert limits({"cpu_s_per_request": {}}, throughput=1.0) == {}
+
+
+def test_the_language_engines_time_is_read_from_the_gateways_metrics() -> None:
+    text = "\n".join([
+        "# TYPE dvd_backend_language0_engine_busy_seconds gauge", "dvd_backend_language0_engine_busy_seconds 3.5",
+        "dvd_backend_language1_engine_busy_seconds 1.5", "dvd_backend_language0_engine_starved_seconds 0.25",
+        "dvd_backend_language0_engine_empty_seconds 2.0", "dvd_backend_vision0_num_batches 7.0",
+        "dvd_backend_language_encoder_seconds 0.75"])
+    assert engine_seconds(text) == {"engine_busy_seconds": 5.0, "engine_starved_seconds": 0.25,
+                                    "engine_empty_seconds": 2.0, "encoder_seconds": 0.75}
