@@ -12,6 +12,8 @@ BENCHMARKS: dict[str, str] = {
     "compare": "dvd.benchmarks.compare",
     "memory": "dvd.benchmarks.memory",
     "serve": "dvd.benchmarks.serve",
+    "simulate-check": "dvd.benchmarks.simulate_check",
+    "simulate-speed": "dvd.benchmarks.simulate_speed",
     "streaming": "dvd.benchmarks.streaming",
     "transport": "dvd.benchmarks.transport",
     "vision": "dvd.benchmarks.vision",

@@ -4,6 +4,9 @@ beside transformers' `generate` one request at a time (the model card's path) in
 Prompts are random token ids of `--prompt-min`..`--prompt-max` tokens; every request produces exactly
 `--new-tokens` tokens (min = max), so both sides do the same work. At concurrency c the engine keeps c
 requests in flight (closed loop) over max(c, --min-requests) requests.
+
+--profile-out FILE also times single engine steps (prefill chunks, decode steps by batch and context) and
+writes them into a `dvd plan --simulate` stage-cost profile (benchmarks/engine_profile.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -47,6 +51,8 @@ class BenchConfig:
     seed: int
     as_json: bool
     hf_batch: bool
+    profile_out: Path | None = None
+    model: Path | None = None  # a checkpoint to measure instead of the preset
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -109,7 +115,9 @@ def run_baseline(language: LanguageHalf, config: BenchConfig) -> dict[str, float
     """transformers' `generate`, one request after another."""
     sampling = greedy(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
     prompts = _prompts(config, config.baseline_requests, language.vocab_size, salt=0)
-    ttft, tpot, total = [], [], 0
+    ttft: list[float] = []
+    tpot: list[float] = []
+    total = 0
     clock = _Clock(config.threads)
     for prompt in prompts:
         first = _FirstToken()
@@ -127,7 +135,7 @@ def run_hf_batch(language: LanguageHalf, config: BenchConfig, concurrency: int) 
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     prompts = _prompts(config, max(concurrency, config.min_requests), language.vocab_size, salt=concurrency)
-    model = language.model
+    model: Any = language.model  # transformers' generate_batch (continuous batching)
     blocks = -(-(config.prompt_max + config.new_tokens) // config.block_size) * len(prompts) + 1
     cb = ContinuousBatchingConfig(page_size=config.block_size, num_blocks=blocks,
                                   max_batch_tokens=config.max_batch_tokens, max_requests_per_batch=concurrency)
@@ -145,7 +153,9 @@ def run_engine(engine: Engine, config: BenchConfig, concurrency: int) -> dict[st
     sampling = greedy(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens)
     submitted: dict[str, float] = {}
     first: dict[str, float] = {}
-    ttft, tpot, total = [], [], 0
+    ttft: list[float] = []
+    tpot: list[float] = []
+    total = 0
     clock = _Clock(config.threads)
     steps0 = engine.stats.num_steps
     while prompts or engine.has_work:
@@ -168,6 +178,7 @@ def parse(argv: list[str]) -> BenchConfig:
     parser = argparse.ArgumentParser(prog="dvd bench engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="internvl3_5-1b-shaped", help="make-checkpoint preset to benchmark")
+    parser.add_argument("--model", type=Path, help="a checkpoint to benchmark instead of the preset")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where checkpoints are built and kept")
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent request counts")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -185,6 +196,8 @@ def parse(argv: list[str]) -> BenchConfig:
     parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     parser.add_argument("--hf-batch", action="store_true",
                         help="also time transformers' own continuous batching (generate_batch) at 16 requests")
+    parser.add_argument("--profile-out", type=Path, metavar="FILE",
+                        help="also time single steps and write them into a dvd plan --simulate profile (JSONL)")
     args = parser.parse_args(argv)
     return BenchConfig(
         preset=args.preset, cache_dir=args.cache_dir or default_cache_dir(),
@@ -193,8 +206,19 @@ def parse(argv: list[str]) -> BenchConfig:
         baseline_requests=args.baseline_requests, threads=args.threads, dtype=args.dtype,
         block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
         linear_backend=args.linear_backend, seed=args.seed, as_json=args.as_json,
-        hf_batch=args.hf_batch,
+        hf_batch=args.hf_batch, profile_out=args.profile_out, model=args.model,
     )
+
+
+def write_profile(config: BenchConfig, language: LanguageHalf, engine_config: EngineConfig) -> Path:
+    from dvd.benchmarks.engine_profile import profile_records
+    from dvd.deploy.cost_profile import write_records
+
+    assert config.profile_out is not None
+    source = {"stage": "source", "bench": "engine", "model": str(config.model or config.preset), "dtype": config.dtype,
+              "threads": config.threads, "max_batch_tokens": config.max_batch_tokens,
+              "linear_backend": config.linear_backend, "load_average": os.getloadavg()[0]}
+    return write_records(config.profile_out, [*profile_records(language, engine_config, config.seed), source])
 
 
 def main(argv: list[str]) -> int:
@@ -204,7 +228,7 @@ def main(argv: list[str]) -> int:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(config.threads)
     load_start = os.getloadavg()[0]
-    path = ensure_checkpoint(config.preset, cache_dir=config.cache_dir)
+    path = config.model or ensure_checkpoint(config.preset, cache_dir=config.cache_dir)
     t0 = time.perf_counter()
     language = LanguageHalf.from_checkpoint(path, dtype=DTYPES[config.dtype])
     load_s = time.perf_counter() - t0
@@ -236,7 +260,7 @@ def main(argv: list[str]) -> int:
             f"p99 {r['ttft_p99_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.0f} ms p99 {r['tpot_p99_ms']:6.0f} ms")
     at16 = next((r for r in levels if r["concurrency"] == 16), None)
     result = {
-        "model": config.preset, "dtype": config.dtype, "threads": config.threads,
+        "model": str(config.model or config.preset), "dtype": config.dtype, "threads": config.threads,
         # Other work on the machine skews every figure: the 1-minute load average before and after says how much.
         "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "engine_config": asdict(engine_config), "hf_generate_one_at_a_time": baseline, "engine": levels,
@@ -245,6 +269,9 @@ def main(argv: list[str]) -> int:
         "speedup_vs_hf_at_16_cpu_time": None if at16 is None else at16["tokens_per_cpu_s"]
         / baseline["tokens_per_cpu_s"],
     }
+    if config.profile_out is not None:
+        result["profile_out"] = str(write_profile(config, language, engine_config))
+        say(f"wrote the step costs to {result['profile_out']}")
     if config.as_json:
         print(json.dumps(result, indent=2, default=str))
     elif at16 is not None:

@@ -34,6 +34,13 @@ def stage_segments(record: RequestRecord) -> list[tuple[str, float, float]]:
         return []
     at = {k: v - origin for k, v in marks.items() if isinstance(v, float) and k != "cache_hit"}
     first, end = at.get("first_token"), at.get("end")
+    out = _vision_segments(at) + _prefill_segments(at, first)
+    if first is not None and end is not None:
+        out.append(("decode", first, end))
+    return [(stage, start, stop) for stage, start, stop in out if stop >= start]
+
+
+def _vision_segments(at: dict[str, float]) -> list[tuple[str, float, float]]:
     out = []
     if "encode_start" in at and "encode_end" in at:
         if "preprocessed" in at:  # decode + tile, then waiting for a batch
@@ -43,21 +50,25 @@ def stage_segments(record: RequestRecord) -> list[tuple[str, float, float]]:
         out.append(("transfer", at["transfer_start"], at["transfer_end"]))
     if "features_ready" not in at and "start" in at:  # coupled: waiting for the model, before its encode
         out.append(("queue", 0.0, at["start"]))
-    if "prefill_start" in at:
-        # Streaming prefill may schedule the text before the image as soon as the request arrives,
-        # long before its features do: that early part is `prefix` (drawn thin, under the encode it
-        # overlaps); prefill proper runs from the features' arrival. Drawn from prefill_start, a
-        # full-height prefill bar would cover the request's encode and transfer.
-        ready = at.get("features_ready", at["prefill_start"])
-        if at["prefill_start"] < ready:
-            out.append(("prefix", at["prefill_start"], ready))
-        elif "features_ready" in at:  # disaggregated: features complete -> first scheduled
-            out.append(("queue", ready, at["prefill_start"]))
-        if first is not None:
-            out.append(("prefill", max(at["prefill_start"], ready), first))
-    if first is not None and end is not None:
-        out.append(("decode", first, end))
-    return [(stage, start, stop) for stage, start, stop in out if stop >= start]
+    return out
+
+
+def _prefill_segments(at: dict[str, float], first: float | None) -> list[tuple[str, float, float]]:
+    """Streaming prefill may schedule the text before the image as soon as the request arrives, long
+    before its features do: that early part is `prefix` (drawn thin, under the encode it overlaps);
+    prefill proper runs from the features' arrival. Drawn from prefill_start, a full-height prefill bar
+    would cover the request's encode and transfer."""
+    if "prefill_start" not in at:
+        return []
+    out = []
+    ready = at.get("features_ready", at["prefill_start"])
+    if at["prefill_start"] < ready:
+        out.append(("prefix", at["prefill_start"], ready))
+    elif "features_ready" in at:  # disaggregated: features complete -> first scheduled
+        out.append(("queue", ready, at["prefill_start"]))
+    if first is not None:
+        out.append(("prefill", max(at["prefill_start"], ready), first))
+    return out
 
 
 def plot_timeline(records: list[RequestRecord], path: Path, title: str) -> None:

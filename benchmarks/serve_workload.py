@@ -21,13 +21,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
+
+from dvd.deploy.request_trace import PlannedRequest, read_chat_jsonl
 
 BUCKETS = ("448", "896", "1344")
 WORKLOAD_BUCKETS = (*BUCKETS, "mixed", "text")
@@ -80,18 +81,6 @@ class Workload:
     def summary(self) -> str:
         images = "no images" if self.bucket == "text" else f"{self.images_per_request} image(s) of {self.bucket} px"
         return f"random-mm: {self.num_prompts} requests, {images}, {self.input_len} words, {self.output_len} tokens out"
-
-
-@dataclass(frozen=True)
-class PlannedRequest:
-    index: int
-    bucket: str
-    prompt: str
-    images: tuple[str, ...]  # data URLs (a JSONL line's image URLs, as written)
-    output_len: int  # max_completion_tokens
-    messages: tuple[dict[str, Any], ...] | None = None  # a JSONL line's messages, sent as they are
-    temperature: float | None = 0.0  # None: not sent (the server's default)
-    exact_output: bool = True  # min_tokens = output_len and ignore_eos: every deployment does the same work
 
 
 @dataclass(frozen=True)
@@ -257,70 +246,6 @@ class ImageFolderWorkload:
                 f"of {self.images_per_request} image(s), {self.output_len} tokens out")
 
 
-_JSONL_FIELDS = {"messages", "max_tokens", "max_completion_tokens", "temperature"}
-_JSONL_REPLACED = {"model", "stream", "stream_options"}  # the benchmark sets these itself
-
-
-def _line_error(number: int, what: str) -> ValueError:
-    return ValueError(f"line {number}: {what}")
-
-
-def _parse_content(number: int, at: str, content: Any) -> tuple[Any, list[str]]:
-    """A message's content as it will be sent, and its image URLs."""
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list) or not content:
-        raise _line_error(number, f"{at}.content must be a string or a non-empty list of parts")
-    urls = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            continue
-        url = part.get("image_url", {}).get("url") if kind == "image_url" and isinstance(
-            part.get("image_url"), dict) else None
-        if not isinstance(url, str) or not url:
-            raise _line_error(number, f"{at}.content[{j}] must be a text part with a string 'text' or an "
-                              "image_url part with a string 'image_url.url'")
-        urls.append(url)
-    return content, urls
-
-
-def parse_chat_line(number: int, text: str, default_output_len: int, exact_output: bool) -> PlannedRequest:
-    """One JSONL line (an OpenAI chat-completions body) as a request; ValueError names the line and why."""
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _line_error(number, f"not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise _line_error(number, f"must be a JSON object (a chat-completions body), got {type(body).__name__}")
-    unknown = sorted(set(body) - _JSONL_FIELDS - _JSONL_REPLACED)
-    if unknown:
-        raise _line_error(number, f"field(s) {', '.join(unknown)} not supported (a line may have "
-                          f"{', '.join(sorted(_JSONL_FIELDS))}; {', '.join(sorted(_JSONL_REPLACED))} are set by the "
-                          "benchmark)")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _line_error(number, "messages must be a non-empty list")
-    sent, urls = [], []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise _line_error(number, f"messages[{i}] must be an object with role system, user or assistant")
-        content, found = _parse_content(number, f"messages[{i}]", message.get("content"))
-        sent.append({"role": message["role"], "content": content})
-        urls += found
-    limits = [body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
-    for value in limits:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _line_error(number, f"max_tokens / max_completion_tokens must be a positive integer, got {value!r}")
-    temperature = body.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not 0 <= temperature <= 2):
-        raise _line_error(number, f"temperature must be a number in [0, 2], got {temperature!r}")
-    return PlannedRequest(number, "image" if urls else "text", "", tuple(urls),
-                          limits[0] if limits else default_output_len, tuple(sent),
-                          None if temperature is None else float(temperature), exact_output)
-
-
 @dataclass(frozen=True)
 class ChatJsonlWorkload:
     """OpenAI chat requests, one per line of a file (blank lines skipped), cycled to `num_prompts`."""
@@ -344,12 +269,7 @@ class ChatJsonlWorkload:
         if options.path is None:
             raise ValueError("--dataset jsonl needs --dataset-path FILE.jsonl")
         try:
-            text = options.path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"--dataset-path {options.path}: cannot read it ({exc})") from None
-        try:
-            lines = tuple(parse_chat_line(n, line, options.output_len, options.exact_output)
-                          for n, line in enumerate(text.splitlines(), 1) if line.strip())
+            lines = read_chat_jsonl(options.path, options.output_len, options.exact_output)
         except ValueError as exc:
             raise ValueError(f"--dataset-path {options.path}: {exc}") from None
         return cls(options.path, lines, options.num_prompts, options.output_len, options.exact_output, options.seed)

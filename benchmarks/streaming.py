@@ -77,7 +77,7 @@ def _drive(engine: Engine, rid: str, events: list[tuple[float, object]]) -> tupl
 
 def streaming_ttft(engine: Engine, chat: ChatFormat, num_images: int, rows: int, encode_s: float,
                    text_words: int, stream: bool, rid: str) -> tuple[float, float, int]:
-    hidden = engine.language.model.config.hidden_size
+    hidden = engine.hidden_size
     ids, starts = _image_prompt(chat, num_images, rows, text_words)
     features = [torch.randn(rows, hidden, dtype=torch.bfloat16) * 0.05 for _ in range(num_images)]
     sampling = greedy(max_new_tokens=2)
@@ -95,7 +95,7 @@ def streaming_ttft(engine: Engine, chat: ChatFormat, num_images: int, rows: int,
 
 def chat_turn2_ttft(engine: Engine, chat: ChatFormat, rows: int, rid: str) -> tuple[float, int]:
     """Turn 1 (untimed), then turn 2's TTFT; and the hit tokens turn 2 got."""
-    hidden = engine.language.model.config.hidden_size
+    hidden = engine.hidden_size
     image = torch.randn(rows, hidden, dtype=torch.bfloat16) * 0.05
     key = rid.encode()  # a fresh image per measurement: only turn 2 can hit turn 1
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "<image>\nWhat is in it?"}]
@@ -177,13 +177,13 @@ def main(argv: list[str]) -> int:
             f"{row['after_last_frame_wait_for_all_ms']:.0f} vs {row['after_last_frame_streaming_ms']:.0f} ms, "
             f"{row['tokens_after_last_frame_wait_for_all']} vs {row['tokens_after_last_frame_streaming']} tokens")
     del plain
-    part2 = {}
+    part2: dict[str, dict[str, float]] = {}
     for on in (False, True):
         chat_engine = engine(on)  # fresh images each repeat: turn 2 can only hit its own turn 1
-        runs = [chat_turn2_ttft(chat_engine, chat, args.rows, f"chat-{on}-{r}") for r in range(args.repeats)]
+        turns = [chat_turn2_ttft(chat_engine, chat, args.rows, f"chat-{on}-{r}") for r in range(args.repeats)]
         del chat_engine
-        part2["on" if on else "off"] = {"ttft_turn2_ms": statistics.median(t for t, _ in runs) * 1e3,
-                                        "hit_tokens": runs[-1][1]}
+        part2["on" if on else "off"] = {"ttft_turn2_ms": statistics.median(t for t, _ in turns) * 1e3,
+                                        "hit_tokens": turns[-1][1]}
     say(f"chat turn 2 with an image: TTFT prefix cache off {part2['off']['ttft_turn2_ms']:.0f} ms, on "
         f"{part2['on']['ttft_turn2_ms']:.0f} ms ({part2['on']['hit_tokens']} prompt tokens from the cache)")
     load = {"start": load_start, "end": os.getloadavg()[0]}

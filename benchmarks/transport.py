@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,7 @@ def _raw_child(pipe: Connection) -> None:
                     # np.ones writes every page now (the warm-up round), so no measured recv_into
                     # takes a page fault: the pool gives tcp the same reuse.
                     buffer = np.ones(nbytes, dtype=np.uint8)
-                if not _recv_exact(conn, memoryview(ident)) or not _recv_exact(conn, memoryview(buffer)[:nbytes]):
+                if not _recv_exact(conn, memoryview(ident)) or not _recv_exact(conn, buffer.data[:nbytes]):
                     return
                 with arrived:
                     arrivals[ident.rstrip(b"\0").decode()] = time.monotonic_ns()
@@ -127,7 +128,7 @@ def _raw_child(pipe: Connection) -> None:
             listener.close()
             return
         with arrived:
-            arrived.wait_for(lambda count=count: len(arrivals) >= count)
+            arrived.wait_for(lambda: len(arrivals) >= count)  # noqa: B023 (called here, in this iteration)
             done = dict(arrivals)
             arrivals.clear()
         pipe.send(("done", done, 0, 0))
@@ -166,7 +167,7 @@ def _raw_run(port: int, sockets: list[socket.socket], payload: np.ndarray, strea
             ident = f"{tag}-{index}-{i}"
             starts[ident] = time.monotonic_ns()
             sock.sendall(RAW_PREFIX.pack(nbytes) + ident.encode().ljust(RAW_IDENT_BYTES, b"\0"))
-            sock.sendall(payload)
+            sock.sendall(payload.data)
 
     threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(sockets[:streams])]
     for thread in threads:
@@ -221,7 +222,7 @@ class _Peer:
         self.process.start()
         reply = self.pipe.recv()
         self.skipped = reply[1] if reply[0] == "error" else ""
-        self.address = None if self.skipped else reply[1]
+        self.address: Any = None if self.skipped else reply[1]  # raw: a port; the transports: an address
         self.sender = None if kind == "raw" or self.skipped else create_sender(transport_config(kind))
         self.receiver_copies = 0
         self.pool_allocations = 0
@@ -271,28 +272,7 @@ async def _bench(kinds: list[str], args: argparse.Namespace, log: Any) -> dict[s
         for size_name in args.sizes:
             nbytes = SIZES[size_name]
             for streams in args.streams:
-                rounds: dict[str, list[dict[str, Any]]] = {p.kind: [] for p in live}
-                per_stream = _plan(nbytes, streams, args.target_bytes)
-                # Warm-up rounds, not counted (pool buffers and their page faults, TCP windows): until one
-                # allocates no new pool buffer, at most WARMUP_ROUNDS, since raw reuses one buffer throughout.
-                for warmup in range(WARMUP_ROUNDS):
-                    warm = [await peer.round(nbytes, streams, per_stream, f"{size_name}-{streams}-w{warmup}")
-                            for peer in live]
-                    if warmup and not any(figures["pool_allocations"] for figures in warm):
-                        break
-                for round_index in range(1, args.repeats + 1):
-                    for peer in live if round_index % 2 else live[::-1]:
-                        tag = f"{size_name}-{streams}-{round_index}"
-                        rounds[peer.kind].append(await peer.round(nbytes, streams, per_stream, tag))
-                for kind, measured in rounds.items():
-                    figures = _summary(measured)
-                    results.setdefault(kind, {}).setdefault(size_name, {})[f"streams_{streams}"] = figures
-                    log(f"{kind:5} {size_name:>7} x{streams:<3} median {figures['gbps']:6.3f} GB/s  "
-                        f"best {figures['best_gbps']:6.3f}  p50 {figures['p50_ms']:8.3f} ms  "
-                        f"p99 {figures['p99_ms']:8.3f} ms  ({figures['rounds']} rounds of {per_stream * streams} "
-                        f"frames: {', '.join(f'{g:.2f}' for g in figures['rounds_gbps'])})"
-                        + (f"  {figures['pool_allocations']} pool buffers allocated"
-                           if figures["pool_allocations"] else ""))
+                await _point(live, args, size_name, nbytes, streams, results, log)
         for peer in live:
             if peer.sender is not None:
                 results[peer.kind]["payload_copies"] = {
@@ -301,6 +281,31 @@ async def _bench(kinds: list[str], args: argparse.Namespace, log: Any) -> dict[s
         for peer in peers:
             await peer.close()
     return results
+
+
+async def _point(live: list[_Peer], args: argparse.Namespace, size_name: str, nbytes: int, streams: int,
+                 results: dict[str, Any], log: Any) -> None:
+    """One size and stream count: warm-up rounds, then `args.repeats` rounds of every kind interleaved."""
+    rounds: dict[str, list[dict[str, Any]]] = {p.kind: [] for p in live}
+    per_stream = _plan(nbytes, streams, args.target_bytes)
+    # Warm-up rounds, not counted (pool buffers and their page faults, TCP windows): until one
+    # allocates no new pool buffer, at most WARMUP_ROUNDS, since raw reuses one buffer throughout.
+    for warmup in range(WARMUP_ROUNDS):
+        warm = [await peer.round(nbytes, streams, per_stream, f"{size_name}-{streams}-w{warmup}") for peer in live]
+        if warmup and not any(figures["pool_allocations"] for figures in warm):
+            break
+    for round_index in range(1, args.repeats + 1):
+        tag = f"{size_name}-{streams}-{round_index}"
+        for peer in live if round_index % 2 else live[::-1]:
+            rounds[peer.kind].append(await peer.round(nbytes, streams, per_stream, tag))
+    for kind, measured in rounds.items():
+        figures = _summary(measured)
+        results.setdefault(kind, {}).setdefault(size_name, {})[f"streams_{streams}"] = figures
+        log(f"{kind:5} {size_name:>7} x{streams:<3} median {figures['gbps']:6.3f} GB/s  "
+            f"best {figures['best_gbps']:6.3f}  p50 {figures['p50_ms']:8.3f} ms  "
+            f"p99 {figures['p99_ms']:8.3f} ms  ({figures['rounds']} rounds of {per_stream * streams} "
+            f"frames: {', '.join(f'{g:.2f}' for g in figures['rounds_gbps'])})"
+            + (f"  {figures['pool_allocations']} pool buffers allocated" if figures["pool_allocations"] else ""))
 
 
 def _ratios(results: dict[str, Any], kind: str, size_name: str, key: str = "gbps") -> dict[str, float]:
@@ -321,6 +326,22 @@ def _paired_ratios(results: dict[str, Any], kind: str, size_name: str) -> dict[s
             for streams in raw if streams in mine}
 
 
+def write_profile(path: Path, results: dict[str, Any], kinds: list[str]) -> Path:
+    """One transport line per size measured on one stream: send() -> frame complete, p50."""
+    from dvd.deploy.cost_profile import write_records
+
+    kind = next((k for k in kinds if k != "raw" and "skipped" not in results.get(k, {})), None)
+    if kind is None:
+        raise SystemExit("--profile-out needs a measured kind other than raw (tcp or rdma) in --kinds")
+    records: list[dict[str, Any]] = [
+        {"stage": "transport", "bytes": SIZES[size], "seconds": points["streams_1"]["p50_ms"] / 1e3}
+        for size, points in results[kind].items() if size in SIZES and "streams_1" in points]
+    if not records:
+        raise SystemExit("--profile-out needs --streams to include 1")
+    source = {"stage": "source", "bench": "transport", "kind": kind, "load_average": os.getloadavg()[0]}
+    return write_records(path, [*records, source])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dvd bench transport", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -333,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ",".join(SIZES))
     parser.add_argument("--streams", default=",".join(map(str, STREAMS)), help="comma-separated stream counts")
     parser.add_argument("--mib-per-point", type=int, default=0, help="payload per measured point (MiB)")
+    parser.add_argument("--profile-out", type=Path, metavar="FILE",
+                        help="also write one frame's p50 latency per size (one stream, the first kind of --kinds "
+                             "that is not raw) into a dvd plan --simulate profile (JSONL)")
     args = parser.parse_args(argv)
     args.sizes = args.sizes.split(",")
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -371,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "rdma_vs_raw_best_ratio": _ratios(results, "rdma", "26MiB", "best_gbps"),
         "wall_s": round(time.monotonic() - started, 1),
     }
+    if args.profile_out is not None:
+        report["profile_out"] = str(write_profile(args.profile_out, results, kinds))
     if args.json:
         print(json.dumps(report, indent=2), file=json_out, flush=True)
     else:

@@ -9,6 +9,10 @@ preset with ViR (random weights, built once into --cache-dir). Its ViT costs ~4.
 weights reflect only the thresholds (relative 0.5: about half the tiles of a request compress).
 
   dvd bench vision [--json] [--batch-sizes 1,4,16] [--repeats 1] [--model PATH] [--device cpu]
+
+--profile-out FILE writes what `dvd plan --simulate` needs into a stage-cost profile (dvd/deploy/cost_profile.py):
+a forward pass's seconds per batch size, the tokens and bytes a tile leaves as (ViR's mean on a Flash
+checkpoint; run once with --no-flash and once without for both), and one image's preprocessing by tile count.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import torch
 if TYPE_CHECKING:
     from dvd.transport import Receiver
     from dvd.vision_server.engine import VisionEngine
+    from dvd.vision_server.model import EncodedImage
 
 PRESET = "internvl3_5-1b-shaped"
 # A mixed image set of exactly 16 tiles: (width, height, max_num) -> 3x1+thumb, 2x2+thumb, 1x3+thumb, 2x1+thumb.
 MIXED_SET = [(1344, 448, 3), (896, 896, 4), (448, 1344, 3), (896, 448, 2)]
+WIRE_BYTES = 2  # features cross the wire as BF16
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -50,6 +56,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="also send N one-tile requests at once through the whole Encode path, batched "
                              "across requests (max_batch_tiles N); 0 skips it (default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--profile-out", type=Path, metavar="FILE",
+                        help="also write this run's stage costs into a dvd plan --simulate profile (JSONL)")
     return parser.parse_args(argv)
 
 
@@ -96,7 +104,7 @@ def _run_batch(batcher: object, request_id: str, slots: list[torch.Tensor]) -> t
     results: dict[int, tuple[int, ...]] = {}
     errors: list[BaseException] = []
 
-    def on_slot(slot: int, image: object) -> None:
+    def on_slot(slot: int, image: EncodedImage) -> None:
         results[slot] = image.tokens_per_tile
         if len(results) == len(slots):
             done.set()
@@ -215,6 +223,46 @@ async def _concurrent(checkpoint: Path, args: argparse.Namespace) -> dict[str, o
             "concurrent_mixed_batches": stats["num_mixed_batches"]}
 
 
+def _preprocess_seconds(checkpoint: Path, repeats: int = 3) -> dict[int, float]:
+    """Tiles -> the best of `repeats` timings of one JPEG square (448, 896, 1344 px) decoded and tiled."""
+    import io
+
+    from PIL import Image
+
+    from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
+
+    config = PreprocessConfig.from_checkpoint(checkpoint)
+    out: dict[int, float] = {}
+    for size in (448, 896, 1344):
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(photo_bytes(size, size, size))).convert("RGB").save(buffer, "JPEG", quality=85)
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tiles = preprocess_image(buffer.getvalue(), config).shape[0]
+            timings.append(time.perf_counter() - start)
+        out[int(tiles)] = min(timings)
+    return out
+
+
+def profile_records(checkpoint: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """This run's lines of a stage-cost profile (the forward pass per batch size, features, preprocessing)."""
+    from dvd.checkpoint import open_checkpoint
+
+    vir = bool(result["flash"])
+    records: list[dict[str, Any]] = [
+        {"stage": "vision", "vir": vir, "tiles": int(key.rsplit("_", 1)[1]),
+         "seconds": int(key.rsplit("_", 1)[1]) / float(value)}
+        for key, value in result.items() if key.startswith("tiles_per_s_batch_")]
+    records.append({"stage": "features", "vir": vir, "tokens_per_tile": result["vir_tokens"] / result["vir_tiles"],
+                    "bytes_per_token": open_checkpoint(checkpoint).text_width * WIRE_BYTES})
+    records += [{"stage": "preprocess", "tiles": tiles, "seconds": seconds}
+                for tiles, seconds in _preprocess_seconds(checkpoint).items()]
+    records.append({"stage": "source", "bench": "vision", "vir": vir, **{k: result[k] for k in (
+        "model", "device", "dtype", "torch_threads", "cpu", "load_average_start")}})
+    return records
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     from transformers.utils import logging as hf_logging
@@ -234,6 +282,10 @@ def main(argv: list[str]) -> int:
         result |= asyncio.run(_cache_effect(checkpoint, args))
     if args.concurrent > 0:
         result |= asyncio.run(_concurrent(checkpoint, args))
+    if args.profile_out is not None:
+        from dvd.deploy.cost_profile import write_records
+
+        result["profile_out"] = str(write_records(args.profile_out, profile_records(checkpoint, result)))
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["load_average_end"] = round(os.getloadavg()[0], 2)
     if args.json:

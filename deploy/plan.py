@@ -30,6 +30,7 @@ from pathlib import Path
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.devices import layer_ranges, split_layers
 from dvd.errors import CheckpointError
+from dvd.language_server import sizing
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -138,10 +139,7 @@ def place_vision(parts: VisionParts, room: Sequence[int], size: int) -> list[int
 
 
 def kv_bytes_per_token(info: CheckpointInfo, dtype_bytes: int) -> int:
-    text = info.text_config
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
-    return 2 * int(text["num_hidden_layers"]) * int(kv_heads) * int(head_dim) * dtype_bytes
+    return sizing.kv_bytes_per_token(info.text_config, dtype_bytes)  # the language server's own arithmetic
 
 
 @dataclass(frozen=True)
@@ -258,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language-requests-per-s", type=float, help="one language replica's measured requests/s")
     parser.add_argument("--tiles-per-request", type=float, default=7.0, help="mean tiles a request (default 7)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    from dvd.deploy.plan_simulate import add_arguments as add_simulate_arguments  # issue 22: --simulate
+
+    add_simulate_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -265,5 +266,9 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(args.model, devices, args.dtype, args.utilisation, parse_size(args.reserve),
                      args.request_tokens, args.vision_tiles_per_s, args.language_requests_per_s,
                      args.tiles_per_request)
+    if args.simulate:
+        from dvd.deploy.plan_simulate import simulate_plan
+
+        return simulate_plan(args, plan, len(devices), describe(plan, devices))
     print(json.dumps(asdict(plan)) if args.json else describe(plan, devices))
     return 0

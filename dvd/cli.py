@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "client": ("dvd.pipeline.client_cmd", "send a chat request to a running gateway over gRPC"),
     "bench": ("dvd.benchmarks.cli", "run a benchmark and print its figures"),
     "plan": ("dvd.deploy.plan", "plan a deployment: weights per half, devices, KV capacity in tokens, largest batch"),
+    "doctor": ("dvd.deploy.doctor", "check this node: versions, devices, attention kernels, correctness, speed"),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
@@ -64,3 +65,26 @@ def layer_ranges(counts: Sequence[int]) -> list[range]:
         out.append(range(start, start + n))
         start += n
     return out
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """Settings whose default depends on the kind of device a server runs on; a config value of 0 takes
+    these. A CPU: small ViT batches, few preprocessing threads (the model shares the cores), 2048-token
+    forward passes, a 512-block KV cache. A GPU: batches that fill it, preprocessing that keeps up with it
+    (448 px tiles decode and resize on the host), vLLM's 8192-token passes, and a KV cache sized from the
+    free device memory after a profiling forward (num_blocks 0: language_server/memory_profile.py)."""
+
+    max_batch_tiles: int
+    preprocess_workers: int
+    max_batch_tokens: int
+    num_blocks: int  # 0: from the device's free memory (gpu_memory_utilization)
+
+
+CPU_DEFAULTS = DeviceDefaults(max_batch_tiles=16, preprocess_workers=2, max_batch_tokens=2048, num_blocks=512)
+GPU_DEFAULTS = DeviceDefaults(max_batch_tiles=64, preprocess_workers=8, max_batch_tokens=8192, num_blocks=0)
+
+
+def device_defaults(device: str) -> DeviceDefaults:
+    """The defaults for a device name ("cpu", "cuda:1", ...)."""
+    return CPU_DEFAULTS if device.split(":")[0] in ("cpu", "meta") else GPU_DEFAULTS

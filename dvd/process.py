@@ -56,7 +56,7 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
     recording = _Recording(server)
-    register(recording)  # type: ignore[arg-type]
+    register(recording)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *recording.names):
@@ -107,7 +107,7 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     try:
-        config = config_or_flags(cls, args, parser, keep=("log_level",))
+        config: Any = config_or_flags(cls, args, parser, keep=("log_level",))
         token = resolve_token(config.transport.token, config.token_file)
         config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
     except ValueError as exc:  # ConfigError included: one line naming the key

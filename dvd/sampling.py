@@ -26,6 +26,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     repetition_penalty: float = 1.0
+    # Engine-side only so far (the APIs do not carry them yet): 0 = off.
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # x the number of times each token was generated so far
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -38,6 +42,10 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}"),
             (self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"),
+            (0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty",
+             f"must be in [-2, 2], got {self.frequency_penalty}"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", f"must be >= 0, got {self.stop_token_ids}"),
             (self.seed is None or 0 <= self.seed < MAX_SEED, "seed", f"must be in [0, 2**63), got {self.seed}"),
         ]

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,10 @@ class TensorSource:
 
     def get(self, key: str) -> torch.Tensor:
         return self._handle(key).get_tensor(key)
+
+    def get_part(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """[start, stop) of `key` along `dim`, read without the rest of it (a tensor-parallel rank's part)."""
+        return self._handle(key).get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,87 @@ VIT_NAMES = NameMap((
     ("encoder.layers.{layer}.ls2", "encoder.layer.{layer}.lambda_2"),
     ("encoder.layers.{layer}.mlp.", "encoder.layer.{layer}.mlp."),
 ))
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Rank `rank`'s part of a tensor split among `world` ranks along `dim`. With `groups` > 1 the tensor is
+    that many equal groups along `dim` (transformers' fused gate|up rows), each split on its own; with
+    `rank0_only` it is not split: rank 0 keeps it whole and the others zeros (a row-parallel layer's bias,
+    which the all-reduce of the partial sums then adds once)."""
+
+    dim: int
+    rank: int
+    world: int
+    groups: int = 1
+    rank0_only: bool = False
+
+    def bounds(self, size: int) -> list[tuple[int, int]]:
+        """[start, stop) along `dim` of each group's part, for a tensor `size` long there."""
+        group = size // self.groups
+        step = group // self.world
+        return [(g * group + self.rank * step, g * group + (self.rank + 1) * step) for g in range(self.groups)]
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.rank0_only:
+            return shape
+        return tuple(n // self.world if i == self.dim else n for i, n in enumerate(shape))
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole tensor (one in memory, or on the meta device)."""
+        if self.rank0_only:
+            return tensor * (self.rank == 0)
+        parts = [tensor.narrow(self.dim, start, stop - start) for start, stop in self.bounds(tensor.shape[self.dim])]
+        return torch.cat(parts, self.dim).contiguous() if len(parts) > 1 else parts[0].contiguous()
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A `Cut` of a checkpoint tensor, reading only this rank's bytes where the layout allows (a key split
+    along one axis, or a JoinedRef whose every part splits alike); otherwise the whole, then cut."""
+
+    ref: TensorRef | JoinedRef
+    cut: Cut
+
+    @property
+    def source(self) -> TensorSource:
+        return self.ref.source
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+    def shape(self) -> tuple[int, ...]:
+        return self.cut.shape(self.ref.shape())
+
+    def read(self) -> torch.Tensor:
+        cut, ref = self.cut, self.ref
+        if cut.rank0_only:
+            return cut.apply(ref.read())
+        if isinstance(ref, TensorRef) and ref.rows is None:
+            parts = [ref.source.get_part(ref.key, cut.dim, a, b) for a, b in cut.bounds(ref.shape()[cut.dim])]
+            return torch.cat(parts, cut.dim) if len(parts) > 1 else parts[0]
+        if isinstance(ref, JoinedRef) and self._splits_per_part(ref):
+            return self._read_joined(ref)
+        return cut.apply(ref.read())
+
+    def _splits_per_part(self, ref: JoinedRef) -> bool:
+        """Cutting every part alike gives the cut of the joined tensor: the cut runs across the join, or
+        along it with one cut group per joined group."""
+        across = self.cut.dim != ref.dim and self.cut.groups == 1
+        along = self.cut.dim == ref.dim and self.cut.groups == len(ref.parts)
+        return (across or along) and self.cut.dim - ref.stack >= 0
+
+    def _read_joined(self, ref: JoinedRef) -> torch.Tensor:
+        dim = self.cut.dim - ref.stack  # the parts' own axis (a stacked join adds the first)
+        one = Cut(dim, self.cut.rank, self.cut.world)
+
+        def part(key: str) -> torch.Tensor:
+            (start, stop), = one.bounds(ref.source.shape(key)[dim])
+            return ref.source.get_part(key, dim, start, stop)
+
+        groups = [torch.stack([part(k) for k in g]) if ref.stack else part(g[0]) for g in ref.parts]
+        return torch.cat(groups, dim=ref.dim) if len(groups) > 1 else groups[0]
 _GITHUB_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 # The projector: GitHub's `mlp1` Sequential index -> HF's `multi_modal_projector` module name.
 GITHUB_MLP1_NAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
@@ -228,8 +313,8 @@ def _flash_refs(source: TensorSource, keys: dict[str, str]) -> dict[str, TensorR
             attn, part, kind = match.groups()
             if part == "query":
                 prefix = f"pooling_before_gating.{attn}"
-                parts = [keys.get(f"{prefix}.{p}.{kind}") for p in ("query", "key", "value")]
-                if None in parts:
+                parts = [keys[k] for p in ("query", "key", "value") if (k := f"{prefix}.{p}.{kind}") in keys]
+                if len(parts) < 3:
                     raise CheckpointError(f"{source.file_of(key)}: {key!r} without its key/value partners")
                 refs[f"{prefix}.in_proj_{kind}"] = JoinedRef(source, tuple((p,) for p in parts), 0, stack=False)
             continue
@@ -301,13 +386,15 @@ def language_tensors(source: TensorSource) -> dict[str, TensorRef | JoinedRef]:
 
 def load_module(
     module: torch.nn.Module,
-    refs: dict[str, TensorRef | JoinedRef],
+    refs: Mapping[str, TensorRef | JoinedRef | ShardRef],
     dtype: torch.dtype,
     optional: Callable[[str], bool] = lambda name: False,
+    device: str | torch.device = "cpu",
 ) -> None:
     """Fill a meta-device module from `refs`, checking names and shapes before reading any bytes.
 
     `optional(name)` marks module tensors that may be absent (a tied lm_head); the caller fills them.
+    Each tensor goes to `device` as it is read, so the host holds no more than one at a time beyond the CPU's.
     """
     expected = module.state_dict()
     missing = [name for name in expected if name not in refs and not optional(name)]
@@ -328,7 +415,7 @@ def load_module(
             raise CheckpointError(
                 f"{ref.source.file_of(ref.key)}: key {ref.key!r} has shape {list(found)}, expected {list(want)}"
             )
-    state = {name: ref.read().to(dtype) for name, ref in refs.items()}
+    state = {name: ref.read().to(device=device, dtype=dtype) for name, ref in refs.items()}
     module.load_state_dict(state, strict=False, assign=True)
 
 
@@ -343,7 +430,7 @@ def parameters_on_meta() -> Iterator[None]:
         if param is not None:
             module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
 
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register  # type: ignore[assignment]
     try:
         with no_init_weights():
             yield

@@ -12,11 +12,15 @@
     engine.py         step() = schedule -> execute -> postprocess; add/extend/abort; num_* counters
     scheduler.py      continuous batching: decodes first, prefill chunks fill the token budget; preemption
     runner.py         ScheduledBatch -> one packed forward pass of transformers' model
-    attention.py      paged attention, registered with transformers' AttentionInterface
+    attention.py      paged attention, registered with transformers' AttentionInterface (torch backend)
+    paged_flex.py     FlexAttention over the paged cache in place (the flex backend; CUDA's default)
     kv_cache.py       the paged KV cache and its block allocator
+    sizing.py         KV sizing arithmetic (torch-free; dvd plan uses it too); memory_profile.py sizes a
+                      GPU's cache from its free memory after a profiling forward
     prefix_cache.py   full KV blocks shared by a hash of their tokens and images' content keys; LRU
-    sampling.py       per-request greedy / temperature / top-k / top-p / repetition penalty / seed (no stop
-                      strings: they act on text, so the gateway's detokenizer decides them)
+    sampling.py       the whole batch's greedy / temperature / top-k / top-p / min-p / penalties / seeds on the
+                      logits' device (no stop strings: they act on text, so the gateway's detokenizer decides)
+    tensor_parallel.py, tp_serve.py   the LLM over N ranks: shards, lockstep, `dvd language --tp N`
     request.py        EngineRequest (RequestStatus), PromptPiece, RequestOutput
     model.py          LanguageHalf (the checkpoint's *ForCausalLM); SamplingParams is dvd.sampling's
 """

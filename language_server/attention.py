@@ -3,10 +3,15 @@
 Why our own and not transformers' paged path: transformers' continuous batching on a CPU runs one
 SDPA over the whole packed batch with a [tokens x all-keys-of-all-requests] mask, so the attention
 work grows with the square of the batch (64 decoding requests of ~130 tokens each: 64 queries x 8k
-keys, of which 98% are masked). Here decode tokens attend in one batched SDPA over their own keys
-only (padded to the longest), and each prefill chunk attends to its own request's keys. The model's
+keys, of which 98% are masked). Here each query attends to its own request's keys only. The model's
 linear layers, norms and RoPE stay transformers' own: this function is registered under
 transformers' `AttentionInterface` and the model calls it in place of SDPA.
+
+Two backends (`EngineConfig.attention_backend`; `auto` picks flex on CUDA, torch elsewhere):
+- `torch`: SDPA. On a CPU each decode query reads its keys in place, run by run of blocks, and a chunk
+  after a past merges two flash calls; elsewhere decodes gather a padded [B, L] copy of their keys.
+- `flex`: PyTorch's FlexAttention reading the paged cache in place for decodes and chunks alike
+  (paged_flex.py): compiled on CUDA; eager elsewhere, where it is slow and serves to check it.
 
 Without a `dvd_paged` keyword (plain `generate`), it is exactly transformers' SDPA (or, for a model with
 attention sinks, the same math as its eager attention), so the same model object serves both paths.
@@ -20,22 +25,33 @@ join each query's softmax as an extra column that is dropped afterwards, as GPT-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from dvd.language_server.paged_flex import FlexBatch
 
 ATTENTION_NAME = "dvd_paged"
 
 
 @dataclass
 class PrefillSegment:
-    """Query rows [start, end) of the packed batch, attending to `slots` (past and these rows, in order)."""
+    """Query rows [start, end) of the packed batch: a chunk of request `request` (a row of the tables) at
+    positions past..past + (end - start) - 1, attending to its past and, causally, to itself."""
 
     start: int
     end: int
-    slots: torch.Tensor  # [past + n] long
-    mask: torch.Tensor | None  # [n, past + n] bool when there is a past, else causal from the start
+    past: int
+    request: int
+
+    def mask(self, device: torch.device) -> torch.Tensor | None:
+        """[n, past + n] bool (True = attend) when there is a past, else None: causal from the start."""
+        if not self.past:
+            return None
+        n = self.end - self.start
+        return torch.ones(n, self.past + n, dtype=torch.bool, device=device).tril(self.past)
 
 
 @dataclass
@@ -45,23 +61,54 @@ class PagedAttentionMetadata:
     keys: list[torch.Tensor]  # per layer [slots, kv_heads, head_dim]
     values: list[torch.Tensor]
     write_slots: torch.Tensor  # [tokens] where each packed token's K/V goes
+    block_size: int
+    block_ids: list[list[int]]  # every batch request's blocks (host)
+    tables: torch.Tensor  # [requests, max blocks] long on the device: the same, padded
+    lengths: list[int]  # keys each request has after this pass
     decode_rows: list[int]  # packed rows that are single-token decodes
-    decode_runs: list[list[tuple[int, int]]]  # per decode row, its keys as [start, end) runs of cache slots
+    decode_requests: list[int]  # their request (table row)
     prefills: list[PrefillSegment]
+    flex: FlexBatch | None = None  # set: the flex backend (paged_flex.py)
     _padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _runs: list[list[tuple[int, int]]] | None = field(default=None, repr=False)
+
+    def decode_runs(self) -> list[list[tuple[int, int]]]:
+        """Each decode row's keys as [start, end) runs of cache slots (the CPU's in-place path); built once a
+        pass."""
+        if self._runs is None:
+            self._runs = [slot_runs(self.block_ids[r], self.block_size, self.lengths[r]) for r in self.decode_requests]
+        return self._runs
+
+    def context_slots(self, request: int, length: int, device: torch.device) -> torch.Tensor:
+        """The cache slots of positions [0, length) of a request, built on the device from its table row."""
+        positions = torch.arange(length, device=device)
+        return self.tables[request, positions // self.block_size] * self.block_size + positions % self.block_size
 
     def padded_decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows [B], slots [B, L] padded, mask [B, 1, 1, L]) for the batched decode path; built once a pass."""
+        """(rows [B], slots [B, L] padded, mask [B, 1, 1, L]) for the batched decode path; built once a pass,
+        on the device, without a loop over blocks."""
         if self._padded is None:
-            spans = [torch.cat([torch.arange(a, b) for a, b in runs]) for runs in self.decode_runs]
-            width = max(len(s) for s in spans)
-            slots = torch.zeros(len(spans), width, dtype=torch.long)
-            mask = torch.zeros(len(spans), 1, 1, width, dtype=torch.bool)
-            for i, span in enumerate(spans):
-                slots[i, :len(span)] = span
-                mask[i, ..., :len(span)] = True
-            self._padded = (torch.tensor(self.decode_rows, device=device), slots.to(device), mask.to(device))
+            requests = torch.tensor(self.decode_requests, device=device)
+            lengths = torch.tensor([self.lengths[r] for r in self.decode_requests], device=device)
+            positions = torch.arange(max(self.lengths[r] for r in self.decode_requests), device=device)
+            blocks = (positions // self.block_size).clamp(max=self.tables.shape[1] - 1)
+            slots = self.tables[requests][:, blocks] * self.block_size + positions % self.block_size
+            mask = (positions < lengths.unsqueeze(1)).view(len(requests), 1, 1, -1)
+            self._padded = (torch.tensor(self.decode_rows, device=device), slots * mask.view(slots.shape), mask)
         return self._padded
+
+
+def slot_runs(block_ids: list[int], block_size: int, length: int) -> list[tuple[int, int]]:
+    """The cache slots of positions [0, length) as [start, end) runs: consecutive blocks merge into one."""
+    runs: list[tuple[int, int]] = []
+    for i, block in enumerate(block_ids[:-(-length // block_size)]):
+        start = block * block_size
+        end = start + min(block_size, length - i * block_size)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
 
 
 def _window(mask: torch.Tensor | None, q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor | None:
@@ -156,7 +203,7 @@ def _sink_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def paged_attention_forward(
-    module: torch.nn.Module,
+    module: Any,  # a transformers attention module (its layer_idx; nn.Module types attributes as Tensor | Module)
     query: torch.Tensor,  # [1, heads, tokens, head_dim]
     key: torch.Tensor,  # [1, kv_heads, tokens, head_dim]
     value: torch.Tensor,
@@ -166,7 +213,7 @@ def paged_attention_forward(
     dvd_paged: PagedAttentionMetadata | None = None,
     sliding_window: int | None = None,
     s_aux: torch.Tensor | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     if dvd_paged is None:
         if s_aux is not None:
@@ -179,42 +226,86 @@ def paged_attention_forward(
     k_cache.index_copy_(0, meta.write_slots, key[0].transpose(0, 1))
     v_cache.index_copy_(0, meta.write_slots, value[0].transpose(0, 1))
     out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
-    if meta.decode_rows and sliding_window is None and s_aux is None and query.device.type == "cpu":
-        for row, runs in zip(meta.decode_rows, meta.decode_runs, strict=True):
-            out[row] = _decode_one(query[0, :, row], k_cache, v_cache, runs, scaling)
-    elif meta.decode_rows:
-        rows, slots, mask = meta.padded_decode(query.device)
-        q = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-        shape = (*slots.shape, *k_cache.shape[1:])  # [B, L, kv_heads, d]
-        flat = slots.reshape(-1)
-        # index_select over the flat slot axis: one contiguous gather, cheaper than advanced indexing
-        k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)
-        v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
-        if sliding_window is not None:  # each decode query sits at its request's last position
-            last = (mask.sum(-1, keepdim=True) - 1).transpose(-1, -2)  # [B, 1, 1, 1]
-            mask = _window(mask, last, mask.shape[-1], sliding_window)
-        o = attend(q, k, v, mask, scaling, s_aux)
-        out[rows] = o.squeeze(2)
-    for seg in meta.prefills:
-        q = query[:, :, seg.start:seg.end]
-        n = seg.end - seg.start
-        if seg.mask is None:  # no past: the chunk's own keys are the whole context, no gather needed
-            k, v = key[:, :, seg.start:seg.end], value[:, :, seg.start:seg.end]
-        else:
-            k = k_cache.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
-            v = v_cache.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
-        mask = seg.mask
-        if sliding_window is not None:
-            past = k.shape[2] - n
-            q_pos = torch.arange(past, past + n, device=q.device).unsqueeze(-1)
-            causal = torch.arange(k.shape[2], device=q.device) <= q_pos if mask is None else mask
-            mask = _window(causal, q_pos, k.shape[2], sliding_window)
-        if seg.mask is not None and sliding_window is None and s_aux is None and q.device.type == "cpu":
-            o = _causal_after_past(q, k, v, k.shape[2] - n, scaling)  # seg.mask is exactly this causal shape
-        else:
-            o = attend(q, k, v, mask, scaling, s_aux, is_causal=seg.mask is None)
-        out[seg.start:seg.end] = o[0].transpose(0, 1)
+    if meta.flex is not None:
+        _flex_forward(meta, meta.flex, query, k_cache, v_cache, out, scaling, sliding_window, s_aux)
+    else:
+        if meta.decode_rows:
+            _torch_decodes(meta, query, k_cache, v_cache, out, scaling, sliding_window, s_aux)
+        for seg in meta.prefills:
+            out[seg.start:seg.end] = _torch_prefill(meta, seg, query, key, value, k_cache, v_cache, scaling,
+                                                    sliding_window, s_aux)
     return out.unsqueeze(0), None  # [1, tokens, heads, head_dim], as transformers' attention functions return
+
+
+def _flex_forward(meta: PagedAttentionMetadata, flex: FlexBatch, query: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, out: torch.Tensor, scaling: float | None, window: int | None,
+                  sinks: torch.Tensor | None) -> None:
+    """Every decode row in one call (the batch axis), then each prefill chunk, reading the cache in place."""
+    if meta.decode_rows:
+        q = query[0, :, flex.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+        o = flex.attend(q, k_cache, v_cache, flex.decode_mask(window), scaling, sinks)
+        out[flex.decode_rows] = o.squeeze(2)
+    for seg in meta.prefills:
+        block_mask = flex.prefill_mask(seg.request, seg.past, seg.end - seg.start, window)
+        o = flex.attend(query[:, :, seg.start:seg.end], k_cache, v_cache, block_mask, scaling, sinks)
+        out[seg.start:seg.end] = o[0].transpose(0, 1)
+
+
+def _torch_decodes(meta: PagedAttentionMetadata, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   out: torch.Tensor, scaling: float | None, window: int | None, sinks: torch.Tensor | None) -> None:
+    if window is None and sinks is None and query.device.type == "cpu":
+        for row, runs in zip(meta.decode_rows, meta.decode_runs(), strict=True):
+            out[row] = _decode_one(query[0, :, row], k_cache, v_cache, runs, scaling)
+        return
+    rows, slots, mask = meta.padded_decode(query.device)
+    q = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+    shape = (*slots.shape, *k_cache.shape[1:])  # [B, L, kv_heads, d]
+    flat = slots.reshape(-1)
+    # index_select over the flat slot axis: one contiguous gather, cheaper than advanced indexing
+    k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
+    attend_mask: torch.Tensor | None = mask
+    if window is not None:  # each decode query sits at its request's last position
+        last = (mask.sum(-1, keepdim=True) - 1).transpose(-1, -2)  # [B, 1, 1, 1]
+        attend_mask = _window(mask, last, mask.shape[-1], window)
+    out[rows] = attend(q, k, v, attend_mask, scaling, sinks).squeeze(2)
+
+
+def _torch_prefill(meta: PagedAttentionMetadata, seg: PrefillSegment, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float | None,
+                   window: int | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's output [n, heads, d]."""
+    q = query[:, :, seg.start:seg.end]
+    n = seg.end - seg.start
+    if not seg.past:  # no past: the chunk's own keys are the whole context, no gather needed
+        k, v = key[:, :, seg.start:seg.end], value[:, :, seg.start:seg.end]
+    else:
+        slots = meta.context_slots(seg.request, seg.past + n, q.device)
+        k = k_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        v = v_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+    if seg.past and window is None and sinks is None and q.device.type == "cpu":
+        return _causal_after_past(q, k, v, seg.past, scaling)[0].transpose(0, 1)  # no dense mask needed
+    mask = seg.mask(q.device)
+    if window is not None:
+        q_pos = torch.arange(seg.past, seg.past + n, device=q.device).unsqueeze(-1)
+        causal = torch.arange(k.shape[2], device=q.device) <= q_pos if mask is None else mask
+        mask = _window(causal, q_pos, k.shape[2], window)
+    return attend(q, k, v, mask, scaling, sinks, is_causal=not seg.past)[0].transpose(0, 1)
+
+
+def kernels_in_use(device_type: str, backend: str) -> dict[str, str]:
+    """Which kernel each of the attention calls above runs, on a device of this type with this configured
+    backend (`auto` resolved as EngineConfig does); what `dvd doctor` reports."""
+    if (backend if backend != "auto" else ("flex" if device_type == "cuda" else "torch")) == "flex":
+        flex = "FlexAttention, compiled (Triton)" if device_type == "cuda" else "FlexAttention, eager (slow: a check)"
+        return {"decode": f"{flex}, the cache in place, the batch axis", "prefill chunk": f"{flex}, per chunk",
+                "chunk after a past": f"{flex}, per chunk", "sliding window / sinks": f"{flex}, mask / log-sum-exp"}
+    if device_type == "cpu":
+        return {"decode": "SDPA per request over its blocks in place (runs of blocks)",
+                "prefill chunk": "SDPA, causal", "chunk after a past": "two CPU flash calls merged by log-sum-exp",
+                "sliding window / sinks": "padded gather + SDPA with a mask / eager softmax with the sink column"}
+    return {"decode": "padded gather of every request's keys + SDPA with a mask", "prefill chunk": "SDPA, causal",
+            "chunk after a past": "SDPA with a dense mask", "sliding window / sinks": "masks / eager softmax"}
 
 
 def register() -> str:

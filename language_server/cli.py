@@ -38,8 +38,9 @@ async def serve(config: LanguageServerConfig) -> int:
         group = start_group(config)
     server = LanguageServer(config, engine=group.engine if group else None)
     await server.start()
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", config.engine.num_blocks,
-                config.engine.block_size, config.engine.kv_capacity_tokens, server.engine.kv_cache_bytes / 2**20)
+    engine = server.engine.config  # as run: the device's defaults in place of zeros
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", engine.num_blocks, engine.block_size,
+                engine.kv_capacity_tokens, server.engine.kv_cache_bytes / 2**20)
     # what other nodes push to
     print(f"dvd language serving on {server.address} features on {server.transport_address}", flush=True)
     await until_stop_signal()

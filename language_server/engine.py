@@ -18,6 +18,7 @@ from dvd.errors import InvalidRequestError, KVCapacityError, PromptTooLongError
 from dvd.language_server.config import EngineConfig
 from dvd.language_server.encoder_hook import StepEncoder
 from dvd.language_server.kv_cache import PagedKVCache
+from dvd.language_server.memory_profile import kv_blocks_from_memory
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.prefix_cache import PrefixCache
 from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
@@ -61,6 +62,9 @@ class Engine:
         """`encoder`: runs the vision encoder inside each step, before the schedule (encoder_hook.py); None
         when features arrive from elsewhere (a language server)."""
         self.language = language
+        config = config.for_device(str(language.device))
+        if not config.num_blocks:  # a GPU: as many blocks as its free memory holds
+            config = replace(config, num_blocks=self._num_blocks_from_memory(config))
         self.config = config
         self.encoder = encoder
         text: Any = language.model.config  # a transformers config (torch.nn.Module types attributes as tensors)
@@ -69,7 +73,8 @@ class Engine:
                                   language.dtype, language.device)
         self.prefix_cache = PrefixCache(self.cache.allocator) if config.enable_prefix_cache else None
         self.scheduler = Scheduler(config, self.cache, self.prefix_cache)
-        self.runner = ModelRunner(language, self.cache, config.linear_backend)
+        self.runner = ModelRunner(language, self.cache, config.linear_backend,
+                                  config.attention_backend_for(language.device.type))
         self.context_limit = language.context_limit
         self.vocab_size = language.vocab_size
         self.hidden_size: int = text.hidden_size  # the width of the feature rows a prompt's images take
@@ -84,6 +89,9 @@ class Engine:
     @property
     def kv_cache_bytes(self) -> int:
         return self.cache.nbytes
+
+    def _num_blocks_from_memory(self, config: EngineConfig) -> int:
+        return kv_blocks_from_memory(self.language, config)
 
     # --- any thread -----------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -120,6 +128,13 @@ class Engine:
                                   f"{self.config.kv_capacity_tokens} ({self.config.num_blocks} blocks)")
 
     # --- the engine thread ----------------------------------------------------------------------
+    def enter_thread(self) -> None:
+        """Called first on the thread that steps the engine: CUDA's current device is per thread, and
+        whatever runs on the current device (a collective's staging, a default-device allocation) must
+        run on the engine's."""
+        if self.language.device.type == "cuda":
+            torch.cuda.set_device(self.language.device)
+
     @property
     def has_work(self) -> bool:
         """Something to run: a command, or requests of which some can progress (not all waiting for features)."""
@@ -135,7 +150,7 @@ class Engine:
         if batch.requests:
             logits = self.runner.execute(batch)
             sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
-            outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, sample(sampled, logits))
+            outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, self._sample(sampled, logits))
         # Nothing ran: only a command can change that (an encoder that ran may have left others for the next step)
         self._stalled = not batch.requests and encoded is None
         self._update_stats(batch.total_tokens)
@@ -157,10 +172,22 @@ class Engine:
         self._update_stats(0)
         return outputs
 
+    def _sample(self, requests: list[EngineRequest], logits: torch.Tensor) -> list[int]:
+        return sample(requests, logits)
+
     def _apply_commands(self) -> list[RequestOutput]:
-        outputs = []
+        return self._apply(self._drain())
+
+    def _drain(self) -> list[tuple[str, Any]]:
+        """The commands queued so far, in order (what one step applies)."""
+        commands = []
         while not self._inbox.empty():
-            kind, item = self._inbox.get()
+            commands.append(self._inbox.get())
+        return commands
+
+    def _apply(self, commands: list[tuple[str, Any]]) -> list[RequestOutput]:
+        outputs = []
+        for kind, item in commands:
             if kind == "add":
                 self.requests[item.request_id] = item
                 self.scheduler.add(item)

@@ -51,6 +51,7 @@ class EngineLoop:
         self._wake.set()
 
     def _run(self) -> None:
+        self.engine.enter_thread()
         while not self._stopping:
             started = time.monotonic()
             if not self.engine.has_work:

@@ -56,7 +56,3 @@ class PagedKVCache:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
-        """Slots of positions [start, end) of a sequence stored in `block_ids`."""
-        bs = self.block_size
-        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]

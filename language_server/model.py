@@ -7,8 +7,10 @@ positions are replaced by the features, exactly as the monolithic model does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -17,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import InvalidRequestError, PromptTooLongError
 from dvd.sampling import SamplingParams
-from dvd.weights import TensorSource, language_tensors, load_module, parameters_on_meta
+from dvd.weights import JoinedRef, ShardRef, TensorRef, TensorSource, language_tensors, load_module, parameters_on_meta
 
 
 def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> GenerationConfig:
@@ -36,11 +38,34 @@ def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> Gen
     )
 
 
+def meta_model(info: CheckpointInfo) -> torch.nn.Module:
+    """The checkpoint's `*ForCausalLM` with its parameters on the meta device (no memory yet)."""
+    text = dict(info.text_config)
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    # GPT-OSS has no SDPA path (its attention sinks are not expressible there): its own eager one runs.
+    model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]
+    config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def fill(model: torch.nn.Module, refs: Mapping[str, TensorRef | JoinedRef | ShardRef], dtype: torch.dtype,
+         device: str | torch.device) -> None:
+    """Read `refs` into a meta model, each tensor straight onto `device`, and put it in eval mode."""
+    load_module(model, refs, dtype, optional=lambda name: name == "lm_head.weight", device=device)
+    if "lm_head.weight" not in refs:  # tied embeddings: the checkpoint stores the matrix once
+        tied: Any = model  # transformers' attributes, which nn.Module types as Tensor | Module
+        tied.lm_head.weight = tied.get_input_embeddings().weight
+    model.to(device).eval()  # the buffers (rotary frequencies), computed on the CPU
+
+
 class LanguageHalf:
     """The LLM of one checkpoint, with features scattered into its input embeddings."""
 
-    def __init__(self, model: torch.nn.Module, info: CheckpointInfo) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, info: CheckpointInfo | None = None) -> None:
+        """`info`: the checkpoint it came from (None for a model built in memory, as `dvd doctor` does)."""
+        # a transformers *ForCausalLM: nn.Module types its attributes as Tensor | Module, so Any
+        self.model: Any = model
         self.info = info
 
     @classmethod
@@ -48,18 +73,9 @@ class LanguageHalf:
         cls, checkpoint: str | Path | CheckpointInfo, dtype: torch.dtype = torch.float32, device: str = "cpu"
     ) -> LanguageHalf:
         info = checkpoint if isinstance(checkpoint, CheckpointInfo) else open_checkpoint(checkpoint)
-        text = dict(info.text_config)
-        config = AutoConfig.for_model(text.pop("model_type"), **text)
-        # GPT-OSS has no SDPA path (its attention sinks are not expressible there): its own eager one runs.
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
-        config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
-        with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config)
-        refs = language_tensors(TensorSource(info.path))
-        load_module(model, refs, dtype, optional=lambda name: name == "lm_head.weight")
-        if "lm_head.weight" not in refs:  # tied embeddings: the checkpoint stores the matrix once
-            model.lm_head.weight = model.get_input_embeddings().weight
-        return cls(model.to(device).eval(), info)
+        model = meta_model(info)
+        fill(model, language_tensors(TensorSource(info.path)), dtype, device)
+        return cls(model, info)
 
     @property
     def device(self) -> torch.device:
@@ -86,12 +102,12 @@ class LanguageHalf:
         embeds = self.model.get_input_embeddings()(ids)
         mask = ids[0] == image_token_id
         num_slots = int(mask.sum())
-        num_rows = 0 if features is None else features.reshape(-1, features.shape[-1]).shape[0]
+        rows = None if features is None else features.reshape(-1, features.shape[-1])
+        num_rows = 0 if rows is None else rows.shape[0]
         if num_slots != num_rows:
             raise InvalidRequestError(f"prompt has {num_slots} image-context tokens but {num_rows} feature rows")
-        if num_rows:
-            rows = features.reshape(-1, features.shape[-1]).to(device=self.device, dtype=self.dtype)
-            embeds[0, mask] = rows
+        if rows is not None and num_rows:
+            embeds[0, mask] = rows.to(device=self.device, dtype=self.dtype)
         return embeds
 
     @torch.inference_mode()

@@ -47,7 +47,7 @@ class EngineRequest:
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     block_ids: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's, on the logits' device (sampling.py)
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_preemptions: int = 0
@@ -65,8 +65,6 @@ class EngineRequest:
         self.prompt_ids = list(self.prompt_ids)  # its own: `append_prompt` grows it
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
-        if self.sampling.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling.seed)
 
     def append_prompt(self, piece: PromptPiece) -> None:
         """Add the next piece of a prompt that arrives in pieces (before any token was generated)."""

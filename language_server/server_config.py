@@ -77,15 +77,19 @@ class LanguageServerConfig:
 
     @property
     def receiver_transport(self) -> TransportConfig:
-        """The receiver's settings as run: rdma receives straight into the model's device."""
-        return replace(self.transport, device=self.device if self.transport.kind == "rdma" else "cpu")
+        """The receiver's settings as run: rdma receives straight into the model's device; frames received
+        in host memory for a model on a GPU are page-locked (asynchronous copies to it)."""
+        rdma = self.transport.kind == "rdma"
+        return replace(self.transport, device=self.device if rdma else "cpu",
+                       pin_memory=self.device.startswith("cuda") and not rdma)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LanguageServerConfig:
         linear = args.linear_backend or EngineConfig.linear_backend
         engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                               max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running,
-                              max_queued_requests=args.max_queued, linear_backend=linear)
+                              max_queued_requests=args.max_queued, linear_backend=linear,
+                              gpu_memory_utilization=args.gpu_memory_utilization)
         # the pooled features are the received frames: one budget for both
         pool_bytes = max(int(args.feature_pool_mib * MiB), MiB)
         return cls(
@@ -126,10 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM, how long running requests may finish before they are failed (30)")
     parser.add_argument("--block-size", type=int, default=32, help="KV cache block, in tokens (32)")
-    parser.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks; capacity = blocks x size")
+    parser.add_argument("--num-blocks", type=int, default=0,
+                        help="KV cache blocks; capacity = blocks x size (default: 512 on a CPU; on a GPU what fits "
+                             "--gpu-memory-utilization after loading and a profiling forward)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization,
+                        help="share of a GPU's memory the server may take: weights, activations, KV cache (0.9)")
     parser.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
-                        help="most tokens in one forward pass (default 2048; smaller: lower decode latency "
-                             "beside prefills, less throughput)")
+                        help="most tokens in one forward pass (default 2048 on a CPU, 8192 on a GPU; smaller: lower "
+                             "decode latency beside prefills, less throughput)")
     parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
     parser.add_argument("--tp", type=int, default=1,

@@ -1,8 +1,8 @@
 """`dvd language --tp N`: one language server spanning N devices, one process per rank.
 
 Rank 0 is the `dvd language` process itself: it serves gRPC, receives the features (once) and runs a
-`TensorParallelEngine`, which broadcasts every step's commands. Ranks 1..N-1 are child processes that load
-the same checkpoint, keep their shard and `follow`. torch.distributed runs over gloo on CPUs and NCCL on
+`TensorParallelEngine`, which broadcasts every step's commands and sampled tokens. Ranks 1..N-1 are child
+processes that read their own shard of the checkpoint and `follow`. torch.distributed runs over gloo on CPUs and NCCL on
 GPUs (rank r on the r-th device after `--device`), rendezvousing through a file in a private temp dir.
 """
 
@@ -15,13 +15,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dvd.language_server.engine import Engine
-from dvd.language_server.model import LanguageHalf
 from dvd.language_server.server_config import LanguageServerConfig
-from dvd.language_server.tensor_parallel import TensorParallelEngine, follow, shard_language_model
+from dvd.language_server.tensor_parallel import TensorParallelEngine, load_shard
 
 logger = logging.getLogger("dvd.language.tp")
 # Followers wait in a broadcast while rank 0 has no work: an idle server must not time them out.
@@ -37,26 +36,30 @@ def rank_device(device: str, rank: int) -> str:
 
 
 def _init(config: LanguageServerConfig, rank: int, store: Path) -> None:
-    backend = "gloo" if config.device == "cpu" else "nccl"
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=config.tensor_parallel,
-                            timeout=IDLE_TIMEOUT)
-
-
-def _load(config: LanguageServerConfig, rank: int) -> LanguageHalf:
+    """Join the group, bound to the rank's device: NCCL's communicator and every collective's staging then
+    use that GPU whichever thread calls them (the engine's thread sets it current too: Engine.enter_thread)."""
     device = rank_device(config.device, rank)
-    if device.startswith("cuda"):
-        import torch
-
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
         torch.cuda.set_device(device)
-    language = LanguageHalf.from_checkpoint(config.model, dtype=config.torch_dtype, device=device)
-    shard_language_model(language.model, rank, config.tensor_parallel)
-    return language
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=config.tensor_parallel, timeout=IDLE_TIMEOUT,
+                            device_id=torch.device(device) if on_gpu else None)
+
+
+def _engine(config: LanguageServerConfig, rank: int) -> TensorParallelEngine:
+    """The rank's engine over its shard, read from the checkpoint as that shard alone."""
+    language = load_shard(config.model, rank, config.tensor_parallel, config.torch_dtype,
+                          rank_device(config.device, rank))
+    return TensorParallelEngine(language, config.engine)
 
 
 def _follower(rank: int, config: LanguageServerConfig, store: str) -> None:
     _init(config, rank, Path(store))
     try:
-        follow(Engine(_load(config, rank), config.engine))
+        engine = _engine(config, rank)
+        engine.enter_thread()
+        engine.follow()
     finally:
         dist.destroy_process_group()
 
@@ -96,7 +99,7 @@ def start_group(config: LanguageServerConfig) -> TensorParallelGroup:
         process.start()
     try:
         _init(config, 0, store)
-        engine = TensorParallelEngine(_load(config, 0), config.engine)
+        engine = _engine(config, 0)
     except BaseException:
         for process in followers:
             process.kill()

@@ -80,7 +80,7 @@ class Gateway:
         site = web.TCPSite(self._runner, self.config.host, self.config.http_port,
                            ssl_context=self.tls[0] if self.tls else None)
         await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+        self.http_port = self._runner.addresses[0][1]  # the real port when 0 was asked
         service = GenerationService(self.core, self.config.limits, self.keys)
         self._grpc, self.grpc_port = await start_grpc_server(
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),

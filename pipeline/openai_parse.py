@@ -80,16 +80,17 @@ def check_fetchable(url: str, where: str, limits: ApiLimits) -> None:
     except (OSError, UnicodeError) as exc:
         raise InvalidRequestError(f"{where}: cannot resolve {parsed.hostname}: {exc}", where) from None
     for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not address.is_global or address.is_multicast:
             raise InvalidRequestError(f"{where}: {parsed.hostname} resolves to {address}, an address this server "
                                       "does not fetch from (not a public address)", where)
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = _MAX_REDIRECTS
+
     def __init__(self, where: str, limits: ApiLimits) -> None:
         self.where, self.limits = where, limits
-        self.max_redirections = _MAX_REDIRECTS
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
         check_fetchable(newurl, self.where, self.limits)  # a redirect to a private address is refused too
@@ -147,40 +148,37 @@ def _parse_messages(raw: Any, limits: ApiLimits) -> tuple[dict[str, Any], ...]:
     if not isinstance(raw, list) or not raw:
         error = InvalidRequestError if raw is None else InvalidFieldError
         raise error("messages must be a non-empty list", "messages")
-    messages: list[dict[str, Any]] = []
-    for i, message in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise InvalidFieldError(f"{where} must be an object", where)
-        role, content = message.get("role"), message.get("content")
-        if isinstance(content, str):
-            messages.append({"role": role, "content": content})
-            continue
-        if content is None and role == "assistant":
-            messages.append({"role": role, "content": ""})
-            continue
-        if not isinstance(content, list):
-            raise InvalidFieldError(f"{where}.content must be a string or a list of parts", f"{where}.content")
-        parts: list[dict[str, Any]] = []
-        for j, part in enumerate(content):
-            at = f"{where}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind in ("image_url", "video_url"):
-                media = kind.removesuffix("_url")
-                spec = part.get(kind)
-                url = spec.get("url") if isinstance(spec, dict) else spec
-                if not isinstance(url, str):
-                    raise InvalidFieldError(f"{at}.{kind}.url must be a string", f"{at}.{kind}")
-                if role != "user":  # before fetching anything
-                    raise InvalidFieldError(f"{at}: {media}s are only accepted in user messages", at)
-                parts.append({"type": media, "data": decode_image_url(url, f"{at}.{kind}", limits, media)})
-            else:
-                raise InvalidFieldError(f"{at} must be a text, image_url or video_url part, got type {kind!r}",
-                                        f"{at}.type")
-        messages.append({"role": role, "content": parts})
-    return tuple(messages)
+    return tuple(_parse_message(message, f"messages[{i}]", limits) for i, message in enumerate(raw))
+
+
+def _parse_message(message: Any, where: str, limits: ApiLimits) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise InvalidFieldError(f"{where} must be an object", where)
+    role, content = message.get("role"), message.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if content is None and role == "assistant":
+        return {"role": role, "content": ""}
+    if not isinstance(content, list):
+        raise InvalidFieldError(f"{where}.content must be a string or a list of parts", f"{where}.content")
+    return {"role": role, "content": [_parse_part(part, role, f"{where}.content[{j}]", limits)
+                                      for j, part in enumerate(content)]}
+
+
+def _parse_part(part: Any, role: Any, at: str, limits: ApiLimits) -> dict[str, Any]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind not in ("image_url", "video_url"):
+        raise InvalidFieldError(f"{at} must be a text, image_url or video_url part, got type {kind!r}", f"{at}.type")
+    media = kind.removesuffix("_url")
+    spec = part.get(kind)
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str):
+        raise InvalidFieldError(f"{at}.{kind}.url must be a string", f"{at}.{kind}")
+    if role != "user":  # before fetching anything
+        raise InvalidFieldError(f"{at}: {media}s are only accepted in user messages", at)
+    return {"type": media, "data": decode_image_url(url, f"{at}.{kind}", limits, media)}
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:

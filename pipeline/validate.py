@@ -87,40 +87,10 @@ def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], 
     if len(fields.messages) > limits.max_messages:
         raise limit_exceeded("number of messages", len(fields.messages), "max_messages", limits.max_messages,
                              "messages")
-    messages: list[dict] = []
     media: list[Media] = []
-    num_chars = 0
-    for i, message in enumerate(fields.messages):
-        where = f"messages[{i}]"
-        role = message.get("role")
-        if role not in ROLES:
-            raise InvalidFieldError(f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
-        content = message.get("content")
-        if isinstance(content, str):
-            num_chars += len(content)
-            messages.append({"role": role, "content": content})
-            continue
-        parts = []
-        for j, part in enumerate(content):
-            at = f"{where}.content[{j}]"
-            if part["type"] == "text":
-                num_chars += len(part["text"])
-                parts.append({"type": "text", "text": part["text"]})
-                continue
-            kind = part["type"]
-            if role != "user":
-                raise InvalidFieldError(f"{at}: {kind}s are only accepted in user messages", at)
-            limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
-            if len(part["data"]) > limit:
-                raise image_too_large(at, limits, kind)
-            if kind == "video":
-                segments = _num_segments(fields, limits)
-                media.append(Media(part["data"], segments))
-                parts.append({"type": "video", "num_frames": segments})
-            else:
-                media.append(Media(part["data"]))
-                parts.append({"type": "image"})
-        messages.append({"role": role, "content": parts})
+    messages = tuple(_message(message, f"messages[{i}]", fields, limits, media)
+                     for i, message in enumerate(fields.messages))
+    num_chars = sum(_num_chars(m["content"]) for m in messages)
     if num_chars > limits.max_prompt_chars:  # before any tokenizing: characters bound the work
         raise limit_exceeded("text in messages (characters)", num_chars, "max_prompt_chars",
                              limits.max_prompt_chars, "messages")
@@ -130,7 +100,42 @@ def _messages(fields: ChatFields, limits: ApiLimits) -> tuple[tuple[dict, ...], 
     if len(media) - num_images > limits.max_videos:
         raise InvalidRequestError(f"too many videos: {len(media) - num_images}, the limit is {limits.max_videos}",
                                   "messages")
-    return tuple(messages), tuple(media)
+    return messages, tuple(media)
+
+
+def _message(message: dict, where: str, fields: ChatFields, limits: ApiLimits, media: list[Media]) -> dict:
+    """One message as the chat template takes it; its images and videos appended to `media` in order."""
+    role = message.get("role")
+    if role not in ROLES:
+        raise InvalidFieldError(f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    parts = [_part(part, role, f"{where}.content[{j}]", fields, limits, media) for j, part in enumerate(content or ())]
+    return {"role": role, "content": parts}
+
+
+def _part(part: dict, role: str, at: str, fields: ChatFields, limits: ApiLimits, media: list[Media]) -> dict:
+    kind = part["type"]
+    if kind == "text":
+        return {"type": "text", "text": part["text"]}
+    if role != "user":
+        raise InvalidFieldError(f"{at}: {kind}s are only accepted in user messages", at)
+    limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
+    if len(part["data"]) > limit:
+        raise image_too_large(at, limits, kind)
+    if kind == "video":
+        segments = _num_segments(fields, limits)
+        media.append(Media(part["data"], segments))
+        return {"type": "video", "num_frames": segments}
+    media.append(Media(part["data"]))
+    return {"type": "image"}
+
+
+def _num_chars(content: str | list[dict]) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(part["text"]) for part in content if part["type"] == "text")
 
 
 def _sampling(fields: ChatFields, limits: ApiLimits, stop_token_ids: tuple[int, ...]) -> SamplingParams:

@@ -6,4 +6,5 @@ DVD_EXTRAS=${DVD_EXTRAS:-rdma,cluster} bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 python scripts/check_shape.py layers  # the import layers over the package as it installs
+python scripts/check_shape.py types   # mypy over the package as it installs
 python -m pytest -q -p no:cacheprovider "$@"

@@ -150,7 +150,7 @@ def check_outgoing(header: FeatureHeader, tensor: torch.Tensor, limit: int) -> N
 def payload_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying them."""
     flat = tensor.reshape(-1).view(torch.uint8) if tensor.element_size() > 1 else tensor.reshape(-1)
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")  # ndarray.data: the array's own memoryview
 
 
 def tensor_on(buffer: np.ndarray, header: FeatureHeader) -> torch.Tensor:
@@ -162,5 +162,6 @@ def tensor_on(buffer: np.ndarray, header: FeatureHeader) -> torch.Tensor:
 
 
 def verify_checksum(header: FeatureHeader, payload: memoryview | np.ndarray) -> None:
-    if header.checksum is not None and zlib.crc32(payload) != header.checksum:
+    data = payload.data if isinstance(payload, np.ndarray) else payload
+    if header.checksum is not None and zlib.crc32(data) != header.checksum:
         raise ProtocolError(f"checksum mismatch on {header.key}")

@@ -31,6 +31,9 @@ class TransportConfig:
     connections_per_destination: int = 4
     device: str = "cpu"
     ucx_tls: str = ""
+    # Receive into page-locked host memory (set by a language server whose model is on a GPU: the copy
+    # of a frame's rows to the device is then asynchronous and at full speed)
+    pin_memory: bool = False
 
     def __post_init__(self) -> None:
         if not self.kind:

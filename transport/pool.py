@@ -8,6 +8,10 @@ frame costs as much as a third of the transfer itself.
 A frame holds its bytes until its tensor and every view of it are gone (CPython frees them the
 moment the last reference drops); only then do they count as free again. When the budget is spent,
 `acquire` blocks: the connection stops reading, TCP's window closes and the sender slows down.
+
+When the language server's model is on a GPU, host buffers are page-locked (`pinned`), so the copy of
+a frame's rows to the device runs asynchronously at full speed. `DeviceReceivePool` keeps frames UCX
+writes straight into GPU memory under the same budget, ordered with the device's work (see there).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +43,9 @@ def size_class(nbytes: int, capacity: int) -> int:
 class ReceivePool:
     """Thread-safe byte budget over reusable numpy buffers; `acquire` blocks while it is spent."""
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, pinned: bool = False) -> None:
         self.capacity_bytes = capacity_bytes
+        self.pinned = pinned
         self._condition = threading.Condition()
         self._free: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         self._closed = False
@@ -77,13 +83,23 @@ class ReceivePool:
                 self._condition.wait(remaining)
             self.num_bytes_in_use += cls
             self.num_peak_bytes_in_use = max(self.num_peak_bytes_in_use, self.num_bytes_in_use)
+        return self._lease(buffer, nbytes)
+
+    def _lease(self, buffer: Any, nbytes: int) -> Any:
         lease = buffer[:nbytes]
         # The lease is a numpy view; torch.from_numpy(lease) keeps it alive, so the callback fires
         # only when no tensor can reach these bytes any more.
         weakref.finalize(lease, self._release, buffer)
         return lease
 
-    def _take(self, cls: int) -> np.ndarray | None:
+    def _new(self, nbytes: int) -> Any:
+        if not self.pinned:
+            return np.empty(nbytes, dtype=np.uint8)
+        import torch  # only a GPU language server pins: the gateway never loads torch
+
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps it alive
+
+    def _take(self, cls: int) -> Any:
         """A buffer of class `cls` from the cache or a new one within budget; None when full."""
         cached = self._free.get(cls)
         if cached:
@@ -98,9 +114,9 @@ class ReceivePool:
             self._free[size].pop()
             self.num_bytes_cached -= size
         self.num_allocations += 1
-        return np.empty(cls, dtype=np.uint8)
+        return self._new(cls)
 
-    def _release(self, buffer: np.ndarray) -> None:
+    def _release(self, buffer: Any) -> None:
         cls = buffer.nbytes
         with self._condition:
             self.num_bytes_in_use -= cls
@@ -121,6 +137,65 @@ class ReceivePool:
             self._free.clear()
             self.num_bytes_cached = 0
             self._condition.notify_all()
+
+
+class _DeviceLease:
+    """`nbytes` of a device buffer, as an object torch can wrap without a copy (`torch.as_tensor`), and
+    which the wrapping tensor's storage keeps alive: it dies, and returns its buffer, only with the last
+    tensor viewing those bytes (a weakref on a torch view would fire with that one view)."""
+
+    def __init__(self, buffer: Any, nbytes: int) -> None:
+        self.buffer = buffer
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (buffer.data_ptr(), False),
+                                         "version": 3, "strides": None}
+
+
+class DeviceReceivePool(ReceivePool):
+    """Receive buffers in a GPU's memory (RDMA writes into them) under the same byte budget.
+
+    UCX writes outside torch's stream order, so a buffer is handed to it only when no queued kernel can
+    still touch that memory: a fresh one after the device's default stream (the engine's) has drained what
+    was queued when the caching allocator handed the memory over, a returned one after the work queued
+    when it was returned (a CUDA event recorded then). Buffers stay the pool's for reuse, so they stay
+    registered with UCX. Untested on a GPU so far (none was lent).
+    """
+
+    def __init__(self, capacity_bytes: int, device: str) -> None:
+        super().__init__(capacity_bytes)
+        import torch
+
+        self.device = torch.device(device)
+        self._returned: dict[int, Any] = {}  # buffer's data_ptr -> the event recorded when it came back
+
+    def _new(self, nbytes: int) -> Any:
+        import torch
+
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        torch.cuda.default_stream(self.device).synchronize()
+        return buffer
+
+    def _take(self, cls: int) -> Any:
+        buffer = super()._take(cls)
+        if buffer is not None:
+            event = self._returned.pop(buffer.data_ptr(), None)
+            if event is not None:
+                event.synchronize()
+        return buffer
+
+    def _lease(self, buffer: Any, nbytes: int) -> Any:
+        import torch
+
+        lease = _DeviceLease(buffer, nbytes)
+        weakref.finalize(lease, self._release, buffer)
+        return torch.as_tensor(lease, device=self.device)
+
+    def _release(self, buffer: Any) -> None:
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(torch.cuda.default_stream(self.device))
+        self._returned[buffer.data_ptr()] = event
+        super()._release(buffer)
 
 
 class RecentKeys:

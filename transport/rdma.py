@@ -8,8 +8,12 @@ so GPU memory goes device to device where UCX supports it, and the receiver rece
 on `config.device`. Large sends use UCX's rendezvous protocol, which completes only once the
 receiver has posted its receive, so a receiver waiting on its pool slows the sender down.
 
+Frames received on a GPU land in the buffers of a `DeviceReceivePool` (pool.py): the same byte budget
+as host frames, buffers kept and reused (so they stay registered with UCX), each handed to UCX only once
+no queued kernel can still touch its memory (UCX writes outside torch's stream order).
+
 Caveats: UCX's listener binds every interface (there is no address argument); the token check
-guards it. Frames received on CUDA are not counted against the receive pool (host pool only).
+guards it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dvd.transport.base import (
 )
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
-from dvd.transport.pool import PoolClosedError, ReceivePool, RecentKeys
+from dvd.transport.pool import DeviceReceivePool, PoolClosedError, ReceivePool, RecentKeys
 from dvd.transport.stream import parse_address
 from dvd.transport.wire import (
     MAX_HEADER_BYTES,
@@ -95,7 +99,9 @@ class RdmaReceiver(Receiver):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         _init_ucx(config)
-        self.pool = ReceivePool(config.receive_pool_bytes)
+        on_cpu = config.device == "cpu"
+        self.pool = ReceivePool(config.receive_pool_bytes, pinned=config.pin_memory) if on_cpu \
+            else DeviceReceivePool(config.receive_pool_bytes, config.device)
         self.recent_keys = RecentKeys()
         self._listener: Any = None
         self._endpoints: set[Any] = set()
@@ -176,13 +182,10 @@ class RdmaReceiver(Receiver):
     async def _receive_frame(self, ep: Any, header: FeatureHeader, peer: str) -> None:
         if header.nbytes > self.config.max_frame_bytes:
             raise ProtocolError(f"frame of {header.nbytes} bytes over the {self.config.max_frame_bytes} limit")
-        if self.config.device == "cpu":
-            try:
-                buffer: Any = self.pool.acquire(header.nbytes, timeout_s=0)
-            except TimeoutError:
-                buffer = await asyncio.to_thread(self.pool.acquire, header.nbytes)
-        else:
-            buffer = torch.empty(header.nbytes, dtype=torch.uint8, device=self.config.device)
+        try:
+            buffer: Any = self.pool.acquire(header.nbytes, timeout_s=0)
+        except TimeoutError:
+            buffer = await asyncio.to_thread(self.pool.acquire, header.nbytes)
         fresh = self.recent_keys.add(header.key)
         try:
             if header.nbytes:
@@ -202,8 +205,7 @@ class RdmaReceiver(Receiver):
             return
         if self.config.device == "cpu":
             tensor = tensor_on(buffer, header)
-        else:
-            # Device memory comes from torch's caching allocator, which recycles it already.
+        else:  # the pool's device buffer, returned to it when the last view of these bytes dies
             tensor = buffer.view(TORCH_DTYPES[header.dtype]).view(header.shape)
         del buffer
         self.stats.num_frames += 1
@@ -250,8 +252,9 @@ class _Endpoint:
             except TransportError:
                 raise
             except Exception as error:
-                self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-                raise self.error from None
+                lost = PeerLostError(f"connection to {self.peer} lost: {error}")
+                self.fail(lost)
+                raise (self.error or lost) from None  # the first error, if another came first
 
     def fail(self, error: TransportError) -> None:
         if self.error is None:

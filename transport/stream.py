@@ -10,9 +10,12 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from dvd.transport.errors import PeerLostError, ProtocolError
 from dvd.transport.wire import LENGTH_PREFIX, Message, decode, encode_framed, parse_length
+
+M = TypeVar("M")
 
 TCP_SCHEME = "tcp://"
 
@@ -72,9 +75,11 @@ def read_message(sock: socket.socket, on_progress: Callable[[], None] | None = N
     return decode(body)
 
 
-def expect(message: Message, kind: type, peer: str) -> None:
+def expect(message: Message, kind: type[M], peer: str) -> M:
+    """`message`, known to be a `kind` (ProtocolError naming both otherwise)."""
     if not isinstance(message, kind):
         raise ProtocolError(f"expected {kind.__name__} from {peer}, got {type(message).__name__}")
+    return message
 
 
 def send_all(sock: socket.socket, buffers: list[memoryview]) -> None:

@@ -83,8 +83,7 @@ class _Inbound:
     def _handshake(self) -> None:
         config = self.receiver.config
         self.sock.settimeout(config.connect_timeout_s)
-        hello = stream.read_message(self.sock)
-        stream.expect(hello, Hello, self.peer)
+        hello = stream.expect(stream.read_message(self.sock), Hello, self.peer)
         nonce = handshake.new_nonce()
         reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, self.peer)
         stream.send_message(self.sock, reply)
@@ -96,8 +95,8 @@ class _Inbound:
             self.receiver.stats.num_refused_handshakes += 1
             logger.warning("sender %s refused this receiver (%s): %s", self.peer, auth.code, auth.reason)
             raise PeerLostError("sender refused us")
-        stream.expect(auth, Auth, self.peer)
-        verdict = handshake.receiver_verify(auth, config.token, hello.nonce, nonce, self.peer)
+        verdict = handshake.receiver_verify(stream.expect(auth, Auth, self.peer), config.token, hello.nonce, nonce,
+                                            self.peer)
         stream.send_message(self.sock, verdict)
         if isinstance(verdict, Refuse):
             self.receiver.stats.num_refused_handshakes += 1
@@ -116,7 +115,7 @@ class _Inbound:
             self.touch()
         fresh = receiver.recent_keys.add(header.key)
         try:
-            stream.read_into(self.sock, memoryview(buffer), self.touch, stream.PAYLOAD_PIECE_BYTES)
+            stream.read_into(self.sock, buffer.data, self.touch, stream.PAYLOAD_PIECE_BYTES)
             verify_checksum(header, buffer)
         except BaseException:
             if fresh:
@@ -140,7 +139,7 @@ class TcpReceiver(Receiver):
 
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
-        self.pool = ReceivePool(config.receive_pool_bytes)
+        self.pool = ReceivePool(config.receive_pool_bytes, pinned=config.pin_memory)
         self.recent_keys = RecentKeys()
         self.closing = False
         self._inbound: set[_Inbound] = set()

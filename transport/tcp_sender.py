@@ -155,43 +155,50 @@ class _Outbound:
 
     def _write_loop(self) -> None:
         interval = self.sender.config.heartbeat_interval_s
-        while True:
+        while self.error is None:
             try:
                 item = self._queue.get(timeout=interval)
             except queue.Empty:
-                # Quiet for an interval: beat, unless the loop is writing a frame right now.
-                if self.error is None and self._write_lock.acquire(blocking=False):
-                    try:
-                        stream.send_all(self.sock, [memoryview(encode_framed(Heartbeat()))])
-                    except OSError as error:
-                        self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-                        break
-                    finally:
-                        self._write_lock.release()
+                self._beat()  # quiet for an interval
                 continue
             if item is None:
                 break
-            buffers, _tensor, done, locked = item
-            if not locked:
-                self._write_lock.acquire()  # free: nothing else writes while a frame is queued
-            try:
-                if self.error is None:
-                    stream.send_all(self.sock, buffers)
-            except OSError as error:
-                self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
-            finally:
-                with self._lock:
-                    self._num_queued -= 1
-                self._write_lock.release()
-            self._settle(done, self.error)
-            if self.error is not None:
-                break
-        # Fail whatever is still queued: it will never be written.
+            self._write(item)
+        self._fail_queued()
+
+    def _beat(self) -> None:
+        """A heartbeat, unless the loop is writing a frame right now."""
+        if self.error is not None or not self._write_lock.acquire(blocking=False):
+            return
+        try:
+            stream.send_all(self.sock, [memoryview(encode_framed(Heartbeat()))])
+        except OSError as error:
+            self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+        finally:
+            self._write_lock.release()
+
+    def _write(self, item: _Item) -> None:
+        buffers, _tensor, done, locked = item
+        if not locked:
+            self._write_lock.acquire()  # free: nothing else writes while a frame is queued
+        try:
+            if self.error is None:
+                stream.send_all(self.sock, buffers)
+        except OSError as error:
+            self.fail(PeerLostError(f"connection to {self.peer} lost: {error}"))
+        finally:
+            with self._lock:
+                self._num_queued -= 1
+            self._write_lock.release()
+        self._settle(done, self.error)
+
+    def _fail_queued(self) -> None:
+        """Fail whatever is still queued: it will never be written."""
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return
             if item is not None:
                 self._settle(item[2], self.error)
                 if item[3]:
@@ -307,8 +314,7 @@ class TcpSender(Sender):
             reply = stream.read_message(sock)
             if isinstance(reply, Refuse):
                 raise handshake.refused_by_receiver(reply, peer)
-            stream.expect(reply, Challenge, peer)
-            assert isinstance(reply, Challenge)
+            reply = stream.expect(reply, Challenge, peer)
             try:
                 auth = handshake.sender_auth(reply, self.config.token, nonce, peer)
             except TransportError as error:

@@ -221,6 +221,7 @@ class Batcher:
         row = 0
         for item, start, stop in batch:
             n = stop - start
+            part: tuple[torch.Tensor, torch.Tensor | None]
             if features is not None:
                 part = (features[row : row + n], None)
             else:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.cpus import check_cpu_list
-from dvd.devices import DTYPE_NAMES, check_device, check_dtype, split_layers, torch_dtype
+from dvd.devices import DTYPE_NAMES, check_device, check_dtype, device_defaults, split_layers, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
 from dvd.transport.config import TransportConfig
 
@@ -29,9 +29,9 @@ class VisionServerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     dtype: str = ""  # "" = float32 on a CPU (cast to BF16 at the wire), bfloat16 on GPUs
-    max_batch_tiles: int = 16
+    max_batch_tiles: int = 0  # 0: the device's default (dvd/devices.py: 16 on a CPU, 64 on a GPU)
     max_wait_ms: float = 5.0
-    preprocess_workers: int = 2
+    preprocess_workers: int = 0  # 0: the device's default (2 on a CPU, 8 on a GPU)
     cache_bytes: int = 1024 * MiB  # 0 disables the encoder cache
     max_inputs: int = 64  # images + videos in one Encode
     max_request_tiles: int = 512  # tiles one Encode may cost in total (images' tiles + video frames)
@@ -40,7 +40,7 @@ class VisionServerConfig:
     # gateway tries another replica. Above the gateway's own max_concurrency (64), so one gateway never hits it.
     max_inflight_requests: int = 256
     # Tiles (each Encode's worst case: max_num + thumbnail per slot) admitted at once; an Encode that does not
-    # fit waits. Bounds the preprocessed pixels and pending features (448 px fp32: 2.4 MB a tile, 1.2 GB in all).
+    # fit waits. Bounds the preprocessed tiles and pending features (448 px uint8: 0.6 MB a tile, 0.3 GB in all).
     max_pending_tiles: int = 512
     max_message_bytes: int = 256 * MiB
     drain_timeout_s: float = 30.0
@@ -67,6 +67,9 @@ class VisionServerConfig:
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        defaults = device_defaults(self.devices[0])  # frozen: the zeros become the device's defaults once
+        for name in ("max_batch_tiles", "preprocess_workers"):
+            object.__setattr__(self, name, getattr(self, name) or getattr(defaults, name))
         positive = ("max_batch_tiles", "preprocess_workers", "max_inputs", "max_request_tiles", "max_num_limit",
                     "max_message_bytes", "max_inflight_requests",
                     "max_pending_tiles")
@@ -95,17 +98,20 @@ class VisionServerConfig:
         if any(n < 1 for n in self.layer_split):
             raise ValueError(f"layer_split {list(self.layer_split)}: every device needs at least one layer")
         if (self.devices_per_replica > 1 or self.layer_split) and (self.model / "config.json").is_file():
-            from dvd.checkpoint import open_checkpoint
-            from dvd.errors import CheckpointError
+            self._check_split_against_checkpoint()
 
-            try:
-                layers = int(open_checkpoint(self.model).vision_config["num_hidden_layers"])
-            except CheckpointError:
-                return  # loading the model reports it, naming the file
-            try:
-                split_layers(layers, self.devices_per_replica, self.layer_split)
-            except ValueError as exc:
-                raise ValueError(f"{self.model}: {exc}") from None
+    def _check_split_against_checkpoint(self) -> None:
+        from dvd.checkpoint import open_checkpoint
+        from dvd.errors import CheckpointError
+
+        try:
+            layers = int(open_checkpoint(self.model).vision_config["num_hidden_layers"])
+        except CheckpointError:
+            return  # loading the model reports it, naming the file
+        try:
+            split_layers(layers, self.devices_per_replica, self.layer_split)
+        except ValueError as exc:
+            raise ValueError(f"{self.model}: {exc}") from None
 
     @property
     def replica_devices(self) -> tuple[tuple[str, ...], ...]:
@@ -162,10 +168,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
-    parser.add_argument("--max-batch-tiles", type=int, default=16, help="most tiles in one forward pass (16)")
+    parser.add_argument("--max-batch-tiles", type=int, default=0,
+                        help="most tiles in one forward pass (default 16 on a CPU, 64 on a GPU)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long the first waiting tile may wait for others to join its batch (5)")
-    parser.add_argument("--preprocess-workers", type=int, default=2, help="threads decoding and tiling (2)")
+    parser.add_argument("--preprocess-workers", type=int, default=0,
+                        help="threads decoding and tiling (default 2 on a CPU, 8 on a GPU)")
     parser.add_argument("--cache-mib", type=float, default=1024, help="encoder cache size in MiB; 0 disables")
     parser.add_argument("--max-inputs", type=int, default=64, help="most images/videos in one request (64)")
     parser.add_argument("--max-num-limit", type=int, default=64, help="highest per-image max_num a client may ask (64)")

@@ -179,45 +179,22 @@ class VisionEngine:
     async def _encode(self, request: EncodeCall) -> list[SlotOutcome]:
         arrived = time.monotonic()
         destination = self._validate(request)
-        loop = asyncio.get_running_loop()
-        stamps: dict[int, dict[str, float]] = collections.defaultdict(dict)  # slot -> stage -> monotonic time
-        first_slot = [0]
-        for item in request.inputs:
-            first_slot.append(first_slot[-1] + item.num_slots)
-        input_of = {slot: i for i, item in enumerate(request.inputs)
-                    for slot in range(first_slot[i], first_slot[i + 1])}
         keys = self._keys(request)  # the encoder cache's keys; also what each frame's content key is made from
         hits = self._lookup(keys)
+        run = _EncodeRun(request, keys, asyncio.get_running_loop())
         misses = [i for i, hit in enumerate(hits) if hit is None]
-        ready: asyncio.Queue[tuple[int, EncodedImage, bool] | BaseException] = asyncio.Queue()
-
-        def on_slot(slot: int, image: EncodedImage) -> None:
-            stamps[slot]["encode_end"] = time.monotonic()
-            loop.call_soon_threadsafe(ready.put_nowait, (slot, image, False))
-
-        def on_error(error: BaseException) -> None:
-            loop.call_soon_threadsafe(ready.put_nowait, error)
-
-        expected = sum(request.inputs[i].num_slots for i in misses)
-        work = EncodeWork(request.request_id, expected, on_slot, on_error) if misses else None
-        for i, hit in enumerate(hits):
-            for offset, image in enumerate(hit or ()):
-                ready.put_nowait((first_slot[i] + offset, image, True))
+        work = run.work(misses)
+        run.put_hits(hits)
         # Admitted by its worst-case tile cost: under load (a slow language server, a flood) the pixels and
         # features this server holds stay within max_pending_tiles; the rest wait here, not in memory.
         async with self.tile_budget.hold(sum(self._worst_tiles(request.inputs[i]) for i in misses)):
             tasks: set[asyncio.Future[Any]] = set()
             try:
                 for i in misses:
-                    tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], first_slot[i], work, ready,
-                                                                  stamps)))
-                outcomes = await self._push(request, destination, ready, first_slot[-1], input_of, keys, first_slot,
-                                            tasks, stamps)
-                for outcome in outcomes:
-                    times = dict(stamps.get(outcome.slot, {}))
-                    if work is not None and outcome.slot in work.encode_started:
-                        times["encode_start"] = work.encode_started[outcome.slot]
-                    outcome.stamps.update({stage: (t - arrived) * 1e3 for stage, t in times.items()})
+                    tasks.add(asyncio.ensure_future(self._prepare(i, request.inputs[i], run.first_slot[i], work,
+                                                                  run.ready, run.stamps)))
+                outcomes = await self._push(run, destination)
+                run.stamp(outcomes, work, arrived)
                 return outcomes
             finally:
                 if work is not None:
@@ -241,19 +218,15 @@ class VisionEngine:
         except Exception as error:  # any failure of this input ends the request, named
             ready.put_nowait(InputError(index, item.kind, error))
 
-    async def _push(self, request: EncodeCall, destination: str, ready: asyncio.Queue[Any], num_slots: int,
-                    input_of: dict[int, int], keys: list[bytes], first_slot: list[int],
-                    tasks: set[asyncio.Future[Any]], stamps: dict[int, dict[str, float]]) -> list[SlotOutcome]:
+    async def _push(self, run: _EncodeRun, destination: str) -> list[SlotOutcome]:
         """Send every slot as it arrives; the first failure (input or transport) ends the request."""
         sender = self._sender(destination)
-        outcomes: dict[int, SlotOutcome] = {}
-        fresh: dict[int, EncodedImage] = {}
         sends: set[asyncio.Future[Any]] = set()
         getter: asyncio.Future[Any] | None = None
         try:
-            while len(outcomes) < num_slots or sends:
-                if getter is None and len(outcomes) < num_slots:
-                    getter = asyncio.ensure_future(ready.get())
+            while run.num_pending or sends:
+                if getter is None and run.num_pending:
+                    getter = asyncio.ensure_future(run.ready.get())
                 done, _ = await asyncio.wait(sends | ({getter} if getter else set()),
                                              return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
@@ -262,27 +235,16 @@ class VisionEngine:
                         future.result()  # raises DestinationError
                         continue
                     getter = None
-                    item = future.result()
-                    if isinstance(item, BaseException):
-                        raise item
-                    slot, image, hit = item
-                    if not hit:
-                        fresh[slot] = image
-                    outcomes[slot] = SlotOutcome(slot, input_of[slot], image.tokens_per_tile, image.num_tokens, hit)
-                    i = input_of[slot]
-                    content = slot_content_key(keys[i], slot - first_slot[i], image)
-                    stamps[slot]["send_start"] = time.monotonic()
-                    sends.add(asyncio.ensure_future(self._send(sender, destination, request, slot, image,
-                                                               content, stamps[slot])))
+                    slot, image, content = run.arrived(future.result())  # raises an input's error
+                    sends.add(asyncio.ensure_future(self._send(sender, destination, run.request, slot, image,
+                                                               content, run.stamps[slot])))
         finally:
             for future in sends | ({getter} if getter else set()):
                 future.cancel()
         if self.cache is not None:
-            for i, key in enumerate(keys):
-                slots = range(first_slot[i], first_slot[i + 1])
-                if all(s in fresh for s in slots):
-                    self.cache.put(key, [fresh[s] for s in slots])
-        return [outcomes[s] for s in sorted(outcomes)]
+            for key, images in run.fresh_inputs():
+                self.cache.put(key, images)
+        return run.outcomes()
 
     async def _send(self, sender: Sender, destination: str, request: EncodeCall, slot: int, image: EncodedImage,
                     content_key: bytes, stamps: dict[str, float]) -> None:
@@ -297,6 +259,78 @@ class VisionEngine:
         self.counters["num_slots_sent"] += 1
         self.counters["num_tokens_sent"] += image.num_tokens
         self.counters["num_bytes_sent"] += header.nbytes
+
+
+class _EncodeRun:
+    """One Encode call's state while it runs: where each input's slots lie, the queue its slots arrive
+    on (cache hits at once, encoded slots from the batcher's thread, an input's error), the outcome of
+    each slot, and its stage stamps."""
+
+    def __init__(self, request: EncodeCall, keys: list[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self.request, self.keys, self.loop = request, keys, loop
+        self.first_slot = [0]  # input i's slots are first_slot[i] .. first_slot[i + 1] - 1
+        for item in request.inputs:
+            self.first_slot.append(self.first_slot[-1] + item.num_slots)
+        self.input_of = {slot: i for i in range(len(request.inputs)) for slot in self._slots(i)}
+        self.ready: asyncio.Queue[tuple[int, EncodedImage, bool] | BaseException] = asyncio.Queue()
+        self.stamps: dict[int, dict[str, float]] = collections.defaultdict(dict)  # slot -> stage -> monotonic
+        self._outcomes: dict[int, SlotOutcome] = {}
+        self._fresh: dict[int, EncodedImage] = {}  # encoded now, not from the cache
+
+    @property
+    def num_pending(self) -> int:
+        return self.first_slot[-1] - len(self._outcomes)
+
+    def _slots(self, i: int) -> range:
+        return range(self.first_slot[i], self.first_slot[i + 1])
+
+    def work(self, misses: list[int]) -> EncodeWork | None:
+        """The batcher's work item for the inputs not in the cache (None: all were)."""
+        if not misses:
+            return None
+
+        def on_slot(slot: int, image: EncodedImage) -> None:  # on the batcher's thread
+            self.stamps[slot]["encode_end"] = time.monotonic()
+            self.loop.call_soon_threadsafe(self.ready.put_nowait, (slot, image, False))
+
+        def on_error(error: BaseException) -> None:
+            self.loop.call_soon_threadsafe(self.ready.put_nowait, error)
+
+        expected = sum(self.request.inputs[i].num_slots for i in misses)
+        return EncodeWork(self.request.request_id, expected, on_slot, on_error)
+
+    def put_hits(self, hits: list[tuple[EncodedImage, ...] | None]) -> None:
+        for i, hit in enumerate(hits):
+            for offset, image in enumerate(hit or ()):
+                self.ready.put_nowait((self.first_slot[i] + offset, image, True))
+
+    def arrived(self, item: tuple[int, EncodedImage, bool] | BaseException) -> tuple[int, EncodedImage, bytes]:
+        """Note a slot that arrived on `ready`: (slot, its features, its content key); an error is raised."""
+        if isinstance(item, BaseException):
+            raise item
+        slot, image, hit = item
+        if not hit:
+            self._fresh[slot] = image
+        i = self.input_of[slot]
+        self._outcomes[slot] = SlotOutcome(slot, i, image.tokens_per_tile, image.num_tokens, hit)
+        self.stamps[slot]["send_start"] = time.monotonic()
+        return slot, image, slot_content_key(self.keys[i], slot - self.first_slot[i], image)
+
+    def fresh_inputs(self) -> list[tuple[bytes, list[EncodedImage]]]:
+        """(cache key, slots) of every input encoded whole by this call: what the encoder cache takes."""
+        return [(key, [self._fresh[s] for s in self._slots(i)]) for i, key in enumerate(self.keys)
+                if all(s in self._fresh for s in self._slots(i))]
+
+    def outcomes(self) -> list[SlotOutcome]:
+        return [self._outcomes[s] for s in sorted(self._outcomes)]
+
+    def stamp(self, outcomes: list[SlotOutcome], work: EncodeWork | None, arrived: float) -> None:
+        """Each outcome's stage stamps, in ms since the call arrived."""
+        for outcome in outcomes:
+            times = dict(self.stamps.get(outcome.slot, {}))
+            if work is not None and outcome.slot in work.encode_started:
+                times["encode_start"] = work.encode_started[outcome.slot]
+            outcome.stamps.update({stage: (t - arrived) * 1e3 for stage, t in times.items()})
 
 
 def slot_content_key(input_key: bytes, offset: int, image: EncodedImage) -> bytes:

@@ -16,7 +16,7 @@ from dvd.requests import Media
 from dvd.vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
 from dvd.vision_server.config import VisionServerConfig
 from dvd.vision_server.model import EncodedImage, VisionHalf
-from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_tiles
 from dvd.vision_server.video import MAX_NUM_SEGMENTS, load_video
 
 
@@ -96,9 +96,11 @@ class MediaIntake:
         """One input -> per slot its pixel tiles (an image's dynamic tiles, or one sampled video frame's).
         Slow (decoding): run it off the event loop."""
         if item.num_segments:
-            video = load_video(item.data, self.preprocess, num_segments=item.num_segments, max_num=item.max_num or 1)
+            video = load_video(item.data, self.preprocess, num_segments=item.num_segments, max_num=item.max_num or 1,
+                               normalized=False)
             return list(video.pixels)
-        return [preprocess_image(item.data, self.preprocess, max_num=item.max_num or None)]
+        # uint8 tiles: a quarter of the bytes to the device, normalised there (VisionHalf.vit)
+        return [preprocess_tiles(item.data, self.preprocess, max_num=item.max_num or None)]
 
     def cache_stats(self) -> dict[str, float]:
         if self.cache is None:

@@ -21,6 +21,7 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.vision_server.placement import Stage, place, plan_stages
+from dvd.vision_server.preprocess import PreprocessConfig, normalize
 from dvd.vision_server.vir import CrossAttentionPooling, Gating, compressed_projector, decide_routes
 from dvd.weights import TensorSource, load_module, parameters_on_meta, vision_tensors
 
@@ -71,6 +72,9 @@ class VisionHalf(torch.nn.Module):
         super().__init__()
         self.info = info
         self.stages: tuple[Stage, ...] = ()  # where its encoder layers run, set by `from_checkpoint`
+        # uint8 tiles are normalised on the device with the checkpoint's own mean and std
+        preprocess = PreprocessConfig.from_checkpoint(info.path)
+        self.pixel_mean, self.pixel_std = preprocess.mean, preprocess.std
         vision_config = InternVLVisionConfig(**info.vision_config)
         vision_config._attn_implementation = "sdpa"
         full_config = InternVLConfig(
@@ -142,8 +146,13 @@ class VisionHalf(torch.nn.Module):
 
     @torch.inference_mode()
     def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[tiles, 3, s, s] -> the selected layer's tokens without CLS, as a grid [tiles, side, side, C]."""
+        """[tiles, 3, s, s] -> the selected layer's tokens without CLS, as a grid [tiles, side, side, C].
+        uint8 tiles (preprocess_tiles) go to the device as they are, a quarter of float pixels' bytes, and are
+        normalised there; float pixel values are taken as normalised already."""
         param = next(self.vision_tower.embeddings.parameters())  # the first stage's device
+        if pixel_values.dtype == torch.uint8:
+            tiles = pixel_values.to(device=param.device, non_blocking=True)
+            pixel_values = normalize(tiles, self.pixel_mean, self.pixel_std)
         pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
         layer = self.info.vision_feature_layer
         out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer != -1)

@@ -69,6 +69,10 @@ class PreprocessConfig:
             raise ValueError(f"PreprocessConfig.max_num ({self.max_num}) is above max_num_limit ({self.max_num_limit})")
         if not isinstance(self.use_thumbnail, bool):
             raise ValueError(f"PreprocessConfig.use_thumbnail must be a bool, got {self.use_thumbnail!r}")
+        self._check_normalisation()
+        self._check_formats()
+
+    def _check_normalisation(self) -> None:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if (
@@ -80,6 +84,8 @@ class PreprocessConfig:
                 raise ValueError(f"PreprocessConfig.{name} must be a tuple of 3 finite numbers, got {value!r}")
         if not all(v > 0 for v in self.std):
             raise ValueError(f"PreprocessConfig.std must be positive, got {self.std!r}")
+
+    def _check_formats(self) -> None:
         if (
             not isinstance(self.allowed_formats, tuple)
             or not self.allowed_formats
@@ -285,14 +291,11 @@ def dynamic_preprocess(
 # Tensors (the card's build_transform)
 
 
-def to_pixel_values(tiles: Sequence[Image.Image], config: PreprocessConfig) -> torch.Tensor:
-    """Stack tiles into float32 [num_tiles, 3, image_size, image_size], as build_transform does.
-
-    Per tile: convert to RGB if needed, T.Resize((s, s), BICUBIC) (Pillow returns an untouched copy
-    for tiles already s x s, which dynamic_preprocess's are), ToTensor (uint8 / 255 in float32),
-    Normalize ((x - mean) / std in float32). The same float32 operations in the same order as
-    torchvision, so the result is bit-identical to the card's.
-    """
+def to_tiles(tiles: Sequence[Image.Image], config: PreprocessConfig) -> torch.Tensor:
+    """Stack tiles into uint8 [num_tiles, 3, image_size, image_size]: per tile, convert to RGB if needed and
+    T.Resize((s, s), BICUBIC) (Pillow returns an untouched copy for tiles already s x s, which
+    dynamic_preprocess's are). A quarter of the float pixels' bytes: what the vision server moves to its
+    device, normalising there (`normalize`)."""
     if len(tiles) == 0:
         raise InvalidImageError("no tiles to convert")
     size = config.image_size
@@ -303,11 +306,22 @@ def to_pixel_values(tiles: Sequence[Image.Image], config: PreprocessConfig) -> t
         if tile.size != (size, size):
             tile = tile.resize((size, size), _BICUBIC)
         arrays.append(np.asarray(tile, dtype=np.uint8))
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # NHWC -> NCHW
-    pixels = batch.to(torch.float32).div(255)
-    mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return pixels.sub_(mean).div_(std).contiguous()
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+
+
+def normalize(tiles: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 tiles -> float32 pixel values, on the tiles' device: ToTensor (uint8 / 255 in float32), then
+    Normalize ((x - mean) / std in float32). The same float32 operations in the same order as torchvision,
+    each exactly rounded on a CPU and a GPU alike, so the result is bit-identical to the card's."""
+    pixels = tiles.to(torch.float32).div(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
+    return pixels.sub_(mean_t).div_(std_t).contiguous()
+
+
+def to_pixel_values(tiles: Sequence[Image.Image], config: PreprocessConfig) -> torch.Tensor:
+    """Stack tiles into float32 [num_tiles, 3, image_size, image_size], as build_transform does."""
+    return normalize(to_tiles(tiles, config), config.mean, config.std)
 
 
 def preprocess_image(data: bytes | Image.Image, config: PreprocessConfig, max_num: int | None = None) -> torch.Tensor:
@@ -315,6 +329,12 @@ def preprocess_image(data: bytes | Image.Image, config: PreprocessConfig, max_nu
 
     `max_num` overrides the config's for this request (1 <= min_num <= max_num <= max_num_limit).
     """
+    return normalize(preprocess_tiles(data, config, max_num), config.mean, config.std)
+
+
+def preprocess_tiles(data: bytes | Image.Image, config: PreprocessConfig, max_num: int | None = None) -> torch.Tensor:
+    """`preprocess_image` up to its normalisation: uint8 tiles [num_tiles, 3, s, s] (VisionHalf normalises
+    uint8 input on its device)."""
     effective_max = config.max_num if max_num is None else max_num
     _validate_tile_counts(config.min_num, effective_max, config.max_num_limit)
     if isinstance(data, Image.Image):
@@ -330,4 +350,4 @@ def preprocess_image(data: bytes | Image.Image, config: PreprocessConfig, max_nu
         image_size=config.image_size,
         use_thumbnail=config.use_thumbnail,
     )
-    return to_pixel_values(tiles, config)
+    return to_tiles(tiles, config)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dvd.errors import ImageTooLargeError, InvalidImageError, InvalidRequestError
-from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image
+from dvd.vision_server.preprocess import PreprocessConfig, preprocess_image, preprocess_tiles
 
 # Frames per video a request may ask for; each is a ViT tile, so this bounds one video's cost.
 MAX_NUM_SEGMENTS = 256
@@ -99,11 +99,13 @@ def sample_frames(
 
 
 def load_video(data: bytes, config: PreprocessConfig, num_segments: int = 32, max_num: int = 1,
-               bound: tuple[float, float] | None = None) -> VideoFrames:
-    """Bytes of a video -> per sampled frame its pixel tiles, exactly as the card's load_video."""
+               bound: tuple[float, float] | None = None, normalized: bool = True) -> VideoFrames:
+    """Bytes of a video -> per sampled frame its pixel tiles, exactly as the card's load_video (float pixel
+    values; uint8 tiles without `normalized`, which VisionHalf normalises on its device)."""
     indices, images = sample_frames(data, num_segments, bound)
     for image in images:
         if image.width * image.height > config.max_pixels:
             raise ImageTooLargeError(f"video frames are {image.width}x{image.height}, over {config.max_pixels} pixels")
-    pixels = tuple(preprocess_image(image, config, max_num=max_num) for image in images)
+    prepare = preprocess_image if normalized else preprocess_tiles
+    pixels = tuple(prepare(image, config, max_num=max_num) for image in images)
     return VideoFrames(tuple(indices), pixels)

@@ -30,6 +30,12 @@ NUM_ATTN2_REPEATS = 3
 class CrossAttentionPooling(nn.Module):
     """[tiles, tokens, C] -> [tiles, C]: the released pooling, every tile pooled on its own."""
 
+    # set by name in __init__ (the checkpoint's keys); declared so the type checker knows what they are
+    attn1: nn.MultiheadAttention
+    attn2: nn.MultiheadAttention
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+
     def __init__(self, dim: int, num_heads: int = POOLING_HEADS) -> None:
         super().__init__()
         self.query_token = nn.Parameter(torch.zeros(1, dim))

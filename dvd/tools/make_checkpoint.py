@@ -296,7 +296,7 @@ def write_weights(state: dict[str, torch.Tensor], out: Path, dtype: torch.dtype,
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / file), metadata={"format": "pt"})
@@ -321,6 +321,7 @@ def make_checkpoint(
     vocab_size = spec["vocab_size"] or learned
     tokenizer = padded_to(learned_tokenizer, vocab_size)
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert isinstance(image_token_id, int)  # one token in, one id out
     config = hf_config(spec, vocab_size, image_token_id)
     state = hf_state_dict(config, seed)
     # Ids past the tokenizer's learned tokens are fillers (" w<id>", tokenizer_builder._pad_vocabulary):
@@ -330,7 +331,7 @@ def make_checkpoint(
     for name in ("language_model.model.embed_tokens.weight", "lm_head.weight"):
         if name in state and state[name].shape[0] > learned:
             state[name][learned:] = 0
-    extra = {}
+    extra: dict[str, Any] = {}
     if flash:
         init = spec["initializer_range"]
         vir = flash_state_dict(config["vision_config"]["hidden_size"], config["text_config"]["hidden_size"], init, seed)

@@ -81,7 +81,7 @@ def test_internal_tls_reaches_every_server_and_the_gateway() -> None:
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d["nodes"][0]["language"].update(devices=["cuda:0"]), r"nodes\[a\]\.language: devices: one entry"),
     (lambda d: d["nodes"][1]["vision"].update(colour=1), r"nodes\[b\]\.vision\.colour: unknown key"),
-    (lambda d: d["nodes"][1]["vision"].update(settings={"max_batch_tiles": 0}),
+    (lambda d: d["nodes"][1]["vision"].update(settings={"max_batch_tiles": -1}),  # 0 = the device default
      r"nodes\[b\]\.vision\.settings: max_batch_tiles must be at least 1"),
     (lambda d: d["nodes"][1]["vision"].update(settings={"port": 1}), r"nodes\[b\]\.vision\.settings\.port: set by"),
     (lambda d: d["nodes"][0]["language"].update(port=8000), r"nodes\[a\]: port 8000 is both gateway.http_port"),

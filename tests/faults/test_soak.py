@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.faults.helpers import wait_for
 from tests.faults.soak import soak
 from tests.serve_process import ServeProcess, metric
 
@@ -15,7 +16,10 @@ def test_soak_every_request_answered_once_correctly_and_memory_returns(tiny_hf: 
     with ServeProcess("--model", str(tiny_hf), "--max-concurrency", str(CONCURRENCY * 2)) as served:
         report = soak(served, NUM_REQUESTS, CONCURRENCY)
         print("\n" + report.summary())
-        assert metric(served.http_url, "dvd_backend_requests_in_flight") == 0
+        # The last clients to disconnect may still be aborting (an Abort to the language server each) when
+        # the soak returns: in flight must come back to 0, not leak; on a loaded machine that takes a moment.
+        wait_for(lambda: metric(served.http_url, "dvd_backend_requests_in_flight") == 0, 30,
+                 "requests in flight back to 0 after the soak")
     assert served.leftover_children == [], served.output
     kinds = [r.kind for r in report.results]
     assert len(kinds) == NUM_REQUESTS and kinds.count("disconnected") > 0

@@ -1,20 +1,27 @@
-"""`dvd language --tp 2` on a CPU: two processes (gloo), one gRPC server; the tokens equal one process's,
-and SIGTERM stops both ranks."""
+"""`dvd language --tp 2` on a CPU: two processes (gloo), one gRPC server; the tokens equal one process's, for
+text and for images whose features arrive over tcp; a request whose features do not all arrive fails at its
+features timeout as without tensor parallel, and the ranks stay in step after it; SIGTERM stops both ranks."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import pytest
+import torch
 
 from dvd.language_server.model import LanguageHalf
+from dvd.prompt import ChatFormat
 from dvd.sampling import greedy
+from dvd.transport import TransportConfig, create_sender, header_for
 from dvd.v1 import language_pb2, language_pb2_grpc
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import run
+from tests.language_server.test_language_server import collect, expected, generate_request
 from tests.serve_process import read_line
 
 READY = "dvd language serving on "
@@ -22,17 +29,31 @@ PROMPT = [5, 6, 7, 300, 301, 302, 500, 42, 17, 99]
 NEW_TOKENS = 10
 
 
-def test_tp2_serves_the_tokens_of_one_process_and_stops(tiny_hf: Path, language: LanguageHalf) -> None:
-    expected = run(make_engine(language), [(PROMPT, [])],
-                   greedy(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))[0]
+def _push(address: str, request_id: str, frames: dict[int, torch.Tensor]) -> None:
+    """Send image features to the server's transport address, as a vision server does."""
+    async def send() -> None:
+        sender = create_sender(TransportConfig(kind="tcp"))
+        try:
+            for index, features in frames.items():
+                await sender.send(address, header_for(request_id, index, 256, features), features)
+        finally:
+            await sender.close()
+
+    asyncio.run(send())
+
+
+def test_tp2_serves_the_tokens_of_one_process_and_stops(tiny_hf: Path, language: LanguageHalf, chat: ChatFormat,
+                                                         image_features: list[torch.Tensor]) -> None:
+    text_tokens = run(make_engine(language), [(PROMPT, [])],
+                      greedy(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))[0]
     cmd = [sys.executable, "-m", "dvd", "language", "--model", str(tiny_hf), "--port", "0", "--transport", "tcp",
-           "--num-blocks", "64", "--block-size", "16", "--tp", "2", "--log-level", "WARNING"]
+           "--num-blocks", "256", "--block-size", "16", "--tp", "2", "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     channel = None
     try:
         line = read_line(proc, 300)
         assert line.startswith(READY), (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
-        address = line[len(READY):].split(" features on ")[0].strip()
+        address, features_at = line[len(READY):].strip().split(" features on ")
         channel = grpc.insecure_channel(address)
         stub = language_pb2_grpc.LanguageStub(channel)
         for request_id in ("a", "b"):  # a second request: the followers stayed in step
@@ -40,8 +61,21 @@ def test_tp2_serves_the_tokens_of_one_process_and_stops(tiny_hf: Path, language:
                 request_id=request_id, segments=[language_pb2.TokenSegment(ids=PROMPT)],
                 sampling=language_pb2.LanguageSampling(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                                        temperature=0.0))
-            tokens = [t for message in stub.Generate(request) for t in message.token_ids]
-            assert tokens == expected
+            assert collect(stub.Generate(request))[0] == text_tokens
+
+        lost = generate_request(chat, "lost", "Image-1: <image>\nImage-2: <image>\n?", num_images=2)
+        lost.features_timeout_ms = 500
+        _push(features_at, "lost", {0: image_features[0]})  # image 1 never comes
+        with pytest.raises(grpc.RpcError) as caught:
+            collect(stub.Generate(lost))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "missing image(s) [1] of 2" in (caught.value.details() or "")
+
+        images = [image_features[1], image_features[2]]
+        both = generate_request(chat, "both", "Image-1: <image>\nImage-2: <image>\nCompare.", num_images=2)
+        _push(features_at, "both", dict(enumerate(images)))
+        assert collect(stub.Generate(both)) == (expected(language, chat, both, images), "length")
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
         assert "dvd language stopped" in (proc.stdout.read() if proc.stdout else "")

@@ -1,0 +1,115 @@
+"""The search of `dvd plan --simulate`: which split of a cluster's devices between vision and language
+replicas (and which mode) serves the most requests within the SLOs.
+
+A small cluster's splits are all simulated. A large one is first screened on a cluster k times smaller
+fed k times fewer requests at 1/k of the rate (its first n/k requests, their arrival times stretched k
+times, so a Poisson stream stays Poisson at 1/k the rate and each replica sees the load it would see in
+the full cluster), where every split is tried; the best split of each mode is then scaled back up and
+simulated on the whole cluster with every request. With the gateway's least-outstanding routing over many
+replicas, a replica's load depends on the ratio of the roles, not on how many there are, which is what
+makes the screen stand for the full cluster (the full-scale run checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dvd.deploy.cost_profile import CostProfile
+from dvd.deploy.sim_stages import SimSettings
+from dvd.deploy.sim_workload import SimRequests
+from dvd.deploy.simulate import DISAGGREGATED, NO_SLO, Deployment, SimResult, Slo, simulate
+
+
+@dataclass(frozen=True)
+class Cluster:
+    devices: int
+    vision_devices: int = 1  # devices one vision replica takes (a layer-placed ViT takes several)
+    language_devices: int = 1  # devices one language (or coupled) replica takes (tensor parallel)
+
+    def __post_init__(self) -> None:
+        if min(self.devices, self.vision_devices, self.language_devices) < 1:
+            raise ValueError(f"a cluster needs positive device counts, got {self}")
+
+    def deployments(self, mode: str) -> list[Deployment]:
+        """Every way to run `mode` on these devices: for the disaggregated modes each number of vision
+        replicas, with as many language replicas as the rest of the devices hold."""
+        if mode not in DISAGGREGATED:
+            count = self.devices // self.language_devices
+            return [Deployment(mode, 0, count)] if count else []
+        out = []
+        for vision in range(1, self.devices // self.vision_devices + 1):
+            language = (self.devices - vision * self.vision_devices) // self.language_devices
+            if language >= 1:
+                out.append(Deployment(mode, vision, language))
+        return out
+
+
+def shrink(requests: SimRequests, k: int) -> SimRequests:
+    """The first n/k requests, their arrivals k times further apart: the load of 1/k of the cluster."""
+    count = max(1, math.ceil(len(requests) / k))
+    end = int(requests.image_start[count])
+    return SimRequests(requests.arrivals[:count] * k, requests.prefix_tokens[:count], requests.text_tokens[:count],
+                       requests.output_tokens[:count], requests.image_start[:count + 1],
+                       requests.image_tiles[:end])
+
+
+def _scaled_up(deployment: Deployment, cluster: Cluster, k: int) -> Deployment:
+    """A screened deployment on the full cluster: the same ratio of vision to language replicas."""
+    if deployment.mode not in DISAGGREGATED:
+        return cluster.deployments(deployment.mode)[0]
+    vision = max(1, round(deployment.vision * k))
+    language = (cluster.devices - vision * cluster.vision_devices) // cluster.language_devices
+    if language < 1:
+        vision -= math.ceil((1 - language) * cluster.language_devices / cluster.vision_devices)
+        language = (cluster.devices - vision * cluster.vision_devices) // cluster.language_devices
+    return Deployment(deployment.mode, vision, language)
+
+
+def rank_key(result: SimResult, best_goodput: float) -> tuple[float, float]:
+    """Higher goodput first (within 1% counts as equal), then the lower TTFT p99."""
+    share = result.goodput / best_goodput if best_goodput > 0 else 0.0
+    return -round(share, 2), result.ttft_ms["p99"]
+
+
+def rank(results: Sequence[SimResult]) -> list[SimResult]:
+    best = max((r.goodput for r in results), default=0.0)
+    return sorted(results, key=lambda r: rank_key(r, best))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    candidates: list[SimResult]  # every deployment simulated, screened ones with their `scale`
+    chosen: list[SimResult]  # each mode's best, simulated on the whole cluster, best first
+    screen_factor: int  # k: screened on 1/k of the cluster (1: no screen)
+
+
+def search(profile: CostProfile, requests: SimRequests, cluster: Cluster, modes: Sequence[str],
+           settings: SimSettings, slo: Slo = NO_SLO, screen_devices: int = 32,
+           progress: Callable[[SimResult], None] | None = None) -> SearchResult:
+    k = max(1, math.ceil(cluster.devices / screen_devices))
+    small = Cluster(max(1, cluster.devices // k), cluster.vision_devices, cluster.language_devices) if k > 1 \
+        else cluster
+    screened_requests = shrink(requests, k) if k > 1 else requests
+    screened_settings = dataclasses.replace(settings, max_concurrency=math.ceil(settings.max_concurrency / k))
+    candidates, chosen = [], []
+    for mode in modes:
+        results = []
+        for deployment in small.deployments(mode):
+            result = simulate(profile, screened_requests, deployment, screened_settings, slo)
+            result = dataclasses.replace(result, scale=1 / k)
+            results.append(result)
+            if progress:
+                progress(result)
+        if not results:
+            continue
+        candidates += results
+        best = rank(results)[0]
+        if k > 1:
+            best = simulate(profile, requests, _scaled_up(best.deployment, cluster, k), settings, slo)
+            if progress:
+                progress(best)
+        chosen.append(best)
+    return SearchResult(candidates, rank(chosen), k)
