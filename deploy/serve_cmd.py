@@ -16,6 +16,7 @@ Examples:
   dvd serve --model ckpt --vision-device cuda:0 --language-device cuda:1 --num-blocks 8192
   dvd serve --config deploy/serve.example.yaml --port 8080
   dvd serve --model ckpt --language-cpus 0 --vision-cpus 1 --gateway-cpus 1   # roles on their own cores
+  dvd serve --model ckpt                       # on CPUs: the same placement, over the half of the CPUs each
   dvd serve --model ckpt --coupled --cpus 0                                   # the baseline on one core
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -32,7 +34,7 @@ from pathlib import Path
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
 from dvd.deploy.gateway_cmd import model_path, roster
-from dvd.deploy.serve_config import ServeConfig, fresh_token, load_serve_config, serve_spec
+from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
 from dvd.malloc import reuse_freed_memory
@@ -163,6 +165,7 @@ async def _serve_coupled(config: ServeConfig, model: Path, keys: ApiKeys) -> int
 
 async def _serve_disaggregated(config: ServeConfig, model: Path, keys: ApiKeys) -> int:
     """The servers as supervised children on loopback, and a gateway here attached to them by address."""
+    config = _placed(config)
     spec = serve_spec(config, model)
     node = spec.nodes[0]
     pools = roster(gateway_config(spec, node), spec.internal_tls.channel_credentials())
@@ -187,6 +190,16 @@ async def _serve_disaggregated(config: ServeConfig, model: Path, keys: ApiKeys) 
         if watching is not None:
             watching.cancel()
         await supervisor.aclose()
+
+
+def _placed(config: ServeConfig) -> ServeConfig:
+    """The paper setting's placement where none is given (serve_config.default_placement), said in the log."""
+    placed = default_placement(config, sorted(os.sched_getaffinity(0)))
+    if placed is not config:
+        assert placed.language is not None
+        log.info("no CPUs placed: language server on CPUs %s, vision server and gateway on %s (the paper setting; "
+                 "--language-cpus / --vision-cpus / --cpus choose)", placed.language.cpus, placed.cpus)
+    return placed
 
 
 def _start_children(supervisor: Supervisor, specs: list[ChildSpec],
