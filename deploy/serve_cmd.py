@@ -37,7 +37,7 @@ from dvd.deploy.gateway_cmd import model_path, roster
 from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
-from dvd.malloc import reuse_freed_memory
+from dvd.malloc import for_vision_batches
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
@@ -235,5 +235,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist
         pin_process(config.cpus, "coupled server")
-        reuse_freed_memory()  # as the vision and language servers do (dvd/malloc.py)
+        for_vision_batches()  # its engine thread runs vision batches, as a vision server does (dvd/malloc.py)
     return run_process(lambda: _serve(config, keys))
