@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dvd.cpus import pin_process
 from dvd.named import load_named
 
 # name -> module with `main(argv: list[str]) -> int`.
@@ -20,11 +21,18 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+# Benchmarks that run no model in their own process (load generators, orchestrators): no torch pool to size.
+_CLIENT_SIDE = {"compare", "serve", "simulate-check", "simulate-speed", "streaming"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpus", default="", help="pin the benchmark to these CPUs (a Linux list: 0, 1-3, 0,2-3) "
+                                                   "and size torch's threads to them, as a served role pins itself")
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="options passed to the benchmark")
 
 
 def run(args: argparse.Namespace) -> int:
     module = load_named(BENCHMARKS, args.name, "benchmark")
+    pin_process(args.cpus, f"bench {args.name}", torch_threads=args.name not in _CLIENT_SIDE)
     return int(module.main(list(args.options)) or 0)

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -75,14 +74,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _run_pinned(command: list[str], cpus: str) -> None:
-    """One benchmark as a child pinned to `cpus`, with as many torch threads as CPUs (as a served role has)."""
-    from dvd.cpus import parse_cpu_list
+    """One benchmark (`bench NAME ...`) as a child that pins itself to `cpus` (`dvd bench --cpus`), with as
+    many torch threads as CPUs, as a served role has; started and stopped by the one supervisor."""
+    from dvd.deploy.supervisor import ChildSpec, Supervisor
 
-    pinned = parse_cpu_list(cpus)
-    print(f"$ taskset -c {cpus} dvd {' '.join(command)}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(len(pinned))}
-    subprocess.run([sys.executable, "-m", "dvd", *command], check=True, env=env, stdout=subprocess.DEVNULL,
-                   preexec_fn=lambda: os.sched_setaffinity(0, pinned))
+    argv = [command[0], "--cpus", cpus, *command[1:]]
+    print(f"$ dvd {' '.join(argv)}", flush=True)
+    with Supervisor(prefix="dvd-simulate-check-") as supervisor:
+        child = supervisor.start(ChildSpec(name=" ".join(command[:2]), command=tuple(argv)), stdout=subprocess.DEVNULL)
+        if child.process.wait() != 0:
+            raise SystemExit(f"{child.describe()} failed with code {child.returncode}")
 
 
 def measure_profile(args: argparse.Namespace, plain: Path, flash: Path, path: Path) -> Path:
@@ -138,7 +139,7 @@ def simulate_run(profile: Any, setup: Setup, mode: str, bucket: str, run: dict[s
     text = round(run["total_input_tokens"] / run["completed"] - run["mean_visual_tokens_per_request"])
     spec = WorkloadSpec(num_requests=setup.num_prompts, image_sizes=((BUCKET_PX[bucket],) * 2,),
                         prompt_tokens=max(text, prefix), prefix_tokens=prefix, output_tokens=setup.output_len)
-    engine, vision = EngineConfig(), VisionServerConfig(model=Path("."))
+    engine, vision = EngineConfig().for_device("cpu"), VisionServerConfig(model=Path("."))  # what this CPU run served
     settings = SimSettings(max_batch_tokens=engine.max_batch_tokens, max_running_requests=engine.max_running_requests,
                            kv_capacity_tokens=engine.kv_capacity_tokens, max_batch_tiles=vision.max_batch_tiles,
                            max_wait_s=vision.max_wait_ms / 1e3, preprocess_workers=vision.preprocess_workers,

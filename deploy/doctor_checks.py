@@ -382,7 +382,7 @@ async def _ucx_loopback(sizes: Sizes, frames: int) -> Check:
         for i, tensor in enumerate(sent):
             await sender.send(receiver.address, header_for("doctor", i, 256, tensor), tensor)
         async for frame in receiver:
-            index = frame.header.image_index
+            index = frame.header.slot
             if not torch.equal(frame.tensor.to(sizes.device), sent[index]):
                 bad.append(index)
             frame.release()

@@ -160,7 +160,8 @@ def test_settings_default_to_the_servers_own() -> None:
     from dvd.language_server.config import EngineConfig
     from dvd.vision_server.config import VisionServerConfig
 
-    engine, vision, settings = EngineConfig(), VisionServerConfig(model=Path(".")), SimSettings()
+    # a CPU server's: EngineConfig's zeros take the device's defaults (dvd/devices.py), as VisionServerConfig's do
+    engine, vision, settings = EngineConfig().for_device("cpu"), VisionServerConfig(model=Path(".")), SimSettings()
     assert (settings.max_batch_tokens, settings.max_running_requests) == (engine.max_batch_tokens,
                                                                           engine.max_running_requests)
     assert (settings.max_batch_tiles, settings.max_wait_s * 1e3, settings.preprocess_workers) == (
