@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dvd.cpus import pin_process
 from dvd.named import load_named
@@ -33,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dvd.hub import ModelNameError
+
     module = load_named(BENCHMARKS, args.name, "benchmark")
     pin_process(args.cpus, f"bench {args.name}", torch_threads=args.name not in _CLIENT_SIDE)
-    return int(module.main(list(args.options)) or 0)
+    try:
+        return int(module.main(list(args.options)) or 0)
+    except ModelNameError as exc:  # a --model that cannot be resolved: one line, as every command says it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

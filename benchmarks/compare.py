@@ -74,6 +74,14 @@ def describe_setting(setting: str, language_cpus: str, vision_cpus: str) -> str:
             f"CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}")
 
 
+def _resolve_models(args: argparse.Namespace) -> None:
+    from dvd.hub import resolve_model
+
+    args.model = resolve_model(args.model, args.revision).path
+    if args.vir_model is not None:
+        args.vir_model = resolve_model(args.vir_model, args.vir_revision).path
+
+
 @contextlib.contextmanager
 def served(model: Path, flags: list[str], extra: list[str],
            ready_timeout_s: float) -> Iterator[tuple[str, str, int]]:
@@ -197,8 +205,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dvd bench compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", type=Path, required=True, help="checkpoint for coupled and dvd")
+    add("--model", type=Path, required=True, help="checkpoint for coupled and dvd: a directory or Hugging Face Hub id")
+    add("--revision", default="", help="--model's branch, tag or commit when it is a Hub id (default main)")
     add("--vir-model", type=Path, help="Flash checkpoint (with ViR) for dvd+vir; required with that mode")
+    add("--vir-revision", default="", help="--vir-model's branch, tag or commit when it is a Hub id (default main)")
     add("--modes", default="coupled,dvd,dvd+vir", help="comma list of coupled, dvd, dvd+vir (default all)")
     add("--setting", choices=SETTINGS, default="paper", help="CPU budget rule (default paper; see above)")
     add("--buckets", default=",".join(BUCKETS),
@@ -241,6 +251,7 @@ def main(argv: list[str]) -> int:
         print("error: --request-rate takes one rate here (dvd bench serve sweeps)", file=sys.stderr)
         return 2
     Workload(num_prompts=args.num_prompts, output_len=args.output_len, input_len=args.input_len)  # validates
+    _resolve_models(args)  # a Hub id fetched once here, not by each deployment
     setting_text = describe_setting(args.setting, args.language_cpus, args.vision_cpus)
     print(setting_text, flush=True)
     measured: dict[str, dict[str, Any]] = {}

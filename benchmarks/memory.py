@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dvd.hub import resolve_model
+
 _PROBE = r"""
 import json, sys, gc
 import psutil, torch
@@ -56,7 +58,9 @@ def measure(what: str, path: Path, dtype: str) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dvd bench memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the 1b-shaped preset)")
+    parser.add_argument("--model", type=Path, help="checkpoint directory or Hugging Face Hub id (default: the "
+                                                   "1b-shaped preset)")
+    parser.add_argument("--revision", default="", help="the Hub id's branch, tag or commit (default main)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -64,6 +68,7 @@ def main(argv: list[str]) -> int:
         from dvd.tools.checkpoint_cache import ensure_checkpoint
 
         args.model = ensure_checkpoint("internvl3_5-1b-shaped")
+    args.model = resolve_model(args.model, args.revision).path
     results = {what: measure(what, args.model, args.dtype) for what in ("vision", "language", "whole")}
     whole = results["whole"]
     report = {

@@ -1,12 +1,13 @@
 """`dvd bench simulate-speed`: how long `dvd plan --simulate` takes to plan at scale (issue 22: 10 000 devices
 and one million requests in under a minute). Runs the split search as the plan command does (a screen on a
-scaled-down copy of the cluster, then the best split simulated whole) and prints wall and CPU time of each
-part.
+scaled-down copy of the cluster, then the best split simulated whole, as copies of --check-devices devices
+when larger: `--check-devices 0` times the whole run, to compare) and prints wall and CPU time of each part.
 
 Without --profile it runs on `SYNTHETIC`, GPU-like stage costs made up for timing only (they say nothing about
 any hardware); the arrival rate loads the cluster to --load of what a balanced split could serve.
 
   dvd bench simulate-speed [--devices 10000] [--requests 1000000] [--profile FILE] [--modes dvd]
+                           [--check-devices 2000]
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-sizes", default="896x896,1344x1344")
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--screen-devices", type=int, default=32)
+    parser.add_argument("--check-devices", type=int, default=2000,
+                        help="the best split is simulated as copies of this many devices (0: whole, to compare)")
     return parser.parse_args(argv)
 
 
@@ -80,7 +83,8 @@ def main(argv: list[str]) -> int:
     made = time.perf_counter() - wall, time.process_time() - cpu
     steps: list[str] = []
     found = search(profile, requests, Cluster(args.devices), args.modes.split(","), SimSettings(),
-                   screen_devices=args.screen_devices, progress=lambda r: steps.append(row(r)))
+                   screen_devices=args.screen_devices, progress=lambda r: steps.append(row(r)),
+                   check_devices=args.check_devices)
     total = time.perf_counter() - wall, time.process_time() - cpu
     screened = found.candidates
     report = {
@@ -89,8 +93,8 @@ def main(argv: list[str]) -> int:
         "workload_s": {"wall": round(made[0], 2), "cpu": round(made[1], 2)},
         "screen_s": {"wall": round(sum(r.wall_s for r in screened), 2), "cpu": round(sum(r.cpu_s for r in screened), 2),
                      "candidates": len(screened), "factor": found.screen_factor},
-        "full_scale_s": [{"deployment": r.deployment.label, "wall": round(r.wall_s, 2), "cpu": round(r.cpu_s, 2)}
-                         for r in found.chosen],
+        "full_scale_s": [{"deployment": r.deployment.label, "copies": r.copies, "wall": round(r.wall_s, 2),
+                          "cpu": round(r.cpu_s, 2)} for r in found.chosen],
         "total_s": {"wall": round(total[0], 2), "cpu": round(total[1], 2)},
         "load_average": {"start": round(load_average, 2), "end": round(os.getloadavg()[0], 2)},
     }

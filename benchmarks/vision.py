@@ -43,7 +43,9 @@ WIRE_BYTES = 2  # features cross the wire as BF16
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dvd bench vision", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help=f"checkpoint (default: the {PRESET} preset with ViR, built once)")
+    parser.add_argument("--model", type=Path, help="checkpoint directory or Hugging Face Hub id (default: the "
+                                                   f"{PRESET} preset with ViR, built once)")
+    parser.add_argument("--revision", default="", help="the Hub id's branch, tag or commit (default main)")
     parser.add_argument("--cache-dir", type=Path,
                         help="where the preset checkpoint is built (default $DVD_CACHE_DIR or ~/.cache/dvd)")
     parser.add_argument("--no-flash", action="store_true", help="build the preset without ViR")
@@ -63,7 +65,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _checkpoint(args: argparse.Namespace) -> Path:
     if args.model is not None:
-        return args.model
+        from dvd.hub import resolve_model
+
+        return resolve_model(args.model, args.revision, roles=("vision",)).path
     from dvd.tools.checkpoint_cache import ensure_checkpoint
 
     return ensure_checkpoint(PRESET, fmt="github", flash=not args.no_flash, cache_dir=args.cache_dir)
@@ -176,6 +180,7 @@ async def _engine(checkpoint: Path, args: argparse.Namespace, **overrides: Any) 
     engine = VisionEngine(config, transport_options={"inproc": {"hub": hub}})
     receiver = create_receiver(TransportConfig(kind="inproc"), hub=hub)
     await receiver.start()
+    engine.destinations.allow([receiver.address])  # a vision server pushes only where it was told it may
     return engine, receiver
 
 

@@ -6,7 +6,9 @@ detached Ray actors placed by resources through placement groups (GPUs, or custo
 {"vision": 1} on CPU nodes), then the gateway, which learns the servers' addresses from their
 actors. An actor that dies is restarted by Ray on the same bundle and rejoins the gateway's
 rotation; nothing else restarts. Features travel on DvD's transport, never Ray's object store.
-`status` prints one JSON line per actor. `down` stops every actor and placement group, and a local
+With `autoscale:` in the config, an autoscaler actor then adds and removes replicas within each role's
+bounds as the servers' busy fractions say (deploy/ray_autoscaler.py). `status` prints one JSON line per
+actor (the autoscaler's lists its changes and why). `down` stops every actor and placement group, and a local
 head `up` started, with its session files.
 
 Examples:
@@ -18,22 +20,33 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError
+from dvd.hub import resolve_model
 from dvd.token_file import resolve_token
+from dvd.tracing import otel_environment
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "status", "down"])
     parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see deploy/ray_cluster.py)")
+
+
+def _described(info: dict[str, Any]) -> str:
+    if info["kind"] == "autoscaler":
+        counts = ", ".join(f"{role} {len(indexes)}" for role, indexes in info["replicas"].items())
+        return f"autoscaler watching ({counts} replicas)"
+    return f"{info['kind']} on {info['address']} (pid {info['pid']})"
 
 
 def _connect(settings: Any, start: bool = False) -> None:
@@ -55,6 +68,18 @@ def _connect(settings: Any, start: bool = False) -> None:
     ray.init(address=settings.address or "auto", namespace="dvd", logging_level=logging.WARNING, log_to_driver=False)
 
 
+def for_up(config: Any) -> tuple[Any, str]:
+    """What `up` starts the actors with: the config, its model pinned (a Hub id checked here, its config files
+    fetched, and pinned to one commit, which every actor then fetches its own half of on its node; a directory
+    as it is, the same path on every node), and the cluster's token, which it needs."""
+    token = resolve_token(None, config.token_file)
+    if token is None:  # the actors' servers bind their nodes' addresses
+        raise ConfigError("token_file: required (or $DVD_TOKEN): Ray places the servers on other nodes, beyond "
+                          "loopback, and only the cluster's token keeps their ports closed to other callers")
+    model = resolve_model(config.model, config.revision, weights=False)
+    return replace(config, revision=model.revision), token
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from dvd.deploy import ray_cluster
@@ -63,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = ray_cluster.load_ray_config(args.config)
-        token = resolve_token(None, config.token_file) if args.action == "up" else None
+        config = dataclasses.replace(config, env={**otel_environment(), **config.env})  # traces as configured here
+        config, token = for_up(config) if args.action == "up" else (config, None)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             for info in ray_cluster.up(config, token):
-                print(f"dvd cluster: {info['kind']} on {info['address']} (pid {info['pid']})", flush=True)
+                print(f"dvd cluster: {_described(info)}", flush=True)
             print("dvd cluster: up", flush=True)
         elif args.action == "status":
             for info in ray_cluster.status():

@@ -7,13 +7,18 @@ node's roles; errors name the node and the key (`nodes[gpu0].language.devices: .
 this front-end's format of the deployment spec (`cluster_spec`; deploy/spec.py builds every
 process's config from it).
 
-    model: PATH                 # the checkpoint, at this path on every node
-    token_file: PATH            # the shared transport token (mode 0600), at this path on every node
+    model: PATH                 # the checkpoint, at this path on every node; or a Hugging Face Hub id, each node
+                                # fetching only its roles' files into its Hub cache (dvd launch, before starting)
+    revision: REV               # the Hub id's branch, tag or commit (default main): pin a commit so every node
+                                # serves the same weights
+    token_file: PATH            # the cluster's shared token (mode 0600), at this path on every node: the servers
+                                # check it on every gRPC call and feature stream, the gateway presents it
+                                # (dvd/internal_auth.py); required for servers beyond loopback
     transport: {kind: tcp}      # TransportConfig without host/port/token: tcp or rdma, ucx_tls, limits
     probe: {interval_s, timeout_s, fail_threshold}   # the gateway's health probes
-    internal_tls: {cert, key, ca}  # gateway <-> servers gRPC over TLS (dvd/grpc_tls.py): every server presents
-                                   # cert + key (the same paths on every node; the cert names every node's
-                                   # address), the gateways verify them against ca (default: cert)
+    internal_tls: {cert, key, ca}  # gateway <-> servers gRPC over mutual TLS (dvd/grpc_tls.py): every server and
+                                   # gateway presents cert + key (the same paths on every node; the cert names
+                                   # every node's address), and verifies the other end against ca (default: cert)
     nodes:
       - name: NAME
         address: 10.0.0.2       # where other nodes reach this one (advertised; required)
@@ -21,8 +26,8 @@ process's config from it).
         transport_address: ""   # the feature stream's NIC (e.g. an RDMA port's IP; "" = address)
         env: {}                 # extra environment for this node's servers, e.g. UCX_NET_DEVICES: mlx5_0:1
         gateway: {...}          # GatewayConfig (http_port, grpc_port, max_concurrency, limits)
-        vision: {replicas, port, devices, cpus, settings: {VisionServerConfig fields}}
-        language: {replicas, port, transport_port, devices, cpus, settings: {LanguageServerConfig fields}}
+        vision: {replicas, port, metrics_port, devices, cpus, settings: {VisionServerConfig fields}}
+        language: {replicas, port, transport_port, metrics_port, devices, cpus, settings: {...}}
 """
 
 from __future__ import annotations
@@ -51,11 +56,13 @@ from dvd.transport.config import TransportConfig
 @dataclass(frozen=True)
 class ServerRole:
     """Vision or language servers on one node: replica i listens on `port + i` (and, language,
-    receives features on `transport_port + i`), on `devices[i]` and pinned to `cpus[i]` if given."""
+    receives features on `transport_port + i`; serves its Prometheus metrics on `metrics_port + i`, or on
+    any free port for 0), on `devices[i]` and pinned to `cpus[i]` if given."""
 
     replicas: int = 1
     port: int = 7100
     transport_port: int = 7300  # language only
+    metrics_port: int = 0  # 0: each replica picks a free port (advertised in its Health and /v1/instances)
     devices: tuple[str, ...] = ()  # one per replica; a vision replica may name several: "cuda:0,cuda:1"
     cpus: tuple[str, ...] = ()  # one CPU set per replica ("0-3"); empty = not pinned
     settings: dict[str, Any] = field(default_factory=dict)  # the server config's other fields
@@ -63,9 +70,9 @@ class ServerRole:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
-        for name in ("port", "transport_port"):
+        for name in ("port", "transport_port", "metrics_port"):
             port = getattr(self, name)
-            if not (port > 0 and port + self.replicas <= 65536):
+            if not (port > 0 and port + self.replicas <= 65536) and not (name == "metrics_port" and port == 0):
                 raise ValueError(f"{name} {getattr(self, name)}: replicas need ports up to +{self.replicas - 1}")
         for name in ("devices", "cpus"):
             if getattr(self, name) and len(getattr(self, name)) != self.replicas:
@@ -76,7 +83,8 @@ class ServerRole:
         language = kind == "language"
         return RoleSpec(ports=tuple(self.port + i for i in range(self.replicas)), settings=self.settings,
                         transport_ports=tuple(self.transport_port + i for i in range(self.replicas)) if language
-                        else (), devices=self.devices or ("cpu",) * self.replicas, cpus=self.cpus,
+                        else (), metrics_ports=tuple(self.metrics_port + i for i in range(self.replicas))
+                        if self.metrics_port else (), devices=self.devices or ("cpu",) * self.replicas, cpus=self.cpus,
                         where=f"{where}.{kind}.settings")
 
 
@@ -106,6 +114,7 @@ class NodeConfig:
 class ClusterConfig:
     model: Path
     nodes: tuple[NodeConfig, ...]
+    revision: str = ""
     token_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -113,10 +122,17 @@ class ClusterConfig:
 
 
 def cluster_spec(config: ClusterConfig) -> DeploymentSpec:
-    """The cluster config as the deployment spec every node starts its part of."""
-    return DeploymentSpec(model=config.model, nodes=tuple(node.spec() for node in config.nodes),
-                          transport=config.transport, internal_tls=config.internal_tls, probe=config.probe,
-                          token_file=config.token_file)
+    """The cluster config as the deployment spec every node starts its part of; its vision servers may push
+    to its language servers (their transport addresses are fixed here) and nowhere else."""
+    nodes = tuple(node.spec() for node in config.nodes)
+    return DeploymentSpec(model=config.model, nodes=nodes, transport=config.transport, internal_tls=config.internal_tls,
+                          probe=config.probe, token_file=config.token_file, revision=config.revision,
+                          allowed_destinations=_transport_addresses(nodes, config.transport.kind))
+
+
+def _transport_addresses(nodes: tuple[NodeSpec, ...], kind: str) -> tuple[str, ...]:
+    return tuple(f"{kind}://{node.transport_address or node.address}:{port}"
+                 for node in nodes if node.language for port in node.language.transport_ports)
 
 
 def _node(data: Any, i: int) -> NodeConfig:
@@ -188,6 +204,8 @@ def _check_ports(node: NodeSpec) -> None:
             claim(port, f"{kind} replica {i}'s port")
             if role and role.transport_ports:
                 claim(role.transport_ports[i], f"{kind} replica {i}'s transport_port")
+            if role and role.metrics_ports:
+                claim(role.metrics_ports[i], f"{kind} replica {i}'s metrics_port")
 
 
 def load_cluster_config(path: Path) -> ClusterConfig:

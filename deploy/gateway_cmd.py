@@ -23,14 +23,15 @@ import logging
 import sys
 from pathlib import Path
 
-import grpc
-
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.deploy.gateway_config import StandaloneGatewayConfig, load_gateway_config
+from dvd.hub import ResolvedModel, resolve_model
+from dvd.internal_auth import ClusterCredential
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
 from dvd.pipeline.replicas import ReplicaPool, attached
+from dvd.pipeline.roster_admin import RosterAdmin
 from dvd.process import configure_logging, run_process
 
 log = logging.getLogger("dvd.gateway")
@@ -41,8 +42,10 @@ def _addresses(value: str) -> list[str]:
 
 
 FLAGS = (
-    Flag("--model", "model", help="checkpoint directory: its tokenizer and chat template (default: the built-in "
-                                  "tiny one)"),
+    Flag("--model", "model", help="checkpoint directory or Hugging Face Hub id (org/name): its tokenizer and chat "
+                                  "template (default: the built-in tiny one)"),
+    Flag("--revision", "revision", help="the Hub id's branch, tag or commit (default main); servers that serve another "
+                                        "are kept out of rotation"),
     Flag("--vision", "vision", convert=_addresses, metavar="HOST:PORT[,...]", help="vision servers' gRPC addresses"),
     Flag("--language", "language", convert=_addresses, metavar="HOST:PORT[,...]",
          help="language servers' gRPC addresses (at least one)"),
@@ -59,8 +62,14 @@ FLAGS = (
     Flag("--fail-threshold", "probe.fail_threshold", type=int,
          help="failed probes in a row that take a server out of rotation (default 3)"),
     Flag("--internal-tls-ca", "internal_tls.ca", metavar="PEM",
-         help="dial the vision and language servers over TLS, verifying their certificates against these roots "
-              "(default: plain text)"),
+         help="dial the vision and language servers over mutual TLS, verifying their certificates against these "
+              "roots (with --internal-tls-cert/--internal-tls-key; default: plain text)"),
+    Flag("--internal-tls-cert", "internal_tls.cert", metavar="PEM",
+         help="the gateway's client certificate for mutual TLS to the servers (chaining to their --tls-ca)"),
+    Flag("--internal-tls-key", "internal_tls.key", metavar="PEM", help="its private key"),
+    Flag("--token-file", "token_file", metavar="PATH",
+         help="file holding the cluster's shared token (the servers'): every call to a server carries a credential "
+              "made from it (default: $DVD_TOKEN, else none; never from the command line)"),
     *KEY_FLAGS,
 )
 
@@ -72,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -> Path:
+def model_path(model: ResolvedModel | None, warning: str, logger: logging.Logger = log) -> ResolvedModel:
     """`model`, or the built-in tiny checkpoint (made on first use; `warning` % its path is logged)."""
     if model is not None:
         return model
@@ -80,28 +89,50 @@ def model_path(model: Path | None, warning: str, logger: logging.Logger = log) -
 
     path = ensure_checkpoint("tiny")
     logger.warning(warning, path)
-    return path
+    return ResolvedModel(path=path, name=path.name, source=str(path))
 
 
-def roster(config: StandaloneGatewayConfig, credentials: grpc.ChannelCredentials | None) -> dict[str, ReplicaPool]:
-    """The gateway's vision and language pools: `config`'s servers by address (dialled over TLS with
-    `credentials`)."""
-    return {"vision": attached("vision", config.vision, credentials),
-            "language": attached("language", config.language, credentials)}
+def resolved(model: Path | None, revision: str, roles: tuple[str, ...]) -> ResolvedModel | None:
+    """The command's `--model` resolved (a Hub id: `roles`' files fetched), or None for the built-in one."""
+    return None if model is None else resolve_model(model, revision, roles)
 
 
-async def serve(config: StandaloneGatewayConfig, keys: ApiKeys,
-                credentials: grpc.ChannelCredentials | None = None) -> int:
-    model = model_path(config.model, "no model given: using the built-in tiny checkpoint's tokenizer at %s")
-    pools = roster(config, credentials)
-    backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=config.probe)
+def roster(config: StandaloneGatewayConfig, credential: ClusterCredential,
+           revision: str = "") -> dict[str, ReplicaPool]:
+    """The gateway's vision and language pools: `config`'s servers by address, dialled presenting the
+    cluster's `credential`; one that serves another checkpoint revision than `revision` is kept out."""
+    return {"vision": attached("vision", config.vision, credential, revision),
+            "language": attached("language", config.language, credential, revision)}
+
+
+def credential(config: StandaloneGatewayConfig) -> ClusterCredential:
+    """What this gateway presents to its servers; the TLS files read now, so a bad one fails before serving."""
+    config.internal_tls.channel_credentials()
+    return ClusterCredential(config.token, config.internal_tls)
+
+
+async def serve(config: StandaloneGatewayConfig, keys: ApiKeys, cluster: ClusterCredential,
+                given: ResolvedModel | None = None) -> int:
+    model = model_path(given, "no model given: using the built-in tiny checkpoint's tokenizer at %s")
+    pools = roster(config, cluster, model.revision)
+    backend = DisaggregatedBackend(model.path, pools["vision"], pools["language"], probe=config.probe,
+                                   model_name=model.name)
     backend.mode = f"gateway over {len(config.vision)} vision, {len(config.language)} language servers"
+    admin = RosterAdmin(backend, config.roster_socket) if config.roster_socket else None
 
     async def describe() -> str:
         _, detail = await backend.health()
         return f"{backend.mode}; {detail}"
 
-    return await run_gateway("dvd gateway", config.gateway, backend, keys, describe)
+    async def started() -> None:
+        if admin is not None:
+            await admin.start()
+
+    try:
+        return await run_gateway("dvd gateway", config.gateway, backend, keys, describe, started)
+    finally:
+        if admin is not None:
+            await admin.stop()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,8 +140,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
-        credentials = config.internal_tls.channel_credentials()  # read now: a bad file fails before serving
+        cluster = credential(config)
+        model = resolved(config.model, config.revision, ("gateway",))  # the tokenizer and template only
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_process(lambda: serve(config, keys, credentials))
+    if not cluster.token:
+        log.warning("no cluster token (--token-file, $DVD_TOKEN): servers that check one will refuse this gateway")
+    return run_process(lambda: serve(config, keys, cluster, model))

@@ -24,12 +24,14 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from dvd.config_file import ConfigError
 from dvd.deploy.cluster_config import cluster_spec, load_cluster_config
 from dvd.deploy.spec import DeploymentSpec, NodeSpec, children
 from dvd.deploy.supervisor import ChildSpec, Supervisor
+from dvd.hub import is_hub_id, resolve_model
 from dvd.process import configure_logging
 from dvd.token_file import resolve_token
 
@@ -60,9 +62,23 @@ def _pick_node(spec: DeploymentSpec, name: str | None) -> NodeSpec:
 
 def plan(spec: DeploymentSpec, node: NodeSpec, role: str, token: str | None) -> list[ChildSpec]:
     """Every process this node runs (of `role`, or all), each with its config."""
+    return children(spec, node, _roles(node, role), token)
+
+
+def _roles(node: NodeSpec, role: str) -> list[str]:
     if role != "all" and role not in node.roles():
         raise ConfigError(f"--role {role}: node {node.name} runs {', '.join(node.roles())}")
-    return children(spec, node, node.roles() if role == "all" else [role], token)
+    return node.roles() if role == "all" else [role]
+
+
+def resolved_spec(spec: DeploymentSpec, roles: list[str], check: bool) -> DeploymentSpec:
+    """The spec with its model as this node reads it: a Hub id fetched (only `roles`' files) and pinned to its
+    commit, so every child here reads the same directory with no network. `check` (--check, which may run
+    off the node): a Hub id's name and config checked, no weights fetched; a directory not looked at."""
+    if check and not is_hub_id(spec.model):
+        return spec
+    model = resolve_model(spec.model, spec.revision, roles, weights=not check)
+    return replace(spec, model=model.path, revision=model.revision)
 
 
 def _cpus(child: ChildSpec) -> str:
@@ -98,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         node = _pick_node(spec, args.node)
         # read once here, so a missing token file stops the launch before anything starts
         token = resolve_token(None, spec.token_file)
+        plan(spec, node, args.role, token)  # the config checked before any download
+        spec = resolved_spec(spec, _roles(node, args.role), args.check)
         processes = plan(spec, node, args.role, token)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

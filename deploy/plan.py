@@ -23,6 +23,7 @@ import json
 import math
 import re
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.devices import layer_ranges, split_layers
 from dvd.errors import CheckpointError
+from dvd.hub import ModelNameError, resolve_model
 from dvd.language_server import sizing
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -245,7 +247,9 @@ def _describe_vision(plan: Plan) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF or GitHub format)")
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF or GitHub format) or "
+                                                                  "Hugging Face Hub id (its weights are fetched)")
+    parser.add_argument("--revision", default="", help="the Hub id's branch, tag or commit (default main)")
     parser.add_argument("--devices", required=True, help="memory per device: 80GiB,80GiB or 8x80GiB")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="serving dtype")
     parser.add_argument("--utilisation", type=float, default=0.9, help="share of each device to use (default 0.9)")
@@ -263,7 +267,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     devices = parse_devices(args.devices)
-    plan = make_plan(args.model, devices, args.dtype, args.utilisation, parse_size(args.reserve),
+    try:
+        model = resolve_model(args.model, args.revision).path  # the headers of every shard are read
+    except ModelNameError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    plan = make_plan(model, devices, args.dtype, args.utilisation, parse_size(args.reserve),
                      args.request_tokens, args.vision_tiles_per_s, args.language_requests_per_s,
                      args.tiles_per_request)
     if args.simulate:

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--preprocess-workers", type=int, default=_DEFAULTS.preprocess_workers)
     add("--screen-devices", type=int, default=32,
         help="clusters larger than this are screened on a scaled-down copy first (default %(default)s)")
+    add("--check-devices", type=int, default=2000,
+        help="each mode's best on a cluster larger than this is simulated as identical copies of at most this "
+             "many devices, each with its share of the requests (0: the whole cluster; default %(default)s)")
     add("--seed", type=int, default=0)
 
 
@@ -107,6 +110,8 @@ def row(result: SimResult) -> str:
     t, p = result.ttft_ms, result.tpot_ms
     busy = " ".join(f"{role} {share:.0%}" for role, share in result.busy.items())
     scale = f"  (on 1/{round(1 / result.scale)} of the cluster)" if result.scale < 1 else ""
+    if result.copies > 1:
+        scale = f"  (as {result.copies} identical copies of 1/{result.copies}, routed alike: --check-devices)"
     return (f"{result.deployment.label:<22} {result.request_throughput:9.3f} {result.goodput:9.3f} "
             f"{result.slo_attainment:6.1%} {t['p50']:9.0f} {t['p90']:9.0f} {t['p99']:9.0f} "
             f"{p['p50']:8.1f} {p['p99']:8.1f}  {busy}{scale}")
@@ -138,13 +143,16 @@ def run_simulation(args: argparse.Namespace, cluster: Cluster, kv_capacity_token
     """The search for the plan's cluster: JSON-ready with --json, else the table. ValueError names bad input."""
     if args.profile is None:
         raise ValueError("--simulate needs --profile FILE (dvd bench vision|engine|transport --profile-out FILE)")
+    if args.screen_devices < 1 or args.check_devices < 0:
+        raise ValueError(f"--screen-devices must be at least 1 (got {args.screen_devices}) and --check-devices "
+                         f"at least 0, 0 for the whole cluster (got {args.check_devices})")
     profile = load_profile(args.profile)
     modes, skipped = _modes(args, profile)
     slo = Slo(args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
     progress = None if args.json else (lambda r: print(f"  simulated {r.deployment.label} in {r.wall_s:.1f} s",
                                                          file=sys.stderr, flush=True))
     found = search(profile, _workload(args), cluster, modes, settings_from(args, kv_capacity_tokens), slo,
-                   args.screen_devices, progress)
+                   args.screen_devices, progress, args.check_devices)
     return as_json(found) if args.json else describe(found, skipped)
 
 

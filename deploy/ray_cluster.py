@@ -8,31 +8,45 @@ FILE`, the file private to the actor's node; deploy/supervisor.py) that dies wit
 detached and named (`dvd-vision-0`, ...) in the `dvd` namespace, restarted by Ray when they die
 (max_restarts=-1) on the bundle their placement group keeps for them, so a restarted server comes
 back at the same node and port, and the gateway takes it back into rotation on its next probe.
-The gateway learns the servers' addresses from their actors (each reports its node's IP).
+The gateway learns the servers' addresses from their actors (each reports its node's IP). Each replica
+has a placement group of its own (`dvd-vision-0`, ...), so replicas can be added and removed one by one.
+
+With `autoscale:`, a `dvd-autoscaler` actor (deploy/ray_autoscaler.py) reads the servers' metrics and adds
+a replica to the bottleneck role or drains and removes one from an idle role, within each role's `min` and
+`max` (deploy/autoscale.py), telling the gateway the new roster through its actor (pipeline/roster_admin.py:
+a Unix socket in the gateway actor's private directory, never a network port). Bounds the cluster's
+resources cannot meet are refused before anything starts.
 
 Config (YAML):
-    model: PATH                # on every Ray node
+    model: PATH                # on every Ray node; or a Hugging Face Hub id each actor fetches its half of
+    revision: REV              # the Hub id's branch, tag or commit (`up` pins it to one commit for every actor)
     token_file: PATH           # read by `dvd cluster up`, handed to the actors (never in argv)
     transport: {kind: tcp}
     probe: {interval_s, timeout_s, fail_threshold}
     ray: {address: "", start_local: false, temp_dir: "", num_cpus: 0, resources: {}}
     gateway: {http_port, grpc_port, resources: {}}
-    vision: {replicas, port, num_gpus, resources: {vision: 1}, settings: {...}}
-    language: {replicas, port, transport_port, num_gpus, resources: {language: 1}, settings: {...}}
+    vision: {replicas, port, metrics_port, num_cpus, num_gpus, resources: {vision: 1}, settings: {...}}
+    language: {replicas, port, transport_port, metrics_port, num_cpus, num_gpus, resources: {language: 1}, ...}
+    autoscale: {target_busy, idle_busy, up_after_s, down_after_s, interval_s, drain_timeout_s,
+                vision: {min, max}, language: {min, max}, resources: {},
+                plan: {profile, devices, observe_s, min_requests, ttft_slo_ms, tpot_slo_ms}}   # optional
+    env: {}                    # environment for every process the actors start (dvd cluster up adds OTEL_*)
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
+from dvd.deploy.autoscale import SCALED, AutoscaleConfig, RoleBounds, check_capacity
 from dvd.deploy.spec import (
     TRANSPORT_KINDS,
     DeploymentSpec,
@@ -46,9 +60,12 @@ from dvd.deploy.spec import (
 from dvd.deploy.supervisor import ChildSpec, Supervisor
 from dvd.pipeline.gateway import GatewayConfig
 from dvd.pipeline.replicas import ProbeConfig
+from dvd.pipeline.roster_admin import RosterClient
 from dvd.transport.config import TransportConfig
 
 NAMESPACE = "dvd"
+AUTOSCALER = "dvd-autoscaler"  # the autoscaler's actor (deploy/ray_autoscaler.py)
+ROSTER_SOCKET = "roster.sock"  # in the gateway actor's private directory (pipeline/roster_admin.py)
 _UNPLACED = "127.0.0.1"  # a server's host until its actor is placed on a node (then that node's IP)
 
 
@@ -66,6 +83,8 @@ class RayRole:
     replicas: int = 1
     port: int = 7100
     transport_port: int = 7300
+    metrics_port: int = 0  # replica i's Prometheus port is metrics_port + i; 0: any free port (in its Health)
+    num_cpus: float = 0.001  # Ray CPUs each replica's actor reserves (0.001: none to speak of; its server's own)
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -74,17 +93,24 @@ class RayRole:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
 
-    def spec(self, kind: str) -> RoleSpec:
-        ports = tuple(range(self.port, self.port + self.replicas))
-        transport_ports = tuple(range(self.transport_port, self.transport_port + self.replicas))
+    def needs(self) -> dict[str, float]:
+        """What one replica's actor holds of the cluster's resources (its placement group's one bundle)."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
+
+    def spec(self, kind: str, count: int) -> RoleSpec:
+        """The role as the deployment spec has it, for replicas 0 .. count-1 (an autoscaled role's max)."""
+        ports = tuple(range(self.port, self.port + count))
+        transport_ports = tuple(range(self.transport_port, self.transport_port + count))
+        metrics_ports = tuple(range(self.metrics_port, self.metrics_port + count)) if self.metrics_port else ()
         return RoleSpec(ports=ports, settings=self.settings, where=f"{kind}.settings",
-                        transport_ports=transport_ports if kind == "language" else ())
+                        transport_ports=transport_ports if kind == "language" else (), metrics_ports=metrics_ports)
 
 
 @dataclass(frozen=True)
 class RayGatewayRole:
     http_port: int = 8000
     grpc_port: int = 50051
+    num_cpus: float = 0.001
     resources: dict[str, float] = field(default_factory=dict)
     # The gateway binds its node's address, beyond loopback: clients need a key (a file on that node),
     # or `insecure: true` says anyone who reaches it may use it.
@@ -95,6 +121,7 @@ class RayGatewayRole:
 @dataclass(frozen=True)
 class RayClusterConfig:
     model: Path
+    revision: str = ""
     token_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -102,20 +129,43 @@ class RayClusterConfig:
     gateway: RayGatewayRole = field(default_factory=RayGatewayRole)
     vision: RayRole = field(default_factory=lambda: RayRole(resources={"vision": 1}))
     language: RayRole = field(default_factory=lambda: RayRole(port=7200, resources={"language": 1}))
+    autoscale: AutoscaleConfig | None = None  # None: each role runs its `replicas`, no more, no less
+    # Environment for every process the actors start; `dvd cluster up` adds its own OTEL_* variables, so
+    # traces are configured the OpenTelemetry way there as anywhere (dvd/tracing.py).
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.transport.kind not in TRANSPORT_KINDS:
             raise ConfigError(f"transport.kind: one of {', '.join(TRANSPORT_KINDS)}, got {self.transport.kind!r}")
+        for kind in SCALED:
+            bounds = self.bounds(kind)
+            if not bounds.min <= getattr(self, kind).replicas <= bounds.max:
+                raise ConfigError(f"{kind}.replicas: {getattr(self, kind).replicas} is outside autoscale.{kind}'s "
+                                  f"bounds [{bounds.min}, {bounds.max}]")
+
+    def bounds(self, kind: str) -> RoleBounds:
+        """How many replicas `kind` may run: its autoscale bounds, or exactly its `replicas`."""
+        if self.autoscale is None:
+            replicas: int = getattr(self, kind).replicas
+            return RoleBounds(replicas, replicas)
+        return self.autoscale.bounds(kind)
+
+    def check_capacity(self, have: Mapping[str, float]) -> None:
+        """Autoscale bounds the cluster's resources `have` cannot meet are refused (ConfigError)."""
+        if self.autoscale is not None:
+            check_capacity(self.autoscale, {kind: getattr(self, kind).needs() for kind in SCALED}, have,
+                           {"CPU": self.gateway.num_cpus, **self.gateway.resources})
 
 
 def ray_spec(config: RayClusterConfig) -> DeploymentSpec:
     """The Ray config as a deployment spec: one node standing for wherever Ray places each actor."""
     gateway = GatewayConfig(http_port=config.gateway.http_port, grpc_port=config.gateway.grpc_port,
                             api_key_file=config.gateway.api_key_file, insecure=config.gateway.insecure)
-    node = NodeSpec(name="ray", address=_UNPLACED, gateway=gateway, vision=config.vision.spec("vision"),
-                    language=config.language.spec("language"))
+    node = NodeSpec(name="ray", address=_UNPLACED, gateway=gateway,
+                    vision=config.vision.spec("vision", config.bounds("vision").max),
+                    language=config.language.spec("language", config.bounds("language").max))
     return DeploymentSpec(model=config.model, nodes=(node,), transport=config.transport, probe=config.probe,
-                          token_file=config.token_file)
+                          token_file=config.token_file, revision=config.revision)
 
 
 def load_ray_config(path: Path) -> RayClusterConfig:
@@ -125,24 +175,40 @@ def load_ray_config(path: Path) -> RayClusterConfig:
         assert role is not None
         check_settings(role, "dvd cluster")
     check_servers(spec)
+    if config.ray.start_local:  # the head this command starts: its resources are the config's own (its GPUs
+        # Ray counts itself: checked again once it runs, with every resource, in `up`)
+        config.check_capacity({"CPU": float(config.ray.num_cpus or os.cpu_count() or 1), "GPU": math.inf,
+                               **config.ray.resources})
     return config
 
 
-def server_child(spec: DeploymentSpec, kind: str, i: int, token: str | None, host: str) -> ChildSpec:
-    """Replica `i` of `kind` as an actor placed on the node at `host` runs it."""
+def actor_workdir(name: str) -> Path:
+    """The private directory of the actor running child `name`: one per role and port, so a restarted
+    actor (its predecessor killed before it could clean up) replaces its predecessor's files."""
+    return Path(tempfile.gettempdir()) / f"dvd-ray-{name}"
+
+
+def server_child(spec: DeploymentSpec, kind: str, i: int, token: str | None, host: str,
+                 env: Mapping[str, str] | None = None) -> ChildSpec:
+    """Replica `i` of `kind` as an actor placed on the node at `host` runs it (`env`: added to its environment,
+    e.g. the OTEL_* variables `dvd cluster up` ran with)."""
     node = replace(spec.nodes[0], address=host)
     config = server_config(spec, node, kind, i, token)
-    return ChildSpec(f"{kind}-{config.port}", (kind,), config, address=f"{host}:{config.port}")
+    return ChildSpec(f"{kind}-{config.port}", (kind,), config, dict(env or {}), address=f"{host}:{config.port}")
 
 
-def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple[str, ...], host: str) -> ChildSpec:
-    """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed."""
+def gateway_child(spec: DeploymentSpec, vision: tuple[str, ...], language: tuple[str, ...], token: str | None,
+                  host: str, env: Mapping[str, str] | None = None) -> ChildSpec:
+    """The gateway as its actor placed on the node at `host` runs it, over the servers Ray placed, presenting
+    the cluster's `token` to them."""
     node = spec.nodes[0]
     assert node.gateway is not None
+    name = f"gateway-{node.gateway.http_port}"  # named before `replace`, which loses the assert's narrowing
     node = replace(node, address=host, gateway=replace(node.gateway, host=host))
-    config = gateway_config(spec, node, vision, language)
-    return ChildSpec(f"gateway-{config.gateway.http_port}", ("gateway",), config,
-                     address=f"{host}:{config.gateway.http_port}")
+    # its roster socket in its actor's private directory: where the autoscaler's changes come in
+    config = replace(gateway_config(spec, node, vision, language, token),
+                     roster_socket=actor_workdir(name) / ROSTER_SOCKET)
+    return ChildSpec(name, ("gateway",), config, dict(env or {}), address=f"{host}:{config.gateway.http_port}")
 
 
 class ServerProcess:
@@ -153,11 +219,9 @@ class ServerProcess:
 
         child = build(ray.util.get_node_ip_address())
         self.kind, self.address = child.command[0], child.address
-        # One directory per role and port: a restarted actor (its predecessor killed before it could
-        # clean up) replaces its predecessor's files instead of leaving them behind.
-        self.supervisor = Supervisor(workdir=Path(tempfile.gettempdir()) / f"dvd-ray-{child.name}",
-                                     die_with_parent=True)
+        self.supervisor = Supervisor(workdir=actor_workdir(child.name), die_with_parent=True)
         self.child = self.supervisor.start(child)
+        self.roster_socket = actor_workdir(child.name) / ROSTER_SOCKET
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "address": self.address, "pid": self.child.pid, "actor_pid": os.getpid(),
@@ -166,56 +230,103 @@ class ServerProcess:
     def stop(self) -> None:
         self.supervisor.stop()
 
+    # the gateway's actor only: its roster, as the gateway's roster socket answers
+    def roster(self) -> list[dict[str, Any]]:
+        return RosterClient(self.roster_socket).instances()
 
-def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
-    """Start every role as actors; returns their descriptions (the gateway's last)."""
+    def set_roster(self, vision: list[str], language: list[str], drain_timeout_s: float) -> dict[str, Any]:
+        return RosterClient(self.roster_socket).set(vision, language, drain_timeout_s)
+
+
+def start_replica(config: RayClusterConfig, kind: str, i: int, token: str | None) -> dict[str, Any]:
+    """Replica `i` of `kind` (port + i) as a detached actor on a placement group of its own; its description
+    once its server's process started (it joins the gateway's rotation when it answers a probe)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    actor_cls: Any = ray.remote(ServerProcess)  # Ray's actor class: its methods gain `.remote`
-    spec = ray_spec(config)
-    described: list[dict[str, Any]] = []
-    addresses: dict[str, list[str]] = {"vision": [], "language": []}
-    for kind in ("vision", "language"):
-        role: RayRole = getattr(config, kind)
-        bundle = {"CPU": 0.001, **({"GPU": role.num_gpus} if role.num_gpus else {}), **role.resources}
-        group = placement_group([bundle] * role.replicas, strategy="SPREAD", name=f"dvd-{kind}", lifetime="detached")
-        ray.get(group.ready(), timeout=600)
-        for i in range(role.replicas):
-            actor = actor_cls.options(
-                name=f"dvd-{kind}-{i}", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
-                num_cpus=0.001, num_gpus=role.num_gpus, resources=role.resources,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-            ).remote(partial(server_child, spec, kind, i, token))
-            info: dict[str, Any] = ray.get(actor.describe.remote(), timeout=600)
-            addresses[kind].append(info["address"])
-            described.append(info)
-    actor = actor_cls.options(name="dvd-gateway", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
-                              num_cpus=0.001, resources=config.gateway.resources).remote(
-        partial(gateway_child, spec, tuple(addresses["vision"]), tuple(addresses["language"])))
+    role: RayRole = getattr(config, kind)
+    group = placement_group([role.needs()], name=f"dvd-{kind}-{i}", lifetime="detached")
+    ray.get(group.ready(), timeout=600)
+    actor = _actor_class().options(
+        name=f"dvd-{kind}-{i}", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
+        num_cpus=role.num_cpus, num_gpus=role.num_gpus, resources=role.resources,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+    ).remote(partial(server_child, ray_spec(config), kind, i, token, env=config.env))
+    info: dict[str, Any] = ray.get(actor.describe.remote(), timeout=600)
+    return info
+
+
+def stop_replica(kind: str, i: int) -> None:
+    """Stop replica `i` of `kind` (its server drains: SIGTERM, deploy/supervisor.py) and free its resources."""
+    import ray
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    actor = ray.get_actor(f"dvd-{kind}-{i}", namespace=NAMESPACE)
+    with contextlib.suppress(Exception):  # a dead actor: killing it is all that is left
+        ray.get(actor.stop.remote(), timeout=600)
+    ray.kill(actor, no_restart=True)
+    remove_placement_group(get_placement_group(f"dvd-{kind}-{i}"))
+
+
+def _actor_class() -> Any:
+    import ray
+
+    return ray.remote(ServerProcess)  # Ray's actor class: its methods gain `.remote`
+
+
+def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
+    """Start every role as actors, then the autoscaler if configured; returns their descriptions (the
+    gateway's, then the autoscaler's, last)."""
+    import ray
+
+    config.check_capacity(ray.cluster_resources())
+    described = [start_replica(config, kind, i, token)
+                 for kind in SCALED for i in range(getattr(config, kind).replicas)]
+    addresses = {kind: tuple(d["address"] for d in described if d["kind"] == kind) for kind in SCALED}
+    # max_concurrency: its roster may be read (status, the autoscaler) while a roster change waits for a drain
+    actor = _actor_class().options(name="dvd-gateway", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
+                                   num_cpus=config.gateway.num_cpus, resources=config.gateway.resources,
+                                   max_concurrency=4).remote(
+        partial(gateway_child, ray_spec(config), addresses["vision"], addresses["language"], token,
+                env=config.env))
     described.append(ray.get(actor.describe.remote(), timeout=600))
+    if config.autoscale is not None:
+        from dvd.deploy.ray_autoscaler import start_autoscaler
+
+        described.append(start_autoscaler(config, token))
     return described
 
 
 def actors() -> list[Any]:
+    """Every actor of the deployment, the autoscaler (if any) first."""
     import ray
 
-    return [ray.get_actor(a["name"], namespace=NAMESPACE)
-            for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+    names = sorted((a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE),
+                   key=lambda name: name != AUTOSCALER)
+    return [ray.get_actor(name, namespace=NAMESPACE) for name in names]
+
+
+def describe(actor: Any) -> dict[str, Any] | None:
+    """An actor's description; None for one killed for good (a removed replica's name lingers a while)."""
+    import ray
+
+    try:
+        info: dict[str, Any] = ray.get(actor.describe.remote(), timeout=60)
+    except ray.exceptions.ActorDiedError:
+        return None
+    return info
 
 
 def status() -> list[dict[str, Any]]:
-    import ray
-
-    return [ray.get(a.describe.remote(), timeout=60) for a in actors()]
+    return [info for info in map(describe, actors()) if info is not None]
 
 
 def down() -> None:
     import ray
     from ray.util.placement_group import get_placement_group, placement_group_table, remove_placement_group
 
-    for actor in actors():
+    for actor in actors():  # the autoscaler first: it changes nothing while the rest stops
         with contextlib.suppress(Exception):  # a dead actor: killing it is all that is left
             ray.get(actor.stop.remote(), timeout=60)
         ray.kill(actor, no_restart=True)

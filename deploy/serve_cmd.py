@@ -33,10 +33,12 @@ from pathlib import Path
 
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
-from dvd.deploy.gateway_cmd import model_path, roster
+from dvd.deploy.gateway_cmd import model_path, resolved, roster
 from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
+from dvd.hub import ROLES, ResolvedModel
+from dvd.internal_auth import ClusterCredential
 from dvd.malloc import for_vision_batches
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
@@ -55,7 +57,9 @@ def _devices(value: str) -> list[str]:
 
 
 _MAIN = (
-    Flag("--model", "model", help="checkpoint directory (default: the built-in tiny checkpoint)"),
+    Flag("--model", "model", help="checkpoint directory or Hugging Face Hub id, org/name (default: the built-in tiny "
+                                  "checkpoint)"),
+    Flag("--revision", "revision", help="the Hub id's branch, tag or commit (default main)"),
     Flag("--coupled", "coupled", switch=True,
          help="both halves in this process as one engine, the vision encoder in its step (the baseline)"),
 )
@@ -123,8 +127,8 @@ _PROBES = (
 )
 _INTERNAL_TLS = (
     Flag("--internal-tls-cert", "internal_tls.cert", metavar="PEM",
-         help="the children serve gRPC over TLS with this certificate, which the gateway trusts; it must name "
-              "127.0.0.1 (subjectAltName IP:127.0.0.1)"),
+         help="the children serve gRPC over mutual TLS with this certificate, which the gateway trusts and presents "
+              "as its client certificate; it must name 127.0.0.1 (subjectAltName IP:127.0.0.1)"),
     Flag("--internal-tls-key", "internal_tls.key", metavar="PEM", help="its private key (with --internal-tls-cert)"),
 )
 # (argument group title, its flags); None: the parser's own options
@@ -147,35 +151,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-async def _serve(config: ServeConfig, keys: ApiKeys) -> int:
-    model = model_path(config.model, "no model given: serving the built-in tiny checkpoint at %s; its weights are "
-                                     "random, so answers are gibberish", log)
+async def _serve(config: ServeConfig, keys: ApiKeys, given: ResolvedModel | None) -> int:
+    model = model_path(given, "no model given: serving the built-in tiny checkpoint at %s; its weights are "
+                              "random, so answers are gibberish", log)
     if config.coupled:
         return await _serve_coupled(config, model, keys)
     return await _serve_disaggregated(config, model, keys)
 
 
-async def _serve_coupled(config: ServeConfig, model: Path, keys: ApiKeys) -> int:
+async def _serve_coupled(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
     from dvd.pipeline.backends.coupled import CoupledBackend  # torch: imported only when the model runs here
 
     assert config.vision is not None and config.language is not None
-    backend = CoupledBackend(replace(config.vision, model=model), replace(config.language, model=model))
+    backend = CoupledBackend(replace(config.vision, model=model.path), replace(config.language, model=model.path),
+                             model_name=model.name)
     return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model))
 
 
-async def _serve_disaggregated(config: ServeConfig, model: Path, keys: ApiKeys) -> int:
-    """The servers as supervised children on loopback, and a gateway here attached to them by address."""
+async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
+    """The servers as supervised children on loopback (handed the resolved directory and commit: they read
+    it with no network), and a gateway here attached to them by address."""
     config = _placed(config)
-    spec = serve_spec(config, model)
+    spec = serve_spec(replace(config, revision=model.revision), model.path)
     node = spec.nodes[0]
-    pools = roster(gateway_config(spec, node), spec.internal_tls.channel_credentials())
+    token = fresh_token()  # the servers' transport and gRPC both check it; this gateway presents it
+    pools = roster(gateway_config(spec, node), ClusterCredential(token, spec.internal_tls), model.revision)
     supervisor = Supervisor(prefix="dvd-serve-")  # 0700: the child configs hold the fresh token
     watching: asyncio.Task | None = None
     try:
-        replicas = _start_children(supervisor, children(spec, node, ["vision", "language"], fresh_token()), pools)
+        replicas = _start_children(supervisor, children(spec, node, ["vision", "language"], token), pools)
         pin_process(config.cpus, "gateway", torch_threads=False)  # after the children started: they do not inherit it
         # the tokenizer is read while the children load their models
-        backend = DisaggregatedBackend(model, pools["vision"], pools["language"], probe=spec.probe)
+        backend = DisaggregatedBackend(model.path, pools["vision"], pools["language"], probe=spec.probe,
+                                       model_name=model.name)
         backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
                         f"{config.transport.kind} features)")
         # a child that exits leaves the rotation at once, its calls failing with why
@@ -216,9 +224,9 @@ def _start_children(supervisor: Supervisor, specs: list[ChildSpec],
     return replicas
 
 
-def _describe(backend: Backend, model: Path) -> Callable[[], Awaitable[str]]:
+def _describe(backend: Backend, model: ResolvedModel) -> Callable[[], Awaitable[str]]:
     async def describe() -> str:
-        return f"{backend.mode}; model {backend.model_name} ({model})"
+        return f"{backend.mode}; model {backend.model_name} ({model.describe()})"
 
     return describe
 
@@ -230,10 +238,11 @@ def run(args: argparse.Namespace) -> int:
         keys = gateway_keys(config.gateway)
         config.internal_tls.server_credentials()  # read now: a bad certificate fails before any child starts
         config.internal_tls.channel_credentials()
+        model = resolved(config.model, config.revision, ROLES)  # a Hub id: fetched once, here, for every child
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist
         pin_process(config.cpus, "coupled server")
         for_vision_batches()  # its engine thread runs vision batches, as a vision server does (dvd/malloc.py)
-    return run_process(lambda: _serve(config, keys))
+    return run_process(lambda: _serve(config, keys, model))

@@ -9,7 +9,8 @@ vision --config FILE`): the same dataclasses the servers run with, so what the p
 what the children use.
 
 File layout (every key optional):
-    model: PATH                 # checkpoint directory (default: the built-in tiny checkpoint)
+    model: PATH                 # checkpoint directory or Hugging Face Hub id (default: the built-in tiny checkpoint)
+    revision: REV               # the Hub id's branch, tag or commit (default main)
     coupled: false              # both halves in the gateway, no pipelining (the baseline)
     transport: {...}            # TransportConfig: kind (tcp | rdma), ucx_tls, limits; both ends share it
     probe: {...}                # ProbeConfig: interval_s, timeout_s, fail_threshold (when a server is down)
@@ -17,8 +18,9 @@ File layout (every key optional):
     vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, devices_per_replica, layer_split, dtype,
                                 # max_batch_tiles, cache_bytes, ...)
     language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
-    internal_tls: {cert: PEM, key: PEM}  # the gateway <-> children gRPC over TLS (dvd/grpc_tls.py); the
-                                # certificate must name 127.0.0.1 (subjectAltName IP:127.0.0.1)
+    internal_tls: {cert: PEM, key: PEM}  # the gateway <-> children gRPC over mutual TLS (dvd/grpc_tls.py): the
+                                # children serve it and the gateway presents it; it must name 127.0.0.1
+                                # (subjectAltName IP:127.0.0.1)
     cpus: "1"                   # CPU list for this process: the gateway, or with coupled the whole model
                                 # (vision.cpus / language.cpus pin the servers; see dvd/cpus.py)
 """
@@ -35,6 +37,7 @@ from dvd.config_file import ConfigError, from_dict, merged, read_mapping, to_dic
 from dvd.cpus import check_cpu_list, format_cpu_list
 from dvd.deploy.spec import (
     PLACED,
+    PLACED_VISION,
     TRANSPORT_KINDS,
     DeploymentSpec,
     NodeSpec,
@@ -50,13 +53,15 @@ from dvd.pipeline.replicas import ProbeConfig
 from dvd.transport.config import TransportConfig
 from dvd.vision_server.config import VisionServerConfig
 
-TOP_KEYS = ("model", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus", "internal_tls")
+TOP_KEYS = ("model", "revision", "coupled", "transport", "gateway", "probe", "vision", "language", "cpus",
+            "internal_tls")
 LOOPBACK = "127.0.0.1"  # where dvd serve's servers listen: only its own gateway dials them
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: Path | None = None  # None: the built-in tiny checkpoint
+    model: Path | None = None  # None: the built-in tiny checkpoint; or a Hugging Face Hub id (dvd/hub.py)
+    revision: str = ""  # the Hub id's branch, tag or commit; once resolved, the commit every process serves
     coupled: bool = False
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -121,12 +126,12 @@ def serve_spec(config: ServeConfig, model: Path) -> DeploymentSpec:
 def _spec(config: ServeConfig, model: Path, vision: RoleSpec, language: RoleSpec) -> DeploymentSpec:
     node = NodeSpec(name="local", address=LOOPBACK, gateway=config.gateway, vision=vision, language=language)
     return DeploymentSpec(model=model, nodes=(node,), transport=config.transport, internal_tls=config.internal_tls,
-                          probe=config.probe)
+                          probe=config.probe, revision=config.revision)
 
 
 def _settings(server: Any) -> dict[str, Any]:
     """A validated server config's own settings: every field but those the spec places."""
-    return {key: value for key, value in to_dict(server).items() if key not in PLACED}
+    return {key: value for key, value in to_dict(server).items() if key not in PLACED + PLACED_VISION}
 
 
 def _role(section: Any, where: str) -> RoleSpec:
@@ -162,7 +167,10 @@ def _top(data: dict[str, Any]) -> dict[str, Any]:
         cpus = str(cpus)  # `cpus: 0` in YAML
     if not isinstance(cpus, str):
         raise ConfigError(f"cpus: expected a CPU list such as '0' or '2-3', got {type(cpus).__name__} {cpus!r}")
-    return {"model": Path(model) if model else None, "coupled": coupled, "cpus": cpus}
+    revision = data.get("revision", "")
+    if not isinstance(revision, str):
+        raise ConfigError(f"revision: expected a branch, tag or commit, got {type(revision).__name__} {revision!r}")
+    return {"model": Path(model) if model else None, "revision": revision, "coupled": coupled, "cpus": cpus}
 
 
 def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> ServeConfig:

@@ -138,6 +138,8 @@ class Driver(Protocol):
 class Preprocessor:
     """A pool of `workers` preprocessing threads: each image on the first free one."""
 
+    __slots__ = ("cost", "free_at")
+
     def __init__(self, workers: int, cost: Curve | None) -> None:
         self.free_at = [0.0] * workers
         self.cost = cost
@@ -152,6 +154,9 @@ class Preprocessor:
 
 
 class VisionReplica:
+    __slots__ = ("at", "busy", "busy_time", "bytes_per_tile", "driver", "forward", "max_tiles", "max_wait",
+                 "preprocess", "queue", "queued_tiles", "vir", "wake_at")
+
     def __init__(self, driver: Driver, profile: CostProfile, vir: bool, settings: SimSettings) -> None:
         self.driver, self.at = driver, driver.queue.at
         self.forward = profile.vision[vir]
@@ -237,6 +242,11 @@ class VisionReplica:
 
 
 class EngineReplica:
+    __slots__ = ("_admissions", "at", "batch", "busy", "busy_time", "context", "decode", "decoding", "driver",
+                 "encoder", "encoder_tiles", "jump", "kv_capacity", "kv_used", "link_free", "max_running",
+                 "max_tokens", "num_running", "preprocess", "profile", "ready", "steps", "transport", "version",
+                 "waiting")
+
     def __init__(self, driver: Driver, profile: CostProfile, settings: SimSettings,
                  encoder: Curve | None = None) -> None:
         self.driver, self.at, self.profile = driver, driver.queue.at, profile
@@ -437,6 +447,8 @@ class EngineReplica:
 class SerialReplica:
     """One request at a time, each stage after the other (today's `dvd serve --coupled`: transformers'
     generate after the vision half, `pipeline/local.py`)."""
+
+    __slots__ = ("at", "busy", "busy_time", "driver", "profile", "queue")
 
     def __init__(self, driver: Driver, profile: CostProfile) -> None:
         self.driver, self.at, self.profile = driver, driver.queue.at, profile

@@ -95,6 +95,8 @@ class SimResult:
     wall_s: float = 0.0  # how long the simulation took
     cpu_s: float = 0.0  # of this process's CPU (on a loaded machine, closer to what it costs alone)
     scale: float = 1.0  # 1/k: simulated on a cluster k times smaller with k times fewer requests
+    copies: int = 1  # simulated as one of `copies` identical copies, 1/copies of the cluster and requests each
+    # (`sim_search.check`): the figures are the whole cluster's, the throughputs the copy's times `copies`
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -106,28 +108,33 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 
 class LeastOutstanding:
     """The gateway's pick (`ReplicaPool.pick`): the replica with the fewest requests outstanding, the first
-    in the list on a tie. A heap with stale entries skipped, so a pick costs log(replicas) at any size."""
+    in the list on a tie. A heap with stale entries skipped, so a pick costs log(replicas) at any size; each
+    entry is one int, `load << shift | index`, which orders as (load, index) does at a fraction of the cost of
+    comparing tuples."""
 
     def __init__(self, replicas: Sequence[Any]) -> None:
         self.replicas = list(replicas)
         self.load = [0] * len(self.replicas)
-        self.heap = [(0, i) for i in range(len(self.replicas))]
+        self.shift = max(1, len(self.replicas).bit_length())
+        self.heap = list(range(len(self.replicas)))
 
     def pick(self) -> int:
-        heap, load = self.heap, self.load
+        heap, load, shift = self.heap, self.load, self.shift
+        mask = (1 << shift) - 1
         while True:
-            count, i = heap[0]
-            if count == load[i]:
+            key = heap[0]
+            i = key & mask
+            if key >> shift == load[i]:
                 load[i] += 1
-                heapq.heapreplace(heap, (count + 1, i))
+                heapq.heapreplace(heap, key + (1 << shift))
                 return i
             heapq.heappop(heap)  # stale: this replica's load changed since
 
     def release(self, i: int) -> None:
         self.load[i] -= 1
-        heapq.heappush(self.heap, (self.load[i], i))
+        heapq.heappush(self.heap, self.load[i] << self.shift | i)
         if len(self.heap) > 4 * len(self.load) + 64:  # drop the stale entries now and then
-            self.heap = [(c, j) for j, c in enumerate(self.load)]
+            self.heap = [c << self.shift | j for j, c in enumerate(self.load)]
             heapq.heapify(self.heap)
 
 

@@ -24,6 +24,7 @@ from dvd.cpus import CpuListError, parse_cpu_list
 from dvd.deploy.gateway_config import StandaloneGatewayConfig
 from dvd.deploy.supervisor import ChildSpec
 from dvd.grpc_tls import GrpcTls
+from dvd.internal_auth import require_credential
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.pipeline.gateway import GatewayConfig
 from dvd.pipeline.replicas import ProbeConfig
@@ -35,18 +36,22 @@ SERVER_CLASSES: dict[str, type] = {"vision": VisionServerConfig, "language": Lan
 TRANSPORT_KINDS = ("tcp", "rdma")  # what a deployment can run between its own servers
 # Server config keys a deployment sets for every server it starts: the spec's model and transport
 # (with the token), the node's addresses, the role's ports. Never a role's settings.
-PLACED = ("model", "host", "port", "advertise_host", "transport_advertise_host", "transport", "token_file")
+PLACED = ("model", "revision", "host", "port", "metrics_port", "advertise_host", "transport_advertise_host",
+          "transport", "token_file")
+PLACED_VISION = ("allowed_destinations",)  # the language servers a vision server may push to
 
 
 @dataclass(frozen=True)
 class RoleSpec:
     """Vision or language servers on one node: replica i serves gRPC on `ports[i]` (a language
-    replica receives features on `transport_ports[i]`; none given: any free port), on `devices[i]`
-    and pinned to `cpus[i]` where those are given (else its settings' own)."""
+    replica receives features on `transport_ports[i]`; none given: any free port) and its Prometheus
+    metrics on `metrics_ports[i]` (none given: any free port, which its Health advertises), on
+    `devices[i]` and pinned to `cpus[i]` where those are given (else its settings' own)."""
 
     ports: tuple[int, ...]  # one per replica
     settings: Mapping[str, Any] = field(default_factory=dict)  # the server config's other fields
     transport_ports: tuple[int, ...] = ()
+    metrics_ports: tuple[int, ...] = ()
     devices: tuple[str, ...] = ()  # a vision replica may name several: "cuda:0,cuda:1"
     cpus: tuple[str, ...] = ()  # Linux CPU lists ("0-3")
     where: str = ""  # the settings' key path in the front-end's file, for errors
@@ -57,7 +62,8 @@ class RoleSpec:
 
     def placed_keys(self) -> tuple[str, ...]:
         """The server config keys this role sets itself: refused in its settings."""
-        return PLACED + (("devices", "device") if self.devices else ()) + (("cpus",) if self.cpus else ())
+        return (PLACED + PLACED_VISION + (("devices", "device") if self.devices else ())
+                + (("cpus",) if self.cpus else ()))
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,16 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    model: Path
+    model: Path  # a directory, or a Hugging Face Hub id each process resolves to its own half (dvd/hub.py)
     nodes: tuple[NodeSpec, ...]
     transport: TransportConfig = field(default_factory=TransportConfig)  # shared; host, port, token per server
     internal_tls: GrpcTls = field(default_factory=GrpcTls)  # servers present cert + key; gateways verify with ca
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # how gateways decide a server is down
     token_file: Path | None = None  # the shared transport token, read once by the front-end
+    # Where its vision servers may push features, where the front-end knows it before anything starts (fixed
+    # transport ports); the rest a gateway announces (vision_server/destinations.py).
+    allowed_destinations: tuple[str, ...] = ()
+    revision: str = ""  # the Hub id's revision: a front-end pins it to a commit before any process starts
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -114,10 +124,12 @@ def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token
     """The `VisionServerConfig` / `LanguageServerConfig` replica `i` of `node`'s `kind` role runs.
     `pin`: False when checking another node's servers from here (their CPU lists name that node's CPUs)."""
     role = node.role(kind)
-    placed: dict[str, Any] = {"model": spec.model, "host": node.bind_host, "port": role.ports[i],
+    placed: dict[str, Any] = {"model": spec.model, "revision": spec.revision, "host": node.bind_host,
+                              "port": role.ports[i], "metrics_port": role.metrics_ports[i] if role.metrics_ports else 0,
                               "advertise_host": node.address, "token_file": None}
     if kind == "vision":
         placed["transport"] = replace(spec.transport, token=token)  # a sender: host and port are the receivers'
+        placed["allowed_destinations"] = spec.allowed_destinations
         if role.devices:
             placed["devices"] = tuple(d.strip() for d in role.devices[i].split(","))
     else:
@@ -132,22 +144,25 @@ def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token
 
 
 def _with_internal_tls(spec: DeploymentSpec, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A server's settings with the deployment's internal TLS certificate, unless its own names one."""
+    """A server's settings with the deployment's internal TLS certificate and CA (its clients' certificates
+    must chain to it), unless its own name a certificate."""
     own = settings.get("grpc_tls")
     if spec.internal_tls.cert is None or (isinstance(own, Mapping) and own.get("cert")):
         return dict(settings)
-    return {**settings, "grpc_tls": {"cert": spec.internal_tls.cert, "key": spec.internal_tls.key}}
+    tls = spec.internal_tls
+    return {**settings, "grpc_tls": {"cert": tls.cert, "key": tls.key, **({"ca": tls.ca} if tls.ca else {})}}
 
 
 def gateway_config(spec: DeploymentSpec, node: NodeSpec, vision: tuple[str, ...] | None = None,
-                   language: tuple[str, ...] | None = None) -> StandaloneGatewayConfig:
+                   language: tuple[str, ...] | None = None, token: str | None = None) -> StandaloneGatewayConfig:
     """The config of `node`'s gateway: the spec's servers by address (or those given, e.g. as
-    Ray placed them), probed as the spec says, dialled with its internal TLS."""
+    Ray placed them), probed as the spec says, dialled with its internal TLS (mutual: the gateway presents
+    the same certificate) and the cluster's `token`."""
     assert node.gateway is not None
     return StandaloneGatewayConfig(
         model=spec.model, vision=spec.addresses("vision") if vision is None else vision,
         language=spec.addresses("language") if language is None else language, gateway=node.gateway,
-        probe=spec.probe, internal_tls=spec.internal_tls)
+        probe=spec.probe, internal_tls=spec.internal_tls, token=token, revision=spec.revision)
 
 
 def children(spec: DeploymentSpec, node: NodeSpec, roles: list[str], token: str | None) -> list[ChildSpec]:
@@ -155,12 +170,13 @@ def children(spec: DeploymentSpec, node: NodeSpec, roles: list[str], token: str 
     out: list[ChildSpec] = []
     for kind in (r for r in ROLES if r in roles):
         if kind == "gateway":
-            config = gateway_config(spec, node)
+            config = gateway_config(spec, node, token=token)
             address = f"http {config.gateway.host}:{config.gateway.http_port}, grpc {config.gateway.grpc_port}"
             out.append(ChildSpec("gateway", ("gateway",), config, node.env, address))
             continue
         for i in range(node.role(kind).replicas):
             server = server_config(spec, node, kind, i, token)
+            require_credential(server.bound_hosts(), token, f"nodes[{node.name}].{kind}[{i}]")
             out.append(ChildSpec(f"{kind}[{i}]", (kind,), server, node.env, f"{node.address}:{server.port}"))
     return out
 

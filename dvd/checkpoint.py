@@ -31,6 +31,20 @@ IMAGE_START_TOKEN = "<img>"
 IMAGE_END_TOKEN = "</img>"
 
 CheckpointFormat = Literal["hf", "github"]
+# Which half reads a tensor, by its name on disk (either format; `model.`-prefixed newer saves too): what
+# dvd/weights.py's `vision_tensors` and `language_tensors` take, told apart without torch or the tensor
+# itself, so a node can fetch only its half's shards (dvd/hub.py).
+VISION_KEY_PREFIXES = ("vision_tower.", "multi_modal_projector.", "vision_model.", "mlp1.", "mlp2.",
+                       "pooling_before_gating.", "gating.")
+LANGUAGE_KEY_PREFIXES = ("language_model.", "lm_head.")
+
+
+def tensor_half(key: str) -> str | None:
+    """"vision", "language", or None (a tensor neither half reads)."""
+    name = key.removeprefix("model.")
+    if name.startswith(VISION_KEY_PREFIXES):
+        return "vision"
+    return "language" if name.startswith(LANGUAGE_KEY_PREFIXES) else None
 
 
 @dataclass(frozen=True)

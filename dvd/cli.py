@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dvd.benchmarks.cli", "run a benchmark and print its figures"),
     "plan": ("dvd.deploy.plan", "plan a deployment: weights per half, devices, KV capacity in tokens, largest batch"),
     "doctor": ("dvd.deploy.doctor", "check this node: versions, devices, attention kernels, correctness, speed"),
+    "download": ("dvd.deploy.download_cmd", "fetch a Hub checkpoint (or one role's half) into the Hub cache"),
 }
 
 

@@ -83,6 +83,16 @@ class UnauthenticatedError(DvdError):
     """The client presented no API key, or one the server does not accept (the key is never echoed)."""
 
 
+class InternalCredentialError(DvdError):
+    """A vision or language server refused a call without the cluster's credential (dvd/internal_auth.py):
+    a deployment fault (the gateway holds another token, or none), not the client's."""
+
+
+class DestinationNotAllowedError(DvdError):
+    """A vision server was asked to push features to an address outside its allow-list (the language
+    servers it was configured with or a gateway announced); refused before any work or connection."""
+
+
 # --- the server cannot take it now ---------------------------------------------------------------
 class OverloadedError(DvdError):
     """The server is at a capacity limit; the client should retry later."""
@@ -192,6 +202,8 @@ CODES: dict[type[BaseException], tuple[int, grpc.StatusCode]] = {
     FrameTooLargeError: (500, Code.FAILED_PRECONDITION),
     DuplicateFrameError: (409, Code.ALREADY_EXISTS),
     UnauthenticatedError: (401, Code.UNAUTHENTICATED),
+    InternalCredentialError: (500, Code.UNAUTHENTICATED),  # between DvD's own processes: a deployment fault
+    DestinationNotAllowedError: (500, Code.PERMISSION_DENIED),
 }
 # A gRPC code from a peer that sent no `dvd-error` metadata (not a DvD server) -> the class to raise.
 _CLASS_OF_CODE: dict[grpc.StatusCode, type[DvdError]] = {

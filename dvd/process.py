@@ -22,6 +22,8 @@ def configure_logging(level: str) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # partial loads would print large "unexpected keys" tables
+    for name in ("httpx", "httpx2"):  # huggingface_hub's HTTP clients: a line per request at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _Recording:
@@ -43,9 +45,11 @@ class _Recording:
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
                             max_message_bytes: int,
                             health_servicer: health.aio.HealthServicer | None = None,
-                            credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    """A started gRPC server with the servicers `register` adds (TLS with `credentials`); returns it
-    and the bound port.
+                            credentials: grpc.ServerCredentials | None = None,
+                            interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+    """A started gRPC server with the servicers `register` adds (TLS with `credentials`; every call
+    through `interceptors`: the cluster credential's check, dvd/internal_auth.py); returns it and the
+    bound port.
 
     Every DvD server also serves the standard `grpc.health.v1.Health` (SERVING for "" and each of its
     services: Kubernetes gRPC probes and grpc_health_probe work unchanged) and server reflection
@@ -54,7 +58,8 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     that drains passes its own `health_servicer` and calls its `enter_graceful_shutdown()`, so
     probes see NOT_SERVING while in-flight work finishes."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes)])
+                                      ("grpc.max_send_message_length", max_message_bytes)],
+                             interceptors=list(interceptors) or None)
     recording = _Recording(server)
     register(recording)
     health_servicer = health_servicer or health.aio.HealthServicer()
@@ -90,13 +95,17 @@ def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], role: str) -> Any | None:
     """A `dvd vision` / `dvd language` process's config: from `--config FILE` or its flags, the shared
-    token read from its file or $DVD_TOKEN (never argv), the process pinned to its CPUs before any
-    model or thread pool exists. None after one line naming what was wrong (the caller exits 2)."""
+    token read from its file or $DVD_TOKEN (never argv; required to bind beyond loopback), its model
+    resolved to a directory (a Hub id: this role's files fetched, dvd/hub.py), the process
+    pinned to its CPUs before any model or thread pool exists. None after one line naming what was wrong
+    (the caller exits 2)."""
     import argparse
     import dataclasses
 
     from dvd.config_file import config_or_flags
     from dvd.cpus import pin_process
+    from dvd.hub import resolve_model
+    from dvd.internal_auth import require_credential
     from dvd.malloc import for_vision_batches, reuse_freed_memory
     from dvd.token_file import resolve_token
 
@@ -110,7 +119,10 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
         config: Any = config_or_flags(cls, args, parser, keep=("log_level",))
         token = resolve_token(config.transport.token, config.token_file)
         config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
-    except ValueError as exc:  # ConfigError included: one line naming the key
+        require_credential(config.bound_hosts(), token, role)
+        model = resolve_model(config.model, config.revision, roles=(role.split()[0],))  # this half's files only
+        config = dataclasses.replace(config, model=model.path, revision=model.revision)
+    except ValueError as exc:  # ConfigError and ModelNameError included: one line naming the key or the model
         print(f"error: {exc}", file=sys.stderr)
         return None
     pin_process(config.cpus, role)

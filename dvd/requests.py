@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dvd.sampling import SamplingParams
+from dvd.tracing import NO_CONTEXT, TraceContext
 
 if TYPE_CHECKING:  # dvd.prompt loads the tokenizer libraries; the types here need only its name
     from dvd.prompt import PromptTokens
@@ -98,10 +99,10 @@ class ChatRequest:
         """Feature slots of the prompt: one per image, one per sampled video frame."""
         return sum(m.num_slots for m in self.media)
 
-    def tokenized(self, prompt: PromptTokens) -> TokenizedRequest:
+    def tokenized(self, prompt: PromptTokens, trace: TraceContext = NO_CONTEXT) -> TokenizedRequest:
         """This request with its chat rendered and tokenized (`prompt`): what a backend runs."""
         return TokenizedRequest(request_id=self.request_id, prompt=prompt, media=self.media, sampling=self.sampling,
-                                max_num=self.max_num, timeout_s=self.timeout_s)
+                                max_num=self.max_num, timeout_s=self.timeout_s, trace=trace)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class TokenizedRequest:
     sampling: SamplingParams
     max_num: int | None = None  # most tiles per image; None = the checkpoint's
     timeout_s: float = 600.0
+    trace: TraceContext = NO_CONTEXT  # the gateway's span for it: its servers' spans join that trace
 
 
 @dataclass

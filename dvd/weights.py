@@ -53,23 +53,36 @@ class TensorSource:
     def file_of(self, key: str) -> Path:
         return self._file_of[key]
 
-    def _handle(self, key: str):  # safetensors does not export its handle type
+    def _open(self, key: str):  # safetensors does not export its handle type
+        file = self._file_of[key]
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in the index for {key!r} but missing")
+        return safe_open(str(file), framework="pt")
+
+    def _handle(self, key: str):
+        """A handle kept open, for headers (shapes) only: see `_reader`."""
         file = self._file_of[key]
         if file not in self._handles:
-            if not file.exists():
-                raise CheckpointError(f"{file}: listed in the index for {key!r} but missing")
-            self._handles[file] = safe_open(str(file), framework="pt")
+            self._handles[file] = self._open(key)
         return self._handles[file]
+
+    def _reader(self, key: str):
+        """A handle of its own for one read. safetensors' tensors are views of the handle's mapping of the file,
+        whose pages stay resident while the handle or a view lives: one handle kept for every read would hold
+        every page read so far until loading ends (a rank's peak twice its shard when converting dtypes)."""
+        return self._open(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        """The tensor, a view of the file's mapping (released with the view)."""
+        return self._reader(key).get_tensor(key)
 
     def get_part(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """[start, stop) of `key` along `dim`, read without the rest of it (a tensor-parallel rank's part)."""
-        return self._handle(key).get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+        """[start, stop) of `key` along `dim`, read without the rest of it (a tensor-parallel rank's part); a
+        view of the file's mapping, as `get`."""
+        return self._reader(key).get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
 
 
 @dataclass(frozen=True)
@@ -206,7 +219,8 @@ class Cut:
         if self.rank0_only:
             return tensor * (self.rank == 0)
         parts = [tensor.narrow(self.dim, start, stop - start) for start, stop in self.bounds(tensor.shape[self.dim])]
-        return torch.cat(parts, self.dim).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        # a copy, not a view (a row cut is already contiguous): the part must not keep the whole alive
+        return torch.cat(parts, self.dim) if len(parts) > 1 else parts[0].clone(memory_format=torch.contiguous_format)
 
 
 @dataclass(frozen=True)
@@ -415,7 +429,10 @@ def load_module(
             raise CheckpointError(
                 f"{ref.source.file_of(ref.key)}: key {ref.key!r} has shape {list(found)}, expected {list(want)}"
             )
-    state = {name: ref.read().to(device=device, dtype=dtype) for name, ref in refs.items()}
+    # copy=True: a tensor read in the checkpoint's dtype is still a view of the file's mapping; copied, the
+    # parameter owns its memory and the mapping goes with the view, so the host holds one tensor's file
+    # pages at a time instead of every page read (and a row-parallel part, a strided view, ends contiguous)
+    state = {name: ref.read().to(device=device, dtype=dtype, copy=True) for name, ref in refs.items()}
     module.load_state_dict(state, strict=False, assign=True)
 
 

@@ -2,7 +2,8 @@
 
 Loads only the LLM (no vision weights); serves the `Language` gRPC service (Generate, Abort, Health,
 Stats) and receives image features on its transport address (printed at start, and in Health).
-Prints `dvd language serving on HOST:PORT features on ADDRESS` once ready. SIGTERM or SIGINT drains
+Prints `dvd language serving on HOST:PORT features on ADDRESS` once ready (its Prometheus endpoint,
+`--metrics-port`, is logged and listed in Health). SIGTERM or SIGINT drains
 and exits 0.
 
 Examples:
@@ -30,22 +31,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def serve(config: LanguageServerConfig) -> int:
     from dvd.language_server.server import LanguageServer
+    from dvd.tracing import tracer_from_environment
 
     group = None
     if config.tensor_parallel > 1:
         from dvd.language_server.tp_serve import start_group
 
         group = start_group(config)
-    server = LanguageServer(config, engine=group.engine if group else None)
+    tracer = tracer_from_environment("language")  # OTEL_* as this process starts (dvd/tracing.py)
+    server = LanguageServer(config, engine=group.engine if group else None, tracer=tracer)
     await server.start()
     engine = server.engine.config  # as run: the device's defaults in place of zeros
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", engine.num_blocks, engine.block_size,
                 engine.kv_capacity_tokens, server.engine.kv_cache_bytes / 2**20)
+    if server.metrics_endpoint is not None:
+        logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)  # stdout's first line stays the ready line
     # what other nodes push to
     print(f"dvd language serving on {server.address} features on {server.transport_address}", flush=True)
     await until_stop_signal()
     logger.info("signal received: shutting down")
     await server.stop()
+    tracer.shutdown()
     if group is not None:
         group.stop()
     print("dvd language stopped", flush=True)

@@ -85,6 +85,7 @@ class Engine:
         self.stats = replace(self._counters)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stalled = False  # the last step found nothing to run: only a command can change that
+        self.last_batch = (0, 0)  # the last step's (requests, tokens): what metrics observe after it
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -153,6 +154,7 @@ class Engine:
             outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, self._sample(sampled, logits))
         # Nothing ran: only a command can change that (an encoder that ran may have left others for the next step)
         self._stalled = not batch.requests and encoded is None
+        self.last_batch = (len(batch.requests), batch.total_tokens)
         self._update_stats(batch.total_tokens)
         return outputs
 

@@ -16,9 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, deliver: Callable[[list[RequestOutput]], None]) -> None:
+    def __init__(self, engine: Engine, deliver: Callable[[list[RequestOutput]], None],
+                 on_step: Callable[[int, int, float, float], None] | None = None) -> None:
+        """`on_step(requests, tokens, start, end)`: called on the engine's thread after each step that ran a
+        batch (metrics)."""
         self.engine = engine
         self.deliver = deliver  # called on the event loop's thread
+        self.on_step = on_step
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop `start` was called on
         self._wake = threading.Event()
         self._stopping = False
@@ -60,11 +64,18 @@ class EngineLoop:
                 self._wake.clear()
                 self.seconds[idle] += time.monotonic() - started
                 continue
+            start = time.monotonic()
             try:
                 outputs = self.engine.step()
+                self._stepped(start)
             except Exception as error:  # one bad step must not kill the server: fail what was in it
                 logger.exception("engine step failed; failing every request in the engine")
                 outputs = self.engine.fail_all(f"engine step failed: {type(error).__name__}: {error}")
             self.seconds["busy"] += time.monotonic() - started
             if outputs and self.loop is not None:
                 self.loop.call_soon_threadsafe(self.deliver, outputs)
+
+    def _stepped(self, start: float) -> None:
+        num_requests, num_tokens = self.engine.last_batch
+        if self.on_step is not None and num_requests:
+            self.on_step(num_requests, num_tokens, start, time.monotonic())

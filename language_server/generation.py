@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from dvd.requests import FinishReason
 from dvd.sampling import SamplingParams
+from dvd.tracing import NO_CONTEXT, TraceContext
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class GenerateCall:
     segments: tuple[tuple[int, ...], ...]  # num_slots + 1 text pieces; slot i sits after segment i
     sampling: SamplingParams
     features_timeout_s: float  # how long its features may take to arrive (already within the call's deadline)
+    trace: TraceContext = NO_CONTEXT  # the Generate's span: its stages' spans are children of it
 
     @property
     def num_slots(self) -> int:

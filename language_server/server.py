@@ -22,17 +22,22 @@ from grpc_health.v1 import health
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import DuplicateRequestError, EngineFailedError, ReplicaBusyError, UnavailableError
+from dvd.internal_auth import ClusterCredential
 from dvd.language_server.engine import Engine
 from dvd.language_server.engine_loop import EngineLoop
 from dvd.language_server.feature_pool import FeaturePool
 from dvd.language_server.feeder import FeatureFeeder, Feed
 from dvd.language_server.generation import FirstTokenStamps, GenerateCall, GenerateOutput
+from dvd.language_server.metrics import LanguageMetrics
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest, RequestOutput
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.language_server.service import LanguageService
+from dvd.language_server.traces import record_receive_spans, record_stage_spans
+from dvd.metrics import MetricsEndpoint, serve_metrics
 from dvd.process import start_grpc_server
 from dvd.prompt import ChatFormat
+from dvd.tracing import NO_TRACER, Tracer
 from dvd.transport import create_receiver
 from dvd.v1 import language_pb2_grpc
 
@@ -47,10 +52,13 @@ class LanguageServer:
     """The gRPC server, the feature receiver and feeder, and the engine of one `dvd language` process."""
 
     def __init__(self, config: LanguageServerConfig, transport_options: dict[str, Any] | None = None,
-                 language: LanguageHalf | None = None, engine: Engine | None = None) -> None:
+                 language: LanguageHalf | None = None, engine: Engine | None = None,
+                 tracer: Tracer = NO_TRACER) -> None:
         """`language` lets a caller share an already-loaded model (tests); by default it is loaded here.
-        `engine`: an engine built by the caller (rank 0's of a tensor-parallel group, tp_serve.py)."""
+        `engine`: an engine built by the caller (rank 0's of a tensor-parallel group, tp_serve.py).
+        `tracer`: where each Generate's spans go (dvd/tracing.py)."""
         self.config = config
+        self.tracer = tracer
         info = open_checkpoint(config.model)
         self.chat = ChatFormat(info)
         if engine is None:
@@ -58,7 +66,9 @@ class LanguageServer:
             engine = Engine(language, config.engine)
         self.engine = engine
         self.receiver = create_receiver(config.receiver_transport, **(transport_options or {}))
-        self.engine_loop = EngineLoop(engine, self._deliver)
+        self.metrics = LanguageMetrics(self.counters)  # Prometheus, read at scrape time
+        self.metrics_endpoint: MetricsEndpoint | None = None  # where they are served, once started
+        self.engine_loop = EngineLoop(engine, self._deliver, self.metrics.observe_step)
         self.feeder = FeatureFeeder(FeaturePool(config.feature_pool_bytes, config.orphan_ttl_s), self.chat.image_tokens,
                                     engine.hidden_size, self.engine_loop.extend, engine.validate)
         self.service = LanguageService(self)
@@ -68,6 +78,8 @@ class LanguageServer:
         # leaves: the drain (and tests) wait on it for a state, never on time.
         self.state = asyncio.Condition()
         self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
+        # every method but Health needs the cluster's credential (dvd/internal_auth.py)
+        self.credential = ClusterCredential(config.transport.token, config.grpc_tls)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,7 +102,9 @@ class LanguageServer:
         self._server, self.port = await start_grpc_server(
             lambda server: language_pb2_grpc.add_LanguageServicer_to_server(self.service, server),
             self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
-            credentials=self.config.grpc_tls.server_credentials())
+            credentials=self.credential.server_credentials(), interceptors=self.credential.interceptors())
+        self.metrics_endpoint = serve_metrics(self.metrics.registry, self.config.metrics_port, self.config.host,
+                                      self.config.advertise_host, self.config.grpc_tls.pair)
 
     async def stop(self) -> None:
         """Drain: refuse new work, let running requests finish for `drain_timeout_s`, then fail what is left."""
@@ -103,6 +117,8 @@ class LanguageServer:
             await self._server.stop(FINAL_GRACE_S)
         self.engine_loop.stop()
         await self.receiver.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -133,9 +149,11 @@ class LanguageServer:
             await self._notify()
             if feed is not None:
                 await feed.run(call.features_timeout_s)
+                record_receive_spans(self.tracer, call.trace, feed.frames)
             waited_ms = _ms_since(t0)
             arrived = tuple(_ms_since(t0, f.arrived_at) if f.arrived_at else 0.0 for f in (feed.frames if feed else ()))
-            async with contextlib.aclosing(self._outputs(queue, request, t0, waited_ms, arrived, added_ms)) as outputs:
+            async with contextlib.aclosing(self._outputs(queue, request, call, t0, waited_ms, arrived,
+                                                         added_ms)) as outputs:
                 async for output in outputs:
                     in_engine = not output.finished
                     yield output
@@ -162,13 +180,14 @@ class LanguageServer:
         # Text alone is checked now (vocabulary, length), so a bad request fails before waiting for features.
         self.engine.validate([t for s in call.segments for t in s] or [0], 0)
 
-    async def _outputs(self, queue: asyncio.Queue[RequestOutput], request: EngineRequest, t0: float,
-                       waited_ms: float, arrived_ms: tuple[float, ...],
+    async def _outputs(self, queue: asyncio.Queue[RequestOutput], request: EngineRequest, call: GenerateCall,
+                       t0: float, waited_ms: float, arrived_ms: tuple[float, ...],
                        added_ms: float) -> AsyncGenerator[GenerateOutput, None]:
         """The engine's outputs for one request, stamped: the features wait on the first, the stage stamps on
         the first with a token (or the last), the finish and counts on the last."""
         features_wait_ms: float | None = waited_ms
         stamped = False
+        first: FirstTokenStamps | None = None
         while True:
             output = await queue.get()
             if output.error is not None:
@@ -177,12 +196,15 @@ class LanguageServer:
             if not stamped and (output.new_token_ids or output.finished):  # the first token's output
                 stamped = True
                 prefill = _ms_since(t0, request.first_scheduled_at) if request.first_scheduled_at else None
-                stamps = FirstTokenStamps(arrived_ms, added_ms, _ms_since(t0), prefill)
+                stamps = first = FirstTokenStamps(arrived_ms, added_ms, _ms_since(t0), prefill)
             if not output.finished:
                 yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps)
             else:
+                finished_ms = _ms_since(t0)
+                self.metrics.observe_request(first, waited_ms, finished_ms)
+                record_stage_spans(self.tracer, call.trace, t0, first, finished_ms)
                 yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps, output.finish_reason,
-                                     output.num_prompt_tokens, output.num_output_tokens, _ms_since(t0))
+                                     output.num_prompt_tokens, output.num_output_tokens, finished_ms)
                 return
             features_wait_ms = None
 
@@ -235,6 +257,8 @@ class LanguageServer:
         pool = self.feeder.pool
         counters = self.engine.stats.as_dict()
         counters |= {f"feature_pool_{k}": float(v) for k, v in vars(pool.stats).items()}
+        blocks = self.engine.stats
+        counters["kv_cache_usage"] = blocks.num_kv_blocks_used / blocks.num_kv_blocks if blocks.num_kv_blocks else 0.0
         counters |= {"feature_pool_bytes": float(pool.nbytes), "num_feature_pool_entries": pool.num_entries,
                      "num_waiting_for_features": float(len(self.feeder.waiting)),
                      "num_streams": float(len(self.streams)), "kv_cache_bytes": float(self.engine.kv_cache_bytes)}
@@ -243,4 +267,5 @@ class LanguageServer:
         receive_pool = getattr(self.receiver, "pool", None)  # the receive pool the frames' bytes live in
         if receive_pool is not None:
             counters["transport_pool_bytes_in_use"] = float(receive_pool.num_bytes_in_use)
+            counters["transport_pool_capacity_bytes"] = float(receive_pool.capacity_bytes)
         return counters

@@ -11,6 +11,7 @@ from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
 from dvd.language_server.config import EngineConfig
+from dvd.metrics import check_metrics_port
 from dvd.transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -19,11 +20,13 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 @dataclass(frozen=True)
 class LanguageServerConfig:
-    model: Path
+    model: Path  # a checkpoint directory, or a Hugging Face Hub id resolved to one at start (dvd/hub.py)
+    revision: str = ""  # the Hub id's branch, tag or commit; after resolving, the commit
     device: str = "cpu"
     dtype: str = ""  # "" = float32 on cpu, bfloat16 elsewhere
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = 0  # Prometheus /metrics (HTTP, HTTPS with grpc_tls): 0 = any free port, -1 = none
     # The feature receiver: kind (tcp or rdma), the address it binds, the token senders must present,
     # the receive pool. With rdma, frames land on `device` (GPU-direct where UCX can).
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -56,11 +59,17 @@ class LanguageServerConfig:
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        check_metrics_port(self.metrics_port)
         for name in ("feature_pool_bytes", "features_timeout_s", "orphan_ttl_s", "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+
+    def bound_hosts(self) -> tuple[str, ...]:
+        """What this server listens on, gRPC and features (beyond loopback, it needs the cluster's token:
+        dvd/internal_auth.py)."""
+        return (self.host, self.transport.host)
 
     @property
     def torch_dtype(self) -> Any:
@@ -93,7 +102,8 @@ class LanguageServerConfig:
         # the pooled features are the received frames: one budget for both
         pool_bytes = max(int(args.feature_pool_mib * MiB), MiB)
         return cls(
-            model=Path(args.model), device=args.device, dtype=args.dtype or "", host=args.host, port=args.port,
+            model=Path(args.model), revision=args.revision or "", device=args.device, dtype=args.dtype or "",
+            host=args.host, port=args.port, metrics_port=args.metrics_port,
             transport=TransportConfig(kind=args.transport, host=args.host, port=args.transport_port,
                                       receive_pool_bytes=pool_bytes, max_frame_bytes=pool_bytes // 2),
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
@@ -107,12 +117,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
                              "writes for its children); no other setting may be given with it")
-    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format); required without "
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
+                                        "(org/name: only the language half's files are fetched); required without "
                                         "--config")
+    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
+                                           "or commit (default main)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind, gRPC and transport (127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus /metrics port (0 picks a free one, printed at start and listed in the "
+                             "gateway's /v1/instances; -1: none)")
     parser.add_argument("--transport", default="tcp", help="feature transport: tcp or rdma (tcp)")
     parser.add_argument("--transport-port", type=int, default=0, help="transport port (0 picks; see Health)")
     parser.add_argument("--advertise-host", help="address other nodes reach this server (gRPC and features) at; "

@@ -11,6 +11,7 @@ engine, the features) is the server's (server.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import grpc
 from dvd.errors import DvdError, InvalidRequestError, rpc_metadata
 from dvd.language_server.generation import GenerateCall, GenerateOutput
 from dvd.sampling import SamplingParams
+from dvd.tracing import TraceContext
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 
 if TYPE_CHECKING:
@@ -59,14 +61,17 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
 
     async def Generate(self, request: language_pb2.LanguageGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[language_pb2.LanguageGenerateResponse]:
-        try:
-            call = self._call(request, context)
-            # closed on every way out, so the server frees what the request held at once
-            async with contextlib.aclosing(self.server.generate(call)) as outputs:
-                async for output in outputs:
-                    yield response_from(output)
-        except DvdError as error:
-            await self._fail(context, request.request_id, error)
+        parent = TraceContext.from_metadata(context.invocation_metadata())
+        with self.server.tracer.span("Generate", parent, kind="server", request_id=request.request_id,
+                                     num_images=request.num_images) as span:
+            try:
+                call = dataclasses.replace(self._call(request, context), trace=span.context)
+                # closed on every way out, so the server frees what the request held at once
+                async with contextlib.aclosing(self.server.generate(call)) as outputs:
+                    async for output in outputs:
+                        yield response_from(output)
+            except DvdError as error:
+                await self._fail(context, request.request_id, error)
 
     def _call(self, request: language_pb2.LanguageGenerateRequest, context: grpc.aio.ServicerContext) -> GenerateCall:
         if not request.request_id:
@@ -93,8 +98,11 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> Any:
         serving, detail = self.server.health()
         status = common_pb2.HealthResponse.SERVING if serving else common_pb2.HealthResponse.NOT_SERVING
+        endpoint = self.server.metrics_endpoint
         return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.server.config.model),
-                                         transport_address=self.server.transport_address)
+                                         transport_address=self.server.transport_address,
+                                         metrics_url=endpoint.url if endpoint else "",
+                                         revision=self.server.config.revision)
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.server.counters())

@@ -18,6 +18,7 @@ from dvd.pipeline.http_app import OpenAIFrontend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
 from dvd.process import start_grpc_server, until_stop_signal
+from dvd.tracing import NO_TRACER, Tracer, tracer_from_environment
 from dvd.v1 import generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,15 @@ class GatewayConfig:
 class Gateway:
     """Starts the frontends over a started backend; `serve_forever` runs until SIGINT/SIGTERM."""
 
-    def __init__(self, config: GatewayConfig, backend: Backend, keys: ApiKeys | None = None) -> None:
+    def __init__(self, config: GatewayConfig, backend: Backend, keys: ApiKeys | None = None,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.config = config
         self.backend = backend
         self.keys = keys or ApiKeys()
         self.tls = config.tls()
         self.scheme = "https" if self.tls else "http"
-        self.core = ServingCore(backend, config.max_concurrency)  # one admission count and metrics for both APIs
+        # one admission count, metrics and tracer for both APIs
+        self.core = ServingCore(backend, config.max_concurrency, tracer=tracer)
         self.frontend = OpenAIFrontend(self.core, config.limits, self.keys)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -103,8 +106,10 @@ async def run_gateway(command: str, config: GatewayConfig, backend: Backend, key
                       backend_started: Callable[[], Awaitable[None]] | None = None) -> int:
     """What `dvd serve` and `dvd gateway` do once configured: start the backend (then await
     `backend_started`, e.g. until servers it waits for answer), then the APIs; print where they listen
-    and `COMMAND: ready`; serve until SIGINT/SIGTERM; stop both."""
-    gateway = Gateway(config, backend, keys)
+    and `COMMAND: ready`; serve until SIGINT/SIGTERM; stop both. Traces go where the OTEL_* variables say
+    (dvd/tracing.py)."""
+    tracer = tracer_from_environment("gateway")
+    gateway = Gateway(config, backend, keys, tracer)
     try:
         await backend.start()
         if backend_started is not None:
@@ -121,4 +126,5 @@ async def run_gateway(command: str, config: GatewayConfig, backend: Backend, key
     finally:
         await gateway.stop()
         await backend.stop()
+        tracer.shutdown()
     return 0

@@ -32,7 +32,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF or GitHub InternVL format)")
+    parser.add_argument("--model", required=True, help="checkpoint directory (HF or GitHub InternVL format) or Hugging "
+                                                       "Face Hub id (org/name)")
+    parser.add_argument("--revision", default="", help="the Hub id's branch, tag or commit (default main)")
     parser.add_argument("--prompt", required=True, help="the user's message; <image> marks where an image goes")
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
                         help="an image file, in prompt order (repeat for several)")
@@ -97,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from dvd.hub import ModelNameError, resolve_model
     from dvd.pipeline.local import LocalPipeline
     from dvd.sampling import SamplingParams
 
     try:
+        model = resolve_model(args.model, args.revision).path
         images = []
         for name in args.image:
             try:
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise DvdError(f"--image {name}: {exc.strerror or exc}") from None
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
-        pipeline = LocalPipeline(args.model, device=args.device, dtype=dtype)
+        pipeline = LocalPipeline(model, device=args.device, dtype=dtype)
         frames = _video_frames(args, pipeline)
         sampling = SamplingParams(
             max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=args.temperature,
@@ -117,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
         result = pipeline.generate(_messages(args, len(frames)), images, sampling, max_num=args.max_num,
                                    thinking=args.thinking, frames=frames)
-    except DvdError as exc:
+    except (DvdError, ModelNameError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP frontend: `POST /v1/chat/completions` (SSE streaming or not),
-`GET /v1/models`, `GET /health`, `GET /metrics`, `GET /v1/instances` (the roster of servers).
+`GET /v1/models`, `GET /health`, `GET /metrics`, `GET /v1/instances` (the roster of servers), `GET
+/v1/scrape_targets` (the servers' own metrics endpoints, for Prometheus' HTTP service discovery).
 
 With API keys configured (pipeline/auth.py) every path but `/health` needs `Authorization: Bearer
 KEY`, else 401. A body is refused (413) past `max_body_bytes` before it is read; JSON parsing and
@@ -16,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.parse
 from typing import Any
 
 from aiohttp import web
@@ -40,6 +42,18 @@ def error_body(error: DvdError) -> dict[str, Any]:
     status = error.http_status
     return {"error": {"message": str(error), "type": _ERROR_TYPES.get(status, "server_error"), "param": error.param,
                       "code": status}}
+
+
+def scrape_targets(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prometheus http_sd target groups, one per server that serves metrics, labelled with its role and address."""
+    groups = []
+    for entry in instances:
+        url = urllib.parse.urlsplit(entry.get("metrics_url", ""))
+        if url.netloc:
+            groups.append({"targets": [url.netloc], "labels": {
+                "__scheme__": url.scheme, "__metrics_path__": url.path or "/metrics", "dvd_role": entry["kind"],
+                "dvd_address": entry["address"]}})
+    return groups
 
 
 OPEN_PATHS = frozenset({"/health"})  # probes need no key; everything else does when keys are set
@@ -71,6 +85,7 @@ class OpenAIFrontend:
             web.get("/health", self.health),
             web.get("/metrics", self.metrics_endpoint),
             web.get("/v1/instances", self.instances),
+            web.get("/v1/scrape_targets", self.scrape_targets),
         ])
         return app
 
@@ -87,7 +102,13 @@ class OpenAIFrontend:
         """The backend's servers (health, load, address); empty for a backend with none (coupled)."""
         return web.json_response({"object": "list", "data": self.backend.instances()})
 
+    async def scrape_targets(self, request: web.Request) -> web.Response:
+        """The servers' own metrics endpoints as Prometheus HTTP service discovery reads them (`http_sd_configs`,
+        deploy/prometheus.yml): replicas an autoscaler adds are scraped without editing a file."""
+        return web.json_response(scrape_targets(self.backend.instances()))
+
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        await self.backend.refresh_stats()  # the servers' counters as of this scrape
         return web.Response(body=self.core.metrics.render(), content_type="text/plain", charset="utf-8")
 
     def _error(self, exc: BaseException) -> web.Response:

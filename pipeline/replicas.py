@@ -19,7 +19,9 @@ from typing import Any
 
 import grpc
 
+from dvd.config_file import ConfigError
 from dvd.errors import UnavailableError
+from dvd.internal_auth import ClusterCredential
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,15 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.keepalive
                    ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
+_SAID_WHY = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # a deployment fault: say what
+
+
+def _probe_failure(err: grpc.aio.AioRpcError | TimeoutError, timeout_s: float) -> str:
+    if not isinstance(err, grpc.aio.AioRpcError):
+        return f"no answer in {timeout_s:g}s"
+    return f"{err.code().name}: {err.details()}" if err.code() in _SAID_WHY else err.code().name
+
+
 @dataclass(eq=False)
 class Work:
     """One call (or task) in flight on a replica; `lost` once the replica left rotation and cancelled it."""
@@ -69,6 +80,7 @@ class Replica:
     pid: int | None = None  # the server's process, where the deployment that started it says (dvd serve)
     exit_code: int | None = None  # set by that deployment when the process exited: out for good
     transport_address: str = ""  # language replicas: where features are pushed
+    metrics_url: str = ""  # the server's own Prometheus endpoint, as its Health says
     healthy: bool = False  # in rotation
     num_outstanding: int = 0
     counters: dict[str, float] = field(default_factory=dict)
@@ -78,14 +90,17 @@ class Replica:
     state: str = "not probed yet"  # why it is in or out of rotation, for /v1/instances and logs
     last_probe_ms: float = 0.0
     num_calls_failed: int = 0  # calls failed because this replica left rotation while serving them
-    credentials: grpc.ChannelCredentials | None = None  # TLS to this server (dvd/grpc_tls.py); None: plain text
+    # the cluster's credential this gateway presents (dvd/internal_auth.py): mutual TLS, signed calls, or none
+    credential: ClusterCredential = field(default_factory=ClusterCredential)
+    # vision replicas: the language servers' transport addresses this server was told it may push to
+    # (forgotten when it leaves rotation: it may come back as a new process that knows none)
+    allowed_destinations: set[str] = field(default_factory=set)
+    revision: str = ""  # the checkpoint commit the server reports in Health ("" where it has none)
+    expected_revision: str = ""  # the gateway's own: a server on another is kept out of rotation
     _work: set[Work] = field(default_factory=set)
 
     def connect(self) -> None:
-        if self.credentials is not None:
-            self.channel = grpc.aio.secure_channel(self.address, self.credentials, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.channel = self.credential.channel(self.address, CHANNEL_OPTIONS)
         self.stub = STUBS[self.kind](self.channel)
 
     async def close(self) -> None:
@@ -109,7 +124,7 @@ class Replica:
             health, stats = await asyncio.wait_for(self._probe(), timeout_s)
         except (grpc.aio.AioRpcError, TimeoutError) as err:
             self.consecutive_failures += 1
-            cause = err.code().name if isinstance(err, grpc.aio.AioRpcError) else f"no answer in {timeout_s:g}s"
+            cause = _probe_failure(err, timeout_s)
             if self.consecutive_failures >= fail_threshold:
                 if self.healthy:
                     log.warning("%s server %s: %d health probes in a row failed (last: %s); out of rotation",
@@ -122,7 +137,11 @@ class Replica:
         self.last_probe_ms = (time.perf_counter() - t0) * 1e3
         self.consecutive_failures = 0
         self.transport_address = health.transport_address or self.transport_address
+        self.metrics_url = health.metrics_url
         self.counters = dict(stats.counters)
+        self.revision = health.revision
+        if self._other_revision():
+            return False
         if health.status != common_pb2.HealthResponse.SERVING:
             if self.healthy:
                 log.warning("%s server %s says %s; out of rotation", self.kind, self.address, health.detail)
@@ -134,15 +153,36 @@ class Replica:
         self.healthy, self.state = True, "serving"
         return True
 
+    def _other_revision(self) -> bool:
+        """A server on another checkpoint revision than this gateway's (both known) stays out, naming both:
+        every node must serve the same weights."""
+        if not (self.revision and self.expected_revision) or self.revision == self.expected_revision:
+            return False
+        reason = f"serves checkpoint revision {self.revision}, this gateway revision {self.expected_revision}"
+        if self.state != reason:
+            log.error("%s server %s %s: kept out of rotation", self.kind, self.address, reason)
+        self._out(reason)
+        return True
+
     async def _probe(self) -> tuple[Any, Any]:
         health = await self.stub.Health(common_pb2.HealthRequest())
         stats = await self.stub.Stats(common_pb2.StatsRequest())
         return health, stats
 
+    async def refresh_counters(self, timeout_s: float) -> None:
+        """The server's counters as of now (a Stats call), for a scrape of the gateway's /metrics; a server
+        that does not answer in `timeout_s` keeps its last probe's (its health is the probes' business)."""
+        if not self.healthy or self.stub is None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+            stats = await asyncio.wait_for(self.stub.Stats(common_pb2.StatsRequest()), timeout_s)
+            self.counters = dict(stats.counters)
+
     def _out(self, reason: str, fail_inflight: bool = True) -> None:
         """Out of rotation; requests it is serving fail now, naming why, instead of at their deadline
         (a hung server would hold them that long)."""
         self.healthy, self.state = False, reason
+        self.allowed_destinations.clear()
         if fail_inflight:
             for work in self._work:
                 if not work.lost:
@@ -181,6 +221,10 @@ class Replica:
                                "counters": self.counters}
         if self.kind == "language":
             out["transport_address"] = self.transport_address
+        if self.metrics_url:
+            out["metrics_url"] = self.metrics_url
+        if self.revision:
+            out["revision"] = self.revision
         if self.pid is not None:
             out["pid"] = self.pid
         return out
@@ -189,9 +233,13 @@ class Replica:
 class ReplicaPool:
     """Replicas of one kind. `pick` takes the healthy one with the least outstanding work."""
 
-    def __init__(self, kind: str, replicas: Sequence[Replica]) -> None:
+    def __init__(self, kind: str, replicas: Sequence[Replica], credential: ClusterCredential | None = None,
+                 revision: str = "") -> None:
         self.kind = kind
         self.replicas = list(replicas)
+        # how servers that join later are dialled, and the checkpoint revision they must serve
+        self.credential = credential or ClusterCredential()
+        self.revision = revision
 
     def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
         candidates = [r for r in self.replicas if r.healthy and r not in exclude]
@@ -210,6 +258,46 @@ class ReplicaPool:
         await asyncio.gather(*(r.check(probe.timeout_s, probe.fail_threshold) for r in self.replicas))
 
 
-def attached(kind: str, addresses: Sequence[str], credentials: grpc.ChannelCredentials | None = None) -> ReplicaPool:
-    """A pool of servers by their gRPC addresses (over TLS with `credentials`)."""
-    return ReplicaPool(kind, [Replica(kind=kind, address=a, credentials=credentials) for a in addresses])
+def attached(kind: str, addresses: Sequence[str], credential: ClusterCredential | None = None,
+             revision: str = "") -> ReplicaPool:
+    """A pool of servers by their gRPC addresses, dialled presenting `credential`; a server that serves another
+    checkpoint revision than `revision` (where both are known) is kept out of rotation."""
+    credential = credential or ClusterCredential()
+    return ReplicaPool(kind, [Replica(kind=kind, address=a, credential=credential, expected_revision=revision)
+                              for a in addresses], credential, revision)
+
+
+# --- roster changes: servers a deployment adds or takes away while the gateway runs (dvd cluster's autoscaler)
+def check_address(address: str, where: str) -> None:
+    """A server's gRPC address as a roster lists it: HOST:PORT; ConfigError naming `where` otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: {address!r} is not HOST:PORT")
+
+
+def join(pool: ReplicaPool, address: str) -> Replica:
+    """A server that joins the pool: connected now, in rotation once it answers a probe."""
+    replica = Replica(kind=pool.kind, address=address, credential=pool.credential,
+                      expected_revision=pool.revision)
+    replica.connect()
+    pool.replicas.append(replica)
+    return replica
+
+
+def leave(pool: ReplicaPool, address: str) -> Replica:
+    """A server that leaves the pool: no new work from now on (no pick, no probe sees it); the calls it holds
+    go on (`drained` waits for them), since a server that leaves a roster is drained, not failed."""
+    replica = pool.by_address(address)
+    pool.replicas.remove(replica)
+    replica.state = "leaving the roster"
+    return replica
+
+
+async def drained(replicas: Sequence[Replica], timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Whether every one of `replicas` finished the calls it held within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while any(r.num_outstanding for r in replicas):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)  # the calls end on their own schedule; nothing to wait on but their count
+    return True

@@ -83,10 +83,12 @@ class RequestFlow:
         """Generate and, with media, Encode leave together: the two stages overlap from the start."""
         stub: Any = self.language.stub
         self.stamps.marks["dispatch"] = time.time()
-        self.call = stub.Generate(language_request(self.request), timeout=self.request.timeout_s)
+        trace = self.request.trace.metadata()  # the servers' spans join the request's trace
+        self.call = stub.Generate(language_request(self.request), timeout=self.request.timeout_s, metadata=trace)
         if self.request.media:
             call = encode_request(self.request, self.language.transport_address)
-            self.encode = asyncio.create_task(self.router.encode(call, self.request.timeout_s, self.stamps.marks))
+            self.encode = asyncio.create_task(self.router.encode(call, self.request.timeout_s, self.stamps.marks,
+                                                                 trace))
             self.encode.add_done_callback(self._encoded)
 
     def _encoded(self, task: asyncio.Task) -> None:

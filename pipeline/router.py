@@ -1,6 +1,9 @@
 """Which replica serves each call of a request, and what happens when one cannot.
 
-Every call goes to the least loaded healthy replica of its pool (`ReplicaPool.pick`). A replica at its
+A Generate goes to the least loaded healthy language replica (`ReplicaPool.pick`). An Encode goes where
+its images' features likely are: each image to the vision replica its content hashes to, under a load
+bound, else the least loaded (`pipeline/affinity.py`), a request with images at several homes split into a
+call per home (never with ViR, which decides over a whole request). A replica at its
 in-flight limit refuses a call as busy (`ReplicaBusyError`): busy is not failed, so it stays in
 rotation and the call goes to the next replica, and only when every healthy one refused is the
 answer 429. A language call is moved only while nothing of it reached the client. An Encode that
@@ -10,15 +13,17 @@ sent once more to another replica as a new `attempt`; any other error is the req
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
 
 from dvd.errors import DvdError, ReplicaBusyError, UnavailableError, from_rpc_error
+from dvd.pipeline.affinity import AffinityRing, EncodePart, plan_encode
 from dvd.pipeline.replicas import Replica, ReplicaPool
 from dvd.v1 import vision_pb2
 
@@ -47,21 +52,51 @@ class RefusedBusy(Exception):
         self.error = error
 
 
-def pick_not_busy(pool: ReplicaPool, tried: list[Replica]) -> Replica:
-    """The least loaded healthy replica not tried yet for this request; ReplicaBusyError (429) when every
-    healthy replica was tried (those that said busy are still in rotation: busy is not failed)."""
+def untried(pool: ReplicaPool, tried: list[Replica]) -> list[Replica]:
+    """The healthy replicas not tried yet for this request; ReplicaBusyError (429) when every healthy replica
+    was tried (those that said busy are still in rotation: busy is not failed), UnavailableError (503) when
+    none is healthy."""
     healthy = [r for r in pool.replicas if r.healthy]
     if tried and healthy and all(r in tried for r in healthy):
         raise ReplicaBusyError(f"every healthy {pool.kind} replica ({len(healthy)}) is at its in-flight limit; "
                                "retry later")
+    if not healthy:
+        raise UnavailableError(f"no healthy {pool.kind} replica ({len(pool.replicas)} configured)")
+    return [r for r in healthy if r not in tried]
+
+
+def pick_not_busy(pool: ReplicaPool, tried: list[Replica]) -> Replica:
+    """The least loaded healthy replica not tried yet for this request (see `untried`)."""
+    untried(pool, tried)
     return pool.pick(exclude=tried)
+
+
+async def _together(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every call's answer, run at once; the first to fail fails them all (the rest are cancelled)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def merged(request_id: str, answers: list[vision_pb2.EncodeResponse]) -> vision_pb2.EncodeResponse:
+    """A split Encode's answers as one: every slot (the request's numbers), the slowest call's time."""
+    slots = sorted((s for a in answers for s in a.slots), key=lambda s: s.slot)
+    return vision_pb2.EncodeResponse(request_id=request_id, slots=slots, elapsed_ms=max(a.elapsed_ms for a in answers))
 
 
 class Router:
     """Routes the calls of every request over one vision and one language pool, and counts its retries."""
 
-    def __init__(self, vision: ReplicaPool, language: ReplicaPool) -> None:
+    def __init__(self, vision: ReplicaPool, language: ReplicaPool, split_images: bool = True) -> None:
+        """`split_images`: a request's images may go to several vision replicas (False for ViR checkpoints)."""
         self.vision, self.language = vision, language
+        self.split_images = split_images
+        self.ring = AffinityRing()
+        self.num_encode_splits = 0  # Encodes sent as several calls, their images at several homes
         self.num_encode_retries = 0
         self.num_busy_retries = 0  # calls sent to another replica because one was at its in-flight limit
 
@@ -88,20 +123,36 @@ class Router:
             refused.append(replica)
             self._busy(replica, request_id)
 
-    async def encode(self, call: vision_pb2.EncodeRequest, timeout_s: float,
-                     marks: dict[str, float]) -> vision_pb2.EncodeResponse:
-        """`call`'s answer from the least loaded healthy vision replica that takes it (see the module
-        docstring); sets `call.attempt` for each try. Marks `encode_start` and `encode_answered`."""
+    async def encode(self, call: vision_pb2.EncodeRequest, timeout_s: float, marks: dict[str, float],
+                     metadata: tuple[tuple[str, str], ...] = ()) -> vision_pb2.EncodeResponse:
+        """`call`'s answer: from the vision replica its images' content hashes to, or from one per home when
+        they have several (see the module docstring). Marks `encode_start` and `encode_answered`.
+        `metadata`: sent with every call (the request's trace context)."""
+        parts = plan_encode(call, self.ring, self.vision.replicas, self.split_images)
+        if len(parts) == 1:
+            return await self._encode_part(parts[0], timeout_s, marks, metadata)
+        self.num_encode_splits += 1
+        part_marks: list[dict[str, float]] = [{} for _ in parts]
+        answers = await _together([self._encode_part(part, timeout_s, mine, metadata)
+                                   for part, mine in zip(parts, part_marks, strict=True)])
+        marks["encode_start"] = min(m["encode_start"] for m in part_marks)
+        marks["encode_answered"] = max(m["encode_answered"] for m in part_marks)
+        return merged(call.request_id, answers)
+
+    async def _encode_part(self, part: EncodePart, timeout_s: float, marks: dict[str, float],
+                           metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
+        """One call's answer from the replica its key picks that takes it; sets `call.attempt` for each try."""
+        call = part.call
         tried: list[Replica] = []
         retried = False
         while True:
-            replica = pick_not_busy(self.vision, tried)
+            replica = self.ring.pick(part.key, self.vision.replicas, untried(self.vision, tried))
             tried.append(replica)
             # A retry is a new attempt: the frames the lost replica did send stand, the retry's are not refused
             # as their duplicates (the language server keeps one per image and frees the other).
             call.attempt = len(tried) - 1
             try:
-                return await self._encode_on(replica, call, timeout_s, marks)
+                return await self._encode_on(replica, call, timeout_s, marks, metadata)
             except ReplicaBusyError:
                 self._busy(replica, call.request_id)
             except _EncodeFailed as failed:
@@ -112,18 +163,11 @@ class Router:
                 log.warning("%s: Encode failed on %s (%s); retrying once on another replica",
                             call.request_id, replica.address, failed.reason)
 
-    @staticmethod
-    async def _encode_on(replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
-                         marks: dict[str, float]) -> vision_pb2.EncodeResponse:
+    async def _encode_on(self, replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
+                         marks: dict[str, float], metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
         """One try: the answer, ReplicaBusyError, _EncodeFailed (worth another replica), or the error."""
-        stub: Any = replica.stub
-        rpc = stub.Encode(call, timeout=timeout_s)
         try:
-            async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
-                marks["encode_start"] = time.time()
-                response = await rpc
-                marks["encode_answered"] = time.time()
-                return response
+            return await self._encode_allowed(replica, call, timeout_s, marks, metadata)
         except grpc.aio.AioRpcError as err:
             error = from_rpc_error(err, f"vision ({replica.address})")
             if isinstance(error, ReplicaBusyError) or err.code() not in _RETRYABLE:
@@ -131,6 +175,49 @@ class Router:
             raise _EncodeFailed(error, err.code().name) from None
         except UnavailableError as lost:  # out of rotation while encoding: another replica may serve it
             raise _EncodeFailed(lost, "left rotation") from None
+
+    async def _encode_allowed(self, replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
+                              marks: dict[str, float],
+                              metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
+        """Encode on `replica`, which was told first that the destination is one of our language servers (a
+        vision server pushes nowhere else); told again and asked once more if it refuses the destination (a
+        vision server restarted between two probes knows none)."""
+        await self._allow(replica, call.destination, timeout_s)
+        try:
+            return await self._encode_call(replica, call, timeout_s, marks, metadata)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            log.warning("vision server %s does not know destination %s (restarted?): telling it again",
+                        replica.address, call.destination)
+            replica.allowed_destinations.clear()
+        await self._allow(replica, call.destination, timeout_s)
+        return await self._encode_call(replica, call, timeout_s, marks, metadata)
+
+    async def _allow(self, replica: Replica, destination: str, timeout_s: float) -> None:
+        """Announce every known language server's transport address (with `destination`) to a vision server
+        that was not told of `destination` yet (Vision.AllowDestinations, over the authenticated channel)."""
+        if destination in replica.allowed_destinations:
+            return
+        known = {r.transport_address for r in self.language.replicas if r.transport_address} | {destination}
+        stub: Any = replica.stub
+        rpc = stub.AllowDestinations(vision_pb2.AllowDestinationsRequest(destinations=sorted(known)),
+                                     timeout=timeout_s)
+        async with replica.in_use(rpc):
+            await rpc
+        replica.allowed_destinations |= known
+
+    @staticmethod
+    async def _encode_call(replica: Replica, call: vision_pb2.EncodeRequest, timeout_s: float,
+                           marks: dict[str, float], metadata: tuple[tuple[str, str], ...]) -> vision_pb2.EncodeResponse:
+        """`metadata`: the request's trace context; the cluster credential is the channel's own."""
+        stub: Any = replica.stub
+        rpc = stub.Encode(call, timeout=timeout_s, metadata=metadata)
+        async with replica.in_use(rpc):  # leaving rotation fails this Encode at once, naming why
+            marks["encode_start"] = time.time()
+            response = await rpc
+            marks["encode_answered"] = time.time()
+            return response
 
     def _busy(self, replica: Replica, request_id: str) -> None:
         """`replica` refused a call at its in-flight limit; it stays in rotation for other requests."""

@@ -27,6 +27,7 @@ from dvd.pipeline.metrics import GatewayMetrics
 from dvd.pipeline.validate import ApiLimits, build_chat_request
 from dvd.prompt import ChatFormat
 from dvd.requests import ChatFields, ChatRequest, FinishReason, GenerationEvent, StageTimings, TokenizedRequest
+from dvd.tracing import NO_TRACER, Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ def as_dvd_error(exc: BaseException) -> DvdError:
 class TextStream:
     """One admitted request's text, delta by delta; closing it early aborts the request on the backend."""
 
-    def __init__(self, backend: Backend, chat: ChatFormat, metrics: GatewayMetrics, request: ChatRequest) -> None:
+    def __init__(self, backend: Backend, chat: ChatFormat, metrics: GatewayMetrics, request: ChatRequest,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.backend, self.chat, self.metrics, self.request = backend, chat, metrics, request
+        self.tracer = tracer
         self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings)
         self.outcome: Outcome | None = None
         self._deltas = self._run()
@@ -76,16 +79,28 @@ class TextStream:
         """Stop early (a no-op once finished): the backend aborts the request and frees what it held."""
         await self._deltas.aclose()
 
-    async def _tokenized(self) -> TokenizedRequest:
+    async def _tokenized(self, span: Span) -> TokenizedRequest:
         """The request as the backend takes it: the chat rendered with the checkpoint's template and
         tokenized, in a worker thread (a long prompt never stalls other requests)."""
         request = self.request
         prompt = await asyncio.to_thread(self.chat.build, list(request.messages), request.num_slots,
                                          thinking=request.thinking)
-        return request.tokenized(prompt)
+        return request.tokenized(prompt, span.context)
 
     async def _run(self) -> AsyncGenerator[Delta, None]:
-        events = self.backend.generate(await self._tokenized())
+        """The request's deltas, under its trace's root span (the servers' spans join it)."""
+        request = self.request
+        with self.tracer.span("chat", kind="server", request_id=request.request_id, model=request.model,
+                              num_slots=request.num_slots) as span:
+            async with contextlib.aclosing(self._deltas_of(span)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            if self.outcome is not None:
+                span.set(finish_reason=self.outcome.finish_reason.value, prompt_tokens=self.outcome.num_prompt_tokens,
+                         completion_tokens=self.outcome.num_completion_tokens)
+
+    async def _deltas_of(self, span: Span) -> AsyncGenerator[Delta, None]:
+        events = self.backend.generate(await self._tokenized(span))
         num_tokens, last = 0, GenerationEvent(token_ids=[])
         async with contextlib.aclosing(events):  # an early end aborts the request on the backend at once
             async for event in events:
@@ -109,8 +124,10 @@ class ServingCore:
     """The chat format, admission and metrics for every request the gateway serves, whichever API it
     came through. `chat`: the checkpoint's (read from `backend.model_path` when not given)."""
 
-    def __init__(self, backend: Backend, max_concurrency: int, chat: ChatFormat | None = None) -> None:
+    def __init__(self, backend: Backend, max_concurrency: int, chat: ChatFormat | None = None,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.backend = backend
+        self.tracer = tracer  # each request's root span
         self.chat = chat if chat is not None else ChatFormat(open_checkpoint(backend.model_path))
         self.max_concurrency = max_concurrency
         self.num_in_flight = 0
@@ -131,7 +148,7 @@ class ServingCore:
         if self.num_in_flight >= self.max_concurrency:
             raise OverloadedError(f"{self.num_in_flight} requests in flight, the limit is {self.max_concurrency}")
         self.num_in_flight += 1
-        stream = TextStream(self.backend, self.chat, self.metrics, request)
+        stream = TextStream(self.backend, self.chat, self.metrics, request, self.tracer)
         try:
             yield stream
         finally:

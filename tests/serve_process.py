@@ -14,16 +14,24 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import grpc
 import psutil
+import yaml
+
+from dvd.internal_auth import CREDENTIAL_METADATA, CallSigner
 
 _LISTEN = re.compile(r"OpenAI API at (https?)://([\d.]+):(\d+)/v1, gRPC at ([\d.]+):(\d+)")
 
 
 class ServeProcess:
-    def __init__(self, *args: str, ready_timeout_s: float = 240.0, command: str = "serve") -> None:
-        """`command`: `serve`, or `gateway` for a gateway over servers started elsewhere."""
+    def __init__(self, *args: str, ready_timeout_s: float = 240.0, command: str = "serve",
+                 env: dict[str, str] | None = None) -> None:
+        """`command`: `serve`, or `gateway` for a gateway over servers started elsewhere; `env`: added to
+        this process's environment for it."""
         self.command = command
+        self.env = env or {}
         self.args = [command, "--port", "0", "--grpc-port", "0", *args]
         self.ready_timeout_s = ready_timeout_s
         self.lines: list[str] = []
@@ -32,7 +40,7 @@ class ServeProcess:
         self._ready = threading.Event()
 
     def __enter__(self) -> ServeProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen([sys.executable, "-m", "dvd", *self.args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).parents[1])
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -61,6 +69,16 @@ class ServeProcess:
         except psutil.NoSuchProcess:
             return []
 
+    def cluster_token(self) -> str:
+        """The shared token `dvd serve` handed its children (read from a child's private config file, as
+        only this user can): what a test presents to call a child's gRPC directly."""
+        for child in self.children():
+            command = child.cmdline()
+            if "--config" in command:
+                config = yaml.safe_load(Path(command[command.index("--config") + 1]).read_text())
+                return str(config["transport"]["token"])
+        raise RuntimeError("no child with a config file")
+
     def __exit__(self, *exc: object) -> None:
         children = self.children()
         terminate(self.proc)
@@ -73,6 +91,38 @@ class ServeProcess:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+
+def signed(token: str, method: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying the cluster's per-call credential for `method` ("/dvd.v1.Language/Stats"), as the
+    gateway's channels add it (dvd/internal_auth.py); for tests' own blocking stubs."""
+    return ((CREDENTIAL_METADATA, CallSigner(token).sign(method)),)
+
+
+class _Signing(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), *signed(self.token, details.method)]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, details: Any, metadata: Any) -> None:
+        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
+        self.wait_for_ready, self.compression, self.metadata = details.wait_for_ready, details.compression, metadata
+
+
+def signed_channel(address: str, token: str) -> grpc.Channel:
+    """A blocking channel to a DvD server whose every call carries the cluster's credential made from `token`."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _Signing(token))
 
 
 def terminate(proc: subprocess.Popen, timeout_s: float = 60) -> int:

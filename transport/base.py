@@ -38,6 +38,7 @@ class Frame:
     tensor: torch.Tensor
     source: str
     arrived_at: float = 0.0  # time.monotonic() it was taken in (stamped by the language server's pool loop)
+    header_at: float = 0.0  # time.monotonic() its header was read, where the transport stamps it (tcp): 0 if not
 
     def release(self) -> None:
         self.tensor = torch.empty(0, dtype=self.tensor.dtype)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 
 from dvd.transport import handshake, stream
 from dvd.transport.base import END_OF_FRAMES, Frame, Receiver, tensor_on, verify_checksum
@@ -104,7 +105,7 @@ class _Inbound:
         self.sock.settimeout(None)
 
     def _receive_frame(self, header: FeatureHeader) -> None:
-        receiver = self.receiver
+        receiver, header_at = self.receiver, time.monotonic()
         if header.nbytes > receiver.config.max_frame_bytes:
             raise ProtocolError(f"frame of {header.nbytes} bytes over the {receiver.config.max_frame_bytes} limit")
         self.waiting_on_pool = True
@@ -127,7 +128,7 @@ class _Inbound:
             logger.error("duplicate frame %s from %s refused; the first one stands", header.key, self.peer)
             self.control(Reject(header.request_id, header.slot, "duplicate (request_id, slot)"))
             return
-        frame = Frame(header, tensor_on(buffer, header), self.peer)
+        frame = Frame(header, tensor_on(buffer, header), self.peer, header_at=header_at)
         del buffer
         receiver.stats.num_frames += 1
         receiver.stats.num_bytes += header.nbytes

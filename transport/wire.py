@@ -15,11 +15,13 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from dvd.tracing import TRACEPARENT_FORMAT
 from dvd.transport.errors import ProtocolError
 
-# 2: a frame's image is named `slot` (key "slot"; 1 called it image_index, key "img"). Both ends must speak
-# the same version: the handshake refuses any other, naming both.
-PROTOCOL_VERSION = 2
+# 2: a frame's image is named `slot` (key "slot"; 1 called it image_index, key "img"). 3: a frame carries its
+# request's trace context (key "tp", W3C traceparent, "" when untraced). Both ends must speak the same version:
+# the handshake refuses any other, naming both.
+PROTOCOL_VERSION = 3
 LENGTH_PREFIX = struct.Struct("<I")
 # Headers are tiny (< 200 bytes); a length far beyond that is garbage, refused before allocating.
 MAX_HEADER_BYTES = 64 * 1024
@@ -82,6 +84,9 @@ class FeatureHeader:
     # Which try of the request's Encode sent this frame: 0 first; a retry on another vision replica counts up,
     # so its frames are not refused as the first try's duplicates (the language server keeps one per image).
     attempt: int = 0
+    # The sender's span for this frame (W3C traceparent), so the receiver's span joins the request's trace
+    # (dvd/tracing.py); "" when the request is not traced.
+    trace_parent: str = ""
 
     def __post_init__(self) -> None:
         # Validated on construction too, so a sender cannot build a header a receiver would refuse.
@@ -104,6 +109,8 @@ class FeatureHeader:
         _check(self.content_key is None or (type(self.content_key) is bytes and 1 <= len(self.content_key) <= 64),
                "content_key must be None or 1..64 bytes")
         _int(self.attempt, "attempt", 0, 1 << 16)
+        _check(self.trace_parent == "" or (type(self.trace_parent) is str and bool(
+            TRACEPARENT_FORMAT.match(self.trace_parent))), "trace_parent must be \"\" or a W3C traceparent")
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -122,6 +129,7 @@ class FeatureHeader:
             "crc": self.checksum,
             "ck": self.content_key,
             "at": self.attempt,
+            "tp": self.trace_parent,
         }
 
     @classmethod
@@ -130,7 +138,7 @@ class FeatureHeader:
         _int(m["v"], "version")
         try:
             return cls(m["rid"], m["slot"], m["tpt"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["v"], m["ck"],
-                       m.get("at", 0))
+                       m["at"], m["tp"])
         except TypeError as error:  # e.g. an unhashable dtype value
             raise ProtocolError(f"bad feature header: {error}") from None
 

@@ -96,8 +96,11 @@ class _Pending:
 class Batcher:
     """Feeds one worker per model replica (device) from one FCFS queue of tiles."""
 
-    def __init__(self, replicas: Sequence[VisionHalf], max_batch_tiles: int, max_wait_ms: float) -> None:
+    def __init__(self, replicas: Sequence[VisionHalf], max_batch_tiles: int, max_wait_ms: float,
+                 on_batch: Callable[[int, float, float], None] | None = None) -> None:
+        """`on_batch(num_tiles, start, end)`: called from the device's thread after each forward pass (metrics)."""
         self.replicas = list(replicas)
+        self.on_batch = on_batch
         self.max_batch_tiles = max_batch_tiles
         self.max_wait_s = max_wait_ms / 1000
         self.stats = BatcherStats()
@@ -218,6 +221,8 @@ class Batcher:
             probs, features = half.gate(grid), None
         else:
             probs, features = None, half.project(grid)
+        if self.on_batch is not None:
+            self.on_batch(pixels.shape[0], now, time.monotonic())
         row = 0
         for item, start, stop in batch:
             n = stop - start

@@ -2,7 +2,8 @@
 
 Loads only the vision tower, projector and (Flash checkpoints) ViR; serves the `Vision` gRPC service
 (Encode, Health, Stats); pushes each image's BF16 features to the destination named in Encode.
-Prints `dvd vision serving on HOST:PORT` once ready. SIGTERM or SIGINT drains and exits 0.
+Prints `dvd vision serving on HOST:PORT` once ready (its Prometheus endpoint, `--metrics-port`, is logged
+and listed in Health). SIGTERM or SIGINT drains and exits 0.
 
 Examples:
   dvd vision --model ckpt --port 7100
@@ -32,16 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(config: VisionServerConfig) -> int:
+    from dvd.tracing import tracer_from_environment
     from dvd.vision_server.engine import describe
     from dvd.vision_server.service import VisionServer
 
-    server = VisionServer(config)
+    tracer = tracer_from_environment("vision")  # OTEL_* as this process starts (dvd/tracing.py)
+    server = VisionServer(config, tracer=tracer)
     await server.start()
     logger.info("config %s", describe(config))
+    if server.metrics_endpoint is not None:
+        logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)  # stdout's first line stays the ready line
     print(f"dvd vision serving on {server.address}", flush=True)
     await until_stop_signal()
     logger.info("signal received: shutting down")
     await server.stop()
+    tracer.shutdown()
     print("dvd vision stopped", flush=True)
     return 0
 

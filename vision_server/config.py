@@ -10,6 +10,7 @@ from typing import Any
 from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, device_defaults, split_layers, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
+from dvd.metrics import check_metrics_port
 from dvd.transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -22,12 +23,14 @@ class VisionServerConfig:
     with `devices_per_replica` N > 1, each N consecutive devices one replica whose encoder layers are
     placed over them (pipeline placement, `vision_server/placement.py`: for a ViT one device cannot hold)."""
 
-    model: Path
+    model: Path  # a checkpoint directory, or a Hugging Face Hub id resolved to one at start (dvd/hub.py)
+    revision: str = ""  # the Hub id's branch, tag or commit; after resolving, the commit
     devices: tuple[str, ...] = ("cpu",)
     devices_per_replica: int = 1
     layer_split: tuple[int, ...] = ()  # encoder layers on each device of a replica; () = balanced by count
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = 0  # Prometheus /metrics (HTTP, HTTPS with grpc_tls): 0 = any free port, -1 = none
     dtype: str = ""  # "" = float32 on a CPU (cast to BF16 at the wire), bfloat16 on GPUs
     max_batch_tiles: int = 0  # 0: the device's default (dvd/devices.py: 16 on a CPU, 64 on a GPU)
     max_wait_ms: float = 5.0
@@ -53,6 +56,9 @@ class VisionServerConfig:
     advertise_host: str = ""
     token_file: Path | None = None
     grpc_tls: GrpcTls = dataclasses.field(default_factory=GrpcTls)  # serve gRPC over TLS: cert + key (dvd/grpc_tls.py)
+    # Language servers' transport addresses this server may push features to, besides those a gateway
+    # announces (vision_server/destinations.py); any other destination is refused before encoding.
+    allowed_destinations: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
@@ -64,9 +70,11 @@ class VisionServerConfig:
         for device in self.devices:
             check_device(device)
         self._check_placement()
+        self._check_destinations()
         check_dtype(self.dtype)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        check_metrics_port(self.metrics_port)
         defaults = device_defaults(self.devices[0])  # frozen: the zeros become the device's defaults once
         for name in ("max_batch_tiles", "preprocess_workers"):
             object.__setattr__(self, name, getattr(self, name) or getattr(defaults, name))
@@ -113,6 +121,20 @@ class VisionServerConfig:
         except ValueError as exc:
             raise ValueError(f"{self.model}: {exc}") from None
 
+    def _check_destinations(self) -> None:
+        from dvd.errors import InvalidRequestError
+        from dvd.vision_server.destinations import normalized
+
+        for i, destination in enumerate(self.allowed_destinations):
+            try:
+                normalized(destination, self.transport.kind)
+            except InvalidRequestError as exc:
+                raise ValueError(f"allowed_destinations[{i}]: {exc}") from None
+
+    def bound_hosts(self) -> tuple[str, ...]:
+        """What this server listens on (beyond loopback, it needs the cluster's token: dvd/internal_auth.py)."""
+        return (self.host,)
+
     @property
     def replica_devices(self) -> tuple[tuple[str, ...], ...]:
         """Each replica's devices: one each, or `devices_per_replica` consecutive ones."""
@@ -128,16 +150,21 @@ class VisionServerConfig:
         devices = tuple(d.strip() for d in (args.devices or args.device).split(",") if d.strip())
         split = parse_layer_split(args.layer_split) if args.layer_split else ()
         return cls(
-            model=Path(args.model), devices=devices, devices_per_replica=args.devices_per_replica,
-            layer_split=split, host=args.host, port=args.port, dtype=args.dtype or "",
+            model=Path(args.model), revision=args.revision or "", devices=devices,
+            devices_per_replica=args.devices_per_replica,
+            layer_split=split, host=args.host, port=args.port, metrics_port=args.metrics_port, dtype=args.dtype or "",
             max_batch_tiles=args.max_batch_tiles, max_wait_ms=args.max_wait_ms,
             preprocess_workers=args.preprocess_workers, cache_bytes=int(args.cache_mib * MiB),
             max_inputs=args.max_inputs, max_request_tiles=args.max_request_tiles, max_num_limit=args.max_num_limit,
             max_inflight_requests=args.max_inflight, max_pending_tiles=args.max_pending_tiles,
             drain_timeout_s=args.drain_timeout_s, transport=TransportConfig(kind=args.transport),
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
-            grpc_tls=server_tls_from_args(args),
+            grpc_tls=server_tls_from_args(args), allowed_destinations=tuple(_list(args.allow_destinations)),
         )
+
+
+def _list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
 def parse_layer_split(text: str) -> tuple[int, ...]:
@@ -152,8 +179,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
                              "writes for its children); no other setting may be given with it")
-    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format); required without "
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
+                                        "(org/name: only the vision half's files are fetched); required without "
                                         "--config")
+    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
+                                           "or commit (default main)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--devices", help="several devices, comma separated (cuda:0,cuda:1): a replica each, "
                                           "or with --devices-per-replica N one replica per N of them")
@@ -167,6 +197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. 23,22 for InternViT-6B's 45 over two devices; default balanced by count)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus /metrics port (0 picks a free one, printed at start and listed in the "
+                             "gateway's /v1/instances; -1: none)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--max-batch-tiles", type=int, default=0,
                         help="most tiles in one forward pass (default 16 on a CPU, 64 on a GPU)")
@@ -194,3 +227,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding the shared transport token (the language servers'); default: "
                              "$DVD_TOKEN, else none. The token is never taken from the command line")
     parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: refused with a pointer to --token-file
+    parser.add_argument("--allow-destinations", metavar="[KIND://]HOST:PORT,...",
+                        help="language servers' transport addresses this server may push features to; a gateway "
+                             "also announces its own over the authenticated channel. Any other destination is "
+                             "refused before encoding (default: only what a gateway announces)")

@@ -22,10 +22,13 @@ import torch
 
 from dvd.errors import DestinationError, InputError, InvalidRequestError, ReplicaBusyError, ShuttingDownError
 from dvd.requests import Media
+from dvd.tracing import NO_CONTEXT, NO_TRACER, TraceContext, Tracer
 from dvd.transport import FeatureHeader, Sender, TransportError, create_sender, header_for
 from dvd.vision_server.batcher import Batcher, EncodeWork
 from dvd.vision_server.config import VisionServerConfig
+from dvd.vision_server.destinations import AllowList
 from dvd.vision_server.intake import MediaIntake
+from dvd.vision_server.metrics import VisionMetrics
 from dvd.vision_server.model import EncodedImage, VisionHalf
 from dvd.vision_server.tile_budget import TileBudget
 
@@ -51,13 +54,23 @@ class EncodeCall:
     inputs: Sequence[Media]
     destination: str
     attempt: int = 0  # stamped on every frame (FeatureHeader.attempt): a retry's frames are no duplicates
+    trace: TraceContext = NO_CONTEXT  # the Encode's span: each frame's `send` span is its child
+    # The request's slot for each slot this call fills (EncodeRequest.slots: part of a request the gateway split
+    # across replicas); () = the inputs fill slots 0, 1, ... The engine counts in its own slots throughout and
+    # names the request's only on the wire and in the answer (`wire_slot`).
+    slots: tuple[int, ...] = ()
+
+    def wire_slot(self, slot: int) -> int:
+        return self.slots[slot] if self.slots else slot
 
 
 class VisionEngine:
     """Model replicas, preprocessing pool, encoder cache, batcher and transport senders of one server."""
 
-    def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.config = config
+        self.tracer = tracer
         self.replicas = [VisionHalf.from_checkpoint(config.model, config.torch_dtype, group, config.layer_split)
                          for group in config.replica_devices]
         for half in self.replicas:
@@ -67,9 +80,11 @@ class VisionEngine:
         self.intake = MediaIntake(config, self.replicas[0])  # limits, encoder cache, preprocessing
         self.cache = self.intake.cache
         self.pool = concurrent.futures.ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="preprocess")
-        self.batcher = Batcher(self.replicas, config.max_batch_tiles, config.max_wait_ms)
+        self.metrics = VisionMetrics(self.stats, len(self.replicas))  # Prometheus, read at scrape time
+        self.batcher = Batcher(self.replicas, config.max_batch_tiles, config.max_wait_ms, self.metrics.observe_batch)
         self.transport_options = transport_options or {}
         self._senders: dict[str, Sender] = {}
+        self.destinations = AllowList(config.allowed_destinations, config.transport.kind)
         self.inflight: dict[int, EncodeCall] = {}
         self.tile_budget = TileBudget(config.max_pending_tiles)
         self._idle = asyncio.Event()
@@ -94,6 +109,9 @@ class VisionEngine:
         out["num_replicas"] = len(self.replicas)  # fewer than devices when each spans several
         batches = self.batcher.stats.num_batches
         out["mean_batch_tiles"] = self.batcher.stats.num_batch_tiles / batches if batches else 0.0
+        for sender in self._senders.values():  # one per transport kind
+            for key in ("num_connections", "num_dropped_connections"):
+                out[f"transport_{key}"] = out.get(f"transport_{key}", 0.0) + getattr(sender.stats, key)
         out["num_cache_route_mismatches"] = self.intake.num_cache_route_mismatches
         out |= self.intake.cache_stats()
         return out
@@ -137,11 +155,23 @@ class VisionEngine:
         self.intake.check(request.inputs)
         if not request.destination:
             raise InvalidRequestError("destination is empty")
-        destination = request.destination
-        if "://" not in destination:
-            destination = f"{self.config.transport.kind}://{destination}"
+        self._check_slots(request)
+        destination = self.destinations.check(request.destination)  # before any work or connection
         self._sender(destination)
         return destination
+
+    def _check_slots(self, request: EncodeCall) -> None:
+        """A split request's slots: one per slot its inputs fill, none twice; never for ViR, which decides
+        routes over a whole request."""
+        if not request.slots:
+            return
+        if self.info.flash is not None:
+            raise InvalidRequestError("slots name part of a request, but this checkpoint's ViR decides routes over "
+                                      "a whole request: send every input in one Encode")
+        needed = sum(item.num_slots for item in request.inputs)
+        if len(request.slots) != needed or len(set(request.slots)) != needed:
+            raise InvalidRequestError(f"slots {list(request.slots)}: the inputs fill {needed} slots, so give "
+                                      f"{needed} distinct slot numbers")
 
     def _worst_tiles(self, item: Media) -> int:
         return self.intake.worst_tiles(item)
@@ -164,6 +194,7 @@ class VisionEngine:
         self.counters["num_requests"] += 1
         self.inflight[id(request)] = request
         self._idle.clear()
+        arrived = time.monotonic()
         try:
             outcomes = await self._encode(request)
         except BaseException:
@@ -174,6 +205,8 @@ class VisionEngine:
             if not self.inflight:
                 self._idle.set()
         self.counters["num_requests_ok"] += 1
+        self.metrics.observe_encode(time.monotonic() - arrived,
+                                    [o.stamps["preprocessed"] for o in outcomes if "preprocessed" in o.stamps])
         return outcomes
 
     async def _encode(self, request: EncodeCall) -> list[SlotOutcome]:
@@ -248,13 +281,18 @@ class VisionEngine:
 
     async def _send(self, sender: Sender, destination: str, request: EncodeCall, slot: int, image: EncodedImage,
                     content_key: bytes, stamps: dict[str, float]) -> None:
+        wire_slot = request.wire_slot(slot)
+        span = self.tracer.start("send", request.trace, kind="client", slot=wire_slot, destination=destination)
         header: FeatureHeader = dataclasses.replace(
-            header_for(request.request_id, slot, image.uniform_tokens_per_tile, image.features),
-            content_key=content_key, attempt=request.attempt)
+            header_for(request.request_id, wire_slot, image.uniform_tokens_per_tile, image.features),
+            content_key=content_key, attempt=request.attempt, trace_parent=span.context.traceparent)
         try:
             await sender.send(destination, header, image.features)
         except TransportError as error:
+            span.fail(error)
             raise DestinationError(destination, error) from None
+        finally:
+            span.end()  # the language server's `receive` span is this one's child (the header carries it)
         stamps["send_end"] = time.monotonic()
         self.counters["num_slots_sent"] += 1
         self.counters["num_tokens_sent"] += image.num_tokens

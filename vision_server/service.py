@@ -20,11 +20,15 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health
 
 from dvd.errors import DvdError, rpc_metadata
+from dvd.internal_auth import ClusterCredential
+from dvd.metrics import MetricsEndpoint, serve_metrics
 from dvd.process import start_grpc_server
 from dvd.requests import Media
+from dvd.tracing import NO_TRACER, TraceContext, Tracer
 from dvd.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from dvd.vision_server.config import VisionServerConfig
 from dvd.vision_server.engine import EncodeCall, VisionEngine
+from dvd.vision_server.traces import record_stage_spans
 
 logger = logging.getLogger(__name__)
 # After failing what was left, how long its RPCs get to send their error before the server stops.
@@ -50,6 +54,7 @@ class VisionService(vision_pb2_grpc.VisionServicer):
     def __init__(self, engine: VisionEngine) -> None:
         self.engine = engine
         self.draining = False
+        self.metrics_url = ""  # the server's Prometheus endpoint, once it serves one
 
     async def Encode(self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> Any:
         unknown = unknown_field_numbers(request)
@@ -59,25 +64,26 @@ class VisionService(vision_pb2_grpc.VisionServicer):
                                 "(client built against a newer vision.proto?)")
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "vision server is draining; send to another replica")
-        call = EncodeCall(
-            request_id=request.request_id,
-            inputs=[media_from_proto(i) for i in request.inputs],
-            destination=request.destination,
-            attempt=request.attempt,
-        )
-        arrived = time.monotonic()
-        try:
-            outcomes = await self.engine.encode(call)
-        except DvdError as error:  # the status comes from dvd/errors.py's one table
-            logger.info("request %r failed (%s): %s", request.request_id, error.grpc_code.name, error)
-            await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
-        except asyncio.CancelledError:
-            logger.info("request %r cancelled", request.request_id)
-            raise
+        tracer = self.engine.tracer
+        parent = TraceContext.from_metadata(context.invocation_metadata())
+        arrived, arrived_s = time.monotonic(), time.time()
+        with tracer.span("Encode", parent, kind="server", request_id=request.request_id,
+                         attempt=request.attempt) as span:
+            call = EncodeCall(
+                request_id=request.request_id,
+                inputs=[media_from_proto(i) for i in request.inputs],
+                destination=request.destination,
+                attempt=request.attempt,
+                trace=span.context,
+                slots=tuple(request.slots),
+            )
+            outcomes = await self._encode(call, context)
+            record_stage_spans(tracer, span.context, call, outcomes, arrived_s)
         return vision_pb2.EncodeResponse(
             request_id=request.request_id,
-            slots=[vision_pb2.SlotResult(slot=o.slot, input_index=o.input_index, tokens_per_tile=o.tokens_per_tile,
-                                         num_tokens=o.num_tokens, cache_hit=o.cache_hit,
+            slots=[vision_pb2.SlotResult(slot=call.wire_slot(o.slot), input_index=o.input_index,
+                                         tokens_per_tile=o.tokens_per_tile, num_tokens=o.num_tokens,
+                                         cache_hit=o.cache_hit,
                                          preprocessed_at_ms=o.stamps.get("preprocessed", 0.0),
                                          encode_start_ms=o.stamps.get("encode_start", 0.0),
                                          encode_end_ms=o.stamps.get("encode_end", 0.0),
@@ -86,26 +92,51 @@ class VisionService(vision_pb2_grpc.VisionServicer):
             elapsed_ms=(time.monotonic() - arrived) * 1e3,
         )
 
+    async def _encode(self, call: EncodeCall, context: grpc.aio.ServicerContext) -> Any:
+        """The engine's answer; a DvdError becomes the call's status (dvd/errors.py's one table)."""
+        try:
+            return await self.engine.encode(call)
+        except DvdError as error:
+            logger.info("request %r failed (%s): %s", call.request_id, error.grpc_code.name, error)
+            await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
+        except asyncio.CancelledError:
+            logger.info("request %r cancelled", call.request_id)
+            raise
+
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> Any:
         status = common_pb2.HealthResponse.NOT_SERVING if self.draining else common_pb2.HealthResponse.SERVING
         inflight = len(self.engine.inflight)
         detail = f"{'draining' if self.draining else 'serving'}: {inflight} requests in flight"
-        return common_pb2.HealthResponse(status=status, detail=detail, model=self.engine.identity())
+        return common_pb2.HealthResponse(status=status, detail=detail, model=self.engine.identity(),
+                                         metrics_url=self.metrics_url,
+                                         revision=self.engine.config.revision)
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.engine.stats())
+
+    async def AllowDestinations(self, request: vision_pb2.AllowDestinationsRequest,
+                                context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self.engine.destinations.allow(request.destinations)
+        except DvdError as error:
+            await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
+        return vision_pb2.AllowDestinationsResponse(num_allowed=len(self.engine.destinations))
 
 
 class VisionServer:
     """The gRPC server, the service and the engine of one `dvd vision` process."""
 
-    def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: VisionServerConfig, transport_options: dict[str, Any] | None = None,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.config = config
-        self.engine = VisionEngine(config, transport_options)
+        self.engine = VisionEngine(config, transport_options, tracer)
         self.service = VisionService(self.engine)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self.grpc_health = health.aio.HealthServicer()  # the standard health service; NOT_SERVING on drain
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        # every method but Health needs the cluster's credential (dvd/internal_auth.py)
+        self.credential = ClusterCredential(config.transport.token, config.grpc_tls)
 
     @property
     def address(self) -> str:
@@ -115,7 +146,10 @@ class VisionServer:
         self._server, self.port = await start_grpc_server(
             lambda server: vision_pb2_grpc.add_VisionServicer_to_server(self.service, server),
             self.config.host, self.config.port, self.config.max_message_bytes, self.grpc_health,
-            credentials=self.config.grpc_tls.server_credentials())
+            credentials=self.credential.server_credentials(), interceptors=self.credential.interceptors())
+        self.metrics_endpoint = serve_metrics(self.engine.metrics.registry, self.config.metrics_port,
+                                              self.config.host, self.config.advertise_host, self.config.grpc_tls.pair)
+        self.service.metrics_url = self.metrics_endpoint.url if self.metrics_endpoint else ""
 
     async def stop(self) -> None:
         """Drain: refuse new work, give in-flight requests `drain_timeout_s`, fail what is left, release all."""
@@ -132,4 +166,6 @@ class VisionServer:
         await self.engine.drain(FINAL_GRACE_S)
         if self._server is not None:
             await self._server.stop(FINAL_GRACE_S)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         logger.info("stopped; %d requests were in flight at the signal", inflight)

@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from dvd.v1 import common_pb2 as dvd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64vd/v1/vision.proto\x12\x06\x64vd.v1\x1a\x13\x64vd/v1/common.proto\"A\n\nMediaInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07max_num\x18\x02 \x01(\r\x12\x14\n\x0cnum_segments\x18\x03 \x01(\r\"m\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.dvd.v1.MediaInput\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"\xe7\x01\n\nSlotResult\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x13\n\x0binput_index\x18\x02 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x03 \x03(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x1a\n\x12preprocessed_at_ms\x18\x06 \x01(\x01\x12\x17\n\x0f\x65ncode_start_ms\x18\x07 \x01(\x01\x12\x15\n\rencode_end_ms\x18\x08 \x01(\x01\x12\x15\n\rsend_start_ms\x18\t \x01(\x01\x12\x13\n\x0bsend_end_ms\x18\n \x01(\x01\"[\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x05slots\x18\x02 \x03(\x0b\x32\x12.dvd.v1.SlotResult\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x32\xb0\x01\n\x06Vision\x12\x37\n\x06\x45ncode\x12\x15.dvd.v1.EncodeRequest\x1a\x16.dvd.v1.EncodeResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse\x12\x34\n\x05Stats\x12\x14.dvd.v1.StatsRequest\x1a\x15.dvd.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64vd/v1/vision.proto\x12\x06\x64vd.v1\x1a\x13\x64vd/v1/common.proto\"0\n\x18\x41llowDestinationsRequest\x12\x14\n\x0c\x64\x65stinations\x18\x01 \x03(\t\"0\n\x19\x41llowDestinationsResponse\x12\x13\n\x0bnum_allowed\x18\x01 \x01(\r\"A\n\nMediaInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07max_num\x18\x02 \x01(\r\x12\x14\n\x0cnum_segments\x18\x03 \x01(\r\"|\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.dvd.v1.MediaInput\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\r\n\x05slots\x18\x05 \x03(\r\"\xe7\x01\n\nSlotResult\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x13\n\x0binput_index\x18\x02 \x01(\r\x12\x17\n\x0ftokens_per_tile\x18\x03 \x03(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x1a\n\x12preprocessed_at_ms\x18\x06 \x01(\x01\x12\x17\n\x0f\x65ncode_start_ms\x18\x07 \x01(\x01\x12\x15\n\rencode_end_ms\x18\x08 \x01(\x01\x12\x15\n\rsend_start_ms\x18\t \x01(\x01\x12\x13\n\x0bsend_end_ms\x18\n \x01(\x01\"[\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x05slots\x18\x02 \x03(\x0b\x32\x12.dvd.v1.SlotResult\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x32\x8a\x02\n\x06Vision\x12\x37\n\x06\x45ncode\x12\x15.dvd.v1.EncodeRequest\x1a\x16.dvd.v1.EncodeResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse\x12\x34\n\x05Stats\x12\x14.dvd.v1.StatsRequest\x1a\x15.dvd.v1.StatsResponse\x12X\n\x11\x41llowDestinations\x12 .dvd.v1.AllowDestinationsRequest\x1a!.dvd.v1.AllowDestinationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dvd.v1.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEDIAINPUT']._serialized_start=52
-  _globals['_MEDIAINPUT']._serialized_end=117
-  _globals['_ENCODEREQUEST']._serialized_start=119
-  _globals['_ENCODEREQUEST']._serialized_end=228
-  _globals['_SLOTRESULT']._serialized_start=231
-  _globals['_SLOTRESULT']._serialized_end=462
-  _globals['_ENCODERESPONSE']._serialized_start=464
-  _globals['_ENCODERESPONSE']._serialized_end=555
-  _globals['_VISION']._serialized_start=558
-  _globals['_VISION']._serialized_end=734
+  _globals['_ALLOWDESTINATIONSREQUEST']._serialized_start=52
+  _globals['_ALLOWDESTINATIONSREQUEST']._serialized_end=100
+  _globals['_ALLOWDESTINATIONSRESPONSE']._serialized_start=102
+  _globals['_ALLOWDESTINATIONSRESPONSE']._serialized_end=150
+  _globals['_MEDIAINPUT']._serialized_start=152
+  _globals['_MEDIAINPUT']._serialized_end=217
+  _globals['_ENCODEREQUEST']._serialized_start=219
+  _globals['_ENCODEREQUEST']._serialized_end=343
+  _globals['_SLOTRESULT']._serialized_start=346
+  _globals['_SLOTRESULT']._serialized_end=577
+  _globals['_ENCODERESPONSE']._serialized_start=579
+  _globals['_ENCODERESPONSE']._serialized_end=670
+  _globals['_VISION']._serialized_start=673
+  _globals['_VISION']._serialized_end=939
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AllowDestinationsRequest(_message.Message):
+    __slots__ = ("destinations",)
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
+    destinations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, destinations: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AllowDestinationsResponse(_message.Message):
+    __slots__ = ("num_allowed",)
+    NUM_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    num_allowed: int
+    def __init__(self, num_allowed: _Optional[int] = ...) -> None: ...
+
 class MediaInput(_message.Message):
     __slots__ = ("data", "max_num", "num_segments")
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -18,16 +30,18 @@ class MediaInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., max_num: _Optional[int] = ..., num_segments: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "inputs", "destination", "attempt")
+    __slots__ = ("request_id", "inputs", "destination", "attempt", "slots")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[MediaInput]
     destination: str
     attempt: int
-    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[MediaInput, _Mapping]]] = ..., destination: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[MediaInput, _Mapping]]] = ..., destination: _Optional[str] = ..., attempt: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SlotResult(_message.Message):
     __slots__ = ("slot", "input_index", "tokens_per_tile", "num_tokens", "cache_hit", "preprocessed_at_ms", "encode_start_ms", "encode_end_ms", "send_start_ms", "send_end_ms")

@@ -50,6 +50,11 @@ class VisionStub:
                 request_serializer=dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
                 response_deserializer=dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.AllowDestinations = channel.unary_unary(
+                '/dvd.v1.Vision/AllowDestinations',
+                request_serializer=dvd_dot_v1_dot_vision__pb2.AllowDestinationsRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_vision__pb2.AllowDestinationsResponse.FromString,
+                _registered_method=True)
 
 
 class VisionServicer:
@@ -78,6 +83,16 @@ class VisionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllowDestinations(self, request, context):
+        """The gateway tells the server which language servers it may push to (their transport addresses, as
+        their Health reports them): an Encode naming any other destination is refused PERMISSION_DENIED
+        before any work. Adds to what the server allows (its configured list, other gateways' announcements).
+        Like every method but Health, it needs the cluster's credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +110,11 @@ def add_VisionServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=dvd_dot_v1_dot_common__pb2.StatsRequest.FromString,
                     response_serializer=dvd_dot_v1_dot_common__pb2.StatsResponse.SerializeToString,
+            ),
+            'AllowDestinations': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllowDestinations,
+                    request_deserializer=dvd_dot_v1_dot_vision__pb2.AllowDestinationsRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_vision__pb2.AllowDestinationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +198,33 @@ class Vision:
             '/dvd.v1.Vision/Stats',
             dvd_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
             dvd_dot_v1_dot_common__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllowDestinations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dvd.v1.Vision/AllowDestinations',
+            dvd_dot_v1_dot_vision__pb2.AllowDestinationsRequest.SerializeToString,
+            dvd_dot_v1_dot_vision__pb2.AllowDestinationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

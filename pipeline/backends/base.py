@@ -44,3 +44,8 @@ class Backend(abc.ABC):
     def stats(self) -> dict[str, Any]:
         """Gauges for /metrics, e.g. queue depth."""
         return {}
+
+    async def refresh_stats(self) -> None:
+        """Bring what `stats` reports up to date, before a scrape of /metrics reads it (nothing to do when it
+        reads this process's own state, as the coupled backend's does)."""
+        return None

@@ -4,6 +4,7 @@ devices), as the deployment spec builds it (deploy/spec.py); the token never com
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -59,6 +60,9 @@ def test_each_process_gets_its_nodes_addresses_ports_and_devices() -> None:
     gateway = gateway_config(spec, a)
     assert gateway.vision == ("10.0.0.2:7100",) and gateway.language == ("10.0.0.1:7200", "10.0.0.1:7201")
     assert gateway.gateway.host == "10.0.0.1"  # the node's bind address
+    # the vision server may push to the config's language servers (their fixed transport ports) and nowhere else
+    assert vision.allowed_destinations == ("tcp://10.0.0.1:7300", "tcp://10.0.0.1:7301")
+    assert gateway.token is None and gateway_config(spec, a, token="t0ken").token == "t0ken"
 
 
 def test_internal_tls_reaches_every_server_and_the_gateway() -> None:
@@ -145,6 +149,10 @@ def test_launch_check_refuses_a_cpu_list_dvd_cpus_refuses(tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(data))
     run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "b", "--check"],
                          capture_output=True, text=True, timeout=120)
+    # node b binds 0.0.0.0: without the cluster's token nothing may start there
+    assert run.returncode == 2 and "nodes[b].vision[0] binds 0.0.0.0" in run.stderr and "token" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "b", "--check"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "DVD_TOKEN": "t0ken"})
     assert run.returncode == 0 and "dvd launch: would start vision[0] on node b cpus 0" in run.stdout, run.stderr
     spec = cluster_spec(build_cluster_config(data))
     assert server_config(spec, spec.nodes[1], "vision", 0, None).cpus == "0"

@@ -28,7 +28,7 @@ def _child(config: ServeConfig, kind: str, token: str) -> LanguageServerConfig |
     [
         ({"vision": {"max_batch_tile": 4}}, "vision.max_batch_tile: unknown key; allowed here: devices,"),
         ({"language": {"engine": {"num_block": 4}}}, "language.engine.num_block: unknown key"),
-        ({"gatway": {}}, "gatway: unknown key; allowed at the top: model, coupled"),
+        ({"gatway": {}}, "gatway: unknown key; allowed at the top: model, revision, coupled"),
         ({"language": {"engine": {"num_blocks": "many"}}}, "language.engine.num_blocks: expected int, got str"),
         ({"vision": {"max_wait_ms": True}}, "vision.max_wait_ms: expected float, got bool"),
         ({"vision": {"devices": "cpu"}}, "vision.devices: expected a list"),

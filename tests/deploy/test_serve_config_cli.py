@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from dvd.v1 import common_pb2, language_pb2_grpc
-from tests.serve_process import ServeProcess, post_chat
+from tests.serve_process import ServeProcess, post_chat, signed
 
 ROOT = Path(__file__).parents[2]
 _STARTED = re.compile(r"started (vision|language) server \(pid (\d+)\) on ([\d.]+:\d+)")
@@ -63,7 +63,8 @@ def test_config_reaches_the_servers_and_the_gateway_has_no_torch(tmp_path: Path,
         with grpc.insecure_channel(started["language"]) as channel:
             stub = language_pb2_grpc.LanguageStub(channel)
             health = stub.Health(common_pb2.HealthRequest(), timeout=30)
-            stats = stub.Stats(common_pb2.StatsRequest(), timeout=30).counters
+            stats = stub.Stats(common_pb2.StatsRequest(), timeout=30,
+                               metadata=signed(served.cluster_token(), "/dvd.v1.Language/Stats")).counters
         assert health.transport_address.startswith("rdma://"), health
         assert "of 321 blocks used (5136 tokens)" in health.detail, health.detail
         assert stats["num_kv_blocks"] == 321

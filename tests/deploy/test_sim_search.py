@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from dvd.cli import main
-from dvd.deploy.sim_search import Cluster, rank, search, shrink
+from dvd.deploy.sim_search import Cluster, check, rank, search, shrink
 from dvd.deploy.sim_stages import SimSettings
 from dvd.deploy.sim_workload import WorkloadSpec, generate
+from dvd.deploy.simulate import NO_SLO, Deployment, simulate
 from dvd.tools.make_checkpoint import make_checkpoint
 from tests.deploy.sim_profiles import HAND, hand_profile, write
+from tests.deploy.sim_reference import profile as gpu_like_profile
 
 CLOSED_LOOP = SimSettings(max_concurrency=8)
 
@@ -58,6 +60,53 @@ def test_a_large_cluster_is_screened_on_a_small_copy_then_checked_whole(tmp_path
                                                                       best_small.deployment.language * 4)
 
 
+def test_a_cluster_above_check_devices_is_checked_as_identical_copies(tmp_path: Path) -> None:
+    profile = hand_profile(tmp_path)
+    requests = generate(WorkloadSpec(num_requests=400, rate=40.0, image_sizes=((1344, 1344),), prompt_tokens=8,
+                                     output_tokens=2))
+    found = search(profile, requests, Cluster(16), ["dvd"], SimSettings(), screen_devices=4, check_devices=8)
+    chosen, best_small = found.chosen[0], rank(found.candidates)[0]
+    assert chosen.copies == 2 and chosen.scale == 1.0 and chosen.num_requests == 400
+    part = Deployment("dvd", best_small.deployment.vision * 2, best_small.deployment.language * 2)
+    assert (chosen.deployment.vision, chosen.deployment.language) == (part.vision * 2, part.language * 2)
+    one_copy = simulate(profile, shrink(requests, 2), part, SimSettings())
+    assert chosen.request_throughput == pytest.approx(one_copy.request_throughput * 2)
+    assert chosen.goodput == pytest.approx(one_copy.goodput * 2)
+    assert chosen.ttft_ms == one_copy.ttft_ms and chosen.busy == one_copy.busy
+
+
+def test_a_copy_holds_a_replica_of_each_role_at_least(tmp_path: Path) -> None:
+    profile = hand_profile(tmp_path)
+    requests = generate(WorkloadSpec(num_requests=120, rate=40.0, prompt_tokens=8, output_tokens=2))
+    cluster = Cluster(16, vision_devices=1, language_devices=4)  # check_devices 2 would be 8 copies of 2
+    result = check(profile, requests, Deployment("dvd", 4, 3), cluster, 1, SimSettings(), NO_SLO, 2)
+    assert result.copies == 3 and (result.deployment.vision, result.deployment.language) == (3, 3)
+    coupled = check(profile, requests, Deployment("coupled", 0, 4), cluster, 1, SimSettings(), NO_SLO, 2)
+    assert coupled.copies == 3 and coupled.deployment.language == 3
+
+
+def test_copies_stand_for_the_whole_cluster(tmp_path: Path) -> None:
+    """The assumption `check` rests on, at a size where the whole run is cheap: two copies of 100 devices
+    (each with half the requests, at half the rate) give the 200-device run's figures. The tolerances hold
+    what was measured on three seeds at this size and at 400 and 2000 devices (tails up to 7% higher on the
+    copies: least-outstanding routing over a smaller pool balances a little worse); the planner's default
+    copies are far larger (2000 devices), where the tails agree within 2%."""
+    profile = gpu_like_profile(tmp_path)
+    requests = generate(WorkloadSpec(num_requests=10_000, rate=415.0, image_sizes=((896, 896), (1344, 1344)),
+                                     prompt_tokens=64, output_tokens=128))
+    whole = check(profile, requests, Deployment("dvd", 26, 174), Cluster(200), 1, SimSettings(), NO_SLO, 0)
+    copies = check(profile, requests, Deployment("dvd", 26, 174), Cluster(200), 1, SimSettings(), NO_SLO, 100)
+    assert copies.copies == 2 and copies.deployment == whole.deployment
+    assert copies.request_throughput == pytest.approx(whole.request_throughput, rel=0.03)
+    assert copies.output_throughput == pytest.approx(whole.output_throughput, rel=0.03)
+    for figures, other in ((copies.ttft_ms, whole.ttft_ms), (copies.tpot_ms, whole.tpot_ms),
+                           (copies.e2el_ms, whole.e2el_ms)):
+        assert figures["p50"] == pytest.approx(other["p50"], rel=0.03)
+        assert figures["p90"] == pytest.approx(other["p90"], rel=0.05)
+        assert figures["p99"] == pytest.approx(other["p99"], rel=0.12)
+    assert copies.busy == pytest.approx(whole.busy, rel=0.05)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("sim") / "tiny", preset="tiny", fmt="github")
@@ -79,6 +128,11 @@ def test_plan_simulate_prints_every_candidate(tiny: Path, tmp_path: Path, capsys
     assert result["plan"]["language_devices"] == [0]
     assert [c["label"] for c in result["simulation"]["candidates"]] == ["dvd 1:2", "dvd 2:1"]
     assert result["simulation"]["chosen"][0]["ttft_ms"]["p99"] > 0
+    copies = ["--devices", "4x1GiB", "--modes", "coupled", "--screen-devices", "1", "--check-devices", "2"]
+    assert main(["plan", "--model", str(tiny), *PLAN, "--profile", str(profile), *copies]) == 0
+    out = capsys.readouterr().out
+    assert "coupled x1" in out and "(on 1/4 of the cluster)" in out  # screened on one device
+    assert "coupled x4" in out and "as 2 identical copies of 1/2" in out  # checked as two copies of two
 
 
 def test_plan_simulate_refuses_bad_input_naming_it(tiny: Path, tmp_path: Path,
@@ -91,6 +145,8 @@ def test_plan_simulate_refuses_bad_input_naming_it(tiny: Path, tmp_path: Path,
         (["--profile", str(write(tmp_path / "p.jsonl", HAND)), "--modes", "dvd,epd"], "unknown mode(s) epd"),
         (["--profile", str(tmp_path / "p.jsonl"), "--rate", "fast"], "--rate 'fast': not a number"),
         (["--profile", str(tmp_path / "p.jsonl"), "--trace", str(bad)], f"--trace {bad}: line 1: field(s)"),
+        (["--profile", str(tmp_path / "p.jsonl"), "--check-devices", "-1"], "--check-devices at least 0"),
+        (["--profile", str(tmp_path / "p.jsonl"), "--screen-devices", "0"], "--screen-devices must be at least 1"),
     ]
     for extra, error in cases:
         assert main(["plan", "--model", str(tiny), *PLAN, *extra]) == 2

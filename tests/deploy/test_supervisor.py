@@ -19,6 +19,7 @@ import pytest
 from dvd.deploy.spec import DeploymentSpec, NodeSpec, RoleSpec, children, free_port
 from dvd.deploy.supervisor import Child, ChildSpec, Supervisor
 from dvd.errors import UnavailableError
+from dvd.internal_auth import ClusterCredential
 from dvd.pipeline.replicas import Replica
 from tests.serve_process import read_line
 
@@ -106,7 +107,7 @@ def test_a_server_from_the_spec_is_pinned_to_its_cpus(tiny_hf: Path) -> None:
     assert spec.config.cpus == "0"
 
     async def main() -> list[int]:
-        replica = Replica(kind="vision", address=f"127.0.0.1:{port}")
+        replica = Replica(kind="vision", address=f"127.0.0.1:{port}", credential=ClusterCredential("t0ken-t0ken"))
         replica.connect()
         with Supervisor() as supervisor:
             child = supervisor.start(spec)

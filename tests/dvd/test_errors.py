@@ -49,6 +49,8 @@ EXPECTED = [
     (errors.FrameTooLargeError, 500, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DuplicateFrameError, 409, grpc.StatusCode.ALREADY_EXISTS),
     (errors.UnauthenticatedError, 401, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.InternalCredentialError, 500, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.DestinationNotAllowedError, 500, grpc.StatusCode.PERMISSION_DENIED),
     (errors.CheckpointError, 500, grpc.StatusCode.INTERNAL),
     (errors.EngineFailedError, 500, grpc.StatusCode.INTERNAL),
     (errors.TransportError, 500, grpc.StatusCode.INTERNAL),

@@ -10,12 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
-
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 from tests.conftest import encode, photo_like
 from tests.faults.helpers import long_story, sse, wait_for
-from tests.serve_process import ServeProcess, post_chat, read_line
+from tests.serve_process import ServeProcess, post_chat, read_line, signed_channel
 
 ROOT = Path(__file__).parents[2]
 IMAGE = "data:image/jpeg;base64," + base64.b64encode(encode(photo_like(640, 480, 9), "JPEG")).decode()
@@ -45,8 +43,10 @@ def test_a_killed_gateway_leaves_no_orphaned_work(tiny_hf: Path, tmp_path: Path)
         started.append(language)
         vision, vision_address = _server("vision", tiny_hf, token)
         started.append(vision)
-        attach = ("--model", str(tiny_hf), "--vision", vision_address, "--language", language_address)
-        with grpc.insecure_channel(language_address) as lc, grpc.insecure_channel(vision_address) as vc:
+        attach = ("--model", str(tiny_hf), "--vision", vision_address, "--language", language_address,
+                  "--token-file", str(token))
+        secret = token.read_text().strip()
+        with signed_channel(language_address, secret) as lc, signed_channel(vision_address, secret) as vc:
             language_stub, vision_stub = language_pb2_grpc.LanguageStub(lc), vision_pb2_grpc.VisionStub(vc)
             with ServeProcess(*attach, command="gateway") as gateway, sse(gateway, long_story()) as events:
                 next(iter(events))  # a text request decoding

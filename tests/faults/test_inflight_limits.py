@@ -22,7 +22,7 @@ from dvd.pipeline.router import Router
 from dvd.v1 import language_pb2, language_pb2_grpc, vision_pb2
 from dvd.vision_server.config import VisionServerConfig
 from tests.faults.helpers import long_story, wait_for
-from tests.serve_process import ServeProcess, metric, post_chat, read_line
+from tests.serve_process import ServeProcess, metric, post_chat, read_line, signed_channel
 from tests.vision_server.test_vision_server import _counters, _request
 from tests.vision_server.vision_harness import Harness
 
@@ -95,8 +95,10 @@ def _busy() -> grpc.aio.AioRpcError:
 
 def _vision(address: str, answer: Any) -> Replica:
     replica = Replica(kind="vision", address=address, healthy=True)
+    allowed = vision_pb2.AllowDestinationsResponse()
     replica.stub = SimpleNamespace(calls=[], Encode=lambda call, timeout: (replica.stub.calls.append(call),
-                                                                            _Call(answer))[1])
+                                                                            _Call(answer))[1],
+                                   AllowDestinations=lambda request, timeout: _Call(allowed))
     return replica
 
 
@@ -123,9 +125,9 @@ def _language(model: Path, token: Path) -> tuple[subprocess.Popen[str], str]:
     return process, match[1]
 
 
-def _hold(address: str, rid: str) -> tuple[grpc.Channel, Any]:
+def _hold(address: str, rid: str, token: Path) -> tuple[grpc.Channel, Any]:
     """A long generation straight to a language server (another gateway's, say), taking its one slot."""
-    channel = grpc.insecure_channel(address)
+    channel = signed_channel(address, token.read_text().strip())
     sampling = language_pb2.LanguageSampling(max_new_tokens=4000, min_new_tokens=4000, temperature=0)
     stream = language_pb2_grpc.LanguageStub(channel).Generate(language_pb2.LanguageGenerateRequest(
         request_id=rid, segments=[language_pb2.TokenSegment(ids=[1, 2, 3])], sampling=sampling))
@@ -142,13 +144,14 @@ def test_a_busy_language_replica_sends_the_request_to_another_then_429(tiny_hf: 
     try:
         (first, a), (second, b) = _language(tiny_hf, token), _language(tiny_hf, token)
         started += [first, second]
-        with ServeProcess("--model", str(tiny_hf), "--language", f"{a},{b}", command="gateway") as gateway:
+        with ServeProcess("--model", str(tiny_hf), "--language", f"{a},{b}", "--token-file", str(token),
+                          command="gateway") as gateway:
             text = {**long_story(3), "max_tokens": 3}
-            held.append(_hold(a, "elsewhere-a"))  # the gateway does not know: both look idle, it picks a first
+            held.append(_hold(a, "elsewhere-a", token))  # the gateway does not know: both look idle, it picks a first
             status, answer = post_chat(gateway.http_url, text)
             assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
             assert metric(gateway.http_url, "dvd_backend_num_busy_retries") == 1
-            held.append(_hold(b, "elsewhere-b"))
+            held.append(_hold(b, "elsewhere-b", token))
             status, answer = post_chat(gateway.http_url, text)
             assert status == 429 and "in-flight limit" in answer["error"]["message"], answer
             assert metric(gateway.http_url, "dvd_backend_language_healthy_replicas") == 2  # busy, not out

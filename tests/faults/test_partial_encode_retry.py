@@ -12,12 +12,10 @@ import sys
 import threading
 from pathlib import Path
 
-import grpc
-
 from dvd.v1 import common_pb2, language_pb2_grpc
 from tests.conftest import encode, photo_like
 from tests.faults.helpers import wait_for
-from tests.serve_process import ServeProcess, metric, post_chat, read_line
+from tests.serve_process import ServeProcess, metric, post_chat, read_line, signed_channel
 
 ROOT = Path(__file__).parents[2]
 IMAGES = ["data:image/jpeg;base64," + base64.b64encode(encode(photo_like(320, 240, seed), "JPEG")).decode()
@@ -53,20 +51,20 @@ def test_a_vision_server_dying_after_its_first_frame_is_retried_to_the_same_answ
                 good = address
             else:
                 faulty = address
-        with grpc.insecure_channel(language_address) as channel:
+        with signed_channel(language_address, token.read_text().strip()) as channel:
             stub = language_pb2_grpc.LanguageStub(channel)
 
             def counters() -> dict[str, float]:
                 return dict(stub.Stats(common_pb2.StatsRequest(), timeout=30).counters)
 
             with ServeProcess("--model", str(tiny_hf), "--vision", good, "--language", language_address,
-                              command="gateway") as gateway:
+                              "--token-file", str(token), command="gateway") as gateway:
                 status, unfaulted = post_chat(gateway.http_url, REQUEST)
             assert status == 200, unfaulted
             frames_before = counters()["transport_num_frames"]
             # The faulty replica is listed first: with no load on either, the gateway picks it.
             with ServeProcess("--model", str(tiny_hf), "--vision", f"{faulty},{good}", "--language",
-                              language_address, command="gateway") as gateway:
+                              language_address, "--token-file", str(token), command="gateway") as gateway:
                 kill = started[2]
                 answer: dict = {}
 

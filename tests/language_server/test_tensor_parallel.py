@@ -190,3 +190,13 @@ def test_each_rank_reads_only_its_part_of_every_split_tensor(tmp_path: Path, pre
             assert torch.equal(part, cut.apply(whole[name])), name
         whole_on_rank0 = {refs[name].key for name, cut in plan.items() if cut.rank0_only}  # row-parallel biases
         assert set(read_whole) <= whole_on_rank0
+
+
+def test_a_loaded_shard_owns_its_memory(tmp_path: Path) -> None:
+    """Every parameter a rank loads is a contiguous tensor of its own, not a view of the checkpoint's mapping,
+    which would keep the file's pages resident (for a row-parallel part, every page of the whole tensor)."""
+    path = make_checkpoint(tmp_path / "tiny", preset="tiny", fmt="hf")
+    language = load_shard(path, 0, WORLD, torch.float32, "cpu")  # the checkpoint's own dtype: no conversion
+    for name, parameter in language.model.named_parameters():
+        assert parameter.is_contiguous(), name
+        assert parameter.untyped_storage().nbytes() == parameter.numel() * parameter.element_size(), name

@@ -58,7 +58,8 @@ class Cluster:
                                   "--language", f"{self.net.ip('lang')}:{LANGUAGE_PORT}", "--host", self.net.ip("gw"),
                                   "--port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT), "--probe-interval", "0.5",
                                   "--probe-timeout", "2", "--fail-threshold", "3",
-                                  "--api-key-file", str(self.api_keys)], "dvd gateway: ready")
+                                  "--api-key-file", str(self.api_keys), "--token-file", str(self.token)],
+                           "dvd gateway: ready")
 
     def _start(self, host: str, args: list[str], ready: str) -> NsProcess:
         process = NsProcess(self.net.exec_prefix(host), args, ready)

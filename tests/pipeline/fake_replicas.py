@@ -95,17 +95,22 @@ class StreamCall(_Cancellable):
 def vision_replica(address: str, *answers: Any, load: int = 0) -> Replica:
     """A vision replica answering its Encodes with `answers` in turn (an EncodeResponse, an error, HANG);
     `stub.attempts` records each Encode's attempt number as it was sent, `stub.hanging` is set once one
-    of its calls waits to be cancelled. Build it inside the event loop that runs it."""
+    of its calls waits to be cancelled, `stub.announced` records the destinations each AllowDestinations
+    named. Build it inside the event loop that runs it."""
     replica = Replica(kind="vision", address=address, healthy=True, num_outstanding=load)
     script = list(answers)
-    replica.stub = SimpleNamespace(attempts=[], calls=[], hanging=asyncio.Event())
+    replica.stub = SimpleNamespace(attempts=[], calls=[], hanging=asyncio.Event(), announced=[])
 
-    def encode(call: vision_pb2.EncodeRequest, timeout: float) -> UnaryCall:
+    def encode(call: vision_pb2.EncodeRequest, timeout: float, metadata: tuple = ()) -> UnaryCall:
         replica.stub.attempts.append(call.attempt)
         replica.stub.calls.append(UnaryCall(script.pop(0), replica.stub.hanging))
         return replica.stub.calls[-1]
 
-    replica.stub.Encode = encode
+    def allow(request: vision_pb2.AllowDestinationsRequest, timeout: float) -> UnaryCall:
+        replica.stub.announced.append(list(request.destinations))
+        return UnaryCall(vision_pb2.AllowDestinationsResponse(num_allowed=len(request.destinations)))
+
+    replica.stub.Encode, replica.stub.AllowDestinations = encode, allow
     return replica
 
 
@@ -117,7 +122,7 @@ def language_replica(address: str, *calls: StreamCall, load: int = 0) -> Replica
     script = list(calls)
     replica.stub = SimpleNamespace(aborted=[], generated=[])
 
-    def generate(request: language_pb2.LanguageGenerateRequest, timeout: float) -> StreamCall:
+    def generate(request: language_pb2.LanguageGenerateRequest, timeout: float, metadata: tuple = ()) -> StreamCall:
         replica.stub.generated.append(request)
         return script.pop(0)
 

@@ -155,3 +155,39 @@ def test_a_server_whose_process_exited_leaves_at_once_and_stays_out() -> None:
         assert replica.describe()["state"] == "process exited with code -9"
 
     asyncio.run(main())
+
+
+class RevisionStub(FakeStub):
+    """A serving server that reports the checkpoint commit it loaded."""
+
+    def __init__(self, revision: str) -> None:
+        super().__init__()
+        self.revision = revision
+
+    async def Health(self, request: object) -> common_pb2.HealthResponse:
+        health = await super().Health(request)
+        health.revision = self.revision
+        return health
+
+
+def test_a_server_on_another_revision_stays_out_naming_both(caplog: pytest.LogCaptureFixture) -> None:
+    ours, theirs = "a" * 40, "b" * 40
+
+    async def main() -> None:
+        stub = RevisionStub(theirs)
+        replica = Replica(kind="language", address="10.0.0.4:7200", stub=stub, expected_revision=ours)
+        with caplog.at_level("ERROR", logger="dvd.pipeline.replicas"):
+            assert not await _probe(replica) and not await _probe(replica)
+        assert not replica.healthy and theirs in replica.state and ours in replica.state
+        assert replica.describe()["revision"] == theirs  # /v1/instances shows what it serves
+        errors = [r.getMessage() for r in caplog.records if theirs in r.getMessage()]
+        assert len(errors) == 1 and "10.0.0.4:7200" in errors[0] and ours in errors[0], "logged once, naming both"
+        stub.revision = ours  # restarted on the right weights: it joins
+        assert await _probe(replica) and replica.state == "serving"
+        # a server or gateway that knows no revision (a plain directory) is not compared
+        for expected, served in (("", theirs), (ours, "")):
+            unknown = Replica(kind="vision", address="10.0.0.5:7100", stub=RevisionStub(served),
+                              expected_revision=expected)
+            assert await _probe(unknown)
+
+    asyncio.run(main())

@@ -1,7 +1,8 @@
-"""The router, against scripted replicas (no servers): the least loaded healthy replica first; a busy
-refusal moves a call to the next one and stays in rotation, every one busy is 429; a failed Encode
-is sent once more, to another replica, as a new attempt, and only when its replica could not be
-reached or left rotation."""
+"""The router, against scripted replicas (no servers): the least loaded healthy language replica first, an
+Encode's ring pick under the load bound (pipeline/affinity.py; a replica given a load past the bound is
+passed over, which makes the first pick of the Encode tests here certain); a busy refusal moves a call to
+the next one and stays in rotation, every one busy is 429; a failed Encode is sent once more, to another
+replica, as a new attempt, and only when its replica could not be reached or left rotation."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def test_a_request_with_media_fails_fast_while_no_vision_replica_is_healthy() ->
 
 def test_an_encode_refused_busy_goes_to_the_next_replica_without_counting_as_a_retry() -> None:
     async def scenario() -> tuple[Router, vision_pb2.EncodeResponse]:
-        vision = [vision_replica("busy", busy()), vision_replica("free", encoded(), load=1)]
+        vision = [vision_replica("busy", busy()), vision_replica("free", encoded(), load=5)]
         router = Router(ReplicaPool("vision", vision), ReplicaPool("language", []))
         return router, await router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, {})
 
@@ -97,7 +98,7 @@ def test_an_encode_refused_busy_goes_to_the_next_replica_without_counting_as_a_r
 def test_a_failed_encode_is_retried_once_on_another_replica_as_a_new_attempt() -> None:
     async def scenario() -> tuple[Router, vision_pb2.EncodeResponse]:
         router = Router(ReplicaPool("vision", [vision_replica("down", rpc_error(grpc.StatusCode.UNAVAILABLE)),
-                                               vision_replica("up", encoded(), load=1)]), ReplicaPool("language", []))
+                                               vision_replica("up", encoded(), load=5)]), ReplicaPool("language", []))
         return router, await router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, {})
 
     router, answer = asyncio.run(scenario())
@@ -110,8 +111,8 @@ def test_an_encode_that_fails_again_answers_with_the_error_and_tries_no_third_re
     async def scenario() -> Router:
         router = Router(ReplicaPool("vision", [
             vision_replica("down1", rpc_error(grpc.StatusCode.UNAVAILABLE, details="first")),
-            vision_replica("down2", rpc_error(grpc.StatusCode.UNAVAILABLE, details="second"), load=1),
-            vision_replica("up", encoded(), load=2)]), ReplicaPool("language", []))
+            vision_replica("down2", rpc_error(grpc.StatusCode.UNAVAILABLE, details="second"), load=8),
+            vision_replica("up", encoded(), load=9)]), ReplicaPool("language", []))
         with pytest.raises(UnavailableError, match=r"vision \(down2\) server unavailable: second"):
             await router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, {})
         return router
@@ -125,7 +126,7 @@ def test_an_encode_error_other_than_unreachable_is_not_retried() -> None:
     async def scenario() -> Router:
         router = Router(ReplicaPool("vision", [
             vision_replica("v1", rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "InvalidImageError", "not an image")),
-            vision_replica("v2", encoded(), load=1)]), ReplicaPool("language", []))
+            vision_replica("v2", encoded(), load=5)]), ReplicaPool("language", []))
         with pytest.raises(InvalidImageError, match="not an image"):
             await router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, {})
         return router
@@ -136,7 +137,7 @@ def test_an_encode_error_other_than_unreachable_is_not_retried() -> None:
 
 def test_an_encode_whose_replica_left_rotation_is_retried_on_another() -> None:
     async def scenario() -> Router:
-        lost, other = vision_replica("lost", HANG), vision_replica("other", encoded(), load=1)
+        lost, other = vision_replica("lost", HANG), vision_replica("other", encoded(), load=5)
         router = Router(ReplicaPool("vision", [lost, other]), ReplicaPool("language", []))
         marks: dict[str, float] = {}
         task = asyncio.create_task(router.encode(vision_pb2.EncodeRequest(request_id="r1"), 30, marks))
@@ -160,3 +161,25 @@ def test_no_encode_retry_when_no_other_replica_is_healthy() -> None:
         return router
 
     assert asyncio.run(scenario()).num_encode_retries == 0
+
+
+def test_a_vision_replica_is_told_the_language_servers_before_its_first_encode_naming_one() -> None:
+    """Vision.AllowDestinations: every language server the gateway knows, once per vision replica, before the
+    first Encode that names one; told again (and asked once more) when it refuses the destination, as a vision
+    server restarted between two probes would; and again after it left rotation and came back."""
+    async def main() -> tuple[list[list[str]], list[int]]:
+        denied = rpc_error(grpc.StatusCode.PERMISSION_DENIED, "DestinationNotAllowedError", "not allowed")
+        vision = vision_replica("v", encoded(), encoded(), denied, encoded(), encoded(), encoded())
+        language = [Replica(kind="language", address=a, transport_address=f"tcp://{a}:73") for a in ("l1", "l2")]
+        language.append(Replica(kind="language", address="l3"))  # not probed yet: no transport address
+        router = Router(ReplicaPool("vision", [vision]), ReplicaPool("language", language))
+        for i in range(4):  # the third Encode is refused once, then answered
+            await router.encode(vision_pb2.EncodeRequest(request_id=f"r{i}", destination="tcp://l1:73"), 30, {})
+        vision._out("stopped answering")  # left rotation: it may come back as a new process
+        vision.healthy = True
+        await router.encode(vision_pb2.EncodeRequest(request_id="r9", destination="tcp://l2:73"), 30, {})
+        return vision.stub.announced, vision.stub.attempts
+
+    announced, attempts = asyncio.run(main())
+    assert announced == [["tcp://l1:73", "tcp://l2:73"]] * 3
+    assert attempts == [0] * 6  # the retry after telling it again is the same attempt, on the same replica

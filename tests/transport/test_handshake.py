@@ -49,22 +49,22 @@ def test_sender_refuses_receiver_without_token(kind: str, caplog: pytest.LogCapt
 
 
 def test_a_sender_of_the_old_protocol_version_is_refused_naming_both() -> None:
-    """A version-1 sender (frames keyed by image_index) meets a version-2 receiver: refused at its Hello,
-    the reason naming both versions, before any frame could be misread."""
+    """A version-2 sender (frames without their trace context) meets a version-3 receiver: refused at its
+    Hello, the reason naming both versions, before any frame could be misread."""
     async def main() -> None:
         async with pair("tcp") as (_sender, receiver):
             host, port = parse_address(receiver.address, "tcp://")
 
             def talk() -> object:  # blocking, so on a thread: the receiver's loop must keep running
                 with socket.create_connection((host, port), timeout=5) as sock:
-                    send_message(sock, Hello(1, b"n" * 32))
+                    send_message(sock, Hello(2, b"n" * 32))
                     return read_message(sock)
 
             reply = await asyncio.to_thread(talk)
             assert isinstance(reply, Refuse) and reply.code == "version"
-            assert reply.reason.startswith(f"protocol version 1 refused: this receiver speaks {PROTOCOL_VERSION}")
+            assert reply.reason.startswith(f"protocol version 2 refused: this receiver speaks {PROTOCOL_VERSION}")
     run(main())
-    assert PROTOCOL_VERSION == 2
+    assert PROTOCOL_VERSION == 3
 
 
 def test_other_protocol_version_refused(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,6 +20,7 @@ from dvd.transport.wire import (
     parse_length,
 )
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 headers = st.builds(
     lambda rid, img, tpt, dims, crc: FeatureHeader(rid, img, tpt, "bfloat16", tuple(dims),
                                                     2 * _prod(dims), crc),
@@ -88,7 +89,24 @@ def test_a_version_1_header_is_refused_naming_both_versions() -> None:
            "crc": None, "ck": None, "at": 0}
     with pytest.raises(ProtocolError, match=f"protocol version 1; this side speaks {PROTOCOL_VERSION}"):
         decode(msgpack.packb(old, use_bin_type=True))
-    assert PROTOCOL_VERSION == 2 and "slot" in FeatureHeader("r", 3, 256, "uint8", (1,), 1).to_map()
+    assert PROTOCOL_VERSION == 3 and "slot" in FeatureHeader("r", 3, 256, "uint8", (1,), 1).to_map()
+
+
+def test_a_version_2_header_is_refused_naming_both_versions() -> None:
+    """Version 2 carried no trace context (key "tp"): its headers fail on the version, not on a missing key."""
+    old = {"t": "feature", "v": 2, "rid": "r", "slot": 0, "tpt": 256, "dt": "bfloat16", "sh": [256, 8], "nb": 4096,
+           "crc": None, "ck": None, "at": 0}
+    with pytest.raises(ProtocolError, match=f"protocol version 2; this side speaks {PROTOCOL_VERSION}"):
+        decode(msgpack.packb(old, use_bin_type=True))
+
+
+def test_a_frame_carries_its_trace_context_and_a_malformed_one_is_refused() -> None:
+    traced = FeatureHeader("r", 0, 256, "bfloat16", (256, 8), 4096, trace_parent=TRACEPARENT)
+    assert decode(encode(traced)).trace_parent == TRACEPARENT
+    assert decode(encode(FeatureHeader("r", 0, 256, "bfloat16", (256, 8), 4096))).trace_parent == ""
+    for bad in ("00-short", TRACEPARENT.upper(), TRACEPARENT + "-00", 7, None):
+        with pytest.raises(ProtocolError, match="trace_parent"):
+            decode(msgpack.packb({"t": "feature", **traced.to_map(), "tp": bad}, use_bin_type=True))
 
 
 def test_control_messages_round_trip() -> None:

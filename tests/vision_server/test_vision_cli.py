@@ -21,10 +21,11 @@ READY = "dvd vision serving on "
 def test_sigterm_finishes_in_flight_work_and_exits_cleanly(tiny_hf: Path) -> None:
     # A batch that never fills and a wait that never ends: the request sits in the batcher until the
     # drain on SIGTERM runs it.
-    cmd = [sys.executable, "-m", "dvd", "vision", "--model", str(tiny_hf), "--port", "0", "--max-wait-ms", "600000",
-           "--max-batch-tiles", "64", "--cache-mib", "0", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sink = Harness()
+    cmd = [sys.executable, "-m", "dvd", "vision", "--model", str(tiny_hf), "--port", "0", "--max-wait-ms", "600000",
+           "--max-batch-tiles", "64", "--cache-mib", "0", "--log-level", "WARNING",
+           "--allow-destinations", sink.sink.address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     channel = None
     try:
         line = read_line(proc, 120)

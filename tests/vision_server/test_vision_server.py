@@ -104,7 +104,10 @@ def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(plain: Har
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "tiles per request" in details
 
     code, details = _status(lambda: plain.stub.Encode(_request("bad-4", "tcp://127.0.0.1:1", "wide")))
-    assert code == grpc.StatusCode.UNAVAILABLE and "tcp://127.0.0.1:1" in details
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "tcp://127.0.0.1:1" in details  # not a language server
+    plain.stub.AllowDestinations(vision_pb2.AllowDestinationsRequest(destinations=["127.0.0.1:1"]))
+    code, details = _status(lambda: plain.stub.Encode(_request("bad-4b", "tcp://127.0.0.1:1", "wide")))
+    assert code == grpc.StatusCode.UNAVAILABLE and "tcp://127.0.0.1:1" in details  # allowed, but nobody listens
 
     # a field this server's proto does not have (number 99), as a newer client would send it
     raw = _request("bad-5", sink, "wide").SerializeToString() + bytes([0x98, 0x06, 0x01])

@@ -85,6 +85,7 @@ class Harness:
 
     async def _start_server(self, config: VisionServerConfig) -> VisionServer:
         server = VisionServer(config)
+        server.engine.destinations.allow([self.sink.address])  # as a gateway announces its language servers
         await server.start()
         return server
 

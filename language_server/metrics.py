@@ -1,0 +1,117 @@
+"""The language server's Prometheus metrics (`dvd_language_*`), served on its own port (dvd/metrics.py).
+
+Counters and gauges are the server's own stats (`LanguageServer.counters`, what gRPC `Stats` answers: the
+engine's, the feature pool's, the transport's) read at scrape time through `STATS`; histograms are
+observed as work happens: each engine step's time, tokens and requests (`observe_step`, on the engine's
+thread) and each finished request's stages on this server (`observe_request`). The busy fraction is the
+engine thread's time inside steps over the last 10 s (`dvd_language_busy_fraction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Histogram
+
+from dvd.language_server.generation import FirstTokenStamps
+from dvd.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, BusyClock, StatsCollector, counter, gauge
+
+_ENGINE = (
+    counter("num_requests_added", "dvd_language_requests_added", "Requests that entered the engine"),
+    counter("num_requests_finished", "dvd_language_requests_finished", "Requests the engine finished (any reason)"),
+    counter("num_requests_aborted", "dvd_language_requests_aborted", "Requests aborted in the engine"),
+    gauge("num_running", "dvd_language_requests_running", "Requests in the running batch"),
+    gauge("num_waiting", "dvd_language_requests_waiting", "Requests waiting for admission to the batch"),
+    gauge("num_awaiting_features", "dvd_language_requests_awaiting_features",
+          "Requests in the engine whose prompt waits for an image's frame"),
+    gauge("num_waiting_for_features", "dvd_language_generate_waiting_for_features",
+          "Generate calls waiting for their features"),
+    gauge("num_streams", "dvd_language_generate_streams", "Generate calls streaming tokens"),
+    counter("num_steps", "dvd_language_steps", "Engine steps (forward passes)"),
+    counter("num_batch_tokens", "dvd_language_batch_tokens", "Tokens run through the model (prompts and decodes)"),
+    counter("num_output_tokens", "dvd_language_generation_tokens", "Tokens generated"),
+    counter("num_preemptions", "dvd_language_preemptions", "Requests preempted for KV blocks"),
+    gauge("num_kv_blocks", "dvd_language_kv_cache_blocks", "KV cache blocks"),
+    gauge("num_kv_blocks_used", "dvd_language_kv_cache_blocks_used", "KV cache blocks held by requests"),
+    gauge("num_kv_blocks_cached", "dvd_language_kv_cache_blocks_cached", "Free KV blocks kept for prefix hits"),
+    gauge("kv_cache_usage", "dvd_language_kv_cache_usage_ratio", "KV cache blocks used over blocks"),
+    gauge("kv_cache_bytes", "dvd_language_kv_cache_bytes", "KV cache size in bytes"),
+    counter("num_prefix_cache_query_tokens", "dvd_language_prefix_cache_query_tokens",
+            "Prompt tokens looked up in the prefix cache"),
+    counter("num_prefix_cache_hit_tokens", "dvd_language_prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache"),
+    counter("num_prefix_cache_evictions", "dvd_language_prefix_cache_evictions", "Prefix cache blocks evicted"),
+    gauge("prefix_cache_hit_rate", "dvd_language_prefix_cache_hit_ratio", "Prefix cache hit over query tokens"),
+    gauge("num_feature_bytes_held", "dvd_language_engine_feature_bytes", "Feature bytes held by engine requests"),
+)
+_FEATURES = (
+    counter("feature_pool_num_frames_received", "dvd_language_feature_frames_received", "Feature frames pooled"),
+    counter("feature_pool_num_frames_refused", "dvd_language_feature_frames_refused",
+            "Feature frames refused (late, out of range, no room)"),
+    counter("feature_pool_num_frames_resent", "dvd_language_feature_frames_resent",
+            "A retried Encode's frames for images already here (freed)"),
+    counter("feature_pool_num_orphans_evicted", "dvd_language_feature_orphans_evicted",
+            "Frames no Generate asked for, evicted"),
+    counter("feature_pool_num_requests_timed_out", "dvd_language_features_timed_out",
+            "Requests whose features did not arrive in time"),
+    gauge("feature_pool_bytes", "dvd_language_feature_pool_bytes", "Feature bytes pooled, waiting for requests"),
+    gauge("num_feature_pool_entries", "dvd_language_feature_pool_requests", "Requests with pooled features"),
+    counter("transport_num_frames", "dvd_language_transport_frames_received", "Frames the transport received"),
+    counter("transport_num_bytes", "dvd_language_transport_bytes_received", "Feature bytes the transport received"),
+    counter("transport_num_connections", "dvd_language_transport_connections", "Transport connections accepted"),
+    counter("transport_num_dropped_connections", "dvd_language_transport_dropped_connections",
+            "Transport connections dropped (protocol errors, timeouts)"),
+    counter("transport_num_refused_handshakes", "dvd_language_transport_refused_handshakes",
+            "Senders refused at the handshake (version or token)"),
+    counter("transport_num_rejected_frames", "dvd_language_transport_rejected_frames", "Duplicate frames refused"),
+    gauge("transport_pool_bytes_in_use", "dvd_language_transport_pool_bytes_in_use",
+          "Receive pool bytes holding frames"),
+    gauge("transport_pool_capacity_bytes", "dvd_language_transport_pool_capacity_bytes", "Receive pool budget"),
+    counter("busy_s", "dvd_language_busy_seconds", "Seconds the engine thread spent inside steps"),
+    gauge("busy_fraction", "dvd_language_busy_fraction", "Fraction of the last 10 s the engine spent inside steps"),
+)
+STATS = _ENGINE + _FEATURES
+
+
+def _histogram(registry: CollectorRegistry, name: str, help: str, buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(name, help, buckets=buckets, registry=registry)
+
+
+class LanguageMetrics:
+    """One language server's registry: its stats by `STATS`, histograms, and the engine's busy clock."""
+
+    def __init__(self, read_stats: Callable[[], dict[str, float]]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.busy = BusyClock()
+        self.registry.register(StatsCollector(STATS, lambda: {**read_stats(), **self.busy_stats()}))
+        self.step_seconds = _histogram(r, "dvd_language_step_seconds", "One engine step", SECONDS_BUCKETS)
+        self.step_tokens = _histogram(r, "dvd_language_step_tokens", "Tokens in one engine step", SIZE_BUCKETS)
+        self.step_requests = _histogram(r, "dvd_language_step_requests", "Requests in one engine step", SIZE_BUCKETS)
+        self.features_wait_seconds = _histogram(r, "dvd_language_features_wait_seconds",
+                                                "Generate's arrival to its last image's features handed over",
+                                                SECONDS_BUCKETS)
+        self.queue_seconds = _histogram(r, "dvd_language_queue_seconds",
+                                        "A request's entry into the engine to its first prefill chunk", SECONDS_BUCKETS)
+        self.first_token_seconds = _histogram(r, "dvd_language_time_to_first_token_seconds",
+                                              "Generate's arrival to its first token, on this server", SECONDS_BUCKETS)
+        self.request_seconds = _histogram(r, "dvd_language_request_seconds", "Generate's arrival to its finish",
+                                          SECONDS_BUCKETS)
+
+    def busy_stats(self) -> dict[str, float]:
+        return {"busy_s": self.busy.busy_s, "busy_fraction": self.busy.fraction()}
+
+    def observe_step(self, num_requests: int, num_tokens: int, start: float, end: float) -> None:
+        """One engine step that ran a batch, from `start` to `end` (time.monotonic), on the engine's thread."""
+        self.busy.add(start, end)
+        self.step_seconds.observe(end - start)
+        self.step_tokens.observe(num_tokens)
+        self.step_requests.observe(num_requests)
+
+    def observe_request(self, stamps: FirstTokenStamps | None, features_wait_ms: float, finished_ms: float) -> None:
+        """A finished request's stamps (ms since its Generate arrived)."""
+        self.features_wait_seconds.observe(features_wait_ms / 1e3)
+        self.request_seconds.observe(finished_ms / 1e3)
+        if stamps is not None:
+            self.first_token_seconds.observe(stamps.first_token_ms / 1e3)
+            if stamps.prefill_start_ms is not None:
+                self.queue_seconds.observe(max(0.0, stamps.prefill_start_ms - stamps.engine_added_ms) / 1e3)

@@ -1,0 +1,95 @@
+"""Fixed-seed runs of the simulator whose figures are kept in `sim_reference.json`, so a faster engine can be
+checked against the one it replaces: every mode, streaming prefill with several images a request (features
+arriving out of order), a KV budget that holds requests back, a client cap, text-only requests, decode
+stretches cut by arrivals.
+
+Regenerate (only when a change is meant to move the figures, and say why in the commit):
+  python -m tests.deploy.sim_reference > tests/deploy/sim_reference.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dvd.deploy.cost_profile import CostProfile, load_profile, write_records
+from dvd.deploy.sim_stages import SimSettings
+from dvd.deploy.sim_workload import WorkloadSpec, generate
+from dvd.deploy.simulate import Deployment, Simulation
+
+REFERENCE = Path(__file__).with_name("sim_reference.json")
+
+# GPU-like costs with a preprocessing curve, two decode contexts and a transport curve (made up, round).
+PROFILE: list[dict[str, Any]] = [
+    {"stage": "vision", "tiles": 1, "seconds": 0.010}, {"stage": "vision", "tiles": 16, "seconds": 0.050},
+    {"stage": "vision", "tiles": 1, "vir": True, "seconds": 0.011},
+    {"stage": "vision", "tiles": 16, "vir": True, "seconds": 0.055},
+    {"stage": "features", "tokens_per_tile": 256, "bytes_per_token": 8192},
+    {"stage": "features", "vir": True, "tokens_per_tile": 160, "bytes_per_token": 8192},
+    {"stage": "preprocess", "tiles": 1, "seconds": 0.004}, {"stage": "preprocess", "tiles": 10, "seconds": 0.015},
+    {"stage": "prefill", "tokens": 64, "seconds": 0.015}, {"stage": "prefill", "tokens": 2048, "seconds": 0.12},
+    {"stage": "decode", "batch": 1, "context": 128, "seconds": 0.012},
+    {"stage": "decode", "batch": 64, "context": 128, "seconds": 0.020},
+    {"stage": "decode", "batch": 1, "context": 4096, "seconds": 0.013},
+    {"stage": "decode", "batch": 64, "context": 4096, "seconds": 0.040},
+    {"stage": "transport", "bytes": 2 << 20, "seconds": 0.001},
+    {"stage": "transport", "bytes": 26 << 20, "seconds": 0.0105},
+]
+
+_MIXED = {"image_sizes": ((448, 448), (896, 896), (1344, 1344), (1344, 448)), "images_per_request": 2,
+          "prompt_tokens": 96, "prefix_tokens": 24, "output_tokens": 48}
+
+# name -> (deployment, workload, settings)
+SCENARIOS: dict[str, tuple[Deployment, WorkloadSpec, SimSettings]] = {
+    "dvd": (Deployment("dvd", 3, 9), WorkloadSpec(num_requests=3000, rate=42.0, seed=1, **_MIXED), SimSettings()),
+    "dvd+vir": (Deployment("dvd+vir", 2, 10), WorkloadSpec(num_requests=3000, rate=45.0, seed=2, **_MIXED),
+                SimSettings(max_batch_tiles=8, max_wait_s=0.002)),
+    "coupled": (Deployment("coupled", 0, 12), WorkloadSpec(num_requests=2000, rate=32.0, seed=3, **_MIXED),
+                SimSettings(max_batch_tiles=12)),
+    "coupled-serial": (Deployment("coupled-serial", 0, 6), WorkloadSpec(num_requests=600, rate=4.0, seed=4,
+                                                                       **_MIXED), SimSettings()),
+    "dvd-kv-capped": (Deployment("dvd", 2, 4), WorkloadSpec(num_requests=1500, rate=math.inf, seed=5, **_MIXED),
+                      SimSettings(kv_capacity_tokens=12_000, max_concurrency=200, max_batch_tokens=512,
+                                  max_running_requests=16)),
+    "text-only": (Deployment("dvd", 1, 4), WorkloadSpec(num_requests=2000, rate=40.0, arrival="fixed", seed=6,
+                                                        images_per_request=0, prompt_tokens=300,
+                                                        output_tokens=200), SimSettings()),
+    "one-image-long-output": (Deployment("dvd", 1, 3), WorkloadSpec(num_requests=800, rate=6.5, seed=7,
+                                                                    image_sizes=((896, 896),),
+                                                                    output_tokens=700), SimSettings()),
+}
+
+
+def profile(directory: Path) -> CostProfile:
+    return load_profile(write_records(directory / "reference.jsonl", PROFILE))
+
+
+def figures(sim: Simulation) -> dict[str, Any]:
+    """A run's figures: its SimResult's numbers and a digest of every request's send, first and last times."""
+    result = sim.run()
+    times = np.stack([sim.sent, sim.first, sim.end])
+    nested = {"ttft_ms": result.ttft_ms, "tpot_ms": result.tpot_ms, "e2el_ms": result.e2el_ms, "busy": result.busy}
+    return {
+        "request_throughput": result.request_throughput, "goodput": result.goodput, "duration_s": result.duration_s,
+        **{f"{group}.{key}": value for group, values in nested.items() for key, value in values.items()},
+        "times_sum": float(times.sum()), "times_weighted": float((times * np.arange(times.shape[1])).sum()),
+    }
+
+
+def run(name: str, directory: Path) -> dict[str, Any]:
+    deployment, spec, settings = SCENARIOS[name]
+    return figures(Simulation(profile(directory), generate(spec), deployment, settings))
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        print(json.dumps({name: run(name, Path(scratch)) for name in SCENARIOS}, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
