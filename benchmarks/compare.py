@@ -9,10 +9,14 @@ Settings (stated in the output):
          gateway).
   equal  coupled gets both CPUs; DvD one each.
 Beside throughput: the TPOT p99 of text-only requests sent while image-heavy (1344 px) requests arrive,
-per mode: the interference disaggregation is meant to remove.
+per mode: the interference disaggregation is meant to remove. And per bucket the limits each run allows
+(benchmarks/roles.py): every role's CPU seconds per request and busy fraction, read from /proc over the run;
+from a DvD run the pipeline's ideal (1 / the busier server's cost) and coupled's (1 / their sum), from a
+coupled run its own (its CPUs / its cost); each mode's fraction of its ideal.
 
-Modes: coupled (`dvd serve --coupled`), dvd (the disaggregated pipeline on --model), dvd+vir (the same
-on --vir-model, a Flash checkpoint whose ViR compresses tiles to 64 tokens).
+Modes: coupled (`dvd serve --coupled`: one engine with the vision encoder in its step, as vLLM runs
+InternVL), dvd (the disaggregated pipeline on --model), dvd+vir (the same on --vir-model, a Flash checkpoint
+whose ViR compresses tiles to 64 tokens).
 
 Example:
   dvd make-checkpoint --preset internvl3_5-38b-scaled --out /tmp/38b
@@ -38,9 +42,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dvd.benchmarks.roles import RoleMeter, limits, processes
 from dvd.benchmarks.serve import add_arguments as add_serve_arguments
 from dvd.benchmarks.serve import machine, run_benchmark, write_outputs
 from dvd.benchmarks.serve_workload import BUCKETS, Workload
+from dvd.cpus import parse_cpu_list
 from dvd.deploy.supervisor import ChildSpec, Supervisor
 
 MODES = ("coupled", "dvd", "dvd+vir")
@@ -48,10 +54,15 @@ SETTINGS = ("paper", "equal")
 _LISTEN = re.compile(r"OpenAI API at (http://[\d.]+:\d+)/v1, gRPC at ([\d.]+:\d+)")
 
 
+def coupled_cpus(setting: str, language_cpus: str, vision_cpus: str) -> str:
+    """The CPUs coupled gets: the language side's (paper), or both sides' (equal)."""
+    return language_cpus if setting == "paper" else f"{language_cpus},{vision_cpus}"
+
+
 def placement(mode: str, setting: str, language_cpus: str, vision_cpus: str) -> list[str]:
     """`dvd serve` flags placing `mode` under `setting`."""
     if mode == "coupled":
-        return ["--coupled", "--cpus", language_cpus if setting == "paper" else f"{language_cpus},{vision_cpus}"]
+        return ["--coupled", "--cpus", coupled_cpus(setting, language_cpus, vision_cpus)]
     return ["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]
 
 
@@ -72,8 +83,10 @@ def _resolve_models(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def served(model: Path, flags: list[str], extra: list[str], ready_timeout_s: float) -> Iterator[tuple[str, str]]:
-    """`dvd serve` as a child; yields (HTTP base URL, gRPC address) once ready; stops it and its children."""
+def served(model: Path, flags: list[str], extra: list[str],
+           ready_timeout_s: float) -> Iterator[tuple[str, str, int]]:
+    """`dvd serve` as a child; yields (HTTP base URL, gRPC address, its pid) once ready; stops it and its
+    children."""
     command = ("serve", "--model", str(model), "--port", "0", "--grpc-port", "0", "--log-level", "WARNING",
                *flags, *extra)
     lines: list[str] = []
@@ -100,7 +113,7 @@ def served(model: Path, flags: list[str], extra: list[str], ready_timeout_s: flo
         try:
             if not ready.wait(ready_timeout_s) or child.returncode is not None or "http" not in found:
                 raise RuntimeError(f"dvd serve {' '.join(flags)} did not become ready:\n{''.join(lines[-30:])}")
-            yield found["http"], found["grpc"]
+            yield found["http"], found["grpc"], child.pid
         finally:
             supervisor.stop()
             reader.join(timeout=10)
@@ -126,10 +139,34 @@ def table(result: dict[str, Any]) -> str:
             else:
                 cells.append(f"{value:>14.4f} ({ratio:.2f}x)" if ratio is not None else f"{value:>22.4f}")
         lines.append(f"{bucket + ' px':<8}" + "".join(cells))
+    for bucket, by_mode in result.get("limits", {}).items():
+        lines += limit_lines(bucket, by_mode)
     if result.get("interference"):
         lines.append("text-only TPOT p99 while 1344 px requests arrive: " + ", ".join(
             f"{mode} {value:.1f} ms" for mode, value in result["interference"].items()))
     return "\n".join(lines)
+
+
+def limit_lines(bucket: str, by_mode: dict[str, Any]) -> list[str]:
+    """Per mode: its ideal and the fraction of it reached; every role's CPU-s per request and busy fraction."""
+    lines = [f"{bucket} px limits (CPU-s per request, busy fraction of the run; ideal req/s from the costs):"]
+    for mode, limit in by_mode.items():
+        roles = limit["roles"]
+        costs = ", ".join(f"{role} {cost:.3f} ({roles['busy'].get(role, 0.0):.0%} busy)"
+                          for role, cost in sorted(roles["cpu_s_per_request"].items()))
+        ideal = f"ideal {limit['ideal']:.3f} req/s, reached {limit['fraction_of_ideal']:.2f}" if "ideal" in limit \
+            else "no ideal (a role spent nothing)"
+        lines.append(f"  {mode:<8} {ideal}; {costs}")
+        engine = roles.get("engine_s", {})
+        if engine and roles["wall_s"] > 0:
+            lines.append(f"  {'':<8} language engine thread: " + ", ".join(
+                f"{name.removeprefix('engine_').removesuffix('_seconds')} {seconds / roles['wall_s']:.0%}"
+                for name, seconds in sorted(engine.items())) + " of the run")
+        if "pipeline_ideal" in limit:
+            lines.append(f"  {'':<8} pipeline's ideal 1 / max = {limit['pipeline_ideal']:.3f} req/s "
+                         f"({limit['bottleneck']} the bottleneck), coupled's ideal 1 / sum = "
+                         f"{limit['coupled_ideal']:.3f} req/s")
+    return lines
 
 
 def _serve_args(args: argparse.Namespace, bucket: str, num_prompts: int, text_fraction: float,
@@ -145,12 +182,13 @@ def _serve_args(args: argparse.Namespace, bucket: str, num_prompts: int, text_fr
     return serve_args
 
 
-async def _measure(args: argparse.Namespace, mode: str, http: str) -> dict[str, Any]:
+async def _measure(args: argparse.Namespace, mode: str, http: str, pid: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    meter = RoleMeter(processes(pid, "coupled" if mode == "coupled" else "gateway"), metrics_url=f"{http}/metrics")
     for bucket in args.buckets:
         serve_args = _serve_args(args, bucket, args.num_prompts, 0.0, f"{mode} {bucket}px")
         serve_args.base_url = http
-        result = await run_benchmark(serve_args)
+        result = await run_benchmark(serve_args, meter=meter)
         out[bucket] = result
         run = result["runs"][0]
         print(f"  {mode:<8} {bucket:>5} px: {run['request_throughput']:.4f} req/s, {run['completed']} done, "
@@ -221,9 +259,10 @@ def main(argv: list[str]) -> int:
         model = args.vir_model if mode == "dvd+vir" else args.model
         flags = placement(mode, args.setting, args.language_cpus, args.vision_cpus)
         print(f"{mode}: dvd serve {' '.join(flags)} (model {model})", flush=True)
-        with served(model, flags, args.serve_arg, args.ready_timeout_s) as (http, _grpc):
-            measured[mode] = asyncio.run(_measure(args, mode, http))
-    result = summarize(measured, modes, args.buckets, args.setting, setting_text)
+        with served(model, flags, args.serve_arg, args.ready_timeout_s) as (http, _grpc, pid):
+            measured[mode] = asyncio.run(_measure(args, mode, http, pid))
+    cpus = parse_cpu_list(coupled_cpus(args.setting, args.language_cpus, args.vision_cpus))
+    result = summarize(measured, modes, args.buckets, args.setting, setting_text, coupled_cpus=len(cpus))
     result["machine"] = machine()
     print(table(result))
     print(f"load average {result['machine']['load_average']}")
@@ -245,14 +284,20 @@ def _figures(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: list[str], setting: str,
-              setting_text: str) -> dict[str, Any]:
-    """Table 18's shape: per bucket each mode's request throughput and its ratio to coupled."""
+              setting_text: str, coupled_cpus: int = 1) -> dict[str, Any]:
+    """Table 18's shape: per bucket each mode's request throughput and its ratio to coupled, and the limits
+    each run allows (`roles.limits`)."""
     out: dict[str, Any] = {"setting": setting, "setting_text": setting_text, "modes": modes, "buckets": {},
-                           "interference": {}, "runs": {}}
+                           "interference": {}, "runs": {}, "limits": {}}
     for bucket in buckets:
         row: dict[str, Any] = {}
+        out["limits"][bucket] = {}
         for mode in modes:
-            row[mode] = measured[mode][bucket]["runs"][0]["request_throughput"]
+            run = measured[mode][bucket]["runs"][0]
+            row[mode] = run["request_throughput"]
+            if "roles" in run:
+                out["limits"][bucket][mode] = {"roles": run["roles"], **limits(
+                    run["roles"], row[mode], coupled_cpus if mode == "coupled" else 1)}
         base = row.get("coupled", 0.0)
         if "dvd" in row:
             row["ratio_dvd"] = _ratio(row["dvd"], base)

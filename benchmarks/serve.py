@@ -43,6 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dvd.benchmarks.roles import RoleMeter
 from dvd.benchmarks.serve_client import GrpcSender, HttpSender, run_requests
 from dvd.benchmarks.serve_metrics import RequestRecord, compute_metrics, parse_goodput
 from dvd.benchmarks.serve_workload import (
@@ -128,8 +129,10 @@ def _record_dict(record: RequestRecord) -> dict[str, Any]:
     return out
 
 
-async def run_benchmark(args: argparse.Namespace, workload: WorkloadSource | None = None) -> dict[str, Any]:
-    """Every rate of the sweep against one gateway; the JSON-ready result."""
+async def run_benchmark(args: argparse.Namespace, workload: WorkloadSource | None = None,
+                        meter: RoleMeter | None = None) -> dict[str, Any]:
+    """Every rate of the sweep against one gateway; the JSON-ready result. With `meter`, each rate's run
+    also says what each role of the deployment spent (`roles`: CPU seconds, per request, busy fractions)."""
     workload = workload or workload_from_args(args)
     rates = parse_rates(args.request_rate)
     slo = parse_goodput(args.goodput)
@@ -151,9 +154,13 @@ async def run_benchmark(args: argparse.Namespace, workload: WorkloadSource | Non
                                "warm-up", not args.quiet)
         for rate, requests in zip(rates, rounds, strict=True):
             started = time.time()
+            if meter is not None:
+                meter.start()
             records = await run_requests(sender, requests, rate, args.burstiness, args.max_concurrency, args.seed,
                                          f"rate {rate:g}", not args.quiet)
             run = {"request_rate": rate, "started": started, **compute_metrics(records, slo)}
+            if meter is not None:
+                run["roles"] = meter.stop(run["completed"])
             run["per_bucket"] = {b: compute_metrics([r for r in records if r.bucket == b], slo)
                                  for b in sorted({r.bucket for r in records})}
             run["errors"] = sorted({r.error for r in records if r.error})[:5]

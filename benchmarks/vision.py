@@ -272,6 +272,10 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     from transformers.utils import logging as hf_logging
 
+    from dvd.malloc import for_vision_batches
+
+    for_vision_batches()  # as a vision server sets its malloc up, before the batcher's thread exists
+
     hf_logging.set_verbosity_error()
     checkpoint = _checkpoint(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(

@@ -7,14 +7,16 @@ starts: a wrong key, type or value is one line naming it, and exit code 2. Each 
 part of the config as a private file (`dvd vision --config FILE`), the shared transport token in it.
 
 With no model, the built-in tiny checkpoint is used (its weights are random: answers are gibberish,
-but every part of the system runs). --coupled runs both halves inside the gateway with no
-pipelining: the baseline the disaggregated pipeline is measured against. Ctrl-C or SIGTERM stops
+but every part of the system runs). --coupled runs both halves inside the gateway as one engine with
+the vision encoder in its step (as vLLM serves InternVL): the baseline the disaggregated pipeline is
+measured against; it takes the same flags (--max-batch-tiles is its encoder budget per step). Ctrl-C or SIGTERM stops
 every process this command started.
 
 Examples:
   dvd serve --model ckpt --vision-device cuda:0 --language-device cuda:1 --num-blocks 8192
   dvd serve --config deploy/serve.example.yaml --port 8080
   dvd serve --model ckpt --language-cpus 0 --vision-cpus 1 --gateway-cpus 1   # roles on their own cores
+  dvd serve --model ckpt                       # on CPUs: the same placement, over the half of the CPUs each
   dvd serve --model ckpt --coupled --cpus 0                                   # the baseline on one core
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -31,12 +34,12 @@ from pathlib import Path
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
 from dvd.deploy.gateway_cmd import model_path, resolved, roster
-from dvd.deploy.serve_config import ServeConfig, fresh_token, load_serve_config, serve_spec
+from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
 from dvd.hub import ROLES, ResolvedModel
 from dvd.internal_auth import ClusterCredential
-from dvd.malloc import reuse_freed_memory
+from dvd.malloc import for_vision_batches
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
@@ -58,7 +61,7 @@ _MAIN = (
                                   "checkpoint)"),
     Flag("--revision", "revision", help="the Hub id's branch, tag or commit (default main)"),
     Flag("--coupled", "coupled", switch=True,
-         help="both halves in this process, inproc features, no pipelining (the baseline)"),
+         help="both halves in this process as one engine, the vision encoder in its step (the baseline)"),
 )
 _GATEWAY = (
     Flag("--host", "gateway.host", help="address the gateway binds (default 127.0.0.1)"),
@@ -159,8 +162,8 @@ async def _serve(config: ServeConfig, keys: ApiKeys, given: ResolvedModel | None
 async def _serve_coupled(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
     from dvd.pipeline.backends.coupled import CoupledBackend  # torch: imported only when the model runs here
 
-    assert config.language is not None
-    backend = CoupledBackend(model.path, device=config.language.device, dtype=config.language.torch_dtype,
+    assert config.vision is not None and config.language is not None
+    backend = CoupledBackend(replace(config.vision, model=model.path), replace(config.language, model=model.path),
                              model_name=model.name)
     return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model))
 
@@ -168,6 +171,7 @@ async def _serve_coupled(config: ServeConfig, model: ResolvedModel, keys: ApiKey
 async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
     """The servers as supervised children on loopback (handed the resolved directory and commit: they read
     it with no network), and a gateway here attached to them by address."""
+    config = _placed(config)
     spec = serve_spec(replace(config, revision=model.revision), model.path)
     node = spec.nodes[0]
     token = fresh_token()  # the servers' transport and gRPC both check it; this gateway presents it
@@ -194,6 +198,16 @@ async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: 
         if watching is not None:
             watching.cancel()
         await supervisor.aclose()
+
+
+def _placed(config: ServeConfig) -> ServeConfig:
+    """The paper setting's placement where none is given (serve_config.default_placement), said in the log."""
+    placed = default_placement(config, sorted(os.sched_getaffinity(0)))
+    if placed is not config:
+        assert placed.language is not None
+        log.info("no CPUs placed: language server on CPUs %s, vision server and gateway on %s (the paper setting; "
+                 "--language-cpus / --vision-cpus / --cpus choose)", placed.language.cpus, placed.cpus)
+    return placed
 
 
 def _start_children(supervisor: Supervisor, specs: list[ChildSpec],
@@ -230,5 +244,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist
         pin_process(config.cpus, "coupled server")
-        reuse_freed_memory()  # as the vision and language servers do (dvd/malloc.py)
+        for_vision_batches()  # its engine thread runs vision batches, as a vision server does (dvd/malloc.py)
     return run_process(lambda: _serve(config, keys, model))

@@ -28,12 +28,13 @@ File layout (every key optional):
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, merged, read_mapping, to_dict
-from dvd.cpus import check_cpu_list
+from dvd.cpus import check_cpu_list, format_cpu_list
 from dvd.deploy.spec import (
     PLACED,
     PLACED_VISION,
@@ -85,6 +86,32 @@ class ServeConfig:
         if self.transport.kind not in TRANSPORT_KINDS:
             raise ConfigError(f"transport.kind: must be one of {', '.join(TRANSPORT_KINDS)} "
                               f"(what dvd serve can run between its servers), got {self.transport.kind!r}")
+
+
+def default_placement(config: ServeConfig, available: Sequence[int]) -> ServeConfig:
+    """The paper setting where nothing is placed: the language server pinned to the first half of
+    `available` (the larger half when odd: it is the costlier role), the vision server and the gateway to
+    the rest. Left unpinned, each server sizes its torch threads to every core and the two fight over them
+    (issue 19, AIPerf, 38b-scaled, 896 px, 2 cores: 0.96 req/s sharing both, 1.19-1.26 one core each).
+    `config` unchanged where any CPUs are set, with --coupled, on a GPU, with replicas or tensor
+    parallelism (each would need its own set), or on fewer than two CPUs."""
+    if not _unplaced_on_cpus(config) or len(available) < 2:
+        return config
+    assert config.vision is not None and config.language is not None
+    cpus = sorted(available)
+    half = (len(cpus) + 1) // 2
+    language, rest = format_cpu_list(cpus[:half]), format_cpu_list(cpus[half:])
+    return replace(config, cpus=rest, vision=replace(config.vision, cpus=rest),
+                   language=replace(config.language, cpus=language))
+
+
+def _unplaced_on_cpus(config: ServeConfig) -> bool:
+    vision, language = config.vision, config.language
+    if config.coupled or vision is None or language is None:
+        return False
+    one_each = config.vision_replicas == config.language_replicas == language.tensor_parallel == 1
+    on_cpus = all(d.startswith("cpu") for d in vision.devices) and language.device.startswith("cpu")
+    return one_each and on_cpus and not (config.cpus or vision.cpus or language.cpus)
 
 
 def serve_spec(config: ServeConfig, model: Path) -> DeploymentSpec:

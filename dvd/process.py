@@ -106,7 +106,7 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
     from dvd.cpus import pin_process
     from dvd.hub import resolve_model
     from dvd.internal_auth import require_credential
-    from dvd.malloc import reuse_freed_memory
+    from dvd.malloc import for_vision_batches, reuse_freed_memory
     from dvd.token_file import resolve_token
 
     if getattr(args, "token", None):
@@ -126,5 +126,9 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
         print(f"error: {exc}", file=sys.stderr)
         return None
     pin_process(config.cpus, role)
-    reuse_freed_memory()  # before the model's first forward pass (dvd/malloc.py says why)
+    # before the model's first forward pass and its threads' first allocation (dvd/malloc.py says why)
+    if role == "vision server":  # its batcher's thread allocates whole batches' activations
+        for_vision_batches()
+    else:
+        reuse_freed_memory()
     return config

@@ -8,6 +8,7 @@ the request's KV blocks and features before the next forward pass.
 from __future__ import annotations
 
 import queue
+import time
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from dvd.errors import InvalidRequestError, KVCapacityError, PromptTooLongError
 from dvd.language_server.config import EngineConfig
+from dvd.language_server.encoder_hook import StepEncoder
 from dvd.language_server.kv_cache import PagedKVCache
 from dvd.language_server.memory_profile import kv_blocks_from_memory
 from dvd.language_server.model import LanguageHalf
@@ -47,18 +49,24 @@ class EngineStats:
     num_prefix_cache_hit_tokens: int = 0
     num_prefix_cache_evictions: int = 0
     prefix_cache_hit_rate: float = 0.0  # hit / query tokens
+    num_encoder_steps: int = 0  # steps that ran the step encoder first (a coupled engine)
+    num_requests_encoded: int = 0
+    encoder_seconds: float = 0.0  # wall time in the step encoder, which every running request waited for
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
 
 
 class Engine:
-    def __init__(self, language: LanguageHalf, config: EngineConfig) -> None:
+    def __init__(self, language: LanguageHalf, config: EngineConfig, encoder: StepEncoder | None = None) -> None:
+        """`encoder`: runs the vision encoder inside each step, before the schedule (encoder_hook.py); None
+        when features arrive from elsewhere (a language server)."""
         self.language = language
         config = config.for_device(str(language.device))
         if not config.num_blocks:  # a GPU: as many blocks as its free memory holds
             config = replace(config, num_blocks=self._num_blocks_from_memory(config))
         self.config = config
+        self.encoder = encoder
         text: Any = language.model.config  # a transformers config (torch.nn.Module types attributes as tensors)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.cache = PagedKVCache(config, text.num_hidden_layers, text.num_key_value_heads, head_dim,
@@ -136,12 +144,16 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs = self._apply_commands()
+        encoded = self._encode(self.encoder) if self.encoder is not None else None
+        if encoded:
+            outputs += encoded
         batch = self.scheduler.schedule()
         if batch.requests:
             logits = self.runner.execute(batch)
             sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
             outputs += self._postprocess(batch.requests, batch.num_tokens, sampled, self._sample(sampled, logits))
-        self._stalled = not batch.requests
+        # Nothing ran: only a command can change that (an encoder that ran may have left others for the next step)
+        self._stalled = not batch.requests and encoded is None
         self.last_batch = (len(batch.requests), batch.total_tokens)
         self._update_stats(batch.total_tokens)
         return outputs
@@ -189,6 +201,34 @@ class Engine:
             elif item in self.requests:
                 self._counters.num_requests_aborted += 1
                 outputs.append(self._finish(self.requests[item], FinishReason.ABORT))
+        return outputs
+
+    def _encode(self, encoder: StepEncoder) -> list[RequestOutput] | None:
+        """Encode the images of the requests this step will schedule (within the encoder's budget) and hand
+        each its prompt's rest; a request the encoder failed ends with its error (its output returned). Every
+        running request whose prompt is whole waits for this: its stall is counted. None: nothing encoded."""
+        awaiting = self.scheduler.awaiting_images()
+        if not awaiting:
+            return None
+        started = time.monotonic()
+        encoded = encoder.encode(awaiting)
+        if not encoded:
+            return None
+        elapsed = time.monotonic() - started
+        for request in self.scheduler.running:
+            if request.prompt_complete:
+                request.encoder_stall_s += elapsed
+        outputs = []
+        for request_id, result in encoded.items():
+            request = self.requests[request_id]
+            if isinstance(result, BaseException):
+                outputs.append(self._finish(request, FinishReason.ERROR, error=f"{type(result).__name__}: {result}"))
+                continue
+            for piece in result:
+                self.scheduler.extend(request, piece)
+        self._counters.num_encoder_steps += 1
+        self._counters.num_requests_encoded += len(encoded)
+        self._counters.encoder_seconds += elapsed
         return outputs
 
     def _postprocess(self, scheduled: list[EngineRequest], num_tokens: list[int], sampled: list[EngineRequest],

@@ -26,6 +26,9 @@ class EngineLoop:
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop `start` was called on
         self._wake = threading.Event()
         self._stopping = False
+        # Where the engine thread's time went: stepping, idle while every request it holds waits for a piece
+        # of its prompt (features on their way: a pipeline bubble), idle with no request at all.
+        self.seconds = {"busy": 0.0, "starved": 0.0, "empty": 0.0}
         self._thread = threading.Thread(target=self._run, name="dvd-language-engine", daemon=True)
 
     def start(self) -> None:
@@ -54,9 +57,12 @@ class EngineLoop:
     def _run(self) -> None:
         self.engine.enter_thread()
         while not self._stopping:
+            started = time.monotonic()
             if not self.engine.has_work:
+                idle = "starved" if self.engine.requests else "empty"
                 self._wake.wait()
                 self._wake.clear()
+                self.seconds[idle] += time.monotonic() - started
                 continue
             start = time.monotonic()
             try:
@@ -65,6 +71,7 @@ class EngineLoop:
             except Exception as error:  # one bad step must not kill the server: fail what was in it
                 logger.exception("engine step failed; failing every request in the engine")
                 outputs = self.engine.fail_all(f"engine step failed: {type(error).__name__}: {error}")
+            self.seconds["busy"] += time.monotonic() - started
             if outputs and self.loop is not None:
                 self.loop.call_soon_threadsafe(self.deliver, outputs)
 

@@ -57,6 +57,9 @@ class EngineRequest:
     hashes_stopped: bool = False  # a block holds an image without a key: it and every later block stay private
     num_cached_blocks: int = 0
     first_scheduled_at: float = 0.0  # time.monotonic() its first prefill chunk was scheduled (0 = not yet)
+    # With a step encoder (encoder_hook.py): how long this request, its prompt whole, waited in steps while the
+    # encoder ran for other requests' images: the decodes a coupled engine holds back.
+    encoder_stall_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.prompt_ids = list(self.prompt_ids)  # its own: `append_prompt` grows it

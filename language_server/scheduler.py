@@ -130,6 +130,25 @@ class Scheduler:
                 budget -= n
         return batch
 
+    def awaiting_images(self) -> list[EngineRequest]:
+        """The requests the next `schedule` would run whose prompts still wait for their images, in its order:
+        running ones first, then the waiting ones it would admit (room in the batch's tokens, running slots
+        and free blocks for their known prompts). What an engine with a `StepEncoder` encodes before the
+        schedule, as vLLM encodes the images of the requests it schedules."""
+        out = [r for r in self.running if not r.prompt_complete]
+        budget = self.config.max_batch_tokens - sum(len(r.token_ids) - r.num_computed for r in self.running)
+        room = self.config.max_running_requests - len(self.running)
+        free = self.blocks.num_free
+        for request in self.waiting:
+            need = self.cache.blocks_needed(len(request.token_ids))
+            if budget <= 0 or room <= 0 or need > free:
+                break  # FIFO, as `schedule` admits
+            budget -= len(request.token_ids) - request.num_computed
+            room, free = room - 1, free - need
+            if not request.prompt_complete:
+                out.append(request)
+        return out
+
     def _admit(self, request: EngineRequest) -> bool:
         """Give a waiting request its cached blocks and fresh ones for the rest of its known prompt; False: no room."""
         cached = self._cached_blocks(request)

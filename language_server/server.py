@@ -262,6 +262,7 @@ class LanguageServer:
         counters |= {"feature_pool_bytes": float(pool.nbytes), "num_feature_pool_entries": pool.num_entries,
                      "num_waiting_for_features": float(len(self.feeder.waiting)),
                      "num_streams": float(len(self.streams)), "kv_cache_bytes": float(self.engine.kv_cache_bytes)}
+        counters |= {f"engine_{state}_seconds": seconds for state, seconds in self.engine_loop.seconds.items()}
         counters |= {f"transport_{k}": float(v) for k, v in vars(self.receiver.stats).items()}
         receive_pool = getattr(self.receiver, "pool", None)  # the receive pool the frames' bytes live in
         if receive_pool is not None:

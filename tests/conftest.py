@@ -33,6 +33,12 @@ def tiny_github(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory.mktemp("ckpt"), "tiny-github", fmt="github", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_flash(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Flash (ViR) checkpoint, GitHub format."""
+    return _build(tmp_path_factory.mktemp("ckpt"), "tiny-flash", fmt="github", flash=True)
+
+
 def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth, textured RGB image (gradients, blobs and noise), closer to a photo than uniform noise."""
     rng = np.random.default_rng(seed)

@@ -4,7 +4,7 @@ Key = SHA-256 over the model identity, the preprocessing parameters, the input's
 (max_num, num_segments) and the input's bytes. On Flash checkpoints an entry also keeps ViR's gate
 value per tile: a tile's route depends on the other tiles of its request (the quantile), so the
 engine re-decides the request's routes from the cached gate values and uses the entries only when
-every tile comes out as it was cached (see VisionEngine._lookup).
+every tile comes out as it was cached (see MediaIntake.lookup in intake.py).
 """
 
 from __future__ import annotations

@@ -25,14 +25,12 @@ from dvd.requests import Media
 from dvd.tracing import NO_CONTEXT, NO_TRACER, TraceContext, Tracer
 from dvd.transport import FeatureHeader, Sender, TransportError, create_sender, header_for
 from dvd.vision_server.batcher import Batcher, EncodeWork
-from dvd.vision_server.cache import EncoderCache, cache_key, input_digest, model_identity
 from dvd.vision_server.config import VisionServerConfig
 from dvd.vision_server.destinations import AllowList
+from dvd.vision_server.intake import MediaIntake
 from dvd.vision_server.metrics import VisionMetrics
 from dvd.vision_server.model import EncodedImage, VisionHalf
-from dvd.vision_server.preprocess import PreprocessConfig, preprocess_tiles
 from dvd.vision_server.tile_budget import TileBudget
-from dvd.vision_server.video import MAX_NUM_SEGMENTS, load_video
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +64,6 @@ class EncodeCall:
         return self.slots[slot] if self.slots else slot
 
 
-def _weight_stamps(path: Any) -> list[tuple[str, int, int]]:
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.glob("*.safetensors"))]
-
-
 class VisionEngine:
     """Model replicas, preprocessing pool, encoder cache, batcher and transport senders of one server."""
 
@@ -83,12 +77,8 @@ class VisionEngine:
             if len(half.stages) > 1:
                 logger.info("vision replica placed over %d devices: %s", len(half.stages), half.where)
         self.info = self.replicas[0].info
-        preprocess = PreprocessConfig.from_checkpoint(config.model)
-        limit = max(config.max_num_limit, preprocess.max_num)
-        self.preprocess = dataclasses.replace(preprocess, max_num_limit=limit)
-        self.model_id = model_identity(str(config.model.resolve()), (config.model / "config.json").read_bytes(),
-                                       _weight_stamps(config.model))
-        self.cache = EncoderCache(config.cache_bytes) if config.cache_bytes else None
+        self.intake = MediaIntake(config, self.replicas[0])  # limits, encoder cache, preprocessing
+        self.cache = self.intake.cache
         self.pool = concurrent.futures.ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="preprocess")
         self.metrics = VisionMetrics(self.stats, len(self.replicas))  # Prometheus, read at scrape time
         self.batcher = Batcher(self.replicas, config.max_batch_tiles, config.max_wait_ms, self.metrics.observe_batch)
@@ -101,13 +91,12 @@ class VisionEngine:
         self._idle.set()
         self.counters: dict[str, float] = {
             name: 0 for name in ("num_requests", "num_requests_ok", "num_requests_failed", "num_slots_sent",
-                                 "num_tokens_sent", "num_bytes_sent", "num_tiles_preprocessed",
-                                 "num_cache_route_mismatches", "num_requests_busy")
+                                 "num_tokens_sent", "num_bytes_sent", "num_tiles_preprocessed", "num_requests_busy")
         }
 
     # ------------------------------------------------------------------------------------------
     def identity(self) -> str:
-        return f"{self.config.model} ({self.model_id[:12]})"
+        return f"{self.config.model} ({self.intake.model_id[:12]})"
 
     def stats(self) -> dict[str, float]:
         out = dict(self.counters)
@@ -123,11 +112,8 @@ class VisionEngine:
         for sender in self._senders.values():  # one per transport kind
             for key in ("num_connections", "num_dropped_connections"):
                 out[f"transport_{key}"] = out.get(f"transport_{key}", 0.0) + getattr(sender.stats, key)
-        if self.cache is not None:
-            stats = self.cache.stats
-            out |= {"num_cache_hits": stats.num_hits, "num_cache_misses": stats.num_misses,
-                    "num_cache_evictions": stats.num_evictions, "num_cache_entries": stats.num_entries,
-                    "cache_bytes": stats.num_bytes, "cache_hit_rate": stats.hit_rate}
+        out["num_cache_route_mismatches"] = self.intake.num_cache_route_mismatches
+        out |= self.intake.cache_stats()
         return out
 
     def _sender(self, destination: str) -> Sender:
@@ -166,26 +152,11 @@ class VisionEngine:
             raise InvalidRequestError("request_id is empty")
         if not request.inputs:
             raise InvalidRequestError("request has no inputs")
-        if len(request.inputs) > self.config.max_inputs:
-            raise InvalidRequestError(f"request has {len(request.inputs)} inputs, over this server's limit of "
-                                      f"{self.config.max_inputs}")
+        self.intake.check(request.inputs)
         if not request.destination:
             raise InvalidRequestError("destination is empty")
         self._check_slots(request)
         destination = self.destinations.check(request.destination)  # before any work or connection
-        worst = 0
-        for i, item in enumerate(request.inputs):
-            if item.num_segments > MAX_NUM_SEGMENTS:
-                raise InputError(i, item.kind, InvalidRequestError(
-                    f"num_segments {item.num_segments} is above the limit of {MAX_NUM_SEGMENTS}"))
-            max_num = item.max_num or (1 if item.num_segments else self.preprocess.max_num)
-            if max_num > self.preprocess.max_num_limit:
-                raise InputError(i, item.kind, InvalidRequestError(
-                    f"max_num ({max_num}) is above this server's limit of {self.preprocess.max_num_limit} tiles"))
-            worst += self._worst_tiles(item)
-        if worst > self.config.max_request_tiles:
-            raise InvalidRequestError(f"request may cost up to {worst} tiles, over this server's limit of "
-                                      f"{self.config.max_request_tiles} tiles per request")
         self._sender(destination)
         return destination
 
@@ -203,42 +174,17 @@ class VisionEngine:
                                       f"{needed} distinct slot numbers")
 
     def _worst_tiles(self, item: Media) -> int:
-        """The most tiles one input may cost (its max_num tiles + the thumbnail, per slot)."""
-        max_num = item.max_num or (1 if item.num_segments else self.preprocess.max_num)
-        return (max_num + (1 if max_num > 1 and self.preprocess.use_thumbnail else 0)) * item.num_slots
+        return self.intake.worst_tiles(item)
 
     def _keys(self, request: EncodeCall) -> list[bytes]:
-        return [cache_key(self.model_id, self.preprocess, item.max_num, item.num_segments, input_digest(item.data))
-                for item in request.inputs]
+        return self.intake.keys(request.inputs)
 
     def _lookup(self, keys: list[bytes]) -> list[tuple[EncodedImage, ...] | None]:
-        """Cached slots per input. With ViR a hit stands only if the whole request hits and deciding its
-        routes over all the cached gate values gives each tile the route it was cached with; otherwise
-        every input runs, since the routes are decided over the whole request."""
-        if self.cache is None:
-            return [None] * len(keys)
-        if self.info.flash is None:
-            return [self.cache.get(k) for k in keys]
-        hits = [self.cache.get(k, count=False) for k in keys]
-        slots = [s for hit in hits if hit is not None for s in hit]
-        usable = all(h is not None for h in hits) and all(s.gate_probs is not None for s in slots)
-        if usable:
-            routes = self.replicas[0].routes(torch.cat([s.gate_probs for s in slots if s.gate_probs is not None]))
-            compressed = self.replicas[0].compressed_tokens_per_tile
-            if routes.tolist() != [t == compressed for s in slots for t in s.tokens_per_tile]:
-                self.counters["num_cache_route_mismatches"] += 1
-                usable = False
-        self.cache.record(len(keys) if usable else 0, 0 if usable else len(keys))
-        return hits if usable else [None] * len(hits)
+        return self.intake.lookup(keys)
 
     def _preprocess(self, item: Media) -> list[torch.Tensor]:
         """Runs in the pool: one input -> per slot its pixel tiles."""
-        if item.num_segments:
-            video = load_video(item.data, self.preprocess, num_segments=item.num_segments, max_num=item.max_num or 1,
-                               normalized=False)
-            return list(video.pixels)
-        # uint8 tiles: a quarter of the bytes to the device, normalised there (VisionHalf.vit)
-        return [preprocess_tiles(item.data, self.preprocess, max_num=item.max_num or None)]
+        return self.intake.tiles(item)
 
     async def encode(self, request: EncodeCall) -> list[SlotOutcome]:
         if len(self.inflight) >= self.config.max_inflight_requests:

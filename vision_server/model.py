@@ -12,7 +12,7 @@ way the released Flash `chat()` does, computing only the chosen projector path f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -182,10 +182,7 @@ class VisionHalf(torch.nn.Module):
     @torch.inference_mode()
     def encode_request(self, images: Sequence[torch.Tensor]) -> list[EncodedImage]:
         """One request's images (pixel tiles each) -> features per image, ViR routed over all its tiles."""
-        counts = [int(p.shape[0]) for p in images]
-        grid = self.vit(torch.cat(list(images)))
-        routes = self.routes(self.gate(grid)) if self.is_flash else torch.zeros(grid.shape[0], dtype=torch.bool)
-        return assemble(self, grid, routes, counts)
+        return encode_requests(self, [images])[0]
 
     def routes(self, probs: torch.Tensor) -> torch.Tensor:
         """ViR's decision for one request's tiles (all False on non-Flash checkpoints)."""
@@ -204,6 +201,27 @@ def project_tiles(half: VisionHalf, grid: torch.Tensor, routes: torch.Tensor) ->
             for row, i in enumerate(index):
                 out[i] = projected[row]
     return [t for t in out if t is not None]
+
+
+@torch.inference_mode()
+def encode_requests(half: VisionHalf, requests: Sequence[Sequence[torch.Tensor]]) -> list[list[EncodedImage]]:
+    """Several requests' images (pixel tiles each) in one ViT pass -> per request, features per image. On Flash
+    checkpoints each request's routes are decided over its own tiles only, as the released `chat()` does (a
+    tile's route never depends on who shared its batch), and each image keeps its tiles' gate values."""
+    counts = [[int(p.shape[0]) for p in images] for images in requests]
+    grid = half.vit(torch.cat([p for images in requests for p in images]))
+    probs = half.gate(grid) if half.is_flash else None
+    out, row = [], 0
+    for tiles in counts:
+        n = sum(tiles)
+        if probs is None:
+            out.append(assemble(half, grid[row:row + n], torch.zeros(n, dtype=torch.bool), tiles))
+        else:
+            mine = probs[row:row + n]
+            images = assemble(half, grid[row:row + n], half.routes(mine), tiles)
+            out.append([replace(image, gate_probs=p) for image, p in zip(images, mine.split(tiles), strict=True)])
+        row += n
+    return out
 
 
 def assemble(half: VisionHalf, grid: torch.Tensor, routes: torch.Tensor, counts: Sequence[int]) -> list[EncodedImage]:

@@ -1,6 +1,6 @@
 """Gateway backends: where a validated `ChatRequest` is turned into generated tokens.
 
-`coupled`: both model halves in the gateway's process, one request at a time (the baseline).
+`coupled`: both model halves in the gateway's process, one engine with the encoder in its step (the baseline).
 `disaggregated`: vision and language servers reached over gRPC, features over the transport.
 """
 

@@ -95,4 +95,9 @@ def test_bench_compare_runs_each_mode_and_writes_the_table(tiny_hf: Path, tmp_pa
     row = result["buckets"]["448"]
     assert row["coupled"] > 0 and row["ratio_dvd"] > 0 and row["ratio_dvd_vir"] > 0
     assert set(result["interference"]) <= {"coupled", "dvd", "dvd+vir"}
+    limits = result["limits"]["448"]  # each run's roles, read from /proc, and the ideals they allow
+    assert limits["dvd"]["pipeline_ideal"] > 0 and limits["dvd"]["coupled_ideal"] < limits["dvd"]["pipeline_ideal"]
+    assert {"vision", "language", "gateway", "client"} <= limits["dvd"]["roles"]["cpu_s"].keys()
+    assert limits["coupled"]["ideal"] > 0 and "coupled" in limits["coupled"]["roles"]["cpu_s_per_request"]
+    assert "pipeline's ideal 1 / max" in out and "448 px limits" in out
     assert psutil.Process().children(recursive=True) == []  # every deployment it started is gone

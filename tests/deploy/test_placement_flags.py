@@ -8,7 +8,7 @@ import pytest
 
 from dvd.config_file import ConfigError, flag_overrides
 from dvd.deploy.serve_cmd import FLAGS, add_arguments
-from dvd.deploy.serve_config import build_serve_config
+from dvd.deploy.serve_config import build_serve_config, default_placement
 
 
 def test_placement_flags_reach_every_role() -> None:
@@ -28,3 +28,18 @@ def test_placement_flags_reach_every_role() -> None:
 def test_bad_cpu_lists_fail_naming_the_key(data: dict, where: str) -> None:
     with pytest.raises(ConfigError, match=where):
         build_serve_config(data, {})
+
+
+def test_unplaced_servers_get_the_paper_setting() -> None:
+    config = build_serve_config({}, {})
+    placed = default_placement(config, [0, 1])
+    assert (placed.language.cpus, placed.vision.cpus, placed.cpus) == ("0", "1", "1")
+    assert default_placement(config, [1, 0]) == placed  # the CPUs in order, whatever the order given
+    assert default_placement(config, [0]) is config  # one CPU: nothing to split
+
+
+@pytest.mark.parametrize("data", [{"cpus": "1"}, {"language": {"cpus": "0"}}, {"vision": {"cpus": "1"}},
+                                  {"coupled": True}, {"vision": {"replicas": 2}}, {"language": {"replicas": 2}}])
+def test_any_placement_given_is_kept_as_it_is(data: dict) -> None:
+    config = build_serve_config(data, {})
+    assert default_placement(config, [0, 1, 2, 3]) is config

@@ -132,9 +132,13 @@ def test_missing_features_time_out_with_a_clear_error(harness: Harness, chat: Ch
     request = generate_request(chat, "lost", "Image-1: <image>\nImage-2: <image>\n?", num_images=2)
     request.features_timeout_ms = 300
     harness.send("lost", 1, image_features[0])
+    starved = harness.stats()["engine_starved_seconds"]
     with pytest.raises(grpc.RpcError) as caught:
         collect(harness.stub.Generate(request))
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the engine held this request alone, waiting for its first image: its thread's time says so (counted when
+    # the abort wakes the thread, which may come after the caller saw its error)
+    harness.wait_until(lambda: harness.server.counters()["engine_starved_seconds"] - starved > 0.1, timeout_s=30)
     assert caught.value.details() == ("features for request 'lost' did not arrive within 300 ms: "
                                       "missing image(s) [0] of 2")
     assert harness.stats()["feature_pool_num_requests_timed_out"] >= 1

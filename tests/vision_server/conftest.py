@@ -1,19 +1,10 @@
-"""Fixtures of the vision server tests: a tiny Flash (ViR) checkpoint and a short generated video."""
+"""Fixtures of the vision server tests: a short generated video (the tiny Flash checkpoint is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
-import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_flash(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dvd.tools.make_checkpoint import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-flash", preset="tiny", fmt="github", flash=True)
 
 
 def make_video(num_frames: int = 30, fps: int = 10, width: int = 160, height: int = 120) -> bytes:
