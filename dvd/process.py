@@ -75,13 +75,20 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     return server, bound
 
 
-async def until_stop_signal() -> None:
-    """Return on SIGINT or SIGTERM."""
+def stop_signal() -> asyncio.Event:
+    """An event set on SIGINT or SIGTERM. A server takes it before it prints its ready line: a supervisor may
+    send SIGTERM the moment it reads that line, and a signal before the handler exists would kill the
+    process (exit -15) instead of draining it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def until_stop_signal() -> None:
+    """Return on SIGINT or SIGTERM."""
+    await stop_signal().wait()
 
 
 def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -19,7 +19,7 @@ import logging
 
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.language_server.server_config import add_arguments as add_config_arguments
-from dvd.process import configure_logging, run_process, server_config, until_stop_signal
+from dvd.process import configure_logging, run_process, server_config, stop_signal
 
 logger = logging.getLogger("dvd.language")
 
@@ -47,8 +47,9 @@ async def serve(config: LanguageServerConfig) -> int:
     if server.metrics_endpoint is not None:
         logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)  # stdout's first line stays the ready line
     # what other nodes push to
+    stopped = stop_signal()  # before the ready line (dvd/process.py)
     print(f"dvd language serving on {server.address} features on {server.transport_address}", flush=True)
-    await until_stop_signal()
+    await stopped.wait()
     logger.info("signal received: shutting down")
     await server.stop()
     tracer.shutdown()

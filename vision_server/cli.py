@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dvd.process import configure_logging, run_process, server_config, until_stop_signal
+from dvd.process import configure_logging, run_process, server_config, stop_signal
 from dvd.vision_server.config import VisionServerConfig
 from dvd.vision_server.config import add_arguments as add_config_arguments
 
@@ -43,8 +43,9 @@ async def serve(config: VisionServerConfig) -> int:
     logger.info("config %s", describe(config))
     if server.metrics_endpoint is not None:
         logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)  # stdout's first line stays the ready line
+    stopped = stop_signal()  # before the ready line (dvd/process.py)
     print(f"dvd vision serving on {server.address}", flush=True)
-    await until_stop_signal()
+    await stopped.wait()
     logger.info("signal received: shutting down")
     await server.stop()
     tracer.shutdown()

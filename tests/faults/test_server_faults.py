@@ -52,6 +52,8 @@ def test_vision_server_killed_or_frozen(tiny_hf: Path) -> None:
         status, unloaded = post_chat(served.http_url, image_request())
         assert status == 200, unloaded
         first, second = servers(served, "vision")
+        # /v1/instances shows the counters of the last probe: wait until one shows the Encode just served
+        wait_for(lambda: sum(_encodes(served)) >= 1, 30, "the first Encode counted")
         if _encodes(served)[1]:  # the image's home on the affinity ring: it takes the same image's next Encode
             first, second = second, first
 
