@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dvd.benchmarks.simulate_speed import SYNTHETIC
 from dvd.deploy.cost_profile import CostProfile, load_profile, write_records
 from dvd.deploy.sim_stages import SimSettings
 from dvd.deploy.sim_workload import WorkloadSpec, generate
@@ -24,22 +25,8 @@ from dvd.deploy.simulate import Deployment, Simulation
 
 REFERENCE = Path(__file__).with_name("sim_reference.json")
 
-# GPU-like costs with a preprocessing curve, two decode contexts and a transport curve (made up, round).
-PROFILE: list[dict[str, Any]] = [
-    {"stage": "vision", "tiles": 1, "seconds": 0.010}, {"stage": "vision", "tiles": 16, "seconds": 0.050},
-    {"stage": "vision", "tiles": 1, "vir": True, "seconds": 0.011},
-    {"stage": "vision", "tiles": 16, "vir": True, "seconds": 0.055},
-    {"stage": "features", "tokens_per_tile": 256, "bytes_per_token": 8192},
-    {"stage": "features", "vir": True, "tokens_per_tile": 160, "bytes_per_token": 8192},
-    {"stage": "preprocess", "tiles": 1, "seconds": 0.004}, {"stage": "preprocess", "tiles": 10, "seconds": 0.015},
-    {"stage": "prefill", "tokens": 64, "seconds": 0.015}, {"stage": "prefill", "tokens": 2048, "seconds": 0.12},
-    {"stage": "decode", "batch": 1, "context": 128, "seconds": 0.012},
-    {"stage": "decode", "batch": 64, "context": 128, "seconds": 0.020},
-    {"stage": "decode", "batch": 1, "context": 4096, "seconds": 0.013},
-    {"stage": "decode", "batch": 64, "context": 4096, "seconds": 0.040},
-    {"stage": "transport", "bytes": 2 << 20, "seconds": 0.001},
-    {"stage": "transport", "bytes": 26 << 20, "seconds": 0.0105},
-]
+# GPU-like costs (made up, round): the same synthetic profile `dvd bench simulate-speed` runs on.
+PROFILE: list[dict[str, Any]] = SYNTHETIC
 
 _MIXED = {"image_sizes": ((448, 448), (896, 896), (1344, 1344), (1344, 448)), "images_per_request": 2,
           "prompt_tokens": 96, "prefix_tokens": 24, "output_tokens": 48}
