@@ -120,5 +120,17 @@ class RequestFlow:
         self.call.cancel()
         if not work.lost:  # a hung server would not answer the Abort either (frees early frames)
             stub: Any = self.language.stub
+            abort = asyncio.ensure_future(stub.Abort(language_pb2.AbortRequest(request_id=self.request.request_id),
+                                                     timeout=5))
+            abort.add_done_callback(_retrieved)  # its error, when nobody awaits it any more (below)
+            # Shielded: a client that disconnects gets its handler cancelled (aiohttp's handler_cancellation),
+            # often while this Abort is in flight; the Abort still reaches the server.
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Abort(language_pb2.AbortRequest(request_id=self.request.request_id), timeout=5)
+                await asyncio.shield(abort)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a shielded call's outcome as seen: an Abort whose caller was cancelled may still fail, and
+    that is no news to anyone (the request is gone either way)."""
+    if not task.cancelled():
+        task.exception()
