@@ -49,6 +49,9 @@ class ChatFields:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate past the checkpoint's stop tokens (benchmark clients ask for it)

@@ -34,7 +34,8 @@ def sampling_from_proto(s: language_pb2.LanguageSampling, default_stop_ids: tupl
     """Fields left unset keep SamplingParams' defaults; raises InvalidFieldError naming a bad field."""
     optional = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
     given = {name: getattr(s, name) for name in optional if s.HasField(name)}
-    return SamplingParams(min_new_tokens=s.min_new_tokens, top_k=s.top_k,
+    return SamplingParams(min_new_tokens=s.min_new_tokens, top_k=s.top_k, min_p=s.min_p,
+                          presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                           stop_token_ids=tuple(s.stop_token_ids) or default_stop_ids, **given)
 
 

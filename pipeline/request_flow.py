@@ -42,7 +42,8 @@ def language_request(request: TokenizedRequest) -> language_pb2.LanguageGenerate
     sampling = language_pb2.LanguageSampling(
         max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
-        stop_token_ids=list(s.stop_token_ids))
+        stop_token_ids=list(s.stop_token_ids), min_p=s.min_p, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty)
     if s.seed is not None:
         sampling.seed = s.seed
     return language_pb2.LanguageGenerateRequest(
