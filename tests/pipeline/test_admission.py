@@ -8,51 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
-from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
-from dvd.prompt import PromptTokens
 from dvd.requests import ChatFields, GenerationEvent, TokenizedRequest
+from tests.stub_backend import StubBackend, StubChat
 
 
-class _Tokenizer:
-    def decode(self, ids: list[int], **_: Any) -> str:
-        return "".join(map(chr, ids))
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [chr(i) for i in ids]
-
-
-class _Chat:
-    tokenizer = _Tokenizer()
-    stop_token_ids = (0,)
-
-    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False) -> PromptTokens:
-        return PromptTokens((tuple(map(ord, messages[0]["content"])),))
-
-
-class SlowCleanupBackend(Backend):
+class SlowCleanupBackend(StubBackend):
     """Yields one token, then waits; closing it early awaits an abort that only `release` lets finish (as
     RequestFlow's Abort call to the language server does, for up to its timeout)."""
-
-    model_name = "m"
-    mode = "test"
 
     def __init__(self) -> None:
         self.cleanup_started = asyncio.Event()
         self.release = asyncio.Event()
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def health(self) -> tuple[bool, str]:
-        return True, "ok"
-
-    def instances(self) -> list[dict[str, Any]]:
-        return []
 
     async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
         try:
@@ -65,7 +34,7 @@ class SlowCleanupBackend(Backend):
 
 def _core() -> tuple[ServingCore, SlowCleanupBackend]:
     backend = SlowCleanupBackend()
-    return ServingCore(backend, max_concurrency=4, chat=_Chat()), backend  # type: ignore[arg-type]
+    return ServingCore(backend, max_concurrency=4, chat=StubChat()), backend  # type: ignore[arg-type]
 
 
 async def _handler(core: ServingCore) -> None:
