@@ -28,7 +28,7 @@ def _language(address: str, load: int = 0) -> Replica:
 def _refusing(busy_ones: set[str], tried: list[str], refuse_after: int = 0):
     """A run for Router.generate: on a replica in `busy_ones` it yields `refuse_after` items, then
     refuses busy; elsewhere it yields the replica's address. Records the replicas it ran on."""
-    async def run(replica: Replica) -> AsyncGenerator[str, None]:
+    async def run(replica: Replica, decode: Replica | None = None) -> AsyncGenerator[str, None]:
         tried.append(replica.address)
         if replica.address in busy_ones:
             for i in range(refuse_after):
