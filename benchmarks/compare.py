@@ -265,7 +265,7 @@ def main(argv: list[str]) -> int:
     result = summarize(measured, modes, args.buckets, args.setting, setting_text, coupled_cpus=len(cpus))
     result["machine"] = machine()
     print(table(result))
-    print(f"load average {result['machine']['load_average']}")
+    print(f"load average {result['machine']['load_average']}, niceness {result['machine']['niceness']}")
     if args.result_dir is not None:
         for mode, runs in measured.items():
             for bucket, run in runs.items():

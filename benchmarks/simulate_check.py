@@ -9,9 +9,10 @@ simulated against measured throughput (and TTFT) per mode and resolution. Issue 
   dvd bench simulate-check --quick               # the tiny preset, 448 px, a few requests: checks it runs
   dvd bench simulate-check --profile P --measured T18.json   # re-simulate earlier measurements
 
-The coupled deployment is modelled as today's `dvd serve --coupled` runs (`--coupled-model serial`: one
-request at a time); once issue 19's coupled engine lands, `--coupled-model step` models it (the encoder in
-the engine's step). Figures taken while other work runs on the machine are as noisy as its load (printed).
+The coupled deployment is modelled as `dvd serve --coupled` runs (`--coupled-model step`: one engine, the encoder
+in its step); `--coupled-model serial` models the old baseline, transformers' generate one request at a time, for
+replaying measurements taken with it. Figures taken while other work runs on the machine are as noisy as its load
+(printed); on a shared machine run it under `nice -n -19`.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     add("--input-len", type=int, default=16, help="random words of text a request")
     add("--language-cpus", default="0")
     add("--vision-cpus", default="1")
-    add("--coupled-model", choices=["serial", "step"], default="serial",
-        help="how the coupled baseline runs: serial (today's dvd serve --coupled) or step (issue 19's engine)")
+    add("--coupled-model", choices=["serial", "step"], default="step",
+        help="how the coupled baseline runs: step (dvd serve --coupled: the encoder in the engine's step, the "
+             "default) or serial (the old baseline, transformers' generate one request at a time)")
     add("--profile", type=Path, help="use this profile instead of measuring one")
     add("--measured", type=Path, help="use this dvd bench compare --json result instead of measuring")
     add("--work-dir", type=Path, help="where the profile and the compare result are written (default a temp dir)")

@@ -86,11 +86,6 @@ def stop_signal() -> asyncio.Event:
     return stop
 
 
-async def until_stop_signal() -> None:
-    """Return on SIGINT or SIGTERM."""
-    await stop_signal().wait()
-
-
 def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a server's main coroutine; a configuration or start-up error is one line and exit code 2."""
     try:

@@ -19,7 +19,8 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import InvalidRequestError, PromptTooLongError
 from dvd.sampling import SamplingParams
-from dvd.weights import JoinedRef, ShardRef, TensorRef, TensorSource, language_tensors, load_module, parameters_on_meta
+from dvd.tensor_refs import JoinedRef, ShardRef, TensorRef, TensorSource, load_module, parameters_on_meta
+from dvd.weights import language_tensors
 
 
 def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> GenerationConfig:

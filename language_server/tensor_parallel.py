@@ -11,7 +11,7 @@ parameter's `Cut`; `load_shard` builds the model on the meta device, cuts it, an
 part of every tensor from the safetensors files (host memory about one shard per rank, not the model).
 
 Why not transformers' `tp_plan`: it shards through DTensor during `from_pretrained`, which DvD's
-meta-device loader (dvd/weights.py) does not use, and it does not reach the fused-expert MoE layout on a
+meta-device loader (dvd/tensor_refs.py) does not use, and it does not reach the fused-expert MoE layout on a
 CPU; cutting the tensors is a few lines and keeps the model classes transformers' own.
 
 How ranks stay in step (as nano-vllm's): rank 0 alone receives requests and features; before each step
@@ -40,7 +40,8 @@ from dvd.language_server.engine import Engine
 from dvd.language_server.model import LanguageHalf, fill, meta_model
 from dvd.language_server.request import EngineRequest, RequestOutput
 from dvd.language_server.sampling import sample_tensor
-from dvd.weights import Cut, JoinedRef, ShardRef, TensorRef, TensorSource, language_tensors
+from dvd.tensor_refs import Cut, JoinedRef, ShardRef, TensorRef, TensorSource
+from dvd.weights import language_tensors
 
 TENSOR_PARALLEL_MODELS = ("qwen3", "qwen3_moe", "gpt_oss", "qwen2", "llama")
 

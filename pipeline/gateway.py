@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from dvd.pipeline.grpc_frontend import GenerationService
 from dvd.pipeline.http_app import OpenAIFrontend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
-from dvd.process import start_grpc_server, until_stop_signal
+from dvd.process import start_grpc_server, stop_signal
 from dvd.tracing import NO_TRACER, Tracer, tracer_from_environment
 from dvd.v1 import generation_pb2_grpc
 
@@ -96,8 +97,9 @@ class Gateway:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def serve_forever(self) -> None:
-        await until_stop_signal()
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` (`dvd.process.stop_signal()`, taken before the ready line) is set."""
+        await stop.wait()
         log.warning("shutting down")
 
 
@@ -115,6 +117,7 @@ async def run_gateway(command: str, config: GatewayConfig, backend: Backend, key
         if backend_started is not None:
             await backend_started()
         await gateway.start()
+        stop = stop_signal()  # before the ready line: a supervisor may send SIGTERM the moment it reads it
         print(f"{command}: {await describe()}", flush=True)
         tls = " (TLS)" if gateway.tls else ""
         print(f"{command}: OpenAI API at {gateway.scheme}://{config.host}:{gateway.http_port}/v1, "
@@ -122,7 +125,7 @@ async def run_gateway(command: str, config: GatewayConfig, backend: Backend, key
         if keys.enabled:
             print(f"{command}: API keys required ({len(keys.keys)} configured; /health is open)", flush=True)
         print(f"{command}: ready", flush=True)
-        await gateway.serve_forever()
+        await gateway.serve_forever(stop)
     finally:
         await gateway.stop()
         await backend.stop()

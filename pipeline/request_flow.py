@@ -152,11 +152,8 @@ class RequestFlow:
         if self.encode is not None:
             self.encode.cancel()
         self.call.cancel()
-        abort = language_pb2.AbortRequest(request_id=self.request.request_id)
         if not work.lost:  # a hung server would not answer the Abort either (frees early frames)
-            stub: Any = self.language.stub
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Abort(abort, timeout=5)
+            await _shielded_abort(self.language, self.request.request_id)
         await self._abort_decode(decode_work)
 
     async def _abort_decode(self, decode_work: Work | None) -> None:
@@ -165,6 +162,21 @@ class RequestFlow:
             return
         self.decode_call.cancel()
         if not decode_work.lost:
-            decode: Any = self.decode.stub
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await decode.Abort(language_pb2.AbortRequest(request_id=self.request.request_id), timeout=5)
+            await _shielded_abort(self.decode, self.request.request_id)
+
+
+async def _shielded_abort(replica: Replica, request_id: str) -> None:
+    """Abort on `replica`, shielded: a client that disconnects gets its handler cancelled (aiohttp's
+    handler_cancellation), often while this Abort is in flight; the Abort still reaches the server."""
+    stub: Any = replica.stub
+    abort = asyncio.ensure_future(stub.Abort(language_pb2.AbortRequest(request_id=request_id), timeout=5))
+    abort.add_done_callback(_retrieved)  # its error, when nobody awaits it any more (below)
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await asyncio.shield(abort)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a shielded call's outcome as seen: an Abort whose caller was cancelled may still fail, and
+    that is no news to anyone (the request is gone either way)."""
+    if not task.cancelled():
+        task.exception()

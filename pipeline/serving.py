@@ -152,8 +152,12 @@ class ServingCore:
         try:
             yield stream
         finally:
-            await stream.close()
-            self.num_in_flight -= 1
+            try:
+                await stream.close()
+            finally:
+                # The close awaits the backend's abort, and aiohttp cancels a handler whose client left
+                # (handler_cancellation): a cancel landing there must not leave this request counted forever.
+                self.num_in_flight -= 1
 
     def count(self, outcome: str) -> None:
         """One finished request by outcome: ok, client_gone, http_<status>, grpc_<code>."""

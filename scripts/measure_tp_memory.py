@@ -101,7 +101,8 @@ def whole_llm_mib(model: Path, dtype: str) -> float:
     """The LLM's parameter bytes in `dtype`, from the checkpoint's headers (a tied lm_head counted once)."""
     import torch
 
-    from dvd.weights import TensorSource, language_tensors
+    from dvd.tensor_refs import TensorSource
+    from dvd.weights import language_tensors
 
     refs = language_tensors(TensorSource(model))
     return sum(math.prod(ref.shape()) for ref in refs.values()) * getattr(torch, dtype).itemsize / 2**20

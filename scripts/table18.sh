@@ -7,6 +7,9 @@
 # matching .txt. Meant for a quiet machine: it prints the load average before each run (and compare puts it
 # in the JSON); about 15-25 minutes per run on a 2-core CPU, so the whole grid takes hours. Narrow it with
 # the variables below, e.g.  PRESETS=38b SETTINGS=paper CONCURRENCY=16 bash scripts/table18.sh
+# On a machine others share, run it as root under `nice -n -19 bash scripts/table18.sh`: its servers then take the
+# CPUs they are pinned to whenever they want them (CFS weights nice -19 about 70x a nice-0 task), so the figures
+# are the deployments' own; each JSON records the niceness beside the load average.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate

@@ -20,10 +20,11 @@ from transformers import InternVLConfig, InternVLVisionConfig
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionModel
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
+from dvd.tensor_refs import TensorSource, load_module, parameters_on_meta
 from dvd.vision_server.placement import Stage, place, plan_stages
 from dvd.vision_server.preprocess import PreprocessConfig, normalize
 from dvd.vision_server.vir import CrossAttentionPooling, Gating, compressed_projector, decide_routes
-from dvd.weights import TensorSource, load_module, parameters_on_meta, vision_tensors
+from dvd.weights import vision_tensors
 
 
 def pixel_shuffle(features: torch.Tensor, scale: float, ps_version: str = "v2") -> torch.Tensor:

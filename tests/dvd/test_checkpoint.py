@@ -14,9 +14,10 @@ from transformers import InternVLForConditionalGeneration
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.language_server.model import LanguageHalf
+from dvd.tensor_refs import TensorSource
 from dvd.tools.make_checkpoint import make_checkpoint
 from dvd.vision_server.model import VisionHalf
-from dvd.weights import TensorSource, language_tensors, vision_tensors
+from dvd.weights import language_tensors, vision_tensors
 
 
 def test_formats_are_detected(tiny_hf: Path, tiny_github: Path) -> None:

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.language_server.model import LanguageHalf
+from dvd.tensor_refs import TensorSource
 from dvd.tools.make_checkpoint import make_checkpoint
-from dvd.weights import TensorSource, language_tensors, vision_tensors
+from dvd.weights import language_tensors, vision_tensors
 
 
 @pytest.fixture(scope="module")

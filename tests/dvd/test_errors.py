@@ -15,15 +15,14 @@ from aiohttp import web
 
 from dvd import errors
 from dvd.errors import CODES, DvdError, codes_of, error_classes, from_rpc_error, rpc_metadata
-from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.grpc_frontend import GenerationService
 from dvd.pipeline.http_app import OpenAIFrontend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
 from dvd.process import start_grpc_server
-from dvd.prompt import PromptTokens
 from dvd.requests import GenerationEvent, TokenizedRequest
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from tests.stub_backend import StubBackend, StubChat
 
 # (class, HTTP status, gRPC code): what a client sees, spelled out once more on purpose
 EXPECTED = [
@@ -89,37 +88,8 @@ def test_wrapped_errors_take_their_cause_codes() -> None:
 
 
 # --- end to end ----------------------------------------------------------------------------------
-class _Tokenizer:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(97 + i % 26) for i in ids)
-
-
-class _Chat:
-    """A chat format whose prompt is the first message's text, one token per character."""
-
-    tokenizer = _Tokenizer()
-    stop_token_ids = (0,)
-
-    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False) -> PromptTokens:
-        content = messages[0]["content"]
-        return PromptTokens((tuple(map(ord, content if isinstance(content, str) else content[0]["text"])),))
-
-
-class FailingBackend(Backend):
+class FailingBackend(StubBackend):
     """Fails each request with the error named by its prompt (its first message's text)."""
-
-    model_name = "m"
-    mode = "test"
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def health(self) -> tuple[bool, str]:
-        return True, "ok"
-
-    def instances(self) -> list[dict[str, Any]]:
-        return []
 
     async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
         yield GenerationEvent(token_ids=[1])
@@ -130,7 +100,7 @@ class FailingBackend(Backend):
 def frontends() -> Any:
     """The gateway's two frontends over one serving core, in one event loop thread."""
     loop = asyncio.new_event_loop()
-    core = ServingCore(FailingBackend(), max_concurrency=8, chat=_Chat())  # type: ignore[arg-type]
+    core = ServingCore(FailingBackend(), max_concurrency=8, chat=StubChat())  # type: ignore[arg-type]
     limits = ApiLimits()
 
     async def start() -> tuple[web.AppRunner, grpc.aio.Server, int, int]:

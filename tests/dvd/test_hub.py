@@ -84,7 +84,8 @@ def test_a_pinned_revision_picks_its_snapshot(checkpoints: dict[str, Path], tmp_
 
 
 def test_the_tensor_halves_are_what_each_half_loads(checkpoints: dict[str, Path]) -> None:
-    from dvd.weights import JoinedRef, TensorSource, language_tensors, vision_tensors
+    from dvd.tensor_refs import JoinedRef, TensorSource
+    from dvd.weights import language_tensors, vision_tensors
 
     source = TensorSource(checkpoints["sharded"])
     info = open_checkpoint(checkpoints["sharded"])

@@ -1,11 +1,10 @@
-"""The one helper behind the name -> "module:Class" tables (commands, benchmarks, transports, backends)."""
+"""The one helper behind the name -> "module:Class" tables (commands, benchmarks, transports)."""
 
 from __future__ import annotations
 
 import pytest
 
 from dvd.named import load, load_named
-from dvd.pipeline.backends import backend_class
 from dvd.transport import TransportConfig, TransportError, create_sender
 
 
@@ -21,12 +20,7 @@ def test_an_unknown_name_is_refused_naming_the_choices() -> None:
         load_named({"red": "dvd.errors", "blue": "dvd.sampling"}, "teal", "colour")
 
 
-def test_the_backend_and_transport_tables_resolve_through_it() -> None:
-    from dvd.pipeline.backends.coupled import CoupledBackend
-
-    assert backend_class("coupled") is CoupledBackend
-    with pytest.raises(ValueError, match="unknown backend 'nope'"):
-        backend_class("nope")
+def test_the_transport_table_resolves_through_it() -> None:
     with pytest.raises(TransportError, match="unknown transport kind 'carrier-pigeon'"):
         create_sender(TransportConfig(kind="carrier-pigeon"))
     assert type(create_sender(TransportConfig(kind="tcp"))).__name__ == "TcpSender"

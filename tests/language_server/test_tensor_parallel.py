@@ -26,8 +26,9 @@ from dvd.language_server.tensor_parallel import (
 )
 from dvd.prompt import ChatFormat
 from dvd.sampling import SamplingParams
+from dvd.tensor_refs import ShardRef, TensorSource
 from dvd.tools.make_checkpoint import make_checkpoint
-from dvd.weights import ShardRef, TensorSource, language_tensors
+from dvd.weights import language_tensors
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import build, greedy, run
 

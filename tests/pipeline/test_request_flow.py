@@ -19,6 +19,7 @@ from dvd.pipeline.router import Router
 from dvd.prompt import PromptTokens
 from dvd.requests import FinishReason, GenerationEvent, Media, TokenizedRequest
 from dvd.sampling import SamplingParams
+from dvd.v1 import language_pb2
 from tests.pipeline.fake_replicas import (
     HANG,
     StreamCall,
@@ -159,3 +160,35 @@ def test_closing_the_backend_stream_early_reaches_the_flow_at_once() -> None:
         return language, call
 
     assert asyncio.run(scenario())[1].cancelled
+
+
+def test_a_cancel_while_the_abort_is_in_flight_does_not_stop_the_abort() -> None:
+    """aiohttp cancels the handler of a client that disconnected, often while the early end's Abort is in
+    flight: the Abort still reaches the server, and the replica's load comes back to 0."""
+
+    async def scenario() -> tuple[Replica, list[str]]:
+        language = language_replica("lang", StreamCall([tokens(5)], end=HANG))
+        started, release, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        aborted: list[str] = []
+
+        async def slow_abort(request: language_pb2.AbortRequest, timeout: float) -> language_pb2.AbortResponse:
+            started.set()
+            await release.wait()
+            aborted.append(request.request_id)
+            answered.set()
+            return language_pb2.AbortResponse()
+
+        language.stub.Abort = slow_abort
+        events = _flow(language, media=()).run()
+        assert (await anext(events)).token_ids == [5]
+        closer = asyncio.create_task(events.aclose())  # the client is gone
+        await started.wait()
+        closer.cancel()  # ... and then its handler is cancelled, the Abort in flight
+        with pytest.raises(asyncio.CancelledError):
+            await closer
+        release.set()
+        await asyncio.wait_for(answered.wait(), 10)
+        return language, aborted
+
+    language, aborted = asyncio.run(scenario())
+    assert aborted == ["r1"] and language.num_outstanding == 0
