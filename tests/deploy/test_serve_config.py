@@ -125,3 +125,12 @@ def test_cluster_config_language_role_takes_prefill_and_decode_replicas() -> Non
     assert role.replicas == 3 and role.roles == ("prefill", "prefill", "decode") and "role" in role.placed_keys()
     with pytest.raises(ValueError, match="replicas 5: with prefill_replicas and decode_replicas"):
         ServerRole(replicas=5, prefill_replicas=1, decode_replicas=1)
+
+
+def test_ray_language_role_takes_prefill_and_decode_replicas() -> None:
+    from dvd.deploy.ray_cluster import RayRole
+
+    role = RayRole(prefill_replicas=1, decode_replicas=1)
+    assert role.replicas == 2 and role.spec("language", 2).roles == ("prefill", "decode")
+    with pytest.raises(ConfigError, match="cannot be autoscaled to 3"):
+        role.spec("language", 3)
