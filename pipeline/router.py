@@ -75,7 +75,14 @@ def pick_route(pool: ReplicaPool, tried: list[Replica]) -> tuple[Replica, Replic
     prefill = [r for r in healthy if r.role == "prefill"]
     decode = [r for r in healthy if r.role == "decode"]
     if not (prefill and decode):
-        return pick_not_busy(pool, tried + prefill + decode), None
+        both = [r for r in healthy if r.role not in ("prefill", "decode")]
+        if (prefill or decode) and not both:  # half a pair: nothing can serve a request whole
+            have, missing = ("prefill", "decode") if prefill else ("decode", "prefill")
+            raise UnavailableError(f"no healthy {missing} server to pair with the {len(prefill or decode)} healthy "
+                                   f"{have} server(s) ({len(pool.replicas)} language servers configured)")
+        if not (prefill or decode):
+            return pick_not_busy(pool, tried), None
+        return _least(both, tried), None  # half a pair beside role=both servers: those serve
     pairs = [(p, d) for p in prefill if p not in tried for d in decode if d not in tried and d.kv_layout == p.kv_layout]
     if not pairs:
         fitting = any(d.kv_layout == p.kv_layout for p in prefill for d in decode)
@@ -85,6 +92,15 @@ def pick_route(pool: ReplicaPool, tried: list[Replica]) -> tuple[Replica, Replic
         raise UnavailableError(f"no healthy prefill server and decode server share a KV layout ({len(prefill)} "
                                f"prefill, {len(decode)} decode: their Health's kv_layout differs)")
     return min(pairs, key=lambda pair: (pair[0].num_outstanding, pair[1].num_outstanding))
+
+
+def _least(candidates: list[Replica], tried: list[Replica]) -> Replica:
+    """The least loaded of `candidates` (healthy) not tried yet; ReplicaBusyError when every one was."""
+    left = [r for r in candidates if r not in tried]
+    if not left:
+        raise ReplicaBusyError(f"every healthy language replica ({len(candidates)}) is at its in-flight limit; "
+                               "retry later")
+    return min(left, key=lambda r: r.num_outstanding)
 
 
 def pick_not_busy(pool: ReplicaPool, tried: list[Replica]) -> Replica:
