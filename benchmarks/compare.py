@@ -16,7 +16,9 @@ coupled run its own (its CPUs / its cost); each mode's fraction of its ideal.
 
 Modes: coupled (`dvd serve --coupled`: one engine with the vision encoder in its step, as vLLM runs
 InternVL), dvd (the disaggregated pipeline on --model), dvd+vir (the same on --vir-model, a Flash checkpoint
-whose ViR compresses tiles to 64 tokens).
+whose ViR compresses tiles to 64 tokens), dvd-pd (dvd with prefill and decode on servers of their own,
+`--prefill-replicas 1 --decode-replicas 1`, the KV cache pushed between them; both pinned to the language
+CPUs: give --language-cpus two CPUs to keep the decodes off the prefills' core).
 
 Example:
   dvd make-checkpoint --preset internvl3_5-38b-scaled --out /tmp/38b
@@ -49,7 +51,8 @@ from dvd.benchmarks.serve_workload import BUCKETS, Workload
 from dvd.cpus import parse_cpu_list
 from dvd.deploy.supervisor import ChildSpec, Supervisor
 
-MODES = ("coupled", "dvd", "dvd+vir")
+MODES = ("coupled", "dvd", "dvd+vir", "dvd-pd")
+RATIO_KEYS = {"coupled": "", "dvd": "ratio_dvd", "dvd+vir": "ratio_dvd_vir", "dvd-pd": "ratio_dvd_pd"}
 SETTINGS = ("paper", "equal")
 _LISTEN = re.compile(r"OpenAI API at (http://[\d.]+:\d+)/v1, gRPC at ([\d.]+:\d+)")
 
@@ -63,7 +66,8 @@ def placement(mode: str, setting: str, language_cpus: str, vision_cpus: str) -> 
     """`dvd serve` flags placing `mode` under `setting`."""
     if mode == "coupled":
         return ["--coupled", "--cpus", coupled_cpus(setting, language_cpus, vision_cpus)]
-    return ["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]
+    pd = ["--prefill-replicas", "1", "--decode-replicas", "1"] if mode == "dvd-pd" else []
+    return ["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus, *pd]
 
 
 def describe_setting(setting: str, language_cpus: str, vision_cpus: str) -> str:
@@ -131,7 +135,7 @@ def table(result: dict[str, Any]) -> str:
         cells = []
         for mode in modes:
             value = row.get(mode)
-            ratio = row.get({"coupled": "", "dvd": "ratio_dvd", "dvd+vir": "ratio_dvd_vir"}[mode])
+            ratio = row.get(RATIO_KEYS[mode])
             if value is None:
                 cells.append(f"{'-':>22}")
             elif mode == "coupled":
@@ -209,7 +213,8 @@ def main(argv: list[str]) -> int:
     add("--revision", default="", help="--model's branch, tag or commit when it is a Hub id (default main)")
     add("--vir-model", type=Path, help="Flash checkpoint (with ViR) for dvd+vir; required with that mode")
     add("--vir-revision", default="", help="--vir-model's branch, tag or commit when it is a Hub id (default main)")
-    add("--modes", default="coupled,dvd,dvd+vir", help="comma list of coupled, dvd, dvd+vir (default all)")
+    add("--modes", default="coupled,dvd,dvd+vir",
+        help="comma list of coupled, dvd, dvd+vir, dvd-pd (default coupled,dvd,dvd+vir)")
     add("--setting", choices=SETTINGS, default="paper", help="CPU budget rule (default paper; see above)")
     add("--buckets", default=",".join(BUCKETS),
         help="comma list of 448, 896, 1344 (default all); '' runs only the interference measurement")
@@ -301,8 +306,9 @@ def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: li
         base = row.get("coupled", 0.0)
         if "dvd" in row:
             row["ratio_dvd"] = _ratio(row["dvd"], base)
-        if "dvd+vir" in row:
-            row["ratio_dvd_vir"] = _ratio(row["dvd+vir"], base)
+        for mode in ("dvd+vir", "dvd-pd"):
+            if mode in row:
+                row[RATIO_KEYS[mode]] = _ratio(row[mode], base)
         out["buckets"][bucket] = row
     for mode in modes:
         runs = measured[mode]

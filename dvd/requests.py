@@ -17,7 +17,7 @@ from dvd.tracing import NO_CONTEXT, TraceContext
 if TYPE_CHECKING:  # dvd.prompt loads the tokenizer libraries; the types here need only its name
     from dvd.prompt import PromptTokens
 
-STAGES = ("encode", "transfer", "queue", "prefill", "decode")
+STAGES = ("encode", "transfer", "queue", "prefill", "kv_transfer", "decode")  # kv_transfer: P/D only
 
 
 class FinishReason(str, enum.Enum):

@@ -101,3 +101,18 @@ def test_bench_compare_runs_each_mode_and_writes_the_table(tiny_hf: Path, tmp_pa
     assert limits["coupled"]["ideal"] > 0 and "coupled" in limits["coupled"]["roles"]["cpu_s_per_request"]
     assert "pipeline's ideal 1 / max" in out and "448 px limits" in out
     assert psutil.Process().children(recursive=True) == []  # every deployment it started is gone
+
+
+@pytest.mark.slow  # one P/D deployment (vision, prefill and decode servers): about a minute here under load
+def test_bench_compare_runs_the_pd_mode_with_its_interference_run(tiny_hf: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    table = tmp_path / "table.json"
+    code = compare.main(["--model", str(tiny_hf), "--modes", "dvd-pd", "--buckets", "448", "--num-prompts", "2",
+                         "--interference-prompts", "2", "--output-len", "2", "--num-warmups", "0", "--json",
+                         str(table), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "--prefill-replicas 1 --decode-replicas 1" in out and "dvd-pd req/s" in out
+    result = json.loads(table.read_text())
+    assert result["buckets"]["448"]["dvd-pd"] > 0 and set(result["interference"]) <= {"dvd-pd"}
+    assert psutil.Process().children(recursive=True) == []
