@@ -10,8 +10,10 @@ from dvd.benchmarks.serve_metrics import RequestRecord
 
 STAGE_COLORS = {"preprocess": "lightsteelblue", "encode": "tab:blue",
                 "transfer": "tab:orange", "queue": "tab:gray", "prefix": "yellowgreen",
-                "prefill": "tab:green", "decode": "tab:red"}
-THIN_STAGES = {"prefix"}  # drawn as a thin strip under the row: they overlap another stage
+                "prefill": "tab:green", "kv_transfer": "tab:purple", "decode": "tab:red"}
+# drawn as a thin strip under the row: they overlap another stage (P/D's KV leaves the prefill server as its
+# chunks finish, so kv_transfer overlaps the prefill)
+THIN_STAGES = {"prefix", "kv_transfer"}
 
 
 def _pyplot() -> Any:
@@ -35,6 +37,8 @@ def stage_segments(record: RequestRecord) -> list[tuple[str, float, float]]:
     at = {k: v - origin for k, v in marks.items() if isinstance(v, float) and k != "cache_hit"}
     first, end = at.get("first_token"), at.get("end")
     out = _vision_segments(at) + _prefill_segments(at, first)
+    if "kv_transfer_start" in at and "kv_transfer_end" in at:  # P/D: prefill server -> decode server
+        out.append(("kv_transfer", at["kv_transfer_start"], at["kv_transfer_end"]))
     if first is not None and end is not None:
         out.append(("decode", first, end))
     return [(stage, start, stop) for stage, start, stop in out if stop >= start]

@@ -123,8 +123,9 @@ class Engine:
         self._inbox.put(("kv_blocks", (request_id, first_block, blocks)))
 
     def add_prefilled(self, request: EngineRequest) -> None:
-        """P/D, a decode server: a request whose prompt's KV was imported (`import_blocks`) joins the running
-        batch, decoding from its `token_ids` (prompt + the first token); validated here, as `add` does."""
+        """P/D, a decode server: a request whose prompt's KV was imported (`import_blocks`) joins the scheduler's
+        queue holding those blocks and, admitted as any request is, decodes from its `token_ids` (prompt + the
+        first token); validated here, as `add` does."""
         self.validate(request.prompt_ids, request.sampling.max_new_tokens)
         self.validate_sampling(request.sampling)
         self._inbox.put(("kv_admit", request))
@@ -268,7 +269,7 @@ class Engine:
                                  f"{len(held)} blocks, not {self.cache.blocks_needed(prompt)}")
         request.block_ids, request.num_computed = held, prompt
         self.requests[request.request_id] = request
-        self.scheduler.add_running(request)
+        self.scheduler.add_prefilled(request)
         self._counters.num_requests_added += 1
         return None
 

@@ -77,13 +77,13 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
-    def add_running(self, request: EngineRequest) -> None:
-        """P/D, a decode server: a request whose prompt's KV is already in its blocks (imported) joins the running
-        batch as a decoding request; it never went through admission, so it is appended past
-        `max_running_requests` if need be (the server's `max_queued_requests` bounds how many come)."""
-        request.status = RequestStatus.RUNNING
-        request.first_scheduled_at = request.first_scheduled_at or time.monotonic()
-        self.running.append(request)
+    def add_prefilled(self, request: EngineRequest) -> None:
+        """P/D, a decode server: a request whose prompt's KV is already in its blocks (imported) waits in the queue
+        as any request does, holding those blocks, and is admitted by `schedule` once the batch has room
+        (`max_running_requests`, the token budget, blocks for its first decode token): a burst of hand-offs never
+        pushes the running batch past its bounds."""
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
 
     def extend(self, request: EngineRequest, piece: PromptPiece) -> None:
         """The next piece of a request's prompt arrived; a running request looks for it in the prefix cache."""
@@ -151,7 +151,7 @@ class Scheduler:
         room = self.config.max_running_requests - len(self.running)
         free = self.blocks.num_free
         for request in self.waiting:
-            need = self.cache.blocks_needed(len(request.token_ids))
+            need = self.cache.blocks_needed(len(request.token_ids)) - len(request.block_ids)
             if budget <= 0 or room <= 0 or need > free:
                 break  # FIFO, as `schedule` admits
             budget -= len(request.token_ids) - request.num_computed
@@ -163,7 +163,8 @@ class Scheduler:
     def _admit(self, request: EngineRequest) -> bool:
         """Give a waiting request its cached blocks and fresh ones for the rest of its known prompt; False: no room."""
         cached = self._cached_blocks(request)
-        need = self.cache.blocks_needed(len(request.token_ids)) - len(cached)
+        # Blocks it holds already: an imported prompt's (P/D); none for a new or preempted request.
+        need = self.cache.blocks_needed(len(request.token_ids)) - len(cached) - len(request.block_ids)
         taken_from_free = sum(1 for b in cached if self.prefix_cache is not None and self.prefix_cache.is_idle(b))
         if need > self.blocks.num_free - taken_from_free:
             return False

@@ -104,6 +104,9 @@ def stage_timings(marks: dict[str, float], features_wait_ms: float,
         ms["decode"] = (end - first) * 1e3
     if decode_first is not None:
         ms["kv_transfer"] = decode_first.kv_transfer_ms
+        # on the decode server's clock: its first KV frame, then the hand-off joining its engine (engine_added)
+        out_marks["kv_transfer_start"] = dispatch + (decode_first.engine_added_ms - decode_first.kv_transfer_ms) / 1e3
+        out_marks["kv_transfer_end"] = dispatch + decode_first.engine_added_ms / 1e3
         if last is not None and last.finished_ms:
             ms["decode"] = max(0.0, last.finished_ms - decode_first.engine_added_ms)
     visual = sum(s.num_tokens for s in encoded.slots) if encoded is not None else 0

@@ -18,8 +18,11 @@ import pytest
 import torch
 
 from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import EngineRequest
 from dvd.prompt import ChatFormat
+from dvd.sampling import greedy as greedy_params
 from dvd.v1 import common_pb2, language_pb2
+from tests.language_server.conftest import make_engine
 from tests.language_server.pd_harness import ENGINE, PdHarness, Served, collect
 from tests.language_server.test_language_server import expected, generate_request
 
@@ -143,3 +146,28 @@ def test_pair_of_another_layout_is_refused_naming_the_difference(tiny_hf: Path, 
             assert_freed(pd, served)
     finally:
         pd.close()
+
+
+def test_handed_off_requests_wait_for_room_in_the_running_batch(language: LanguageHalf) -> None:
+    """Requests arriving with their KV are admitted as any request is: never past `max_running_requests`,
+    each running once there is room, holding their imported blocks while they wait."""
+    engine = make_engine(language, max_running_requests=2)
+    layers, (kv_heads, head_dim) = len(engine.cache.keys), engine.cache.keys[0].shape[1:]
+    prompt = list(range(5, 25))  # 20 tokens: two blocks of 16
+    for i in range(5):
+        engine.import_blocks(f"kv{i}", 0, torch.zeros(layers, 2, 2 * 16, kv_heads, head_dim))
+        engine.add_prefilled(EngineRequest(f"kv{i}", prompt, greedy_params(max_new_tokens=4, min_new_tokens=4),
+                                           token_ids=[*prompt, 7]))
+    done: dict[str, list[int]] = {}
+    most_running = 0
+    while engine.has_work:
+        for output in engine.step():
+            done.setdefault(output.request_id, []).extend(output.new_token_ids)
+        most_running = max(most_running, engine.scheduler.num_running)
+        if engine.scheduler.num_waiting:  # those waiting hold their imported blocks
+            assert engine.scheduler.blocks.num_used >= 2 * (engine.scheduler.num_running
+                                                            + engine.scheduler.num_waiting)
+    assert most_running == 2
+    assert sorted(done) == [f"kv{i}" for i in range(5)]
+    assert all(len(tokens) == 3 for tokens in done.values())  # the first came from the prefill server
+    assert engine.scheduler.blocks.num_used == 0

@@ -77,3 +77,28 @@ def test_streaming_prefill_started_before_the_features_does_not_hide_the_encode(
     segments = {stage: (start, stop) for stage, start, stop in
                 stage_segments(RequestRecord(index=0, bucket="896", timings=t.as_dict()))}
     assert segments["queue"] == pytest.approx((0.110, 0.300)) and "prefix" not in segments
+
+
+def test_pd_kv_transfer_is_a_stage_and_a_timeline_segment() -> None:
+    """P/D: the decode server's first message stamps its first KV frame (kv_transfer_ms before the hand-off joined
+    its engine, engine_added_ms after its Generate arrived); the timeline draws kv_transfer there, thin under the
+    prefill it overlaps, and decode after it."""
+    from dvd.benchmarks.serve_metrics import RequestRecord
+    from dvd.benchmarks.serve_plots import THIN_STAGES, stage_segments
+
+    stamped = language_pb2.LanguageGenerateResponse(token_ids=[5], engine_added_ms=1, prefill_start_ms=2,
+                                                    first_token_ms=40)
+    decode_first = language_pb2.LanguageGenerateResponse(token_ids=[6], engine_added_ms=45, kv_transfer_ms=30)
+    last = language_pb2.LanguageGenerateResponse(finish_reason="length", finished_ms=145)
+    marks = {"dispatch": 1000.0, "first_token": 1000.041, "end": 1000.150}
+    t = stage_timings(marks, 0.0, last, stamped, None, decode_first)
+    assert t.ms["kv_transfer"] == 30 and t.ms["decode"] == 100
+    segments = {stage: (start, stop) for stage, start, stop in
+                stage_segments(RequestRecord(index=0, bucket="text", timings=t.as_dict()))}
+    assert segments["kv_transfer"] == pytest.approx((0.015, 0.045))  # first KV frame -> hand-off, decode clock
+    assert segments["prefill"] == pytest.approx((0.002, 0.041))
+    assert segments["decode"] == pytest.approx((0.041, 0.150))
+    assert "kv_transfer" in THIN_STAGES
+    # a request without P/D draws none
+    t = stage_timings(marks, 0.0, last, stamped, None)
+    assert "kv_transfer" not in {s for s, _, _ in stage_segments(RequestRecord(0, "text", timings=t.as_dict()))}
