@@ -17,8 +17,9 @@ coupled run its own (its CPUs / its cost); each mode's fraction of its ideal.
 Modes: coupled (`dvd serve --coupled`: one engine with the vision encoder in its step, as vLLM runs
 InternVL), dvd (the disaggregated pipeline on --model), dvd+vir (the same on --vir-model, a Flash checkpoint
 whose ViR compresses tiles to 64 tokens), dvd-pd (dvd with prefill and decode on servers of their own,
-`--prefill-replicas 1 --decode-replicas 1`, the KV cache pushed between them; both pinned to the language
-CPUs: give --language-cpus two CPUs to keep the decodes off the prefills' core).
+`--prefill-replicas 1 --decode-replicas 1`, the KV cache pushed between them: the decode server alone on the
+language CPUs, the prefill server with the vision server and the gateway on the vision CPUs, so image prefills
+do not take the decodes' CPU).
 
 Example:
   dvd make-checkpoint --preset internvl3_5-38b-scaled --out /tmp/38b
@@ -66,11 +67,19 @@ def placement(mode: str, setting: str, language_cpus: str, vision_cpus: str) -> 
     """`dvd serve` flags placing `mode` under `setting`."""
     if mode == "coupled":
         return ["--coupled", "--cpus", coupled_cpus(setting, language_cpus, vision_cpus)]
-    pd = ["--prefill-replicas", "1", "--decode-replicas", "1"] if mode == "dvd-pd" else []
-    return ["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus, *pd]
+    if mode == "dvd-pd":  # the decodes alone on the language CPUs: image prefills go beside the vision server
+        return ["--prefill-replicas", "1", "--decode-replicas", "1", "--decode-cpus", language_cpus,
+                "--prefill-cpus", vision_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]
+    return ["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]
 
 
-def describe_setting(setting: str, language_cpus: str, vision_cpus: str) -> str:
+def describe_setting(setting: str, language_cpus: str, vision_cpus: str, modes: tuple[str, ...] = ()) -> str:
+    pd = (f"; DvD with P/D runs the decode server alone on CPU {language_cpus} and the prefill server with the "
+          f"vision server (and gateway) on CPU {vision_cpus}") if "dvd-pd" in modes else ""
+    return _describe_dvd(setting, language_cpus, vision_cpus) + pd
+
+
+def _describe_dvd(setting: str, language_cpus: str, vision_cpus: str) -> str:
     if setting == "paper":
         return (f"setting paper: coupled runs the whole model on CPU {language_cpus}; DvD runs the language server "
                 f"on CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}")
@@ -257,7 +266,7 @@ def main(argv: list[str]) -> int:
         return 2
     Workload(num_prompts=args.num_prompts, output_len=args.output_len, input_len=args.input_len)  # validates
     _resolve_models(args)  # a Hub id fetched once here, not by each deployment
-    setting_text = describe_setting(args.setting, args.language_cpus, args.vision_cpus)
+    setting_text = describe_setting(args.setting, args.language_cpus, args.vision_cpus, tuple(modes))
     print(setting_text, flush=True)
     measured: dict[str, dict[str, Any]] = {}
     for mode in modes:

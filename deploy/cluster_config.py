@@ -28,7 +28,9 @@ process's config from it).
         gateway: {...}          # GatewayConfig (http_port, grpc_port, max_concurrency, limits)
         vision: {replicas, port, metrics_port, devices, cpus, settings: {VisionServerConfig fields}}
         language: {replicas, port, transport_port, metrics_port, devices, cpus, settings: {...},
-                   prefill_replicas, decode_replicas (P/D: that many prefill, then decode servers; replicas their sum)}
+                   prefill_replicas, decode_replicas (P/D: that many prefill, then decode servers; replicas their sum),
+                   prefill_cpus, decode_cpus (P/D, instead of cpus: one CPU set per prefill / decode server, e.g.
+                   the decode servers' cores kept apart from the prefills')}
 """
 
 from __future__ import annotations
@@ -72,9 +74,14 @@ class ServerRole:
     # `replicas` servers doing both
     prefill_replicas: int = 0
     decode_replicas: int = 0
+    # P/D, instead of `cpus`: one CPU set per prefill server, one per decode server (becoming `cpus`, in role order)
+    prefill_cpus: tuple[str, ...] = ()
+    decode_cpus: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         roles = pd_roles(self.prefill_replicas, self.decode_replicas, "language")
+        if self.prefill_cpus or self.decode_cpus:
+            object.__setattr__(self, "cpus", self._role_cpus(bool(roles)))
         if roles and self.replicas not in (1, len(roles)):
             raise ValueError(f"replicas {self.replicas}: with prefill_replicas and decode_replicas the servers are "
                              f"those ({len(roles)}); leave replicas out")
@@ -89,6 +96,19 @@ class ServerRole:
         for name in ("devices", "cpus"):
             if getattr(self, name) and len(getattr(self, name)) != self.replicas:
                 raise ValueError(f"{name}: one entry per replica ({self.replicas}), got {len(getattr(self, name))}")
+
+    def _role_cpus(self, pd: bool) -> tuple[str, ...]:
+        if not pd:
+            raise ValueError("prefill_cpus / decode_cpus: only with prefill_replicas and decode_replicas (P/D)")
+        if self.cpus:
+            raise ValueError("cpus: give prefill_cpus and decode_cpus, or cpus (one per replica, prefill servers "
+                             "first), not both")
+        for name, count in (("prefill_cpus", self.prefill_replicas), ("decode_cpus", self.decode_replicas)):
+            given = getattr(self, name)
+            if len(given) != count:
+                raise ValueError(f"{name}: one CPU set per {name[:-5]} server ({count}), got {len(given)}")
+            check_cpu_sets(given, name)
+        return self.prefill_cpus + self.decode_cpus
 
     def spec(self, kind: str, where: str) -> RoleSpec:
         """This role as the deployment spec has it (no devices: each replica on the CPU)."""

@@ -122,6 +122,11 @@ _PLACEMENT = (
          help="CPUs for this process: the gateway, or with --coupled the whole model (torch threads sized to match)"),
     Flag("--vision-cpus", "vision.cpus", help="CPUs for the vision servers (torch threads sized to match)"),
     Flag("--language-cpus", "language.cpus", help="CPUs for the language servers (torch threads sized to match)"),
+    Flag("--prefill-cpus", "language.prefill_cpus",
+         help="P/D: CPUs for the prefill servers (default --language-cpus), e.g. beside the vision server"),
+    Flag("--decode-cpus", "language.decode_cpus",
+         help="P/D: CPUs for the decode servers (default --language-cpus), e.g. alone, so image prefills do not "
+              "slow the decodes"),
 )
 _PROBES = (
     Flag("--probe-interval", "probe.interval_s", type=float, help="seconds between probes of each server (default 2)"),
@@ -208,7 +213,12 @@ async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: 
 def _placed(config: ServeConfig) -> ServeConfig:
     """The paper setting's placement where none is given (serve_config.default_placement), said in the log."""
     placed = default_placement(config, sorted(os.sched_getaffinity(0)))
-    if placed is not config:
+    if placed is not config and placed.language_cpus:
+        decode = placed.language_cpus[placed.language_roles.index("decode")]
+        log.info("no CPUs placed: decode server on CPUs %s, prefill server, vision server and gateway on %s (the "
+                 "paper setting with P/D; --decode-cpus / --prefill-cpus / --vision-cpus / --cpus choose)", decode,
+                 placed.cpus)
+    elif placed is not config:
         assert placed.language is not None
         log.info("no CPUs placed: language server on CPUs %s, vision server and gateway on %s (the paper setting; "
                  "--language-cpus / --vision-cpus / --cpus choose)", placed.language.cpus, placed.cpus)

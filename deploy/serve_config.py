@@ -17,7 +17,9 @@ File layout (every key optional):
     gateway: {...}              # GatewayConfig: host, http_port, grpc_port, max_concurrency, limits: {...}
     vision: {replicas: N, ...}  # VisionServerConfig's fields (devices, devices_per_replica, layer_split, dtype,
                                 # max_batch_tiles, cache_bytes, ...)
-    language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...})
+    language: {replicas: N, ...}  # LanguageServerConfig's fields (device, dtype, engine: {num_blocks, ...}); P/D:
+                                # prefill_replicas, decode_replicas instead of replicas, and prefill_cpus /
+                                # decode_cpus pinning each role's servers (default: language.cpus)
     internal_tls: {cert: PEM, key: PEM}  # the gateway <-> children gRPC over mutual TLS (dvd/grpc_tls.py): the
                                 # children serve it and the gateway presents it; it must name 127.0.0.1
                                 # (subjectAltName IP:127.0.0.1)
@@ -71,6 +73,9 @@ class ServeConfig:
     # P/D: each language replica's role (`language.prefill_replicas` prefill servers, then
     # `language.decode_replicas` decode servers); () = every one both
     language_roles: tuple[str, ...] = ()
+    # each language replica's CPU list, P/D placing prefill and decode servers apart (`language.prefill_cpus`,
+    # `language.decode_cpus`); () = every one `language.cpus`
+    language_cpus: tuple[str, ...] = ()
     # What every replica runs but where it listens (placed per server from the spec; the model path too)
     vision: VisionServerConfig | None = None
     language: LanguageServerConfig | None = None
@@ -95,27 +100,34 @@ class ServeConfig:
 def default_placement(config: ServeConfig, available: Sequence[int]) -> ServeConfig:
     """The paper setting where nothing is placed: the language server pinned to the first half of
     `available` (the larger half when odd: it is the costlier role), the vision server and the gateway to
-    the rest. Left unpinned, each server sizes its torch threads to every core and the two fight over them
-    (issue 19, AIPerf, 38b-scaled, 896 px, 2 cores: 0.96 req/s sharing both, 1.19-1.26 one core each).
-    `config` unchanged where any CPUs are set, with --coupled, on a GPU, with replicas or tensor
-    parallelism (each would need its own set), or on fewer than two CPUs."""
+    the rest; with P/D (one prefill and one decode server) the decode server alone on the first half, the
+    prefill server with the vision server and the gateway on the rest, so image prefills do not take the
+    decodes' CPU (the interference P/D removes). Left unpinned, each server sizes its torch threads to every
+    core and the two fight over them (issue 19, AIPerf, 38b-scaled, 896 px, 2 cores: 0.96 req/s sharing
+    both, 1.19-1.26 one core each). `config` unchanged where any CPUs are set, with --coupled, on a GPU,
+    with replicas (beyond P/D's one prefill and one decode server) or tensor parallelism (each would need
+    its own set), or on fewer than two CPUs."""
     if not _unplaced_on_cpus(config) or len(available) < 2:
         return config
     assert config.vision is not None and config.language is not None
     cpus = sorted(available)
     half = (len(cpus) + 1) // 2
     language, rest = format_cpu_list(cpus[:half]), format_cpu_list(cpus[half:])
-    return replace(config, cpus=rest, vision=replace(config.vision, cpus=rest),
-                   language=replace(config.language, cpus=language))
+    placed = replace(config, cpus=rest, vision=replace(config.vision, cpus=rest))
+    if config.language_roles:
+        return replace(placed, language_cpus=tuple(language if role == "decode" else rest
+                                                   for role in config.language_roles))
+    return replace(placed, language=replace(config.language, cpus=language))
 
 
 def _unplaced_on_cpus(config: ServeConfig) -> bool:
     vision, language = config.vision, config.language
     if config.coupled or vision is None or language is None:
         return False
-    one_each = config.vision_replicas == config.language_replicas == language.tensor_parallel == 1
+    one_language = config.language_replicas == 1 or config.language_roles == ("prefill", "decode")
+    one_each = config.vision_replicas == language.tensor_parallel == 1 and one_language
     on_cpus = all(d.startswith("cpu") for d in vision.devices) and language.device.startswith("cpu")
-    return one_each and on_cpus and not (config.cpus or vision.cpus or language.cpus)
+    return one_each and on_cpus and not (config.cpus or vision.cpus or language.cpus or any(config.language_cpus))
 
 
 def serve_spec(config: ServeConfig, model: Path) -> DeploymentSpec:
@@ -124,8 +136,9 @@ def serve_spec(config: ServeConfig, model: Path) -> DeploymentSpec:
     return _spec(config, model, RoleSpec(tuple(free_port() for _ in range(config.vision_replicas)),
                                          _settings(config.vision), where="vision"),
                  RoleSpec(tuple(free_port() for _ in range(config.language_replicas)),
-                          _settings(config.language, ("role",) if config.language_roles else ()), where="language",
-                          roles=config.language_roles))
+                          _settings(config.language, (("role",) if config.language_roles else ())
+                                    + (("cpus",) if config.language_cpus else ())), where="language",
+                          roles=config.language_roles, cpus=config.language_cpus))
 
 
 def _spec(config: ServeConfig, model: Path, vision: RoleSpec, language: RoleSpec) -> DeploymentSpec:
@@ -149,6 +162,7 @@ def _role(section: Any, where: str) -> RoleSpec:
     if roles and "replicas" in section:
         raise ConfigError(f"{where}.replicas: with prefill_replicas and decode_replicas the language servers are "
                           "those; leave replicas out")
+    cpus = _role_cpus(section, roles, where) if where == "language" else ()
     replicas = section.pop("replicas", len(roles) or 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool):
         raise ConfigError(f"{where}.replicas: expected int, got {type(replicas).__name__} {replicas!r}")
@@ -156,9 +170,35 @@ def _role(section: Any, where: str) -> RoleSpec:
         raise ConfigError(f"{where}.replicas: must be at least 1, got {replicas}")
     if isinstance(section.get("cpus"), int) and not isinstance(section["cpus"], bool):
         section["cpus"] = str(section["cpus"])  # `cpus: 1` in YAML
-    role = RoleSpec(ports=(0,) * replicas, settings=section, where=where, roles=roles)
+    role = RoleSpec(ports=(0,) * replicas, settings=section, where=where, roles=roles, cpus=cpus)
     check_settings(role, "dvd serve")
     return role
+
+
+def _cpu_text(value: Any, where: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # `cpus: 1` in YAML
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a CPU list such as '0' or '2-3', got {type(value).__name__} {value!r}")
+    try:
+        check_cpu_list(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return value
+
+
+def _role_cpus(section: dict[str, Any], roles: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """P/D: each language replica's CPU list from `prefill_cpus` / `decode_cpus` (popped from `section`; a role
+    without its own list takes `cpus`); () when neither is given (every replica `cpus`, a server setting)."""
+    own = {role: section.pop(f"{role}_cpus") for role in ("prefill", "decode") if f"{role}_cpus" in section}
+    if not own:
+        return ()
+    if not roles:
+        raise ConfigError(f"{where}.{next(iter(own))}_cpus: only with prefill_replicas and decode_replicas (P/D); "
+                          "cpus pins every language server")
+    shared = _cpu_text(section.pop("cpus", ""), f"{where}.cpus")
+    lists = {role: _cpu_text(text, f"{where}.{role}_cpus") for role, text in own.items()}
+    return tuple(lists.get(role, shared) for role in roles)
 
 
 def _top(data: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +236,7 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
     spec = _spec(config, config.model or Path("."), vision, language)  # "." until the tiny checkpoint is made
     node = spec.nodes[0]
     return replace(config, vision_replicas=vision.replicas, language_replicas=language.replicas,
-                   language_roles=language.roles,
+                   language_roles=language.roles, language_cpus=language.cpus,
                    vision=server_config(spec, node, "vision", 0, None),
                    language=server_config(spec, node, "language", 0, None))
 

@@ -156,3 +156,24 @@ def test_launch_check_refuses_a_cpu_list_dvd_cpus_refuses(tmp_path: Path) -> Non
     assert run.returncode == 0 and "dvd launch: would start vision[0] on node b cpus 0" in run.stdout, run.stderr
     spec = cluster_spec(build_cluster_config(data))
     assert server_config(spec, spec.nodes[1], "vision", 0, None).cpus == "0"
+
+
+def test_pd_servers_get_cpu_sets_per_role() -> None:
+    data = _base()
+    data["nodes"][0]["language"] = {"prefill_replicas": 1, "decode_replicas": 2, "port": 7200,
+                                    "prefill_cpus": ["0-3"], "decode_cpus": ["4-5", "6-7"]}
+    spec = cluster_spec(build_cluster_config(data))
+    servers = [server_config(spec, spec.nodes[0], "language", i, None, pin=False) for i in range(3)]
+    assert [s.role for s in servers] == ["prefill", "decode", "decode"]
+    assert spec.nodes[0].language.cpus == ("0-3", "4-5", "6-7")
+    for change, message in [({"decode_cpus": ["4-5"]}, r"decode_cpus: one CPU set per decode server \(2\), got 1"),
+                            ({"cpus": ["0", "1", "2"]}, "give prefill_cpus and decode_cpus, or cpus"),
+                            ({"decode_cpus": ["4-5", "7-6"]}, r"decode_cpus\[1\]: '7-6' is not a CPU set")]:
+        bad = _base()
+        bad["nodes"][0]["language"] = data["nodes"][0]["language"] | change
+        with pytest.raises(ConfigError, match=message):
+            build_cluster_config(bad)
+    bad = _base()
+    bad["nodes"][0]["language"].update(prefill_cpus=["0"])
+    with pytest.raises(ConfigError, match=r"nodes\[a\]\.language: prefill_cpus / decode_cpus: only with"):
+        build_cluster_config(bad)
