@@ -1,9 +1,12 @@
 """When to add or remove a replica: the autoscaler's settings, what it observes, and its decisions, apart from
 Ray (the controller that acts on them is deploy/ray_autoscaler.py).
 
-Each role's load is the mean busy fraction of its replicas (`dvd_vision_busy_fraction`,
-`dvd_language_busy_fraction`: time inside forward passes over the servers' last 10 s, dvd/metrics.py), read
-from every server's own /metrics. A role above `target_busy` for `up_after_s` is a bottleneck and gets a
+The roles sized are vision and language, or with P/D (prefill and decode on language servers of their own)
+vision, prefill and decode (`PD_SCALED`): a prefill server's load is its prompts', a decode server's its
+decodes', so whichever of the three is the bottleneck grows. Each role's load is the mean busy fraction of its
+replicas (`dvd_vision_busy_fraction`, `dvd_language_busy_fraction`: time inside forward passes over the
+servers' last 10 s, dvd/metrics.py), read from every server's own /metrics; a language server's role is the one
+its Health reports (the roster's `role`). A role above `target_busy` for `up_after_s` is a bottleneck and gets a
 replica (the busiest such role first, up to its `max`); a role below `idle_busy` for `down_after_s` loses one
 (down to its `min`); one change at a time, and after a change both timers start again, so the next
 decision sees the new replica's effect. Every change comes with the figures that caused it (`Change.reason`).
@@ -22,6 +25,7 @@ from dvd.config_file import ConfigError
 from dvd.deploy.autoscale_plan import COUNTERS, PlanConfig
 
 SCALED = ("vision", "language")  # the roles an autoscaler sizes
+PD_SCALED = ("vision", "prefill", "decode")  # ... with P/D: the language servers' two roles sized apart
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class AutoscaleConfig:
 
     vision: RoleBounds = field(default_factory=RoleBounds)
     language: RoleBounds = field(default_factory=RoleBounds)
+    prefill: RoleBounds = field(default_factory=RoleBounds)  # P/D (language prefill_replicas): instead of language
+    decode: RoleBounds = field(default_factory=RoleBounds)
     target_busy: float = 0.7  # a role busier than this is a bottleneck
     idle_busy: float = 0.2  # a role less busy than this is idle
     up_after_s: float = 10.0  # how long a bottleneck lasts before a replica is added
@@ -69,12 +75,13 @@ class AutoscaleConfig:
 
 
 def check_capacity(config: AutoscaleConfig, needs: Mapping[str, Mapping[str, float]],
-                   have: Mapping[str, float], fixed: Mapping[str, float] | None = None) -> None:
-    """Refuse bounds the cluster cannot meet: each role at its `max` beside the other roles at their `min`
+                   have: Mapping[str, float], fixed: Mapping[str, float] | None = None,
+                   roles: tuple[str, ...] = SCALED) -> None:
+    """Refuse bounds the cluster cannot meet: each of `roles` at its `max` beside the other roles at their `min`
     (plus `fixed`, e.g. the gateway's) must fit the cluster's resources `have`. `needs[role]`: one replica's
     resources. ConfigError naming the role, the resource and both figures."""
-    for role in SCALED:
-        counts = {r: config.bounds(r).min for r in SCALED} | {role: config.bounds(role).max}
+    for role in roles:
+        counts = {r: config.bounds(r).min for r in roles} | {role: config.bounds(role).max}
         want: dict[str, float] = dict(fixed or {})
         for r, count in counts.items():
             for resource, amount in needs[r].items():
@@ -82,7 +89,7 @@ def check_capacity(config: AutoscaleConfig, needs: Mapping[str, Mapping[str, flo
         for resource, amount in sorted(want.items()):
             if amount > have.get(resource, 0.0) + 1e-9:
                 raise ConfigError(f"autoscale.{role}.max: {counts[role]} {role} replicas beside "
-                                  f"{', '.join(f'{counts[r]} {r}' for r in SCALED if r != role)} need {amount:g} "
+                                  f"{', '.join(f'{counts[r]} {r}' for r in roles if r != role)} need {amount:g} "
                                   f"{resource}, the cluster has {have.get(resource, 0.0):g}")
 
 
@@ -183,14 +190,25 @@ class Observation:
     totals: dict[str, float]  # the workload's counters (deploy/autoscale_plan.py: COUNTERS), summed
 
 
-def observe(instances: Iterable[Mapping[str, Any]], timeout_s: float = 5.0) -> Observation:
-    """Each role's load from a gateway roster (`/v1/instances` entries), every healthy server's metrics read,
-    and the workload's counters summed over them. A server that cannot be read counts in `replicas` only."""
-    replicas: dict[str, int] = {role: 0 for role in SCALED}
-    busy: dict[str, list[float]] = {role: [] for role in SCALED}
+def scaled_role(entry: Mapping[str, Any], roles: tuple[str, ...]) -> str:
+    """The role among `roles` a roster entry counts in: a language server's P/D role (prefill, decode) where
+    those are sized apart, else its kind."""
+    role = entry.get("role", "")
+    return str(role) if entry["kind"] == "language" and role in roles else str(entry["kind"])
+
+
+def observe(instances: Iterable[Mapping[str, Any]], timeout_s: float = 5.0,
+            roles: tuple[str, ...] = SCALED) -> Observation:
+    """Each of `roles`' load from a gateway roster (`/v1/instances` entries), every healthy server's metrics
+    read, and the workload's counters summed over them. A server that cannot be read counts in `replicas` only;
+    one of no role among `roles` (a language server doing both beside P/D ones) in none."""
+    replicas: dict[str, int] = {role: 0 for role in roles}
+    busy: dict[str, list[float]] = {role: [] for role in roles}
     totals: dict[str, float] = {}
     for entry in instances:
-        role = entry["kind"]
+        role = scaled_role(entry, roles)
+        if role not in replicas:
+            continue
         replicas[role] += 1
         if not entry.get("healthy") or not entry.get("metrics_url"):
             continue
@@ -198,8 +216,8 @@ def observe(instances: Iterable[Mapping[str, Any]], timeout_s: float = 5.0) -> O
             samples = scrape(entry["metrics_url"], timeout_s)
         except OSError:
             continue
-        if f"dvd_{role}_busy_fraction" in samples:
-            busy[role].append(samples[f"dvd_{role}_busy_fraction"])
+        if f"dvd_{entry['kind']}_busy_fraction" in samples:
+            busy[role].append(samples[f"dvd_{entry['kind']}_busy_fraction"])
         for name in COUNTERS:
             totals[name] = totals.get(name, 0.0) + samples.get(name, 0.0)
-    return Observation({role: RoleLoad(role, replicas[role], tuple(busy[role])) for role in SCALED}, totals)
+    return Observation({role: RoleLoad(role, replicas[role], tuple(busy[role])) for role in roles}, totals)

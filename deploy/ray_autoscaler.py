@@ -1,6 +1,8 @@
 """The autoscaler of `dvd cluster` (a config with `autoscale:`): a detached Ray actor, `dvd-autoscaler`, that
 every `interval_s` reads the roster from the gateway's actor, each server's busy fraction from its own
-/metrics, and acts on the policy's decision (deploy/autoscale.py):
+/metrics, and acts on the policy's decision (deploy/autoscale.py) for each role it sizes (vision and language,
+or with P/D vision, prefill and decode: a prefill or decode replica is a language server's actor whose index
+gives its role, `RayClusterConfig.indexes`):
 
 - add: a new replica of the bottleneck role (the lowest free index, port + index, a placement group of its
   own), then the gateway's new roster; the gateway takes it into rotation when it answers a probe;
@@ -22,9 +24,17 @@ import threading
 import time
 from typing import Any
 
-from dvd.deploy.autoscale import SCALED, Change, Observation, Policy, observe
+from dvd.deploy.autoscale import SCALED, Change, Observation, Policy, observe, scaled_role
 from dvd.deploy.autoscale_plan import Workload, recommend
-from dvd.deploy.ray_cluster import AUTOSCALER, NAMESPACE, RayClusterConfig, describe, start_replica, stop_replica
+from dvd.deploy.ray_cluster import (
+    AUTOSCALER,
+    NAMESPACE,
+    RayClusterConfig,
+    describe,
+    server_kind,
+    start_replica,
+    stop_replica,
+)
 
 log = logging.getLogger("dvd.autoscaler")
 _REPLICA = re.compile(r"^dvd-(vision|language)-(\d+)$")
@@ -41,7 +51,7 @@ class Autoscaler:
         self.settings = config.autoscale
         self.policy = Policy(config.autoscale)
         self.events: list[dict[str, Any]] = []
-        self.replicas = self._find_replicas()  # role -> index -> gRPC address
+        self.replicas = self._find_replicas()  # scaled role -> index -> gRPC address
         # with a plan: the first reading of the workload's counters once traffic came (time, totals), until planned
         self._watching: tuple[float, dict[str, float]] | None = None
         self._planned = config.autoscale.plan is None
@@ -50,7 +60,7 @@ class Autoscaler:
         self._thread.start()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "autoscaler", "replicas": {role: sorted(self.replicas[role]) for role in SCALED},
+        return {"kind": "autoscaler", "replicas": {role: sorted(self.replicas[role]) for role in self.config.scaled},
                 "events": self.events[-MAX_EVENTS:]}
 
     def stop(self) -> None:
@@ -69,7 +79,7 @@ class Autoscaler:
 
     def tick(self, now: float) -> Change | None:
         """One round: observe, (once) plan, decide, act. The change made, if any."""
-        seen = observe(self._gateway_call("roster"))
+        seen = observe(self._gateway_call("roster"), roles=self.config.scaled)
         if not self._planned:
             self._plan(seen, now)
         change = self.policy.decide(seen.loads, now)
@@ -92,7 +102,7 @@ class Autoscaler:
         if workload is None or now - start < plan.observe_s or requests < plan.min_requests:
             return
         self._planned = True
-        target = recommend(plan, workload, {role: self.config.bounds(role) for role in SCALED})
+        target = recommend(plan, workload, {role: self.config.bounds(role) for role in SCALED})  # never P/D
         self.policy.target = target
         self.policy.target_reason = (f"dvd plan --simulate recommends {target['vision']} vision : "
                                      f"{target['language']} language for the observed {workload.describe()}")
@@ -102,15 +112,15 @@ class Autoscaler:
         role, before = change.role, len(self.replicas[change.role])
         log.warning("autoscaler: %s %d -> %d replicas: %s", role, before, before + change.delta, change.reason)
         if change.delta > 0:
-            index = min(set(range(self.config.bounds(role).max)) - set(self.replicas[role]))
-            info = start_replica(self.config, role, index, self.token)
+            index = min(set(self.config.indexes(role)) - set(self.replicas[role]))
+            info = start_replica(self.config, server_kind(role), index, self.token)
             self.replicas[role][index] = info["address"]
             outcome = self._set_roster()
         else:
             index = self._least_loaded(role)
             address = self.replicas[role].pop(index)
             outcome = self._set_roster()  # answers once the leaving replica's calls finished
-            stop_replica(role, index)
+            stop_replica(server_kind(role), index)
             log.warning("autoscaler: %s replica %s (%s) removed; its calls %s", role, index, address,
                         "had finished" if outcome.get("drained") else "were still running after the drain timeout")
         self.events.append({"time": time.time(), "role": role, "from": before, "to": len(self.replicas[role]),
@@ -124,29 +134,48 @@ class Autoscaler:
         return ray.get(getattr(gateway, method).remote(*args), timeout=self.settings.drain_timeout_s + 120)
 
     def _set_roster(self) -> dict[str, Any]:
-        roster = {role: [self.replicas[role][i] for i in sorted(self.replicas[role])] for role in SCALED}
+        roster = roster_of(self.replicas)
         answer: dict[str, Any] = self._gateway_call("set_roster", roster["vision"], roster["language"],
                                                     self.settings.drain_timeout_s)
         return answer
 
     def _least_loaded(self, role: str) -> int:
         """The index of `role`'s replica with the least work in flight, as the gateway counts it."""
-        load = {e["address"]: e.get("load", 0) for e in self._gateway_call("roster") if e["kind"] == role}
+        load = {e["address"]: e.get("load", 0) for e in self._gateway_call("roster")
+                if scaled_role(e, self.config.scaled) == role}
         return min(self.replicas[role], key=lambda i: (load.get(self.replicas[role][i], 0), -i))
 
-    @staticmethod
-    def _find_replicas() -> dict[str, dict[int, str]]:
+    def _find_replicas(self) -> dict[str, dict[int, str]]:
         """The replicas running now, from their actors (a restarted autoscaler starts from them)."""
         import ray
 
-        found: dict[str, dict[int, str]] = {role: {} for role in SCALED}
+        running: list[tuple[str, int, str]] = []
         for entry in ray.util.list_named_actors(all_namespaces=True):
             match = _REPLICA.match(entry["name"])
             info = describe(ray.get_actor(entry["name"], namespace=NAMESPACE)) if entry["namespace"] == NAMESPACE \
                 and match else None
             if match and info is not None:
-                found[match[1]][int(match[2])] = info["address"]
-        return found
+                running.append((match[1], int(match[2]), info["address"]))
+        return by_role(self.config, running)
+
+
+def by_role(config: RayClusterConfig, running: list[tuple[str, int, str]]) -> dict[str, dict[int, str]]:
+    """Running replicas (server kind, index, address) by the scaled role each is (P/D: its index's role)."""
+    roles = config.language_roles()
+    found: dict[str, dict[int, str]] = {role: {} for role in config.scaled}
+    for kind, index, address in running:
+        role = roles[index] if kind == "language" and roles else kind
+        found[role][index] = address
+    return found
+
+
+def roster_of(replicas: dict[str, dict[int, str]]) -> dict[str, list[str]]:
+    """The gateway's roster (vision, language addresses) from the replicas by scaled role: a P/D deployment's
+    prefill and decode servers are all its language servers, in index order."""
+    roster: dict[str, list[tuple[int, str]]] = {kind: [] for kind in SCALED}
+    for role, indexed in replicas.items():
+        roster[server_kind(role)] += indexed.items()
+    return {kind: [address for _, address in sorted(pairs)] for kind, pairs in roster.items()}
 
 
 def start_autoscaler(config: RayClusterConfig, token: str | None) -> dict[str, Any]:

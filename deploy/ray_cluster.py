@@ -13,7 +13,8 @@ has a placement group of its own (`dvd-vision-0`, ...), so replicas can be added
 
 With `autoscale:`, a `dvd-autoscaler` actor (deploy/ray_autoscaler.py) reads the servers' metrics and adds
 a replica to the bottleneck role or drains and removes one from an idle role, within each role's `min` and
-`max` (deploy/autoscale.py), telling the gateway the new roster through its actor (pipeline/roster_admin.py:
+`max` (deploy/autoscale.py; with P/D the prefill and the decode servers are roles of their own, each with its
+bounds), telling the gateway the new roster through its actor (pipeline/roster_admin.py:
 a Unix socket in the gateway actor's private directory, never a network port). Bounds the cluster's
 resources cannot meet are refused before anything starts.
 
@@ -27,9 +28,11 @@ Config (YAML):
     gateway: {http_port, grpc_port, resources: {}}
     vision: {replicas, port, metrics_port, num_cpus, num_gpus, resources: {vision: 1}, settings: {...}}
     language: {replicas, port, transport_port, metrics_port, num_cpus, num_gpus, resources: {language: 1}, ...,
-               prefill_replicas, decode_replicas}  # P/D: that many prefill, then decode servers (not autoscaled)
+               prefill_replicas, decode_replicas}  # P/D: that many prefill, then decode servers
     autoscale: {target_busy, idle_busy, up_after_s, down_after_s, interval_s, drain_timeout_s,
                 vision: {min, max}, language: {min, max}, resources: {},
+                prefill: {min, max}, decode: {min, max},  # P/D: instead of language (language replica i is
+                                                          # prefill below prefill's max, decode from there)
                 plan: {profile, devices, observe_s, min_requests, ttft_slo_ms, tpot_slo_ms}}   # optional
     env: {}                    # environment for every process the actors start (dvd cluster up adds OTEL_*)
 """
@@ -47,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict, read_mapping
-from dvd.deploy.autoscale import SCALED, AutoscaleConfig, RoleBounds, check_capacity
+from dvd.deploy.autoscale import PD_SCALED, SCALED, AutoscaleConfig, RoleBounds, check_capacity
 from dvd.deploy.spec import (
     TRANSPORT_KINDS,
     DeploymentSpec,
@@ -90,7 +93,7 @@ class RayRole:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-    # language, P/D: this many prefill servers, then this many decode servers (replicas = their sum; not autoscaled)
+    # language, P/D: this many prefill servers, then this many decode servers (replicas = their sum) at the start
     prefill_replicas: int = 0
     decode_replicas: int = 0
 
@@ -108,15 +111,14 @@ class RayRole:
         """What one replica's actor holds of the cluster's resources (its placement group's one bundle)."""
         return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
 
-    def spec(self, kind: str, count: int) -> RoleSpec:
-        """The role as the deployment spec has it, for replicas 0 .. count-1 (an autoscaled role's max)."""
+    def spec(self, kind: str, count: int, roles: tuple[str, ...] = ()) -> RoleSpec:
+        """The role as the deployment spec has it, for replicas 0 .. count-1 (an autoscaled role's max); P/D:
+        replica i's role `roles[i]`."""
         ports = tuple(range(self.port, self.port + count))
         transport_ports = tuple(range(self.transport_port, self.transport_port + count))
         metrics_ports = tuple(range(self.metrics_port, self.metrics_port + count)) if self.metrics_port else ()
-        roles = pd_roles(self.prefill_replicas, self.decode_replicas, kind) if kind == "language" else ()
         if roles and count != len(roles):
-            raise ConfigError(f"{kind}: prefill_replicas and decode_replicas fix its {len(roles)} servers; it cannot "
-                              f"be autoscaled to {count}")
+            raise ConfigError(f"{kind}: {len(roles)} P/D roles for {count} servers")
         return RoleSpec(ports=ports, settings=self.settings, where=f"{kind}.settings",
                         transport_ports=transport_ports if kind == "language" else (), metrics_ports=metrics_ports,
                         roles=roles)
@@ -153,33 +155,73 @@ class RayClusterConfig:
     def __post_init__(self) -> None:
         if self.transport.kind not in TRANSPORT_KINDS:
             raise ConfigError(f"transport.kind: one of {', '.join(TRANSPORT_KINDS)}, got {self.transport.kind!r}")
-        for kind in SCALED:
-            bounds = self.bounds(kind)
-            if not bounds.min <= getattr(self, kind).replicas <= bounds.max:
-                raise ConfigError(f"{kind}.replicas: {getattr(self, kind).replicas} is outside autoscale.{kind}'s "
-                                  f"bounds [{bounds.min}, {bounds.max}]")
+        if self.pd and self.autoscale is not None and self.autoscale.plan is not None:
+            raise ConfigError("autoscale.plan: dvd plan --simulate splits vision : language; with P/D (language "
+                              "prefill_replicas) leave plan out, the busy fractions decide")
+        for kind in self.scaled:
+            bounds, replicas = self.bounds(kind), self.replicas(kind)
+            if not bounds.min <= replicas <= bounds.max:
+                where = f"language.{kind}_replicas" if kind in ("prefill", "decode") else f"{kind}.replicas"
+                raise ConfigError(f"{where}: {replicas} is outside autoscale.{kind}'s bounds [{bounds.min}, "
+                                  f"{bounds.max}]")
+
+    @property
+    def pd(self) -> bool:
+        """Prefill and decode on language servers of their own, sized apart."""
+        return bool(self.language.prefill_replicas)
+
+    @property
+    def scaled(self) -> tuple[str, ...]:
+        """The roles sized (autoscaled, or fixed at their replicas): vision and language, or with P/D vision,
+        prefill and decode."""
+        return PD_SCALED if self.pd else SCALED
+
+    def replicas(self, kind: str) -> int:
+        """How many replicas of a scaled role start."""
+        if kind in ("prefill", "decode"):
+            count: int = getattr(self.language, f"{kind}_replicas")
+            return count
+        return int(getattr(self, kind).replicas)
 
     def bounds(self, kind: str) -> RoleBounds:
         """How many replicas `kind` may run: its autoscale bounds, or exactly its `replicas`."""
         if self.autoscale is None:
-            replicas: int = getattr(self, kind).replicas
-            return RoleBounds(replicas, replicas)
+            return RoleBounds(self.replicas(kind), self.replicas(kind))
         return self.autoscale.bounds(kind)
+
+    def language_roles(self) -> tuple[str, ...]:
+        """P/D: language replica i's role, for every index it may run: prefill below prefill's max, then decode."""
+        if not self.pd:
+            return ()
+        return ("prefill",) * self.bounds("prefill").max + ("decode",) * self.bounds("decode").max
+
+    def indexes(self, kind: str) -> range:
+        """The replica indexes (actor dvd-<server kind>-<i>, port + i) a scaled role may use."""
+        if kind == "decode":
+            first = self.bounds("prefill").max
+            return range(first, first + self.bounds("decode").max)
+        return range(self.bounds(kind).max)
 
     def check_capacity(self, have: Mapping[str, float]) -> None:
         """Autoscale bounds the cluster's resources `have` cannot meet are refused (ConfigError)."""
         if self.autoscale is not None:
-            check_capacity(self.autoscale, {kind: getattr(self, kind).needs() for kind in SCALED}, have,
-                           {"CPU": self.gateway.num_cpus, **self.gateway.resources})
+            check_capacity(self.autoscale, {kind: getattr(self, server_kind(kind)).needs() for kind in self.scaled},
+                           have, {"CPU": self.gateway.num_cpus, **self.gateway.resources}, self.scaled)
+
+
+def server_kind(role: str) -> str:
+    """The server a scaled role runs: prefill and decode are language servers."""
+    return "language" if role in ("prefill", "decode") else role
 
 
 def ray_spec(config: RayClusterConfig) -> DeploymentSpec:
     """The Ray config as a deployment spec: one node standing for wherever Ray places each actor."""
     gateway = GatewayConfig(http_port=config.gateway.http_port, grpc_port=config.gateway.grpc_port,
                             api_key_file=config.gateway.api_key_file, insecure=config.gateway.insecure)
+    roles = config.language_roles()
     node = NodeSpec(name="ray", address=_UNPLACED, gateway=gateway,
                     vision=config.vision.spec("vision", config.bounds("vision").max),
-                    language=config.language.spec("language", config.bounds("language").max))
+                    language=config.language.spec("language", len(roles) or config.bounds("language").max, roles))
     return DeploymentSpec(model=config.model, nodes=(node,), transport=config.transport, probe=config.probe,
                           token_file=config.token_file, revision=config.revision)
 
@@ -297,8 +339,8 @@ def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
     import ray
 
     config.check_capacity(ray.cluster_resources())
-    described = [start_replica(config, kind, i, token)
-                 for kind in SCALED for i in range(getattr(config, kind).replicas)]
+    described = [start_replica(config, server_kind(kind), i, token)
+                 for kind in config.scaled for i in config.indexes(kind)[:config.replicas(kind)]]
     addresses = {kind: tuple(d["address"] for d in described if d["kind"] == kind) for kind in SCALED}
     # max_concurrency: its roster may be read (status, the autoscaler) while a roster change waits for a drain
     actor = _actor_class().options(name="dvd-gateway", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,

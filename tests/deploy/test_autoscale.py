@@ -191,3 +191,81 @@ def test_the_plan_simulates_servers_with_its_devices_defaults(tmp_path: Path, mo
     assert PlanConfig(profile=profile, devices=6).device == "cuda"  # a cluster's replicas are on GPUs
     with pytest.raises(ValueError, match="gpu0"):
         PlanConfig(profile=profile, devices=6, device="gpu0")
+
+
+PD = AutoscaleConfig(vision=RoleBounds(1, 2), prefill=RoleBounds(1, 2), decode=RoleBounds(1, 3), target_busy=0.6,
+                     idle_busy=0.2, up_after_s=10, down_after_s=30)
+
+
+def _pd_loads(vision: tuple[float, ...], prefill: tuple[float, ...], decode: tuple[float, ...]) -> dict[str, RoleLoad]:
+    return {role: RoleLoad(role, len(busy), busy) for role, busy in
+            (("vision", vision), ("prefill", prefill), ("decode", decode))}
+
+
+def test_pd_the_bottleneck_among_vision_prefill_and_decode_grows_and_an_idle_one_shrinks() -> None:
+    policy = Policy(PD)
+    policy.decide(_pd_loads((0.7,), (0.65,), (0.9,)), 0.0)
+    change = policy.decide(_pd_loads((0.7,), (0.65,), (0.9,)), 10.0)
+    assert change is not None and (change.role, change.delta) == ("decode", 1)
+    assert "decode busy 0.90 (mean of 1 of 1 replicas) over target 0.60" in change.reason
+    assert "vision busy 0.70" in change.reason and "prefill busy 0.65" in change.reason
+    policy = Policy(PD)  # an image burst: the prompts' side is the bottleneck, the decodes' is not
+    policy.decide(_pd_loads((0.5,), (0.95,), (0.3,)), 0.0)
+    assert policy.decide(_pd_loads((0.5,), (0.95,), (0.3,)), 10.0).role == "prefill"
+    policy = Policy(PD)  # idle decodes shrink to their min, not below
+    policy.decide(_pd_loads((0.5,), (0.5,), (0.1, 0.0)), 0.0)
+    change = policy.decide(_pd_loads((0.5,), (0.5,), (0.1, 0.0)), 30.0)
+    assert change is not None and (change.role, change.delta) == ("decode", -1)
+    policy.decide(_pd_loads((0.5,), (0.5,), (0.0,)), 31.0)
+    assert policy.decide(_pd_loads((0.5,), (0.5,), (0.0,)), 70.0) is None  # decode at its min (1)
+
+
+def test_pd_observe_counts_each_language_server_in_its_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvd.deploy import autoscale
+
+    busy = {"v": ("dvd_vision_busy_fraction", 0.4), "p": ("dvd_language_busy_fraction", 0.9),
+            "d1": ("dvd_language_busy_fraction", 0.2), "d2": ("dvd_language_busy_fraction", 0.4)}
+    monkeypatch.setattr(autoscale, "scrape", lambda url, timeout_s: dict([busy[url]]))
+    roster = [{"kind": "vision", "healthy": True, "metrics_url": "v"},
+              {"kind": "language", "role": "prefill", "healthy": True, "metrics_url": "p"},
+              {"kind": "language", "role": "decode", "healthy": True, "metrics_url": "d1"},
+              {"kind": "language", "role": "decode", "healthy": True, "metrics_url": "d2"},
+              {"kind": "language", "role": "decode", "healthy": False, "metrics_url": "d3"}]
+    loads = autoscale.observe(roster, roles=("vision", "prefill", "decode")).loads
+    assert {r: (x.replicas, x.busy) for r, x in loads.items()} == {
+        "vision": (1, (0.4,)), "prefill": (1, (0.9,)), "decode": (3, (0.2, 0.4))}
+    assert autoscale.observe(roster).loads["language"].replicas == 4  # without P/D: one language role
+
+
+def _pd_ray(tmp_path: Path, **autoscale: dict) -> Path:
+    path = tmp_path / "ray.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tmp_path), "language": {"prefill_replicas": 1, "decode_replicas": 1, "resources": {"lm": 1}},
+        "autoscale": {"prefill": {"min": 1, "max": 2}, "decode": {"min": 1, "max": 3}, **autoscale}}))
+    return path
+
+
+def test_pd_roles_are_autoscaled_on_ray_each_within_its_bounds(tmp_path: Path) -> None:
+    from dvd.deploy.ray_autoscaler import by_role, roster_of
+    from dvd.deploy.ray_cluster import load_ray_config, ray_spec
+
+    config = load_ray_config(_pd_ray(tmp_path))
+    assert config.scaled == ("vision", "prefill", "decode")
+    # language replica i: prefill below prefill's max (2), decode from there, each index its own port
+    assert ray_spec(config).nodes[0].language.roles == ("prefill", "prefill", "decode", "decode", "decode")
+    assert (config.indexes("prefill"), config.indexes("decode")) == (range(0, 2), range(2, 5))
+    running = [("vision", 0, "v0"), ("language", 0, "p0"), ("language", 2, "d2"), ("language", 3, "d3")]
+    replicas = by_role(config, running)
+    assert replicas == {"vision": {0: "v0"}, "prefill": {0: "p0"}, "decode": {2: "d2", 3: "d3"}}
+    assert roster_of(replicas) == {"vision": ["v0"], "language": ["p0", "d2", "d3"]}
+    with pytest.raises(ConfigError, match=r"autoscale\.decode\.max: 3 decode replicas beside 1 vision, 1 prefill "
+                                          r"need 4 lm, the cluster has 3"):
+        config.check_capacity({"CPU": 8, "vision": 1, "lm": 3})
+    config.check_capacity({"CPU": 8, "vision": 1, "lm": 4})
+    bad = _pd_ray(tmp_path, decode={"min": 2, "max": 3})
+    with pytest.raises(ConfigError, match=r"language.decode_replicas: 1 is outside autoscale.decode's bounds \[2, 3\]"):
+        load_ray_config(bad)
+    profile = tmp_path / "profile.jsonl"
+    profile.write_text("")
+    with pytest.raises(ConfigError, match=r"autoscale\.plan: dvd plan --simulate splits vision : language; with P/D"):
+        load_ray_config(_pd_ray(tmp_path, plan={"profile": str(profile), "devices": 4}))

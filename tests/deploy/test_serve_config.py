@@ -128,9 +128,11 @@ def test_cluster_config_language_role_takes_prefill_and_decode_replicas() -> Non
 
 
 def test_ray_language_role_takes_prefill_and_decode_replicas() -> None:
-    from dvd.deploy.ray_cluster import RayRole
+    from dvd.deploy.ray_cluster import RayClusterConfig, RayRole, ray_spec
 
     role = RayRole(prefill_replicas=1, decode_replicas=1)
-    assert role.replicas == 2 and role.spec("language", 2).roles == ("prefill", "decode")
-    with pytest.raises(ConfigError, match="cannot be autoscaled to 3"):
-        role.spec("language", 3)
+    assert role.replicas == 2
+    config = RayClusterConfig(model=Path("/m"), language=role)
+    assert ray_spec(config).nodes[0].language.roles == ("prefill", "decode")
+    with pytest.raises(ConfigError, match="2 P/D roles for 3 servers"):
+        role.spec("language", 3, ("prefill", "decode"))
