@@ -16,10 +16,12 @@ address (`kv_destination`) and, at the same moment, to that decode server (`kv_s
   elsewhere before any token), and on the hand-off the request joins the running batch with its prompt computed
   (`Engine.add_prefilled`), streaming the tokens after the first.
 
-Both sides stamp their frames with their KV layout (`kv_layout`: checkpoint, dtype, block size, layers, kv heads,
-head dim, tensor parallel, device type); a decode server refuses a request whose frames carry another, naming the
-difference (`KvLayoutError`), and each server reports its layout in Health so the gateway pairs only servers that
-fit.
+Both sides know their KV layout (`kv_layout`: checkpoint, dtype, block size, layers, kv heads, head dim, tensor
+parallel, device type). A prefill server's sender names it in the transport's handshake and a decode server's
+receiver refuses a sender of another at connect, naming the keys that differ (transport/handshake.py: the push
+fails with that reason); the frames carry it too, and a decode server fails a request whose frames carry another
+(`KvLayoutError`: a check that holds whatever the transport); each server reports its layout in Health so the
+gateway pairs only servers that fit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from dvd.errors import DeadlineExceededError, DestinationError, EngineFailedError, KvLayoutError, ReplicaBusyError
 from dvd.language_server.request import KvExport
 from dvd.transport import Frame, KvHandoff, KvHeader, Sender, TransportError
+from dvd.transport.handshake import layout_difference
 
 ROLES = ("both", "prefill", "decode")
 # How many ended requests' ids a decode server remembers, so their late frames are dropped at once.
@@ -47,14 +50,6 @@ def kv_layout(model: str, dtype: torch.dtype, block_size: int, num_layers: int, 
     dtype_name = str(dtype).removeprefix("torch.")
     return (f"model={model};dtype={dtype_name};block_size={block_size};layers={num_layers};kv_heads={num_kv_heads};"
             f"head_dim={head_dim};tp={tensor_parallel};device={device_type}")
-
-
-def layout_difference(mine: str, theirs: str) -> str:
-    """The keys two layouts differ in, as 'key: mine vs theirs'; "" when they fit."""
-    a = dict(part.partition("=")[::2] for part in mine.split(";") if part)
-    b = dict(part.partition("=")[::2] for part in theirs.split(";") if part)
-    return ", ".join(f"{k}: {a.get(k, '-')} here vs {b.get(k, '-')} there" for k in sorted(a.keys() | b.keys())
-                     if a.get(k) != b.get(k))
 
 
 class KvPusher:

@@ -89,6 +89,11 @@ class LanguageServer:
         self.kv_pusher = KvPusher(create_sender(config.transport, **(transport_options or {})), self.kv_layout) \
             if config.role == "prefill" else None
         self.kv_intake = KvIntake(self.kv_layout, self.engine_loop.import_blocks, config.orphan_ttl_s)
+        # the transport's handshake: a prefill server's pushes name its layout, a decode server refuses another's
+        if self.kv_pusher is not None:
+            self.kv_pusher.sender.kv_layout = self.kv_layout
+        if config.role == "decode":
+            self.receiver.kv_layout = self.kv_layout
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
         self.draining = False
         # Notified whenever a frame arrives, a request starts waiting for features, enters the engine or

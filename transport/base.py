@@ -65,6 +65,8 @@ class Sender(abc.ABC):
     def __init__(self, config: TransportConfig) -> None:
         self.config = config
         self.stats = TransportStats()
+        # P/D, a prefill server's sender: the KV layout its Hello names (handshake.py); "" for feature senders
+        self.kv_layout = ""
 
     @abc.abstractmethod
     async def send(self, destination: str, header: PayloadHeader, tensor: torch.Tensor) -> None:
@@ -98,6 +100,8 @@ class Receiver(abc.ABC):
         self.config = config
         self.stats = TransportStats()
         self._queue: asyncio.Queue[Frame | object] = asyncio.Queue()
+        # P/D, a decode server's receiver: KV senders of another layout are refused at the handshake
+        self.kv_layout = ""
 
     @property
     @abc.abstractmethod

@@ -1,14 +1,19 @@
 """The connection handshake as plain functions (no I/O), shared by every networked transport.
 
     sender                                   receiver
-    Hello(version, nonce_s)          ──▶
+    Hello(version, nonce_s[, kv])    ──▶
                                      ◀──     Challenge(version, nonce_r, proof_r, max_frame_bytes)
-    Auth(proof_s)                    ──▶     (or Refuse: other version)
+    Auth(proof_s)                    ──▶     (or Refuse: other version, or another KV layout)
                                      ◀──     Accept (or Refuse: wrong or missing token)
 
 proof = HMAC-SHA256(token, role | nonce_s | nonce_r): the token itself never crosses the wire, fresh
 nonces on both sides defeat replay, and the role label keeps a receiver's proof from being replayed
 as a sender's. Both sides prove the token, so a sender will not push features to an impostor either.
+
+P/D: a prefill server's sender names its KV layout in its Hello (`kv`, `key=value;...`: checkpoint, dtype,
+block size, layers, heads, tp, device), and a decode server's receiver refuses one that does not fit its own,
+naming the keys that differ (`layout_difference`); senders or receivers without a layout (feature streams)
+are not checked.
 """
 
 from __future__ import annotations
@@ -32,19 +37,33 @@ def proof(token: str, role: bytes, sender_nonce: bytes, receiver_nonce: bytes) -
     return hmac.new(token.encode(), role + b"|" + sender_nonce + receiver_nonce, hashlib.sha256).digest()
 
 
-def sender_hello(nonce: bytes) -> Hello:
-    return Hello(PROTOCOL_VERSION, nonce)
+def sender_hello(nonce: bytes, kv_layout: str = "") -> Hello:
+    return Hello(PROTOCOL_VERSION, nonce, kv_layout)
+
+
+def layout_difference(mine: str, theirs: str) -> str:
+    """The keys two KV layouts (`key=value;...`) differ in, as 'key: mine here vs theirs there'; "" when they fit."""
+    a = dict(part.partition("=")[::2] for part in mine.split(";") if part)
+    b = dict(part.partition("=")[::2] for part in theirs.split(";") if part)
+    return ", ".join(f"{k}: {a.get(k, '-')} here vs {b.get(k, '-')} there" for k in sorted(a.keys() | b.keys())
+                     if a.get(k) != b.get(k))
 
 
 def receiver_challenge(
-    hello: Hello, token: str | None, nonce: bytes, max_frame_bytes: int, peer: str
+    hello: Hello, token: str | None, nonce: bytes, max_frame_bytes: int, peer: str, kv_layout: str = ""
 ) -> Challenge | Refuse:
-    """The receiver's answer to a Hello: a Challenge, or a Refuse for another protocol version."""
+    """The receiver's answer to a Hello: a Challenge, or a Refuse for another protocol version or, where both
+    ends name a KV layout (`kv_layout`: this receiver's, a decode server's), another layout."""
     if hello.version != PROTOCOL_VERSION:
         reason = (f"protocol version {hello.version} refused: this receiver speaks {PROTOCOL_VERSION} "
                   f"(run the same DvD version on the vision and language servers)")
         logger.warning("refused sender %s: %s", peer, reason)
         return Refuse("version", reason)
+    difference = layout_difference(kv_layout, hello.kv_layout) if kv_layout and hello.kv_layout else ""
+    if difference:
+        reason = f"decode server refuses the KV cache of a prefill server of another layout ({difference})"
+        logger.warning("refused sender %s: %s", peer, reason)
+        return Refuse("kv_layout", reason)
     receiver_proof = None if token is None else proof(token, b"receiver", hello.nonce, nonce)
     return Challenge(PROTOCOL_VERSION, nonce, receiver_proof, max_frame_bytes)
 

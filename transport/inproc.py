@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from dvd.transport import handshake
 from dvd.transport.base import END_OF_FRAMES, Frame, Receiver, Sender, check_outgoing, tensor_on, verify_checksum
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import (
@@ -26,7 +27,7 @@ from dvd.transport.errors import (
     TransportError,
 )
 from dvd.transport.pool import ReceivePool, RecentKeys
-from dvd.transport.wire import PAYLOAD_HEADERS, PayloadHeader, decode, encode
+from dvd.transport.wire import PAYLOAD_HEADERS, PayloadHeader, Refuse, decode, encode
 
 logger = logging.getLogger(__name__)
 INPROC_SCHEME = "inproc://"
@@ -64,6 +65,14 @@ class InprocReceiver(Receiver):
         if self._name in self.hub.receivers:
             raise TransportError(f"inproc address {self.address} is taken")
         self.hub.receivers[self._name] = self
+
+    def check_layout(self, kv_layout: str) -> None:
+        """The handshake's KV layout check (handshake.receiver_challenge), for a sender that names one."""
+        hello = handshake.sender_hello(b"", kv_layout)
+        reply = handshake.receiver_challenge(hello, None, b"", self.config.max_frame_bytes, "inproc", self.kv_layout)
+        if isinstance(reply, Refuse):
+            self.stats.num_refused_handshakes += 1
+            raise HandshakeError(f"refused by {self.address} ({reply.code}): {reply.reason}")
 
     def check_token(self, token: str | None) -> None:
         mine = self.config.token
@@ -118,6 +127,7 @@ class InprocSender(Sender):
             raise PeerLostError(f"no inproc receiver at {destination}")
         try:
             receiver.check_token(self.config.token)
+            receiver.check_layout(self.kv_layout)
         except HandshakeError as error:
             logger.error("receiver %s refused this sender: %s", destination, str(error))
             raise

@@ -157,11 +157,11 @@ class RdmaReceiver(Receiver):
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         nonce = handshake.new_nonce()
-        reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, peer)
+        reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, peer, self.kv_layout)
         await _send_message(ep, reply)
         if isinstance(reply, Refuse):
             self.stats.num_refused_handshakes += 1
-            raise PeerLostError("refused (version)")
+            raise PeerLostError(f"refused ({reply.code})")
         auth = await _recv_message(ep, config.connect_timeout_s)
         if isinstance(auth, Refuse):
             self.stats.num_refused_handshakes += 1
@@ -346,7 +346,7 @@ class RdmaSender(Sender):
     async def _handshake(self, ep: Any, peer: str) -> int:
         timeout = self.config.connect_timeout_s
         nonce = handshake.new_nonce()
-        await _send_message(ep, handshake.sender_hello(nonce))
+        await _send_message(ep, handshake.sender_hello(nonce, self.kv_layout))
         reply = await _recv_message(ep, timeout)
         if isinstance(reply, Refuse):
             raise handshake.refused_by_receiver(reply, peer)

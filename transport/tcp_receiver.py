@@ -86,11 +86,12 @@ class _Inbound:
         self.sock.settimeout(config.connect_timeout_s)
         hello = stream.expect(stream.read_message(self.sock), Hello, self.peer)
         nonce = handshake.new_nonce()
-        reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, self.peer)
+        reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, self.peer,
+                                             self.receiver.kv_layout)
         stream.send_message(self.sock, reply)
         if isinstance(reply, Refuse):
             self.receiver.stats.num_refused_handshakes += 1
-            raise PeerLostError("refused (version)")
+            raise PeerLostError(f"refused ({reply.code})")
         auth = stream.read_message(self.sock)
         if isinstance(auth, Refuse):
             self.receiver.stats.num_refused_handshakes += 1

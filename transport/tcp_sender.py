@@ -310,7 +310,7 @@ class TcpSender(Sender):
         try:
             stream.tune(sock)
             nonce = handshake.new_nonce()
-            stream.send_message(sock, handshake.sender_hello(nonce))
+            stream.send_message(sock, handshake.sender_hello(nonce, self.kv_layout))
             reply = stream.read_message(sock)
             if isinstance(reply, Refuse):
                 raise handshake.refused_by_receiver(reply, peer)

@@ -271,18 +271,22 @@ PAYLOAD_HEADERS = (FeatureHeader, KvHeader, KvHandoff)
 
 @dataclasses.dataclass(frozen=True)
 class Hello:
-    """Sender -> receiver, first message: its protocol version and a fresh nonce."""
+    """Sender -> receiver, first message: its protocol version and a fresh nonce; a sender of KV frames (P/D, a
+    prefill server) its KV layout too, so a decode server of another refuses it at connect. Feature senders send
+    no layout key: their Hello is as it was."""
 
     TYPE: ClassVar[str] = "hello"
     version: int
     nonce: bytes
+    kv_layout: str = ""
 
     def to_map(self) -> dict[str, Any]:
-        return {"v": self.version, "n": self.nonce}
+        return {"v": self.version, "n": self.nonce, **({"kl": self.kv_layout} if self.kv_layout else {})}
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> Hello:
-        return cls(_int(m["v"], "version"), _nonce(m["n"], "nonce"))
+        return cls(_int(m["v"], "version"), _nonce(m["n"], "nonce"), _str(m.get("kl", ""), "kv_layout",
+                                                                           MAX_REASON_CHARS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +404,7 @@ _KEYS: dict[str, frozenset[str]] = {
     "reject": frozenset(("rid", "slot", "r")),
     "heartbeat": frozenset(),
 }
+_OPTIONAL_KEYS = {"hello": frozenset(("kl",))}  # a KV sender's layout (P/D); feature senders send none
 
 
 def encode(message: Message) -> bytes:
@@ -425,7 +430,8 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
     _check(type(kind) is str and kind in MESSAGE_TYPES, f"unknown message type {kind!r}")
     if kind in ("feature", "kv", "kv_handoff") and m.get("v") != PROTOCOL_VERSION:  # before its keys
         raise ProtocolError(f"{kind} header of protocol version {m.get('v')!r}; this side speaks {PROTOCOL_VERSION}")
-    _check(set(m) == _KEYS[kind], f"{kind} message has keys {sorted(map(str, m))}")
+    optional = _OPTIONAL_KEYS.get(kind, frozenset())
+    _check(_KEYS[kind] <= set(m) <= _KEYS[kind] | optional, f"{kind} message has keys {sorted(map(str, m))}")
     return MESSAGE_TYPES[kind].from_map(m)
 
 

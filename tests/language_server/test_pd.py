@@ -135,13 +135,17 @@ def test_pair_of_another_layout_is_refused_naming_the_difference(tiny_hf: Path, 
     pd = PdHarness(tiny_hf, language, "tcp", decode_engine=dataclasses.replace(ENGINE, block_size=32))
     try:
         assert pd.prefill.server.kv_layout != pd.decode.server.kv_layout
-        prefill, decode = pd.split(generate_request(chat, "misfit", "hello there"))
+        request = generate_request(chat, "misfit", "hello there")
+        prefill, decode = pd.split(request)
+        # refused when the prefill server connects to push (tcp: the handshake), naming the difference
         with pytest.raises(grpc.RpcError) as caught:
-            collect(decode)
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            collect(prefill)
         assert "block_size: 32 here vs 16 there" in (caught.value.details() or "")
-        collect(prefill)
-        assert pd.decode.stats()["num_kv_layouts_refused"] >= 1
+        assert "decode server" in (caught.value.details() or "")
+        assert pd.decode.server.receiver.stats.num_refused_handshakes >= 1
+        pd.decode.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))  # as the gateway does
+        with pytest.raises(grpc.RpcError):
+            collect(decode)
         for served in pd.servers.values():
             assert_freed(pd, served)
     finally:

@@ -82,3 +82,38 @@ def test_other_protocol_version_refused(caplog: pytest.LogCaptureFixture) -> Non
             assert str(PROTOCOL_VERSION + 1) in reply.reason
     run(main())
     assert any("refused sender" in r.getMessage() and "protocol version" in r.getMessage() for r in caplog.records)
+
+
+MINE = "model=m@1;dtype=bfloat16;block_size=32;layers=2;kv_heads=2;head_dim=8;tp=1;device=cpu"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_kv_sender_of_another_layout_is_refused_at_connect_naming_the_difference(kind: str) -> None:
+    """P/D: a prefill server's sender names its KV layout in its Hello; a decode server's receiver refuses another
+    before any frame, naming the keys that differ, and takes senders of its own layout and feature senders
+    (no layout) as before."""
+    async def main() -> None:
+        async with pair(kind) as (sender, receiver):
+            receiver.kv_layout = MINE
+            sender.kv_layout = MINE.replace("block_size=32", "block_size=16")
+            tensor = torch.ones(4, dtype=torch.bfloat16)
+            with pytest.raises(HandshakeError, match=r"\(kv_layout\): decode server refuses the KV cache of a "
+                                                     r"prefill server of another layout \(block_size: 32 here vs "
+                                                     r"16 there\)"):
+                await sender.send(receiver.address, header_for("r", 0, 1, tensor), tensor)
+            await wait_until(lambda: receiver.stats.num_refused_handshakes == 1, what="refusal counted")
+            assert receiver.stats.num_frames == 0
+        for layout in (MINE, ""):  # the same layout; a feature sender, naming none
+            async with pair(kind) as (sender, receiver):
+                receiver.kv_layout, sender.kv_layout = MINE, layout
+                await sender.send(receiver.address, header_for("r", 0, 1, tensor), tensor)
+                await wait_until(lambda r=receiver: r.stats.num_frames == 1, what="frame taken")
+    run(main())
+
+
+def test_a_feature_sender_s_hello_is_unchanged_on_the_wire() -> None:
+    from dvd.transport.wire import decode, encode
+
+    assert Hello(PROTOCOL_VERSION, b"n" * 32).to_map() == {"v": PROTOCOL_VERSION, "n": b"n" * 32}
+    kv = decode(encode(Hello(PROTOCOL_VERSION, b"n" * 32, MINE)))
+    assert isinstance(kv, Hello) and kv.kv_layout == MINE
