@@ -22,8 +22,10 @@ InternVL), coupled-dp (data parallel: one `dvd serve --coupled` pinned to each C
 workload spread over them as a least-outstanding-requests balancer would, as vLLM's data parallelism or two
 servers behind a balancer; its ideal is the sum over replicas of 1 / each one's CPU-s per request), dvd (the
 disaggregated pipeline on --model), dvd+vir (the same on --vir-model, a Flash checkpoint whose ViR compresses
-tiles to 64 tokens). Default: coupled, dvd, dvd+vir, and in the equal setting coupled-dp too. Ratios are
-against coupled; a line per bucket gives DvD's (and DvD+ViR's) ratio to coupled-dp.
+tiles to 64 tokens), dvd-pd (dvd with prefill and decode on servers of their own, `--prefill-replicas 1
+--decode-replicas 1`, the KV cache pushed between them; both pinned to the language CPUs: give --language-cpus
+two CPUs to keep the decodes off the prefills' core). Default: coupled, dvd, dvd+vir, and in the equal setting
+coupled-dp too. Ratios are against coupled; a line per bucket gives the DvD modes' ratio to coupled-dp.
 
 Example:
   dvd make-checkpoint --preset internvl3_5-38b-scaled --out /tmp/38b
@@ -60,11 +62,12 @@ from dvd.benchmarks.serve_workload import BUCKETS, Workload
 from dvd.cpus import parse_cpu_list
 from dvd.deploy.supervisor import Child, ChildSpec, Supervisor
 
-MODES = ("coupled", "coupled-dp", "dvd", "dvd+vir")
+MODES = ("coupled", "coupled-dp", "dvd", "dvd+vir", "dvd-pd")
 SETTINGS = ("paper", "equal")
 # the keys of a bucket's row: each mode's ratio to coupled, and DvD's to coupled-dp
-RATIO_KEY = {"coupled-dp": "ratio_coupled_dp", "dvd": "ratio_dvd", "dvd+vir": "ratio_dvd_vir"}
-DP_RATIO_KEY = {"dvd": "ratio_dvd_to_coupled_dp", "dvd+vir": "ratio_dvd_vir_to_coupled_dp"}
+RATIO_KEY = {"coupled-dp": "ratio_coupled_dp", "dvd": "ratio_dvd", "dvd+vir": "ratio_dvd_vir", "dvd-pd": "ratio_dvd_pd"}
+DP_RATIO_KEY = {"dvd": "ratio_dvd_to_coupled_dp", "dvd+vir": "ratio_dvd_vir_to_coupled_dp",
+                "dvd-pd": "ratio_dvd_pd_to_coupled_dp"}
 
 
 def default_modes(setting: str) -> str:
@@ -85,7 +88,8 @@ def placements(mode: str, setting: str, language_cpus: str, vision_cpus: str) ->
         return [["--coupled", "--cpus", cpus]]
     if mode == "coupled-dp":
         return [["--coupled", "--cpus", str(cpu)] for cpu in parse_cpu_list(cpus)]
-    return [["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]]
+    pd = ["--prefill-replicas", "1", "--decode-replicas", "1"] if mode == "dvd-pd" else []
+    return [["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus, *pd]]
 
 
 def describe_setting(setting: str, language_cpus: str, vision_cpus: str, dp: bool = False) -> str:
@@ -288,8 +292,8 @@ def main(argv: list[str]) -> int:
     add("--vir-model", type=Path, help="Flash checkpoint (with ViR) for dvd+vir; required with that mode")
     add("--vir-revision", default="", help="--vir-model's branch, tag or commit when it is a Hub id (default main)")
     add("--modes", default=None,
-        help="comma list of coupled, coupled-dp, dvd, dvd+vir (default coupled,dvd,dvd+vir; with --setting equal "
-             "also coupled-dp: two CPUs are best used by a coupled replica on each)")
+        help="comma list of coupled, coupled-dp, dvd, dvd+vir, dvd-pd (default coupled,dvd,dvd+vir; with --setting "
+             "equal also coupled-dp: two CPUs are best used by a coupled replica on each)")
     add("--setting", choices=SETTINGS, default="paper", help="CPU budget rule (default paper; see above)")
     add("--buckets", default=",".join(BUCKETS),
         help="comma list of 448, 896, 1344 (default all); '' runs only the interference measurement")

@@ -32,12 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dvd.transport import TransportConfig, TransportError, create_receiver, create_sender, header_for
+from dvd.transport import KvHeader, TransportConfig, TransportError, create_receiver, create_sender, header_for
 
 MiB = 1 << 20
 SIZES: dict[str, int] = {"0.5MiB": MiB // 2, "2MiB": 2 * MiB, "26MiB": 26 * MiB}
 STREAMS = (1, 8, 64)
-KINDS = ("raw", "tcp", "rdma")
+# tcp-kv: the tcp transport carrying P/D's KV frames (`KvHeader`, a request's blocks) instead of feature frames,
+# the same sizes: what a prefill server's push to a decode server costs against a vision server's features.
+KINDS = ("raw", "tcp", "rdma", "tcp-kv")
 RAW_PREFIX = struct.Struct("<Q")
 WARMUP_ROUNDS = 3
 RAW_IDENT_BYTES = 32
@@ -54,6 +56,7 @@ RAW_BASELINE = (
 
 def transport_config(kind: str) -> TransportConfig:
     # 64 streams of 26 MiB need room: 2 GiB of pool, 1 GiB in flight per connection.
+    kind = kind.removesuffix("-kv")  # KV frames travel on the same transport
     return TransportConfig(kind=kind, token="bench", max_frame_bytes=64 * MiB, max_inflight_bytes=1024 * MiB,
                            receive_pool_bytes=2048 * MiB, ucx_tls="tcp" if kind == "rdma" else "")
 
@@ -177,14 +180,22 @@ def _raw_run(port: int, sockets: list[socket.socket], payload: np.ndarray, strea
     return starts
 
 
+def kv_header(ident: str, tensor: torch.Tensor) -> KvHeader:
+    """A KV frame of `tensor`'s bytes, shaped as a prefill server's blocks are ([layers, 2, tokens, heads, dim])."""
+    return KvHeader(ident, 0, 1, "bfloat16", tuple(tensor.shape), tensor.numel() * tensor.element_size(),
+                    layout="bench")
+
+
 async def _transport_run(sender: Any, address: str, tensor: torch.Tensor, streams: int, per_stream: int,
-                         tag: str) -> dict[str, int]:
+                         tag: str, kv: bool = False) -> dict[str, int]:
     starts: dict[str, int] = {}
+    if kv:
+        tensor = tensor.view(1, 2, -1, 1, 1)
 
     async def run(index: int) -> None:
         for i in range(per_stream):
             ident = f"{tag}-{index}-{i}"
-            header = header_for(ident, 0, 256, tensor)
+            header = kv_header(ident, tensor) if kv else header_for(ident, 0, 256, tensor)
             starts[ident] = time.monotonic_ns()
             await sender.send(address, header, tensor)
 
@@ -242,7 +253,8 @@ class _Peer:
                 # Made once per size, like raw's payload: a fresh 26 MiB tensor per round costs the
                 # sender process ~60 ms of fill and page faults (on torch's threads) each round.
                 self.payload = torch.ones(nbytes // 2, dtype=torch.bfloat16)
-            starts = await _transport_run(self.sender, self.address, self.payload, streams, per_stream, tag)
+            starts = await _transport_run(self.sender, self.address, self.payload, streams, per_stream, tag,
+                                          kv=self.kind.endswith("-kv"))
         _, arrivals, self.receiver_copies, allocations = await asyncio.to_thread(self.pipe.recv)
         # Buffers the receive pool had to allocate (and fault in) this round: 0 once warm.
         figures = {**_round_figures(starts, arrivals, nbytes), "pool_allocations": allocations - self.pool_allocations}
@@ -350,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured rounds per kind and point, after 2-3 warm-up rounds; the kinds run "
                              "interleaved (order reversed each round) and each reports its median and best "
                              "round; the ratios to raw are of medians (the robust figure) and of bests")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: raw,tcp,rdma")
+    parser.add_argument("--kinds", default="raw,tcp,rdma",
+                        help="comma-separated: raw,tcp,rdma,tcp-kv (tcp-kv: P/D's KV frames on tcp)")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ",".join(SIZES))
     parser.add_argument("--streams", default=",".join(map(str, STREAMS)), help="comma-separated stream counts")
     parser.add_argument("--mib-per-point", type=int, default=0, help="payload per measured point (MiB)")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvd.devices import check_device
+
 TILE = 448  # InternVL3.5's tile side: an image of n tiles is planned as an n x 1 strip of them
 
 # The servers' counters a workload is read from (summed over each role's replicas).
@@ -34,8 +36,10 @@ class PlanConfig:
     ttft_slo_ms: float = math.inf
     tpot_slo_ms: float = math.inf
     num_requests: int = 2000  # requests the planner simulates
+    device: str = "cuda"  # the kind of device planned for: the simulated servers take its defaults
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if not self.profile.is_file():
             raise ValueError(f"profile {self.profile}: no such file (dvd bench ... --profile-out FILE writes it)")
         if self.devices < 2 or self.observe_s <= 0 or self.min_requests < 1 or self.num_requests < 1:
@@ -88,7 +92,8 @@ def recommend(plan: PlanConfig, workload: Workload, bounds: Mapping[str, Any]) -
                         images_per_request=round(workload.images_per_request),
                         prompt_tokens=max(1, round(workload.prompt_tokens)),
                         output_tokens=max(1, round(workload.output_tokens)))
-    result = search(load_profile(plan.profile), generate(spec), Cluster(plan.devices), ["dvd"], SimSettings(),
+    result = search(load_profile(plan.profile), generate(spec), Cluster(plan.devices), ["dvd"],
+                    SimSettings.for_device(plan.device),
                     Slo(plan.ttft_slo_ms / 1e3, plan.tpot_slo_ms / 1e3))
     best = result.chosen[0].deployment
     wanted = {"vision": best.vision, "language": best.language}

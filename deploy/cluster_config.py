@@ -27,7 +27,8 @@ process's config from it).
         env: {}                 # extra environment for this node's servers, e.g. UCX_NET_DEVICES: mlx5_0:1
         gateway: {...}          # GatewayConfig (http_port, grpc_port, max_concurrency, limits)
         vision: {replicas, port, metrics_port, devices, cpus, settings: {VisionServerConfig fields}}
-        language: {replicas, port, transport_port, metrics_port, devices, cpus, settings: {...}}
+        language: {replicas, port, transport_port, metrics_port, devices, cpus, settings: {...},
+                   prefill_replicas, decode_replicas (P/D: that many prefill, then decode servers; replicas their sum)}
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dvd.deploy.spec import (
     check_cpu_sets,
     check_servers,
     check_settings,
+    pd_roles,
 )
 from dvd.grpc_tls import GrpcTls
 from dvd.pipeline.gateway import GatewayConfig
@@ -66,8 +68,18 @@ class ServerRole:
     devices: tuple[str, ...] = ()  # one per replica; a vision replica may name several: "cuda:0,cuda:1"
     cpus: tuple[str, ...] = ()  # one CPU set per replica ("0-3"); empty = not pinned
     settings: dict[str, Any] = field(default_factory=dict)  # the server config's other fields
+    # language, P/D: this many prefill servers, then this many decode servers (replicas = their sum); 0 and 0:
+    # `replicas` servers doing both
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
 
     def __post_init__(self) -> None:
+        roles = pd_roles(self.prefill_replicas, self.decode_replicas, "language")
+        if roles and self.replicas not in (1, len(roles)):
+            raise ValueError(f"replicas {self.replicas}: with prefill_replicas and decode_replicas the servers are "
+                             f"those ({len(roles)}); leave replicas out")
+        if roles:
+            object.__setattr__(self, "replicas", len(roles))
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
         for name in ("port", "transport_port", "metrics_port"):
@@ -85,7 +97,8 @@ class ServerRole:
                         transport_ports=tuple(self.transport_port + i for i in range(self.replicas)) if language
                         else (), metrics_ports=tuple(self.metrics_port + i for i in range(self.replicas))
                         if self.metrics_port else (), devices=self.devices or ("cpu",) * self.replicas, cpus=self.cpus,
-                        where=f"{where}.{kind}.settings")
+                        where=f"{where}.{kind}.settings",
+                        roles=pd_roles(self.prefill_replicas, self.decode_replicas, where) if language else ())
 
 
 @dataclass(frozen=True)

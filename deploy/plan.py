@@ -1,7 +1,8 @@
 """Plan a deployment of one checkpoint on given devices: the weights of each half, where each half goes,
 the KV cache capacity in tokens and the largest batch it holds.
 
-Reads only config.json and the safetensors headers (no tensor, no torch), so it runs anywhere.
+Reads only config.json and the safetensors headers (no tensor, no torch), so it runs anywhere; for a
+Hub id it fetches the config files and the index, and reads each shard's header with HTTP range requests.
 Devices are memory sizes: `--devices 80GiB,80GiB` or `--devices 8x80GiB`. The language half takes the
 fewest devices its weights plus one full-length request's KV fit on (tensor parallel across them; the
 weights and KV split evenly), the vision half one device of what is left, or shares the first device when
@@ -22,16 +23,15 @@ import argparse
 import json
 import math
 import re
-import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.devices import layer_ranges, split_layers
-from dvd.errors import CheckpointError
-from dvd.hub import ModelNameError, resolve_model
+from dvd.hub import ModelNameError, resolve_model, safetensors_headers
 from dvd.language_server import sizing
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -59,24 +59,21 @@ def parse_devices(text: str) -> list[int]:
     return out
 
 
-def _tensor_counts(root: Path) -> Iterator[tuple[str, int]]:
+Headers = Mapping[str, Mapping[str, Any]]  # weight file -> its safetensors header (dvd/hub.py)
+
+
+def _tensor_counts(headers: Headers) -> Iterator[tuple[str, int]]:
     """(key, element count) of every tensor, from the safetensors headers."""
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{root}: no *.safetensors weights")
-    for file in files:
-        with file.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for key, entry in header.items():
+    for name in sorted(headers):
+        for key, entry in headers[name].items():
             if key != "__metadata__":
                 yield key, math.prod(entry["shape"])
 
 
-def parameter_counts(root: Path) -> tuple[int, int]:
+def parameter_counts(headers: Headers) -> tuple[int, int]:
     """(vision, language) parameter counts from the safetensors headers; ViR and projectors count as vision."""
     vision = language = 0
-    for key, count in _tensor_counts(root):
+    for key, count in _tensor_counts(headers):
         if key.startswith(_LANGUAGE_PREFIXES):
             language += count
         else:
@@ -99,10 +96,10 @@ class VisionParts:
                 for i, r in enumerate(layer_ranges(split))]
 
 
-def vision_parts(root: Path) -> VisionParts:
+def vision_parts(headers: Headers) -> VisionParts:
     first = last = 0
     layers: dict[int, int] = {}
-    for key, count in _tensor_counts(root):
+    for key, count in _tensor_counts(headers):
         if key.startswith(_LANGUAGE_PREFIXES):
             continue
         layer = _LAYER.search(key)
@@ -165,14 +162,18 @@ class Plan:
 
 def make_plan(model: str | Path, devices: list[int], dtype: str = "bfloat16", utilisation: float = 0.9,
               reserve_bytes: int = 1 << 30, request_tokens: int = 4096, vision_tiles_per_s: float | None = None,
-              language_requests_per_s: float | None = None, tiles_per_request: float = 7.0) -> Plan:
+              language_requests_per_s: float | None = None, tiles_per_request: float = 7.0,
+              headers: Headers | None = None) -> Plan:
+    """`headers`: the weight files' safetensors headers (dvd/hub.py: `safetensors_headers`); None: read from
+    `model`'s directory."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     if not 0 < utilisation <= 1:
         raise ValueError(f"utilisation {utilisation} is outside (0, 1]")
     info = open_checkpoint(model)
+    headers = safetensors_headers(info.path) if headers is None else headers
     size = DTYPE_BYTES[dtype]
-    vision_params, language_params = parameter_counts(info.path)
+    vision_params, language_params = parameter_counts(headers)
     vision_bytes, language_bytes = vision_params * size, language_params * size
     per_token = kv_bytes_per_token(info, size)
     usable = [int(d * utilisation) - reserve_bytes for d in devices]
@@ -184,7 +185,7 @@ def make_plan(model: str | Path, devices: list[int], dtype: str = "bfloat16", ut
     shares = count == len(devices)
     vision_device = 0 if shares else count
     free = sum(usable[:count]) - language_bytes - (vision_bytes if shares else 0)
-    parts = vision_parts(info.path)
+    parts = vision_parts(headers)
     # Sharing: beside each device's share of the language weights and one request's KV.
     room = ([u - need // count for u in usable[:count]] if shares else usable[vision_device:])
     split = place_vision(parts, room, size)
@@ -248,7 +249,8 @@ def _describe_vision(plan: Plan) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF or GitHub format) or "
-                                                                  "Hugging Face Hub id (its weights are fetched)")
+                                                                  "Hugging Face Hub id (only its config files and "
+                                                                  "the shards' headers are read)")
     parser.add_argument("--revision", default="", help="the Hub id's branch, tag or commit (default main)")
     parser.add_argument("--devices", required=True, help="memory per device: 80GiB,80GiB or 8x80GiB")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="serving dtype")
@@ -268,13 +270,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     devices = parse_devices(args.devices)
     try:
-        model = resolve_model(args.model, args.revision).path  # the headers of every shard are read
+        # A Hub id: its config files and index, then each shard's header by range requests (no tensor)
+        model = resolve_model(args.model, args.revision, roles=("vision",), weights=False)
+        headers = safetensors_headers(model)
     except ModelNameError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = make_plan(model, devices, args.dtype, args.utilisation, parse_size(args.reserve),
+    plan = make_plan(model.path, devices, args.dtype, args.utilisation, parse_size(args.reserve),
                      args.request_tokens, args.vision_tiles_per_s, args.language_requests_per_s,
-                     args.tiles_per_request)
+                     args.tiles_per_request, headers)
     if args.simulate:
         from dvd.deploy.plan_simulate import simulate_plan
 

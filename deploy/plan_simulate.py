@@ -18,8 +18,11 @@ from dvd.deploy.sim_search import Cluster, SearchResult, search
 from dvd.deploy.sim_stages import SimSettings
 from dvd.deploy.sim_workload import ARRIVALS, SimRequests, WorkloadSpec, from_trace, generate
 from dvd.deploy.simulate import DISAGGREGATED, MODES, SimResult, Slo
+from dvd.devices import check_device
 
 _DEFAULTS = SimSettings()
+# Settings whose default is the planned devices' (SimSettings.for_device): a flag left out is None.
+_DEVICE_SETTINGS = ("max_batch_tokens", "max_batch_tiles", "preprocess_workers")
 _SPEC = WorkloadSpec()
 
 
@@ -55,11 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-concurrency", type=int, default=0, help="requests the clients keep in flight (0: no cap)")
     add("--ttft-slo-ms", type=float, default=math.inf, help="goodput counts requests within this TTFT")
     add("--tpot-slo-ms", type=float, default=math.inf, help="... and this TPOT")
-    add("--max-batch-tokens", type=int, default=_DEFAULTS.max_batch_tokens)
+    add("--device", default="cuda", type=check_device,
+        help="the kind of device planned for, whose server defaults the next three flags take (default cuda: "
+             "dvd/devices.py GPU_DEFAULTS; cpu: CPU_DEFAULTS)")
+    add("--max-batch-tokens", type=int, help="default: the device's (GPU 8192, CPU 2048)")
+    add("--max-batch-tiles", type=int, help="default: the device's (GPU 64, CPU 16)")
+    add("--preprocess-workers", type=int, help="default: the device's (GPU 8, CPU 2)")
     add("--max-running-requests", type=int, default=_DEFAULTS.max_running_requests)
-    add("--max-batch-tiles", type=int, default=_DEFAULTS.max_batch_tiles)
     add("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_s * 1e3)
-    add("--preprocess-workers", type=int, default=_DEFAULTS.preprocess_workers)
     add("--screen-devices", type=int, default=32,
         help="clusters larger than this are screened on a scaled-down copy first (default %(default)s)")
     add("--check-devices", type=int, default=2000,
@@ -100,10 +106,11 @@ def _modes(args: argparse.Namespace, profile: CostProfile) -> tuple[list[str], l
 
 
 def settings_from(args: argparse.Namespace, kv_capacity_tokens: int) -> SimSettings:
-    return SimSettings(max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-                       kv_capacity_tokens=kv_capacity_tokens, max_batch_tiles=args.max_batch_tiles,
-                       max_wait_s=args.max_wait_ms / 1e3, preprocess_workers=args.preprocess_workers,
-                       max_concurrency=args.max_concurrency)
+    """The planned devices' server defaults (`--device`), the flags given over them."""
+    given = {name: getattr(args, name) for name in _DEVICE_SETTINGS if getattr(args, name) is not None}
+    return SimSettings.for_device(args.device, max_running_requests=args.max_running_requests,
+                                  kv_capacity_tokens=kv_capacity_tokens, max_wait_s=args.max_wait_ms / 1e3,
+                                  max_concurrency=args.max_concurrency, **given)
 
 
 def row(result: SimResult) -> str:

@@ -26,7 +26,8 @@ Config (YAML):
     ray: {address: "", start_local: false, temp_dir: "", num_cpus: 0, resources: {}}
     gateway: {http_port, grpc_port, resources: {}}
     vision: {replicas, port, metrics_port, num_cpus, num_gpus, resources: {vision: 1}, settings: {...}}
-    language: {replicas, port, transport_port, metrics_port, num_cpus, num_gpus, resources: {language: 1}, ...}
+    language: {replicas, port, transport_port, metrics_port, num_cpus, num_gpus, resources: {language: 1}, ...,
+               prefill_replicas, decode_replicas}  # P/D: that many prefill, then decode servers (not autoscaled)
     autoscale: {target_busy, idle_busy, up_after_s, down_after_s, interval_s, drain_timeout_s,
                 vision: {min, max}, language: {min, max}, resources: {},
                 plan: {profile, devices, observe_s, min_requests, ttft_slo_ms, tpot_slo_ms}}   # optional
@@ -55,6 +56,7 @@ from dvd.deploy.spec import (
     check_servers,
     check_settings,
     gateway_config,
+    pd_roles,
     server_config,
 )
 from dvd.deploy.supervisor import ChildSpec, Supervisor
@@ -88,8 +90,17 @@ class RayRole:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    # language, P/D: this many prefill servers, then this many decode servers (replicas = their sum; not autoscaled)
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
 
     def __post_init__(self) -> None:
+        roles = pd_roles(self.prefill_replicas, self.decode_replicas, "language")
+        if roles and self.replicas not in (1, len(roles)):
+            raise ValueError(f"replicas {self.replicas}: with prefill_replicas and decode_replicas the servers are "
+                             f"those ({len(roles)}); leave replicas out")
+        if roles:
+            object.__setattr__(self, "replicas", len(roles))
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
 
@@ -102,8 +113,13 @@ class RayRole:
         ports = tuple(range(self.port, self.port + count))
         transport_ports = tuple(range(self.transport_port, self.transport_port + count))
         metrics_ports = tuple(range(self.metrics_port, self.metrics_port + count)) if self.metrics_port else ()
+        roles = pd_roles(self.prefill_replicas, self.decode_replicas, kind) if kind == "language" else ()
+        if roles and count != len(roles):
+            raise ConfigError(f"{kind}: prefill_replicas and decode_replicas fix its {len(roles)} servers; it cannot "
+                              f"be autoscaled to {count}")
         return RoleSpec(ports=ports, settings=self.settings, where=f"{kind}.settings",
-                        transport_ports=transport_ports if kind == "language" else (), metrics_ports=metrics_ports)
+                        transport_ports=transport_ports if kind == "language" else (), metrics_ports=metrics_ports,
+                        roles=roles)
 
 
 @dataclass(frozen=True)

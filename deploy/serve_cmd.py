@@ -84,6 +84,11 @@ _SERVERS = (
     Flag("--transport", "transport.kind", help="feature transport between the servers: tcp (default) or rdma"),
     Flag("--vision-replicas", "vision.replicas", type=int, help="vision servers to start (default 1)"),
     Flag("--language-replicas", "language.replicas", type=int, help="language servers to start (default 1)"),
+    Flag("--prefill-replicas", "language.prefill_replicas", type=int,
+         help="P/D: language servers that only prefill, pushing each request's KV to a decode server (with "
+              "--decode-replicas; 0 and 0, the default: --language-replicas servers doing both)"),
+    Flag("--decode-replicas", "language.decode_replicas", type=int,
+         help="P/D: language servers that only decode requests a prefill server handed them (with --prefill-replicas)"),
     # a shorthand for both halves: a role's own flag (--vision-devices, --language-device) wins over it
     Flag("--device", ("vision.devices", "language.device"), convert=lambda d: ([d], d), fallback=True,
          help="torch device for both halves (default cpu); see the next two"),

@@ -44,6 +44,7 @@ from dvd.deploy.spec import (
     RoleSpec,
     check_settings,
     free_port,
+    pd_roles,
     server_config,
 )
 from dvd.grpc_tls import GrpcTls
@@ -67,6 +68,9 @@ class ServeConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     vision_replicas: int = 1
     language_replicas: int = 1
+    # P/D: each language replica's role (`language.prefill_replicas` prefill servers, then
+    # `language.decode_replicas` decode servers); () = every one both
+    language_roles: tuple[str, ...] = ()
     # What every replica runs but where it listens (placed per server from the spec; the model path too)
     vision: VisionServerConfig | None = None
     language: LanguageServerConfig | None = None
@@ -120,7 +124,8 @@ def serve_spec(config: ServeConfig, model: Path) -> DeploymentSpec:
     return _spec(config, model, RoleSpec(tuple(free_port() for _ in range(config.vision_replicas)),
                                          _settings(config.vision), where="vision"),
                  RoleSpec(tuple(free_port() for _ in range(config.language_replicas)),
-                          _settings(config.language), where="language"))
+                          _settings(config.language, ("role",) if config.language_roles else ()), where="language",
+                          roles=config.language_roles))
 
 
 def _spec(config: ServeConfig, model: Path, vision: RoleSpec, language: RoleSpec) -> DeploymentSpec:
@@ -129,9 +134,9 @@ def _spec(config: ServeConfig, model: Path, vision: RoleSpec, language: RoleSpec
                           probe=config.probe, revision=config.revision)
 
 
-def _settings(server: Any) -> dict[str, Any]:
-    """A validated server config's own settings: every field but those the spec places."""
-    return {key: value for key, value in to_dict(server).items() if key not in PLACED + PLACED_VISION}
+def _settings(server: Any, placed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A validated server config's own settings: every field but those the spec places (and `placed`)."""
+    return {key: value for key, value in to_dict(server).items() if key not in PLACED + PLACED_VISION + placed}
 
 
 def _role(section: Any, where: str) -> RoleSpec:
@@ -139,14 +144,19 @@ def _role(section: Any, where: str) -> RoleSpec:
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(section).__name__}")
     section = dict(section)
-    replicas = section.pop("replicas", 1)
+    roles = pd_roles(section.pop("prefill_replicas", 0), section.pop("decode_replicas", 0), where) \
+        if where == "language" else ()
+    if roles and "replicas" in section:
+        raise ConfigError(f"{where}.replicas: with prefill_replicas and decode_replicas the language servers are "
+                          "those; leave replicas out")
+    replicas = section.pop("replicas", len(roles) or 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool):
         raise ConfigError(f"{where}.replicas: expected int, got {type(replicas).__name__} {replicas!r}")
     if replicas < 1:
         raise ConfigError(f"{where}.replicas: must be at least 1, got {replicas}")
     if isinstance(section.get("cpus"), int) and not isinstance(section["cpus"], bool):
         section["cpus"] = str(section["cpus"])  # `cpus: 1` in YAML
-    role = RoleSpec(ports=(0,) * replicas, settings=section, where=where)
+    role = RoleSpec(ports=(0,) * replicas, settings=section, where=where, roles=roles)
     check_settings(role, "dvd serve")
     return role
 
@@ -186,6 +196,7 @@ def build_serve_config(data: dict[str, Any], overrides: dict[str, Any]) -> Serve
     spec = _spec(config, config.model or Path("."), vision, language)  # "." until the tiny checkpoint is made
     node = spec.nodes[0]
     return replace(config, vision_replicas=vision.replicas, language_replicas=language.replicas,
+                   language_roles=language.roles,
                    vision=server_config(spec, node, "vision", 0, None),
                    language=server_config(spec, node, "language", 0, None))
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dvd.deploy.cost_profile import CostProfile, Curve
+from dvd.devices import CPU_DEFAULTS, device_defaults
 
 Handler = Callable[[float, Any], None]
 # A decode-only stretch ends after at most this many steps and is planned again: a stretch cut short leaves
@@ -44,15 +45,24 @@ JUMP_STEPS = 16
 @dataclass(frozen=True)
 class SimSettings:
     """The servers' batching settings and the client's in-flight cap; defaults are the servers' own
-    (`EngineConfig`, `VisionServerConfig`)."""
+    (`EngineConfig`, `VisionServerConfig`) on a CPU; `for_device` gives those of the devices planned for."""
 
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int = CPU_DEFAULTS.max_batch_tokens
     max_running_requests: int = 64
     kv_capacity_tokens: int = 0  # per language replica; 0: unbounded
-    max_batch_tiles: int = 16
+    max_batch_tiles: int = CPU_DEFAULTS.max_batch_tiles
     max_wait_s: float = 0.005
-    preprocess_workers: int = 2
+    preprocess_workers: int = CPU_DEFAULTS.preprocess_workers
     max_concurrency: int = 0  # requests the client keeps in flight; 0: no cap
+
+    @classmethod
+    def for_device(cls, device: str, **given: Any) -> SimSettings:
+        """The settings servers on `device` ("cuda", "cpu", ...) take by default (dvd/devices.py:
+        `device_defaults`, as `EngineConfig.for_device` and the vision server do), `given` over them: the one
+        place the simulator's settings follow the devices."""
+        defaults = device_defaults(device)
+        return cls(**{"max_batch_tokens": defaults.max_batch_tokens, "max_batch_tiles": defaults.max_batch_tiles,
+                      "preprocess_workers": defaults.preprocess_workers, **given})
 
     def __post_init__(self) -> None:
         checks = [

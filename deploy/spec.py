@@ -55,6 +55,8 @@ class RoleSpec:
     devices: tuple[str, ...] = ()  # a vision replica may name several: "cuda:0,cuda:1"
     cpus: tuple[str, ...] = ()  # Linux CPU lists ("0-3")
     where: str = ""  # the settings' key path in the front-end's file, for errors
+    # language servers, P/D: replica i's role (prefill or decode, `pd_roles`); empty: every one both
+    roles: tuple[str, ...] = ()
 
     @property
     def replicas(self) -> int:
@@ -63,7 +65,7 @@ class RoleSpec:
     def placed_keys(self) -> tuple[str, ...]:
         """The server config keys this role sets itself: refused in its settings."""
         return (PLACED + PLACED_VISION + (("devices", "device") if self.devices else ())
-                + (("cpus",) if self.cpus else ()))
+                + (("cpus",) if self.cpus else ()) + (("role",) if self.roles else ()))
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,18 @@ class DeploymentSpec:
         return tuple(a for node in self.nodes for a in node.addresses(kind))
 
 
+def pd_roles(prefill: int, decode: int, where: str) -> tuple[str, ...]:
+    """The language replicas' roles when prefill and decode run on servers of their own (P/D): `prefill` prefill
+    servers, then `decode` decode servers; () for neither (every language server both, today's). Both or neither."""
+    for name, count in (("prefill_replicas", prefill), ("decode_replicas", decode)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ConfigError(f"{where}.{name}: expected an int >= 0, got {count!r}")
+    if bool(prefill) != bool(decode):
+        raise ConfigError(f"{where}: prefill_replicas ({prefill}) and decode_replicas ({decode}) go together: a "
+                          "prefill server needs a decode server to hand its requests to, and the other way round")
+    return ("prefill",) * prefill + ("decode",) * decode
+
+
 # --- every child's config, built here -------------------------------------------------------------
 def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token: str | None,
                   pin: bool = True) -> Any:
@@ -138,6 +152,8 @@ def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token
         placed["transport_advertise_host"] = node.transport_address or node.address
         if role.devices:
             placed["device"] = role.devices[i]
+        if role.roles:
+            placed["role"] = role.roles[i]
     if role.cpus and pin:
         placed["cpus"] = role.cpus[i]
     return from_dict(SERVER_CLASSES[kind], _with_internal_tls(spec, role.settings), role.where, **placed)

@@ -131,6 +131,11 @@ class EngineFailedError(DvdError):
     """The engine could not run the request (a failed step); the message says why."""
 
 
+class KvLayoutError(DvdError):
+    """P/D: a prefill and a decode server whose KV caches do not fit together (checkpoint, dtype, block size,
+    layers, heads, tensor parallel): the decode server refuses the prefill server's blocks, naming the difference."""
+
+
 class TransportError(DvdError):
     """Base class of every feature-transport failure."""
 
@@ -204,6 +209,7 @@ CODES: dict[type[BaseException], tuple[int, grpc.StatusCode]] = {
     UnauthenticatedError: (401, Code.UNAUTHENTICATED),
     InternalCredentialError: (500, Code.UNAUTHENTICATED),  # between DvD's own processes: a deployment fault
     DestinationNotAllowedError: (500, Code.PERMISSION_DENIED),
+    KvLayoutError: (500, Code.FAILED_PRECONDITION),  # a prefill / decode pair that does not fit: a deployment fault
 }
 # A gRPC code from a peer that sent no `dvd-error` metadata (not a DvD server) -> the class to raise.
 _CLASS_OF_CODE: dict[grpc.StatusCode, type[DvdError]] = {

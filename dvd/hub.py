@@ -23,7 +23,8 @@ import fnmatch
 import json
 import logging
 import re
-from collections.abc import Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ ROLES = ("vision", "language", "gateway")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"  # the weights of a checkpoint with no index
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -58,6 +61,11 @@ class ResolvedModel:
 
     def describe(self) -> str:
         return f"{self.source}@{self.revision}" if self.revision else str(self.path)
+
+    @property
+    def on_hub(self) -> bool:
+        """Resolved from a Hub id (a directory given as such is its own source)."""
+        return self.source != str(self.path)
 
 
 def is_hub_id(model: str | Path) -> bool:
@@ -97,15 +105,23 @@ def _directory(path: Path, revision: str) -> ResolvedModel:
 
 
 def _from_hub(repo_id: str, revision: str, roles: tuple[str, ...], weights: bool) -> ResolvedModel:
-    from huggingface_hub import errors
-
-    try:
+    with _hub_errors(repo_id, revision):
         folder = _snapshot(repo_id, revision, sorted({f for role in roles for f in ROLE_FILES[role]} | {INDEX_FILE}),
                            roles)
         _check_internvl(repo_id, folder)
         halves = sorted({WEIGHT_HALVES[r] for r in roles if r in WEIGHT_HALVES}) if weights else []
         needed = weight_files(folder, halves)
         _fetch_weights(repo_id, folder, needed, roles)
+    return ResolvedModel(path=folder, name=repo_id.split("/")[-1], revision=folder.name, source=repo_id)
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str) -> Iterator[None]:
+    """huggingface_hub's errors as one line naming the id (ModelNameError)."""
+    from huggingface_hub import errors
+
+    try:
+        yield
     except errors.GatedRepoError:
         access = "HF_TOKEN does not give access" if _has_token() else "no HF_TOKEN is set"
         raise ModelNameError(f"--model {repo_id}: a gated repo and {access}: accept its terms on the Hub and set "
@@ -121,7 +137,6 @@ def _from_hub(repo_id: str, revision: str, roles: tuple[str, ...], weights: bool
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise ModelNameError(f"--model {repo_id}: the Hub answered HTTP {status}") from None
-    return ResolvedModel(path=folder, name=repo_id.split("/")[-1], revision=folder.name, source=repo_id)
 
 
 def _snapshot(repo_id: str, revision: str, patterns: list[str], roles: tuple[str, ...]) -> Path:
@@ -212,3 +227,82 @@ def _has_token() -> bool:
     from huggingface_hub import get_token
 
     return bool(get_token())
+
+
+def safetensors_headers(model: ResolvedModel | Path) -> dict[str, dict[str, Any]]:
+    """Each weight file's safetensors header (tensor name -> dtype, shape, offsets; `__metadata__`), by file
+    name: the files the index names, or without one every `*.safetensors` (a Hub id's `model.safetensors`).
+    A file on disk is read there; one a Hub id's snapshot lacks is read from the Hub with two HTTP range
+    requests (its 8-byte length, then the header): no tensor's bytes are downloaded."""
+    if isinstance(model, Path):
+        model = ResolvedModel(path=model, name=model.name, source=str(model))
+    folder = model.path
+    if (folder / INDEX_FILE).is_file():
+        weight_map = json.loads((folder / INDEX_FILE).read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{folder / INDEX_FILE}: no weight_map")
+        names = sorted(set(weight_map.values()))
+    else:
+        names = sorted(p.name for p in folder.glob("*.safetensors")) or ([SINGLE_FILE] if model.on_hub else [])
+    if not names:
+        raise CheckpointError(f"{folder}: no *.safetensors weights")
+    headers = {}
+    for name in names:
+        local = folder / name
+        if local.is_file() or not model.on_hub:
+            headers[name] = _file_header(local)
+        else:
+            headers[name] = _hub_header(model, name)
+    return headers
+
+
+def _file_header(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weight file")
+    with path.open("rb") as handle:
+
+        def read(start: int, size: int) -> bytes:
+            handle.seek(start)
+            return handle.read(size)
+
+        return _parse_header(read, str(path))
+
+
+def _parse_header(read: Callable[[int, int], bytes], where: str) -> dict[str, Any]:
+    """A safetensors header: an 8-byte little-endian length, then that many bytes of JSON; `read(start,
+    size)` gives bytes of the file."""
+    prefix = read(0, 8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{where}: shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{where}: a safetensors header of {length} bytes, over {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(read(8, length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where}: the safetensors header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: the safetensors header is not a JSON object")
+    return header
+
+
+def _hub_header(model: ResolvedModel, filename: str) -> dict[str, Any]:
+    """`filename`'s header at the resolved commit, by range requests through huggingface_hub's session (its
+    endpoint, token and offline mode apply)."""
+    from huggingface_hub import errors, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    url = hf_hub_url(model.source, filename, revision=model.revision)
+    auth = build_hf_headers()
+
+    def read(start: int, size: int) -> bytes:
+        response = get_session().get(url, headers={**auth, "Range": f"bytes={start}-{start + size - 1}"})
+        hf_raise_for_status(response)
+        data = response.content
+        return data[start:start + size] if response.status_code == 200 else data  # 200: Range ignored
+
+    with _hub_errors(model.source, model.revision):
+        try:
+            return _parse_header(read, f"{model.describe()}/{filename}")
+        except errors.OfflineModeIsEnabled:
+            raise ModelNameError(_lacks(model.source, model.path, [filename], ("vision", "language"))) from None

@@ -17,7 +17,7 @@ from dvd.tracing import NO_CONTEXT, TraceContext
 if TYPE_CHECKING:  # dvd.prompt loads the tokenizer libraries; the types here need only its name
     from dvd.prompt import PromptTokens
 
-STAGES = ("encode", "transfer", "queue", "prefill", "decode")
+STAGES = ("encode", "transfer", "queue", "prefill", "kv_transfer", "decode")  # kv_transfer: P/D only
 
 
 class FinishReason(str, enum.Enum):
@@ -49,6 +49,9 @@ class ChatFields:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate past the checkpoint's stop tokens (benchmark clients ask for it)

@@ -14,6 +14,10 @@ from dvd.errors import InvalidFieldError
 
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_SEED = 1 << 63
+# The closed ranges of the fields both APIs take as OpenAI and vLLM spell them (pipeline/validate.py checks
+# a client's values against these, naming the API's field).
+MIN_P_RANGE = (0.0, 1.0)
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty, OpenAI's
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     repetition_penalty: float = 1.0
-    # Engine-side only so far (the APIs do not carry them yet): 0 = off.
+    # 0 = off; vLLM's min_p and OpenAI's penalties (over the generated tokens only, not the prompt).
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # x the number of times each token was generated so far
@@ -42,16 +46,21 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}"),
             (self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"),
-            (0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty",
-             f"must be in [-2, 2], got {self.frequency_penalty}"),
+            (_within(self.min_p, MIN_P_RANGE), "min_p", f"must be in {list(MIN_P_RANGE)}, got {self.min_p}"),
+            (_within(self.presence_penalty, PENALTY_RANGE), "presence_penalty",
+             f"must be in {list(PENALTY_RANGE)}, got {self.presence_penalty}"),
+            (_within(self.frequency_penalty, PENALTY_RANGE), "frequency_penalty",
+             f"must be in {list(PENALTY_RANGE)}, got {self.frequency_penalty}"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", f"must be >= 0, got {self.stop_token_ids}"),
             (self.seed is None or 0 <= self.seed < MAX_SEED, "seed", f"must be in [0, 2**63), got {self.seed}"),
         ]
         for ok, name, message in checks:
             if not ok:
                 raise InvalidFieldError(f"{name} {message}", name)
+
+
+def _within(value: float, bounds: tuple[float, float]) -> bool:
+    return bounds[0] <= value <= bounds[1]  # NaN fails both comparisons: refused
 
 
 def greedy(**fields: object) -> SamplingParams:

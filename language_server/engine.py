@@ -21,7 +21,7 @@ from dvd.language_server.kv_cache import PagedKVCache
 from dvd.language_server.memory_profile import kv_blocks_from_memory
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.prefix_cache import PrefixCache
-from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
+from dvd.language_server.request import EngineRequest, Handoff, KvExport, PromptPiece, RequestOutput, RequestStatus
 from dvd.language_server.runner import ModelRunner
 from dvd.language_server.sampling import sample
 from dvd.language_server.scheduler import Scheduler
@@ -52,6 +52,11 @@ class EngineStats:
     num_encoder_steps: int = 0  # steps that ran the step encoder first (a coupled engine)
     num_requests_encoded: int = 0
     encoder_seconds: float = 0.0  # wall time in the step encoder, which every running request waited for
+    # P/D: KV blocks a prefill server exported / a decode server imported, and requests a decode server holds
+    # blocks for while their KV is still arriving
+    num_kv_blocks_exported: int = 0
+    num_kv_blocks_imported: int = 0
+    num_kv_incoming: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
@@ -79,6 +84,8 @@ class Engine:
         self.vocab_size = language.vocab_size
         self.hidden_size: int = text.hidden_size  # the width of the feature rows a prompt's images take
         self.requests: dict[str, EngineRequest] = {}
+        # P/D, a decode server: request id -> the blocks its KV landed in so far, before its hand-off
+        self.incoming: dict[str, list[int]] = {}
         # Counters move during a step; `stats` is a consistent snapshot published after each step
         # (one reference swap), so a reader on another thread never sees half a step.
         self._counters = EngineStats(num_kv_blocks=config.num_blocks)
@@ -108,6 +115,19 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def import_blocks(self, request_id: str, first_block: int, blocks: torch.Tensor) -> None:
+        """P/D, a decode server: queue a prefill server's blocks of a request (`PagedKVCache.read_blocks`'
+        layout), `first_block` the index of the first among the request's blocks; the engine copies them into
+        blocks of its own, or ends the request busy when it has too few free."""
+        self._inbox.put(("kv_blocks", (request_id, first_block, blocks)))
+
+    def add_prefilled(self, request: EngineRequest) -> None:
+        """P/D, a decode server: a request whose prompt's KV was imported (`import_blocks`) joins the running
+        batch, decoding from its `token_ids` (prompt + the first token); validated here, as `add` does."""
+        self.validate(request.prompt_ids, request.sampling.max_new_tokens)
+        self.validate_sampling(request.sampling)
+        self._inbox.put(("kv_admit", request))
 
     def validate_sampling(self, sampling: SamplingParams) -> None:
         bad = next((t for t in sampling.stop_token_ids if t >= self.vocab_size), None)
@@ -148,6 +168,7 @@ class Engine:
         if encoded:
             outputs += encoded
         batch = self.scheduler.schedule()
+        outputs += self._lost()
         if batch.requests:
             logits = self.runner.execute(batch)
             sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
@@ -157,6 +178,11 @@ class Engine:
         self.last_batch = (len(batch.requests), batch.total_tokens)
         self._update_stats(batch.total_tokens)
         return outputs
+
+    def _lost(self) -> list[RequestOutput]:
+        """Requests the schedule preempted that cannot be recomputed: they end with their error."""
+        lost, self.scheduler.lost = self.scheduler.lost, []
+        return [self._finish(r, FinishReason.ERROR, error=r.unrecomputable) for r in lost]
 
     def run_until_done(self) -> dict[str, list[RequestOutput]]:
         """Steps until every request finished or waits for features; outputs per request id (for tests and
@@ -190,18 +216,61 @@ class Engine:
     def _apply(self, commands: list[tuple[str, Any]]) -> list[RequestOutput]:
         outputs = []
         for kind, item in commands:
-            if kind == "add":
-                self.requests[item.request_id] = item
-                self.scheduler.add(item)
-                self._counters.num_requests_added += 1
-            elif kind == "extend":
-                request = self.requests.get(item[0])
-                if request is not None:  # else it finished (aborted, failed) before this piece came
-                    self.scheduler.extend(request, item[1])
-            elif item in self.requests:
-                self._counters.num_requests_aborted += 1
-                outputs.append(self._finish(self.requests[item], FinishReason.ABORT))
+            output = getattr(self, f"_on_{kind}")(item)
+            if output is not None:
+                outputs.append(output)
         return outputs
+
+    def _on_add(self, request: EngineRequest) -> None:
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        self._counters.num_requests_added += 1
+
+    def _on_extend(self, item: tuple[str, PromptPiece]) -> None:
+        request = self.requests.get(item[0])
+        if request is not None:  # else it finished (aborted, failed) before this piece came
+            self.scheduler.extend(request, item[1])
+
+    def _on_abort(self, request_id: str) -> RequestOutput | None:
+        if request_id in self.incoming:
+            self.scheduler.blocks.free(self.incoming.pop(request_id))
+        if request_id not in self.requests:
+            return None
+        self._counters.num_requests_aborted += 1
+        return self._finish(self.requests[request_id], FinishReason.ABORT)
+
+    def _on_kv_blocks(self, item: tuple[str, int, torch.Tensor]) -> RequestOutput | None:
+        request_id, first_block, blocks = item
+        held = self.incoming.setdefault(request_id, [])
+        count = blocks.shape[2] // self.cache.block_size
+        error = None
+        if first_block != len(held):
+            error = f"KV blocks of {request_id!r} out of order: block {first_block} came after {len(held)} blocks"
+        elif count > self.scheduler.blocks.num_free:
+            error = (f"decode server's KV cache is full: {count} blocks wanted for {request_id!r}, "
+                     f"{self.scheduler.blocks.num_free} free of {self.config.num_blocks}")
+        if error is not None:
+            self.scheduler.blocks.free(self.incoming.pop(request_id))
+            return RequestOutput(request_id, (), True, FinishReason.ERROR, error, busy=first_block == len(held))
+        new = self.scheduler.blocks.allocate(count)
+        held += new
+        self.cache.write_blocks(new, blocks)
+        self._counters.num_kv_blocks_imported += count
+        return None
+
+    def _on_kv_admit(self, request: EngineRequest) -> RequestOutput | None:
+        held = self.incoming.pop(request.request_id, [])
+        prompt = request.num_prompt
+        if len(held) != self.cache.blocks_needed(prompt):
+            self.scheduler.blocks.free(held)
+            return RequestOutput(request.request_id, (), True, FinishReason.ERROR,
+                                 f"hand-off of {request.request_id!r} names {prompt} prompt tokens; their KV came in "
+                                 f"{len(held)} blocks, not {self.cache.blocks_needed(prompt)}")
+        request.block_ids, request.num_computed = held, prompt
+        self.requests[request.request_id] = request
+        self.scheduler.add_running(request)
+        self._counters.num_requests_added += 1
+        return None
 
     def _encode(self, encoder: StepEncoder) -> list[RequestOutput] | None:
         """Encode the images of the requests this step will schedule (within the encoder's budget) and hand
@@ -236,16 +305,46 @@ class Engine:
         for request, n in zip(scheduled, num_tokens, strict=True):
             request.num_computed += n
             self.scheduler.computed(request)
-        outputs = []
+        outputs = self._export_completed([r for r in scheduled if r.kv_export and r not in sampled])
         for request, token in zip(sampled, tokens, strict=True):
             request.token_ids.append(token)
             self._counters.num_output_tokens += 1
             reason = self._finish_reason(request, token)
-            if reason is None:
+            if request.kv_export:
+                outputs.append(self._hand_off(request, token, reason))
+            elif reason is None:
                 outputs.append(RequestOutput(request.request_id, (token,), False))
             else:
                 outputs.append(self._finish(request, reason, (token,)))
         return outputs
+
+    def _export_completed(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """P/D, a prefill server: each request's blocks its last chunk completed, as they leave for the decode
+        server (so the transfer overlaps the prefill)."""
+        outputs = []
+        for request in requests:
+            full = request.num_computed // self.cache.block_size
+            if request.status is RequestStatus.RUNNING and full > request.num_exported_blocks:
+                outputs.append(RequestOutput(request.request_id, (), False, kv=self._export(request, full)))
+        return outputs
+
+    def _export(self, request: EngineRequest, end: int, handoff: Handoff | None = None) -> KvExport:
+        first = request.num_exported_blocks
+        blocks = self.cache.read_blocks(request.block_ids[first:end])
+        request.num_exported_blocks = end
+        self._counters.num_kv_blocks_exported += end - first
+        return KvExport(first, end - first, blocks, handoff)
+
+    def _hand_off(self, request: EngineRequest, token: int, reason: FinishReason | None) -> RequestOutput:
+        """P/D, a prefill server: the request ends at its first token. Unfinished, its last blocks and the hand-off
+        go with the output (finished without a reason: the decode server continues it); its blocks are freed
+        (or kept by the prefix cache)."""
+        kv = None
+        if reason is None:
+            state = request.generator.get_state().numpy().tobytes() if request.generator is not None else b""
+            handoff = Handoff(tuple(request.prompt_ids), token, state, len(request.images))
+            kv = self._export(request, self.cache.blocks_needed(request.num_computed), handoff)
+        return replace(self._finish(request, reason, (token,)), kv=kv)
 
     def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
         s = request.sampling
@@ -255,7 +354,7 @@ class Engine:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, request: EngineRequest, reason: FinishReason, new: tuple[int, ...] = (),
+    def _finish(self, request: EngineRequest, reason: FinishReason | None, new: tuple[int, ...] = (),
                 error: str | None = None) -> RequestOutput:
         self.scheduler.finish(request)
         request.finish_reason, request.error = reason, error
@@ -274,6 +373,7 @@ class Engine:
         s.num_feature_bytes_held = sum(f.numel() * f.element_size() for r in self.requests.values()
                                        for _, f in r.images)
         s.num_awaiting_features = sum(1 for r in self.requests.values() if not r.prompt_complete)
+        s.num_kv_incoming = len(self.incoming)
         if self.prefix_cache is not None:
             p = self.prefix_cache
             s.num_kv_blocks_cached, s.num_prefix_cache_evictions = p.num_cached, p.stats.num_evictions

@@ -9,6 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
 from dvd.language_server.engine import Engine
 from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
 
@@ -48,6 +50,14 @@ class EngineLoop:
 
     def extend(self, request_id: str, piece: PromptPiece) -> None:
         self.engine.extend(request_id, piece)
+        self._wake.set()
+
+    def import_blocks(self, request_id: str, first_block: int, blocks: torch.Tensor) -> None:
+        self.engine.import_blocks(request_id, first_block, blocks)
+        self._wake.set()
+
+    def add_prefilled(self, request: EngineRequest) -> None:
+        self.engine.add_prefilled(request)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:

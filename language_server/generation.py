@@ -18,6 +18,11 @@ class GenerateCall:
     sampling: SamplingParams
     features_timeout_s: float  # how long its features may take to arrive (already within the call's deadline)
     trace: TraceContext = NO_CONTEXT  # the Generate's span: its stages' spans are children of it
+    # P/D (kv_transfer.py): a prefill server pushes the request's KV to this decode server's transport address
+    # and answers its first token only; a decode server with `kv_source` takes the prompt's KV (and the first
+    # token) from a prefill server instead of running the prompt
+    kv_destination: str = ""
+    kv_source: bool = False
 
     @property
     def num_slots(self) -> int:
@@ -47,6 +52,8 @@ class GenerateOutput:
     num_prompt_tokens: int = 0  # after slot expansion
     num_output_tokens: int = 0
     finished_ms: float | None = None
+    # P/D, a decode server's first output: ms from the request's first KV frame landing to it joining the engine
+    kv_transfer_ms: float | None = None
 
     @property
     def finished(self) -> bool:

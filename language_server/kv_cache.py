@@ -56,3 +56,24 @@ class PagedKVCache:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+
+    def _slots(self, block_ids: list[int]) -> torch.Tensor:
+        device = self.keys[0].device if self.keys else "cpu"
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=device)
+        offsets = torch.arange(self.block_size, device=device)
+        return (blocks[:, None] * self.block_size + offsets).reshape(-1)
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of these blocks of every layer in host memory: [layers, 2 (keys, values), blocks x block_size,
+        kv heads, head dim] (what a prefill server pushes to a decode server)."""
+        slots = self._slots(block_ids)
+        out = torch.stack([torch.stack((k.index_select(0, slots), v.index_select(0, slots)))
+                           for k, v in zip(self.keys, self.values, strict=True)])
+        return out.to("cpu")
+
+    def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Copy `read_blocks`' layout into these blocks of every layer (a decode server taking a request's KV)."""
+        slots = self._slots(block_ids)
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            k.index_copy_(0, slots, blocks[layer, 0].to(k.device, k.dtype))
+            v.index_copy_(0, slots, blocks[layer, 1].to(v.device, v.dtype))

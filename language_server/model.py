@@ -17,14 +17,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
-from dvd.errors import InvalidRequestError, PromptTooLongError
+from dvd.errors import InvalidFieldError, InvalidRequestError, PromptTooLongError
 from dvd.sampling import SamplingParams
 from dvd.tensor_refs import JoinedRef, ShardRef, TensorRef, TensorSource, load_module, parameters_on_meta
 from dvd.weights import language_tensors
 
 
 def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> GenerationConfig:
-    """transformers' spelling of `sampling`, for the one-request path."""
+    """transformers' spelling of `sampling`, for the one-request path. transformers has no OpenAI presence or
+    frequency penalty: those are the engine's (language_server/sampling.py), refused here rather than dropped."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(sampling, name):
+            raise InvalidFieldError(f"{name} is applied by the serving engine only (dvd serve), not by the "
+                                    "one-request path", name)
     sample = sampling.temperature > 0
     return GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
@@ -33,6 +38,7 @@ def generation_config(sampling: SamplingParams, pad_token_id: int | None) -> Gen
         temperature=sampling.temperature if sample else None,
         top_p=sampling.top_p if sample else None,
         top_k=(sampling.top_k or None) if sample else None,
+        min_p=(sampling.min_p or None) if sample else None,
         repetition_penalty=sampling.repetition_penalty,
         eos_token_id=list(sampling.stop_token_ids) or None,
         pad_token_id=pad_token_id,

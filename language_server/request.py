@@ -60,6 +60,13 @@ class EngineRequest:
     # With a step encoder (encoder_hook.py): how long this request, its prompt whole, waited in steps while the
     # encoder ran for other requests' images: the decodes a coupled engine holds back.
     encoder_stall_s: float = 0.0
+    # P/D (a prefill server's request): its KV blocks leave as they complete (`num_exported_blocks` of them so
+    # far), and it ends at its first token, handed off to a decode server (language_server/kv_transfer.py).
+    kv_export: bool = False
+    num_exported_blocks: int = 0
+    # A decode server's request whose prompt's KV came from a prefill server: its image rows are not here, so
+    # a preemption cannot recompute it; it fails with this error instead (None: recomputable).
+    unrecomputable: str | None = None
 
     def __post_init__(self) -> None:
         self.prompt_ids = list(self.prompt_ids)  # its own: `append_prompt` grows it
@@ -115,6 +122,29 @@ class PromptPiece:
 
 
 @dataclass(frozen=True)
+class Handoff:
+    """What a decode server needs to continue a request a prefill server ran: the whole prompt (image slots
+    expanded), the first token sampled, the seeded generator's state after that draw (b"": unseeded), and how
+    many images the prompt holds."""
+
+    prompt_ids: tuple[int, ...]
+    first_token: int
+    generator_state: bytes = b""
+    num_images: int = 0
+
+
+@dataclass(frozen=True)
+class KvExport:
+    """A prefill server's request's KV blocks from its block `first_block` on, every layer, in host memory:
+    [layers, 2 (keys, values), blocks x block_size, kv heads, head dim]; the last export carries the hand-off."""
+
+    first_block: int
+    num_blocks: int
+    blocks: torch.Tensor
+    handoff: Handoff | None = None
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: new tokens, and the finish when it finished."""
 
@@ -125,3 +155,5 @@ class RequestOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    kv: KvExport | None = None  # P/D, a prefill server: blocks to push (finished without a reason: handed off)
+    busy: bool = False  # the error is a full KV cache on a decode server: another replica may take the request

@@ -61,6 +61,9 @@ class Scheduler:
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.num_preemptions = 0
+        # Preempted requests that cannot be recomputed (P/D: a decode server has no image rows of an imported
+        # prompt): the engine ends them with their error after the schedule.
+        self.lost: list[EngineRequest] = []
 
     @property
     def num_waiting(self) -> int:
@@ -73,6 +76,14 @@ class Scheduler:
     def add(self, request: EngineRequest) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+    def add_running(self, request: EngineRequest) -> None:
+        """P/D, a decode server: a request whose prompt's KV is already in its blocks (imported) joins the running
+        batch as a decoding request; it never went through admission, so it is appended past
+        `max_running_requests` if need be (the server's `max_queued_requests` bounds how many come)."""
+        request.status = RequestStatus.RUNNING
+        request.first_scheduled_at = request.first_scheduled_at or time.monotonic()
+        self.running.append(request)
 
     def extend(self, request: EngineRequest, piece: PromptPiece) -> None:
         """The next piece of a request's prompt arrived; a running request looks for it in the prefix cache."""
@@ -215,6 +226,9 @@ class Scheduler:
     def _preempt(self, request: EngineRequest) -> None:
         self.running.remove(request)
         self._free(request)
+        if request.unrecomputable is not None:
+            self.lost.append(request)
+            return
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1

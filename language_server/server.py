@@ -13,21 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
+import torch
 from grpc_health.v1 import health
 
 from dvd.checkpoint import open_checkpoint
-from dvd.errors import DuplicateRequestError, EngineFailedError, ReplicaBusyError, UnavailableError
+from dvd.errors import (
+    DuplicateRequestError,
+    EngineFailedError,
+    InvalidRequestError,
+    ReplicaBusyError,
+    UnavailableError,
+)
 from dvd.internal_auth import ClusterCredential
 from dvd.language_server.engine import Engine
 from dvd.language_server.engine_loop import EngineLoop
 from dvd.language_server.feature_pool import FeaturePool
 from dvd.language_server.feeder import FeatureFeeder, Feed
 from dvd.language_server.generation import FirstTokenStamps, GenerateCall, GenerateOutput
+from dvd.language_server.kv_transfer import KvIntake, KvPusher, kv_layout
 from dvd.language_server.metrics import LanguageMetrics
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest, RequestOutput
@@ -38,7 +48,7 @@ from dvd.metrics import MetricsEndpoint, serve_metrics
 from dvd.process import start_grpc_server
 from dvd.prompt import ChatFormat
 from dvd.tracing import NO_TRACER, Tracer
-from dvd.transport import create_receiver
+from dvd.transport import FeatureHeader, KvHandoff, create_receiver, create_sender
 from dvd.v1 import language_pb2_grpc
 
 FINAL_GRACE_S = 5.0
@@ -72,6 +82,13 @@ class LanguageServer:
         self.feeder = FeatureFeeder(FeaturePool(config.feature_pool_bytes, config.orphan_ttl_s), self.chat.image_tokens,
                                     engine.hidden_size, self.engine_loop.extend, engine.validate)
         self.service = LanguageService(self)
+        # the checkpoint by its text config's hash and revision: the same model, wherever it sits on disk
+        text_config = json.dumps(info.text_config, sort_keys=True, default=str).encode()
+        self.kv_layout = self._kv_layout(hashlib.sha256(text_config).hexdigest()[:16])
+        # P/D: a prefill server pushes KV with its own sender; a decode server takes it in
+        self.kv_pusher = KvPusher(create_sender(config.transport, **(transport_options or {})), self.kv_layout) \
+            if config.role == "prefill" else None
+        self.kv_intake = KvIntake(self.kv_layout, self.engine_loop.import_blocks, config.orphan_ttl_s)
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
         self.draining = False
         # Notified whenever a frame arrives, a request starts waiting for features, enters the engine or
@@ -84,6 +101,13 @@ class LanguageServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._notify_task: asyncio.Future[None] | None = None
+
+    def _kv_layout(self, model: str) -> str:
+        text: Any = self.engine.language.model.config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return kv_layout(f"{model}@{self.config.revision}", self.engine.language.dtype, self.engine.config.block_size,
+                         text.num_hidden_layers, text.num_key_value_heads, head_dim, self.config.tensor_parallel,
+                         self.engine.language.device.type)
 
     @property
     def address(self) -> str:
@@ -117,6 +141,8 @@ class LanguageServer:
             await self._server.stop(FINAL_GRACE_S)
         self.engine_loop.stop()
         await self.receiver.close()
+        if self.kv_pusher is not None:
+            await self.kv_pusher.sender.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         for task in self._tasks:
@@ -125,7 +151,10 @@ class LanguageServer:
 
     async def _receive_features(self) -> None:
         async for frame in self.receiver:
-            self.feeder.put(frame)
+            if isinstance(frame.header, FeatureHeader):
+                self.feeder.put(frame)
+            else:  # a prefill server's KV (kv_transfer.py)
+                self.kv_intake.put(frame)
             del frame  # the pool (then the engine) holds the only reference
             await self._notify()  # a frame taken, kept or refused changes what waiters may wait on
 
@@ -139,13 +168,20 @@ class LanguageServer:
         feed: Feed | None = None
         in_engine = False
         try:
-            if call.num_slots:  # waiting for features from here, so an Abort from now on ends the wait
-                feed = self.feeder.open(rid, call.segments, call.sampling.max_new_tokens)
-            request = EngineRequest(rid, self.chat.image_tokens.head(call.segments[0], call.num_slots), call.sampling,
-                                    prompt_complete=not call.num_slots)
-            added_ms = _ms_since(t0)
-            self.engine_loop.add(request)
-            in_engine = True
+            if call.kv_source:  # P/D, a decode server: the prompt's KV comes from a prefill server
+                in_engine = True  # its blocks land in the engine from here: an abort frees them
+                request, kv_transfer_ms = await self._prefilled(call)
+                added_ms = _ms_since(t0)
+                self.engine_loop.add_prefilled(request)
+            else:
+                if call.num_slots:  # waiting for features from here, so an Abort from now on ends the wait
+                    feed = self.feeder.open(rid, call.segments, call.sampling.max_new_tokens)
+                request = EngineRequest(rid, self.chat.image_tokens.head(call.segments[0], call.num_slots),
+                                        call.sampling, prompt_complete=not call.num_slots,
+                                        kv_export=bool(call.kv_destination))
+                added_ms, kv_transfer_ms = _ms_since(t0), None
+                self.engine_loop.add(request)
+                in_engine = True
             await self._notify()
             if feed is not None:
                 await feed.run(call.features_timeout_s)
@@ -153,24 +189,53 @@ class LanguageServer:
             waited_ms = _ms_since(t0)
             arrived = tuple(_ms_since(t0, f.arrived_at) if f.arrived_at else 0.0 for f in (feed.frames if feed else ()))
             async with contextlib.aclosing(self._outputs(queue, request, call, t0, waited_ms, arrived,
-                                                         added_ms)) as outputs:
+                                                         added_ms, kv_transfer_ms)) as outputs:
                 async for output in outputs:
                     in_engine = not output.finished
                     yield output
+                in_engine = False  # ended (a prefill server's hand-off ends it too)
         finally:  # every way out (finish, error, client cancel) frees what the request held
             if feed is not None:
                 feed.close()
             else:
                 self.feeder.release(rid)
+            if call.kv_source:
+                self.kv_intake.close(rid)
             self.streams.pop(rid, None)
             if in_engine:
                 self.engine_loop.abort(rid)
             await self._notify()
 
+    async def _prefilled(self, call: GenerateCall) -> tuple[EngineRequest, float]:
+        """P/D, a decode server: wait (within the features timeout) for the request's KV and hand-off from its
+        prefill server, its blocks going into the engine as they land; the request to add, decoding from its
+        first token, and ms from its first KV frame to the hand-off."""
+        entry = self.kv_intake.open(call.request_id)
+        frame = await entry.wait(call.features_timeout_s)
+        handoff = frame.header
+        assert isinstance(handoff, KvHandoff)
+        prompt = frame.tensor.tolist()
+        frame.release()
+        request = EngineRequest(call.request_id, prompt, call.sampling, token_ids=[*prompt, handoff.first_token])
+        if handoff.generator_state:
+            state = torch.frombuffer(bytearray(handoff.generator_state), dtype=torch.uint8)
+            request.generator = torch.Generator(device=self.engine.language.device)
+            request.generator.set_state(state)
+        if handoff.num_images:  # this server has no image rows: the prompt can neither be recomputed nor shared
+            request.hashes_stopped = True
+            request.unrecomputable = (f"request {call.request_id!r} was preempted on a decode server, which cannot "
+                                      "recompute a prompt with images (its KV cache is too small for its load)")
+        return request, _ms_since(entry.first_frame_at or time.monotonic())
+
     def _admit(self, call: GenerateCall) -> None:
         rid, limit = call.request_id, self.engine.config.max_queued_requests
         if self.draining:
             raise UnavailableError("language server is draining; send to another replica")
+        if call.kv_destination and self.kv_pusher is None:
+            raise InvalidRequestError(f"kv_destination names a decode server, but this language server's role is "
+                                      f"{self.config.role}, not prefill")
+        if call.kv_source and self.config.role != "decode":
+            raise InvalidRequestError(f"kv_source: this language server's role is {self.config.role}, not decode")
         if rid in self.streams or rid in self.feeder.waiting:
             raise DuplicateRequestError(f"request_id {rid!r} is already in use")
         if len(self.streams.keys() | self.feeder.waiting) >= limit:
@@ -182,31 +247,42 @@ class LanguageServer:
 
     async def _outputs(self, queue: asyncio.Queue[RequestOutput], request: EngineRequest, call: GenerateCall,
                        t0: float, waited_ms: float, arrived_ms: tuple[float, ...],
-                       added_ms: float) -> AsyncGenerator[GenerateOutput, None]:
-        """The engine's outputs for one request, stamped: the features wait on the first, the stage stamps on
-        the first with a token (or the last), the finish and counts on the last."""
+                       added_ms: float, kv_transfer_ms: float | None) -> AsyncGenerator[GenerateOutput, None]:
+        """The engine's outputs for one request, stamped: the features wait (and a decode server's KV transfer) on
+        the first, the stage stamps on the first with a token (or the last), the finish and counts on the last. A
+        prefill server pushes the KV its outputs carry, and ends after the first token when it handed it off."""
         features_wait_ms: float | None = waited_ms
         stamped = False
         first: FirstTokenStamps | None = None
         while True:
             output = await queue.get()
             if output.error is not None:
-                raise EngineFailedError(output.error)
+                raise ReplicaBusyError(output.error) if output.busy else EngineFailedError(output.error)
+            if output.kv is not None and output.kv.handoff is None:  # blocks a prefill chunk completed
+                assert self.kv_pusher is not None
+                await self.kv_pusher.push(call.kv_destination, call.request_id, output.kv)
+                continue
             stamps = None
             if not stamped and (output.new_token_ids or output.finished):  # the first token's output
                 stamped = True
                 prefill = _ms_since(t0, request.first_scheduled_at) if request.first_scheduled_at else None
                 stamps = first = FirstTokenStamps(arrived_ms, added_ms, _ms_since(t0), prefill)
-            if not output.finished:
+            if output.kv is not None:  # a prefill server's first token: answered, then the hand-off leaves
+                assert self.kv_pusher is not None
                 yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps)
+                await self.kv_pusher.push(call.kv_destination, call.request_id, output.kv)
+                self.metrics.observe_request(first, waited_ms, _ms_since(t0))
+                return
+            if not output.finished:
+                yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps, kv_transfer_ms=kv_transfer_ms)
             else:
                 finished_ms = _ms_since(t0)
                 self.metrics.observe_request(first, waited_ms, finished_ms)
                 record_stage_spans(self.tracer, call.trace, t0, first, finished_ms)
                 yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps, output.finish_reason,
-                                     output.num_prompt_tokens, output.num_output_tokens, finished_ms)
+                                     output.num_prompt_tokens, output.num_output_tokens, finished_ms, kv_transfer_ms)
                 return
-            features_wait_ms = None
+            features_wait_ms = kv_transfer_ms = None
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request waiting for features, running, or whose features came before its Generate;
@@ -224,6 +300,8 @@ class LanguageServer:
             queue = self.streams.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
+            if output.finished and output.error is not None:  # a decode server's KV arriving: e.g. its cache is full
+                self.kv_intake.fail(output.request_id, output.error, output.busy)
             if output.finished and output.request_id in self.feeder.waiting:  # e.g. the engine failed
                 self.feeder.fail(output.request_id, EngineFailedError(
                     output.error or "the engine ended the request while it waited for features"))
@@ -248,7 +326,8 @@ class LanguageServer:
         """Serving (False while draining), and what the server holds, in words."""
         serving = not self.draining
         stats, engine = self.engine.stats, self.engine.config
-        detail = (f"{'serving' if serving else 'draining'}: {len(self.streams)} requests in the engine, "
+        detail = (f"{'serving' if serving else 'draining'} (role {self.config.role}): {len(self.streams)} requests in "
+                  "the engine, "
                   f"{len(self.feeder.waiting)} waiting for features; KV cache {stats.num_kv_blocks_used} of "
                   f"{engine.num_blocks} blocks used ({engine.kv_capacity_tokens} tokens)")
         return serving, detail
@@ -264,6 +343,10 @@ class LanguageServer:
                      "num_streams": float(len(self.streams)), "kv_cache_bytes": float(self.engine.kv_cache_bytes)}
         counters |= {f"engine_{state}_seconds": seconds for state, seconds in self.engine_loop.seconds.items()}
         counters |= {f"transport_{k}": float(v) for k, v in vars(self.receiver.stats).items()}
+        intake = self.kv_intake
+        counters |= {"num_kv_frames_received": float(intake.num_frames), "num_kv_requests_arriving":
+                     float(len(intake.entries)), "kv_intake_bytes": float(intake.num_bytes_held),
+                     "num_kv_layouts_refused": float(intake.num_refused_layouts)}
         receive_pool = getattr(self.receiver, "pool", None)  # the receive pool the frames' bytes live in
         if receive_pool is not None:
             counters["transport_pool_bytes_in_use"] = float(receive_pool.num_bytes_in_use)

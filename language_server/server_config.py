@@ -45,9 +45,16 @@ class LanguageServerConfig:
     token_file: Path | None = None  # the shared token, read at start (dvd serve puts it in transport.token)
     tensor_parallel: int = 1  # ranks (processes, devices from `device` on) the LLM is split over
     grpc_tls: GrpcTls = field(default_factory=GrpcTls)  # serve gRPC over TLS with cert + key (dvd/grpc_tls.py)
+    # P/D (language_server/kv_transfer.py): both = prefill and decode here (the default); prefill = run prompts and
+    # push their KV to the decode server each Generate names; decode = continue requests whose KV a prefill pushed
+    role: str = "both"
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
+        if self.role not in ("both", "prefill", "decode"):
+            raise ValueError(f"role must be both, prefill or decode, not {self.role!r}")
+        if self.role != "both" and self.tensor_parallel != 1:
+            raise ValueError(f"role {self.role} runs with tensor_parallel 1 only (KV shards are not pushed yet)")
         if self.transport.host in WILDCARD_HOSTS and not (self.transport_advertise_host or self.advertise_host):
             raise ValueError(f"transport.host {self.transport.host!r} binds every interface: set advertise_host "
                              "(--advertise-host) to the address vision servers reach this server at")
@@ -109,7 +116,7 @@ class LanguageServerConfig:
             feature_pool_bytes=pool_bytes, features_timeout_s=args.features_timeout_s,
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
-            tensor_parallel=args.tp, grpc_tls=server_tls_from_args(args),
+            tensor_parallel=args.tp, grpc_tls=server_tls_from_args(args), role=args.role,
         )
 
 
@@ -156,6 +163,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "decode latency beside prefills, less throughput)")
     parser.add_argument("--max-running", type=int, default=64, help="most requests decoding together (64)")
     parser.add_argument("--max-queued", type=int, default=1024, help="most requests waiting or running (1024)")
+    parser.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
+                        help="P/D: both (prefill and decode, default); prefill (run prompts, push their KV to the "
+                             "decode server the gateway names); decode (continue requests whose KV a prefill server "
+                             "pushed)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor parallel ranks: one process per rank, devices --device onwards (default 1)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],

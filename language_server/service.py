@@ -34,7 +34,8 @@ def sampling_from_proto(s: language_pb2.LanguageSampling, default_stop_ids: tupl
     """Fields left unset keep SamplingParams' defaults; raises InvalidFieldError naming a bad field."""
     optional = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
     given = {name: getattr(s, name) for name in optional if s.HasField(name)}
-    return SamplingParams(min_new_tokens=s.min_new_tokens, top_k=s.top_k,
+    return SamplingParams(min_new_tokens=s.min_new_tokens, top_k=s.top_k, min_p=s.min_p,
+                          presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                           stop_token_ids=tuple(s.stop_token_ids) or default_stop_ids, **given)
 
 
@@ -52,6 +53,8 @@ def response_from(output: GenerateOutput) -> language_pb2.LanguageGenerateRespon
         message.finish_reason = output.finish_reason.value
         message.prompt_tokens, message.completion_tokens = output.num_prompt_tokens, output.num_output_tokens
         message.finished_ms = output.finished_ms or 0.0
+    if output.kv_transfer_ms is not None:
+        message.kv_transfer_ms = output.kv_transfer_ms
     return message
 
 
@@ -86,7 +89,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         timeout_s = request.features_timeout_ms / 1e3 or self.server.config.features_timeout_s  # 0: the default
         remaining = context.time_remaining()  # never past the call's own deadline
         return GenerateCall(request.request_id, segments, sampling,
-                            timeout_s if remaining is None else min(timeout_s, remaining))
+                            timeout_s if remaining is None else min(timeout_s, remaining),
+                            kv_destination=request.kv_destination, kv_source=request.kv_source)
 
     async def _fail(self, context: grpc.aio.ServicerContext, rid: str, error: DvdError) -> None:
         logger.info("request %r failed (%s): %s", rid, error.grpc_code.name, error)
@@ -102,7 +106,8 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         return common_pb2.HealthResponse(status=status, detail=detail, model=str(self.server.config.model),
                                          transport_address=self.server.transport_address,
                                          metrics_url=endpoint.url if endpoint else "",
-                                         revision=self.server.config.revision)
+                                         revision=self.server.config.revision, role=self.server.config.role,
+                                         kv_layout=self.server.kv_layout)
 
     async def Stats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.StatsResponse(counters=self.server.counters())

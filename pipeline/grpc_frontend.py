@@ -35,7 +35,8 @@ def chat_fields(request: generation_pb2.GenerateRequest) -> ChatFields:
     s = request.sampling
     sampling: dict[str, Any] = {key: getattr(s, name) for name, key in _OPTIONAL_SAMPLING.items() if s.HasField(name)}
     return ChatFields(messages=tuple(messages), model=request.model or None, min_tokens=s.min_new_tokens,
-                      top_k=s.top_k, stop=tuple(s.stop), max_num=request.max_num or None,
+                      top_k=s.top_k, min_p=s.min_p, presence_penalty=s.presence_penalty,
+                      frequency_penalty=s.frequency_penalty, stop=tuple(s.stop), max_num=request.max_num or None,
                       num_segments=request.num_segments or None, thinking=request.thinking,
                       **sampling)
 

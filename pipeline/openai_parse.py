@@ -33,7 +33,7 @@ _KNOWN_FIELDS = {
     "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "response_format",
     "tools", "tool_choice", "parallel_tool_calls",
     # extensions that vLLM's API has too (benchmark clients send them)
-    "top_k", "min_tokens", "repetition_penalty", "ignore_eos",
+    "top_k", "min_p", "min_tokens", "repetition_penalty", "ignore_eos",
     # DvD extensions
     "max_num", "num_segments", "thinking", "timeout",
 } | _INERT_FIELDS
@@ -187,9 +187,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise InvalidFieldError(f"unknown field(s) {', '.join(unknown)}", unknown[0])
     if _field(body, "n", int, 1) != 1:
         raise InvalidFieldError("n must be 1: DvD returns one choice per request", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if float(_field(body, name, (int, float), 0.0)) != 0.0:
-            raise InvalidFieldError(f"{name} is not supported; use repetition_penalty", name)
     if _field(body, "logprobs", bool, False):
         raise InvalidFieldError("logprobs are not supported", "logprobs")
     if body.get("tools"):
@@ -269,6 +266,9 @@ def parse_chat_json(raw: bytes, limits: ApiLimits) -> OpenAIChat:
         top_p=_number(body, "top_p"),
         top_k=_field(body, "top_k", int),
         repetition_penalty=_number(body, "repetition_penalty"),
+        min_p=_number(body, "min_p"),
+        presence_penalty=_number(body, "presence_penalty"),
+        frequency_penalty=_number(body, "frequency_penalty"),
         seed=_field(body, "seed", int),
         stop=tuple(stop),
         ignore_eos=bool(_field(body, "ignore_eos", bool, False)),

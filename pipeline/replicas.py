@@ -97,6 +97,10 @@ class Replica:
     allowed_destinations: set[str] = field(default_factory=set)
     revision: str = ""  # the checkpoint commit the server reports in Health ("" where it has none)
     expected_revision: str = ""  # the gateway's own: a server on another is kept out of rotation
+    # language replicas (P/D): both, prefill or decode, and the KV layout a prefill / decode pair must share, as
+    # their Health says (language_server/kv_transfer.py); the router pairs only servers of one layout
+    role: str = ""
+    kv_layout: str = ""
     _work: set[Work] = field(default_factory=set)
 
     def connect(self) -> None:
@@ -140,6 +144,7 @@ class Replica:
         self.metrics_url = health.metrics_url
         self.counters = dict(stats.counters)
         self.revision = health.revision
+        self.role, self.kv_layout = health.role, health.kv_layout
         if self._other_revision():
             return False
         if health.status != common_pb2.HealthResponse.SERVING:
@@ -221,6 +226,7 @@ class Replica:
                                "counters": self.counters}
         if self.kind == "language":
             out["transport_address"] = self.transport_address
+            out["role"] = self.role or "both"
         if self.metrics_url:
             out["metrics_url"] = self.metrics_url
         if self.revision:

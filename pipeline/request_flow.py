@@ -42,7 +42,8 @@ def language_request(request: TokenizedRequest) -> language_pb2.LanguageGenerate
     sampling = language_pb2.LanguageSampling(
         max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
-        stop_token_ids=list(s.stop_token_ids))
+        stop_token_ids=list(s.stop_token_ids), min_p=s.min_p, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty)
     if s.seed is not None:
         sampling.seed = s.seed
     return language_pb2.LanguageGenerateRequest(
@@ -51,40 +52,60 @@ def language_request(request: TokenizedRequest) -> language_pb2.LanguageGenerate
 
 
 class RequestFlow:
-    """One try of a request on one language replica: its Generate call, its Encode task, its stamps."""
+    """One try of a request on one language replica (P/D: a prefill replica and a decode replica): its Generate
+    calls, its Encode task, its stamps."""
 
-    def __init__(self, request: TokenizedRequest, language: Replica, router: Router) -> None:
-        self.request, self.language, self.router = request, language, router
+    def __init__(self, request: TokenizedRequest, language: Replica, router: Router,
+                 decode: Replica | None = None) -> None:
+        self.request, self.language, self.router, self.decode = request, language, router, decode
         self.stamps = Stamps(marks={})
         self.call: Any = None  # the Generate call, once `run` sent it
+        self.decode_call: Any = None  # P/D: the decode server's Generate
         self.encode: asyncio.Task[vision_pb2.EncodeResponse] | None = None
         self.finished = False  # the language server sent the finish: nothing is left to free
 
     async def run(self) -> AsyncGenerator[GenerationEvent, None]:
-        """The request's events: one per message of the token stream, then the final one."""
+        """The request's events: one per message of the token stream (P/D: the prefill server's first token,
+        then the decode server's), then the final one."""
         self._send()
-        async with self.language.in_use(self.call) as work:  # leaving rotation fails this call at once, naming why
+        async with self.language.in_use(self.call) as work, self._decode_in_use() as decode_work:
             try:
                 async for response in self.call:
                     yield self._arrived(response)
+                if self.decode_call is not None and not self.finished:
+                    async for response in self.decode_call:
+                        yield self._arrived(response, decode=True)
                 if self.encode is not None:
                     self.stamps.encoded = await self.encode
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
-                error = self._failed(err, work)
+                error = self._failed(err, work, decode_work)
                 if error is None:
                     raise  # in_use names the lost server; a cancel stays a cancel
                 raise error from None
             finally:
                 if not self.finished:
-                    await self._abort(work)
+                    await self._abort(work, decode_work)
+                elif self.decode_call is not None and not self.decode_call.done():  # prefill finished it at token 1
+                    await self._abort_decode(decode_work)
         yield self.stamps.final_event()
+
+    def _decode_in_use(self) -> contextlib.AbstractAsyncContextManager[Work | None]:
+        return self.decode.in_use(self.decode_call) if self.decode is not None else contextlib.nullcontext()
 
     def _send(self) -> None:
         """Generate and, with media, Encode leave together: the two stages overlap from the start."""
         stub: Any = self.language.stub
         self.stamps.marks["dispatch"] = time.time()
         trace = self.request.trace.metadata()  # the servers' spans join the request's trace
-        self.call = stub.Generate(language_request(self.request), timeout=self.request.timeout_s, metadata=trace)
+        generate = language_request(self.request)
+        if self.decode is not None:  # P/D: the decode server waits for the KV the prefill server pushes it
+            to_decode = language_pb2.LanguageGenerateRequest()
+            to_decode.CopyFrom(generate)
+            to_decode.kv_source = True
+            generate.kv_destination = self.decode.transport_address
+            decode: Any = self.decode.stub
+            self.decode_call = decode.Generate(to_decode, timeout=self.request.timeout_s, metadata=trace)
+        self.call = stub.Generate(generate, timeout=self.request.timeout_s, metadata=trace)
         if self.request.media:
             call = encode_request(self.request, self.language.transport_address)
             self.encode = asyncio.create_task(self.router.encode(call, self.request.timeout_s, self.stamps.marks,
@@ -95,38 +116,64 @@ class RequestFlow:
         if not task.cancelled() and task.exception() is not None:
             self.call.cancel()  # features that will never come: stop waiting for them at once
 
-    def _arrived(self, response: language_pb2.LanguageGenerateResponse) -> GenerationEvent:
-        """A message of the token stream arrived."""
-        self.stamps.add(response)
+    def _arrived(self, response: language_pb2.LanguageGenerateResponse, decode: bool = False) -> GenerationEvent:
+        """A message of the token stream arrived (P/D: `decode`, from the decode server)."""
+        self.stamps.add(response, decode)
         if response.finish_reason:
             self.finished = True
         return GenerationEvent(token_ids=list(response.token_ids))
 
-    def _failed(self, err: grpc.aio.AioRpcError | asyncio.CancelledError, work: Work) -> BaseException | None:
-        """What the request fails with: the Encode's error when that ended it, the language server's
-        (RefusedBusy for a busy refusal, which the router may send elsewhere), or None to re-raise `err`."""
+    def _failed(self, err: grpc.aio.AioRpcError | asyncio.CancelledError, work: Work,
+                decode_work: Work | None) -> BaseException | None:
+        """What the request fails with: the Encode's error when that ended it, the language server's (P/D: the
+        decode server's when its call is the one that failed; RefusedBusy for a busy refusal, which the router may
+        send elsewhere), or None to re-raise `err`."""
         encode = self.encode
         if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
             return encode.exception()
-        if work.lost or isinstance(err, asyncio.CancelledError):
+        if work.lost or (decode_work is not None and decode_work.lost) or isinstance(err, asyncio.CancelledError):
             return None
-        error = from_rpc_error(err, f"language ({self.language.address})")
-        return RefusedBusy(error) if isinstance(error, ReplicaBusyError) else error
+        replica = self.language
+        if self.decode is not None and isinstance(err, grpc.aio.AioRpcError) and err is not self._error_of(self.call):
+            replica = self.decode
+        side = "language" if self.decode is None else ("prefill" if replica is self.language else "decode")
+        error = from_rpc_error(err, f"{side} ({replica.address})")
+        if isinstance(error, ReplicaBusyError):
+            return RefusedBusy(error, replica)
+        return error
 
-    async def _abort(self, work: Work) -> None:
-        """An early end (the client gone, a stop string, a failure): free both halves now."""
+    @staticmethod
+    def _error_of(call: Any) -> Any:
+        """The error a finished call ended with (the call object itself is the AioRpcError it raises)."""
+        return call if call is not None and call.done() and call.code() != grpc.StatusCode.OK else None
+
+    async def _abort(self, work: Work, decode_work: Work | None) -> None:
+        """An early end (the client gone, a stop string, a failure; P/D: the prefill server's finish at its first
+        token too): free every half now."""
         if self.encode is not None:
             self.encode.cancel()
         self.call.cancel()
         if not work.lost:  # a hung server would not answer the Abort either (frees early frames)
-            stub: Any = self.language.stub
-            abort = asyncio.ensure_future(stub.Abort(language_pb2.AbortRequest(request_id=self.request.request_id),
-                                                     timeout=5))
-            abort.add_done_callback(_retrieved)  # its error, when nobody awaits it any more (below)
-            # Shielded: a client that disconnects gets its handler cancelled (aiohttp's handler_cancellation),
-            # often while this Abort is in flight; the Abort still reaches the server.
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await asyncio.shield(abort)
+            await _shielded_abort(self.language, self.request.request_id)
+        await self._abort_decode(decode_work)
+
+    async def _abort_decode(self, decode_work: Work | None) -> None:
+        """P/D: end the decode server's call and free what it holds (blocks of KV that arrived)."""
+        if self.decode is None or decode_work is None:
+            return
+        self.decode_call.cancel()
+        if not decode_work.lost:
+            await _shielded_abort(self.decode, self.request.request_id)
+
+
+async def _shielded_abort(replica: Replica, request_id: str) -> None:
+    """Abort on `replica`, shielded: a client that disconnects gets its handler cancelled (aiohttp's
+    handler_cancellation), often while this Abort is in flight; the Abort still reaches the server."""
+    stub: Any = replica.stub
+    abort = asyncio.ensure_future(stub.Abort(language_pb2.AbortRequest(request_id=request_id), timeout=5))
+    abort.add_done_callback(_retrieved)  # its error, when nobody awaits it any more (below)
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await asyncio.shield(abort)
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

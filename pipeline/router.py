@@ -47,9 +47,10 @@ class RefusedBusy(Exception):
     (`error`, a ReplicaBusyError). Apart from a ReplicaBusyError of another call (an Encode's) on purpose:
     only this one moves the request to the next language replica."""
 
-    def __init__(self, error: ReplicaBusyError) -> None:
+    def __init__(self, error: ReplicaBusyError, replica: Replica | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.replica = replica  # the one that refused, when not the route's first (P/D: its decode server)
 
 
 def untried(pool: ReplicaPool, tried: list[Replica]) -> list[Replica]:
@@ -63,6 +64,43 @@ def untried(pool: ReplicaPool, tried: list[Replica]) -> list[Replica]:
     if not healthy:
         raise UnavailableError(f"no healthy {pool.kind} replica ({len(pool.replicas)} configured)")
     return [r for r in healthy if r not in tried]
+
+
+def pick_route(pool: ReplicaPool, tried: list[Replica]) -> tuple[Replica, Replica | None]:
+    """Where a request's Generate goes: while healthy prefill and decode servers are in the pool (P/D, their
+    Health says), the least loaded prefill server not tried yet and the least loaded decode server of its KV
+    layout not tried yet (a pair of other layouts would refuse each other); else the least loaded other
+    replica. ReplicaBusyError when every candidate was tried, UnavailableError when there is none."""
+    healthy = [r for r in pool.replicas if r.healthy]
+    prefill = [r for r in healthy if r.role == "prefill"]
+    decode = [r for r in healthy if r.role == "decode"]
+    if not (prefill and decode):
+        both = [r for r in healthy if r.role not in ("prefill", "decode")]
+        if (prefill or decode) and not both:  # half a pair: nothing can serve a request whole
+            have, missing = ("prefill", "decode") if prefill else ("decode", "prefill")
+            raise UnavailableError(f"no healthy {missing} server to pair with the {len(prefill or decode)} healthy "
+                                   f"{have} server(s) ({len(pool.replicas)} language servers configured)")
+        if not (prefill or decode):
+            return pick_not_busy(pool, tried), None
+        return _least(both, tried), None  # half a pair beside role=both servers: those serve
+    pairs = [(p, d) for p in prefill if p not in tried for d in decode if d not in tried and d.kv_layout == p.kv_layout]
+    if not pairs:
+        fitting = any(d.kv_layout == p.kv_layout for p in prefill for d in decode)
+        if fitting:
+            raise ReplicaBusyError(f"every healthy prefill / decode pair ({len(prefill)} prefill, {len(decode)} "
+                                   "decode) is at its in-flight limit; retry later")
+        raise UnavailableError(f"no healthy prefill server and decode server share a KV layout ({len(prefill)} "
+                               f"prefill, {len(decode)} decode: their Health's kv_layout differs)")
+    return min(pairs, key=lambda pair: (pair[0].num_outstanding, pair[1].num_outstanding))
+
+
+def _least(candidates: list[Replica], tried: list[Replica]) -> Replica:
+    """The least loaded of `candidates` (healthy) not tried yet; ReplicaBusyError when every one was."""
+    left = [r for r in candidates if r not in tried]
+    if not left:
+        raise ReplicaBusyError(f"every healthy language replica ({len(candidates)}) is at its in-flight limit; "
+                               "retry later")
+    return min(left, key=lambda r: r.num_outstanding)
 
 
 def pick_not_busy(pool: ReplicaPool, tried: list[Replica]) -> Replica:
@@ -101,18 +139,19 @@ class Router:
         self.num_busy_retries = 0  # calls sent to another replica because one was at its in-flight limit
 
     async def generate(self, request_id: str, with_media: bool,
-                       run: Callable[[Replica], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
-        """What `run(replica)` yields, on the least loaded healthy language replica; if that one refuses
-        busy (`run` raises RefusedBusy) before it yielded anything, on the next. `with_media`: fail fast
-        (503) while no vision replica is healthy, before the language replica is asked."""
+                       run: Callable[[Replica, Replica | None], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
+        """What `run(replica, decode)` yields, on the least loaded healthy language replica (P/D: a prefill
+        replica and a decode replica, `pick_route`); if one refuses busy (`run` raises RefusedBusy) before it
+        yielded anything, on the next. `with_media`: fail fast (503) while no vision replica is healthy, before
+        the language replica is asked."""
         refused: list[Replica] = []
         while True:
-            replica = pick_not_busy(self.language, refused)
+            replica, decode = pick_route(self.language, refused)
             if with_media:
                 self.vision.pick()
             yielded = False
             try:
-                async with contextlib.aclosing(run(replica)) as items:  # an early end reaches `run` at once
+                async with contextlib.aclosing(run(replica, decode)) as items:  # an early end reaches `run` at once
                     async for item in items:
                         yielded = True
                         yield item
@@ -120,6 +159,7 @@ class Router:
             except RefusedBusy as busy:
                 if yielded:  # part of the answer is out: it cannot start over elsewhere
                     raise busy.error from None
+                replica = busy.replica or replica
             refused.append(replica)
             self._busy(replica, request_id)
 

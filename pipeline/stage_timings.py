@@ -26,9 +26,12 @@ class Stamps:
     last: language_pb2.LanguageGenerateResponse | None = None
     stamped: language_pb2.LanguageGenerateResponse | None = None
     encoded: vision_pb2.EncodeResponse | None = None
+    decode_first: language_pb2.LanguageGenerateResponse | None = None  # P/D: the decode server's first message
 
-    def add(self, response: language_pb2.LanguageGenerateResponse) -> None:
-        """One message of the language server's token stream arrived."""
+    def add(self, response: language_pb2.LanguageGenerateResponse, decode: bool = False) -> None:
+        """One message of the language server's token stream arrived (P/D: `decode`, the decode server's)."""
+        if decode and self.decode_first is None:
+            self.decode_first = response
         if "first_token" not in self.marks and response.token_ids:
             self.marks["first_token"] = time.time()
         self.features_wait_ms = max(self.features_wait_ms, response.features_wait_ms)
@@ -40,7 +43,8 @@ class Stamps:
         """The request's last event: its finish reason (abort when the server sent none), prompt size
         and stage timings, marked as ending now."""
         self.marks["end"] = time.time()
-        timings = stage_timings(self.marks, self.features_wait_ms, self.last, self.stamped, self.encoded)
+        timings = stage_timings(self.marks, self.features_wait_ms, self.last, self.stamped, self.encoded,
+                                self.decode_first)
         last = self.last
         reason = FinishReason(last.finish_reason) if last and last.finish_reason else FinishReason.ABORT
         return GenerationEvent(token_ids=[], finish_reason=reason, timings=timings,
@@ -50,7 +54,8 @@ class Stamps:
 def stage_timings(marks: dict[str, float], features_wait_ms: float,
                   last: language_pb2.LanguageGenerateResponse | None,
                   stamped: language_pb2.LanguageGenerateResponse | None,
-                  encoded: vision_pb2.EncodeResponse | None) -> StageTimings:
+                  encoded: vision_pb2.EncodeResponse | None,
+                  decode_first: language_pb2.LanguageGenerateResponse | None = None) -> StageTimings:
     """Each stage's duration from the one clock it happened on, so the servers need no clock sync:
     encode (Encode's arrival to the last slot's features: preprocess, batch wait, ViT) and transfer
     (the transport's write of the slowest slot) on the vision server's; queue (joined the engine, or
@@ -58,7 +63,9 @@ def stage_timings(marks: dict[str, float], features_wait_ms: float,
     decode (to the finish) on the language server's. The marks place them on the gateway's clock
     for timelines, counting each server's stamps from the dispatch (a request reaches both servers
     within a gRPC hop of it); `first_token` and `end` are the gateway's own. A stamp a server did
-    not send (an older server) leaves its stage to the gateway's own clock."""
+    not send (an older server) leaves its stage to the gateway's own clock. P/D (`decode_first`, the decode
+    server's first message): kv_transfer (its first KV frame to the request joining its engine) and decode (from
+    then to the finish) on the decode server's clock."""
     dispatch, end = marks["dispatch"], marks["end"]
     first = marks.get("first_token", end)
     ms: dict[str, float] = {"encode": 0.0, "transfer": 0.0, "queue": 0.0}
@@ -95,5 +102,9 @@ def stage_timings(marks: dict[str, float], features_wait_ms: float,
     else:
         ms["prefill"] = max(0.0, (first - dispatch) * 1e3 - features_wait_ms)
         ms["decode"] = (end - first) * 1e3
+    if decode_first is not None:
+        ms["kv_transfer"] = decode_first.kv_transfer_ms
+        if last is not None and last.finished_ms:
+            ms["decode"] = max(0.0, last.finished_ms - decode_first.engine_added_ms)
     visual = sum(s.num_tokens for s in encoded.slots) if encoded is not None else 0
     return StageTimings(ms=ms, marks=out_marks, visual_tokens=visual)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from dvd.errors import ImageTooLargeError, InvalidFieldError, InvalidRequestError, NotFoundError, TooLargeError
 from dvd.requests import ChatFields, ChatRequest, Media
-from dvd.sampling import SamplingParams
+from dvd.sampling import MIN_P_RANGE, PENALTY_RANGE, SamplingParams
 
 ROLES = ("system", "user", "assistant")
 TILES_PER_IMAGE_DEFAULT = 12  # the model card's max_num: what an image may cost when the client names none
@@ -155,7 +155,19 @@ def _sampling(fields: ChatFields, limits: ApiLimits, stop_token_ids: tuple[int, 
     check_range("repetition_penalty", penalty, 0.0, 10.0, low_open=True)
     return SamplingParams(max_new_tokens=max_new, min_new_tokens=min_new, temperature=float(temperature),
                           top_p=float(top_p), top_k=top_k, repetition_penalty=float(penalty), seed=fields.seed,
-                          stop_token_ids=() if fields.ignore_eos else stop_token_ids)
+                          stop_token_ids=() if fields.ignore_eos else stop_token_ids, **_filters(fields))
+
+
+def _filters(fields: ChatFields) -> dict[str, float]:
+    """min_p and OpenAI's presence and frequency penalties, checked against SamplingParams' own ranges."""
+    out = {}
+    for name, bounds in (("min_p", MIN_P_RANGE), ("presence_penalty", PENALTY_RANGE),
+                         ("frequency_penalty", PENALTY_RANGE)):
+        value = getattr(fields, name)
+        value = 0.0 if value is None else float(value)
+        check_range(name, value, *bounds)
+        out[name] = value
+    return out
 
 
 def build_chat_request(fields: ChatFields, limits: ApiLimits, served_models: list[str],

@@ -62,7 +62,7 @@ _EXPORTS = {
     "PeerLostError": "errors", "ProtocolError": "errors", "TransportError": "errors",
     "InprocHub": "inproc",
     "KINDS": "registry", "create_receiver": "registry", "create_sender": "registry",
-    "PROTOCOL_VERSION": "wire", "FeatureHeader": "wire",
+    "PROTOCOL_VERSION": "wire", "FeatureHeader": "wire", "KvHandoff": "wire", "KvHeader": "wire",
 }
 
 
@@ -81,6 +81,8 @@ __all__ = [
     "FrameTooLargeError",
     "HandshakeError",
     "InprocHub",
+    "KvHandoff",
+    "KvHeader",
     "PeerLostError",
     "ProtocolError",
     "Receiver",

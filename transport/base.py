@@ -13,7 +13,7 @@ import torch
 
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import FrameTooLargeError, ProtocolError
-from dvd.transport.wire import WIRE_DTYPE, FeatureHeader
+from dvd.transport.wire import WIRE_DTYPE, FeatureHeader, PayloadHeader
 
 # wire dtype name -> torch dtype (the names are torch's own).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -22,19 +22,21 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "uint8": torch.uint8,
     "int8": torch.int8,
+    "int64": torch.int64,
 }
 WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (wire.WIRE_DTYPE), as a torch dtype
 
 
 @dataclasses.dataclass
 class Frame:
-    """One received image's features: `tensor` is a view of the received bytes (no copy).
+    """One received image's features (or, for a `KvHeader` / `KvHandoff`, a request's KV blocks or its
+    hand-off from a prefill server): `tensor` is a view of the received bytes (no copy).
 
     Its bytes count against the receiver's pool until the tensor and every view of it are gone;
     `release()` drops this frame's own reference, for code that is done with it early.
     """
 
-    header: FeatureHeader
+    header: PayloadHeader
     tensor: torch.Tensor
     source: str
     arrived_at: float = 0.0  # time.monotonic() it was taken in (stamped by the language server's pool loop)
@@ -65,7 +67,7 @@ class Sender(abc.ABC):
         self.stats = TransportStats()
 
     @abc.abstractmethod
-    async def send(self, destination: str, header: FeatureHeader, tensor: torch.Tensor) -> None:
+    async def send(self, destination: str, header: PayloadHeader, tensor: torch.Tensor) -> None:
         """Push one frame. Returns once its bytes are handed to the transport (not yet acknowledged).
 
         Waits while this connection already has `max_inflight_bytes` in flight. Raises
@@ -139,7 +141,7 @@ def header_for(
                          tensor.numel() * tensor.element_size(), crc)
 
 
-def check_outgoing(header: FeatureHeader, tensor: torch.Tensor, limit: int) -> None:
+def check_outgoing(header: PayloadHeader, tensor: torch.Tensor, limit: int) -> None:
     """Refuse a frame before any byte moves: too large, or a header that does not describe the tensor."""
     if header.nbytes > limit:
         raise FrameTooLargeError(f"frame of {header.nbytes} bytes is over the {limit}-byte limit")
@@ -154,7 +156,7 @@ def payload_view(tensor: torch.Tensor) -> memoryview:
     return flat.numpy().data.cast("B")  # ndarray.data: the array's own memoryview
 
 
-def tensor_on(buffer: np.ndarray, header: FeatureHeader) -> torch.Tensor:
+def tensor_on(buffer: np.ndarray, header: PayloadHeader) -> torch.Tensor:
     """The tensor the header describes, built on `buffer`'s memory (no copy)."""
     flat = torch.from_numpy(buffer)
     if header.dtype != "uint8":
@@ -162,7 +164,7 @@ def tensor_on(buffer: np.ndarray, header: FeatureHeader) -> torch.Tensor:
     return flat.view(header.shape)
 
 
-def verify_checksum(header: FeatureHeader, payload: memoryview | np.ndarray) -> None:
+def verify_checksum(header: PayloadHeader, payload: memoryview | np.ndarray) -> None:
     data = payload.data if isinstance(payload, np.ndarray) else payload
     if header.checksum is not None and zlib.crc32(data) != header.checksum:
         raise ProtocolError(f"checksum mismatch on {header.key}")

@@ -26,7 +26,7 @@ from dvd.transport.errors import (
     TransportError,
 )
 from dvd.transport.pool import ReceivePool, RecentKeys
-from dvd.transport.wire import FeatureHeader, decode, encode
+from dvd.transport.wire import PAYLOAD_HEADERS, PayloadHeader, decode, encode
 
 logger = logging.getLogger(__name__)
 INPROC_SCHEME = "inproc://"
@@ -73,7 +73,7 @@ class InprocReceiver(Receiver):
                            "missing" if token is None else "wrong")
             raise HandshakeError(f"refused by {self.address}: {'missing' if token is None else 'wrong'} token")
 
-    async def accept(self, header: FeatureHeader, tensor: torch.Tensor) -> int:
+    async def accept(self, header: PayloadHeader, tensor: torch.Tensor) -> int:
         """Copy one frame into the pool and queue it; returns the number of payload copies made."""
         if header.nbytes > self.config.max_frame_bytes:
             raise FrameTooLargeError(f"frame of {header.nbytes} bytes over the receiver's limit")
@@ -111,7 +111,7 @@ class InprocSender(Sender):
         super().__init__(config)
         self.hub = hub
 
-    async def send(self, destination: str, header: FeatureHeader, tensor: torch.Tensor) -> None:
+    async def send(self, destination: str, header: PayloadHeader, tensor: torch.Tensor) -> None:
         check_outgoing(header, tensor, self.config.max_frame_bytes)
         receiver = self.hub.receivers.get(destination.removeprefix(INPROC_SCHEME))
         if not destination.startswith(INPROC_SCHEME) or receiver is None:
@@ -123,7 +123,7 @@ class InprocSender(Sender):
             raise
         # Round-trip the header through its wire form, so inproc validates exactly what tcp would.
         wire_header = decode(encode(header))
-        assert isinstance(wire_header, FeatureHeader)
+        assert isinstance(wire_header, PAYLOAD_HEADERS)
         copies = await receiver.accept(wire_header, tensor.contiguous())
         self.stats.num_payload_copies += copies
         self.stats.num_frames += 1

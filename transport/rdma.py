@@ -45,13 +45,14 @@ from dvd.transport.pool import DeviceReceivePool, PoolClosedError, ReceivePool, 
 from dvd.transport.stream import parse_address
 from dvd.transport.wire import (
     MAX_HEADER_BYTES,
+    PAYLOAD_HEADERS,
     Accept,
     Auth,
     Challenge,
-    FeatureHeader,
     Heartbeat,
     Hello,
     Message,
+    PayloadHeader,
     Refuse,
     Reject,
     decode,
@@ -130,7 +131,7 @@ class RdmaReceiver(Receiver):
             beat = asyncio.create_task(self._heartbeats(ep))
             while not self.closing:
                 message = await _recv_message(ep, self.config.heartbeat_timeout_s)
-                if isinstance(message, FeatureHeader):
+                if isinstance(message, PAYLOAD_HEADERS):
                     await self._receive_frame(ep, message, peer)
                 elif not isinstance(message, Heartbeat):
                     raise ProtocolError(f"unexpected {type(message).__name__} in the data phase")
@@ -179,7 +180,7 @@ class RdmaReceiver(Receiver):
             await asyncio.sleep(self.config.heartbeat_interval_s)
             await _send_message(ep, Heartbeat())
 
-    async def _receive_frame(self, ep: Any, header: FeatureHeader, peer: str) -> None:
+    async def _receive_frame(self, ep: Any, header: PayloadHeader, peer: str) -> None:
         if header.nbytes > self.config.max_frame_bytes:
             raise ProtocolError(f"frame of {header.nbytes} bytes over the {self.config.max_frame_bytes} limit")
         try:
@@ -241,7 +242,7 @@ class _Endpoint:
         self.lock = asyncio.Lock()
         self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._beat())]
 
-    async def send(self, header: FeatureHeader, payload: Any) -> None:
+    async def send(self, header: PayloadHeader, payload: Any) -> None:
         async with self.lock:
             if self.error is not None:
                 raise self.error
@@ -299,7 +300,7 @@ class RdmaSender(Sender):
         self._sent_keys: dict[str, RecentKeys] = {}
         self._connecting = asyncio.Lock()
 
-    async def send(self, destination: str, header: FeatureHeader, tensor: torch.Tensor) -> None:
+    async def send(self, destination: str, header: PayloadHeader, tensor: torch.Tensor) -> None:
         check_outgoing(header, tensor, self.config.max_frame_bytes)
         endpoint = await self._endpoint(destination)
         check_outgoing(header, tensor, endpoint.max_frame_bytes)

@@ -23,7 +23,7 @@ from dvd.transport.base import END_OF_FRAMES, Frame, Receiver, tensor_on, verify
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import PeerLostError, ProtocolError, TransportError
 from dvd.transport.pool import PoolClosedError, ReceivePool, RecentKeys
-from dvd.transport.wire import Auth, FeatureHeader, Heartbeat, Hello, Refuse, Reject
+from dvd.transport.wire import PAYLOAD_HEADERS, Auth, Heartbeat, Hello, PayloadHeader, Refuse, Reject
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class _Inbound:
             logger.info("sender %s connected", self.peer)
             while True:
                 message = stream.read_message(self.sock, self.touch)
-                if isinstance(message, FeatureHeader):
+                if isinstance(message, PAYLOAD_HEADERS):
                     self._receive_frame(message)
                 elif not isinstance(message, Heartbeat):
                     raise ProtocolError(f"unexpected {type(message).__name__} in the data phase")
@@ -104,7 +104,7 @@ class _Inbound:
             raise PeerLostError("refused (token)")
         self.sock.settimeout(None)
 
-    def _receive_frame(self, header: FeatureHeader) -> None:
+    def _receive_frame(self, header: PayloadHeader) -> None:
         receiver, header_at = self.receiver, time.monotonic()
         if header.nbytes > receiver.config.max_frame_bytes:
             raise ProtocolError(f"frame of {header.nbytes} bytes over the {receiver.config.max_frame_bytes} limit")

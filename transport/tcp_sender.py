@@ -37,7 +37,7 @@ from dvd.transport.base import Sender, check_outgoing, payload_view
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
 from dvd.transport.pool import RecentKeys
-from dvd.transport.wire import Accept, Challenge, FeatureHeader, Heartbeat, Refuse, Reject, encode_framed
+from dvd.transport.wire import Accept, Challenge, Heartbeat, PayloadHeader, Refuse, Reject, encode_framed
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class _Outbound:
         return (self.error is not None or self.num_inflight_bytes == 0
                 or self.num_inflight_bytes + nbytes <= self.sender.config.max_inflight_bytes)
 
-    async def send(self, header: FeatureHeader, payload: memoryview, tensor: torch.Tensor) -> None:
+    async def send(self, header: PayloadHeader, payload: memoryview, tensor: torch.Tensor) -> None:
         nbytes = header.nbytes
         while not self._has_room(nbytes):
             waiter = self.loop.create_future()
@@ -258,7 +258,7 @@ class TcpSender(Sender):
         self._connecting: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._closed = False
 
-    async def send(self, destination: str, header: FeatureHeader, tensor: torch.Tensor) -> None:
+    async def send(self, destination: str, header: PayloadHeader, tensor: torch.Tensor) -> None:
         if self._closed:
             raise TransportError("sender is closed")
         check_outgoing(header, tensor, self.config.max_frame_bytes)

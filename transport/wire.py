@@ -1,9 +1,10 @@
 """Every message that crosses the wire, as typed dataclasses encoded with msgpack (never pickle).
 
 A message on a byte stream is a 4-byte little-endian length, that many bytes of a msgpack map whose
-"t" key names the type, and, for a `FeatureHeader` only, exactly `nbytes` raw tensor bytes right
-after. Decoding is strict: unknown types, missing or extra keys, wrong types and out-of-range values
-all raise `ProtocolError`, so nothing malformed is ever handed up as data.
+"t" key names the type, and, for a payload header only (`FeatureHeader`, `KvHeader`, `KvHandoff`:
+`PAYLOAD_HEADERS`), exactly `nbytes` raw tensor bytes right after. Decoding is strict: unknown types,
+missing or extra keys, wrong types and out-of-range values all raise `ProtocolError`, so nothing malformed
+is ever handed up as data.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dvd.transport.errors import ProtocolError
 
 # 2: a frame's image is named `slot` (key "slot"; 1 called it image_index, key "img"). 3: a frame carries its
 # request's trace context (key "tp", W3C traceparent, "" when untraced). Both ends must speak the same version:
-# the handshake refuses any other, naming both.
-PROTOCOL_VERSION = 3
+# the handshake refuses any other, naming both. 4: a prefill server pushes a request's KV cache blocks to a decode
+# server on the same connections (`KvHeader` frames, then one `KvHandoff`), beside the vision servers' features.
+PROTOCOL_VERSION = 4
 LENGTH_PREFIX = struct.Struct("<I")
 # Headers are tiny (< 200 bytes); a length far beyond that is garbage, refused before allocating.
 MAX_HEADER_BYTES = 64 * 1024
@@ -31,7 +33,7 @@ MAX_REASON_CHARS = 1024
 MAX_DIMS = 8
 
 # dtype name on the wire -> bytes per element. Names match torch's (`torch.bfloat16` -> "bfloat16").
-DTYPE_SIZES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}
+DTYPE_SIZES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8}
 # What feature frames carry, by its torch name (this module imports no torch): the vision half casts its
 # features to it, the language half takes them from it into its own dtype. `dvd generate` (both halves in
 # one process) casts through it too, so its answers are the served ones.
@@ -141,6 +143,130 @@ class FeatureHeader:
                        m["at"], m["tp"])
         except TypeError as error:  # e.g. an unhashable dtype value
             raise ProtocolError(f"bad feature header: {error}") from None
+
+
+def _payload(header: Any) -> None:
+    """The checks every payload header shares: dtype, shape, nbytes = shape x dtype, checksum, version."""
+    _check(header.version == PROTOCOL_VERSION, f"protocol version {header.version} != {PROTOCOL_VERSION}")
+    _check(bool(_str(header.request_id, "request_id", MAX_REQUEST_ID_CHARS)), "request_id is empty")
+    _check(header.dtype in DTYPE_SIZES, f"dtype {header.dtype!r} is not one of {sorted(DTYPE_SIZES)}")
+    _check(len(header.shape) <= MAX_DIMS, f"shape has more than {MAX_DIMS} dims")
+    for dim in header.shape:
+        _int(dim, "shape dim", 0, 1 << 40)
+    _int(header.nbytes, "nbytes")
+    _check(math.prod(header.shape) * DTYPE_SIZES[header.dtype] == header.nbytes,
+           f"nbytes {header.nbytes} does not match shape {header.shape} of {header.dtype}")
+    if header.checksum is not None:
+        _int(header.checksum, "checksum", 0, 0xFFFFFFFF)
+    _str(header.layout, "layout", MAX_REASON_CHARS)
+
+
+@dataclasses.dataclass(frozen=True)
+class KvHeader:
+    """Prefill server -> decode server: `num_blocks` of a request's KV cache blocks from its block
+    `first_block` on, every layer; `nbytes` raw bytes of a C-contiguous tensor [layers, 2 (keys, values),
+    num_blocks x block_size, kv heads, head dim] follow. `layout` is the sender's KV layout (checkpoint,
+    dtype, block size, layers, heads, tensor parallel: `language_server/kv_transfer.py: kv_layout`): a decode
+    server of another layout refuses the request, naming the difference."""
+
+    TYPE: ClassVar[str] = "kv"
+    request_id: str
+    first_block: int
+    num_blocks: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int | None = None
+    layout: str = ""
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        _payload(self)
+        _int(self.first_block, "first_block", 0, 1 << 31)
+        _int(self.num_blocks, "num_blocks", 0, 1 << 31)
+
+    @property
+    def slot(self) -> int:
+        """What a `Reject` of this frame names."""
+        return self.first_block
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        # Negative second element: never a feature frame's key (slots are >= 0).
+        return (self.request_id, -1 - self.first_block, 0)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": self.version, "rid": self.request_id, "fb": self.first_block, "nbk": self.num_blocks,
+                "dt": self.dtype, "sh": list(self.shape), "nb": self.nbytes, "crc": self.checksum,
+                "lay": self.layout}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> KvHeader:
+        _check(type(m["sh"]) is list, "shape must be a list")
+        try:
+            return cls(m["rid"], m["fb"], m["nbk"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"], m["lay"], m["v"])
+        except TypeError as error:
+            raise ProtocolError(f"bad kv header: {error}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class KvHandoff:
+    """Prefill server -> decode server, after a request's last `KvHeader`: what decoding continues from.
+    `nbytes` raw bytes follow: the prompt's token ids (int64, image slots expanded: repetition penalties read
+    them). `first_token` is the token the prefill sampled; `generator_state` the seeded request's
+    torch.Generator state after that draw (b"" unseeded), so its random stream goes on; `num_blocks` how many
+    blocks the KvHeaders carried in all; `num_images` how many images the prompt holds (the decode server cannot
+    recompute their rows)."""
+
+    TYPE: ClassVar[str] = "kv_handoff"
+    request_id: str
+    first_token: int
+    num_blocks: int
+    num_images: int
+    generator_state: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int | None = None
+    layout: str = ""
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        _payload(self)
+        _int(self.first_token, "first_token", 0, 1 << 31)
+        _int(self.num_blocks, "num_blocks", 0, 1 << 31)
+        _int(self.num_images, "num_images", 0, 1 << 31)
+        _check(type(self.generator_state) is bytes and len(self.generator_state) <= 16384,
+               "generator_state must be <= 16384 bytes")
+
+    @property
+    def slot(self) -> int:
+        return self.num_blocks
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.request_id, -1, 1)  # one hand-off per request (KvHeader keys have 0 last)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": self.version, "rid": self.request_id, "ft": self.first_token, "nbk": self.num_blocks,
+                "ni": self.num_images, "gs": self.generator_state, "dt": self.dtype, "sh": list(self.shape),
+                "nb": self.nbytes, "crc": self.checksum, "lay": self.layout}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> KvHandoff:
+        _check(type(m["sh"]) is list, "shape must be a list")
+        try:
+            return cls(m["rid"], m["ft"], m["nbk"], m["ni"], m["gs"], m["dt"], tuple(m["sh"]), m["nb"], m["crc"],
+                       m["lay"], m["v"])
+        except TypeError as error:
+            raise ProtocolError(f"bad kv hand-off: {error}") from None
+
+
+# Every header whose raw bytes follow it on the stream; a receiver yields each as a `Frame`.
+PayloadHeader = FeatureHeader | KvHeader | KvHandoff
+PAYLOAD_HEADERS = (FeatureHeader, KvHeader, KvHandoff)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,14 +381,17 @@ class Heartbeat:
         return cls()
 
 
-Message = FeatureHeader | Hello | Challenge | Auth | Accept | Refuse | Reject | Heartbeat
+Message = FeatureHeader | KvHeader | KvHandoff | Hello | Challenge | Auth | Accept | Refuse | Reject | Heartbeat
 # type tag -> class; decoding dispatches through this table.
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (FeatureHeader, Hello, Challenge, Auth, Accept, Refuse, Reject, Heartbeat)
+    cls.TYPE: cls for cls in (FeatureHeader, KvHeader, KvHandoff, Hello, Challenge, Auth, Accept, Refuse, Reject,
+                              Heartbeat)
 }
 # The exact key set of each type, taken from an instance so encoder and decoder cannot drift apart.
 _KEYS: dict[str, frozenset[str]] = {
     "feature": frozenset(FeatureHeader("x", 0, 0, "uint8", (0,), 0).to_map()),
+    "kv": frozenset(KvHeader("x", 0, 0, "uint8", (0,), 0).to_map()),
+    "kv_handoff": frozenset(KvHandoff("x", 0, 0, 0, b"", "int64", (0,), 0).to_map()),
     "hello": frozenset(("v", "n")),
     "challenge": frozenset(("v", "n", "p", "mfb")),
     "auth": frozenset(("p",)),
@@ -294,8 +423,8 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
     _check(type(m) is dict, "message is not a map")
     kind = m.pop("t", None)
     _check(type(kind) is str and kind in MESSAGE_TYPES, f"unknown message type {kind!r}")
-    if kind == "feature" and m.get("v") != PROTOCOL_VERSION:  # before its keys: another version's differ
-        raise ProtocolError(f"feature header of protocol version {m.get('v')!r}; this side speaks {PROTOCOL_VERSION}")
+    if kind in ("feature", "kv", "kv_handoff") and m.get("v") != PROTOCOL_VERSION:  # before its keys
+        raise ProtocolError(f"{kind} header of protocol version {m.get('v')!r}; this side speaks {PROTOCOL_VERSION}")
     _check(set(m) == _KEYS[kind], f"{kind} message has keys {sorted(map(str, m))}")
     return MESSAGE_TYPES[kind].from_map(m)
 

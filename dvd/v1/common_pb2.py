@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64vd/v1/common.proto\x12\x06\x64vd.v1\"\x0f\n\rHealthRequest\"\xe0\x01\n\x0eHealthResponse\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.dvd.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11transport_address\x18\x04 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x0e\n\x0cStatsRequest\"w\n\rStatsResponse\x12\x35\n\x08\x63ounters\x18\x01 \x03(\x0b\x32#.dvd.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64vd/v1/common.proto\x12\x06\x64vd.v1\"\x0f\n\rHealthRequest\"\x81\x02\n\x0eHealthResponse\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.dvd.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11transport_address\x18\x04 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x11\n\tkv_layout\x18\x08 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x0e\n\x0cStatsRequest\"w\n\rStatsResponse\x12\x35\n\x08\x63ounters\x18\x01 \x03(\x0b\x32#.dvd.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_start=31
   _globals['_HEALTHREQUEST']._serialized_end=46
   _globals['_HEALTHRESPONSE']._serialized_start=49
-  _globals['_HEALTHRESPONSE']._serialized_end=273
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=211
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=273
-  _globals['_STATSREQUEST']._serialized_start=275
-  _globals['_STATSREQUEST']._serialized_end=289
-  _globals['_STATSRESPONSE']._serialized_start=291
-  _globals['_STATSRESPONSE']._serialized_end=410
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=363
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=410
+  _globals['_HEALTHRESPONSE']._serialized_end=306
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=244
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=306
+  _globals['_STATSREQUEST']._serialized_start=308
+  _globals['_STATSREQUEST']._serialized_end=322
+  _globals['_STATSRESPONSE']._serialized_start=324
+  _globals['_STATSRESPONSE']._serialized_end=443
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=396
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=443
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "detail", "model", "transport_address", "metrics_url", "revision")
+    __slots__ = ("status", "detail", "model", "transport_address", "metrics_url", "revision", "role", "kv_layout")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[HealthResponse.Status]
@@ -27,13 +27,17 @@ class HealthResponse(_message.Message):
     TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     status: HealthResponse.Status
     detail: str
     model: str
     transport_address: str
     metrics_url: str
     revision: str
-    def __init__(self, status: _Optional[_Union[HealthResponse.Status, str]] = ..., detail: _Optional[str] = ..., model: _Optional[str] = ..., transport_address: _Optional[str] = ..., metrics_url: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+    role: str
+    kv_layout: str
+    def __init__(self, status: _Optional[_Union[HealthResponse.Status, str]] = ..., detail: _Optional[str] = ..., model: _Optional[str] = ..., transport_address: _Optional[str] = ..., metrics_url: _Optional[str] = ..., revision: _Optional[str] = ..., role: _Optional[str] = ..., kv_layout: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

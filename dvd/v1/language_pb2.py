@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dvd.v1 import common_pb2 as dvd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64vd/v1/language.proto\x12\x06\x64vd.v1\x1a\x13\x64vd/v1/common.proto\"\x1b\n\x0cTokenSegment\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xb1\x02\n\x10LanguageSampling\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedJ\x04\x08\t\x10\nR\x0cstop_strings\"\xb2\x01\n\x17LanguageGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.dvd.v1.TokenSegment\x12\x12\n\nnum_images\x18\x03 \x01(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.dvd.v1.LanguageSampling\x12\x1b\n\x13\x66\x65\x61tures_timeout_ms\x18\x05 \x01(\r\"\x8a\x02\n\x18LanguageGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x18\n\x10\x66\x65\x61tures_wait_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x66rame_arrived_ms\x18\x06 \x03(\x01\x12\x17\n\x0f\x65ngine_added_ms\x18\x07 \x01(\x01\x12\x18\n\x10prefill_start_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_ms\x18\n \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x80\x02\n\x08Language\x12O\n\x08Generate\x12\x1f.dvd.v1.LanguageGenerateRequest\x1a .dvd.v1.LanguageGenerateResponse0\x01\x12\x34\n\x05\x41\x62ort\x12\x14.dvd.v1.AbortRequest\x1a\x15.dvd.v1.AbortResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse\x12\x34\n\x05Stats\x12\x14.dvd.v1.StatsRequest\x1a\x15.dvd.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64vd/v1/language.proto\x12\x06\x64vd.v1\x1a\x13\x64vd/v1/common.proto\"\x1b\n\x0cTokenSegment\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xf5\x02\n\x10LanguageSampling\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\r\n\x05min_p\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedJ\x04\x08\t\x10\nR\x0cstop_strings\"\xdd\x01\n\x17LanguageGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.dvd.v1.TokenSegment\x12\x12\n\nnum_images\x18\x03 \x01(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.dvd.v1.LanguageSampling\x12\x1b\n\x13\x66\x65\x61tures_timeout_ms\x18\x05 \x01(\r\x12\x16\n\x0ekv_destination\x18\x06 \x01(\t\x12\x11\n\tkv_source\x18\x07 \x01(\x08\"\xa2\x02\n\x18LanguageGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x18\n\x10\x66\x65\x61tures_wait_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x66rame_arrived_ms\x18\x06 \x03(\x01\x12\x17\n\x0f\x65ngine_added_ms\x18\x07 \x01(\x01\x12\x18\n\x10prefill_start_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_ms\x18\n \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x0b \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x80\x02\n\x08Language\x12O\n\x08Generate\x12\x1f.dvd.v1.LanguageGenerateRequest\x1a .dvd.v1.LanguageGenerateResponse0\x01\x12\x34\n\x05\x41\x62ort\x12\x14.dvd.v1.AbortRequest\x1a\x15.dvd.v1.AbortResponse\x12\x37\n\x06Health\x12\x15.dvd.v1.HealthRequest\x1a\x16.dvd.v1.HealthResponse\x12\x34\n\x05Stats\x12\x14.dvd.v1.StatsRequest\x1a\x15.dvd.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENSEGMENT']._serialized_start=54
   _globals['_TOKENSEGMENT']._serialized_end=81
   _globals['_LANGUAGESAMPLING']._serialized_start=84
-  _globals['_LANGUAGESAMPLING']._serialized_end=389
-  _globals['_LANGUAGEGENERATEREQUEST']._serialized_start=392
-  _globals['_LANGUAGEGENERATEREQUEST']._serialized_end=570
-  _globals['_LANGUAGEGENERATERESPONSE']._serialized_start=573
-  _globals['_LANGUAGEGENERATERESPONSE']._serialized_end=839
-  _globals['_ABORTREQUEST']._serialized_start=841
-  _globals['_ABORTREQUEST']._serialized_end=875
-  _globals['_ABORTRESPONSE']._serialized_start=877
-  _globals['_ABORTRESPONSE']._serialized_end=907
-  _globals['_LANGUAGE']._serialized_start=910
-  _globals['_LANGUAGE']._serialized_end=1166
+  _globals['_LANGUAGESAMPLING']._serialized_end=457
+  _globals['_LANGUAGEGENERATEREQUEST']._serialized_start=460
+  _globals['_LANGUAGEGENERATEREQUEST']._serialized_end=681
+  _globals['_LANGUAGEGENERATERESPONSE']._serialized_start=684
+  _globals['_LANGUAGEGENERATERESPONSE']._serialized_end=974
+  _globals['_ABORTREQUEST']._serialized_start=976
+  _globals['_ABORTREQUEST']._serialized_end=1010
+  _globals['_ABORTRESPONSE']._serialized_start=1012
+  _globals['_ABORTRESPONSE']._serialized_end=1042
+  _globals['_LANGUAGE']._serialized_start=1045
+  _globals['_LANGUAGE']._serialized_end=1301
 # @@protoc_insertion_point(module_scope)

@@ -132,4 +132,5 @@ class DisaggregatedBackend(Backend):
 
     def generate(self, request: TokenizedRequest) -> AsyncGenerator[GenerationEvent, None]:
         return self.router.generate(request.request_id, bool(request.media),
-                                    lambda language: RequestFlow(request, language, self.router).run())
+                                    lambda language, decode: RequestFlow(request, language, self.router,
+                                                                         decode).run())

@@ -126,3 +126,18 @@ def test_bench_compare_coupled_dp_runs_a_pinned_replica_per_cpu(tiny_hf: Path, t
     assert limit["roles"]["completed_by_role"] == {"replica0": 2, "replica1": 2}
     assert "ideal = sum over replicas of 1 / cost" in out
     assert psutil.Process().children(recursive=True) == []  # both replicas (and anything under them) are gone
+
+
+@pytest.mark.slow  # one P/D deployment (vision, prefill and decode servers): about a minute here under load
+def test_bench_compare_runs_the_pd_mode_with_its_interference_run(tiny_hf: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    table = tmp_path / "table.json"
+    code = compare.main(["--model", str(tiny_hf), "--modes", "dvd-pd", "--buckets", "448", "--num-prompts", "2",
+                         "--interference-prompts", "2", "--output-len", "2", "--num-warmups", "0", "--json",
+                         str(table), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "--prefill-replicas 1 --decode-replicas 1" in out and "dvd-pd req/s" in out
+    result = json.loads(table.read_text())
+    assert result["buckets"]["448"]["dvd-pd"] > 0 and set(result["interference"]) <= {"dvd-pd"}
+    assert psutil.Process().children(recursive=True) == []

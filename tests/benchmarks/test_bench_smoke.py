@@ -16,7 +16,7 @@ from dvd.tools.make_checkpoint import make_checkpoint
 
 def test_transport_bench_small() -> None:
     """In a subprocess: the benchmark rewires file descriptor 1 to keep UCX's C-level output out of its JSON."""
-    argv = ["--json", "--kinds", "raw,tcp", "--sizes", "26MiB", "--streams", "1", "--mib-per-point", "52"]
+    argv = ["--json", "--kinds", "raw,tcp,tcp-kv", "--sizes", "26MiB", "--streams", "1", "--mib-per-point", "52"]
     run = subprocess.run([sys.executable, "-m", "dvd", "bench", "transport", *argv], capture_output=True, text=True,
                          timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -24,6 +24,7 @@ def test_transport_bench_small() -> None:
     assert report["results"]["tcp"]["26MiB"]["streams_1"]["gbps"] > 0
     assert report["results"]["tcp"]["payload_copies"] == {"sender": 0, "receiver": 0}
     assert "streams_1" in report["tcp_vs_raw_ratio"]
+    assert report["results"]["tcp-kv"]["26MiB"]["streams_1"]["gbps"] > 0  # P/D's KV frames on the same tcp
 
 
 def test_vision_bench_small(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

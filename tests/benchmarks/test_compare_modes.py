@@ -16,6 +16,8 @@ def test_coupled_dp_places_one_coupled_replica_on_each_of_coupleds_cpus() -> Non
     assert compare.placements("coupled-dp", "paper", "0", "1") == [["--coupled", "--cpus", "0"]]
     assert compare.placements("coupled", "equal", "0", "1") == [["--coupled", "--cpus", "0,1"]]
     assert len(compare.placements("dvd", "equal", "0", "1")) == 1
+    assert compare.placements("dvd-pd", "equal", "0", "1")[0][-4:] == ["--prefill-replicas", "1",
+                                                                     "--decode-replicas", "1"]
 
 
 def test_coupled_dp_joins_the_default_modes_on_equal_hardware_only() -> None:

@@ -162,3 +162,32 @@ def test_the_plan_gives_the_image_heavy_workload_more_vision_than_the_text_heavy
     assert images["vision"] + images["language"] <= 6
     narrow = recommend(plan, Workload(2.0, 1, 13, 40, 2), {"vision": RoleBounds(1, 2), "language": RoleBounds(1, 5)})
     assert narrow["vision"] == 2  # within the bounds
+
+
+def test_the_plan_simulates_servers_with_its_devices_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("dvd.deploy.sim_search", reason="dvd plan --simulate (deploy/simulate.py) not here")
+    import json
+
+    import dvd.deploy.sim_search as sim_search
+    from dvd.deploy.autoscale_plan import PlanConfig, recommend
+    from dvd.devices import CPU_DEFAULTS, GPU_DEFAULTS
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(args[4])
+        return search(*args, **kwargs)
+
+    search = sim_search.search
+    monkeypatch.setattr(sim_search, "search", recording)
+    profile = tmp_path / "profile.jsonl"
+    profile.write_text("".join(json.dumps(r) + "\n" for r in HAND_PROFILE))
+    bounds = {"vision": RoleBounds(1, 5), "language": RoleBounds(1, 5)}
+    for device in ("cuda", "cpu"):
+        recommend(PlanConfig(profile=profile, devices=6, num_requests=50, device=device), Workload(2.0, 1, 5, 40, 2),
+                  bounds)
+    assert [(s.max_batch_tokens, s.max_batch_tiles, s.preprocess_workers) for s in seen] == [
+        (d.max_batch_tokens, d.max_batch_tiles, d.preprocess_workers) for d in (GPU_DEFAULTS, CPU_DEFAULTS)]
+    assert PlanConfig(profile=profile, devices=6).device == "cuda"  # a cluster's replicas are on GPUs
+    with pytest.raises(ValueError, match="gpu0"):
+        PlanConfig(profile=profile, devices=6, device="gpu0")

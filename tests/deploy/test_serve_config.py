@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,41 @@ def test_a_vision_replica_spanning_devices_from_flags() -> None:
     args = parser.parse_args(["--model", "m", "--vision-devices", "cpu,cpu", "--vision-devices-per-replica", "2"])
     vision = _child(load_serve_config(None, flag_overrides(args, FLAGS)), "vision", "secret")
     assert vision.devices == ("cpu", "cpu") and vision.devices_per_replica == 2
+
+
+def test_prefill_and_decode_replicas_become_language_servers_with_their_roles() -> None:
+    """P/D through the one deployment spec: `--prefill-replicas 1 --decode-replicas 2` are three language servers,
+    roles placed per replica (prefill first); both or neither; not with `replicas`; 0 and 0 is today's."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    overrides = flag_overrides(parser.parse_args(["--prefill-replicas", "1", "--decode-replicas", "2"]), FLAGS)
+    assert overrides == {"language.prefill_replicas": 1, "language.decode_replicas": 2}
+    config = build_serve_config({}, overrides)
+    assert config.language_replicas == 3 and config.language_roles == ("prefill", "decode", "decode")
+    spec = serve_spec(config, Path("/m"))
+    roles = [server_config(spec, spec.nodes[0], "language", i, "t0ken-t0ken").role for i in range(3)]
+    assert roles == ["prefill", "decode", "decode"]
+    assert build_serve_config({}, {}).language_roles == ()
+    assert _child(build_serve_config({}, {}), "language", "t0ken-t0ken").role == "both"
+    with pytest.raises(ConfigError, match=r"prefill_replicas \(1\) and decode_replicas \(0\) go together"):
+        build_serve_config({"language": {"prefill_replicas": 1}}, {})
+    with pytest.raises(ConfigError, match=r"language\.replicas: with prefill_replicas and decode_replicas"):
+        build_serve_config({"language": {"replicas": 2, "prefill_replicas": 1, "decode_replicas": 1}}, {})
+
+
+def test_cluster_config_language_role_takes_prefill_and_decode_replicas() -> None:
+    from dvd.deploy.cluster_config import ServerRole
+
+    role = ServerRole(prefill_replicas=2, decode_replicas=1).spec("language", "nodes[a]")
+    assert role.replicas == 3 and role.roles == ("prefill", "prefill", "decode") and "role" in role.placed_keys()
+    with pytest.raises(ValueError, match="replicas 5: with prefill_replicas and decode_replicas"):
+        ServerRole(replicas=5, prefill_replicas=1, decode_replicas=1)
+
+
+def test_ray_language_role_takes_prefill_and_decode_replicas() -> None:
+    from dvd.deploy.ray_cluster import RayRole
+
+    role = RayRole(prefill_replicas=1, decode_replicas=1)
+    assert role.replicas == 2 and role.spec("language", 2).roles == ("prefill", "decode")
+    with pytest.raises(ConfigError, match="cannot be autoscaled to 3"):
+        role.spec("language", 3)

@@ -166,3 +166,18 @@ def test_settings_default_to_the_servers_own() -> None:
                                                                           engine.max_running_requests)
     assert (settings.max_batch_tiles, settings.max_wait_s * 1e3, settings.preprocess_workers) == (
         vision.max_batch_tiles, vision.max_wait_ms, vision.preprocess_workers)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_settings_for_a_device_are_its_servers_defaults(device: str) -> None:
+    from dvd.language_server.config import EngineConfig
+    from dvd.vision_server.config import VisionServerConfig
+
+    engine, vision = EngineConfig().for_device(device), VisionServerConfig(model=Path("."), devices=(device,))
+    settings = SimSettings.for_device(device)
+    assert (settings.max_batch_tokens, settings.max_running_requests) == (engine.max_batch_tokens,
+                                                                          engine.max_running_requests)
+    assert (settings.max_batch_tiles, settings.preprocess_workers) == (vision.max_batch_tiles,
+                                                                       vision.preprocess_workers)
+    given = SimSettings.for_device(device, max_batch_tiles=3, max_concurrency=5)
+    assert (given.max_batch_tiles, given.max_concurrency, given.max_batch_tokens) == (3, 5, engine.max_batch_tokens)

@@ -1,12 +1,14 @@
 """A Hugging Face Hub on loopback for tests (point HF_ENDPOINT at `FakeHub.url`): the file API huggingface_hub
-uses to resolve and fetch a repo (revision info, tree listing, HEAD and GET of a file under /resolve/), serving
-local directories as repos, counting every request. And a Hub cache laid out in a directory as huggingface_hub
+uses to resolve and fetch a repo (revision info, tree listing, HEAD and GET of a file under /resolve/, a GET
+with a `Range: bytes=A-B` header answered 206 with those bytes), serving local directories as repos, counting
+every request and the bytes of each file it sent. And a Hub cache laid out in a directory as huggingface_hub
 lays it out (refs, snapshots, blobs), for offline tests."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +32,8 @@ class FakeHub:
     def __init__(self, repos: dict[str, dict[str, Path]], gated: frozenset[str] = frozenset()) -> None:
         self.repos, self.gated = repos, gated
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.full_gets: list[str] = []  # files sent whole (a GET without Range)
+        self.bytes_sent: dict[str, int] = {}  # file -> bytes of it sent in bodies, ranges included
         self._lock = threading.Lock()
         hub = self
 
@@ -60,9 +64,9 @@ class FakeHub:
         self.thread.join(10)
 
     def downloads(self) -> list[str]:
-        """The files fetched (GET under /resolve/), by name."""
-        return sorted(path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in self.requests
-                      if method == "GET" and "/resolve/" in path)
+        """The files fetched whole (GET under /resolve/ without a Range), by name."""
+        with self._lock:
+            return sorted(self.full_gets)
 
     # --- the Hub's answers ------------------------------------------------------------------------
     def _folder(self, repo_id: str, revision: str) -> Path | None:
@@ -121,7 +125,18 @@ class FakeHub:
             return
         data = file.read_bytes()
         headers = {"X-Repo-Commit": commit, "ETag": f'"{_blob_id(data)}"', "Content-Type": "application/octet-stream"}
-        self._send(handler, 200, data if body else b"", headers, length=len(data))
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", handler.headers.get("Range", "").strip())
+        status, part = 200, data
+        if ranged and body:
+            start, stop = int(ranged[1]), min(int(ranged[2]) + 1, len(data))
+            status, part = 206, data[start:stop]
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+        if body:
+            with self._lock:
+                self.bytes_sent[filename] = self.bytes_sent.get(filename, 0) + len(part)
+                if not ranged:
+                    self.full_gets.append(filename)
+        self._send(handler, status, part if body else b"", headers, length=len(part))
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str],

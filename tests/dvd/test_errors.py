@@ -50,6 +50,7 @@ EXPECTED = [
     (errors.UnauthenticatedError, 401, grpc.StatusCode.UNAUTHENTICATED),
     (errors.InternalCredentialError, 500, grpc.StatusCode.UNAUTHENTICATED),
     (errors.DestinationNotAllowedError, 500, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.KvLayoutError, 500, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.CheckpointError, 500, grpc.StatusCode.INTERNAL),
     (errors.EngineFailedError, 500, grpc.StatusCode.INTERNAL),
     (errors.TransportError, 500, grpc.StatusCode.INTERNAL),

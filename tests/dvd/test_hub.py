@@ -140,6 +140,33 @@ def test_each_role_fetches_only_its_files(checkpoints: dict[str, Path], tmp_path
     assert run.returncode == 2 and re.search(r"lacks model-\d+-of-\d+\.safetensors", run.stderr), run.stderr
 
 
+def test_dvd_plan_on_a_hub_id_reads_the_shards_headers_not_their_tensors(checkpoints: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """The same plan as on the directory, from the config files, the index and each shard's header (HTTP
+    range requests), sharded or one file; no shard is downloaded or cached."""
+    plan = ["--devices", "2x1GiB", "--reserve", "100MiB", "--request-tokens", "256"]
+    for name in ("sharded", "hf"):
+        folder = checkpoints[name]
+        local = _dvd("plan", "--model", str(folder), *plan, "--json", env={})
+        assert local.returncode == 0, local.stderr
+        shards = {f.name for f in folder.glob("*.safetensors")}
+        with FakeHub({"org/tiny": {"main": folder}}) as hub:
+            cache = tmp_path / name
+            env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(cache)}
+            by_id = _dvd("plan", "--model", "org/tiny", *plan, "--json", env=env)
+            assert by_id.returncode == 0, by_id.stderr
+            assert by_id.stdout == local.stdout
+            assert not shards & set(hub.downloads()), hub.downloads()
+            for shard in shards:  # of each shard, its 8-byte length and its header: nothing else
+                with (folder / shard).open("rb") as handle:
+                    header_bytes = 8 + int.from_bytes(handle.read(8), "little")
+                assert hub.bytes_sent[shard] == header_bytes < (folder / shard).stat().st_size, shard
+        snapshot = cache / "models--org--tiny" / "snapshots" / commit_of("org/tiny", folder)
+        assert not shards & {p.name for p in snapshot.iterdir()}
+    text = _dvd("plan", "--model", "org/tiny", *plan, env=_offline(tmp_path / "sharded"))  # offline: no shard
+    assert text.returncode == 2 and "lacks model-" in text.stderr, text.stderr
+
+
 def _one_line_and_nothing_started(run: subprocess.CompletedProcess[str], *expected: str) -> None:
     lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert run.returncode == 2 and len(lines) == 1, run.stderr

@@ -33,7 +33,8 @@ FIELD_VALUES = st.one_of(json_values, st.integers(-5, 10**6), st.floats(-3, 3),
                          st.sampled_from(["", "tiny", "x" * 300]))
 FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_tokens", "seed",
           "stop", "stream", "stream_options", "n", "repetition_penalty", "ignore_eos", "max_num", "thinking",
-          "timeout", "logprobs", "response_format", "tools", "presence_penalty", "bogus"]
+          "timeout", "logprobs", "response_format", "tools", "presence_penalty",
+          "frequency_penalty", "min_p", "bogus"]
 part = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=50), json_values)}),
     st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.one_of(
@@ -67,6 +68,7 @@ def _check(build) -> None:
         assert len(request.stop_strings) <= LIMITS.max_stop_strings
         assert s.seed is None or -(2**63) <= s.seed < 2**63  # it must fit the language server's int64
         assert 0 <= s.top_k < 2**31 and 0 <= s.min_new_tokens <= s.max_new_tokens
+        assert 0 <= s.min_p <= 1 and -2 <= s.presence_penalty <= 2 and -2 <= s.frequency_penalty <= 2
 
 
 def _http(raw: bytes):
@@ -99,7 +101,8 @@ sampling = st.builds(
     generation_pb2.Sampling,
     max_new_tokens=st.none() | st.integers(0, 2**32 - 1), min_new_tokens=st.integers(0, 2**32 - 1),
     temperature=st.none() | floats32, top_p=st.none() | floats32, top_k=st.integers(-(2**31), 2**31 - 1),
-    repetition_penalty=st.none() | floats32, seed=st.none() | st.integers(-(2**63), 2**63 - 1),
+    repetition_penalty=st.none() | floats32, min_p=floats32, presence_penalty=floats32,
+    frequency_penalty=floats32, seed=st.none() | st.integers(-(2**63), 2**63 - 1),
     stop=st.lists(st.text(max_size=300), max_size=6))
 grpc_requests = st.builds(generation_pb2.GenerateRequest, model=st.sampled_from(["", "tiny", "other"]),
                           messages=grpc_messages, sampling=sampling, max_num=st.integers(0, 2**32 - 1),

@@ -28,7 +28,7 @@ def _language(address: str, load: int = 0) -> Replica:
 def _refusing(busy_ones: set[str], tried: list[str], refuse_after: int = 0):
     """A run for Router.generate: on a replica in `busy_ones` it yields `refuse_after` items, then
     refuses busy; elsewhere it yields the replica's address. Records the replicas it ran on."""
-    async def run(replica: Replica) -> AsyncGenerator[str, None]:
+    async def run(replica: Replica, decode: Replica | None = None) -> AsyncGenerator[str, None]:
         tried.append(replica.address)
         if replica.address in busy_ones:
             for i in range(refuse_after):
@@ -183,3 +183,25 @@ def test_a_vision_replica_is_told_the_language_servers_before_its_first_encode_n
     announced, attempts = asyncio.run(main())
     assert announced == [["tcp://l1:73", "tcp://l2:73"]] * 3
     assert attempts == [0] * 6  # the retry after telling it again is the same attempt, on the same replica
+
+
+def test_pick_route_pairs_prefill_and_decode_of_one_layout_and_names_a_missing_half() -> None:
+    from dvd.pipeline.router import pick_route
+
+    def server(address: str, role: str, layout: str = "L", load: int = 0) -> Replica:
+        return Replica(kind="language", address=address, healthy=True, role=role, kv_layout=layout,
+                       num_outstanding=load)
+
+    p1, p2 = server("p1", "prefill", load=2), server("p2", "prefill")
+    d1, d2, odd = server("d1", "decode", load=1), server("d2", "decode"), server("d3", "decode", layout="M")
+    pool = ReplicaPool("language", [p1, p2, d1, d2, odd])
+    assert pick_route(pool, []) == (p2, d2)  # least loaded of each
+    assert pick_route(pool, [d2]) == (p2, d1)  # a decode server that refused busy is passed over
+    with pytest.raises(ReplicaBusyError):
+        pick_route(pool, [d1, d2])  # the other decode server's layout fits no prefill server: never routed
+    with pytest.raises(UnavailableError, match="no healthy decode server to pair with the 1 healthy prefill"):
+        pick_route(ReplicaPool("language", [p1]), [])
+    with pytest.raises(UnavailableError, match="share a KV layout"):
+        pick_route(ReplicaPool("language", [p1, odd]), [])
+    both = Replica(kind="language", address="b", healthy=True, role="both")
+    assert pick_route(ReplicaPool("language", [both, p1]), []) == (both, None)  # half a pair: both servers serve

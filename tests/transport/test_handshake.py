@@ -49,8 +49,8 @@ def test_sender_refuses_receiver_without_token(kind: str, caplog: pytest.LogCapt
 
 
 def test_a_sender_of_the_old_protocol_version_is_refused_naming_both() -> None:
-    """A version-2 sender (frames without their trace context) meets a version-3 receiver: refused at its
-    Hello, the reason naming both versions, before any frame could be misread."""
+    """A version-2 sender (frames without their trace context) meets a version-4 receiver (KV frames too): refused
+    at its Hello, the reason naming both versions, before any frame could be misread."""
     async def main() -> None:
         async with pair("tcp") as (_sender, receiver):
             host, port = parse_address(receiver.address, "tcp://")
@@ -64,7 +64,7 @@ def test_a_sender_of_the_old_protocol_version_is_refused_naming_both() -> None:
             assert isinstance(reply, Refuse) and reply.code == "version"
             assert reply.reason.startswith(f"protocol version 2 refused: this receiver speaks {PROTOCOL_VERSION}")
     run(main())
-    assert PROTOCOL_VERSION == 3
+    assert PROTOCOL_VERSION == 4
 
 
 def test_other_protocol_version_refused(caplog: pytest.LogCaptureFixture) -> None:

@@ -89,7 +89,7 @@ def test_a_version_1_header_is_refused_naming_both_versions() -> None:
            "crc": None, "ck": None, "at": 0}
     with pytest.raises(ProtocolError, match=f"protocol version 1; this side speaks {PROTOCOL_VERSION}"):
         decode(msgpack.packb(old, use_bin_type=True))
-    assert PROTOCOL_VERSION == 3 and "slot" in FeatureHeader("r", 3, 256, "uint8", (1,), 1).to_map()
+    assert PROTOCOL_VERSION == 4 and "slot" in FeatureHeader("r", 3, 256, "uint8", (1,), 1).to_map()
 
 
 def test_a_version_2_header_is_refused_naming_both_versions() -> None:
@@ -112,3 +112,16 @@ def test_a_frame_carries_its_trace_context_and_a_malformed_one_is_refused() -> N
 def test_control_messages_round_trip() -> None:
     for message in (Hello(1, b"n" * 32), Challenge(1, b"m" * 32, None, 10), Refuse("token", "wrong")):
         assert decode(encode(message)) == message
+
+
+def test_kv_frames_round_trip_and_refuse_a_header_that_lies() -> None:
+    """P/D's KV frames (protocol version 4): a KvHeader and a KvHandoff survive their wire form, keyed apart from
+    every feature frame; one whose nbytes does not match its shape is refused by name."""
+    from dvd.transport.wire import KvHandoff, KvHeader, encode
+
+    kv = KvHeader("r", 2, 3, "float32", (2, 2, 48, 2, 8), 2 * 2 * 48 * 2 * 8 * 4, layout="block_size=16")
+    handoff = KvHandoff("r", 7, 5, 1, b"\x01" * 16, "int64", (70,), 560, layout="block_size=16")
+    assert decode(encode(kv)) == kv and decode(encode(handoff)) == handoff
+    assert len({kv.key, handoff.key, FeatureHeader("r", 0, 256, "uint8", (1,), 1).key}) == 3
+    with pytest.raises(ProtocolError, match="nbytes 8 does not match shape"):
+        KvHeader("r", 0, 1, "float32", (1, 2, 16, 2, 8), 8)

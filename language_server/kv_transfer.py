@@ -1,0 +1,196 @@
+"""P/D: prefill and decode on their own language servers, the KV cache streamed between them on DvD's transport.
+
+A language server has a role (`LanguageServerConfig.role`): `both` (prefill and decode, the default), `prefill`
+or `decode`. The gateway sends one request's Generate to a prefill server naming the decode server's transport
+address (`kv_destination`) and, at the same moment, to that decode server (`kv_source`).
+
+- The prefill server runs the prompt as any server does (its features streamed in, prefill in chunks, the prefix
+  cache). After each step, the blocks its chunk completed leave for the decode server (`Engine._export_completed`
+  -> `KvPusher.push`: `KvHeader` frames, every layer), so the transfer overlaps the prefill; at its first token the
+  last blocks and a `KvHandoff` (the prompt's ids, the first token, the seeded generator's state) follow, its
+  Generate answers the first token and ends without a finish reason, and its blocks are freed (or kept by its
+  prefix cache).
+- The decode server's `KvIntake` takes those frames (before or after its Generate: frames nobody claims are
+  dropped after the orphan TTL), hands each request's blocks to the engine as they land (`Engine.import_blocks`:
+  copied into blocks of its own, the request ended busy when its cache has too few free, so the gateway retries
+  elsewhere before any token), and on the hand-off the request joins the running batch with its prompt computed
+  (`Engine.add_prefilled`), streaming the tokens after the first.
+
+Both sides stamp their frames with their KV layout (`kv_layout`: checkpoint, dtype, block size, layers, kv heads,
+head dim, tensor parallel, device type); a decode server refuses a request whose frames carry another, naming the
+difference (`KvLayoutError`), and each server reports its layout in Health so the gateway pairs only servers that
+fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dvd.errors import DeadlineExceededError, DestinationError, EngineFailedError, KvLayoutError, ReplicaBusyError
+from dvd.language_server.request import KvExport
+from dvd.transport import Frame, KvHandoff, KvHeader, Sender, TransportError
+
+ROLES = ("both", "prefill", "decode")
+# How many ended requests' ids a decode server remembers, so their late frames are dropped at once.
+ENDED_MEMORY = 4096
+
+
+def kv_layout(model: str, dtype: torch.dtype, block_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
+              tensor_parallel: int, device_type: str) -> str:
+    """What must match between a prefill and a decode server, as `key=value;...` (compared key by key)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return (f"model={model};dtype={dtype_name};block_size={block_size};layers={num_layers};kv_heads={num_kv_heads};"
+            f"head_dim={head_dim};tp={tensor_parallel};device={device_type}")
+
+
+def layout_difference(mine: str, theirs: str) -> str:
+    """The keys two layouts differ in, as 'key: mine vs theirs'; "" when they fit."""
+    a = dict(part.partition("=")[::2] for part in mine.split(";") if part)
+    b = dict(part.partition("=")[::2] for part in theirs.split(";") if part)
+    return ", ".join(f"{k}: {a.get(k, '-')} here vs {b.get(k, '-')} there" for k in sorted(a.keys() | b.keys())
+                     if a.get(k) != b.get(k))
+
+
+class KvPusher:
+    """A prefill server's side: its requests' KV exports as frames to the decode servers named."""
+
+    def __init__(self, sender: Sender, layout: str) -> None:
+        self.sender = sender
+        self.layout = layout
+
+    async def push(self, destination: str, request_id: str, export: KvExport) -> None:
+        """Send one export's blocks (and its hand-off, when it has one); DestinationError naming the decode server
+        when the transport fails."""
+        blocks = export.blocks.contiguous()
+        dtype = str(blocks.dtype).removeprefix("torch.")
+        header = KvHeader(request_id, export.first_block, export.num_blocks, dtype, tuple(blocks.shape),
+                          blocks.numel() * blocks.element_size(), layout=self.layout)
+        try:
+            if export.num_blocks:
+                await self.sender.send(destination, header, blocks)
+            if export.handoff is not None:
+                h = export.handoff
+                ids = torch.tensor(h.prompt_ids, dtype=torch.int64)
+                handoff = KvHandoff(request_id, h.first_token, export.first_block + export.num_blocks, h.num_images,
+                                    h.generator_state, "int64", tuple(ids.shape), ids.numel() * 8, layout=self.layout)
+                await self.sender.send(destination, handoff, ids)
+        except TransportError as error:
+            raise DestinationError(f"decode server {destination}", error) from None
+
+
+@dataclass
+class Incoming:
+    """One request's KV on its way to a decode server: frames held until its Generate opens it, then the
+    hand-off (or an error) it waits for."""
+
+    request_id: str
+    created_at: float = field(default_factory=time.monotonic)
+    pending: list[Frame] = field(default_factory=list)
+    opened: bool = False
+    first_frame_at: float = 0.0  # time.monotonic() its first KV frame arrived
+    handoff: Frame | None = None
+    error: BaseException | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait(self, timeout_s: float) -> Frame:
+        """The hand-off frame; raises the error that ended the transfer, or DeadlineExceededError."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceededError(f"the KV cache of {self.request_id!r} did not arrive from its prefill server "
+                                        f"within {timeout_s:.1f}s") from None
+        if self.error is not None:
+            raise self.error
+        assert self.handoff is not None
+        return self.handoff
+
+
+class KvIntake:
+    """A decode server's side, on its event loop: KV frames -> the engine, by request."""
+
+    def __init__(self, layout: str, import_blocks: Callable[[str, int, torch.Tensor], None],
+                 orphan_ttl_s: float) -> None:
+        self.layout = layout
+        self.import_blocks = import_blocks
+        self.orphan_ttl_s = orphan_ttl_s
+        self.entries: dict[str, Incoming] = {}
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.num_frames = 0
+        self.num_dropped_frames = 0
+        self.num_refused_layouts = 0
+
+    def put(self, frame: Frame) -> None:
+        """A KV frame or hand-off from a prefill server."""
+        header = frame.header
+        assert isinstance(header, KvHeader | KvHandoff)
+        self._expire()
+        rid = header.request_id
+        if rid in self._ended:
+            self.num_dropped_frames += 1
+            return
+        entry = self.entries.setdefault(rid, Incoming(rid))
+        self.num_frames += 1
+        entry.first_frame_at = entry.first_frame_at or time.monotonic()
+        difference = layout_difference(self.layout, header.layout)
+        if difference:
+            self.num_refused_layouts += 1
+            self._fail(entry, KvLayoutError(f"decode server refuses the KV cache of {rid!r}: its prefill server's "
+                                            f"layout differs ({difference})"))
+        elif entry.error is not None:
+            self.num_dropped_frames += 1
+        elif isinstance(header, KvHandoff):
+            entry.handoff = frame
+            entry.event.set()
+        elif entry.opened:
+            self.import_blocks(rid, header.first_block, frame.tensor)
+        else:
+            entry.pending.append(frame)
+
+    def open(self, request_id: str) -> Incoming:
+        """The Generate of a request whose KV comes from a prefill server: its frames so far go to the engine."""
+        entry = self.entries.setdefault(request_id, Incoming(request_id))
+        entry.opened = True
+        for frame in entry.pending:
+            assert isinstance(frame.header, KvHeader)
+            self.import_blocks(request_id, frame.header.first_block, frame.tensor)
+        entry.pending = []
+        return entry
+
+    def fail(self, request_id: str, error: str, busy: bool) -> bool:
+        """The engine ended a request whose KV is arriving (e.g. its cache is full); False: no such request."""
+        entry = self.entries.get(request_id)
+        if entry is None:
+            return False
+        self._fail(entry, ReplicaBusyError(error) if busy else EngineFailedError(error))
+        return True
+
+    def close(self, request_id: str) -> None:
+        """The request's Generate ended: forget it, and drop its late frames."""
+        self.entries.pop(request_id, None)
+        self._ended[request_id] = None
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
+
+    @property
+    def num_bytes_held(self) -> int:
+        return sum(f.header.nbytes for e in self.entries.values() for f in (*e.pending, *([e.handoff] if e.handoff
+                                                                                            else [])))
+
+    def _fail(self, entry: Incoming, error: BaseException) -> None:
+        if entry.error is None:
+            entry.error = error
+        entry.pending, entry.handoff = [], None
+        entry.event.set()
+
+    def _expire(self) -> None:
+        """Drop what no Generate claimed within the orphan TTL (its prefill's Generate was answered elsewhere)."""
+        now = time.monotonic()
+        for rid in [r for r, e in self.entries.items() if not e.opened and now - e.created_at > self.orphan_ttl_s]:
+            del self.entries[rid]
+            self._ended[rid] = None

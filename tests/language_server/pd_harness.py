@@ -1,0 +1,128 @@
+"""P/D in one test process: a prefill and a decode language server (and a role=both one to compare with) on one
+event-loop thread, over tcp or inproc, with a feature sender standing in for a vision server. Waiting is on the
+servers' state conditions, never on sleeps; `close()` stops everything it started."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from dvd.language_server.config import EngineConfig
+from dvd.language_server.model import LanguageHalf
+from dvd.language_server.server import LanguageServer
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.transport import InprocHub, Sender, TransportConfig, create_sender, header_for
+from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+
+T = TypeVar("T")
+Responses = Iterator[language_pb2.LanguageGenerateResponse]
+ENGINE = EngineConfig(block_size=16, num_blocks=256, max_batch_tokens=64, enable_prefix_cache=True)
+
+
+@dataclasses.dataclass
+class Served:
+    server: LanguageServer
+    channel: grpc.Channel
+    stub: language_pb2_grpc.LanguageStub
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.stub.Stats(common_pb2.StatsRequest()).counters)
+
+
+class PdHarness:
+    def __init__(self, model: Path, language: LanguageHalf, kind: str = "tcp",
+                 decode_engine: EngineConfig = ENGINE, prefill_engine: EngineConfig = ENGINE,
+                 **overrides: Any) -> None:
+        self.kind = kind
+        self.options: dict[str, Any] = {"hub": InprocHub()} if kind == "inproc" else {}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pd-test-loop", daemon=True)
+        self.thread.start()
+        self.servers: dict[str, Served] = {}
+        for role, engine in (("prefill", prefill_engine), ("decode", decode_engine), ("both", ENGINE)):
+            config = LanguageServerConfig(model=model, engine=engine, role=role,
+                                          transport=TransportConfig(kind=kind), features_timeout_s=60.0, **overrides)
+            server = self.call(self._start(config, language))
+            channel = grpc.insecure_channel(server.address)
+            self.servers[role] = Served(server, channel, language_pb2_grpc.LanguageStub(channel))
+        self.sender: Sender = self.call(self._sender())
+
+    async def _start(self, config: LanguageServerConfig, language: LanguageHalf) -> LanguageServer:
+        server = LanguageServer(config, self.options, language=language)
+        await server.start()
+        return server
+
+    async def _sender(self) -> Sender:
+        return create_sender(TransportConfig(kind=self.kind), **self.options)
+
+    @property
+    def prefill(self) -> Served:
+        return self.servers["prefill"]
+
+    @property
+    def decode(self) -> Served:
+        return self.servers["decode"]
+
+    @property
+    def both(self) -> Served:
+        return self.servers["both"]
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def send(self, to: Served, request_id: str, slot: int, features: torch.Tensor) -> None:
+        header = header_for(request_id, slot, 256, features)
+        self.call(self.sender.send(to.server.receiver.address, header, features))
+
+    def wait_until(self, served: Served, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        if not self.call(served.server.wait_until(predicate, timeout_s), timeout_s + 10):
+            raise TimeoutError("server state did not come about")
+
+    def split(self, request: language_pb2.LanguageGenerateRequest) -> tuple[Responses, Responses]:
+        """Generate on the prefill server (naming the decode server) and on the decode server at the same moment,
+        as the gateway does."""
+        to_prefill = language_pb2.LanguageGenerateRequest()
+        to_prefill.CopyFrom(request)
+        to_prefill.kv_destination = self.decode.server.transport_address
+        to_decode = language_pb2.LanguageGenerateRequest()
+        to_decode.CopyFrom(request)
+        to_decode.kv_source = True  # its segments go along unused: the hand-off carries the expanded prompt
+        return self.prefill.stub.Generate(to_prefill), self.decode.stub.Generate(to_decode)
+
+    def generate_split(self, request: language_pb2.LanguageGenerateRequest,
+                       features: list[torch.Tensor] = ()) -> tuple[list[int], str]:  # type: ignore[assignment]
+        """The request's tokens and finish reason, prefill's first then decode's."""
+        prefill, decode = self.split(request)
+        for slot, rows in enumerate(features):
+            self.send(self.prefill, request.request_id, slot, rows)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first, rest = pool.submit(collect, prefill), pool.submit(collect, decode)
+            (tokens, reason), (more, final) = first.result(120), rest.result(120)
+        assert len(tokens) == 1 and reason == "", (tokens, reason)  # handed off after the first token
+        return tokens + more, final
+
+    def close(self) -> None:
+        for served in self.servers.values():
+            served.channel.close()
+        self.call(self.sender.close())
+        for served in self.servers.values():
+            self.call(served.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def collect(stream: Iterator[language_pb2.LanguageGenerateResponse]) -> tuple[list[int], str]:
+    tokens, reason = [], ""
+    for message in stream:
+        tokens += message.token_ids
+        reason = message.finish_reason or reason
+    return tokens, reason

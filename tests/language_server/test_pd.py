@@ -1,0 +1,145 @@
+"""P/D: a prefill and a decode language server, the KV cache pushed between them on the transport (tcp, inproc):
+the tokens equal a role=both server's and transformers' monolithic output, a seeded sampled request continues its
+random stream across the hand-off, and a pair that does not fit or a full decode cache fails the request by name
+with nothing left allocated on either side."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gc
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from dvd.language_server.model import LanguageHalf
+from dvd.prompt import ChatFormat
+from dvd.v1 import common_pb2, language_pb2
+from tests.language_server.pd_harness import ENGINE, PdHarness, Served, collect
+from tests.language_server.test_language_server import expected, generate_request
+
+
+@pytest.fixture(scope="module", params=["tcp", "inproc"])
+def pd(request: pytest.FixtureRequest, tiny_hf: Path, language: LanguageHalf) -> Iterator[PdHarness]:
+    h = PdHarness(tiny_hf, language, request.param)
+    yield h
+    h.close()
+
+
+def assert_freed(pd: PdHarness, served: Served) -> None:
+    server, engine = served.server, served.server.engine
+    pd.wait_until(served, lambda: not server.streams and not server.feeder.waiting and not engine.requests
+                  and not engine.incoming and engine.stats.num_kv_blocks_used == 0 and not server.kv_intake.entries)
+    gc.collect()
+    pool = server.receiver.pool
+    assert pool.wait_for(lambda p: p.num_bytes_in_use == 0, 30), pool.num_bytes_in_use
+    stats = served.stats()
+    assert stats["num_kv_blocks_used"] == 0 and stats["num_kv_requests_arriving"] == 0
+
+
+def test_health_reports_role_and_kv_layout(pd: PdHarness) -> None:
+    for role, served in pd.servers.items():
+        health = served.stub.Health(common_pb2.HealthRequest())
+        assert health.role == role and "block_size=16" in health.kv_layout
+    assert pd.prefill.server.kv_layout == pd.decode.server.kv_layout
+
+
+def test_split_greedy_equals_monolithic_and_unsplit(pd: PdHarness, chat: ChatFormat, language: LanguageHalf,
+                                                  image_features: list[torch.Tensor]) -> None:
+    cases = {
+        "text": (generate_request(chat, f"{pd.kind}-text", "write a poem about the sea"), []),
+        "one": (generate_request(chat, f"{pd.kind}-one", "<image>\ndescribe", num_images=1), image_features[:1]),
+        "two": (generate_request(chat, f"{pd.kind}-two", "Image-1: <image>\nImage-2: <image>\ncompare",
+                                 num_images=2), image_features[1:3]),
+    }
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:  # concurrent, as the batch runs them
+        futures = {name: pool.submit(pd.generate_split, request, features)
+                   for name, (request, features) in cases.items()}
+        results = {name: f.result(180) for name, f in futures.items()}
+    for name, (request, features) in cases.items():
+        want = expected(language, chat, request, list(features))
+        assert results[name] == (want, "length"), name
+        request.request_id += "-both"
+        for slot, rows in enumerate(features):
+            pd.send(pd.both, request.request_id, slot, rows)
+        assert collect(pd.both.stub.Generate(request)) == (want, "length"), name
+    assert pd.prefill.stats()["num_kv_blocks_exported"] > 0
+    assert pd.decode.stats()["num_kv_blocks_imported"] > 0
+    for served in pd.servers.values():
+        assert_freed(pd, served)
+
+
+def test_seeded_sampled_request_continues_its_stream(pd: PdHarness, chat: ChatFormat) -> None:
+    sampling = {"temperature": 1.0, "seed": 1234, "top_p": 0.95, "repetition_penalty": 1.2, "max_new_tokens": 12,
+                "min_new_tokens": 12}
+    split = pd.generate_split(generate_request(chat, f"{pd.kind}-seeded", "tell me a story", **sampling))
+    whole = collect(pd.both.stub.Generate(generate_request(chat, f"{pd.kind}-seeded-both", "tell me a story",
+                                                           **sampling)))
+    assert split == whole and len(split[0]) == 12
+    other = collect(pd.both.stub.Generate(generate_request(chat, f"{pd.kind}-seeded-other", "tell me a story",
+                                                           **(sampling | {"seed": 99}))))
+    assert other != whole  # the seed matters: the equality above is the stream continuing, not chance
+    for served in pd.servers.values():
+        assert_freed(pd, served)
+
+
+def test_request_finished_at_its_first_token_is_not_handed_off(pd: PdHarness, chat: ChatFormat) -> None:
+    request = generate_request(chat, f"{pd.kind}-short", "hi", max_new_tokens=1, min_new_tokens=1)
+    prefill, decode = pd.split(request)
+    assert collect(prefill)[1] == "length"
+    pd.decode.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))  # as the gateway does
+    with pytest.raises(grpc.RpcError) as caught:
+        collect(decode)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED or caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for served in pd.servers.values():
+        assert_freed(pd, served)
+
+
+def test_decode_cache_full_is_busy_and_frees_both_sides(tiny_hf: Path, language: LanguageHalf,
+                                                        chat: ChatFormat) -> None:
+    pd = PdHarness(tiny_hf, language, "tcp", decode_engine=dataclasses.replace(ENGINE, num_blocks=16))
+    try:
+        decode = pd.decode.server
+        layers, (kv_heads, head_dim) = len(decode.engine.cache.keys), decode.engine.cache.keys[0].shape[1:]
+        # another request's KV arriving holds every block of the decode server's cache
+        decode.engine_loop.import_blocks("hog", 0, torch.zeros(layers, 2, 16 * 16, kv_heads, head_dim))
+        deadline = time.monotonic() + 60  # the engine thread applies the import: poll its published stats, bounded
+        while decode.engine.stats.num_kv_blocks_used != 16:
+            assert time.monotonic() < deadline, "the engine never took the blocks"
+            threading.Event().wait(0.01)
+        request = generate_request(chat, "too-big", "write a poem about the sea")
+        prefill, to_decode = pd.split(request)
+        with pytest.raises(grpc.RpcError) as caught:
+            collect(to_decode)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "KV cache is full" in (caught.value.details() or "")
+        assert dict(caught.value.trailing_metadata() or ()).get("dvd-error") == "ReplicaBusyError"
+        collect(prefill)  # its push went to a decode server that dropped the request: the frames are discarded
+        decode.engine_loop.abort("hog")
+        for served in pd.servers.values():
+            assert_freed(pd, served)
+    finally:
+        pd.close()
+
+
+def test_pair_of_another_layout_is_refused_naming_the_difference(tiny_hf: Path, language: LanguageHalf,
+                                                                 chat: ChatFormat) -> None:
+    pd = PdHarness(tiny_hf, language, "tcp", decode_engine=dataclasses.replace(ENGINE, block_size=32))
+    try:
+        assert pd.prefill.server.kv_layout != pd.decode.server.kv_layout
+        prefill, decode = pd.split(generate_request(chat, "misfit", "hello there"))
+        with pytest.raises(grpc.RpcError) as caught:
+            collect(decode)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "block_size: 32 here vs 16 there" in (caught.value.details() or "")
+        collect(prefill)
+        assert pd.decode.stats()["num_kv_layouts_refused"] >= 1
+        for served in pd.servers.values():
+            assert_freed(pd, served)
+    finally:
+        pd.close()
