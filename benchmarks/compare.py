@@ -7,7 +7,10 @@ Settings (stated in the output):
   paper  the language side's hardware is fixed, as in Table 18: coupled gets one CPU for the whole
          model; DvD gets that CPU for the language server and another for the vision server (and the
          gateway).
-  equal  coupled gets both CPUs; DvD one each.
+  equal  coupled gets both CPUs; DvD one each. One coupled process over two CPUs (torch threads over both)
+         reached 0.58-0.77 of twice a one-CPU coupled's throughput (issue 19), and with two devices and a
+         model that fits one a user runs a replica on each behind a balancer: so here the baseline includes
+         coupled-dp, which joins the default modes.
 Beside throughput: the TPOT p99 of text-only requests sent while image-heavy (1344 px) requests arrive,
 per mode: the interference disaggregation is meant to remove. And per bucket the limits each run allows
 (benchmarks/roles.py): every role's CPU seconds per request and busy fraction, read from /proc over the run;
@@ -15,11 +18,15 @@ from a DvD run the pipeline's ideal (1 / the busier server's cost) and coupled's
 coupled run its own (its CPUs / its cost); each mode's fraction of its ideal.
 
 Modes: coupled (`dvd serve --coupled`: one engine with the vision encoder in its step, as vLLM runs
-InternVL), dvd (the disaggregated pipeline on --model), dvd+vir (the same on --vir-model, a Flash checkpoint
-whose ViR compresses tiles to 64 tokens), dvd-pd (dvd with prefill and decode on servers of their own,
-`--prefill-replicas 1 --decode-replicas 1`, the KV cache pushed between them: the decode server alone on the
-language CPUs, the prefill server with the vision server and the gateway on the vision CPUs, so image prefills
-do not take the decodes' CPU).
+InternVL), coupled-dp (data parallel: one `dvd serve --coupled` pinned to each CPU of coupled's set, the
+workload spread over them as a least-outstanding-requests balancer would, as vLLM's data parallelism or two
+servers behind a balancer; its ideal is the sum over replicas of 1 / each one's CPU-s per request), dvd (the
+disaggregated pipeline on --model), dvd+vir (the same on --vir-model, a Flash checkpoint whose ViR compresses
+tiles to 64 tokens), dvd-pd (dvd with prefill and decode on servers of their own, `--prefill-replicas 1
+--decode-replicas 1`, the KV cache pushed between them: the decode server alone on the language CPUs, the
+prefill server with the vision server and the gateway on the vision CPUs, so image prefills do not take the
+decodes' CPU). Default: coupled, dvd, dvd+vir, and in the equal setting coupled-dp too. Ratios are against
+coupled; a line per bucket gives the DvD modes' ratio to coupled-dp.
 
 Example:
   dvd make-checkpoint --preset internvl3_5-38b-scaled --out /tmp/38b
@@ -41,20 +48,32 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvd.benchmarks.roles import RoleMeter, limits, processes
+import psutil
+
+from dvd.benchmarks.roles import RoleMeter, limits, processes, replica_role
 from dvd.benchmarks.serve import add_arguments as add_serve_arguments
 from dvd.benchmarks.serve import machine, run_benchmark, write_outputs
 from dvd.benchmarks.serve_workload import BUCKETS, Workload
 from dvd.cpus import parse_cpu_list
-from dvd.deploy.supervisor import ChildSpec, Supervisor
+from dvd.deploy.supervisor import Child, ChildSpec, Supervisor
 
-MODES = ("coupled", "dvd", "dvd+vir", "dvd-pd")
-RATIO_KEYS = {"coupled": "", "dvd": "ratio_dvd", "dvd+vir": "ratio_dvd_vir", "dvd-pd": "ratio_dvd_pd"}
+MODES = ("coupled", "coupled-dp", "dvd", "dvd+vir", "dvd-pd")
 SETTINGS = ("paper", "equal")
+# the keys of a bucket's row: each mode's ratio to coupled, and DvD's to coupled-dp
+RATIO_KEY = {"coupled-dp": "ratio_coupled_dp", "dvd": "ratio_dvd", "dvd+vir": "ratio_dvd_vir", "dvd-pd": "ratio_dvd_pd"}
+DP_RATIO_KEY = {"dvd": "ratio_dvd_to_coupled_dp", "dvd+vir": "ratio_dvd_vir_to_coupled_dp",
+                "dvd-pd": "ratio_dvd_pd_to_coupled_dp"}
+
+
+def default_modes(setting: str) -> str:
+    """coupled, dvd, dvd+vir; on equal hardware also coupled-dp, the best coupled baseline there."""
+    return "coupled,coupled-dp,dvd,dvd+vir" if setting == "equal" else "coupled,dvd,dvd+vir"
 _LISTEN = re.compile(r"OpenAI API at (http://[\d.]+:\d+)/v1, gRPC at ([\d.]+:\d+)")
 
 
@@ -63,28 +82,31 @@ def coupled_cpus(setting: str, language_cpus: str, vision_cpus: str) -> str:
     return language_cpus if setting == "paper" else f"{language_cpus},{vision_cpus}"
 
 
-def placement(mode: str, setting: str, language_cpus: str, vision_cpus: str) -> list[str]:
-    """`dvd serve` flags placing `mode` under `setting`."""
+def placements(mode: str, setting: str, language_cpus: str, vision_cpus: str) -> list[list[str]]:
+    """`dvd serve` flags placing `mode` under `setting`: one list per deployment (coupled-dp: one per CPU)."""
+    cpus = coupled_cpus(setting, language_cpus, vision_cpus)
     if mode == "coupled":
-        return ["--coupled", "--cpus", coupled_cpus(setting, language_cpus, vision_cpus)]
+        return [["--coupled", "--cpus", cpus]]
+    if mode == "coupled-dp":
+        return [["--coupled", "--cpus", str(cpu)] for cpu in parse_cpu_list(cpus)]
     if mode == "dvd-pd":  # the decodes alone on the language CPUs: image prefills go beside the vision server
-        return ["--prefill-replicas", "1", "--decode-replicas", "1", "--decode-cpus", language_cpus,
-                "--prefill-cpus", vision_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]
-    return ["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]
+        return [["--decode-cpus", language_cpus, "--prefill-cpus", vision_cpus, "--vision-cpus", vision_cpus,
+                 "--gateway-cpus", vision_cpus, "--prefill-replicas", "1", "--decode-replicas", "1"]]
+    return [["--language-cpus", language_cpus, "--vision-cpus", vision_cpus, "--gateway-cpus", vision_cpus]]
 
 
-def describe_setting(setting: str, language_cpus: str, vision_cpus: str, modes: tuple[str, ...] = ()) -> str:
-    pd = (f"; DvD with P/D runs the decode server alone on CPU {language_cpus} and the prefill server with the "
-          f"vision server (and gateway) on CPU {vision_cpus}") if "dvd-pd" in modes else ""
-    return _describe_dvd(setting, language_cpus, vision_cpus) + pd
-
-
-def _describe_dvd(setting: str, language_cpus: str, vision_cpus: str) -> str:
+def describe_setting(setting: str, language_cpus: str, vision_cpus: str, dp: bool = False, pd: bool = False) -> str:
+    """The setting in words; `dp`: also where coupled-dp's replicas run; `pd`: where dvd-pd's servers run."""
+    cpus = coupled_cpus(setting, language_cpus, vision_cpus)
+    dp_text = (f"; coupled-dp runs one coupled replica on each CPU of {cpus}, each request to the one with the "
+               "fewest outstanding") if dp else ""
+    dp_text += (f"; DvD with P/D runs the decode server alone on CPU {language_cpus} and the prefill server with "
+                f"the vision server (and gateway) on CPU {vision_cpus}") if pd else ""
     if setting == "paper":
         return (f"setting paper: coupled runs the whole model on CPU {language_cpus}; DvD runs the language server "
-                f"on CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}")
+                f"on CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}{dp_text}")
     return (f"setting equal: coupled runs on CPUs {language_cpus},{vision_cpus}; DvD runs the language server on "
-            f"CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}")
+            f"CPU {language_cpus} and the vision server (and gateway) on CPU {vision_cpus}{dp_text}")
 
 
 def _resolve_models(args: argparse.Namespace) -> None:
@@ -96,62 +118,82 @@ def _resolve_models(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def served(model: Path, flags: list[str], extra: list[str],
-           ready_timeout_s: float) -> Iterator[tuple[str, str, int]]:
-    """`dvd serve` as a child; yields (HTTP base URL, gRPC address, its pid) once ready; stops it and its
-    children."""
-    command = ("serve", "--model", str(model), "--port", "0", "--grpc-port", "0", "--log-level", "WARNING",
-               *flags, *extra)
-    lines: list[str] = []
-    ready = threading.Event()
-    found: dict[str, str] = {}
+def served(model: Path, flags: list[list[str]], extra: list[str],
+           ready_timeout_s: float) -> Iterator[list[tuple[str, str, int]]]:
+    """One `dvd serve` child per list of `flags`, started together under one supervisor; yields each one's
+    (HTTP base URL, gRPC address, pid) once all are ready; stops them and their children."""
     # 90 s: dvd serve itself gives its own servers 30 s to drain before it kills them
     with Supervisor(grace_s=90.0) as supervisor:
-        child = supervisor.start(ChildSpec("dvd serve", command, env={"PYTHONUNBUFFERED": "1"}),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-        def read() -> None:
-            assert child.process.stdout is not None
-            for line in child.process.stdout:
-                lines.append(line)
-                match = _LISTEN.search(line)
-                if match:
-                    found.update(http=match[1], grpc=match[2])
-                if line.strip() == "dvd serve: ready":
-                    ready.set()
-            ready.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        watched = [_start(supervisor, model, one, extra) for one in flags]
         try:
-            if not ready.wait(ready_timeout_s) or child.returncode is not None or "http" not in found:
-                raise RuntimeError(f"dvd serve {' '.join(flags)} did not become ready:\n{''.join(lines[-30:])}")
-            yield found["http"], found["grpc"], child.pid
+            deadline = time.monotonic() + ready_timeout_s
+            for watch, one in zip(watched, flags, strict=True):
+                if not watch.ready.wait(max(0.0, deadline - time.monotonic())) or not watch.up():
+                    raise RuntimeError(f"dvd serve {' '.join(one)} did not become ready:\n{''.join(watch.lines[-30:])}")
+            yield [(w.found["http"], w.found["grpc"], w.child.pid) for w in watched]
         finally:
             supervisor.stop()
-            reader.join(timeout=10)
+            for watch in watched:
+                watch.reader.join(timeout=10)
+
+
+@dataclass
+class _Watched:
+    """A `dvd serve` child and what its output said: the addresses it listens on, and when it was ready."""
+
+    child: Child
+    lines: list[str] = field(default_factory=list)
+    found: dict[str, str] = field(default_factory=dict)
+    ready: threading.Event = field(default_factory=threading.Event)
+    reader: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.child.process.stdout is not None
+        for line in self.child.process.stdout:
+            self.lines.append(line)
+            match = _LISTEN.search(line)
+            if match:
+                self.found.update(http=match[1], grpc=match[2])
+            if line.strip() == "dvd serve: ready":
+                self.ready.set()
+        self.ready.set()
+
+    def up(self) -> bool:
+        return self.child.returncode is None and "http" in self.found
+
+
+def _start(supervisor: Supervisor, model: Path, flags: list[str], extra: list[str]) -> _Watched:
+    command = ("serve", "--model", str(model), "--port", "0", "--grpc-port", "0", "--log-level", "WARNING",
+               *flags, *extra)
+    child = supervisor.start(ChildSpec("dvd serve", command, env={"PYTHONUNBUFFERED": "1"}),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return _Watched(child)
 
 
 def _ratio(value: float, base: float) -> float | None:
     return value / base if base > 0 else None
 
 
+def _cell(value: float | None, ratio: float | None) -> str:
+    if value is None:
+        return f"{'-':>24}"
+    return f"{value:>16.4f} ({ratio:.2f}x)" if ratio is not None else f"{value:>24.4f}"
+
+
 def table(result: dict[str, Any]) -> str:
     modes = result["modes"]
-    header = f"{'bucket':<8}" + "".join(f"{m + ' req/s':>22}" for m in modes)
+    header = f"{'bucket':<8}" + "".join(f"{m + ' req/s':>24}" for m in modes)
     lines = [result["setting_text"], header]
     for bucket, row in result["buckets"].items():
-        cells = []
-        for mode in modes:
-            value = row.get(mode)
-            ratio = row.get(RATIO_KEYS[mode])
-            if value is None:
-                cells.append(f"{'-':>22}")
-            elif mode == "coupled":
-                cells.append(f"{value:>14.4f} (1.00x)")
-            else:
-                cells.append(f"{value:>14.4f} ({ratio:.2f}x)" if ratio is not None else f"{value:>22.4f}")
+        cells = [_cell(row.get(mode), 1.0 if mode == "coupled" else row.get(RATIO_KEY[mode])) for mode in modes]
         lines.append(f"{bucket + ' px':<8}" + "".join(cells))
+        against_dp = [f"{mode} {row[key]:.2f}x" for mode, key in DP_RATIO_KEY.items() if row.get(key) is not None]
+        if against_dp:
+            lines.append(f"{'':<8}against coupled-dp (the best coupled on this hardware): " + ", ".join(against_dp))
     for bucket, by_mode in result.get("limits", {}).items():
         lines += limit_lines(bucket, by_mode)
     if result.get("interference"):
@@ -169,14 +211,19 @@ def limit_lines(bucket: str, by_mode: dict[str, Any]) -> list[str]:
                           for role, cost in sorted(roles["cpu_s_per_request"].items()))
         ideal = f"ideal {limit['ideal']:.3f} req/s, reached {limit['fraction_of_ideal']:.2f}" if "ideal" in limit \
             else "no ideal (a role spent nothing)"
-        lines.append(f"  {mode:<8} {ideal}; {costs}")
+        lines.append(f"  {mode:<10} {ideal}; {costs}")
+        if "replica_ideals" in limit:
+            lines.append(f"  {'':<10} ideal = sum over replicas of 1 / cost: " + " + ".join(
+                f"{value:.3f} ({role}, {roles.get('completed_by_role', {}).get(role, '?')} done)"
+                for role, value in sorted(limit["replica_ideals"].items())))
         engine = roles.get("engine_s", {})
         if engine and roles["wall_s"] > 0:
-            lines.append(f"  {'':<8} language engine thread: " + ", ".join(
+            lines.append(f"  {'':<10} language engine thread{'s, summed' if 'replica_ideals' in limit else ''}: "
+                         + ", ".join(
                 f"{name.removeprefix('engine_').removesuffix('_seconds')} {seconds / roles['wall_s']:.0%}"
                 for name, seconds in sorted(engine.items())) + " of the run")
         if "pipeline_ideal" in limit:
-            lines.append(f"  {'':<8} pipeline's ideal 1 / max = {limit['pipeline_ideal']:.3f} req/s "
+            lines.append(f"  {'':<10} pipeline's ideal 1 / max = {limit['pipeline_ideal']:.3f} req/s "
                          f"({limit['bottleneck']} the bottleneck), coupled's ideal 1 / sum = "
                          f"{limit['coupled_ideal']:.3f} req/s")
     return lines
@@ -195,23 +242,50 @@ def _serve_args(args: argparse.Namespace, bucket: str, num_prompts: int, text_fr
     return serve_args
 
 
-async def _measure(args: argparse.Namespace, mode: str, http: str, pid: int) -> dict[str, Any]:
+def _meter(mode: str, deployments: list[tuple[str, str, int]]) -> RoleMeter:
+    """The roles of `mode`'s processes: coupled, a data-parallel replica each, or DvD's gateway and servers."""
+    urls = tuple(f"{http}/metrics" for http, _grpc, _pid in deployments)
+    if mode == "coupled-dp":
+        roles = [replica_role(i) for i in range(len(deployments))]
+        pids: dict[int, str] = {}
+        for (_http, _grpc, pid), role in zip(deployments, roles, strict=True):
+            pids |= processes(pid, role)
+        return RoleMeter(pids, metrics_urls=urls, endpoint_roles=tuple(roles))
+    return RoleMeter(processes(deployments[0][2], "coupled" if mode == "coupled" else "gateway"), metrics_urls=urls)
+
+
+async def _measure(args: argparse.Namespace, mode: str, deployments: list[tuple[str, str, int]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    meter = RoleMeter(processes(pid, "coupled" if mode == "coupled" else "gateway"), metrics_url=f"{http}/metrics")
+    meter = _meter(mode, deployments)
+    urls = [http for http, _grpc, _pid in deployments]
     for bucket in args.buckets:
         serve_args = _serve_args(args, bucket, args.num_prompts, 0.0, f"{mode} {bucket}px")
-        serve_args.base_url = http
+        serve_args.base_url = urls
         result = await run_benchmark(serve_args, meter=meter)
         out[bucket] = result
         run = result["runs"][0]
-        print(f"  {mode:<8} {bucket:>5} px: {run['request_throughput']:.4f} req/s, {run['completed']} done, "
+        by_replica = "/".join(str(e["completed"]) for e in run["endpoints"])
+        spread = "" if len(urls) == 1 else f" ({by_replica} by replica)"
+        print(f"  {mode:<10} {bucket:>5} px: {run['request_throughput']:.4f} req/s, {run['completed']} done{spread}, "
               f"{run['failed']} failed, TTFT p50 {run['median_ttft_ms']:.0f} ms", flush=True)
     if args.interference_prompts:
         serve_args = _serve_args(args, "1344", args.interference_prompts, 0.5, f"{mode} interference")
-        serve_args.base_url = http
+        serve_args.base_url = urls
         serve_args.seed = args.seed + 1  # other pictures than the 1344 px run's: no encoder-cache hits
         out["interference"] = await run_benchmark(serve_args)
     return out
+
+
+def _run_mode(args: argparse.Namespace, mode: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Start `mode`'s deployments, measure every bucket against them, stop them; the figures, and each
+    deployment's address, pid and the CPUs it was pinned to (read from the process while it ran)."""
+    model = args.vir_model if mode == "dvd+vir" else args.model
+    flags = placements(mode, args.setting, args.language_cpus, args.vision_cpus)
+    print(f"{mode}: " + " and ".join(f"dvd serve {' '.join(f)}" for f in flags) + f" (model {model})", flush=True)
+    with served(model, flags, args.serve_arg, args.ready_timeout_s) as deployments:
+        pinned = [{"http": http, "pid": pid, "cpu_affinity": psutil.Process(pid).cpu_affinity()}
+                  for http, _grpc, pid in deployments]
+        return asyncio.run(_measure(args, mode, deployments)), pinned
 
 
 def main(argv: list[str]) -> int:
@@ -222,8 +296,9 @@ def main(argv: list[str]) -> int:
     add("--revision", default="", help="--model's branch, tag or commit when it is a Hub id (default main)")
     add("--vir-model", type=Path, help="Flash checkpoint (with ViR) for dvd+vir; required with that mode")
     add("--vir-revision", default="", help="--vir-model's branch, tag or commit when it is a Hub id (default main)")
-    add("--modes", default="coupled,dvd,dvd+vir",
-        help="comma list of coupled, dvd, dvd+vir, dvd-pd (default coupled,dvd,dvd+vir)")
+    add("--modes", default=None,
+        help="comma list of coupled, coupled-dp, dvd, dvd+vir, dvd-pd (default coupled,dvd,dvd+vir; with --setting "
+             "equal also coupled-dp: two CPUs are best used by a coupled replica on each)")
     add("--setting", choices=SETTINGS, default="paper", help="CPU budget rule (default paper; see above)")
     add("--buckets", default=",".join(BUCKETS),
         help="comma list of 448, 896, 1344 (default all); '' runs only the interference measurement")
@@ -250,7 +325,7 @@ def main(argv: list[str]) -> int:
     add("--result-dir", type=Path, help="also write each run's dvd bench serve JSON and plots here")
     add("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in (args.modes or default_modes(args.setting)).split(",") if m.strip()]
     args.buckets = [b.strip() for b in args.buckets.split(",") if b.strip()]
     bad = [m for m in modes if m not in MODES] + [b for b in args.buckets if b not in BUCKETS]
     if bad or not modes:
@@ -266,18 +341,16 @@ def main(argv: list[str]) -> int:
         return 2
     Workload(num_prompts=args.num_prompts, output_len=args.output_len, input_len=args.input_len)  # validates
     _resolve_models(args)  # a Hub id fetched once here, not by each deployment
-    setting_text = describe_setting(args.setting, args.language_cpus, args.vision_cpus, tuple(modes))
+    setting_text = describe_setting(args.setting, args.language_cpus, args.vision_cpus, "coupled-dp" in modes,
+                                    "dvd-pd" in modes)
     print(setting_text, flush=True)
     measured: dict[str, dict[str, Any]] = {}
+    deployed: dict[str, list[dict[str, Any]]] = {}
     for mode in modes:
-        model = args.vir_model if mode == "dvd+vir" else args.model
-        flags = placement(mode, args.setting, args.language_cpus, args.vision_cpus)
-        print(f"{mode}: dvd serve {' '.join(flags)} (model {model})", flush=True)
-        with served(model, flags, args.serve_arg, args.ready_timeout_s) as (http, _grpc, pid):
-            measured[mode] = asyncio.run(_measure(args, mode, http, pid))
+        measured[mode], deployed[mode] = _run_mode(args, mode)
     cpus = parse_cpu_list(coupled_cpus(args.setting, args.language_cpus, args.vision_cpus))
     result = summarize(measured, modes, args.buckets, args.setting, setting_text, coupled_cpus=len(cpus))
-    result["machine"] = machine()
+    result["machine"], result["deployments"] = machine(), deployed
     print(table(result))
     print(f"load average {result['machine']['load_average']}, niceness {result['machine']['niceness']}")
     if args.result_dir is not None:
@@ -299,8 +372,8 @@ def _figures(run: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: list[str], setting: str,
               setting_text: str, coupled_cpus: int = 1) -> dict[str, Any]:
-    """Table 18's shape: per bucket each mode's request throughput and its ratio to coupled, and the limits
-    each run allows (`roles.limits`)."""
+    """Table 18's shape: per bucket each mode's request throughput, its ratio to coupled (and DvD's to
+    coupled-dp), and the limits each run allows (`roles.limits`)."""
     out: dict[str, Any] = {"setting": setting, "setting_text": setting_text, "modes": modes, "buckets": {},
                            "interference": {}, "runs": {}, "limits": {}}
     for bucket in buckets:
@@ -312,12 +385,7 @@ def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: li
             if "roles" in run:
                 out["limits"][bucket][mode] = {"roles": run["roles"], **limits(
                     run["roles"], row[mode], coupled_cpus if mode == "coupled" else 1)}
-        base = row.get("coupled", 0.0)
-        if "dvd" in row:
-            row["ratio_dvd"] = _ratio(row["dvd"], base)
-        for mode in ("dvd+vir", "dvd-pd"):
-            if mode in row:
-                row[RATIO_KEYS[mode]] = _ratio(row[mode], base)
+        row |= _ratios(row)
         out["buckets"][bucket] = row
     for mode in modes:
         runs = measured[mode]
@@ -326,4 +394,12 @@ def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: li
             if text is not None:
                 out["interference"][mode] = text["p99_tpot_ms"]
         out["runs"][mode] = {b: _figures(r["runs"][0]) for b, r in runs.items()}
+    return out
+
+
+def _ratios(row: dict[str, float]) -> dict[str, float | None]:
+    """Each mode's ratio to coupled; DvD's and DvD+ViR's to coupled-dp."""
+    out = {RATIO_KEY[mode]: _ratio(row[mode], row.get("coupled", 0.0)) for mode in RATIO_KEY if mode in row}
+    if "coupled-dp" in row:
+        out |= {key: _ratio(row[mode], row["coupled-dp"]) for mode, key in DP_RATIO_KEY.items() if mode in row}
     return out

@@ -19,6 +19,10 @@ When an image is sent twice (cycling, several rates, --same-images) the encoder 
 flatter encode times: the output says so (start `dvd serve --cache-mib 0` to encode every one).
 Arrivals: --request-rate (a comma list runs a sweep; inf = all at once), Poisson unless --burstiness
 says otherwise (gamma shape), at most --max-concurrency in flight.
+Replicas: several --base-url (repeated or a comma list; --grpc-address likewise) load them as a balancer in
+front of them would: each request goes to the endpoint with the fewest requests outstanding from this
+client (ties: the first listed); each run's JSON says what each endpoint was sent, completed and failed
+(`endpoints`). Warm-ups go to every endpoint.
 
 Writes a JSON result file (--result-file) and, unless --no-plots, PNGs beside it: throughput against
 request rate, latency CDFs and a per-request timeline (Gantt) of the stages, per rate.
@@ -26,6 +30,7 @@ request rate, latency CDFs and a per-request timeline (Gantt) of the stages, per
 Examples:
   dvd bench serve --base-url http://127.0.0.1:8000 --bucket 896 --num-prompts 32 --request-rate 1,2,inf
   dvd bench serve --api grpc --grpc-address 127.0.0.1:50051 --bucket 448 --request-rate inf
+  dvd bench serve --base-url http://127.0.0.1:8000,http://127.0.0.1:8001 --bucket 896   # two replicas
   dvd bench serve --dataset folder --dataset-path photos/ --num-prompts 32 --prompt "Describe the image."
   dvd bench serve --dataset jsonl --dataset-path requests.jsonl --num-prompts 64 --request-rate 2
 """
@@ -44,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.benchmarks.roles import RoleMeter
-from dvd.benchmarks.serve_client import GrpcSender, HttpSender, run_requests
+from dvd.benchmarks.serve_client import Balanced, GrpcSender, HttpSender, run_requests
 from dvd.benchmarks.serve_metrics import RequestRecord, compute_metrics, parse_goodput
 from dvd.benchmarks.serve_workload import (
     WORKLOAD_BUCKETS,
@@ -54,6 +59,23 @@ from dvd.benchmarks.serve_workload import (
     build_workload,
     repeated_images,
 )
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
+
+
+def endpoints(values: str | list[str] | None, default: str) -> list[str]:
+    """--base-url / --grpc-address as given (repeated, comma lists, or one string) as a list; none: `default`."""
+    items = [values] if isinstance(values, str) else values or []
+    out = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    return out or [default]
+
+
+def make_sender(args: argparse.Namespace) -> Balanced:
+    """One sender per endpoint of the chosen API, behind the least-outstanding choice."""
+    if args.api == "grpc":
+        return Balanced([(a, GrpcSender(a)) for a in endpoints(args.grpc_address, DEFAULT_GRPC_ADDRESS)])
+    return Balanced([(u, HttpSender(u, args.model)) for u in endpoints(args.base_url, DEFAULT_BASE_URL)])
 
 
 def parse_rates(text: str) -> list[float]:
@@ -73,8 +95,11 @@ def parse_rates(text: str) -> list[float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--api", choices=["openai", "grpc"], default="openai", help="which API to load (default openai)")
-    add("--base-url", default="http://127.0.0.1:8000", help="the gateway's HTTP address (default %(default)s)")
-    add("--grpc-address", default="127.0.0.1:50051", help="the gateway's gRPC address, with --api grpc")
+    add("--base-url", action="append", default=None,
+        help=f"the gateway's HTTP address (default {DEFAULT_BASE_URL}); repeat or a comma list for replicas")
+    add("--grpc-address", action="append", default=None,
+        help=f"the gateway's gRPC address, with --api grpc (default {DEFAULT_GRPC_ADDRESS}); repeat or a comma "
+             "list for replicas")
     add("--model", default="", help="model name sent in requests (default: the first of /v1/models)")
     add("--dataset", choices=list(WORKLOADS), default="random-mm",
         help="workload: random-mm (generated pictures), folder (a folder's images) or jsonl (OpenAI chat "
@@ -144,15 +169,16 @@ async def run_benchmark(args: argparse.Namespace, workload: WorkloadSource | Non
         print(f"note: {repeats} of the {sum(len(r.images) for rs in rounds for r in rs)} images sent repeat an "
               "earlier one, so the encoder cache may hit and flatter encode times (dvd serve --cache-mib 0 "
               "encodes every one)", file=sys.stderr)
-    sender: Any = GrpcSender(args.grpc_address) if args.api == "grpc" else HttpSender(args.base_url, args.model)
+    sender = make_sender(args)
     result: dict[str, Any] = {
-        "label": args.label, "api": args.api, "workload": workload.describe(), "workload_text": workload.summary(),
+        "label": args.label, "api": args.api, "endpoints": sender.names,
+        "workload": workload.describe(), "workload_text": workload.summary(),
         "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
         "encoder_cache_may_hit": repeats > 0, "repeated_images": repeats, "machine_before": machine(), "runs": [],
     }
     async with sender:
-        if args.num_warmups:
-            await run_requests(sender, workload.warmups(args.num_warmups), float("inf"), 1.0, 1, args.seed,
+        for one in sender.senders if args.num_warmups else ():  # every replica warmed, not only the first
+            await run_requests(one, workload.warmups(args.num_warmups), float("inf"), 1.0, 1, args.seed,
                                "warm-up", not args.quiet)
         for rate, requests in zip(rates, rounds, strict=True):
             started = time.time()
@@ -160,9 +186,10 @@ async def run_benchmark(args: argparse.Namespace, workload: WorkloadSource | Non
                 meter.start()
             records = await run_requests(sender, requests, rate, args.burstiness, args.max_concurrency, args.seed,
                                          f"rate {rate:g}", not args.quiet)
-            run = {"request_rate": rate, "started": started, **compute_metrics(records, slo)}
+            run = {"request_rate": rate, "started": started, **compute_metrics(records, slo),
+                   "endpoints": sender.take_counts()}
             if meter is not None:
-                run["roles"] = meter.stop(run["completed"])
+                run["roles"] = meter.stop(run["completed"], [e["completed"] for e in run["endpoints"]])
             run["per_bucket"] = {b: compute_metrics([r for r in records if r.bucket == b], slo)
                                  for b in sorted({r.bucket for r in records})}
             run["errors"] = sorted({r.error for r in records if r.error})[:5]
@@ -201,6 +228,10 @@ def summary(run: dict[str, Any], label: str, workload_text: str = "") -> str:
         row(f"Median {metric.upper()} (ms):", run[f"median_{metric}_ms"])
         row(f"P90 {metric.upper()} (ms):", run[f"p90_{metric}_ms"])
         row(f"P99 {metric.upper()} (ms):", run[f"p99_{metric}_ms"])
+    if len(run.get("endpoints", [])) > 1:
+        lines.append(f"{'-' * 15}Endpoints (least outstanding first){'-' * 3}")
+        for count in run["endpoints"]:
+            lines.append(f"{count['endpoint']:<40}{count['completed']:>6} done{count['failed']:>6} failed")
     lines.append(f"{'-' * 15}Stages, measured on the servers (mean / median ms){'-' * 3}")
     for stage, values in run["stages_ms"].items():
         lines.append(f"{stage:<28}{values['mean']:>12.1f}{values['median']:>12.1f}")

@@ -1,5 +1,6 @@
 """Send planned requests to a gateway and record what came back when: the OpenAI HTTP API (aiohttp,
-streaming with usage, as `vllm bench serve`'s openai-chat backend does) or DvD's gRPC API."""
+streaming with usage, as `vllm bench serve`'s openai-chat backend does) or DvD's gRPC API; to several
+replicas through `Balanced`, as a balancer in front of them would."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import json
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from dvd.benchmarks.serve_metrics import RequestRecord
@@ -167,6 +170,63 @@ class GrpcSender:
             record.error = f"{type(exc).__name__}: {exc}"
         finally:
             record.end_at = time.perf_counter()
+
+
+@dataclass
+class EndpointCount:
+    """What one endpoint was sent over a run, and how it went."""
+
+    endpoint: str
+    sent: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class Balanced:
+    """Several senders (one per replica) as one: each request goes to the endpoint with the fewest requests
+    outstanding from this client, ties to the first listed, as a least-outstanding-requests balancer in
+    front of replicas does. With one endpoint it is that endpoint's sender. Counts per endpoint until
+    `take_counts`."""
+
+    def __init__(self, senders: Sequence[tuple[str, Any]]) -> None:
+        if not senders:
+            raise ValueError("no endpoint to send to")
+        self.names = [name for name, _ in senders]
+        self.senders = [sender for _, sender in senders]
+        self.outstanding = [0] * len(self.senders)
+        self.counts = [EndpointCount(name) for name in self.names]
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Balanced:
+        for sender in self.senders:
+            await self._stack.enter_async_context(sender)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    def choose(self) -> int:
+        """The endpoint with the fewest outstanding; min keeps the first of equals."""
+        return min(range(len(self.senders)), key=self.outstanding.__getitem__)
+
+    async def __call__(self, request: PlannedRequest, record: RequestRecord) -> None:
+        index = self.choose()
+        self.outstanding[index] += 1
+        self.counts[index].sent += 1
+        try:
+            await self.senders[index](request, record)
+        finally:
+            self.outstanding[index] -= 1
+            if record.success:
+                self.counts[index].completed += 1
+            else:
+                self.counts[index].failed += 1
+
+    def take_counts(self) -> list[dict[str, Any]]:
+        """Per endpoint, in order: requests sent, completed and failed since the last call; counting restarts."""
+        out = [asdict(count) for count in self.counts]
+        self.counts = [EndpointCount(name) for name in self.names]
+        return out
 
 
 class Progress:

@@ -144,6 +144,7 @@ def simulate_run(profile: Any, setup: Setup, mode: str, bucket: str, run: dict[s
     engine, vision = EngineConfig().for_device("cpu"), VisionServerConfig(model=Path("."))  # what this CPU run served
     settings = SimSettings(max_batch_tokens=engine.max_batch_tokens, max_running_requests=engine.max_running_requests,
                            kv_capacity_tokens=engine.kv_capacity_tokens, max_batch_tiles=vision.max_batch_tiles,
+                           encoder_step_tiles=vision.encoder_step_tiles,
                            max_wait_s=vision.max_wait_ms / 1e3, preprocess_workers=vision.preprocess_workers,
                            max_concurrency=setup.max_concurrency)
     deployment = {"coupled": Deployment("coupled-serial" if setup.coupled_model == "serial" else "coupled", 0, 1),

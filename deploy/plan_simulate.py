@@ -22,7 +22,7 @@ from dvd.devices import check_device
 
 _DEFAULTS = SimSettings()
 # Settings whose default is the planned devices' (SimSettings.for_device): a flag left out is None.
-_DEVICE_SETTINGS = ("max_batch_tokens", "max_batch_tiles", "preprocess_workers")
+_DEVICE_SETTINGS = ("max_batch_tokens", "max_batch_tiles", "encoder_step_tiles", "preprocess_workers")
 _SPEC = WorkloadSpec()
 
 
@@ -62,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the kind of device planned for, whose server defaults the next three flags take (default cuda: "
              "dvd/devices.py GPU_DEFAULTS; cpu: CPU_DEFAULTS)")
     add("--max-batch-tokens", type=int, help="default: the device's (GPU 8192, CPU 2048)")
-    add("--max-batch-tiles", type=int, help="default: the device's (GPU 64, CPU 16)")
+    add("--max-batch-tiles", type=int, help="a vision replica's batch; default: the device's (GPU 64, CPU 4)")
+    add("--encoder-step-tiles", type=int, help="a coupled replica's per-step encoder budget; default: the device's "
+                                                "(GPU 64, CPU 16)")
     add("--preprocess-workers", type=int, help="default: the device's (GPU 8, CPU 2)")
     add("--max-running-requests", type=int, default=_DEFAULTS.max_running_requests)
     add("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_s * 1e3)

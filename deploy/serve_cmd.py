@@ -102,7 +102,10 @@ _SERVERS = (
     Flag("--dtype", ("vision.dtype", "language.dtype"),
          help="model dtype for both halves: float32, bfloat16, float16 (default float32 on cpu, else bfloat16)"),
     Flag("--max-batch-tiles", "vision.max_batch_tiles", type=int,
-         help="vision: most tiles in one forward pass (default 16 on a CPU, 64 on a GPU)"),
+         help="vision: most tiles in one forward pass of a vision server (default 4 on a CPU, 64 on a GPU)"),
+    Flag("--encoder-step-tiles", "vision.encoder_step_tiles", type=int,
+         help="--coupled: most tiles one engine step encodes before its language forward (default 16 on a CPU, "
+              "64 on a GPU)"),
     Flag("--max-wait-ms", "vision.max_wait_ms", type=float,
          help="vision: how long a tile waits for its batch (default 5)"),
     Flag("--cache-mib", "vision.cache_bytes", type=float, convert=lambda v: int(v * MiB),

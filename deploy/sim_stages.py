@@ -11,7 +11,7 @@ events on one `EventQueue`. They mirror the servers' own policies, not their cod
   within `max_batch_tokens` and `max_running_requests`; a request's prompt grows as its images' features
   arrive (streaming prefill: the text before the first image runs at once). With an `encoder` it is a
   coupled replica as vLLM v1 runs one: a step that schedules the first token of an image encodes that
-  image in the same step, before the language forward, within `max_batch_tiles` tiles a step.
+  image in the same step, before the language forward, within `encoder_step_tiles` tiles a step.
 - `SerialReplica`: today's `dvd serve --coupled`: one request at a time, preprocess, ViT, prefill and
   decode one after another.
 
@@ -50,7 +50,8 @@ class SimSettings:
     max_batch_tokens: int = CPU_DEFAULTS.max_batch_tokens
     max_running_requests: int = 64
     kv_capacity_tokens: int = 0  # per language replica; 0: unbounded
-    max_batch_tiles: int = CPU_DEFAULTS.max_batch_tiles
+    max_batch_tiles: int = CPU_DEFAULTS.max_batch_tiles  # a vision replica's batch
+    encoder_step_tiles: int = CPU_DEFAULTS.encoder_step_tiles  # a coupled replica's per-step encoder budget
     max_wait_s: float = 0.005
     preprocess_workers: int = CPU_DEFAULTS.preprocess_workers
     max_concurrency: int = 0  # requests the client keeps in flight; 0: no cap
@@ -62,6 +63,7 @@ class SimSettings:
         place the simulator's settings follow the devices."""
         defaults = device_defaults(device)
         return cls(**{"max_batch_tokens": defaults.max_batch_tokens, "max_batch_tiles": defaults.max_batch_tiles,
+                      "encoder_step_tiles": defaults.encoder_step_tiles,
                       "preprocess_workers": defaults.preprocess_workers, **given})
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ class SimSettings:
              f"({self.max_batch_tokens}): every running request's decode token fits one step"),
             (self.kv_capacity_tokens >= 0, f"kv_capacity_tokens must be >= 0, got {self.kv_capacity_tokens}"),
             (self.max_batch_tiles >= 1, f"max_batch_tiles must be at least 1, got {self.max_batch_tiles}"),
+            (self.encoder_step_tiles >= 1, f"encoder_step_tiles must be at least 1, got {self.encoder_step_tiles}"),
             (self.max_wait_s >= 0, f"max_wait_s must be >= 0, got {self.max_wait_s}"),
             (self.preprocess_workers >= 1, f"preprocess_workers must be at least 1, got {self.preprocess_workers}"),
             (self.max_concurrency >= 0, f"max_concurrency must be >= 0, got {self.max_concurrency}"),
@@ -263,7 +266,7 @@ class EngineReplica:
         self.decode = profile.decode
         self.max_tokens, self.max_running = settings.max_batch_tokens, settings.max_running_requests
         self.kv_capacity = settings.kv_capacity_tokens
-        self.encoder, self.encoder_tiles = encoder, settings.max_batch_tiles
+        self.encoder, self.encoder_tiles = encoder, settings.encoder_step_tiles
         self.waiting: deque[SimRequest] = deque()
         self.ready: list[SimRequest] = []  # running requests with known tokens to prefill, in admission order
         self.decoding: list[tuple[int, int, SimRequest]] = []  # (the step that gives its last token, index, r)

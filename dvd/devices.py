@@ -73,16 +73,27 @@ class DeviceDefaults:
     these. A CPU: small ViT batches, few preprocessing threads (the model shares the cores), 2048-token
     forward passes, a 512-block KV cache. A GPU: batches that fill it, preprocessing that keeps up with it
     (448 px tiles decode and resize on the host), vLLM's 8192-token passes, and a KV cache sized from the
-    free device memory after a profiling forward (num_blocks 0: language_server/memory_profile.py)."""
+    free device memory after a profiling forward (num_blocks 0: language_server/memory_profile.py).
+
+    Two encoder batch sizes, because they trade different things. A vision server's batch (`max_batch_tiles`)
+    delays every image in it until the whole batch is done: on a CPU, where a batch costs what its tiles cost one by
+    one, a small batch keeps features flowing to the language server (38b-scaled, 448 px, 16 in flight: 4 tiles
+    gave 9.44 req/s, 8 tiles 8.18, 16 tiles 7.39, the language engine starved 0% / 6% / 16% of the run;
+    benchmarks/RESULTS.md). The coupled engine's per-step encoder budget (`encoder_step_tiles`) holds back the
+    decodes of that step instead, and there fewer, larger encoder passes served best (16 tiles: 1.52 req/s at
+    896 px and a text-only TPOT p99 of 951 ms; 4 tiles: 1.47 req/s and 1056 ms)."""
 
     max_batch_tiles: int
+    encoder_step_tiles: int
     preprocess_workers: int
     max_batch_tokens: int
     num_blocks: int  # 0: from the device's free memory (gpu_memory_utilization)
 
 
-CPU_DEFAULTS = DeviceDefaults(max_batch_tiles=16, preprocess_workers=2, max_batch_tokens=2048, num_blocks=512)
-GPU_DEFAULTS = DeviceDefaults(max_batch_tiles=64, preprocess_workers=8, max_batch_tokens=8192, num_blocks=0)
+CPU_DEFAULTS = DeviceDefaults(max_batch_tiles=4, encoder_step_tiles=16, preprocess_workers=2, max_batch_tokens=2048,
+                              num_blocks=512)
+GPU_DEFAULTS = DeviceDefaults(max_batch_tiles=64, encoder_step_tiles=64, preprocess_workers=8, max_batch_tokens=8192,
+                              num_blocks=0)
 
 
 def device_defaults(device: str) -> DeviceDefaults:

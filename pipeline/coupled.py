@@ -2,7 +2,7 @@
 
 The language engine (paged KV, continuous batching, prefix cache, sampling: `language_server/engine.py`)
 runs with the vision half inside its step (`pipeline/coupled_encoder.py`), as vLLM's v1 engine does: each
-step first encodes the images of the requests it is about to schedule, within `max_batch_tiles` tiles,
+step first encodes the images of the requests it is about to schedule, within `encoder_step_tiles` tiles,
 then runs the language forward of the whole batch; so the decodes of other requests wait for that
 encoding. Features are handed over in memory, as BF16 (what the wire carries), so the answers equal
 DvD's. A request's media are checked, looked up in the encoder cache and tiled first, off the engine's
@@ -90,7 +90,7 @@ class CoupledEngine:
         self.chat = ChatFormat(info)
         half = VisionHalf.from_checkpoint(info, language.torch_dtype, language.device)
         self.intake = MediaIntake(dataclasses.replace(vision, model=language.model), half)
-        self.encoder = CoupledEncoder(half, self.chat.image_tokens, vision.max_batch_tiles,
+        self.encoder = CoupledEncoder(half, self.chat.image_tokens, vision.encoder_step_tiles,
                                       lambda prompt, max_new: self.engine.validate(prompt, max_new), self.intake.cache)
         language_half = LanguageHalf.from_checkpoint(info, dtype=language.torch_dtype, device=language.device)
         self.engine = Engine(language_half, language.engine, encoder=self.encoder)

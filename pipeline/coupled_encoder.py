@@ -4,7 +4,7 @@ language forward (`language_server/encoder_hook.py: StepEncoder`), as vLLM's v1 
 A request's media are checked, looked up in the encoder cache and tiled before it enters the engine
 (`CoupledEngine`, on the event loop and the preprocessing pool, as vLLM's front end does); what remains
 waits here, by request id, as `PendingImages`. Each step the engine asks for the images of the requests it
-is about to schedule: they are taken first come first served within `max_batch_tiles` tiles a step (a
+is about to schedule: they are taken first come first served within `encoder_step_tiles` tiles a step (a
 request's images all at once, since ViR routes over the whole request; the first one always runs), their
 tiles go through one ViT pass together (`encode_requests`), and each request gets the rest of its prompt
 as pieces: per slot its features (BF16, what the wire would carry) and the text after it.
@@ -65,11 +65,11 @@ class CoupledEncoder:
     """The vision half inside the language engine's step: a `StepEncoder`. `add` and `forget` may be called
     from any thread; `encode` runs on the engine's."""
 
-    def __init__(self, half: VisionHalf, image_tokens: ImageTokens, max_batch_tiles: int, validate: Validate,
+    def __init__(self, half: VisionHalf, image_tokens: ImageTokens, encoder_step_tiles: int, validate: Validate,
                  cache: EncoderCache | None = None) -> None:
         self.half = half
         self.image_tokens = image_tokens
-        self.max_batch_tiles = max_batch_tiles  # the per-step encoder budget, in tiles
+        self.encoder_step_tiles = encoder_step_tiles  # the per-step encoder budget, in tiles
         self.validate = validate
         self.cache = cache
         self.failures: dict[str, BaseException] = {}  # request id -> why its encoding failed (its engine error)
@@ -120,7 +120,7 @@ class CoupledEncoder:
         """The pending images of `requests`, in order, within the step's tile budget (the first always): vLLM's
         encoder budget, which skips an input that does not fit and goes on with the next."""
         chosen: list[PendingImages] = []
-        room = self.max_batch_tiles
+        room = self.encoder_step_tiles
         with self._lock:
             for request in requests:
                 pending = self._pending.get(request.request_id)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Table 18 against the coupled baseline (one engine, the vision encoder in its step), every cell with its limits:
 # `dvd bench compare` for each preset (38b- and 8b-scaled), setting (paper, equal) and requests in flight
-# (8, 16, 32), all three buckets (448, 896, 1344 px) and all three modes (coupled, dvd, dvd+vir); the
+# (8, 16, 32), all three buckets (448, 896, 1344 px) and compare's default modes (coupled, dvd, dvd+vir; in the
+# equal setting also coupled-dp, a coupled replica per CPU, the best coupled baseline on that hardware); the
 # 16-in-flight runs also measure the text-only TPOT p99 while 1344 px requests arrive. Each run's table,
 # limits and every figure go to benchmarks/results/table18-<preset>-<setting>-c<N>.json, its output to the
 # matching .txt. Meant for a quiet machine: it prints the load average before each run (and compare puts it

@@ -32,7 +32,10 @@ class VisionServerConfig:
     port: int = 0
     metrics_port: int = 0  # Prometheus /metrics (HTTP, HTTPS with grpc_tls): 0 = any free port, -1 = none
     dtype: str = ""  # "" = float32 on a CPU (cast to BF16 at the wire), bfloat16 on GPUs
-    max_batch_tiles: int = 0  # 0: the device's default (dvd/devices.py: 16 on a CPU, 64 on a GPU)
+    max_batch_tiles: int = 0  # 0: the device's default (dvd/devices.py: 4 on a CPU, 64 on a GPU)
+    # The coupled engine only (`dvd serve --coupled`, the vision half inside the language engine's step): the tiles
+    # one step may encode. 0: the device's default (16 on a CPU, 64 on a GPU; why they differ: dvd/devices.py).
+    encoder_step_tiles: int = 0
     max_wait_ms: float = 5.0
     preprocess_workers: int = 0  # 0: the device's default (2 on a CPU, 8 on a GPU)
     cache_bytes: int = 1024 * MiB  # 0 disables the encoder cache
@@ -76,10 +79,10 @@ class VisionServerConfig:
             raise ValueError(f"port {self.port} is outside 0..65535")
         check_metrics_port(self.metrics_port)
         defaults = device_defaults(self.devices[0])  # frozen: the zeros become the device's defaults once
-        for name in ("max_batch_tiles", "preprocess_workers"):
+        for name in ("max_batch_tiles", "encoder_step_tiles", "preprocess_workers"):
             object.__setattr__(self, name, getattr(self, name) or getattr(defaults, name))
-        positive = ("max_batch_tiles", "preprocess_workers", "max_inputs", "max_request_tiles", "max_num_limit",
-                    "max_message_bytes", "max_inflight_requests",
+        positive = ("max_batch_tiles", "encoder_step_tiles", "preprocess_workers", "max_inputs", "max_request_tiles",
+                    "max_num_limit", "max_message_bytes", "max_inflight_requests",
                     "max_pending_tiles")
         for name in positive:
             if getattr(self, name) < 1:
@@ -202,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gateway's /v1/instances; -1: none)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--max-batch-tiles", type=int, default=0,
-                        help="most tiles in one forward pass (default 16 on a CPU, 64 on a GPU)")
+                        help="most tiles in one forward pass (default 4 on a CPU, 64 on a GPU)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long the first waiting tile may wait for others to join its batch (5)")
     parser.add_argument("--preprocess-workers", type=int, default=0,

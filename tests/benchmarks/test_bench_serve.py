@@ -103,6 +103,31 @@ def test_bench_compare_runs_each_mode_and_writes_the_table(tiny_hf: Path, tmp_pa
     assert psutil.Process().children(recursive=True) == []  # every deployment it started is gone
 
 
+@pytest.mark.slow  # two replicas started together: about 2 min here under load
+def test_bench_compare_coupled_dp_runs_a_pinned_replica_per_cpu(tiny_hf: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    table = tmp_path / "table.json"
+    code = compare.main(["--model", str(tiny_hf), "--modes", "coupled-dp", "--setting", "equal", "--buckets", "448",
+                         "--num-prompts", "4", "--max-concurrency", "4", "--interference-prompts", "0",
+                         "--output-len", "2", "--num-warmups", "1", "--json", str(table), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "coupled-dp: dvd serve --coupled --cpus 0 and dvd serve --coupled --cpus 1" in out
+    result = json.loads(table.read_text())
+    # two deployments, each pinned to its own CPU (read from the process while it served)
+    assert [d["cpu_affinity"] for d in result["deployments"]["coupled-dp"]] == [[0], [1]]
+    run = result["runs"]["coupled-dp"]["448"]
+    assert run["completed"] == 4 and run["failed"] == 0
+    endpoints = [d["http"] for d in result["deployments"]["coupled-dp"]]
+    # four at once, each to the replica with fewest outstanding: two each
+    assert [(e["endpoint"], e["completed"]) for e in run["endpoints"]] == [(endpoints[0], 2), (endpoints[1], 2)]
+    limit = result["limits"]["448"]["coupled-dp"]
+    assert limit["replica_ideals"].keys() == {"replica0", "replica1"} and limit["ideal"] > 0
+    assert limit["roles"]["completed_by_role"] == {"replica0": 2, "replica1": 2}
+    assert "ideal = sum over replicas of 1 / cost" in out
+    assert psutil.Process().children(recursive=True) == []  # both replicas (and anything under them) are gone
+
+
 @pytest.mark.slow  # one P/D deployment (vision, prefill and decode servers): about a minute here under load
 def test_bench_compare_runs_the_pd_mode_with_its_interference_run(tiny_hf: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:

@@ -85,3 +85,13 @@ def test_the_language_engines_time_is_read_from_the_gateways_metrics() -> None:
         "dvd_backend_language_encoder_seconds 0.75"])
     assert engine_seconds(text) == {"engine_busy_seconds": 5.0, "engine_starved_seconds": 0.25,
                                     "engine_empty_seconds": 2.0, "encoder_seconds": 0.75}
+
+
+def test_a_data_parallel_runs_ideal_is_the_sum_over_its_replicas() -> None:
+    roles = {"cpu_s": {"replica0": 3.0, "replica1": 2.0, "client": 0.5},
+             "cpu_s_per_request": {"replica0": 0.5, "replica1": 0.4, "client": 0.05}}
+    dp = limits(roles, throughput=3.0)
+    assert dp["replica_ideals"] == {"replica0": pytest.approx(2.0), "replica1": pytest.approx(2.5)}
+    assert dp["ideal"] == pytest.approx(4.5) and dp["fraction_of_ideal"] == pytest.approx(3.0 / 4.5)
+    idle = {"cpu_s": {"replica0": 3.0, "replica1": 0.1}, "cpu_s_per_request": {"replica0": 0.5}}
+    assert limits(idle, throughput=2.0) == {}  # a replica that served nothing: no ideal, rather than a flattering one

@@ -154,13 +154,13 @@ def test_plan_simulate_refuses_bad_input_naming_it(tiny: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    ([], (8192, 64, 8)),  # the plan's devices are GPUs by default: dvd/devices.py GPU_DEFAULTS
-    (["--device", "cpu"], (2048, 16, 2)),
-    (["--max-batch-tiles", "12", "--preprocess-workers", "3"], (8192, 12, 3)),  # a flag overrides only itself
-    (["--device", "cpu", "--max-batch-tokens", "512"], (512, 16, 2)),
+    ([], (8192, 64, 64, 8)),  # the plan's devices are GPUs by default: dvd/devices.py GPU_DEFAULTS
+    (["--device", "cpu"], (2048, 4, 16, 2)),
+    (["--max-batch-tiles", "12", "--preprocess-workers", "3"], (8192, 12, 64, 3)),  # a flag overrides only itself
+    (["--device", "cpu", "--max-batch-tokens", "512", "--encoder-step-tiles", "5"], (512, 4, 5, 2)),
 ])
 def test_plan_simulate_takes_the_planned_devices_defaults(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         flags: list[str], expected: tuple[int, int, int]) -> None:
+                                                         flags: list[str], expected: tuple[int, int, int, int]) -> None:
     import dvd.deploy.plan_simulate as plan_simulate
 
     seen: list[SimSettings] = []
@@ -172,4 +172,5 @@ def test_plan_simulate_takes_the_planned_devices_defaults(tiny: Path, tmp_path: 
     monkeypatch.setattr(plan_simulate, "search", recording)
     profile = write(tmp_path / "p.jsonl", HAND)
     assert main(["plan", "--model", str(tiny), *PLAN, "--profile", str(profile), "--modes", "dvd", *flags]) == 0
-    assert [(s.max_batch_tokens, s.max_batch_tiles, s.preprocess_workers) for s in seen] == [expected]
+    assert [(s.max_batch_tokens, s.max_batch_tiles, s.encoder_step_tiles, s.preprocess_workers) for s in seen] == [
+        expected]

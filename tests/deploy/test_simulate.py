@@ -164,8 +164,9 @@ def test_settings_default_to_the_servers_own() -> None:
     engine, vision, settings = EngineConfig().for_device("cpu"), VisionServerConfig(model=Path(".")), SimSettings()
     assert (settings.max_batch_tokens, settings.max_running_requests) == (engine.max_batch_tokens,
                                                                           engine.max_running_requests)
-    assert (settings.max_batch_tiles, settings.max_wait_s * 1e3, settings.preprocess_workers) == (
-        vision.max_batch_tiles, vision.max_wait_ms, vision.preprocess_workers)
+    assert (settings.max_batch_tiles, settings.encoder_step_tiles, settings.max_wait_s * 1e3,
+            settings.preprocess_workers) == (vision.max_batch_tiles, vision.encoder_step_tiles, vision.max_wait_ms,
+                                             vision.preprocess_workers)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
@@ -177,7 +178,7 @@ def test_settings_for_a_device_are_its_servers_defaults(device: str) -> None:
     settings = SimSettings.for_device(device)
     assert (settings.max_batch_tokens, settings.max_running_requests) == (engine.max_batch_tokens,
                                                                           engine.max_running_requests)
-    assert (settings.max_batch_tiles, settings.preprocess_workers) == (vision.max_batch_tiles,
-                                                                       vision.preprocess_workers)
+    assert (settings.max_batch_tiles, settings.encoder_step_tiles, settings.preprocess_workers) == (
+        vision.max_batch_tiles, vision.encoder_step_tiles, vision.preprocess_workers)
     given = SimSettings.for_device(device, max_batch_tiles=3, max_concurrency=5)
     assert (given.max_batch_tiles, given.max_concurrency, given.max_batch_tokens) == (3, 5, engine.max_batch_tokens)

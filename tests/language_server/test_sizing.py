@@ -42,9 +42,9 @@ def test_zeros_take_the_device_defaults() -> None:
     given = EngineConfig(num_blocks=100, max_batch_tokens=64).for_device("cuda:0")
     assert (given.num_blocks, given.max_batch_tokens) == (100, 64)  # what is given stands
     vision = VisionServerConfig(model=Path("m"))
-    assert (vision.max_batch_tiles, vision.preprocess_workers) == (16, 2)
+    assert (vision.max_batch_tiles, vision.encoder_step_tiles, vision.preprocess_workers) == (4, 16, 2)
     gpu_vision = VisionServerConfig(model=Path("m"), devices=("cuda:0", "cuda:1"))
-    assert (gpu_vision.max_batch_tiles, gpu_vision.preprocess_workers) == (64, 8)
+    assert (gpu_vision.max_batch_tiles, gpu_vision.encoder_step_tiles, gpu_vision.preprocess_workers) == (64, 64, 8)
     assert VisionServerConfig(model=Path("m"), devices=("cuda:0",), max_batch_tiles=4).max_batch_tiles == 4
 
 

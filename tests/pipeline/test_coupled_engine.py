@@ -114,7 +114,7 @@ def test_flash_requests_in_one_vit_pass_equal_monolithic_pipeline(tiny_flash: Pa
     messages = [{"role": "user", "content": "Describe."}]
     images = [[encode(photo_like(w, h, seed)) for w, h, seed in spec] for spec in specs]
     expected = {f"r{i}": pipe.generate(messages, imgs, _sampling(pipe)).token_ids for i, imgs in enumerate(images)}
-    coupled = CoupledEngine(VisionServerConfig(model=tiny_flash, max_batch_tiles=64, cache_bytes=0),
+    coupled = CoupledEngine(VisionServerConfig(model=tiny_flash, encoder_step_tiles=64, cache_bytes=0),
                             LanguageServerConfig(model=tiny_flash))
     for rid, imgs in zip(expected, images, strict=True):
         _enter(coupled, _request(pipe, rid, messages, [Media(b) for b in imgs]))
@@ -136,7 +136,7 @@ def _enter(coupled: CoupledEngine, request: TokenizedRequest) -> EngineRequest:
 @pytest.mark.parametrize("budget", [5, 10])
 def test_a_step_encodes_within_its_budget_and_decodes_wait_for_it(tiny_hf: Path, reference: LocalPipeline,
                                                                   budget: int) -> None:
-    coupled = CoupledEngine(VisionServerConfig(model=tiny_hf, max_batch_tiles=budget, cache_bytes=0),
+    coupled = CoupledEngine(VisionServerConfig(model=tiny_hf, encoder_step_tiles=budget, cache_bytes=0),
                             LanguageServerConfig(model=tiny_hf))
     engine = coupled.engine
     text = _enter(coupled, _request(reference, "text", [{"role": "user", "content": "Tell a story."}], [],
@@ -217,8 +217,8 @@ def _failing(vit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Ten
 
 
 def test_coupled_settings_come_from_both_servers_configs(tiny_hf: Path) -> None:
-    vision = VisionServerConfig(model=Path("."), max_batch_tiles=3, cache_bytes=0, preprocess_workers=1)
+    vision = VisionServerConfig(model=Path("."), encoder_step_tiles=3, cache_bytes=0, preprocess_workers=1)
     coupled = CoupledEngine(vision, LanguageServerConfig(model=tiny_hf, engine=EngineConfig(num_blocks=64)))
-    assert coupled.encoder.max_batch_tiles == 3 and coupled.intake.cache is None
+    assert coupled.encoder.encoder_step_tiles == 3 and coupled.intake.cache is None
     assert coupled.engine.config.num_blocks == 64
     assert coupled.intake.config == dataclasses.replace(vision, model=tiny_hf)
