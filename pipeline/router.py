@@ -66,6 +66,16 @@ def untried(pool: ReplicaPool, tried: list[Replica]) -> list[Replica]:
     return [r for r in healthy if r not in tried]
 
 
+def can_serve(pool: ReplicaPool) -> bool:
+    """Whether `pick_route` has somewhere to send a request: a healthy language server doing both, or a healthy
+    prefill server and decode server of one KV layout (P/D: half a pair serves nothing)."""
+    healthy = [r for r in pool.replicas if r.healthy]
+    if any(r.role not in ("prefill", "decode") for r in healthy):
+        return True
+    return any(p.kv_layout == d.kv_layout for p in healthy if p.role == "prefill" for d in healthy
+               if d.role == "decode")
+
+
 def pick_route(pool: ReplicaPool, tried: list[Replica]) -> tuple[Replica, Replica | None]:
     """Where a request's Generate goes: while healthy prefill and decode servers are in the pool (P/D, their
     Health says), the least loaded prefill server not tried yet and the least loaded decode server of its KV

@@ -20,7 +20,7 @@ from dvd.errors import CheckpointError
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.replicas import ProbeConfig, Replica, ReplicaPool, drained, join, leave
 from dvd.pipeline.request_flow import RequestFlow
-from dvd.pipeline.router import Router
+from dvd.pipeline.router import Router, can_serve
 from dvd.requests import GenerationEvent, TokenizedRequest
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,10 @@ class DisaggregatedBackend(Backend):
         num_language = sum(r.healthy for r in self.language.replicas)
         detail = (f"{num_vision}/{len(self.vision.replicas)} vision, "
                   f"{num_language}/{len(self.language.replicas)} language replicas healthy")
-        return num_vision > 0 and num_language > 0, detail
+        routable = can_serve(self.language)  # P/D: a prefill and a decode server of one layout, not half a pair
+        if num_language and not routable:
+            detail += " (no prefill and decode server of one KV layout among them)"
+        return num_vision > 0 and routable, detail
 
     def instances(self) -> list[dict[str, Any]]:
         """The roster: every vision and language server with its health, load and address."""

@@ -205,3 +205,17 @@ def test_pick_route_pairs_prefill_and_decode_of_one_layout_and_names_a_missing_h
         pick_route(ReplicaPool("language", [p1, odd]), [])
     both = Replica(kind="language", address="b", healthy=True, role="both")
     assert pick_route(ReplicaPool("language", [both, p1]), []) == (both, None)  # half a pair: both servers serve
+
+
+def test_the_gateway_is_ready_only_with_a_whole_prefill_decode_pair() -> None:
+    """/health's readiness: half a P/D pair (or a pair of two layouts) serves nothing, so it is not ready."""
+    from dvd.pipeline.router import can_serve
+
+    def server(address: str, role: str, layout: str = "L", healthy: bool = True) -> Replica:
+        return Replica(kind="language", address=address, healthy=healthy, role=role, kv_layout=layout)
+
+    assert not can_serve(ReplicaPool("language", [server("d1", "decode"), server("p1", "prefill", healthy=False)]))
+    assert not can_serve(ReplicaPool("language", [server("d1", "decode"), server("p1", "prefill", layout="M")]))
+    assert can_serve(ReplicaPool("language", [server("d1", "decode"), server("p1", "prefill")]))
+    assert can_serve(ReplicaPool("language", [server("b", "both")]))
+    assert not can_serve(ReplicaPool("language", [server("b", "both", healthy=False)]))
