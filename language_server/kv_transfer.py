@@ -11,9 +11,10 @@ address (`kv_destination`) and, at the same moment, to that decode server (`kv_s
   Generate answers the first token and ends without a finish reason, and its blocks are freed (or kept by its
   prefix cache).
 - The decode server's `KvIntake` takes those frames (before or after its Generate: frames nobody claims are
-  dropped after the orphan TTL), hands each request's blocks to the engine as they land (`Engine.import_blocks`:
-  copied into blocks of its own, the request ended busy when its cache has too few free, so the gateway retries
-  elsewhere before any token), and on the hand-off the request joins the running batch with its prompt computed
+  dropped after the orphan TTL), hands each request's blocks to the engine in block order as they land,
+  whatever order the transport's connections delivered them in (`Engine.import_blocks`: copied into blocks of
+  its own, the request ended busy when its cache has too few free, so the gateway retries elsewhere before any
+  token), and on the hand-off the request joins the running batch with its prompt computed
   (`Engine.add_prefilled`), streaming the tokens after the first.
 
 Both sides stamp their frames with their KV layout (`kv_layout`: checkpoint, dtype, block size, layers, kv heads,
