@@ -11,10 +11,11 @@ address (`kv_destination`) and, at the same moment, to that decode server (`kv_s
   Generate answers the first token and ends without a finish reason, and its blocks are freed (or kept by its
   prefix cache).
 - The decode server's `KvIntake` takes those frames (before or after its Generate: frames nobody claims are
-  dropped after the orphan TTL), hands each request's blocks to the engine as they land (`Engine.import_blocks`:
-  copied into blocks of its own, the request ended busy when its cache has too few free, so the gateway retries
-  elsewhere before any token), and on the hand-off the request joins the running batch with its prompt computed
-  (`Engine.add_prefilled`), streaming the tokens after the first.
+  dropped after the orphan TTL), hands each request's blocks to the engine in block order as they land,
+  whatever order the transport's connections delivered them in (`Engine.import_blocks`: copied into blocks of
+  its own, the request ended busy when its cache has too few free, so the gateway retries elsewhere before any
+  token), and on the hand-off the request, its prompt computed, joins the scheduler's queue holding those blocks
+  and is admitted as any request is (`Engine.add_prefilled`), streaming the tokens after the first.
 
 Both sides know their KV layout (`kv_layout`: checkpoint, dtype, block size, layers, kv heads, head dim, tensor
 parallel, device type). A prefill server's sender names it in the transport's handshake and a decode server's
@@ -81,12 +82,18 @@ class KvPusher:
 
 @dataclass
 class Incoming:
-    """One request's KV on its way to a decode server: frames held until its Generate opens it, then the
-    hand-off (or an error) it waits for."""
+    """One request's KV on its way to a decode server: frames held until its Generate opens it and until the
+    blocks before them have gone to the engine, then the hand-off (or an error) it waits for.
+
+    The transport spreads a destination's frames over several connections (`connections_per_destination`), each
+    read by its own thread, so one request's frames can arrive in any order, the hand-off before the last blocks:
+    blocks go to the engine in block order (`next_block`), and the hand-off counts only once every block it
+    names (`KvHandoff.num_blocks`) has gone."""
 
     request_id: str
     created_at: float = field(default_factory=time.monotonic)
-    pending: list[Frame] = field(default_factory=list)
+    pending: dict[int, Frame] = field(default_factory=dict)  # KV frames not yet imported, by first block
+    next_block: int = 0  # blocks imported into the engine so far, in order
     opened: bool = False
     first_frame_at: float = 0.0  # time.monotonic() its first KV frame arrived
     handoff: Frame | None = None
@@ -141,21 +148,32 @@ class KvIntake:
             self.num_dropped_frames += 1
         elif isinstance(header, KvHandoff):
             entry.handoff = frame
-            entry.event.set()
-        elif entry.opened:
-            self.import_blocks(rid, header.first_block, frame.tensor)
+            self._release(entry)
         else:
-            entry.pending.append(frame)
+            entry.pending[header.first_block] = frame
+            self._release(entry)
 
     def open(self, request_id: str) -> Incoming:
         """The Generate of a request whose KV comes from a prefill server: its frames so far go to the engine."""
         entry = self.entries.setdefault(request_id, Incoming(request_id))
         entry.opened = True
-        for frame in entry.pending:
-            assert isinstance(frame.header, KvHeader)
-            self.import_blocks(request_id, frame.header.first_block, frame.tensor)
-        entry.pending = []
+        self._release(entry)
         return entry
+
+    def _release(self, entry: Incoming) -> None:
+        """An opened request's blocks to the engine in block order, as far as they have come; its hand-off to its
+        Generate once every block it names has gone."""
+        if not entry.opened:
+            return
+        while entry.next_block in entry.pending:
+            frame = entry.pending.pop(entry.next_block)
+            assert isinstance(frame.header, KvHeader)
+            self.import_blocks(entry.request_id, frame.header.first_block, frame.tensor)
+            entry.next_block += frame.header.num_blocks
+        handoff = entry.handoff
+        if handoff is not None and isinstance(handoff.header, KvHandoff) and \
+                entry.next_block >= handoff.header.num_blocks:
+            entry.event.set()
 
     def fail(self, request_id: str, error: str, busy: bool) -> bool:
         """The engine ended a request whose KV is arriving (e.g. its cache is full); False: no such request."""
@@ -174,13 +192,13 @@ class KvIntake:
 
     @property
     def num_bytes_held(self) -> int:
-        return sum(f.header.nbytes for e in self.entries.values() for f in (*e.pending, *([e.handoff] if e.handoff
-                                                                                            else [])))
+        return sum(f.header.nbytes for e in self.entries.values()
+                   for f in (*e.pending.values(), *([e.handoff] if e.handoff else [])))
 
     def _fail(self, entry: Incoming, error: BaseException) -> None:
         if entry.error is None:
             entry.error = error
-        entry.pending, entry.handoff = [], None
+        entry.pending, entry.handoff = {}, None
         entry.event.set()
 
     def _expire(self) -> None:
