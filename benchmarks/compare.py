@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -199,6 +200,12 @@ def table(result: dict[str, Any]) -> str:
     if result.get("interference"):
         lines.append("text-only TPOT p99 while 1344 px requests arrive: " + ", ".join(
             f"{mode} {value:.1f} ms" for mode, value in result["interference"].items()))
+    alone = result.get("interference_alone", {})
+    if alone:
+        under = result.get("interference", {})
+        lines.append("the same text requests with no image traffic: " + ", ".join(
+            f"{mode} {value:.1f} ms (under traffic {under.get(mode, math.nan) / (value or math.nan):.2f}x)"
+            for mode, value in alone.items()))
     return "\n".join(lines)
 
 
@@ -273,6 +280,10 @@ async def _measure(args: argparse.Namespace, mode: str, deployments: list[tuple[
         serve_args.base_url = urls
         serve_args.seed = args.seed + 1  # other pictures than the 1344 px run's: no encoder-cache hits
         out["interference"] = await run_benchmark(serve_args)
+        # the same text requests with no image traffic: what "interference" is measured against
+        alone = _serve_args(args, "1344", max(1, args.interference_prompts // 2), 1.0, f"{mode} text alone")
+        alone.base_url, alone.seed = urls, args.seed + 2
+        out["interference_alone"] = await run_benchmark(alone)
     return out
 
 
@@ -375,7 +386,7 @@ def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: li
     """Table 18's shape: per bucket each mode's request throughput, its ratio to coupled (and DvD's to
     coupled-dp), and the limits each run allows (`roles.limits`)."""
     out: dict[str, Any] = {"setting": setting, "setting_text": setting_text, "modes": modes, "buckets": {},
-                           "interference": {}, "runs": {}, "limits": {}}
+                           "interference": {}, "interference_alone": {}, "runs": {}, "limits": {}}
     for bucket in buckets:
         row: dict[str, Any] = {}
         out["limits"][bucket] = {}
@@ -389,10 +400,10 @@ def summarize(measured: dict[str, dict[str, Any]], modes: list[str], buckets: li
         out["buckets"][bucket] = row
     for mode in modes:
         runs = measured[mode]
-        if "interference" in runs:
-            text = runs["interference"]["runs"][0]["per_bucket"].get("text")
+        for key in ("interference", "interference_alone"):
+            text = runs[key]["runs"][0]["per_bucket"].get("text") if key in runs else None
             if text is not None:
-                out["interference"][mode] = text["p99_tpot_ms"]
+                out[key][mode] = text["p99_tpot_ms"]
         out["runs"][mode] = {b: _figures(r["runs"][0]) for b, r in runs.items()}
     return out
 

@@ -140,4 +140,7 @@ def test_bench_compare_runs_the_pd_mode_with_its_interference_run(tiny_hf: Path,
     assert "--prefill-replicas 1 --decode-replicas 1" in out and "dvd-pd req/s" in out
     result = json.loads(table.read_text())
     assert result["buckets"]["448"]["dvd-pd"] > 0 and set(result["interference"]) <= {"dvd-pd"}
+    # the text requests' TPOT with no image traffic, what the interference target is measured against
+    assert set(result["interference_alone"]) == {"dvd-pd"} and result["interference_alone"]["dvd-pd"] >= 0
+    assert "the same text requests with no image traffic: dvd-pd" in out
     assert psutil.Process().children(recursive=True) == []
