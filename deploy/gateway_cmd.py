@@ -41,6 +41,26 @@ def _addresses(value: str) -> list[str]:
     return [a.strip() for a in value.split(",") if a.strip()]
 
 
+# The client-facing API's flags, the same for `dvd gateway` and `dvd serve` (declared once: serve_cmd imports them).
+API_FLAGS = (
+    Flag("--host", "gateway.host", help="address the HTTP and gRPC APIs bind (default 127.0.0.1; 0.0.0.0 for every "
+                                        "interface)"),
+    Flag("--port", "gateway.http_port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)"),
+    Flag("--grpc-port", "gateway.grpc_port", type=int, help="gRPC client API port (default 50051; 0 = any free)"),
+    Flag("--max-concurrency", "gateway.max_concurrency", type=int,
+         help="requests in flight before new ones get 429 (default 64)"),
+    Flag("--max-images", "gateway.limits.max_images", type=int, help="images per request (default 8)"),
+    Flag("--max-image-bytes", "gateway.limits.max_image_bytes", type=int, help="bytes per image (default 20 MiB)"),
+    Flag("--max-body-bytes", "gateway.limits.max_body_bytes", type=int,
+         help="HTTP body (and gRPC message) bytes (default 32 MiB)"),
+    Flag("--max-prompt-chars", "gateway.limits.max_prompt_chars", type=int,
+         help="characters of text per request, refused before tokenizing (default 262144)"),
+    *KEY_FLAGS,
+    Flag("--allow-local-files", "gateway.limits.allow_local_files", switch=True,
+         help="accept image_url values naming local files"),
+    Flag("--allow-remote-urls", "gateway.limits.allow_remote_urls", switch=True, help="fetch http(s) image_url values"),
+)
+
 FLAGS = (
     Flag("--model", "model", help="checkpoint directory or Hugging Face Hub id (org/name): its tokenizer and chat "
                                   "template (default: the built-in tiny one)"),
@@ -49,12 +69,7 @@ FLAGS = (
     Flag("--vision", "vision", convert=_addresses, metavar="HOST:PORT[,...]", help="vision servers' gRPC addresses"),
     Flag("--language", "language", convert=_addresses, metavar="HOST:PORT[,...]",
          help="language servers' gRPC addresses (at least one)"),
-    Flag("--host", "gateway.host", help="address the HTTP and gRPC APIs bind (default 127.0.0.1; 0.0.0.0 for every "
-                                        "interface)"),
-    Flag("--port", "gateway.http_port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)"),
-    Flag("--grpc-port", "gateway.grpc_port", type=int, help="gRPC client API port (default 50051; 0 = any free)"),
-    Flag("--max-concurrency", "gateway.max_concurrency", type=int,
-         help="requests in flight before new ones get 429 (default 64)"),
+    *API_FLAGS,
     Flag("--probe-interval", "probe.interval_s", type=float,
          help="seconds between health probes of each server (default 2)"),
     Flag("--probe-timeout", "probe.timeout_s", type=float,
@@ -70,7 +85,6 @@ FLAGS = (
     Flag("--token-file", "token_file", metavar="PATH",
          help="file holding the cluster's shared token (the servers'): every call to a server carries a credential "
               "made from it (default: $DVD_TOKEN, else none; never from the command line)"),
-    *KEY_FLAGS,
 )
 
 

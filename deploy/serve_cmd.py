@@ -33,14 +33,14 @@ from pathlib import Path
 
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
-from dvd.deploy.gateway_cmd import model_path, resolved, roster
+from dvd.deploy.gateway_cmd import API_FLAGS, model_path, resolved, roster
 from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
 from dvd.hub import ROLES, ResolvedModel
 from dvd.internal_auth import ClusterCredential
 from dvd.malloc import for_vision_batches
-from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
+from dvd.pipeline.auth import ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
@@ -63,23 +63,7 @@ _MAIN = (
     Flag("--coupled", "coupled", switch=True,
          help="both halves in this process as one engine, the vision encoder in its step (the baseline)"),
 )
-_GATEWAY = (
-    Flag("--host", "gateway.host", help="address the gateway binds (default 127.0.0.1)"),
-    Flag("--port", "gateway.http_port", type=int, help="OpenAI HTTP port (default 8000; 0 = any free)"),
-    Flag("--grpc-port", "gateway.grpc_port", type=int, help="gRPC client API port (default 50051; 0 = any free)"),
-    Flag("--max-concurrency", "gateway.max_concurrency", type=int,
-         help="requests in flight before new ones get 429 (default 64)"),
-    Flag("--max-images", "gateway.limits.max_images", type=int, help="images per request (default 8)"),
-    Flag("--max-image-bytes", "gateway.limits.max_image_bytes", type=int, help="bytes per image (default 20 MiB)"),
-    Flag("--max-body-bytes", "gateway.limits.max_body_bytes", type=int,
-         help="HTTP body (and gRPC message) bytes (default 32 MiB)"),
-    Flag("--max-prompt-chars", "gateway.limits.max_prompt_chars", type=int,
-         help="characters of text per request, refused before tokenizing (default 262144)"),
-    *KEY_FLAGS,
-    Flag("--allow-local-files", "gateway.limits.allow_local_files", switch=True,
-         help="accept image_url values naming local files"),
-    Flag("--allow-remote-urls", "gateway.limits.allow_remote_urls", switch=True, help="fetch http(s) image_url values"),
-)
+
 _SERVERS = (
     Flag("--transport", "transport.kind", help="feature transport between the servers: tcp (default) or rdma"),
     Flag("--vision-replicas", "vision.replicas", type=int, help="vision servers to start (default 1)"),
@@ -147,7 +131,7 @@ _INTERNAL_TLS = (
 # (argument group title, its flags); None: the parser's own options
 _GROUPS: tuple[tuple[str | None, tuple[Flag, ...]], ...] = (
     (None, _MAIN),
-    ("gateway", _GATEWAY),
+    ("gateway", API_FLAGS),
     ("servers", _SERVERS),
     ("placement on one machine (Linux CPU lists: 0, 1, 2-3, 0,2-3)", _PLACEMENT),
     ("health probes (a server is out of rotation after --fail-threshold in a row)", _PROBES),

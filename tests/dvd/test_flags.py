@@ -86,5 +86,7 @@ def test_both_gateway_commands_take_their_flags_this_way(command: str, tmp_path:
                     ("{}\n" if command == "serve" else "[10.0.0.1:7200]\n"))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    config = load(path, flag_overrides(parser.parse_args(["--port", "8200"]), flags))
+    given = ["--port", "8200", "--max-images", "3", "--allow-remote-urls"]  # API flags, declared once for both
+    config = load(path, flag_overrides(parser.parse_args(given), flags))
     assert (config.gateway.http_port, config.gateway.grpc_port) == (8200, 50100)
+    assert config.gateway.limits.max_images == 3 and config.gateway.limits.allow_remote_urls
