@@ -16,8 +16,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dvd.requests import STAGES as REQUEST_STAGES
+
 PERCENTILES = (50, 90, 99)
-STAGES = ("encode", "transfer", "queue", "prefill", "decode")
+STAGES = REQUEST_STAGES  # dvd/requests.py's, kv_transfer (P/D) included
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
 
 

@@ -34,7 +34,8 @@ class Stamps:
             self.decode_first = response
         if "first_token" not in self.marks and response.token_ids:
             self.marks["first_token"] = time.time()
-        self.features_wait_ms = max(self.features_wait_ms, response.features_wait_ms)
+        if not decode:  # a decode server's wait is for the KV (kv_transfer), not for the vision server's features
+            self.features_wait_ms = max(self.features_wait_ms, response.features_wait_ms)
         if self.stamped is None and response.first_token_ms:
             self.stamped = response  # the message with the language server's stage stamps
         self.last = response

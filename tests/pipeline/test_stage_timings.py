@@ -102,3 +102,24 @@ def test_pd_kv_transfer_is_a_stage_and_a_timeline_segment() -> None:
     # a request without P/D draws none
     t = stage_timings(marks, 0.0, last, stamped, None)
     assert "kv_transfer" not in {s for s, _, _ in stage_segments(RequestRecord(0, "text", timings=t.as_dict()))}
+
+
+def test_pd_prefill_is_timed_on_the_prefill_servers_stamps_not_the_decode_servers_wait() -> None:
+    """The decode server's first message reports how long it waited (for the KV, the whole prefill); counted as the
+    wait for the vision server's features it left the prefill stage 0 in a 38b-scaled P/D run. Its wait is not the
+    features', and kv_transfer reaches the benchmark's stage breakdown."""
+    from dvd.benchmarks.serve_metrics import RequestRecord, stage_breakdown
+    from dvd.pipeline.stage_timings import Stamps
+
+    stamps = Stamps(marks={"dispatch": 1000.0})
+    stamps.add(language_pb2.LanguageGenerateResponse(token_ids=[5], features_wait_ms=10, engine_added_ms=1,
+                                                     prefill_start_ms=2, first_token_ms=40))
+    stamps.add(language_pb2.LanguageGenerateResponse(token_ids=[6], features_wait_ms=39, engine_added_ms=45,
+                                                     kv_transfer_ms=30), decode=True)
+    stamps.add(language_pb2.LanguageGenerateResponse(finish_reason="length", finished_ms=145), decode=True)
+    event = stamps.final_event()
+    assert event.timings is not None
+    assert event.timings.ms["features_wait"] == 10 and event.timings.ms["prefill"] == 38  # the prefill server's 40 - 2
+    breakdown = stage_breakdown([RequestRecord(index=0, bucket="896", timings=event.timings.as_dict())])
+    assert breakdown["kv_transfer"]["mean"] == 30 and breakdown["prefill"]["mean"] == 38
+
