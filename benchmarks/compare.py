@@ -12,7 +12,8 @@ Settings (stated in the output):
          model that fits one a user runs a replica on each behind a balancer: so here the baseline includes
          coupled-dp, which joins the default modes.
 Beside throughput: the TPOT p99 of text-only requests sent while image-heavy (1344 px) requests arrive,
-per mode: the interference disaggregation is meant to remove. And per bucket the limits each run allows
+per mode: the interference disaggregation is meant to remove; and of the same kind of text requests with no image
+traffic, what that is measured against (the ratio is printed). And per bucket the limits each run allows
 (benchmarks/roles.py): every role's CPU seconds per request and busy fraction, read from /proc over the run;
 from a DvD run the pipeline's ideal (1 / the busier server's cost) and coupled's (1 / their sum), from a
 coupled run its own (its CPUs / its cost); each mode's fraction of its ideal.
