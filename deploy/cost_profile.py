@@ -9,6 +9,9 @@ A profile is a JSONL file, one measurement a line, each naming its `stage`:
   {"stage": "prefill", "tokens": 2048, "seconds": 0.41}             one prefill chunk, alone in its step
   {"stage": "decode", "batch": 16, "context": 1024, "seconds": 0.03} one decode step
   {"stage": "transport", "bytes": 27262976, "seconds": 0.043}        one frame, send -> complete at the receiver
+  {"stage": "kv", "layers": 28, "kv_heads": 8, "head_dim": 128, "dtype_bytes": 2}
+                                                                     the language model's KV cache layout: what a
+                                                                     prompt token's KV costs on the wire (P/D)
   {"stage": "source", ...}                                          free-form: which benchmark, where, how loaded
 
 `dvd bench vision|engine|transport --profile-out FILE` each write their own lines into one file (replacing
@@ -37,6 +40,7 @@ STAGE_FIELDS: dict[str, dict[str, type]] = {
     "prefill": {"tokens": int, "seconds": float},
     "decode": {"batch": int, "context": int, "seconds": float},
     "transport": {"bytes": int, "seconds": float},
+    "kv": {"layers": int, "kv_heads": int, "head_dim": int, "dtype_bytes": int},
 }
 _OPTIONAL = {"vir": False}
 _HOW = {
@@ -45,6 +49,8 @@ _HOW = {
     "prefill": "dvd bench engine --profile-out FILE",
     "decode": "dvd bench engine --profile-out FILE",
     "transport": "dvd bench transport --profile-out FILE",
+    "kv": "add the checkpoint's line: its text config's num_hidden_layers, num_key_value_heads, head_dim and "
+          "the KV dtype's bytes",
 }
 
 
@@ -136,14 +142,17 @@ class CostProfile:
     decode: DecodeCost | None
     transport: Curve | None  # seconds of one feature frame of B bytes
     preprocess: Curve | None  # seconds to decode and tile one image of N tiles; None: not measured (free)
+    kv_bytes_per_token: int = 0  # one prompt token's KV over every layer (K and V); 0: no 'kv' line
     sources: tuple[dict[str, Any], ...] = field(default=())
 
-    def require(self, *, vir: bool = False, transport: bool = False) -> None:
-        """Refuse, naming the file and what to run, a profile that lacks a stage this simulation needs."""
+    def require(self, *, vir: bool = False, transport: bool = False, kv: bool = False) -> None:
+        """Refuse, naming the file and what to run, a profile that lacks a stage this simulation needs (`kv`:
+        the KV layout a P/D mode costs its prefill -> decode transfers by)."""
         missing = [name for name, present in (("vision", vir in self.vision), ("features", vir in self.features),
                                                ("prefill", self.prefill is not None),
                                                ("decode", self.decode is not None),
-                                               ("transport", self.transport is not None or not transport))
+                                               ("transport", self.transport is not None or not transport),
+                                               ("kv", self.kv_bytes_per_token > 0 or not kv))
                    if not present]
         if missing:
             what = " with vir true" if vir and missing[0] in ("vision", "features") else ""
@@ -232,7 +241,15 @@ def load_profile(path: str | Path) -> CostProfile:
         prefill=curve("prefill", "tokens"),
         decode=DecodeCost((r["batch"], r["context"], r["seconds"]) for r in decode) if decode else None,
         transport=curve("transport", "bytes"), preprocess=curve("preprocess", "tiles"),
-        sources=tuple(by_stage["source"]))
+        kv_bytes_per_token=_kv_bytes_per_token(by_stage["kv"]), sources=tuple(by_stage["source"]))
+
+
+def _kv_bytes_per_token(lines: Sequence[Mapping[str, Any]]) -> int:
+    """K and V of one token in every layer (the last 'kv' line, if several); 0 without one."""
+    if not lines:
+        return 0
+    kv = lines[-1]
+    return 2 * kv["layers"] * kv["kv_heads"] * kv["head_dim"] * kv["dtype_bytes"]
 
 
 def _key(record: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -17,13 +17,15 @@ from dvd.deploy.cost_profile import CostProfile, load_profile
 from dvd.deploy.sim_search import Cluster, SearchResult, search
 from dvd.deploy.sim_stages import SimSettings
 from dvd.deploy.sim_workload import ARRIVALS, SimRequests, WorkloadSpec, from_trace, generate
-from dvd.deploy.simulate import DISAGGREGATED, MODES, SimResult, Slo
+from dvd.deploy.simulate import DISAGGREGATED, MODES, PD, SimResult, Slo
 from dvd.devices import check_device
 
 _DEFAULTS = SimSettings()
 # Settings whose default is the planned devices' (SimSettings.for_device): a flag left out is None.
 _DEVICE_SETTINGS = ("max_batch_tokens", "max_batch_tiles", "encoder_step_tiles", "preprocess_workers")
 _SPEC = WorkloadSpec()
+# Simulated when --modes is left out: P/D's E : P : D splits grow as the square of the devices, so it is asked for.
+DEFAULT_MODES = tuple(m for m in MODES if m not in PD)
 
 
 def parse_image_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = group.add_argument
     add("--simulate", action="store_true", help="also simulate the workload on every split of the devices")
     add("--profile", type=Path, help="the stage-cost profile (JSONL) measured on the target hardware")
-    add("--modes", help=f"comma list of {', '.join(MODES)} (default: every mode the profile has costs for)")
+    add("--modes", help=f"comma list of {', '.join(MODES)} (default: every mode but P/D's the profile has costs "
+                        "for; P/D's need the profile's kv line)")
     add("--trace", type=Path, help="requests from a JSONL file of OpenAI chat bodies (dvd bench serve's jsonl)")
     add("--num-requests", type=int, default=_SPEC.num_requests, help="requests to simulate (default %(default)s)")
     add("--rate", default="inf", help="requests/s, or inf: all at once (default inf)")
@@ -95,12 +98,12 @@ def _modes(args: argparse.Namespace, profile: CostProfile) -> tuple[list[str], l
         if unknown := [m for m in modes if m not in MODES]:
             raise ValueError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
         for mode in modes:
-            profile.require(vir=mode == "dvd+vir", transport=mode in DISAGGREGATED)
+            profile.require(vir=mode.endswith("+vir"), transport=mode in DISAGGREGATED, kv=mode in PD)
         return modes, []
     modes, skipped = [], []
-    for mode in MODES:
+    for mode in DEFAULT_MODES:
         try:
-            profile.require(vir=mode == "dvd+vir", transport=mode in DISAGGREGATED)
+            profile.require(vir=mode.endswith("+vir"), transport=mode in DISAGGREGATED)
             modes.append(mode)
         except ValueError as exc:
             skipped.append(f"{mode}: skipped, {exc}")
@@ -126,7 +129,7 @@ def row(result: SimResult) -> str:
             f"{p['p50']:8.1f} {p['p99']:8.1f}  {busy}{scale}")
 
 
-HEADER = (f"{'deployment (vision:language)':<22} {'req/s':>9} {'goodput':>9} {'in SLO':>6} {'TTFT p50':>9} "
+HEADER = (f"{'deployment (vision:language[:decode])':<22} {'req/s':>9} {'goodput':>9} {'in SLO':>6} {'TTFT p50':>9} "
           f"{'p90':>9} {'p99 ms':>9} {'TPOT p50':>8} {'p99 ms':>8}  busy")
 
 

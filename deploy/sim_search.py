@@ -1,5 +1,7 @@
 """The search of `dvd plan --simulate`: which split of a cluster's devices between vision and language
-replicas (and which mode) serves the most requests within the SLOs.
+replicas (and which mode) serves the most requests within the SLOs; with P/D (`dvd-pd`), which E : P : D
+split between vision, prefill and decode replicas (every one with at least one of each: a small cluster's
+splits grow as the square of its devices, so the screen matters more there).
 
 A small cluster's splits are all simulated. A large one is first screened on a cluster k times smaller
 fed k times fewer requests at 1/k of the rate (its first n/k requests, their arrival times stretched k
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from dvd.deploy.cost_profile import CostProfile
 from dvd.deploy.sim_stages import SimSettings
 from dvd.deploy.sim_workload import SimRequests
-from dvd.deploy.simulate import DISAGGREGATED, NO_SLO, Deployment, SimResult, Slo, simulate
+from dvd.deploy.simulate import DISAGGREGATED, NO_SLO, PD, Deployment, SimResult, Slo, simulate
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,42 @@ class Cluster:
         if mode not in DISAGGREGATED:
             count = self.devices // self.language_devices
             return [Deployment(mode, 0, count)] if count else []
+        if mode in PD:
+            return self._pd_deployments(mode)
         out = []
         for vision in range(1, self.devices // self.vision_devices + 1):
             language = (self.devices - vision * self.vision_devices) // self.language_devices
             if language >= 1:
                 out.append(Deployment(mode, vision, language))
         return out
+
+    def _pd_deployments(self, mode: str) -> list[Deployment]:
+        """Every E : P : D with at least one of each, the decode replicas taking the devices left."""
+        out = []
+        for vision in range(1, self.devices // self.vision_devices + 1):
+            rest = self.devices - vision * self.vision_devices
+            for prefill in range(1, rest // self.language_devices):
+                decode = (rest - prefill * self.language_devices) // self.language_devices
+                out.append(Deployment(mode, vision, prefill, decode))
+        return out
+
+    def pd_fit(self, mode: str, vision: int, prefill: int) -> Deployment:
+        """`vision` and `prefill` replicas (cut back to leave room for one decode replica), the decode
+        replicas on the devices left."""
+        vision, prefill = max(1, vision), max(1, prefill)
+        while (self.devices - vision * self.vision_devices) // self.language_devices - prefill < 1 and \
+                (vision > 1 or prefill > 1):
+            if prefill * self.language_devices >= vision * self.vision_devices and prefill > 1:
+                prefill -= 1
+            else:
+                vision -= 1
+        decode = (self.devices - vision * self.vision_devices) // self.language_devices - prefill
+        return Deployment(mode, vision, prefill, decode)
+
+    @property
+    def smallest(self) -> int:
+        """Devices the smallest deployment of any mode holds (one vision, prefill and decode replica)."""
+        return self.vision_devices + 2 * self.language_devices
 
 
 def shrink(requests: SimRequests, k: int) -> SimRequests:
@@ -81,6 +113,8 @@ def _scaled_up(deployment: Deployment, cluster: Cluster, k: float) -> Deployment
     """A screened deployment on a cluster k times larger: the same ratio of vision to language replicas."""
     if deployment.mode not in DISAGGREGATED:
         return cluster.deployments(deployment.mode)[0]
+    if deployment.pd:
+        return cluster.pd_fit(deployment.mode, round(deployment.vision * k), round(deployment.prefill * k))
     vision = max(1, round(deployment.vision * k))
     language = (cluster.devices - vision * cluster.vision_devices) // cluster.language_devices
     if language < 1:
@@ -105,15 +139,16 @@ def check(profile: CostProfile, requests: SimRequests, deployment: Deployment, c
     """`deployment`, screened on 1/k of `cluster`, scaled up and simulated: on the whole cluster, or when it
     has more than `check_devices` devices (0: no limit) on one of c identical copies (the module's docstring)."""
     copies = max(1, math.ceil(cluster.devices / check_devices)) if check_devices > 0 else 1
-    copies = min(copies, max(1, cluster.devices // (cluster.vision_devices + cluster.language_devices)))  # a
-    # copy holds a replica of each role at least
+    each = cluster.smallest if deployment.pd else cluster.vision_devices + cluster.language_devices
+    copies = min(copies, max(1, cluster.devices // each))  # a copy holds a replica of each role at least
     part = Cluster(cluster.devices // copies, cluster.vision_devices, cluster.language_devices)
     part_requests, part_settings = _scaled(requests, settings, copies)
     result = simulate(profile, part_requests, _scaled_up(deployment, part, k / copies), part_settings, slo)
     if copies == 1:
         return result
     whole = dataclasses.replace(result.deployment, vision=result.deployment.vision * copies,
-                                language=result.deployment.language * copies)
+                                language=result.deployment.language * copies,
+                                decode=result.deployment.decode * copies)
     return dataclasses.replace(result, deployment=whole, num_requests=result.num_requests * copies,
                                request_throughput=result.request_throughput * copies,
                                output_throughput=result.output_throughput * copies,

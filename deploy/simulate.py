@@ -8,6 +8,12 @@ Modes (`MODES`), each a way to build the replicas that serve requests:
   coupled-serial  today's `dvd serve --coupled`: one request at a time, stages one after another
   dvd             vision replicas -> BF16 features over the transport -> language replicas
   dvd+vir         the same with ViR's compressed tiles (a Flash checkpoint's costs, `vir: true` lines)
+  dvd-pd          dvd with the language side split E : P : D (issue 21): prefill replicas run each prompt in
+                  chunks and push each chunk's KV to the request's decode replica over the transport as the
+                  chunk completes (the profile's `kv` line gives a token's bytes), the request leaving at its
+                  first token; the decode replica takes it into its continuous batch when the last chunk's KV
+                  has landed (`language` counts the prefill replicas, `decode` the decode ones)
+  dvd-pd+vir      the same with ViR
 
 What it models: the gateway's least-outstanding choice of replica (vision and language, at the moment a
 request is sent, Encode and Generate together), each role's batching and scheduling (`sim_stages.py`), one
@@ -17,9 +23,9 @@ gRPC, tokenizing and detokenizing, the gateway's own CPU, prefix and encoder cac
 between a server's preprocessing threads and its device, and how a chunk's attention over an earlier
 past costs more than a fresh chunk's.
 
-E:P:D (issue 21) is a fourth kind of role: `Deployment.roles` lists the replica kinds a mode builds
-(`_ROLE_BUILDERS`), so a `dvd+pd` mode adds prefill and decode roles with a KV-transfer stage between
-them (the transport curve on the request's KV bytes) without touching the other modes.
+P/D's gateway picks a request's prefill and decode replicas when it sends it, each by least outstanding; a
+prefill replica's KV link carries one chunk's blocks at a time (the transport curve on the chunk's bytes),
+a prefill replica reserves KV for the prompt, a decode replica for the prompt and the output.
 """
 
 from __future__ import annotations
@@ -39,33 +45,52 @@ from dvd.deploy.cost_profile import CostProfile
 from dvd.deploy.sim_stages import EngineReplica, EventQueue, SerialReplica, SimRequest, SimSettings, VisionReplica
 from dvd.deploy.sim_workload import SimRequests
 
-MODES = ("coupled", "coupled-serial", "dvd", "dvd+vir")
-DISAGGREGATED = ("dvd", "dvd+vir")
+MODES = ("coupled", "coupled-serial", "dvd", "dvd+vir", "dvd-pd", "dvd-pd+vir")
+DISAGGREGATED = ("dvd", "dvd+vir", "dvd-pd", "dvd-pd+vir")
+PD = ("dvd-pd", "dvd-pd+vir")  # prefill and decode replicas of their own
 
 
 @dataclass(frozen=True)
 class Deployment:
     """How many replicas of each role a mode runs (`vision` 0 for the coupled modes, whose replicas are
-    counted in `language`)."""
+    counted in `language`; with P/D `language` counts the prefill replicas and `decode` the decode ones, 0
+    in the other modes)."""
 
     mode: str
     vision: int
     language: int
+    decode: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: choose from {', '.join(MODES)}")
-        if self.language < 1 or (self.mode in DISAGGREGATED) != (self.vision >= 1) or self.vision < 0:
+        if self.mode in PD:
+            if min(self.vision, self.language, self.decode) < 1:
+                raise ValueError(f"{self.mode} needs vision, prefill and decode replicas (at least 1 each), got "
+                                 f"{self.vision} : {self.language} : {self.decode}")
+        elif self.language < 1 or (self.mode in DISAGGREGATED) != (self.vision >= 1) or self.vision < 0 or \
+                self.decode:
             raise ValueError(f"{self.mode} needs {'vision and ' if self.mode in DISAGGREGATED else ''}language "
                              f"replicas (at least 1{'; no vision replicas' if self.mode not in DISAGGREGATED else ''}"
-                             f"), got {self.vision} : {self.language}")
+                             f", no decode replicas), got {self.vision} : {self.language} : {self.decode}")
 
     @property
     def vir(self) -> bool:
-        return self.mode == "dvd+vir"
+        return self.mode.endswith("+vir")
+
+    @property
+    def pd(self) -> bool:
+        return self.mode in PD
+
+    @property
+    def prefill(self) -> int:
+        """P/D's prefill replicas (`language`)."""
+        return self.language
 
     @property
     def label(self) -> str:
+        if self.pd:
+            return f"{self.mode} {self.vision}:{self.language}:{self.decode}"
         return f"{self.mode} {self.vision}:{self.language}" if self.mode in DISAGGREGATED else \
             f"{self.mode} x{self.language}"
 
@@ -143,7 +168,7 @@ class Simulation:
 
     def __init__(self, profile: CostProfile, requests: SimRequests, deployment: Deployment,
                  settings: SimSettings, slo: Slo = NO_SLO) -> None:
-        profile.require(vir=deployment.vir, transport=deployment.mode in DISAGGREGATED)
+        profile.require(vir=deployment.vir, transport=deployment.mode in DISAGGREGATED, kv=deployment.pd)
         self.profile, self.deployment, self.settings, self.slo = profile, deployment, settings, slo
         self.queue = EventQueue()
         self.requests = requests
@@ -158,13 +183,16 @@ class Simulation:
         self.language_pool = LeastOutstanding(self._language_replicas())
         self.vision_pool = LeastOutstanding([VisionReplica(self, profile, deployment.vir, settings)
                                              for _ in range(deployment.vision)])
+        self.decode_pool = LeastOutstanding([EngineReplica(self, profile, settings)
+                                             for _ in range(deployment.decode)])
 
     def _language_replicas(self) -> list[Any]:
         mode, count = self.deployment.mode, self.deployment.language
         if mode == "coupled-serial":
             return [SerialReplica(self, self.profile) for _ in range(count)]
         encoder = self.profile.vision[False] if mode == "coupled" else None
-        return [EngineReplica(self, self.profile, self.settings, encoder) for _ in range(count)]
+        kv = self.profile.kv_bytes_per_token if self.deployment.pd else 0
+        return [EngineReplica(self, self.profile, self.settings, encoder, kv) for _ in range(count)]
 
     # ---- what the replicas report -------------------------------------------------------------
 
@@ -173,8 +201,15 @@ class Simulation:
 
     def finished(self, now: float, request: SimRequest) -> None:
         self.end[request.index] = now
-        self.language_pool.release(request.language_at)
+        if self.deployment.pd:
+            self.decode_pool.release(request.decode_at)
+        else:
+            self.language_pool.release(request.language_at)
         self.in_flight -= 1
+
+    def prefilled(self, now: float, request: SimRequest) -> None:
+        """P/D: the request left its prefill replica at its first token."""
+        self.language_pool.release(request.language_at)
 
     def encoded(self, now: float, request: SimRequest) -> None:
         self.vision_pool.release(request.vision_at)
@@ -193,6 +228,9 @@ class Simulation:
         self.in_flight += 1
         request.language_at = self.language_pool.pick()
         replica = request.language = self.language_pool.replicas[request.language_at]
+        if self.deployment.pd:
+            request.decode_at = self.decode_pool.pick()
+            request.decode = self.decode_pool.replicas[request.decode_at]
         if self.deployment.mode in DISAGGREGATED:
             request.known = request.pieces[0]
             if request.tiles:
@@ -254,7 +292,9 @@ class Simulation:
         tpot = np.zeros(len(outputs))
         tpot[many] = (self.end[many] - self.first[many]) / (outputs[many] - 1)
         good = (ttft <= self.slo.ttft_s) & (tpot <= self.slo.tpot_s)
-        replicas = {"vision": self.vision_pool.replicas, "language": self.language_pool.replicas}
+        replicas = {"vision": self.vision_pool.replicas,
+                    "prefill" if self.deployment.pd else "language": self.language_pool.replicas,
+                    "decode": self.decode_pool.replicas}
         busy = {role: sum(r.busy_time for r in pool) / (len(pool) * duration)
                 for role, pool in replicas.items() if pool}
         return SimResult(self.deployment, len(outputs), duration, len(outputs) / duration,
