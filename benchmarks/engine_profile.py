@@ -1,7 +1,8 @@
 """`dvd bench engine --profile-out FILE`: the language engine's step costs, as `dvd plan --simulate` reads them
 (dvd/deploy/cost_profile.py): one prefill chunk of T tokens alone in its step, and one decode step of B
 requests at a context of C tokens, each the median of a few timed `Engine.step()` calls (sampling and the
-scheduler included: what a step costs the server).
+scheduler included: what a step costs the server); and the checkpoint's KV layout (a `kv` line), which P/D's
+KV transfers are costed by.
 
 The decode grid skips (batch, context) points whose KV cache would pass `KV_BUDGET_BYTES`, so the default
 grid runs on a laptop for the 1B-shaped preset too. On a loaded machine the figures are as noisy as the load:
@@ -88,4 +89,12 @@ def profile_records(language: LanguageHalf, engine_config: EngineConfig, seed: i
                                      for t in chunks]
     records += [{"stage": "decode", "batch": b, "context": c, "seconds": _decode(engine, rng, b, c)}
                 for b, c in points]
-    return records
+    return [*records, kv_record(open_checkpoint(language.info.path).text_config, language.dtype.itemsize)]
+
+
+def kv_record(text: dict[str, Any], dtype_bytes: int) -> dict[str, Any]:
+    """The KV layout line P/D's simulated transfers are costed by (`sizing.kv_bytes_per_token`'s fields)."""
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    return {"stage": "kv", "layers": int(text["num_hidden_layers"]),
+            "kv_heads": int(text.get("num_key_value_heads") or text["num_attention_heads"]),
+            "head_dim": int(head_dim), "dtype_bytes": dtype_bytes}

@@ -151,14 +151,18 @@ def as_json(found: SearchResult) -> dict[str, Any]:
             "screen_factor": found.screen_factor}
 
 
-def run_simulation(args: argparse.Namespace, cluster: Cluster, kv_capacity_tokens: int) -> dict[str, Any] | str:
-    """The search for the plan's cluster: JSON-ready with --json, else the table. ValueError names bad input."""
+def run_simulation(args: argparse.Namespace, cluster: Cluster, kv_capacity_tokens: int,
+                   kv_bytes_per_token: int = 0) -> dict[str, Any] | str:
+    """The search for the plan's cluster: JSON-ready with --json, else the table. ValueError names bad input.
+    `kv_bytes_per_token`: the checkpoint's, for P/D's KV transfers where the profile has no `kv` line."""
     if args.profile is None:
         raise ValueError("--simulate needs --profile FILE (dvd bench vision|engine|transport --profile-out FILE)")
     if args.screen_devices < 1 or args.check_devices < 0:
         raise ValueError(f"--screen-devices must be at least 1 (got {args.screen_devices}) and --check-devices "
                          f"at least 0, 0 for the whole cluster (got {args.check_devices})")
     profile = load_profile(args.profile)
+    if not profile.kv_bytes_per_token and kv_bytes_per_token:
+        profile = dataclasses.replace(profile, kv_bytes_per_token=kv_bytes_per_token)
     modes, skipped = _modes(args, profile)
     slo = Slo(args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
     progress = None if args.json else (lambda r: print(f"  simulated {r.deployment.label} in {r.wall_s:.1f} s",
@@ -173,7 +177,7 @@ def simulate_plan(args: argparse.Namespace, plan: Any, num_devices: int, describ
     them). A bad profile, trace or option is one line naming it, exit code 2."""
     cluster = Cluster(num_devices, max(1, len(plan.vision_devices)), len(plan.language_devices))
     try:
-        simulated = run_simulation(args, cluster, plan.kv_capacity_tokens)
+        simulated = run_simulation(args, cluster, plan.kv_capacity_tokens, plan.kv_bytes_per_token)
     except ValueError as exc:
         print(f"dvd plan: error: {exc}", file=sys.stderr)
         return 2

@@ -42,10 +42,12 @@ def test_three_benchmarks_write_one_profile_the_simulator_runs_on(tmp_path: Path
         count[r["stage"], r.get("vir", False)] += 1
     assert count == {("vision", False): 2, ("vision", True): 2, ("features", False): 1, ("features", True): 1,
                      ("preprocess", False): 3, ("source", False): 3, ("source", True): 1, ("prefill", False): 2,
-                     ("decode", False): 4, ("transport", False): 1}
+                     ("decode", False): 4, ("transport", False): 1, ("kv", False): 1}
     features = {r["vir"]: r["tokens_per_tile"] for r in records if r["stage"] == "features"}
     assert features[True] < features[False]  # ViR compresses some tiles
     loaded = load_profile(profile)
     requests = generate(WorkloadSpec(num_requests=20, image_sizes=((896, 896),), output_tokens=4))
-    for deployment in (Deployment("dvd", 1, 1), Deployment("dvd+vir", 1, 1), Deployment("coupled", 0, 2)):
+    assert loaded.kv_bytes_per_token > 0  # the checkpoint's layout: P/D's transfers are costed by it
+    for deployment in (Deployment("dvd", 1, 1), Deployment("dvd+vir", 1, 1), Deployment("coupled", 0, 2),
+                       Deployment("dvd-pd", 1, 1, 1)):
         assert simulate(loaded, requests, deployment, SimSettings()).request_throughput > 0
