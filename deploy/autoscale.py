@@ -219,5 +219,7 @@ def observe(instances: Iterable[Mapping[str, Any]], timeout_s: float = 5.0,
         if f"dvd_{entry['kind']}_busy_fraction" in samples:
             busy[role].append(samples[f"dvd_{entry['kind']}_busy_fraction"])
         for name in COUNTERS:
+            if role == "decode" and name == "dvd_language_requests_added_total":
+                continue  # P/D: a request enters its decode server too, and is counted at its prefill server
             totals[name] = totals.get(name, 0.0) + samples.get(name, 0.0)
     return Observation({role: RoleLoad(role, replicas[role], tuple(busy[role])) for role in roles}, totals)

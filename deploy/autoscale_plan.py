@@ -1,5 +1,6 @@
 """Where the autoscaler starts from: `dvd plan --simulate`'s recommended vision : language split for the
-workload it observes (`autoscale.plan`).
+workload it observes (`autoscale.plan`), or with P/D (roles vision, prefill, decode) its E : P : D split
+(`dvd-pd`; the profile needs a `kv` line, which `dvd bench engine --profile-out` writes).
 
 The workload is read off the servers' own counters over the first `observe_s` seconds of traffic (requests,
 images, tiles, prompt and output tokens: `Workload.between`), and the planner's search (deploy/sim_search.py,
@@ -76,8 +77,8 @@ class Workload:
 
 
 def recommend(plan: PlanConfig, workload: Workload, bounds: Mapping[str, Any]) -> dict[str, int]:
-    """The planner's best vision : language split of `plan.devices` for `workload`, within `bounds` (each
-    role's `RoleBounds`)."""
+    """The planner's best vision : language split of `plan.devices` for `workload`, or with P/D (`bounds` has
+    a prefill role) its best vision : prefill : decode, within `bounds` (each role's `RoleBounds`)."""
     try:
         from dvd.deploy.cost_profile import load_profile
         from dvd.deploy.sim_search import Cluster, search
@@ -92,9 +93,11 @@ def recommend(plan: PlanConfig, workload: Workload, bounds: Mapping[str, Any]) -
                         images_per_request=round(workload.images_per_request),
                         prompt_tokens=max(1, round(workload.prompt_tokens)),
                         output_tokens=max(1, round(workload.output_tokens)))
-    result = search(load_profile(plan.profile), generate(spec), Cluster(plan.devices), ["dvd"],
+    pd = "prefill" in bounds
+    result = search(load_profile(plan.profile), generate(spec), Cluster(plan.devices), ["dvd-pd" if pd else "dvd"],
                     SimSettings.for_device(plan.device),
                     Slo(plan.ttft_slo_ms / 1e3, plan.tpot_slo_ms / 1e3))
     best = result.chosen[0].deployment
-    wanted = {"vision": best.vision, "language": best.language}
+    wanted = {"vision": best.vision, "prefill": best.language, "decode": best.decode} if pd else \
+        {"vision": best.vision, "language": best.language}
     return {role: min(max(wanted[role], bounds[role].min), bounds[role].max) for role in bounds}

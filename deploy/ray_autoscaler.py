@@ -102,10 +102,10 @@ class Autoscaler:
         if workload is None or now - start < plan.observe_s or requests < plan.min_requests:
             return
         self._planned = True
-        target = recommend(plan, workload, {role: self.config.bounds(role) for role in SCALED})  # never P/D
+        target = recommend(plan, workload, {role: self.config.bounds(role) for role in self.config.scaled})
         self.policy.target = target
-        self.policy.target_reason = (f"dvd plan --simulate recommends {target['vision']} vision : "
-                                     f"{target['language']} language for the observed {workload.describe()}")
+        split = " : ".join(f"{count} {role}" for role, count in target.items())
+        self.policy.target_reason = f"dvd plan --simulate recommends {split} for the observed {workload.describe()}"
         log.warning("autoscaler: %s", self.policy.target_reason)
 
     def _apply(self, change: Change) -> None:

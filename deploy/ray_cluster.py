@@ -136,6 +136,20 @@ class RayGatewayRole:
     insecure: bool = False
 
 
+def _check_pd_plan(plan: Any) -> None:
+    """With P/D the plan splits E : P : D (`dvd-pd`): a vision, a prefill and a decode replica at least, and the
+    profile's KV layout to cost the KV transfers by."""
+    if plan.devices < 3:
+        raise ConfigError(f"autoscale.plan.devices: {plan.devices}; with P/D (language prefill_replicas) the plan "
+                          "needs 3 at least, a vision, a prefill and a decode replica")
+    from dvd.deploy.cost_profile import load_profile
+
+    try:
+        load_profile(plan.profile).require(transport=True, kv=True)
+    except ValueError as exc:
+        raise ConfigError(f"autoscale.plan.profile: {exc}") from None
+
+
 @dataclass(frozen=True)
 class RayClusterConfig:
     model: Path
@@ -156,8 +170,7 @@ class RayClusterConfig:
         if self.transport.kind not in TRANSPORT_KINDS:
             raise ConfigError(f"transport.kind: one of {', '.join(TRANSPORT_KINDS)}, got {self.transport.kind!r}")
         if self.pd and self.autoscale is not None and self.autoscale.plan is not None:
-            raise ConfigError("autoscale.plan: dvd plan --simulate splits vision : language; with P/D (language "
-                              "prefill_replicas) leave plan out, the busy fractions decide")
+            _check_pd_plan(self.autoscale.plan)
         for kind in self.scaled:
             bounds, replicas = self.bounds(kind), self.replicas(kind)
             if not bounds.min <= replicas <= bounds.max:

@@ -4,6 +4,7 @@ bounds that cannot be met are refused when the config is validated, naming what 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,7 @@ def test_a_plan_needs_its_profile(tmp_path: Path) -> None:
 
 
 # vision 0.1 s a tile; prefill 2 ms a token; decode 5 ms + 5 ms a request in the batch (round numbers)
+KV_LINE = {"stage": "kv", "layers": 1, "kv_heads": 1, "head_dim": 5, "dtype_bytes": 10}
 HAND_PROFILE = [
     {"stage": "vision", "tiles": 1, "seconds": 0.1},
     {"stage": "features", "tokens_per_tile": 4, "bytes_per_token": 100},
@@ -237,6 +239,19 @@ def test_pd_observe_counts_each_language_server_in_its_role(monkeypatch: pytest.
     assert autoscale.observe(roster).loads["language"].replicas == 4  # without P/D: one language role
 
 
+def test_pd_observe_counts_a_request_once_though_it_enters_two_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvd.deploy import autoscale
+
+    added = "dvd_language_requests_added_total"
+    counters = {"p": {added: 10.0, "dvd_language_generation_tokens_total": 10.0},
+                "d": {added: 9.0, "dvd_language_generation_tokens_total": 90.0}}  # one answered at its first token
+    monkeypatch.setattr(autoscale, "scrape", lambda url, timeout_s: counters[url])
+    roster = [{"kind": "language", "role": "prefill", "healthy": True, "metrics_url": "p"},
+              {"kind": "language", "role": "decode", "healthy": True, "metrics_url": "d"}]
+    totals = autoscale.observe(roster, roles=("vision", "prefill", "decode")).totals
+    assert totals[added] == 10.0 and totals["dvd_language_generation_tokens_total"] == 100.0
+
+
 def _pd_ray(tmp_path: Path, **autoscale: dict) -> Path:
     path = tmp_path / "ray.yaml"
     path.write_text(yaml.safe_dump({
@@ -266,6 +281,28 @@ def test_pd_roles_are_autoscaled_on_ray_each_within_its_bounds(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"language.decode_replicas: 1 is outside autoscale.decode's bounds \[2, 3\]"):
         load_ray_config(bad)
     profile = tmp_path / "profile.jsonl"
-    profile.write_text("")
-    with pytest.raises(ConfigError, match=r"autoscale\.plan: dvd plan --simulate splits vision : language; with P/D"):
+    profile.write_text("".join(json.dumps(r) + "\n" for r in HAND_PROFILE))
+    with pytest.raises(ConfigError, match=r"autoscale\.plan\.profile: .*profile\.jsonl: no 'kv' line"):
         load_ray_config(_pd_ray(tmp_path, plan={"profile": str(profile), "devices": 4}))
+    profile.write_text("".join(json.dumps(r) + "\n" for r in [*HAND_PROFILE, KV_LINE]))
+    with pytest.raises(ConfigError, match=r"autoscale\.plan\.devices: 2; with P/D .* 3 at least"):
+        load_ray_config(_pd_ray(tmp_path, plan={"profile": str(profile), "devices": 2}))
+    config = load_ray_config(_pd_ray(tmp_path, plan={"profile": str(profile), "devices": 4}))
+    assert config.autoscale is not None and config.autoscale.plan is not None
+
+
+def test_the_pd_plan_splits_e_p_d_by_the_workload(tmp_path: Path) -> None:
+    from dvd.deploy.autoscale_plan import PlanConfig, recommend
+
+    profile = tmp_path / "profile.jsonl"
+    profile.write_text("".join(json.dumps(r) + "\n" for r in [*HAND_PROFILE, KV_LINE]))
+    plan = PlanConfig(profile=profile, devices=5, num_requests=80)
+    bounds = {"vision": RoleBounds(1, 3), "prefill": RoleBounds(1, 3), "decode": RoleBounds(1, 3)}
+    decode_heavy = recommend(plan, Workload(rate=2.0, images_per_request=1, tiles_per_image=1, prompt_tokens=10,
+                                            output_tokens=200), bounds)
+    prefill_heavy = recommend(plan, Workload(rate=2.0, images_per_request=1, tiles_per_image=1, prompt_tokens=1000,
+                                             output_tokens=2), bounds)
+    assert decode_heavy == {"vision": 1, "prefill": 1, "decode": 3}
+    assert prefill_heavy == {"vision": 1, "prefill": 3, "decode": 1}
+    narrow = recommend(plan, Workload(2.0, 1, 1, 10, 200), {**bounds, "decode": RoleBounds(1, 2)})
+    assert narrow["decode"] == 2  # within the bounds
