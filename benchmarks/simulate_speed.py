@@ -33,6 +33,7 @@ SYNTHETIC = [
     {"stage": "decode", "batch": 64, "context": 4096, "seconds": 0.040},
     {"stage": "transport", "bytes": 2 << 20, "seconds": 0.001}, {"stage": "transport", "bytes": 26 << 20,
                                                                  "seconds": 0.0105},
+    {"stage": "kv", "layers": 28, "kv_heads": 8, "head_dim": 128, "dtype_bytes": 2},  # a 1B's KV layout, for dvd-pd
 ]
 
 
