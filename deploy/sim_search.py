@@ -1,7 +1,8 @@
 """The search of `dvd plan --simulate`: which split of a cluster's devices between vision and language
 replicas (and which mode) serves the most requests within the SLOs; with P/D (`dvd-pd`), which E : P : D
 split between vision, prefill and decode replicas (every one with at least one of each: a small cluster's
-splits grow as the square of its devices, so the screen matters more there).
+splits grow as the square of its devices: a screened cluster above `PD_COARSE_DEVICES` is searched coarse to
+fine, every split of a copy c times smaller first, then the splits around the best one's scaled back up).
 
 A small cluster's splits are all simulated. A large one is first screened on a cluster k times smaller
 fed k times fewer requests at 1/k of the rate (its first n/k requests, their arrival times stretched k
@@ -155,6 +156,55 @@ def check(profile: CostProfile, requests: SimRequests, deployment: Deployment, c
                                goodput=result.goodput * copies, copies=copies)
 
 
+# P/D's splits of a screened cluster larger than this are searched coarse to fine (`_Screen.pd`).
+PD_COARSE_DEVICES = 12
+
+
+@dataclass(frozen=True)
+class _Screen:
+    """The screen's simulations of one mode's splits."""
+
+    profile: CostProfile
+    slo: Slo
+    progress: Callable[[SimResult], None] | None
+
+    def run(self, deployments: Sequence[Deployment], requests: SimRequests, settings: SimSettings,
+            k: int) -> list[SimResult]:
+        results = []
+        for deployment in deployments:
+            result = dataclasses.replace(simulate(self.profile, requests, deployment, settings, self.slo), scale=1 / k)
+            results.append(result)
+            if self.progress:
+                self.progress(result)
+        return results
+
+    def mode(self, mode: str, small: Cluster, requests: SimRequests, settings: SimSettings,
+             k: int) -> tuple[list[SimResult], list[SimResult]]:
+        """Every split simulated, and those of `small` the best is picked from (`k`: `small` is 1/k of the
+        cluster)."""
+        if mode in PD and small.devices > PD_COARSE_DEVICES:
+            return self.pd(mode, small, requests, settings, k)
+        results = self.run(small.deployments(mode), requests, settings, k)
+        return results, results
+
+    def pd(self, mode: str, small: Cluster, requests: SimRequests, settings: SimSettings,
+           k: int) -> tuple[list[SimResult], list[SimResult]]:
+        """E : P : D's splits grow as the square of the devices: every split of a copy c times smaller than
+        `small` (c times fewer requests, as the screen itself), then on `small` the splits within c replicas
+        of the best one's, scaled up (the grid cells around it)."""
+        c = math.ceil(small.devices / PD_COARSE_DEVICES)
+        coarse = Cluster(small.devices // c, small.vision_devices, small.language_devices)
+        coarse_results = self.run(coarse.deployments(mode), *_scaled(requests, settings, c), k * c)
+        if not coarse_results:
+            return [], []
+        best = rank(coarse_results)[0].deployment
+        centre = small.pd_fit(mode, round(best.vision * c), round(best.prefill * c))
+        near = [d for d in small.deployments(mode)
+                if abs(d.vision - centre.vision) < c and abs(d.prefill - centre.prefill) < c]
+        fine = self.run(near or [centre], requests, settings, k)
+        return coarse_results + fine, fine
+
+
 @dataclass(frozen=True)
 class SearchResult:
     candidates: list[SimResult]  # every deployment simulated, screened ones with their `scale`
@@ -172,17 +222,12 @@ def search(profile: CostProfile, requests: SimRequests, cluster: Cluster, modes:
         else cluster
     screened_requests, screened_settings = _scaled(requests, settings, k)
     candidates, chosen = [], []
+    screen = _Screen(profile, slo, progress)
     for mode in modes:
-        results = []
-        for deployment in small.deployments(mode):
-            result = simulate(profile, screened_requests, deployment, screened_settings, slo)
-            result = dataclasses.replace(result, scale=1 / k)
-            results.append(result)
-            if progress:
-                progress(result)
+        tried, results = screen.mode(mode, small, screened_requests, screened_settings, k)
         if not results:
             continue
-        candidates += results
+        candidates += tried
         best = rank(results)[0]
         if k > 1:
             best = check(profile, requests, best.deployment, cluster, k, settings, slo, check_devices)

@@ -153,3 +153,22 @@ def test_plan_simulate_prints_the_best_e_p_d(tmp_path: Path, capsys: pytest.Capt
     # a profile without a kv line: the planned checkpoint's KV layout stands in for it
     assert main([*plan, "--profile", str(write(tmp_path / "p.jsonl", HAND)), "--modes", "dvd-pd"]) == 0
     assert "best: dvd-pd 1:1:1" in capsys.readouterr().out
+
+
+def test_a_screened_cluster_s_e_p_d_is_searched_coarse_to_fine(profile: CostProfile,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import dvd.deploy.sim_search as sim_search
+
+    requests = generate(WorkloadSpec(num_requests=240, image_sizes=((896, 896),), prompt_tokens=300,
+                                     output_tokens=60))
+    closed = SimSettings(max_concurrency=48)
+    found = search(profile, requests, Cluster(24), ["dvd-pd"], closed, screen_devices=24)
+    coarse = [r for r in found.candidates if r.scale == 0.5]  # every split of 12 devices, 120 requests
+    fine = [r for r in found.candidates if r.scale == 1.0]
+    assert len(coarse) == len(Cluster(12).deployments("dvd-pd")) == 55
+    assert 1 <= len(fine) <= 9 and len(found.candidates) == len(coarse) + len(fine)
+    monkeypatch.setattr(sim_search, "PD_COARSE_DEVICES", 24)
+    exhaustive = search(profile, requests, Cluster(24), ["dvd-pd"], closed, screen_devices=24)
+    assert len(exhaustive.candidates) == len(Cluster(24).deployments("dvd-pd"))
+    assert found.chosen[0].goodput >= 0.97 * exhaustive.chosen[0].goodput, (found.chosen[0].deployment.label,
+                                                                           exhaustive.chosen[0].deployment.label)
