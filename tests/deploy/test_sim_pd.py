@@ -45,6 +45,12 @@ def test_one_pd_request_prefills_then_decodes_after_its_last_chunk_s_kv(profile:
     assert end[0] == pytest.approx(first[0] + last_kv + 2 * 0.01)  # then two decode steps of one request
 
 
+def test_pd_with_vir_sends_fewer_feature_tokens(profile: CostProfile) -> None:
+    first, end = times(profile, image_requests(1), Deployment("dvd-pd+vir", 1, 1, 1))
+    assert first[0] == pytest.approx(0.02 + 0.05 + 0.22 + 2 * 2 * 100 * 1e-6 + 0.002 * (4 + 4))
+    assert end[0] == pytest.approx(first[0] + 8 * KV_SECONDS_PER_TOKEN + 2 * 0.01)  # the last chunk: 4 + 4 tokens
+
+
 def test_earlier_chunks_kv_crosses_while_later_chunks_prefill(profile: CostProfile) -> None:
     """A 300-token prompt in 100-token chunks (0.2 s each): each chunk's 10 ms of KV crosses during the next
     chunk's prefill, so only the last one's follows the first token."""
