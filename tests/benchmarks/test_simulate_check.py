@@ -46,4 +46,4 @@ def test_quick_mode_measures_and_simulates(tmp_path: Path, capsys: pytest.Captur
     assert [(r["bucket"], r["mode"]) for r in rows] == [("448", "coupled"), ("448", "dvd"), ("448", "dvd+vir")]
     assert all(r["measured_req_s"] > 0 and r["simulated_req_s"] > 0 for r in rows)
     stages = {json.loads(line)["stage"] for line in (tmp_path / "work" / "profile.jsonl").read_text().splitlines()}
-    assert stages == {"vision", "features", "preprocess", "prefill", "decode", "transport", "source"}
+    assert stages == {"vision", "features", "preprocess", "prefill", "decode", "transport", "source", "kv"}
