@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from dvd.deploy.cost_profile import CostProfile
-from dvd.deploy.sim_stages import EngineReplica, EventQueue, SerialReplica, SimRequest, SimSettings, VisionReplica
+from dvd.deploy.sim_stages import EngineReplica, EventQueue, SerialReplica, SimRequest, SimSettings
+from dvd.deploy.sim_vision import VisionReplica
 from dvd.deploy.sim_workload import SimRequests
 
 MODES = ("coupled", "coupled-serial", "dvd", "dvd+vir", "dvd-pd", "dvd-pd+vir")
