@@ -7,6 +7,9 @@ the request's KV blocks and features before the next forward pass.
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
+import logging
 import queue
 import time
 from dataclasses import dataclass, fields, replace
@@ -27,6 +30,18 @@ from dvd.language_server.sampling import sample
 from dvd.language_server.scheduler import Scheduler
 from dvd.requests import FinishReason
 from dvd.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HeldExport:
+    """P/D, a prefill server: a handed-off request whose KV blocks it keeps until the decode server has them, so
+    they can be pushed again to another decode server (`Engine.read_held`)."""
+
+    request: EngineRequest  # finished, still holding `block_ids`
+    num_blocks: int  # the prompt's blocks, what the hand-off names
+    handoff: Handoff
 
 
 @dataclass
@@ -57,6 +72,12 @@ class EngineStats:
     num_kv_blocks_exported: int = 0
     num_kv_blocks_imported: int = 0
     num_kv_incoming: int = 0
+    # P/D, a prefill server: handed-off requests whose blocks it holds until the decode server has them (gauges),
+    # and holds ended by the gateway's ReleaseKv or an Abort / by the hold timeout (counters)
+    num_kv_held_requests: int = 0
+    num_kv_blocks_held: int = 0
+    num_kv_holds_released: int = 0
+    num_kv_holds_expired: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
@@ -86,6 +107,12 @@ class Engine:
         self.requests: dict[str, EngineRequest] = {}
         # P/D, a decode server: request id -> the blocks its KV landed in so far, before its hand-off
         self.incoming: dict[str, list[int]] = {}
+        # P/D, a prefill server: request id -> its handed-off blocks, held until released (kv_transfer.py)
+        self.held: dict[str, HeldExport] = {}
+        # read_held's answers by command key: the futures stay here, so a command is plain data (a tensor-parallel
+        # engine broadcasts its commands to the other ranks)
+        self._held_reads: dict[int, tuple[str, concurrent.futures.Future[KvExport | None]]] = {}
+        self._read_keys = itertools.count()
         # Counters move during a step; `stats` is a consistent snapshot published after each step
         # (one reference swap), so a reader on another thread never sees half a step.
         self._counters = EngineStats(num_kv_blocks=config.num_blocks)
@@ -121,6 +148,21 @@ class Engine:
         layout), `first_block` the index of the first among the request's blocks; the engine copies them into
         blocks of its own, or ends the request busy when it has too few free."""
         self._inbox.put(("kv_blocks", (request_id, first_block, blocks)))
+
+    def release_held(self, request_id: str, expired: bool = False) -> None:
+        """P/D, a prefill server: free a handed-off request's held blocks (to the prefix cache, or free): the decode
+        server has them (the gateway's ReleaseKv), or `expired`, the hold timeout fired (logged). An Abort frees
+        them too."""
+        self._inbox.put(("kv_release", (request_id, expired)))
+
+    def read_held(self, request_id: str) -> concurrent.futures.Future[KvExport | None]:
+        """P/D, a prefill server: a held request's whole KV (every prompt block) and its hand-off, read on the engine
+        thread, to push again to another decode server; None when nothing is held under that id."""
+        future: concurrent.futures.Future[KvExport | None] = concurrent.futures.Future()
+        key = next(self._read_keys)
+        self._held_reads[key] = (request_id, future)
+        self._inbox.put(("kv_read", (key, request_id)))
+        return future
 
     def add_prefilled(self, request: EngineRequest) -> None:
         """P/D, a decode server: a request whose prompt's KV was imported (`import_blocks`) joins the scheduler's
@@ -236,7 +278,7 @@ class Engine:
         if request_id in self.incoming:
             self.scheduler.blocks.free(self.incoming.pop(request_id))
         if request_id not in self.requests:
-            return None
+            return self._on_kv_release((request_id, False))
         self._counters.num_requests_aborted += 1
         return self._finish(self.requests[request_id], FinishReason.ABORT)
 
@@ -258,6 +300,33 @@ class Engine:
         self.cache.write_blocks(new, blocks)
         self._counters.num_kv_blocks_imported += count
         return None
+
+    def _on_kv_release(self, item: tuple[str, bool]) -> RequestOutput | None:
+        request_id, expired = item
+        held = self.held.pop(request_id, None)
+        if held is None:
+            return None
+        self.scheduler.release(held.request)
+        if expired:
+            self._counters.num_kv_holds_expired += 1
+            logger.warning("KV hold of %r expired: no decode server acknowledged its %d blocks in time; freed",
+                           request_id, held.num_blocks)
+        else:
+            self._counters.num_kv_holds_released += 1
+        return RequestOutput(request_id, (), True, released=True)
+
+    def _on_kv_read(self, item: tuple[int, str]) -> None:
+        key, request_id = item
+        reader = self._held_reads.pop(key, None)
+        if reader is None:  # a tensor-parallel follower: rank 0 answers
+            return
+        held = self.held.get(request_id)
+        export = None
+        if held is not None:
+            blocks = self.cache.read_blocks(held.request.block_ids[:held.num_blocks])
+            export = KvExport(0, held.num_blocks, blocks, held.handoff)
+            self._counters.num_kv_blocks_exported += held.num_blocks
+        reader[1].set_result(export)
 
     def _on_kv_admit(self, request: EngineRequest) -> RequestOutput | None:
         held = self.incoming.pop(request.request_id, [])
@@ -338,14 +407,19 @@ class Engine:
 
     def _hand_off(self, request: EngineRequest, token: int, reason: FinishReason | None) -> RequestOutput:
         """P/D, a prefill server: the request ends at its first token. Unfinished, its last blocks and the hand-off
-        go with the output (finished without a reason: the decode server continues it); its blocks are freed
-        (or kept by the prefix cache)."""
-        kv = None
-        if reason is None:
-            state = request.generator.get_state().numpy().tobytes() if request.generator is not None else b""
-            handoff = Handoff(tuple(request.prompt_ids), token, state, len(request.images))
-            kv = self._export(request, self.cache.blocks_needed(request.num_computed), handoff)
-        return replace(self._finish(request, reason, (token,)), kv=kv)
+        go with the output (finished without a reason: the decode server continues it), and its blocks stay held
+        (`held`) until `release_held`, an abort or the hold timeout, so they can be pushed again to another decode
+        server; finished, its blocks are freed (or kept by the prefix cache)."""
+        if reason is not None:
+            return self._finish(request, reason, (token,))
+        state = request.generator.get_state().numpy().tobytes() if request.generator is not None else b""
+        handoff = Handoff(tuple(request.prompt_ids), token, state, len(request.images))
+        end = self.cache.blocks_needed(request.num_computed)
+        kv = self._export(request, end, handoff)
+        self._on_kv_release((request.request_id, False))  # a request id used again: its old hold goes first
+        output = self._finish(request, None, (token,), keep_blocks=True)
+        self.held[request.request_id] = HeldExport(request, end, handoff)
+        return replace(output, kv=kv)
 
     def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
         s = request.sampling
@@ -356,8 +430,8 @@ class Engine:
         return None
 
     def _finish(self, request: EngineRequest, reason: FinishReason | None, new: tuple[int, ...] = (),
-                error: str | None = None) -> RequestOutput:
-        self.scheduler.finish(request)
+                error: str | None = None, keep_blocks: bool = False) -> RequestOutput:
+        self.scheduler.finish(request, keep_blocks)
         request.finish_reason, request.error = reason, error
         request.images = []  # drop the features now: their bytes go back to the receive pool
         del self.requests[request.request_id]
@@ -375,6 +449,8 @@ class Engine:
                                        for _, f in r.images)
         s.num_awaiting_features = sum(1 for r in self.requests.values() if not r.prompt_complete)
         s.num_kv_incoming = len(self.incoming)
+        s.num_kv_held_requests = len(self.held)
+        s.num_kv_blocks_held = sum(len(h.request.block_ids) for h in self.held.values())
         if self.prefix_cache is not None:
             p = self.prefix_cache
             s.num_kv_blocks_cached, s.num_prefix_cache_evictions = p.num_cached, p.stats.num_evictions

@@ -4,6 +4,7 @@ a forward pass, and hands each step's outputs back to the event loop."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from dvd.language_server.engine import Engine
-from dvd.language_server.request import EngineRequest, PromptPiece, RequestOutput
+from dvd.language_server.request import EngineRequest, KvExport, PromptPiece, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,15 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self._wake.set()
+
+    def release_held(self, request_id: str, expired: bool = False) -> None:
+        self.engine.release_held(request_id, expired)
+        self._wake.set()
+
+    def read_held(self, request_id: str) -> concurrent.futures.Future[KvExport | None]:
+        future = self.engine.read_held(request_id)
+        self._wake.set()
+        return future
 
     def _run(self) -> None:
         self.engine.enter_thread()

@@ -42,6 +42,13 @@ _ENGINE = (
             "Prompt tokens found in the prefix cache"),
     counter("num_prefix_cache_evictions", "dvd_language_prefix_cache_evictions", "Prefix cache blocks evicted"),
     gauge("prefix_cache_hit_rate", "dvd_language_prefix_cache_hit_ratio", "Prefix cache hit over query tokens"),
+    gauge("num_kv_held_requests", "dvd_language_kv_held_requests",
+          "P/D, a prefill server: handed-off requests whose KV blocks are held until the decode server has them"),
+    gauge("num_kv_blocks_held", "dvd_language_kv_held_blocks", "P/D, a prefill server: KV blocks held for hand-offs"),
+    counter("num_kv_holds_released", "dvd_language_kv_holds_released",
+            "P/D, a prefill server: held hand-offs released (acknowledged or aborted)"),
+    counter("num_kv_holds_expired", "dvd_language_kv_holds_expired",
+            "P/D, a prefill server: held hand-offs freed by the hold timeout"),
     gauge("num_feature_bytes_held", "dvd_language_engine_feature_bytes", "Feature bytes held by engine requests"),
 )
 _FEATURES = (

@@ -157,3 +157,4 @@ class RequestOutput:
     num_output_tokens: int = 0
     kv: KvExport | None = None  # P/D, a prefill server: blocks to push (finished without a reason: handed off)
     busy: bool = False  # the error is a full KV cache on a decode server: another replica may take the request
+    released: bool = False  # P/D, a prefill server: a handed-off request's held blocks were freed (no stream's news)

@@ -102,14 +102,20 @@ class Scheduler:
             self.prefix_cache.register(request.block_ids[j], request.block_hashes[j])
         request.num_cached_blocks = max(request.num_cached_blocks, full)
 
-    def finish(self, request: EngineRequest) -> None:
-        """Take a request out of the schedule and give its blocks back."""
+    def finish(self, request: EngineRequest, keep_blocks: bool = False) -> None:
+        """Take a request out of the schedule and give its blocks back, unless `keep_blocks` (P/D: a prefill
+        server's hand-off holds them until `release`)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self._free(request)
+        if not keep_blocks:
+            self._free(request)
         request.status = RequestStatus.FINISHED
+
+    def release(self, request: EngineRequest) -> None:
+        """The blocks a finished request kept (`finish(keep_blocks=True)`) go back: free, or to the prefix cache."""
+        self._free(request)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()

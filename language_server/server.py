@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -28,6 +29,7 @@ from dvd.errors import (
     DuplicateRequestError,
     EngineFailedError,
     InvalidRequestError,
+    NotFoundError,
     ReplicaBusyError,
     UnavailableError,
 )
@@ -52,6 +54,7 @@ from dvd.transport import FeatureHeader, KvHandoff, create_receiver, create_send
 from dvd.v1 import language_pb2_grpc
 
 FINAL_GRACE_S = 5.0
+logger = logging.getLogger(__name__)
 
 
 def _ms_since(t0: float, t: float | None = None) -> float:
@@ -95,6 +98,8 @@ class LanguageServer:
         if config.role == "decode":
             self.receiver.kv_layout = self.kv_layout
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
+        # P/D, a prefill server: handed-off requests whose KV blocks the engine holds, each with its hold timeout
+        self.kv_holds: dict[str, asyncio.TimerHandle] = {}
         self.draining = False
         # Notified whenever a frame arrives, a request starts waiting for features, enters the engine or
         # leaves: the drain (and tests) wait on it for a state, never on time.
@@ -142,6 +147,8 @@ class LanguageServer:
         await self.wait_until(lambda: not self.streams and not self.feeder.waiting, self.config.drain_timeout_s)
         for rid in list(self.streams):
             self.engine_loop.abort(rid)
+        for rid in list(self.kv_holds):
+            self.release_kv(rid)
         if self._server is not None:
             await self._server.stop(FINAL_GRACE_S)
         self.engine_loop.stop()
@@ -207,7 +214,7 @@ class LanguageServer:
             if call.kv_source:
                 self.kv_intake.close(rid)
             self.streams.pop(rid, None)
-            if in_engine:
+            if in_engine and rid not in self.kv_holds:  # a held hand-off waits for ReleaseKv, an Abort, its timeout
                 self.engine_loop.abort(rid)
             await self._notify()
 
@@ -241,7 +248,7 @@ class LanguageServer:
                                       f"{self.config.role}, not prefill")
         if call.kv_source and self.config.role != "decode":
             raise InvalidRequestError(f"kv_source: this language server's role is {self.config.role}, not decode")
-        if rid in self.streams or rid in self.feeder.waiting:
+        if rid in self.streams or rid in self.feeder.waiting or rid in self.kv_holds:
             raise DuplicateRequestError(f"request_id {rid!r} is already in use")
         if len(self.streams.keys() | self.feeder.waiting) >= limit:
             raise ReplicaBusyError(f"language server holds {limit} requests, its limit max_queued_requests "
@@ -274,6 +281,7 @@ class LanguageServer:
                 stamps = first = FirstTokenStamps(arrived_ms, added_ms, _ms_since(t0), prefill)
             if output.kv is not None:  # a prefill server's first token: answered, then the hand-off leaves
                 assert self.kv_pusher is not None
+                self._hold(call.request_id)
                 yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps)
                 await self.kv_pusher.push(call.kv_destination, call.request_id, output.kv)
                 self.metrics.observe_request(first, waited_ms, _ms_since(t0))
@@ -290,8 +298,10 @@ class LanguageServer:
             features_wait_ms = kv_transfer_ms = None
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request waiting for features, running, or whose features came before its Generate;
-        False when there is no such request (finished already, or never seen)."""
+        """Cancel a request waiting for features, running, or whose features came before its Generate (P/D: or
+        whose hand-off's blocks are held); False when there is no such request (finished already, or never seen)."""
+        if self.release_kv(request_id):
+            return True
         if self.feeder.abort(request_id):  # it is in the engine too, prefilling: that goes when Generate ends
             return True
         if request_id in self.streams:
@@ -299,9 +309,50 @@ class LanguageServer:
             return True
         return self.feeder.drop_unclaimed(request_id)
 
+    # --- P/D: a prefill server's held hand-offs (kv_transfer.py) ----------------------------------
+    def _hold(self, request_id: str) -> None:
+        """The engine holds a hand-off's blocks from now: freed by ReleaseKv, an Abort, or the hold timeout."""
+        self._unhold(request_id)
+        self.kv_holds[request_id] = asyncio.get_running_loop().call_later(
+            self.config.kv_hold_timeout_s, self._hold_expired, request_id)
+
+    def _unhold(self, request_id: str) -> bool:
+        timer = self.kv_holds.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+        return timer is not None
+
+    def _hold_expired(self, request_id: str) -> None:
+        if self.kv_holds.pop(request_id, None) is not None:
+            self.engine_loop.release_held(request_id, expired=True)  # the engine logs it
+
+    def release_kv(self, request_id: str) -> bool:
+        """The decode server has the request's KV (or it ended): free the held blocks; False: nothing held."""
+        if not self._unhold(request_id):
+            return False
+        self.engine_loop.release_held(request_id)
+        return True
+
+    async def push_kv(self, request_id: str, destination: str) -> int:
+        """Push a held request's blocks and hand-off again, to another decode server; its hold timeout starts
+        over. The blocks pushed; NotFoundError when nothing is held, DestinationError when the push fails."""
+        if self.kv_pusher is None:
+            raise InvalidRequestError(f"PushKv: this language server's role is {self.config.role}, not prefill")
+        if request_id not in self.kv_holds:
+            raise NotFoundError(f"no KV held for request {request_id!r} (released, expired, or never handed off)")
+        export = await asyncio.wrap_future(self.engine_loop.read_held(request_id))
+        if export is None or request_id not in self.kv_holds:
+            raise NotFoundError(f"the KV hold of request {request_id!r} ended before it could be pushed again")
+        self._hold(request_id)
+        await self.kv_pusher.push(destination, request_id, export)
+        logger.info("KV of %r (%d blocks) pushed again, to %s", request_id, export.num_blocks, destination)
+        return export.num_blocks
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """The engine loop's outputs, on the event loop: into each request's stream."""
         for output in outputs:
+            if output.released:  # a held hand-off freed: no stream's news, but a state change (below)
+                continue
             queue = self.streams.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
@@ -351,7 +402,8 @@ class LanguageServer:
         intake = self.kv_intake
         counters |= {"num_kv_frames_received": float(intake.num_frames), "num_kv_requests_arriving":
                      float(len(intake.entries)), "kv_intake_bytes": float(intake.num_bytes_held),
-                     "num_kv_layouts_refused": float(intake.num_refused_layouts)}
+                     "num_kv_layouts_refused": float(intake.num_refused_layouts),
+                     "num_kv_holds": float(len(self.kv_holds))}
         receive_pool = getattr(self.receiver, "pool", None)  # the receive pool the frames' bytes live in
         if receive_pool is not None:
             counters["transport_pool_bytes_in_use"] = float(receive_pool.num_bytes_in_use)

@@ -48,6 +48,9 @@ class LanguageServerConfig:
     # P/D (language_server/kv_transfer.py): both = prefill and decode here (the default); prefill = run prompts and
     # push their KV to the decode server each Generate names; decode = continue requests whose KV a prefill pushed
     role: str = "both"
+    # P/D, a prefill server: how long a handed-off request's KV blocks stay held for its decode server to
+    # acknowledge (the gateway's ReleaseKv) before they are freed (logged), so a lost gateway leaks nothing
+    kv_hold_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
@@ -67,7 +70,8 @@ class LanguageServerConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
         check_metrics_port(self.metrics_port)
-        for name in ("feature_pool_bytes", "features_timeout_s", "orphan_ttl_s", "max_message_bytes"):
+        for name in ("feature_pool_bytes", "features_timeout_s", "orphan_ttl_s", "max_message_bytes",
+                     "kv_hold_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.drain_timeout_s < 0:
@@ -117,6 +121,7 @@ class LanguageServerConfig:
             orphan_ttl_s=args.orphan_ttl_s, drain_timeout_s=args.drain_timeout_s, engine=engine,
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
             tensor_parallel=args.tp, grpc_tls=server_tls_from_args(args), role=args.role,
+            kv_hold_timeout_s=args.kv_hold_timeout_s,
         )
 
 
@@ -167,6 +172,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="P/D: both (prefill and decode, default); prefill (run prompts, push their KV to the "
                              "decode server the gateway names); decode (continue requests whose KV a prefill server "
                              "pushed)")
+    parser.add_argument("--kv-hold-timeout-s", type=float, default=30.0,
+                        help="P/D, a prefill server: how long a handed-off request's KV blocks are held for the "
+                             "decode server to acknowledge (or to be pushed again to another) before they are "
+                             "freed (30)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor parallel ranks: one process per rank, devices --device onwards (default 1)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],

@@ -99,6 +99,18 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
     async def Abort(self, request: language_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> Any:
         return language_pb2.AbortResponse(found=self.server.abort(request.request_id))
 
+    async def ReleaseKv(self, request: language_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext) -> Any:
+        return language_pb2.ReleaseKvResponse(found=self.server.release_kv(request.request_id))
+
+    async def PushKv(self, request: language_pb2.PushKvRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if not request.request_id or not request.destination:
+                raise InvalidRequestError("PushKv needs a request_id and a destination")
+            num_blocks = await self.server.push_kv(request.request_id, request.destination)
+        except DvdError as error:
+            await self._fail(context, request.request_id, error)
+        return language_pb2.PushKvResponse(num_blocks=num_blocks)
+
     async def Health(self, request: common_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> Any:
         serving, detail = self.server.health()
         status = common_pb2.HealthResponse.SERVING if serving else common_pb2.HealthResponse.NOT_SERVING

@@ -45,6 +45,16 @@ class LanguageStub:
                 request_serializer=dvd_dot_v1_dot_language__pb2.AbortRequest.SerializeToString,
                 response_deserializer=dvd_dot_v1_dot_language__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.ReleaseKv = channel.unary_unary(
+                '/dvd.v1.Language/ReleaseKv',
+                request_serializer=dvd_dot_v1_dot_language__pb2.ReleaseKvRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_language__pb2.ReleaseKvResponse.FromString,
+                _registered_method=True)
+        self.PushKv = channel.unary_unary(
+                '/dvd.v1.Language/PushKv',
+                request_serializer=dvd_dot_v1_dot_language__pb2.PushKvRequest.SerializeToString,
+                response_deserializer=dvd_dot_v1_dot_language__pb2.PushKvResponse.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/dvd.v1.Language/Health',
                 request_serializer=dvd_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
@@ -82,6 +92,23 @@ class LanguageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseKv(self, request, context):
+        """P/D, a prefill server (language_server/kv_transfer.py): a request it handed off keeps its KV blocks (held)
+        until the gateway says the decode server has them (ReleaseKv, at the decode server's first message), an
+        Abort, or the hold timeout. PushKv sends a held request's blocks and hand-off again, to another decode
+        server (the first refused busy or was lost before its first message). NOT_FOUND: nothing held under that id
+        (released, expired, or never handed off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushKv(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -106,6 +133,16 @@ def add_LanguageServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=dvd_dot_v1_dot_language__pb2.AbortRequest.FromString,
                     response_serializer=dvd_dot_v1_dot_language__pb2.AbortResponse.SerializeToString,
+            ),
+            'ReleaseKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKv,
+                    request_deserializer=dvd_dot_v1_dot_language__pb2.ReleaseKvRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_language__pb2.ReleaseKvResponse.SerializeToString,
+            ),
+            'PushKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushKv,
+                    request_deserializer=dvd_dot_v1_dot_language__pb2.PushKvRequest.FromString,
+                    response_serializer=dvd_dot_v1_dot_language__pb2.PushKvResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -172,6 +209,60 @@ class Language:
             '/dvd.v1.Language/Abort',
             dvd_dot_v1_dot_language__pb2.AbortRequest.SerializeToString,
             dvd_dot_v1_dot_language__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dvd.v1.Language/ReleaseKv',
+            dvd_dot_v1_dot_language__pb2.ReleaseKvRequest.SerializeToString,
+            dvd_dot_v1_dot_language__pb2.ReleaseKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dvd.v1.Language/PushKv',
+            dvd_dot_v1_dot_language__pb2.PushKvRequest.SerializeToString,
+            dvd_dot_v1_dot_language__pb2.PushKvResponse.FromString,
             options,
             channel_credentials,
             insecure,
