@@ -6,25 +6,37 @@ the start. Then: each message of the token stream is one event; an Encode that f
 for its features at once; a replica leaving rotation fails the request naming it (`Replica.in_use`);
 any early end (the client gone, a stop string, a failure) frees both halves, with an Abort to the
 language server unless it is the one that was lost. The last event carries the stage timings.
+
+P/D: the prefill server answers the first token and holds the request's KV blocks; the decode server streams the
+rest. At the decode server's first message it holds the KV, so the prefill server is told to free its copy
+(`ReleaseKv`). Until that first message the request can still move: a decode server that refuses busy (its cache
+too full to take the KV) or is lost is replaced by another of the prefill server's KV layout, which gets Generate
+with `kv_source` while the prefill server pushes the held KV and hand-off to it again (`PushKv`); the client's
+stream goes on from the first token, the decode server continuing the seeded generator's state, so no token is
+repeated or lost. With no other decode server the request fails as before, naming the server. A decode server
+that fails after its first message fails the request: its tokens reached the client, and another decode server
+would repeat them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
 
-from dvd.errors import ReplicaBusyError, from_rpc_error
+from dvd.errors import PeerLostError, ReplicaBusyError, UnavailableError, from_rpc_error
 from dvd.pipeline.replicas import Replica, Work
-from dvd.pipeline.router import RefusedBusy, Router
+from dvd.pipeline.router import RefusedBusy, Router, pick_decode
 from dvd.pipeline.stage_timings import Stamps
 from dvd.requests import GenerationEvent, Media, TokenizedRequest
 from dvd.v1 import language_pb2, vision_pb2
 
+log = logging.getLogger(__name__)
 
 def media_inputs(media: Sequence[Media], max_num: int | None) -> list[vision_pb2.MediaInput]:
     """The request's media as the vision protocol carries them (the one place they are converted)."""
@@ -61,6 +73,11 @@ class RequestFlow:
         self.stamps = Stamps(marks={})
         self.call: Any = None  # the Generate call, once `run` sent it
         self.decode_call: Any = None  # P/D: the decode server's Generate
+        self.decode_work: Work | None = None  # P/D: the decode server's in_use, while the flow runs
+        self._decode_scope = contextlib.AsyncExitStack()  # holds it; a redirect swaps it for another's
+        self._to_decode = language_pb2.LanguageGenerateRequest()  # P/D: what a decode server is sent
+        self._tried_decodes: list[Replica] = [decode] if decode is not None else []
+        self._release: asyncio.Future[Any] | None = None  # P/D: the ReleaseKv in flight
         self.encode: asyncio.Task[vision_pb2.EncodeResponse] | None = None
         self.finished = False  # the language server sent the finish: nothing is left to free
 
@@ -68,29 +85,92 @@ class RequestFlow:
         """The request's events: one per message of the token stream (P/D: the prefill server's first token,
         then the decode server's), then the final one."""
         self._send()
-        async with self.language.in_use(self.call) as work, self._decode_in_use() as decode_work:
+        async with self.language.in_use(self.call) as work, self._decode_scope:
+            if self.decode is not None:
+                self.decode_work = await self._decode_scope.enter_async_context(self.decode.in_use(self.decode_call))
             try:
                 async for response in self.call:
                     yield self._arrived(response)
                 if self.decode_call is not None and not self.finished:
-                    async for response in self.decode_call:
-                        yield self._arrived(response, decode=True)
+                    async for event in self._decoded(work):
+                        yield event
                 if self.encode is not None:
                     self.stamps.encoded = await self.encode
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
-                error = self._failed(err, work, decode_work)
+                error = self._failed(err, work, self.decode_work)
                 if error is None:
                     raise  # in_use names the lost server; a cancel stays a cancel
                 raise error from None
             finally:
                 if not self.finished:
-                    await self._abort(work, decode_work)
+                    await self._abort(work, self.decode_work)
                 elif self.decode_call is not None and not self.decode_call.done():  # prefill finished it at token 1
-                    await self._abort_decode(decode_work)
+                    await self._abort_decode(self.decode_work)
         yield self.stamps.final_event()
 
-    def _decode_in_use(self) -> contextlib.AbstractAsyncContextManager[Work | None]:
-        return self.decode.in_use(self.decode_call) if self.decode is not None else contextlib.nullcontext()
+    async def _decoded(self, work: Work) -> AsyncGenerator[GenerationEvent, None]:
+        """P/D: the decode server's messages as events. Before its first, a decode server that refused busy or was
+        lost is replaced (`_redirect`); at its first, the prefill server frees the KV it held (`ReleaseKv`)."""
+        while True:
+            started = False
+            try:
+                async for response in self.decode_call:
+                    if not started:
+                        started = True
+                        self._release_kv(work)
+                    yield self._arrived(response, decode=True)
+                return
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+                if started or not self._movable(err, work):
+                    raise
+                failed: BaseException = err
+            await self._redirect(failed)
+
+    def _movable(self, err: grpc.aio.AioRpcError | asyncio.CancelledError, work: Work) -> bool:
+        """Whether a decode server's failure before its first message may move the request: it refused busy or was
+        lost (out of rotation, or unreachable), and the prefill server that holds the KV is still there."""
+        if work.lost:
+            return False
+        if isinstance(err, asyncio.CancelledError):  # a cancel of its own (the client gone) stays a cancel
+            return self.decode_work is not None and self.decode_work.lost
+        error = from_rpc_error(err, "decode")
+        return isinstance(error, ReplicaBusyError | UnavailableError | PeerLostError)
+
+    async def _redirect(self, failed: BaseException) -> None:
+        """P/D: the request moves to another decode server of the prefill server's layout: the failed one's call is
+        ended (its side freed), the new one gets Generate with `kv_source`, and the prefill server pushes the KV it
+        holds to it (`PushKv`). Raises `failed` when no other decode server can take it, the prefill server's error
+        when its push fails."""
+        new = pick_decode(self.router.language, self.language, self._tried_decodes)
+        if new is None:
+            raise failed
+        assert self.decode is not None
+        log.warning("request %s: decode server %s failed before its first token (%s); moved to %s",
+                    self.request.request_id, self.decode.address, _why(failed), new.address)
+        await self._abort_decode(self.decode_work)
+        await self._decode_scope.aclose()  # the failed one's in_use ends here, without an error of its own
+        self._tried_decodes.append(new)
+        self.router.num_decode_redirects += 1
+        self.decode, stub = new, new.stub
+        self.decode_call = stub.Generate(self._to_decode, timeout=self.request.timeout_s,
+                                         metadata=self.request.trace.metadata())
+        self.decode_work = await self._decode_scope.enter_async_context(new.in_use(self.decode_call))
+        prefill: Any = self.language.stub
+        push = language_pb2.PushKvRequest(request_id=self.request.request_id, destination=new.transport_address)
+        try:
+            await prefill.PushKv(push, timeout=self.request.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, f"prefill ({self.language.address})") from None
+
+    def _release_kv(self, work: Work) -> None:
+        """P/D: the decode server's first message came, so it holds the KV: the prefill server frees its held copy
+        (not awaited: the stream goes on; a ReleaseKv that fails leaves the copy to the hold timeout)."""
+        if work.lost:
+            return
+        stub: Any = self.language.stub
+        self._release = asyncio.ensure_future(
+            stub.ReleaseKv(language_pb2.ReleaseKvRequest(request_id=self.request.request_id), timeout=5))
+        self._release.add_done_callback(_retrieved)
 
     def _send(self) -> None:
         """Generate and, with media, Encode leave together: the two stages overlap from the start."""
@@ -99,12 +179,11 @@ class RequestFlow:
         trace = self.request.trace.metadata()  # the servers' spans join the request's trace
         generate = language_request(self.request)
         if self.decode is not None:  # P/D: the decode server waits for the KV the prefill server pushes it
-            to_decode = language_pb2.LanguageGenerateRequest()
-            to_decode.CopyFrom(generate)
-            to_decode.kv_source = True
+            self._to_decode.CopyFrom(generate)
+            self._to_decode.kv_source = True
             generate.kv_destination = self.decode.transport_address
             decode: Any = self.decode.stub
-            self.decode_call = decode.Generate(to_decode, timeout=self.request.timeout_s, metadata=trace)
+            self.decode_call = decode.Generate(self._to_decode, timeout=self.request.timeout_s, metadata=trace)
         self.call = stub.Generate(generate, timeout=self.request.timeout_s, metadata=trace)
         if self.request.media:
             call = encode_request(self.request, self.language.transport_address)
@@ -174,6 +253,12 @@ async def _shielded_abort(replica: Replica, request_id: str) -> None:
     abort.add_done_callback(_retrieved)  # its error, when nobody awaits it any more (below)
     with contextlib.suppress(grpc.aio.AioRpcError):
         await asyncio.shield(abort)
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return "out of rotation"
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

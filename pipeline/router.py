@@ -104,6 +104,15 @@ def pick_route(pool: ReplicaPool, tried: list[Replica]) -> tuple[Replica, Replic
     return min(pairs, key=lambda pair: (pair[0].num_outstanding, pair[1].num_outstanding))
 
 
+def pick_decode(pool: ReplicaPool, prefill: Replica, tried: list[Replica]) -> Replica | None:
+    """P/D: another decode server for a request whose prefill server holds its KV (its decode server refused busy or
+    was lost before its first message): the least loaded healthy one of the prefill server's KV layout not tried
+    yet; None when there is none."""
+    left = [r for r in pool.replicas if r.healthy and r.role == "decode" and r.kv_layout == prefill.kv_layout
+            and r not in tried]
+    return min(left, key=lambda r: r.num_outstanding) if left else None
+
+
 def _least(candidates: list[Replica], tried: list[Replica]) -> Replica:
     """The least loaded of `candidates` (healthy) not tried yet; ReplicaBusyError when every one was."""
     left = [r for r in candidates if r not in tried]
@@ -147,6 +156,9 @@ class Router:
         self.num_encode_splits = 0  # Encodes sent as several calls, their images at several homes
         self.num_encode_retries = 0
         self.num_busy_retries = 0  # calls sent to another replica because one was at its in-flight limit
+        # P/D: requests moved to another decode server (busy or lost before its first message), their KV pushed
+        # again by the prefill server that held it
+        self.num_decode_redirects = 0
 
     async def generate(self, request_id: str, with_media: bool,
                        run: Callable[[Replica, Replica | None], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:

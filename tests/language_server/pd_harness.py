@@ -1,6 +1,7 @@
-"""P/D in one test process: a prefill and a decode language server (and a role=both one to compare with) on one
-event-loop thread, over tcp or inproc, with a feature sender standing in for a vision server. Waiting is on the
-servers' state conditions, never on sleeps; `close()` stops everything it started."""
+"""P/D in one test process: a prefill and a decode language server (and a role=both one to compare with; with
+`spare_decode`, a second decode server) on one event-loop thread, over tcp or inproc, with a feature sender standing
+in for a vision server. Waiting is on the servers' state conditions, never on sleeps; `close()` stops everything it
+started. The prefill server's hold timeout is long unless given: a test releases (or aborts) what it holds."""
 
 from __future__ import annotations
 
@@ -40,19 +41,24 @@ class Served:
 class PdHarness:
     def __init__(self, model: Path, language: LanguageHalf, kind: str = "tcp",
                  decode_engine: EngineConfig = ENGINE, prefill_engine: EngineConfig = ENGINE,
-                 **overrides: Any) -> None:
+                 spare_decode: EngineConfig | None = None, **overrides: Any) -> None:
         self.kind = kind
         self.options: dict[str, Any] = {"hub": InprocHub()} if kind == "inproc" else {}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pd-test-loop", daemon=True)
         self.thread.start()
         self.servers: dict[str, Served] = {}
-        for role, engine in (("prefill", prefill_engine), ("decode", decode_engine), ("both", ENGINE)):
+        overrides.setdefault("kv_hold_timeout_s", 600.0)
+        roles = [("prefill", prefill_engine), ("decode", decode_engine), ("both", ENGINE)]
+        if spare_decode is not None:
+            roles.append(("spare", spare_decode))
+        for name, engine in roles:
+            role = "decode" if name == "spare" else name
             config = LanguageServerConfig(model=model, engine=engine, role=role,
                                           transport=TransportConfig(kind=kind), features_timeout_s=60.0, **overrides)
             server = self.call(self._start(config, language))
             channel = grpc.insecure_channel(server.address)
-            self.servers[role] = Served(server, channel, language_pb2_grpc.LanguageStub(channel))
+            self.servers[name] = Served(server, channel, language_pb2_grpc.LanguageStub(channel))
         self.sender: Sender = self.call(self._sender())
 
     async def _start(self, config: LanguageServerConfig, language: LanguageHalf) -> LanguageServer:
@@ -74,6 +80,10 @@ class PdHarness:
     @property
     def both(self) -> Served:
         return self.servers["both"]
+
+    def release(self, request_id: str) -> bool:
+        """What the gateway sends the prefill server at the decode server's first message: free the held KV."""
+        return self.prefill.stub.ReleaseKv(language_pb2.ReleaseKvRequest(request_id=request_id)).found
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
@@ -98,13 +108,16 @@ class PdHarness:
         return self.prefill.stub.Generate(to_prefill), self.decode.stub.Generate(to_decode)
 
     def generate_split(self, request: language_pb2.LanguageGenerateRequest,
-                       features: list[torch.Tensor] = ()) -> tuple[list[int], str]:  # type: ignore[assignment]
-        """The request's tokens and finish reason, prefill's first then decode's."""
+                       features: list[torch.Tensor] = (), release: bool = True  # type: ignore[assignment]
+                       ) -> tuple[list[int], str]:
+        """The request's tokens and finish reason, prefill's first then decode's; `release`: the prefill server's
+        held KV freed at the decode server's first message, as the gateway does."""
         prefill, decode = self.split(request)
         for slot, rows in enumerate(features):
             self.send(self.prefill, request.request_id, slot, rows)
+        on_first = (lambda: self.release(request.request_id)) if release else None
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first, rest = pool.submit(collect, prefill), pool.submit(collect, decode)
+            first, rest = pool.submit(collect, prefill), pool.submit(collect, decode, on_first)
             (tokens, reason), (more, final) = first.result(120), rest.result(120)
         assert len(tokens) == 1 and reason == "", (tokens, reason)  # handed off after the first token
         return tokens + more, final
@@ -120,9 +133,13 @@ class PdHarness:
         self.loop.close()
 
 
-def collect(stream: Iterator[language_pb2.LanguageGenerateResponse]) -> tuple[list[int], str]:
+def collect(stream: Iterator[language_pb2.LanguageGenerateResponse],
+            on_first: Callable[[], object] | None = None) -> tuple[list[int], str]:
     tokens, reason = [], ""
     for message in stream:
+        if on_first is not None:
+            on_first()
+            on_first = None
         tokens += message.token_ids
         reason = message.finish_reason or reason
     return tokens, reason

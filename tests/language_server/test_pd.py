@@ -1,7 +1,8 @@
 """P/D: a prefill and a decode language server, the KV cache pushed between them on the transport (tcp, inproc):
 the tokens equal a role=both server's and transformers' monolithic output, a seeded sampled request continues its
-random stream across the hand-off, and a pair that does not fit or a full decode cache fails the request by name
-with nothing left allocated on either side."""
+random stream across the hand-off, a pair that does not fit or a full decode cache fails the request by name
+with nothing left allocated on either side, and the prefill server holds a hand-off's KV blocks until ReleaseKv, an
+Abort or its hold timeout frees them."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def pd(request: pytest.FixtureRequest, tiny_hf: Path, language: LanguageHalf) ->
 def assert_freed(pd: PdHarness, served: Served) -> None:
     server, engine = served.server, served.server.engine
     pd.wait_until(served, lambda: not server.streams and not server.feeder.waiting and not engine.requests
-                  and not engine.incoming and engine.stats.num_kv_blocks_used == 0 and not server.kv_intake.entries)
+                  and not engine.incoming and engine.stats.num_kv_blocks_used == 0 and not server.kv_intake.entries
+                  and not server.kv_holds and not engine.held and engine.stats.num_kv_held_requests == 0)
     gc.collect()
     pool = server.receiver.pool
     assert pool.wait_for(lambda p: p.num_bytes_in_use == 0, 30), pool.num_bytes_in_use
@@ -123,6 +125,9 @@ def test_decode_cache_full_is_busy_and_frees_both_sides(tiny_hf: Path, language:
         assert "KV cache is full" in (caught.value.details() or "")
         assert dict(caught.value.trailing_metadata() or ()).get("dvd-error") == "ReplicaBusyError"
         collect(prefill)  # its push went to a decode server that dropped the request: the frames are discarded
+        assert pd.prefill.stats()["num_kv_held_requests"] == 1  # held: another decode server could still take it
+        # no other decode server here: the gateway aborts the request, which frees the held blocks
+        assert pd.prefill.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id)).found
         decode.engine_loop.abort("hog")
         for served in pd.servers.values():
             assert_freed(pd, served)
@@ -143,7 +148,8 @@ def test_pair_of_another_layout_is_refused_naming_the_difference(tiny_hf: Path, 
         assert "block_size: 32 here vs 16 there" in (caught.value.details() or "")
         assert "decode server" in (caught.value.details() or "")
         assert pd.decode.server.receiver.stats.num_refused_handshakes >= 1
-        pd.decode.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))  # as the gateway does
+        for served in (pd.prefill, pd.decode):  # as the gateway does (the prefill server holds the hand-off)
+            served.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))
         with pytest.raises(grpc.RpcError):
             collect(decode)
         for served in pd.servers.values():
@@ -175,3 +181,47 @@ def test_handed_off_requests_wait_for_room_in_the_running_batch(language: Langua
     assert sorted(done) == [f"kv{i}" for i in range(5)]
     assert all(len(tokens) == 3 for tokens in done.values())  # the first came from the prefill server
     assert engine.scheduler.blocks.num_used == 0
+
+
+def _held(served: Served) -> tuple[float, float]:
+    stats = served.stats()
+    return stats["num_kv_held_requests"], stats["num_kv_blocks_held"]
+
+
+def test_prefill_holds_the_handed_off_blocks_until_release_kv(pd: PdHarness, chat: ChatFormat) -> None:
+    released = pd.prefill.stats()["num_kv_holds_released"]
+    request = generate_request(chat, f"{pd.kind}-held", "write a poem about the sea", max_new_tokens=4,
+                               min_new_tokens=4)
+    tokens, reason = pd.generate_split(request, release=False)
+    assert len(tokens) == 4 and reason == "length"
+    held, blocks = _held(pd.prefill)
+    assert held == 1 and blocks >= 2  # the whole prompt (> 16 tokens), still held after the decode server finished
+    assert pd.prefill.stats()["num_kv_blocks_used"] >= blocks  # held blocks count as used
+    assert pd.release(request.request_id)
+    assert_freed(pd, pd.prefill)
+    assert pd.prefill.stats()["num_kv_holds_released"] == released + 1
+    assert not pd.release(request.request_id)  # nothing held any more
+
+
+def test_abort_frees_a_held_hand_off(pd: PdHarness, chat: ChatFormat) -> None:
+    request = generate_request(chat, f"{pd.kind}-held-abort", "hello there", max_new_tokens=3, min_new_tokens=3)
+    pd.generate_split(request, release=False)
+    assert _held(pd.prefill)[0] == 1
+    assert pd.prefill.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id)).found
+    assert_freed(pd, pd.prefill)
+
+
+def test_hold_timeout_frees_the_blocks(pd: PdHarness, chat: ChatFormat) -> None:
+    server = pd.prefill.server
+    expired = pd.prefill.stats()["num_kv_holds_expired"]
+    config = server.config
+    server.config = dataclasses.replace(config, kv_hold_timeout_s=0.05)  # no gateway acknowledges this one
+    try:
+        request = generate_request(chat, f"{pd.kind}-held-expiry", "hello there", max_new_tokens=3,
+                                   min_new_tokens=3)
+        assert pd.generate_split(request, release=False)[1] == "length"
+        assert_freed(pd, pd.prefill)  # waits on the server's state: the timer's release notifies it
+    finally:
+        server.config = config
+    assert pd.prefill.stats()["num_kv_holds_expired"] == expired + 1
+    assert not pd.release(request.request_id)
