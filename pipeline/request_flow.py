@@ -80,6 +80,7 @@ class RequestFlow:
         self._release: asyncio.Future[Any] | None = None  # P/D: the ReleaseKv in flight
         self.encode: asyncio.Task[vision_pb2.EncodeResponse] | None = None
         self.finished = False  # the language server sent the finish: nothing is left to free
+        self.handed_off = False  # P/D: the prefill server answered its first token (and holds the KV)
 
     async def run(self) -> AsyncGenerator[GenerationEvent, None]:
         """The request's events: one per message of the token stream (P/D: the prefill server's first token,
@@ -89,8 +90,8 @@ class RequestFlow:
             if self.decode is not None:
                 self.decode_work = await self._decode_scope.enter_async_context(self.decode.in_use(self.decode_call))
             try:
-                async for response in self.call:
-                    yield self._arrived(response)
+                async for event in self._prefilled(work):
+                    yield event
                 if self.decode_call is not None and not self.finished:
                     async for event in self._decoded(work):
                         yield event
@@ -107,6 +108,21 @@ class RequestFlow:
                 elif self.decode_call is not None and not self.decode_call.done():  # prefill finished it at token 1
                     await self._abort_decode(self.decode_work)
         yield self.stamps.final_event()
+
+    async def _prefilled(self, work: Work) -> AsyncGenerator[GenerationEvent, None]:
+        """The language server's messages as events (P/D: the prefill server's first token). A prefill server whose
+        Generate failed after its first token because the push of its hand-off did (the decode server unreachable)
+        still holds the KV: the request moves to another decode server, as for a decode server lost."""
+        try:
+            async for response in self.call:
+                yield self._arrived(response)
+            return
+        except grpc.aio.AioRpcError as err:
+            if self.decode is None or not self.handed_off or work.lost or \
+                    not isinstance(from_rpc_error(err, "prefill"), UnavailableError | PeerLostError):
+                raise
+            failed = err
+        await self._redirect(failed)
 
     async def _decoded(self, work: Work) -> AsyncGenerator[GenerationEvent, None]:
         """P/D: the decode server's messages as events. Before its first, a decode server that refused busy or was
@@ -198,6 +214,7 @@ class RequestFlow:
     def _arrived(self, response: language_pb2.LanguageGenerateResponse, decode: bool = False) -> GenerationEvent:
         """A message of the token stream arrived (P/D: `decode`, from the decode server)."""
         self.stamps.add(response, decode)
+        self.handed_off = self.handed_off or (not decode and bool(response.token_ids))
         if response.finish_reason:
             self.finished = True
         return GenerationEvent(token_ids=list(response.token_ids))

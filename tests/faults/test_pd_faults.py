@@ -1,7 +1,8 @@
-"""P/D faults through a real `dvd serve --prefill-replicas 1 --decode-replicas 1`: a decode server killed while
+"""P/D faults through a real `dvd serve --prefill-replicas 1 --decode-replicas 1` (2): a decode server killed while
 decoding, a prefill server frozen before its push: each affected request fails with a 503 naming the server (no
-client waits for its deadline), and the surviving server of the pair holds nothing of it afterwards (its counters
-read through the gateway's roster)."""
+client waits for its deadline); a decode server killed before its first token, with another decode server there:
+the request goes on on that one with the same answer. The surviving servers hold nothing of it afterwards (their
+counters read through the gateway's roster)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,24 @@ import urllib.request
 from pathlib import Path
 
 from tests.faults.helpers import healthy, long_story, servers, sse, wait_for
-from tests.serve_process import ServeProcess, post_chat
+from tests.serve_process import ServeProcess, metric, post_chat
 
 PROBE = ("--probe-interval", "2", "--probe-timeout", "3", "--fail-threshold", "2")
 DETECT_S = 30.0
 
 
 def _counters(served: ServeProcess, role: str) -> dict[str, float]:
+    """The counters of the one server in rotation with this role."""
     with urllib.request.urlopen(served.http_url + "/v1/instances", timeout=30) as response:
-        (entry,) = [e for e in json.loads(response.read())["data"] if e.get("role") == role]
+        (entry,) = [e for e in json.loads(response.read())["data"] if e.get("role") == role and e["healthy"]]
     return entry["counters"]
 
 
 def _holds_nothing(served: ServeProcess, role: str) -> bool:
     c = _counters(served, role)
     return (c.get("num_streams", 1) == 0 and c.get("num_kv_blocks_used", 1) == 0
-            and c.get("num_kv_requests_arriving", 1) == 0 and c.get("num_kv_incoming", 1) == 0)
+            and c.get("num_kv_requests_arriving", 1) == 0 and c.get("num_kv_incoming", 1) == 0
+            and c.get("num_kv_held_requests", 1) == 0)
 
 
 def _pair(served: ServeProcess) -> tuple:
@@ -81,3 +84,36 @@ def prefill_address(served: ServeProcess) -> str:
     with urllib.request.urlopen(served.http_url + "/v1/instances", timeout=30) as response:
         (entry,) = [e for e in json.loads(response.read())["data"] if e.get("role") == "prefill"]
     return entry["address"]
+
+
+def _content(events: list) -> str:
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
+
+
+def test_decode_server_killed_before_its_first_token_is_replaced_with_the_same_answer(tiny_hf: Path) -> None:
+    """Two decode servers: the first (paired first, both idle) is frozen as a request arrives, so it takes the KV
+    into its socket but never answers; once the client has the prefill server's first token it is killed. The
+    request goes on on the other decode server, the prefill server pushing the KV it held: the same greedy answer
+    as unfaulted, and nothing left allocated on the servers that remain."""
+    with ServeProcess("--model", str(tiny_hf), "--prefill-replicas", "1", "--decode-replicas", "2",
+                      *PROBE) as served:
+        _prefill, first, _second = servers(served, "language")
+        body = {"messages": [{"role": "user", "content": "write a poem about the sea"}], "max_tokens": 12,
+                "min_tokens": 12, "temperature": 0}
+        with sse(served, body) as events:  # unfaulted; it also opens the prefill server's connection to `first`
+            unfaulted = _content(list(events))
+        first.send_signal(signal.SIGSTOP)
+        with sse(served, body) as events:
+            seen = [next(events)]
+            while not _content(seen):
+                seen.append(next(events))  # the prefill server's first token is out
+            first.kill()
+            seen += list(events)
+        assert seen[-1] == "[DONE]" and not [e for e in seen if isinstance(e, dict) and "error" in e], seen[-3:]
+        assert _content(seen) == unfaulted
+        assert metric(served.http_url, "dvd_backend_num_decode_redirects") == 1
+        wait_for(lambda: _holds_nothing(served, "prefill") and _holds_nothing(served, "decode"), DETECT_S,
+                 "the prefill server and the remaining decode server holding nothing")
+        assert _counters(served, "prefill")["num_kv_held_requests"] == 0
+    assert served.leftover_children == [], served.output
