@@ -7,9 +7,15 @@ address (`kv_destination`) and, at the same moment, to that decode server (`kv_s
 - The prefill server runs the prompt as any server does (its features streamed in, prefill in chunks, the prefix
   cache). After each step, the blocks its chunk completed leave for the decode server (`Engine._export_completed`
   -> `KvPusher.push`: `KvHeader` frames, every layer), so the transfer overlaps the prefill; at its first token the
-  last blocks and a `KvHandoff` (the prompt's ids, the first token, the seeded generator's state) follow, its
-  Generate answers the first token and ends without a finish reason, and its blocks are freed (or kept by its
-  prefix cache).
+  last blocks and a `KvHandoff` (the prompt's ids, the first token, the seeded generator's state) follow, and its
+  Generate answers the first token and ends without a finish reason.
+- The prefill server then holds the request's blocks (`Engine.held`, counted as used) until the gateway says the
+  decode server has them (`ReleaseKv`, sent at the decode server's first message), an `Abort`, or the hold timeout
+  (`LanguageServerConfig.kv_hold_timeout_s`, logged); then they are freed (or kept by its prefix cache). While
+  held, `PushKv` pushes them and the hand-off again to another decode server (`Engine.read_held`, then
+  `KvPusher.push`): the gateway's answer to a decode server that refused busy or was lost before its first message
+  (pipeline/request_flow.py). A failed push of the hand-off (the decode server unreachable) fails the prefill's
+  Generate but keeps the hold, so the request can still move.
 - The decode server's `KvIntake` takes those frames (before or after its Generate: frames nobody claims are
   dropped after the orphan TTL), hands each request's blocks to the engine in block order as they land,
   whatever order the transport's connections delivered them in (`Engine.import_blocks`: copied into blocks of
