@@ -32,6 +32,7 @@ from tests.language_server.test_tp_cli import READY, _push
 from tests.serve_process import read_line
 
 PROMPT = [5, 6, 7, 300, 301, 302, 500, 42, 17, 99]
+Responses = Iterator[language_pb2.LanguageGenerateResponse]
 
 
 @dataclass
@@ -94,7 +95,7 @@ def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
 
 
 def split(servers: dict[str, Started], request: language_pb2.LanguageGenerateRequest, decode: str = "decode",
-          features: list[torch.Tensor] = ()) -> tuple[object, object]:  # type: ignore[assignment]
+          features: list[torch.Tensor] = ()) -> tuple[Responses, Responses]:  # type: ignore[assignment]
     """Generate on the prefill server naming the decode server, and on the decode server, as the gateway does;
     the image features pushed to the prefill server as a vision server does."""
     to_prefill, to_decode = language_pb2.LanguageGenerateRequest(), language_pb2.LanguageGenerateRequest()
