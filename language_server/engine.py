@@ -317,16 +317,17 @@ class Engine:
 
     def _on_kv_read(self, item: tuple[int, str]) -> None:
         key, request_id = item
-        reader = self._held_reads.pop(key, None)
-        if reader is None:  # a tensor-parallel follower: rank 0 answers
-            return
         held = self.held.get(request_id)
-        export = None
-        if held is not None:
-            blocks = self.cache.read_blocks(held.request.block_ids[:held.num_blocks])
-            export = KvExport(0, held.num_blocks, blocks, held.handoff)
-            self._counters.num_kv_blocks_exported += held.num_blocks
-        reader[1].set_result(export)
+        export = self._reexport(held) if held is not None else None
+        reader = self._held_reads.pop(key, None)
+        if reader is not None:  # None on a tensor-parallel follower: it read its part, rank 0 answers
+            reader[1].set_result(export)
+
+    def _reexport(self, held: HeldExport) -> KvExport:
+        """A held request's every prompt block, and its hand-off, to push again."""
+        self._counters.num_kv_blocks_exported += held.num_blocks
+        blocks = self.cache.read_blocks(held.request.block_ids[:held.num_blocks])
+        return KvExport(0, held.num_blocks, blocks, held.handoff)
 
     def _on_kv_admit(self, request: EngineRequest) -> RequestOutput | None:
         held = self.incoming.pop(request.request_id, [])

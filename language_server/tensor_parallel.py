@@ -47,7 +47,7 @@ from torch import nn
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.language_server.config import EngineConfig
-from dvd.language_server.engine import Engine
+from dvd.language_server.engine import Engine, HeldExport
 from dvd.language_server.model import LanguageHalf, fill, meta_model
 from dvd.language_server.request import EngineRequest, Handoff, KvExport, RequestOutput
 from dvd.language_server.sampling import sample_tensor
@@ -352,7 +352,16 @@ class TensorParallelEngine(Engine):
         """P/D, a prefill group: every rank exports the same blocks in the same step (their schedules are the same);
         rank 0 gathers each rank's KV heads of them and pushes the whole (the others' exports are dropped with
         their outputs)."""
-        export = super()._export(request, end, handoff)
+        return self._gathered(super()._export(request, end, handoff))
+
+    def _reexport(self, held: HeldExport) -> KvExport:
+        """P/D, a prefill group: a held request pushed again (PushKv). Every rank holds it (their hand-offs happen in
+        the same step) and reads it in the same step (the command reaches them all), gathered to rank 0 as
+        `_export`'s blocks are."""
+        return self._gathered(super()._reexport(held))
+
+    def _gathered(self, export: KvExport) -> KvExport:
+        """Rank 0: the export with every rank's KV heads of its blocks; the others: their own (dropped)."""
         if not export.num_blocks:
             return export
         mine = export.blocks.contiguous()

@@ -201,6 +201,10 @@ def test_prefill_holds_the_handed_off_blocks_until_release_kv(pd: PdHarness, cha
     assert_freed(pd, pd.prefill)
     assert pd.prefill.stats()["num_kv_holds_released"] == released + 1
     assert not pd.release(request.request_id)  # nothing held any more
+    with pytest.raises(grpc.RpcError) as caught:  # nor anything to push again
+        pd.prefill.stub.PushKv(language_pb2.PushKvRequest(request_id=request.request_id,
+                                                          destination=pd.decode.server.transport_address))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_abort_frees_a_held_hand_off(pd: PdHarness, chat: ChatFormat) -> None:

@@ -2,8 +2,8 @@
 processes (gloo). The prefill group gathers its ranks' KV heads to rank 0, which pushes whole blocks; the decode
 group's rank 0 scatters each rank its heads (tensor_parallel.py). The split's tokens equal transformers' monolithic
 output (greedy; text and one image) and a seeded sampled request continues the stream one process draws; a tp=1
-decode server refuses the tp=2 prefill server at connect, naming tp; nothing stays allocated; SIGTERM stops every
-rank."""
+decode server refuses the tp=2 prefill server at connect, naming tp, and the KV the prefill group held is pushed
+again (PushKv) to the tp=2 decode server; nothing stays allocated; SIGTERM stops every rank."""
 
 from __future__ import annotations
 
@@ -109,11 +109,26 @@ def split(servers: dict[str, Started], request: language_pb2.LanguageGenerateReq
     return streams
 
 
+def release(servers: dict[str, Started], request_id: str) -> bool:
+    """What the gateway sends the prefill server at the decode server's first message: free the KV it held."""
+    return servers["prefill"].stub.ReleaseKv(language_pb2.ReleaseKvRequest(request_id=request_id)).found
+
+
+def collect_releasing(servers: dict[str, Started], stream: Responses, request_id: str) -> tuple[list[int], str]:
+    """The decode server's stream, the prefill server's held KV released at its first message."""
+    messages = iter(stream)
+    first = next(messages)
+    release(servers, request_id)
+    tokens, reason = collect(messages)
+    return [*first.token_ids, *tokens], first.finish_reason or reason
+
+
 def generate_split(servers: dict[str, Started], request: language_pb2.LanguageGenerateRequest,
                    features: list[torch.Tensor] = ()) -> tuple[list[int], str]:  # type: ignore[assignment]
     prefill, decode = split(servers, request, features=features)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first, rest = pool.submit(collect, prefill), pool.submit(collect, decode)
+        first = pool.submit(collect, prefill)
+        rest = pool.submit(collect_releasing, servers, decode, request.request_id)
         (tokens, reason), (more, final) = first.result(180), rest.result(180)
     assert len(tokens) == 1 and reason == "", (tokens, reason)  # handed off after the first token
     return tokens + more, final
@@ -126,7 +141,7 @@ def assert_freed(server: Started) -> None:
     while True:
         stats = server.stats()
         if stats["num_kv_blocks_used"] == 0 and stats["num_kv_requests_arriving"] == 0 and \
-                stats["num_streams"] == 0 and stats["num_kv_incoming"] == 0:
+                stats["num_streams"] == 0 and stats["num_kv_incoming"] == 0 and stats["num_kv_held_requests"] == 0:
             return
         assert time.monotonic() < deadline, stats
         threading.Event().wait(0.05)
@@ -171,8 +186,35 @@ def test_tp1_decode_refuses_tp2_prefill_naming_tp(servers: dict[str, Started], c
     with pytest.raises(grpc.RpcError) as caught:
         collect(prefill)
     assert "tp: 1 here vs 2 there" in (caught.value.details() or "")
-    servers["decode_tp1"].stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))  # as the gateway does
+    for name in ("prefill", "decode_tp1"):  # as the gateway does (the prefill server holds the hand-off)
+        servers[name].stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))
     with pytest.raises(grpc.RpcError):
         collect(decode)
+    for server in servers.values():
+        assert_freed(server)
+
+
+def test_tp2_held_kv_pushed_again_to_another_decode_server(servers: dict[str, Started], chat: ChatFormat,
+                                                           language: LanguageHalf) -> None:
+    """The prefill group's hand-off to a decode server that refuses it (tp=1) fails after its first token, and the
+    group holds the KV; PushKv sends it, gathered from both ranks again, to the tp=2 decode server, which continues
+    the request to transformers' monolithic tokens."""
+    request = generate_request(chat, "tp-repush", "hello there")
+    to_prefill, to_decode = language_pb2.LanguageGenerateRequest(), language_pb2.LanguageGenerateRequest()
+    to_prefill.CopyFrom(request)
+    to_prefill.kv_destination = servers["decode_tp1"].transport_address
+    to_decode.CopyFrom(request)
+    to_decode.kv_source = True
+    prefill = iter(servers["prefill"].stub.Generate(to_prefill))
+    first = list(next(prefill).token_ids)  # the first token, then the push of the hand-off is refused
+    with pytest.raises(grpc.RpcError):
+        next(prefill)
+    assert servers["prefill"].stats()["num_kv_held_requests"] == 1
+    decode = servers["decode"].stub.Generate(to_decode)
+    pushed = servers["prefill"].stub.PushKv(language_pb2.PushKvRequest(
+        request_id=request.request_id, destination=servers["decode"].transport_address))
+    assert pushed.num_blocks >= 1
+    tokens, reason = collect_releasing(servers, decode, request.request_id)
+    assert (first + tokens, reason) == (expected(language, chat, request, []), "length")
     for server in servers.values():
         assert_freed(server)
