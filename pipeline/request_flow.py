@@ -135,6 +135,8 @@ class RequestFlow:
                         started = True
                         self._release_kv(work)
                     yield self._arrived(response, decode=True)
+                if self._release is not None:  # answered by now, as a rule: no call outlives the flow
+                    await asyncio.wait([self._release], timeout=5)
                 return
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
                 if started or not self._movable(err, work):

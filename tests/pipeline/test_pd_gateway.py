@@ -200,4 +200,13 @@ def test_decode_server_lost_before_its_first_token_is_replaced(tiny_hf: Path, pd
     assert redirects == 2  # (the stalled server may or may not have had the KV whole when it was lost)
     for request, events in zip(_requests(tiny_hf, "lost"), streams, strict=True):
         assert [t for e in events for t in e.token_ids] == _unsplit(pd3, request)
+    # The gateway sends a lost server nothing more (it may hang). This one never went away: each request there
+    # either ended with the gateway's cancel or took its KV and stalled; those go to its engine and are aborted,
+    # as its death would have ended them.
+    rids = [r.request_id for r in _requests(tiny_hf, "lost")]
+    pd3.wait_until(pd3.decode, lambda: all(r in {s.request_id for s in stalled} or r not in decode.streams
+                                           for r in rids))
+    for request in stalled:
+        decode.engine_loop.add_prefilled(request)
+        decode.engine_loop.abort(request.request_id)
     _nothing_held(pd3)
