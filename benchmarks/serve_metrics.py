@@ -144,7 +144,7 @@ def compute_metrics(records: list[RequestRecord], slo_ms: dict[str, float] | Non
 def stage_breakdown(records: list[RequestRecord]) -> dict[str, dict[str, float]]:
     """Mean, median and p99 of each stage the servers measured (`dvd_timings`)."""
     out: dict[str, dict[str, float]] = {}
-    for stage in (*STAGES, "features_wait", "prefix_prefill", "preprocess", "vit"):
+    for stage in (*STAGES, "features_wait", "prefix_prefill", "preprocess", "vit", "handoff_gap"):
         values = [float(r.timings[f"{stage}_ms"]) for r in records if f"{stage}_ms" in r.timings]
         if values:
             out[stage] = {"mean": sum(values) / len(values), "median": percentile(values, 50),

@@ -66,7 +66,8 @@ def stage_timings(marks: dict[str, float], features_wait_ms: float,
     within a gRPC hop of it); `first_token` and `end` are the gateway's own. A stamp a server did
     not send (an older server) leaves its stage to the gateway's own clock. P/D (`decode_first`, the decode
     server's first message): kv_transfer (its first KV frame to the request joining its engine) and decode (from
-    then to the finish) on the decode server's clock."""
+    then to the finish) on the decode server's clock, and handoff_gap (the prefill's first token to the decode's
+    first step: what the KV transfer left unoverlapped)."""
     dispatch, end = marks["dispatch"], marks["end"]
     first = marks.get("first_token", end)
     ms: dict[str, float] = {"encode": 0.0, "transfer": 0.0, "queue": 0.0}
@@ -110,5 +111,10 @@ def stage_timings(marks: dict[str, float], features_wait_ms: float,
         out_marks["kv_transfer_end"] = dispatch + decode_first.engine_added_ms / 1e3
         if last is not None and last.finished_ms:
             ms["decode"] = max(0.0, last.finished_ms - decode_first.engine_added_ms)
+        if stamped is not None and stamped.first_token_ms and decode_first.prefill_start_ms:
+            # The hand-off's cost to the request: the prefill server's first token to the decode server's first
+            # step. Each stamp counts from its server's Generate arrival, and the gateway sends both Generates at
+            # once, so the difference needs no clock sync (it is off by the two calls' gRPC skew, well under 1 ms).
+            ms["handoff_gap"] = max(0.0, decode_first.prefill_start_ms - stamped.first_token_ms)
     visual = sum(s.num_tokens for s in encoded.slots) if encoded is not None else 0
     return StageTimings(ms=ms, marks=out_marks, visual_tokens=visual)

@@ -88,11 +88,13 @@ def test_pd_kv_transfer_is_a_stage_and_a_timeline_segment() -> None:
 
     stamped = language_pb2.LanguageGenerateResponse(token_ids=[5], engine_added_ms=1, prefill_start_ms=2,
                                                     first_token_ms=40)
-    decode_first = language_pb2.LanguageGenerateResponse(token_ids=[6], engine_added_ms=45, kv_transfer_ms=30)
+    decode_first = language_pb2.LanguageGenerateResponse(token_ids=[6], engine_added_ms=45, kv_transfer_ms=30,
+                                                         prefill_start_ms=47, first_token_ms=52)
     last = language_pb2.LanguageGenerateResponse(finish_reason="length", finished_ms=145)
     marks = {"dispatch": 1000.0, "first_token": 1000.041, "end": 1000.150}
     t = stage_timings(marks, 0.0, last, stamped, None, decode_first)
     assert t.ms["kv_transfer"] == 30 and t.ms["decode"] == 100
+    assert t.ms["handoff_gap"] == 7  # prefill's first token at 40, decode's first step at 47
     segments = {stage: (start, stop) for stage, start, stop in
                 stage_segments(RequestRecord(index=0, bucket="text", timings=t.as_dict()))}
     assert segments["kv_transfer"] == pytest.approx((0.015, 0.045))  # first KV frame -> hand-off, decode clock
