@@ -17,7 +17,8 @@ import yaml
 
 from dvd.config_file import ConfigError
 from dvd.deploy.autoscale import Change
-from dvd.deploy.ray_cluster import RayClusterConfig, load_ray_config, replica_options
+from dvd.deploy.ray_cluster import replica_options
+from dvd.deploy.ray_config import RayClusterConfig, load_ray_config
 
 LANGUAGE = {"prefill_replicas": 1, "decode_replicas": 1, "num_gpus": 1, "resources": {"language": 1},
             "prefill": {"resources": {"prefill_node": 1}}, "decode": {"num_cpus": 2, "num_gpus": 2}}
