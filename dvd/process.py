@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -86,6 +86,25 @@ def stop_signal() -> asyncio.Event:
     return stop
 
 
+class _Stoppable(Protocol):
+    metrics_endpoint: Any  # dvd.metrics.MetricsEndpoint | None
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signal(server: _Stoppable, ready_line: str, logger: logging.Logger) -> None:
+    """A started server's life until SIGTERM or SIGINT: its metrics endpoint logged (to the log, so that
+    stdout's first line stays the ready line), `ready_line` printed once the signal handler exists, then
+    the server drained and stopped."""
+    if server.metrics_endpoint is not None:
+        logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)
+    stopped = stop_signal()  # before the ready line
+    print(ready_line, flush=True)
+    await stopped.wait()
+    logger.info("signal received: shutting down")
+    await server.stop()
+
+
 def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a server's main coroutine; a configuration or start-up error is one line and exit code 2."""
     try:
@@ -93,6 +112,18 @@ def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except (DvdError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+Config = TypeVar("Config")
+
+
+def run_server(args: Any, cls: type[Config], add_arguments: Callable[[Any], None], role: str,
+               serve: Callable[[Config], Coroutine[Any, Any, int]]) -> int:
+    """`dvd vision` / `dvd language`: logging at `--log-level`, the process's config (`server_config`), then
+    `serve(config)` under `run_process`; exit code 2 when the config is wrong."""
+    configure_logging(args.log_level)
+    config = server_config(cls, args, add_arguments, role)
+    return 2 if config is None else run_process(lambda: serve(config))
 
 
 def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], role: str) -> Any | None:
