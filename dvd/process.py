@@ -117,6 +117,28 @@ def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 Config = TypeVar("Config")
 
 
+def add_server_arguments(parser: Any, half: str) -> None:
+    """The flags `dvd vision` and `dvd language` share (`half`: "vision" or "language", whose files a Hub id
+    fetches); each server's add_arguments adds its own after them."""
+    import argparse
+    from pathlib import Path
+
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
+                             "writes for its children); no other setting may be given with it")
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
+                                        f"(org/name: only the {half} half's files are fetched); required without "
+                                        "--config")
+    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
+                                           "or commit (default main)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus /metrics port (0 picks a free one, printed at start and listed in the "
+                             "gateway's /v1/instances; -1: none)")
+    parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: server_config refuses it, naming --token-file
+
+
 def run_server(args: Any, cls: type[Config], add_arguments: Callable[[Any], None], role: str,
                serve: Callable[[Config], Coroutine[Any, Any, int]]) -> int:
     """`dvd vision` / `dvd language`: logging at `--log-level`, the process's config (`server_config`), then
