@@ -66,6 +66,7 @@ from dvd.benchmarks.serve_workload import BUCKETS, Workload
 from dvd.cpus import parse_cpu_list
 from dvd.deploy.supervisor import Child, ChildSpec, Supervisor
 
+COMPARE_BUCKETS = (*BUCKETS, "text")  # text: no images, the language side alone
 _LISTEN = re.compile(r"OpenAI API at (http://[\d.]+:\d+)/v1, gRPC at ([\d.]+:\d+)")
 
 
@@ -210,7 +211,8 @@ def main(argv: list[str]) -> int:
              "equal also coupled-dp: two CPUs are best used by a coupled replica on each)")
     add("--setting", choices=SETTINGS, default="paper", help="CPU budget rule (default paper; see above)")
     add("--buckets", default=",".join(BUCKETS),
-        help="comma list of 448, 896, 1344 (default all); '' runs only the interference measurement")
+        help="comma list of 448, 896, 1344 (default all), or text (no images: --input-len words of text a "
+             "request, e.g. to measure prefill and decode alone); '' runs only the interference measurement")
     add("--language-cpus", default="0", help="the language side's CPU(s) (default 0)")
     add("--vision-cpus", default="1", help="the vision side's CPU(s) (default 1)")
     add("--num-prompts", type=int, default=32,
@@ -236,9 +238,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     modes = [m.strip() for m in (args.modes or default_modes(args.setting)).split(",") if m.strip()]
     args.buckets = [b.strip() for b in args.buckets.split(",") if b.strip()]
-    bad = [m for m in modes if m not in MODES] + [b for b in args.buckets if b not in BUCKETS]
+    bad = [m for m in modes if m not in MODES] + [b for b in args.buckets if b not in COMPARE_BUCKETS]
     if bad or not modes:
-        print(f"error: unknown mode or bucket {bad}; modes: {', '.join(MODES)}; buckets: {', '.join(BUCKETS)}",
+        print(f"error: unknown mode or bucket {bad}; modes: {', '.join(MODES)}; buckets: {', '.join(COMPARE_BUCKETS)}",
               file=sys.stderr)
         return 2
     if "dvd+vir" in modes and args.vir_model is None:

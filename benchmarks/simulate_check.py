@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 PRESET = "internvl3_5-38b-scaled"
-BUCKET_PX = {"448": 448, "896": 896, "1344": 1344}
+BUCKET_PX: dict[str, int | None] = {"448": 448, "896": 896, "1344": 1344, "text": None}  # text: no image
+MODES = ("coupled", "dvd", "dvd+vir", "dvd-pd")
 WITHIN = 0.15
 
 
@@ -38,6 +39,7 @@ class Setup:
     """What the measured runs were: the simulation replays exactly this."""
 
     buckets: tuple[str, ...]
+    modes: tuple[str, ...]
     num_prompts: int
     max_concurrency: int
     output_len: int
@@ -51,7 +53,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     add = parser.add_argument
     add("--preset", default=PRESET, help="make-checkpoint preset, built plain and with ViR (default %(default)s)")
     add("--cache-dir", type=Path, help="where the presets are built (default $DVD_CACHE_DIR or ~/.cache/dvd)")
-    add("--buckets", default="896,1344", help="resolutions to compare (default %(default)s)")
+    add("--buckets", default="896,1344",
+        help="resolutions to compare (default %(default)s), or text: no images, --input-len words a request")
+    add("--modes", default="coupled,dvd,dvd+vir",
+        help="deployments to compare, of coupled, dvd, dvd+vir, dvd-pd (default %(default)s). dvd-pd shares the "
+             "vision CPUs between the vision and the prefill server, which the simulator does not model (its "
+             "roles have devices of their own), so check it on the text bucket, where the vision server idles")
     add("--num-prompts", type=int, default=64)
     add("--max-concurrency", type=int, default=16)
     add("--output-len", type=int, default=8)
@@ -72,6 +79,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     args.buckets = tuple(b.strip() for b in args.buckets.split(",") if b.strip())
     if bad := [b for b in args.buckets if b not in BUCKET_PX]:
         parser.error(f"--buckets: unknown {bad}; choose from {', '.join(BUCKET_PX)}")
+    args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not args.modes or (bad := [m for m in args.modes if m not in MODES]):
+        parser.error(f"--modes: unknown {bad if args.modes else 'none given'}; choose from {', '.join(MODES)}")
     return args
 
 
@@ -107,7 +117,7 @@ def measure_profile(args: argparse.Namespace, plain: Path, flash: Path, path: Pa
 def measure_runs(args: argparse.Namespace, setup: Setup, plain: Path, flash: Path, path: Path) -> dict[str, Any]:
     from dvd.benchmarks import compare
 
-    argv = ["--model", str(plain), "--vir-model", str(flash), "--setting", "paper",
+    argv = ["--model", str(plain), "--vir-model", str(flash), "--setting", "paper", "--modes", ",".join(setup.modes),
             "--buckets", ",".join(setup.buckets), "--num-prompts", str(setup.num_prompts),
             "--interference-prompts", "0", "--output-len", str(setup.output_len), "--input-len", str(setup.input_len),
             "--max-concurrency", str(setup.max_concurrency), "--language-cpus", args.language_cpus,
@@ -139,8 +149,10 @@ def simulate_run(profile: Any, setup: Setup, mode: str, bucket: str, run: dict[s
 
     # text tokens a request (`<img>`, `</img>` included): what the server counted, less the image's features
     text = round(run["total_input_tokens"] / run["completed"] - run["mean_visual_tokens_per_request"])
-    spec = WorkloadSpec(num_requests=setup.num_prompts, image_sizes=((BUCKET_PX[bucket],) * 2,),
-                        prompt_tokens=max(text, prefix), prefix_tokens=prefix, output_tokens=setup.output_len)
+    px = BUCKET_PX[bucket]
+    images = {"image_sizes": ((px,) * 2,), "prefix_tokens": prefix} if px else {"images_per_request": 0}
+    spec = WorkloadSpec(num_requests=setup.num_prompts, prompt_tokens=max(text, prefix if px else 1),
+                        output_tokens=setup.output_len, **images)
     engine, vision = EngineConfig().for_device("cpu"), VisionServerConfig(model=Path("."))  # what this CPU run served
     settings = SimSettings(max_batch_tokens=engine.max_batch_tokens, max_running_requests=engine.max_running_requests,
                            kv_capacity_tokens=engine.kv_capacity_tokens, max_batch_tiles=vision.max_batch_tiles,
@@ -148,7 +160,8 @@ def simulate_run(profile: Any, setup: Setup, mode: str, bucket: str, run: dict[s
                            max_wait_s=vision.max_wait_ms / 1e3, preprocess_workers=vision.preprocess_workers,
                            max_concurrency=setup.max_concurrency)
     deployment = {"coupled": Deployment("coupled-serial" if setup.coupled_model == "serial" else "coupled", 0, 1),
-                  "dvd": Deployment("dvd", 1, 1), "dvd+vir": Deployment("dvd+vir", 1, 1)}[mode]
+                  "dvd": Deployment("dvd", 1, 1), "dvd+vir": Deployment("dvd+vir", 1, 1),
+                  "dvd-pd": Deployment("dvd-pd", 1, 1, 1)}[mode]
     return simulate(profile, generate(spec), deployment, settings)
 
 
@@ -159,7 +172,7 @@ def comparison(profile: Any, measured: dict[str, Any], setup: Setup, plain: Path
     prefix = _prefix_tokens(plain, prompt)
     rows = []
     for bucket in setup.buckets:
-        for mode in measured["modes"]:
+        for mode in (m for m in measured["modes"] if m in setup.modes):
             run = measured["runs"][mode][bucket]
             simulated = simulate_run(profile, setup, mode, bucket, run, prefix)
             ratio = simulated.request_throughput / run["request_throughput"]
@@ -176,7 +189,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         busy = " ".join(f"{k} {v:.0%}" for k, v in r["simulated_busy"].items())
         mark = "" if r["within"] else "!"
-        lines.append(f"{r['bucket'] + ' px':<7} {r['mode']:<8} {r['measured_req_s']:15.3f} "
+        label = r["bucket"] if r["bucket"] == "text" else f"{r['bucket']} px"
+        lines.append(f"{label:<7} {r['mode']:<8} {r['measured_req_s']:15.3f} "
                      f"{r['simulated_req_s']:10.3f} {r['ratio']:8.2f}{mark} {r['measured_ttft_p50_ms']:18.0f} "
                      f"{r['simulated_ttft_p50_ms']:13.0f}  {busy}")
     worst = max((abs(r["ratio"] - 1) for r in rows), default=math.nan)
@@ -191,7 +205,7 @@ def main(argv: list[str]) -> int:
     from dvd.tools.checkpoint_cache import ensure_checkpoint
 
     started = time.perf_counter()
-    setup = Setup(args.buckets, args.num_prompts, args.max_concurrency, args.output_len, args.input_len,
+    setup = Setup(args.buckets, args.modes, args.num_prompts, args.max_concurrency, args.output_len, args.input_len,
                   args.coupled_model)
     plain, flash = (ensure_checkpoint(args.preset, fmt="github", flash=f, cache_dir=args.cache_dir)
                     for f in (False, True))

@@ -28,7 +28,9 @@ Config (YAML):
     gateway: {http_port, grpc_port, resources: {}}
     vision: {replicas, port, metrics_port, num_cpus, num_gpus, resources: {vision: 1}, settings: {...}}
     language: {replicas, port, transport_port, metrics_port, num_cpus, num_gpus, resources: {language: 1}, ...,
-               prefill_replicas, decode_replicas}  # P/D: that many prefill, then decode servers
+               prefill_replicas, decode_replicas,  # P/D: that many prefill, then decode servers
+               prefill: {num_cpus, num_gpus, resources}, decode: {...}}  # P/D: where each role's actors go (a key
+                                                  # left out: language's own), e.g. prefill and decode on other nodes
     autoscale: {target_busy, idle_busy, up_after_s, down_after_s, interval_s, drain_timeout_s,
                 vision: {min, max}, language: {min, max}, resources: {},
                 prefill: {min, max}, decode: {min, max},  # P/D: instead of language (language replica i is
@@ -83,6 +85,45 @@ class RaySettings:
     resources: dict[str, float] = field(default_factory=dict)  # the local head's custom resources
 
 
+def _check_amounts(num_cpus: float | None, num_gpus: float | None, resources: Mapping[str, Any] | None) -> None:
+    """Ray's amounts are numbers >= 0; refused here, before anything starts, not by Ray once actors are placed."""
+    named = {"num_cpus": num_cpus, "num_gpus": num_gpus,
+             **{f"resources.{name}": amount for name, amount in (resources or {}).items()}}
+    for name, amount in named.items():
+        if amount is not None and (isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0):
+            raise ValueError(f"{name}: expected a number >= 0, got {amount!r}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What one replica's actor asks Ray for: its own options, and its placement group's one bundle (`needs`)."""
+
+    num_cpus: float
+    num_gpus: float
+    resources: dict[str, float]
+
+    def needs(self) -> dict[str, float]:
+        """What the actor holds of the cluster's resources (its placement group's one bundle)."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
+
+    def options(self) -> dict[str, Any]:
+        """The actor's own Ray options (`.options(...)`): the bundle's amounts, so it fits the bundle exactly."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+
+
+@dataclass(frozen=True)
+class RolePlacement:
+    """P/D, `language.prefill` / `language.decode`: where that role's servers' actors go. A key left out takes the
+    language role's own; one given replaces it (`resources: {}`: none of language's custom resources)."""
+
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    resources: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        _check_amounts(self.num_cpus, self.num_gpus, self.resources)
+
+
 @dataclass(frozen=True)
 class RayRole:
     replicas: int = 1
@@ -96,8 +137,13 @@ class RayRole:
     # language, P/D: this many prefill servers, then this many decode servers (replicas = their sum) at the start
     prefill_replicas: int = 0
     decode_replicas: int = 0
+    # language, P/D: the prefill and the decode servers' own placement (None: num_cpus, num_gpus, resources above),
+    # so each kind of server can go to nodes of its own, as Dynamo's and vLLM's P/D deploy their workers
+    prefill: RolePlacement | None = None
+    decode: RolePlacement | None = None
 
     def __post_init__(self) -> None:
+        _check_amounts(self.num_cpus, self.num_gpus, self.resources)
         roles = pd_roles(self.prefill_replicas, self.decode_replicas, "language")
         if roles and self.replicas not in (1, len(roles)):
             raise ValueError(f"replicas {self.replicas}: with prefill_replicas and decode_replicas the servers are "
@@ -107,9 +153,13 @@ class RayRole:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
 
-    def needs(self) -> dict[str, float]:
-        """What one replica's actor holds of the cluster's resources (its placement group's one bundle)."""
-        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
+    def placement(self, role: str) -> Placement:
+        """Where a replica of scaled role `role` goes: P/D's prefill or decode, its own placement where it has one
+        (each key it leaves out this role's own); vision, or language servers doing both: this role's own."""
+        own: RolePlacement = (getattr(self, role) if role in ("prefill", "decode") else None) or RolePlacement()
+        return Placement(num_cpus=self.num_cpus if own.num_cpus is None else own.num_cpus,
+                         num_gpus=self.num_gpus if own.num_gpus is None else own.num_gpus,
+                         resources=self.resources if own.resources is None else own.resources)
 
     def spec(self, kind: str, count: int, roles: tuple[str, ...] = ()) -> RoleSpec:
         """The role as the deployment spec has it, for replicas 0 .. count-1 (an autoscaled role's max); P/D:
@@ -150,6 +200,18 @@ def _check_pd_plan(plan: Any) -> None:
         raise ConfigError(f"autoscale.plan.profile: {exc}") from None
 
 
+def _check_pd_keys(vision: RayRole, language: RayRole) -> None:
+    """P/D's keys belong to the language role, and its placement keys to P/D: refused where they would do nothing
+    (or, on vision, start servers of a kind vision has not)."""
+    for key in ("prefill_replicas", "decode_replicas", "prefill", "decode"):
+        if getattr(vision, key):
+            raise ConfigError(f"vision.{key}: P/D is the language role's (language.{key})")
+    for key in ("prefill", "decode"):
+        if getattr(language, key) is not None and not language.prefill_replicas:
+            raise ConfigError(f"language.{key}: only with prefill_replicas and decode_replicas (P/D); num_cpus, "
+                              "num_gpus and resources place every language server")
+
+
 @dataclass(frozen=True)
 class RayClusterConfig:
     model: Path
@@ -169,6 +231,7 @@ class RayClusterConfig:
     def __post_init__(self) -> None:
         if self.transport.kind not in TRANSPORT_KINDS:
             raise ConfigError(f"transport.kind: one of {', '.join(TRANSPORT_KINDS)}, got {self.transport.kind!r}")
+        _check_pd_keys(self.vision, self.language)
         if self.pd and self.autoscale is not None and self.autoscale.plan is not None:
             _check_pd_plan(self.autoscale.plan)
         for kind in self.scaled:
@@ -215,10 +278,22 @@ class RayClusterConfig:
             return range(first, first + self.bounds("decode").max)
         return range(self.bounds(kind).max)
 
+    def placement(self, kind: str, i: int) -> Placement:
+        """Where replica `i` of server `kind` goes (P/D: a language replica by its index's role, so a replica the
+        autoscaler adds goes where its role's do)."""
+        roles = self.language_roles() if kind == "language" else ()
+        role: RayRole = getattr(self, kind)
+        return role.placement(roles[i] if roles else kind)
+
+    def needs(self, scaled: str) -> dict[str, float]:
+        """What one replica of a scaled role (vision, language; prefill, decode) holds of the cluster."""
+        role: RayRole = getattr(self, server_kind(scaled))
+        return role.placement(scaled).needs()
+
     def check_capacity(self, have: Mapping[str, float]) -> None:
         """Autoscale bounds the cluster's resources `have` cannot meet are refused (ConfigError)."""
         if self.autoscale is not None:
-            check_capacity(self.autoscale, {kind: getattr(self, server_kind(kind)).needs() for kind in self.scaled},
+            check_capacity(self.autoscale, {kind: self.needs(kind) for kind in self.scaled},
                            have, {"CPU": self.gateway.num_cpus, **self.gateway.resources}, self.scaled)
 
 
@@ -316,16 +391,22 @@ def start_replica(config: RayClusterConfig, kind: str, i: int, token: str | None
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    role: RayRole = getattr(config, kind)
-    group = placement_group([role.needs()], name=f"dvd-{kind}-{i}", lifetime="detached")
+    placement = config.placement(kind, i)
+    group = placement_group([placement.needs()], name=f"dvd-{kind}-{i}", lifetime="detached")
     ray.get(group.ready(), timeout=600)
     actor = _actor_class().options(
-        name=f"dvd-{kind}-{i}", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
-        num_cpus=role.num_cpus, num_gpus=role.num_gpus, resources=role.resources,
+        **replica_options(config, kind, i),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
     ).remote(partial(server_child, ray_spec(config), kind, i, token, env=config.env))
     info: dict[str, Any] = ray.get(actor.describe.remote(), timeout=600)
     return info
+
+
+def replica_options(config: RayClusterConfig, kind: str, i: int) -> dict[str, Any]:
+    """Replica `i` of `kind`'s actor options but its placement group: detached, named, restarted by Ray, and
+    asking for its role's placement (P/D: prefill's or decode's, by its index)."""
+    return {"name": f"dvd-{kind}-{i}", "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
+            **config.placement(kind, i).options()}
 
 
 def stop_replica(kind: str, i: int) -> None:

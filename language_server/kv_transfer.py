@@ -23,6 +23,11 @@ receiver refuses a sender of another at connect, naming the keys that differ (tr
 fails with that reason); the frames carry it too, and a decode server fails a request whose frames carry another
 (`KvLayoutError`: a check that holds whatever the transport); each server reports its layout in Health so the
 gateway pairs only servers that fit.
+
+Tensor-parallel servers (`--tp N`, the same N on both sides: `tp` and `kv_heads`, a rank's KV heads, are layout
+keys) push and take whole blocks, all heads, through rank 0 alone: the prefill group gathers its ranks' heads to
+rank 0 before the push, and the decode group's rank 0 scatters each imported frame's heads to its ranks inside the
+step that imports it (tensor_parallel.py, which says what that costs). Nothing here sees the ranks.
 """
 
 from __future__ import annotations

@@ -54,8 +54,6 @@ class LanguageServerConfig:
         check_cpu_list(self.cpus)
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, not {self.role!r}")
-        if self.role != "both" and self.tensor_parallel != 1:
-            raise ValueError(f"role {self.role} runs with tensor_parallel 1 only (KV shards are not pushed yet)")
         if self.transport.host in WILDCARD_HOSTS and not (self.transport_advertise_host or self.advertise_host):
             raise ValueError(f"transport.host {self.transport.host!r} binds every interface: set advertise_host "
                              "(--advertise-host) to the address vision servers reach this server at")

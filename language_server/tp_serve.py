@@ -2,7 +2,9 @@
 
 Rank 0 is the `dvd language` process itself: it serves gRPC, receives the features (once) and runs a
 `TensorParallelEngine`, which broadcasts every step's commands and sampled tokens. Ranks 1..N-1 are child
-processes that read their own shard of the checkpoint and `follow`. torch.distributed runs over gloo on CPUs and NCCL on
+processes that read their own shard of the checkpoint and `follow`. With a P/D role rank 0 is the group's one
+transport end for KV too: a prefill group's ranks gather their KV heads to it to push, a decode group's rank 0 scatters
+what it takes in (tensor_parallel.py). torch.distributed runs over gloo on CPUs and NCCL on
 GPUs (rank r on the r-th device after `--device`), rendezvousing through a file in a private temp dir.
 """
 

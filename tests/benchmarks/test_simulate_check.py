@@ -47,3 +47,31 @@ def test_quick_mode_measures_and_simulates(tmp_path: Path, capsys: pytest.Captur
     assert all(r["measured_req_s"] > 0 and r["simulated_req_s"] > 0 for r in rows)
     stages = {json.loads(line)["stage"] for line in (tmp_path / "work" / "profile.jsonl").read_text().splitlines()}
     assert stages == {"vision", "features", "preprocess", "prefill", "decode", "transport", "source", "kv"}
+
+
+def test_replaying_text_runs_of_dvd_and_pd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The text bucket (no images) replays dvd and dvd-pd: the simulator's P/D model checked where the measured
+    run's shared vision CPU idles; the vision server is not busy in either simulation."""
+    profile = write(tmp_path / "p.jsonl", [*HAND, {"stage": "kv", "layers": 1, "kv_heads": 1, "head_dim": 5,
+                                                   "dtype_bytes": 10}])  # P/D moves 50 bytes a token
+    run = {"request_throughput": 2.0, "completed": 6, "total_input_tokens": 6 * 300,
+           "mean_visual_tokens_per_request": 0.0, "median_ttft_ms": 500.0}
+    modes = ["dvd", "dvd-pd"]
+    (tmp_path / "t.json").write_text(json.dumps({"modes": modes, "runs": {m: {"text": run} for m in modes}}))
+    argv = ["--preset", "tiny", "--cache-dir", str(tmp_path), "--buckets", "text", "--modes", "dvd,dvd-pd",
+            "--num-prompts", "6", "--max-concurrency", "2", "--output-len", "4", "--profile", str(profile),
+            "--measured", str(tmp_path / "t.json"), "--json", str(tmp_path / "out.json")]
+    assert simulate_check.main(argv) == 0
+    assert "text    dvd-pd" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["bucket"], r["mode"]) for r in rows] == [("text", "dvd"), ("text", "dvd-pd")]
+    for row in rows:
+        assert row["simulated_req_s"] > 0
+        assert not any(busy for role, busy in row["simulated_busy"].items() if role.startswith("vision")), row
+    assert rows[0]["simulated_req_s"] != rows[1]["simulated_req_s"]  # P/D is modelled, not DvD again
+
+
+def test_an_unknown_mode_is_refused_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        simulate_check.main(["--modes", "dvd,dvd-xx"])
+    assert "dvd-xx" in capsys.readouterr().err

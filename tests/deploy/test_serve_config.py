@@ -118,6 +118,15 @@ def test_prefill_and_decode_replicas_become_language_servers_with_their_roles() 
         build_serve_config({"language": {"replicas": 2, "prefill_replicas": 1, "decode_replicas": 1}}, {})
 
 
+def test_prefill_and_decode_servers_may_be_tensor_parallel() -> None:
+    """P/D with `tensor_parallel` 2: each language server's child config keeps its role and its ranks (the KV goes
+    through rank 0 on each side: language_server/tensor_parallel.py)."""
+    config = build_serve_config({"language": {"prefill_replicas": 1, "decode_replicas": 1, "tensor_parallel": 2}}, {})
+    spec = serve_spec(config, Path("/m"))
+    children = [server_config(spec, spec.nodes[0], "language", i, "t0ken-t0ken") for i in range(2)]
+    assert [(c.role, c.tensor_parallel) for c in children] == [("prefill", 2), ("decode", 2)]
+
+
 def test_cluster_config_language_role_takes_prefill_and_decode_replicas() -> None:
     from dvd.deploy.cluster_config import ServerRole
 

@@ -4,13 +4,11 @@ servers' state conditions, never on sleeps; `close()` stops everything it starte
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
@@ -21,8 +19,8 @@ from dvd.language_server.server import LanguageServer
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.transport import InprocHub, Sender, TransportConfig, create_sender, header_for
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from tests.language_server.language_harness import LoopThread, collect
 
-T = TypeVar("T")
 Responses = Iterator[language_pb2.LanguageGenerateResponse]
 ENGINE = EngineConfig(block_size=16, num_blocks=256, max_batch_tokens=64, enable_prefix_cache=True)
 
@@ -37,15 +35,13 @@ class Served:
         return dict(self.stub.Stats(common_pb2.StatsRequest()).counters)
 
 
-class PdHarness:
+class PdHarness(LoopThread):
     def __init__(self, model: Path, language: LanguageHalf, kind: str = "tcp",
                  decode_engine: EngineConfig = ENGINE, prefill_engine: EngineConfig = ENGINE,
                  **overrides: Any) -> None:
         self.kind = kind
         self.options: dict[str, Any] = {"hub": InprocHub()} if kind == "inproc" else {}
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="pd-test-loop", daemon=True)
-        self.thread.start()
+        super().__init__("pd-test-loop")
         self.servers: dict[str, Served] = {}
         for role, engine in (("prefill", prefill_engine), ("decode", decode_engine), ("both", ENGINE)):
             config = LanguageServerConfig(model=model, engine=engine, role=role,
@@ -75,16 +71,12 @@ class PdHarness:
     def both(self) -> Served:
         return self.servers["both"]
 
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
-
     def send(self, to: Served, request_id: str, slot: int, features: torch.Tensor) -> None:
         header = header_for(request_id, slot, 256, features)
         self.call(self.sender.send(to.server.receiver.address, header, features))
 
     def wait_until(self, served: Served, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        if not self.call(served.server.wait_until(predicate, timeout_s), timeout_s + 10):
-            raise TimeoutError("server state did not come about")
+        self.wait_on(served.server, predicate, timeout_s)
 
     def split(self, request: language_pb2.LanguageGenerateRequest) -> tuple[Responses, Responses]:
         """Generate on the prefill server (naming the decode server) and on the decode server at the same moment,
@@ -115,14 +107,4 @@ class PdHarness:
         self.call(self.sender.close())
         for served in self.servers.values():
             self.call(served.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def collect(stream: Iterator[language_pb2.LanguageGenerateResponse]) -> tuple[list[int], str]:
-    tokens, reason = [], ""
-    for message in stream:
-        tokens += message.token_ids
-        reason = message.finish_reason or reason
-    return tokens, reason
+        self.stop_loop()

@@ -144,10 +144,10 @@ class _Racing(TensorParallelEngine):
         super().__init__(*args)  # type: ignore[arg-type]
         self.arriving = arriving
 
-    def _send(self, kind: str, commands: list) -> None:
+    def _send(self, kind: str, commands: list) -> list:
         if self.arriving and commands:
             self.extend(*self.arriving.pop(0))  # as LanguageService._feed does from the event loop
-        super()._send(kind, commands)
+        return super()._send(kind, commands)
 
 
 def test_a_piece_queued_during_the_broadcast_is_applied_after_what_was_sent(

@@ -1,0 +1,178 @@
+"""P/D with tensor parallel on a CPU: `dvd language --tp 2 --role prefill` and `--tp 2 --role decode`, each two
+processes (gloo). The prefill group gathers its ranks' KV heads to rank 0, which pushes whole blocks; the decode
+group's rank 0 scatters each rank its heads (tensor_parallel.py). The split's tokens equal transformers' monolithic
+output (greedy; text and one image) and a seeded sampled request continues the stream one process draws; a tp=1
+decode server refuses the tp=2 prefill server at connect, naming tp; nothing stays allocated; SIGTERM stops every
+rank."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from dvd.language_server.model import LanguageHalf
+from dvd.prompt import ChatFormat
+from dvd.sampling import SamplingParams
+from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from tests.language_server.conftest import make_engine
+from tests.language_server.test_engine import run
+from tests.language_server.test_language_server import collect, expected, generate_request
+from tests.language_server.test_tp_cli import READY, _push
+from tests.serve_process import read_line
+
+PROMPT = [5, 6, 7, 300, 301, 302, 500, 42, 17, 99]
+Responses = Iterator[language_pb2.LanguageGenerateResponse]
+
+
+@dataclass
+class Started:
+    """One `dvd language` process (rank 0; its followers are its children) and a channel to it."""
+
+    proc: subprocess.Popen[str]
+    channel: grpc.Channel | None = None
+    transport_address: str = ""
+
+    @property
+    def stub(self) -> language_pb2_grpc.LanguageStub:
+        return language_pb2_grpc.LanguageStub(self.channel)
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.stub.Stats(common_pb2.StatsRequest()).counters)
+
+    def ready(self) -> None:
+        line = read_line(self.proc, 300)
+        assert line.startswith(READY), (line, self.proc.poll(),
+                                        self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr
+                                        else "")
+        address, self.transport_address = line[len(READY):].strip().split(" features on ")
+        self.channel = grpc.insecure_channel(address)
+
+    def stop(self) -> None:
+        """SIGTERM: rank 0 drains, stops its followers and exits 0."""
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(120) == 0, self.proc.stderr.read() if self.proc.stderr else ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _start(model: Path, role: str, tp: int) -> Started:
+    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(model), "--port", "0", "--transport", "tcp",
+           "--num-blocks", "256", "--block-size", "16", "--max-batch-tokens", "64", "--role", role,
+           "--log-level", "WARNING"] + (["--tp", str(tp)] if tp > 1 else [])
+    return Started(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
+    started = {"prefill": _start(tiny_hf, "prefill", 2), "decode": _start(tiny_hf, "decode", 2),
+               "decode_tp1": _start(tiny_hf, "decode", 1)}
+    try:
+        for server in started.values():
+            server.ready()
+        yield started
+        for server in started.values():
+            server.stop()
+    finally:
+        for server in started.values():
+            server.kill()
+
+
+def split(servers: dict[str, Started], request: language_pb2.LanguageGenerateRequest, decode: str = "decode",
+          features: list[torch.Tensor] = ()) -> tuple[Responses, Responses]:  # type: ignore[assignment]
+    """Generate on the prefill server naming the decode server, and on the decode server, as the gateway does;
+    the image features pushed to the prefill server as a vision server does."""
+    to_prefill, to_decode = language_pb2.LanguageGenerateRequest(), language_pb2.LanguageGenerateRequest()
+    to_prefill.CopyFrom(request)
+    to_prefill.kv_destination = servers[decode].transport_address
+    to_decode.CopyFrom(request)
+    to_decode.kv_source = True
+    streams = servers["prefill"].stub.Generate(to_prefill), servers[decode].stub.Generate(to_decode)
+    if features:
+        _push(servers["prefill"].transport_address, request.request_id, dict(enumerate(features)))
+    return streams
+
+
+def generate_split(servers: dict[str, Started], request: language_pb2.LanguageGenerateRequest,
+                   features: list[torch.Tensor] = ()) -> tuple[list[int], str]:  # type: ignore[assignment]
+    prefill, decode = split(servers, request, features=features)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first, rest = pool.submit(collect, prefill), pool.submit(collect, decode)
+        (tokens, reason), (more, final) = first.result(180), rest.result(180)
+    assert len(tokens) == 1 and reason == "", (tokens, reason)  # handed off after the first token
+    return tokens + more, final
+
+
+def assert_freed(server: Started) -> None:
+    """Every request's KV blocks and intake entries gone (the engine publishes its stats after each step: polled,
+    bounded)."""
+    deadline = time.monotonic() + 60
+    while True:
+        stats = server.stats()
+        if stats["num_kv_blocks_used"] == 0 and stats["num_kv_requests_arriving"] == 0 and \
+                stats["num_streams"] == 0 and stats["num_kv_incoming"] == 0:
+            return
+        assert time.monotonic() < deadline, stats
+        threading.Event().wait(0.05)
+
+
+def test_tp2_split_greedy_equals_monolithic(servers: dict[str, Started], chat: ChatFormat, language: LanguageHalf,
+                                            image_features: list[torch.Tensor]) -> None:
+    cases = {"text": (generate_request(chat, "tp-text", "write a poem about the sea"), []),
+             "one": (generate_request(chat, "tp-one", "<image>\ndescribe", num_images=1), image_features[:1])}
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:  # concurrent, as the batch runs them
+        futures = {name: pool.submit(generate_split, servers, request, features)
+                   for name, (request, features) in cases.items()}
+        results = {name: f.result(300) for name, f in futures.items()}
+    for name, (request, features) in cases.items():
+        assert results[name] == (expected(language, chat, request, list(features)), "length"), name
+    # several chunks' blocks left as they completed (max_batch_tokens 64), each gathered and scattered
+    assert servers["prefill"].stats()["num_kv_blocks_exported"] >= 256 // 16
+    assert servers["decode"].stats()["num_kv_blocks_imported"] == servers["prefill"].stats()["num_kv_blocks_exported"]
+    for server in servers.values():
+        assert_freed(server)
+
+
+def test_tp2_seeded_sampled_request_continues_its_stream(servers: dict[str, Started],
+                                                         language: LanguageHalf) -> None:
+    sampling = {"temperature": 1.0, "seed": 1234, "top_p": 0.95, "repetition_penalty": 1.2, "max_new_tokens": 12,
+                "min_new_tokens": 12}
+    request = language_pb2.LanguageGenerateRequest(request_id="tp-seeded",
+                                                   segments=[language_pb2.TokenSegment(ids=PROMPT)],
+                                                   sampling=language_pb2.LanguageSampling(**sampling))
+    tokens, reason = generate_split(servers, request)
+    one_process = run(make_engine(language), [(PROMPT, [])], SamplingParams(**sampling))[0]
+    assert (tokens, reason) == (one_process, "length")
+    other = run(make_engine(language), [(PROMPT, [])], SamplingParams(**(sampling | {"seed": 99})))[0]
+    assert other != one_process  # the seed matters: the equality above is the stream continuing, not chance
+    for server in servers.values():
+        assert_freed(server)
+
+
+def test_tp1_decode_refuses_tp2_prefill_naming_tp(servers: dict[str, Started], chat: ChatFormat) -> None:
+    request = generate_request(chat, "tp-misfit", "hello there")
+    prefill, decode = split(servers, request, decode="decode_tp1")
+    with pytest.raises(grpc.RpcError) as caught:
+        collect(prefill)
+    assert "tp: 1 here vs 2 there" in (caught.value.details() or "")
+    servers["decode_tp1"].stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))  # as the gateway does
+    with pytest.raises(grpc.RpcError):
+        collect(decode)
+    for server in servers.values():
+        assert_freed(server)
