@@ -57,7 +57,7 @@ from typing import Any
 
 import psutil
 
-from dvd.benchmarks.compare_report import summarize, table
+from dvd.benchmarks.compare_report import bucket_label, summarize, table
 from dvd.benchmarks.compare_settings import MODES, SETTINGS, coupled_cpus, default_modes, describe_setting, placements
 from dvd.benchmarks.roles import RoleMeter, processes, replica_role
 from dvd.benchmarks.serve import add_arguments as add_serve_arguments
@@ -165,15 +165,16 @@ async def _measure(args: argparse.Namespace, mode: str, deployments: list[tuple[
     meter = _meter(mode, deployments)
     urls = [http for http, _grpc, _pid in deployments]
     for bucket in args.buckets:
-        serve_args = _serve_args(args, bucket, args.num_prompts, 0.0, f"{mode} {bucket}px")
+        serve_args = _serve_args(args, bucket, args.num_prompts, 0.0, f"{mode} {bucket_label(bucket)}")
         serve_args.base_url = urls
         result = await run_benchmark(serve_args, meter=meter)
         out[bucket] = result
         run = result["runs"][0]
         by_replica = "/".join(str(e["completed"]) for e in run["endpoints"])
         spread = "" if len(urls) == 1 else f" ({by_replica} by replica)"
-        print(f"  {mode:<10} {bucket:>5} px: {run['request_throughput']:.4f} req/s, {run['completed']} done{spread}, "
-              f"{run['failed']} failed, TTFT p50 {run['median_ttft_ms']:.0f} ms", flush=True)
+        print(f"  {mode:<10} {bucket_label(bucket):>7}: {run['request_throughput']:.4f} req/s, "
+              f"{run['completed']} done{spread}, {run['failed']} failed, TTFT p50 {run['median_ttft_ms']:.0f} ms",
+              flush=True)
     if args.interference_prompts:
         serve_args = _serve_args(args, "1344", args.interference_prompts, 0.5, f"{mode} interference")
         serve_args.base_url = urls

@@ -15,6 +15,10 @@ DP_RATIO_KEY = {"dvd": "ratio_dvd_to_coupled_dp", "dvd+vir": "ratio_dvd_vir_to_c
                 "dvd-pd": "ratio_dvd_pd_to_coupled_dp"}
 
 
+def bucket_label(bucket: str) -> str:
+    """`896 px`; the text bucket (no images) as `text`."""
+    return bucket if bucket == "text" else f"{bucket} px"
+
 def _ratio(value: float, base: float) -> float | None:
     return value / base if base > 0 else None
 
@@ -31,7 +35,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [result["setting_text"], header]
     for bucket, row in result["buckets"].items():
         cells = [_cell(row.get(mode), 1.0 if mode == "coupled" else row.get(RATIO_KEY[mode])) for mode in modes]
-        lines.append(f"{bucket + ' px':<8}" + "".join(cells))
+        lines.append(f"{bucket_label(bucket):<8}" + "".join(cells))
         against_dp = [f"{mode} {row[key]:.2f}x" for mode, key in DP_RATIO_KEY.items() if row.get(key) is not None]
         if against_dp:
             lines.append(f"{'':<8}against coupled-dp (the best coupled on this hardware): " + ", ".join(against_dp))
@@ -51,7 +55,8 @@ def table(result: dict[str, Any]) -> str:
 
 def limit_lines(bucket: str, by_mode: dict[str, Any]) -> list[str]:
     """Per mode: its ideal and the fraction of it reached; every role's CPU-s per request and busy fraction."""
-    lines = [f"{bucket} px limits (CPU-s per request, busy fraction of the run; ideal req/s from the costs):"]
+    lines = [f"{bucket_label(bucket)} limits (CPU-s per request, busy fraction of the run; "
+             "ideal req/s from the costs):"]
     for mode, limit in by_mode.items():
         roles = limit["roles"]
         costs = ", ".join(f"{role} {cost:.3f} ({roles['busy'].get(role, 0.0):.0%} busy)"
