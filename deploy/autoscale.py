@@ -42,7 +42,7 @@ class RoleBounds:
 
 @dataclass(frozen=True)
 class AutoscaleConfig:
-    """`dvd cluster`'s `autoscale:` section (deploy/ray_cluster.py)."""
+    """`dvd cluster`'s `autoscale:` section (deploy/ray_config.py)."""
 
     vision: RoleBounds = field(default_factory=RoleBounds)
     language: RoleBounds = field(default_factory=RoleBounds)

@@ -1,6 +1,6 @@
 """DvD on a Ray cluster: `dvd cluster up|status|down CONFIG` (needs `pip install 'internvl-dvd[cluster]'`).
 
-`up` validates the config (deploy/ray_cluster.py documents it), reads the token file, optionally
+`up` validates the config (deploy/ray_config.py documents it), reads the token file, optionally
 starts a one-node Ray head here (`ray.start_local`), and starts the vision and language servers as
 detached Ray actors placed by resources through placement groups (GPUs, or custom resources such as
 {"vision": 1} on CPU nodes), then the gateway, which learns the servers' addresses from their
@@ -39,7 +39,7 @@ from dvd.tracing import otel_environment
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "status", "down"])
-    parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see deploy/ray_cluster.py)")
+    parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see deploy/ray_config.py)")
 
 
 def _described(info: dict[str, Any]) -> str:
@@ -83,11 +83,12 @@ def for_up(config: Any) -> tuple[Any, str]:
 def run(args: argparse.Namespace) -> int:
     try:
         from dvd.deploy import ray_cluster
+        from dvd.deploy.ray_config import load_ray_config
     except ImportError as exc:
         print(f"error: dvd cluster needs Ray: pip install 'internvl-dvd[cluster]' ({exc})", file=sys.stderr)
         return 2
     try:
-        config = ray_cluster.load_ray_config(args.config)
+        config = load_ray_config(args.config)
         config = dataclasses.replace(config, env={**otel_environment(), **config.env})  # traces as configured here
         config, token = for_up(config) if args.action == "up" else (config, None)
     except (ConfigError, ValueError) as exc:

@@ -25,6 +25,9 @@ from typing import Any
 import torch
 
 from dvd.deploy import doctor_checks as checks
+from dvd.deploy import doctor_correctness as correctness
+from dvd.deploy import doctor_speed as speed
+from dvd.deploy import doctor_ucx as ucx_checks
 from dvd.deploy.doctor_checks import Check, Sizes
 from dvd.language_server.config import ATTENTION_BACKEND_NAMES
 
@@ -61,14 +64,14 @@ def _plan(sizes: Sizes, ucx: bool) -> list[tuple[str, Callable[[], Check]]]:
     plan = [
         ("versions", lambda: checks.versions(sizes)),
         ("attention_kernels", lambda: checks.attention_kernels(sizes)),
-        ("paged_attention_bf16", lambda: checks.paged_attention(sizes)),
-        ("engine_vs_generate", lambda: checks.engine_vs_generate(sizes, language())),
-        ("decode_steps", lambda: checks.decode_steps(sizes, language())),
-        ("prefill", lambda: checks.prefill(sizes, language())),
+        ("paged_attention_bf16", lambda: correctness.paged_attention(sizes)),
+        ("engine_vs_generate", lambda: correctness.engine_vs_generate(sizes, language())),
+        ("decode_steps", lambda: speed.decode_steps(sizes, language())),
+        ("prefill", lambda: speed.prefill(sizes, language())),
         ("", release),
-        ("vision", lambda: checks.vision(sizes)),
+        ("vision", lambda: speed.vision(sizes)),
     ]
-    return plan + ([("ucx_loopback", lambda: checks.ucx_loopback(sizes))] if ucx else [])
+    return plan + ([("ucx_loopback", lambda: ucx_checks.ucx_loopback(sizes))] if ucx else [])
 
 
 def run_checks(device: str, ucx: bool = False, skip: tuple[str, ...] = (), attention_backend: str = "auto"

@@ -61,6 +61,16 @@ API_FLAGS = (
     Flag("--allow-remote-urls", "gateway.limits.allow_remote_urls", switch=True, help="fetch http(s) image_url values"),
 )
 
+# The gateway's health probes of its servers: the same for `dvd gateway` and `dvd serve`.
+PROBE_FLAGS = (
+    Flag("--probe-interval", "probe.interval_s", type=float,
+         help="seconds between health probes of each server (default 2)"),
+    Flag("--probe-timeout", "probe.timeout_s", type=float,
+         help="seconds a probe may take before it counts as failed (default 10)"),
+    Flag("--fail-threshold", "probe.fail_threshold", type=int,
+         help="failed probes in a row that take a server out of rotation (default 3)"),
+)
+
 FLAGS = (
     Flag("--model", "model", help="checkpoint directory or Hugging Face Hub id (org/name): its tokenizer and chat "
                                   "template (default: the built-in tiny one)"),
@@ -70,12 +80,7 @@ FLAGS = (
     Flag("--language", "language", convert=_addresses, metavar="HOST:PORT[,...]",
          help="language servers' gRPC addresses (at least one)"),
     *API_FLAGS,
-    Flag("--probe-interval", "probe.interval_s", type=float,
-         help="seconds between health probes of each server (default 2)"),
-    Flag("--probe-timeout", "probe.timeout_s", type=float,
-         help="seconds a probe may take before it counts as failed (default 10)"),
-    Flag("--fail-threshold", "probe.fail_threshold", type=int,
-         help="failed probes in a row that take a server out of rotation (default 3)"),
+    *PROBE_FLAGS,
     Flag("--internal-tls-ca", "internal_tls.ca", metavar="PEM",
          help="dial the vision and language servers over mutual TLS, verifying their certificates against these "
               "roots (with --internal-tls-cert/--internal-tls-key; default: plain text)"),

@@ -26,15 +26,8 @@ from typing import Any
 
 from dvd.deploy.autoscale import SCALED, Change, Observation, Policy, observe, scaled_role
 from dvd.deploy.autoscale_plan import Workload, recommend
-from dvd.deploy.ray_cluster import (
-    AUTOSCALER,
-    NAMESPACE,
-    RayClusterConfig,
-    describe,
-    server_kind,
-    start_replica,
-    stop_replica,
-)
+from dvd.deploy.ray_cluster import AUTOSCALER, NAMESPACE, describe, start_replica, stop_replica
+from dvd.deploy.ray_config import RayClusterConfig, server_kind
 
 log = logging.getLogger("dvd.autoscaler")
 _REPLICA = re.compile(r"^dvd-(vision|language)-(\d+)$")

@@ -18,239 +18,29 @@ bounds), telling the gateway the new roster through its actor (pipeline/roster_a
 a Unix socket in the gateway actor's private directory, never a network port). Bounds the cluster's
 resources cannot meet are refused before anything starts.
 
-Config (YAML):
-    model: PATH                # on every Ray node; or a Hugging Face Hub id each actor fetches its half of
-    revision: REV              # the Hub id's branch, tag or commit (`up` pins it to one commit for every actor)
-    token_file: PATH           # read by `dvd cluster up`, handed to the actors (never in argv)
-    transport: {kind: tcp}
-    probe: {interval_s, timeout_s, fail_threshold}
-    ray: {address: "", start_local: false, temp_dir: "", num_cpus: 0, resources: {}}
-    gateway: {http_port, grpc_port, resources: {}}
-    vision: {replicas, port, metrics_port, num_cpus, num_gpus, resources: {vision: 1}, settings: {...}}
-    language: {replicas, port, transport_port, metrics_port, num_cpus, num_gpus, resources: {language: 1}, ...,
-               prefill_replicas, decode_replicas}  # P/D: that many prefill, then decode servers
-    autoscale: {target_busy, idle_busy, up_after_s, down_after_s, interval_s, drain_timeout_s,
-                vision: {min, max}, language: {min, max}, resources: {},
-                prefill: {min, max}, decode: {min, max},  # P/D: instead of language (language replica i is
-                                                          # prefill below prefill's max, decode from there)
-                plan: {profile, devices, observe_s, min_requests, ttft_slo_ms, tpot_slo_ms}}   # optional
-    env: {}                    # environment for every process the actors start (dvd cluster up adds OTEL_*)
+The config, what `dvd cluster` reads from its YAML, is deploy/ray_config.py's `RayClusterConfig`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dvd.config_file import ConfigError, from_dict, read_mapping
-from dvd.deploy.autoscale import PD_SCALED, SCALED, AutoscaleConfig, RoleBounds, check_capacity
-from dvd.deploy.spec import (
-    TRANSPORT_KINDS,
-    DeploymentSpec,
-    NodeSpec,
-    RoleSpec,
-    check_servers,
-    check_settings,
-    gateway_config,
-    pd_roles,
-    server_config,
-)
+from dvd.deploy.autoscale import SCALED
+from dvd.deploy.ray_config import RayClusterConfig, ray_spec, server_kind
+from dvd.deploy.spec import DeploymentSpec, gateway_config, server_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
-from dvd.pipeline.gateway import GatewayConfig
-from dvd.pipeline.replicas import ProbeConfig
 from dvd.pipeline.roster_admin import RosterClient
-from dvd.transport.config import TransportConfig
 
 NAMESPACE = "dvd"
 AUTOSCALER = "dvd-autoscaler"  # the autoscaler's actor (deploy/ray_autoscaler.py)
 ROSTER_SOCKET = "roster.sock"  # in the gateway actor's private directory (pipeline/roster_admin.py)
-_UNPLACED = "127.0.0.1"  # a server's host until its actor is placed on a node (then that node's IP)
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    address: str = ""  # "" = "auto" (the running cluster), unless start_local
-    start_local: bool = False  # `up` starts a one-node Ray head here and `down` stops it
-    temp_dir: str = ""  # the local head's session files (removed by `down`)
-    num_cpus: int = 0  # the local head's CPUs (0 = Ray counts them)
-    resources: dict[str, float] = field(default_factory=dict)  # the local head's custom resources
-
-
-@dataclass(frozen=True)
-class RayRole:
-    replicas: int = 1
-    port: int = 7100
-    transport_port: int = 7300
-    metrics_port: int = 0  # replica i's Prometheus port is metrics_port + i; 0: any free port (in its Health)
-    num_cpus: float = 0.001  # Ray CPUs each replica's actor reserves (0.001: none to speak of; its server's own)
-    num_gpus: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-    # language, P/D: this many prefill servers, then this many decode servers (replicas = their sum) at the start
-    prefill_replicas: int = 0
-    decode_replicas: int = 0
-
-    def __post_init__(self) -> None:
-        roles = pd_roles(self.prefill_replicas, self.decode_replicas, "language")
-        if roles and self.replicas not in (1, len(roles)):
-            raise ValueError(f"replicas {self.replicas}: with prefill_replicas and decode_replicas the servers are "
-                             f"those ({len(roles)}); leave replicas out")
-        if roles:
-            object.__setattr__(self, "replicas", len(roles))
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
-
-    def needs(self) -> dict[str, float]:
-        """What one replica's actor holds of the cluster's resources (its placement group's one bundle)."""
-        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
-
-    def spec(self, kind: str, count: int, roles: tuple[str, ...] = ()) -> RoleSpec:
-        """The role as the deployment spec has it, for replicas 0 .. count-1 (an autoscaled role's max); P/D:
-        replica i's role `roles[i]`."""
-        ports = tuple(range(self.port, self.port + count))
-        transport_ports = tuple(range(self.transport_port, self.transport_port + count))
-        metrics_ports = tuple(range(self.metrics_port, self.metrics_port + count)) if self.metrics_port else ()
-        if roles and count != len(roles):
-            raise ConfigError(f"{kind}: {len(roles)} P/D roles for {count} servers")
-        return RoleSpec(ports=ports, settings=self.settings, where=f"{kind}.settings",
-                        transport_ports=transport_ports if kind == "language" else (), metrics_ports=metrics_ports,
-                        roles=roles)
-
-
-@dataclass(frozen=True)
-class RayGatewayRole:
-    http_port: int = 8000
-    grpc_port: int = 50051
-    num_cpus: float = 0.001
-    resources: dict[str, float] = field(default_factory=dict)
-    # The gateway binds its node's address, beyond loopback: clients need a key (a file on that node),
-    # or `insecure: true` says anyone who reaches it may use it.
-    api_key_file: Path | None = None
-    insecure: bool = False
-
-
-def _check_pd_plan(plan: Any) -> None:
-    """With P/D the plan splits E : P : D (`dvd-pd`): a vision, a prefill and a decode replica at least, and the
-    profile's KV layout to cost the KV transfers by."""
-    if plan.devices < 3:
-        raise ConfigError(f"autoscale.plan.devices: {plan.devices}; with P/D (language prefill_replicas) the plan "
-                          "needs 3 at least, a vision, a prefill and a decode replica")
-    from dvd.deploy.cost_profile import load_profile
-
-    try:
-        load_profile(plan.profile).require(transport=True, kv=True)
-    except ValueError as exc:
-        raise ConfigError(f"autoscale.plan.profile: {exc}") from None
-
-
-@dataclass(frozen=True)
-class RayClusterConfig:
-    model: Path
-    revision: str = ""
-    token_file: Path | None = None
-    transport: TransportConfig = field(default_factory=TransportConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    ray: RaySettings = field(default_factory=RaySettings)
-    gateway: RayGatewayRole = field(default_factory=RayGatewayRole)
-    vision: RayRole = field(default_factory=lambda: RayRole(resources={"vision": 1}))
-    language: RayRole = field(default_factory=lambda: RayRole(port=7200, resources={"language": 1}))
-    autoscale: AutoscaleConfig | None = None  # None: each role runs its `replicas`, no more, no less
-    # Environment for every process the actors start; `dvd cluster up` adds its own OTEL_* variables, so
-    # traces are configured the OpenTelemetry way there as anywhere (dvd/tracing.py).
-    env: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.transport.kind not in TRANSPORT_KINDS:
-            raise ConfigError(f"transport.kind: one of {', '.join(TRANSPORT_KINDS)}, got {self.transport.kind!r}")
-        if self.pd and self.autoscale is not None and self.autoscale.plan is not None:
-            _check_pd_plan(self.autoscale.plan)
-        for kind in self.scaled:
-            bounds, replicas = self.bounds(kind), self.replicas(kind)
-            if not bounds.min <= replicas <= bounds.max:
-                where = f"language.{kind}_replicas" if kind in ("prefill", "decode") else f"{kind}.replicas"
-                raise ConfigError(f"{where}: {replicas} is outside autoscale.{kind}'s bounds [{bounds.min}, "
-                                  f"{bounds.max}]")
-
-    @property
-    def pd(self) -> bool:
-        """Prefill and decode on language servers of their own, sized apart."""
-        return bool(self.language.prefill_replicas)
-
-    @property
-    def scaled(self) -> tuple[str, ...]:
-        """The roles sized (autoscaled, or fixed at their replicas): vision and language, or with P/D vision,
-        prefill and decode."""
-        return PD_SCALED if self.pd else SCALED
-
-    def replicas(self, kind: str) -> int:
-        """How many replicas of a scaled role start."""
-        if kind in ("prefill", "decode"):
-            count: int = getattr(self.language, f"{kind}_replicas")
-            return count
-        return int(getattr(self, kind).replicas)
-
-    def bounds(self, kind: str) -> RoleBounds:
-        """How many replicas `kind` may run: its autoscale bounds, or exactly its `replicas`."""
-        if self.autoscale is None:
-            return RoleBounds(self.replicas(kind), self.replicas(kind))
-        return self.autoscale.bounds(kind)
-
-    def language_roles(self) -> tuple[str, ...]:
-        """P/D: language replica i's role, for every index it may run: prefill below prefill's max, then decode."""
-        if not self.pd:
-            return ()
-        return ("prefill",) * self.bounds("prefill").max + ("decode",) * self.bounds("decode").max
-
-    def indexes(self, kind: str) -> range:
-        """The replica indexes (actor dvd-<server kind>-<i>, port + i) a scaled role may use."""
-        if kind == "decode":
-            first = self.bounds("prefill").max
-            return range(first, first + self.bounds("decode").max)
-        return range(self.bounds(kind).max)
-
-    def check_capacity(self, have: Mapping[str, float]) -> None:
-        """Autoscale bounds the cluster's resources `have` cannot meet are refused (ConfigError)."""
-        if self.autoscale is not None:
-            check_capacity(self.autoscale, {kind: getattr(self, server_kind(kind)).needs() for kind in self.scaled},
-                           have, {"CPU": self.gateway.num_cpus, **self.gateway.resources}, self.scaled)
-
-
-def server_kind(role: str) -> str:
-    """The server a scaled role runs: prefill and decode are language servers."""
-    return "language" if role in ("prefill", "decode") else role
-
-
-def ray_spec(config: RayClusterConfig) -> DeploymentSpec:
-    """The Ray config as a deployment spec: one node standing for wherever Ray places each actor."""
-    gateway = GatewayConfig(http_port=config.gateway.http_port, grpc_port=config.gateway.grpc_port,
-                            api_key_file=config.gateway.api_key_file, insecure=config.gateway.insecure)
-    roles = config.language_roles()
-    node = NodeSpec(name="ray", address=_UNPLACED, gateway=gateway,
-                    vision=config.vision.spec("vision", config.bounds("vision").max),
-                    language=config.language.spec("language", len(roles) or config.bounds("language").max, roles))
-    return DeploymentSpec(model=config.model, nodes=(node,), transport=config.transport, probe=config.probe,
-                          token_file=config.token_file, revision=config.revision)
-
-
-def load_ray_config(path: Path) -> RayClusterConfig:
-    config = from_dict(RayClusterConfig, read_mapping(path))
-    spec = ray_spec(config)  # every server's own config, checked before anything starts
-    for role in (spec.nodes[0].vision, spec.nodes[0].language):
-        assert role is not None
-        check_settings(role, "dvd cluster")
-    check_servers(spec)
-    if config.ray.start_local:  # the head this command starts: its resources are the config's own (its GPUs
-        # Ray counts itself: checked again once it runs, with every resource, in `up`)
-        config.check_capacity({"CPU": float(config.ray.num_cpus or os.cpu_count() or 1), "GPU": math.inf,
-                               **config.ray.resources})
-    return config
 
 
 def actor_workdir(name: str) -> Path:
@@ -316,16 +106,22 @@ def start_replica(config: RayClusterConfig, kind: str, i: int, token: str | None
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    role: RayRole = getattr(config, kind)
-    group = placement_group([role.needs()], name=f"dvd-{kind}-{i}", lifetime="detached")
+    placement = config.placement(kind, i)
+    group = placement_group([placement.needs()], name=f"dvd-{kind}-{i}", lifetime="detached")
     ray.get(group.ready(), timeout=600)
     actor = _actor_class().options(
-        name=f"dvd-{kind}-{i}", namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
-        num_cpus=role.num_cpus, num_gpus=role.num_gpus, resources=role.resources,
+        **replica_options(config, kind, i),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
     ).remote(partial(server_child, ray_spec(config), kind, i, token, env=config.env))
     info: dict[str, Any] = ray.get(actor.describe.remote(), timeout=600)
     return info
+
+
+def replica_options(config: RayClusterConfig, kind: str, i: int) -> dict[str, Any]:
+    """Replica `i` of `kind`'s actor options but its placement group: detached, named, restarted by Ray, and
+    asking for its role's placement (P/D: prefill's or decode's, by its index)."""
+    return {"name": f"dvd-{kind}-{i}", "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
+            **config.placement(kind, i).options()}
 
 
 def stop_replica(kind: str, i: int) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
-from dvd.deploy.gateway_cmd import API_FLAGS, model_path, resolved, roster
+from dvd.deploy.gateway_cmd import API_FLAGS, PROBE_FLAGS, model_path, resolved, roster
 from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
@@ -115,13 +115,6 @@ _PLACEMENT = (
          help="P/D: CPUs for the decode servers (default --language-cpus), e.g. alone, so image prefills do not "
               "slow the decodes"),
 )
-_PROBES = (
-    Flag("--probe-interval", "probe.interval_s", type=float, help="seconds between probes of each server (default 2)"),
-    Flag("--probe-timeout", "probe.timeout_s", type=float,
-         help="seconds a probe may take before it fails (default 10)"),
-    Flag("--fail-threshold", "probe.fail_threshold", type=int,
-         help="failed probes in a row that take a server out (default 3)"),
-)
 _INTERNAL_TLS = (
     Flag("--internal-tls-cert", "internal_tls.cert", metavar="PEM",
          help="the children serve gRPC over mutual TLS with this certificate, which the gateway trusts and presents "
@@ -134,7 +127,7 @@ _GROUPS: tuple[tuple[str | None, tuple[Flag, ...]], ...] = (
     ("gateway", API_FLAGS),
     ("servers", _SERVERS),
     ("placement on one machine (Linux CPU lists: 0, 1, 2-3, 0,2-3)", _PLACEMENT),
-    ("health probes (a server is out of rotation after --fail-threshold in a row)", _PROBES),
+    ("health probes (a server is out of rotation after --fail-threshold in a row)", PROBE_FLAGS),
     ("TLS between the gateway and its own servers (default: plain text on loopback)", _INTERNAL_TLS),
 )
 FLAGS = tuple(flag for _, flags in _GROUPS for flag in flags)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 COUNTER, GAUGE = "counter", "gauge"
@@ -106,6 +106,23 @@ class BusyClock:
     def _prune(self, now: float) -> None:
         while self._spans and self._spans[0][1] <= now - self.window_s:
             self._spans.popleft()
+
+
+class ServerMetrics:
+    """What a server's metrics share: a registry of its own, the server's stats by `table` read at each scrape
+    with its busy clock's figures added (`busy_s`, `busy_fraction`: the table names them), and histograms
+    on that registry. A server's metrics class adds its histograms and what observes them."""
+
+    def __init__(self, table: Sequence[Stat], read_stats: Callable[[], dict[str, float]], workers: int = 1) -> None:
+        self.registry = CollectorRegistry()
+        self.busy = BusyClock(workers=workers)
+        self.registry.register(StatsCollector(table, lambda: {**read_stats(), **self.busy_stats()}))
+
+    def busy_stats(self) -> dict[str, float]:
+        return {"busy_s": self.busy.busy_s, "busy_fraction": self.busy.fraction()}
+
+    def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(name, help, buckets=buckets, registry=self.registry)
 
 
 def check_metrics_port(port: int) -> None:

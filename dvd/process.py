@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -86,6 +86,25 @@ def stop_signal() -> asyncio.Event:
     return stop
 
 
+class _Stoppable(Protocol):
+    metrics_endpoint: Any  # dvd.metrics.MetricsEndpoint | None
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signal(server: _Stoppable, ready_line: str, logger: logging.Logger) -> None:
+    """A started server's life until SIGTERM or SIGINT: its metrics endpoint logged (to the log, so that
+    stdout's first line stays the ready line), `ready_line` printed once the signal handler exists, then
+    the server drained and stopped."""
+    if server.metrics_endpoint is not None:
+        logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)
+    stopped = stop_signal()  # before the ready line
+    print(ready_line, flush=True)
+    await stopped.wait()
+    logger.info("signal received: shutting down")
+    await server.stop()
+
+
 def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a server's main coroutine; a configuration or start-up error is one line and exit code 2."""
     try:
@@ -93,6 +112,40 @@ def run_process(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except (DvdError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+Config = TypeVar("Config")
+
+
+def add_server_arguments(parser: Any, half: str) -> None:
+    """The flags `dvd vision` and `dvd language` share (`half`: "vision" or "language", whose files a Hub id
+    fetches); each server's add_arguments adds its own after them."""
+    import argparse
+    from pathlib import Path
+
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
+                             "writes for its children); no other setting may be given with it")
+    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
+                                        f"(org/name: only the {half} half's files are fetched); required without "
+                                        "--config")
+    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
+                                           "or commit (default main)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus /metrics port (0 picks a free one, printed at start and listed in the "
+                             "gateway's /v1/instances; -1: none)")
+    parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: server_config refuses it, naming --token-file
+
+
+def run_server(args: Any, cls: type[Config], add_arguments: Callable[[Any], None], role: str,
+               serve: Callable[[Config], Coroutine[Any, Any, int]]) -> int:
+    """`dvd vision` / `dvd language`: logging at `--log-level`, the process's config (`server_config`), then
+    `serve(config)` under `run_process`; exit code 2 when the config is wrong."""
+    configure_logging(args.log_level)
+    config = server_config(cls, args, add_arguments, role)
+    return 2 if config is None else run_process(lambda: serve(config))
 
 
 def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], role: str) -> Any | None:

@@ -19,7 +19,7 @@ import logging
 
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.language_server.server_config import add_arguments as add_config_arguments
-from dvd.process import configure_logging, run_process, server_config, stop_signal
+from dvd.process import run_server, serve_until_signal
 
 logger = logging.getLogger("dvd.language")
 
@@ -44,14 +44,9 @@ async def serve(config: LanguageServerConfig) -> int:
     engine = server.engine.config  # as run: the device's defaults in place of zeros
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", engine.num_blocks, engine.block_size,
                 engine.kv_capacity_tokens, server.engine.kv_cache_bytes / 2**20)
-    if server.metrics_endpoint is not None:
-        logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)  # stdout's first line stays the ready line
-    # what other nodes push to
-    stopped = stop_signal()  # before the ready line (dvd/process.py)
-    print(f"dvd language serving on {server.address} features on {server.transport_address}", flush=True)
-    await stopped.wait()
-    logger.info("signal received: shutting down")
-    await server.stop()
+    # the transport address: what other nodes push to
+    await serve_until_signal(server, f"dvd language serving on {server.address} features on "
+                             f"{server.transport_address}", logger)
     tracer.shutdown()
     if group is not None:
         group.stop()
@@ -60,6 +55,4 @@ async def serve(config: LanguageServerConfig) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
-    config = server_config(LanguageServerConfig, args, add_arguments, "language server")
-    return 2 if config is None else run_process(lambda: serve(config))
+    return run_server(args, LanguageServerConfig, add_arguments, "language server", serve)

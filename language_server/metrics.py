@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Histogram
-
 from dvd.language_server.generation import FirstTokenStamps
-from dvd.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, BusyClock, StatsCollector, counter, gauge
+from dvd.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, ServerMetrics, counter, gauge
 
 _ENGINE = (
     counter("num_requests_added", "dvd_language_requests_added", "Requests that entered the engine"),
@@ -80,32 +78,22 @@ _FEATURES = (
 STATS = _ENGINE + _FEATURES
 
 
-def _histogram(registry: CollectorRegistry, name: str, help: str, buckets: tuple[float, ...]) -> Histogram:
-    return Histogram(name, help, buckets=buckets, registry=registry)
-
-
-class LanguageMetrics:
+class LanguageMetrics(ServerMetrics):
     """One language server's registry: its stats by `STATS`, histograms, and the engine's busy clock."""
 
     def __init__(self, read_stats: Callable[[], dict[str, float]]) -> None:
-        self.registry = r = CollectorRegistry()
-        self.busy = BusyClock()
-        self.registry.register(StatsCollector(STATS, lambda: {**read_stats(), **self.busy_stats()}))
-        self.step_seconds = _histogram(r, "dvd_language_step_seconds", "One engine step", SECONDS_BUCKETS)
-        self.step_tokens = _histogram(r, "dvd_language_step_tokens", "Tokens in one engine step", SIZE_BUCKETS)
-        self.step_requests = _histogram(r, "dvd_language_step_requests", "Requests in one engine step", SIZE_BUCKETS)
-        self.features_wait_seconds = _histogram(r, "dvd_language_features_wait_seconds",
-                                                "Generate's arrival to its last image's features handed over",
-                                                SECONDS_BUCKETS)
-        self.queue_seconds = _histogram(r, "dvd_language_queue_seconds",
-                                        "A request's entry into the engine to its first prefill chunk", SECONDS_BUCKETS)
-        self.first_token_seconds = _histogram(r, "dvd_language_time_to_first_token_seconds",
-                                              "Generate's arrival to its first token, on this server", SECONDS_BUCKETS)
-        self.request_seconds = _histogram(r, "dvd_language_request_seconds", "Generate's arrival to its finish",
-                                          SECONDS_BUCKETS)
-
-    def busy_stats(self) -> dict[str, float]:
-        return {"busy_s": self.busy.busy_s, "busy_fraction": self.busy.fraction()}
+        super().__init__(STATS, read_stats)
+        h = self.histogram
+        self.step_seconds = h("dvd_language_step_seconds", "One engine step", SECONDS_BUCKETS)
+        self.step_tokens = h("dvd_language_step_tokens", "Tokens in one engine step", SIZE_BUCKETS)
+        self.step_requests = h("dvd_language_step_requests", "Requests in one engine step", SIZE_BUCKETS)
+        self.features_wait_seconds = h("dvd_language_features_wait_seconds",
+                                       "Generate's arrival to its last image's features handed over", SECONDS_BUCKETS)
+        self.queue_seconds = h("dvd_language_queue_seconds",
+                               "A request's entry into the engine to its first prefill chunk", SECONDS_BUCKETS)
+        self.first_token_seconds = h("dvd_language_time_to_first_token_seconds",
+                                     "Generate's arrival to its first token, on this server", SECONDS_BUCKETS)
+        self.request_seconds = h("dvd_language_request_seconds", "Generate's arrival to its finish", SECONDS_BUCKETS)
 
     def observe_step(self, num_requests: int, num_tokens: int, start: float, end: float) -> None:
         """One engine step that ran a batch, from `start` to `end` (time.monotonic), on the engine's thread."""

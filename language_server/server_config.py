@@ -12,6 +12,7 @@ from dvd.devices import DTYPE_NAMES, check_device, check_dtype, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
 from dvd.language_server.config import EngineConfig
 from dvd.metrics import check_metrics_port
+from dvd.process import add_server_arguments
 from dvd.transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -124,21 +125,9 @@ class LanguageServerConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
-                             "writes for its children); no other setting may be given with it")
-    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
-                                        "(org/name: only the language half's files are fetched); required without "
-                                        "--config")
-    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
-                                           "or commit (default main)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_server_arguments(parser, "language")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind, gRPC and transport (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
-    parser.add_argument("--metrics-port", type=int, default=0,
-                        help="Prometheus /metrics port (0 picks a free one, printed at start and listed in the "
-                             "gateway's /v1/instances; -1: none)")
     parser.add_argument("--transport", default="tcp", help="feature transport: tcp or rdma (tcp)")
     parser.add_argument("--transport-port", type=int, default=0, help="transport port (0 picks; see Health)")
     parser.add_argument("--advertise-host", help="address other nodes reach this server (gRPC and features) at; "
@@ -146,7 +135,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", type=Path, metavar="PATH",
                         help="file holding the shared transport token vision servers must present; default: "
                              "$DVD_TOKEN, else none. The token is never taken from the command line")
-    parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: refused with a pointer to --token-file
     add_server_tls_arguments(parser)
     parser.add_argument("--feature-pool-mib", type=float, default=512, help="most feature bytes held waiting (512)")
     parser.add_argument("--features-timeout-s", type=float, default=30.0,

@@ -3,6 +3,7 @@ process it started, checking that none is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,41 @@ def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
         if not selector.select(timeout_s):
             raise TimeoutError(f"{proc.args} printed nothing in {timeout_s:.0f}s")
     return proc.stdout.readline()
+
+
+@dataclass
+class ServerProcess:
+    """A `dvd vision` / `dvd language` process that printed its ready line, and a channel to its gRPC address."""
+
+    proc: subprocess.Popen[str]
+    ready: str  # the ready line after its prefix: the gRPC address first, then what the role adds
+    channel: grpc.Channel
+
+    def stopped(self, timeout_s: float) -> str:
+        """After the test's SIGTERM: the process exits 0 within `timeout_s`; what it printed since its ready line."""
+        assert self.proc.wait(timeout_s) == 0, self.proc.stderr.read() if self.proc.stderr else ""
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+@contextlib.contextmanager
+def server_process(args: list[str], ready: str, timeout_s: float) -> Iterator[ServerProcess]:
+    """`python -m dvd *args` until it prints `ready` and its address (within `timeout_s`); on leaving, the
+    channel closed and the process killed if it still runs."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvd", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    channel = None
+    try:
+        line = read_line(proc, timeout_s)
+        assert line.startswith(ready), (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        rest = line[len(ready):].strip()
+        channel = grpc.insecure_channel(rest.split()[0])
+        yield ServerProcess(proc, rest, channel)
+    finally:
+        if channel is not None:
+            channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def post_chat(base_url: str, body: bytes | dict) -> tuple[int, dict]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dvd.process import configure_logging, run_process, server_config, stop_signal
+from dvd.process import run_server, serve_until_signal
 from dvd.vision_server.config import VisionServerConfig
 from dvd.vision_server.config import add_arguments as add_config_arguments
 
@@ -41,19 +41,11 @@ async def serve(config: VisionServerConfig) -> int:
     server = VisionServer(config, tracer=tracer)
     await server.start()
     logger.info("config %s", describe(config))
-    if server.metrics_endpoint is not None:
-        logger.info("Prometheus metrics at %s", server.metrics_endpoint.url)  # stdout's first line stays the ready line
-    stopped = stop_signal()  # before the ready line (dvd/process.py)
-    print(f"dvd vision serving on {server.address}", flush=True)
-    await stopped.wait()
-    logger.info("signal received: shutting down")
-    await server.stop()
+    await serve_until_signal(server, f"dvd vision serving on {server.address}", logger)
     tracer.shutdown()
     print("dvd vision stopped", flush=True)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
-    config = server_config(VisionServerConfig, args, add_arguments, "vision server")
-    return 2 if config is None else run_process(lambda: serve(config))
+    return run_server(args, VisionServerConfig, add_arguments, "vision server", serve)

@@ -11,6 +11,7 @@ from dvd.cpus import check_cpu_list
 from dvd.devices import DTYPE_NAMES, check_device, check_dtype, device_defaults, split_layers, torch_dtype
 from dvd.grpc_tls import GrpcTls, add_server_tls_arguments, server_tls_from_args
 from dvd.metrics import check_metrics_port
+from dvd.process import add_server_arguments
 from dvd.transport.config import TransportConfig
 
 MiB = 1 << 20
@@ -179,15 +180,7 @@ def parse_layer_split(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="the whole configuration as YAML (the config dataclass's fields; what dvd serve "
-                             "writes for its children); no other setting may be given with it")
-    parser.add_argument("--model", help="checkpoint directory (HF or GitHub InternVL format) or Hugging Face Hub id "
-                                        "(org/name: only the vision half's files are fetched); required without "
-                                        "--config")
-    parser.add_argument("--revision", help="checkpoint revision when --model is a Hugging Face Hub id: a branch, tag "
-                                           "or commit (default main)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_server_arguments(parser, "vision")
     parser.add_argument("--devices", help="several devices, comma separated (cuda:0,cuda:1): a replica each, "
                                           "or with --devices-per-replica N one replica per N of them")
     parser.add_argument("--devices-per-replica", type=int, default=1, metavar="N",
@@ -199,10 +192,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder layers on each device of a replica, summing to the ViT's layer count "
                              "(e.g. 23,22 for InternViT-6B's 45 over two devices; default balanced by count)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one; printed at start)")
-    parser.add_argument("--metrics-port", type=int, default=0,
-                        help="Prometheus /metrics port (0 picks a free one, printed at start and listed in the "
-                             "gateway's /v1/instances; -1: none)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32 on cpu, else bfloat16)")
     parser.add_argument("--max-batch-tiles", type=int, default=0,
                         help="most tiles in one forward pass (default 4 on a CPU, 64 on a GPU)")
@@ -229,7 +218,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", type=Path, metavar="PATH",
                         help="file holding the shared transport token (the language servers'); default: "
                              "$DVD_TOKEN, else none. The token is never taken from the command line")
-    parser.add_argument("--token", help=argparse.SUPPRESS)  # removed: refused with a pointer to --token-file
     parser.add_argument("--allow-destinations", metavar="[KIND://]HOST:PORT,...",
                         help="language servers' transport addresses this server may push features to; a gateway "
                              "also announces its own over the authenticated channel. Any other destination is "

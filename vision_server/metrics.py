@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Histogram
-
-from dvd.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, BusyClock, StatsCollector, counter, gauge
+from dvd.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, ServerMetrics, counter, gauge
 
 STATS = (
     counter("num_requests", "dvd_vision_encode_requests", "Encode calls admitted"),
@@ -52,25 +50,19 @@ STATS = (
 )
 
 
-class VisionMetrics:
+class VisionMetrics(ServerMetrics):
     """One vision server's registry: its stats by `STATS`, histograms, and the devices' busy clock."""
 
     def __init__(self, read_stats: Callable[[], dict[str, float]], num_replicas: int) -> None:
-        self.registry = CollectorRegistry()
-        self.busy = BusyClock(workers=num_replicas)
-        self.registry.register(StatsCollector(STATS, lambda: {**read_stats(), **self.busy_stats()}))
-        self.batch_tiles = Histogram("dvd_vision_batch_tiles", "Tiles in one ViT forward pass",
-                                     buckets=SIZE_BUCKETS, registry=self.registry)
-        self.forward_seconds = Histogram("dvd_vision_forward_seconds", "One forward pass (ViT + projector or gate)",
-                                         buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.encode_seconds = Histogram("dvd_vision_encode_seconds", "Encode calls, arrival to answer",
-                                        buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.preprocess_seconds = Histogram("dvd_vision_preprocess_seconds",
-                                            "An image's (or video frame's) arrival to its tiles handed to the batcher",
-                                            buckets=SECONDS_BUCKETS, registry=self.registry)
-
-    def busy_stats(self) -> dict[str, float]:
-        return {"busy_s": self.busy.busy_s, "busy_fraction": self.busy.fraction()}
+        super().__init__(STATS, read_stats, workers=num_replicas)
+        h = self.histogram
+        self.batch_tiles = h("dvd_vision_batch_tiles", "Tiles in one ViT forward pass", SIZE_BUCKETS)
+        self.forward_seconds = h("dvd_vision_forward_seconds", "One forward pass (ViT + projector or gate)",
+                                 SECONDS_BUCKETS)
+        self.encode_seconds = h("dvd_vision_encode_seconds", "Encode calls, arrival to answer", SECONDS_BUCKETS)
+        self.preprocess_seconds = h("dvd_vision_preprocess_seconds",
+                                    "An image's (or video frame's) arrival to its tiles handed to the batcher",
+                                    SECONDS_BUCKETS)
 
     def observe_batch(self, num_tiles: int, start: float, end: float) -> None:
         """One forward pass of `num_tiles` tiles from `start` to `end` (time.monotonic), on a device thread."""

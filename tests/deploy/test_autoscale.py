@@ -67,7 +67,7 @@ def test_bounds_hold_a_bottleneck_at_max_lets_the_next_one_grow_and_idle_roles_s
     ({"target_busy": 0.5, "idle_busy": 0.5}, "idle_busy"),
 ])
 def test_impossible_settings_are_refused(bad: dict, message: str, tmp_path: Path) -> None:
-    from dvd.deploy.ray_cluster import load_ray_config
+    from dvd.deploy.ray_config import load_ray_config
 
     path = tmp_path / "ray.yaml"
     path.write_text(yaml.safe_dump({"model": str(tmp_path), "autoscale": bad}))
@@ -76,7 +76,7 @@ def test_impossible_settings_are_refused(bad: dict, message: str, tmp_path: Path
 
 
 def test_bounds_beyond_the_cluster_s_resources_are_refused_naming_them(tmp_path: Path) -> None:
-    from dvd.deploy.ray_cluster import load_ray_config
+    from dvd.deploy.ray_config import load_ray_config
 
     needs = {"vision": {"CPU": 1, "vision": 1}, "language": {"CPU": 1, "language": 1}}
     check_capacity(CONFIG, needs, {"CPU": 5, "vision": 3, "language": 2})  # 3 + 1 or 1 + 2 CPUs: fits
@@ -122,7 +122,7 @@ def test_the_planner_s_split_is_approached_one_replica_a_round_then_the_busy_fra
 
 
 def test_a_plan_needs_its_profile(tmp_path: Path) -> None:
-    from dvd.deploy.ray_cluster import load_ray_config
+    from dvd.deploy.ray_config import load_ray_config
 
     path = tmp_path / "ray.yaml"
     plan = {"profile": str(tmp_path / "missing.jsonl"), "devices": 4}
@@ -262,7 +262,7 @@ def _pd_ray(tmp_path: Path, **autoscale: dict) -> Path:
 
 def test_pd_roles_are_autoscaled_on_ray_each_within_its_bounds(tmp_path: Path) -> None:
     from dvd.deploy.ray_autoscaler import by_role, roster_of
-    from dvd.deploy.ray_cluster import load_ray_config, ray_spec
+    from dvd.deploy.ray_config import load_ray_config, ray_spec
 
     config = load_ray_config(_pd_ray(tmp_path))
     assert config.scaled == ("vision", "prefill", "decode")

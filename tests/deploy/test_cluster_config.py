@@ -37,7 +37,8 @@ def test_the_examples_are_valid() -> None:
 
 
 def test_the_ray_example_is_valid() -> None:
-    from dvd.deploy.ray_cluster import load_ray_config, ray_spec, server_child
+    from dvd.deploy.ray_cluster import server_child
+    from dvd.deploy.ray_config import load_ray_config, ray_spec
 
     config = load_ray_config(ROOT / "deploy" / "ray.example.yaml")
     assert (config.vision.replicas, config.language.replicas) == (2, 6)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dvd.deploy import doctor, doctor_checks
+from dvd.deploy import doctor, doctor_checks, doctor_speed
 
 ROOT = Path(__file__).parents[2]
 
@@ -37,7 +37,7 @@ def test_a_failed_check_says_what_it_expected_and_got(monkeypatch: pytest.Monkey
     def broken(sizes: doctor_checks.Sizes) -> doctor_checks.Check:
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(doctor_checks, "vision", broken)
+    monkeypatch.setattr(doctor_speed, "vision", broken)
     skip = ",".join(n for n in doctor.NAMES if n not in ("versions", "vision"))
     code = doctor.run(argparse.Namespace(device="cpu", json=False, ucx=False, skip=skip))
     out = capsys.readouterr().out

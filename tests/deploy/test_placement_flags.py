@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dvd.benchmarks import compare
+from dvd.benchmarks import compare_settings
 from dvd.config_file import ConfigError, flag_overrides
 from dvd.deploy.serve_cmd import FLAGS, add_arguments
 from dvd.deploy.serve_config import ServeConfig, build_serve_config, default_placement, serve_spec
@@ -73,13 +73,13 @@ def test_pd_roles_get_cpu_lists_of_their_own() -> None:
 def test_bench_compare_places_decode_alone_and_prefill_beside_the_vision_server() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    (flags,) = compare.placements("dvd-pd", "paper", "0", "1")
+    (flags,) = compare_settings.placements("dvd-pd", "paper", "0", "1")
     config = build_serve_config({}, flag_overrides(parser.parse_args(flags), FLAGS))
     assert config.cpus == "1"  # the gateway
     assert _children_cpus(config) == {"vision[0]": "1 vision", "language[0]": "1 prefill", "language[1]": "0 decode"}
-    text = compare.describe_setting("paper", "0", "1", pd=True)
+    text = compare_settings.describe_setting("paper", "0", "1", pd=True)
     assert "decode server alone on CPU 0" in text and "prefill server with the vision server" in text
-    assert "P/D" not in compare.describe_setting("paper", "0", "1")
+    assert "P/D" not in compare_settings.describe_setting("paper", "0", "1")
 
 
 def test_unplaced_pd_servers_keep_decode_alone() -> None:

@@ -137,7 +137,7 @@ def test_cluster_config_language_role_takes_prefill_and_decode_replicas() -> Non
 
 
 def test_ray_language_role_takes_prefill_and_decode_replicas() -> None:
-    from dvd.deploy.ray_cluster import RayClusterConfig, RayRole, ray_spec
+    from dvd.deploy.ray_config import RayClusterConfig, RayRole, ray_spec
 
     role = RayRole(prefill_replicas=1, decode_replicas=1)
     assert role.replicas == 2

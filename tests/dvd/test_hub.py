@@ -241,7 +241,7 @@ def test_dvd_serve_by_hub_id_offline_equals_monolithic_and_reports_its_commit(
 def test_dvd_cluster_up_pins_the_commit_and_leaves_the_weights_to_each_actor(
         checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dvd.deploy.cluster_cmd import for_up
-    from dvd.deploy.ray_cluster import RayClusterConfig
+    from dvd.deploy.ray_config import RayClusterConfig
     from dvd.token_file import write_token_file
 
     cache = tmp_path / "hub"  # the driver's node holds the config files only: `up` fetches no weights

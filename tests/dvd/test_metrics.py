@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from dvd.metrics import BusyClock, StatsCollector, check_metrics_port, counter, gauge, serve_metrics
+from dvd.metrics import BusyClock, ServerMetrics, StatsCollector, check_metrics_port, counter, gauge, serve_metrics
 
 
 def test_stats_become_counters_and_gauges_read_at_scrape_time() -> None:
@@ -52,3 +52,16 @@ def test_busy_clock_counts_seconds_and_the_fraction_of_its_window() -> None:
     assert clock.fraction() == pytest.approx((2.0 + 6.0) / 20.0)
     now[0] = 1000.0
     assert clock.fraction() == 0.0 and clock.busy_s == 14.0
+
+
+def test_server_metrics_add_the_busy_clock_to_the_stats_and_keep_histograms_on_its_registry() -> None:
+    table = [counter("num_done", "x_done", "done"), counter("busy_s", "x_busy_seconds", "busy"),
+             gauge("busy_fraction", "x_busy_fraction", "busy over the window")]
+    metrics = ServerMetrics(table, lambda: {"num_done": 3.0}, workers=2)
+    steps = metrics.histogram("x_step_seconds", "one step", (0.5, 1.0))
+    metrics.busy.add(metrics.busy.clock() - 2.0, metrics.busy.clock())  # one worker busy 2 s of the last 10 s
+    steps.observe(0.75)
+    samples = {s.name: s.value for f in metrics.registry.collect() for s in f.samples}
+    assert samples["x_done_total"] == 3.0 and samples["x_busy_seconds_total"] == pytest.approx(2.0)
+    assert samples["x_busy_fraction"] == pytest.approx(2.0 / 20.0)  # two workers: 20 s of time in the window
+    assert samples["x_step_seconds_count"] == 1.0 and samples["x_step_seconds_sum"] == 0.75

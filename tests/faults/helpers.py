@@ -61,3 +61,22 @@ def sse(served: ServeProcess, body: dict, timeout_s: float = 120) -> Iterator[It
 def long_story(tokens: int = 4000) -> dict:
     return {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": tokens,
             "min_tokens": tokens, "temperature": 0}
+
+
+def fault_mid_decode(served: ServeProcess, fault: Callable[[], None]) -> tuple[list[dict | str], float]:
+    """Stream a long story; once its first token is out (a server is decoding), `fault()` (a SIGKILL or a
+    SIGSTOP); what the stream sent after it, and how long the stream took to end."""
+    with sse(served, long_story()) as events:
+        assert next(events)["choices"][0]["delta"]["role"] == "assistant"
+        while not next(events)["choices"][0]["delta"].get("content"):
+            pass
+        start = time.monotonic()
+        fault()
+        rest = list(events)
+        return rest, time.monotonic() - start
+
+
+def error_code(rest: list[dict | str]) -> int | None:
+    """The code of the first error a stream sent, None if it sent none."""
+    errors = [c for c in rest if isinstance(c, dict) and "error" in c]
+    return errors[0]["error"]["code"] if errors else None

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.faults.helpers import healthy, long_story, servers, sse, wait_for
+from tests.faults.helpers import error_code, fault_mid_decode, healthy, long_story, servers, sse, wait_for
 from tests.serve_process import ServeProcess, metric, post_chat
 
 PROBE = ("--probe-interval", "2", "--probe-timeout", "3", "--fail-threshold", "2")
@@ -42,16 +42,8 @@ def test_decode_server_killed_mid_decode_fails_the_request_and_prefill_holds_not
     with ServeProcess("--model", str(tiny_hf), "--prefill-replicas", "1", "--decode-replicas", "1", *PROBE) as served:
         _prefill, decode = _pair(served)
         assert post_chat(served.http_url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})[0] == 200
-        with sse(served, long_story()) as events:
-            next(events)
-            while not next(events)["choices"][0]["delta"].get("content"):
-                pass  # the prefill's first token is out; the decode server is decoding
-            start = time.monotonic()
-            decode.kill()
-            rest = list(events)
-            killed_s = time.monotonic() - start
-        errors = [c for c in rest if isinstance(c, dict) and "error" in c]
-        assert errors and errors[0]["error"]["code"] == 503, rest[-3:]
+        rest, killed_s = fault_mid_decode(served, decode.kill)  # the prefill's first token out: the decode decodes
+        assert error_code(rest) == 503, rest[-3:]
         assert killed_s < 10, killed_s
         wait_for(lambda: _holds_nothing(served, "prefill"), DETECT_S, "prefill server holding nothing")
         wait_for(lambda: healthy(served, "language") == 1, DETECT_S, "dead decode server out of rotation")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import encode, photo_like
-from tests.faults.helpers import healthy, long_story, servers, sse, wait_for
+from tests.faults.helpers import error_code, fault_mid_decode, healthy, servers, sse, wait_for
 from tests.serve_process import ServeProcess, metric, post_chat
 
 IMAGE = "data:image/jpeg;base64," + base64.b64encode(encode(photo_like(320, 240, 5), "JPEG")).decode()
@@ -106,16 +106,8 @@ def test_language_server_frozen_then_killed_mid_decode(tiny_hf: Path) -> None:
         (language,) = servers(served, "language")
 
         # SIGSTOP mid-decode: the stream ends with a 503 error at the next health check.
-        with sse(served, long_story()) as events:
-            assert next(events)["choices"][0]["delta"]["role"] == "assistant"
-            while not next(events)["choices"][0]["delta"].get("content"):
-                pass  # decoding has begun
-            language.send_signal(signal.SIGSTOP)
-            start = time.monotonic()
-            rest = list(events)
-            frozen_s = time.monotonic() - start
-        errors = [c for c in rest if isinstance(c, dict) and "error" in c]
-        assert errors and errors[0]["error"]["code"] == 503 and rest[-1] == "[DONE]", rest[-3:]
+        rest, frozen_s = fault_mid_decode(served, lambda: language.send_signal(signal.SIGSTOP))
+        assert error_code(rest) == 503 and rest[-1] == "[DONE]", rest[-3:]
         assert frozen_s < DETECT_S
         status, answer = post_chat(served.http_url, text_request())
         assert status == 503, answer  # out of rotation while frozen
@@ -124,16 +116,8 @@ def test_language_server_frozen_then_killed_mid_decode(tiny_hf: Path) -> None:
         assert post_chat(served.http_url, text_request())[0] == 200
 
         # kill -9 mid-decode: the error comes at once (the connection resets), not at the deadline.
-        with sse(served, long_story()) as events:
-            next(events)
-            while not next(events)["choices"][0]["delta"].get("content"):
-                pass
-            start = time.monotonic()
-            language.kill()
-            rest = list(events)
-            killed_s = time.monotonic() - start
-        errors = [c for c in rest if isinstance(c, dict) and "error" in c]
-        assert errors and errors[0]["error"]["code"] == 503, rest[-3:]
+        rest, killed_s = fault_mid_decode(served, language.kill)
+        assert error_code(rest) == 503, rest[-3:]
         assert killed_s < 10, killed_s
         wait_for(lambda: healthy(served, "language") == 0, DETECT_S, "dead language server out of rotation")
         assert post_chat(served.http_url, text_request())[0] == 503

@@ -5,13 +5,11 @@ started. The prefill server's hold timeout is long unless given: a test releases
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
@@ -22,8 +20,8 @@ from dvd.language_server.server import LanguageServer
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.transport import InprocHub, Sender, TransportConfig, create_sender, header_for
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from tests.language_server.language_harness import LoopThread, collect
 
-T = TypeVar("T")
 Responses = Iterator[language_pb2.LanguageGenerateResponse]
 ENGINE = EngineConfig(block_size=16, num_blocks=256, max_batch_tokens=64, enable_prefix_cache=True)
 
@@ -38,15 +36,13 @@ class Served:
         return dict(self.stub.Stats(common_pb2.StatsRequest()).counters)
 
 
-class PdHarness:
+class PdHarness(LoopThread):
     def __init__(self, model: Path, language: LanguageHalf, kind: str = "tcp",
                  decode_engine: EngineConfig = ENGINE, prefill_engine: EngineConfig = ENGINE,
                  spare_decode: EngineConfig | None = None, **overrides: Any) -> None:
         self.kind = kind
         self.options: dict[str, Any] = {"hub": InprocHub()} if kind == "inproc" else {}
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="pd-test-loop", daemon=True)
-        self.thread.start()
+        super().__init__("pd-test-loop")
         self.servers: dict[str, Served] = {}
         overrides.setdefault("kv_hold_timeout_s", 600.0)
         roles = [("prefill", prefill_engine), ("decode", decode_engine), ("both", ENGINE)]
@@ -85,16 +81,23 @@ class PdHarness:
         """What the gateway sends the prefill server at the decode server's first message: free the held KV."""
         return self.prefill.stub.ReleaseKv(language_pb2.ReleaseKvRequest(request_id=request_id)).found
 
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+    def collect_releasing(self, stream: Responses, request_id: str) -> tuple[list[int], str]:
+        """A decode server's stream, the prefill server's held KV released at its first message (as the gateway
+        does)."""
+        messages = iter(stream)
+        first = next(messages, None)
+        if first is None:
+            return [], ""
+        self.release(request_id)
+        tokens, reason = collect(messages)
+        return [*first.token_ids, *tokens], reason or first.finish_reason
 
     def send(self, to: Served, request_id: str, slot: int, features: torch.Tensor) -> None:
         header = header_for(request_id, slot, 256, features)
         self.call(self.sender.send(to.server.receiver.address, header, features))
 
     def wait_until(self, served: Served, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        if not self.call(served.server.wait_until(predicate, timeout_s), timeout_s + 10):
-            raise TimeoutError("server state did not come about")
+        self.wait_on(served.server, predicate, timeout_s)
 
     def split(self, request: language_pb2.LanguageGenerateRequest) -> tuple[Responses, Responses]:
         """Generate on the prefill server (naming the decode server) and on the decode server at the same moment,
@@ -115,9 +118,10 @@ class PdHarness:
         prefill, decode = self.split(request)
         for slot, rows in enumerate(features):
             self.send(self.prefill, request.request_id, slot, rows)
-        on_first = (lambda: self.release(request.request_id)) if release else None
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first, rest = pool.submit(collect, prefill), pool.submit(collect, decode, on_first)
+            first = pool.submit(collect, prefill)
+            rest = pool.submit(self.collect_releasing, decode, request.request_id) if release else \
+                pool.submit(collect, decode)
             (tokens, reason), (more, final) = first.result(120), rest.result(120)
         assert len(tokens) == 1 and reason == "", (tokens, reason)  # handed off after the first token
         return tokens + more, final
@@ -128,18 +132,4 @@ class PdHarness:
         self.call(self.sender.close())
         for served in self.servers.values():
             self.call(served.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def collect(stream: Iterator[language_pb2.LanguageGenerateResponse],
-            on_first: Callable[[], object] | None = None) -> tuple[list[int], str]:
-    tokens, reason = [], ""
-    for message in stream:
-        if on_first is not None:
-            on_first()
-            on_first = None
-        tokens += message.token_ids
-        reason = message.finish_reason or reason
-    return tokens, reason
+        self.stop_loop()

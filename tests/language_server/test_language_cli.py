@@ -4,30 +4,20 @@ running request finish, then exits 0."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import grpc
-
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
-from tests.serve_process import read_line
+from tests.serve_process import server_process
 
 READY = "dvd language serving on "
 
 
-
 def test_serves_and_drains_on_sigterm(tiny_hf: Path) -> None:
-    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(tiny_hf), "--port", "0", "--transport", "tcp",
-           "--num-blocks", "64", "--block-size", "16", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    channel = None
-    try:
-        line = read_line(proc, 120)
-        assert line.startswith(READY), (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
-        address, _, features = line[len(READY):].strip().partition(" features on ")
-        channel = grpc.insecure_channel(address)
-        stub = language_pb2_grpc.LanguageStub(channel)
+    args = ["language", "--model", str(tiny_hf), "--port", "0", "--transport", "tcp", "--num-blocks", "64",
+            "--block-size", "16", "--log-level", "WARNING"]
+    with server_process(args, READY, 120) as server:
+        _, _, features = server.ready.partition(" features on ")
+        stub = language_pb2_grpc.LanguageStub(server.channel)
         health = stub.Health(common_pb2.HealthRequest())
         assert health.status == common_pb2.HealthResponse.SERVING and health.transport_address == features
         request = language_pb2.LanguageGenerateRequest(
@@ -35,18 +25,11 @@ def test_serves_and_drains_on_sigterm(tiny_hf: Path) -> None:
             sampling=language_pb2.LanguageSampling(max_new_tokens=40, min_new_tokens=40, temperature=0.0))
         stream = stub.Generate(request)
         first = next(stream)
-        proc.send_signal(signal.SIGTERM)  # the running request still finishes
+        server.proc.send_signal(signal.SIGTERM)  # the running request still finishes
         tokens = list(first.token_ids)
         last = first
         for message in stream:
             tokens += message.token_ids
             last = message
         assert len(tokens) == 40 and last.finish_reason == "length"
-        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
-        assert "dvd language stopped" in (proc.stdout.read() if proc.stdout else "")
-    finally:
-        if channel is not None:
-            channel.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert "dvd language stopped" in server.stopped(60)

@@ -14,7 +14,7 @@ from dvd.language_server.model import LanguageHalf
 from dvd.prompt import ChatFormat
 from dvd.sampling import SamplingParams
 from dvd.v1 import common_pb2, language_pb2
-from tests.language_server.language_harness import Harness
+from tests.language_server.language_harness import Harness, collect
 
 NEW = 6
 
@@ -42,14 +42,6 @@ def expected(language: LanguageHalf, chat: ChatFormat, request: language_pb2.Lan
     rows = torch.cat(features).float() if features else None
     return language.generate(ids, chat.image_context_id, rows, SamplingParams(temperature=0.0,
         max_new_tokens=NEW, min_new_tokens=NEW, stop_token_ids=chat.stop_token_ids))
-
-
-def collect(stream: Iterator[language_pb2.LanguageGenerateResponse]) -> tuple[list[int], str]:
-    tokens, reason = [], ""
-    for message in stream:
-        tokens += message.token_ids
-        reason = message.finish_reason or reason
-    return tokens, reason
 
 
 def assert_all_freed(harness: Harness) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -22,7 +20,7 @@ from dvd.v1 import language_pb2, language_pb2_grpc
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import run
 from tests.language_server.test_language_server import collect, expected, generate_request
-from tests.serve_process import read_line
+from tests.serve_process import server_process
 
 READY = "dvd language serving on "
 PROMPT = [5, 6, 7, 300, 301, 302, 500, 42, 17, 99]
@@ -46,16 +44,11 @@ def test_tp2_serves_the_tokens_of_one_process_and_stops(tiny_hf: Path, language:
                                                          image_features: list[torch.Tensor]) -> None:
     text_tokens = run(make_engine(language), [(PROMPT, [])],
                       greedy(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))[0]
-    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(tiny_hf), "--port", "0", "--transport", "tcp",
-           "--num-blocks", "256", "--block-size", "16", "--tp", "2", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    channel = None
-    try:
-        line = read_line(proc, 300)
-        assert line.startswith(READY), (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
-        address, features_at = line[len(READY):].strip().split(" features on ")
-        channel = grpc.insecure_channel(address)
-        stub = language_pb2_grpc.LanguageStub(channel)
+    args = ["language", "--model", str(tiny_hf), "--port", "0", "--transport", "tcp", "--num-blocks", "256",
+            "--block-size", "16", "--tp", "2", "--log-level", "WARNING"]
+    with server_process(args, READY, 300) as server:
+        _, features_at = server.ready.split(" features on ")
+        stub = language_pb2_grpc.LanguageStub(server.channel)
         for request_id in ("a", "b"):  # a second request: the followers stayed in step
             request = language_pb2.LanguageGenerateRequest(
                 request_id=request_id, segments=[language_pb2.TokenSegment(ids=PROMPT)],
@@ -76,12 +69,5 @@ def test_tp2_serves_the_tokens_of_one_process_and_stops(tiny_hf: Path, language:
         _push(features_at, "both", dict(enumerate(images)))
         assert collect(stub.Generate(both)) == (expected(language, chat, both, images), "length")
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
-        assert "dvd language stopped" in (proc.stdout.read() if proc.stdout else "")
-    finally:
-        if channel is not None:
-            channel.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.proc.send_signal(signal.SIGTERM)
+        assert "dvd language stopped" in server.stopped(120)

@@ -1,14 +1,17 @@
-"""Images the preprocessing tests make: photo-like arrays, encoded files, and hand-built PNGs (a bomb's
-header claims what it likes)."""
+"""Images the preprocessing tests use: the photos in tests/fixtures/images, and what they make: photo-like
+arrays, encoded files, and hand-built PNGs (a bomb's header claims what it likes)."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+PHOTOS = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "images").glob("*.jpg"))
 
 
 def natural_image(width: int, height: int, seed: int = 0) -> np.ndarray:

@@ -28,10 +28,7 @@ from dvd.vision_server.preprocess import (
     target_ratios,
     to_pixel_values,
 )
-from tests.vision_server.preprocess_images import crafted_png, encode, natural_image
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "images"
-PHOTOS = sorted(FIXTURES.glob("*.jpg"))
+from tests.vision_server.preprocess_images import PHOTOS, crafted_png, encode, natural_image
 
 # ------------------------------------------------------------------------------------------------
 # The model card's code, independently (numpy + PIL).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -16,10 +15,7 @@ from dvd.vision_server.preprocess import (
     dynamic_preprocess,
     preprocess_image,
 )
-from tests.vision_server.preprocess_images import bomb_png, crafted_png, encode, natural_image
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "images"
-PHOTOS = sorted(FIXTURES.glob("*.jpg"))
+from tests.vision_server.preprocess_images import PHOTOS, bomb_png, crafted_png, encode, natural_image
 
 CONFIG = PreprocessConfig()
 

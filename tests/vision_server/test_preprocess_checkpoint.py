@@ -13,9 +13,7 @@ from dvd.vision_server.preprocess import (
     PreprocessConfig,
     preprocess_image,
 )
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "images"
-PHOTOS = sorted(FIXTURES.glob("*.jpg"))
+from tests.vision_server.preprocess_images import PHOTOS
 
 CONFIG = PreprocessConfig()
 # The model card's ImageNet mean and std, written out (not imported) as test_preprocess.py does.
