@@ -46,7 +46,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dvd.errors import DeadlineExceededError, DestinationError, EngineFailedError, KvLayoutError, ReplicaBusyError
+from dvd.errors import (
+    DeadlineExceededError,
+    DestinationError,
+    EngineFailedError,
+    KvLayoutError,
+    ReplicaBusyError,
+    RequestAbortedError,
+)
 from dvd.language_server.request import KvExport
 from dvd.transport import Frame, KvHandoff, KvHeader, Sender, TransportError
 from dvd.transport.handshake import layout_difference
@@ -192,6 +199,18 @@ class KvIntake:
         if entry is None:
             return False
         self._fail(entry, ReplicaBusyError(error) if busy else EngineFailedError(error))
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        """An Abort of a request whose KV comes here: a Generate still waiting for it ends (RequestAbortedError), frames
+        that came before any Generate are dropped; False: none of its KV is expected or held here."""
+        entry = self.entries.get(request_id)
+        if entry is None:
+            return False
+        if not entry.opened:
+            self.close(request_id)
+        elif not entry.event.is_set():
+            self._fail(entry, RequestAbortedError(f"request {request_id!r} was aborted while waiting for its KV cache"))
         return True
 
     def close(self, request_id: str) -> None:

@@ -223,6 +223,7 @@ class LanguageServer:
         prefill server, its blocks going into the engine as they land; the request to add, decoding from its
         first token, and ms from its first KV frame to the hand-off."""
         entry = self.kv_intake.open(call.request_id)
+        await self._notify()  # a request waiting for its KV: a state change, as a feed opening is
         frame = await entry.wait(call.features_timeout_s)
         handoff = frame.header
         assert isinstance(handoff, KvHandoff)
@@ -304,10 +305,12 @@ class LanguageServer:
             return True
         if self.feeder.abort(request_id):  # it is in the engine too, prefilling: that goes when Generate ends
             return True
+        # P/D, a decode server: a Generate waiting for the KV ends now, not at its features timeout
+        kv_expected = self.kv_intake.abort(request_id)
         if request_id in self.streams:
             self.engine_loop.abort(request_id)
             return True
-        return self.feeder.drop_unclaimed(request_id)
+        return self.feeder.drop_unclaimed(request_id) or kv_expected
 
     # --- P/D: a prefill server's held hand-offs (kv_transfer.py) ----------------------------------
     def _hold(self, request_id: str) -> None:

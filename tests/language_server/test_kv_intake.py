@@ -62,3 +62,25 @@ def test_frames_before_the_generate_wait_for_it_then_go_in_order() -> None:
     intake.put(frames[1])
     assert imported == [0, 2, 3] and entry.event.is_set()
     assert asyncio.run(entry.wait(1.0)) is frames[3]
+
+
+def test_an_abort_ends_a_wait_for_the_kv_and_drops_frames_that_came_first() -> None:
+    """An Abort while the decode server waits for a KV that will not come (its prefill finished the request at its
+    first token, or failed) ends the wait at once; before, it ran to the features timeout."""
+    from dvd.errors import RequestAbortedError
+
+    imported: list[int] = []
+    intake = KvIntake(LAYOUT, lambda rid, first, blocks: imported.append(first), orphan_ttl_s=30)
+    waiting = intake.open("w")
+    assert intake.abort("w")
+    with pytest.raises(RequestAbortedError, match="aborted while waiting for its KV"):
+        asyncio.run(waiting.wait(30))
+    intake.put(_blocks("early", 0, 2))  # frames before any Generate, then the request is aborted
+    assert intake.abort("early") and intake.num_bytes_held == 0
+    intake.put(_blocks("early", 2, 1))  # late frames of an aborted request are dropped, not kept
+    assert intake.num_bytes_held == 0 and intake.num_dropped_frames == 1
+    done = intake.open("r")
+    for frame in _frames():
+        intake.put(frame)
+    assert intake.abort("r") and done.error is None  # handed off: the engine's abort ends it, not the intake
+    assert not intake.abort("never-seen") and imported == [0, 2, 3]

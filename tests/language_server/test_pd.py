@@ -97,10 +97,14 @@ def test_request_finished_at_its_first_token_is_not_handed_off(pd: PdHarness, ch
     request = generate_request(chat, f"{pd.kind}-short", "hi", max_new_tokens=1, min_new_tokens=1)
     prefill, decode = pd.split(request)
     assert collect(prefill)[1] == "length"
-    pd.decode.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))  # as the gateway does
+    decode_server = pd.decode.server  # its Generate waits for a KV that will never come, until an Abort ends it
+    pd.wait_until(pd.decode, lambda: request.request_id in decode_server.kv_intake.entries
+                  and decode_server.kv_intake.entries[request.request_id].opened)
+    assert pd.decode.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id)).found  # as the gateway does
     with pytest.raises(grpc.RpcError) as caught:
         collect(decode)
-    assert caught.value.code() == grpc.StatusCode.CANCELLED or caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # cancelled by the Abort: before, the wait ran to its features timeout (60 s here) and passed as DEADLINE_EXCEEDED
+    assert caught.value.code() == grpc.StatusCode.CANCELLED, caught.value
     for served in pd.servers.values():
         assert_freed(pd, served)
 
@@ -148,7 +152,8 @@ def test_pair_of_another_layout_is_refused_naming_the_difference(tiny_hf: Path, 
         assert "block_size: 32 here vs 16 there" in (caught.value.details() or "")
         assert "decode server" in (caught.value.details() or "")
         assert pd.decode.server.receiver.stats.num_refused_handshakes >= 1
-        for served in (pd.prefill, pd.decode):  # as the gateway does (the prefill server holds the hand-off)
+        decode.cancel()  # as the gateway does: end the call (an Abort alone can come before the Generate), then Abort
+        for served in (pd.prefill, pd.decode):  # (the prefill server holds the hand-off)
             served.stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))
         with pytest.raises(grpc.RpcError):
             collect(decode)

@@ -186,7 +186,8 @@ def test_tp1_decode_refuses_tp2_prefill_naming_tp(servers: dict[str, Started], c
     with pytest.raises(grpc.RpcError) as caught:
         collect(prefill)
     assert "tp: 1 here vs 2 there" in (caught.value.details() or "")
-    for name in ("prefill", "decode_tp1"):  # as the gateway does (the prefill server holds the hand-off)
+    decode.cancel()  # as the gateway does: end the call (an Abort alone can come before the Generate), then Abort
+    for name in ("prefill", "decode_tp1"):  # (the prefill server holds the hand-off)
         servers[name].stub.Abort(language_pb2.AbortRequest(request_id=request.request_id))
     with pytest.raises(grpc.RpcError):
         collect(decode)
