@@ -21,7 +21,9 @@ address (`kv_destination`) and, at the same moment, to that decode server (`kv_s
   whatever order the transport's connections delivered them in (`Engine.import_blocks`: copied into blocks of
   its own, the request ended busy when its cache has too few free, so the gateway retries elsewhere before any
   token), and on the hand-off the request, its prompt computed, joins the scheduler's queue holding those blocks
-  and is admitted as any request is (`Engine.add_prefilled`), streaming the tokens after the first.
+  and is admitted as any request is (`Engine.add_prefilled`), streaming the tokens after the first. An Abort
+  ends a Generate still waiting for its KV at once (the prefill finished the request at its first token, or
+  failed: no KV will come), and drops frames that came before any Generate (`KvIntake.abort`).
 
 Both sides know their KV layout (`kv_layout`: checkpoint, dtype, block size, layers, kv heads, head dim, tensor
 parallel, device type). A prefill server's sender names it in the transport's handshake and a decode server's
