@@ -49,6 +49,7 @@ from dvd.deploy.spec import (
     check_cpu_sets,
     check_servers,
     check_settings,
+    language_replicas,
     pd_roles,
 )
 from dvd.grpc_tls import GrpcTls
@@ -82,13 +83,7 @@ class ServerRole:
         roles = pd_roles(self.prefill_replicas, self.decode_replicas, "language")
         if self.prefill_cpus or self.decode_cpus:
             object.__setattr__(self, "cpus", self._role_cpus(bool(roles)))
-        if roles and self.replicas not in (1, len(roles)):
-            raise ValueError(f"replicas {self.replicas}: with prefill_replicas and decode_replicas the servers are "
-                             f"those ({len(roles)}); leave replicas out")
-        if roles:
-            object.__setattr__(self, "replicas", len(roles))
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        object.__setattr__(self, "replicas", language_replicas(self.replicas, roles))
         for name in ("port", "transport_port", "metrics_port"):
             port = getattr(self, name)
             if not (port > 0 and port + self.replicas <= 65536) and not (name == "metrics_port" and port == 0):

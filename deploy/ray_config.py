@@ -44,6 +44,7 @@ from dvd.deploy.spec import (
     RoleSpec,
     check_servers,
     check_settings,
+    language_replicas,
     pd_roles,
 )
 from dvd.pipeline.gateway import GatewayConfig
@@ -122,13 +123,7 @@ class RayRole:
     def __post_init__(self) -> None:
         _check_amounts(self.num_cpus, self.num_gpus, self.resources)
         roles = pd_roles(self.prefill_replicas, self.decode_replicas, "language")
-        if roles and self.replicas not in (1, len(roles)):
-            raise ValueError(f"replicas {self.replicas}: with prefill_replicas and decode_replicas the servers are "
-                             f"those ({len(roles)}); leave replicas out")
-        if roles:
-            object.__setattr__(self, "replicas", len(roles))
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        object.__setattr__(self, "replicas", language_replicas(self.replicas, roles))
 
     def placement(self, role: str) -> Placement:
         """Where a replica of scaled role `role` goes: P/D's prefill or decode, its own placement where it has one

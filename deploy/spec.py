@@ -132,6 +132,18 @@ def pd_roles(prefill: int, decode: int, where: str) -> tuple[str, ...]:
     return ("prefill",) * prefill + ("decode",) * decode
 
 
+def language_replicas(replicas: int, roles: tuple[str, ...]) -> int:
+    """How many language servers a role config starts: `replicas`, or with P/D (`roles`, from `pd_roles`) one a role,
+    where `replicas` may only be left at its default 1 or say the same."""
+    if roles and replicas not in (1, len(roles)):
+        raise ValueError(f"replicas {replicas}: with prefill_replicas and decode_replicas the servers are "
+                         f"those ({len(roles)}); leave replicas out")
+    count = len(roles) or replicas
+    if count < 1:
+        raise ValueError(f"replicas must be at least 1, got {count}")
+    return count
+
+
 # --- every child's config, built here -------------------------------------------------------------
 def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token: str | None,
                   pin: bool = True) -> Any:
