@@ -5,23 +5,23 @@ or `decode`. The gateway sends one request's Generate to a prefill server naming
 address (`kv_destination`) and, at the same moment, to that decode server (`kv_source`).
 
 - The prefill server runs the prompt as any server does (its features streamed in, prefill in chunks, the prefix
-  cache). After each step, the blocks its chunk completed leave for the decode server (`Engine._export_completed`
+  cache). After each step, the blocks its chunk completed leave for the decode server (`KvHandoffs.export_completed`
   -> `KvPusher.push`: `KvHeader` frames, every layer), so the transfer overlaps the prefill; at its first token the
   last blocks and a `KvHandoff` (the prompt's ids, the first token, the seeded generator's state) follow, and its
   Generate answers the first token and ends without a finish reason.
-- The prefill server then holds the request's blocks (`Engine.held`, counted as used) until the gateway says the
-  decode server has them (`ReleaseKv`, sent at the decode server's first message), an `Abort`, or the hold timeout
-  (`LanguageServerConfig.kv_hold_timeout_s`, logged); then they are freed (or kept by its prefix cache). While
-  held, `PushKv` pushes them and the hand-off again to another decode server (`Engine.read_held`, then
-  `KvPusher.push`): the gateway's answer to a decode server that refused busy or was lost before its first message
-  (pipeline/request_flow.py). A failed push of the hand-off (the decode server unreachable) fails the prefill's
-  Generate but keeps the hold, so the request can still move.
+- The prefill server then holds the request's blocks (`KvHandoffs.held`, kv_handoff.py, counted as used; `KvHolds`
+  here times them) until the gateway says the decode server has them (`ReleaseKv`, sent at the decode server's first
+  message), an `Abort`, or the hold timeout (`LanguageServerConfig.kv_hold_timeout_s`, logged); then they are freed
+  (or kept by its prefix cache). While held, `PushKv` pushes them and the hand-off again to another decode server
+  (`KvHandoffs.read_held`, then `KvPusher.push`): the gateway's answer to a decode server that refused busy or was
+  lost before its first message (pipeline/request_flow.py). A failed push of the hand-off (the decode server
+  unreachable) fails the prefill's Generate but keeps the hold, so the request can still move.
 - The decode server's `KvIntake` takes those frames (before or after its Generate: frames nobody claims are
   dropped after the orphan TTL), hands each request's blocks to the engine in block order as they land,
-  whatever order the transport's connections delivered them in (`Engine.import_blocks`: copied into blocks of
+  whatever order the transport's connections delivered them in (`KvHandoffs.import_blocks`: copied into blocks of
   its own, the request ended busy when its cache has too few free, so the gateway retries elsewhere before any
   token), and on the hand-off the request, its prompt computed, joins the scheduler's queue holding those blocks
-  and is admitted as any request is (`Engine.add_prefilled`), streaming the tokens after the first. An Abort
+  and is admitted as any request is (`KvHandoffs.add_prefilled`), streaming the tokens after the first. An Abort
   ends a Generate still waiting for its KV at once (the prefill finished the request at its first token, or
   failed: no KV will come), and drops frames that came before any Generate (`KvIntake.abort`).
 
@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -53,6 +56,7 @@ from dvd.errors import (
     DestinationError,
     EngineFailedError,
     KvLayoutError,
+    NotFoundError,
     ReplicaBusyError,
     RequestAbortedError,
 )
@@ -61,6 +65,7 @@ from dvd.transport import Frame, KvHandoff, KvHeader, Sender, TransportError
 from dvd.transport.handshake import layout_difference
 
 ROLES = ("both", "prefill", "decode")
+logger = logging.getLogger(__name__)
 # How many ended requests' ids a decode server remembers, so their late frames are dropped at once.
 ENDED_MEMORY = 4096
 
@@ -98,6 +103,69 @@ class KvPusher:
                 await self.sender.send(destination, handoff, ids)
         except TransportError as error:
             raise DestinationError(f"decode server {destination}", error) from None
+
+
+class HeldReads(Protocol):
+    """The engine loop's P/D calls a prefill server's holds make."""
+
+    def release_held(self, request_id: str, expired: bool = False) -> None: ...
+
+    def read_held(self, request_id: str) -> concurrent.futures.Future[KvExport | None]: ...
+
+
+class KvHolds:
+    """A prefill server's held hand-offs, on its event loop: the engine holds each one's blocks from its first token
+    until the gateway's ReleaseKv, an Abort or the hold timeout (`timeout_s`, logged by the engine); meanwhile
+    PushKv pushes them again (`push_again`)."""
+
+    def __init__(self, engine: HeldReads, timeout_s: float) -> None:
+        self.engine = engine
+        self.timeout_s = timeout_s
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._timers
+
+    def __len__(self) -> int:
+        return len(self._timers)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._timers)
+
+    def hold(self, request_id: str) -> None:
+        """The engine holds a hand-off's blocks from now (its timeout starting over)."""
+        self._cancel(request_id)
+        self._timers[request_id] = asyncio.get_running_loop().call_later(self.timeout_s, self._expired, request_id)
+
+    def release(self, request_id: str) -> bool:
+        """The decode server has the request's KV (or it ended): free the held blocks; False: nothing held."""
+        if not self._cancel(request_id):
+            return False
+        self.engine.release_held(request_id)
+        return True
+
+    async def push_again(self, pusher: KvPusher, request_id: str, destination: str) -> int:
+        """Push a held request's blocks and hand-off again, to another decode server; its hold timeout starts over.
+        The blocks pushed; NotFoundError when nothing is held, DestinationError when the push fails."""
+        if request_id not in self._timers:
+            raise NotFoundError(f"no KV held for request {request_id!r} (released, expired, or never handed off)")
+        export = await asyncio.wrap_future(self.engine.read_held(request_id))
+        if export is None or request_id not in self._timers:
+            raise NotFoundError(f"the KV hold of request {request_id!r} ended before it could be pushed again")
+        self.hold(request_id)
+        await pusher.push(destination, request_id, export)
+        logger.info("KV of %r (%d blocks) pushed again, to %s", request_id, export.num_blocks, destination)
+        return export.num_blocks
+
+    def _cancel(self, request_id: str) -> bool:
+        timer = self._timers.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+        return timer is not None
+
+    def _expired(self, request_id: str) -> None:
+        if self._timers.pop(request_id, None) is not None:
+            self.engine.release_held(request_id, expired=True)  # the engine logs it
 
 
 @dataclass

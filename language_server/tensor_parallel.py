@@ -24,7 +24,7 @@ all-reduces communicate, and P/D's KV blocks (below).
 P/D with tensor parallel (`--role prefill` / `decode` with `--tp N`, the same N on both sides: the KV layout's
 `tp` and `kv_heads` keys refuse another at connect) moves the KV cache through rank 0 on both sides, not shard to
 shard. A prefill group's ranks export in step (their schedules are the same), and each export gathers every rank's
-KV heads of those blocks to rank 0 (`_export`: one `gather` of raw bytes inside the step), which pushes whole
+KV heads of those blocks to rank 0 (`_GatheringKvHandoffs`: one `gather` of raw bytes in the step), which pushes whole
 blocks, all heads, as a tp=1 server does. A decode group's rank 0 takes those frames as a tp=1 server does, and the
 step that imports a frame's blocks scatters each rank its own heads (`_send`: one `scatter` after the step's
 broadcast), so every rank writes its shard in the same step and no rank can admit the request before the others
@@ -47,9 +47,10 @@ from torch import nn
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.language_server.config import EngineConfig
-from dvd.language_server.engine import Engine, HeldExport
+from dvd.language_server.engine import Engine
+from dvd.language_server.kv_handoff import KvHandoffs
 from dvd.language_server.model import LanguageHalf, fill, meta_model
-from dvd.language_server.request import EngineRequest, Handoff, KvExport, RequestOutput
+from dvd.language_server.request import EngineRequest, KvExport, RequestOutput
 from dvd.language_server.sampling import sample_tensor
 from dvd.tensor_refs import Cut, JoinedRef, ShardRef, TensorRef, TensorSource
 from dvd.weights import language_tensors
@@ -348,30 +349,8 @@ class TensorParallelEngine(Engine):
         return kind, commands
 
     # --- both ---
-    def _export(self, request: EngineRequest, end: int, handoff: Handoff | None = None) -> KvExport:
-        """P/D, a prefill group: every rank exports the same blocks in the same step (their schedules are the same);
-        rank 0 gathers each rank's KV heads of them and pushes the whole (the others' exports are dropped with
-        their outputs)."""
-        return self._gathered(super()._export(request, end, handoff))
-
-    def _reexport(self, held: HeldExport) -> KvExport:
-        """P/D, a prefill group: a held request pushed again (PushKv). Every rank holds it (their hand-offs happen in
-        the same step) and reads it in the same step (the command reaches them all), gathered to rank 0 as
-        `_export`'s blocks are."""
-        return self._gathered(super()._reexport(held))
-
-    def _gathered(self, export: KvExport) -> KvExport:
-        """Rank 0: the export with every rank's KV heads of its blocks; the others: their own (dropped)."""
-        if not export.num_blocks:
-            return export
-        mine = export.blocks.contiguous()
-        raw = mine.view(torch.uint8).to(self.collective_device)  # bytes: gloo need not know the dtype
-        parts = [torch.empty_like(raw) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(raw, parts, dst=0, group=self.group)
-        if parts is None:
-            return export
-        whole = torch.cat(parts, dim=3).to(mine.device).view(mine.dtype)
-        return dataclasses.replace(export, blocks=whole)
+    def _kv_handoffs(self) -> KvHandoffs:
+        return _GatheringKvHandoffs(self)
 
     def _sample(self, requests: list[EngineRequest], logits: torch.Tensor) -> list[int]:
         """Rank 0 samples and broadcasts the ids; the others take them (as nano-vllm does)."""
@@ -383,6 +362,31 @@ class TensorParallelEngine(Engine):
             tokens = sample_tensor(requests, logits).to(self.collective_device)
         dist.broadcast(tokens, src=0, group=self.group)
         return tokens.tolist()
+
+
+class _GatheringKvHandoffs(KvHandoffs):
+    """P/D, a prefill group: every rank exports the same blocks in the same step (their schedules are the same), and
+    a held request pushed again (PushKv) is read by every rank in the same step (their hand-offs happened in the same
+    step, and the read command reaches them all); rank 0 gathers each rank's KV heads of them and pushes the whole
+    (the others' exports are dropped with their outputs)."""
+
+    def __init__(self, engine: TensorParallelEngine) -> None:
+        super().__init__(engine, engine.cache, engine.scheduler, engine._counters)
+        self.group, self.rank, self.world = engine.group, engine.rank, engine.world
+        self.collective_device = engine.collective_device
+
+    def _exported(self, export: KvExport) -> KvExport:
+        """Rank 0: the export with every rank's KV heads of its blocks; the others: their own (dropped)."""
+        if not export.num_blocks:
+            return export
+        mine = export.blocks.contiguous()
+        raw = mine.view(torch.uint8).to(self.collective_device)  # bytes: gloo need not know the dtype
+        parts = [torch.empty_like(raw) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(raw, parts, dst=0, group=self.group)
+        if parts is None:
+            return export
+        whole = torch.cat(parts, dim=3).to(mine.device).view(mine.dtype)
+        return dataclasses.replace(export, blocks=whole)
 
 
 def follow(engine: TensorParallelEngine) -> None:

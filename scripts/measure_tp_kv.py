@@ -6,7 +6,7 @@ from it, over gloo between processes on this host, as `dvd language --tp N` runs
 The KV is shaped as an InternVL3.5-1B's LLM holds it (28 layers, 8 KV heads of 128, BF16, 16-token blocks:
 1.75 MiB a block, all heads); each rank holds 1/N of the heads. Printed per block count: the median ms of each
 collective over --repeats, and MiB/s of the whole export. It runs the same calls the engine does
-(`TensorParallelEngine._export` and `_scatter`), not the engine itself.
+(`_GatheringKvHandoffs._exported` and `TensorParallelEngine._scatter`), not the engine itself.
 """
 
 from __future__ import annotations
