@@ -69,6 +69,12 @@ class EngineStats:
     num_kv_blocks_held: int = 0
     num_kv_holds_released: int = 0
     num_kv_holds_expired: int = 0
+    # P/D with tensor parallel: exports each rank pushed to its own decode rank / gathered to rank 0 first, and
+    # imports each rank took from its own prefill rank / had scattered from rank 0 (kv_shards.py)
+    num_kv_exports_shard_to_shard: int = 0
+    num_kv_exports_through_rank0: int = 0
+    num_kv_imports_shard_to_shard: int = 0
+    num_kv_imports_through_rank0: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}

@@ -69,8 +69,9 @@ class EngineLoop:
         self.engine.kv.release_held(request_id, expired)
         self._wake.set()
 
-    def read_held(self, request_id: str) -> concurrent.futures.Future[KvExport | None]:
-        future = self.engine.kv.read_held(request_id)
+    def read_held(self, request_id: str, shard_destinations: tuple[str, ...] = ()) \
+            -> concurrent.futures.Future[KvExport | None]:
+        future = self.engine.kv.read_held(request_id, shard_destinations)
         self._wake.set()
         return future
 

@@ -96,13 +96,15 @@ class KvHandoffs:
         them too."""
         self.engine.queue("kv_release", (request_id, expired))
 
-    def read_held(self, request_id: str) -> concurrent.futures.Future[KvExport | None]:
+    def read_held(self, request_id: str, shard_destinations: tuple[str, ...] = ()) \
+            -> concurrent.futures.Future[KvExport | None]:
         """A prefill server: a held request's whole KV (every prompt block) and its hand-off, read on the engine
-        thread, to push again to another decode server; None when nothing is held under that id."""
+        thread, to push again to another decode server (a tensor-parallel one's ranks' receivers:
+        `shard_destinations`); None when nothing is held under that id."""
         future: concurrent.futures.Future[KvExport | None] = concurrent.futures.Future()
         key = next(self._read_keys)
         self._held_reads[key] = (request_id, future)
-        self.engine.queue("kv_read", (key, request_id))
+        self.engine.queue("kv_read", (key, request_id, shard_destinations))
         return future
 
     # --- the engine thread: commands ------------------------------------------------------------
@@ -158,10 +160,10 @@ class KvHandoffs:
             self.counters.num_kv_holds_released += 1
         return RequestOutput(request_id, (), True, released=True)
 
-    def _on_kv_read(self, item: tuple[int, str]) -> None:
-        key, request_id = item
+    def _on_kv_read(self, item: tuple[int, str, tuple[str, ...]]) -> None:
+        key, request_id, shard_destinations = item
         held = self.held.get(request_id)
-        export = self._reexport(held) if held is not None else None
+        export = self._reexport(held, shard_destinations) if held is not None else None
         reader = self._held_reads.pop(key, None)
         if reader is not None:  # None on a tensor-parallel follower: it read its part, rank 0 answers
             reader[1].set_result(export)
@@ -198,16 +200,19 @@ class KvHandoffs:
         blocks = self.cache.read_blocks(request.block_ids[first:end])
         request.num_exported_blocks = end
         self.counters.num_kv_blocks_exported += end - first
-        return self._exported(KvExport(first, end - first, blocks, handoff))
+        export = KvExport(first, end - first, blocks, handoff)
+        return self._exported(request.request_id, export, request.kv_shard_destinations)
 
-    def _reexport(self, held: HeldExport) -> KvExport:
+    def _reexport(self, held: HeldExport, shard_destinations: tuple[str, ...]) -> KvExport:
         """A held request's every prompt block, and its hand-off, to push again."""
         self.counters.num_kv_blocks_exported += held.num_blocks
         blocks = self.cache.read_blocks(held.request.block_ids[:held.num_blocks])
-        return self._exported(KvExport(0, held.num_blocks, blocks, held.handoff))
+        return self._exported(held.request.request_id, KvExport(0, held.num_blocks, blocks, held.handoff),
+                              shard_destinations)
 
-    def _exported(self, export: KvExport) -> KvExport:
-        """An export as it leaves the engine (a tensor-parallel engine gathers its ranks' heads here)."""
+    def _exported(self, request_id: str, export: KvExport, shard_destinations: tuple[str, ...]) -> KvExport:
+        """An export as it leaves the engine (a tensor-parallel engine's ranks push their own heads of it to
+        `shard_destinations`, or gather them to rank 0, here)."""
         return export
 
     def update_stats(self, stats: EngineStats) -> None:

@@ -43,11 +43,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -64,6 +66,11 @@ from dvd.language_server.request import KvExport
 from dvd.transport import Frame, KvHandoff, KvHeader, Sender, TransportError
 from dvd.transport.handshake import layout_difference
 
+if TYPE_CHECKING:
+    from dvd.checkpoint import CheckpointInfo
+    from dvd.language_server.engine import Engine
+    from dvd.language_server.server_config import LanguageServerConfig
+
 ROLES = ("both", "prefill", "decode")
 logger = logging.getLogger(__name__)
 # How many ended requests' ids a decode server remembers, so their late frames are dropped at once.
@@ -78,12 +85,43 @@ def kv_layout(model: str, dtype: torch.dtype, block_size: int, num_layers: int, 
             f"head_dim={head_dim};tp={tensor_parallel};device={device_type}")
 
 
+def server_kv_layout(config: LanguageServerConfig, engine: Engine, info: CheckpointInfo) -> str:
+    """A language server's layout (every rank of a tensor-parallel group computes the same): the checkpoint by its
+    text config's hash and revision (the same model wherever it sits on disk), and its engine's cache."""
+    model = hashlib.sha256(json.dumps(info.text_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    text: Any = engine.language.model.config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return kv_layout(f"{model}@{config.revision}", engine.language.dtype, engine.config.block_size,
+                     text.num_hidden_layers, text.num_key_value_heads, head_dim, config.tensor_parallel,
+                     engine.language.device.type)
+
+
 class KvPusher:
     """A prefill server's side: its requests' KV exports as frames to the decode servers named."""
 
-    def __init__(self, sender: Sender, layout: str) -> None:
+    def __init__(self, sender: Sender, layout: str, world: int = 1) -> None:
         self.sender = sender
         self.layout = layout
+        self.world = world  # the server's tensor-parallel ranks
+        self._paths: dict[str, str] = {}  # destination -> the path its KV takes, as logged once
+
+    async def shard_destinations(self, destination: str) -> tuple[str, ...]:
+        """A tensor-parallel prefill group: the decode group's ranks' receivers (rank order, as the decode server
+        names them at connect) when each rank pushes its own KV heads to its own (kv_shards.py); () when the KV goes
+        through rank 0: a tp=1 server, a decode server that names no ranks (another transport kind, one whose
+        ranks are not reachable), or one not reachable now (the push then fails naming it, as a tp=1 push does)."""
+        if self.world == 1:
+            return ()
+        try:
+            peers = await self.sender.peers_of(destination)
+        except TransportError:
+            return ()
+        shard_to_shard = len(peers) == self.world
+        path = f"shard to shard ({', '.join(peers)})" if shard_to_shard else "through rank 0 (it names no ranks)"
+        if self._paths.get(destination) != path:
+            self._paths[destination] = path
+            logger.info("KV to decode server %s: %s", destination, path)
+        return peers if shard_to_shard else ()
 
     async def push(self, destination: str, request_id: str, export: KvExport) -> None:
         """Send one export's blocks (and its hand-off, when it has one); DestinationError naming the decode server
@@ -110,7 +148,8 @@ class HeldReads(Protocol):
 
     def release_held(self, request_id: str, expired: bool = False) -> None: ...
 
-    def read_held(self, request_id: str) -> concurrent.futures.Future[KvExport | None]: ...
+    def read_held(self, request_id: str, shard_destinations: tuple[str, ...] = ()) \
+            -> concurrent.futures.Future[KvExport | None]: ...
 
 
 class KvHolds:
@@ -149,7 +188,8 @@ class KvHolds:
         The blocks pushed; NotFoundError when nothing is held, DestinationError when the push fails."""
         if request_id not in self._timers:
             raise NotFoundError(f"no KV held for request {request_id!r} (released, expired, or never handed off)")
-        export = await asyncio.wrap_future(self.engine.read_held(request_id))
+        shards = await pusher.shard_destinations(destination)  # a tensor-parallel decode server's ranks
+        export = await asyncio.wrap_future(self.engine.read_held(request_id, shards))
         if export is None or request_id not in self._timers:
             raise NotFoundError(f"the KV hold of request {request_id!r} ended before it could be pushed again")
         self.hold(request_id)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -38,7 +36,7 @@ from dvd.language_server.engine_loop import EngineLoop
 from dvd.language_server.feature_pool import FeaturePool
 from dvd.language_server.feeder import FeatureFeeder, Feed
 from dvd.language_server.generation import FirstTokenStamps, GenerateCall, GenerateOutput
-from dvd.language_server.kv_transfer import KvHolds, KvIntake, KvPusher, kv_layout
+from dvd.language_server.kv_transfer import KvHolds, KvIntake, KvPusher, server_kv_layout
 from dvd.language_server.metrics import LanguageMetrics
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest, RequestOutput
@@ -65,10 +63,11 @@ class LanguageServer:
 
     def __init__(self, config: LanguageServerConfig, transport_options: dict[str, Any] | None = None,
                  language: LanguageHalf | None = None, engine: Engine | None = None,
-                 tracer: Tracer = NO_TRACER) -> None:
+                 tracer: Tracer = NO_TRACER, kv_peers: tuple[str, ...] = ()) -> None:
         """`language` lets a caller share an already-loaded model (tests); by default it is loaded here.
         `engine`: an engine built by the caller (rank 0's of a tensor-parallel group, tp_serve.py).
-        `tracer`: where each Generate's spans go (dvd/tracing.py)."""
+        `tracer`: where each Generate's spans go (dvd/tracing.py). `kv_peers`: a tensor-parallel decode group's
+        ranks' KV receivers above rank 0 (kv_shards.py), named to prefill servers at connect."""
         self.config = config
         self.tracer = tracer
         info = open_checkpoint(config.model)
@@ -85,11 +84,11 @@ class LanguageServer:
                                     engine.hidden_size, self.engine_loop.extend, engine.validate)
         self.service = LanguageService(self)
         # the checkpoint by its text config's hash and revision: the same model, wherever it sits on disk
-        text_config = json.dumps(info.text_config, sort_keys=True, default=str).encode()
-        self.kv_layout = self._kv_layout(hashlib.sha256(text_config).hexdigest()[:16])
+        self.kv_layout = server_kv_layout(config, engine, info)
+        self.kv_peers = kv_peers
         # P/D: a prefill server pushes KV with its own sender; a decode server takes it in
-        self.kv_pusher = KvPusher(create_sender(config.transport, **(transport_options or {})), self.kv_layout) \
-            if config.role == "prefill" else None
+        self.kv_pusher = KvPusher(create_sender(config.transport, **(transport_options or {})), self.kv_layout,
+                                  config.tensor_parallel) if config.role == "prefill" else None
         self.kv_intake = KvIntake(self.kv_layout, self.engine_loop.import_blocks, config.orphan_ttl_s)
         # the transport's handshake: a prefill server's pushes name its layout, a decode server refuses another's
         if self.kv_pusher is not None:
@@ -111,13 +110,6 @@ class LanguageServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._notify_task: asyncio.Future[None] | None = None
 
-    def _kv_layout(self, model: str) -> str:
-        text: Any = self.engine.language.model.config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return kv_layout(f"{model}@{self.config.revision}", self.engine.language.dtype, self.engine.config.block_size,
-                         text.num_hidden_layers, text.num_key_value_heads, head_dim, self.config.tensor_parallel,
-                         self.engine.language.device.type)
-
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
@@ -130,6 +122,8 @@ class LanguageServer:
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.receiver.start()
+        if self.kv_peers:  # a tensor-parallel decode group: prefill ranks push their heads to these (kv_shards.py)
+            self.receiver.kv_peers = ",".join((self.transport_address, *self.kv_peers))
         self.engine_loop.start()
         self._tasks.append(asyncio.create_task(self._receive_features()))
         self._server, self.port = await start_grpc_server(
@@ -187,9 +181,11 @@ class LanguageServer:
             else:
                 if call.num_slots:  # waiting for features from here, so an Abort from now on ends the wait
                     feed = self.feeder.open(rid, call.segments, call.sampling.max_new_tokens)
+                shards = await self.kv_pusher.shard_destinations(call.kv_destination) \
+                    if self.kv_pusher is not None and call.kv_destination else ()
                 request = EngineRequest(rid, self.chat.image_tokens.head(call.segments[0], call.num_slots),
                                         call.sampling, prompt_complete=not call.num_slots,
-                                        kv_export=bool(call.kv_destination))
+                                        kv_export=bool(call.kv_destination), kv_shard_destinations=shards)
                 added_ms, kv_transfer_ms = _ms_since(t0), None
                 self.engine_loop.add(request)
                 in_engine = True

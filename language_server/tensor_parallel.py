@@ -49,8 +49,9 @@ from dvd.errors import CheckpointError
 from dvd.language_server.config import EngineConfig
 from dvd.language_server.engine import Engine
 from dvd.language_server.kv_handoff import KvHandoffs
+from dvd.language_server.kv_shards import KvSpec, TensorParallelKvHandoffs, kv_specs
 from dvd.language_server.model import LanguageHalf, fill, meta_model
-from dvd.language_server.request import EngineRequest, KvExport, RequestOutput
+from dvd.language_server.request import EngineRequest, RequestOutput
 from dvd.language_server.sampling import sample_tensor
 from dvd.tensor_refs import Cut, JoinedRef, ShardRef, TensorRef, TensorSource
 from dvd.weights import language_tensors
@@ -196,15 +197,6 @@ class _TensorSpec:
     dtype: torch.dtype
 
 
-@dataclass(frozen=True)
-class _KvSpec:
-    """A `kv_blocks` command's blocks: each rank receives its own KV heads of them, this shape, by scatter."""
-
-    command: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
 def _images_of(kind: str, item: Any) -> list[tuple[int, torch.Tensor]]:
     if kind == "add":
         return item.images
@@ -238,17 +230,6 @@ def _with_images(kind: str, item: Any, images: list[tuple[int, torch.Tensor]]) -
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _kv_specs(commands: list[tuple[str, Any]], world: int) -> list[_KvSpec]:
-    """Each `kv_blocks` command's shard as one rank holds it: [layers, 2, tokens, kv heads / world, head dim]."""
-    specs = []
-    for c, (command, item) in enumerate(commands):
-        if command == "kv_blocks":
-            blocks = item[2]
-            shape = (*blocks.shape[:3], blocks.shape[3] // world, *blocks.shape[4:])
-            specs.append(_KvSpec(c, shape, blocks.dtype))
-    return specs
 
 
 class TensorParallelEngine(Engine):
@@ -290,32 +271,19 @@ class TensorParallelEngine(Engine):
         self._send(_STOP, [])
 
     def _send(self, kind: str, commands: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        """Broadcast the step's commands (their feature tensors as raw bytes), scatter each imported KV frame's
-        heads among the ranks; the commands as rank 0 applies them (holding its own heads of those blocks)."""
+        """Broadcast the step's commands (their feature tensors as raw bytes), then settle its KV imports among the
+        ranks (kv_shards.py); the commands as rank 0 applies them (holding its own heads of those blocks)."""
         specs, tensors = [], []
         for c, (command, item) in enumerate(commands):
             for i, (position, tensor) in enumerate(_images_of(command, item)):
                 specs.append(_TensorSpec(c, i, position, tuple(tensor.shape), tensor.dtype))
                 tensors.append(tensor)
-        kv_specs = _kv_specs(commands, self.world)
+        kv_specs = self._kv_specs(commands)
         message = [(kind, [(command, _for_followers(command, item)) for command, item in commands], specs, kv_specs)]
         dist.broadcast_object_list(message, src=0, group=self.group, device=self.collective_device)
         for tensor in tensors:  # raw bytes on the collective device, no pickled tensors
             dist.broadcast(_as_bytes(tensor.to(self.collective_device)), src=0, group=self.group)
-        commands = list(commands)
-        for spec in kv_specs:
-            request_id, first_block, blocks = commands[spec.command][1]
-            # rank r's KV heads are the r-th run of them (`shard_plan` cuts k_proj / v_proj rows so)
-            parts = [_as_bytes(part.to(self.collective_device)) for part in blocks.chunk(self.world, dim=3)]
-            commands[spec.command] = ("kv_blocks", (request_id, first_block, self._scatter(spec, parts)))
-        return commands
-
-    def _scatter(self, spec: _KvSpec, parts: list[torch.Tensor] | None) -> torch.Tensor:
-        """This rank's heads of an imported KV frame (rank 0 passes every rank's `parts`, the others None)."""
-        nbytes = spec.dtype.itemsize * int(torch.Size(spec.shape).numel())
-        mine = torch.empty(nbytes, dtype=torch.uint8, device=self.collective_device)
-        dist.scatter(mine, parts, src=0, group=self.group)
-        return mine.view(spec.dtype).view(spec.shape)
+        return self.tp_kv.send_imports(commands, kv_specs)
 
     # --- every rank above 0 ---
     def follow(self) -> None:
@@ -343,14 +311,16 @@ class TensorParallelEngine(Engine):
             images.setdefault(spec.command, []).append((spec.position, tensor))
         commands = [(command, _with_images(command, item, images.get(c, []))) for c, (command, item) in
                     enumerate(commands)]
-        for kv in kv_specs:  # this rank's heads of each imported frame, in the order rank 0 scatters them
-            request_id, first_block, _ = commands[kv.command][1]
-            commands[kv.command] = ("kv_blocks", (request_id, first_block, self._scatter(kv, None)))
-        return kind, commands
+        return kind, self.tp_kv.receive_imports(commands, kv_specs)
 
     # --- both ---
     def _kv_handoffs(self) -> KvHandoffs:
-        return _GatheringKvHandoffs(self)
+        self.tp_kv = TensorParallelKvHandoffs(self, self.group, self.rank, self.world, self.collective_device)
+        return self.tp_kv
+
+    def _kv_specs(self, commands: list[tuple[str, Any]]) -> list[KvSpec]:
+        text: Any = self.language.model.config  # this rank's: its own KV heads
+        return kv_specs(commands, self.world, text.num_key_value_heads)
 
     def _sample(self, requests: list[EngineRequest], logits: torch.Tensor) -> list[int]:
         """Rank 0 samples and broadcasts the ids; the others take them (as nano-vllm does)."""
@@ -362,31 +332,6 @@ class TensorParallelEngine(Engine):
             tokens = sample_tensor(requests, logits).to(self.collective_device)
         dist.broadcast(tokens, src=0, group=self.group)
         return tokens.tolist()
-
-
-class _GatheringKvHandoffs(KvHandoffs):
-    """P/D, a prefill group: every rank exports the same blocks in the same step (their schedules are the same), and
-    a held request pushed again (PushKv) is read by every rank in the same step (their hand-offs happened in the same
-    step, and the read command reaches them all); rank 0 gathers each rank's KV heads of them and pushes the whole
-    (the others' exports are dropped with their outputs)."""
-
-    def __init__(self, engine: TensorParallelEngine) -> None:
-        super().__init__(engine, engine.cache, engine.scheduler, engine._counters)
-        self.group, self.rank, self.world = engine.group, engine.rank, engine.world
-        self.collective_device = engine.collective_device
-
-    def _exported(self, export: KvExport) -> KvExport:
-        """Rank 0: the export with every rank's KV heads of its blocks; the others: their own (dropped)."""
-        if not export.num_blocks:
-            return export
-        mine = export.blocks.contiguous()
-        raw = mine.view(torch.uint8).to(self.collective_device)  # bytes: gloo need not know the dtype
-        parts = [torch.empty_like(raw) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(raw, parts, dst=0, group=self.group)
-        if parts is None:
-            return export
-        whole = torch.cat(parts, dim=3).to(mine.device).view(mine.dtype)
-        return dataclasses.replace(export, blocks=whole)
 
 
 def follow(engine: TensorParallelEngine) -> None:
