@@ -33,9 +33,12 @@ fails with that reason); the frames carry it too, and a decode server fails a re
 gateway pairs only servers that fit.
 
 Tensor-parallel servers (`--tp N`, the same N on both sides: `tp` and `kv_heads`, a rank's KV heads, are layout
-keys) push and take whole blocks, all heads, through rank 0 alone: the prefill group gathers its ranks' heads to
-rank 0 before the push, and the decode group's rank 0 scatters each imported frame's heads to its ranks inside the
-step that imports it (tensor_parallel.py, which says what that costs). Nothing here sees the ranks.
+keys) move the KV shard to shard over tcp: a decode group's receiver names its ranks' receivers at connect
+(`Challenge.kv_peers`), a prefill group's `KvPusher.shard_destinations` asks for them as a request starts, and each
+prefill rank pushes its own heads to its own decode rank (rank 0's through this pusher, with the hand-off; the
+others' through their own: kv_shards.py, which says how the decode ranks agree before importing). Where a decode
+server names no ranks (inproc, rdma) the KV goes through rank 0: the prefill group gathers its heads to rank 0,
+which pushes whole blocks, and the decode group's rank 0 scatters them. `KvIntake` sees only rank 0's frames.
 """
 
 from __future__ import annotations

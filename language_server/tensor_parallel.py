@@ -22,15 +22,12 @@ tokens, whatever its logits' last bits or its random state. Beyond that only the
 all-reduces communicate, and P/D's KV blocks (below).
 
 P/D with tensor parallel (`--role prefill` / `decode` with `--tp N`, the same N on both sides: the KV layout's
-`tp` and `kv_heads` keys refuse another at connect) moves the KV cache through rank 0 on both sides, not shard to
-shard. A prefill group's ranks export in step (their schedules are the same), and each export gathers every rank's
-KV heads of those blocks to rank 0 (`_GatheringKvHandoffs`: one `gather` of raw bytes in the step), which pushes whole
-blocks, all heads, as a tp=1 server does. A decode group's rank 0 takes those frames as a tp=1 server does, and the
-step that imports a frame's blocks scatters each rank its own heads (`_send`: one `scatter` after the step's
-broadcast), so every rank writes its shard in the same step and no rank can admit the request before the others
-hold its blocks. The cost: every KV byte crosses the TP group once more on each side (rank r's 1/N to rank 0 and
-back out), inside the step that exports or imports it, and rank 0's transport carries all N shards; shard to shard
-(each rank a sender or receiver of its own, the gateway naming N destinations) would save both and is not built.
+`tp` and `kv_heads` keys refuse another at connect): the ranks' engines own a `TensorParallelKvHandoffs`
+(kv_shards.py). A prefill group's ranks export in step (their schedules are the same) and each pushes its own KV
+heads to its own decode rank (shard to shard), or gathers them to rank 0 (through rank 0, the fallback). A decode
+group's rank 0 broadcasts each import command after the step's commands; each rank takes its own heads of it from
+its own inbox (or by scatter from rank 0) and the ranks agree before any imports, so every rank writes its shard
+in the same step and no rank can admit the request before the others hold its blocks.
 """
 
 from __future__ import annotations
