@@ -5,7 +5,8 @@ hand-offs a prefill server holds meanwhile (kv_transfer.py tells the whole flow)
 `kv_admit`, `kv_release`, `kv_read`) with its own, applies them in order at the start of a step (`handlers`), and
 calls it after each step for the blocks that step completed (`export_completed`) and for a request's first token
 (`hand_off`). Its public methods (`import_blocks`, `add_prefilled`, `release_held`, `read_held`) may be called from
-any thread: they only queue. A tensor-parallel engine hooks `_exported` (tensor_parallel.py).
+any thread: they only queue. A tensor-parallel engine's part (kv_shards.py `TensorParallelKvHandoffs`) hooks
+`_exported` and adds a command of its own (`kv_missing`).
 """
 
 from __future__ import annotations
