@@ -4,8 +4,8 @@ whose receivers the decode group's rank 0 names at connect; the servers' Stats s
 import took. The split's tokens equal transformers' monolithic output (greedy; text and one image) and a seeded
 sampled request continues the stream one process draws; a tp=1 decode server refuses the tp=2 prefill server at
 connect, naming tp, and the KV the prefill group held is pushed again (PushKv), shard to shard, to the tp=2 decode
-server; a rank's shard that never comes fails the request by name on every rank; nothing stays allocated; SIGTERM
-stops every rank."""
+server; a rank's shard that never comes fails the request by name on every rank; whole blocks (the through-rank-0
+fallback) are still scattered; nothing stays allocated; SIGTERM stops every rank."""
 
 from __future__ import annotations
 
@@ -256,6 +256,21 @@ def test_tp2_held_kv_pushed_again_to_another_decode_server(servers: dict[str, St
         assert_freed(server)
 
 
+def _zero_blocks(servers: dict[str, Started], heads_per_rank: int) -> tuple[str, torch.Tensor]:
+    """The decode group's layout (Health) and one block of zeros shaped by it, `heads_per_rank` x its heads."""
+    layout = servers["decode"].stub.Health(common_pb2.HealthRequest()).kv_layout
+    keys = dict(part.split("=", 1) for part in layout.split(";"))
+    return layout, torch.zeros(int(keys["layers"]), 2, int(keys["block_size"]), heads_per_rank * int(keys["kv_heads"]),
+                               int(keys["head_dim"]), dtype=getattr(torch, keys["dtype"]))
+
+
+def _from_test(request_id: str) -> language_pb2.LanguageGenerateRequest:
+    """A decode server's Generate whose KV the test itself pushes, standing in for a prefill group."""
+    return language_pb2.LanguageGenerateRequest(
+        request_id=request_id, segments=[language_pb2.TokenSegment(ids=PROMPT)], kv_source=True,
+        sampling=language_pb2.LanguageSampling(max_new_tokens=4, min_new_tokens=4))
+
+
 def test_tp2_missing_shard_fails_the_request_by_name_on_every_rank(servers: dict[str, Started], chat: ChatFormat,
                                                                    language: LanguageHalf) -> None:
     """A prefill group whose rank 1 never pushes (here the test stands in for it: rank 0's heads and the hand-off
@@ -263,15 +278,9 @@ def test_tp2_missing_shard_fails_the_request_by_name_on_every_rank(servers: dict
     request fails naming rank 1, its blocks freed on every rank: the ranks stay in step, so the next request's tokens
     are still transformers' own."""
     decode = servers["decode"]
-    layout = decode.stub.Health(common_pb2.HealthRequest()).kv_layout
-    keys = dict(part.split("=", 1) for part in layout.split(";"))
-    blocks = torch.zeros(int(keys["layers"]), 2, int(keys["block_size"]), int(keys["kv_heads"]),
-                         int(keys["head_dim"]), dtype=getattr(torch, keys["dtype"]))
-    request = language_pb2.LanguageGenerateRequest(
-        request_id="tp-half", segments=[language_pb2.TokenSegment(ids=PROMPT)], kv_source=True,
-        sampling=language_pb2.LanguageSampling(max_new_tokens=4, min_new_tokens=4))
-    stream = decode.stub.Generate(request)
-    asyncio.run(_push_rank0_only(decode.transport_address, layout, blocks))
+    layout, blocks = _zero_blocks(servers, 1)
+    stream = decode.stub.Generate(_from_test("tp-half"))
+    asyncio.run(_push_to_rank0(decode.transport_address, layout, "tp-half", blocks))
     with pytest.raises(grpc.RpcError) as caught:
         collect(stream)
     assert "tensor-parallel rank 1 did not get its KV heads" in (caught.value.details() or ""), caught.value
@@ -280,11 +289,28 @@ def test_tp2_missing_shard_fails_the_request_by_name_on_every_rank(servers: dict
     assert generate_split(servers, after) == (expected(language, chat, after, []), "length")
 
 
-async def _push_rank0_only(destination: str, layout: str, blocks: torch.Tensor) -> None:
+def test_tp2_decode_group_still_takes_whole_blocks_through_rank0(servers: dict[str, Started]) -> None:
+    """The fallback, for a prefill group that cannot reach the decode ranks (its KV gathered to rank 0): whole blocks,
+    every rank's heads, pushed to the decode group's rank 0 alone are scattered to its ranks and the request decodes
+    (the KV is zeros: its tokens are not checked), counted through rank 0."""
+    decode = servers["decode"]
+    layout, blocks = _zero_blocks(servers, 2)
+    before = paths(servers)
+    stream = decode.stub.Generate(_from_test("tp-whole"))
+    asyncio.run(_push_to_rank0(decode.transport_address, layout, "tp-whole", blocks))
+    tokens, reason = collect(stream)
+    assert len(tokens) == 3 and reason == "length"  # the first of the 4 came with the hand-off
+    now = paths(servers)
+    assert now["num_kv_imports_through_rank0"] == before["num_kv_imports_through_rank0"] + 1
+    assert now["num_kv_imports_shard_to_shard"] == before["num_kv_imports_shard_to_shard"]
+    assert_freed(decode)
+
+
+async def _push_to_rank0(destination: str, layout: str, request_id: str, blocks: torch.Tensor) -> None:
     sender = create_sender(TransportConfig(kind="tcp"))
     sender.kv_layout = layout
     try:
-        await KvPusher(sender, layout).push(destination, "tp-half",
+        await KvPusher(sender, layout).push(destination, request_id,
                                             KvExport(0, 1, blocks, Handoff(tuple(PROMPT), 7, b"", 0)))
     finally:
         await sender.close()
