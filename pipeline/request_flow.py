@@ -7,6 +7,14 @@ for its features at once; a replica leaving rotation fails the request naming it
 any early end (the client gone, a stop string, a failure) frees both halves, with an Abort to the
 language server unless it is the one that was lost. The last event carries the stage timings.
 
+A language server (P/D: prefill server) lost while the flow runs, out of rotation (`Work.lost`) or unreachable
+(its Generate failed UNAVAILABLE with no DvD error of the server's own: the connection, not the server, answered),
+ends the flow with `LanguageLost`, which the router may answer by running the request again on another server
+(a new flow: Generate and Encode sent again, the Encode naming the new server's transport address). That new
+flow's frames go to a receiver that never saw this request, so they cannot be taken for duplicates of the lost
+run's, and the vision server keys nothing by request id (its encoder cache makes the second Encode cheap). A
+loss after the first token reached the client is still the request's answer (the router's decision).
+
 P/D: the prefill server answers the first token and holds the request's KV blocks; the decode server streams the
 rest. At the decode server's first message it holds the KV, so the prefill server is told to free its copy
 (`ReleaseKv`). Until that first message the request can still move: a decode server that refuses busy (its cache
@@ -29,9 +37,9 @@ from typing import Any
 
 import grpc
 
-from dvd.errors import PeerLostError, ReplicaBusyError, UnavailableError, from_rpc_error
+from dvd.errors import ERROR_METADATA_KEY, PeerLostError, ReplicaBusyError, UnavailableError, from_rpc_error
 from dvd.pipeline.replicas import Replica, Work
-from dvd.pipeline.router import RefusedBusy, Router, pick_decode
+from dvd.pipeline.router import LanguageLost, RefusedBusy, Router, pick_decode
 from dvd.pipeline.stage_timings import Stamps
 from dvd.requests import GenerationEvent, Media, TokenizedRequest
 from dvd.v1 import language_pb2, vision_pb2
@@ -79,14 +87,27 @@ class RequestFlow:
         self._tried_decodes: list[Replica] = [decode] if decode is not None else []
         self._release: asyncio.Future[Any] | None = None  # P/D: the ReleaseKv in flight
         self.encode: asyncio.Task[vision_pb2.EncodeResponse] | None = None
+        self.work: Work | None = None  # the language (P/D: prefill) server's in_use, while the flow runs
         self.finished = False  # the language server sent the finish: nothing is left to free
         self.handed_off = False  # P/D: the prefill server answered its first token (and holds the KV)
 
     async def run(self) -> AsyncGenerator[GenerationEvent, None]:
         """The request's events: one per message of the token stream (P/D: the prefill server's first token,
-        then the decode server's), then the final one."""
+        then the decode server's), then the final one. LanguageLost when the language (prefill) server was lost
+        (see the module docstring), whether or not events went out: the router decides what that means."""
+        try:
+            async with contextlib.aclosing(self._run()) as events:
+                async for event in events:
+                    yield event
+        except UnavailableError as error:
+            if self.work is None or not self.work.lost:
+                raise
+            raise LanguageLost(error, self.language, self._route()) from None
+
+    async def _run(self) -> AsyncGenerator[GenerationEvent, None]:
         self._send()
         async with self.language.in_use(self.call) as work, self._decode_scope:
+            self.work = work
             if self.decode is not None:
                 self.decode_work = await self._decode_scope.enter_async_context(self.decode.in_use(self.decode_call))
             try:
@@ -224,12 +245,15 @@ class RequestFlow:
     def _failed(self, err: grpc.aio.AioRpcError | asyncio.CancelledError, work: Work,
                 decode_work: Work | None) -> BaseException | None:
         """What the request fails with: the Encode's error when that ended it, the language server's (P/D: the
-        decode server's when its call is the one that failed; RefusedBusy for a busy refusal, which the router may
-        send elsewhere), or None to re-raise `err`."""
+        decode server's when its call is the one that failed; RefusedBusy for a busy refusal, LanguageLost for a
+        language server unreachable, which the router may send elsewhere), or None to re-raise `err` (the language
+        server lost comes first: its Encode, pushing to it, may have failed because of it)."""
+        if work.lost:
+            return None
         encode = self.encode
         if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
             return encode.exception()
-        if work.lost or (decode_work is not None and decode_work.lost) or isinstance(err, asyncio.CancelledError):
+        if (decode_work is not None and decode_work.lost) or isinstance(err, asyncio.CancelledError):
             return None
         replica = self.language
         if self.decode is not None and isinstance(err, grpc.aio.AioRpcError) and err is not self._error_of(self.call):
@@ -238,7 +262,14 @@ class RequestFlow:
         error = from_rpc_error(err, f"{side} ({replica.address})")
         if isinstance(error, ReplicaBusyError):
             return RefusedBusy(error, replica)
+        if replica is self.language and _unreachable(err):
+            return LanguageLost(error, replica, self._route())
         return error
+
+    def _route(self) -> tuple[Replica, ...]:
+        """The servers a new run of the request must avoid: this language server and (P/D) every decode server
+        it was paired with, which may hold KV frames of this run under the keys a new run's would have."""
+        return (self.language, *self._tried_decodes)
 
     @staticmethod
     def _error_of(call: Any) -> Any:
@@ -272,6 +303,14 @@ async def _shielded_abort(replica: Replica, request_id: str) -> None:
     abort.add_done_callback(_retrieved)  # its error, when nobody awaits it any more (below)
     with contextlib.suppress(grpc.aio.AioRpcError):
         await asyncio.shield(abort)
+
+
+def _unreachable(err: grpc.aio.AioRpcError | asyncio.CancelledError) -> bool:
+    """A call that failed UNAVAILABLE without a DvD error class: the connection failed (refused, reset, the process
+    gone), not the server answering (a draining server names UnavailableError itself)."""
+    if not isinstance(err, grpc.aio.AioRpcError) or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return ERROR_METADATA_KEY not in dict(err.trailing_metadata() or ())
 
 
 def _why(error: BaseException) -> str:

@@ -9,6 +9,13 @@ rotation and the call goes to the next replica, and only when every healthy one 
 answer 429. A language call is moved only while nothing of it reached the client. An Encode that
 failed because its replica could not be reached (UNAVAILABLE), or left rotation while encoding, is
 sent once more to another replica as a new `attempt`; any other error is the request's answer.
+
+A request whose language server (P/D: prefill server) was lost before anything of its answer reached the
+client (out of rotation, its connection lost, its process killed: `LanguageLost`) is run again from the start,
+Generate and Encode, on a healthy route not tried yet, at most `max_lost_retries` times (1), counted in
+`num_lost_retries`. Not for the client's own cancel, a validation error, a deadline or any error the server
+answered with: those are the request's answer wherever it runs. Once a token reached the client the loss is
+the answer, naming the server: a new run would send the client its first tokens again.
 """
 
 from __future__ import annotations
@@ -51,6 +58,17 @@ class RefusedBusy(Exception):
         super().__init__(str(error))
         self.error = error
         self.replica = replica  # the one that refused, when not the route's first (P/D: its decode server)
+
+
+class LanguageLost(Exception):
+    """Raised by a `Router.generate` run: its language server (P/D: prefill server) was lost, out of rotation or
+    unreachable, not answering with an error of its own (`error`, naming it). The router may run the request
+    again elsewhere if nothing of it was yielded yet. `tried`: the servers the new run must avoid (P/D: the decode
+    server too, which may hold KV frames of the lost run under the same keys)."""
+
+    def __init__(self, error: DvdError, replica: Replica, tried: tuple[Replica, ...]) -> None:
+        super().__init__(str(error))
+        self.error, self.replica, self.tried = error, replica, tried
 
 
 def untried(pool: ReplicaPool, tried: list[Replica]) -> list[Replica]:
@@ -148,10 +166,15 @@ def merged(request_id: str, answers: list[vision_pb2.EncodeResponse]) -> vision_
 class Router:
     """Routes the calls of every request over one vision and one language pool, and counts its retries."""
 
-    def __init__(self, vision: ReplicaPool, language: ReplicaPool, split_images: bool = True) -> None:
-        """`split_images`: a request's images may go to several vision replicas (False for ViR checkpoints)."""
+    def __init__(self, vision: ReplicaPool, language: ReplicaPool, split_images: bool = True,
+                 max_lost_retries: int = 1) -> None:
+        """`split_images`: a request's images may go to several vision replicas (False for ViR checkpoints);
+        `max_lost_retries`: how many times a request whose language server was lost before its first token is
+        run again elsewhere."""
         self.vision, self.language = vision, language
         self.split_images = split_images
+        self.max_lost_retries = max_lost_retries
+        self.num_lost_retries = 0  # requests run again because their language (prefill) server was lost
         self.ring = AffinityRing()
         self.num_encode_splits = 0  # Encodes sent as several calls, their images at several homes
         self.num_encode_retries = 0
@@ -163,12 +186,15 @@ class Router:
     async def generate(self, request_id: str, with_media: bool,
                        run: Callable[[Replica, Replica | None], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
         """What `run(replica, decode)` yields, on the least loaded healthy language replica (P/D: a prefill
-        replica and a decode replica, `pick_route`); if one refuses busy (`run` raises RefusedBusy) before it
-        yielded anything, on the next. `with_media`: fail fast (503) while no vision replica is healthy, before
-        the language replica is asked."""
-        refused: list[Replica] = []
+        replica and a decode replica, `pick_route`); if one refuses busy (`run` raises RefusedBusy) or is lost
+        (`run` raises LanguageLost) before it yielded anything, on the next not tried yet (a loss at most
+        `max_lost_retries` times; with nowhere left to go the loss is the answer, naming the lost server). Once
+        something was yielded either is the answer: the client has part of it, and a new run would repeat it.
+        `with_media`: fail fast (503) while no vision replica is healthy, before the language replica is asked."""
+        tried: list[Replica] = []
+        lost: list[LanguageLost] = []
         while True:
-            replica, decode = pick_route(self.language, refused)
+            replica, decode = self._next_route(request_id, tried, lost)
             if with_media:
                 self.vision.pick()
             yielded = False
@@ -181,9 +207,30 @@ class Router:
             except RefusedBusy as busy:
                 if yielded:  # part of the answer is out: it cannot start over elsewhere
                     raise busy.error from None
-                replica = busy.replica or replica
-            refused.append(replica)
-            self._busy(replica, request_id)
+                tried.append(busy.replica or replica)
+                self._busy(busy.replica or replica, request_id)
+            except LanguageLost as loss:
+                if yielded or len(lost) >= self.max_lost_retries:
+                    raise loss.error from None
+                lost.append(loss)
+                tried += [r for r in loss.tried if r not in tried]
+
+    def _next_route(self, request_id: str, tried: list[Replica],
+                    lost: list[LanguageLost]) -> tuple[Replica, Replica | None]:
+        """`pick_route`, after a loss counted as a lost retry (logged); the loss is the answer when no route is
+        left (not "every replica busy": the lost one is why)."""
+        if not lost:
+            return pick_route(self.language, tried)
+        loss = lost[-1]
+        try:
+            replica, decode = pick_route(self.language, tried)
+        except DvdError:
+            raise loss.error from None
+        self.num_lost_retries += 1
+        log.warning("%s: language server %s was lost before the first token (%s); running the request again on "
+                    "%s", request_id, loss.replica.address, loss.error,
+                    replica.address + (f" (decode {decode.address})" if decode is not None else ""))
+        return replica, decode
 
     async def encode(self, call: vision_pb2.EncodeRequest, timeout_s: float, marks: dict[str, float],
                      metadata: tuple[tuple[str, str], ...] = ()) -> vision_pb2.EncodeResponse:

@@ -94,6 +94,7 @@ class DisaggregatedBackend(Backend):
         out: dict[str, Any] = {"num_encode_retries": self.router.num_encode_retries,
                                "num_encode_splits": self.router.num_encode_splits,
                                "num_busy_retries": self.router.num_busy_retries,
+                               "num_lost_retries": self.router.num_lost_retries,
                                "num_decode_redirects": self.router.num_decode_redirects,
                                "num_calls_failed_on_lost_replica": sum(
                                    r.num_calls_failed for pool in (self.vision, self.language) for r in pool.replicas)}

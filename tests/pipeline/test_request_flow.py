@@ -15,7 +15,7 @@ from dvd.errors import InvalidImageError, ReplicaBusyError, UnavailableError
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.replicas import Replica, ReplicaPool
 from dvd.pipeline.request_flow import RequestFlow
-from dvd.pipeline.router import Router
+from dvd.pipeline.router import LanguageLost, Router
 from dvd.prompt import PromptTokens
 from dvd.requests import FinishReason, GenerationEvent, Media, TokenizedRequest
 from dvd.sampling import SamplingParams
@@ -99,14 +99,17 @@ def test_the_client_going_away_cancels_both_calls_and_sends_abort() -> None:
     assert language.num_outstanding == vision.num_outstanding == 0
 
 
-def test_a_lost_language_replica_fails_the_request_naming_it_and_is_sent_no_abort() -> None:
+def test_a_lost_language_replica_fails_the_flow_naming_it_and_is_sent_no_abort() -> None:
+    """The flow says the server was lost (LanguageLost, its error naming the server); the router decides whether
+    the request runs again (tests/pipeline/test_lost_retry.py)."""
     async def scenario() -> Replica:
         language = language_replica("lang", StreamCall([tokens(5)], end=HANG))
         events = _flow(language, media=()).run()
         assert (await anext(events)).token_ids == [5]
         language._out("3 health probes in a row failed")  # a hung server: an Abort would hang too
-        with pytest.raises(UnavailableError, match="language server lang was taken out of rotation"):
+        with pytest.raises(LanguageLost, match="language server lang was taken out of rotation") as lost:
             await anext(events)
+        assert isinstance(lost.value.error, UnavailableError) and lost.value.replica is language
         return language
 
     language = asyncio.run(scenario())
