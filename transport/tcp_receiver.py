@@ -88,7 +88,7 @@ class _Inbound:
         hello = stream.expect(stream.read_message(self.sock), Hello, self.peer)
         nonce = handshake.new_nonce()
         reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, self.peer,
-                                             self.receiver.kv_layout)
+                                             self.receiver.kv_layout, self.receiver.kv_peers)
         stream.send_message(self.sock, reply)
         if isinstance(reply, Refuse):
             self.receiver.stats.num_refused_handshakes += 1

@@ -65,21 +65,26 @@ class Hello:
 
 @dataclasses.dataclass(frozen=True)
 class Challenge:
-    """Receiver -> sender: its nonce, its proof of the token (or None) and its frame size limit."""
+    """Receiver -> sender: its nonce, its proof of the token (or None) and its frame size limit; a tensor-parallel
+    decode server's answer to a KV sender also names its ranks' own receivers (`kv_peers`, comma-separated, rank
+    order), so each prefill rank can push its KV heads to its own (language_server/kv_shards.py). Other receivers
+    send no such key: their Challenge is as it was."""
 
     TYPE: ClassVar[str] = "challenge"
     version: int
     nonce: bytes
     proof: bytes | None
     max_frame_bytes: int
+    kv_peers: str = ""
 
     def to_map(self) -> dict[str, Any]:
-        return {"v": self.version, "n": self.nonce, "p": self.proof, "mfb": self.max_frame_bytes}
+        return {"v": self.version, "n": self.nonce, "p": self.proof, "mfb": self.max_frame_bytes,
+                **({"kp": self.kv_peers} if self.kv_peers else {})}
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> Challenge:
         return cls(int_field(m["v"], "version"), _nonce(m["n"], "nonce"), _proof(m["p"], "proof"),
-                   int_field(m["mfb"], "max_frame_bytes", 1))
+                   int_field(m["mfb"], "max_frame_bytes", 1), str_field(m.get("kp", ""), "kv_peers", MAX_REASON_CHARS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +183,8 @@ _KEYS: dict[str, frozenset[str]] = {
     "heartbeat": frozenset(),
 }
 _PAYLOAD_TYPES = frozenset(cls.TYPE for cls in PAYLOAD_HEADERS)
-_OPTIONAL_KEYS = {"hello": frozenset(("kl",))}  # a KV sender's layout (P/D); feature senders send none
+# a KV sender's layout and a tensor-parallel decode server's ranks' receivers (P/D); others send neither
+_OPTIONAL_KEYS = {"hello": frozenset(("kl",)), "challenge": frozenset(("kp",))}
 
 
 def encode(message: Message) -> bytes:
