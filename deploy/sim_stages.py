@@ -13,8 +13,8 @@ events on one `EventQueue`. They mirror the servers' own policies, not their cod
   coupled replica as vLLM v1 runs one: a step that schedules the first token of an image encodes that
   image in the same step, before the language forward, within `encoder_step_tiles` tiles a step.
 - P/D's prefill and decode replicas are `EngineReplica`s too, with the hand-off between them: `sim_pd.py`.
-- `SerialReplica`: today's `dvd serve --coupled`: one request at a time, preprocess, ViT, prefill and
-  decode one after another.
+- `SerialReplica` (`sim_serial.py`): transformers' `generate` one request at a time (`pipeline/local.py`, what
+  `dvd serve --coupled` was before it ran the same engines in one process): the baseline of the older Table 18 rows.
 
 Decode-only stretches are not simulated step by step: between two events that change the batch (a request
 finishing, a prompt piece arriving) every step decodes the same requests, so the replica jumps to the first
@@ -386,39 +386,3 @@ class EngineReplica:
         self._finish_decodes(now)
         self._plan(now)
 
-
-class SerialReplica:
-    """One request at a time, each stage after the other (today's `dvd serve --coupled`: transformers'
-    generate after the vision half, `pipeline/local.py`)."""
-
-    __slots__ = ("at", "busy", "busy_time", "driver", "profile", "queue")
-
-    def __init__(self, driver: Driver, profile: CostProfile) -> None:
-        self.driver, self.at, self.profile = driver, driver.queue.at, profile
-        self.queue: deque[SimRequest] = deque()
-        self.busy = False
-        self.busy_time = 0.0
-
-    def add(self, now: float, request: SimRequest) -> None:
-        self.queue.append(request)
-        if not self.busy:
-            self._next(now)
-
-    def _next(self, now: float) -> None:
-        if not self.queue:
-            self.busy = False
-            return
-        request = self.queue.popleft()
-        p = self.profile
-        assert p.prefill is not None and p.decode is not None
-        encode = (sum(p.preprocess(t) for t in request.tiles) if p.preprocess else 0.0) + (
-            p.vision[False](sum(request.tiles)) if request.tiles else 0.0)
-        first = now + encode + p.prefill(request.prompt_len)
-        end = first + (request.output - 1) * p.decode(1, request.prompt_len + request.output / 2)
-        self.busy, self.busy_time = True, self.busy_time + end - now
-        self.driver.first_token(first, request)
-        self.at(end, self._done, request)
-
-    def _done(self, now: float, request: SimRequest) -> None:
-        self.driver.finished(now, request)
-        self._next(now)

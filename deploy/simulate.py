@@ -5,7 +5,7 @@ vision : language split of N devices that serves the most requests within the TT
 Modes (`MODES`), each a way to build the replicas that serve requests:
   coupled         vLLM v1's way: each replica runs the vision encoder inside its engine step, before the
                   language forward of the requests that need it (issue 19's coupled baseline)
-  coupled-serial  today's `dvd serve --coupled`: one request at a time, stages one after another
+  coupled-serial  transformers' generate one request at a time, stages one after another (the old `--coupled`)
   dvd             vision replicas -> BF16 features over the transport -> language replicas
   dvd+vir         the same with ViR's compressed tiles (a Flash checkpoint's costs, `vir: true` lines)
   dvd-pd          dvd with the language side split E : P : D (issue 21): prefill replicas run each prompt in
@@ -44,7 +44,8 @@ import numpy as np
 
 from dvd.deploy.cost_profile import CostProfile
 from dvd.deploy.sim_pd import DecodeReplica, PrefillReplica
-from dvd.deploy.sim_stages import EngineReplica, EventQueue, SerialReplica, SimRequest, SimSettings
+from dvd.deploy.sim_serial import SerialReplica
+from dvd.deploy.sim_stages import EngineReplica, EventQueue, SimRequest, SimSettings
 from dvd.deploy.sim_vision import VisionReplica
 from dvd.deploy.sim_workload import SimRequests
 
