@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "simulate-check": "dvd.benchmarks.simulate_check",
     "simulate-speed": "dvd.benchmarks.simulate_speed",
     "streaming": "dvd.benchmarks.streaming",
+    "tp-kv": "dvd.benchmarks.tp_kv",
     "transport": "dvd.benchmarks.transport",
     "vision": "dvd.benchmarks.vision",
 }

@@ -49,7 +49,11 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"gbps": round(statistics.median(gbps), 3), "best_gbps": round(max(gbps), 3), "rounds": len(gbps),
             "rounds_gbps": [round(g, 3) for g in gbps], "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "frames": len(latencies), "pool_allocations": sum(r["pool_allocations"] for r in rounds)}
+            "frames": len(latencies), "pool_allocations": sum(r["pool_allocations"] for r in rounds),
+            # Over all rounds together: the kernel counts CPU time in 10 ms ticks, too coarse for one round.
+            "sender_cpu_s_per_gib": round(sum(r["sender_cpu_s"] for r in rounds) / sum(r["gib"] for r in rounds), 3),
+            "receiver_cpu_s_per_gib": round(sum(r["receiver_cpu_s"] for r in rounds) / sum(r["gib"] for r in rounds),
+                                            3)}
 
 
 async def _bench(kinds: list[str], args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -93,7 +97,8 @@ async def _point(live: list[Peer], args: argparse.Namespace, size_name: str, nby
         results.setdefault(kind, {}).setdefault(size_name, {})[f"streams_{streams}"] = figures
         log(f"{kind:5} {size_name:>7} x{streams:<3} median {figures['gbps']:6.3f} GB/s  "
             f"best {figures['best_gbps']:6.3f}  p50 {figures['p50_ms']:8.3f} ms  "
-            f"p99 {figures['p99_ms']:8.3f} ms  ({figures['rounds']} rounds of {per_stream * streams} "
+            f"p99 {figures['p99_ms']:8.3f} ms  CPU s/GiB send {figures['sender_cpu_s_per_gib']:.3f} "
+            f"receive {figures['receiver_cpu_s_per_gib']:.3f}  ({figures['rounds']} rounds of {per_stream * streams} "
             f"frames: {', '.join(f'{g:.2f}' for g in figures['rounds_gbps'])})"
             + (f"  {figures['pool_allocations']} pool buffers allocated" if figures["pool_allocations"] else ""))
 
@@ -104,6 +109,19 @@ def _ratios(results: dict[str, Any], kind: str, size_name: str, key: str = "gbps
     if not mine or not raw:
         return {}
     return {streams: round(mine[streams][key] / raw[streams][key], 3) for streams in raw if streams in mine}
+
+
+def _cpu_ratios(results: dict[str, Any], kind: str, size_name: str) -> dict[str, float]:
+    """kind / raw per stream count of both ends' CPU seconds per GiB together (medians over rounds): above 1, the
+    kind does more work per byte than a bare socket; near 1 with a lower rate, it lost time waiting, not working."""
+    mine, raw = results.get(kind, {}).get(size_name), results.get("raw", {}).get(size_name)
+    if not mine or not raw:
+        return {}
+
+    def cost(figures: dict[str, Any]) -> float:
+        return figures["sender_cpu_s_per_gib"] + figures["receiver_cpu_s_per_gib"]
+
+    return {streams: round(cost(mine[streams]) / cost(raw[streams]), 3) for streams in raw if streams in mine}
 
 
 def _paired_ratios(results: dict[str, Any], kind: str, size_name: str) -> dict[str, float]:
@@ -173,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "transport",
         "cpus": os.cpu_count(),
-        "unit": {"gbps": "GB/s (1e9 bytes/s) of payload", "p50_ms": "ms", "p99_ms": "ms"},
+        "unit": {"gbps": "GB/s (1e9 bytes/s) of payload", "p50_ms": "ms", "p99_ms": "ms",
+                 "cpu_s_per_gib": "CPU seconds (user + system, every thread) per GiB of payload, all rounds"},
         "mib_per_point": args.target_bytes // MiB,
         "repeats": args.repeats,
         "raw_baseline": RAW_BASELINE,
@@ -182,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "tcp_vs_raw_ratio": _ratios(results, "tcp", "26MiB"),
         "tcp_vs_raw_best_ratio": _ratios(results, "tcp", "26MiB", "best_gbps"),
         "tcp_vs_raw_paired_ratio": _paired_ratios(results, "tcp", "26MiB"),
+        "tcp_vs_raw_cpu_per_byte": _cpu_ratios(results, "tcp", "26MiB"),
         "rdma_vs_raw_ratio": _ratios(results, "rdma", "26MiB"),
         "rdma_vs_raw_best_ratio": _ratios(results, "rdma", "26MiB", "best_gbps"),
         "wall_s": round(time.monotonic() - started, 1),
@@ -193,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log(f"raw baseline: {RAW_BASELINE}")
         log(f"26 MiB over {args.repeats} interleaved rounds: tcp/raw median {report['tcp_vs_raw_ratio']} "
-            f"best {report['tcp_vs_raw_best_ratio']} paired {report['tcp_vs_raw_paired_ratio']}; rdma/raw median "
+            f"best {report['tcp_vs_raw_best_ratio']} paired {report['tcp_vs_raw_paired_ratio']}, CPU per byte "
+            f"{report['tcp_vs_raw_cpu_per_byte']}; rdma/raw median "
             f"{report['rdma_vs_raw_ratio']} best {report['rdma_vs_raw_best_ratio']}  ({report['wall_s']} s)")
     return 0
 

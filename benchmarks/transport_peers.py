@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from dvd.transport import KvHeader, TransportConfig, TransportError, create_receiver, create_sender, header_for
@@ -184,6 +185,12 @@ def _round_figures(starts: dict[str, int], arrivals: dict[str, int], nbytes: int
     return {"gbps": len(starts) * nbytes / span_s / 1e9, "latencies_ns": [arrivals[k] - starts[k] for k in starts]}
 
 
+def _cpu_s(process: psutil.Process) -> float:
+    """User + system CPU seconds `process` has used, all its threads."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 class Peer:
     """One kind's receiver child process and this side's sender for it."""
 
@@ -202,8 +209,13 @@ class Peer:
         self.raw_sockets: list[socket.socket] = []
         self.raw_payload = np.ones(0, dtype=np.uint8)
         self.payload = torch.ones(0, dtype=torch.bfloat16)
+        self.sender_process, self.receiver_process = psutil.Process(), psutil.Process(self.process.pid)
 
-    async def round(self, nbytes: int, streams: int, per_stream: int, tag: str) -> dict[str, int]:
+    async def round(self, nbytes: int, streams: int, per_stream: int, tag: str) -> dict[str, Any]:
+        """Send one round; its throughput, latencies, pool allocations, and the CPU seconds both ends spent on it
+        (what a round costs in CPU, unlike its rate, hardly moves with the machine's load: it tells a transport's
+        extra work from time lost waiting for a core)."""
+        cpu_before = _cpu_s(self.sender_process), _cpu_s(self.receiver_process)
         self.pipe.send(("expect", per_stream * streams))
         if self.sender is None:
             if self.raw_payload.nbytes != nbytes:
@@ -218,8 +230,11 @@ class Peer:
             starts = await _transport_run(self.sender, self.address, self.payload, streams, per_stream, tag,
                                           kv=self.kind.endswith("-kv"))
         _, arrivals, self.receiver_copies, allocations = await asyncio.to_thread(self.pipe.recv)
+        gib = len(starts) * nbytes / (1 << 30)
         # Buffers the receive pool had to allocate (and fault in) this round: 0 once warm.
-        figures = {**_round_figures(starts, arrivals, nbytes), "pool_allocations": allocations - self.pool_allocations}
+        figures = {**_round_figures(starts, arrivals, nbytes), "pool_allocations": allocations - self.pool_allocations,
+                   "gib": gib, "sender_cpu_s": _cpu_s(self.sender_process) - cpu_before[0],
+                   "receiver_cpu_s": _cpu_s(self.receiver_process) - cpu_before[1]}
         self.pool_allocations = allocations
         return figures
 

@@ -10,6 +10,8 @@
                       order; bounded; TTL)
     engine_loop.py    the engine's own thread; outputs handed back to the event loop
     engine.py         step() = schedule -> execute -> postprocess; add/extend/abort; num_* counters
+    kv_handoff.py     the engine's P/D part (`Engine.kv`): KV blocks imported / exported, held hand-offs
+    kv_transfer.py    P/D between servers: roles, layouts, KvPusher, KvIntake, KvHolds
     scheduler.py      continuous batching: decodes first, prefill chunks fill the token budget; preemption
     runner.py         ScheduledBatch -> one packed forward pass of transformers' model
     attention.py      paged attention, registered with transformers' AttentionInterface (torch backend)

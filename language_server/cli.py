@@ -39,7 +39,8 @@ async def serve(config: LanguageServerConfig) -> int:
 
         group = start_group(config)
     tracer = tracer_from_environment("language")  # OTEL_* as this process starts (dvd/tracing.py)
-    server = LanguageServer(config, engine=group.engine if group else None, tracer=tracer)
+    server = LanguageServer(config, engine=group.engine if group else None, tracer=tracer,
+                            kv_peers=group.kv_peers if group else ())
     await server.start()
     engine = server.engine.config  # as run: the device's defaults in place of zeros
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", engine.num_blocks, engine.block_size,

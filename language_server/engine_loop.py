@@ -54,11 +54,11 @@ class EngineLoop:
         self._wake.set()
 
     def import_blocks(self, request_id: str, first_block: int, blocks: torch.Tensor) -> None:
-        self.engine.import_blocks(request_id, first_block, blocks)
+        self.engine.kv.import_blocks(request_id, first_block, blocks)
         self._wake.set()
 
     def add_prefilled(self, request: EngineRequest) -> None:
-        self.engine.add_prefilled(request)
+        self.engine.kv.add_prefilled(request)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -66,11 +66,12 @@ class EngineLoop:
         self._wake.set()
 
     def release_held(self, request_id: str, expired: bool = False) -> None:
-        self.engine.release_held(request_id, expired)
+        self.engine.kv.release_held(request_id, expired)
         self._wake.set()
 
-    def read_held(self, request_id: str) -> concurrent.futures.Future[KvExport | None]:
-        future = self.engine.read_held(request_id)
+    def read_held(self, request_id: str, shard_destinations: tuple[str, ...] = ()) \
+            -> concurrent.futures.Future[KvExport | None]:
+        future = self.engine.kv.read_held(request_id, shard_destinations)
         self._wake.set()
         return future
 

@@ -64,6 +64,9 @@ class EngineRequest:
     # far), and it ends at its first token, handed off to a decode server (language_server/kv_transfer.py).
     kv_export: bool = False
     num_exported_blocks: int = 0
+    # ...and, from a tensor-parallel group, each rank's blocks go to its own decode rank: their receivers, rank
+    # order (language_server/kv_shards.py); () when they go through rank 0
+    kv_shard_destinations: tuple[str, ...] = ()
     # A decode server's request whose prompt's KV came from a prefill server: its image rows are not here, so
     # a preemption cannot recompute it; it fails with this error instead (None: recomputable).
     unrecomputable: str | None = None

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -29,7 +27,6 @@ from dvd.errors import (
     DuplicateRequestError,
     EngineFailedError,
     InvalidRequestError,
-    NotFoundError,
     ReplicaBusyError,
     UnavailableError,
 )
@@ -39,7 +36,7 @@ from dvd.language_server.engine_loop import EngineLoop
 from dvd.language_server.feature_pool import FeaturePool
 from dvd.language_server.feeder import FeatureFeeder, Feed
 from dvd.language_server.generation import FirstTokenStamps, GenerateCall, GenerateOutput
-from dvd.language_server.kv_transfer import KvIntake, KvPusher, kv_layout
+from dvd.language_server.kv_transfer import KvHolds, KvIntake, KvPusher, server_kv_layout
 from dvd.language_server.metrics import LanguageMetrics
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest, RequestOutput
@@ -66,10 +63,11 @@ class LanguageServer:
 
     def __init__(self, config: LanguageServerConfig, transport_options: dict[str, Any] | None = None,
                  language: LanguageHalf | None = None, engine: Engine | None = None,
-                 tracer: Tracer = NO_TRACER) -> None:
+                 tracer: Tracer = NO_TRACER, kv_peers: tuple[str, ...] = ()) -> None:
         """`language` lets a caller share an already-loaded model (tests); by default it is loaded here.
         `engine`: an engine built by the caller (rank 0's of a tensor-parallel group, tp_serve.py).
-        `tracer`: where each Generate's spans go (dvd/tracing.py)."""
+        `tracer`: where each Generate's spans go (dvd/tracing.py). `kv_peers`: a tensor-parallel decode group's
+        ranks' KV receivers above rank 0 (kv_shards.py), named to prefill servers at connect."""
         self.config = config
         self.tracer = tracer
         info = open_checkpoint(config.model)
@@ -86,11 +84,11 @@ class LanguageServer:
                                     engine.hidden_size, self.engine_loop.extend, engine.validate)
         self.service = LanguageService(self)
         # the checkpoint by its text config's hash and revision: the same model, wherever it sits on disk
-        text_config = json.dumps(info.text_config, sort_keys=True, default=str).encode()
-        self.kv_layout = self._kv_layout(hashlib.sha256(text_config).hexdigest()[:16])
+        self.kv_layout = server_kv_layout(config, engine, info)
+        self.kv_peers = kv_peers
         # P/D: a prefill server pushes KV with its own sender; a decode server takes it in
-        self.kv_pusher = KvPusher(create_sender(config.transport, **(transport_options or {})), self.kv_layout) \
-            if config.role == "prefill" else None
+        self.kv_pusher = KvPusher(create_sender(config.transport, **(transport_options or {})), self.kv_layout,
+                                  config.tensor_parallel) if config.role == "prefill" else None
         self.kv_intake = KvIntake(self.kv_layout, self.engine_loop.import_blocks, config.orphan_ttl_s)
         # the transport's handshake: a prefill server's pushes name its layout, a decode server refuses another's
         if self.kv_pusher is not None:
@@ -99,7 +97,7 @@ class LanguageServer:
             self.receiver.kv_layout = self.kv_layout
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests in the engine
         # P/D, a prefill server: handed-off requests whose KV blocks the engine holds, each with its hold timeout
-        self.kv_holds: dict[str, asyncio.TimerHandle] = {}
+        self.kv_holds = KvHolds(self.engine_loop, config.kv_hold_timeout_s)
         self.draining = False
         # Notified whenever a frame arrives, a request starts waiting for features, enters the engine or
         # leaves: the drain (and tests) wait on it for a state, never on time.
@@ -111,13 +109,6 @@ class LanguageServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._notify_task: asyncio.Future[None] | None = None
-
-    def _kv_layout(self, model: str) -> str:
-        text: Any = self.engine.language.model.config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return kv_layout(f"{model}@{self.config.revision}", self.engine.language.dtype, self.engine.config.block_size,
-                         text.num_hidden_layers, text.num_key_value_heads, head_dim, self.config.tensor_parallel,
-                         self.engine.language.device.type)
 
     @property
     def address(self) -> str:
@@ -131,6 +122,8 @@ class LanguageServer:
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.receiver.start()
+        if self.kv_peers:  # a tensor-parallel decode group: prefill ranks push their heads to these (kv_shards.py)
+            self.receiver.kv_peers = ",".join((self.transport_address, *self.kv_peers))
         self.engine_loop.start()
         self._tasks.append(asyncio.create_task(self._receive_features()))
         self._server, self.port = await start_grpc_server(
@@ -148,7 +141,7 @@ class LanguageServer:
         for rid in list(self.streams):
             self.engine_loop.abort(rid)
         for rid in list(self.kv_holds):
-            self.release_kv(rid)
+            self.kv_holds.release(rid)
         if self._server is not None:
             await self._server.stop(FINAL_GRACE_S)
         self.engine_loop.stop()
@@ -188,9 +181,11 @@ class LanguageServer:
             else:
                 if call.num_slots:  # waiting for features from here, so an Abort from now on ends the wait
                     feed = self.feeder.open(rid, call.segments, call.sampling.max_new_tokens)
+                shards = await self.kv_pusher.shard_destinations(call.kv_destination) \
+                    if self.kv_pusher is not None and call.kv_destination else ()
                 request = EngineRequest(rid, self.chat.image_tokens.head(call.segments[0], call.num_slots),
                                         call.sampling, prompt_complete=not call.num_slots,
-                                        kv_export=bool(call.kv_destination))
+                                        kv_export=bool(call.kv_destination), kv_shard_destinations=shards)
                 added_ms, kv_transfer_ms = _ms_since(t0), None
                 self.engine_loop.add(request)
                 in_engine = True
@@ -282,7 +277,7 @@ class LanguageServer:
                 stamps = first = FirstTokenStamps(arrived_ms, added_ms, _ms_since(t0), prefill)
             if output.kv is not None:  # a prefill server's first token: answered, then the hand-off leaves
                 assert self.kv_pusher is not None
-                self._hold(call.request_id)
+                self.kv_holds.hold(call.request_id)
                 yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps)
                 await self.kv_pusher.push(call.kv_destination, call.request_id, output.kv)
                 self.metrics.observe_request(first, waited_ms, _ms_since(t0))
@@ -301,7 +296,7 @@ class LanguageServer:
     def abort(self, request_id: str) -> bool:
         """Cancel a request waiting for features, running, or whose features came before its Generate (P/D: or
         whose hand-off's blocks are held); False when there is no such request (finished already, or never seen)."""
-        if self.release_kv(request_id):
+        if self.kv_holds.release(request_id):
             return True
         if self.feeder.abort(request_id):  # it is in the engine too, prefilling: that goes when Generate ends
             return True
@@ -312,44 +307,11 @@ class LanguageServer:
             return True
         return self.feeder.drop_unclaimed(request_id) or kv_expected
 
-    # --- P/D: a prefill server's held hand-offs (kv_transfer.py) ----------------------------------
-    def _hold(self, request_id: str) -> None:
-        """The engine holds a hand-off's blocks from now: freed by ReleaseKv, an Abort, or the hold timeout."""
-        self._unhold(request_id)
-        self.kv_holds[request_id] = asyncio.get_running_loop().call_later(
-            self.config.kv_hold_timeout_s, self._hold_expired, request_id)
-
-    def _unhold(self, request_id: str) -> bool:
-        timer = self.kv_holds.pop(request_id, None)
-        if timer is not None:
-            timer.cancel()
-        return timer is not None
-
-    def _hold_expired(self, request_id: str) -> None:
-        if self.kv_holds.pop(request_id, None) is not None:
-            self.engine_loop.release_held(request_id, expired=True)  # the engine logs it
-
-    def release_kv(self, request_id: str) -> bool:
-        """The decode server has the request's KV (or it ended): free the held blocks; False: nothing held."""
-        if not self._unhold(request_id):
-            return False
-        self.engine_loop.release_held(request_id)
-        return True
-
     async def push_kv(self, request_id: str, destination: str) -> int:
-        """Push a held request's blocks and hand-off again, to another decode server; its hold timeout starts
-        over. The blocks pushed; NotFoundError when nothing is held, DestinationError when the push fails."""
+        """PushKv: a held request's blocks and hand-off again, to another decode server (`KvHolds.push_again`)."""
         if self.kv_pusher is None:
             raise InvalidRequestError(f"PushKv: this language server's role is {self.config.role}, not prefill")
-        if request_id not in self.kv_holds:
-            raise NotFoundError(f"no KV held for request {request_id!r} (released, expired, or never handed off)")
-        export = await asyncio.wrap_future(self.engine_loop.read_held(request_id))
-        if export is None or request_id not in self.kv_holds:
-            raise NotFoundError(f"the KV hold of request {request_id!r} ended before it could be pushed again")
-        self._hold(request_id)
-        await self.kv_pusher.push(destination, request_id, export)
-        logger.info("KV of %r (%d blocks) pushed again, to %s", request_id, export.num_blocks, destination)
-        return export.num_blocks
+        return await self.kv_holds.push_again(self.kv_pusher, request_id, destination)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """The engine loop's outputs, on the event loop: into each request's stream."""

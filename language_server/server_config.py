@@ -52,6 +52,9 @@ class LanguageServerConfig:
     # P/D, a prefill server: how long a handed-off request's KV blocks stay held for its decode server to
     # acknowledge (the gateway's ReleaseKv) before they are freed (logged), so a lost gateway leaks nothing
     kv_hold_timeout_s: float = 30.0
+    # P/D, a tensor-parallel decode server (kv_shards.py): how long a rank's step waits for its own KV heads of
+    # blocks rank 0 imports before the request fails on every rank, naming the rank (the whole group waits then)
+    kv_shard_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         check_cpu_list(self.cpus)
@@ -70,7 +73,7 @@ class LanguageServerConfig:
             raise ValueError(f"port {self.port} is outside 0..65535")
         check_metrics_port(self.metrics_port)
         for name in ("feature_pool_bytes", "features_timeout_s", "orphan_ttl_s", "max_message_bytes",
-                     "kv_hold_timeout_s"):
+                     "kv_hold_timeout_s", "kv_shard_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.drain_timeout_s < 0:
@@ -121,6 +124,7 @@ class LanguageServerConfig:
             cpus=args.cpus or "", advertise_host=args.advertise_host or "", token_file=args.token_file,
             tensor_parallel=args.tp, grpc_tls=server_tls_from_args(args), role=args.role,
             kv_hold_timeout_s=args.kv_hold_timeout_s,
+            kv_shard_timeout_s=args.kv_shard_timeout_s,
         )
 
 
@@ -162,6 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="P/D, a prefill server: how long a handed-off request's KV blocks are held for the "
                              "decode server to acknowledge (or to be pushed again to another) before they are "
                              "freed (30)")
+    parser.add_argument("--kv-shard-timeout-s", type=float, default=10.0,
+                        help="P/D, a tensor-parallel decode server: how long a rank waits for its own KV heads of "
+                             "blocks rank 0 took in before the request fails on every rank (10)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor parallel ranks: one process per rank, devices --device onwards (default 1)")
     parser.add_argument("--linear-backend", choices=["torch", "onednn"],

@@ -100,7 +100,7 @@ class LanguageService(language_pb2_grpc.LanguageServicer):
         return language_pb2.AbortResponse(found=self.server.abort(request.request_id))
 
     async def ReleaseKv(self, request: language_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext) -> Any:
-        return language_pb2.ReleaseKvResponse(found=self.server.release_kv(request.request_id))
+        return language_pb2.ReleaseKvResponse(found=self.server.kv_holds.release(request.request_id))
 
     async def PushKv(self, request: language_pb2.PushKvRequest, context: grpc.aio.ServicerContext) -> Any:
         try:

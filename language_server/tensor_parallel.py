@@ -22,15 +22,12 @@ tokens, whatever its logits' last bits or its random state. Beyond that only the
 all-reduces communicate, and P/D's KV blocks (below).
 
 P/D with tensor parallel (`--role prefill` / `decode` with `--tp N`, the same N on both sides: the KV layout's
-`tp` and `kv_heads` keys refuse another at connect) moves the KV cache through rank 0 on both sides, not shard to
-shard. A prefill group's ranks export in step (their schedules are the same), and each export gathers every rank's
-KV heads of those blocks to rank 0 (`_export`: one `gather` of raw bytes inside the step), which pushes whole
-blocks, all heads, as a tp=1 server does. A decode group's rank 0 takes those frames as a tp=1 server does, and the
-step that imports a frame's blocks scatters each rank its own heads (`_send`: one `scatter` after the step's
-broadcast), so every rank writes its shard in the same step and no rank can admit the request before the others
-hold its blocks. The cost: every KV byte crosses the TP group once more on each side (rank r's 1/N to rank 0 and
-back out), inside the step that exports or imports it, and rank 0's transport carries all N shards; shard to shard
-(each rank a sender or receiver of its own, the gateway naming N destinations) would save both and is not built.
+`tp` and `kv_heads` keys refuse another at connect): the ranks' engines own a `TensorParallelKvHandoffs`
+(kv_shards.py). A prefill group's ranks export in step (their schedules are the same) and each pushes its own KV
+heads to its own decode rank (shard to shard), or gathers them to rank 0 (through rank 0, the fallback). A decode
+group's rank 0 broadcasts each import command after the step's commands; each rank takes its own heads of it from
+its own inbox (or by scatter from rank 0) and the ranks agree before any imports, so every rank writes its shard
+in the same step and no rank can admit the request before the others hold its blocks.
 """
 
 from __future__ import annotations
@@ -47,9 +44,11 @@ from torch import nn
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import CheckpointError
 from dvd.language_server.config import EngineConfig
-from dvd.language_server.engine import Engine, HeldExport
+from dvd.language_server.engine import Engine
+from dvd.language_server.kv_handoff import KvHandoffs
+from dvd.language_server.kv_shards import KvSpec, TensorParallelKvHandoffs, kv_specs
 from dvd.language_server.model import LanguageHalf, fill, meta_model
-from dvd.language_server.request import EngineRequest, Handoff, KvExport, RequestOutput
+from dvd.language_server.request import EngineRequest, RequestOutput
 from dvd.language_server.sampling import sample_tensor
 from dvd.tensor_refs import Cut, JoinedRef, ShardRef, TensorRef, TensorSource
 from dvd.weights import language_tensors
@@ -195,15 +194,6 @@ class _TensorSpec:
     dtype: torch.dtype
 
 
-@dataclass(frozen=True)
-class _KvSpec:
-    """A `kv_blocks` command's blocks: each rank receives its own KV heads of them, this shape, by scatter."""
-
-    command: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
 def _images_of(kind: str, item: Any) -> list[tuple[int, torch.Tensor]]:
     if kind == "add":
         return item.images
@@ -237,17 +227,6 @@ def _with_images(kind: str, item: Any, images: list[tuple[int, torch.Tensor]]) -
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _kv_specs(commands: list[tuple[str, Any]], world: int) -> list[_KvSpec]:
-    """Each `kv_blocks` command's shard as one rank holds it: [layers, 2, tokens, kv heads / world, head dim]."""
-    specs = []
-    for c, (command, item) in enumerate(commands):
-        if command == "kv_blocks":
-            blocks = item[2]
-            shape = (*blocks.shape[:3], blocks.shape[3] // world, *blocks.shape[4:])
-            specs.append(_KvSpec(c, shape, blocks.dtype))
-    return specs
 
 
 class TensorParallelEngine(Engine):
@@ -289,32 +268,19 @@ class TensorParallelEngine(Engine):
         self._send(_STOP, [])
 
     def _send(self, kind: str, commands: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        """Broadcast the step's commands (their feature tensors as raw bytes), scatter each imported KV frame's
-        heads among the ranks; the commands as rank 0 applies them (holding its own heads of those blocks)."""
+        """Broadcast the step's commands (their feature tensors as raw bytes), then settle its KV imports among the
+        ranks (kv_shards.py); the commands as rank 0 applies them (holding its own heads of those blocks)."""
         specs, tensors = [], []
         for c, (command, item) in enumerate(commands):
             for i, (position, tensor) in enumerate(_images_of(command, item)):
                 specs.append(_TensorSpec(c, i, position, tuple(tensor.shape), tensor.dtype))
                 tensors.append(tensor)
-        kv_specs = _kv_specs(commands, self.world)
+        kv_specs = self._kv_specs(commands)
         message = [(kind, [(command, _for_followers(command, item)) for command, item in commands], specs, kv_specs)]
         dist.broadcast_object_list(message, src=0, group=self.group, device=self.collective_device)
         for tensor in tensors:  # raw bytes on the collective device, no pickled tensors
             dist.broadcast(_as_bytes(tensor.to(self.collective_device)), src=0, group=self.group)
-        commands = list(commands)
-        for spec in kv_specs:
-            request_id, first_block, blocks = commands[spec.command][1]
-            # rank r's KV heads are the r-th run of them (`shard_plan` cuts k_proj / v_proj rows so)
-            parts = [_as_bytes(part.to(self.collective_device)) for part in blocks.chunk(self.world, dim=3)]
-            commands[spec.command] = ("kv_blocks", (request_id, first_block, self._scatter(spec, parts)))
-        return commands
-
-    def _scatter(self, spec: _KvSpec, parts: list[torch.Tensor] | None) -> torch.Tensor:
-        """This rank's heads of an imported KV frame (rank 0 passes every rank's `parts`, the others None)."""
-        nbytes = spec.dtype.itemsize * int(torch.Size(spec.shape).numel())
-        mine = torch.empty(nbytes, dtype=torch.uint8, device=self.collective_device)
-        dist.scatter(mine, parts, src=0, group=self.group)
-        return mine.view(spec.dtype).view(spec.shape)
+        return self.tp_kv.send_imports(commands, kv_specs)
 
     # --- every rank above 0 ---
     def follow(self) -> None:
@@ -342,36 +308,16 @@ class TensorParallelEngine(Engine):
             images.setdefault(spec.command, []).append((spec.position, tensor))
         commands = [(command, _with_images(command, item, images.get(c, []))) for c, (command, item) in
                     enumerate(commands)]
-        for kv in kv_specs:  # this rank's heads of each imported frame, in the order rank 0 scatters them
-            request_id, first_block, _ = commands[kv.command][1]
-            commands[kv.command] = ("kv_blocks", (request_id, first_block, self._scatter(kv, None)))
-        return kind, commands
+        return kind, self.tp_kv.receive_imports(commands, kv_specs)
 
     # --- both ---
-    def _export(self, request: EngineRequest, end: int, handoff: Handoff | None = None) -> KvExport:
-        """P/D, a prefill group: every rank exports the same blocks in the same step (their schedules are the same);
-        rank 0 gathers each rank's KV heads of them and pushes the whole (the others' exports are dropped with
-        their outputs)."""
-        return self._gathered(super()._export(request, end, handoff))
+    def _kv_handoffs(self) -> KvHandoffs:
+        self.tp_kv = TensorParallelKvHandoffs(self, self.group, self.rank, self.world, self.collective_device)
+        return self.tp_kv
 
-    def _reexport(self, held: HeldExport) -> KvExport:
-        """P/D, a prefill group: a held request pushed again (PushKv). Every rank holds it (their hand-offs happen in
-        the same step) and reads it in the same step (the command reaches them all), gathered to rank 0 as
-        `_export`'s blocks are."""
-        return self._gathered(super()._reexport(held))
-
-    def _gathered(self, export: KvExport) -> KvExport:
-        """Rank 0: the export with every rank's KV heads of its blocks; the others: their own (dropped)."""
-        if not export.num_blocks:
-            return export
-        mine = export.blocks.contiguous()
-        raw = mine.view(torch.uint8).to(self.collective_device)  # bytes: gloo need not know the dtype
-        parts = [torch.empty_like(raw) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(raw, parts, dst=0, group=self.group)
-        if parts is None:
-            return export
-        whole = torch.cat(parts, dim=3).to(mine.device).view(mine.dtype)
-        return dataclasses.replace(export, blocks=whole)
+    def _kv_specs(self, commands: list[tuple[str, Any]]) -> list[KvSpec]:
+        text: Any = self.language.model.config  # this rank's: its own KV heads
+        return kv_specs(commands, self.world, text.num_key_value_heads)
 
     def _sample(self, requests: list[EngineRequest], logits: torch.Tensor) -> list[int]:
         """Rank 0 samples and broadcasts the ids; the others take them (as nano-vllm does)."""

@@ -2,9 +2,10 @@
 
 Rank 0 is the `dvd language` process itself: it serves gRPC, receives the features (once) and runs a
 `TensorParallelEngine`, which broadcasts every step's commands and sampled tokens. Ranks 1..N-1 are child
-processes that read their own shard of the checkpoint and `follow`. With a P/D role rank 0 is the group's one
-transport end for KV too: a prefill group's ranks gather their KV heads to it to push, a decode group's rank 0 scatters
-what it takes in (tensor_parallel.py). torch.distributed runs over gloo on CPUs and NCCL on
+processes that read their own shard of the checkpoint and `follow`. With a P/D role (over tcp) every rank above 0
+has a transport end of its own for its KV heads too (kv_shards.py: a prefill rank's sender, a decode rank's receiver,
+whose addresses the decode group's rank 0 names to prefill servers at connect); otherwise the KV goes through rank 0
+(tensor_parallel.py). torch.distributed runs over gloo on CPUs and NCCL on
 GPUs (rank r on the r-th device after `--device`), rendezvousing through a file in a private temp dir.
 """
 
@@ -14,13 +15,16 @@ import datetime
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dvd.checkpoint import open_checkpoint
+from dvd.language_server.kv_shards import ShardInbox, ShardPusher
+from dvd.language_server.kv_transfer import server_kv_layout
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.language_server.tensor_parallel import TensorParallelEngine, load_shard
 
@@ -56,13 +60,45 @@ def _engine(config: LanguageServerConfig, rank: int) -> TensorParallelEngine:
     return TensorParallelEngine(language, config.engine)
 
 
+def _shard_end(config: LanguageServerConfig, engine: TensorParallelEngine) -> ShardPusher | ShardInbox | None:
+    """A rank above 0's own transport end for P/D's KV (kv_shards.py): a prefill rank's sender, a decode rank's
+    receiver (on a port of its own); None for a server of role both, or a transport kind that cannot cross
+    processes by address (inproc) or name its ranks at connect (rdma): their KV goes through rank 0."""
+    if config.role == "both" or config.transport.kind != "tcp":
+        return None
+    layout = server_kv_layout(config, engine, open_checkpoint(config.model))
+    kv = engine.tp_kv
+    kv.shard_timeout_s = config.kv_shard_timeout_s
+    if config.role == "prefill":
+        kv.pusher = ShardPusher(config.transport, layout, engine.rank)
+        return kv.pusher
+    kv.inbox = ShardInbox(replace(config.receiver_transport, port=0), layout, config.orphan_ttl_s, engine.rank)
+    return kv.inbox
+
+
+def _exchange_addresses(config: LanguageServerConfig, mine: str) -> list[str]:
+    """A decode group: every rank's KV receiver, rank order (rank 0's is its server's, named there: ""); [] when a
+    rank above 0 has none (its KV then goes through rank 0)."""
+    if config.role != "decode":
+        return []
+    addresses: list[str] = [""] * config.tensor_parallel
+    dist.all_gather_object(addresses, mine)
+    return addresses[1:] if all(addresses[1:]) else []
+
+
 def _follower(rank: int, config: LanguageServerConfig, store: str) -> None:
     _init(config, rank, Path(store))
+    end = None
     try:
         engine = _engine(config, rank)
+        end = _shard_end(config, engine)
+        address = config.advertised_transport(end.start()) if isinstance(end, ShardInbox) else ""
+        _exchange_addresses(config, address)
         engine.enter_thread()
         engine.follow()
     finally:
+        if end is not None:
+            end.close()
         dist.destroy_process_group()
 
 
@@ -73,6 +109,7 @@ class TensorParallelGroup:
     engine: TensorParallelEngine
     followers: list
     store_dir: Path
+    kv_peers: tuple[str, ...] = ()  # a decode group's ranks' KV receivers above rank 0 (kv_shards.py)
 
     def stop(self) -> None:
         """After the engine loop stopped: tell the followers to return, and wait for them."""
@@ -102,11 +139,14 @@ def start_group(config: LanguageServerConfig) -> TensorParallelGroup:
     try:
         _init(config, 0, store)
         engine = _engine(config, 0)
+        engine.tp_kv.shard_timeout_s = config.kv_shard_timeout_s
+        kv_peers = tuple(_exchange_addresses(config, ""))
     except BaseException:
         for process in followers:
             process.kill()
             process.join()
         shutil.rmtree(store_dir, ignore_errors=True)
         raise
-    logger.info("tensor parallel over %d ranks (%s)", config.tensor_parallel, dist.get_backend())
-    return TensorParallelGroup(engine, followers, store_dir)
+    logger.info("tensor parallel over %d ranks (%s)%s", config.tensor_parallel, dist.get_backend(),
+                f"; KV shard to shard, ranks' receivers {', '.join(kv_peers)}" if kv_peers else "")
+    return TensorParallelGroup(engine, followers, store_dir, kv_peers)

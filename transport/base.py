@@ -13,7 +13,7 @@ import torch
 
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import FrameTooLargeError, ProtocolError
-from dvd.transport.wire import WIRE_DTYPE, FeatureHeader, PayloadHeader
+from dvd.transport.payload import WIRE_DTYPE, FeatureHeader, PayloadHeader
 
 # wire dtype name -> torch dtype (the names are torch's own).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -24,7 +24,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "int64": torch.int64,
 }
-WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (wire.WIRE_DTYPE), as a torch dtype
+WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (payload.WIRE_DTYPE), as a torch dtype
 
 
 @dataclasses.dataclass
@@ -67,6 +67,8 @@ class Sender(abc.ABC):
         self.stats = TransportStats()
         # P/D, a prefill server's sender: the KV layout its Hello names (handshake.py); "" for feature senders
         self.kv_layout = ""
+        # P/D, a prefill server's sender: destination -> the ranks' receivers its handshake named (kv_peers)
+        self.kv_peers: dict[str, tuple[str, ...]] = {}
 
     @abc.abstractmethod
     async def send(self, destination: str, header: PayloadHeader, tensor: torch.Tensor) -> None:
@@ -75,6 +77,11 @@ class Sender(abc.ABC):
         Waits while this connection already has `max_inflight_bytes` in flight. Raises
         FrameTooLargeError, DuplicateFrameError, HandshakeError or PeerLostError.
         """
+
+    async def peers_of(self, destination: str) -> tuple[str, ...]:
+        """P/D: the ranks' receivers a tensor-parallel decode server at `destination` names at connect (connecting
+        if need be); () where it names none or the transport cannot say (only tcp's handshake carries them)."""
+        return ()
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -102,6 +109,8 @@ class Receiver(abc.ABC):
         self._queue: asyncio.Queue[Frame | object] = asyncio.Queue()
         # P/D, a decode server's receiver: KV senders of another layout are refused at the handshake
         self.kv_layout = ""
+        # P/D, a tensor-parallel decode server's receiver: its ranks' own receivers, named to KV senders
+        self.kv_peers = ""
 
     @property
     @abc.abstractmethod

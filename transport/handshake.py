@@ -24,7 +24,8 @@ import logging
 import secrets
 
 from dvd.transport.errors import HandshakeError
-from dvd.transport.wire import NONCE_BYTES, PROTOCOL_VERSION, Accept, Auth, Challenge, Hello, Refuse
+from dvd.transport.protocol import PROTOCOL_VERSION
+from dvd.transport.wire import NONCE_BYTES, Accept, Auth, Challenge, Hello, Refuse
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,12 @@ def layout_difference(mine: str, theirs: str) -> str:
 
 
 def receiver_challenge(
-    hello: Hello, token: str | None, nonce: bytes, max_frame_bytes: int, peer: str, kv_layout: str = ""
+    hello: Hello, token: str | None, nonce: bytes, max_frame_bytes: int, peer: str, kv_layout: str = "",
+    kv_peers: str = ""
 ) -> Challenge | Refuse:
     """The receiver's answer to a Hello: a Challenge, or a Refuse for another protocol version or, where both
-    ends name a KV layout (`kv_layout`: this receiver's, a decode server's), another layout."""
+    ends name a KV layout (`kv_layout`: this receiver's, a decode server's), another layout. A KV sender's
+    Challenge names `kv_peers` (a tensor-parallel decode server's ranks' receivers) where there are some."""
     if hello.version != PROTOCOL_VERSION:
         reason = (f"protocol version {hello.version} refused: this receiver speaks {PROTOCOL_VERSION} "
                   f"(run the same DvD version on the vision and language servers)")
@@ -65,7 +68,7 @@ def receiver_challenge(
         logger.warning("refused sender %s: %s", peer, reason)
         return Refuse("kv_layout", reason)
     receiver_proof = None if token is None else proof(token, b"receiver", hello.nonce, nonce)
-    return Challenge(PROTOCOL_VERSION, nonce, receiver_proof, max_frame_bytes)
+    return Challenge(PROTOCOL_VERSION, nonce, receiver_proof, max_frame_bytes, kv_peers if hello.kv_layout else "")
 
 
 def sender_auth(challenge: Challenge, token: str | None, nonce: bytes, peer: str) -> Auth:

@@ -24,6 +24,10 @@ def test_transport_bench_small() -> None:
     assert report["results"]["tcp"]["26MiB"]["streams_1"]["gbps"] > 0
     assert report["results"]["tcp"]["payload_copies"] == {"sender": 0, "receiver": 0}
     assert "streams_1" in report["tcp_vs_raw_ratio"]
+    # both ends' CPU per byte: a receiver child that copies 52 MiB per round spends some CPU on it
+    point = report["results"]["tcp"]["26MiB"]["streams_1"]
+    assert point["sender_cpu_s_per_gib"] > 0 and point["receiver_cpu_s_per_gib"] > 0
+    assert report["tcp_vs_raw_cpu_per_byte"]["streams_1"] > 0
     assert report["results"]["tcp-kv"]["26MiB"]["streams_1"]["gbps"] > 0  # P/D's KV frames on the same tcp
 
 

@@ -38,8 +38,8 @@ def pd(request: pytest.FixtureRequest, tiny_hf: Path, language: LanguageHalf) ->
 def assert_freed(pd: PdHarness, served: Served) -> None:
     server, engine = served.server, served.server.engine
     pd.wait_until(served, lambda: not server.streams and not server.feeder.waiting and not engine.requests
-                  and not engine.incoming and engine.stats.num_kv_blocks_used == 0 and not server.kv_intake.entries
-                  and not server.kv_holds and not engine.held and engine.stats.num_kv_held_requests == 0)
+                  and not engine.kv.incoming and engine.stats.num_kv_blocks_used == 0 and not server.kv_intake.entries
+                  and not server.kv_holds and not engine.kv.held and engine.stats.num_kv_held_requests == 0)
     gc.collect()
     pool = server.receiver.pool
     assert pool.wait_for(lambda p: p.num_bytes_in_use == 0, 30), pool.num_bytes_in_use
@@ -170,8 +170,8 @@ def test_handed_off_requests_wait_for_room_in_the_running_batch(language: Langua
     layers, (kv_heads, head_dim) = len(engine.cache.keys), engine.cache.keys[0].shape[1:]
     prompt = list(range(5, 25))  # 20 tokens: two blocks of 16
     for i in range(5):
-        engine.import_blocks(f"kv{i}", 0, torch.zeros(layers, 2, 2 * 16, kv_heads, head_dim))
-        engine.add_prefilled(EngineRequest(f"kv{i}", prompt, greedy_params(max_new_tokens=4, min_new_tokens=4),
+        engine.kv.import_blocks(f"kv{i}", 0, torch.zeros(layers, 2, 2 * 16, kv_heads, head_dim))
+        engine.kv.add_prefilled(EngineRequest(f"kv{i}", prompt, greedy_params(max_new_tokens=4, min_new_tokens=4),
                                            token_ids=[*prompt, 7]))
     done: dict[str, list[int]] = {}
     most_running = 0
@@ -223,14 +223,14 @@ def test_abort_frees_a_held_hand_off(pd: PdHarness, chat: ChatFormat) -> None:
 def test_hold_timeout_frees_the_blocks(pd: PdHarness, chat: ChatFormat) -> None:
     server = pd.prefill.server
     expired = pd.prefill.stats()["num_kv_holds_expired"]
-    config = server.config
-    server.config = dataclasses.replace(config, kv_hold_timeout_s=0.05)  # no gateway acknowledges this one
+    timeout_s = server.kv_holds.timeout_s
+    server.kv_holds.timeout_s = 0.05  # no gateway acknowledges this one
     try:
         request = generate_request(chat, f"{pd.kind}-held-expiry", "hello there", max_new_tokens=3,
                                    min_new_tokens=3)
         assert pd.generate_split(request, release=False)[1] == "length"
         assert_freed(pd, pd.prefill)  # waits on the server's state: the timer's release notifies it
     finally:
-        server.config = config
+        server.kv_holds.timeout_s = timeout_s
     assert pd.prefill.stats()["num_kv_holds_expired"] == expired + 1
     assert not pd.release(request.request_id)

@@ -1,12 +1,15 @@
 """P/D with tensor parallel on a CPU: `dvd language --tp 2 --role prefill` and `--tp 2 --role decode`, each two
-processes (gloo). The prefill group gathers its ranks' KV heads to rank 0, which pushes whole blocks; the decode
-group's rank 0 scatters each rank its heads (tensor_parallel.py). The split's tokens equal transformers' monolithic
-output (greedy; text and one image) and a seeded sampled request continues the stream one process draws; a tp=1
-decode server refuses the tp=2 prefill server at connect, naming tp, and the KV the prefill group held is pushed
-again (PushKv) to the tp=2 decode server; nothing stays allocated; SIGTERM stops every rank."""
+processes (gloo). Shard to shard (kv_shards.py): each prefill rank pushes its own KV heads to its own decode rank,
+whose receivers the decode group's rank 0 names at connect; the servers' Stats say which path each export and
+import took. The split's tokens equal transformers' monolithic output (greedy; text and one image) and a seeded
+sampled request continues the stream one process draws; a tp=1 decode server refuses the tp=2 prefill server at
+connect, naming tp, and the KV the prefill group held is pushed again (PushKv), shard to shard, to the tp=2 decode
+server; a rank's shard that never comes fails the request by name on every rank; whole blocks (the through-rank-0
+fallback) are still scattered; nothing stays allocated; SIGTERM stops every rank."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import signal
 import subprocess
@@ -21,9 +24,12 @@ import grpc
 import pytest
 import torch
 
+from dvd.language_server.kv_transfer import KvPusher
 from dvd.language_server.model import LanguageHalf
+from dvd.language_server.request import Handoff, KvExport
 from dvd.prompt import ChatFormat
 from dvd.sampling import SamplingParams
+from dvd.transport import TransportConfig, create_sender
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import run
@@ -72,10 +78,14 @@ class Started:
             self.proc.wait()
 
 
+SHARD_TIMEOUT_S = 2  # how long a decode rank waits for its own KV heads: the missing-shard case waits this long
+
+
 def _start(model: Path, role: str, tp: int) -> Started:
     cmd = [sys.executable, "-m", "dvd", "language", "--model", str(model), "--port", "0", "--transport", "tcp",
            "--num-blocks", "256", "--block-size", "16", "--max-batch-tokens", "64", "--role", role,
-           "--log-level", "WARNING"] + (["--tp", str(tp)] if tp > 1 else [])
+           "--kv-shard-timeout-s", str(SHARD_TIMEOUT_S), "--log-level", "WARNING"]
+    cmd += ["--tp", str(tp)] if tp > 1 else []
     return Started(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
@@ -147,8 +157,28 @@ def assert_freed(server: Started) -> None:
         threading.Event().wait(0.05)
 
 
+PATHS = ("num_kv_exports_shard_to_shard", "num_kv_exports_through_rank0", "num_kv_imports_shard_to_shard",
+         "num_kv_imports_through_rank0")
+
+
+def paths(servers: dict[str, Started]) -> dict[str, float]:
+    """How many exports (the prefill group) and imports (the tp=2 decode group) took each path so far."""
+    return {name: servers[role].stats()[name] for name, role in zip(PATHS, ("prefill", "prefill", "decode", "decode"),
+                                                                     strict=True)}
+
+
+def assert_shard_to_shard(servers: dict[str, Started], before: dict[str, float]) -> None:
+    """Since `before`, KV moved shard to shard on both sides and none through rank 0."""
+    now = paths(servers)
+    assert now["num_kv_exports_shard_to_shard"] > before["num_kv_exports_shard_to_shard"], (before, now)
+    assert now["num_kv_imports_shard_to_shard"] > before["num_kv_imports_shard_to_shard"], (before, now)
+    assert now["num_kv_exports_through_rank0"] == before["num_kv_exports_through_rank0"], (before, now)
+    assert now["num_kv_imports_through_rank0"] == before["num_kv_imports_through_rank0"], (before, now)
+
+
 def test_tp2_split_greedy_equals_monolithic(servers: dict[str, Started], chat: ChatFormat, language: LanguageHalf,
                                             image_features: list[torch.Tensor]) -> None:
+    before = paths(servers)
     cases = {"text": (generate_request(chat, "tp-text", "write a poem about the sea"), []),
              "one": (generate_request(chat, "tp-one", "<image>\ndescribe", num_images=1), image_features[:1])}
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:  # concurrent, as the batch runs them
@@ -157,9 +187,10 @@ def test_tp2_split_greedy_equals_monolithic(servers: dict[str, Started], chat: C
         results = {name: f.result(300) for name, f in futures.items()}
     for name, (request, features) in cases.items():
         assert results[name] == (expected(language, chat, request, list(features)), "length"), name
-    # several chunks' blocks left as they completed (max_batch_tokens 64), each gathered and scattered
+    # several chunks' blocks left as they completed (max_batch_tokens 64), each rank's heads to its own decode rank
     assert servers["prefill"].stats()["num_kv_blocks_exported"] >= 256 // 16
     assert servers["decode"].stats()["num_kv_blocks_imported"] == servers["prefill"].stats()["num_kv_blocks_exported"]
+    assert_shard_to_shard(servers, before)
     for server in servers.values():
         assert_freed(server)
 
@@ -168,12 +199,14 @@ def test_tp2_seeded_sampled_request_continues_its_stream(servers: dict[str, Star
                                                          language: LanguageHalf) -> None:
     sampling = {"temperature": 1.0, "seed": 1234, "top_p": 0.95, "repetition_penalty": 1.2, "max_new_tokens": 12,
                 "min_new_tokens": 12}
+    before = paths(servers)
     request = language_pb2.LanguageGenerateRequest(request_id="tp-seeded",
                                                    segments=[language_pb2.TokenSegment(ids=PROMPT)],
                                                    sampling=language_pb2.LanguageSampling(**sampling))
     tokens, reason = generate_split(servers, request)
     one_process = run(make_engine(language), [(PROMPT, [])], SamplingParams(**sampling))[0]
     assert (tokens, reason) == (one_process, "length")
+    assert_shard_to_shard(servers, before)
     other = run(make_engine(language), [(PROMPT, [])], SamplingParams(**(sampling | {"seed": 99})))[0]
     assert other != one_process  # the seed matters: the equality above is the stream continuing, not chance
     for server in servers.values():
@@ -198,8 +231,8 @@ def test_tp1_decode_refuses_tp2_prefill_naming_tp(servers: dict[str, Started], c
 def test_tp2_held_kv_pushed_again_to_another_decode_server(servers: dict[str, Started], chat: ChatFormat,
                                                            language: LanguageHalf) -> None:
     """The prefill group's hand-off to a decode server that refuses it (tp=1) fails after its first token, and the
-    group holds the KV; PushKv sends it, gathered from both ranks again, to the tp=2 decode server, which continues
-    the request to transformers' monolithic tokens."""
+    group holds the KV; PushKv sends it again, each rank its own heads to its own decode rank, to the tp=2 decode
+    server, which continues the request to transformers' monolithic tokens."""
     request = generate_request(chat, "tp-repush", "hello there")
     to_prefill, to_decode = language_pb2.LanguageGenerateRequest(), language_pb2.LanguageGenerateRequest()
     to_prefill.CopyFrom(request)
@@ -212,10 +245,72 @@ def test_tp2_held_kv_pushed_again_to_another_decode_server(servers: dict[str, St
         next(prefill)
     assert servers["prefill"].stats()["num_kv_held_requests"] == 1
     decode = servers["decode"].stub.Generate(to_decode)
+    before = paths(servers)
     pushed = servers["prefill"].stub.PushKv(language_pb2.PushKvRequest(
         request_id=request.request_id, destination=servers["decode"].transport_address))
     assert pushed.num_blocks >= 1
     tokens, reason = collect_releasing(servers, decode, request.request_id)
     assert (first + tokens, reason) == (expected(language, chat, request, []), "length")
+    assert_shard_to_shard(servers, before)
     for server in servers.values():
         assert_freed(server)
+
+
+def _zero_blocks(servers: dict[str, Started], heads_per_rank: int) -> tuple[str, torch.Tensor]:
+    """The decode group's layout (Health) and one block of zeros shaped by it, `heads_per_rank` x its heads."""
+    layout = servers["decode"].stub.Health(common_pb2.HealthRequest()).kv_layout
+    keys = dict(part.split("=", 1) for part in layout.split(";"))
+    return layout, torch.zeros(int(keys["layers"]), 2, int(keys["block_size"]), heads_per_rank * int(keys["kv_heads"]),
+                               int(keys["head_dim"]), dtype=getattr(torch, keys["dtype"]))
+
+
+def _from_test(request_id: str) -> language_pb2.LanguageGenerateRequest:
+    """A decode server's Generate whose KV the test itself pushes, standing in for a prefill group."""
+    return language_pb2.LanguageGenerateRequest(
+        request_id=request_id, segments=[language_pb2.TokenSegment(ids=PROMPT)], kv_source=True,
+        sampling=language_pb2.LanguageSampling(max_new_tokens=4, min_new_tokens=4))
+
+
+def test_tp2_missing_shard_fails_the_request_by_name_on_every_rank(servers: dict[str, Started], chat: ChatFormat,
+                                                                   language: LanguageHalf) -> None:
+    """A prefill group whose rank 1 never pushes (here the test stands in for it: rank 0's heads and the hand-off
+    alone, to the decode group's rank 0): the decode group's rank 1 waits its bounded time for its heads, and the
+    request fails naming rank 1, its blocks freed on every rank: the ranks stay in step, so the next request's tokens
+    are still transformers' own."""
+    decode = servers["decode"]
+    layout, blocks = _zero_blocks(servers, 1)
+    stream = decode.stub.Generate(_from_test("tp-half"))
+    asyncio.run(_push_to_rank0(decode.transport_address, layout, "tp-half", blocks))
+    with pytest.raises(grpc.RpcError) as caught:
+        collect(stream)
+    assert "tensor-parallel rank 1 did not get its KV heads" in (caught.value.details() or ""), caught.value
+    assert_freed(decode)
+    after = generate_request(chat, "tp-after-half", "hello there")
+    assert generate_split(servers, after) == (expected(language, chat, after, []), "length")
+
+
+def test_tp2_decode_group_still_takes_whole_blocks_through_rank0(servers: dict[str, Started]) -> None:
+    """The fallback, for a prefill group that cannot reach the decode ranks (its KV gathered to rank 0): whole blocks,
+    every rank's heads, pushed to the decode group's rank 0 alone are scattered to its ranks and the request decodes
+    (the KV is zeros: its tokens are not checked), counted through rank 0."""
+    decode = servers["decode"]
+    layout, blocks = _zero_blocks(servers, 2)
+    before = paths(servers)
+    stream = decode.stub.Generate(_from_test("tp-whole"))
+    asyncio.run(_push_to_rank0(decode.transport_address, layout, "tp-whole", blocks))
+    tokens, reason = collect(stream)
+    assert len(tokens) == 3 and reason == "length"  # the first of the 4 came with the hand-off
+    now = paths(servers)
+    assert now["num_kv_imports_through_rank0"] == before["num_kv_imports_through_rank0"] + 1
+    assert now["num_kv_imports_shard_to_shard"] == before["num_kv_imports_shard_to_shard"]
+    assert_freed(decode)
+
+
+async def _push_to_rank0(destination: str, layout: str, request_id: str, blocks: torch.Tensor) -> None:
+    sender = create_sender(TransportConfig(kind="tcp"))
+    sender.kv_layout = layout
+    try:
+        await KvPusher(sender, layout).push(destination, request_id,
+                                            KvExport(0, 1, blocks, Handoff(tuple(PROMPT), 7, b"", 0)))
+    finally:
+        await sender.close()

@@ -79,7 +79,7 @@ def test_request_finished_at_the_first_token_frees_the_decode_side(tiny_hf: Path
     assert [t for e in events for t in e.token_ids] and events[-1].finish_reason is FinishReason.LENGTH
     decode = pd.decode.server
     pd.wait_until(pd.decode, lambda: not decode.streams and not decode.kv_intake.entries
-                  and not decode.engine.incoming)
+                  and not decode.engine.kv.incoming)
     assert pd.decode.stats()["num_kv_blocks_used"] == 0
 
 
@@ -150,8 +150,8 @@ def _through_gateway(tiny_hf: Path, pd: PdHarness, name: str,
 def _nothing_held(pd: PdHarness) -> None:
     for served in pd.servers.values():
         server, engine = served.server, served.server.engine
-        pd.wait_until(served, lambda s=server, e=engine: not s.streams and not s.kv_holds and not e.held
-                      and not e.incoming and not e.requests and not s.kv_intake.entries
+        pd.wait_until(served, lambda s=server, e=engine: not s.streams and not s.kv_holds and not e.kv.held
+                      and not e.kv.incoming and not e.requests and not s.kv_intake.entries
                       and e.stats.num_kv_blocks_used == 0)
         assert served.stats()["num_kv_held_requests"] == 0
 

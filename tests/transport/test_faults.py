@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 async def handshaken(address: str) -> socket.socket:
     """A socket past a real handshake, for writing hand-made bytes after it."""
     host, port = parse_address(address, "tcp://")
-    sock, _ = await asyncio.to_thread(TcpSender(config())._connect, host, port, address)
+    sock, _, _ = await asyncio.to_thread(TcpSender(config())._connect, host, port, address)
     return sock
 
 
@@ -86,7 +86,7 @@ from dvd.transport.tcp_sender import TcpSender
 from dvd.transport.wire import encode_framed
 address = sys.argv[1]
 host, port = parse_address(address, "tcp://")
-sock, _ = TcpSender(TransportConfig(token="test-token"))._connect(host, port, address)
+sock, _, _ = TcpSender(TransportConfig(token="test-token"))._connect(host, port, address)
 tensor = torch.ones(8 << 20, dtype=torch.bfloat16)
 send_all(sock, [memoryview(encode_framed(header_for("killed", 0, 1, tensor))), payload_view(tensor)[: 4 << 20]])
 print("partial", flush=True)
