@@ -49,9 +49,11 @@ class _Recording:
 # traffic to notice (max_pings_without_data 0: a Generate waiting for features sends nothing), and it accepts the
 # gateway's own keepalive pings (pipeline/replicas.py: CHANNEL_OPTIONS, every 10 s) on a connection that carries no
 # data: one every 5 s at most, where gRPC's default, 5 minutes, would answer them with GOAWAY "too_many_pings".
+# `ping_timeout_ms` too: gRPC 1.85 waits for a keepalive ping's ack that long (default 1 minute), whatever
+# `keepalive_timeout_ms` says (measured: a frozen peer's call was cancelled after 65-70 s without it, within 15 s with).
 SERVER_KEEPALIVE = (("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                     ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0),
-                    ("grpc.http2.min_ping_interval_without_data_ms", 5_000))
+                    ("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.http2.ping_timeout_ms", 5_000))
 
 
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,

@@ -48,11 +48,14 @@ class ProbeConfig:
             raise ValueError(f"fail_threshold must be at least 1, got {self.fail_threshold}")
 
 
-# Channels to servers on other nodes: notice a dead peer in seconds (keepalive), and reconnect
+# Channels to servers on other nodes: notice a dead peer (keepalive), and reconnect
 # promptly once it is reachable again (gRPC's default backoff grows to 120 s). Each channel has connections of its
 # own (a local subchannel pool): a replica that left rotation is dialled anew (`Replica._redial`), and gRPC's
 # global pool would hand the new channel the old, possibly dead, connection again. The servers accept these pings
-# (dvd/process.py: SERVER_KEEPALIVE).
+# (dvd/process.py: SERVER_KEEPALIVE). gRPC 1.85 waits a minute for a ping's ack (`grpc.http2.ping_timeout_ms`,
+# left at its default here) whatever keepalive_timeout_ms says: the probes (ProbeConfig) take a silent server out
+# of rotation first, failing its calls naming it, and a 5 s ping timeout would race them with a bare
+# "ping timeout" error.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.keepalive_time_ms", 10_000),
                    ("grpc.keepalive_timeout_ms", 5_000), ("grpc.keepalive_permit_without_calls", 0),
                    ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2_000),
