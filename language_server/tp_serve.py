@@ -2,10 +2,10 @@
 
 Rank 0 is the `dvd language` process itself: it serves gRPC, receives the features (once) and runs a
 `TensorParallelEngine`, which broadcasts every step's commands and sampled tokens. Ranks 1..N-1 are child
-processes that read their own shard of the checkpoint and `follow`. With a P/D role (over tcp) every rank above 0
-has a transport end of its own for its KV heads too (kv_shards.py: a prefill rank's sender, a decode rank's receiver,
-whose addresses the decode group's rank 0 names to prefill servers at connect); otherwise the KV goes through rank 0
-(tensor_parallel.py). torch.distributed runs over gloo on CPUs and NCCL on
+processes that read their own shard of the checkpoint and `follow`. With a P/D role (over tcp or rdma) every rank
+above 0 has a transport end of its own for its KV heads too (kv_shards.py: a prefill rank's sender, a decode rank's
+receiver, whose addresses the decode group's rank 0 names to prefill servers at connect); otherwise (inproc) the KV
+goes through rank 0 (tensor_parallel.py). torch.distributed runs over gloo on CPUs and NCCL on
 GPUs (rank r on the r-th device after `--device`), rendezvousing through a file in a private temp dir.
 """
 
@@ -31,6 +31,8 @@ from dvd.language_server.tensor_parallel import TensorParallelEngine, load_shard
 logger = logging.getLogger("dvd.language.tp")
 # Followers wait in a broadcast while rank 0 has no work: an idle server must not time them out.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
+# Transport kinds whose handshake names a decode group's ranks (Challenge.kv_peers), so KV goes shard to shard
+SHARD_KINDS = ("tcp", "rdma")
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -63,8 +65,8 @@ def _engine(config: LanguageServerConfig, rank: int) -> TensorParallelEngine:
 def _shard_end(config: LanguageServerConfig, engine: TensorParallelEngine) -> ShardPusher | ShardInbox | None:
     """A rank above 0's own transport end for P/D's KV (kv_shards.py): a prefill rank's sender, a decode rank's
     receiver (on a port of its own); None for a server of role both, or a transport kind that cannot cross
-    processes by address (inproc) or name its ranks at connect (rdma): their KV goes through rank 0."""
-    if config.role == "both" or config.transport.kind != "tcp":
+    processes by address (inproc): its KV goes through rank 0."""
+    if config.role == "both" or config.transport.kind not in SHARD_KINDS:
         return None
     layout = server_kv_layout(config, engine, open_checkpoint(config.model))
     kv = engine.tp_kv
@@ -72,7 +74,10 @@ def _shard_end(config: LanguageServerConfig, engine: TensorParallelEngine) -> Sh
     if config.role == "prefill":
         kv.pusher = ShardPusher(config.transport, layout, engine.rank)
         return kv.pusher
-    kv.inbox = ShardInbox(replace(config.receiver_transport, port=0), layout, config.orphan_ttl_s, engine.rank)
+    receiver = replace(config.receiver_transport, port=0)
+    if receiver.device != "cpu":  # rdma lands frames on the model's device: this rank's own
+        receiver = replace(receiver, device=rank_device(config.device, engine.rank))
+    kv.inbox = ShardInbox(receiver, layout, config.orphan_ttl_s, engine.rank)
     return kv.inbox
 
 

@@ -28,9 +28,10 @@ NEW_TOKENS = 10
 
 
 def _push(address: str, request_id: str, frames: dict[int, torch.Tensor]) -> None:
-    """Send image features to the server's transport address, as a vision server does."""
+    """Send image features to the server's transport address, as a vision server does (over the transport its
+    scheme names; rdma over UCX's tcp, as the transport tests run it)."""
     async def send() -> None:
-        sender = create_sender(TransportConfig(kind="tcp"))
+        sender = create_sender(TransportConfig(kind=address.partition("://")[0] or "tcp", ucx_tls="tcp"))
         try:
             for index, features in frames.items():
                 await sender.send(address, header_for(request_id, index, 256, features), features)

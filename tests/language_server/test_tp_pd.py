@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -81,18 +82,17 @@ class Started:
 SHARD_TIMEOUT_S = 2  # how long a decode rank waits for its own KV heads: the missing-shard case waits this long
 
 
-def _start(model: Path, role: str, tp: int) -> Started:
-    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(model), "--port", "0", "--transport", "tcp",
+def _start(model: Path, role: str, tp: int, transport: str = "tcp") -> Started:
+    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(model), "--port", "0", "--transport", transport,
            "--num-blocks", "256", "--block-size", "16", "--max-batch-tokens", "64", "--role", role,
            "--kv-shard-timeout-s", str(SHARD_TIMEOUT_S), "--log-level", "WARNING"]
     cmd += ["--tp", str(tp)] if tp > 1 else []
-    return Started(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    env = os.environ | {"UCX_TLS": "tcp"}  # rdma over UCX's tcp on loopback, as the transport tests run it
+    return Started(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
-    started = {"prefill": _start(tiny_hf, "prefill", 2), "decode": _start(tiny_hf, "decode", 2),
-               "decode_tp1": _start(tiny_hf, "decode", 1)}
+def _started(started: dict[str, Started]) -> Iterator[dict[str, Started]]:
+    """Servers started, ready, then stopped (SIGTERM: each exits 0) or, failing that, killed."""
     try:
         for server in started.values():
             server.ready()
@@ -102,6 +102,19 @@ def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
     finally:
         for server in started.values():
             server.kill()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
+    yield from _started({"prefill": _start(tiny_hf, "prefill", 2), "decode": _start(tiny_hf, "decode", 2),
+                         "decode_tp1": _start(tiny_hf, "decode", 1)})
+
+
+@pytest.fixture(scope="module")
+def rdma_servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
+    """A tp=2 prefill and a tp=2 decode server over rdma."""
+    pytest.importorskip("ucxx", reason="ucxx not importable: install the rdma extra")
+    yield from _started({role: _start(tiny_hf, role, 2, "rdma") for role in ("prefill", "decode")})
 
 
 def split(servers: dict[str, Started], request: language_pb2.LanguageGenerateRequest, decode: str = "decode",
@@ -209,6 +222,30 @@ def test_tp2_seeded_sampled_request_continues_its_stream(servers: dict[str, Star
     assert_shard_to_shard(servers, before)
     other = run(make_engine(language), [(PROMPT, [])], SamplingParams(**(sampling | {"seed": 99})))[0]
     assert other != one_process  # the seed matters: the equality above is the stream continuing, not chance
+    for server in servers.values():
+        assert_freed(server)
+
+
+def test_tp2_over_rdma_goes_shard_to_shard(rdma_servers: dict[str, Started], chat: ChatFormat,
+                                          language: LanguageHalf, image_features: list[torch.Tensor]) -> None:
+    """rdma's handshake names the decode ranks' receivers as tcp's does: each prefill rank pushes its own heads to its
+    own decode rank over rdma, none through rank 0; greedy tokens (text and one image, its features over rdma too) are
+    transformers' own, and a seeded sampled request continues the stream one process draws."""
+    servers = rdma_servers
+    assert servers["decode"].transport_address.startswith("rdma://")
+    before = paths(servers)
+    for request, features in ((generate_request(chat, "rdma-text", "write a poem about the sea"), []),
+                              (generate_request(chat, "rdma-one", "<image>\ndescribe", num_images=1),
+                               image_features[:1])):
+        assert generate_split(servers, request, features) == (expected(language, chat, request, list(features)),
+                                                              "length"), request.request_id
+    sampling = {"temperature": 1.0, "seed": 1234, "top_p": 0.95, "max_new_tokens": 8, "min_new_tokens": 8}
+    request = language_pb2.LanguageGenerateRequest(request_id="rdma-seeded",
+                                                   segments=[language_pb2.TokenSegment(ids=PROMPT)],
+                                                   sampling=language_pb2.LanguageSampling(**sampling))
+    one_process = run(make_engine(language), [(PROMPT, [])], SamplingParams(**sampling))[0]
+    assert generate_split(servers, request) == (one_process, "length")
+    assert_shard_to_shard(servers, before)
     for server in servers.values():
         assert_freed(server)
 
