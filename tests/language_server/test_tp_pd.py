@@ -2,7 +2,8 @@
 processes (gloo). Shard to shard (kv_shards.py): each prefill rank pushes its own KV heads to its own decode rank,
 whose receivers the decode group's rank 0 names at connect; the servers' Stats say which path each export and
 import took. The split's tokens equal transformers' monolithic output (greedy; text and one image) and a seeded
-sampled request continues the stream one process draws; a tp=1 decode server refuses the tp=2 prefill server at
+sampled request continues the stream one process draws, over tcp and over rdma (its handshake names the decode
+ranks as tcp's does), each path counted on /metrics as in Stats; a tp=1 decode server refuses the tp=2 prefill server at
 connect, naming tp, and the KV the prefill group held is pushed again (PushKv), shard to shard, to the tp=2 decode
 server; a rank's shard that never comes fails the request by name on every rank; whole blocks (the through-rank-0
 fallback) are still scattered; nothing stays allocated; SIGTERM stops every rank."""
@@ -33,6 +34,7 @@ from dvd.sampling import SamplingParams
 from dvd.transport import TransportConfig, create_sender
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from tests.language_server.conftest import make_engine
+from tests.language_server.pd_harness import kv_stats_on_metrics
 from tests.language_server.test_engine import run
 from tests.language_server.test_language_server import collect, expected, generate_request
 from tests.language_server.test_tp_cli import READY, _push
@@ -189,6 +191,12 @@ def assert_shard_to_shard(servers: dict[str, Started], before: dict[str, float])
     assert now["num_kv_imports_through_rank0"] == before["num_kv_imports_through_rank0"], (before, now)
 
 
+def assert_paths_on_metrics(servers: dict[str, Started]) -> None:
+    """The quiet servers' P/D counters on their /metrics as Stats has them, KV moved shard to shard there too."""
+    prefill, decode = (kv_stats_on_metrics(servers[role].stub) for role in ("prefill", "decode"))
+    assert prefill["num_kv_exports_shard_to_shard"] > 0 and decode["num_kv_imports_shard_to_shard"] > 0
+
+
 def test_tp2_split_greedy_equals_monolithic(servers: dict[str, Started], chat: ChatFormat, language: LanguageHalf,
                                             image_features: list[torch.Tensor]) -> None:
     before = paths(servers)
@@ -206,6 +214,7 @@ def test_tp2_split_greedy_equals_monolithic(servers: dict[str, Started], chat: C
     assert_shard_to_shard(servers, before)
     for server in servers.values():
         assert_freed(server)
+    assert_paths_on_metrics(servers)
 
 
 def test_tp2_seeded_sampled_request_continues_its_stream(servers: dict[str, Started],
@@ -248,6 +257,7 @@ def test_tp2_over_rdma_goes_shard_to_shard(rdma_servers: dict[str, Started], cha
     assert_shard_to_shard(servers, before)
     for server in servers.values():
         assert_freed(server)
+    assert_paths_on_metrics(servers)
 
 
 def test_tp1_decode_refuses_tp2_prefill_naming_tp(servers: dict[str, Started], chat: ChatFormat) -> None:
