@@ -27,6 +27,7 @@ from dvd.language_server.kv_shards import ShardInbox, ShardPusher
 from dvd.language_server.kv_transfer import server_kv_layout
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.language_server.tensor_parallel import TensorParallelEngine, load_shard
+from dvd.transport import TransportConfig
 
 logger = logging.getLogger("dvd.language.tp")
 # Followers wait in a broadcast while rank 0 has no work: an idle server must not time them out.
@@ -74,11 +75,15 @@ def _shard_end(config: LanguageServerConfig, engine: TensorParallelEngine) -> Sh
     if config.role == "prefill":
         kv.pusher = ShardPusher(config.transport, layout, engine.rank)
         return kv.pusher
-    receiver = replace(config.receiver_transport, port=0)
-    if receiver.device != "cpu":  # rdma lands frames on the model's device: this rank's own
-        receiver = replace(receiver, device=rank_device(config.device, engine.rank))
-    kv.inbox = ShardInbox(receiver, layout, config.orphan_ttl_s, engine.rank)
+    kv.inbox = ShardInbox(inbox_transport(config, engine.rank), layout, config.orphan_ttl_s, engine.rank)
     return kv.inbox
+
+
+def inbox_transport(config: LanguageServerConfig, rank: int) -> TransportConfig:
+    """A decode rank's KV receiver: the server's receiver settings on a port of its own, and where rdma lands frames
+    on the model's device, on this rank's (rank 0's device is the server's)."""
+    receiver = replace(config.receiver_transport, port=0)
+    return receiver if receiver.device == "cpu" else replace(receiver, device=rank_device(config.device, rank))
 
 
 def _exchange_addresses(config: LanguageServerConfig, mine: str) -> list[str]:

@@ -29,6 +29,8 @@ import torch
 from dvd.language_server.kv_transfer import KvPusher
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import Handoff, KvExport
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.language_server.tp_serve import inbox_transport
 from dvd.prompt import ChatFormat
 from dvd.sampling import SamplingParams
 from dvd.transport import TransportConfig, create_sender
@@ -258,6 +260,17 @@ def test_tp2_over_rdma_goes_shard_to_shard(rdma_servers: dict[str, Started], cha
     for server in servers.values():
         assert_freed(server)
     assert_paths_on_metrics(servers)
+
+
+def test_a_decode_ranks_inbox_receives_on_its_own_device(tiny_hf: Path) -> None:
+    """Over rdma UCX writes a decode rank's KV heads straight into device memory: rank 1's, not rank 0's (where its
+    engine would have to copy them across); tcp lands them in host memory on every rank. Each on a port of its own."""
+    for kind, device, want in (("rdma", "cuda:0", "cuda:1"), ("rdma", "cuda", "cuda:1"), ("rdma", "cuda:2", "cuda:3"),
+                               ("rdma", "cpu", "cpu"), ("tcp", "cuda:0", "cpu")):
+        config = LanguageServerConfig(model=tiny_hf, device=device, role="decode", tensor_parallel=2,
+                                      transport=TransportConfig(kind=kind, port=7300))
+        inbox = inbox_transport(config, 1)
+        assert (inbox.kind, inbox.device, inbox.port) == (kind, want, 0), (kind, device)
 
 
 def test_tp1_decode_refuses_tp2_prefill_naming_tp(servers: dict[str, Started], chat: ChatFormat) -> None:
