@@ -13,7 +13,7 @@ import torch
 
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import FrameTooLargeError, ProtocolError
-from dvd.transport.wire import WIRE_DTYPE, FeatureHeader, PayloadHeader
+from dvd.transport.payload import WIRE_DTYPE, FeatureHeader, PayloadHeader
 
 # wire dtype name -> torch dtype (the names are torch's own).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -24,7 +24,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "int64": torch.int64,
 }
-WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (wire.WIRE_DTYPE), as a torch dtype
+WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (payload.WIRE_DTYPE), as a torch dtype
 
 
 @dataclasses.dataclass

@@ -25,7 +25,8 @@ import logging
 import secrets
 
 from dvd.transport.errors import HandshakeError
-from dvd.transport.wire import NONCE_BYTES, PROTOCOL_VERSION, Accept, Auth, Challenge, Hello, Refuse
+from dvd.transport.protocol import PROTOCOL_VERSION
+from dvd.transport.wire import NONCE_BYTES, Accept, Auth, Challenge, Hello, Refuse
 
 logger = logging.getLogger(__name__)
 

@@ -41,18 +41,17 @@ from dvd.transport.base import (
 )
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
+from dvd.transport.payload import PAYLOAD_HEADERS, PayloadHeader
 from dvd.transport.pool import DeviceReceivePool, PoolClosedError, ReceivePool, RecentKeys
 from dvd.transport.stream import parse_address
 from dvd.transport.wire import (
     MAX_HEADER_BYTES,
-    PAYLOAD_HEADERS,
     Accept,
     Auth,
     Challenge,
     Heartbeat,
     Hello,
     Message,
-    PayloadHeader,
     Refuse,
     Reject,
     decode,

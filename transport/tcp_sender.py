@@ -36,8 +36,9 @@ from dvd.transport import handshake, stream
 from dvd.transport.base import Sender, check_outgoing, payload_view
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
+from dvd.transport.payload import PayloadHeader
 from dvd.transport.pool import RecentKeys
-from dvd.transport.wire import Accept, Challenge, Heartbeat, PayloadHeader, Refuse, Reject, encode_framed
+from dvd.transport.wire import Accept, Challenge, Heartbeat, Refuse, Reject, encode_framed
 
 logger = logging.getLogger(__name__)
 
