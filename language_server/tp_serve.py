@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime
 import logging
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -96,7 +98,20 @@ def _exchange_addresses(config: LanguageServerConfig, mine: str) -> list[str]:
     return addresses[1:] if all(addresses[1:]) else []
 
 
+def group_broke(error: RuntimeError) -> bool:
+    """A collective failed because another rank's process is gone (gloo raises a bare RuntimeError naming the
+    closed connection), not a bug of this rank's own."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or "closed by peer" in text or "reset by peer" in text
+
+
 def _follower(rank: int, config: LanguageServerConfig, store: str) -> None:
+    # Rank 0 stops its followers (a stop broadcast once its server drained), so a signal meant for the server is
+    # not theirs: Ctrl-C in a terminal, or a SIGTERM to the process group, reaches every rank at once, and a rank
+    # that died of it would leave rank 0's drain to fail on a broken collective. If rank 0 dies, the collective
+    # breaks and the follower ends below.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _init(config, rank, Path(store))
     end = None
     try:
@@ -106,6 +121,12 @@ def _follower(rank: int, config: LanguageServerConfig, store: str) -> None:
         _exchange_addresses(config, address)
         engine.enter_thread()
         engine.follow()
+    except RuntimeError as error:
+        if not group_broke(error):
+            raise
+        # rank 0 is gone (killed, or failed): nothing is left to follow
+        logger.warning("tensor-parallel rank %d: the group broke (%s); exiting", rank, str(error).splitlines()[0])
+        sys.exit(1)
     finally:
         if end is not None:
             end.close()
@@ -127,6 +148,11 @@ class TensorParallelGroup:
             self.engine.stop_followers()
             for process in self.followers:
                 process.join(60)
+        except RuntimeError as error:
+            if not group_broke(error):
+                raise
+            # a follower had died already: say so, and make sure of the rest below
+            logger.warning("tensor-parallel group: a rank was gone before the stop (%s)", str(error).splitlines()[0])
         finally:
             for process in self.followers:
                 if process.is_alive():
