@@ -29,12 +29,15 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvd.config_file import ConfigError
 from dvd.hub import resolve_model
 from dvd.token_file import resolve_token
 from dvd.tracing import otel_environment
+
+if TYPE_CHECKING:  # for types only: `run` imports it (with the gateway's modules) where it is needed
+    from dvd.deploy.ray_config import RayClusterConfig, RaySettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +52,8 @@ def _described(info: dict[str, Any]) -> str:
     return f"{info['kind']} on {info['address']} (pid {info['pid']})"
 
 
-def _connect(settings: Any, start: bool = False) -> None:
-    """Connect to Ray (`settings`: RaySettings), first starting a local head if asked."""
+def _connect(settings: RaySettings, start: bool = False) -> None:
+    """Connect to Ray, first starting a local head if asked."""
     import ray
 
     if settings.temp_dir:
@@ -68,7 +71,7 @@ def _connect(settings: Any, start: bool = False) -> None:
     ray.init(address=settings.address or "auto", namespace="dvd", logging_level=logging.WARNING, log_to_driver=False)
 
 
-def for_up(config: Any) -> tuple[Any, str]:
+def for_up(config: RayClusterConfig) -> tuple[RayClusterConfig, str]:
     """What `up` starts the actors with: the config, its model pinned (a Hub id checked here, its config files
     fetched, and pinned to one commit, which every actor then fetches its own half of on its node; a directory
     as it is, the same path on every node), and the cluster's token, which it needs."""

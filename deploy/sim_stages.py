@@ -12,12 +12,9 @@ events on one `EventQueue`. They mirror the servers' own policies, not their cod
   arrive (streaming prefill: the text before the first image runs at once). With an `encoder` it is a
   coupled replica as vLLM v1 runs one: a step that schedules the first token of an image encodes that
   image in the same step, before the language forward, within `encoder_step_tiles` tiles a step.
-- P/D (`kv_bytes_per_token`): a prefill replica is an `EngineReplica` whose requests leave at their first
-  token, each chunk's KV pushed over its KV link (one chunk at a time) when the chunk's step ends, so only
-  the last chunk's transfer follows the prefill; a decode replica is one whose requests `join` already
-  prefilled, when their last chunk's KV has landed, and go straight into its decode batch.
-- `SerialReplica`: today's `dvd serve --coupled`: one request at a time, preprocess, ViT, prefill and
-  decode one after another.
+- P/D's prefill and decode replicas are `EngineReplica`s too, with the hand-off between them: `sim_pd.py`.
+- `SerialReplica` (`sim_serial.py`): transformers' `generate` one request at a time (`pipeline/local.py`, what
+  `dvd serve --coupled` was before it ran the same engines in one process): the baseline of the older Table 18 rows.
 
 Decode-only stretches are not simulated step by step: between two events that change the batch (a request
 finishing, a prompt piece arriving) every step decodes the same requests, so the replica jumps to the first
@@ -107,7 +104,7 @@ class SimRequest:
 
     __slots__ = ("admit", "arrived", "computed", "decode", "decode_at", "encoded", "images_left", "in_ready",
                  "index", "known", "kv_landed", "language", "language_at", "next_piece", "output", "pieces",
-                 "prefilled", "prompt_len", "reserve", "starts", "tiles", "vision_at", "vision_left")
+                 "prompt_len", "reserve", "starts", "tiles", "vision_at", "vision_left")
 
     def __init__(self, index: int, pieces: list[int], tiles: list[int], output: int) -> None:
         self.index, self.pieces, self.tiles, self.output = index, pieces, tiles, output
@@ -124,7 +121,6 @@ class SimRequest:
         self.decode: Any = None  # P/D: its decode replica
         self.decode_at = 0
         self.kv_landed = 0.0  # P/D: when its KV pushed so far has landed on the decode replica
-        self.prefilled = False  # P/D: joined its decode replica with its prompt computed
 
 
 class Step:
@@ -175,14 +171,16 @@ class Preprocessor:
 
 
 class EngineReplica:
+    """One language replica; with an `encoder`, a coupled one. P/D's subclass it (`sim_pd.py`) through
+    `_admitted`, `_reserve`, `_end_step` and `_first_token`."""
+
     __slots__ = ("_admissions", "at", "batch", "busy", "busy_time", "context", "decode", "decoding", "driver",
-                 "encoder", "encoder_tiles", "jump", "kv_bytes_per_token", "kv_capacity", "kv_link_free", "kv_used",
-                 "link_free", "max_running", "max_tokens", "num_running", "preprocess", "profile", "ready", "steps",
-                 "transport", "version", "waiting")
+                 "encoder", "encoder_tiles", "jump", "kv_capacity", "kv_used", "link_free", "max_running",
+                 "max_tokens", "num_running", "preprocess", "profile", "ready", "steps", "transport", "version",
+                 "waiting")
 
     def __init__(self, driver: Driver, profile: CostProfile, settings: SimSettings,
-                 encoder: Curve | None = None, kv_bytes_per_token: int = 0) -> None:
-        """`kv_bytes_per_token` > 0: a P/D prefill replica, handing each request off at its first token."""
+                 encoder: Curve | None = None) -> None:
         self.driver, self.at, self.profile = driver, driver.queue.at, profile
         self.decode = profile.decode
         self.max_tokens, self.max_running = settings.max_batch_tokens, settings.max_running_requests
@@ -196,8 +194,6 @@ class EngineReplica:
         self.jump: tuple[float, float, int] | None = None  # a decode-only stretch: (start, seconds a step, steps)
         self.version = 0  # bumped when a jump is cut: its old end event is stale
         self.link_free = 0.0  # when this replica's feature link is free
-        self.kv_bytes_per_token = kv_bytes_per_token
-        self.kv_link_free = 0.0  # P/D prefill: when its KV link to the decode replicas is free
         self.busy_time = 0.0
         self._admissions = itertools.count(1)
         self.transport = profile.transport
@@ -211,12 +207,6 @@ class EngineReplica:
         self.waiting.append(request)
         if request.known:
             self._poke(now)
-
-    def join(self, now: float, request: SimRequest) -> None:
-        """P/D decode: `request`, prefilled elsewhere, its KV landed here; it decodes once admitted."""
-        request.prefilled = True
-        self.waiting.append(request)
-        self._poke(now)
 
     def receive(self, now: float, request: SimRequest, image: int, nbytes: float) -> None:
         """An image's features leave a vision replica: they cross this replica's link, one frame at a time."""
@@ -290,16 +280,18 @@ class EngineReplica:
         self.num_running += 1
         self.kv_used += self._reserve(request)
         request.admit = next(self._admissions)
-        if request.prefilled:
-            self._start_decoding(request)
-        elif request.known > request.computed:
-            request.in_ready = True
-            self.ready.append(request)
+        self._admitted(request)
         return request
 
+    def _admitted(self, request: SimRequest) -> None:
+        """`request` now runs here: its known tokens wait to be prefilled."""
+        if request.known > request.computed:
+            request.in_ready = True
+            self.ready.append(request)
+
     def _reserve(self, request: SimRequest) -> int:
-        """KV tokens `request` holds here at most: a P/D prefill replica keeps only the prompt's."""
-        return request.prompt_len if self.kv_bytes_per_token else request.reserve
+        """KV tokens `request` holds here at most."""
+        return request.reserve
 
     def _chunk(self, request: SimRequest, budget: int, step_tiles: int) -> tuple[int, int]:
         """Tokens of `request` this step computes, and tiles its images add to the step's encoder work."""
@@ -331,8 +323,6 @@ class EngineReplica:
         self._finish_decodes(now)
         for request, n in chunks:
             request.computed += n
-            if self.kv_bytes_per_token:
-                self._push_kv(now, request, n)
             if request.computed == request.known:
                 request.in_ready = False
             if request.computed == request.prompt_len:
@@ -340,30 +330,12 @@ class EngineReplica:
         self.ready = [r for r in self.ready if r.in_ready]
         self._plan(now)
 
-    def _push_kv(self, now: float, request: SimRequest, tokens: int) -> None:
-        """P/D prefill: a chunk's KV blocks leave for the decode replica over this replica's KV link."""
-        assert self.transport is not None
-        start = self.kv_link_free if self.kv_link_free > now else now
-        request.kv_landed = self.kv_link_free = start + self.transport(tokens * self.kv_bytes_per_token)
-
     def _first_token(self, now: float, request: SimRequest) -> None:
         self.driver.first_token(now, request)
-        if self.kv_bytes_per_token:
-            self._hand_off(now, request)
-        elif request.output == 1:
+        if request.output == 1:
             self._finish(now, request)
         else:
             self._start_decoding(request)
-
-    def _hand_off(self, now: float, request: SimRequest) -> None:
-        """P/D prefill: the request leaves here; its decode replica takes it when its last KV has landed."""
-        self.num_running -= 1
-        self.kv_used -= self._reserve(request)
-        self.driver.prefilled(now, request)
-        if request.output == 1:
-            self.driver.finished(now, request)
-        else:
-            self.at(request.kv_landed, request.decode.join, request)
 
     def _start_decoding(self, request: SimRequest) -> None:
         heapq.heappush(self.decoding, (self.steps + request.output - 1, request.index, request))
@@ -414,39 +386,3 @@ class EngineReplica:
         self._finish_decodes(now)
         self._plan(now)
 
-
-class SerialReplica:
-    """One request at a time, each stage after the other (today's `dvd serve --coupled`: transformers'
-    generate after the vision half, `pipeline/local.py`)."""
-
-    __slots__ = ("at", "busy", "busy_time", "driver", "profile", "queue")
-
-    def __init__(self, driver: Driver, profile: CostProfile) -> None:
-        self.driver, self.at, self.profile = driver, driver.queue.at, profile
-        self.queue: deque[SimRequest] = deque()
-        self.busy = False
-        self.busy_time = 0.0
-
-    def add(self, now: float, request: SimRequest) -> None:
-        self.queue.append(request)
-        if not self.busy:
-            self._next(now)
-
-    def _next(self, now: float) -> None:
-        if not self.queue:
-            self.busy = False
-            return
-        request = self.queue.popleft()
-        p = self.profile
-        assert p.prefill is not None and p.decode is not None
-        encode = (sum(p.preprocess(t) for t in request.tiles) if p.preprocess else 0.0) + (
-            p.vision[False](sum(request.tiles)) if request.tiles else 0.0)
-        first = now + encode + p.prefill(request.prompt_len)
-        end = first + (request.output - 1) * p.decode(1, request.prompt_len + request.output / 2)
-        self.busy, self.busy_time = True, self.busy_time + end - now
-        self.driver.first_token(first, request)
-        self.at(end, self._done, request)
-
-    def _done(self, now: float, request: SimRequest) -> None:
-        self.driver.finished(now, request)
-        self._next(now)

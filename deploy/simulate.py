@@ -5,7 +5,7 @@ vision : language split of N devices that serves the most requests within the TT
 Modes (`MODES`), each a way to build the replicas that serve requests:
   coupled         vLLM v1's way: each replica runs the vision encoder inside its engine step, before the
                   language forward of the requests that need it (issue 19's coupled baseline)
-  coupled-serial  today's `dvd serve --coupled`: one request at a time, stages one after another
+  coupled-serial  transformers' generate one request at a time, stages one after another (the old `--coupled`)
   dvd             vision replicas -> BF16 features over the transport -> language replicas
   dvd+vir         the same with ViR's compressed tiles (a Flash checkpoint's costs, `vir: true` lines)
   dvd-pd          dvd with the language side split E : P : D (issue 21): prefill replicas run each prompt in
@@ -16,8 +16,9 @@ Modes (`MODES`), each a way to build the replicas that serve requests:
   dvd-pd+vir      the same with ViR
 
 What it models: the gateway's least-outstanding choice of replica (vision and language, at the moment a
-request is sent, Encode and Generate together), each role's batching and scheduling (`sim_stages.py`), one
-feature frame per image over its language replica's link, the client's in-flight cap. What it ignores:
+request is sent, Encode and Generate together), each role's batching and scheduling (`sim_stages.py`,
+`sim_vision.py`, `sim_pd.py`), one feature frame per image over its language replica's link, the client's
+in-flight cap. What it ignores:
 gRPC, tokenizing and detokenizing, the gateway's own CPU, prefix and encoder cache hits, KV preemption
 (a request is admitted only when its whole prompt and output fit `kv_capacity_tokens`), CPU contention
 between a server's preprocessing threads and its device, and how a chunk's attention over an earlier
@@ -42,7 +43,9 @@ from typing import Any
 import numpy as np
 
 from dvd.deploy.cost_profile import CostProfile
-from dvd.deploy.sim_stages import EngineReplica, EventQueue, SerialReplica, SimRequest, SimSettings
+from dvd.deploy.sim_pd import DecodeReplica, PrefillReplica
+from dvd.deploy.sim_serial import SerialReplica
+from dvd.deploy.sim_stages import EngineReplica, EventQueue, SimRequest, SimSettings
 from dvd.deploy.sim_vision import VisionReplica
 from dvd.deploy.sim_workload import SimRequests
 
@@ -184,16 +187,18 @@ class Simulation:
         self.language_pool = LeastOutstanding(self._language_replicas())
         self.vision_pool = LeastOutstanding([VisionReplica(self, profile, deployment.vir, settings)
                                              for _ in range(deployment.vision)])
-        self.decode_pool = LeastOutstanding([EngineReplica(self, profile, settings)
+        self.decode_pool = LeastOutstanding([DecodeReplica(self, profile, settings)
                                              for _ in range(deployment.decode)])
 
     def _language_replicas(self) -> list[Any]:
         mode, count = self.deployment.mode, self.deployment.language
         if mode == "coupled-serial":
             return [SerialReplica(self, self.profile) for _ in range(count)]
+        if self.deployment.pd:
+            kv = self.profile.kv_bytes_per_token
+            return [PrefillReplica(self, self.profile, self.settings, kv) for _ in range(count)]
         encoder = self.profile.vision[False] if mode == "coupled" else None
-        kv = self.profile.kv_bytes_per_token if self.deployment.pd else 0
-        return [EngineReplica(self, self.profile, self.settings, encoder, kv) for _ in range(count)]
+        return [EngineReplica(self, self.profile, self.settings, encoder) for _ in range(count)]
 
     # ---- what the replicas report -------------------------------------------------------------
 

@@ -42,14 +42,29 @@ class _Recording:
         self.server.add_registered_method_handlers(service_name, handlers)
 
 
+# A server pings each connection it holds calls on, and closes one whose peer does not answer: a gateway that
+# vanished without a FIN (its host lost power, the network cut, a NAT forgot the flow) cancels its calls here within
+# about 15 s, and the handlers free what they held (a Generate's KV blocks and features, an Encode's work), instead
+# of decoding for nobody until max_tokens or waiting out a features timeout. A server that pings needs no other
+# traffic to notice (max_pings_without_data 0: a Generate waiting for features sends nothing), and it accepts the
+# gateway's own keepalive pings (pipeline/replicas.py: CHANNEL_OPTIONS, every 10 s) on a connection that carries no
+# data: one every 5 s at most, where gRPC's default, 5 minutes, would answer them with GOAWAY "too_many_pings".
+# `ping_timeout_ms` too: gRPC 1.85 waits for a keepalive ping's ack that long (default 1 minute), whatever
+# `keepalive_timeout_ms` says (measured: a frozen peer's call was cancelled after 65-70 s without it, within 15 s with).
+SERVER_KEEPALIVE = (("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0),
+                    ("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.http2.ping_timeout_ms", 5_000))
+
+
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
                             max_message_bytes: int,
                             health_servicer: health.aio.HealthServicer | None = None,
                             credentials: grpc.ServerCredentials | None = None,
-                            interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+                            interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                            keepalive: Sequence[tuple[str, int]] = SERVER_KEEPALIVE) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server with the servicers `register` adds (TLS with `credentials`; every call
     through `interceptors`: the cluster credential's check, dvd/internal_auth.py); returns it and the
-    bound port.
+    bound port. It pings its peers (`keepalive`, SERVER_KEEPALIVE says why).
 
     Every DvD server also serves the standard `grpc.health.v1.Health` (SERVING for "" and each of its
     services: Kubernetes gRPC probes and grpc_health_probe work unchanged) and server reflection
@@ -58,7 +73,7 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     that drains passes its own `health_servicer` and calls its `enter_graceful_shutdown()`, so
     probes see NOT_SERVING while in-flight work finishes."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes)],
+                                      ("grpc.max_send_message_length", max_message_bytes), *keepalive],
                              interceptors=list(interceptors) or None)
     recording = _Recording(server)
     register(recording)

@@ -33,11 +33,12 @@ fails with that reason); the frames carry it too, and a decode server fails a re
 gateway pairs only servers that fit.
 
 Tensor-parallel servers (`--tp N`, the same N on both sides: `tp` and `kv_heads`, a rank's KV heads, are layout
-keys) move the KV shard to shard over tcp: a decode group's receiver names its ranks' receivers at connect
-(`Challenge.kv_peers`), a prefill group's `KvPusher.shard_destinations` asks for them as a request starts, and each
-prefill rank pushes its own heads to its own decode rank (rank 0's through this pusher, with the hand-off; the
-others' through their own: kv_shards.py, which says how the decode ranks agree before importing). Where a decode
-server names no ranks (inproc, rdma) the KV goes through rank 0: the prefill group gathers its heads to rank 0,
+keys) move the KV shard to shard over tcp and rdma: a decode group's receiver names its ranks' receivers (each rank's
+own, of the group's transport kind) at connect (`Challenge.kv_peers`, one field in both transports' handshakes), a
+prefill group's `KvPusher.shard_destinations` asks for them as a request starts, and each prefill rank pushes its own
+heads to its own decode rank (rank 0's through this pusher, with the hand-off; the others' through their own:
+kv_shards.py, which says how the decode ranks agree before importing). Where a decode server names no ranks (inproc,
+which has no handshake; a tp=1 server) the KV goes through rank 0: the prefill group gathers its heads to rank 0,
 which pushes whole blocks, and the decode group's rank 0 scatters them. `KvIntake` sees only rank 0's frames.
 """
 

@@ -49,6 +49,36 @@ _ENGINE = (
             "P/D, a prefill server: held hand-offs freed by the hold timeout"),
     gauge("num_feature_bytes_held", "dvd_language_engine_feature_bytes", "Feature bytes held by engine requests"),
 )
+# P/D (kv_transfer.py, kv_shards.py): the KV blocks a prefill server pushes and a decode server takes in, and the paths
+# a tensor-parallel group's KV took (a tp=1 server counts none)
+_KV = (
+    counter("num_kv_blocks_exported", "dvd_language_kv_blocks_exported",
+            "P/D, a prefill server: KV blocks pushed to decode servers"),
+    counter("num_kv_blocks_imported", "dvd_language_kv_blocks_imported",
+            "P/D, a decode server: KV blocks taken into its cache from prefill servers"),
+    gauge("num_kv_incoming", "dvd_language_kv_incoming_requests",
+          "P/D, a decode server: requests holding blocks while their KV is still arriving"),
+    counter("num_kv_frames_received", "dvd_language_kv_frames_received",
+            "P/D, a decode server: KV frames and hand-offs received"),
+    counter("num_kv_frames_dropped", "dvd_language_kv_frames_dropped",
+            "P/D, a decode server: KV frames dropped on arrival (their request had ended or failed here)"),
+    counter("num_kv_layouts_refused", "dvd_language_kv_layouts_refused",
+            "P/D, a decode server: KV frames of another layout refused (their request fails)"),
+    gauge("num_kv_requests_arriving", "dvd_language_kv_requests_arriving",
+          "P/D, a decode server: requests in its KV intake (frames or a Generate waiting for the rest)"),
+    gauge("kv_intake_bytes", "dvd_language_kv_intake_bytes",
+          "P/D, a decode server: bytes of KV frames in its intake, not yet in the engine"),
+    gauge("num_kv_holds", "dvd_language_kv_hold_timers",
+          "P/D, a prefill server: held hand-offs whose hold timeout is running"),
+    counter("num_kv_exports_shard_to_shard", "dvd_language_kv_exports_shard_to_shard",
+            "P/D with tensor parallel, a prefill server: exports each rank pushed to its own decode rank"),
+    counter("num_kv_exports_through_rank0", "dvd_language_kv_exports_through_rank0",
+            "P/D with tensor parallel, a prefill server: exports gathered to rank 0 and pushed whole"),
+    counter("num_kv_imports_shard_to_shard", "dvd_language_kv_imports_shard_to_shard",
+            "P/D with tensor parallel, a decode server: imports each rank took from its own prefill rank"),
+    counter("num_kv_imports_through_rank0", "dvd_language_kv_imports_through_rank0",
+            "P/D with tensor parallel, a decode server: imports rank 0 scattered to its ranks"),
+)
 _FEATURES = (
     counter("feature_pool_num_frames_received", "dvd_language_feature_frames_received", "Feature frames pooled"),
     counter("feature_pool_num_frames_refused", "dvd_language_feature_frames_refused",
@@ -75,7 +105,7 @@ _FEATURES = (
     counter("busy_s", "dvd_language_busy_seconds", "Seconds the engine thread spent inside steps"),
     gauge("busy_fraction", "dvd_language_busy_fraction", "Fraction of the last 10 s the engine spent inside steps"),
 )
-STATS = _ENGINE + _FEATURES
+STATS = _ENGINE + _KV + _FEATURES
 
 
 class LanguageMetrics(ServerMetrics):

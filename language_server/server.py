@@ -365,7 +365,8 @@ class LanguageServer:
         counters |= {f"engine_{state}_seconds": seconds for state, seconds in self.engine_loop.seconds.items()}
         counters |= {f"transport_{k}": float(v) for k, v in vars(self.receiver.stats).items()}
         intake = self.kv_intake
-        counters |= {"num_kv_frames_received": float(intake.num_frames), "num_kv_requests_arriving":
+        counters |= {"num_kv_frames_received": float(intake.num_frames),
+                     "num_kv_frames_dropped": float(intake.num_dropped_frames), "num_kv_requests_arriving":
                      float(len(intake.entries)), "kv_intake_bytes": float(intake.num_bytes_held),
                      "num_kv_layouts_refused": float(intake.num_refused_layouts),
                      "num_kv_holds": float(len(self.kv_holds))}

@@ -22,7 +22,7 @@ import grpc
 from dvd.config_file import ConfigError
 from dvd.errors import UnavailableError
 from dvd.internal_auth import ClusterCredential
-from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
+from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc, vision_pb2_grpc
 
 log = logging.getLogger(__name__)
 STUBS = {"vision": vision_pb2_grpc.VisionStub, "language": language_pb2_grpc.LanguageStub}
@@ -48,12 +48,25 @@ class ProbeConfig:
             raise ValueError(f"fail_threshold must be at least 1, got {self.fail_threshold}")
 
 
-# Channels to servers on other nodes: notice a dead peer in seconds (keepalive), and reconnect
-# promptly once it is reachable again (gRPC's default backoff grows to 120 s).
+# Channels to servers on other nodes: notice a dead peer (keepalive), and reconnect
+# promptly once it is reachable again (gRPC's default backoff grows to 120 s). Each channel has connections of its
+# own (a local subchannel pool): a replica that left rotation is dialled anew (`Replica._redial`), and gRPC's
+# global pool would hand the new channel the old, possibly dead, connection again. The servers accept these pings
+# (dvd/process.py: SERVER_KEEPALIVE). gRPC 1.85 waits a minute for a ping's ack (`grpc.http2.ping_timeout_ms`,
+# left at its default here) whatever keepalive_timeout_ms says: the probes (ProbeConfig) take a silent server out
+# of rotation first, failing its calls naming it, and a 5 s ping timeout would race them with a bare
+# "ping timeout" error.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.keepalive_time_ms", 10_000),
                    ("grpc.keepalive_timeout_ms", 5_000), ("grpc.keepalive_permit_without_calls", 0),
-                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2_000)]
+                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2_000),
+                   ("grpc.use_local_subchannel_pool", 1)]
 
+
+# Request ids a language replica is owed an Abort for (it was lost while holding them): sent when it comes back.
+# Bounded: a replica gone for good would otherwise collect every id sent to it; the oldest are forgotten first
+# (the server frees those at their own deadline, or when its keepalive finds the old connection dead).
+MAX_ABANDONED = 4096
+ABORT_TIMEOUT_S = 5.0
 
 _SAID_WHY = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # a deployment fault: say what
 
@@ -101,6 +114,10 @@ class Replica:
     # their Health says (language_server/kv_transfer.py); the router pairs only servers of one layout
     role: str = ""
     kv_layout: str = ""
+    # language replicas: requests abandoned here while it was lost (no Abort reached it), oldest first
+    abandoned: dict[str, None] = field(default_factory=dict)
+    num_aborts_on_return: int = 0  # Aborts sent for them when it came back into rotation
+    num_abandoned_forgotten: int = 0  # ids dropped past MAX_ABANDONED, never aborted
     _work: set[Work] = field(default_factory=set)
 
     def connect(self) -> None:
@@ -127,16 +144,7 @@ class Replica:
         try:
             health, stats = await asyncio.wait_for(self._probe(), timeout_s)
         except (grpc.aio.AioRpcError, TimeoutError) as err:
-            self.consecutive_failures += 1
-            cause = _probe_failure(err, timeout_s)
-            if self.consecutive_failures >= fail_threshold:
-                if self.healthy:
-                    log.warning("%s server %s: %d health probes in a row failed (last: %s); out of rotation",
-                                self.kind, self.address, self.consecutive_failures, cause)
-                self._out(f"{self.consecutive_failures} health probes in a row failed (last: {cause})")
-            elif self.healthy:
-                log.info("%s server %s: health probe failed (%s), %d of %d before it leaves rotation",
-                         self.kind, self.address, cause, self.consecutive_failures, fail_threshold)
+            self._probe_failed(_probe_failure(err, timeout_s), fail_threshold)
             return self.healthy
         self.last_probe_ms = (time.perf_counter() - t0) * 1e3
         self.consecutive_failures = 0
@@ -153,10 +161,64 @@ class Replica:
             self._out(f"not serving: {health.detail}", fail_inflight=False)  # draining finishes its work
             return False
         if not self.healthy:
+            await self._abort_abandoned()
             log.info("%s server %s is serving; in rotation%s", self.kind, self.address,
                      f" (features at {self.transport_address})" if self.transport_address else "")
         self.healthy, self.state = True, "serving"
         return True
+
+    def _probe_failed(self, cause: str, fail_threshold: int) -> None:
+        self.consecutive_failures += 1
+        if self.consecutive_failures < fail_threshold:
+            if self.healthy:
+                log.info("%s server %s: health probe failed (%s), %d of %d before it leaves rotation",
+                         self.kind, self.address, cause, self.consecutive_failures, fail_threshold)
+            return
+        was_healthy = self.healthy
+        if was_healthy:
+            log.warning("%s server %s: %d health probes in a row failed (last: %s); out of rotation",
+                        self.kind, self.address, self.consecutive_failures, cause)
+        self._out(f"{self.consecutive_failures} health probes in a row failed (last: {cause})")
+        if was_healthy:
+            self._redial()  # after _out: the calls it held end as lost, not as the closed channel's errors
+
+    def abandon(self, request_id: str) -> None:
+        """A request this replica may still hold but was sent no Abort (it was lost, or the Abort went unanswered):
+        the Abort goes when it is back in rotation (`_abort_abandoned`)."""
+        self.abandoned[request_id] = None
+        while len(self.abandoned) > MAX_ABANDONED:
+            del self.abandoned[next(iter(self.abandoned))]
+            self.num_abandoned_forgotten += 1
+
+    async def _abort_abandoned(self) -> None:
+        """Back from lost: a server that was frozen or cut off (not dead) may still run the requests abandoned on
+        it, decoding for nobody and holding their KV blocks and features; each gets its Abort now, before the
+        replica takes new work. One that goes unanswered is kept for the next return."""
+        ids, self.abandoned = list(self.abandoned), {}
+        if not ids:
+            return
+        stub: Any = self.stub
+        results = await asyncio.gather(
+            *(stub.Abort(language_pb2.AbortRequest(request_id=rid), timeout=ABORT_TIMEOUT_S) for rid in ids),
+            return_exceptions=True)
+        found = sum(getattr(r, "found", False) for r in results)
+        for rid, result in zip(ids, results, strict=True):
+            if isinstance(result, BaseException):
+                self.abandon(rid)
+        self.num_aborts_on_return += len(ids)
+        log.warning("%s server %s is back: aborted %d requests abandoned there while it was lost (%d still held "
+                    "by it)", self.kind, self.address, len(ids), found)
+
+    def _redial(self) -> None:
+        """Left rotation because its probes failed: a new connection from now on. The old one may be dead with no
+        sign of it (a peer cut off sends no FIN), and the channel would keep it until its keepalive gives up;
+        a new connection reaches the server as soon as it is reachable again."""
+        old = self.channel
+        if old is None:
+            return
+        self.connect()
+        closing = asyncio.ensure_future(old.close())
+        closing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     def _other_revision(self) -> bool:
         """A server on another checkpoint revision than this gateway's (both known) stays out, naming both:

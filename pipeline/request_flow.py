@@ -5,7 +5,8 @@ replica's transport address) to a vision replica at the same moment, so the two 
 the start. Then: each message of the token stream is one event; an Encode that fails ends the wait
 for its features at once; a replica leaving rotation fails the request naming it (`Replica.in_use`);
 any early end (the client gone, a stop string, a failure) frees both halves, with an Abort to the
-language server unless it is the one that was lost. The last event carries the stage timings.
+language server unless it is the one that was lost (that one gets its Abort when it comes back into rotation,
+`Replica.abandon`). The last event carries the stage timings.
 
 A language server (P/D: prefill server) lost while the flow runs, out of rotation (`Work.lost`) or unreachable
 (its Generate failed UNAVAILABLE with no DvD error of the server's own: the connection, not the server, answered),
@@ -282,8 +283,7 @@ class RequestFlow:
         if self.encode is not None:
             self.encode.cancel()
         self.call.cancel()
-        if not work.lost:  # a hung server would not answer the Abort either (frees early frames)
-            await _shielded_abort(self.language, self.request.request_id)
+        await _abort_or_abandon(self.language, work, self.request.request_id)  # frees early frames too
         await self._abort_decode(decode_work)
 
     async def _abort_decode(self, decode_work: Work | None) -> None:
@@ -291,16 +291,31 @@ class RequestFlow:
         if self.decode is None or decode_work is None:
             return
         self.decode_call.cancel()
-        if not decode_work.lost:
-            await _shielded_abort(self.decode, self.request.request_id)
+        await _abort_or_abandon(self.decode, decode_work, self.request.request_id)
+
+
+async def _abort_or_abandon(replica: Replica, work: Work, request_id: str) -> None:
+    """Abort on `replica`, unless it was lost: a hung server would not answer the Abort either, so the replica
+    keeps the id and sends the Abort when it is back in rotation (`Replica.abandon`)."""
+    if work.lost:
+        replica.abandon(request_id)
+    else:
+        await _shielded_abort(replica, request_id)
 
 
 async def _shielded_abort(replica: Replica, request_id: str) -> None:
     """Abort on `replica`, shielded: a client that disconnects gets its handler cancelled (aiohttp's
-    handler_cancellation), often while this Abort is in flight; the Abort still reaches the server."""
+    handler_cancellation), often while this Abort is in flight; the Abort still reaches the server. One that
+    goes unanswered (the server unreachable now: its connection broke, or it stopped answering before its probes
+    said so) is sent again when the replica is next back in rotation."""
     stub: Any = replica.stub
     abort = asyncio.ensure_future(stub.Abort(language_pb2.AbortRequest(request_id=request_id), timeout=5))
-    abort.add_done_callback(_retrieved)  # its error, when nobody awaits it any more (below)
+
+    def done(task: asyncio.Future[Any]) -> None:  # also marks its error seen, when nobody awaits it any more
+        if _unanswered(task):
+            replica.abandon(request_id)
+
+    abort.add_done_callback(done)
     with contextlib.suppress(grpc.aio.AioRpcError):
         await asyncio.shield(abort)
 
@@ -317,6 +332,15 @@ def _why(error: BaseException) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         return f"{error.code().name}: {error.details()}"
     return "out of rotation"
+
+
+def _unanswered(task: asyncio.Future[Any]) -> bool:
+    """Whether an Abort went unanswered (the server unreachable, or silent until its timeout); its outcome seen."""
+    if task.cancelled():
+        return False
+    error = task.exception()
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                        grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

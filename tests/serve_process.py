@@ -165,11 +165,13 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_process(args: list[str], ready: str, timeout_s: float) -> Iterator[ServerProcess]:
+def server_process(args: list[str], ready: str, timeout_s: float,
+                   new_session: bool = False) -> Iterator[ServerProcess]:
     """`python -m dvd *args` until it prints `ready` and its address (within `timeout_s`); on leaving, the
-    channel closed and the process killed if it still runs."""
+    channel closed and the process killed if it still runs. `new_session`: a process group of its own (its pid),
+    so a test can signal the whole group as a terminal's Ctrl-C does."""
     proc = subprocess.Popen([sys.executable, "-m", "dvd", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=new_session)
     channel = None
     try:
         line = read_line(proc, timeout_s)

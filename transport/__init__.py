@@ -44,7 +44,8 @@ Contract:
 - `rdma` needs `pip install 'internvl-dvd[rdma]'`; `TransportConfig(ucx_tls="tcp")` runs it without
   RDMA hardware. Its receiver allocates frames on `config.device` ("cuda:0" for GPU-direct).
 
-Wire format: `wire.py` (every message type, msgpack only). Counters: `sender.stats`,
+Wire format: `wire.py` (framing, control messages, decoding; msgpack only), `payload.py` (the headers
+raw bytes follow), `protocol.py` (the version and the field checks they share). Counters: `sender.stats`,
 `receiver.stats` (`num_payload_copies` counts copies of feature bytes we make), `receiver.pool`.
 """
 
@@ -62,7 +63,7 @@ _EXPORTS = {
     "PeerLostError": "errors", "ProtocolError": "errors", "TransportError": "errors",
     "InprocHub": "inproc",
     "KINDS": "registry", "create_receiver": "registry", "create_sender": "registry",
-    "PROTOCOL_VERSION": "wire", "FeatureHeader": "wire", "KvHandoff": "wire", "KvHeader": "wire",
+    "PROTOCOL_VERSION": "protocol", "FeatureHeader": "payload", "KvHandoff": "payload", "KvHeader": "payload",
 }
 
 

@@ -13,7 +13,7 @@ import torch
 
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import FrameTooLargeError, ProtocolError
-from dvd.transport.wire import WIRE_DTYPE, FeatureHeader, PayloadHeader
+from dvd.transport.payload import WIRE_DTYPE, FeatureHeader, PayloadHeader
 
 # wire dtype name -> torch dtype (the names are torch's own).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -24,7 +24,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "int64": torch.int64,
 }
-WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (wire.WIRE_DTYPE), as a torch dtype
+WIRE_TORCH_DTYPE = TORCH_DTYPES[WIRE_DTYPE]  # what feature frames carry (payload.WIRE_DTYPE), as a torch dtype
 
 
 @dataclasses.dataclass
@@ -80,8 +80,15 @@ class Sender(abc.ABC):
 
     async def peers_of(self, destination: str) -> tuple[str, ...]:
         """P/D: the ranks' receivers a tensor-parallel decode server at `destination` names at connect (connecting
-        if need be); () where it names none or the transport cannot say (only tcp's handshake carries them)."""
-        return ()
+        if need be); () where it names none or the transport cannot say (inproc: no handshake)."""
+        if destination not in self.kv_peers:
+            await self.connect(destination)
+        return self.kv_peers.get(destination, ())
+
+    async def connect(self, destination: str) -> None:
+        """Connect to `destination` now unless connected, recording in `kv_peers` what its handshake names (tcp,
+        rdma); a transport without a handshake has nothing to do. Raises as `send` does."""
+        return None  # inproc: no handshake, so nothing to learn
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -13,7 +13,8 @@ as a sender's. Both sides prove the token, so a sender will not push features to
 P/D: a prefill server's sender names its KV layout in its Hello (`kv`, `key=value;...`: checkpoint, dtype,
 block size, layers, heads, tp, device), and a decode server's receiver refuses one that does not fit its own,
 naming the keys that differ (`layout_difference`); senders or receivers without a layout (feature streams)
-are not checked.
+are not checked. A tensor-parallel decode server's Challenge to a KV sender also names its ranks' own receivers
+(`kv_peers`, the same field on tcp and rdma; `named_peers` reads it), so each prefill rank pushes to its own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import logging
 import secrets
 
 from dvd.transport.errors import HandshakeError
-from dvd.transport.wire import NONCE_BYTES, PROTOCOL_VERSION, Accept, Auth, Challenge, Hello, Refuse
+from dvd.transport.protocol import PROTOCOL_VERSION
+from dvd.transport.wire import NONCE_BYTES, Accept, Auth, Challenge, Hello, Refuse
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ def receiver_challenge(
         return Refuse("kv_layout", reason)
     receiver_proof = None if token is None else proof(token, b"receiver", hello.nonce, nonce)
     return Challenge(PROTOCOL_VERSION, nonce, receiver_proof, max_frame_bytes, kv_peers if hello.kv_layout else "")
+
+
+def named_peers(challenge: Challenge) -> tuple[str, ...]:
+    """The ranks' receivers a Challenge names (`kv_peers`, rank order), as every networked sender keeps them."""
+    return tuple(peer for peer in challenge.kv_peers.split(",") if peer)
 
 
 def sender_auth(challenge: Challenge, token: str | None, nonce: bytes, peer: str) -> Auth:

@@ -26,8 +26,9 @@ from dvd.transport.errors import (
     PeerLostError,
     TransportError,
 )
+from dvd.transport.payload import PAYLOAD_HEADERS, PayloadHeader
 from dvd.transport.pool import ReceivePool, RecentKeys
-from dvd.transport.wire import PAYLOAD_HEADERS, PayloadHeader, Refuse, decode, encode
+from dvd.transport.wire import Refuse, decode, encode
 
 logger = logging.getLogger(__name__)
 INPROC_SCHEME = "inproc://"

@@ -41,18 +41,17 @@ from dvd.transport.base import (
 )
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
+from dvd.transport.payload import PAYLOAD_HEADERS, PayloadHeader
 from dvd.transport.pool import DeviceReceivePool, PoolClosedError, ReceivePool, RecentKeys
 from dvd.transport.stream import parse_address
 from dvd.transport.wire import (
     MAX_HEADER_BYTES,
-    PAYLOAD_HEADERS,
     Accept,
     Auth,
     Challenge,
     Heartbeat,
     Hello,
     Message,
-    PayloadHeader,
     Refuse,
     Reject,
     decode,
@@ -157,7 +156,8 @@ class RdmaReceiver(Receiver):
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         nonce = handshake.new_nonce()
-        reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, peer, self.kv_layout)
+        reply = handshake.receiver_challenge(hello, config.token, nonce, config.max_frame_bytes, peer, self.kv_layout,
+                                             self.kv_peers)
         await _send_message(ep, reply)
         if isinstance(reply, Refuse):
             self.stats.num_refused_handshakes += 1
@@ -333,17 +333,23 @@ class RdmaSender(Sender):
             except Exception as error:
                 raise PeerLostError(f"cannot connect to {destination}: {error}") from None
             try:
-                max_frame_bytes = await self._handshake(ep, destination)
+                challenge = await self._handshake(ep, destination)
             except BaseException:
                 with contextlib.suppress(Exception):
                     ep.abort()
                 raise
-            endpoint = _Endpoint(ep, destination, min(max_frame_bytes, self.config.max_frame_bytes), self.config)
+            self.kv_peers[destination] = handshake.named_peers(challenge)
+            max_frame_bytes = min(challenge.max_frame_bytes, self.config.max_frame_bytes)
+            endpoint = _Endpoint(ep, destination, max_frame_bytes, self.config)
             self._endpoints[destination] = endpoint
             self.stats.num_connections += 1
             return endpoint
 
-    async def _handshake(self, ep: Any, peer: str) -> int:
+    async def connect(self, destination: str) -> None:
+        await self._endpoint(destination)
+
+    async def _handshake(self, ep: Any, peer: str) -> Challenge:
+        """Hello, Challenge, Auth, Accept; the receiver's Challenge (its frame limit, the ranks it names)."""
         timeout = self.config.connect_timeout_s
         nonce = handshake.new_nonce()
         await _send_message(ep, handshake.sender_hello(nonce, self.kv_layout))
@@ -363,7 +369,7 @@ class RdmaSender(Sender):
             raise handshake.refused_by_receiver(verdict, peer)
         if not isinstance(verdict, Accept):
             raise ProtocolError(f"expected Accept, got {type(verdict).__name__}")
-        return reply.max_frame_bytes
+        return reply
 
     async def close(self) -> None:
         endpoints = list(self._endpoints.values())

@@ -22,8 +22,9 @@ from dvd.transport import handshake, stream
 from dvd.transport.base import END_OF_FRAMES, Frame, Receiver, tensor_on, verify_checksum
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import PeerLostError, ProtocolError, TransportError
+from dvd.transport.payload import PAYLOAD_HEADERS, PayloadHeader
 from dvd.transport.pool import PoolClosedError, ReceivePool, RecentKeys
-from dvd.transport.wire import PAYLOAD_HEADERS, Auth, Heartbeat, Hello, PayloadHeader, Refuse, Reject
+from dvd.transport.wire import Auth, Heartbeat, Hello, Refuse, Reject
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ from dvd.transport import handshake, stream
 from dvd.transport.base import Sender, check_outgoing, payload_view
 from dvd.transport.config import TransportConfig
 from dvd.transport.errors import DuplicateFrameError, PeerLostError, ProtocolError, TransportError
+from dvd.transport.payload import PayloadHeader
 from dvd.transport.pool import RecentKeys
-from dvd.transport.wire import Accept, Challenge, Heartbeat, PayloadHeader, Refuse, Reject, encode_framed
+from dvd.transport.wire import Accept, Challenge, Heartbeat, Refuse, Reject, encode_framed
 
 logger = logging.getLogger(__name__)
 
@@ -279,10 +280,8 @@ class TcpSender(Sender):
         self.stats.num_frames += 1
         self.stats.num_bytes += header.nbytes
 
-    async def peers_of(self, destination: str) -> tuple[str, ...]:
-        if destination not in self.kv_peers:
-            await self._connection(destination)
-        return self.kv_peers.get(destination, ())
+    async def connect(self, destination: str) -> None:
+        await self._connection(destination)
 
     async def _connection(self, destination: str) -> _Outbound:
         """The least loaded live connection; a new one while all are busy and there is room for one."""
@@ -300,13 +299,13 @@ class TcpSender(Sender):
                 if idle is None:
                     raise
                 return idle  # the extra connection was only for speed
-            self.kv_peers[destination] = tuple(p for p in peers.split(",") if p)
+            self.kv_peers[destination] = peers
             connection = _Outbound(self, sock, destination, min(max_frame_bytes, self.config.max_frame_bytes))
             live.append(connection)
             self.stats.num_connections += 1
             return connection
 
-    def _connect(self, host: str, port: int, peer: str) -> tuple[socket.socket, int, str]:
+    def _connect(self, host: str, port: int, peer: str) -> tuple[socket.socket, int, tuple[str, ...]]:
         """Connect and handshake (blocking, on a worker thread); the socket, the peer's frame limit and the ranks'
         receivers it names (`Challenge.kv_peers`)."""
         timeout = self.config.connect_timeout_s
@@ -334,7 +333,7 @@ class TcpSender(Sender):
                 raise handshake.refused_by_receiver(verdict, peer)
             stream.expect(verdict, Accept, peer)
             sock.settimeout(None)
-            return sock, reply.max_frame_bytes, reply.kv_peers
+            return sock, reply.max_frame_bytes, handshake.named_peers(reply)
         except BaseException:
             sock.close()
             raise

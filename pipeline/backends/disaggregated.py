@@ -97,7 +97,13 @@ class DisaggregatedBackend(Backend):
                                "num_lost_retries": self.router.num_lost_retries,
                                "num_decode_redirects": self.router.num_decode_redirects,
                                "num_calls_failed_on_lost_replica": sum(
-                                   r.num_calls_failed for pool in (self.vision, self.language) for r in pool.replicas)}
+                                   r.num_calls_failed for pool in (self.vision, self.language) for r in pool.replicas),
+                               # requests abandoned on a lost language server: aborted when it came back, still
+                               # owed an Abort, or forgotten past the bound (Replica.abandon)
+                               "num_aborts_on_return": sum(r.num_aborts_on_return for r in self.language.replicas),
+                               "num_aborts_owed": sum(len(r.abandoned) for r in self.language.replicas),
+                               "num_abandoned_forgotten": sum(r.num_abandoned_forgotten
+                                                              for r in self.language.replicas)}
         for pool in (self.vision, self.language):
             out[f"{pool.kind}_outstanding"] = sum(r.num_outstanding for r in pool.replicas)
             out[f"{pool.kind}_healthy_replicas"] = sum(r.healthy for r in pool.replicas)

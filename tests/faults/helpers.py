@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 
-from tests.serve_process import ServeProcess, metric
+from tests.serve_process import ServeProcess, metric, read_line
+
+ROOT = Path(__file__).parents[2]
 
 
 def servers(served: ServeProcess, role: str) -> list[psutil.Process]:
@@ -80,3 +86,14 @@ def error_code(rest: list[dict | str]) -> int | None:
     """The code of the first error a stream sent, None if it sent none."""
     errors = [c for c in rest if isinstance(c, dict) and "error" in c]
     return errors[0]["error"]["code"] if errors else None
+
+
+def start_server(kind: str, model: Path, token: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """A `dvd vision` / `dvd language` process on loopback, ready, and its gRPC address (the caller stops it)."""
+    process = subprocess.Popen([sys.executable, "-m", "dvd", kind, "--model", str(model), "--port", "0",
+                                "--token-file", str(token), "--log-level", "WARNING", *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    line = read_line(process, 240)
+    match = re.search(r"serving on ([\d.]+:\d+)", line)
+    assert match, line
+    return process, match[1]

@@ -5,28 +5,15 @@ features, the vision server its Encode; a new gateway over the same servers serv
 from __future__ import annotations
 
 import base64
-import re
 import subprocess
-import sys
 from pathlib import Path
 
 from dvd.v1 import common_pb2, language_pb2_grpc, vision_pb2_grpc
 from tests.conftest import encode, photo_like
-from tests.faults.helpers import long_story, sse, wait_for
-from tests.serve_process import ServeProcess, post_chat, read_line, signed_channel
+from tests.faults.helpers import long_story, sse, start_server, wait_for
+from tests.serve_process import ServeProcess, post_chat, signed_channel
 
-ROOT = Path(__file__).parents[2]
 IMAGE = "data:image/jpeg;base64," + base64.b64encode(encode(photo_like(640, 480, 9), "JPEG")).decode()
-
-
-def _server(kind: str, model: Path, token: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, "-m", "dvd", kind, "--model", str(model), "--port", "0",
-                                "--token-file", str(token), "--log-level", "WARNING"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-    line = read_line(process, 240)
-    match = re.search(r"serving on ([\d.]+:\d+)", line)
-    assert match, line
-    return process, match[1]
 
 
 def _counters(stub: object) -> dict[str, float]:
@@ -39,9 +26,9 @@ def test_a_killed_gateway_leaves_no_orphaned_work(tiny_hf: Path, tmp_path: Path)
     token.chmod(0o600)
     started: list[subprocess.Popen[str]] = []
     try:
-        language, language_address = _server("language", tiny_hf, token)
+        language, language_address = start_server("language", tiny_hf, token)
         started.append(language)
-        vision, vision_address = _server("vision", tiny_hf, token)
+        vision, vision_address = start_server("vision", tiny_hf, token)
         started.append(vision)
         attach = ("--model", str(tiny_hf), "--vision", vision_address, "--language", language_address,
                   "--token-file", str(token))

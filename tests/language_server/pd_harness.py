@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from dvd.language_server.config import EngineConfig
+from dvd.language_server.metrics import STATS
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.server import LanguageServer
 from dvd.language_server.server_config import LanguageServerConfig
@@ -34,6 +37,22 @@ class Served:
 
     def stats(self) -> dict[str, float]:
         return dict(self.stub.Stats(common_pb2.StatsRequest()).counters)
+
+
+def kv_stats_on_metrics(stub: language_pb2_grpc.LanguageStub) -> dict[str, float]:
+    """A quiet language server's P/D Stats (every key naming KV), each checked to be on its Prometheus endpoint (the
+    one its Health names) with the same value, by prometheus_client's own parser."""
+    url = stub.Health(common_pb2.HealthRequest()).metrics_url
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    scraped = {sample.name: sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if not sample.labels}
+    stats = dict(stub.Stats(common_pb2.StatsRequest()).counters)
+    table = {stat.key: stat.name + ("_total" if stat.kind == "counter" else "") for stat in STATS}
+    kv = {key: value for key, value in stats.items() if "kv" in key}
+    assert not kv.keys() - table.keys(), f"P/D Stats not on /metrics: {sorted(kv.keys() - table.keys())}"
+    assert {table[key]: scraped.get(table[key]) for key in kv} == {table[key]: value for key, value in kv.items()}
+    return kv
 
 
 class PdHarness(LoopThread):

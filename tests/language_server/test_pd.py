@@ -24,7 +24,7 @@ from dvd.prompt import ChatFormat
 from dvd.sampling import greedy as greedy_params
 from dvd.v1 import common_pb2, language_pb2
 from tests.language_server.conftest import make_engine
-from tests.language_server.pd_harness import ENGINE, PdHarness, Served, collect
+from tests.language_server.pd_harness import ENGINE, PdHarness, Served, collect, kv_stats_on_metrics
 from tests.language_server.test_language_server import expected, generate_request
 
 
@@ -77,6 +77,22 @@ def test_split_greedy_equals_monolithic_and_unsplit(pd: PdHarness, chat: ChatFor
     assert pd.decode.stats()["num_kv_blocks_imported"] > 0
     for served in pd.servers.values():
         assert_freed(pd, served)
+
+
+def test_pd_stats_are_on_each_servers_metrics(pd: PdHarness, chat: ChatFormat, language: LanguageHalf) -> None:
+    """Every P/D Stats counter of both servers is on its /metrics (`dvd_language_kv_*`) with Stats' value, and the
+    KV a request moved shows there: the blocks the prefill server pushed are the blocks the decode server took in."""
+    before = {name: kv_stats_on_metrics(served.stub) for name, served in pd.servers.items()}
+    request = generate_request(chat, f"{pd.kind}-metrics", "write a poem about the sea")
+    assert pd.generate_split(request) == (expected(language, chat, request, []), "length")
+    for served in pd.servers.values():
+        assert_freed(pd, served)
+    after = {name: kv_stats_on_metrics(served.stub) for name, served in pd.servers.items()}
+    exported = after["prefill"]["num_kv_blocks_exported"] - before["prefill"]["num_kv_blocks_exported"]
+    assert exported >= 1
+    assert after["decode"]["num_kv_blocks_imported"] - before["decode"]["num_kv_blocks_imported"] == exported
+    assert after["decode"]["num_kv_frames_received"] > before["decode"]["num_kv_frames_received"]
+    assert after["both"] == before["both"]  # a server doing both moves no KV
 
 
 def test_seeded_sampled_request_continues_its_stream(pd: PdHarness, chat: ChatFormat) -> None:

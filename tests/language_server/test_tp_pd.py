@@ -2,7 +2,8 @@
 processes (gloo). Shard to shard (kv_shards.py): each prefill rank pushes its own KV heads to its own decode rank,
 whose receivers the decode group's rank 0 names at connect; the servers' Stats say which path each export and
 import took. The split's tokens equal transformers' monolithic output (greedy; text and one image) and a seeded
-sampled request continues the stream one process draws; a tp=1 decode server refuses the tp=2 prefill server at
+sampled request continues the stream one process draws, over tcp and over rdma (its handshake names the decode
+ranks as tcp's does), each path counted on /metrics as in Stats; a tp=1 decode server refuses the tp=2 prefill server at
 connect, naming tp, and the KV the prefill group held is pushed again (PushKv), shard to shard, to the tp=2 decode
 server; a rank's shard that never comes fails the request by name on every rank; whole blocks (the through-rank-0
 fallback) are still scattered; nothing stays allocated; SIGTERM stops every rank."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -27,11 +29,14 @@ import torch
 from dvd.language_server.kv_transfer import KvPusher
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import Handoff, KvExport
+from dvd.language_server.server_config import LanguageServerConfig
+from dvd.language_server.tp_serve import inbox_transport
 from dvd.prompt import ChatFormat
 from dvd.sampling import SamplingParams
 from dvd.transport import TransportConfig, create_sender
 from dvd.v1 import common_pb2, language_pb2, language_pb2_grpc
 from tests.language_server.conftest import make_engine
+from tests.language_server.pd_harness import kv_stats_on_metrics
 from tests.language_server.test_engine import run
 from tests.language_server.test_language_server import collect, expected, generate_request
 from tests.language_server.test_tp_cli import READY, _push
@@ -81,18 +86,17 @@ class Started:
 SHARD_TIMEOUT_S = 2  # how long a decode rank waits for its own KV heads: the missing-shard case waits this long
 
 
-def _start(model: Path, role: str, tp: int) -> Started:
-    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(model), "--port", "0", "--transport", "tcp",
+def _start(model: Path, role: str, tp: int, transport: str = "tcp") -> Started:
+    cmd = [sys.executable, "-m", "dvd", "language", "--model", str(model), "--port", "0", "--transport", transport,
            "--num-blocks", "256", "--block-size", "16", "--max-batch-tokens", "64", "--role", role,
            "--kv-shard-timeout-s", str(SHARD_TIMEOUT_S), "--log-level", "WARNING"]
     cmd += ["--tp", str(tp)] if tp > 1 else []
-    return Started(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    env = os.environ | {"UCX_TLS": "tcp"}  # rdma over UCX's tcp on loopback, as the transport tests run it
+    return Started(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
-    started = {"prefill": _start(tiny_hf, "prefill", 2), "decode": _start(tiny_hf, "decode", 2),
-               "decode_tp1": _start(tiny_hf, "decode", 1)}
+def _started(started: dict[str, Started]) -> Iterator[dict[str, Started]]:
+    """Servers started, ready, then stopped (SIGTERM: each exits 0) or, failing that, killed."""
     try:
         for server in started.values():
             server.ready()
@@ -102,6 +106,19 @@ def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
     finally:
         for server in started.values():
             server.kill()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
+    yield from _started({"prefill": _start(tiny_hf, "prefill", 2), "decode": _start(tiny_hf, "decode", 2),
+                         "decode_tp1": _start(tiny_hf, "decode", 1)})
+
+
+@pytest.fixture(scope="module")
+def rdma_servers(tiny_hf: Path) -> Iterator[dict[str, Started]]:
+    """A tp=2 prefill and a tp=2 decode server over rdma."""
+    pytest.importorskip("ucxx", reason="ucxx not importable: install the rdma extra")
+    yield from _started({role: _start(tiny_hf, role, 2, "rdma") for role in ("prefill", "decode")})
 
 
 def split(servers: dict[str, Started], request: language_pb2.LanguageGenerateRequest, decode: str = "decode",
@@ -176,6 +193,12 @@ def assert_shard_to_shard(servers: dict[str, Started], before: dict[str, float])
     assert now["num_kv_imports_through_rank0"] == before["num_kv_imports_through_rank0"], (before, now)
 
 
+def assert_paths_on_metrics(servers: dict[str, Started]) -> None:
+    """The quiet servers' P/D counters on their /metrics as Stats has them, KV moved shard to shard there too."""
+    prefill, decode = (kv_stats_on_metrics(servers[role].stub) for role in ("prefill", "decode"))
+    assert prefill["num_kv_exports_shard_to_shard"] > 0 and decode["num_kv_imports_shard_to_shard"] > 0
+
+
 def test_tp2_split_greedy_equals_monolithic(servers: dict[str, Started], chat: ChatFormat, language: LanguageHalf,
                                             image_features: list[torch.Tensor]) -> None:
     before = paths(servers)
@@ -193,6 +216,7 @@ def test_tp2_split_greedy_equals_monolithic(servers: dict[str, Started], chat: C
     assert_shard_to_shard(servers, before)
     for server in servers.values():
         assert_freed(server)
+    assert_paths_on_metrics(servers)
 
 
 def test_tp2_seeded_sampled_request_continues_its_stream(servers: dict[str, Started],
@@ -211,6 +235,42 @@ def test_tp2_seeded_sampled_request_continues_its_stream(servers: dict[str, Star
     assert other != one_process  # the seed matters: the equality above is the stream continuing, not chance
     for server in servers.values():
         assert_freed(server)
+
+
+def test_tp2_over_rdma_goes_shard_to_shard(rdma_servers: dict[str, Started], chat: ChatFormat,
+                                          language: LanguageHalf, image_features: list[torch.Tensor]) -> None:
+    """rdma's handshake names the decode ranks' receivers as tcp's does: each prefill rank pushes its own heads to its
+    own decode rank over rdma, none through rank 0; greedy tokens (text and one image, its features over rdma too) are
+    transformers' own, and a seeded sampled request continues the stream one process draws."""
+    servers = rdma_servers
+    assert servers["decode"].transport_address.startswith("rdma://")
+    before = paths(servers)
+    for request, features in ((generate_request(chat, "rdma-text", "write a poem about the sea"), []),
+                              (generate_request(chat, "rdma-one", "<image>\ndescribe", num_images=1),
+                               image_features[:1])):
+        assert generate_split(servers, request, features) == (expected(language, chat, request, list(features)),
+                                                              "length"), request.request_id
+    sampling = {"temperature": 1.0, "seed": 1234, "top_p": 0.95, "max_new_tokens": 8, "min_new_tokens": 8}
+    request = language_pb2.LanguageGenerateRequest(request_id="rdma-seeded",
+                                                   segments=[language_pb2.TokenSegment(ids=PROMPT)],
+                                                   sampling=language_pb2.LanguageSampling(**sampling))
+    one_process = run(make_engine(language), [(PROMPT, [])], SamplingParams(**sampling))[0]
+    assert generate_split(servers, request) == (one_process, "length")
+    assert_shard_to_shard(servers, before)
+    for server in servers.values():
+        assert_freed(server)
+    assert_paths_on_metrics(servers)
+
+
+def test_a_decode_ranks_inbox_receives_on_its_own_device(tiny_hf: Path) -> None:
+    """Over rdma UCX writes a decode rank's KV heads straight into device memory: rank 1's, not rank 0's (where its
+    engine would have to copy them across); tcp lands them in host memory on every rank. Each on a port of its own."""
+    for kind, device, want in (("rdma", "cuda:0", "cuda:1"), ("rdma", "cuda", "cuda:1"), ("rdma", "cuda:2", "cuda:3"),
+                               ("rdma", "cpu", "cpu"), ("tcp", "cuda:0", "cpu")):
+        config = LanguageServerConfig(model=tiny_hf, device=device, role="decode", tensor_parallel=2,
+                                      transport=TransportConfig(kind=kind, port=7300))
+        inbox = inbox_transport(config, 1)
+        assert (inbox.kind, inbox.device, inbox.port) == (kind, want, 0), (kind, device)
 
 
 def test_tp1_decode_refuses_tp2_prefill_naming_tp(servers: dict[str, Started], chat: ChatFormat) -> None:

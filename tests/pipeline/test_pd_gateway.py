@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,6 +123,30 @@ def _requests(tiny_hf: Path, name: str) -> list[TokenizedRequest]:
             TokenizedRequest(f"{name}-seeded", prompt, (), seeded, timeout_s=120)]
 
 
+Run = Callable[[DisaggregatedBackend, TokenizedRequest], Awaitable[list[GenerationEvent]]]
+
+
+async def _collected(backend: DisaggregatedBackend, request: TokenizedRequest) -> list[GenerationEvent]:
+    return [event async for event in backend.generate(request)]
+
+
+def _through_gateway(tiny_hf: Path, pd: PdHarness, name: str,
+                     run: Run = _collected) -> tuple[list[list[GenerationEvent]], int]:
+    """`_requests(name)` one at a time through a gateway's backend over `pd` (`run` sends one and gathers its
+    events): each one's events, and the decode redirects the gateway counted."""
+
+    async def main() -> tuple[list[list[GenerationEvent]], int]:
+        backend = _backend(tiny_hf, pd)
+        await backend.start()
+        try:
+            streams = [await run(backend, request) for request in _requests(tiny_hf, name)]
+            return streams, backend.stats()["num_decode_redirects"]
+        finally:
+            await backend.stop()
+
+    return asyncio.run(main())
+
+
 def _nothing_held(pd: PdHarness) -> None:
     for served in pd.servers.values():
         server, engine = served.server, served.server.engine
@@ -143,19 +167,8 @@ def test_busy_decode_server_is_replaced_and_the_answer_is_unchanged(tiny_hf: Pat
     assert decode.engine_loop.read_held("none").result(60) is None
     assert decode.engine.scheduler.blocks.num_used == 16
 
-    async def main() -> tuple[list[list[GenerationEvent]], int]:
-        backend = _backend(tiny_hf, pd3)
-        await backend.start()
-        try:  # one at a time: each finds both decode servers idle and is paired with the full one first
-            streams = []
-            for request in _requests(tiny_hf, "busy"):
-                streams.append([event async for event in backend.generate(request)])
-            return streams, backend.stats()["num_decode_redirects"]
-        finally:
-            await backend.stop()
-
-    try:
-        streams, redirects = asyncio.run(main())
+    try:  # one at a time: each finds both decode servers idle and is paired with the full one first
+        streams, redirects = _through_gateway(tiny_hf, pd3, "busy")
     finally:
         decode.engine_loop.abort("hog")
     assert redirects == 2
@@ -174,35 +187,29 @@ def test_decode_server_lost_before_its_first_token_is_replaced(tiny_hf: Path, pd
     stalled: list[EngineRequest] = []
     decode.engine_loop.add_prefilled = stalled.append  # type: ignore[method-assign]
 
-    async def main() -> tuple[list[list[GenerationEvent]], int]:
-        backend = _backend(tiny_hf, pd3)
-        await backend.start()
-        try:
-            streams = []
-            for request in _requests(tiny_hf, "lost"):
-                lost = backend.language.replicas[1]
-                events = []
-                async for event in backend.generate(request):
-                    events.append(event)
-                    if len(events) == 1:  # the prefill server's first token is out: the decode server is lost
-                        lost.exited(-9)
-                streams.append(events)
-                lost.exit_code = None  # back in rotation for the next request (the server never went away)
-                assert await lost.check()
-            return streams, backend.stats()["num_decode_redirects"]
-        finally:
-            await backend.stop()
+    async def lose_decode_at_first_token(backend: DisaggregatedBackend,
+                                         request: TokenizedRequest) -> list[GenerationEvent]:
+        lost = backend.language.replicas[1]
+        events = []
+        async for event in backend.generate(request):
+            events.append(event)
+            if len(events) == 1:  # the prefill server's first token is out: the decode server is lost
+                lost.exited(-9)
+        lost.exit_code = None  # back in rotation for the next request (the server never went away)
+        assert await lost.check()
+        return events
 
     try:
-        streams, redirects = asyncio.run(main())
+        streams, redirects = _through_gateway(tiny_hf, pd3, "lost", lose_decode_at_first_token)
     finally:
         del decode.engine_loop.add_prefilled
     assert redirects == 2  # (the stalled server may or may not have had the KV whole when it was lost)
     for request, events in zip(_requests(tiny_hf, "lost"), streams, strict=True):
         assert [t for e in events for t in e.token_ids] == _unsplit(pd3, request)
-    # The gateway sends a lost server nothing more (it may hang). This one never went away: each request there
-    # either ended with the gateway's cancel or took its KV and stalled; those go to its engine and are aborted,
-    # as its death would have ended them.
+    # The gateway sends a lost server nothing more while it is lost (it may hang), and the Abort it owed once it is
+    # back. This one never went away: each request there either ended with the gateway's cancel (or that Abort) or
+    # took its KV and stalled in the test's patch, out of the engine's reach; those go to its engine and are
+    # aborted, as its death would have ended them.
     rids = [r.request_id for r in _requests(tiny_hf, "lost")]
     pd3.wait_until(pd3.decode, lambda: all(r in {s.request_id for s in stalled} or r not in decode.streams
                                            for r in rids))

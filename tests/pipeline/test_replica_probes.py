@@ -11,8 +11,9 @@ import grpc
 import pytest
 
 from dvd.errors import UnavailableError
+from dvd.pipeline import replicas
 from dvd.pipeline.replicas import ProbeConfig, Replica, ReplicaPool
-from dvd.v1 import common_pb2
+from dvd.v1 import common_pb2, language_pb2
 
 PROBE = ProbeConfig(interval_s=0.01, timeout_s=0.05, fail_threshold=3)
 
@@ -22,6 +23,10 @@ class FakeStub:
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.aborts: list[str] = []  # Abort's request ids, in order (a language server's)
+        self.abort_fails: set[str] = set()  # ids whose Abort goes unanswered
+        self.replica: Replica | None = None  # whose rotation each Abort sees (`in_rotation`)
+        self.in_rotation: list[bool] = []
 
     async def Health(self, request: object) -> common_pb2.HealthResponse:
         if self.mode == "down":
@@ -33,6 +38,13 @@ class FakeStub:
 
     async def Stats(self, request: object) -> common_pb2.StatsResponse:
         return common_pb2.StatsResponse(counters={"num_requests": 1.0})
+
+    async def Abort(self, request: language_pb2.AbortRequest, timeout: float) -> language_pb2.AbortResponse:
+        self.aborts.append(request.request_id)
+        self.in_rotation.append(self.replica is not None and self.replica.healthy)
+        if request.request_id in self.abort_fails:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata())
+        return language_pb2.AbortResponse(found=True)
 
 
 def _replica() -> tuple[Replica, FakeStub]:
@@ -189,5 +201,34 @@ def test_a_server_on_another_revision_stays_out_naming_both(caplog: pytest.LogCa
             unknown = Replica(kind="vision", address="10.0.0.5:7100", stub=RevisionStub(served),
                               expected_revision=expected)
             assert await _probe(unknown)
+
+    asyncio.run(main())
+
+
+def test_a_lost_language_server_is_sent_the_aborts_it_is_owed_when_it_comes_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests abandoned on a lost language server (no Abort could reach it) get their Aborts when its probes
+    answer again, before it is back in rotation; one that goes unanswered is kept for its next return; the ids
+    kept are bounded, the oldest forgotten and counted."""
+    monkeypatch.setattr(replicas, "MAX_ABANDONED", 3)
+
+    async def main() -> None:
+        stub = FakeStub()
+        replica = stub.replica = Replica(kind="language", address="10.0.0.4:7200", stub=stub)
+        await _probe(replica)
+        stub.mode = "down"
+        for _ in range(PROBE.fail_threshold):
+            await _probe(replica)
+        for rid in ("a", "b", "c", "d"):
+            replica.abandon(rid)
+        assert list(replica.abandoned) == ["b", "c", "d"] and replica.num_abandoned_forgotten == 1
+        assert not await _probe(replica) and stub.aborts == []  # nothing is sent to a server still lost
+        stub.mode, stub.abort_fails = "ok", {"c"}
+        assert await _probe(replica)
+        assert sorted(stub.aborts) == ["b", "c", "d"] and replica.num_aborts_on_return == 3
+        assert stub.in_rotation == [False] * 3  # freed before it takes new work
+        assert list(replica.abandoned) == ["c"]  # unanswered: owed still
+        await _probe(replica)
+        assert len(stub.aborts) == 3, "only a return sends them"
 
     asyncio.run(main())

@@ -99,7 +99,7 @@ def test_the_client_going_away_cancels_both_calls_and_sends_abort() -> None:
     assert language.num_outstanding == vision.num_outstanding == 0
 
 
-def test_a_lost_language_replica_fails_the_flow_naming_it_and_is_sent_no_abort() -> None:
+def test_a_lost_language_replica_fails_the_flow_naming_it_and_is_owed_its_abort() -> None:
     """The flow says the server was lost (LanguageLost, its error naming the server); the router decides whether
     the request runs again (tests/pipeline/test_lost_retry.py)."""
     async def scenario() -> Replica:
@@ -114,6 +114,27 @@ def test_a_lost_language_replica_fails_the_flow_naming_it_and_is_sent_no_abort()
 
     language = asyncio.run(scenario())
     assert language.stub.aborted == [] and language.num_calls_failed == 1
+    assert list(language.abandoned) == ["r1"]  # sent when it is back in rotation (test_replica_probes.py)
+
+
+def test_an_abort_that_goes_unanswered_is_owed_for_the_replicas_return() -> None:
+    """The client gone while the language server stopped answering, before its probes said so: the Abort times
+    out, and the replica keeps the id to abort it when it is next back in rotation."""
+
+    async def scenario() -> Replica:
+        language = language_replica("lang", StreamCall([tokens(5)], end=HANG))
+
+        async def silent_abort(request: language_pb2.AbortRequest, timeout: float) -> language_pb2.AbortResponse:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata())
+
+        language.stub.Abort = silent_abort
+        events = _flow(language, media=()).run()
+        assert (await anext(events)).token_ids == [5]
+        await events.aclose()
+        return language
+
+    language = asyncio.run(scenario())
+    assert list(language.abandoned) == ["r1"] and language.num_outstanding == 0
 
 
 def _backend(language: list[Replica], vision: list[Replica]) -> DisaggregatedBackend:

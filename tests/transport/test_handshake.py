@@ -119,20 +119,23 @@ def test_a_feature_sender_s_hello_is_unchanged_on_the_wire() -> None:
     assert isinstance(kv, Hello) and kv.kv_layout == MINE
 
 
-def test_a_tensor_parallel_decode_server_names_its_ranks_to_kv_senders_alone() -> None:
-    """P/D shard to shard: a tcp receiver with `kv_peers` names them in its Challenge to a KV sender (which keeps
-    them per destination: `peers_of`), and to a feature sender names none; a Challenge without them is unchanged on
-    the wire."""
+@pytest.mark.parametrize("kind", NETWORKED)
+def test_a_tensor_parallel_decode_server_names_its_ranks_to_kv_senders_alone(kind: str) -> None:
+    """P/D shard to shard: a tcp or rdma receiver with `kv_peers` names them in its Challenge to a KV sender (which
+    keeps them per destination: `peers_of`), and to a feature sender names none; a Challenge without them is
+    unchanged on the wire."""
     from dvd.transport.wire import Challenge, decode, encode
 
+    peers = f"{kind}://a:1,{kind}://b:2"
+
     async def main() -> None:
-        for layout, named in ((MINE, ("tcp://a:1", "tcp://b:2")), ("", ())):
-            async with pair("tcp") as (sender, receiver):
-                receiver.kv_layout, receiver.kv_peers = MINE, "tcp://a:1,tcp://b:2"
+        for layout, named in ((MINE, (f"{kind}://a:1", f"{kind}://b:2")), ("", ())):
+            async with pair(kind) as (sender, receiver):
+                receiver.kv_layout, receiver.kv_peers = MINE, peers
                 sender.kv_layout = layout
                 assert await sender.peers_of(receiver.address) == named
     run(main())
     assert Challenge(PROTOCOL_VERSION, b"n" * 32, None, 8).to_map() == {"v": PROTOCOL_VERSION, "n": b"n" * 32,
                                                                         "p": None, "mfb": 8}
-    named = decode(encode(Challenge(PROTOCOL_VERSION, b"n" * 32, None, 8, "tcp://a:1,tcp://b:2")))
-    assert isinstance(named, Challenge) and named.kv_peers == "tcp://a:1,tcp://b:2"
+    named = decode(encode(Challenge(PROTOCOL_VERSION, b"n" * 32, None, 8, peers)))
+    assert isinstance(named, Challenge) and named.kv_peers == peers
