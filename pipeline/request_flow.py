@@ -9,12 +9,13 @@ language server unless it is the one that was lost (that one gets its Abort when
 `Replica.abandon`). The last event carries the stage timings.
 
 A language server (P/D: prefill server) lost while the flow runs, out of rotation (`Work.lost`) or unreachable
-(its Generate failed UNAVAILABLE with no DvD error of the server's own: the connection, not the server, answered),
-ends the flow with `LanguageLost`, which the router may answer by running the request again on another server
-(a new flow: Generate and Encode sent again, the Encode naming the new server's transport address). That new
-flow's frames go to a receiver that never saw this request, so they cannot be taken for duplicates of the lost
-run's, and the vision server keys nothing by request id (its encoder cache makes the second Encode cheap). A
-loss after the first token reached the client is still the request's answer (the router's decision).
+(its Generate failed UNAVAILABLE with no DvD error of the server's own: the connection, not the server, answered;
+or the vision server could not push its features to it, PeerLostError), ends the flow with `LanguageLost`, which
+the router may answer by running the request again on another server (a new flow: Generate and Encode sent again,
+the Encode naming the new server's transport address). That new flow's frames go to a receiver that never saw
+this request, so they cannot be taken for duplicates of the lost run's, and the vision server keys nothing by
+request id (its encoder cache makes the second Encode cheap). A loss after the first token reached the client is
+still the request's answer (the router's decision).
 
 P/D: the prefill server answers the first token and holds the request's KV blocks; the decode server streams the
 rest. At the decode server's first message it holds the KV, so the prefill server is told to free its copy
@@ -253,7 +254,7 @@ class RequestFlow:
             return None
         encode = self.encode
         if encode is not None and encode.done() and not encode.cancelled() and encode.exception():
-            return encode.exception()
+            return self._encode_failed(encode.exception())
         if (decode_work is not None and decode_work.lost) or isinstance(err, asyncio.CancelledError):
             return None
         replica = self.language
@@ -265,6 +266,13 @@ class RequestFlow:
             return RefusedBusy(error, replica)
         if replica is self.language and _unreachable(err):
             return LanguageLost(error, replica, self._route())
+        return error
+
+    def _encode_failed(self, error: BaseException | None) -> BaseException | None:
+        """What an Encode's failure fails the request with: LanguageLost when the vision server could not reach this
+        language server (PeerLostError: its transport peer, the destination, closed or died), else the error."""
+        if isinstance(error, PeerLostError):
+            return LanguageLost(error, self.language, self._route())
         return error
 
     def _route(self) -> tuple[Replica, ...]:

@@ -104,6 +104,22 @@ def test_a_language_server_unreachable_before_its_first_token_is_a_loss_too() ->
     assert backend.language.replicas[0].stub.aborted == ["r1"]  # still in rotation: it is told to free the request
 
 
+def test_a_vision_server_that_cannot_reach_the_language_server_is_a_loss_of_that_server() -> None:
+    """A killed language server may be noticed first by the vision server pushing its features to it (the Encode
+    fails PeerLostError naming the destination, and ends the wait for features): the request runs again on the other
+    language server, with a new Encode naming it."""
+    async def scenario() -> DisaggregatedBackend:
+        gone = rpc_error(grpc.StatusCode.UNAVAILABLE, "PeerLostError", "destination tcp://first: connection reset")
+        first = language_replica("first", StreamCall([], end=HANG))  # waiting for features
+        backend = _backend([first, language_replica("second", _answer(), load=1)], [vision_replica("vis", gone,
+                                                                                                  encoded())])
+        assert [e.token_ids for e in await _events(backend, _request(media=(Media(b"image"),)))] == [[5], [6], []]
+        return backend
+
+    backend = asyncio.run(scenario())
+    assert backend.stats()["num_lost_retries"] == 1 and len(backend.language.replicas[1].stub.generated) == 1
+
+
 @pytest.mark.parametrize("answer", [
     rpc_error(grpc.StatusCode.UNAVAILABLE, "UnavailableError", "language server is draining"),
     rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "DeadlineExceededError", "features did not arrive in time"),
