@@ -14,6 +14,7 @@ import pytest
 
 from dvd.errors import DeadlineExceededError, UnavailableError
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
+from dvd.pipeline.metrics import GatewayMetrics
 from dvd.pipeline.replicas import Replica, ReplicaPool
 from dvd.pipeline.request_flow import RequestFlow
 from dvd.pipeline.router import LanguageLost, Router
@@ -67,6 +68,8 @@ def test_a_text_request_whose_language_server_is_lost_before_its_first_token_run
     assert first.stub.aborted == [] and second.stub.aborted == []  # a lost server is sent nothing more
     assert backend.stats()["num_lost_retries"] == 1 and backend.stats()["num_busy_retries"] == 0
     assert first.num_outstanding == 0 and second.num_outstanding == 1  # (its scripted load)
+    scraped = GatewayMetrics(backend.stats, lambda: 0).render().decode()
+    assert "dvd_backend_num_lost_retries 1.0" in scraped.splitlines()  # the gateway's /metrics
 
 
 def test_an_image_request_retried_sends_encode_again_naming_the_new_language_server() -> None:
