@@ -192,9 +192,11 @@ class Router:
         something was yielded either is the answer: the client has part of it, and a new run would repeat it.
         `with_media`: fail fast (503) while no vision replica is healthy, before the language replica is asked."""
         tried: list[Replica] = []
-        lost: list[LanguageLost] = []
+        num_lost = 0
+        loss: LanguageLost | None = None  # the loss the next route replaces
         while True:
-            replica, decode = self._next_route(request_id, tried, lost)
+            replica, decode = self._next_route(request_id, tried, loss)
+            loss = None
             if with_media:
                 self.vision.pick()
             yielded = False
@@ -209,19 +211,19 @@ class Router:
                     raise busy.error from None
                 tried.append(busy.replica or replica)
                 self._busy(busy.replica or replica, request_id)
-            except LanguageLost as loss:
-                if yielded or len(lost) >= self.max_lost_retries:
-                    raise loss.error from None
-                lost.append(loss)
-                tried += [r for r in loss.tried if r not in tried]
+            except LanguageLost as lost:
+                if yielded or num_lost >= self.max_lost_retries:
+                    raise lost.error from None
+                num_lost += 1
+                loss = lost
+                tried += [r for r in lost.tried if r not in tried]
 
     def _next_route(self, request_id: str, tried: list[Replica],
-                    lost: list[LanguageLost]) -> tuple[Replica, Replica | None]:
-        """`pick_route`, after a loss counted as a lost retry (logged); the loss is the answer when no route is
+                    loss: LanguageLost | None) -> tuple[Replica, Replica | None]:
+        """`pick_route`; after `loss`, counted as a lost retry (logged), and the loss is the answer when no route is
         left (not "every replica busy": the lost one is why)."""
-        if not lost:
+        if loss is None:
             return pick_route(self.language, tried)
-        loss = lost[-1]
         try:
             replica, decode = pick_route(self.language, tried)
         except DvdError:

@@ -21,7 +21,16 @@ from dvd.pipeline.router import LanguageLost, Router
 from dvd.prompt import PromptTokens
 from dvd.requests import FinishReason, GenerationEvent, Media, TokenizedRequest
 from dvd.sampling import SamplingParams
-from tests.pipeline.fake_replicas import HANG, StreamCall, encoded, language_replica, rpc_error, tokens, vision_replica
+from tests.pipeline.fake_replicas import (
+    HANG,
+    StreamCall,
+    busy,
+    encoded,
+    language_replica,
+    rpc_error,
+    tokens,
+    vision_replica,
+)
 
 pytestmark = pytest.mark.timeout(60)  # these run in milliseconds: a hang fails fast
 
@@ -187,6 +196,21 @@ def test_a_request_is_run_again_at_most_once() -> None:
 
     backend = asyncio.run(scenario())
     assert backend.language.replicas[2].stub.generated == [] and backend.stats()["num_lost_retries"] == 1
+
+
+def test_a_busy_refusal_after_a_lost_retry_moves_on_without_counting_another_loss() -> None:
+    async def scenario() -> DisaggregatedBackend:
+        hung = StreamCall([], end=HANG)
+        first, refusing = language_replica("first", hung), language_replica("refusing", StreamCall([], end=busy()),
+                                                                            load=1)
+        backend = _backend([first, refusing, language_replica("third", _answer(), load=2)])
+        lose = asyncio.create_task(_lose_when_waiting(first, hung))
+        assert [e.token_ids for e in await _events(backend, _request())] == [[5], [6], []]
+        await lose
+        return backend
+
+    stats = asyncio.run(scenario()).stats()
+    assert stats["num_lost_retries"] == 1 and stats["num_busy_retries"] == 1
 
 
 def test_the_flow_says_which_server_was_lost_and_what_a_new_run_must_avoid() -> None:
