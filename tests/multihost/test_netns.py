@@ -40,11 +40,19 @@ class Cluster:
         self.net, self.model, self.token, self.api_keys = net, model, token, api_keys
         self.processes: list[NsProcess] = []
         self.url = f"http://{net.ip('gw')}:{HTTP_PORT}"
+        self.vis2: NsProcess | None = None
 
     def vision(self, host: str, *extra: str) -> NsProcess:
         return self._start(host, ["-m", "dvd", "vision", "--model", str(self.model), "--host", self.net.ip(host),
                                   "--port", str(VISION_PORT), "--token-file", str(self.token), *extra],
                            "dvd vision serving on")
+
+    def second_vision(self) -> None:
+        """vis2 started (once: the first test that needs it starts it, the others find it) and in rotation, so
+        each test that uses two vision servers also runs alone."""
+        if self.vis2 is None:
+            self.vis2 = self.vision("vis2", "--cache-mib", "0")
+        wait_for(lambda: self.vision_entry(self.agent, "vis2")["healthy"], 30, "vis2 in rotation")
 
     def language(self) -> NsProcess:
         return self._start("lang", ["-m", "dvd", "language", "--model", str(self.model), "--host", "0.0.0.0",
@@ -138,8 +146,7 @@ def test_link_down_fails_the_request_in_flight_then_link_up_readmits(cluster: Cl
 
 
 def test_a_vision_server_started_later_joins_and_takes_load(cluster: Cluster) -> None:
-    cluster.vision("vis2", "--cache-mib", "0")
-    wait_for(lambda: cluster.vision_entry(cluster.agent, "vis2")["healthy"], 30, "vis2 in rotation")
+    cluster.second_vision()
     before = {h: cluster.vision_entry(cluster.agent, h)["counters"].get("num_requests_ok", 0) for h in ("vis1", "vis2")}
     images = [encode(photo_like(320, 240, seed), "JPEG") for seed in range(4)]
     answers = [cluster.agent.chat(cluster.url, _body(image)) for image in images]
@@ -159,6 +166,7 @@ def test_link_down_with_two_servers_moves_the_work_and_readmits(cluster: Cluster
     reached its server) or failed by the probes with an error naming vis1; vis1 leaves the rotation
     and comes back when its link does, nothing restarted."""
     agent, net = cluster.agent, cluster.net
+    cluster.second_vision()
     net.link("vis1", up=False)
     try:
         # both idle: least-outstanding sends one to each; vis1's hangs on the dead link
