@@ -128,12 +128,14 @@ def _hf_settings(config: dict[str, Any], directory: Path, config_path: Path) -> 
         out["min_num"] = _int(pre["min_patches"], "min_patches", pre_path)
     if pre.get("max_patches") is not None:
         out["max_num"] = _int(pre["max_patches"], "max_patches", pre_path)
-    # GotOcr2ImageProcessor tiles only when crop_to_patches is set (its class default is False) and
-    # max_patches > 1; otherwise it resizes the whole image to one tile. One tile of min=max=1 is the
-    # same computation in the card's dynamic_preprocess (a bicubic resize to size x size, no thumbnail).
+    # `crop_to_patches` is checked and not used: transformers' InternVLProcessor passes crop_to_patches=True
+    # on every call (its `images_kwargs` default), overriding the image processor's own setting, so the
+    # HF model tiles whatever this file says. transformers' InternVL conversion writes the file with
+    # GotOcr2ImageProcessor's class default, false, so taking it at its word served released HF checkpoints
+    # one tile per image where transformers gives up to max_patches + a thumbnail.
     crop = pre.get("crop_to_patches")
-    if crop is not None and not _bool(crop, "crop_to_patches", pre_path):
-        out["min_num"] = out["max_num"] = 1
+    if crop is not None:
+        _bool(crop, "crop_to_patches", pre_path)
     # The HF processor always appends the thumbnail when it tiles (it never passes use_thumbnail).
     out["use_thumbnail"] = True
     return out

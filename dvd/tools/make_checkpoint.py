@@ -347,9 +347,11 @@ def make_checkpoint(
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     generation = {"eos_token_id": stop_ids, "pad_token_id": stop_ids[1], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    # crop_to_patches false, as transformers' InternVL conversion writes it into released HF checkpoints:
+    # InternVLProcessor passes True on every call over it (vision_server/preprocess_checkpoint.py).
     processor = {
         "image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 448, "width": 448},
-        "crop_to_patches": True, "min_patches": 1, "max_patches": 12, "do_rescale": True,
+        "crop_to_patches": False, "min_patches": 1, "max_patches": 12, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
         "do_convert_rgb": True, "resample": 3,
     }
