@@ -1,14 +1,14 @@
-"""Write a random-weight InternVL checkpoint: weights, config, tokenizer with a real chat template,
-generation and image-processor configs, in the HF or the original GitHub format.
+"""Write a random-weight InternVL checkpoint: weights, config, tokenizer with a real chat template, generation and
+image-processor configs, in the HF or the original GitHub format.
 
-Presets: `tiny` (seconds to build; initializer_range 0.5 so greedy output does not collapse into one
-repeated token) and `internvl3_5-1b-shaped` (InternViT-300M + Qwen3-0.6B dimensions, 448 px tiles,
-256 tokens a tile). The rest of the family, tiny, with its released structure and config fields:
-`tiny-6b-vit` (InternViT-6B: RMSNorm, QK-norm, no qkv bias, drop_path_rate in the GitHub config; as in
-38B), `tiny-moe` (a Qwen3 MoE LLM, experts stored one tensor each as released; as in 30B-A3B and
-241B-A28B), `tiny-gptoss` (GPT-OSS: alternating sliding-window (8 tokens) and full layers, attention
-sinks, MoE; as in 20B-A4B). Each works with `--flash`, whose HF format uses the HF (`internvl_flash`)
-names. The same `--seed` gives the same weights in both formats.
+Presets: `tiny` (seconds to build; initializer_range 0.5 so greedy output does not collapse into one repeated token)
+and `internvl3_5-1b-shaped` (InternViT-300M + Qwen3-0.6B dimensions, 448 px tiles, 256 tokens a tile). The rest of
+the family, tiny, with its released structure and config fields: `tiny-6b-vit` (InternViT-6B: RMSNorm, QK-norm, no
+qkv bias, drop_path_rate in the GitHub config; as in 38B), `tiny-tied` (tied embeddings and head_dim != hidden /
+heads; as in 1B, 2B, 4B), `tiny-moe` (a Qwen3 MoE LLM, experts stored one tensor each as released; as in 30B-A3B and
+241B-A28B), `tiny-gptoss` (GPT-OSS: alternating sliding-window (8 tokens) and full layers, attention sinks, MoE; as
+in 20B-A4B). Each works with `--flash`, whose HF format uses the HF (`internvl_flash`) names. The same `--seed`
+gives the same weights in both formats.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ PRESETS |= {
         "vision": dict(PRESETS["tiny"]["vision"], norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
         "github_vision": {"model_type": "intern_vit_6b", "drop_path_rate": 0.1},
     },
+    # InternVL3.5-1B / 2B / 4B's LLM fields (Qwen3-0.6B / 1.7B / 4B): tied embeddings (no lm_head in the files)
+    # and a head_dim that is not hidden / heads (0.6B: 128 against 1024 / 16).
+    "tiny-tied": PRESETS["tiny"] | {"text": dict(_TINY_TEXT, tie_word_embeddings=True, head_dim=32)},
     # InternVL3.5-30B-A3B / 241B-A28B: a Qwen3 MoE language half (experts stored one by one on disk).
     "tiny-moe": PRESETS["tiny"] | {
         "text": dict(

@@ -42,6 +42,16 @@ def test_internvit_6b_fields_in_both_formats(root: Path) -> None:
     assert github["drop_path_rate"] == 0.1 and github["qk_normalization"] and not github["qkv_bias"]
 
 
+def test_tied_embeddings_are_stored_once_and_shared_in_both_formats(root: Path) -> None:
+    """InternVL3.5-1B/2B/4B's Qwen3 ties its embeddings: the files hold no lm_head, the LLM shares the matrix."""
+    for fmt in ("hf", "github"):
+        path = make_checkpoint(root / f"tied-{fmt}", preset="tiny-tied", fmt=fmt)
+        assert "lm_head.weight" not in language_tensors(TensorSource(path))
+        model = LanguageHalf.from_checkpoint(path).model
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        assert model.config.head_dim * model.config.num_attention_heads != model.config.hidden_size
+
+
 def test_moe_experts_are_stored_one_by_one_and_fused_on_load(root: Path) -> None:
     path = make_checkpoint(root / "moe", preset="tiny-moe", fmt="github")
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:

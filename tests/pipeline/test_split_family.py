@@ -1,7 +1,8 @@
-"""The InternVL3.5 family split: for a tiny model of each architecture (InternViT-6B + Qwen3, Qwen3 MoE,
-GPT-OSS) in both formats, the split path (vision half -> features -> language half) equals transformers'
-monolithic `InternVLForConditionalGeneration.generate`, greedy, token for token; Flash too, where the
-monolithic model is fed the vision half's ViR-routed features, and HF-named Flash equals GitHub-named Flash."""
+"""The InternVL3.5 family split: for a tiny model of each architecture (tied Qwen3 with head_dim != hidden / heads,
+InternViT-6B + Qwen3, Qwen3 MoE, GPT-OSS) in both formats, the split path (vision half -> features -> language half)
+equals transformers' monolithic `InternVLForConditionalGeneration.generate`, greedy, token for token; Flash too,
+where the monolithic model is fed the vision half's ViR-routed features, and HF-named Flash equals GitHub-named
+Flash."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.pipeline.test_split_equals_monolithic import monolithic_reference
 NEW_TOKENS = 6
 TEXT = [{"role": "user", "content": "Write a short poem about the mountains."}]
 IMAGE = [{"role": "user", "content": "<image>\nDescribe the image in detail."}]
-FAMILY = ["tiny-6b-vit", "tiny-moe", "tiny-gptoss"]
+FAMILY = ["tiny-tied", "tiny-6b-vit", "tiny-moe", "tiny-gptoss"]
 
 
 def sampling(pipe: LocalPipeline):
