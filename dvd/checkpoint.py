@@ -201,6 +201,10 @@ def _open_hf(root: Path, raw: dict[str, Any]) -> CheckpointInfo:
     layer = raw.get("vision_feature_layer", -1)
     if not isinstance(layer, int):
         raise CheckpointError(f"{where}: vision_feature_layer {layer!r}: only a single layer is supported")
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    if strategy != "default":  # "full" keeps the CLS token: no square grid for the pixel shuffle
+        raise CheckpointError(f"{where}: vision_feature_select_strategy {strategy!r} is not supported; InternVL "
+                              "drops the CLS token ('default')")
     return CheckpointInfo(
         path=root,
         format="hf",

@@ -87,6 +87,13 @@ def test_unsupported_configs_are_refused_by_name(root: Path, edit, message: str)
         open_checkpoint(path)
 
 
+def test_hf_fields_dvd_cannot_honour_are_refused_by_name(root: Path) -> None:
+    path = make_checkpoint(root / "refuse-hf", preset="tiny", fmt="hf")
+    _rewrite_config(path, lambda c: c.update(vision_feature_select_strategy="full"))
+    with pytest.raises(CheckpointError, match="vision_feature_select_strategy 'full' is not supported"):
+        open_checkpoint(path)
+
+
 def test_hf_flash_checkpoint_uses_the_hf_names(root: Path) -> None:
     path = make_checkpoint(root / "flash-hf", preset="tiny", fmt="hf", flash=True)
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
