@@ -14,11 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dvd.checkpoint import checkpoint_format
 from dvd.errors import CheckpointError
-
-HF_ARCHITECTURE = "InternVLForConditionalGeneration"
-HF_FLASH_ARCHITECTURE = "InternvlFlashForConditionalGeneration"  # HF-format Flash: the same preprocessing
-GITHUB_ARCHITECTURE = "InternVLChatModel"
 
 # PIL / transformers code for bicubic resampling; the card resizes bicubic, nothing else is honoured.
 _PIL_BICUBIC = 3
@@ -177,11 +174,11 @@ def read_checkpoint_settings(path: str | Path) -> dict[str, Any]:
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list):
         raise CheckpointError(f"{config_path}: 'architectures' must be a list, found {architectures!r}")
-    if HF_ARCHITECTURE in architectures or HF_FLASH_ARCHITECTURE in architectures:
+    # The format as the checkpoint reader tells it (dvd/checkpoint.py), so the two never disagree; an HF-format
+    # Flash checkpoint preprocesses as any HF one.
+    fmt = checkpoint_format(config)
+    if fmt == "hf":
         return _hf_settings(config, directory, config_path)
-    if GITHUB_ARCHITECTURE in architectures:
+    if fmt == "github":
         return _github_settings(config, directory, config_path)
-    raise CheckpointError(
-        f"{config_path}: architecture {architectures!r} is not served by DvD "
-        f"(expected {HF_ARCHITECTURE} or {GITHUB_ARCHITECTURE})"
-    )
+    raise CheckpointError(f"{config_path}: architecture {architectures!r} is not served by DvD")

@@ -107,6 +107,25 @@ def test_hf_flash_checkpoint_uses_the_hf_names(root: Path) -> None:
     assert refs["pooling_before_gating.attn1.in_proj_weight"].shape() == (3 * 64, 64)
 
 
+def test_hf_flash_as_opengvlab_converts_it_loads(root: Path) -> None:
+    """OpenGVLab's HF Flash conversion writes `InternVLFlashForConditionalGeneration` (capital VL, where
+    transformers' port spells it `Internvl...`) and a vision model_type `internvl_flash_vision`; the checkpoint
+    reader took it by its model_type but the preprocessing reader refused the architecture."""
+    from dvd.vision_server.model import VisionHalf
+    from dvd.vision_server.preprocess import PreprocessConfig
+
+    path = make_checkpoint(root / "flash-opengvlab", preset="tiny", fmt="hf", flash=True)
+
+    def as_opengvlab(config: dict) -> None:
+        config["architectures"] = ["InternVLFlashForConditionalGeneration"]
+        config["vision_config"].update(model_type="internvl_flash_vision", architectures=["InternvlFlashVisionModel"])
+
+    _rewrite_config(path, as_opengvlab)
+    assert open_checkpoint(path).flash is not None
+    assert PreprocessConfig.from_checkpoint(path).max_num == 12
+    assert VisionHalf.from_checkpoint(path).is_flash
+
+
 def test_hf_flash_names_with_the_model_prefix_load_the_same(root: Path) -> None:
     """transformers' in-memory names (`model.mlp2.*`, `model.gating.*`, `model.vision_tower.*`) as saved."""
     import torch
