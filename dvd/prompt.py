@@ -43,6 +43,14 @@ You are an AI assistant that rigorously follows this response protocol:
 Ensure that your reasoning is thorough, directly addresses the user's query, and is logically structured.
 """.strip()  # noqa: E501
 
+# The default system message of InternVL3.5-GPT-OSS's `internvl3_5_gpt_oss` conversation template.
+GPT_OSS_SYSTEM_MESSAGE = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every message."
+)
+# The harmony tokens that template uses, one token each in the GPT-OSS tokenizer.
+HARMONY_TOKENS = ("<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>")
+
 # InternVL conversation templates (internvl_chat/internvl/conversation.py) DvD can render.
 CONVERSATION_TEMPLATES: dict[str, dict[str, str]] = {
     "internvl2_5": {
@@ -52,6 +60,19 @@ CONVERSATION_TEMPLATES: dict[str, dict[str, str]] = {
         "assistant": "<|im_start|>assistant\n",
         "sep": "<|im_end|>\n",
         "stop": "<|im_end|>",
+    },
+    # InternVL3.5-GPT-OSS (internvl_chat_gpt_oss/.../conversation.py, MPT_TWO, stop `<|return|>`). Its model answers
+    # `<|channel|>final<|message|>` + the answer, and upstream chat() keeps that header in the history it replays.
+    # The assistant role carries the header here: earlier answers replay exactly as upstream's, and the
+    # generation prompt ends with it, so the model continues with the answer itself (what greedy decoding
+    # writes after the header it would have written) and no header reaches the client as the word "final".
+    "internvl3_5_gpt_oss": {
+        "system": "<|start|>system<|message|>{system_message}",
+        "system_message": GPT_OSS_SYSTEM_MESSAGE,
+        "user": "<|start|>user<|message|>",
+        "assistant": "<|start|>assistant<|channel|>final<|message|>",
+        "sep": "<|end|>",
+        "stop": "<|return|>",
     },
 }
 
@@ -217,6 +238,9 @@ class ChatFormat:
                     f"supported: {sorted(CONVERSATION_TEMPLATES)}"
                 )
             self.conversation = CONVERSATION_TEMPLATES[info.template]
+            if self.conversation["stop"] not in self.tokenizer.get_vocab():
+                raise CheckpointError(f"{info.path}: the tokenizer lacks {self.conversation['stop']}, the stop token "
+                                      f"of the conversation template {info.template!r}")
         elif not self.tokenizer.chat_template:
             raise CheckpointError(f"{info.path}: the tokenizer has no chat template and config.json names none")
         vocab = self.tokenizer.get_vocab()

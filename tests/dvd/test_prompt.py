@@ -143,6 +143,29 @@ def test_unknown_conversation_template_is_named(tmp_path: Path, tiny_github: Pat
         ChatFormat(open_checkpoint(copy))
 
 
+def test_gpt_oss_template_renders_as_internvl_chat_does(tmp_path: Path) -> None:
+    """InternVL3.5-GPT-OSS's GitHub config names `internvl3_5_gpt_oss` (it was trained with that conv_style).
+    Upstream's MPT_TWO rendering of a two-turn chat, the earlier answer replayed as chat() returned it (with
+    its channel header), and the generation prompt opened up to the answer itself; generation stops at
+    `<|return|>`. DvD refused the checkpoint before ("conversation template ... is not supported")."""
+    from dvd.prompt import GPT_OSS_SYSTEM_MESSAGE
+    from dvd.tools.make_checkpoint import make_checkpoint
+
+    chat = ChatFormat(open_checkpoint(make_checkpoint(tmp_path / "gptoss", preset="tiny-gptoss", fmt="github")))
+    messages = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": "Colour?"}]
+    assert chat.render(messages) == (
+        f"<|start|>system<|message|>{GPT_OSS_SYSTEM_MESSAGE}<|end|>"
+        "<|start|>user<|message|><image>\nWhat is it?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>A cat.<|end|>"
+        "<|start|>user<|message|>Colour?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>"
+    )
+    assert chat.tokenizer.convert_tokens_to_ids("<|return|>") in chat.stop_token_ids
+    header = chat.tokenizer.encode("<|channel|>final<|message|>", add_special_tokens=False)
+    assert chat.build(messages, 1).segments[-1][-len(header):] == tuple(header)  # the answer follows the header
+
+
 def test_processor_chat_template_json_is_used(tmp_path: Path, tiny_hf: Path) -> None:
     """HF processors keep their template in chat_template.json; it counts as the checkpoint's own."""
     import json

@@ -40,16 +40,16 @@ def test_split_equals_monolithic_in_both_formats(preset: str, root: Path) -> Non
     github = make_checkpoint(root / f"{preset}-github", preset=preset, fmt="github", seed=0)
     monolithic = InternVLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32).eval()
     image = encode(photo_like(448, 448, 1))  # one tile: 256 rows, so the eager GPT-OSS reference stays cheap
-    outputs = set()
-    for path in (hf, github):
+    for path in (hf, github):  # the formats' prompts differ where the GitHub config names another template
         pipe = LocalPipeline(path, wire_dtype=None)
+        outputs = set()
         for messages, images in ((TEXT, []), (IMAGE, [image])):
             result = pipe.generate(messages, images, sampling(pipe))
             expected = monolithic_reference(monolithic, pipe, result.prompt_token_ids, images, bf16=False)
             expected = expected[:NEW_TOKENS]
             assert result.token_ids == expected, (path.name, messages[0]["content"])
             outputs.add(tuple(result.token_ids))
-    assert len(outputs) == 2, "text and image prompts should give different outputs"
+        assert len(outputs) == 2, "text and image prompts should give different outputs"
 
 
 def _flash_monolithic(model: InternVLForConditionalGeneration, pipe: LocalPipeline, ids: list[int],
