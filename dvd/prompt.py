@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.checkpoint import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN, CheckpointInfo
-from dvd.errors import CheckpointError, PromptError
+from dvd.errors import CheckpointError, PromptError, PromptTooLongError
 
 IMAGE_PLACEHOLDER = "<image>"
 # The default system message of InternVL's `internvl2_5` conversation template.
@@ -226,6 +226,11 @@ class ChatFormat:
         self.image_start_id, self.image_end_id, self.image_context_id = (vocab[t] for t in _RESERVED)
         self.image_tokens = ImageTokens(self.image_start_id, self.image_context_id, self.image_end_id)
         self.stop_token_ids = self._stop_token_ids(vocab)
+        # The language model's context, as its engine checks it (max_position_embeddings), so the gateway
+        # refuses a prompt that cannot fit before any image is encoded.
+        self.context_limit = int(info.text_config.get("max_position_embeddings") or 1 << 62)
+        # The fewest tokens an image slot can take: one tile (ViR may compress a Flash tile to a quarter).
+        self.min_slot_tokens = info.tokens_per_tile // (4 if info.flash else 1)
 
     def _stop_token_ids(self, vocab: dict[str, int]) -> tuple[int, ...]:
         ids: list[int] = []
@@ -265,7 +270,16 @@ class ChatFormat:
         if len(pieces) - 1 != num_images:
             raise PromptError(f"the rendered prompt has {len(pieces) - 1} image slots but {num_images} images")
         encode = self.tokenizer.encode
-        return PromptTokens(tuple(tuple(encode(p, add_special_tokens=False)) for p in pieces))
+        prompt = PromptTokens(tuple(tuple(encode(p, add_special_tokens=False)) for p in pieces))
+        self._check_length(prompt)
+        return prompt
+
+    def _check_length(self, prompt: PromptTokens) -> None:
+        """PromptTooLongError when even the fewest tokens the images can take (one tile each, plus `<img>`
+        and `</img>`) leave no room for an answer in the context."""
+        fewest = prompt.num_text_tokens + prompt.num_images * (self.min_slot_tokens + 2)
+        if fewest >= self.context_limit:
+            raise PromptTooLongError(fewest, self.context_limit, at_least=prompt.num_images > 0)
 
     def expand(self, prompt: PromptTokens, tokens_per_image: Sequence[int]) -> list[int]:
         return prompt.expand(tokens_per_image, self.image_tokens)
