@@ -4,12 +4,13 @@ keeps serving; every process is gone afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -18,12 +19,21 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import DvdError, PromptTooLongError
 from dvd.pipeline.client import GenerationClient
+from dvd.pipeline.grpc_frontend import chat_fields, details
 from dvd.pipeline.local import LocalPipeline
+from dvd.pipeline.serving import ServingCore
+from dvd.pipeline.validate import ApiLimits
+from dvd.prompt import ChatFormat
+from dvd.requests import GenerationEvent, TokenizedRequest
 from dvd.sampling import greedy
+from dvd.v1 import generation_pb2
 from tests.conftest import encode, photo_like
 from tests.pipeline.test_split_equals_monolithic import monolithic_reference
 from tests.serve_process import ServeProcess, metrics_text, post_chat
+from tests.stub_backend import StubBackend, StubChat
 
 NEW = 8
 MODES = ["coupled", "disaggregated"]
@@ -172,7 +182,8 @@ def test_health_and_models(served: ServeProcess) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "code", "needle"),
-    [({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    [({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature must be in"),
+     ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_new_tokens must be in [1, "),
      ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "no-such-model")],
 )
 def test_grpc_errors_carry_matching_codes(served: ServeProcess, kwargs: dict, code: grpc.StatusCode,
@@ -182,3 +193,62 @@ def test_grpc_errors_carry_matching_codes(served: ServeProcess, kwargs: dict, co
             client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2, **kwargs)
         assert caught.value.code() == code and needle in caught.value.details()
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
+
+
+def test_a_prompt_over_the_context_is_invalid_argument_naming_the_limit(served: ServeProcess) -> None:
+    with GenerationClient(served.grpc_address, timeout_s=120) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.complete([{"role": "user", "content": [IMAGE, "cat " * 9000]}], max_new_tokens=2)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "longer than the context limit of 8192" in caught.value.details()
+        assert dict(caught.value.trailing_metadata())["dvd-error"] == "PromptTooLongError"
+        assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
+
+
+def test_a_prompt_over_the_context_never_reaches_the_backend(tiny_hf: Path) -> None:
+    """Refused by the gateway's chat format, so no Encode is sent and no image encoded."""
+    calls: list[TokenizedRequest] = []
+
+    class Recording(StubBackend):
+        async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+            calls.append(request)
+            yield GenerationEvent(token_ids=[1])
+
+    core = ServingCore(Recording(), max_concurrency=1, chat=ChatFormat(open_checkpoint(tiny_hf)))
+    request = core.validate(chat_fields(_grpc_request(generation_pb2.ContentPart(image=IMAGE),
+                                                      generation_pb2.ContentPart(text="cat " * 9000))), ApiLimits())
+
+    async def run() -> None:
+        async with core.admit(request) as stream:
+            async for _ in stream:
+                pass
+
+    with pytest.raises(PromptTooLongError, match=r"at least .* longer than the context limit of 8192"):
+        asyncio.run(run())
+    assert calls == [] and core.num_in_flight == 0
+
+
+class _OneToken(StubBackend):
+    async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+        yield GenerationEvent(token_ids=[1])
+
+
+def _grpc_request(*parts: generation_pb2.ContentPart, **sampling: object) -> generation_pb2.GenerateRequest:
+    message = generation_pb2.ChatMessage(role="user", content=list(parts))
+    return generation_pb2.GenerateRequest(messages=[message], sampling=generation_pb2.Sampling(**sampling))
+
+
+@pytest.mark.parametrize(("request_", "needle"), [
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), max_new_tokens=0), "sampling.max_new_tokens must be in [1, "),
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), min_new_tokens=9, max_new_tokens=4),
+     "sampling.min_new_tokens must be in [0, 4]"),
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), stop=[""]), "sampling.stop must be"),
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), generation_pb2.ContentPart()),
+     "messages[0].content[1] has none of text, image or video set"),
+])
+def test_grpc_errors_name_the_field_as_the_proto_does(request_: generation_pb2.GenerateRequest, needle: str
+                                                      ) -> None:
+    core = ServingCore(_OneToken(), max_concurrency=1, chat=StubChat())  # type: ignore[arg-type]
+    with pytest.raises(DvdError) as caught:
+        core.validate(chat_fields(request_), ApiLimits())
+    assert needle in details(caught.value)
