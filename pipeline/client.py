@@ -20,6 +20,19 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    def add(self, response: generation_pb2.GenerateResponse) -> None:
+        """One streamed response: its text and tokens; the last one's finish reason, timings and usage."""
+        self.text += response.text
+        self.token_ids += list(response.token_ids)
+        if response.finish_reason:
+            self.finish_reason = response.finish_reason
+            t = response.timings
+            self.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
+                               "prefill": t.prefill_ms, "decode": t.decode_ms}
+            if t.kv_transfer_ms:  # P/D only
+                self.timings_ms["kv_transfer"] = t.kv_transfer_ms
+            self.prompt_tokens, self.completion_tokens = response.prompt_tokens, response.completion_tokens
+
 
 def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMessage:
     """`content`: text, or parts: str (text), bytes (an encoded image) or {"type": "text"/"image"/"video", ...}."""
@@ -77,12 +90,5 @@ class GenerationClient:
     def complete(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Completion:
         out = Completion()
         for response in self.stream(messages, **kwargs):
-            out.text += response.text
-            out.token_ids += list(response.token_ids)
-            if response.finish_reason:
-                out.finish_reason = response.finish_reason
-                t = response.timings
-                out.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
-                                  "prefill": t.prefill_ms, "decode": t.decode_ms}
-                out.prompt_tokens, out.completion_tokens = response.prompt_tokens, response.completion_tokens
+            out.add(response)
         return out
