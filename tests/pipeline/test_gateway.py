@@ -205,6 +205,16 @@ def test_a_prompt_over_the_context_is_invalid_argument_naming_the_limit(served: 
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
 
 
+@pytest.mark.parametrize(("content", "needle"), [("cat " * 9000, "longer than the context limit of 8192"),
+                                                 ("<image> but no image", "1 image placeholders but 0 images")])
+def test_a_streaming_request_whose_prompt_cannot_be_served_is_a_400(served: ServeProcess, content: str,
+                                                                    needle: str) -> None:
+    """Its status and JSON error, as without `stream`, not a 200 event stream carrying the error."""
+    status, answer = post_chat(served.http_url, {"model": "tiny-hf", "stream": True, "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": content}]})
+    assert status == 400 and needle in answer["error"]["message"], answer
+
+
 def test_a_prompt_over_the_context_never_reaches_the_backend(tiny_hf: Path) -> None:
     """Refused by the gateway's chat format, so no Encode is sent and no image encoded."""
     calls: list[TokenizedRequest] = []
