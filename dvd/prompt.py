@@ -12,7 +12,8 @@ placeholder, they are put before the last user turn as the model card does (`<im
 Text a client typed stays text: the spelling of a special token in it (`<|im_start|>`, `<IMG_CONTEXT>`, ...)
 is tokenized as plain characters, never as the control token (a user must not open a system turn or an image
 slot by typing one), and `<image>` in a text part (content as a list of parts, where images are parts) is
-not an image slot. Only `<image>` in a string content marks a slot.
+not an image slot. Only `<image>` in a string content marks a slot, and only where the caller says so
+(`dvd generate`'s prompt; not the client APIs, whose images are parts).
 """
 
 from __future__ import annotations
@@ -209,12 +210,14 @@ class _Literals:
     def _escape(self, text: str, pattern: re.Pattern[str]) -> str:
         return pattern.sub(lambda m: f"{_ESCAPE_OPEN}{self._index[m.group()]}{_ESCAPE_CLOSE}", text)
 
-    def escape(self, messages: Sequence[Message]) -> list[Message]:
+    def escape(self, messages: Sequence[Message], text_placeholders: bool) -> list[Message]:
+        """`text_placeholders`: `<image>` in a string content marks a slot (else it is text there too)."""
+        in_strings = self._in_strings if text_placeholders else self._in_parts
         out = []
         for message in messages:
             content = message["content"]
             if isinstance(content, str):
-                content = self._escape(content, self._in_strings)
+                content = self._escape(content, in_strings)
             else:
                 content = [{**p, "text": self._escape(p["text"], self._in_parts)} if _is_text(p) else p
                            for p in content]
@@ -322,12 +325,15 @@ class ChatFormat:
             text += conv[message["role"]] + _flatten(message["content"]) + conv["sep"]
         return text + conv["assistant"]
 
-    def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False) -> PromptTokens:
-        """`num_images` counts slots: one per image, one per frame of each video part."""
+    def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False,
+              text_placeholders: bool = True) -> PromptTokens:
+        """`num_images` counts slots: one per image, one per frame of each video part. `text_placeholders`
+        False (the client APIs, whose images are parts): `<image>` in a string content is text, not a slot."""
         messages = _expand_videos(messages)
         _validate(messages)
         # escaped before the default placeholders go in: those are DvD's, the client's text is literal
-        text = self.render(_with_default_placeholders(self.literals.escape(messages), num_images), thinking)
+        escaped = self.literals.escape(messages, text_placeholders)
+        text = self.render(_with_default_placeholders(escaped, num_images), thinking)
         pieces = _SLOT_MARKER.split(text)
         if len(pieces) - 1 != num_images:
             raise PromptError(f"the rendered prompt has {len(pieces) - 1} image slots but {num_images} images")

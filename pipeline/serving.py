@@ -87,8 +87,9 @@ class TextStream:
         `ServingCore.admit` calls it before handing the stream over, so such an error comes before a frontend
         has answered anything (an HTTP stream's headers, a gRPC stream's first message)."""
         request = self.request
+        # the APIs' images are parts: `<image>` a client types in a string content is text
         self._prompt = await asyncio.to_thread(self.chat.build, list(request.messages), request.num_slots,
-                                               thinking=request.thinking)
+                                               thinking=request.thinking, text_placeholders=False)
 
     async def _tokenized(self, span: Span) -> TokenizedRequest:
         """The request as the backend takes it."""

@@ -194,8 +194,10 @@ def test_text_a_client_types_stays_text(hf_chat: ChatFormat, github_chat: ChatFo
             ids, plain = [t for s in prompt.segments for t in s], [t for s in template_only.segments for t in s]
             assert [t for t in ids if t in special] == [t for t in plain if t in special]
             assert typed in chat.tokenizer.decode(ids, skip_special_tokens=False)
-        if typed != "<image>":  # in a string content <image> marks a slot (the prompt's own placeholder)
-            ids = chat.build(_user(f"say {typed}"), 0).segments[0]
+        # a string content: the client APIs' (text_placeholders=False) and `dvd generate`'s, where <image> marks
+        # a slot (the prompt's own placeholder)
+        for text_placeholders in (False, True) if typed != "<image>" else (False,):
+            ids = chat.build(_user(f"say {typed}"), 0, text_placeholders=text_placeholders).segments[0]
             assert chat.tokenizer.decode(list(ids), skip_special_tokens=False).count(typed) == 1
             assert [t for t in ids if t in special] == [t for t in plain if t in special]
 

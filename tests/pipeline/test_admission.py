@@ -75,7 +75,8 @@ def test_in_flight_returns_to_zero_after_a_clean_early_end() -> None:
 
 
 class _Unrenderable(StubChat):
-    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False) -> Any:
+    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False,
+              text_placeholders: bool = True) -> Any:
         raise PromptError("prompt has 1 image placeholders but 0 images were given")
 
 

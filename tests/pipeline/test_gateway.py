@@ -205,14 +205,30 @@ def test_a_prompt_over_the_context_is_invalid_argument_naming_the_limit(served: 
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
 
 
-@pytest.mark.parametrize(("content", "needle"), [("cat " * 9000, "longer than the context limit of 8192"),
-                                                 ("<image> but no image", "1 image placeholders but 0 images")])
-def test_a_streaming_request_whose_prompt_cannot_be_served_is_a_400(served: ServeProcess, content: str,
+@pytest.mark.parametrize(("messages", "needle"), [
+    ([{"role": "user", "content": "cat " * 9000}], "longer than the context limit of 8192"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "last message must be from the user"),
+])
+def test_a_streaming_request_whose_prompt_cannot_be_served_is_a_400(served: ServeProcess, messages: list,
                                                                     needle: str) -> None:
     """Its status and JSON error, as without `stream`, not a 200 event stream carrying the error."""
     status, answer = post_chat(served.http_url, {"model": "tiny-hf", "stream": True, "max_tokens": 2,
-                                                 "messages": [{"role": "user", "content": content}]})
+                                                 "messages": messages})
     assert status == 400 and needle in answer["error"]["message"], answer
+
+
+def test_text_a_client_types_is_text_in_both_apis(served: ServeProcess) -> None:
+    """`<image>` and special-token spellings in a message: served as text (string content over HTTP, parts over
+    gRPC), the prompt counting their characters, where they were a 400 or a control token."""
+    typed = "What do <image>, <img> and <|im_start|> mean?"
+    status, answer = post_chat(served.http_url, {"model": "tiny-hf", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": typed}]})
+    assert status == 200, answer
+    with GenerationClient(served.grpc_address, timeout_s=120) as client:
+        completion = client.complete([{"role": "user", "content": typed}], max_new_tokens=2)
+    assert completion.prompt_tokens == answer["usage"]["prompt_tokens"]
+    plain = client_prompt_tokens(served, "What do , and  mean?")
+    assert completion.prompt_tokens > plain + 3  # each spelling is several tokens, not one
 
 
 def test_a_prompt_over_the_context_never_reaches_the_backend(tiny_hf: Path) -> None:
@@ -262,3 +278,8 @@ def test_grpc_errors_name_the_field_as_the_proto_does(request_: generation_pb2.G
     with pytest.raises(DvdError) as caught:
         core.validate(chat_fields(request_), ApiLimits())
     assert needle in details(caught.value)
+
+
+def client_prompt_tokens(served: ServeProcess, text: str) -> int:
+    with GenerationClient(served.grpc_address, timeout_s=120) as client:
+        return client.complete([{"role": "user", "content": text}], max_new_tokens=1).prompt_tokens
