@@ -190,7 +190,7 @@ def test_grpc_errors_carry_matching_codes(served: ServeProcess, kwargs: dict, co
                                           needle: str) -> None:
     with GenerationClient(served.grpc_address, timeout_s=60) as client:
         with pytest.raises(grpc.RpcError) as caught:
-            client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2, **kwargs)
+            client.complete([{"role": "user", "content": "hi"}], **{"max_new_tokens": 2, **kwargs})
         assert caught.value.code() == code and needle in caught.value.details()
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
 
