@@ -71,7 +71,8 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
 
 def image_too_large(where: str, limits: ApiLimits, kind: str = "image") -> ImageTooLargeError:
     limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
-    return ImageTooLargeError(f"{where}: {kind} is larger than the limit of {limit} bytes", where)
+    # named as the other limits are (the flag is --max-image-bytes / --max-video-bytes)
+    return ImageTooLargeError(f"{where}: {kind} is larger than the limit max_{kind}_bytes={limit} bytes", where)
 
 
 def _num_segments(fields: ChatFields, limits: ApiLimits) -> int:

@@ -125,7 +125,7 @@ def _user(content: object, **extra: object) -> dict:
         (_user("hi", model="no-such-model"), 404, "no-such-model"),
         (_user([{"type": "image_url", "image_url": {"url": _data_url(IMAGE)}}] * 3), 400, "too many images"),
         (_user([{"type": "image_url", "image_url": {"url": _data_url(encode(photo_like(900, 900, 1)))}}]),
-         413, "larger than the limit"),
+         413, "larger than the limit max_image_bytes=300000"),
         (_user("word " * 12000), 400, "context limit"),
         (_user("hi", temperature=-1), 422, "temperature"),
         (_user("hi", top_p=0), 422, "top_p"),
