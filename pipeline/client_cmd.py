@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
                     print(response.text, end="", flush=True)
     except grpc.RpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and args.ca_cert is None:
+            # plain text to a TLS port reads only "Socket closed"
+            print("(a gateway started with --tls-cert needs --ca-cert)", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(out.__dict__, ensure_ascii=False))

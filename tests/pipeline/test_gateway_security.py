@@ -147,7 +147,11 @@ def test_dvd_client_presents_the_key_over_tls_and_reports_usage(served: ServePro
     assert out["finish_reason"] and out["prompt_tokens"] > 0 and out["completion_tokens"] == len(out["token_ids"]) > 0
     wrong = subprocess.run(args, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "DVD_API_KEY": "wrong-key-0123456789abcdef"})
-    assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr
+    assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr and "metadata authorization" in wrong.stderr
+    if TLS:  # plain text to a TLS port fails with only "Socket closed": the command says what is missing
+        plain = subprocess.run(args[:-2], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "DVD_API_KEY": KEY})
+        assert plain.returncode == 1 and "needs --ca-cert" in plain.stderr
 
 
 def test_plain_text_is_refused_on_tls_ports(served: ServeProcess) -> None:
