@@ -14,14 +14,17 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
 from dvd.errors import DvdError, InvalidRequestError, rpc_metadata
 from dvd.pipeline.auth import ApiKeys
+from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.serving import ServingCore, as_dvd_error
 from dvd.pipeline.validate import ApiLimits
 from dvd.requests import STAGES, ChatFields, StageTimings
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 _OPTIONAL_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
                       "repetition_penalty": "repetition_penalty", "seed": "seed"}
 
@@ -61,6 +64,25 @@ def chat_fields(request: generation_pb2.GenerateRequest) -> ChatFields:
 def _timings(timings: StageTimings) -> generation_pb2.StageTimings:
     """The five pipeline stages (the HTTP API's dvd_timings also carries the finer breakdown)."""
     return generation_pb2.StageTimings(**{f"{k}_ms": timings.ms[k] for k in STAGES if k in timings.ms})
+
+
+class GatewayHealth(health.aio.HealthServicer):
+    """The standard `grpc.health.v1.Health` of the gateway's port, answered from the backend as GET /health and
+    `Generation/Health` are: NOT_SERVING for "" and `dvd.v1.Generation` while no replica can take a request, so
+    a Kubernetes gRPC probe or grpc_health_probe does not send traffic to a gateway that would answer UNAVAILABLE.
+    (`Watch` streams the statuses set at start.)"""
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> health_pb2.HealthCheckResponse:
+        answer = await super().Check(request, context)  # NOT_FOUND for a service this port does not serve
+        ready, _ = await self.backend.health()
+        if not ready and request.service in ("", GENERATION_SERVICE):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return answer
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):

@@ -17,11 +17,13 @@ import grpc
 import openai
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import InternVLForConditionalGeneration
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import DvdError, PromptTooLongError
 from dvd.pipeline.client import GenerationClient
+from dvd.pipeline.gateway import Gateway, GatewayConfig
 from dvd.pipeline.grpc_frontend import chat_fields, details
 from dvd.pipeline.local import LocalPipeline
 from dvd.pipeline.serving import ServingCore
@@ -283,3 +285,37 @@ def test_grpc_errors_name_the_field_as_the_proto_does(request_: generation_pb2.G
 def client_prompt_tokens(served: ServeProcess, text: str) -> int:
     with GenerationClient(served.grpc_address, timeout_s=120) as client:
         return client.complete([{"role": "user", "content": text}], max_new_tokens=1).prompt_tokens
+
+
+def test_the_gateways_standard_grpc_health_follows_its_replicas(tiny_hf: Path) -> None:
+    """grpc.health.v1 on the gateway's port (Kubernetes gRPC probes, grpc_health_probe) says NOT_SERVING while no
+    replica can take a request, as GET /health (503) and Generation/Health do, and SERVING again after."""
+    class Toggled(StubBackend):
+        ready = False
+        model_path = tiny_hf
+
+        async def health(self) -> tuple[bool, str]:
+            return self.ready, "0/1 language replicas healthy"
+
+        async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+            yield GenerationEvent(token_ids=[1])
+
+    async def main() -> list[int]:
+        backend = Toggled()
+        gateway = Gateway(GatewayConfig(http_port=0, grpc_port=0), backend)
+        await gateway.start()
+        statuses = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+                probe = health_pb2_grpc.HealthStub(channel)
+                for ready in (False, True):
+                    backend.ready = ready
+                    for service in ("", "dvd.v1.Generation"):
+                        answer = await probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                        statuses.append(answer.status)
+        finally:
+            await gateway.stop()
+        return statuses
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert asyncio.run(main()) == [not_serving, not_serving, serving, serving]
