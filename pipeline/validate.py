@@ -178,6 +178,10 @@ def build_chat_request(fields: ChatFields, limits: ApiLimits, served_models: lis
     if model not in served_models:
         raise NotFoundError(f"model {model!r} is not served here; available: {', '.join(served_models)}", "model")
     messages, media = _messages(fields, limits)
+    if fields.thinking and any(m["role"] == "system" for m in messages):
+        # thinking mode is the model card's system prompt: a client's own would silently replace it
+        raise InvalidFieldError("thinking sets the system message (the model card's thinking prompt); send either "
+                                "thinking or a system message, not both", "thinking")
     if len(fields.stop) > limits.max_stop_strings or not all(fields.stop):
         raise InvalidFieldError(f"stop must be a non-empty string or a list of at most {limits.max_stop_strings} "
                                 "of them (limit max_stop_strings)", "stop")

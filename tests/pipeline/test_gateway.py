@@ -273,6 +273,10 @@ def _grpc_request(*parts: generation_pb2.ContentPart, **sampling: object) -> gen
     (_grpc_request(generation_pb2.ContentPart(text="hi"), stop=[""]), "sampling.stop must be"),
     (_grpc_request(generation_pb2.ContentPart(text="hi"), generation_pb2.ContentPart()),
      "messages[0].content[1] has none of text, image or video set"),
+    (generation_pb2.GenerateRequest(thinking=True, messages=[
+        generation_pb2.ChatMessage(role="system", content=[generation_pb2.ContentPart(text="Be brief.")]),
+        generation_pb2.ChatMessage(role="user", content=[generation_pb2.ContentPart(text="hi")])]),
+     "send either thinking or a system message"),
 ])
 def test_grpc_errors_name_the_field_as_the_proto_does(request_: generation_pb2.GenerateRequest, needle: str
                                                       ) -> None:
