@@ -52,6 +52,17 @@ def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMess
     return generation_pb2.ChatMessage(role=role, content=out)
 
 
+def generate_request(messages: Sequence[dict[str, Any]], model: str = "", max_num: int = 0, thinking: bool = False,
+                     num_segments: int = 0, **sampling: Any) -> generation_pb2.GenerateRequest:
+    """The request `GenerationClient.stream` sends. `stop` may be one string, as in the OpenAI API (protobuf
+    would take a string for a repeated field as its characters, each a stop string)."""
+    if isinstance(sampling.get("stop"), str):
+        sampling["stop"] = [sampling["stop"]]
+    return generation_pb2.GenerateRequest(
+        model=model, messages=[_message(m["role"], m["content"]) for m in messages],
+        sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking, num_segments=num_segments)
+
+
 class GenerationClient:
     def __init__(self, address: str, timeout_s: float | None = None, api_key: str | None = None,
                  root_certificates: bytes | None = None) -> None:
@@ -81,10 +92,8 @@ class GenerationClient:
     def stream(self, messages: Sequence[dict[str, Any]], model: str = "", max_num: int = 0, thinking: bool = False,
                num_segments: int = 0, **sampling: Any) -> Iterator[generation_pb2.GenerateResponse]:
         """Stream responses; `sampling` takes the `dvd.v1.Sampling` fields (max_new_tokens, temperature, ...)."""
-        request = generation_pb2.GenerateRequest(
-            model=model, messages=[_message(m["role"], m["content"]) for m in messages],
-            sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking,
-            num_segments=num_segments)
+        request = generate_request(messages, model=model, max_num=max_num, thinking=thinking,
+                                   num_segments=num_segments, **sampling)
         return self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def complete(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Completion:

@@ -22,7 +22,7 @@ from transformers import InternVLForConditionalGeneration
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import DvdError, PromptTooLongError
-from dvd.pipeline.client import GenerationClient
+from dvd.pipeline.client import GenerationClient, generate_request
 from dvd.pipeline.gateway import Gateway, GatewayConfig
 from dvd.pipeline.grpc_frontend import chat_fields, details
 from dvd.pipeline.local import LocalPipeline
@@ -323,3 +323,10 @@ def test_the_gateways_standard_grpc_health_follows_its_replicas(tiny_hf: Path) -
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert asyncio.run(main()) == [not_serving, not_serving, serving, serving]
+
+
+def test_the_python_client_takes_one_stop_string_as_one() -> None:
+    """As the OpenAI API does; protobuf alone made "END" three stop strings, "E", "N" and "D"."""
+    messages = [{"role": "user", "content": "hi"}]
+    assert list(generate_request(messages, stop="END").sampling.stop) == ["END"]
+    assert list(generate_request(messages, stop=["a", "b"]).sampling.stop) == ["a", "b"]
