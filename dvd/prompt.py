@@ -322,7 +322,11 @@ class ChatFormat:
         text = conv["system"].format(system_message=system if system is not None else conv["system_message"])
         text += conv["sep"]
         for message in messages:
-            text += conv[message["role"]] + _flatten(message["content"]) + conv["sep"]
+            content = _flatten(message["content"])
+            if message["role"] == "system":  # a later system turn: ChatML's, as the Jinja templates render it
+                text += conv["system"].format(system_message=content) + conv["sep"]
+            else:
+                text += conv[message["role"]] + content + conv["sep"]
         return text + conv["assistant"]
 
     def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False,

@@ -45,6 +45,15 @@ def test_both_formats_render_the_same_prompt(hf_chat: ChatFormat, github_chat: C
     assert hf_chat.build(messages, 1) == github_chat.build(messages, 1)
 
 
+def test_a_system_turn_later_in_the_chat_renders_alike_in_both_formats(hf_chat: ChatFormat,
+                                                                      github_chat: ChatFormat) -> None:
+    """The GitHub format's conversation template rendered its `{system_message}` field name literally there."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"},
+                {"role": "user", "content": "x"}]
+    assert "<|im_start|>system\nlate<|im_end|>\n" in github_chat.render(messages)
+    assert github_chat.render(messages) == hf_chat.render(messages)
+
+
 def test_one_image_without_placeholder_goes_first(hf_chat: ChatFormat) -> None:
     prompt = hf_chat.build(_user("Describe."), 1)
     assert prompt.num_images == 1
