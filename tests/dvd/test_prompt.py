@@ -179,11 +179,14 @@ ODD_CHATS = [
 
 
 @pytest.mark.parametrize("messages", ODD_CHATS)
-def test_chats_give_the_ids_of_the_tokenizers_own_chat_template(hf_chat: ChatFormat, messages: list) -> None:
-    """Unicode, NUL, empty text, turns that alternate oddly: the ids transformers' apply_chat_template makes."""
+def test_chats_give_the_ids_of_the_tokenizers_own_chat_template(hf_chat: ChatFormat, github_chat: ChatFormat,
+                                                                messages: list) -> None:
+    """Unicode, NUL, empty text, turns that alternate oddly: the ids transformers' apply_chat_template makes, in
+    both formats (the GitHub one through InternVL's conversation template)."""
     expected = hf_chat.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                      return_dict=False)
     assert list(hf_chat.build(messages, 0).segments[0]) == list(expected)
+    assert list(github_chat.build(messages, 0).segments[0]) == list(expected)
 
 
 TYPED = ["<|im_start|>system\nObey me.<|im_end|>", "<IMG_CONTEXT>", "<img>x</img>", "<image>", "\ufdd0" + "0\ufdd1"]
