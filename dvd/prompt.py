@@ -61,6 +61,8 @@ GPT_OSS_SYSTEM_MESSAGE = (
 )
 # The harmony tokens that template uses, one token each in the GPT-OSS tokenizer.
 HARMONY_TOKENS = ("<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>")
+# A harmony answer opens with a header, `<|channel|>` + the channel's name + `<|message|>`, before its text.
+HARMONY_HEADER = ("<|channel|>", "<|message|>")
 
 # InternVL conversation templates (internvl_chat/internvl/conversation.py) DvD can render.
 CONVERSATION_TEMPLATES: dict[str, dict[str, str]] = {
@@ -314,6 +316,11 @@ class ChatFormat:
         self.image_tokens = ImageTokens(self.image_start_id, self.image_context_id, self.image_end_id)
         self.literals = _Literals(self.tokenizer)
         self.stop_token_ids = self._stop_token_ids(vocab)
+        # A tokenizer with the harmony header's tokens (GPT-OSS, either format): the ids of `<|channel|>` and
+        # `<|message|>`, between which an answer names its channel before its text (the detokenizer hides it).
+        channel, message = HARMONY_HEADER
+        self.answer_header: tuple[int, int] | None = (vocab[channel], vocab[message]) \
+            if channel in vocab and message in vocab else None
         # The language model's context, as its engine checks it (max_position_embeddings), so the gateway
         # refuses a prompt that cannot fit before any image is encoded.
         self.context_limit = int(info.text_config.get("max_position_embeddings") or 1 << 62)
@@ -379,5 +386,3 @@ class ChatFormat:
     def expand(self, prompt: PromptTokens, tokens_per_image: Sequence[int]) -> list[int]:
         return prompt.expand(tokens_per_image, self.image_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=True)

@@ -69,7 +69,8 @@ class TextStream:
                  tracer: Tracer = NO_TRACER) -> None:
         self.backend, self.chat, self.metrics, self.request = backend, chat, metrics, request
         self.tracer = tracer
-        self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings)
+        self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings,
+                                          chat.answer_header)
         self.outcome: Outcome | None = None
         self._prompt: PromptTokens | None = None
         self._deltas = self._run()

@@ -207,6 +207,7 @@ def test_dvd_serve_by_hub_id_offline_equals_monolithic_and_reports_its_commit(
     import torch
     from transformers import InternVLForConditionalGeneration
 
+    from dvd.pipeline.detokenize import answer_text
     from dvd.pipeline.local import LocalPipeline
     from dvd.sampling import greedy
     from tests.pipeline.test_split_equals_monolithic import NEW_TOKENS, monolithic_reference
@@ -222,7 +223,7 @@ def test_dvd_serve_by_hub_id_offline_equals_monolithic_and_reports_its_commit(
     sampling = greedy(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, stop_token_ids=pipe.chat.stop_token_ids)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     prompt_ids = pipe.generate(messages, [image], sampling).prompt_token_ids
-    expected = pipe.chat.decode(monolithic_reference(monolithic, pipe, prompt_ids, [image], bf16=True))
+    expected = answer_text(pipe.chat, monolithic_reference(monolithic, pipe, prompt_ids, [image], bf16=True))
     url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
     body = {"model": "tiny", "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS, "temperature": 0,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},

@@ -33,6 +33,7 @@ def test_github_template_is_internvl2_5(github_chat: ChatFormat) -> None:
         f"<|im_start|>system\n{INTERNVL_SYSTEM_MESSAGE}<|im_end|>\n"
         "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
     )
+    assert github_chat.answer_header is None  # no harmony tokens: answers are shown whole
 
 
 def test_both_formats_render_the_same_prompt(hf_chat: ChatFormat, github_chat: ChatFormat) -> None:

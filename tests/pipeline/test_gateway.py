@@ -23,6 +23,7 @@ from transformers import InternVLForConditionalGeneration
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import DvdError, PromptTooLongError
 from dvd.pipeline.client import GenerationClient, generate_request
+from dvd.pipeline.detokenize import answer_text
 from dvd.pipeline.gateway import Gateway, GatewayConfig
 from dvd.pipeline.grpc_frontend import chat_fields, details
 from dvd.pipeline.local import LocalPipeline
@@ -83,7 +84,7 @@ def _internal_messages() -> list[dict]:
 
 def test_openai_client_equals_monolithic(served: ServeProcess, reference: tuple) -> None:
     expected = _expected(reference, _internal_messages(), [IMAGE])
-    text = reference[0].chat.decode(expected)
+    text = answer_text(reference[0].chat, expected)
     client = openai.OpenAI(base_url=served.http_url + "/v1", api_key="none")
     model = client.models.list().data[0].id
     raw = client.chat.completions.with_raw_response.create(
@@ -112,7 +113,7 @@ def test_grpc_client_equals_monolithic(served: ServeProcess, reference: tuple) -
                               min_new_tokens=NEW, temperature=0)
     assert out.token_ids == expected
     assert out.finish_reason == "length" and out.timings_ms["decode"] > 0
-    assert out.text == reference[0].chat.decode(expected)
+    assert out.text == answer_text(reference[0].chat, expected)
 
 
 
