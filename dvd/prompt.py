@@ -74,16 +74,17 @@ CONVERSATION_TEMPLATES: dict[str, dict[str, str]] = {
         "sep": "<|im_end|>\n",
         "stop": "<|im_end|>",
     },
-    # InternVL3.5-GPT-OSS (internvl_chat_gpt_oss/.../conversation.py, MPT_TWO, stop `<|return|>`). Its model answers
-    # `<|channel|>final<|message|>` + the answer, and upstream chat() keeps that header in the history it replays.
-    # The assistant role carries the header here: earlier answers replay exactly as upstream's, and the
-    # generation prompt ends with it, so the model continues with the answer itself (what greedy decoding
-    # writes after the header it would have written) and no header reaches the client as the word "final".
+    # InternVL3.5-GPT-OSS (internvl_chat_gpt_oss/.../conversation.py, MPT_TWO, stop `<|return|>`), rendered as
+    # upstream's get_prompt() renders it: the generation prompt ends with `<|start|>assistant` and the model writes
+    # `<|channel|>final<|message|>` + the answer (so DvD's token ids are chat()'s). chat() decodes with the special
+    # tokens and keeps that header in the history it replays; a client sends back the answer it was shown, without
+    # the header (the detokenizer hides it), so `answer_header` goes back in front of each replayed answer.
     "internvl3_5_gpt_oss": {
         "system": "<|start|>system<|message|>{system_message}",
         "system_message": GPT_OSS_SYSTEM_MESSAGE,
         "user": "<|start|>user<|message|>",
-        "assistant": "<|start|>assistant<|channel|>final<|message|>",
+        "assistant": "<|start|>assistant",
+        "answer_header": "<|channel|>final<|message|>",
         "sep": "<|end|>",
         "stop": "<|return|>",
     },
@@ -356,8 +357,10 @@ class ChatFormat:
             content = _flatten(message["content"])
             if message["role"] == "system":  # a later system turn: ChatML's, as the Jinja templates render it
                 text += conv["system"].format(system_message=content) + conv["sep"]
+            elif message["role"] == "assistant":
+                text += conv["assistant"] + conv.get("answer_header", "") + content + conv["sep"]
             else:
-                text += conv[message["role"]] + content + conv["sep"]
+                text += conv["user"] + content + conv["sep"]
         return text + conv["assistant"]
 
     def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False,

@@ -154,9 +154,10 @@ def test_unknown_conversation_template_is_named(tmp_path: Path, tiny_github: Pat
 
 def test_gpt_oss_template_renders_as_internvl_chat_does(tmp_path: Path) -> None:
     """InternVL3.5-GPT-OSS's GitHub config names `internvl3_5_gpt_oss` (it was trained with that conv_style).
-    Upstream's MPT_TWO rendering of a two-turn chat, the earlier answer replayed as chat() returned it (with
-    its channel header), and the generation prompt opened up to the answer itself; generation stops at
-    `<|return|>`. DvD refused the checkpoint before ("conversation template ... is not supported")."""
+    The prompt is upstream's MPT_TWO get_prompt(), character for character: the generation prompt ends with
+    `<|start|>assistant` (the model writes the `<|channel|>final<|message|>` header itself, so the tokens are
+    chat()'s), and an earlier answer, sent back as the text the client was shown, replays with that header as
+    chat()'s history holds it. Generation stops at `<|return|>`."""
     from dvd.prompt import GPT_OSS_SYSTEM_MESSAGE
     from dvd.tools.make_checkpoint import make_checkpoint
 
@@ -168,11 +169,12 @@ def test_gpt_oss_template_renders_as_internvl_chat_does(tmp_path: Path) -> None:
         "<|start|>user<|message|><image>\nWhat is it?<|end|>"
         "<|start|>assistant<|channel|>final<|message|>A cat.<|end|>"
         "<|start|>user<|message|>Colour?<|end|>"
-        "<|start|>assistant<|channel|>final<|message|>"
+        "<|start|>assistant"
     )
     assert chat.tokenizer.convert_tokens_to_ids("<|return|>") in chat.stop_token_ids
-    header = chat.tokenizer.encode("<|channel|>final<|message|>", add_special_tokens=False)
-    assert chat.build(messages, 1).segments[-1][-len(header):] == tuple(header)  # the answer follows the header
+    opening = chat.tokenizer.encode("<|end|><|start|>assistant", add_special_tokens=False)
+    assert chat.build(messages, 1).segments[-1][-len(opening):] == tuple(opening)
+    assert chat.answer_header == tuple(chat.tokenizer.convert_tokens_to_ids(["<|channel|>", "<|message|>"]))
 
 
 def test_processor_chat_template_json_is_used(tmp_path: Path, tiny_hf: Path) -> None:
