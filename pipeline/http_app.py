@@ -77,8 +77,24 @@ class OpenAIFrontend:
                 return response
         return await handler(request)
 
+    @web.middleware
+    async def _route_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A path or method this server does not serve, in OpenAI's error shape and naming what it does serve
+        (aiohttp's own answer is the text "404: Not Found", which an OpenAI client shows as the whole message:
+        `client.completions.create` would not say that only chat completions are served)."""
+        try:
+            return await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+            served = ", ".join(f"{route.method} {route.resource.canonical}" for route in request.app.router.routes()
+                               if route.method != "HEAD" and route.resource is not None)
+            body = {"error": {"message": f"{request.method} {request.path} is not served here; this server serves "
+                                         f"{served}", "type": _ERROR_TYPES[404], "param": None, "code": exc.status}}
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 names the methods
+            return web.json_response(body, status=exc.status, headers=allow)
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._authenticate])
+        app = web.Application(client_max_size=self.limits.max_body_bytes,
+                              middlewares=[self._authenticate, self._route_errors])
         app.add_routes([
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),

@@ -1,0 +1,71 @@
+"""The OpenAI wire format as the official `openai` client reads it, over the gateway's HTTP frontend on a stub
+backend (no model): what a client gets for paths and methods the server does not serve."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+
+import openai
+import pytest
+from aiohttp import web
+
+from dvd.pipeline.http_app import OpenAIFrontend
+from dvd.pipeline.serving import ServingCore
+from dvd.pipeline.validate import ApiLimits
+from dvd.requests import FinishReason, GenerationEvent, TokenizedRequest
+from tests.stub_backend import StubBackend, StubChat
+
+
+class CountingBackend(StubBackend):
+    """Answers tokens 1, 2, 3 and stops for length."""
+
+    async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+        for token in (1, 2):
+            yield GenerationEvent(token_ids=[token])
+        yield GenerationEvent(token_ids=[3], finish_reason=FinishReason.LENGTH, num_prompt_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    """The frontend served from an event loop on its own thread, so a blocking client can call it."""
+    loop = asyncio.new_event_loop()
+    core = ServingCore(CountingBackend(), max_concurrency=4, chat=StubChat())  # type: ignore[arg-type]
+
+    async def start() -> tuple[web.AppRunner, int]:
+        runner = web.AppRunner(OpenAIFrontend(core, ApiLimits()).app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    runner, port = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
+    loop.close()
+
+
+def test_a_path_not_served_is_an_openai_error_naming_what_is(base_url: str) -> None:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="m", prompt="hi")  # the legacy endpoint vLLM also serves
+    error = caught.value.body
+    assert isinstance(error, dict) and {"message", "type", "param", "code"} <= error.keys(), error
+    assert "POST /v1/completions" in error["message"] and "POST /v1/chat/completions" in error["message"]
+    assert caught.value.status_code == 404 and error["code"] == 404
+
+
+def test_a_method_not_served_is_an_openai_error_with_allow(base_url: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(base_url + "/v1/chat/completions", timeout=30)
+    answer = caught.value
+    assert answer.code == 405 and answer.headers["Allow"] == "POST"
+    assert "GET /v1/chat/completions is not served" in json.loads(answer.read())["error"]["message"]
