@@ -25,7 +25,7 @@ from aiohttp import web
 from dvd.errors import DvdError, TooLargeError, UnauthenticatedError
 from dvd.pipeline.auth import ApiKeys
 from dvd.pipeline.openai_parse import OpenAIChat, parse_chat_json
-from dvd.pipeline.serving import Outcome, ServingCore, as_dvd_error
+from dvd.pipeline.serving import Delta, Outcome, ServingCore, as_dvd_error
 from dvd.pipeline.validate import ApiLimits
 from dvd.requests import ChatRequest
 
@@ -145,7 +145,10 @@ class OpenAIFrontend:
             parsed, request = await asyncio.to_thread(self._parse, body)
             async with self.core.admit(request) as stream:
                 if parsed.stream:
-                    return await self._stream(http, request, stream, parsed.include_usage)
+                    # The headers wait for the first output (as vLLM's do): a request that fails before it (an
+                    # image that does not decode, a prompt past the context) still answers with its status code.
+                    first = await anext(aiter(stream), None)
+                    return await self._stream(http, request, stream, first, parsed.include_usage)
                 return await self._complete(request, stream)
         except (ConnectionResetError, asyncio.CancelledError):
             self.core.count("client_gone")
@@ -173,8 +176,9 @@ class OpenAIFrontend:
         }
         return web.json_response(body, headers={TIMINGS_HEADER: outcome.timings.header_value()})
 
-    async def _stream(self, http: web.Request, request: ChatRequest, stream: Any,
+    async def _stream(self, http: web.Request, request: ChatRequest, stream: Any, first: Delta | None,
                       include_usage: bool) -> web.StreamResponse:
+        """The SSE answer: the role, `first` (the stream's first delta, already taken) and the rest as they come."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
         created = int(time.time())
@@ -189,6 +193,8 @@ class OpenAIFrontend:
 
         await response.write(chunk(choice({"role": "assistant", "content": ""})))
         try:
+            if first is not None and first.text:
+                await response.write(chunk(choice({"content": first.text})))
             async for delta in stream:
                 if delta.text:
                     await response.write(chunk(choice({"content": delta.text})))

@@ -1,5 +1,6 @@
 """The OpenAI wire format as the official `openai` client reads it, over the gateway's HTTP frontend on a stub
-backend (no model): what a client gets for paths and methods the server does not serve."""
+backend (no model): a stream that fails before its first token answers with the error's status code, and what a
+client gets for paths and methods the server does not serve."""
 
 from __future__ import annotations
 
@@ -14,17 +15,23 @@ import openai
 import pytest
 from aiohttp import web
 
+from dvd.errors import InvalidImageError
 from dvd.pipeline.http_app import OpenAIFrontend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
 from dvd.requests import FinishReason, GenerationEvent, TokenizedRequest
 from tests.stub_backend import StubBackend, StubChat
 
+BAD_IMAGE = "bad image"
+
 
 class CountingBackend(StubBackend):
-    """Answers tokens 1, 2, 3 and stops for length."""
+    """Answers tokens 1, 2, 3 and stops for length; fails as a vision server does on an image that does not decode
+    when the prompt is BAD_IMAGE."""
 
     async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+        if "".join(map(chr, request.prompt.segments[0])) == BAD_IMAGE:
+            raise InvalidImageError("image format not recognised")
         for token in (1, 2):
             yield GenerationEvent(token_ids=[token])
         yield GenerationEvent(token_ids=[3], finish_reason=FinishReason.LENGTH, num_prompt_tokens=2)
@@ -69,3 +76,16 @@ def test_a_method_not_served_is_an_openai_error_with_allow(base_url: str) -> Non
     answer = caught.value
     assert answer.code == 405 and answer.headers["Allow"] == "POST"
     assert "GET /v1/chat/completions is not served" in json.loads(answer.read())["error"]["message"]
+
+
+def test_a_stream_that_fails_before_its_first_token_answers_with_the_status(base_url: str) -> None:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:  # 400, not a 200 whose stream holds an error
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": BAD_IMAGE}], stream=True)
+    assert "image format not recognised" in caught.value.message
+    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "bcd"  # the first token too
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
