@@ -242,7 +242,7 @@ class RequestFlow:
         self.handed_off = self.handed_off or (not decode and bool(response.token_ids))
         if response.finish_reason:
             self.finished = True
-        return GenerationEvent(token_ids=list(response.token_ids))
+        return GenerationEvent(token_ids=list(response.token_ids), num_prompt_tokens=response.prompt_tokens)
 
     def _failed(self, err: grpc.aio.AioRpcError | asyncio.CancelledError, work: Work,
                 decode_work: Work | None) -> BaseException | None:
