@@ -128,6 +128,7 @@ def _user(content: object, **extra: object) -> dict:
         (_user([{"type": "image_url", "image_url": {"url": _data_url(b"not an image")}}], stream=True), 400,
          "not recognised"),
         (_user("word " * 12000, stream=True), 400, "context limit"),
+        (_user("hi", max_tokens=4000, min_tokens=4000, timeout=0.05), 504, "ran past its deadline of 0.05 s"),
         (_user([{"type": "audio"}]), 422, "content[0]"),
     ],
 )
