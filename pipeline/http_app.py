@@ -65,6 +65,7 @@ class OpenAIFrontend:
         self.backend = core.backend
         self.limits = limits
         self.keys = keys or ApiKeys()
+        self.started = int(time.time())  # the model list's `created` (0 read as 1970 in clients)
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -107,7 +108,7 @@ class OpenAIFrontend:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.backend.model_name, "object": "model", "created": 0, "owned_by": "dvd"}]})
+            {"id": self.backend.model_name, "object": "model", "created": self.started, "owned_by": "dvd"}]})
 
     async def health(self, request: web.Request) -> web.Response:
         ready, detail = await self.backend.health()

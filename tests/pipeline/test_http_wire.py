@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -89,3 +90,9 @@ def test_a_stream_that_fails_before_its_first_token_answers_with_the_status(base
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "bcd"  # the first token too
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+
+
+def test_the_model_list_says_when_it_was_created(base_url: str) -> None:
+    before = time.time()
+    model = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0).models.list().data[0]
+    assert model.id == "m" and 0 <= before - model.created < 24 * 3600  # the server's start, not 1970
