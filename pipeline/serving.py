@@ -114,9 +114,13 @@ class TextStream:
     async def _deltas_of(self, span: Span) -> AsyncGenerator[Delta, None]:
         events = self.backend.generate(await self._tokenized(span))
         num_tokens, last = 0, GenerationEvent(token_ids=[])
+        # the prompt's size (image tokens included) comes with the first token: a stop string may end the stream
+        # before the backend's last event
+        num_prompt = 0
         async with contextlib.aclosing(events):  # an early end aborts the request on the backend at once
             async for event in events:
                 num_tokens += len(event.token_ids)
+                num_prompt = max(num_prompt, event.num_prompt_tokens)
                 last = event
                 text = self.decoder.add(event.token_ids)
                 if event.token_ids or text:
@@ -127,8 +131,8 @@ class TextStream:
         if tail:
             yield Delta((), tail)
         reason = FinishReason.STOP if self.decoder.stopped else (last.finish_reason or FinishReason.ABORT)
-        self.metrics.observe_finished(last.timings, last.num_prompt_tokens, num_tokens)
-        self.outcome = Outcome(self.decoder.text, last.num_prompt_tokens, num_tokens, reason,
+        self.metrics.observe_finished(last.timings, num_prompt, num_tokens)
+        self.outcome = Outcome(self.decoder.text, num_prompt, num_tokens, reason,
                                last.timings or StageTimings())
 
 
