@@ -136,6 +136,12 @@ class TextStream:
                                last.timings or StageTimings())
 
 
+def served_names(model_name: str) -> list[str]:
+    """The names a request may give for the model: its served name first (what /v1/models lists), and for a Hub id
+    ("org/name", what vLLM users send) its bare name too, which DvD served it as before."""
+    return [model_name, model_name.rsplit("/", 1)[1]] if "/" in model_name else [model_name]
+
+
 class ServingCore:
     """The chat format, admission and metrics for every request the gateway serves, whichever API it
     came through. `chat`: the checkpoint's (read from `backend.model_path` when not given)."""
@@ -157,7 +163,7 @@ class ServingCore:
     def validate(self, fields: ChatFields, limits: ApiLimits) -> ChatRequest:
         """The validated request (`pipeline/validate.py`), stopping at the checkpoint's stop tokens;
         raises a DvdError naming the field."""
-        return build_chat_request(fields, limits, [self.model_name], self.chat.stop_token_ids)
+        return build_chat_request(fields, limits, served_names(self.model_name), self.chat.stop_token_ids)
 
     @contextlib.asynccontextmanager
     async def admit(self, request: ChatRequest) -> AsyncIterator[TextStream]:

@@ -255,3 +255,18 @@ def test_dvd_cluster_up_pins_the_commit_and_leaves_the_weights_to_each_actor(
     config, token = for_up(RayClusterConfig(model=Path("org/tiny"), token_file=tmp_path / "token"))
     assert token == "cluster-secret"
     assert config.model == Path("org/tiny") and config.revision == commits["main"]  # every actor: this commit
+
+
+def test_a_hub_snapshot_is_served_by_its_hub_id(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """What clients call a model from the Hub is its id as given, as vLLM serves it (`model="org/name"`); the bare
+    name stays accepted (pipeline/serving.py: served_names)."""
+    from dvd.hub import resolve_model
+    from dvd.pipeline.serving import served_names
+
+    commits = lay_out_cache(tmp_path / "hub", "org/tiny", {"main": checkpoints["hf"]})
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / commits["main"]
+    model = resolve_model(snapshot)
+    assert (model.name, model.revision) == ("org/tiny", commits["main"])
+    assert served_names(model.name) == ["org/tiny", "tiny"]
+    assert resolve_model(checkpoints["hf"]).name == "hf"
+    assert served_names("hf") == ["hf"]

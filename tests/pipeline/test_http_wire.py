@@ -96,3 +96,20 @@ def test_the_model_list_says_when_it_was_created(base_url: str) -> None:
     before = time.time()
     model = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0).models.list().data[0]
     assert model.id == "m" and 0 <= before - model.created < 24 * 3600  # the server's start, not 1970
+
+
+def test_a_hub_id_is_served_under_it_and_under_its_bare_name() -> None:
+    """`dvd serve --model org/name` answers requests naming the model either way, and lists the Hub id."""
+    from dvd.errors import NotFoundError
+    from dvd.requests import ChatFields
+
+    class HubBackend(CountingBackend):
+        model_name = "OpenGVLab/InternVL3_5-1B"
+
+    core = ServingCore(HubBackend(), max_concurrency=4, chat=StubChat())  # type: ignore[arg-type]
+    for name in ("OpenGVLab/InternVL3_5-1B", "InternVL3_5-1B", ""):
+        fields = ChatFields(model=name or None, messages=({"role": "user", "content": "hi"},))
+        assert core.validate(fields, ApiLimits()).model == (name or "OpenGVLab/InternVL3_5-1B")
+    with pytest.raises(NotFoundError, match="not served here; available: OpenGVLab/InternVL3_5-1B, InternVL3_5-1B"):
+        core.validate(ChatFields(model="OpenGVLab/InternVL3_5-2B", messages=({"role": "user", "content": "hi"},)),
+                      ApiLimits())
