@@ -28,7 +28,7 @@ class IncrementalDecoder:
     """
 
     def __init__(self, tokenizer: Any, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-                 answer_header: tuple[int, int] | None = None) -> None:
+                 answer_header: tuple[int, int] | None = None, min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop_token_ids = set(stop_token_ids)
         self.stop_strings = tuple(stop_strings)
@@ -41,6 +41,11 @@ class IncrementalDecoder:
         # ids[prefix_offset:read_offset] decode to text already in self.text (vLLM's scheme)
         self._prefix_offset = 0
         self._read_offset = 0
+        # vLLM's min_tokens: no stop string counts until a token after the first min_tokens completes it
+        # (its StopChecker skips stop strings as the sampler masks stop tokens), so a match must end past
+        # `_stops_after`, the text the first min_tokens tokens decoded to
+        self._unstoppable = min_tokens
+        self._stops_after = 0
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -49,13 +54,23 @@ class IncrementalDecoder:
         """Feed new tokens; returns the text that is now safe to send."""
         if self.stopped:
             return ""
+        within = min(self._unstoppable, len(token_ids))
+        if within:  # the tokens min_tokens still covers, decoded apart from the rest: their text cannot stop
+            self._unstoppable -= within
+            self._grow(token_ids[:within])
+            self._stops_after = len(self.text)
+            token_ids = token_ids[within:]
+        if token_ids:
+            self._grow(token_ids)
+        return self._after_growth()
+
+    def _grow(self, token_ids: Sequence[int]) -> None:
         self.token_ids += self._past_header([t for t in token_ids if t not in self.stop_token_ids])
         seen = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         now = self._decode(self.token_ids[self._prefix_offset :])
         if len(now) > len(seen) and not now.endswith("\ufffd"):
             self.text += now[len(seen) :]
             self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        return self._after_growth()
 
     def _past_header(self, ids: list[int]) -> list[int]:
         """`ids` less the answer's header, if the answer opens with one: none of them while it is still open."""
@@ -73,8 +88,8 @@ class IncrementalDecoder:
         return ids[ids.index(message) + 1 :]
 
     def _after_growth(self) -> str:
-        for stop in self.stop_strings:
-            at = self.text.find(stop, max(0, self.num_emitted_chars - len(stop)))
+        for stop in self.stop_strings if not self._unstoppable else ():
+            at = self.text.find(stop, max(0, self.num_emitted_chars - len(stop), self._stops_after - len(stop) + 1))
             if at != -1:
                 self.text = self.text[:at]
                 self.stopped = True

@@ -70,7 +70,7 @@ class TextStream:
         self.backend, self.chat, self.metrics, self.request = backend, chat, metrics, request
         self.tracer = tracer
         self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings,
-                                          chat.answer_header)
+                                          chat.answer_header, request.sampling.min_new_tokens)
         self.outcome: Outcome | None = None
         self._prompt: PromptTokens | None = None
         self._deltas = self._run()

@@ -46,6 +46,18 @@ def test_stop_string_cuts_and_is_never_sent(tokenizer) -> None:
         assert decoder.stopped
 
 
+@pytest.mark.parametrize(("min_tokens", "answer"), [(0, "one"), (2, "one"), (3, "one. two"), (6, "one. two"),
+                                                    (7, "one. two. three")])
+def test_no_stop_string_ends_within_the_first_min_tokens(tokenizer, min_tokens: int, answer: str) -> None:
+    """vLLM's min_tokens holds back stop strings as well as stop tokens (its StopChecker skips both until the
+    answer has min_tokens tokens): a stop string first counts when a later token completes it."""
+    ids = tokenizer.encode("one. two. three. four.", add_special_tokens=False)  # on|e|.| t|w|o|.| three|.|...
+    for seed in range(10):
+        decoder = IncrementalDecoder(tokenizer, stop_strings=["."], min_tokens=min_tokens)
+        assert "".join(_stream(decoder, ids, random.Random(seed))) == answer, seed
+        assert decoder.stopped
+
+
 def test_stop_token_ids_are_not_text(tokenizer) -> None:
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = tokenizer.encode("Hello there", add_special_tokens=False)

@@ -143,3 +143,17 @@ def test_dvd_serve_refuses_out_of_range_values_and_keeps_serving(served: ServePr
             client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2, min_p=1.5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_p" in caught.value.details()
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
+
+
+@pytest.mark.slow
+def test_dvd_serve_lets_no_stop_string_end_an_answer_before_min_tokens(served: ServeProcess, chat: ChatFormat,
+                                                                       direct: dict[str, list[int]]) -> None:
+    """vLLM's min_tokens holds stop strings back too: with min_tokens = max_tokens none can end the answer."""
+    text = answer_text(chat, direct["plain"])
+    early = text[len(text) // 4:][:2]  # in the answer, well before its end
+    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0.0, "max_tokens": NEW, "stop": [early]}
+    status, answer = post_chat(served.http_url, body)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == text[:text.find(early)], answer
+    status, answer = post_chat(served.http_url, {**body, "min_tokens": NEW})
+    assert status == 200, answer
+    assert (answer["choices"][0]["message"]["content"], answer["choices"][0]["finish_reason"]) == (text, "length")
