@@ -8,6 +8,7 @@ are not here: they act on text, so the gateway's detokenizer decides them (`Chat
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from dvd.errors import InvalidFieldError
@@ -38,6 +39,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        # Held at float32, the precision of the wire to a language server and of the sampler's tensors: an
+        # HTTP double (top_p=0.9) must sample exactly as the same value after a gRPC hop, or `--coupled` and
+        # the disaggregated servers draw different tokens for one seeded request (1 - top_p is the cut).
+        for name in _FLOAT_FIELDS:
+            object.__setattr__(self, name, _float32(getattr(self, name)))
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
             (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
@@ -57,6 +63,13 @@ class SamplingParams:
         for ok, name, message in checks:
             if not ok:
                 raise InvalidFieldError(f"{name} {message}", name)
+
+
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty")
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _within(value: float, bounds: tuple[float, float]) -> bool:

@@ -7,10 +7,12 @@ the sampler's own tests say they should."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import InvalidFieldError
@@ -18,6 +20,7 @@ from dvd.language_server.config import EngineConfig
 from dvd.language_server.engine import Engine
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest
+from dvd.language_server.sampling import sample
 from dvd.language_server.service import sampling_from_proto
 from dvd.pipeline.client import GenerationClient
 from dvd.pipeline.detokenize import answer_text
@@ -68,6 +71,24 @@ def test_both_apis_carry_the_fields_to_the_language_server_unchanged() -> None:
     defaults = build_chat_request(parse_chat_json(_body(), ApiLimits()).fields, ApiLimits(), ["m"], STOP_IDS)
     assert (defaults.sampling.min_p, defaults.sampling.presence_penalty, defaults.sampling.frequency_penalty) == (
         0.0, 0.0, 0.0)
+
+
+def test_a_seeded_request_draws_alike_from_the_params_of_every_path() -> None:
+    """HTTP's JSON numbers are doubles, gRPC's and the language server's hop float32: the params must sample
+    alike whichever a request came through, or `dvd serve --coupled` (HTTP's doubles, in the gateway) and the
+    disaggregated language server (float32) draw different tokens. Here top_p=0.9 as a double cuts at
+    1 - 0.9 and as float32 at 1 - 0.89999998, and the less likely token's 0.10000002 lies between."""
+    fields = {"temperature": 1.0, "top_p": 0.9, "min_p": 0.05, "presence_penalty": 0.3, "repetition_penalty": 1.1}
+    http = build_chat_request(parse_chat_json(_body(**fields), ApiLimits()).fields, ApiLimits(), ["m"], STOP_IDS)
+    grpc_ = build_chat_request(chat_fields(_grpc_request(**fields)), ApiLimits(), ["m"], STOP_IDS)
+    tokenized = TokenizedRequest(request_id="r", prompt=PromptTokens(((1, 2, 3),)), media=(), sampling=http.sampling)
+    hop = sampling_from_proto(language_request(tokenized).sampling, STOP_IDS)
+    assert http.sampling == grpc_.sampling == hop
+    logits = torch.tensor([[0.0, 2.1972244]])  # softmax: [0.10000002, 0.9]
+    for seed in range(40):
+        drawn = [sample([EngineRequest("r", [0], replace(params, seed=seed))], logits.clone())
+                 for params in (http.sampling, hop)]
+        assert drawn[0] == drawn[1], seed
 
 
 @pytest.mark.parametrize(("field", "value"), [("min_p", 1.5), ("min_p", -0.1), ("presence_penalty", 2.5),
