@@ -42,9 +42,11 @@ class IncrementalDecoder:
         self._prefix_offset = 0
         self._read_offset = 0
         # vLLM's min_tokens: no stop string counts until a token after the first min_tokens completes it
-        # (its StopChecker skips stop strings as the sampler masks stop tokens), so a match must end past
-        # `_stops_after`, the text the first min_tokens tokens decoded to
+        # (its StopChecker skips stop strings as the sampler masks stop tokens), so stop strings are looked
+        # for only once such a token came (`_stops_live`), and a match must end past `_stops_after`, the
+        # text the first min_tokens tokens decoded to
         self._unstoppable = min_tokens
+        self._stops_live = min_tokens == 0
         self._stops_after = 0
 
     def _decode(self, ids: Sequence[int]) -> str:
@@ -61,6 +63,7 @@ class IncrementalDecoder:
             self._stops_after = len(self.text)
             token_ids = token_ids[within:]
         if token_ids:
+            self._stops_live = True
             self._grow(token_ids)
         return self._after_growth()
 
@@ -88,7 +91,7 @@ class IncrementalDecoder:
         return ids[ids.index(message) + 1 :]
 
     def _after_growth(self) -> str:
-        for stop in self.stop_strings if not self._unstoppable else ():
+        for stop in self.stop_strings if self._stops_live else ():
             at = self.text.find(stop, max(0, self.num_emitted_chars - len(stop), self._stops_after - len(stop) + 1))
             if at != -1:
                 self.text = self.text[:at]

@@ -58,6 +58,16 @@ def test_no_stop_string_ends_within_the_first_min_tokens(tokenizer, min_tokens: 
         assert decoder.stopped
 
 
+@pytest.mark.parametrize("min_tokens", [6, 7])
+def test_a_stop_string_in_text_held_back_at_the_end_counts_only_past_min_tokens(tokenizer, min_tokens: int) -> None:
+    """An answer cut off inside a character ends in U+FFFD, sent only at the flush: it stops the answer there
+    only if a token past min_tokens wrote it."""
+    ids = tokenizer.encode("one. 😀", add_special_tokens=False)[:7]  # on|e|.| |3 of the emoji's 4 bytes
+    decoder = IncrementalDecoder(tokenizer, stop_strings=["\ufffd"], min_tokens=min_tokens)
+    text = "".join(decoder.add([t]) for t in ids) + decoder.flush()
+    assert (text, decoder.stopped) == (("one. ", True) if min_tokens < len(ids) else ("one. \ufffd", False))
+
+
 def test_stop_token_ids_are_not_text(tokenizer) -> None:
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = tokenizer.encode("Hello there", add_special_tokens=False)
