@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from dvd.errors import InvalidFieldError
 
 DEFAULT_MAX_NEW_TOKENS = 256
-MAX_SEED = 1 << 63
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # int64, as OpenAI and vLLM take it (and the language server's wire)
 # The closed ranges of the fields both APIs take as OpenAI and vLLM spell them (pipeline/validate.py checks
 # a client's values against these, naming the API's field).
 MIN_P_RANGE = (0.0, 1.0)
@@ -58,7 +58,8 @@ class SamplingParams:
             (_within(self.frequency_penalty, PENALTY_RANGE), "frequency_penalty",
              f"must be in {list(PENALTY_RANGE)}, got {self.frequency_penalty}"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", f"must be >= 0, got {self.stop_token_ids}"),
-            (self.seed is None or 0 <= self.seed < MAX_SEED, "seed", f"must be in [0, 2**63), got {self.seed}"),
+            (self.seed is None or _within(self.seed, SEED_RANGE), "seed",
+             f"must be an int64, in [-2**63, 2**63 - 1], got {self.seed}"),
         ]
         for ok, name, message in checks:
             if not ok:

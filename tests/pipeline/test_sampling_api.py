@@ -91,6 +91,25 @@ def test_a_seeded_request_draws_alike_from_the_params_of_every_path() -> None:
         assert drawn[0] == drawn[1], seed
 
 
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1])
+def test_any_int64_seed_is_taken_as_vllm_and_openai_take_it(seed: int) -> None:
+    """OpenAI's and vLLM's seed is any int64 (vLLM: ge=-2**63, le=2**63-1); a negative one is a seed of its own."""
+    fields = {"temperature": 1.0, "seed": seed}
+    http = build_chat_request(parse_chat_json(_body(**fields), ApiLimits()).fields, ApiLimits(), ["m"], STOP_IDS)
+    grpc_ = build_chat_request(chat_fields(_grpc_request(**fields)), ApiLimits(), ["m"], STOP_IDS)
+    tokenized = TokenizedRequest(request_id="r", prompt=PromptTokens(((1, 2, 3),)), media=(), sampling=http.sampling)
+    assert http.sampling.seed == grpc_.sampling.seed == sampling_from_proto(
+        language_request(tokenized).sampling, STOP_IDS).seed == seed
+    logits = torch.zeros(1, 1000)
+
+    def draws(params: SamplingParams) -> list[int]:
+        request = EngineRequest("r", [0], params)
+        return [sample([request], logits.clone())[0] for _ in range(8)]
+
+    ours = draws(http.sampling)
+    assert ours == draws(http.sampling) != draws(replace(http.sampling, seed=seed + (1 if seed < 0 else -1)))
+
+
 @pytest.mark.parametrize(("field", "value"), [("min_p", 1.5), ("min_p", -0.1), ("presence_penalty", 2.5),
                                               ("frequency_penalty", -3.0)])
 def test_out_of_range_values_are_refused_naming_the_field_by_both_apis(field: str, value: float) -> None:
