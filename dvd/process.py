@@ -72,8 +72,11 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     the event loop and touches no engine, so a server busy with work still answers it. A server
     that drains passes its own `health_servicer` and calls its `enter_graceful_shutdown()`, so
     probes see NOT_SERVING while in-flight work finishes."""
+    # no SO_REUSEPORT (gRPC's default): with it a second server on a held port starts as if the port were free and
+    # takes a share of the first one's connections (grpc/grpc#16920); without it the bind fails, naming the port
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes), *keepalive],
+                                      ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0),
+                                      *keepalive],
                              interceptors=list(interceptors) or None)
     recording = _Recording(server)
     register(recording)
@@ -83,9 +86,12 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*recording.names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:  # gRPC raises RuntimeError (older releases returned 0)
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
     if not bound:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise OSError(f"cannot bind {address}: the address is in use or not this machine's")
     await server.start()
     return server, bound
 
