@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # for types only: `run` imports it (with the gateway's module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["up", "status", "down"])
+    parser.add_argument("action", choices=["up", "status", "down"],
+                        help="up: start the roles as detached actors; status: list them; down: stop them")
     parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see deploy/ray_config.py)")
 
 

@@ -32,7 +32,7 @@ from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
 from dvd.pipeline.replicas import ReplicaPool, attached
 from dvd.pipeline.roster_admin import RosterAdmin
-from dvd.process import configure_logging, run_process
+from dvd.process import add_log_level, configure_logging, run_process
 
 log = logging.getLogger("dvd.gateway")
 
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="YAML settings (deploy/gateway.example.yaml documents every key)")
     add_flags(parser, FLAGS)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 def model_path(model: ResolvedModel | None, warning: str, logger: logging.Logger = log) -> ResolvedModel:

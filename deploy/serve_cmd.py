@@ -45,7 +45,7 @@ from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
 from dvd.pipeline.gateway import run_gateway
 from dvd.pipeline.replicas import Replica, ReplicaPool
-from dvd.process import configure_logging, run_process
+from dvd.process import add_log_level, configure_logging, run_process
 
 log = logging.getLogger("dvd.serve")
 MiB = 1 << 20
@@ -138,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML settings (deploy/serve.example.yaml documents every key)")
     for title, flags in _GROUPS:
         add_flags(parser if title is None else parser.add_argument_group(title), flags)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 async def _serve(config: ServeConfig, keys: ApiKeys, given: ResolvedModel | None) -> int:

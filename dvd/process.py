@@ -16,6 +16,15 @@ from grpc_reflection.v1alpha import reflection
 
 from dvd.errors import DvdError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_log_level(parser: Any) -> None:
+    """Every command's `--log-level`: a name logging knows (any case), so a typo is argparse's one-line usage
+    error, not logging's traceback at start."""
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default INFO)")
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -17,10 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the user's message; <image> marks where an image goes")
     parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
     parser.add_argument("--system", help="system message")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens whose "
+                                                                    "probabilities sum to this; 1 keeps all")
+    parser.add_argument("--seed", type=int, help="sampling seed, for reproducible sampled output (default: none)")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
     parser.epilog = "The API key, if the gateway needs one, is read from the environment variable DVD_API_KEY."
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
