@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dvd.checkpoint import open_checkpoint, tensor_half
+from dvd.checkpoint import open_checkpoint, read_weight_map, tensor_half
 from dvd.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -188,10 +188,7 @@ def weight_files(folder: Path, halves: Iterable[str]) -> list[str]:
     index = folder / INDEX_FILE
     if not index.is_file():
         return ["*.safetensors"]
-    weight_map: Any = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: no weight_map")
-    return sorted({file for key, file in weight_map.items() if tensor_half(key) in halves})
+    return sorted({file for key, file in read_weight_map(index).items() if tensor_half(key) in halves})
 
 
 def _check_present(repo_id: str, folder: Path, needed: list[str], roles: tuple[str, ...]) -> None:
@@ -238,10 +235,7 @@ def safetensors_headers(model: ResolvedModel | Path) -> dict[str, dict[str, Any]
         model = ResolvedModel(path=model, name=model.name, source=str(model))
     folder = model.path
     if (folder / INDEX_FILE).is_file():
-        weight_map = json.loads((folder / INDEX_FILE).read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{folder / INDEX_FILE}: no weight_map")
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(read_weight_map(folder / INDEX_FILE).values()))
     else:
         names = sorted(p.name for p in folder.glob("*.safetensors")) or ([SINGLE_FILE] if model.on_hub else [])
     if not names:
