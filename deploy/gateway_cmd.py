@@ -29,7 +29,7 @@ from dvd.hub import ResolvedModel, resolve_model
 from dvd.internal_auth import ClusterCredential
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
-from dvd.pipeline.gateway import run_gateway
+from dvd.pipeline.gateway import check_ports, run_gateway
 from dvd.pipeline.replicas import ReplicaPool, attached
 from dvd.pipeline.roster_admin import RosterAdmin
 from dvd.process import add_log_level, configure_logging, run_process
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
+        check_ports(config.gateway)
         cluster = credential(config)
         model = resolved(config.model, config.revision, ("gateway",))  # the tokenizer and template only
     except (ConfigError, ValueError) as exc:

@@ -43,9 +43,9 @@ from dvd.malloc import for_vision_batches
 from dvd.pipeline.auth import ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
-from dvd.pipeline.gateway import run_gateway
+from dvd.pipeline.gateway import check_ports, run_gateway
 from dvd.pipeline.replicas import Replica, ReplicaPool
-from dvd.process import add_log_level, configure_logging, run_process
+from dvd.process import add_log_level, configure_logging, run_process, stop_signal
 
 log = logging.getLogger("dvd.serve")
 MiB = 1 << 20
@@ -142,23 +142,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _serve(config: ServeConfig, keys: ApiKeys, given: ResolvedModel | None) -> int:
+    # SIGINT / SIGTERM from here on stop everything started, the servers still loading included (no child is left
+    # running, no KeyboardInterrupt traceback); run_gateway waits on it
+    stop = stop_signal()
     model = model_path(given, "no model given: serving the built-in tiny checkpoint at %s; its weights are "
                               "random, so answers are gibberish", log)
     if config.coupled:
-        return await _serve_coupled(config, model, keys)
-    return await _serve_disaggregated(config, model, keys)
+        return await _serve_coupled(config, model, keys, stop)
+    return await _serve_disaggregated(config, model, keys, stop)
 
 
-async def _serve_coupled(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
+async def _serve_coupled(config: ServeConfig, model: ResolvedModel, keys: ApiKeys, stop: asyncio.Event) -> int:
     from dvd.pipeline.backends.coupled import CoupledBackend  # torch: imported only when the model runs here
 
     assert config.vision is not None and config.language is not None
     backend = CoupledBackend(replace(config.vision, model=model.path), replace(config.language, model=model.path),
                              model_name=model.name)
-    return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model))
+    return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model), stop=stop)
 
 
-async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
+async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: ApiKeys, stop: asyncio.Event) -> int:
     """The servers as supervised children on loopback (handed the resolved directory and commit: they read
     it with no network), and a gateway here attached to them by address."""
     config = _placed(config)
@@ -183,7 +186,7 @@ async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: 
             await supervisor.wait_ready(lambda child: replicas[child.name].check(timeout_s=2.0), READY_TIMEOUT_S)
 
         return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model),
-                                 every_child_answers)
+                                 every_child_answers, stop)
     finally:
         if watching is not None:
             watching.cancel()
@@ -231,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
+        check_ports(config.gateway)  # before any server loads
         config.internal_tls.server_credentials()  # read now: a bad certificate fails before any child starts
         config.internal_tls.channel_credentials()
         model = resolved(config.model, config.revision, ROLES)  # a Hub id: fetched once, here, for every child
