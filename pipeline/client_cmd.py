@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
                     out.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
                                       "prefill": t.prefill_ms, "decode": t.decode_ms}
     except grpc.RpcError as exc:
-        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return _failed(exc, args, answered=bool(out.text))
     if args.json:
         print(json.dumps(out.__dict__, ensure_ascii=False))
     else:
@@ -76,3 +76,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{out.finish_reason}] " + "  ".join(f"{k} {v:.1f} ms" for k, v in out.timings_ms.items()),
               file=sys.stderr)
     return 0
+
+
+def _failed(exc: Any, args: argparse.Namespace, answered: bool) -> int:
+    """The call's error (a grpc.RpcError) on stderr, after the streamed text's last line; exit code 1. `answered`:
+    some text came back (so a gateway was there)."""
+    import grpc
+
+    ended = "\n" if answered and not args.json else ""
+    print(f"{ended}error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not answered:
+        print(f"no gateway answers at {args.address}: is `dvd serve` (or `dvd gateway`) running there? --address "
+              "names its gRPC address (host:port; `dvd serve --grpc-port`, default 50051)", file=sys.stderr)
+    return 1
