@@ -18,6 +18,26 @@ def check_device(name: str) -> str:
     return name
 
 
+def require_available(*names: str) -> None:
+    """A ValueError naming the first of `names` this process's torch cannot run on (a CPU-only build, a missing GPU,
+    an index past the count): checked as a model process starts, where torch's own error is a traceback. Imports
+    torch: for the processes that load a model, not the gateway."""
+    import torch
+
+    for name in names:
+        kind, _, index = check_device(name).partition(":")
+        backend = getattr(torch, kind, None)
+        if kind in ("cpu", "meta") or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+            continue
+        count = backend.device_count() if backend.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no {kind} device; run on cpu, "
+                             f"or install a torch build for this machine's {kind} devices")
+        if index and int(index) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} {kind} device(s), {kind}:0 to "
+                             f"{kind}:{count - 1}")
+
+
 def check_dtype(name: str) -> str:
     if name and name not in DTYPE_NAMES:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")

@@ -189,6 +189,7 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
 
     from dvd.config_file import config_or_flags
     from dvd.cpus import pin_process
+    from dvd.devices import require_available
     from dvd.hub import resolve_model
     from dvd.internal_auth import require_credential
     from dvd.malloc import for_vision_batches, reuse_freed_memory
@@ -205,6 +206,8 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
         token = resolve_token(config.transport.token, config.token_file)
         config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
         require_credential(config.bound_hosts(), token, role)
+        # a vision server's `devices`, a language server's `device`
+        require_available(*getattr(config, "devices", ()), getattr(config, "device", "cpu"))
         model = resolve_model(config.model, config.revision, roles=(role.split()[0],))  # this half's files only
         config = dataclasses.replace(config, model=model.path, revision=model.revision)
     except ValueError as exc:  # ConfigError and ModelNameError included: one line naming the key or the model

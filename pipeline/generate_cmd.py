@@ -102,11 +102,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from dvd.hub import ModelNameError, resolve_model
+    from dvd.devices import require_available
+    from dvd.hub import resolve_model
     from dvd.pipeline.local import LocalPipeline
     from dvd.sampling import SamplingParams
 
     try:
+        require_available(args.device)
         model = resolve_model(args.model, args.revision).path
         images = []
         for name in args.image:
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         )
         result = pipeline.generate(_messages(args, len(frames)), images, sampling, max_num=args.max_num,
                                    thinking=args.thinking, frames=frames)
-    except (DvdError, ModelNameError) as exc:
+    except (DvdError, ValueError) as exc:  # ModelNameError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
