@@ -133,7 +133,8 @@ def _hub_errors(repo_id: str, revision: str) -> Iterator[None]:
         raise ModelNameError(f"--model {repo_id}: no revision {revision!r} on the Hub") from None
     except errors.LocalEntryNotFoundError:
         raise ModelNameError(f"--model {repo_id}: revision {revision} is not in the Hub cache ({_cache()}) and the "
-                             f"Hub cannot be reached{_offline()}: run `dvd download {repo_id}` where it can") from None
+                             f"Hub cannot be reached{_offline()}: run `dvd download {repo_id}` where it can (into this "
+                             "cache, or copy it here), or give --model a local checkpoint directory") from None
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise ModelNameError(f"--model {repo_id}: the Hub answered HTTP {status}") from None
