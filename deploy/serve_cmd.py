@@ -36,7 +36,7 @@ from dvd.cpus import pin_process
 from dvd.deploy.gateway_cmd import API_FLAGS, PROBE_FLAGS, model_path, resolved, roster
 from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
-from dvd.deploy.supervisor import ChildSpec, Supervisor
+from dvd.deploy.supervisor import Child, ChildSpec, Supervisor
 from dvd.hub import ROLES, ResolvedModel
 from dvd.internal_auth import ClusterCredential
 from dvd.malloc import for_vision_batches
@@ -180,7 +180,7 @@ async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: 
         backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
                         f"{config.transport.kind} features)")
         # a child that exits leaves the rotation at once, its calls failing with why
-        watching = asyncio.create_task(supervisor.watch(lambda child: replicas[child.name].exited(child.returncode)))
+        watching = asyncio.create_task(supervisor.watch(lambda child: _exited(child, replicas, pools)))
 
         async def every_child_answers() -> None:
             await supervisor.wait_ready(lambda child: replicas[child.name].check(timeout_s=2.0), READY_TIMEOUT_S)
@@ -220,6 +220,17 @@ def _start_children(supervisor: Supervisor, specs: list[ChildSpec],
         replica.pid = child.pid
         replicas[spec.name] = replica
     return replicas
+
+
+def _exited(child: Child, replicas: dict[str, Replica], pools: dict[str, ReplicaPool]) -> None:
+    """A server that exited on its own: out of rotation now (its calls fail saying so), and the log says what that
+    leaves, since nothing here starts it again."""
+    replica = replicas[child.name]
+    replica.exited(child.returncode)
+    left = sum(r.exit_code is None for r in pools[replica.kind].replicas)
+    log.error("%s exited with code %s; dvd serve does not restart its servers: %s", child.describe(), child.returncode,
+              f"{left} {replica.kind} server(s) still serve" if left else
+              f"no {replica.kind} server is left, so requests that need one get 503 until dvd serve is restarted")
 
 
 def _describe(backend: Backend, model: ResolvedModel) -> Callable[[], Awaitable[str]]:

@@ -4,6 +4,7 @@ disaggregated deployment never loads torch."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -88,3 +89,30 @@ def test_config_reaches_the_servers_and_the_gateway_has_no_torch(tmp_path: Path,
         for child in children:
             assert not any(re.fullmatch(r"[0-9a-f]{32}", arg) for arg in child.cmdline())  # no token in argv
     assert served.leftover_children == [] and not psutil.pid_exists(served.proc.pid)
+
+
+class _Exited:
+    """A supervised child that has exited, as Supervisor.watch hands it over."""
+
+    def __init__(self, name: str, address: str, code: int) -> None:
+        self.name, self.address, self.returncode = name, address, code
+
+    def describe(self) -> str:
+        return f"{self.name} (pid 1, {self.address})"
+
+
+def test_a_server_that_exits_is_said_with_what_it_leaves(caplog: pytest.LogCaptureFixture) -> None:
+    from dvd.deploy.serve_cmd import _exited
+    from dvd.pipeline.replicas import attached
+
+    async def main() -> None:
+        pools = {"language": attached("language", ["127.0.0.1:7200", "127.0.0.1:7201"])}
+        replicas = {f"language[{i}]": pools["language"].replicas[i] for i in range(2)}
+        _exited(_Exited("language[0]", "127.0.0.1:7200", -9), replicas, pools)  # type: ignore[arg-type]
+        assert "1 language server(s) still serve" in caplog.text
+        _exited(_Exited("language[1]", "127.0.0.1:7201", -9), replicas, pools)  # type: ignore[arg-type]
+        assert "no language server is left, so requests that need one get 503 until dvd serve is restarted" \
+            in caplog.text
+        assert "dvd serve does not restart its servers" in caplog.text
+
+    asyncio.run(main())
