@@ -31,12 +31,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
+from dvd.checkpoint import open_checkpoint
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
 from dvd.deploy.gateway_cmd import API_FLAGS, PROBE_FLAGS, model_path, resolved, roster
 from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
 from dvd.deploy.supervisor import Child, ChildSpec, Supervisor
+from dvd.errors import CheckpointError
 from dvd.hub import ROLES, ResolvedModel
 from dvd.internal_auth import ClusterCredential
 from dvd.malloc import for_vision_batches
@@ -249,7 +251,9 @@ def run(args: argparse.Namespace) -> int:
         config.internal_tls.server_credentials()  # read now: a bad certificate fails before any child starts
         config.internal_tls.channel_credentials()
         model = resolved(config.model, config.revision, ROLES)  # a Hub id: fetched once, here, for every child
-    except (ConfigError, ValueError) as exc:
+        if model is not None:  # a directory that is not an InternVL checkpoint: said before any server starts
+            open_checkpoint(model.path)
+    except (ConfigError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist

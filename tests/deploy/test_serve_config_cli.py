@@ -5,6 +5,7 @@ disaggregated deployment never loads torch."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import subprocess
 import sys
@@ -46,6 +47,22 @@ def test_a_flag_that_is_not_a_config_key_value_fails_the_same_way(tiny_hf: Path)
     run = subprocess.run([sys.executable, "-m", "dvd", "serve", "--model", str(tiny_hf), "--num-blocks", "1",
                           "--port", "0", "--grpc-port", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2 and "language.engine: num_blocks must be >= 2, got 1" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(("config", "needle"), [
+    ('{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}', "unsupported architecture 'Qwen3ForCausalLM'"),
+    ("[1, 2]", "config.json: expected a JSON object, got list"),
+])
+def test_a_directory_that_is_not_an_internvl_checkpoint_fails_before_any_process_starts(
+        tmp_path: Path, config: str, needle: str, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    from dvd.cli import main
+
+    caplog.set_level(logging.INFO)
+    (tmp_path / "config.json").write_text(config)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--grpc-port", "0"]) == 2
+    assert needle in capsys.readouterr().err
+    assert "started" not in caplog.text  # no vision or language server was launched
 
 
 def _libraries(pid: int) -> str:
