@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
@@ -26,16 +27,23 @@ def require_available(*names: str) -> None:
 
     for name in names:
         kind, _, index = check_device(name).partition(":")
-        backend = getattr(torch, kind, None)
-        if kind in ("cpu", "meta") or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        count = _device_count(torch, kind)
+        if count is None:
             continue
-        count = backend.device_count() if backend.is_available() else 0
         if count == 0:
             raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no {kind} device; run on cpu, "
                              f"or install a torch build for this machine's {kind} devices")
         if index and int(index) >= count:
             raise ValueError(f"device {name!r}: this machine has {count} {kind} device(s), {kind}:0 to "
                              f"{kind}:{count - 1}")
+
+
+def _device_count(torch: Any, kind: str) -> int | None:
+    """How many `kind` devices torch sees; None where it cannot say (cpu, meta, a backend without the calls)."""
+    backend: Any = getattr(torch, kind, None)
+    if kind in ("cpu", "meta") or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        return None
+    return int(backend.device_count()) if backend.is_available() else 0
 
 
 def check_dtype(name: str) -> str:
