@@ -57,8 +57,12 @@ class PromptError(InvalidRequestError):
 class PromptTooLongError(InvalidRequestError):
     """A prompt is longer than the model's context."""
 
-    def __init__(self, num_tokens: int, limit: int) -> None:
-        super().__init__(f"prompt is {num_tokens} tokens, longer than the context limit of {limit}")
+    def __init__(self, num_tokens: int, limit: int, at_least: bool = False) -> None:
+        """`at_least`: `num_tokens` counts the images at their fewest tokens (the gateway's check, before
+        the images are encoded)."""
+        size = f"at least {num_tokens} tokens (each image counted as one tile)" if at_least else f"{num_tokens} tokens"
+        super().__init__(f"prompt is {size}, longer than the context limit of {limit} "
+                         "(the model's max_position_embeddings); shorten the messages")
         self.num_tokens = num_tokens
         self.limit = limit
 

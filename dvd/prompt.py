@@ -8,6 +8,12 @@ Templates: GitHub-format checkpoints name an InternVL conversation template in c
 tokenizer's Jinja chat template. `<image>` in text marks where an image goes; with images and no
 placeholder, they are put before the last user turn as the model card does (`<image>\\n`, or
 `Image-1: <image>\\n` ... for several).
+
+Text a client typed stays text: the spelling of a special token in it (`<|im_start|>`, `<IMG_CONTEXT>`, ...)
+is tokenized as plain characters, never as the control token (a user must not open a system turn or an image
+slot by typing one), and `<image>` in a text part (content as a list of parts, where images are parts) is
+not an image slot. Only `<image>` in a string content marks a slot, and only where the caller says so
+(`dvd generate`'s prompt; not the client APIs, whose images are parts).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.checkpoint import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN, CheckpointInfo
-from dvd.errors import CheckpointError, PromptError
+from dvd.errors import CheckpointError, PromptError, PromptTooLongError
 
 IMAGE_PLACEHOLDER = "<image>"
 # The default system message of InternVL's `internvl2_5` conversation template.
@@ -31,6 +37,11 @@ INTERNVL_SYSTEM_MESSAGE = (
 # templates, which emit `<IMG_CONTEXT>` once per image part.
 _SLOT_MARKER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(IMAGE_CONTEXT_TOKEN))
 _RESERVED = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
+# A literal (client text that spells a special token or a slot marker) travels through the template as an
+# escape, OPEN + its index + CLOSE, and is tokenized on its own with the special tokens split. Unicode
+# noncharacters: no tokenizer or template gives them meaning, and OPEN in client text is escaped itself.
+_ESCAPE_OPEN, _ESCAPE_CLOSE = "\ufdd0", "\ufdd1"
+_ESCAPED = re.compile(_ESCAPE_OPEN + r"(\d+)" + _ESCAPE_CLOSE)
 
 # The model card's system prompt for thinking mode (InternVL3.5 "R1_SYSTEM_PROMPT").
 THINKING_SYSTEM_PROMPT = """
@@ -123,6 +134,10 @@ def frame_parts(num_frames: int) -> list[dict[str, Any]]:
                                                         {"type": "image"})]
 
 
+def _is_text(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text"
+
+
 def _is_video(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "video"
 
@@ -153,9 +168,6 @@ def _validate(messages: Sequence[Message]) -> None:
             text = part if isinstance(part, str) else part.get("text", "") if isinstance(part, dict) else None
             if text is None or (isinstance(part, dict) and part.get("type") not in ("text", "image")):
                 raise PromptError(f"messages[{i}].content[{j}] must be a text or image part")
-            for token in _RESERVED:
-                if token in text:
-                    raise PromptError(f"messages[{i}] contains the reserved token {token}; use <image> for images")
     if messages[-1]["role"] != "user":
         raise PromptError("the last message must be from the user")
 
@@ -175,6 +187,57 @@ def _with_default_placeholders(messages: Sequence[Message], num_images: int) -> 
     elif found != num_images:
         raise PromptError(f"prompt has {found} image placeholders but {num_images} images were given")
     return messages
+
+
+class _Literals:
+    """The client's spellings of special tokens and slot markers, escaped in its messages before the template
+    renders them and tokenized as plain text after (`tokenize`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        specials = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values()
+                                                     if t.special)}
+        # longest first: a token that contains another is matched whole
+        self.spellings = sorted(specials | {_ESCAPE_OPEN}, key=len, reverse=True)
+        self._in_strings = self._pattern(self.spellings)  # string content: `<image>` stays a slot marker
+        self._in_parts = self._pattern([IMAGE_PLACEHOLDER, *self.spellings])
+        self._index = {s: i for i, s in enumerate([IMAGE_PLACEHOLDER, *self.spellings])}
+
+    @staticmethod
+    def _pattern(spellings: Sequence[str]) -> re.Pattern[str]:
+        return re.compile("|".join(re.escape(s) for s in sorted(spellings, key=len, reverse=True)))
+
+    def _escape(self, text: str, pattern: re.Pattern[str]) -> str:
+        return pattern.sub(lambda m: f"{_ESCAPE_OPEN}{self._index[m.group()]}{_ESCAPE_CLOSE}", text)
+
+    def escape(self, messages: Sequence[Message], text_placeholders: bool) -> list[Message]:
+        """`text_placeholders`: `<image>` in a string content marks a slot (else it is text there too)."""
+        in_strings = self._in_strings if text_placeholders else self._in_parts
+        out = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                content = self._escape(content, in_strings)
+            else:
+                content = [{**p, "text": self._escape(p["text"], self._in_parts)} if _is_text(p) else p
+                           for p in content]
+            out.append({**message, "content": content})
+        return out
+
+    def tokenize(self, piece: str) -> list[int]:
+        """Token ids of a rendered piece: the template's text as the tokenizer reads it (its special tokens
+        are control tokens), each escaped literal as characters (`split_special_tokens`)."""
+        chunks = _ESCAPED.split(piece)  # text, index, text, index, ..., text
+        if len(chunks) == 1:  # nothing escaped: exactly what the tokenizer makes of the rendered prompt
+            return self.tokenizer.encode(piece, add_special_tokens=False)
+        spellings = [IMAGE_PLACEHOLDER, *self.spellings]
+        ids: list[int] = []
+        for i, chunk in enumerate(chunks):
+            literal = i % 2 == 1
+            text = spellings[int(chunk)] if literal else chunk
+            if text:
+                ids += self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=literal)
+        return ids
 
 
 def _flatten(content: Any) -> str:
@@ -225,7 +288,13 @@ class ChatFormat:
             raise CheckpointError(f"{info.path}: tokenizer lacks the image tokens {missing}")
         self.image_start_id, self.image_end_id, self.image_context_id = (vocab[t] for t in _RESERVED)
         self.image_tokens = ImageTokens(self.image_start_id, self.image_context_id, self.image_end_id)
+        self.literals = _Literals(self.tokenizer)
         self.stop_token_ids = self._stop_token_ids(vocab)
+        # The language model's context, as its engine checks it (max_position_embeddings), so the gateway
+        # refuses a prompt that cannot fit before any image is encoded.
+        self.context_limit = int(info.text_config.get("max_position_embeddings") or 1 << 62)
+        # The fewest tokens an image slot can take: one tile (ViR may compress a Flash tile to a quarter).
+        self.min_slot_tokens = info.tokens_per_tile // (4 if info.flash else 1)
 
     def _stop_token_ids(self, vocab: dict[str, int]) -> tuple[int, ...]:
         ids: list[int] = []
@@ -253,19 +322,35 @@ class ChatFormat:
         text = conv["system"].format(system_message=system if system is not None else conv["system_message"])
         text += conv["sep"]
         for message in messages:
-            text += conv[message["role"]] + _flatten(message["content"]) + conv["sep"]
+            content = _flatten(message["content"])
+            if message["role"] == "system":  # a later system turn: ChatML's, as the Jinja templates render it
+                text += conv["system"].format(system_message=content) + conv["sep"]
+            else:
+                text += conv[message["role"]] + content + conv["sep"]
         return text + conv["assistant"]
 
-    def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False) -> PromptTokens:
-        """`num_images` counts slots: one per image, one per frame of each video part."""
+    def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False,
+              text_placeholders: bool = True) -> PromptTokens:
+        """`num_images` counts slots: one per image, one per frame of each video part. `text_placeholders`
+        False (the client APIs, whose images are parts): `<image>` in a string content is text, not a slot."""
         messages = _expand_videos(messages)
         _validate(messages)
-        text = self.render(_with_default_placeholders(messages, num_images), thinking)
+        # escaped before the default placeholders go in: those are DvD's, the client's text is literal
+        escaped = self.literals.escape(messages, text_placeholders)
+        text = self.render(_with_default_placeholders(escaped, num_images), thinking)
         pieces = _SLOT_MARKER.split(text)
         if len(pieces) - 1 != num_images:
             raise PromptError(f"the rendered prompt has {len(pieces) - 1} image slots but {num_images} images")
-        encode = self.tokenizer.encode
-        return PromptTokens(tuple(tuple(encode(p, add_special_tokens=False)) for p in pieces))
+        prompt = PromptTokens(tuple(tuple(self.literals.tokenize(p)) for p in pieces))
+        self._check_length(prompt)
+        return prompt
+
+    def _check_length(self, prompt: PromptTokens) -> None:
+        """PromptTooLongError when even the fewest tokens the images can take (one tile each, plus `<img>`
+        and `</img>`) leave no room for an answer in the context."""
+        fewest = prompt.num_text_tokens + prompt.num_images * (self.min_slot_tokens + 2)
+        if fewest >= self.context_limit:
+            raise PromptTooLongError(fewest, self.context_limit, at_least=prompt.num_images > 0)
 
     def expand(self, prompt: PromptTokens, tokens_per_image: Sequence[int]) -> list[int]:
         return prompt.expand(tokens_per_image, self.image_tokens)

@@ -63,7 +63,8 @@ class ApiKeys:
         if self.accepts(presented):
             return
         reason = "no API key given" if not presented else "the API key is not valid"
-        raise UnauthenticatedError(f"{reason}: send the header 'Authorization: Bearer <key>'")
+        raise UnauthenticatedError(f"{reason}: send the header 'Authorization: Bearer <key>' (gRPC: the metadata "
+                                   "authorization)")
 
 
 def read_key_file(path: Path) -> tuple[bytes, ...]:

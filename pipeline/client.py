@@ -20,6 +20,19 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    def add(self, response: generation_pb2.GenerateResponse) -> None:
+        """One streamed response: its text and tokens; the last one's finish reason, timings and usage."""
+        self.text += response.text
+        self.token_ids += list(response.token_ids)
+        if response.finish_reason:
+            self.finish_reason = response.finish_reason
+            t = response.timings
+            self.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
+                               "prefill": t.prefill_ms, "decode": t.decode_ms}
+            if t.kv_transfer_ms:  # P/D only
+                self.timings_ms["kv_transfer"] = t.kv_transfer_ms
+            self.prompt_tokens, self.completion_tokens = response.prompt_tokens, response.completion_tokens
+
 
 def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMessage:
     """`content`: text, or parts: str (text), bytes (an encoded image) or {"type": "text"/"image"/"video", ...}."""
@@ -37,6 +50,17 @@ def _message(role: str, content: str | Sequence[Any]) -> generation_pb2.ChatMess
         else:
             out.append(generation_pb2.ContentPart(image=part["data"]))
     return generation_pb2.ChatMessage(role=role, content=out)
+
+
+def generate_request(messages: Sequence[dict[str, Any]], model: str = "", max_num: int = 0, thinking: bool = False,
+                     num_segments: int = 0, **sampling: Any) -> generation_pb2.GenerateRequest:
+    """The request `GenerationClient.stream` sends. `stop` may be one string, as in the OpenAI API (protobuf
+    would take a string for a repeated field as its characters, each a stop string)."""
+    if isinstance(sampling.get("stop"), str):
+        sampling["stop"] = [sampling["stop"]]
+    return generation_pb2.GenerateRequest(
+        model=model, messages=[_message(m["role"], m["content"]) for m in messages],
+        sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking, num_segments=num_segments)
 
 
 class GenerationClient:
@@ -68,21 +92,12 @@ class GenerationClient:
     def stream(self, messages: Sequence[dict[str, Any]], model: str = "", max_num: int = 0, thinking: bool = False,
                num_segments: int = 0, **sampling: Any) -> Iterator[generation_pb2.GenerateResponse]:
         """Stream responses; `sampling` takes the `dvd.v1.Sampling` fields (max_new_tokens, temperature, ...)."""
-        request = generation_pb2.GenerateRequest(
-            model=model, messages=[_message(m["role"], m["content"]) for m in messages],
-            sampling=generation_pb2.Sampling(**sampling), max_num=max_num, thinking=thinking,
-            num_segments=num_segments)
+        request = generate_request(messages, model=model, max_num=max_num, thinking=thinking,
+                                   num_segments=num_segments, **sampling)
         return self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def complete(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Completion:
         out = Completion()
         for response in self.stream(messages, **kwargs):
-            out.text += response.text
-            out.token_ids += list(response.token_ids)
-            if response.finish_reason:
-                out.finish_reason = response.finish_reason
-                t = response.timings
-                out.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
-                                  "prefill": t.prefill_ms, "decode": t.decode_ms}
-                out.prompt_tokens, out.completion_tokens = response.prompt_tokens, response.completion_tokens
+            out.add(response)
         return out

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                     "probabilities sum to this; 1 keeps all")
     parser.add_argument("--seed", type=int, help="sampling seed, for reproducible sampled output (default: none)")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
+    parser.add_argument("--ca-cert", metavar="PEM", type=Path,
+                        help="connect over TLS, trusting this CA (or the gateway's own certificate): for a gateway "
+                             "started with --tls-cert")
     parser.epilog = "The API key, if the gateway needs one, is read from the environment variable DVD_API_KEY."
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
 
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         images = [Path(name).read_bytes() for name in args.image]
+        root_certificates = args.ca_cert.read_bytes() if args.ca_cert else None
     except OSError as exc:
         print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -56,17 +60,12 @@ def run(args: argparse.Namespace) -> int:
     out = Completion()
     try:
         api_key = os.environ.get("DVD_API_KEY") or None  # read now, when the command runs
-        with GenerationClient(args.address, timeout_s=args.timeout, api_key=api_key) as client:
+        with GenerationClient(args.address, timeout_s=args.timeout, api_key=api_key,
+                              root_certificates=root_certificates) as client:
             for response in client.stream(messages, **sampling):
-                out.text += response.text
-                out.token_ids += list(response.token_ids)
+                out.add(response)
                 if not args.json:
                     print(response.text, end="", flush=True)
-                if response.finish_reason:
-                    out.finish_reason = response.finish_reason
-                    t = response.timings
-                    out.timings_ms = {"encode": t.encode_ms, "transfer": t.transfer_ms, "queue": t.queue_ms,
-                                      "prefill": t.prefill_ms, "decode": t.decode_ms}
     except grpc.RpcError as exc:
         return _failed(exc, args, answered=bool(out.text))
     if args.json:
@@ -88,4 +87,6 @@ def _failed(exc: Any, args: argparse.Namespace, answered: bool) -> int:
     if exc.code() == grpc.StatusCode.UNAVAILABLE and not answered:
         print(f"no gateway answers at {args.address}: is `dvd serve` (or `dvd gateway`) running there? --address "
               "names its gRPC address (host:port; `dvd serve --grpc-port`, default 50051)", file=sys.stderr)
+        if args.ca_cert is None:  # plain text to a TLS port reads only "Socket closed"
+            print("(a gateway started with --tls-cert needs --ca-cert)", file=sys.stderr)
     return 1

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from dvd.pipeline.auth import ApiKeys
 from dvd.pipeline.backends.base import Backend
-from dvd.pipeline.grpc_frontend import GenerationService
+from dvd.pipeline.grpc_frontend import GatewayHealth, GenerationService
 from dvd.pipeline.http_app import OpenAIFrontend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
@@ -108,7 +108,7 @@ class Gateway:
         self._grpc, self.grpc_port = await start_grpc_server(
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
             self.config.host, self.config.grpc_port, self.config.limits.max_body_bytes,
-            credentials=self.tls[1] if self.tls else None)
+            health_servicer=GatewayHealth(self.backend), credentials=self.tls[1] if self.tls else None)
 
     async def stop(self) -> None:
         if self._grpc is not None:

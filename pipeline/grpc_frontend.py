@@ -9,28 +9,48 @@ the `dvd-error` trailing metadata. With API keys configured, `Generate` needs th
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import replace
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
-from dvd.errors import rpc_metadata
+from dvd.errors import DvdError, InvalidRequestError, rpc_metadata
 from dvd.pipeline.auth import ApiKeys
+from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.serving import ServingCore, as_dvd_error
 from dvd.pipeline.validate import ApiLimits
 from dvd.requests import STAGES, ChatFields, StageTimings
 from dvd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 _OPTIONAL_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
                       "repetition_penalty": "repetition_penalty", "seed": "seed"}
+
+# The validator names a field as the OpenAI API spells it; a gRPC client knows it by the proto's name.
+_PROTO_NAMES = {"max_tokens": "sampling.max_new_tokens", "min_tokens": "sampling.min_new_tokens",
+                **{name: f"sampling.{name}" for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                                                         "stop", "min_p", "presence_penalty", "frequency_penalty")}}
+
+
+def details(error: DvdError) -> str:
+    """The error's message, the field at fault named as `dvd.v1.GenerateRequest` names it."""
+    name = _PROTO_NAMES.get(error.param or "")
+    return str(error) if name is None else re.sub(rf"\b{re.escape(error.param or '')}\b", name, str(error))
+
+
+def _part(part: generation_pb2.ContentPart, where: str) -> dict[str, Any]:
+    kind = part.WhichOneof("part")
+    if kind is None:  # a part with nothing in it is a client's mistake, not a part to drop unsaid
+        raise InvalidRequestError(f"{where} has none of text, image or video set", where)
+    return {"type": "text", "text": part.text} if kind == "text" else {"type": kind, "data": getattr(part, kind)}
 
 
 def chat_fields(request: generation_pb2.GenerateRequest) -> ChatFields:
     messages = []
-    for message in request.messages:
-        parts = [{"type": "text", "text": p.text} if p.WhichOneof("part") == "text" else
-                 {"type": p.WhichOneof("part"), "data": getattr(p, p.WhichOneof("part"))} for p in message.content
-                 if p.WhichOneof("part")]
+    for i, message in enumerate(request.messages):
+        parts = [_part(p, f"messages[{i}].content[{j}]") for j, p in enumerate(message.content)]
         messages.append({"role": message.role, "content": parts})
     s = request.sampling
     sampling: dict[str, Any] = {key: getattr(s, name) for name, key in _OPTIONAL_SAMPLING.items() if s.HasField(name)}
@@ -44,6 +64,25 @@ def chat_fields(request: generation_pb2.GenerateRequest) -> ChatFields:
 def _timings(timings: StageTimings) -> generation_pb2.StageTimings:
     """The five pipeline stages (the HTTP API's dvd_timings also carries the finer breakdown)."""
     return generation_pb2.StageTimings(**{f"{k}_ms": timings.ms[k] for k in STAGES if k in timings.ms})
+
+
+class GatewayHealth(health.aio.HealthServicer):
+    """The standard `grpc.health.v1.Health` of the gateway's port, answered from the backend as GET /health and
+    `Generation/Health` are: NOT_SERVING for "" and `dvd.v1.Generation` while no replica can take a request, so
+    a Kubernetes gRPC probe or grpc_health_probe does not send traffic to a gateway that would answer UNAVAILABLE.
+    (`Watch` streams the statuses set at start.)"""
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> health_pb2.HealthCheckResponse:
+        answer = await super().Check(request, context)  # NOT_FOUND for a service this port does not serve
+        ready, _ = await self.backend.health()
+        if not ready and request.service in ("", GENERATION_SERVICE):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return answer
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
@@ -62,7 +101,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         error = as_dvd_error(exc)
         self.core.count(f"grpc_{error.grpc_code.name.lower()}")
-        await context.abort(error.grpc_code, str(error), trailing_metadata=rpc_metadata(error))
+        await context.abort(error.grpc_code, details(error), trailing_metadata=rpc_metadata(error))
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:

@@ -3,12 +3,13 @@ and metrics.
 
 A frontend parses its API's request into `ChatFields`, has the core validate them into a
 `ChatRequest` (`core.validate`: `pipeline/validate.py` with the checkpoint's stop tokens), then
-`async with core.admit(request) as stream` (OverloadedError at the concurrency limit, before
-anything is sent) and `async for delta in stream`. The stream renders the chat with the checkpoint's
-template and tokenizes it (`dvd/prompt.py: ChatFormat`, off the event loop), runs the backend on the
-token ids, detokenizes incrementally and decides stop strings (here and nowhere else: they act on the
-text the client sees); when it ends, `stream.outcome` holds the text, usage, finish reason and stage
-timings, already counted in the metrics. Only the wire format is left to the frontend.
+`async with core.admit(request) as stream` (OverloadedError at the concurrency limit; the chat rendered
+with the checkpoint's template and tokenized, `dvd/prompt.py: ChatFormat`, off the event loop: a prompt
+error, too long for the context included, raised there, before the frontend answers anything) and
+`async for delta in stream`. The stream runs the backend on the token ids, detokenizes incrementally and
+decides stop strings (here and nowhere else: they act on the text the client sees); when it ends,
+`stream.outcome` holds the text, usage, finish reason and stage timings, already counted in the metrics.
+Only the wire format is left to the frontend.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.detokenize import IncrementalDecoder
 from dvd.pipeline.metrics import GatewayMetrics
 from dvd.pipeline.validate import ApiLimits, build_chat_request
-from dvd.prompt import ChatFormat
+from dvd.prompt import ChatFormat, PromptTokens
 from dvd.requests import ChatFields, ChatRequest, FinishReason, GenerationEvent, StageTimings, TokenizedRequest
 from dvd.tracing import NO_TRACER, Span, Tracer
 
@@ -70,6 +71,7 @@ class TextStream:
         self.tracer = tracer
         self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings)
         self.outcome: Outcome | None = None
+        self._prompt: PromptTokens | None = None
         self._deltas = self._run()
 
     def __aiter__(self) -> AsyncIterator[Delta]:
@@ -79,13 +81,22 @@ class TextStream:
         """Stop early (a no-op once finished): the backend aborts the request and frees what it held."""
         await self._deltas.aclose()
 
-    async def _tokenized(self, span: Span) -> TokenizedRequest:
-        """The request as the backend takes it: the chat rendered with the checkpoint's template and
-        tokenized, in a worker thread (a long prompt never stalls other requests)."""
+    async def render(self) -> None:
+        """The chat rendered with the checkpoint's template and tokenized, in a worker thread (a long prompt
+        never stalls other requests); raises what the prompt cannot be (PromptError, PromptTooLongError).
+        `ServingCore.admit` calls it before handing the stream over, so such an error comes before a frontend
+        has answered anything (an HTTP stream's headers, a gRPC stream's first message)."""
         request = self.request
-        prompt = await asyncio.to_thread(self.chat.build, list(request.messages), request.num_slots,
-                                         thinking=request.thinking)
-        return request.tokenized(prompt, span.context)
+        # the APIs' images are parts: `<image>` a client types in a string content is text
+        self._prompt = await asyncio.to_thread(self.chat.build, list(request.messages), request.num_slots,
+                                               thinking=request.thinking, text_placeholders=False)
+
+    async def _tokenized(self, span: Span) -> TokenizedRequest:
+        """The request as the backend takes it."""
+        if self._prompt is None:
+            await self.render()
+        assert self._prompt is not None
+        return self.request.tokenized(self._prompt, span.context)
 
     async def _run(self) -> AsyncGenerator[Delta, None]:
         """The request's deltas, under its trace's root span (the servers' spans join it)."""
@@ -150,6 +161,7 @@ class ServingCore:
         self.num_in_flight += 1
         stream = TextStream(self.backend, self.chat, self.metrics, request, self.tracer)
         try:
+            await stream.render()
             yield stream
         finally:
             try:

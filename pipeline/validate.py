@@ -71,7 +71,8 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
 
 def image_too_large(where: str, limits: ApiLimits, kind: str = "image") -> ImageTooLargeError:
     limit = limits.max_video_bytes if kind == "video" else limits.max_image_bytes
-    return ImageTooLargeError(f"{where}: {kind} is larger than the limit of {limit} bytes", where)
+    # named as the other limits are (the flag is --max-image-bytes / --max-video-bytes)
+    return ImageTooLargeError(f"{where}: {kind} is larger than the limit max_{kind}_bytes={limit} bytes", where)
 
 
 def _num_segments(fields: ChatFields, limits: ApiLimits) -> int:
@@ -177,6 +178,10 @@ def build_chat_request(fields: ChatFields, limits: ApiLimits, served_models: lis
     if model not in served_models:
         raise NotFoundError(f"model {model!r} is not served here; available: {', '.join(served_models)}", "model")
     messages, media = _messages(fields, limits)
+    if fields.thinking and any(m["role"] == "system" for m in messages):
+        # thinking mode is the model card's system prompt: a client's own would silently replace it
+        raise InvalidFieldError("thinking sets the system message (the model card's thinking prompt); send either "
+                                "thinking or a system message, not both", "thinking")
     if len(fields.stop) > limits.max_stop_strings or not all(fields.stop):
         raise InvalidFieldError(f"stop must be a non-empty string or a list of at most {limits.max_stop_strings} "
                                 "of them (limit max_stop_strings)", "stop")

@@ -20,7 +20,8 @@ class StubChat:
     tokenizer = StubTokenizer()
     stop_token_ids = (0,)
 
-    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False) -> PromptTokens:
+    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False,
+              text_placeholders: bool = True) -> PromptTokens:
         content = messages[0]["content"]
         return PromptTokens((tuple(map(ord, content if isinstance(content, str) else content[0]["text"])),))
 

@@ -52,9 +52,12 @@ class GenerationServicer:
 
     def Generate(self, request, context):
         """Streams the answer as it is generated. The last message has finish_reason and timings.
-        Errors: INVALID_ARGUMENT (bad field, named in the message), NOT_FOUND (unknown model),
-        RESOURCE_EXHAUSTED (image too large, server at its concurrency limit), UNAVAILABLE (no healthy
-        replica), DEADLINE_EXCEEDED (the call's deadline passed; the request is aborted on both halves).
+        Errors: INVALID_ARGUMENT (bad field, named in the message; a prompt longer than the model's
+        context, naming the limit), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (image too large, server
+        at its concurrency limit; a message over the gateway's max_body_bytes, in gRPC's own words),
+        UNAVAILABLE (no healthy replica), DEADLINE_EXCEEDED (the call's deadline passed; the request is
+        aborted on both halves), UNAUTHENTICATED (API keys set, none valid in the metadata
+        `authorization: Bearer KEY`). DvD's error class is in the trailing metadata `dvd-error`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
+
+from dvd.errors import PromptError
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
 from dvd.requests import ChatFields, GenerationEvent, TokenizedRequest
@@ -68,3 +72,26 @@ def test_in_flight_returns_to_zero_after_a_clean_early_end() -> None:
         return core.num_in_flight
 
     assert asyncio.run(scenario()) == 0
+
+
+class _Unrenderable(StubChat):
+    def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False,
+              text_placeholders: bool = True) -> Any:
+        raise PromptError("prompt has 1 image placeholders but 0 images were given")
+
+
+def test_a_prompt_that_cannot_be_rendered_fails_admit_before_the_stream_is_handed_over() -> None:
+    """So a frontend answers it as an error status (HTTP 400, not a 200 stream carrying it; a gRPC abort
+    before any message), and the backend never sees the request."""
+    backend = SlowCleanupBackend()
+    core = ServingCore(backend, max_concurrency=4, chat=_Unrenderable())  # type: ignore[arg-type]
+    request = core.validate(ChatFields(messages=({"role": "user", "content": "<image>"},)), ApiLimits())
+
+    async def scenario() -> int:
+        with pytest.raises(PromptError):
+            async with core.admit(request):
+                raise AssertionError("the stream was handed over")
+        return core.num_in_flight
+
+    assert asyncio.run(scenario()) == 0
+    assert not backend.cleanup_started.is_set()

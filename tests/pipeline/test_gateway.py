@@ -4,26 +4,38 @@ keeps serving; every process is gone afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import InternVLForConditionalGeneration
 
-from dvd.pipeline.client import GenerationClient
+from dvd.checkpoint import open_checkpoint
+from dvd.errors import DvdError, PromptTooLongError
+from dvd.pipeline.client import GenerationClient, generate_request
+from dvd.pipeline.gateway import Gateway, GatewayConfig
+from dvd.pipeline.grpc_frontend import chat_fields, details
 from dvd.pipeline.local import LocalPipeline
+from dvd.pipeline.serving import ServingCore
+from dvd.pipeline.validate import ApiLimits
+from dvd.prompt import ChatFormat
+from dvd.requests import GenerationEvent, TokenizedRequest
 from dvd.sampling import greedy
+from dvd.v1 import generation_pb2
 from tests.conftest import encode, photo_like
 from tests.pipeline.test_split_equals_monolithic import monolithic_reference
 from tests.serve_process import ServeProcess, metrics_text, post_chat
+from tests.stub_backend import StubBackend, StubChat
 
 NEW = 8
 MODES = ["coupled", "disaggregated"]
@@ -115,7 +127,7 @@ def _user(content: object, **extra: object) -> dict:
         (_user("hi", model="no-such-model"), 404, "no-such-model"),
         (_user([{"type": "image_url", "image_url": {"url": _data_url(IMAGE)}}] * 3), 400, "too many images"),
         (_user([{"type": "image_url", "image_url": {"url": _data_url(encode(photo_like(900, 900, 1)))}}]),
-         413, "larger than the limit"),
+         413, "larger than the limit max_image_bytes=300000"),
         (_user("word " * 12000), 400, "context limit"),
         (_user("hi", temperature=-1), 422, "temperature"),
         (_user("hi", top_p=0), 422, "top_p"),
@@ -172,13 +184,149 @@ def test_health_and_models(served: ServeProcess) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "code", "needle"),
-    [({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    [({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature must be in"),
+     ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_new_tokens must be in [1, "),
      ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "no-such-model")],
 )
 def test_grpc_errors_carry_matching_codes(served: ServeProcess, kwargs: dict, code: grpc.StatusCode,
                                           needle: str) -> None:
     with GenerationClient(served.grpc_address, timeout_s=60) as client:
         with pytest.raises(grpc.RpcError) as caught:
-            client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2, **kwargs)
+            client.complete([{"role": "user", "content": "hi"}], **{"max_new_tokens": 2, **kwargs})
         assert caught.value.code() == code and needle in caught.value.details()
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
+
+
+def test_a_prompt_over_the_context_is_invalid_argument_naming_the_limit(served: ServeProcess) -> None:
+    with GenerationClient(served.grpc_address, timeout_s=120) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.complete([{"role": "user", "content": [IMAGE, "cat " * 9000]}], max_new_tokens=2)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "longer than the context limit of 8192" in caught.value.details()
+        assert dict(caught.value.trailing_metadata())["dvd-error"] == "PromptTooLongError"
+        assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
+
+
+@pytest.mark.parametrize(("messages", "needle"), [
+    ([{"role": "user", "content": "cat " * 9000}], "longer than the context limit of 8192"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "last message must be from the user"),
+])
+def test_a_streaming_request_whose_prompt_cannot_be_served_is_a_400(served: ServeProcess, messages: list,
+                                                                    needle: str) -> None:
+    """Its status and JSON error, as without `stream`, not a 200 event stream carrying the error."""
+    status, answer = post_chat(served.http_url, {"model": "tiny-hf", "stream": True, "max_tokens": 2,
+                                                 "messages": messages})
+    assert status == 400 and needle in answer["error"]["message"], answer
+
+
+def test_text_a_client_types_is_text_in_both_apis(served: ServeProcess) -> None:
+    """`<image>` and special-token spellings in a message: served as text (string content over HTTP, parts over
+    gRPC), the prompt counting their characters, where they were a 400 or a control token."""
+    typed = "What do <image>, <img> and <|im_start|> mean?"
+    status, answer = post_chat(served.http_url, {"model": "tiny-hf", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": typed}]})
+    assert status == 200, answer
+    with GenerationClient(served.grpc_address, timeout_s=120) as client:
+        completion = client.complete([{"role": "user", "content": typed}], max_new_tokens=2)
+    assert completion.prompt_tokens == answer["usage"]["prompt_tokens"]
+    plain = client_prompt_tokens(served, "What do , and  mean?")
+    assert completion.prompt_tokens > plain + 3  # each spelling is several tokens, not one
+
+
+def test_a_prompt_over_the_context_never_reaches_the_backend(tiny_hf: Path) -> None:
+    """Refused by the gateway's chat format, so no Encode is sent and no image encoded."""
+    calls: list[TokenizedRequest] = []
+
+    class Recording(StubBackend):
+        async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+            calls.append(request)
+            yield GenerationEvent(token_ids=[1])
+
+    core = ServingCore(Recording(), max_concurrency=1, chat=ChatFormat(open_checkpoint(tiny_hf)))
+    request = core.validate(chat_fields(_grpc_request(generation_pb2.ContentPart(image=IMAGE),
+                                                      generation_pb2.ContentPart(text="cat " * 9000))), ApiLimits())
+
+    async def run() -> None:
+        async with core.admit(request) as stream:
+            async for _ in stream:
+                pass
+
+    with pytest.raises(PromptTooLongError, match=r"at least .* longer than the context limit of 8192"):
+        asyncio.run(run())
+    assert calls == [] and core.num_in_flight == 0
+
+
+class _OneToken(StubBackend):
+    async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+        yield GenerationEvent(token_ids=[1])
+
+
+def _grpc_request(*parts: generation_pb2.ContentPart, **sampling: object) -> generation_pb2.GenerateRequest:
+    message = generation_pb2.ChatMessage(role="user", content=list(parts))
+    return generation_pb2.GenerateRequest(messages=[message], sampling=generation_pb2.Sampling(**sampling))
+
+
+@pytest.mark.parametrize(("request_", "needle"), [
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), max_new_tokens=0), "sampling.max_new_tokens must be in [1, "),
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), min_new_tokens=9, max_new_tokens=4),
+     "sampling.min_new_tokens must be in [0, 4]"),
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), stop=[""]), "sampling.stop must be"),
+    (_grpc_request(generation_pb2.ContentPart(text="hi"), generation_pb2.ContentPart()),
+     "messages[0].content[1] has none of text, image or video set"),
+    (generation_pb2.GenerateRequest(thinking=True, messages=[
+        generation_pb2.ChatMessage(role="system", content=[generation_pb2.ContentPart(text="Be brief.")]),
+        generation_pb2.ChatMessage(role="user", content=[generation_pb2.ContentPart(text="hi")])]),
+     "send either thinking or a system message"),
+])
+def test_grpc_errors_name_the_field_as_the_proto_does(request_: generation_pb2.GenerateRequest, needle: str
+                                                      ) -> None:
+    core = ServingCore(_OneToken(), max_concurrency=1, chat=StubChat())  # type: ignore[arg-type]
+    with pytest.raises(DvdError) as caught:
+        core.validate(chat_fields(request_), ApiLimits())
+    assert needle in details(caught.value)
+
+
+def client_prompt_tokens(served: ServeProcess, text: str) -> int:
+    with GenerationClient(served.grpc_address, timeout_s=120) as client:
+        return client.complete([{"role": "user", "content": text}], max_new_tokens=1).prompt_tokens
+
+
+def test_the_gateways_standard_grpc_health_follows_its_replicas(tiny_hf: Path) -> None:
+    """grpc.health.v1 on the gateway's port (Kubernetes gRPC probes, grpc_health_probe) says NOT_SERVING while no
+    replica can take a request, as GET /health (503) and Generation/Health do, and SERVING again after."""
+    class Toggled(StubBackend):
+        ready = False
+        model_path = tiny_hf
+
+        async def health(self) -> tuple[bool, str]:
+            return self.ready, "0/1 language replicas healthy"
+
+        async def generate(self, request: TokenizedRequest) -> AsyncIterator[GenerationEvent]:
+            yield GenerationEvent(token_ids=[1])
+
+    async def main() -> list[int]:
+        backend = Toggled()
+        gateway = Gateway(GatewayConfig(http_port=0, grpc_port=0), backend)
+        await gateway.start()
+        statuses = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+                probe = health_pb2_grpc.HealthStub(channel)
+                for ready in (False, True):
+                    backend.ready = ready
+                    for service in ("", "dvd.v1.Generation"):
+                        answer = await probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                        statuses.append(answer.status)
+        finally:
+            await gateway.stop()
+        return statuses
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert asyncio.run(main()) == [not_serving, not_serving, serving, serving]
+
+
+def test_the_python_client_takes_one_stop_string_as_one() -> None:
+    """As the OpenAI API does; protobuf alone made "END" three stop strings, "E", "N" and "D"."""
+    messages = [{"role": "user", "content": "hi"}]
+    assert list(generate_request(messages, stop="END").sampling.stop) == ["END"]
+    assert list(generate_request(messages, stop=["a", "b"]).sampling.stop) == ["a", "b"]

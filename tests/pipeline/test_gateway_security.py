@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -133,6 +134,24 @@ def test_grpc_needs_the_key_and_health_is_open(served: ServeProcess) -> None:
             assert client.health().model == "tiny-hf"
     with grpc_client(served, KEY) as client:
         assert client.complete([{"role": "user", "content": "hi"}], max_new_tokens=2).finish_reason
+
+
+def test_dvd_client_presents_the_key_over_tls_and_reports_usage(served: ServeProcess) -> None:
+    """`dvd client` as README says: the key from DVD_API_KEY, `--ca-cert` for a gateway serving TLS; `--json`
+    carries the usage the last response has."""
+    args = [sys.executable, "-m", "dvd", "client", "--address", served.grpc_address, "--prompt", "hi",
+            "--max-new-tokens", "2", "--json", *(["--ca-cert", str(TLS["cert"])] if TLS else [])]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "DVD_API_KEY": KEY})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["finish_reason"] and out["prompt_tokens"] > 0 and out["completion_tokens"] == len(out["token_ids"]) > 0
+    wrong = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "DVD_API_KEY": "wrong-key-0123456789abcdef"})
+    assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr and "metadata authorization" in wrong.stderr
+    if TLS:  # plain text to a TLS port fails with only "Socket closed": the command says what is missing
+        plain = subprocess.run(args[:-2], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "DVD_API_KEY": KEY})
+        assert plain.returncode == 1 and "needs --ca-cert" in plain.stderr
 
 
 def test_plain_text_is_refused_on_tls_ports(served: ServeProcess) -> None:
