@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,12 @@ def test_a_log_level_logging_does_not_know_is_a_usage_error(name: str, capsys: p
     _, parser = command_parser(name)
     level = next(a for a in parser._actions if "--log-level" in a.option_strings)
     assert level.type("debug") == "DEBUG" and "DEBUG" in level.choices  # any case, as logging takes it
+
+
+def test_make_checkpoint_into_a_place_it_cannot_write_is_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    assert main(["make-checkpoint", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {taken}: File exists\n", err
