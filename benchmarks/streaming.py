@@ -32,6 +32,7 @@ from dvd.language_server.config import EngineConfig
 from dvd.language_server.engine import Engine
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest, PromptPiece
+from dvd.pipeline.detokenize import answer_text
 from dvd.prompt import ChatFormat
 from dvd.sampling import greedy
 from dvd.tools.checkpoint_cache import default_cache_dir, ensure_checkpoint
@@ -104,7 +105,7 @@ def chat_turn2_ttft(engine: Engine, chat: ChatFormat, rows: int, rid: str) -> tu
     engine.add(EngineRequest(f"{rid}-1", ids, greedy(max_new_tokens=8), images=[(start, image)],
                              image_keys={start: key}))
     answer = [t for o in engine.run_until_done()[f"{rid}-1"] for t in o.new_token_ids]
-    messages += [{"role": "assistant", "content": chat.decode(answer)},
+    messages += [{"role": "assistant", "content": answer_text(chat, answer)},
                  {"role": "user", "content": "And which colour covers most of it?"}]
     ids = chat.expand(chat.build(messages, 1), [rows])
     start = ids.index(chat.image_start_id) + 1

@@ -21,6 +21,8 @@ from dvd.errors import CheckpointError
 
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
 HF_FLASH_ARCHITECTURE = "InternvlFlashForConditionalGeneration"  # transformers' InternVL-Flash port
+# HF-format Flash under both spellings: transformers' port's, and OpenGVLab's own conversion's (capital VL).
+HF_FLASH_ARCHITECTURES = (HF_FLASH_ARCHITECTURE, "InternVLFlashForConditionalGeneration")
 GITHUB_ARCHITECTURE = "InternVLChatModel"
 # The language halves DvD serves through transformers' own classes (no remote code): InternVL3.5's dense
 # Qwen3, its Qwen3 MoE (30B-A3B, 241B-A28B) and GPT-OSS (20B-A4B), and the Qwen2/Llama of earlier InternVLs.
@@ -148,6 +150,19 @@ def _github_vision_config(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     }
 
 
+def checkpoint_format(raw: dict[str, Any]) -> CheckpointFormat | None:
+    """"hf" or "github" by config.json's architecture or model_type, None for neither: the one test every
+    reader of a checkpoint's config (this module, the preprocessing settings) applies."""
+    archs = raw.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]
+    if any(a in (HF_ARCHITECTURE, *HF_FLASH_ARCHITECTURES) for a in archs) or \
+            raw.get("model_type") in ("internvl", "internvl_flash"):
+        return "hf"
+    if GITHUB_ARCHITECTURE in archs or raw.get("model_type") == "internvl_chat":
+        return "github"
+    return None
+
+
 def open_checkpoint(path: str | Path) -> CheckpointInfo:
     """Read a checkpoint directory's config and tell its format; no tensor is read."""
     root = Path(path)
@@ -155,17 +170,15 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"{root}: not a checkpoint directory")
     config_path = root / "config.json"
     raw = _read_json(config_path)
-    archs = raw.get("architectures") or []
-    arch = archs[0] if archs else raw.get("model_type", "<none>")
-    if arch in (HF_ARCHITECTURE, HF_FLASH_ARCHITECTURE) or raw.get("model_type") in ("internvl", "internvl_flash"):
-        info = _open_hf(root, raw)
-    elif arch == GITHUB_ARCHITECTURE or raw.get("model_type") == "internvl_chat":
-        info = _open_github(root, raw)
-    else:
+    fmt = checkpoint_format(raw)
+    if fmt is None:
+        archs = raw.get("architectures") or []
+        arch = archs[0] if isinstance(archs, list) and archs else raw.get("model_type", "<none>")
         raise CheckpointError(
             f"{config_path}: unsupported architecture {arch!r}; DvD serves {HF_ARCHITECTURE}, "
-            f"{HF_FLASH_ARCHITECTURE} and {GITHUB_ARCHITECTURE}"
+            f"{' / '.join(HF_FLASH_ARCHITECTURES)} and {GITHUB_ARCHITECTURE}"
         )
+    info = _open_hf(root, raw) if fmt == "hf" else _open_github(root, raw)
     _check_supported(info, config_path)
     return info
 
@@ -218,6 +231,10 @@ def _open_hf(root: Path, raw: dict[str, Any]) -> CheckpointInfo:
     layer = raw.get("vision_feature_layer", -1)
     if not isinstance(layer, int):
         raise CheckpointError(f"{where}: vision_feature_layer {layer!r}: only a single layer is supported")
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    if strategy != "default":  # "full" keeps the CLS token: no square grid for the pixel shuffle
+        raise CheckpointError(f"{where}: vision_feature_select_strategy {strategy!r} is not supported; InternVL "
+                              "drops the CLS token ('default')")
     return CheckpointInfo(
         path=root,
         format="hf",

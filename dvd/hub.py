@@ -55,7 +55,9 @@ class ModelNameError(ValueError):
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path  # the local directory DvD reads
-    name: str  # what clients call the model: the repo's name, or the directory's
+    # What clients call the model: a Hub id as given ("org/name", as vLLM serves it; "name" is accepted too, see
+    # pipeline/serving.py), or a directory's name.
+    name: str
     revision: str = ""  # the commit a Hub id resolved to (also a Hub cache snapshot's); "" for another directory
     source: str = ""  # as given: the directory or "org/name"
 
@@ -100,7 +102,7 @@ def _directory(path: Path, revision: str) -> ResolvedModel:
     if revision and revision != commit:
         raise ModelNameError(f"--model {path} is a directory{f' at commit {commit}' if commit else ''}: "
                              f"--revision {revision} applies to Hub ids only")
-    name = path.parent.parent.name.split("--")[-1] if commit else path.name
+    name = "/".join(path.parent.parent.name.split("--")[1:]) if commit else path.name  # models--org--name: org/name
     return ResolvedModel(path=path, name=name, revision=commit, source=str(path))
 
 
@@ -112,7 +114,7 @@ def _from_hub(repo_id: str, revision: str, roles: tuple[str, ...], weights: bool
         halves = sorted({WEIGHT_HALVES[r] for r in roles if r in WEIGHT_HALVES}) if weights else []
         needed = weight_files(folder, halves)
         _fetch_weights(repo_id, folder, needed, roles)
-    return ResolvedModel(path=folder, name=repo_id.split("/")[-1], revision=folder.name, source=repo_id)
+    return ResolvedModel(path=folder, name=repo_id, revision=folder.name, source=repo_id)
 
 
 @contextlib.contextmanager

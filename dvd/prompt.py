@@ -54,6 +54,16 @@ You are an AI assistant that rigorously follows this response protocol:
 Ensure that your reasoning is thorough, directly addresses the user's query, and is logically structured.
 """.strip()  # noqa: E501
 
+# The default system message of InternVL3.5-GPT-OSS's `internvl3_5_gpt_oss` conversation template.
+GPT_OSS_SYSTEM_MESSAGE = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every message."
+)
+# The harmony tokens that template uses, one token each in the GPT-OSS tokenizer.
+HARMONY_TOKENS = ("<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>")
+# A harmony answer opens with a header, `<|channel|>` + the channel's name + `<|message|>`, before its text.
+HARMONY_HEADER = ("<|channel|>", "<|message|>")
+
 # InternVL conversation templates (internvl_chat/internvl/conversation.py) DvD can render.
 CONVERSATION_TEMPLATES: dict[str, dict[str, str]] = {
     "internvl2_5": {
@@ -63,6 +73,20 @@ CONVERSATION_TEMPLATES: dict[str, dict[str, str]] = {
         "assistant": "<|im_start|>assistant\n",
         "sep": "<|im_end|>\n",
         "stop": "<|im_end|>",
+    },
+    # InternVL3.5-GPT-OSS (internvl_chat_gpt_oss/.../conversation.py, MPT_TWO, stop `<|return|>`), rendered as
+    # upstream's get_prompt() renders it: the generation prompt ends with `<|start|>assistant` and the model writes
+    # `<|channel|>final<|message|>` + the answer (so DvD's token ids are chat()'s). chat() decodes with the special
+    # tokens and keeps that header in the history it replays; a client sends back the answer it was shown, without
+    # the header (the detokenizer hides it), so `answer_header` goes back in front of each replayed answer.
+    "internvl3_5_gpt_oss": {
+        "system": "<|start|>system<|message|>{system_message}",
+        "system_message": GPT_OSS_SYSTEM_MESSAGE,
+        "user": "<|start|>user<|message|>",
+        "assistant": "<|start|>assistant",
+        "answer_header": "<|channel|>final<|message|>",
+        "sep": "<|end|>",
+        "stop": "<|return|>",
     },
 }
 
@@ -286,6 +310,9 @@ class ChatFormat:
                     f"supported: {sorted(CONVERSATION_TEMPLATES)}"
                 )
             self.conversation = CONVERSATION_TEMPLATES[info.template]
+            if self.conversation["stop"] not in self.tokenizer.get_vocab():
+                raise CheckpointError(f"{info.path}: the tokenizer lacks {self.conversation['stop']}, the stop token "
+                                      f"of the conversation template {info.template!r}")
         elif not self.tokenizer.chat_template:
             raise CheckpointError(f"{info.path}: the tokenizer has no chat template and config.json names none")
         vocab = self.tokenizer.get_vocab()
@@ -296,6 +323,11 @@ class ChatFormat:
         self.image_tokens = ImageTokens(self.image_start_id, self.image_context_id, self.image_end_id)
         self.literals = _Literals(self.tokenizer)
         self.stop_token_ids = self._stop_token_ids(vocab)
+        # A tokenizer with the harmony header's tokens (GPT-OSS, either format): the ids of `<|channel|>` and
+        # `<|message|>`, between which an answer names its channel before its text (the detokenizer hides it).
+        channel, message = HARMONY_HEADER
+        self.answer_header: tuple[int, int] | None = (vocab[channel], vocab[message]) \
+            if channel in vocab and message in vocab else None
         # The language model's context, as its engine checks it (max_position_embeddings), so the gateway
         # refuses a prompt that cannot fit before any image is encoded.
         self.context_limit = int(info.text_config.get("max_position_embeddings") or 1 << 62)
@@ -331,8 +363,10 @@ class ChatFormat:
             content = _flatten(message["content"])
             if message["role"] == "system":  # a later system turn: ChatML's, as the Jinja templates render it
                 text += conv["system"].format(system_message=content) + conv["sep"]
+            elif message["role"] == "assistant":
+                text += conv["assistant"] + conv.get("answer_header", "") + content + conv["sep"]
             else:
-                text += conv[message["role"]] + content + conv["sep"]
+                text += conv["user"] + content + conv["sep"]
         return text + conv["assistant"]
 
     def build(self, messages: Sequence[Message], num_images: int, thinking: bool = False,
@@ -361,5 +395,3 @@ class ChatFormat:
     def expand(self, prompt: PromptTokens, tokens_per_image: Sequence[int]) -> list[int]:
         return prompt.expand(tokens_per_image, self.image_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=True)

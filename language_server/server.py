@@ -257,8 +257,9 @@ class LanguageServer:
                        t0: float, waited_ms: float, arrived_ms: tuple[float, ...],
                        added_ms: float, kv_transfer_ms: float | None) -> AsyncGenerator[GenerateOutput, None]:
         """The engine's outputs for one request, stamped: the features wait (and a decode server's KV transfer) on
-        the first, the stage stamps on the first with a token (or the last), the finish and counts on the last. A
-        prefill server pushes the KV its outputs carry, and ends after the first token when it handed it off."""
+        the first, the stage stamps on the first with a token (or the last), the prompt's size on each, the finish and
+        counts on the last. A prefill server pushes the KV its outputs carry, and ends after the first token when it
+        handed it off."""
         features_wait_ms: float | None = waited_ms
         stamped = False
         first: FirstTokenStamps | None = None
@@ -283,7 +284,9 @@ class LanguageServer:
                 self.metrics.observe_request(first, waited_ms, _ms_since(t0))
                 return
             if not output.finished:
-                yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps, kv_transfer_ms=kv_transfer_ms)
+                # the prompt's size with every output: the gateway may end the stream (a stop string) before the last
+                yield GenerateOutput(output.new_token_ids, features_wait_ms, stamps,
+                                     num_prompt_tokens=request.num_prompt, kv_transfer_ms=kv_transfer_ms)
             else:
                 finished_ms = _ms_since(t0)
                 self.metrics.observe_request(first, waited_ms, finished_ms)

@@ -49,9 +49,10 @@ def response_from(output: GenerateOutput) -> language_pb2.LanguageGenerateRespon
         message.engine_added_ms, message.first_token_ms = stamps.engine_added_ms, stamps.first_token_ms
         if stamps.prefill_start_ms is not None:
             message.prefill_start_ms = stamps.prefill_start_ms
+    message.prompt_tokens = output.num_prompt_tokens  # on every message: the gateway may stop before the last
     if output.finish_reason is not None:
         message.finish_reason = output.finish_reason.value
-        message.prompt_tokens, message.completion_tokens = output.num_prompt_tokens, output.num_output_tokens
+        message.completion_tokens = output.num_output_tokens
         message.finished_ms = output.finished_ms or 0.0
     if output.kv_transfer_ms is not None:
         message.kv_transfer_ms = output.kv_transfer_ms

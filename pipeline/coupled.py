@@ -220,8 +220,9 @@ class CoupledEngine:
                 raise _failure(self.encoder.failures.pop(run.request.request_id, None), output.error)
             if output.new_token_ids and "first_token" not in run.stamps:
                 run.stamps["first_token"], run.first_token_wall = time.monotonic(), time.time()
-            if output.new_token_ids:
-                yield GenerationEvent(token_ids=list(output.new_token_ids))
+            if output.new_token_ids:  # the prompt's size too: a stop string may end the stream before its last event
+                num_prompt = run.engine_request.num_prompt if run.engine_request is not None else 0
+                yield GenerationEvent(token_ids=list(output.new_token_ids), num_prompt_tokens=num_prompt)
             if output.finished:
                 run.stamps["finished"] = time.monotonic()
                 yield self._final(run, output)

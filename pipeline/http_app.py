@@ -25,7 +25,7 @@ from aiohttp import web
 from dvd.errors import DvdError, TooLargeError, UnauthenticatedError
 from dvd.pipeline.auth import ApiKeys
 from dvd.pipeline.openai_parse import OpenAIChat, parse_chat_json
-from dvd.pipeline.serving import Outcome, ServingCore, as_dvd_error
+from dvd.pipeline.serving import Delta, Outcome, ServingCore, as_dvd_error
 from dvd.pipeline.validate import ApiLimits
 from dvd.requests import ChatRequest
 
@@ -65,6 +65,7 @@ class OpenAIFrontend:
         self.backend = core.backend
         self.limits = limits
         self.keys = keys or ApiKeys()
+        self.started = int(time.time())  # the model list's `created` (0 read as 1970 in clients)
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -77,8 +78,24 @@ class OpenAIFrontend:
                 return response
         return await handler(request)
 
+    @web.middleware
+    async def _route_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A path or method this server does not serve, in OpenAI's error shape and naming what it does serve
+        (aiohttp's own answer is the text "404: Not Found", which an OpenAI client shows as the whole message:
+        `client.completions.create` would not say that only chat completions are served)."""
+        try:
+            return await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+            served = ", ".join(f"{route.method} {route.resource.canonical}" for route in request.app.router.routes()
+                               if route.method != "HEAD" and route.resource is not None)
+            body = {"error": {"message": f"{request.method} {request.path} is not served here; this server serves "
+                                         f"{served}", "type": _ERROR_TYPES[404], "param": None, "code": exc.status}}
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 names the methods
+            return web.json_response(body, status=exc.status, headers=allow)
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._authenticate])
+        app = web.Application(client_max_size=self.limits.max_body_bytes,
+                              middlewares=[self._authenticate, self._route_errors])
         app.add_routes([
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
@@ -91,7 +108,7 @@ class OpenAIFrontend:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.backend.model_name, "object": "model", "created": 0, "owned_by": "dvd"}]})
+            {"id": self.backend.model_name, "object": "model", "created": self.started, "owned_by": "dvd"}]})
 
     async def health(self, request: web.Request) -> web.Response:
         ready, detail = await self.backend.health()
@@ -129,7 +146,10 @@ class OpenAIFrontend:
             parsed, request = await asyncio.to_thread(self._parse, body)
             async with self.core.admit(request) as stream:
                 if parsed.stream:
-                    return await self._stream(http, request, stream, parsed.include_usage)
+                    # The headers wait for the first output (as vLLM's do): a request that fails before it (an
+                    # image that does not decode, a prompt past the context) still answers with its status code.
+                    first = await anext(aiter(stream), None)
+                    return await self._stream(http, request, stream, first, parsed.include_usage)
                 return await self._complete(request, stream)
         except (ConnectionResetError, asyncio.CancelledError):
             self.core.count("client_gone")
@@ -157,8 +177,9 @@ class OpenAIFrontend:
         }
         return web.json_response(body, headers={TIMINGS_HEADER: outcome.timings.header_value()})
 
-    async def _stream(self, http: web.Request, request: ChatRequest, stream: Any,
+    async def _stream(self, http: web.Request, request: ChatRequest, stream: Any, first: Delta | None,
                       include_usage: bool) -> web.StreamResponse:
+        """The SSE answer: the role, `first` (the stream's first delta, already taken) and the rest as they come."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
         created = int(time.time())
@@ -173,6 +194,8 @@ class OpenAIFrontend:
 
         await response.write(chunk(choice({"role": "assistant", "content": ""})))
         try:
+            if first is not None and first.text:
+                await response.write(chunk(choice({"content": first.text})))
             async for delta in stream:
                 if delta.text:
                     await response.write(chunk(choice({"content": delta.text})))

@@ -19,6 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.errors import DvdError, InputError
 from dvd.language_server.model import LanguageHalf
+from dvd.pipeline.detokenize import answer_text
 from dvd.prompt import ChatFormat, Message, PromptTokens
 from dvd.requests import Media
 from dvd.sampling import SamplingParams, greedy
@@ -194,7 +195,7 @@ class LocalPipeline:
             "decode_ms": (t4 - first) * 1e3,
         }
         return GenerateResult(
-            text=self.chat.decode(new_ids),
+            text=answer_text(self.chat, new_ids),
             token_ids=new_ids,
             prompt_token_ids=input_ids,
             tokens_per_tile=[e.uniform_tokens_per_tile for e in encoded],

@@ -31,7 +31,7 @@ _INERT_FIELDS = {"user", "metadata", "store"}
 _KNOWN_FIELDS = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "response_format",
-    "tools", "tool_choice", "parallel_tool_calls",
+    "tools", "tool_choice", "parallel_tool_calls", "logit_bias",
     # extensions that vLLM's API has too (benchmark clients send them)
     "top_k", "min_p", "min_tokens", "repetition_penalty", "ignore_eos",
     # DvD extensions
@@ -122,6 +122,9 @@ def decode_image_url(url: str, where: str, limits: ApiLimits, kind: str = "image
             raise InvalidRequestError(f"{where}: data URL must be base64 encoded (data:{kind}/...;base64,...)", where)
         if len(payload) * 3 // 4 > limit:
             raise image_too_large(where, limits, kind)
+        # Line-wrapped base64 (the `base64` tool wraps at 76 columns) and unpadded base64 are still base64.
+        payload = "".join(payload.split())
+        payload += "=" * (-len(payload) % 4)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -155,6 +158,10 @@ def _parse_message(message: Any, where: str, limits: ApiLimits) -> dict[str, Any
     if not isinstance(message, dict):
         raise InvalidFieldError(f"{where} must be an object", where)
     role, content = message.get("role"), message.get("content")
+    if role == "developer":  # OpenAI's newer name for the system role
+        role = "system"
+    if message.get("tool_calls"):  # a turn this server cannot have answered: its calls would be dropped
+        raise InvalidFieldError(f"{where}.tool_calls: tool calls are not supported", f"{where}.tool_calls")
     if isinstance(content, str):
         return {"role": role, "content": content}
     if content is None and role == "assistant":
@@ -167,7 +174,9 @@ def _parse_message(message: Any, where: str, limits: ApiLimits) -> dict[str, Any
 
 def _parse_part(part: Any, role: Any, at: str, limits: ApiLimits) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise InvalidFieldError(f"{at}.text must be a string", f"{at}.text")
         return {"type": "text", "text": part["text"]}
     if kind not in ("image_url", "video_url"):
         raise InvalidFieldError(f"{at} must be a text, image_url or video_url part, got type {kind!r}", f"{at}.type")
@@ -181,19 +190,28 @@ def _parse_part(part: Any, role: Any, at: str, limits: ApiLimits) -> dict[str, A
     return {"type": media, "data": decode_image_url(url, f"{at}.{kind}", limits, media)}
 
 
+# OpenAI features DvD does not offer: each field is accepted only at a value that asks for nothing (null
+# or these), and refused by name otherwise, since ignoring it would change the answer the client expects.
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logprobs": ((False,), "logprobs are not supported"),
+    "top_logprobs": ((0,), "top_logprobs needs logprobs, which are not supported"),
+    "tools": (([],), "tools are not supported"),
+    "tool_choice": (("none", "auto"), "tool_choice must be none or auto: tools are not supported"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "response_format": (({"type": "text"},), "response_format must be text"),
+}
+
+
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     unknown = sorted(set(body) - _KNOWN_FIELDS)
     if unknown:
         raise InvalidFieldError(f"unknown field(s) {', '.join(unknown)}", unknown[0])
     if _field(body, "n", int, 1) != 1:
         raise InvalidFieldError("n must be 1: DvD returns one choice per request", "n")
-    if _field(body, "logprobs", bool, False):
-        raise InvalidFieldError("logprobs are not supported", "logprobs")
-    if body.get("tools"):
-        raise InvalidFieldError("tools are not supported", "tools")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise InvalidFieldError("response_format must be text", "response_format")
+    for name, (allowed, message) in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(ok) and value == ok for ok in allowed):
+            raise InvalidFieldError(message, name)
 
 
 def _number(body: dict[str, Any], name: str) -> float | None:
@@ -209,6 +227,9 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
                                 "stream_options")
     if options and not stream:
         raise InvalidFieldError("stream_options is only allowed with stream: true", "stream_options")
+    if _field(options, "continuous_usage_stats", bool, False):  # vLLM's usage in every chunk: not offered
+        raise InvalidFieldError("stream_options.continuous_usage_stats is not supported; include_usage is",
+                                "stream_options.continuous_usage_stats")
     return bool(_field(options, "include_usage", bool, False))
 
 

@@ -39,7 +39,14 @@ from typing import Any
 
 import grpc
 
-from dvd.errors import ERROR_METADATA_KEY, PeerLostError, ReplicaBusyError, UnavailableError, from_rpc_error
+from dvd.errors import (
+    ERROR_METADATA_KEY,
+    DeadlineExceededError,
+    PeerLostError,
+    ReplicaBusyError,
+    UnavailableError,
+    from_rpc_error,
+)
 from dvd.pipeline.replicas import Replica, Work
 from dvd.pipeline.router import LanguageLost, RefusedBusy, Router, pick_decode
 from dvd.pipeline.stage_timings import Stamps
@@ -242,7 +249,7 @@ class RequestFlow:
         self.handed_off = self.handed_off or (not decode and bool(response.token_ids))
         if response.finish_reason:
             self.finished = True
-        return GenerationEvent(token_ids=list(response.token_ids))
+        return GenerationEvent(token_ids=list(response.token_ids), num_prompt_tokens=response.prompt_tokens)
 
     def _failed(self, err: grpc.aio.AioRpcError | asyncio.CancelledError, work: Work,
                 decode_work: Work | None) -> BaseException | None:
@@ -261,6 +268,9 @@ class RequestFlow:
         if self.decode is not None and isinstance(err, grpc.aio.AioRpcError) and err is not self._error_of(self.call):
             replica = self.decode
         side = "language" if self.decode is None else ("prefill" if replica is self.language else "decode")
+        if _own_deadline(err):  # gRPC's "Deadline Exceeded" would not say whose deadline, nor that it is `timeout`
+            return DeadlineExceededError(f"request {self.request.request_id!r} ran past its deadline of "
+                                         f"{self.request.timeout_s:g} s")
         error = from_rpc_error(err, f"{side} ({replica.address})")
         if isinstance(error, ReplicaBusyError):
             return RefusedBusy(error, replica)
@@ -326,6 +336,13 @@ async def _shielded_abort(replica: Replica, request_id: str) -> None:
     abort.add_done_callback(done)
     with contextlib.suppress(grpc.aio.AioRpcError):
         await asyncio.shield(abort)
+
+
+def _own_deadline(err: grpc.aio.AioRpcError | asyncio.CancelledError) -> bool:
+    """A call this gateway's own deadline (the request's timeout) ended, not an error a server named."""
+    if not isinstance(err, grpc.aio.AioRpcError) or err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+        return False
+    return ERROR_METADATA_KEY not in dict(err.trailing_metadata() or ())
 
 
 def _unreachable(err: grpc.aio.AioRpcError | asyncio.CancelledError) -> bool:

@@ -69,7 +69,8 @@ class TextStream:
                  tracer: Tracer = NO_TRACER) -> None:
         self.backend, self.chat, self.metrics, self.request = backend, chat, metrics, request
         self.tracer = tracer
-        self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings)
+        self.decoder = IncrementalDecoder(chat.tokenizer, request.sampling.stop_token_ids, request.stop_strings,
+                                          chat.answer_header)
         self.outcome: Outcome | None = None
         self._prompt: PromptTokens | None = None
         self._deltas = self._run()
@@ -113,9 +114,13 @@ class TextStream:
     async def _deltas_of(self, span: Span) -> AsyncGenerator[Delta, None]:
         events = self.backend.generate(await self._tokenized(span))
         num_tokens, last = 0, GenerationEvent(token_ids=[])
+        # the prompt's size (image tokens included) comes with the first token: a stop string may end the stream
+        # before the backend's last event
+        num_prompt = 0
         async with contextlib.aclosing(events):  # an early end aborts the request on the backend at once
             async for event in events:
                 num_tokens += len(event.token_ids)
+                num_prompt = max(num_prompt, event.num_prompt_tokens)
                 last = event
                 text = self.decoder.add(event.token_ids)
                 if event.token_ids or text:
@@ -126,9 +131,15 @@ class TextStream:
         if tail:
             yield Delta((), tail)
         reason = FinishReason.STOP if self.decoder.stopped else (last.finish_reason or FinishReason.ABORT)
-        self.metrics.observe_finished(last.timings, last.num_prompt_tokens, num_tokens)
-        self.outcome = Outcome(self.decoder.text, last.num_prompt_tokens, num_tokens, reason,
+        self.metrics.observe_finished(last.timings, num_prompt, num_tokens)
+        self.outcome = Outcome(self.decoder.text, num_prompt, num_tokens, reason,
                                last.timings or StageTimings())
+
+
+def served_names(model_name: str) -> list[str]:
+    """The names a request may give for the model: its served name first (what /v1/models lists), and for a Hub id
+    ("org/name", what vLLM users send) its bare name too, which DvD served it as before."""
+    return [model_name, model_name.rsplit("/", 1)[1]] if "/" in model_name else [model_name]
 
 
 class ServingCore:
@@ -152,7 +163,7 @@ class ServingCore:
     def validate(self, fields: ChatFields, limits: ApiLimits) -> ChatRequest:
         """The validated request (`pipeline/validate.py`), stopping at the checkpoint's stop tokens;
         raises a DvdError naming the field."""
-        return build_chat_request(fields, limits, [self.model_name], self.chat.stop_token_ids)
+        return build_chat_request(fields, limits, served_names(self.model_name), self.chat.stop_token_ids)
 
     @contextlib.asynccontextmanager
     async def admit(self, request: ChatRequest) -> AsyncIterator[TextStream]:

@@ -19,6 +19,7 @@ class StubChat:
 
     tokenizer = StubTokenizer()
     stop_token_ids = (0,)
+    answer_header = None  # no harmony header: every answer shown whole
 
     def build(self, messages: list[dict[str, Any]], num_images: int, thinking: bool = False,
               text_placeholders: bool = True) -> PromptTokens:

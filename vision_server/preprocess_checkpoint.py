@@ -14,11 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dvd.checkpoint import checkpoint_format
 from dvd.errors import CheckpointError
-
-HF_ARCHITECTURE = "InternVLForConditionalGeneration"
-HF_FLASH_ARCHITECTURE = "InternvlFlashForConditionalGeneration"  # HF-format Flash: the same preprocessing
-GITHUB_ARCHITECTURE = "InternVLChatModel"
 
 # PIL / transformers code for bicubic resampling; the card resizes bicubic, nothing else is honoured.
 _PIL_BICUBIC = 3
@@ -128,12 +125,14 @@ def _hf_settings(config: dict[str, Any], directory: Path, config_path: Path) -> 
         out["min_num"] = _int(pre["min_patches"], "min_patches", pre_path)
     if pre.get("max_patches") is not None:
         out["max_num"] = _int(pre["max_patches"], "max_patches", pre_path)
-    # GotOcr2ImageProcessor tiles only when crop_to_patches is set (its class default is False) and
-    # max_patches > 1; otherwise it resizes the whole image to one tile. One tile of min=max=1 is the
-    # same computation in the card's dynamic_preprocess (a bicubic resize to size x size, no thumbnail).
+    # `crop_to_patches` is checked and not used: transformers' InternVLProcessor passes crop_to_patches=True
+    # on every call (its `images_kwargs` default), overriding the image processor's own setting, so the
+    # HF model tiles whatever this file says. transformers' InternVL conversion writes the file with
+    # GotOcr2ImageProcessor's class default, false, so taking it at its word served released HF checkpoints
+    # one tile per image where transformers gives up to max_patches + a thumbnail.
     crop = pre.get("crop_to_patches")
-    if crop is not None and not _bool(crop, "crop_to_patches", pre_path):
-        out["min_num"] = out["max_num"] = 1
+    if crop is not None:
+        _bool(crop, "crop_to_patches", pre_path)
     # The HF processor always appends the thumbnail when it tiles (it never passes use_thumbnail).
     out["use_thumbnail"] = True
     return out
@@ -175,11 +174,11 @@ def read_checkpoint_settings(path: str | Path) -> dict[str, Any]:
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list):
         raise CheckpointError(f"{config_path}: 'architectures' must be a list, found {architectures!r}")
-    if HF_ARCHITECTURE in architectures or HF_FLASH_ARCHITECTURE in architectures:
+    # The format as the checkpoint reader tells it (dvd/checkpoint.py), so the two never disagree; an HF-format
+    # Flash checkpoint preprocesses as any HF one.
+    fmt = checkpoint_format(config)
+    if fmt == "hf":
         return _hf_settings(config, directory, config_path)
-    if GITHUB_ARCHITECTURE in architectures:
+    if fmt == "github":
         return _github_settings(config, directory, config_path)
-    raise CheckpointError(
-        f"{config_path}: architecture {architectures!r} is not served by DvD "
-        f"(expected {HF_ARCHITECTURE} or {GITHUB_ARCHITECTURE})"
-    )
+    raise CheckpointError(f"{config_path}: architecture {architectures!r} is not served by DvD")

@@ -1,14 +1,15 @@
-"""Write a random-weight InternVL checkpoint: weights, config, tokenizer with a real chat template,
-generation and image-processor configs, in the HF or the original GitHub format.
+"""Write a random-weight InternVL checkpoint: weights, config, tokenizer with a real chat template, generation and
+image-processor configs, in the HF or the original GitHub format.
 
-Presets: `tiny` (seconds to build; initializer_range 0.5 so greedy output does not collapse into one
-repeated token) and `internvl3_5-1b-shaped` (InternViT-300M + Qwen3-0.6B dimensions, 448 px tiles,
-256 tokens a tile). The rest of the family, tiny, with its released structure and config fields:
-`tiny-6b-vit` (InternViT-6B: RMSNorm, QK-norm, no qkv bias, drop_path_rate in the GitHub config; as in
-38B), `tiny-moe` (a Qwen3 MoE LLM, experts stored one tensor each as released; as in 30B-A3B and
-241B-A28B), `tiny-gptoss` (GPT-OSS: alternating sliding-window (8 tokens) and full layers, attention
-sinks, MoE; as in 20B-A4B). Each works with `--flash`, whose HF format uses the HF (`internvl_flash`)
-names. The same `--seed` gives the same weights in both formats.
+Presets: `tiny` (seconds to build; initializer_range 0.5 so greedy output does not collapse into one repeated token)
+and `internvl3_5-1b-shaped` (InternViT-300M + Qwen3-0.6B dimensions, 448 px tiles, 256 tokens a tile). The rest of
+the family, tiny, with its released structure and config fields: `tiny-6b-vit` (InternViT-6B: RMSNorm, QK-norm, no
+qkv bias, drop_path_rate in the GitHub config; as in 38B), `tiny-tied` (tied embeddings and head_dim != hidden /
+heads; as in 1B, 2B, 4B), `tiny-moe` (a Qwen3 MoE LLM, experts stored one tensor each as released; as in 30B-A3B and
+241B-A28B), `tiny-gptoss` (GPT-OSS: alternating sliding-window (8 tokens) and full layers, attention sinks, MoE; its
+GitHub config names the harmony template `internvl3_5_gpt_oss`, its tokenizer has the harmony tokens; as in
+20B-A4B). Each works with `--flash`, whose HF format uses the HF (`internvl_flash`) names. The same `--seed`
+gives the same weights in both formats.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import AddedToken
 
 from dvd.checkpoint import HF_FLASH_ARCHITECTURE
+from dvd.prompt import HARMONY_TOKENS
 from dvd.tools.tokenizer_builder import build_tokenizer, padded_to
 from dvd.weights import FLASH_NAMES, GITHUB_MLP1_NAMES, VIT_NAMES
 
@@ -63,6 +66,9 @@ PRESETS |= {
         "vision": dict(PRESETS["tiny"]["vision"], norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
         "github_vision": {"model_type": "intern_vit_6b", "drop_path_rate": 0.1},
     },
+    # InternVL3.5-1B / 2B / 4B's LLM fields (Qwen3-0.6B / 1.7B / 4B): tied embeddings (no lm_head in the files)
+    # and a head_dim that is not hidden / heads (0.6B: 128 against 1024 / 16).
+    "tiny-tied": PRESETS["tiny"] | {"text": dict(_TINY_TEXT, tie_word_embeddings=True, head_dim=32)},
     # InternVL3.5-30B-A3B / 241B-A28B: a Qwen3 MoE language half (experts stored one by one on disk).
     "tiny-moe": PRESETS["tiny"] | {
         "text": dict(
@@ -72,8 +78,10 @@ PRESETS |= {
         ),
     },
     # InternVL3.5-GPT-OSS-20B-A4B: sliding-window and full layers alternating, attention sinks, MoE.
-    # A window of 8 tokens so that every test prompt is longer than it.
+    # A window of 8 tokens so that every test prompt is longer than it. Its GitHub config names the harmony
+    # template the model was trained with, whose tokens its tokenizer has.
     "tiny-gptoss": PRESETS["tiny"] | {
+        "special_tokens": HARMONY_TOKENS, "github_template": "internvl3_5_gpt_oss",
         "text": dict(
             _TINY_TEXT, model_type="gpt_oss", architectures=["GptOssForCausalLM"], num_local_experts=4,
             num_experts_per_tok=2, intermediate_size=32, sliding_window=8, attention_bias=True,
@@ -135,7 +143,8 @@ def hf_config(preset: dict[str, Any], vocab_size: int, image_token_id: int) -> d
     }
 
 
-def github_config(hf: dict[str, Any], vision_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def github_config(hf: dict[str, Any], vision_extra: dict[str, Any] | None = None,
+                  template: str = "internvl2_5") -> dict[str, Any]:
     v = hf["vision_config"]
     vision = {
         "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
@@ -148,7 +157,7 @@ def github_config(hf: dict[str, Any], vision_extra: dict[str, Any] | None = None
     } | (vision_extra or {})
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "vision_config": vision,
-        "llm_config": hf["text_config"], "downsample_ratio": 0.5, "template": "internvl2_5",
+        "llm_config": hf["text_config"], "downsample_ratio": 0.5, "template": template,
         "ps_version": "v2", "select_layer": -1, "force_image_size": 448, "min_dynamic_patch": 1,
         "max_dynamic_patch": 12, "use_thumbnail": True, "dynamic_image_size": True,
         "use_backbone_lora": 0, "use_llm_lora": 0,
@@ -318,6 +327,8 @@ def make_checkpoint(
     spec = PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
     learned_tokenizer = build_tokenizer()
+    # special: skipped when decoding, as the released tokenizer's are; before `learned`, so their rows stay
+    learned_tokenizer.add_tokens([AddedToken(t, special=True) for t in spec.get("special_tokens", ())])
     learned = len(learned_tokenizer)
     vocab_size = spec["vocab_size"] or learned
     tokenizer = padded_to(learned_tokenizer, vocab_size)
@@ -341,16 +352,19 @@ def make_checkpoint(
         if fmt == "hf":  # transformers' InternVL-Flash port names its own architecture
             extra |= {"architectures": [HF_FLASH_ARCHITECTURE], "model_type": "internvl_flash"}
     if fmt == "github":
-        state, config = to_github_names(state), github_config(config, spec.get("github_vision"))
+        state, config = to_github_names(state), github_config(config, spec.get("github_vision"),
+                                                             spec.get("github_template", "internvl2_5"))
     (out / "config.json").write_text(json.dumps(config | extra, indent=2, ensure_ascii=False))
     write_weights(state, out, spec["dtype"], shard_bytes)
     tokenizer.save_pretrained(str(out))
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     generation = {"eos_token_id": stop_ids, "pad_token_id": stop_ids[1], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    # crop_to_patches false, as transformers' InternVL conversion writes it into released HF checkpoints:
+    # InternVLProcessor passes True on every call over it (vision_server/preprocess_checkpoint.py).
     processor = {
         "image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 448, "width": 448},
-        "crop_to_patches": True, "min_patches": 1, "max_patches": 12, "do_rescale": True,
+        "crop_to_patches": False, "min_patches": 1, "max_patches": 12, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
         "do_convert_rgb": True, "resample": 3,
     }

@@ -42,6 +42,16 @@ def test_internvit_6b_fields_in_both_formats(root: Path) -> None:
     assert github["drop_path_rate"] == 0.1 and github["qk_normalization"] and not github["qkv_bias"]
 
 
+def test_tied_embeddings_are_stored_once_and_shared_in_both_formats(root: Path) -> None:
+    """InternVL3.5-1B/2B/4B's Qwen3 ties its embeddings: the files hold no lm_head, the LLM shares the matrix."""
+    for fmt in ("hf", "github"):
+        path = make_checkpoint(root / f"tied-{fmt}", preset="tiny-tied", fmt=fmt)
+        assert "lm_head.weight" not in language_tensors(TensorSource(path))
+        model = LanguageHalf.from_checkpoint(path).model
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        assert model.config.head_dim * model.config.num_attention_heads != model.config.hidden_size
+
+
 def test_moe_experts_are_stored_one_by_one_and_fused_on_load(root: Path) -> None:
     path = make_checkpoint(root / "moe", preset="tiny-moe", fmt="github")
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
@@ -77,6 +87,13 @@ def test_unsupported_configs_are_refused_by_name(root: Path, edit, message: str)
         open_checkpoint(path)
 
 
+def test_hf_fields_dvd_cannot_honour_are_refused_by_name(root: Path) -> None:
+    path = make_checkpoint(root / "refuse-hf", preset="tiny", fmt="hf")
+    _rewrite_config(path, lambda c: c.update(vision_feature_select_strategy="full"))
+    with pytest.raises(CheckpointError, match="vision_feature_select_strategy 'full' is not supported"):
+        open_checkpoint(path)
+
+
 def test_hf_flash_checkpoint_uses_the_hf_names(root: Path) -> None:
     path = make_checkpoint(root / "flash-hf", preset="tiny", fmt="hf", flash=True)
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
@@ -88,6 +105,25 @@ def test_hf_flash_checkpoint_uses_the_hf_names(root: Path) -> None:
     assert info.flash is not None
     refs = vision_tensors(info, TensorSource(path), with_flash=True)
     assert refs["pooling_before_gating.attn1.in_proj_weight"].shape() == (3 * 64, 64)
+
+
+def test_hf_flash_as_opengvlab_converts_it_loads(root: Path) -> None:
+    """OpenGVLab's HF Flash conversion writes `InternVLFlashForConditionalGeneration` (capital VL, where
+    transformers' port spells it `Internvl...`) and a vision model_type `internvl_flash_vision`; the checkpoint
+    reader took it by its model_type but the preprocessing reader refused the architecture."""
+    from dvd.vision_server.model import VisionHalf
+    from dvd.vision_server.preprocess import PreprocessConfig
+
+    path = make_checkpoint(root / "flash-opengvlab", preset="tiny", fmt="hf", flash=True)
+
+    def as_opengvlab(config: dict) -> None:
+        config["architectures"] = ["InternVLFlashForConditionalGeneration"]
+        config["vision_config"].update(model_type="internvl_flash_vision", architectures=["InternvlFlashVisionModel"])
+
+    _rewrite_config(path, as_opengvlab)
+    assert open_checkpoint(path).flash is not None
+    assert PreprocessConfig.from_checkpoint(path).max_num == 12
+    assert VisionHalf.from_checkpoint(path).is_flash
 
 
 def test_hf_flash_names_with_the_model_prefix_load_the_same(root: Path) -> None:

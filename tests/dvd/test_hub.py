@@ -208,6 +208,7 @@ def test_dvd_serve_by_hub_id_offline_equals_monolithic_and_reports_its_commit(
     import torch
     from transformers import InternVLForConditionalGeneration
 
+    from dvd.pipeline.detokenize import answer_text
     from dvd.pipeline.local import LocalPipeline
     from dvd.sampling import greedy
     from tests.pipeline.test_split_equals_monolithic import NEW_TOKENS, monolithic_reference
@@ -223,7 +224,7 @@ def test_dvd_serve_by_hub_id_offline_equals_monolithic_and_reports_its_commit(
     sampling = greedy(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, stop_token_ids=pipe.chat.stop_token_ids)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     prompt_ids = pipe.generate(messages, [image], sampling).prompt_token_ids
-    expected = pipe.chat.decode(monolithic_reference(monolithic, pipe, prompt_ids, [image], bf16=True))
+    expected = answer_text(pipe.chat, monolithic_reference(monolithic, pipe, prompt_ids, [image], bf16=True))
     url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
     body = {"model": "tiny", "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS, "temperature": 0,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -255,3 +256,18 @@ def test_dvd_cluster_up_pins_the_commit_and_leaves_the_weights_to_each_actor(
     config, token = for_up(RayClusterConfig(model=Path("org/tiny"), token_file=tmp_path / "token"))
     assert token == "cluster-secret"
     assert config.model == Path("org/tiny") and config.revision == commits["main"]  # every actor: this commit
+
+
+def test_a_hub_snapshot_is_served_by_its_hub_id(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """What clients call a model from the Hub is its id as given, as vLLM serves it (`model="org/name"`); the bare
+    name stays accepted (pipeline/serving.py: served_names)."""
+    from dvd.hub import resolve_model
+    from dvd.pipeline.serving import served_names
+
+    commits = lay_out_cache(tmp_path / "hub", "org/tiny", {"main": checkpoints["hf"]})
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / commits["main"]
+    model = resolve_model(snapshot)
+    assert (model.name, model.revision) == ("org/tiny", commits["main"])
+    assert served_names(model.name) == ["org/tiny", "tiny"]
+    assert resolve_model(checkpoints["hf"]).name == "hf"
+    assert served_names("hf") == ["hf"]

@@ -33,6 +33,7 @@ def test_github_template_is_internvl2_5(github_chat: ChatFormat) -> None:
         f"<|im_start|>system\n{INTERNVL_SYSTEM_MESSAGE}<|im_end|>\n"
         "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
     )
+    assert github_chat.answer_header is None  # no harmony tokens: answers are shown whole
 
 
 def test_both_formats_render_the_same_prompt(hf_chat: ChatFormat, github_chat: ChatFormat) -> None:
@@ -149,6 +150,31 @@ def test_unknown_conversation_template_is_named(tmp_path: Path, tiny_github: Pat
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"vicuna_v1\.1"):
         ChatFormat(open_checkpoint(copy))
+
+
+def test_gpt_oss_template_renders_as_internvl_chat_does(tmp_path: Path) -> None:
+    """InternVL3.5-GPT-OSS's GitHub config names `internvl3_5_gpt_oss` (it was trained with that conv_style).
+    The prompt is upstream's MPT_TWO get_prompt(), character for character: the generation prompt ends with
+    `<|start|>assistant` (the model writes the `<|channel|>final<|message|>` header itself, so the tokens are
+    chat()'s), and an earlier answer, sent back as the text the client was shown, replays with that header as
+    chat()'s history holds it. Generation stops at `<|return|>`."""
+    from dvd.prompt import GPT_OSS_SYSTEM_MESSAGE
+    from dvd.tools.make_checkpoint import make_checkpoint
+
+    chat = ChatFormat(open_checkpoint(make_checkpoint(tmp_path / "gptoss", preset="tiny-gptoss", fmt="github")))
+    messages = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": "Colour?"}]
+    assert chat.render(messages) == (
+        f"<|start|>system<|message|>{GPT_OSS_SYSTEM_MESSAGE}<|end|>"
+        "<|start|>user<|message|><image>\nWhat is it?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>A cat.<|end|>"
+        "<|start|>user<|message|>Colour?<|end|>"
+        "<|start|>assistant"
+    )
+    assert chat.tokenizer.convert_tokens_to_ids("<|return|>") in chat.stop_token_ids
+    opening = chat.tokenizer.encode("<|end|><|start|>assistant", add_special_tokens=False)
+    assert chat.build(messages, 1).segments[-1][-len(opening):] == tuple(opening)
+    assert chat.answer_header == tuple(chat.tokenizer.convert_tokens_to_ids(["<|channel|>", "<|message|>"]))
 
 
 def test_processor_chat_template_json_is_used(tmp_path: Path, tiny_hf: Path) -> None:

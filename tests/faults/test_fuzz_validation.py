@@ -33,8 +33,8 @@ FIELD_VALUES = st.one_of(json_values, st.integers(-5, 10**6), st.floats(-3, 3),
                          st.sampled_from(["", "tiny", "x" * 300]))
 FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_tokens", "seed",
           "stop", "stream", "stream_options", "n", "repetition_penalty", "ignore_eos", "max_num", "thinking",
-          "timeout", "logprobs", "response_format", "tools", "presence_penalty",
-          "frequency_penalty", "min_p", "bogus"]
+          "timeout", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "logit_bias",
+          "presence_penalty", "frequency_penalty", "min_p", "bogus"]
 part = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=50), json_values)}),
     st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.one_of(
@@ -44,8 +44,8 @@ part = st.one_of(
             json_values)}),
         json_values)}),
     json_values)
-message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]),
-                                                   json_values),
+ROLES = ["system", "developer", "user", "assistant", "tool"]
+message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(ROLES), json_values),
                                  "content": st.one_of(st.text(max_size=80), st.lists(part, max_size=3), json_values)})
 bodies = st.builds(lambda messages, extra: {"messages": messages, **extra},
                    st.one_of(st.lists(message, max_size=4), json_values),

@@ -1,6 +1,6 @@
-"""The engine with the rest of InternVL3.5's language models: Qwen3 MoE and GPT-OSS (sliding-window layers,
-attention sinks). Batched == one at a time == transformers' monolithic generate (greedy), through chunked
-prefill whose chunks reach past the sliding window."""
+"""The engine with the rest of InternVL3.5's language models: the small models' tied Qwen3 (head_dim != hidden /
+heads), Qwen3 MoE and GPT-OSS (sliding-window layers, attention sinks). Batched == one at a time == transformers'
+monolithic generate (greedy), through chunked prefill whose chunks reach past the sliding window."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.conftest import encode, photo_like
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import NEW_TOKENS, WORDS, build, greedy, mixed_requests, monolithic_generate, run
 
-PRESETS = ["tiny-moe", "tiny-gptoss"]
+PRESETS = ["tiny-tied", "tiny-moe", "tiny-gptoss"]
 
 
 @pytest.fixture(scope="module", params=PRESETS)

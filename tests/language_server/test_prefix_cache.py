@@ -11,6 +11,7 @@ from dvd.language_server.kv_cache import BlockAllocator
 from dvd.language_server.model import LanguageHalf
 from dvd.language_server.prefix_cache import PrefixCache
 from dvd.language_server.request import EngineRequest
+from dvd.pipeline.detokenize import answer_text
 from dvd.prompt import ChatFormat
 from tests.language_server.conftest import make_engine
 from tests.language_server.test_engine import greedy
@@ -52,7 +53,7 @@ def test_multi_turn_chat_about_an_image_prefills_the_image_once(language: Langua
         if turn:  # the system prompt and the image (and the turns before) come from the cache
             assert hits(cached) - before_hits >= (images[0][0] + image.shape[0]) // 16 * 16
             assert cached.stats.num_batch_tokens - before_tokens < len(ids) - image.shape[0]
-        messages += [{"role": "assistant", "content": chat.decode(answer)}, {"role": "user", "content": question}]
+        messages += [{"role": "assistant", "content": answer_text(chat, answer)}, {"role": "user", "content": question}]
     assert plain.stats.num_prefix_cache_hit_tokens == 0
     assert 0 < cached.stats.prefix_cache_hit_rate < 1
     assert cached.stats.num_kv_blocks_used == 0 and cached.stats.num_kv_blocks_cached > 0

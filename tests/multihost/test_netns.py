@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dvd.pipeline.detokenize import answer_text
 from dvd.token_file import write_token_file
 from tests.conftest import encode, photo_like
 from tests.multihost.harness import Agent, NsProcess, wait_for
@@ -109,7 +110,7 @@ def cluster(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_requests_through_the_gateway_equal_single_machine(cluster: Cluster, reference: tuple) -> None:
-    expected = reference[0].chat.decode(_expected(reference, _internal_messages(), [IMAGE]))
+    expected = answer_text(reference[0].chat, _expected(reference, _internal_messages(), [IMAGE]))
     answers = [cluster.agent.chat(cluster.url, _body(IMAGE)) for _ in range(2)]
     for answer in (a.result(timeout=120) for a in answers):
         assert answer["status"] == 200, answer

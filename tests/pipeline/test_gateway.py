@@ -23,6 +23,7 @@ from transformers import InternVLForConditionalGeneration
 from dvd.checkpoint import open_checkpoint
 from dvd.errors import DvdError, PromptTooLongError
 from dvd.pipeline.client import GenerationClient, generate_request
+from dvd.pipeline.detokenize import answer_text
 from dvd.pipeline.gateway import Gateway, GatewayConfig
 from dvd.pipeline.grpc_frontend import chat_fields, details
 from dvd.pipeline.local import LocalPipeline
@@ -83,7 +84,7 @@ def _internal_messages() -> list[dict]:
 
 def test_openai_client_equals_monolithic(served: ServeProcess, reference: tuple) -> None:
     expected = _expected(reference, _internal_messages(), [IMAGE])
-    text = reference[0].chat.decode(expected)
+    text = answer_text(reference[0].chat, expected)
     client = openai.OpenAI(base_url=served.http_url + "/v1", api_key="none")
     model = client.models.list().data[0].id
     raw = client.chat.completions.with_raw_response.create(
@@ -112,7 +113,7 @@ def test_grpc_client_equals_monolithic(served: ServeProcess, reference: tuple) -
                               min_new_tokens=NEW, temperature=0)
     assert out.token_ids == expected
     assert out.finish_reason == "length" and out.timings_ms["decode"] > 0
-    assert out.text == reference[0].chat.decode(expected)
+    assert out.text == answer_text(reference[0].chat, expected)
 
 
 
@@ -136,6 +137,11 @@ def _user(content: object, **extra: object) -> dict:
         (_user([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]), 400, "disabled"),
         (_user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]), 400, "base64"),
         (_user([{"type": "image_url", "image_url": {"url": _data_url(b"not an image")}}]), 400, "not recognised"),
+        # streamed: the image fails before the first token, so the status is still the error's, not 200
+        (_user([{"type": "image_url", "image_url": {"url": _data_url(b"not an image")}}], stream=True), 400,
+         "not recognised"),
+        (_user("word " * 12000, stream=True), 400, "context limit"),
+        (_user("hi", max_tokens=4000, min_tokens=4000, timeout=0.05), 504, "ran past its deadline of 0.05 s"),
         (_user([{"type": "audio"}]), 422, "content[0]"),
     ],
 )
@@ -173,6 +179,23 @@ def test_concurrency_limit_gives_429_and_client_disconnect_aborts(served: ServeP
     assert 'dvd_requests_total{outcome="client_gone"} 2.0' in metrics
     assert "dvd_stage_latency_seconds_bucket" in metrics and "dvd_requests_total" in metrics
     assert 'dvd_requests_total{outcome="http_429"}' in metrics
+
+
+def test_usage_counts_the_prompt_when_a_stop_string_ends_the_answer(served: ServeProcess) -> None:
+    """A stop string ends the request at the gateway before the server's last event (which carried the prompt's
+    size): usage must still count the prompt, image tokens included."""
+    client = openai.OpenAI(base_url=served.http_url + "/v1", api_key="none", max_retries=0)
+    ask = {"model": "tiny-hf", "messages": _openai_messages(), "max_tokens": NEW, "temperature": 0,
+           "extra_body": {"min_tokens": NEW}}
+    full = client.chat.completions.create(**ask)
+    text = full.choices[0].message.content
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 1) if text[i:i + 2].isprintable())  # not a held byte
+    stopped = client.chat.completions.create(**ask, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == text[:text.index(stop)]
+    assert stopped.usage.prompt_tokens == full.usage.prompt_tokens > 0, (stopped.usage, full.usage)
+    chunks = list(client.chat.completions.create(**ask, stop=[stop], stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
 def test_health_and_models(served: ServeProcess) -> None:

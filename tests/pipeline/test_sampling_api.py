@@ -20,6 +20,7 @@ from dvd.language_server.model import LanguageHalf
 from dvd.language_server.request import EngineRequest
 from dvd.language_server.service import sampling_from_proto
 from dvd.pipeline.client import GenerationClient
+from dvd.pipeline.detokenize import answer_text
 from dvd.pipeline.grpc_frontend import chat_fields
 from dvd.pipeline.openai_parse import parse_chat_json
 from dvd.pipeline.request_flow import language_request
@@ -129,7 +130,7 @@ def test_dvd_serve_gives_the_engines_tokens_through_both_apis(served: ServeProce
             status, answer = post_chat(served.http_url, {"messages": [{"role": "user", "content": PROMPT}],
                                                          "max_tokens": NEW, "min_tokens": NEW, **sampling})
             assert status == 200, answer
-            assert answer["choices"][0]["message"]["content"] == chat.decode(direct[name]), name
+            assert answer["choices"][0]["message"]["content"] == answer_text(chat, direct[name]), name
 
 
 @pytest.mark.slow

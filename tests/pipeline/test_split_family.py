@@ -1,7 +1,8 @@
-"""The InternVL3.5 family split: for a tiny model of each architecture (InternViT-6B + Qwen3, Qwen3 MoE,
-GPT-OSS) in both formats, the split path (vision half -> features -> language half) equals transformers'
-monolithic `InternVLForConditionalGeneration.generate`, greedy, token for token; Flash too, where the
-monolithic model is fed the vision half's ViR-routed features, and HF-named Flash equals GitHub-named Flash."""
+"""The InternVL3.5 family split: for a tiny model of each architecture (tied Qwen3 with head_dim != hidden / heads,
+InternViT-6B + Qwen3, Qwen3 MoE, GPT-OSS) in both formats, the split path (vision half -> features -> language half)
+equals transformers' monolithic `InternVLForConditionalGeneration.generate`, greedy, token for token; Flash too,
+where the monolithic model is fed the vision half's ViR-routed features, and HF-named Flash equals GitHub-named
+Flash."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.pipeline.test_split_equals_monolithic import monolithic_reference
 NEW_TOKENS = 6
 TEXT = [{"role": "user", "content": "Write a short poem about the mountains."}]
 IMAGE = [{"role": "user", "content": "<image>\nDescribe the image in detail."}]
-FAMILY = ["tiny-6b-vit", "tiny-moe", "tiny-gptoss"]
+FAMILY = ["tiny-tied", "tiny-6b-vit", "tiny-moe", "tiny-gptoss"]
 
 
 def sampling(pipe: LocalPipeline):
@@ -39,16 +40,16 @@ def test_split_equals_monolithic_in_both_formats(preset: str, root: Path) -> Non
     github = make_checkpoint(root / f"{preset}-github", preset=preset, fmt="github", seed=0)
     monolithic = InternVLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32).eval()
     image = encode(photo_like(448, 448, 1))  # one tile: 256 rows, so the eager GPT-OSS reference stays cheap
-    outputs = set()
-    for path in (hf, github):
+    for path in (hf, github):  # the formats' prompts differ where the GitHub config names another template
         pipe = LocalPipeline(path, wire_dtype=None)
+        outputs = set()
         for messages, images in ((TEXT, []), (IMAGE, [image])):
             result = pipe.generate(messages, images, sampling(pipe))
             expected = monolithic_reference(monolithic, pipe, result.prompt_token_ids, images, bf16=False)
             expected = expected[:NEW_TOKENS]
             assert result.token_ids == expected, (path.name, messages[0]["content"])
             outputs.add(tuple(result.token_ids))
-    assert len(outputs) == 2, "text and image prompts should give different outputs"
+        assert len(outputs) == 2, "text and image prompts should give different outputs"
 
 
 def _flash_monolithic(model: InternVLForConditionalGeneration, pipe: LocalPipeline, ids: list[int],

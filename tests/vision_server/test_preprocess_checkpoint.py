@@ -104,11 +104,19 @@ def test_from_checkpoint_hf_without_preprocessor_file(tmp_path: Path) -> None:
     assert PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, config, None)).image_size == 336
 
 
-def test_from_checkpoint_hf_no_cropping_means_one_tile(tmp_path: Path) -> None:
-    path = write_checkpoint(tmp_path, HF_CONFIG, {"crop_to_patches": False, "max_patches": 12})
+def test_from_checkpoint_hf_crop_to_patches_false_still_tiles_as_the_hf_processor_does(tmp_path: Path) -> None:
+    """transformers' InternVL conversion writes `crop_to_patches: false` (GotOcr2ImageProcessor's class default)
+    into released HF checkpoints, and InternVLProcessor passes crop_to_patches=True on every call over it: the
+    HF model sees up to max_patches tiles and a thumbnail, so DvD must too (it served one tile before)."""
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    assert InternVLProcessor.images_kwargs["crop_to_patches"] is True  # what the processor passes per call
+    path = write_checkpoint(tmp_path, HF_CONFIG, {"crop_to_patches": False, "min_patches": 1, "max_patches": 6})
     config = PreprocessConfig.from_checkpoint(path)
-    assert (config.min_num, config.max_num) == (1, 1)
-    assert preprocess_image(PHOTOS[0].read_bytes(), config).shape[0] == 1
+    assert (config.min_num, config.max_num, config.use_thumbnail) == (1, 6, True)
+    assert preprocess_image(PHOTOS[2].read_bytes(), config).shape[0] == 7  # 600x400: 3 x 2 tiles + thumbnail
+    with pytest.raises(CheckpointError, match="'crop_to_patches' must be true or false"):
+        PreprocessConfig.from_checkpoint(write_checkpoint(tmp_path, HF_CONFIG, {"crop_to_patches": "no"}))
 
 
 @pytest.mark.parametrize(
