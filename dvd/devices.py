@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
@@ -16,6 +17,33 @@ def check_device(name: str) -> str:
     if not _DEVICE.match(name):
         raise ValueError(f"device {name!r} is not a torch device name (cpu, cuda, cuda:N, xpu:N, mps)")
     return name
+
+
+def require_available(*names: str) -> None:
+    """A ValueError naming the first of `names` this process's torch cannot run on (a CPU-only build, a missing GPU,
+    an index past the count): checked as a model process starts, where torch's own error is a traceback. Imports
+    torch: for the processes that load a model, not the gateway."""
+    import torch
+
+    for name in names:
+        kind, _, index = check_device(name).partition(":")
+        count = _device_count(torch, kind)
+        if count is None:
+            continue
+        if count == 0:
+            raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no {kind} device; run on cpu, "
+                             f"or install a torch build for this machine's {kind} devices")
+        if index and int(index) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} {kind} device(s), {kind}:0 to "
+                             f"{kind}:{count - 1}")
+
+
+def _device_count(torch: Any, kind: str) -> int | None:
+    """How many `kind` devices torch sees; None where it cannot say (cpu, meta, a backend without the calls)."""
+    backend: Any = getattr(torch, kind, None)
+    if kind in ("cpu", "meta") or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        return None
+    return int(backend.device_count()) if backend.is_available() else 0
 
 
 def check_dtype(name: str) -> str:
