@@ -29,7 +29,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k
+    top_k: int = 0  # 0 = no top-k; -1, vLLM's spelling of it, is taken as 0
     repetition_penalty: float = 1.0
     # 0 = off; vLLM's min_p and OpenAI's penalties (over the generated tokens only, not the prompt).
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
@@ -44,13 +44,15 @@ class SamplingParams:
         # the disaggregated servers draw different tokens for one seeded request (1 - top_p is the cut).
         for name in _FLOAT_FIELDS:
             object.__setattr__(self, name, _float32(getattr(self, name)))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
             (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
              f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"),
             (self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}"),
+            (self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k} (-1, as 0: no top-k)"),
             (self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"),
             (_within(self.min_p, MIN_P_RANGE), "min_p", f"must be in {list(MIN_P_RANGE)}, got {self.min_p}"),
             (_within(self.presence_penalty, PENALTY_RANGE), "presence_penalty",

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens whose "
                                                                     "probabilities sum to this; 1 keeps all")
-    parser.add_argument("--top-k", type=int, default=0, help="0 means no top-k cut")
+    parser.add_argument("--top-k", type=int, default=0, help="0 (or -1, as vLLM) means no top-k cut")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="transformers' repetition penalty over prompt and output; 1 is none")
     parser.add_argument("--seed", type=int, help="sampling seed, for reproducible sampled output")

@@ -150,8 +150,7 @@ def _sampling(fields: ChatFields, limits: ApiLimits, stop_token_ids: tuple[int, 
     top_p = defaults.top_p if fields.top_p is None else fields.top_p
     check_range("top_p", top_p, 0.0, 1.0, low_open=True)
     top_k = fields.top_k or 0
-    top_k = 0 if top_k == -1 else top_k  # vLLM's spelling of "no top-k"
-    check_range("top_k", top_k, 0, 1 << 30)
+    check_range("top_k", top_k, -1, 1 << 30)  # -1: vLLM's spelling of "no top-k" (SamplingParams takes it as 0)
     penalty = defaults.repetition_penalty if fields.repetition_penalty is None else fields.repetition_penalty
     check_range("repetition_penalty", penalty, 0.0, 10.0, low_open=True)
     return SamplingParams(max_new_tokens=max_new, min_new_tokens=min_new, temperature=float(temperature),

@@ -69,6 +69,16 @@ def test_generate_bad_input_is_a_clear_error(
     assert err.startswith("error: ") and message in err, err
 
 
+def test_top_k_minus_one_is_no_top_k_as_in_the_apis(tiny_hf: Path, capsys: pytest.CaptureFixture) -> None:
+    """vLLM's -1 means "no top-k", as both APIs take it; in-process (`dvd.cli.main`) to keep it fast."""
+    answers = []
+    for top_k in ("0", "-1"):
+        assert main(["generate", "--model", str(tiny_hf), "--prompt", "Hello", "--max-new-tokens", "6", "--json",
+                     "--temperature", "1.0", "--seed", "5", "--top-k", top_k]) == 0, capsys.readouterr().err
+        answers.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert answers[0] == answers[1]
+
+
 def test_unsupported_model_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     run = _dvd("generate", "--model", str(tmp_path), "--prompt", "hi")
