@@ -178,3 +178,12 @@ def test_pd_servers_get_cpu_sets_per_role() -> None:
     bad["nodes"][0]["language"].update(prefill_cpus=["0"])
     with pytest.raises(ConfigError, match=r"nodes\[a\]\.language: prefill_cpus / decode_cpus: only with"):
         build_cluster_config(bad)
+
+
+def test_a_cpu_this_machine_lacks_is_named_by_the_roles_cpus_key_not_its_settings() -> None:
+    data = _base()
+    missing = max(os.sched_getaffinity(0)) + 1
+    data["nodes"][1]["vision"]["cpus"] = [str(missing)]
+    spec = cluster_spec(build_cluster_config(data))  # valid anywhere: another machine may have that CPU
+    with pytest.raises(ConfigError, match=rf"^nodes\[b\]\.vision\.cpus\[0\]: .*\[{missing}\] .*not available here"):
+        server_config(spec, spec.nodes[1], "vision", 0, None)  # pinned: on the node itself
