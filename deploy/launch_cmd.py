@@ -81,9 +81,15 @@ def resolved_spec(spec: DeploymentSpec, roles: list[str], check: bool) -> Deploy
     return replace(spec, model=model.path, revision=model.revision)
 
 
-def _cpus(child: ChildSpec) -> str:
-    cpus = getattr(child.config, "cpus", "")
-    return f" cpus {cpus}" if cpus else ""
+def _placement(child: ChildSpec) -> str:
+    """Where a server runs beyond its address: its device(s), CPUs, and a language server's feature port."""
+    config = child.config
+    devices = getattr(config, "devices", None) or ((config.device,) if hasattr(config, "device") else ())
+    cpus = getattr(config, "cpus", "")
+    features = (f" features on {config.transport_advertise_host}:{config.transport.port}"
+                if hasattr(config, "transport_advertise_host") else "")
+    return (f" device{'s' if len(devices) > 1 else ''} {','.join(devices)}" if devices else "") + \
+        (f" cpus {cpus}" if cpus else "") + features
 
 
 async def _supervise(supervisor: Supervisor) -> int:
@@ -124,13 +130,14 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no token_file (nor DVD_TOKEN): the feature transport accepts any peer that reaches it")
     if args.check:
         for planned in processes:
-            print(f"dvd launch: would start {planned.name} on node {node.name}{_cpus(planned)}")
+            print(f"dvd launch: would start {planned.name} on node {node.name} at {planned.address}"
+                  f"{_placement(planned)}")
         return 0
     supervisor = Supervisor(prefix="dvd-launch-")  # 0700: the child configs hold the token
     try:
         for planned in processes:
             child = supervisor.start(planned)
-            print(f"dvd launch: {child.name} pid {child.pid} on {planned.address}{_cpus(planned)}", flush=True)
+            print(f"dvd launch: {child.name} pid {child.pid} on {planned.address}{_placement(planned)}", flush=True)
         print(f"dvd launch: running {len(processes)} processes of node {node.name}", flush=True)
         return asyncio.run(_supervise(supervisor))
     finally:

@@ -154,7 +154,8 @@ def test_launch_check_refuses_a_cpu_list_dvd_cpus_refuses(tmp_path: Path) -> Non
     assert run.returncode == 2 and "nodes[b].vision[0] binds 0.0.0.0" in run.stderr and "token" in run.stderr
     run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "b", "--check"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "DVD_TOKEN": "t0ken"})
-    assert run.returncode == 0 and "dvd launch: would start vision[0] on node b cpus 0" in run.stdout, run.stderr
+    assert run.returncode == 0 and "dvd launch: would start vision[0] on node b at 10.0.0.2:7100 device cpu cpus 0" \
+        in run.stdout, run.stderr
     spec = cluster_spec(build_cluster_config(data))
     assert server_config(spec, spec.nodes[1], "vision", 0, None).cpus == "0"
 
@@ -187,3 +188,15 @@ def test_a_cpu_this_machine_lacks_is_named_by_the_roles_cpus_key_not_its_setting
     spec = cluster_spec(build_cluster_config(data))  # valid anywhere: another machine may have that CPU
     with pytest.raises(ConfigError, match=rf"^nodes\[b\]\.vision\.cpus\[0\]: .*\[{missing}\] .*not available here"):
         server_config(spec, spec.nodes[1], "vision", 0, None)  # pinned: on the node itself
+
+
+def test_launch_check_says_where_each_process_would_serve(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(_base()))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a", "--check"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "DVD_TOKEN": "t0ken"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "dvd launch: would start gateway on node a at http 10.0.0.1:8000, grpc 50051",
+        "dvd launch: would start language[0] on node a at 10.0.0.1:7200 device cuda:0 features on 10.0.0.1:7300",
+        "dvd launch: would start language[1] on node a at 10.0.0.1:7201 device cuda:1 features on 10.0.0.1:7301"]
