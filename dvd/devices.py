@@ -18,6 +18,28 @@ def check_device(name: str) -> str:
     return name
 
 
+def require_present(devices: Sequence[str]) -> None:
+    """Refuse a device this machine lacks (no CUDA, or fewer GPUs than `cuda:N` needs) in one line naming it,
+    before a model is loaded onto it: torch's own refusal is a traceback from deep inside the load, once per
+    server. Imports torch: only processes about to load a model call it. Kinds torch has no module to ask
+    about (mps) are left to torch."""
+    import torch
+
+    for name in devices:
+        kind, _, index = name.partition(":")
+        module = getattr(torch, kind, None) if kind not in ("cpu", "meta") else None
+        if module is None or not hasattr(module, "is_available"):
+            continue
+        count = module.device_count() if module.is_available() else 0
+        if count == 0:
+            built = "" if kind != "cuda" or torch.backends.cuda.is_built() else f" (torch {torch.__version__} " \
+                "was built without CUDA)"
+            raise ValueError(f"device {name}: this machine has no {kind} device{built}")
+        if index and int(index) >= count:
+            raise ValueError(f"device {name}: this machine has {count} {kind} device(s), {kind}:0 to "
+                             f"{kind}:{count - 1}")
+
+
 def check_dtype(name: str) -> str:
     if name and name not in DTYPE_NAMES:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")

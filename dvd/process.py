@@ -174,6 +174,7 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
 
     from dvd.config_file import config_or_flags
     from dvd.cpus import pin_process
+    from dvd.devices import require_present
     from dvd.hub import resolve_model
     from dvd.internal_auth import require_credential
     from dvd.malloc import for_vision_batches, reuse_freed_memory
@@ -196,6 +197,11 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
         print(f"error: {exc}", file=sys.stderr)
         return None
     pin_process(config.cpus, role)
+    try:  # after pinning: it imports torch
+        require_present(getattr(config, "devices", None) or (config.device,))
+    except ValueError as exc:
+        print(f"error: {role}: {exc}", file=sys.stderr)
+        return None
     # before the model's first forward pass and its threads' first allocation (dvd/malloc.py says why)
     if role == "vision server":  # its batcher's thread allocates whole batches' activations
         for_vision_batches()
