@@ -103,8 +103,7 @@ async def _supervise(supervisor: Supervisor) -> int:
     code = 0
     if exited in done:
         child = exited.result()
-        log.error("%s exited with code %s: stopping this node's other processes", child.describe(),
-                  child.returncode)
+        log.error("%s %s: stopping this node's other processes", child.describe(), child.exit_status())
         code = 1
     stopper.cancel()
     exited.cancel()
