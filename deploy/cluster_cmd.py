@@ -99,7 +99,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import ray
 
-    _connect(config.ray, start=args.action == "up" and config.ray.start_local)
+    try:
+        _connect(config.ray, start=args.action == "up" and config.ray.start_local)
+    except ConnectionError as exc:  # ray.init found no cluster at ray.address ("": the running one)
+        if args.action != "down":
+            where = config.ray.address or "'' (the running one)"
+            print(f"error: no Ray cluster to connect to at ray.address {where}; start one (ray start --head) or "
+                  f"set ray.address, or ray.start_local: true for `up` to start one here ({exc})", file=sys.stderr)
+            return 1
+        print(f"dvd cluster: no Ray cluster running ({exc}): nothing to stop", flush=True)
+        return _down_local(config.ray)
     try:
         if args.action == "up":
             for info in ray_cluster.up(config, token):
@@ -112,11 +121,15 @@ def run(args: argparse.Namespace) -> int:
             ray_cluster.down()
     finally:
         ray.shutdown()
-    if args.action == "down":
-        if config.ray.start_local:
-            subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if config.ray.temp_dir:
-                shutil.rmtree(config.ray.temp_dir, ignore_errors=True)
-        print("dvd cluster: down", flush=True)
+    return _down_local(config.ray) if args.action == "down" else 0
+
+
+def _down_local(settings: RaySettings) -> int:
+    """`down`'s end: the local head `up` started stopped, with its session files."""
+    if settings.start_local:
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if settings.temp_dir:
+            shutil.rmtree(settings.temp_dir, ignore_errors=True)
+    print("dvd cluster: down", flush=True)
     return 0
