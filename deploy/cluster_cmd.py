@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from dvd.config_file import ConfigError
 from dvd.errors import UnavailableError
-from dvd.hub import resolve_model
+from dvd.hub import ModelNameError, resolve_model
 from dvd.token_file import resolve_token
 from dvd.tracing import otel_environment
 
@@ -81,7 +81,10 @@ def for_up(config: RayClusterConfig) -> tuple[RayClusterConfig, str]:
     if token is None:  # the actors' servers bind their nodes' addresses
         raise ConfigError("token_file: required (or $DVD_TOKEN): Ray places the servers on other nodes, beyond "
                           "loopback, and only the cluster's token keeps their ports closed to other callers")
-    model = resolve_model(config.model, config.revision, weights=False)
+    try:
+        model = resolve_model(config.model, config.revision, weights=False)
+    except ModelNameError as exc:
+        raise ConfigError(exc.in_file_terms()) from None
     return replace(config, revision=model.revision), token
 
 

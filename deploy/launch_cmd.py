@@ -31,7 +31,7 @@ from dvd.config_file import ConfigError
 from dvd.deploy.cluster_config import cluster_spec, load_cluster_config
 from dvd.deploy.spec import DeploymentSpec, NodeSpec, children
 from dvd.deploy.supervisor import ChildSpec, Supervisor
-from dvd.hub import is_hub_id, resolve_model
+from dvd.hub import ModelNameError, is_hub_id, resolve_model
 from dvd.process import configure_logging
 from dvd.token_file import resolve_token
 
@@ -77,7 +77,10 @@ def resolved_spec(spec: DeploymentSpec, roles: list[str], check: bool) -> Deploy
     off the node): a Hub id's name and config checked, no weights fetched; a directory not looked at."""
     if check and not is_hub_id(spec.model):
         return spec
-    model = resolve_model(spec.model, spec.revision, roles, weights=not check)
+    try:
+        model = resolve_model(spec.model, spec.revision, roles, weights=not check)
+    except ModelNameError as exc:
+        raise ConfigError(exc.in_file_terms()) from None
     return replace(spec, model=model.path, revision=model.revision)
 
 

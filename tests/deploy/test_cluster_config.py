@@ -200,3 +200,17 @@ def test_launch_check_says_where_each_process_would_serve(tmp_path: Path) -> Non
         "dvd launch: would start gateway on node a at http 10.0.0.1:8000, grpc 50051",
         "dvd launch: would start language[0] on node a at 10.0.0.1:7200 device cuda:0 features on 10.0.0.1:7300",
         "dvd launch: would start language[1] on node a at 10.0.0.1:7201 device cuda:1 features on 10.0.0.1:7301"]
+
+
+def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_named_by_the_configs_key(tmp_path: Path) -> None:
+    data = _base()
+    data["model"] = str(tmp_path / "absent")
+    del data["nodes"][1]  # node a alone, its servers on loopback: no token needed
+    data["nodes"][0]["address"] = "127.0.0.1"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "dvd launch:" not in run.stdout, run.stderr
+    assert f"error: model: {tmp_path / 'absent'}: not a checkpoint directory" in run.stderr, run.stderr
+    assert "--model" not in run.stderr, "dvd launch has no --model flag: the file's key is model"
