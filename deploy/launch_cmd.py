@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -84,6 +85,18 @@ def resolved_spec(spec: DeploymentSpec, roles: list[str], check: bool) -> Deploy
     return replace(spec, model=model.path, revision=model.revision)
 
 
+def _check_gateway(child: ChildSpec, node: NodeSpec) -> None:
+    """The checks the gateway makes at its start (API keys beyond loopback, its TLS files), made here with the
+    environment it will have, so that a node whose gateway would refuse them is exit code 2 before anything
+    starts, not a child exiting 2 while this exits 1, which a restart policy retries for ever."""
+    from dvd.pipeline.auth import gateway_keys
+
+    try:
+        gateway_keys(child.config.gateway, environ={**os.environ, **child.env})
+    except ConfigError as exc:
+        raise ConfigError(f"nodes[{node.name}].{exc}") from None
+
+
 def _placement(child: ChildSpec) -> str:
     """Where a server runs beyond its address: its device(s), CPUs, and a language server's feature port."""
     config = child.config
@@ -125,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         plan(spec, node, args.role, token)  # the config checked before any download
         spec = resolved_spec(spec, _roles(node, args.role), args.check)
         processes = plan(spec, node, args.role, token)
+        for planned in processes:
+            if planned.name == "gateway":
+                _check_gateway(planned, node)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

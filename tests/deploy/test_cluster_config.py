@@ -193,8 +193,9 @@ def test_a_cpu_this_machine_lacks_is_named_by_the_roles_cpus_key_not_its_setting
 def test_launch_check_says_where_each_process_would_serve(tmp_path: Path) -> None:
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(_base()))
+    env = {**os.environ, "DVD_TOKEN": "t0ken", "DVD_API_KEY": "k" * 16}  # its gateway binds beyond loopback
     run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a", "--check"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "DVD_TOKEN": "t0ken"})
+                         capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
         "dvd launch: would start gateway on node a at http 10.0.0.1:8000, grpc 50051",
@@ -214,3 +215,22 @@ def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_named_by_the_config
     assert run.returncode == 2 and "dvd launch:" not in run.stdout, run.stderr
     assert f"error: model: {tmp_path / 'absent'}: not a checkpoint directory" in run.stderr, run.stderr
     assert "--model" not in run.stderr, "dvd launch has no --model flag: the file's key is model"
+
+
+def test_a_gateway_beyond_loopback_without_api_keys_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """The gateway refuses it at its own start; found only then, it was a child exiting and dvd launch exiting
+    1, which systemd's Restart=on-failure retries forever. A bad config is exit code 2, before anything starts."""
+    data = _base()
+    data["nodes"][0]["bind"] = "0.0.0.0"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**{k: v for k, v in os.environ.items() if k != "DVD_API_KEY"}, "DVD_TOKEN": "t0ken"}
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a", "--check"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2 and "dvd launch:" not in run.stdout, run.stderr
+    assert "nodes[a].gateway.host: 0.0.0.0 is reachable beyond this machine and no API key" in run.stderr, run.stderr
+    data["nodes"][0]["env"] = {"DVD_API_KEY": "k" * 16}  # the gateway's environment has a key: it may start
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a", "--check"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0 and "would start gateway" in run.stdout, run.stderr
