@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # for types only: `run` imports it (with the gateway's module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["up", "status", "down"])
+    parser.add_argument("action", choices=["up", "status", "down"],
+                        help="up: start the roles as detached actors; status: list them; down: stop them")
     parser.add_argument("config", type=Path, help="Ray cluster config (YAML; see deploy/ray_config.py)")
 
 
@@ -104,16 +105,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import ray
 
-    try:
-        _connect(config.ray, start=args.action == "up" and config.ray.start_local)
-    except ConnectionError as exc:  # ray.init found no cluster at ray.address ("": the running one)
-        if args.action != "down":
-            where = config.ray.address or "'' (the running one)"
-            print(f"error: no Ray cluster to connect to at ray.address {where}; start one (ray start --head) or "
-                  f"set ray.address, or ray.start_local: true for `up` to start one here ({exc})", file=sys.stderr)
-            return 1
-        print(f"dvd cluster: no Ray cluster running ({exc}): nothing to stop", flush=True)
-        return _down_local(config.ray)
+    if not _connected(config.ray, args):
+        return 2
     try:
         if args.action == "up":
             try:
@@ -130,15 +123,28 @@ def run(args: argparse.Namespace) -> int:
             ray_cluster.down()
     finally:
         ray.shutdown()
-    return _down_local(config.ray) if args.action == "down" else 0
+    if args.action == "down":
+        _stop_local_head(config.ray)
+        print("dvd cluster: down", flush=True)
+    return 0
 
 
-def _down_local(settings: RaySettings) -> int:
-    """`down`'s end: the local head `up` started stopped, with its session files."""
+def _connected(settings: RaySettings, args: argparse.Namespace) -> bool:
+    """Connected to Ray (`up` starting a local head if the config asks); else False, having said why."""
+    try:
+        _connect(settings, start=args.action == "up" and settings.start_local)
+    except ConnectionError as exc:  # ray.init's, with no cluster where it looked
+        print(f"error: no Ray cluster to connect to ({exc.args[0].splitlines()[0] if exc.args else exc}): start one "
+              f"(`ray start --head`), set ray.address in {args.config} to its head, or ray.start_local: true for "
+              "`dvd cluster up` to start one here", file=sys.stderr)
+        return False
+    return True
+
+
+def _stop_local_head(settings: RaySettings) -> None:
+    """`down`: the one-node head `up` started here, if the config asked for one."""
     if settings.start_local:
         subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if settings.temp_dir:
             shutil.rmtree(settings.temp_dir, ignore_errors=True)
-    print("dvd cluster: down", flush=True)
-    return 0

@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from dvd.hub import ROLES, ModelNameError, resolve_model
-from dvd.process import configure_logging
+from dvd.process import add_log_level, configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default="", help="branch, tag or commit (default main)")
     parser.add_argument("--role", action="append", choices=ROLES,
                         help="fetch only what this role reads (repeatable; default every role)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,10 +29,10 @@ from dvd.hub import ResolvedModel, resolve_model
 from dvd.internal_auth import ClusterCredential
 from dvd.pipeline.auth import KEY_FLAGS, ApiKeys, gateway_keys
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
-from dvd.pipeline.gateway import run_gateway
+from dvd.pipeline.gateway import check_ports, run_gateway
 from dvd.pipeline.replicas import ReplicaPool, attached
 from dvd.pipeline.roster_admin import RosterAdmin
-from dvd.process import configure_logging, run_process
+from dvd.process import add_log_level, configure_logging, run_process
 
 log = logging.getLogger("dvd.gateway")
 
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="YAML settings (deploy/gateway.example.yaml documents every key)")
     add_flags(parser, FLAGS)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 def model_path(model: ResolvedModel | None, warning: str, logger: logging.Logger = log) -> ResolvedModel:
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
+        check_ports(config.gateway)
         cluster = credential(config)
         model = resolved(config.model, config.revision, ("gateway",))  # the tokenizer and template only
     except (ConfigError, ValueError) as exc:

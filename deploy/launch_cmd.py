@@ -33,7 +33,7 @@ from dvd.deploy.cluster_config import cluster_spec, load_cluster_config
 from dvd.deploy.spec import DeploymentSpec, NodeSpec, children
 from dvd.deploy.supervisor import ChildSpec, Supervisor
 from dvd.hub import ModelNameError, is_hub_id, resolve_model
-from dvd.process import configure_logging
+from dvd.process import add_log_level, configure_logging
 from dvd.token_file import resolve_token
 
 log = logging.getLogger("dvd.launch")
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=["gateway", "vision", "language", "all"], default="all",
                         help="start only this role's processes (default: every role of the node)")
     parser.add_argument("--check", action="store_true", help="validate the config and print the plan; start nothing")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 def _pick_node(spec: DeploymentSpec, name: str | None) -> NodeSpec:

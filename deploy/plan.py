@@ -31,7 +31,8 @@ from typing import Any
 
 from dvd.checkpoint import CheckpointInfo, open_checkpoint
 from dvd.devices import layer_ranges, split_layers
-from dvd.hub import ModelNameError, resolve_model, safetensors_headers
+from dvd.errors import CheckpointError
+from dvd.hub import resolve_model, safetensors_headers
 from dvd.language_server import sizing
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -268,17 +269,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    devices = parse_devices(args.devices)
-    try:
+    try:  # a bad flag value, model name or checkpoint: one line and exit code 2
+        devices = parse_devices(args.devices)
         # A Hub id: its config files and index, then each shard's header by range requests (no tensor)
         model = resolve_model(args.model, args.revision, roles=("vision",), weights=False)
+        open_checkpoint(model.path)  # not an InternVL checkpoint: said before its weights are looked for
         headers = safetensors_headers(model)
-    except ModelNameError as exc:
+        plan = make_plan(model.path, devices, args.dtype, args.utilisation, parse_size(args.reserve),
+                         args.request_tokens, args.vision_tiles_per_s, args.language_requests_per_s,
+                         args.tiles_per_request, headers)
+    except (ValueError, CheckpointError) as exc:  # ModelNameError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = make_plan(model.path, devices, args.dtype, args.utilisation, parse_size(args.reserve),
-                     args.request_tokens, args.vision_tiles_per_s, args.language_requests_per_s,
-                     args.tiles_per_request, headers)
     if args.simulate:
         from dvd.deploy.plan_simulate import simulate_plan
 

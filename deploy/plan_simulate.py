@@ -53,14 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--num-requests", type=int, default=_SPEC.num_requests, help="requests to simulate (default %(default)s)")
     add("--rate", default="inf", help="requests/s, or inf: all at once (default inf)")
     add("--arrival", choices=ARRIVALS, default="poisson", help="gaps between requests (default poisson)")
-    add("--image-sizes", default="896x896", help="each image's size drawn from these: 896x896,1344x448 (default 896)")
-    add("--images-per-request", type=int, default=_SPEC.images_per_request)
+    add("--image-sizes", default="896x896",
+        help="each image's size drawn from these: 896x896,1344x448 (default 896x896)")
+    add("--images-per-request", type=int, default=_SPEC.images_per_request, help="images in each request")
     add("--prompt-tokens", type=int, default=_SPEC.prompt_tokens, help="text tokens a request, template included")
     add("--prefix-tokens", type=int, default=_SPEC.prefix_tokens, help="of those, before the first image")
-    add("--output-tokens", type=int, default=_SPEC.output_tokens)
+    add("--output-tokens", type=int, default=_SPEC.output_tokens, help="tokens each request generates")
     add("--max-concurrency", type=int, default=0, help="requests the clients keep in flight (0: no cap)")
-    add("--ttft-slo-ms", type=float, default=math.inf, help="goodput counts requests within this TTFT")
-    add("--tpot-slo-ms", type=float, default=math.inf, help="... and this TPOT")
+    add("--ttft-slo-ms", type=float, default=math.inf,
+        help="goodput counts requests within this TTFT (default: no limit)")
+    add("--tpot-slo-ms", type=float, default=math.inf, help="... and this TPOT (default: no limit)")
     add("--device", default="cuda", type=check_device,
         help="the kind of device planned for, whose server defaults the next three flags take (default cuda: "
              "dvd/devices.py GPU_DEFAULTS; cpu: CPU_DEFAULTS)")
@@ -69,14 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--encoder-step-tiles", type=int, help="a coupled replica's per-step encoder budget; default: the device's "
                                                 "(GPU 64, CPU 16)")
     add("--preprocess-workers", type=int, help="default: the device's (GPU 8, CPU 2)")
-    add("--max-running-requests", type=int, default=_DEFAULTS.max_running_requests)
-    add("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_s * 1e3)
+    add("--max-running-requests", type=int, default=_DEFAULTS.max_running_requests,
+        help="most requests a language replica decodes together")
+    add("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_s * 1e3,
+        help="how long a tile waits for its vision batch")
     add("--screen-devices", type=int, default=32,
         help="clusters larger than this are screened on a scaled-down copy first (default %(default)s)")
     add("--check-devices", type=int, default=2000,
         help="each mode's best on a cluster larger than this is simulated as identical copies of at most this "
              "many devices, each with its share of the requests (0: the whole cluster; default %(default)s)")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="the generated workload's random seed")
 
 
 def _workload(args: argparse.Namespace) -> SimRequests:

@@ -31,21 +31,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
+from dvd.checkpoint import open_checkpoint
 from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides
 from dvd.cpus import pin_process
 from dvd.deploy.gateway_cmd import API_FLAGS, PROBE_FLAGS, model_path, resolved, roster
 from dvd.deploy.serve_config import ServeConfig, default_placement, fresh_token, load_serve_config, serve_spec
 from dvd.deploy.spec import children, gateway_config
-from dvd.deploy.supervisor import ChildSpec, Supervisor
+from dvd.deploy.supervisor import Child, ChildSpec, Supervisor
+from dvd.errors import CheckpointError
 from dvd.hub import ROLES, ResolvedModel
 from dvd.internal_auth import ClusterCredential
 from dvd.malloc import for_vision_batches
 from dvd.pipeline.auth import ApiKeys, gateway_keys
 from dvd.pipeline.backends.base import Backend
 from dvd.pipeline.backends.disaggregated import DisaggregatedBackend
-from dvd.pipeline.gateway import run_gateway
+from dvd.pipeline.gateway import check_ports, run_gateway
 from dvd.pipeline.replicas import Replica, ReplicaPool
-from dvd.process import configure_logging, run_process
+from dvd.process import add_log_level, configure_logging, run_process, stop_signal
 
 log = logging.getLogger("dvd.serve")
 MiB = 1 << 20
@@ -138,27 +140,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML settings (deploy/serve.example.yaml documents every key)")
     for title, flags in _GROUPS:
         add_flags(parser if title is None else parser.add_argument_group(title), flags)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 async def _serve(config: ServeConfig, keys: ApiKeys, given: ResolvedModel | None) -> int:
+    # SIGINT / SIGTERM from here on stop everything started, the servers still loading included (no child is left
+    # running, no KeyboardInterrupt traceback); run_gateway waits on it
+    stop = stop_signal()
     model = model_path(given, "no model given: serving the built-in tiny checkpoint at %s; its weights are "
                               "random, so answers are gibberish", log)
     if config.coupled:
-        return await _serve_coupled(config, model, keys)
-    return await _serve_disaggregated(config, model, keys)
+        return await _serve_coupled(config, model, keys, stop)
+    return await _serve_disaggregated(config, model, keys, stop)
 
 
-async def _serve_coupled(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
+async def _serve_coupled(config: ServeConfig, model: ResolvedModel, keys: ApiKeys, stop: asyncio.Event) -> int:
     from dvd.pipeline.backends.coupled import CoupledBackend  # torch: imported only when the model runs here
 
     assert config.vision is not None and config.language is not None
     backend = CoupledBackend(replace(config.vision, model=model.path), replace(config.language, model=model.path),
                              model_name=model.name)
-    return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model))
+    return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model), stop=stop)
 
 
-async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: ApiKeys) -> int:
+async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: ApiKeys, stop: asyncio.Event) -> int:
     """The servers as supervised children on loopback (handed the resolved directory and commit: they read
     it with no network), and a gateway here attached to them by address."""
     config = _placed(config)
@@ -177,13 +182,13 @@ async def _serve_disaggregated(config: ServeConfig, model: ResolvedModel, keys: 
         backend.mode = (f"disaggregated ({config.vision_replicas} vision, {config.language_replicas} language, "
                         f"{config.transport.kind} features)")
         # a child that exits leaves the rotation at once, its calls failing with why
-        watching = asyncio.create_task(supervisor.watch(lambda child: replicas[child.name].exited(child.returncode)))
+        watching = asyncio.create_task(supervisor.watch(lambda child: _exited(child, replicas, pools)))
 
         async def every_child_answers() -> None:
             await supervisor.wait_ready(lambda child: replicas[child.name].check(timeout_s=2.0), READY_TIMEOUT_S)
 
         return await run_gateway("dvd serve", config.gateway, backend, keys, _describe(backend, model),
-                                 every_child_answers)
+                                 every_child_answers, stop)
     finally:
         if watching is not None:
             watching.cancel()
@@ -219,6 +224,17 @@ def _start_children(supervisor: Supervisor, specs: list[ChildSpec],
     return replicas
 
 
+def _exited(child: Child, replicas: dict[str, Replica], pools: dict[str, ReplicaPool]) -> None:
+    """A server that exited on its own: out of rotation now (its calls fail saying so), and the log says what that
+    leaves, since nothing here starts it again."""
+    replica = replicas[child.name]
+    replica.exited(child.returncode)
+    left = sum(r.exit_code is None for r in pools[replica.kind].replicas)
+    log.error("%s exited with code %s; dvd serve does not restart its servers: %s", child.describe(), child.returncode,
+              f"{left} {replica.kind} server(s) still serve" if left else
+              f"no {replica.kind} server is left, so requests that need one get 503 until dvd serve is restarted")
+
+
 def _describe(backend: Backend, model: ResolvedModel) -> Callable[[], Awaitable[str]]:
     async def describe() -> str:
         return f"{backend.mode}; model {backend.model_name} ({model.describe()})"
@@ -231,10 +247,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.config, flag_overrides(args, FLAGS))
         keys = gateway_keys(config.gateway)
+        check_ports(config.gateway)  # before any server loads
         config.internal_tls.server_credentials()  # read now: a bad certificate fails before any child starts
         config.internal_tls.channel_credentials()
         model = resolved(config.model, config.revision, ROLES)  # a Hub id: fetched once, here, for every child
-    except (ConfigError, ValueError) as exc:
+        if model is not None:  # a directory that is not an InternVL checkpoint: said before any server starts
+            open_checkpoint(model.path)
+    except (ConfigError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config.coupled:  # the model runs here: pinned before its thread pools exist

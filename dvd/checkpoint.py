@@ -92,11 +92,22 @@ class CheckpointInfo:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's `model.safetensors.index.json`: tensor name -> shard file; errors name the file."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no weight_map")
+    return weight_map
 
 
 def _side(value: Any) -> int:
@@ -108,7 +119,10 @@ def _side(value: Any) -> int:
     return int(value)
 
 
-def _github_vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
+GITHUB_VISION_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _github_vision_config(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     """Map InternVisionConfig (GitHub) fields onto transformers' InternVLVisionConfig.
 
     InternViT-6B differs from InternViT-300M only in fields that map 1:1: `norm_type` rms_norm,
@@ -116,6 +130,9 @@ def _github_vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
     false. Layer scale (`ls1`, `ls2`) is in every InternViT checkpoint and loads as `lambda_1/2`;
     `drop_path_rate` acts only in training (identity at inference), so it is checked and not used.
     """
+    missing = [key for key in GITHUB_VISION_REQUIRED if key not in cfg]
+    if missing:
+        raise CheckpointError(f"{where}: vision_config has no {missing[0]!r}")
     image_size, patch_size = _side(cfg.get("image_size", 448)), _side(cfg.get("patch_size", 14))
     return {
         "hidden_size": cfg["hidden_size"],
@@ -243,7 +260,9 @@ def _open_github(root: Path, raw: dict[str, Any]) -> CheckpointInfo:
     if "model_type" not in text:
         archs = text.get("architectures") or []
         raise CheckpointError(f"{where}: llm_config has no model_type (architectures {archs})")
-    vision = _github_vision_config(vision_raw)
+    if not isinstance(vision_raw, dict):
+        raise CheckpointError(f"{where}: vision_config is not a JSON object")
+    vision = _github_vision_config(vision_raw, where)
     image_size = int(raw.get("force_image_size") or _side(vision_raw.get("image_size", 448)))
     return CheckpointInfo(
         path=root,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from dvd.named import load
 
@@ -26,6 +27,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each option's help ends with its default where the help does not say it
+    already, so `dvd COMMAND --help` tells a new user what they get by leaving a flag out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default in ("", [], argparse.SUPPRESS)
+                or "default" in text or f"({_shown(default)})" in text):
+            return text
+        return f"{text} (default {_shown(default).replace('%', '%%')})".lstrip()
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def top_level_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dvd",
@@ -44,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         top_level_parser().parse_args(argv)  # prints help or a usage error and exits
         return 2
     name, rest = argv[0], argv[1:]
+    module, parser = command_parser(name)
+    return int(module.run(parser.parse_args(rest)) or 0)
+
+
+def command_parser(name: str) -> tuple[Any, argparse.ArgumentParser]:
+    """The subcommand's module (imported now) and its parser, as `dvd NAME` runs it."""
     module_name, help_text = COMMANDS[name]
     module = load(module_name)
     parser = argparse.ArgumentParser(prog=f"dvd {name}", description=(module.__doc__ or help_text).strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    return module, parser
 
 
 if __name__ == "__main__":

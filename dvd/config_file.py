@@ -44,7 +44,9 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is Path and isinstance(value, str):
+    if kind is Path:
+        if not isinstance(value, (str, Path)):  # a spec's own configs hand Paths on
+            raise ConfigError(f"{where}: expected a path, got {type(value).__name__} {value!r}")
         return Path(value)
     if kind in (int, float, str, bool) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {_name(kind)}, got {type(value).__name__} {value!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
@@ -18,26 +19,31 @@ def check_device(name: str) -> str:
     return name
 
 
-def require_present(devices: Sequence[str]) -> None:
-    """Refuse a device this machine lacks (no CUDA, or fewer GPUs than `cuda:N` needs) in one line naming it,
-    before a model is loaded onto it: torch's own refusal is a traceback from deep inside the load, once per
-    server. Imports torch: only processes about to load a model call it. Kinds torch has no module to ask
-    about (mps) are left to torch."""
+def require_available(*names: str) -> None:
+    """A ValueError naming the first of `names` this process's torch cannot run on (a CPU-only build, a missing GPU,
+    an index past the count): checked as a model process starts, where torch's own error is a traceback. Imports
+    torch: for the processes that load a model, not the gateway."""
     import torch
 
-    for name in devices:
-        kind, _, index = name.partition(":")
-        module = getattr(torch, kind, None) if kind not in ("cpu", "meta") else None
-        if module is None or not hasattr(module, "is_available"):
+    for name in names:
+        kind, _, index = check_device(name).partition(":")
+        count = _device_count(torch, kind)
+        if count is None:
             continue
-        count = module.device_count() if module.is_available() else 0
         if count == 0:
-            built = "" if kind != "cuda" or torch.backends.cuda.is_built() else f" (torch {torch.__version__} " \
-                "was built without CUDA)"
-            raise ValueError(f"device {name}: this machine has no {kind} device{built}")
+            raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no {kind} device; run on cpu, "
+                             f"or install a torch build for this machine's {kind} devices")
         if index and int(index) >= count:
-            raise ValueError(f"device {name}: this machine has {count} {kind} device(s), {kind}:0 to "
+            raise ValueError(f"device {name!r}: this machine has {count} {kind} device(s), {kind}:0 to "
                              f"{kind}:{count - 1}")
+
+
+def _device_count(torch: Any, kind: str) -> int | None:
+    """How many `kind` devices torch sees; None where it cannot say (cpu, meta, a backend without the calls)."""
+    backend: Any = getattr(torch, kind, None)
+    if kind in ("cpu", "meta") or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        return None
+    return int(backend.device_count()) if backend.is_available() else 0
 
 
 def check_dtype(name: str) -> str:

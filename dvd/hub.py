@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dvd.checkpoint import open_checkpoint, tensor_half
+from dvd.checkpoint import open_checkpoint, read_weight_map, tensor_half
 from dvd.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ def _hub_errors(repo_id: str, revision: str) -> Iterator[None]:
         raise ModelNameError(f"--model {repo_id}: no revision {revision!r} on the Hub") from None
     except errors.LocalEntryNotFoundError:
         raise ModelNameError(f"--model {repo_id}: revision {revision} is not in the Hub cache ({_cache()}) and the "
-                             f"Hub cannot be reached{_offline()}: run `dvd download {repo_id}` where it can") from None
+                             f"Hub cannot be reached{_offline()}: run `dvd download {repo_id}` where it can (into this "
+                             "cache, or copy it here), or give --model a local checkpoint directory") from None
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise ModelNameError(f"--model {repo_id}: the Hub answered HTTP {status}") from None
@@ -195,10 +196,7 @@ def weight_files(folder: Path, halves: Iterable[str]) -> list[str]:
     index = folder / INDEX_FILE
     if not index.is_file():
         return ["*.safetensors"]
-    weight_map: Any = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: no weight_map")
-    return sorted({file for key, file in weight_map.items() if tensor_half(key) in halves})
+    return sorted({file for key, file in read_weight_map(index).items() if tensor_half(key) in halves})
 
 
 def _check_present(repo_id: str, folder: Path, needed: list[str], roles: tuple[str, ...]) -> None:
@@ -245,10 +243,7 @@ def safetensors_headers(model: ResolvedModel | Path) -> dict[str, dict[str, Any]
         model = ResolvedModel(path=model, name=model.name, source=str(model))
     folder = model.path
     if (folder / INDEX_FILE).is_file():
-        weight_map = json.loads((folder / INDEX_FILE).read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{folder / INDEX_FILE}: no weight_map")
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(read_weight_map(folder / INDEX_FILE).values()))
     else:
         names = sorted(p.name for p in folder.glob("*.safetensors")) or ([SINGLE_FILE] if model.on_hub else [])
     if not names:

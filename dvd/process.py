@@ -17,6 +17,15 @@ from grpc_reflection.v1alpha import reflection
 
 from dvd.errors import DvdError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_log_level(parser: Any) -> None:
+    """Every command's `--log-level`: a name logging knows (any case), so a typo is argparse's one-line usage
+    error, not logging's traceback at start."""
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default INFO)")
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,8 +82,11 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     the event loop and touches no engine, so a server busy with work still answers it. A server
     that drains passes its own `health_servicer` and calls its `enter_graceful_shutdown()`, so
     probes see NOT_SERVING while in-flight work finishes."""
+    # no SO_REUSEPORT (gRPC's default): with it a second server on a held port starts as if the port were free and
+    # takes a share of the first one's connections (grpc/grpc#16920); without it the bind fails, naming the port
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes), *keepalive],
+                                      ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0),
+                                      *keepalive],
                              interceptors=list(interceptors) or None)
     recording = _Recording(server)
     register(recording)
@@ -86,7 +98,7 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     address = f"{host}:{port}"
     try:
         bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError:  # grpcio raises where it used to return 0, its message naming no reason
+    except RuntimeError:  # grpcio raises (older releases returned 0), its message naming no reason
         bound = 0
     if not bound:
         raise OSError(f"cannot bind {host}:{port}: {_why_not_bound(host, port)}")
@@ -190,7 +202,7 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
 
     from dvd.config_file import config_or_flags
     from dvd.cpus import pin_process
-    from dvd.devices import require_present
+    from dvd.devices import require_available
     from dvd.hub import resolve_model
     from dvd.internal_auth import require_credential
     from dvd.malloc import for_vision_batches, reuse_freed_memory
@@ -207,17 +219,14 @@ def server_config(cls: type, args: Any, add_arguments: Callable[[Any], None], ro
         token = resolve_token(config.transport.token, config.token_file)
         config = dataclasses.replace(config, transport=dataclasses.replace(config.transport, token=token))
         require_credential(config.bound_hosts(), token, role)
+        # a vision server's `devices`, a language server's `device`
+        require_available(*getattr(config, "devices", ()), getattr(config, "device", "cpu"))
         model = resolve_model(config.model, config.revision, roles=(role.split()[0],))  # this half's files only
         config = dataclasses.replace(config, model=model.path, revision=model.revision)
     except ValueError as exc:  # ConfigError and ModelNameError included: one line naming the key or the model
         print(f"error: {exc}", file=sys.stderr)
         return None
     pin_process(config.cpus, role)
-    try:  # after pinning: it imports torch
-        require_present(getattr(config, "devices", None) or (config.device,))
-    except ValueError as exc:
-        print(f"error: {role}: {exc}", file=sys.stderr)
-        return None
     # before the model's first forward pass and its threads' first allocation (dvd/malloc.py says why)
     if role == "vision server":  # its batcher's thread allocates whole batches' activations
         for_vision_batches()

@@ -270,6 +270,9 @@ def _flatten(content: Any) -> str:
     return "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p["text"] for p in content)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # one is enough
+
+
 def load_tokenizer(path: Path) -> Any:
     """The checkpoint's tokenizer, built from the class its tokenizer_config.json names (InternVL3.5:
     Qwen2Tokenizer), which needs neither torch nor the model: the gateway tokenizes without loading
@@ -277,6 +280,9 @@ def load_tokenizer(path: Path) -> Any:
     transformers has."""
     import transformers
 
+    if not any((path / name).exists() for name in TOKENIZER_FILES):  # else AutoTokenizer builds one with no vocab
+        raise CheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the checkpoint's "
+                              "tokenizer into it")
     config = path / "tokenizer_config.json"
     name = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
     cls = None

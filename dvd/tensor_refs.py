@@ -9,16 +9,24 @@ materialise tensors one at a time (`load_module`).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.initialization import no_init_weights
 
+from dvd.checkpoint import read_weight_map
 from dvd.errors import CheckpointError
+
+
+def _safe_open(file: Path):  # safetensors does not export its handle type
+    """safetensors' handle of `file`; a file it cannot read (a download cut short) is a CheckpointError naming it."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as exc:
+        raise CheckpointError(f"{file}: not a complete safetensors file ({exc}); fetch it again") from None
 
 
 class TensorSource:
@@ -29,17 +37,14 @@ class TensorSource:
         self._file_of: dict[str, Path] = {}
         index = root / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no weight_map")
-            self._file_of = {key: root / name for key, name in weight_map.items()}
+            self._file_of = {key: root / name for key, name in read_weight_map(index).items()}
         else:
             files = sorted(root.glob("*.safetensors"))
             if not files:
                 found = ", ".join(sorted(p.name for p in root.iterdir())) or "nothing"
                 raise CheckpointError(f"{root}: no *.safetensors weights (found {found}); only safetensors load")
             for file in files:
-                with safe_open(str(file), framework="pt") as handle:
+                with _safe_open(file) as handle:
                     self._file_of.update(dict.fromkeys(handle.keys(), file))
         self._handles: dict[Path, object] = {}
 
@@ -53,7 +58,7 @@ class TensorSource:
         file = self._file_of[key]
         if not file.exists():
             raise CheckpointError(f"{file}: listed in the index for {key!r} but missing")
-        return safe_open(str(file), framework="pt")
+        return _safe_open(file)
 
     def _handle(self, key: str):
         """A handle kept open, for headers (shapes) only: see `_reader`."""

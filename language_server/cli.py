@@ -19,14 +19,14 @@ import logging
 
 from dvd.language_server.server_config import LanguageServerConfig
 from dvd.language_server.server_config import add_arguments as add_config_arguments
-from dvd.process import run_server, serve_until_signal
+from dvd.process import add_log_level, run_server, serve_until_signal
 
 logger = logging.getLogger("dvd.language")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_log_level(parser)
 
 
 async def serve(config: LanguageServerConfig) -> int:

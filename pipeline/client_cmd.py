@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the user's message; <image> marks where an image goes")
     parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
     parser.add_argument("--system", help="system message")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens whose "
+                                                                    "probabilities sum to this; 1 keeps all")
+    parser.add_argument("--seed", type=int, help="sampling seed, for reproducible sampled output (default: none)")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
     parser.add_argument("--ca-cert", metavar="PEM", type=Path,
                         help="connect over TLS, trusting this CA (or the gateway's own certificate): for a gateway "
@@ -65,11 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.json:
                     print(response.text, end="", flush=True)
     except grpc.RpcError as exc:
-        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and args.ca_cert is None:
-            # plain text to a TLS port reads only "Socket closed"
-            print("(a gateway started with --tls-cert needs --ca-cert)", file=sys.stderr)
-        return 1
+        return _failed(exc, args, answered=bool(out.text))
     if args.json:
         print(json.dumps(out.__dict__, ensure_ascii=False))
     else:
@@ -77,3 +75,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{out.finish_reason}] " + "  ".join(f"{k} {v:.1f} ms" for k, v in out.timings_ms.items()),
               file=sys.stderr)
     return 0
+
+
+def _failed(exc: Any, args: argparse.Namespace, answered: bool) -> int:
+    """The call's error (a grpc.RpcError) on stderr, after the streamed text's last line; exit code 1. `answered`:
+    some text came back (so a gateway was there)."""
+    import grpc
+
+    ended = "\n" if answered and not args.json else ""
+    print(f"{ended}error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not answered:
+        print(f"no gateway answers at {args.address}: is `dvd serve` (or `dvd gateway`) running there? --address "
+              "names its gRPC address (host:port; `dvd serve --grpc-port`, default 50051)", file=sys.stderr)
+        if args.ca_cert is None:  # plain text to a TLS port reads only "Socket closed"
+            print("(a gateway started with --tls-cert needs --ca-cert)", file=sys.stderr)
+    return 1

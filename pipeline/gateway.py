@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -59,6 +61,23 @@ class GatewayConfig:
         return context, grpc.ssl_server_credentials([pair])
 
 
+def check_ports(config: GatewayConfig) -> None:
+    """A ValueError naming the flag when the HTTP or gRPC port is already taken on `config.host`: said before anything
+    starts, where `dvd serve` would otherwise load every server first and only then fail to bind."""
+    for key, flag, port in (("http_port", "--port", config.http_port), ("grpc_port", "--grpc-port", config.grpc_port)):
+        if port == 0:
+            continue
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers bind: TIME_WAIT is free
+                probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"gateway.{key} ({flag}) {port}: cannot listen on {config.host}:{port} "
+                             f"({exc.strerror or exc}); choose another port, or stop what holds it") from None
+
+
 class Gateway:
     """Starts the frontends over a started backend; `serve_forever` runs until SIGINT/SIGTERM."""
 
@@ -105,19 +124,20 @@ class Gateway:
 
 async def run_gateway(command: str, config: GatewayConfig, backend: Backend, keys: ApiKeys,
                       describe: Callable[[], Awaitable[str]],
-                      backend_started: Callable[[], Awaitable[None]] | None = None) -> int:
+                      backend_started: Callable[[], Awaitable[None]] | None = None,
+                      stop: asyncio.Event | None = None) -> int:
     """What `dvd serve` and `dvd gateway` do once configured: start the backend (then await
     `backend_started`, e.g. until servers it waits for answer), then the APIs; print where they listen
     and `COMMAND: ready`; serve until SIGINT/SIGTERM; stop both. Traces go where the OTEL_* variables say
-    (dvd/tracing.py)."""
+    (dvd/tracing.py). `stop`: the caller's `stop_signal()` when it started servers before calling; a signal
+    while starting stops it all (exit 0), as one once ready does."""
+    stop = stop or stop_signal()  # from the start: SIGTERM while servers load must not kill this process bare
     tracer = tracer_from_environment("gateway")
     gateway = Gateway(config, backend, keys, tracer)
     try:
-        await backend.start()
-        if backend_started is not None:
-            await backend_started()
-        await gateway.start()
-        stop = stop_signal()  # before the ready line: a supervisor may send SIGTERM the moment it reads it
+        if not await _unless_stopped(_start(gateway, backend, backend_started), stop):
+            log.warning("%s: signal received while starting: stopping", command)
+            return 0
         print(f"{command}: {await describe()}", flush=True)
         tls = " (TLS)" if gateway.tls else ""
         print(f"{command}: OpenAI API at {gateway.scheme}://{config.host}:{gateway.http_port}/v1, "
@@ -131,3 +151,27 @@ async def run_gateway(command: str, config: GatewayConfig, backend: Backend, key
         await backend.stop()
         tracer.shutdown()
     return 0
+
+
+async def _start(gateway: Gateway, backend: Backend, backend_started: Callable[[], Awaitable[None]] | None) -> None:
+    await backend.start()
+    if backend_started is not None:
+        await backend_started()
+    await gateway.start()
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await `work` unless `stop` is set first, then cancel it; whether it finished (its error raised)."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()  # a start that failed raises here
+    return True

@@ -45,12 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="earlier turns: a JSON list of {role, content} messages to put before the prompt")
     parser.add_argument("--system", help="system message (default: the checkpoint's own)")
     parser.add_argument("--thinking", action="store_true", help="use the model card's thinking-mode system prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--min-new-tokens", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="tokens generated before an end token may stop "
+                                                                        "the answer (default 0)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens whose "
+                                                                    "probabilities sum to this; 1 keeps all")
     parser.add_argument("--top-k", type=int, default=0, help="0 means no top-k cut")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="transformers' repetition penalty over prompt and output; 1 is none")
     parser.add_argument("--seed", type=int, help="sampling seed, for reproducible sampled output")
     parser.add_argument("--max-num", type=int, help="most tiles per image (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu", help="torch device for both halves (default cpu)")
@@ -99,11 +102,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from dvd.hub import ModelNameError, resolve_model
+    from dvd.devices import require_available
+    from dvd.hub import resolve_model
     from dvd.pipeline.local import LocalPipeline
     from dvd.sampling import SamplingParams
 
     try:
+        require_available(args.device)
         model = resolve_model(args.model, args.revision).path
         images = []
         for name in args.image:
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         )
         result = pipeline.generate(_messages(args, len(frames)), images, sampling, max_num=args.max_num,
                                    thinking=args.thinking, frames=frames)
-    except (DvdError, ModelNameError) as exc:
+    except (DvdError, ValueError) as exc:  # ModelNameError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dvd.process import run_server, serve_until_signal
+from dvd.process import add_log_level, run_server, serve_until_signal
 from dvd.vision_server.config import VisionServerConfig
 from dvd.vision_server.config import add_arguments as add_config_arguments
 
@@ -29,7 +29,7 @@ logger = logging.getLogger("dvd.vision")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_log_level(parser)
 
 
 async def serve(config: VisionServerConfig) -> int:

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -383,7 +384,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    make_checkpoint(args.out, args.preset, args.fmt, args.flash, args.seed)
+    try:
+        make_checkpoint(args.out, args.preset, args.fmt, args.flash, args.seed)
+    except OSError as exc:  # --out a file, or somewhere this user cannot write
+        print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.preset} checkpoint ({args.fmt} format{', flash' if args.flash else ''}, seed {args.seed}) "
           f"to {args.out} in {time.perf_counter() - start:.1f}s; its weights are random")
     return 0

@@ -76,6 +76,23 @@ def test_plan_command(moe: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "KV cache: 512.0 B a token" in out and "vision replicas per language replica: 3" in out
 
 
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--devices", "lots"], "size 'lots' is not a number with a unit"),
+    (["--devices", "1MiB"], "the language half needs"),
+    (["--model", "{empty}", "--devices", "80GiB"], "config.json: file not found"),
+    (["--model", "{qwen3}", "--devices", "80GiB"], "unsupported architecture 'Qwen3ForCausalLM'"),
+])
+def test_a_bad_value_or_checkpoint_is_one_line_and_exit_2(moe: Path, tmp_path: Path, args: list[str], problem: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "qwen3").mkdir()  # a plain LLM checkpoint, not an InternVL one
+    (tmp_path / "qwen3" / "config.json").write_text('{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}')
+    args = [a.format(empty=tmp_path / "empty", qwen3=tmp_path / "qwen3") for a in args]
+    assert main(["plan", "--model", str(moe), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and problem in err and err.count("\n") == 1, err
+
+
 def test_a_vision_half_too_big_for_one_device_is_layer_placed(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     vit6b = make_checkpoint(tmp_path / "6b", preset="tiny-6b-vit", fmt="github", flash=True)

@@ -170,3 +170,21 @@ def test_the_ray_example_s_pd_lines_are_valid_uncommented(tmp_path: Path) -> Non
     config = load_ray_config(path)
     assert [replica_options(config, "language", i)["resources"] for i in range(6)] == [{"h100": 1}] * 2 + [
         {"h200": 1}] * 4
+
+
+def test_no_ray_cluster_to_reach_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`dvd cluster status` with no Ray running was ray.init's ConnectionError traceback."""
+    pytest.importorskip("ray")
+    from dvd.cli import main
+    from dvd.deploy import cluster_cmd
+
+    def no_cluster(settings: object, start: bool = False) -> None:  # what ray.init raises with nothing to find
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(cluster_cmd, "_connect", no_cluster)
+    config = tmp_path / "ray.yaml"
+    config.write_text((Path(__file__).parents[2] / "deploy" / "ray.example.yaml").read_text())
+    assert main(["cluster", "status", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no Ray cluster to connect to") and "ray start --head" in err and err.count("\n") == 1

@@ -4,6 +4,8 @@ disaggregated deployment never loads torch."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import subprocess
 import sys
@@ -47,6 +49,22 @@ def test_a_flag_that_is_not_a_config_key_value_fails_the_same_way(tiny_hf: Path)
     assert run.returncode == 2 and "language.engine: num_blocks must be >= 2, got 1" in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize(("config", "needle"), [
+    ('{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}', "unsupported architecture 'Qwen3ForCausalLM'"),
+    ("[1, 2]", "config.json: expected a JSON object, got list"),
+])
+def test_a_directory_that_is_not_an_internvl_checkpoint_fails_before_any_process_starts(
+        tmp_path: Path, config: str, needle: str, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    from dvd.cli import main
+
+    caplog.set_level(logging.INFO)
+    (tmp_path / "config.json").write_text(config)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--grpc-port", "0"]) == 2
+    assert needle in capsys.readouterr().err
+    assert "started" not in caplog.text  # no vision or language server was launched
+
+
 def _libraries(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
@@ -88,3 +106,30 @@ def test_config_reaches_the_servers_and_the_gateway_has_no_torch(tmp_path: Path,
         for child in children:
             assert not any(re.fullmatch(r"[0-9a-f]{32}", arg) for arg in child.cmdline())  # no token in argv
     assert served.leftover_children == [] and not psutil.pid_exists(served.proc.pid)
+
+
+class _Exited:
+    """A supervised child that has exited, as Supervisor.watch hands it over."""
+
+    def __init__(self, name: str, address: str, code: int) -> None:
+        self.name, self.address, self.returncode = name, address, code
+
+    def describe(self) -> str:
+        return f"{self.name} (pid 1, {self.address})"
+
+
+def test_a_server_that_exits_is_said_with_what_it_leaves(caplog: pytest.LogCaptureFixture) -> None:
+    from dvd.deploy.serve_cmd import _exited
+    from dvd.pipeline.replicas import attached
+
+    async def main() -> None:
+        pools = {"language": attached("language", ["127.0.0.1:7200", "127.0.0.1:7201"])}
+        replicas = {f"language[{i}]": pools["language"].replicas[i] for i in range(2)}
+        _exited(_Exited("language[0]", "127.0.0.1:7200", -9), replicas, pools)  # type: ignore[arg-type]
+        assert "1 language server(s) still serve" in caplog.text
+        _exited(_Exited("language[1]", "127.0.0.1:7201", -9), replicas, pools)  # type: ignore[arg-type]
+        assert "no language server is left, so requests that need one get 503 until dvd serve is restarted" \
+            in caplog.text
+        assert "dvd serve does not restart its servers" in caplog.text
+
+    asyncio.run(main())

@@ -106,7 +106,10 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "pattern"),
     [({}, "config.json: file not found"), ({"config.json": "{not json"}, "not valid JSON"),
-     ({"config.json": json.dumps({"architectures": ["InternVLChatModel"], "llm_config": {}})}, "vision_config")],
+     ({"config.json": json.dumps({"architectures": ["InternVLChatModel"], "llm_config": {}})}, "vision_config"),
+     ({"config.json": "[1, 2]"}, "config.json: expected a JSON object, got list"),
+     ({"config.json": json.dumps({"architectures": ["InternVLChatModel"], "llm_config": {"model_type": "qwen3"},
+                                  "vision_config": {"num_hidden_layers": 2}})}, "vision_config has no 'hidden_size'")],
 )
 def test_bad_config_files(tmp_path: Path, files: dict[str, str], pattern: str) -> None:
     for name, text in files.items():
@@ -120,3 +123,25 @@ def test_no_safetensors_is_an_error(tmp_path: Path, tiny_hf: Path) -> None:
     (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="only safetensors"):
         VisionHalf.from_checkpoint(copy)
+
+
+def _sharded(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "sharded", preset="tiny", shard_bytes=600_000)
+
+
+def test_an_index_that_is_not_json_is_named(tmp_path: Path) -> None:
+    sharded = _sharded(tmp_path)
+    (sharded / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not valid JSON"):
+        TensorSource(sharded)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_truncated_weight_file_is_named(tmp_path: Path, tiny_hf: Path, sharded: bool) -> None:
+    """A download cut short is a one-line CheckpointError naming the file, not safetensors' own exception."""
+    root = _sharded(tmp_path) if sharded else Path(shutil.copytree(tiny_hf, tmp_path / "cut"))
+    victim = sorted(root.glob("*.safetensors"))[-1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{victim.name}: not a complete safetensors file"):
+        LanguageHalf.from_checkpoint(root)
+        VisionHalf.from_checkpoint(root)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dvd.config_file import Flag, add_flags, flag_overrides, from_dict, merged, read_mapping
+from dvd.config_file import ConfigError, Flag, add_flags, flag_overrides, from_dict, merged, read_mapping
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,17 @@ def test_both_gateway_commands_take_their_flags_this_way(command: str, tmp_path:
     config = load(path, flag_overrides(parser.parse_args(given), flags))
     assert (config.gateway.http_port, config.gateway.grpc_port) == (8200, 50100)
     assert config.gateway.limits.max_images == 3 and config.gateway.limits.allow_remote_urls
+
+
+@dataclass(frozen=True)
+class _Files:
+    key_file: Path | None = None
+    cert: Path = Path("cert.pem")
+
+
+@pytest.mark.parametrize("data", [{"key_file": 5}, {"cert": ["a.pem"]}, {"cert": None}])
+def test_a_path_key_given_something_else_names_the_key(data: dict) -> None:
+    """`api_key_file: 5` in a YAML file was handed on as an int, and failed later as a traceback."""
+    with pytest.raises(ConfigError, match=rf"^{next(iter(data))}: expected a path, got "):
+        from_dict(_Files, data)
+    assert from_dict(_Files, {"key_file": "k.txt"}).key_file == Path("k.txt")

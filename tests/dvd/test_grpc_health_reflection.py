@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -40,5 +41,24 @@ def test_health_and_reflection_list_the_servers_services() -> None:
                         "grpc.reflection.v1alpha.ServerReflection"} <= names, names
         finally:
             await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_a_port_another_server_holds_is_refused_naming_it() -> None:
+    """gRPC binds with SO_REUSEPORT by default: a second server on a held port would start and silently take a share
+    of its connections (grpc/grpc#16920). A DvD server refuses the port instead, an OSError (exit 2) naming it."""
+
+    async def main() -> None:
+        def register(server: grpc.aio.Server) -> None:
+            vision_pb2_grpc.add_VisionServicer_to_server(vision_pb2_grpc.VisionServicer(), server)
+
+        first, port = await start_grpc_server(register, "127.0.0.1", 0, 1 << 20)
+        try:
+            with pytest.raises(OSError, match=f"127.0.0.1:{port}.*in use"):
+                second, _ = await start_grpc_server(register, "127.0.0.1", port, 1 << 20)
+                await second.stop(None)
+        finally:
+            await first.stop(None)
 
     asyncio.run(main())

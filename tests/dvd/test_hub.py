@@ -189,7 +189,8 @@ def test_bad_names_are_one_line_and_exit_2_before_any_child_starts(checkpoints: 
         run = _dvd("serve", "--model", "org/bert", env=online)
         _one_line_and_nothing_started(run, "org/bert", "not an InternVL checkpoint", "BertModel")
     run = _dvd("serve", "--model", "org/tiny", env=_offline(tmp_path / "empty"))
-    _one_line_and_nothing_started(run, "org/tiny", "not in the Hub cache", "HF_HUB_OFFLINE")
+    _one_line_and_nothing_started(run, "org/tiny", "not in the Hub cache", "HF_HUB_OFFLINE", "dvd download org/tiny",
+                                  "a local checkpoint directory")
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text("model: org/tiny\nnodes:\n  - {name: a, address: 127.0.0.1, gateway: {}, "
                        "language: {}}\n")

@@ -253,3 +253,14 @@ def test_a_prompt_longer_than_the_context_is_refused_naming_the_limit(hf_chat: C
     assert hf_chat.build(_user(text), 0).num_text_tokens < limit
     with pytest.raises(PromptTooLongError, match=f"at least .* tokens .*context limit of {limit}"):
         hf_chat.build(_user(text), 1)
+
+
+def test_a_checkpoint_without_tokenizer_files_is_named(tmp_path: Path, tiny_hf: Path) -> None:
+    """Not 'the tokenizer lacks the image tokens', which transformers' AutoTokenizer made it say."""
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_hf, tmp_path / "notok"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (copy / name).unlink()
+    with pytest.raises(CheckpointError, match="notok: no tokenizer files"):
+        ChatFormat(open_checkpoint(copy))

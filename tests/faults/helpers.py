@@ -41,14 +41,16 @@ def healthy(served: ServeProcess, role: str) -> float:
 
 @contextmanager
 def sse(served: ServeProcess, body: dict, timeout_s: float = 120) -> Iterator[Iterator[dict | str]]:
-    """A streaming chat request: yields each `data:` payload (a dict, or "[DONE]")."""
+    """A streaming chat request, sent on entry: yields each `data:` payload (a dict, or "[DONE]"). The response is
+    read only when the events are: the gateway answers a stream's headers with its first output (so a request that
+    fails before it keeps its status code), and a test faults servers while the request waits for that."""
     host, port = served.http_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
     conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
                  {"Content-Type": "application/json"})
-    response = conn.getresponse()
 
     def events() -> Iterator[dict | str]:
+        response = conn.getresponse()
         if response.status != 200:
             yield json.loads(response.read())
             return

@@ -50,6 +50,8 @@ def test_generate_text_mode_prints_answer_and_timings(tiny_github: Path) -> None
         (lambda d, m: ["--image", str(d / "ok.png"), "--prompt", "<image><image>"], "2 image placeholders"),
         (lambda d, m: ["--temperature", "-1"], "temperature"),
         (lambda d, m: ["--max-num", "0", "--image", str(d / "ok.png")], "max_num"),
+        (lambda d, m: ["--device", "cuda:99"], "device 'cuda:99': this "),  # no such GPU, or a CPU-only torch
+        (lambda d, m: ["--device", "gpu0"], "device 'gpu0' is not a torch device name"),
     ],
 )
 def test_generate_bad_input_is_a_clear_error(
