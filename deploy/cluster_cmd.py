@@ -4,7 +4,8 @@
 starts a one-node Ray head here (`ray.start_local`), and starts the vision and language servers as
 detached Ray actors placed by resources through placement groups (GPUs, or custom resources such as
 {"vision": 1} on CPU nodes), then the gateway, which learns the servers' addresses from their
-actors. An actor that dies is restarted by Ray on the same bundle and rejoins the gateway's
+actors, and waits until the gateway serves (one that exits at start, e.g. refusing its settings, is an
+error naming it, exit code 1). An actor that dies is restarted by Ray on the same bundle and rejoins the gateway's
 rotation; nothing else restarts. Features travel on DvD's transport, never Ray's object store.
 With `autoscale:` in the config, an autoscaler actor then adds and removes replicas within each role's
 bounds as the servers' busy fractions say (deploy/ray_autoscaler.py). `status` prints one JSON line per
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dvd.config_file import ConfigError
-from dvd.hub import resolve_model
+from dvd.errors import UnavailableError
+from dvd.hub import ModelNameError, resolve_model
 from dvd.token_file import resolve_token
 from dvd.tracing import otel_environment
 
@@ -80,7 +82,10 @@ def for_up(config: RayClusterConfig) -> tuple[RayClusterConfig, str]:
     if token is None:  # the actors' servers bind their nodes' addresses
         raise ConfigError("token_file: required (or $DVD_TOKEN): Ray places the servers on other nodes, beyond "
                           "loopback, and only the cluster's token keeps their ports closed to other callers")
-    model = resolve_model(config.model, config.revision, weights=False)
+    try:
+        model = resolve_model(config.model, config.revision, weights=False)
+    except ModelNameError as exc:
+        raise ConfigError(exc.in_file_terms()) from None
     return replace(config, revision=model.revision), token
 
 
@@ -104,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.action == "up":
-            for info in ray_cluster.up(config, token):
-                print(f"dvd cluster: {_described(info)}", flush=True)
+            try:
+                for info in ray_cluster.up(config, token):
+                    print(f"dvd cluster: {_described(info)}", flush=True)
+            except UnavailableError as exc:
+                print(f"error: {exc}; what started stays up until `dvd cluster down {args.config}`", file=sys.stderr)
+                return 1
             print("dvd cluster: up", flush=True)
         elif args.action == "status":
             for info in ray_cluster.status():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -31,7 +32,7 @@ from dvd.config_file import ConfigError
 from dvd.deploy.cluster_config import cluster_spec, load_cluster_config
 from dvd.deploy.spec import DeploymentSpec, NodeSpec, children
 from dvd.deploy.supervisor import ChildSpec, Supervisor
-from dvd.hub import is_hub_id, resolve_model
+from dvd.hub import ModelNameError, is_hub_id, resolve_model
 from dvd.process import add_log_level, configure_logging
 from dvd.token_file import resolve_token
 
@@ -77,13 +78,34 @@ def resolved_spec(spec: DeploymentSpec, roles: list[str], check: bool) -> Deploy
     off the node): a Hub id's name and config checked, no weights fetched; a directory not looked at."""
     if check and not is_hub_id(spec.model):
         return spec
-    model = resolve_model(spec.model, spec.revision, roles, weights=not check)
+    try:
+        model = resolve_model(spec.model, spec.revision, roles, weights=not check)
+    except ModelNameError as exc:
+        raise ConfigError(exc.in_file_terms()) from None
     return replace(spec, model=model.path, revision=model.revision)
 
 
-def _cpus(child: ChildSpec) -> str:
-    cpus = getattr(child.config, "cpus", "")
-    return f" cpus {cpus}" if cpus else ""
+def _check_gateway(child: ChildSpec, node: NodeSpec) -> None:
+    """The checks the gateway makes at its start (API keys beyond loopback, its TLS files), made here with the
+    environment it will have, so that a node whose gateway would refuse them is exit code 2 before anything
+    starts, not a child exiting 2 while this exits 1, which a restart policy retries for ever."""
+    from dvd.pipeline.auth import gateway_keys
+
+    try:
+        gateway_keys(child.config.gateway, environ={**os.environ, **child.env})
+    except ConfigError as exc:
+        raise ConfigError(f"nodes[{node.name}].{exc}") from None
+
+
+def _placement(child: ChildSpec) -> str:
+    """Where a server runs beyond its address: its device(s), CPUs, and a language server's feature port."""
+    config = child.config
+    devices = getattr(config, "devices", None) or ((config.device,) if hasattr(config, "device") else ())
+    cpus = getattr(config, "cpus", "")
+    features = (f" features on {config.transport_advertise_host}:{config.transport.port}"
+                if hasattr(config, "transport_advertise_host") else "")
+    return (f" device{'s' if len(devices) > 1 else ''} {','.join(devices)}" if devices else "") + \
+        (f" cpus {cpus}" if cpus else "") + features
 
 
 async def _supervise(supervisor: Supervisor) -> int:
@@ -97,8 +119,7 @@ async def _supervise(supervisor: Supervisor) -> int:
     code = 0
     if exited in done:
         child = exited.result()
-        log.error("%s exited with code %s: stopping this node's other processes", child.describe(),
-                  child.returncode)
+        log.error("%s %s: stopping this node's other processes", child.describe(), child.exit_status())
         code = 1
     stopper.cancel()
     exited.cancel()
@@ -117,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         plan(spec, node, args.role, token)  # the config checked before any download
         spec = resolved_spec(spec, _roles(node, args.role), args.check)
         processes = plan(spec, node, args.role, token)
+        for planned in processes:
+            if planned.name == "gateway":
+                _check_gateway(planned, node)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -124,13 +148,14 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no token_file (nor DVD_TOKEN): the feature transport accepts any peer that reaches it")
     if args.check:
         for planned in processes:
-            print(f"dvd launch: would start {planned.name} on node {node.name}{_cpus(planned)}")
+            print(f"dvd launch: would start {planned.name} on node {node.name} at {planned.address}"
+                  f"{_placement(planned)}")
         return 0
     supervisor = Supervisor(prefix="dvd-launch-")  # 0700: the child configs hold the token
     try:
         for planned in processes:
             child = supervisor.start(planned)
-            print(f"dvd launch: {child.name} pid {child.pid} on {planned.address}{_cpus(planned)}", flush=True)
+            print(f"dvd launch: {child.name} pid {child.pid} on {planned.address}{_placement(planned)}", flush=True)
         print(f"dvd launch: running {len(processes)} processes of node {node.name}", flush=True)
         return asyncio.run(_supervise(supervisor))
     finally:

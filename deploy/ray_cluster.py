@@ -24,8 +24,10 @@ The config, what `dvd cluster` reads from its YAML, is deploy/ray_config.py's `R
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
@@ -36,10 +38,12 @@ from dvd.deploy.autoscale import SCALED
 from dvd.deploy.ray_config import RayClusterConfig, ray_spec, server_kind
 from dvd.deploy.spec import DeploymentSpec, gateway_config, server_config
 from dvd.deploy.supervisor import ChildSpec, Supervisor
+from dvd.errors import UnavailableError
 from dvd.pipeline.roster_admin import RosterClient
 
 NAMESPACE = "dvd"
 AUTOSCALER = "dvd-autoscaler"  # the autoscaler's actor (deploy/ray_autoscaler.py)
+GATEWAY_START_S = 300.0  # how long `up` waits for the gateway to serve (it loads the tokenizer, dials servers)
 ROSTER_SOCKET = "roster.sock"  # in the gateway actor's private directory (pipeline/roster_admin.py)
 
 
@@ -85,8 +89,17 @@ class ServerProcess:
         self.roster_socket = actor_workdir(child.name) / ROSTER_SOCKET
 
     def describe(self) -> dict[str, Any]:
+        alive = self.child.returncode is None
         return {"kind": self.kind, "address": self.address, "pid": self.child.pid, "actor_pid": os.getpid(),
-                "alive": self.child.returncode is None}
+                "alive": alive, "exit_status": None if alive else self.child.exit_status()}
+
+    def serving(self) -> bool:
+        """The gateway's actor only: whether its gateway answers on its roster socket (it is up)."""
+        try:
+            self.roster()
+        except (OSError, RuntimeError, ValueError, http.client.HTTPException):  # not listening yet, or mid-start
+            return False
+        return True
 
     def stop(self) -> None:
         self.supervisor.stop()
@@ -157,12 +170,33 @@ def up(config: RayClusterConfig, token: str | None) -> list[dict[str, Any]]:
                                    max_concurrency=4).remote(
         partial(gateway_child, ray_spec(config), addresses["vision"], addresses["language"], token,
                 env=config.env))
-    described.append(ray.get(actor.describe.remote(), timeout=600))
+    described.append(wait_gateway(lambda: ray.get(actor.describe.remote(), timeout=600),
+                                  lambda: ray.get(actor.serving.remote(), timeout=60), GATEWAY_START_S))
     if config.autoscale is not None:
         from dvd.deploy.ray_autoscaler import start_autoscaler
 
         described.append(start_autoscaler(config, token))
     return described
+
+
+def wait_gateway(describe: Callable[[], dict[str, Any]], serving: Callable[[], bool], timeout_s: float,
+                 interval_s: float = 0.5) -> dict[str, Any]:
+    """The gateway actor's description once its gateway serves; UnavailableError naming it if its process
+    exits first (a setting it refuses at start, e.g. no API key for its node's address) or is not serving
+    after `timeout_s`. Its output is in its Ray worker's log, which `up` does not stream."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = describe()
+        where = f"gateway on {info['address']} (pid {info['pid']})"
+        if not info["alive"]:
+            raise UnavailableError(f"{where} {info['exit_status']} while starting; its error is in the Ray worker "
+                                   f"log of pid {info['actor_pid']} (logs/worker-*-{info['actor_pid']}.err in the "
+                                   "Ray session directory, /tmp/ray/session_latest by default)")
+        if serving():
+            return info
+        if time.monotonic() >= deadline:
+            raise UnavailableError(f"{where} not serving after {timeout_s:.0f}s")
+        time.sleep(interval_s)  # another process's start: nothing to wait on but asking again
 
 
 def actors() -> list[Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dvd.config_file import ConfigError, from_dict
-from dvd.cpus import CpuListError, parse_cpu_list
+from dvd.cpus import CpuListError, check_cpu_list, parse_cpu_list
 from dvd.deploy.gateway_config import StandaloneGatewayConfig
 from dvd.deploy.supervisor import ChildSpec
 from dvd.grpc_tls import GrpcTls
@@ -167,8 +167,17 @@ def server_config(spec: DeploymentSpec, node: NodeSpec, kind: str, i: int, token
         if role.roles:
             placed["role"] = role.roles[i]
     if role.cpus and pin:
-        placed["cpus"] = role.cpus[i]
+        placed["cpus"] = _cpus_here(role, i)
     return from_dict(SERVER_CLASSES[kind], _with_internal_tls(spec, role.settings), role.where, **placed)
+
+
+def _cpus_here(role: RoleSpec, i: int) -> str:
+    """Replica `i`'s CPU list, checked against this machine's CPUs here, so that one it lacks is named by the
+    role's `cpus` key (from_dict would name the role's settings, where it is not)."""
+    try:
+        return check_cpu_list(role.cpus[i])
+    except ValueError as exc:
+        raise ConfigError(f"{role.where.removesuffix('.settings')}.cpus[{i}]: {exc}") from None
 
 
 def _with_internal_tls(spec: DeploymentSpec, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -76,6 +76,17 @@ class Child:
         """None while it runs (also reaps it once it has exited)."""
         return self.process.poll()
 
+    def exit_status(self) -> str:
+        """How it ended, as an operator reads it: `exited with code 1`, or `was killed by SIGKILL` (Popen's
+        returncode -9), e.g. by the OOM killer."""
+        code = self.returncode
+        if code is not None and code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
     def describe(self) -> str:
         return f"{self.name} (pid {self.pid}{', ' + self.spec.address if self.spec.address else ''})"
 
@@ -147,7 +158,7 @@ class Supervisor:
         while pending:
             for child in list(pending):
                 if child.returncode is not None:
-                    raise UnavailableError(f"{child.describe()} exited with code {child.returncode} while starting")
+                    raise UnavailableError(f"{child.describe()} {child.exit_status()} while starting")
                 if await ready(child):
                     pending.remove(child)
             if pending:

@@ -51,6 +51,11 @@ WEIGHT_HALVES = {"vision": "vision", "language": "language"}  # the gateway read
 class ModelNameError(ValueError):
     """A `--model` that cannot be resolved; the message is one line naming it and what is wrong."""
 
+    def in_file_terms(self) -> str:
+        """The message as a config file's front-end says it: its keys `model` and `revision`, not the flags
+        (`dvd launch` and `dvd cluster` have neither flag)."""
+        return str(self).replace("--model ", "model: ", 1).replace("--revision ", "revision: ")
+
 
 @dataclass(frozen=True)
 class ResolvedModel:

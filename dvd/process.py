@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
@@ -95,14 +96,26 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*recording.names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
-    try:  # gRPC raises RuntimeError (older releases returned 0)
+    try:
         bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError:
+    except RuntimeError:  # grpcio raises (older releases returned 0), its message naming no reason
         bound = 0
     if not bound:
-        raise OSError(f"cannot bind {address}: the address is in use or not this machine's")
+        raise OSError(f"cannot bind {host}:{port}: {_why_not_bound(host, port)}")
     await server.start()
     return server, bound
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    """Why gRPC could not bind, as the OS says it to a plain socket: the port in use, or the host not one of this
+    machine's addresses (a cluster config's node run on another machine)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "gRPC refused it (GRPC_VERBOSITY=debug says why)"
 
 
 def stop_signal() -> asyncio.Event:

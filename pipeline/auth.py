@@ -120,11 +120,11 @@ KEY_FLAGS = (
 )
 
 
-def gateway_keys(gateway: GatewayConfig) -> ApiKeys:
-    """The keys (file and DVD_API_KEY, read now); refuses a gateway beyond loopback with none, and a
-    TLS certificate or key that cannot be loaded, before anything starts."""
+def gateway_keys(gateway: GatewayConfig, environ: Mapping[str, str] | None = None) -> ApiKeys:
+    """The keys (file and DVD_API_KEY of `environ`, default this process's, read now); refuses a gateway
+    beyond loopback with none, and a TLS certificate or key that cannot be loaded, before anything starts."""
     try:
-        keys = load_api_keys(gateway.api_key_file)
+        keys = load_api_keys(gateway.api_key_file, environ)
     except ValueError as exc:
         raise ConfigError(f"gateway.api_key_file: {exc}") from None
     if not keys.enabled and not gateway.insecure and not is_loopback(gateway.host):

@@ -154,7 +154,8 @@ def test_launch_check_refuses_a_cpu_list_dvd_cpus_refuses(tmp_path: Path) -> Non
     assert run.returncode == 2 and "nodes[b].vision[0] binds 0.0.0.0" in run.stderr and "token" in run.stderr
     run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "b", "--check"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "DVD_TOKEN": "t0ken"})
-    assert run.returncode == 0 and "dvd launch: would start vision[0] on node b cpus 0" in run.stdout, run.stderr
+    assert run.returncode == 0 and "dvd launch: would start vision[0] on node b at 10.0.0.2:7100 device cpu cpus 0" \
+        in run.stdout, run.stderr
     spec = cluster_spec(build_cluster_config(data))
     assert server_config(spec, spec.nodes[1], "vision", 0, None).cpus == "0"
 
@@ -178,3 +179,58 @@ def test_pd_servers_get_cpu_sets_per_role() -> None:
     bad["nodes"][0]["language"].update(prefill_cpus=["0"])
     with pytest.raises(ConfigError, match=r"nodes\[a\]\.language: prefill_cpus / decode_cpus: only with"):
         build_cluster_config(bad)
+
+
+def test_a_cpu_this_machine_lacks_is_named_by_the_roles_cpus_key_not_its_settings() -> None:
+    data = _base()
+    missing = max(os.sched_getaffinity(0)) + 1
+    data["nodes"][1]["vision"]["cpus"] = [str(missing)]
+    spec = cluster_spec(build_cluster_config(data))  # valid anywhere: another machine may have that CPU
+    with pytest.raises(ConfigError, match=rf"^nodes\[b\]\.vision\.cpus\[0\]: .*\[{missing}\] .*not available here"):
+        server_config(spec, spec.nodes[1], "vision", 0, None)  # pinned: on the node itself
+
+
+def test_launch_check_says_where_each_process_would_serve(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(_base()))
+    env = {**os.environ, "DVD_TOKEN": "t0ken", "DVD_API_KEY": "k" * 16}  # its gateway binds beyond loopback
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a", "--check"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "dvd launch: would start gateway on node a at http 10.0.0.1:8000, grpc 50051",
+        "dvd launch: would start language[0] on node a at 10.0.0.1:7200 device cuda:0 features on 10.0.0.1:7300",
+        "dvd launch: would start language[1] on node a at 10.0.0.1:7201 device cuda:1 features on 10.0.0.1:7301"]
+
+
+def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_named_by_the_configs_key(tmp_path: Path) -> None:
+    data = _base()
+    data["model"] = str(tmp_path / "absent")
+    del data["nodes"][1]  # node a alone, its servers on loopback: no token needed
+    data["nodes"][0]["address"] = "127.0.0.1"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "dvd launch:" not in run.stdout, run.stderr
+    assert f"error: model: {tmp_path / 'absent'}: not a checkpoint directory" in run.stderr, run.stderr
+    assert "--model" not in run.stderr, "dvd launch has no --model flag: the file's key is model"
+
+
+def test_a_gateway_beyond_loopback_without_api_keys_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """The gateway refuses it at its own start; found only then, it was a child exiting and dvd launch exiting
+    1, which systemd's Restart=on-failure retries forever. A bad config is exit code 2, before anything starts."""
+    data = _base()
+    data["nodes"][0]["bind"] = "0.0.0.0"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**{k: v for k, v in os.environ.items() if k != "DVD_API_KEY"}, "DVD_TOKEN": "t0ken"}
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a", "--check"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2 and "dvd launch:" not in run.stdout, run.stderr
+    assert "nodes[a].gateway.host: 0.0.0.0 is reachable beyond this machine and no API key" in run.stderr, run.stderr
+    data["nodes"][0]["env"] = {"DVD_API_KEY": "k" * 16}  # the gateway's environment has a key: it may start
+    path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "dvd", "launch", str(path), "--node", "a", "--check"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0 and "would start gateway" in run.stdout, run.stderr

@@ -129,3 +129,17 @@ def _thread_cpus(pid: int) -> list[int]:
                     low, _, high = part.partition("-")
                     cpus += range(int(low), int(high or low) + 1)
     return cpus
+
+
+def test_a_child_killed_by_a_signal_is_reported_by_the_signals_name() -> None:
+    """`exited with code -9` is Popen's spelling; an operator reads `killed by SIGKILL` (the OOM killer's)."""
+    async def main() -> None:
+        with Supervisor() as supervisor:
+            child = supervisor.start(ChildSpec("vision[1]", (), program=_python(
+                "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")))
+            assert await asyncio.wait_for(child.exited(), 60) == -signal.SIGKILL
+            assert child.exit_status() == "was killed by SIGKILL"
+            with pytest.raises(UnavailableError, match=r"vision\[1\] \(pid \d+\) was killed by SIGKILL while starting"):
+                await supervisor.wait_ready(lambda child: _never(), timeout_s=60)
+
+    asyncio.run(main())
