@@ -101,21 +101,25 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], host: s
     except RuntimeError:  # grpcio raises (older releases returned 0), its message naming no reason
         bound = 0
     if not bound:
-        raise OSError(f"cannot bind {host}:{port}: {_why_not_bound(host, port)}")
+        why = bind_refusal(host, port) or "gRPC refused it (GRPC_VERBOSITY=debug says why)"
+        raise OSError(f"cannot bind {host}:{port}: {why}")
     await server.start()
     return server, bound
 
 
-def _why_not_bound(host: str, port: int) -> str:
-    """Why gRPC could not bind, as the OS says it to a plain socket: the port in use, or the host not one of this
-    machine's addresses (a cluster config's node run on another machine)."""
+def bind_refusal(host: str, port: int) -> str | None:
+    """Why a listener on host:port would fail, as the OS says it to a plain socket bound as servers bind
+    (SO_REUSEADDR: a port in TIME_WAIT is free): the port in use, or the host not one of this machine's addresses;
+    None when it would bind."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, port))
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
     except OSError as exc:
         return exc.strerror or str(exc)
-    return "gRPC refused it (GRPC_VERBOSITY=debug says why)"
+    return None
 
 
 def stop_signal() -> asyncio.Event:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from dvd.pipeline.grpc_frontend import GatewayHealth, GenerationService
 from dvd.pipeline.http_app import OpenAIFrontend
 from dvd.pipeline.serving import ServingCore
 from dvd.pipeline.validate import ApiLimits
-from dvd.process import start_grpc_server, stop_signal
+from dvd.process import bind_refusal, start_grpc_server, stop_signal
 from dvd.tracing import NO_TRACER, Tracer, tracer_from_environment
 from dvd.v1 import generation_pb2_grpc
 
@@ -65,17 +64,10 @@ def check_ports(config: GatewayConfig) -> None:
     """A ValueError naming the flag when the HTTP or gRPC port is already taken on `config.host`: said before anything
     starts, where `dvd serve` would otherwise load every server first and only then fail to bind."""
     for key, flag, port in (("http_port", "--port", config.http_port), ("grpc_port", "--grpc-port", config.grpc_port)):
-        if port == 0:
-            continue
-        try:
-            family, kind, proto, _, address = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM,
-                                                                 flags=socket.AI_PASSIVE)[0]
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers bind: TIME_WAIT is free
-                probe.bind(address)
-        except OSError as exc:
+        refusal = bind_refusal(config.host, port) if port else None
+        if refusal:
             raise ValueError(f"gateway.{key} ({flag}) {port}: cannot listen on {config.host}:{port} "
-                             f"({exc.strerror or exc}); choose another port, or stop what holds it") from None
+                             f"({refusal}); choose another port, or stop what holds it")
 
 
 class Gateway:
